@@ -1,0 +1,309 @@
+"""Public functional API of MSA (reference path; runs on any device).
+
+Two layouts, chosen by the rank of ``q``:
+
+* packed varlen: ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]`` with ``cu_seqlens_q``,
+  ``cu_seqlens_k`` ``[B+1]`` (and optional ``max_seqlen_q/k``, ``fragment_indices``);
+  top-k ``[H, total_q, K]``;
+* batched: ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]`` (``Tk >= Tq``); top-k
+  ``[B, H, Tq, K]``.
+
+Queries are the causal suffix of their keys (bottom-right): query ``i`` of a segment sits
+at key offset ``pos = k_len - q_len + i`` and sees offsets ``0..pos``. Block ids are
+relative to the segment's first key; ``-1`` marks an empty top-k slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import _checks as C
+from .config import MSAConfig
+from .ops.attention import SparseAttentionFn
+from .ops.dense import dense_attention
+from .ops.indexer import indexer_reference
+from .ops.kl import IndexerKLFn
+from .varlen import Segments, make_segments
+
+
+@dataclass
+class _Layout:
+    seg: Segments
+    batch: Optional[int] = None        # B for the batched layout, None when packed
+    seqlen_q: int = 0
+
+    def pack(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``[B, T, H, D]`` -> ``[B*T, H, D]`` (packed inputs pass through)."""
+        if x is None or self.batch is None:
+            return x
+        return x.reshape(-1, *x.shape[2:])
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[total_q, ...]`` -> ``[B, Tq, ...]``."""
+        return x if self.batch is None else x.reshape(self.batch, self.seqlen_q, *x.shape[1:])
+
+    def pack_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, Tq, ...]`` -> ``[H, total_q, ...]``."""
+        if self.batch is None:
+            return x
+        if x.dim() < 3 or x.shape[0] != self.batch or x.shape[2] != self.seqlen_q:
+            raise ValueError(f"topk_indices must have shape [B={self.batch}, H, "
+                             f"Tq={self.seqlen_q}, K] in the batched layout, got "
+                             f"{tuple(x.shape)}")
+        return x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+    def unpack_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[H, total_q, ...]`` -> ``[B, H, Tq, ...]``."""
+        if self.batch is None:
+            return x
+        return x.reshape(x.shape[0], self.batch, self.seqlen_q, *x.shape[2:]).transpose(0, 1)
+
+
+def _layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            fragment_indices) -> _Layout:
+    if not isinstance(q, torch.Tensor) or q.dim() not in (3, 4):
+        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"{q_name} must be [total_q, H, D] (packed) or [B, T, H, D] "
+                         f"(batched), got {shape}")
+    C.check_float_tensor(q_name, q, q.dim())
+    C.check_float_tensor(k_name, k, q.dim(), q.device)
+    if q.dim() == 4:
+        if cu_seqlens_q is not None or cu_seqlens_k is not None or fragment_indices is not None:
+            raise ValueError("cu_seqlens_q/cu_seqlens_k/fragment_indices are for the packed "
+                             f"layout; {q_name} is batched [B, T, H, D]")
+        bsz, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+        if k.shape[0] != bsz:
+            raise ValueError(f"{k_name} batch {k.shape[0]} != {q_name} batch {bsz}")
+        if tk < tq:
+            raise ValueError(f"{k_name} length {tk} < {q_name} length {tq}: queries must be "
+                             "the causal suffix of the keys")
+        seg = Segments([b * tq for b in range(bsz)], [tq] * bsz, [b * tk for b in range(bsz)],
+                       [tk] * bsz, bsz * tq, bsz * tk)
+        return _Layout(seg, bsz, tq)
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError(f"packed {q_name} [total_q, H, D] needs cu_seqlens_q and cu_seqlens_k")
+    seg = make_segments(q.shape[0], k.shape[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, fragment_indices, device=q.device)
+    return _Layout(seg)
+
+
+def _check_qkv(q, k, v) -> None:
+    C.check_float_tensor("v", v, k.dim(), q.device)
+    C.check_same_dtype(("q", "k", "v"), (q, k, v))
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    C.check_heads("q", q.shape[-2], "k", k.shape[-2])
+    C.check_head_dim("q", q.shape[-1])
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k head dim {k.shape[-1]} != q head dim {q.shape[-1]}")
+
+
+def _check_index(qi, ki, q=None, k=None) -> None:
+    C.check_same_dtype(("qi", "ki"), (qi, ki))
+    C.check_head_dim("qi", qi.shape[-1])
+    if ki.shape[-1] != qi.shape[-1]:
+        raise ValueError(f"ki head dim {ki.shape[-1]} != qi head dim {qi.shape[-1]}")
+    if ki.shape[-2] not in (1, qi.shape[-2]):
+        raise ValueError(f"ki must have 1 or Hi={qi.shape[-2]} heads, got {ki.shape[-2]}")
+    if q is not None:
+        if qi.shape[:-2] != q.shape[:-2] or ki.shape[:-2] != k.shape[:-2]:
+            raise ValueError(f"qi/ki tokens {tuple(qi.shape[:-2])}/{tuple(ki.shape[:-2])} must "
+                             f"match q/k tokens {tuple(q.shape[:-2])}/{tuple(k.shape[:-2])}")
+        if qi.device != q.device or ki.device != q.device:
+            raise ValueError(f"qi/ki must be on {q.device}, got {qi.device}/{ki.device}")
+        if qi.shape[-2] not in (1, k.shape[-2]):
+            raise ValueError(f"qi must have 1 or Hkv={k.shape[-2]} index heads, got "
+                             f"{qi.shape[-2]}")
+
+
+def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                max_seqlen_k=None, *, fragment_indices=None, block_size: int = 128,
+                topk: int = 16, softmax_scale: Optional[float] = None,
+                lse_temperature: float = 1.0, return_lse: bool = False):
+    """Select ``topk`` key blocks per (index head, query): spec section 2.
+
+    Args:
+        qi: ``[total_q, Hi, Di]`` or ``[B, Tq, Hi, Di]`` index queries.
+        ki: ``[total_k, 1 or Hi, Di]`` or ``[B, Tk, 1 or Hi, Di]`` index keys.
+        block_size: 64 or 128; topk: 1..64 (the local block included).
+        softmax_scale: indexer logit scale (default ``Di ** -0.5``).
+        lse_temperature: ``T > 0``; scales only the returned LSE (``s / T``).
+    Returns:
+        topk_indices ``[Hi, total_q, topk]`` (``[B, Hi, Tq, topk]``) int32: the
+        ``min(topk-1, local)`` best earlier blocks (score desc, id asc), then the local
+        block ``pos // block_size``, then ``-1``. With ``return_lse`` also
+        selected_lse ``[Hi, total_q]`` (``[B, Hi, Tq]``) fp32: LSE of ``s / T`` over the
+        causally visible keys of the selected blocks.
+    """
+    lay = _layout("qi", qi, "ki", ki, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  fragment_indices)
+    _check_index(qi, ki)
+    C.check_block_and_topk(block_size, topk)
+    C.check_scale("softmax_scale", softmax_scale)
+    C.check_scale("lse_temperature", lse_temperature)
+    scale = softmax_scale if softmax_scale is not None else qi.shape[-1] ** -0.5
+    idx, lse = indexer_reference(lay.pack(qi), lay.pack(ki), lay.seg, block_size=block_size,
+                                 topk=topk, scale=scale, lse_temperature=lse_temperature)
+    idx = lay.unpack_heads(idx)
+    return (idx, lay.unpack_heads(lse)) if return_lse else idx
+
+
+def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None,
+                         max_seqlen_q=None, max_seqlen_k=None, *, fragment_indices=None,
+                         block_size: int = 128, softmax_scale: Optional[float] = None,
+                         return_lse: bool = False):
+    """Exact softmax attention over the selected blocks AND causal keys: spec section 5.
+
+    Args:
+        q: ``[total_q, Hq, D]`` / ``[B, Tq, Hq, D]``; k, v: ``[total_k, Hkv, D]`` /
+            ``[B, Tk, Hkv, D]``; ``Hkv`` divides ``Hq``; D in {64, 128, 256}.
+        topk_indices: ``[Hs, total_q, K]`` / ``[B, Hs, Tq, K]`` int32/int64 with ``Hs`` =
+            ``Hkv`` (one selection per KV head) or 1 (shared); ``-1`` empty; ids unique
+            and ``< ceil(k_len / block_size)``; order does not matter.
+    Returns:
+        out shaped like q (differentiable w.r.t. q, k, v; unselected keys get exactly zero
+        gradient) and, with ``return_lse``, lse ``[total_q, Hq]`` / ``[B, Tq, Hq]`` fp32
+        natural log. Rows with no allowed key: out 0, lse ``-inf``.
+    """
+    lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  fragment_indices)
+    _check_qkv(q, k, v)
+    C.check_block_and_topk(block_size)
+    C.check_scale("softmax_scale", softmax_scale)
+    topk_p = lay.pack_heads(topk_indices) if isinstance(topk_indices, torch.Tensor) \
+        else topk_indices
+    C.check_topk_indices(topk_p, lay.seg, (1, k.shape[-2]), block_size, q.device)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out, lse = SparseAttentionFn.apply(lay.pack(q), lay.pack(k), lay.pack(v), topk_p,
+                                       lay.seg, block_size, scale)
+    out = lay.unpack(out)
+    return (out, lay.unpack(lse)) if return_lse else out
+
+
+def msa_indexer_kl(q, k, qi, ki, topk_indices=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                   max_seqlen_q=None, max_seqlen_k=None, *, fragment_indices=None,
+                   block_size: int = 128, softmax_scale: Optional[float] = None,
+                   index_softmax_scale: Optional[float] = None, loss_coeff: float = 1.0):
+    """Indexer training loss: spec section 7.
+
+    ``loss = loss_coeff / (Hi * total_q) * sum_{q,h} KL(teacher || student)`` where, over
+    the keys of the selected blocks that are causally visible (or over all causal keys
+    when ``topk_indices is None``: the dense warm-up), the teacher is the main attention
+    distribution averaged over the Q heads served by index head ``h`` and the student is
+    the indexer softmax. The teacher is detached: gradients reach ``qi`` and ``ki`` only.
+
+    Args:
+        q, k: main branch ``[total_q, Hq, D]``, ``[total_k, Hkv, D]`` (or batched).
+        qi, ki: index branch ``[total_q, Hi, Di]``, ``[total_k, 1 or Hi, Di]``.
+        topk_indices: ``[Hi, total_q, K]`` (``[B, Hi, Tq, K]``) or ``None``.
+    Returns:
+        scalar fp32 loss.
+    """
+    lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  fragment_indices)
+    C.check_float_tensor("qi", qi, q.dim(), q.device)
+    C.check_float_tensor("ki", ki, q.dim(), q.device)
+    C.check_heads("q", q.shape[-2], "k", k.shape[-2])
+    _check_index(qi, ki, q, k)
+    C.check_block_and_topk(block_size)
+    C.check_scale("softmax_scale", softmax_scale)
+    C.check_scale("index_softmax_scale", index_softmax_scale)
+    if not isinstance(loss_coeff, (int, float)) or loss_coeff != loss_coeff or \
+            abs(loss_coeff) == float("inf"):
+        raise ValueError(f"loss_coeff must be a finite float, got {loss_coeff!r}")
+    topk_p = None
+    if topk_indices is not None:
+        topk_p = lay.pack_heads(topk_indices)
+        C.check_topk_indices(topk_p, lay.seg, (qi.shape[-2],), block_size, q.device)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    iscale = index_softmax_scale if index_softmax_scale is not None else qi.shape[-1] ** -0.5
+    return IndexerKLFn.apply(lay.pack(qi), lay.pack(ki), lay.pack(q), lay.pack(k), topk_p,
+                             lay.seg, block_size, scale, iscale, float(loss_coeff))
+
+
+@dataclass
+class MSAAux:
+    """Side results of ``msa_attention``.
+
+    topk_indices: ``[Hi, total_q, K]`` / ``[B, Hi, Tq, K]`` (None in dense mode);
+    lse: attention LSE shaped ``[total_q, Hq]`` / ``[B, Tq, Hq]`` (None in dense mode);
+    kl_loss: detached scalar indexer KL (None when the indexer is not trained).
+    """
+
+    topk_indices: Optional[torch.Tensor]
+    lse: Optional[torch.Tensor]
+    kl_loss: Optional[torch.Tensor]
+
+
+class _InjectLossGrad(torch.autograd.Function):
+    """Identity on ``out``; its backward also sends gradient 1 into ``loss``.
+
+    This ties the indexer's KL loss to the attention output so that one
+    ``backward()`` trains both branches (the KL gradient does not depend on
+    ``d out``; it fires once whenever ``out`` is back-propagated).
+    """
+
+    @staticmethod
+    def forward(ctx, out, loss):
+        ctx.loss_shape = loss.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_ones(ctx.loss_shape, dtype=torch.float32)
+
+
+def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                  max_seqlen_k=None, *, fragment_indices=None,
+                  config: Optional[MSAConfig] = None, mode: str = "sparse",
+                  train_indexer: bool = True, return_aux: bool = False):
+    """MSA in one call: indexer selection, attention, and indexer training.
+
+    ``mode="sparse"``: the indexer (on detached ``qi``/``ki``) selects ``config.topk``
+    blocks, attention runs over them. ``mode="dense"``: warm-up; attention is dense
+    causal and the indexer learns from the dense distribution. When ``train_indexer`` and
+    ``qi``/``ki`` require grad, ``config.kl_loss_coeff * KL`` is attached to the output:
+    a single ``out.backward(...)`` gives main-branch gradients to q, k, v and KL gradients
+    to qi, ki (q, k are detached inside the KL).
+
+    Shapes as ``msa_sparse_attention`` (q, k, v) and ``msa_indexer`` (qi, ki).
+    Returns ``out`` or ``(out, MSAAux)`` with ``return_aux``.
+    """
+    if mode not in ("sparse", "dense"):
+        raise ValueError(f"mode must be 'sparse' or 'dense', got {mode!r}")
+    lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  fragment_indices)
+    _check_qkv(q, k, v)
+    C.check_float_tensor("qi", qi, q.dim(), q.device)
+    C.check_float_tensor("ki", ki, q.dim(), q.device)
+    _check_index(qi, ki, q, k)
+    cfg = config if config is not None else MSAConfig(
+        num_heads=q.shape[-2], num_kv_heads=k.shape[-2], head_dim=q.shape[-1],
+        num_index_heads=qi.shape[-2], index_head_dim=qi.shape[-1])
+    scale = cfg.scale
+    iscale = cfg.index_scale
+    varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                  fragment_indices=fragment_indices)
+    topk = lse = None
+    if mode == "sparse":
+        topk = msa_indexer(qi.detach(), ki.detach(), **varlen, block_size=cfg.block_size,
+                           topk=cfg.topk, softmax_scale=iscale)
+        out, lse = msa_sparse_attention(q, k, v, topk, **varlen, block_size=cfg.block_size,
+                                        softmax_scale=scale, return_lse=True)
+    else:
+        out = lay.unpack(dense_attention(lay.pack(q), lay.pack(k), lay.pack(v), lay.seg,
+                                         scale=scale))
+    kl = None
+    wants_grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
+    if train_indexer and wants_grad and cfg.kl_loss_coeff != 0:
+        kl = msa_indexer_kl(q.detach(), k.detach(), qi, ki, topk, **varlen,
+                            block_size=cfg.block_size, softmax_scale=scale,
+                            index_softmax_scale=iscale, loss_coeff=cfg.kl_loss_coeff)
+        out = _InjectLossGrad.apply(out, kl)
+    if not return_aux:
+        return out
+    return out, MSAAux(topk, lse, None if kl is None else kl.detach())

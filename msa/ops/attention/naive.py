@@ -1,0 +1,115 @@
+"""Reference sparse attention over selected blocks (spec sections 5 and 6).
+
+For query ``q`` (position ``p``, segment base ``k_base``), query head ``hq`` and its KV
+head ``g = hq // (Hq/Hkv)``::
+
+    allowed(t) = block(t) in topk[g or 0, q, :]  and  t <= p
+    x[t]       = scale * q[q, hq] . k[k_base + t, g]
+    lse        = log sum_{allowed t} exp(x[t])            (-inf when nothing is allowed)
+    out        = sum_{allowed t} exp(x[t] - lse) v[k_base + t, g]      (0 for empty rows)
+
+The backward recomputes each query chunk (no saved ``T x keys`` activations) and writes
+exactly-zero gradients to keys no query selected.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ...varlen import Segments
+from ..common import (chunk_size, compute_dtype, gather_keys, group_logits, masked,
+                      query_chunks, safe_max, scatter_keys, sparse_keys)
+
+
+def _chunk(topk: torch.Tensor, seg: Segments, hkv: int, d: int, block_size: int) -> int:
+    return chunk_size(2 * hkv * topk.shape[-1] * block_size * d)
+
+
+def _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype):
+    rows, allowed = sparse_keys(topk[:, s0:s1], seg.k_base[b], pos[s0:s1], block_size)
+    hkv = k.shape[1]
+    return rows, allowed, gather_keys(k, rows, hkv, dtype), gather_keys(v, rows, hkv, dtype)
+
+
+def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                topk: torch.Tensor, seg: Segments, *, block_size: int,
+                                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention forward.
+
+    Args:
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``.
+        topk: ``[Hs, total_q, K]`` block ids (``Hs`` is ``Hkv`` or 1), ``-1`` = empty slot.
+    Returns:
+        out ``[total_q, Hq, D]`` (dtype of q) and lse ``[total_q, Hq]`` (fp32, fp64 for
+        fp64 inputs; natural log, ``-inf`` for empty rows).
+    """
+    dtype = compute_dtype(q, k, v)
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty((total_q, hq), dtype=dtype, device=q.device)
+    pos = seg.positions(q.device)
+    for b, s0, s1 in query_chunks(seg, _chunk(topk, seg, hkv, d, block_size)):
+        _, allowed, kg, vg = _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype)
+        x = masked(group_logits(q[s0:s1], kg, scale), allowed)          # [C,Hkv,G,S]
+        m = safe_max(x)
+        p = torch.exp(x - m)
+        den = p.sum(-1, keepdim=True)
+        o = torch.matmul(p, vg) / den.clamp_min(torch.finfo(dtype).tiny)  # [C,Hkv,G,D]
+        c = s1 - s0
+        out[s0:s1] = o.reshape(c, hq, d).to(q.dtype)
+        lse[s0:s1] = (m + den.log()).reshape(c, hq)
+    return out, lse
+
+
+def attention_backward_reference(q, k, v, topk, seg: Segments, out, lse, dout, *,
+                                 block_size: int, scale: float):
+    """Gradients of the sparse attention: ``(dq, dk, dv)`` with the shapes of q, k, v.
+
+    ``out``/``lse`` are the forward results; ``dout [total_q, Hq, D]``.
+    """
+    dtype = compute_dtype(q, k, v)
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=dtype, device=v.device)
+    pos = seg.positions(q.device)
+    delta_all = (dout.to(dtype) * out.to(dtype)).sum(-1)                   # [total_q,Hq]
+    for b, s0, s1 in query_chunks(seg, _chunk(topk, seg, hkv, d, block_size)):
+        rows, allowed, kg, vg = _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype)
+        c = s1 - s0
+        qc = q[s0:s1].to(dtype).view(c, hkv, hq // hkv, d)
+        doc = dout[s0:s1].to(dtype).view(c, hkv, hq // hkv, d)
+        lse_c = lse[s0:s1].to(dtype).view(c, hkv, hq // hkv, 1)
+        lse_c = torch.where(torch.isneginf(lse_c), torch.full_like(lse_c, float("inf")), lse_c)
+        x = masked(group_logits(q[s0:s1], kg, scale), allowed)
+        p = torch.exp(x - lse_c)                                        # 0 off the mask
+        dp = torch.matmul(doc, vg.transpose(-1, -2))
+        ds = p * (dp - delta_all[s0:s1].view(c, hkv, hq // hkv, 1))
+        dq[s0:s1] = (scale * torch.matmul(ds, kg)).reshape(c, hq, d).to(dq.dtype)
+        scatter_keys(dk, rows, scale * torch.matmul(ds.transpose(-1, -2), qc))
+        scatter_keys(dv, rows, torch.matmul(p.transpose(-1, -2), doc))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class SparseAttentionFn(torch.autograd.Function):
+    """Autograd wrapper: forward and chunked-recompute backward of the reference."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, topk, seg, block_size, scale):
+        out, lse = attention_forward_reference(q, k, v, topk, seg, block_size=block_size,
+                                               scale=scale)
+        ctx.save_for_backward(q, k, v, topk, out, lse)
+        ctx.seg, ctx.block_size, ctx.scale = seg, block_size, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, topk, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward_reference(
+            q, k, v, topk, ctx.seg, out, lse, dout, block_size=ctx.block_size,
+            scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None

@@ -1,0 +1,3 @@
+from .naive import indexer_reference, select_blocks
+
+__all__ = ["indexer_reference", "select_blocks"]

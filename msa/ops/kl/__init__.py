@@ -1,0 +1,3 @@
+from .naive import IndexerKLFn, indexer_kl_reference
+
+__all__ = ["IndexerKLFn", "indexer_kl_reference"]
