@@ -47,8 +47,8 @@ def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     dtype = compute_dtype(q, k, v)
     total_q, hq, d = q.shape
     hkv = k.shape[1]
-    out = torch.empty_like(q)
-    lse = torch.empty((total_q, hq), dtype=dtype, device=q.device)
+    out = torch.full_like(q, float("nan"))            # poisoned: every row must be written
+    lse = torch.full((total_q, hq), float("nan"), dtype=dtype, device=q.device)
     pos = seg.positions(q.device)
     for b, s0, s1 in query_chunks(seg, _chunk(topk, seg, hkv, d, block_size)):
         _, allowed, kg, vg = _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype)
@@ -72,7 +72,7 @@ def attention_backward_reference(q, k, v, topk, seg: Segments, out, lse, dout, *
     dtype = compute_dtype(q, k, v)
     total_q, hq, d = q.shape
     hkv = k.shape[1]
-    dq = torch.empty_like(q)
+    dq = torch.full_like(q, float("nan"))
     dk = torch.zeros(k.shape, dtype=dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=dtype, device=v.device)
     pos = seg.positions(q.device)

@@ -96,8 +96,9 @@ def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, bloc
     """
     dtype = compute_dtype(qi, ki)
     total_q, hi, _ = qi.shape
-    out_idx = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
-    out_lse = torch.full((hi, total_q), float("-inf"), dtype=dtype, device=qi.device)
+    # poisoned (-2 / NaN): every query row must be written by a chunk
+    out_idx = torch.full((hi, total_q, topk), -2, dtype=torch.int32, device=qi.device)
+    out_lse = torch.full((hi, total_q), float("nan"), dtype=dtype, device=qi.device)
     pos_all = seg.positions(qi.device)
     nb_max = max((seg.num_blocks(b, block_size) for b in range(seg.num_segments)), default=1)
     chunk = chunk_size(hi * max(nb_max, block_size) * 4)

@@ -1,0 +1,23 @@
+import torch
+
+
+def random_topk(seg, heads, k, block, seed=0, p_empty=0.2, future=True):
+    """``[heads, total_q, k]`` int32 of unique random block ids (some -1, order random).
+
+    With ``future=False`` ids are limited to blocks at or before the query's local block.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((heads, seg.total_q, k), -1, dtype=torch.int32)
+    for b in range(seg.num_segments):
+        nb = seg.num_blocks(b, block)
+        for i in range(seg.q_len[b]):
+            pos = seg.k_len[b] - seg.q_len[b] + i
+            limit = nb if future else pos // block + 1
+            for h in range(heads):
+                n = min(k, limit)
+                ids = torch.randperm(limit, generator=g)[:n]
+                keep = torch.rand(n, generator=g) >= p_empty
+                ids = torch.where(keep, ids, torch.full_like(ids, -1))
+                slots = torch.randperm(k, generator=g)[:n]
+                out[h, seg.q_start[b] + i, slots] = ids.to(torch.int32)
+    return out
