@@ -96,7 +96,20 @@ def group_logits(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Ten
     ``[C, Hk, H/Hk, S]`` (``R`` is ``C`` or 1)."""
     c, h, d = q.shape
     hk = keys.shape[1]
-    return torch.matmul(q.to(keys.dtype).view(c, hk, h // hk, d), keys.transpose(-1, -2)) * scale
+    q = q.to(keys.dtype).view(c, hk, h // hk, d)
+    if keys.shape[0] == 1 and c > 1:     # shared keys: one GEMM per head, no broadcast copy
+        x = torch.matmul(q.transpose(0, 1).reshape(hk, -1, d), keys[0].transpose(-1, -2))
+        return x.view(hk, c, h // hk, -1).transpose(0, 1) * scale
+    return torch.matmul(q, keys.transpose(-1, -2)) * scale
+
+
+def apply_keys(p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``p [C, Hk, G, S] @ keys [R, Hk, S, D] -> [C, Hk, G, D]`` (``R`` is ``C`` or 1)."""
+    c, hk, g, s = p.shape
+    if keys.shape[0] == 1 and c > 1:
+        y = torch.matmul(p.transpose(0, 1).reshape(hk, c * g, s), keys[0])
+        return y.view(hk, c, g, -1).transpose(0, 1)
+    return torch.matmul(p, keys)
 
 
 def masked(x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

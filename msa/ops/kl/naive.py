@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from ...varlen import Segments
-from ..common import (CHUNK_BUDGET, chunk_size, compute_dtype, dense_keys, gather_keys,
+from ..common import (CHUNK_BUDGET, apply_keys, chunk_size, compute_dtype, dense_keys, gather_keys,
                       group_logits, logsumexp, masked, query_chunks, scatter_keys,
                       sparse_keys)
 
@@ -93,7 +93,7 @@ def indexer_kl_reference(q, k, qi, ki, seg: Segments, topk: Optional[torch.Tenso
             pt, ps = torch.exp(log_pt), torch.exp(log_ps)
             loss += torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum()
             dz = g * index_scale * (ps - pt)                               # [C,Hi,S]
-            dqi[s0:s1] += torch.matmul(dz.unsqueeze(2), kig).squeeze(2)
+            dqi[s0:s1] += apply_keys(dz.unsqueeze(2), kig).squeeze(2)
             if rows.shape[0] == 1:                                         # shared keys
                 grad = torch.einsum("chs,chd->hsd", dz, qic.to(dtype)).unsqueeze(0)
             else:

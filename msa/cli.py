@@ -1,0 +1,44 @@
+"""Command line: ``python -m msa demo [--length 4096,16384] [--device cpu|cuda]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _lengths(text: str):
+    def one(s):
+        s = s.strip().lower()
+        mult = {"k": 1024, "m": 1024 * 1024}.get(s[-1:], 1)
+        return int(s[:-1] if mult > 1 else s) * mult
+    return [one(s) for s in text.split(",") if s.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="msa", description="MiniMax Sparse Attention tools")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    demo = sub.add_parser("demo", help="needle-in-a-haystack at attention level")
+    demo.add_argument("--length", type=_lengths, default=None,
+                      help="comma-separated lengths, e.g. 4k,16k (default: 4k,16k on CPU; "
+                           "16k,64k,128k on CUDA)")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--depth", type=float, default=0.37, help="needle depth in [0, 1)")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    demo.add_argument("--json", default=None, help="write results to this JSON file")
+    demo.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.cmd == "demo":
+        import torch
+
+        from .demo import main as demo_main
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        lengths = args.length or ([4096, 16384] if device == "cpu" else [16384, 65536, 131072])
+        if not 0 <= args.depth < 1:
+            parser.error("--depth must lie in [0, 1)")
+        results = demo_main(lengths, device, args.depth, args.dtype, not args.no_progress,
+                            args.json)
+        return 0 if all(r.needle_selected and r.retrieved for r in results) else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

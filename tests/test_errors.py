@@ -1,0 +1,162 @@
+"""Every public function rejects bad input with an error naming the argument."""
+import pytest
+import torch
+
+import msa
+from msa.varlen import make_segments
+
+
+def _packed(tq=10, tk=20, hq=4, hkv=2, d=64, hi=2, dtype=torch.float32):
+    return dict(q=torch.randn(tq, hq, d, dtype=dtype), k=torch.randn(tk, hkv, d, dtype=dtype),
+                v=torch.randn(tk, hkv, d, dtype=dtype), qi=torch.randn(tq, hi, 64, dtype=dtype),
+                ki=torch.randn(tk, 1, 64, dtype=dtype),
+                cu_q=torch.tensor([0, tq], dtype=torch.int32),
+                cu_k=torch.tensor([0, tk], dtype=torch.int32))
+
+
+def _attn(c, topk=None, **kw):
+    topk = torch.zeros(2, c["q"].shape[0], 1, dtype=torch.int32) if topk is None else topk
+    return msa.msa_sparse_attention(c["q"], c["k"], c["v"], topk, c["cu_q"], c["cu_k"],
+                                    block_size=64, **kw)
+
+
+@pytest.mark.parametrize("field,value,exc,match", [
+    ("num_heads", 6, ValueError, "num_kv_heads"),
+    ("head_dim", 96, ValueError, "head_dim"),
+    ("block_size", 32, ValueError, "block_size"),
+    ("topk", 0, ValueError, "topk"),
+    ("topk", 65, ValueError, "topk"),
+    ("num_index_heads", 3, ValueError, "num_index_heads"),
+    ("index_head_dim", 100, ValueError, "index_head_dim"),
+    ("softmax_scale", -1.0, ValueError, "softmax_scale"),
+    ("kl_loss_coeff", float("nan"), ValueError, "kl_loss_coeff"),
+])
+def test_config_rejects(field, value, exc, match):
+    with pytest.raises(exc, match=match):
+        msa.MSAConfig(**{field: value})
+
+
+def test_config_defaults_are_minimax_m3():
+    cfg = msa.MSAConfig()
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.index_heads, cfg.index_dim,
+            cfg.block_size, cfg.topk) == (64, 4, 128, 4, 128, 128, 16)
+    assert cfg.scale == 128 ** -0.5 and cfg.index_scale == 128 ** -0.5
+
+
+@pytest.mark.parametrize("cu_q,cu_k,frag,match", [
+    ([0, 4, 10], [0, 20], None, "same length"),
+    ([1, 10], [0, 20], None, r"cu_seqlens_q\[0\]"),
+    ([0, 6, 5, 10], [0, 5, 10, 20], None, "non-decreasing"),
+    ([0, 9], [0, 20], None, "total_q"),
+    ([0, 10], [0, 19], None, "total_k"),
+    ([0, 8, 10], [0, 4, 20], None, "k_len=4 < q_len=8"),
+    ([0, 5, 10], [0, 10, 20], [0, 2], "fragment_indices"),
+    ([0, 5, 10], [0, 10, 20], [0], "fragment_indices must have"),
+])
+def test_inconsistent_cu_seqlens(cu_q, cu_k, frag, match):
+    f = None if frag is None else torch.tensor(frag, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        make_segments(10, 20, torch.tensor(cu_q, dtype=torch.int32),
+                      torch.tensor(cu_k, dtype=torch.int32), fragment_indices=f)
+
+
+def test_cu_seqlens_dtype_rank_and_max_seqlen():
+    with pytest.raises(TypeError, match="cu_seqlens_q must be int32 or int64"):
+        make_segments(10, 20, torch.tensor([0.0, 10.0]), torch.tensor([0, 20]))
+    with pytest.raises(ValueError, match="cu_seqlens_k must be 1-D"):
+        make_segments(10, 20, torch.tensor([0, 10]), torch.tensor([[0, 20]]))
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        make_segments(10, 20, torch.tensor([0, 10]), torch.tensor([0, 20]), max_seqlen_q=5)
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        make_segments(10, 20, torch.tensor([0, 10]), torch.tensor([0, 20]), max_seqlen_k=19)
+
+
+def test_attention_rejects_bad_tensors():
+    c = _packed()
+    with pytest.raises(ValueError, match="q must be"):
+        msa.msa_sparse_attention(c["q"][0], c["k"], c["v"], None, c["cu_q"], c["cu_k"])
+    with pytest.raises(ValueError, match="q heads .* multiple of k heads"):
+        _attn(dict(c, k=torch.randn(20, 3, 64), v=torch.randn(20, 3, 64)))
+    with pytest.raises(ValueError, match="head dim must be one of"):
+        _attn(dict(c, q=torch.randn(10, 4, 32), k=torch.randn(20, 2, 32),
+                   v=torch.randn(20, 2, 32)))
+    with pytest.raises(TypeError, match="dtypes must match"):
+        _attn(dict(c, v=c["v"].double()))
+    with pytest.raises(TypeError, match="k must be float"):
+        _attn(dict(c, k=c["k"].int()))
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        _attn(dict(c, v=torch.randn(20, 1, 64)))
+    with pytest.raises(ValueError, match="needs cu_seqlens_q and cu_seqlens_k"):
+        msa.msa_sparse_attention(c["q"], c["k"], c["v"], None)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        _attn(c, softmax_scale=float("inf"))
+    with pytest.raises(ValueError, match="block_size"):
+        msa.msa_sparse_attention(c["q"], c["k"], c["v"], None, c["cu_q"], c["cu_k"],
+                                 block_size=100)
+
+
+def test_attention_rejects_bad_topk():
+    c = _packed()
+    with pytest.raises(TypeError, match="topk_indices must be int32 or int64"):
+        _attn(c, torch.zeros(2, 10, 1))
+    with pytest.raises(ValueError, match=r"topk_indices must have shape \[H, total_q=10, K\]"):
+        _attn(c, torch.zeros(3, 10, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="topk must be"):
+        _attn(c, torch.zeros(2, 10, 65, dtype=torch.int32))
+    with pytest.raises(IndexError, match=r"topk_indices\[1, 4, 0\] = 1 is out of range"):
+        t = torch.zeros(2, 10, 1, dtype=torch.int32)
+        t[1, 4, 0] = 1                      # 20 keys = 1 block of 64
+        _attn(c, t)
+    with pytest.raises(IndexError, match="out of range"):
+        _attn(c, torch.full((2, 10, 1), -3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="repeats a block id"):
+        _attn(c, torch.zeros(2, 10, 2, dtype=torch.int32))
+
+
+def test_batched_layout_errors():
+    q, k = torch.randn(2, 8, 4, 64), torch.randn(2, 4, 2, 64)
+    with pytest.raises(ValueError, match="k length 4 < q length 8"):
+        msa.msa_sparse_attention(q, k, k, torch.zeros(2, 2, 8, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="k batch 3"):
+        msa.msa_sparse_attention(q, torch.randn(3, 8, 2, 64), torch.randn(3, 8, 2, 64), None)
+    with pytest.raises(ValueError, match="packed layout"):
+        msa.msa_sparse_attention(q, q[:, :, :2], q[:, :, :2], None,
+                                 cu_seqlens_q=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match=r"topk_indices must have shape \[B=2"):
+        msa.msa_sparse_attention(q, q[:, :, :2], q[:, :, :2],
+                                 torch.zeros(2, 2, 7, 1, dtype=torch.int32))
+
+
+def test_indexer_rejects_bad_input():
+    c = _packed()
+    args = (c["qi"], c["ki"], c["cu_q"], c["cu_k"])
+    with pytest.raises(ValueError, match="ki must have 1 or Hi=2 heads"):
+        msa.msa_indexer(c["qi"], torch.randn(20, 3, 64), c["cu_q"], c["cu_k"])
+    with pytest.raises(ValueError, match="ki head dim"):
+        msa.msa_indexer(c["qi"], torch.randn(20, 1, 128), c["cu_q"], c["cu_k"])
+    with pytest.raises(ValueError, match="topk"):
+        msa.msa_indexer(*args, topk=0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lse_temperature"):
+            msa.msa_indexer(*args, lse_temperature=bad)
+    with pytest.raises(ValueError, match="ki is on"):
+        msa.msa_indexer(c["qi"], torch.randn(20, 1, 64, device="meta"), c["cu_q"], c["cu_k"])
+
+
+def test_kl_and_composite_reject_bad_input():
+    c = _packed()
+    base = (c["q"], c["k"], c["qi"], c["ki"])
+    with pytest.raises(ValueError, match="qi must have 1 or Hkv=2 index heads"):
+        msa.msa_indexer_kl(c["q"], c["k"], torch.randn(10, 4, 64), c["ki"], None, c["cu_q"],
+                           c["cu_k"])
+    with pytest.raises(ValueError, match="qi/ki tokens"):
+        msa.msa_indexer_kl(c["q"], c["k"], c["qi"][:5], c["ki"], None, c["cu_q"], c["cu_k"])
+    with pytest.raises(ValueError, match="loss_coeff"):
+        msa.msa_indexer_kl(*base, None, c["cu_q"], c["cu_k"], loss_coeff=float("nan"))
+    with pytest.raises(ValueError, match=r"topk_indices must have shape \[H, total_q=10, K\] "
+                                         r"with H in \[2\]"):
+        msa.msa_indexer_kl(*base, torch.zeros(1, 10, 1, dtype=torch.int32), c["cu_q"],
+                           c["cu_k"], block_size=64)
+    with pytest.raises(ValueError, match="mode"):
+        msa.msa_attention(c["q"], c["k"], c["v"], c["qi"], c["ki"], c["cu_q"], c["cu_k"],
+                          mode="fast")
