@@ -14,6 +14,7 @@ relative to the segment's first key; ``-1`` marks an empty top-k slot.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,6 +90,21 @@ def _layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return _Layout(seg)
 
 
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return x.is_cuda and x.dtype != torch.float64 and \
+            importlib.util.find_spec("triton") is not None
+    if x.dtype == torch.float64:
+        raise TypeError("backend='triton' supports fp16/bf16/fp32 inputs, got float64")
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("backend='triton' needs the triton package (pip install msa[gpu])")
+    return True
+
+
 def _check_qkv(q, k, v) -> None:
     C.check_float_tensor("v", v, k.dim(), q.device)
     C.check_same_dtype(("q", "k", "v"), (q, k, v))
@@ -154,7 +170,7 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
 def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None,
                          max_seqlen_q=None, max_seqlen_k=None, *, fragment_indices=None,
                          block_size: int = 128, softmax_scale: Optional[float] = None,
-                         return_lse: bool = False):
+                         return_lse: bool = False, backend: str = "auto"):
     """Exact softmax attention over the selected blocks AND causal keys: spec section 5.
 
     Args:
@@ -167,10 +183,15 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
         out shaped like q (differentiable w.r.t. q, k, v; unselected keys get exactly zero
         gradient) and, with ``return_lse``, lse ``[total_q, Hq]`` / ``[B, Tq, Hq]`` fp32
         natural log. Rows with no allowed key: out 0, lse ``-inf``.
+
+    ``backend``: ``"reference"`` (pure PyTorch), ``"triton"`` (KV-outer kernel forward;
+    the backward is the reference for now) or ``"auto"`` (Triton on CUDA tensors when
+    Triton is installed, else the reference).
     """
     lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   fragment_indices)
     _check_qkv(q, k, v)
+    use_triton = _use_triton(backend, q)
     C.check_block_and_topk(block_size)
     C.check_scale("softmax_scale", softmax_scale)
     topk_p = lay.pack_heads(topk_indices) if isinstance(topk_indices, torch.Tensor) \
@@ -178,7 +199,7 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     C.check_topk_indices(topk_p, lay.seg, (1, k.shape[-2]), block_size, q.device)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out, lse = SparseAttentionFn.apply(lay.pack(q), lay.pack(k), lay.pack(v), topk_p,
-                                       lay.seg, block_size, scale)
+                                       lay.seg, block_size, scale, use_triton)
     out = lay.unpack(out)
     return (out, lay.unpack(lse)) if return_lse else out
 

@@ -1,4 +1,10 @@
+import os
+
 import torch
+
+# Triton kernels run in the interpreter on machines without a GPU (set before triton loads).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def random_topk(seg, heads, k, block, seed=0, p_empty=0.2, future=True):

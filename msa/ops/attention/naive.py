@@ -95,12 +95,17 @@ def attention_backward_reference(q, k, v, topk, seg: Segments, out, lse, dout, *
 
 
 class SparseAttentionFn(torch.autograd.Function):
-    """Autograd wrapper: forward and chunked-recompute backward of the reference."""
+    """Autograd wrapper: forward (reference or Triton) and the chunked-recompute
+    reference backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, topk, seg, block_size, scale):
-        out, lse = attention_forward_reference(q, k, v, topk, seg, block_size=block_size,
-                                               scale=scale)
+    def forward(ctx, q, k, v, topk, seg, block_size, scale, use_triton=False):
+        if use_triton:
+            from .forward import sparse_attn_fwd
+            out, lse = sparse_attn_fwd(q, k, v, topk, seg, block_size=block_size, scale=scale)
+        else:
+            out, lse = attention_forward_reference(q, k, v, topk, seg, block_size=block_size,
+                                                   scale=scale)
         ctx.save_for_backward(q, k, v, topk, out, lse)
         ctx.seg, ctx.block_size, ctx.scale = seg, block_size, scale
         ctx.mark_non_differentiable(lse)
@@ -112,4 +117,4 @@ class SparseAttentionFn(torch.autograd.Function):
         dq, dk, dv = attention_backward_reference(
             q, k, v, topk, ctx.seg, out, lse, dout, block_size=ctx.block_size,
             scale=ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None

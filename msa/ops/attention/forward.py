@@ -1,0 +1,190 @@
+"""Triton sparse attention forward: KV-outer ("gather Q") partials + LSE combine.
+
+``sparse_attn_fwd_kernel``: one program per work item = (KV head ``h``, KV block, slice
+of the queries that selected it). It loads the block's K and V once, then loops over
+tiles of ``BLOCK_Q`` gathered queries x the ``G`` query heads of the group
+(``BLOCK_Q * G_PAD`` = 128 MMA rows), and writes for each (query, head) a partial output
+normalised by its own sum plus its natural-log LSE into slot ``j`` of the query's top-k
+row.
+
+``sparse_attn_combine_kernel``: one program per (query, KV head) merges the valid slots
+by LSE: ``lse = log sum_j exp(lse_j)``, ``out = sum_j exp(lse_j - lse) o_j``.
+
+Queries are processed in chunks so the partial buffer (``chunk x Hkv x K x G x D``)
+stays bounded whatever the sequence length.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...varlen import Segments
+from ..prepare import block_rows, plan_chunk
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+PARTIAL_BUDGET_BYTES = 2 << 30
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton 3.6's interpreter computes bf16 dots wrongly; upcast there only.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def sparse_attn_fwd_kernel(
+        Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT,
+        ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1,
+        q0, scale_log2,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+        BS: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.load(ITEM_H + pid)
+    krow = tl.load(ITEM_KROW + pid).to(tl.int64)
+    t0 = tl.load(ITEM_T0 + pid)
+    nk = tl.load(ITEM_NK + pid)
+    e0 = tl.load(ITEM_E0 + pid)
+    e1 = tl.load(ITEM_E1 + pid)
+    offs_n = tl.arange(0, BS)
+    offs_d = tl.arange(0, D)
+    kmask = offs_n < nk
+    k = tl.load(K + (krow + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    v = tl.load(V + (krow + offs_n)[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    offs_m = tl.arange(0, BLOCK_Q * G_PAD)
+    tok = offs_m // G_PAD
+    g = offs_m % G_PAD
+    for e in range(e0, e1, BLOCK_Q):
+        eidx = e + tok
+        emask = (eidx < e1) & (g < G)
+        ql = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
+        slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
+        qg = q0 + ql
+        pos = tl.load(POS + qg, mask=emask, other=-1)
+        qt = tl.load(Q + qg[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
+                     + offs_d[None, :], mask=emask[:, None], other=0.0)
+        s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
+        allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        m = tl.max(s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m[:, None])
+        den = tl.sum(p, 1)
+        o = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        o = o / tl.maximum(den, 1e-30)[:, None]
+        lse = tl.where(den > 0, (m + tl.log2(den)) * 0.6931471805599453, float("-inf"))
+        pidx = ((ql * HKV + h) * KSEL + slot) * G + g
+        tl.store(PO + pidx[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty),
+                 mask=emask[:, None])
+        tl.store(PL + pidx, lse, mask=emask)
+
+
+@triton.jit
+def sparse_attn_combine_kernel(
+        PO, PL, TOPK, NBLK, OUT, LSE, q0,
+        stride_th, stride_tq, stride_ot, stride_oh, stride_lt,
+        HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+        D: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr):
+    pid = tl.program_id(0)
+    ql = (pid // HKV).to(tl.int64)
+    h = pid % HKV
+    qg = q0 + ql
+    hs = h if HS > 1 else 0
+    offs_k = tl.arange(0, KSEL_PAD)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    ids = tl.load(TOPK + hs * stride_th + qg * stride_tq + offs_k, mask=offs_k < KSEL,
+                  other=-1)
+    nb = tl.load(NBLK + qg)
+    valid = (ids >= 0) & (ids < nb)
+    base = (ql * HKV + h) * KSEL
+    lse = tl.load(PL + (base + offs_k)[:, None] * G + offs_g[None, :],
+                  mask=valid[:, None] & gmask[None, :], other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m[None, :])
+    wsum = tl.sum(w, 0)
+    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
+    for j in range(KSEL):
+        ok = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
+        if (ok >= 0) & (ok < nb):
+            lj = tl.load(PL + (base + j) * G + offs_g, mask=gmask, other=float("-inf"))
+            oj = tl.load(PO + ((base + j) * G + offs_g)[:, None] * D + offs_d[None, :],
+                         mask=gmask[:, None], other=0.0)
+            acc += tl.exp(lj - m)[:, None] * oj.to(tl.float32)
+    out = acc / tl.maximum(wsum, 1e-30)[:, None]
+    tl.store(OUT + qg * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=gmask[:, None])
+    lse_out = tl.where(wsum > 0, m + tl.log(wsum), float("-inf"))
+    tl.store(LSE + qg * stride_lt + h * G + offs_g, lse_out, mask=gmask)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
+                    seg: Segments, *, block_size: int, scale: float, q_per_item: int = 256,
+                    query_chunk: int = None, out: torch.Tensor = None,
+                    lse: torch.Tensor = None):
+    """Launch planning, the KV-outer kernel and the combine.
+
+    Args:
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (last dim contiguous);
+        topk: ``[Hs, total_q, K]`` int32, Hs in {1, Hkv}.
+        q_per_item: most queries one program handles (longer k->q rows are split).
+        query_chunk: queries per partial buffer (default: a 2 GiB budget).
+        out, lse: optional preallocated outputs.
+    Returns:
+        out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
+    """
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    hs, _, ksel = topk.shape
+    g_pad = _next_pow2(g)
+    block_q = max(1, 128 // g_pad)
+    q_per_item = max(block_q, q_per_item // block_q * block_q)
+    pdtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    out = torch.empty_like(q) if out is None else out
+    if lse is None:
+        lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse
+    topk = topk.to(torch.int32).contiguous()
+    rows = block_rows(seg, block_size, q.device)
+    per_query = hkv * ksel * g * (d * pdtype.itemsize + 4)
+    chunk = query_chunk or max(1, min(total_q, PARTIAL_BUDGET_BYTES // per_query))
+    po = torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device)
+    pl = torch.empty(chunk * hkv * ksel * g, dtype=torch.float32, device=q.device)
+    for q0 in range(0, total_q, chunk):
+        q1 = min(total_q, q0 + chunk)
+        plan = plan_chunk(topk, rows, q0, q1, hkv, q_per_item)
+        if plan.num_items:
+            sparse_attn_fwd_kernel[(plan.num_items,)](
+                q, k, v, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot,
+                plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
+                plan.item_e1, q0, scale * LOG2E,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
+                PRECISION=precision, UPCAST=INTERPRETER and q.dtype == torch.bfloat16,
+                num_warps=8 if d >= 128 else 4, num_stages=2)
+        sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
+            po, pl, topk, rows.q_nblocks, out, lse, q0,
+            topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+            HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, KSEL=ksel, KSEL_PAD=_next_pow2(ksel),
+            num_warps=4)
+    return out, lse
