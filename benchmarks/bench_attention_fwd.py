@@ -31,10 +31,16 @@ from msa.varlen import Segments
 HQ, HKV, D, BS, K = 64, 4, 128, 128, 16
 
 
-def selection(T, pattern, device, seed=0):
+def selection(T, pattern, device, seed=0, chunk=16384):
     """``[Hkv, T, K]`` int32: ranked earlier blocks then the local block, -1 padded."""
     g = torch.Generator(device=device).manual_seed(seed)
-    local = torch.arange(T, device=device) // BS
+    return torch.cat([_selection(s, min(T, s + chunk), pattern, device, g)
+                      for s in range(0, T, chunk)], dim=1)
+
+
+def _selection(s0, s1, pattern, device, g):
+    T = s1 - s0
+    local = torch.arange(s0, s1, device=device) // BS
     r = torch.rand(HKV, T, local.max().item() + 1, generator=g, device=device)
     blocks = torch.arange(r.shape[-1], device=device)
     earlier = blocks.view(1, 1, -1) < local.view(1, -1, 1)
