@@ -26,7 +26,7 @@ from ..prepare import block_rows, plan_chunk
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PARTIAL_BUDGET_BYTES = 2 << 30
+PARTIAL_BUDGET_BYTES = 4 << 30
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -74,8 +74,10 @@ def sparse_attn_fwd_kernel(
         qt = tl.load(Q + qg[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
                      + offs_d[None, :], mask=emask[:, None], other=0.0)
         s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
-        allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
-        s = tl.where(allowed, s, float("-inf"))
+        # mask only tiles the block is not fully visible to (the local block, partial tails)
+        if tl.min(tl.where(emask, pos, 2147483647)) < t0 + BS - 1:
+            allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
+            s = tl.where(allowed, s, float("-inf"))
         m = tl.max(s, 1)
         m = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp2(s - m[:, None])
@@ -137,7 +139,8 @@ def _next_pow2(x: int) -> int:
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
                     seg: Segments, *, block_size: int, scale: float, q_per_item: int = 256,
                     query_chunk: int = None, out: torch.Tensor = None,
-                    lse: torch.Tensor = None):
+                    lse: torch.Tensor = None, block_q: int = None, num_warps: int = None,
+                    num_stages: int = 2):
     """Launch planning, the KV-outer kernel and the combine.
 
     Args:
@@ -155,7 +158,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     g = hq // hkv
     hs, _, ksel = topk.shape
     g_pad = _next_pow2(g)
-    block_q = max(1, 128 // g_pad)
+    block_q = block_q or max(1, 128 // g_pad)
     q_per_item = max(block_q, q_per_item // block_q * block_q)
     pdtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -181,7 +184,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
                 PRECISION=precision, UPCAST=INTERPRETER and q.dtype == torch.bfloat16,
-                num_warps=8 if d >= 128 else 4, num_stages=2)
+                num_warps=num_warps or (8 if d >= 128 else 4), num_stages=num_stages)
         sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
             po, pl, topk, rows.q_nblocks, out, lse, q0,
             topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),

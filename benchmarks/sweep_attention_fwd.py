@@ -1,0 +1,66 @@
+"""Tune the KV-outer forward: kernel configs and partial-buffer budget at one length.
+
+    python benchmarks/sweep_attention_fwd.py --length 128k
+
+Prints one line per variant (kernel-only ms for configs; end-to-end ms for budgets).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+
+import msa.ops.attention.forward as fwd
+from msa.varlen import Segments
+
+from bench_attention_fwd import BS, D, HKV, HQ, K, selection, sparse_elements
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--length", default="128k")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(T, HKV, D, device=dev, generator=g, dtype=torch.bfloat16)
+    v = torch.randn(T, HKV, D, device=dev, generator=g, dtype=torch.bfloat16)
+    seg = Segments([0], [T], [0], [T], T, T)
+    topk = selection(T, "random", dev)
+    flops = 4 * D * HQ * sparse_elements(T)
+    ref, _ = fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS, scale=D ** -0.5)
+    rows = []
+    for bq, warps, stages in [(8, 8, 2), (8, 4, 2), (8, 8, 1), (8, 8, 3), (16, 8, 2),
+                              (16, 8, 3), (4, 4, 2), (8, 4, 3)]:
+        for qpi in (128, 512):
+            try:
+                run = lambda: fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS,
+                                                  scale=D ** -0.5, block_q=bq,
+                                                  num_warps=warps, num_stages=stages,
+                                                  q_per_item=qpi, query_chunk=T)
+                out, _ = run()
+                err = (out.float() - ref.float()).abs().max().item()
+                ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+                rows.append(dict(block_q=bq, warps=warps, stages=stages, q_per_item=qpi,
+                                 ms=ms, tflops=flops / ms / 1e9, err=err))
+            except Exception as e:
+                rows.append(dict(block_q=bq, warps=warps, stages=stages, q_per_item=qpi,
+                                 error=repr(e)[:120]))
+            print(json.dumps(rows[-1]), flush=True)
+    for budget_gb in (2, 4, 8):
+        fwd.PARTIAL_BUDGET_BYTES = budget_gb << 30
+        run = lambda: fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS, scale=D ** -0.5)
+        ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        rows.append(dict(budget_gb=budget_gb, ms=ms, tflops=flops / ms / 1e9))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(T=T, gpu=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
