@@ -138,7 +138,8 @@ def _check_index(qi, ki, q=None, k=None) -> None:
 def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                 max_seqlen_k=None, *, fragment_indices=None, block_size: int = 128,
                 topk: int = 16, softmax_scale: Optional[float] = None,
-                lse_temperature: float = 1.0, return_lse: bool = False):
+                lse_temperature: float = 1.0, return_lse: bool = False,
+                backend: str = "auto"):
     """Select ``topk`` key blocks per (index head, query): spec section 2.
 
     Args:
@@ -153,6 +154,10 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
         block ``pos // block_size``, then ``-1``. With ``return_lse`` also
         selected_lse ``[Hi, total_q]`` (``[B, Hi, Tq]``) fp32: LSE of ``s / T`` over the
         causally visible keys of the selected blocks.
+
+    ``backend``: ``"reference"``, ``"triton"`` (streamed top-k kernel + KV-outer LSE pass;
+    needs one shared index-key head) or ``"auto"`` (Triton for CUDA tensors with one
+    index-key head).
     """
     lay = _layout("qi", qi, "ki", ki, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   fragment_indices)
@@ -161,8 +166,15 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     C.check_scale("softmax_scale", softmax_scale)
     C.check_scale("lse_temperature", lse_temperature)
     scale = softmax_scale if softmax_scale is not None else qi.shape[-1] ** -0.5
-    idx, lse = indexer_reference(lay.pack(qi), lay.pack(ki), lay.seg, block_size=block_size,
-                                 topk=topk, scale=scale, lse_temperature=lse_temperature)
+    qi_p, ki_p = lay.pack(qi), lay.pack(ki)
+    if _use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton"):
+        from .ops.indexer.triton import indexer_topk, selected_lse
+        idx = indexer_topk(qi_p, ki_p, lay.seg, block_size=block_size, topk=topk, scale=scale)
+        lse = selected_lse(qi_p, ki_p, idx, lay.seg, block_size=block_size, scale=scale,
+                           temperature=lse_temperature) if return_lse else None
+    else:
+        idx, lse = indexer_reference(qi_p, ki_p, lay.seg, block_size=block_size, topk=topk,
+                                     scale=scale, lse_temperature=lse_temperature)
     idx = lay.unpack_heads(idx)
     return (idx, lay.unpack_heads(lse)) if return_lse else idx
 

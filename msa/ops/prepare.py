@@ -75,6 +75,8 @@ class Plan:
     item_e0: torch.Tensor
     item_e1: torch.Tensor
 
+    num_heads: int = 1
+
     @property
     def num_items(self) -> int:
         return self.item_h.numel()
@@ -110,4 +112,4 @@ def plan_chunk(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, hkv: int,
     row = item_key % rows.total_rows
     return Plan(edge_q, edge_slot, (item_key // rows.total_rows).to(torch.int32),
                 rows.row_krow[row], rows.row_t0[row], rows.row_nk[row],
-                e0.to(torch.int32), e1.to(torch.int32))
+                e0.to(torch.int32), e1.to(torch.int32), hkv)

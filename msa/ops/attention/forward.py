@@ -22,11 +22,11 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
-from ..prepare import block_rows, plan_chunk
+from ..prepare import BlockRows, Plan, block_rows, plan_chunk
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PARTIAL_BUDGET_BYTES = 4 << 30
+PARTIAL_BUDGET_BYTES = 6 << 30
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -46,7 +46,7 @@ def sparse_attn_fwd_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.load(ITEM_H + pid)
     krow = tl.load(ITEM_KROW + pid).to(tl.int64)
@@ -59,8 +59,9 @@ def sparse_attn_fwd_kernel(
     kmask = offs_n < nk
     k = tl.load(K + (krow + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
                 mask=kmask[:, None], other=0.0)
-    v = tl.load(V + (krow + offs_n)[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
-                mask=kmask[:, None], other=0.0)
+    if HAS_V:
+        v = tl.load(V + (krow + offs_n)[:, None] * stride_vt + h * stride_vh
+                    + offs_d[None, :], mask=kmask[:, None], other=0.0)
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
     tok = offs_m // G_PAD
     g = offs_m % G_PAD
@@ -82,12 +83,13 @@ def sparse_attn_fwd_kernel(
         m = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp2(s - m[:, None])
         den = tl.sum(p, 1)
-        o = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        o = o / tl.maximum(den, 1e-30)[:, None]
         lse = tl.where(den > 0, (m + tl.log2(den)) * 0.6931471805599453, float("-inf"))
         pidx = ((ql * HKV + h) * KSEL + slot) * G + g
-        tl.store(PO + pidx[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty),
-                 mask=emask[:, None])
+        if HAS_V:
+            o = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            o = o / tl.maximum(den, 1e-30)[:, None]
+            tl.store(PO + pidx[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty),
+                     mask=emask[:, None])
         tl.store(PL + pidx, lse, mask=emask)
 
 
@@ -136,19 +138,48 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
+                    ksel: int, block_size: int, block_q: int = None, num_warps: int = None,
+                    num_stages: int = 2, shared_k_head: bool = False) -> None:
+    """Run the KV-outer kernel over one plan: partial outputs into ``po`` (skipped when
+    ``v is None``) and partial LSEs into ``pl``.
+
+    q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (``shared_k_head``: k has one head
+    read by every "KV head" of the plan, as index keys are).
+    """
+    if not plan.num_items:
+        return
+    hq, d = q.shape[1], q.shape[2]
+    hkv = int(plan.num_heads)
+    g = hq // hkv
+    g_pad = _next_pow2(g)
+    block_q = block_q or max(1, 64 // g_pad)
+    vv = k if v is None else v
+    sparse_attn_fwd_kernel[(plan.num_items,)](
+        q, k, vv, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot,
+        plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
+        plan.item_e1, q0, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), 0 if shared_k_head else k.stride(1),
+        vv.stride(0), vv.stride(1),
+        HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRETER and q.dtype == torch.bfloat16, HAS_V=v is not None,
+        num_warps=num_warps or 4, num_stages=num_stages)
+
+
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
                     seg: Segments, *, block_size: int, scale: float, q_per_item: int = 256,
                     query_chunk: int = None, out: torch.Tensor = None,
-                    lse: torch.Tensor = None, block_q: int = None, num_warps: int = None,
-                    num_stages: int = 2):
+                    lse: torch.Tensor = None, **launch):
     """Launch planning, the KV-outer kernel and the combine.
 
     Args:
-        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (last dim contiguous);
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``;
         topk: ``[Hs, total_q, K]`` int32, Hs in {1, Hkv}.
         q_per_item: most queries one program handles (longer k->q rows are split).
-        query_chunk: queries per partial buffer (default: a 2 GiB budget).
+        query_chunk: queries per partial buffer (default: ``PARTIAL_BUDGET_BYTES``).
         out, lse: optional preallocated outputs.
+        launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
     """
@@ -157,11 +188,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     hkv = k.shape[1]
     g = hq // hkv
     hs, _, ksel = topk.shape
-    g_pad = _next_pow2(g)
-    block_q = block_q or max(1, 128 // g_pad)
-    q_per_item = max(block_q, q_per_item // block_q * block_q)
     pdtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     out = torch.empty_like(q) if out is None else out
     if lse is None:
         lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
@@ -173,18 +200,12 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     chunk = query_chunk or max(1, min(total_q, PARTIAL_BUDGET_BYTES // per_query))
     po = torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device)
     pl = torch.empty(chunk * hkv * ksel * g, dtype=torch.float32, device=q.device)
+    g_pad = _next_pow2(g)
     for q0 in range(0, total_q, chunk):
         q1 = min(total_q, q0 + chunk)
         plan = plan_chunk(topk, rows, q0, q1, hkv, q_per_item)
-        if plan.num_items:
-            sparse_attn_fwd_kernel[(plan.num_items,)](
-                q, k, v, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot,
-                plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
-                plan.item_e1, q0, scale * LOG2E,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
-                PRECISION=precision, UPCAST=INTERPRETER and q.dtype == torch.bfloat16,
-                num_warps=num_warps or (8 if d >= 128 else 4), num_stages=num_stages)
+        launch_partials(q, k, v, rows, plan, q0, po, pl, scale=scale, ksel=ksel,
+                        block_size=block_size, **launch)
         sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
             po, pl, topk, rows.q_nblocks, out, lse, q0,
             topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
