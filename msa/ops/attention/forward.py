@@ -38,7 +38,7 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q0"])
 def sparse_attn_fwd_kernel(
         Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1,
@@ -93,7 +93,7 @@ def sparse_attn_fwd_kernel(
         tl.store(PL + pidx, lse, mask=emask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q0"])
 def sparse_attn_combine_kernel(
         PO, PL, TOPK, NBLK, OUT, LSE, q0,
         stride_th, stride_tq, stride_ot, stride_oh, stride_lt,
