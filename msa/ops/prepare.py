@@ -14,11 +14,12 @@ device:
 A KV block row is (segment ``b``, level ``L``), numbered segment-major. An entry is valid
 iff ``0 <= L < ceil(k_len_b / block)``; selected blocks after the query are kept here and
 masked causally in the kernel. Two host synchronisations (edge and item counts) size
-the outputs.
+the outputs; ``plan_chunks`` plans many query chunks with one sort.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Tuple
 
 import torch
 
@@ -82,34 +83,62 @@ class Plan:
         return self.item_h.numel()
 
 
-def plan_chunk(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, hkv: int,
-               q_per_item: int) -> Plan:
-    """Edges and work items of queries ``[q0, q1)``; topk ``[Hs, total_q, K]`` (Hs 1/Hkv)."""
+def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
+                hkv: int, q_per_item: int) -> List[Tuple[int, int, Plan]]:
+    """Plans of the query chunks ``[c, c + chunk)`` covering ``[q0, q1)``, built at once.
+
+    topk: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per chunk; edge
+    query indices are relative to the chunk start ``c0``. One sort and two host
+    synchronisations serve all chunks.
+    """
     t = topk[:, q0:q1].long()
     hs, nq, kk = t.shape
+    nrow = rows.total_rows
     valid = (t >= 0) & (t < rows.q_nblocks[q0:q1].view(1, -1, 1))
+    q_rel = torch.arange(nq, device=t.device)
+    cid = (q_rel // chunk).view(1, -1, 1)
     heads = torch.arange(hkv, device=t.device).view(-1, 1, 1)
-    sentinel = hkv * rows.total_rows
-    key = heads * rows.total_rows + rows.q_rowbase[q0:q1].view(1, -1, 1) + t
-    key = torch.where(valid, key, torch.full_like(key, sentinel)).expand(hkv, nq, kk)
+    nkeys = -(-nq // chunk) * hkv * nrow
+    key = (cid * hkv + heads) * nrow + rows.q_rowbase[q0:q1].view(1, -1, 1) + t
+    key = torch.where(valid, key, torch.full_like(key, nkeys)).expand(hkv, nq, kk)
     skey, perm = torch.sort(key.reshape(-1), stable=True)   # q ascending within a row
-    n_edges = int((skey < sentinel).sum())                    # host sync 1
+    n_edges = int((skey < nkeys).sum())                       # host sync 1
     skey, perm = skey[:n_edges], perm[:n_edges]
-    edge_q = ((perm // kk) % nq).to(torch.int32)
+    q_of_edge = (perm // kk) % nq
+    edge_q = (q_of_edge % chunk).to(torch.int32)
     edge_slot = (perm % kk).to(torch.int32)
-    counts = torch.bincount(skey, minlength=sentinel)
+    counts = torch.bincount(skey, minlength=nkeys)
     starts = torch.cumsum(counts, 0) - counts
-    nchunks = (counts + q_per_item - 1) // q_per_item
-    n_items = int(nchunks.sum())                              # host sync 2
-    item_key = torch.repeat_interleave(torch.arange(sentinel, device=t.device), nchunks,
+    nsplit = (counts + q_per_item - 1) // q_per_item
+    per_chunk = nsplit.view(-1, hkv * nrow).sum(1)
+    per_chunk_host = per_chunk.tolist()                       # host sync 2
+    n_items = sum(per_chunk_host)
+    item_key = torch.repeat_interleave(torch.arange(nkeys, device=t.device), nsplit,
                                        output_size=n_items)
-    first_item = torch.cumsum(nchunks, 0) - nchunks
+    first_item = torch.cumsum(nsplit, 0) - nsplit
     within = torch.arange(n_items, device=t.device) - first_item[item_key]
     e0 = starts[item_key] + within * q_per_item
     e1 = torch.minimum(e0 + q_per_item, starts[item_key] + counts[item_key])
-    order = torch.argsort(e0 - e1, stable=True)               # largest items first
+    # chunk-major, largest items first inside a chunk
+    item_chunk = item_key // (hkv * nrow)
+    order = torch.argsort(item_chunk * (q_per_item + 1) + (q_per_item - (e1 - e0)),
+                          stable=True)
     item_key, e0, e1 = item_key[order], e0[order], e1[order]
-    row = item_key % rows.total_rows
-    return Plan(edge_q, edge_slot, (item_key // rows.total_rows).to(torch.int32),
-                rows.row_krow[row], rows.row_t0[row], rows.row_nk[row],
-                e0.to(torch.int32), e1.to(torch.int32), hkv)
+    row = item_key % nrow
+    head = ((item_key // nrow) % hkv).to(torch.int32)
+    krow, t0, nk = rows.row_krow[row], rows.row_t0[row], rows.row_nk[row]
+    e0, e1 = e0.to(torch.int32), e1.to(torch.int32)
+    plans, i0 = [], 0
+    for c, n in enumerate(per_chunk_host):
+        sl = slice(i0, i0 + n)
+        c0 = q0 + c * chunk
+        plans.append((c0, min(q1, c0 + chunk), Plan(edge_q, edge_slot, head[sl], krow[sl],
+                                                     t0[sl], nk[sl], e0[sl], e1[sl], hkv)))
+        i0 += n
+    return plans
+
+
+def plan_chunk(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, hkv: int,
+               q_per_item: int) -> Plan:
+    """Edges and work items of queries ``[q0, q1)`` as one chunk (see ``plan_chunks``)."""
+    return plan_chunks(topk, rows, q0, q1, max(1, q1 - q0), hkv, q_per_item)[0][2]

@@ -22,12 +22,13 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
-from ..prepare import BlockRows, Plan, block_rows, plan_chunk
+from ..prepare import BlockRows, Plan, block_rows, plan_chunks
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PARTIAL_BUDGET_BYTES = 6 << 30
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
 
 
 @triton.jit
@@ -93,7 +94,7 @@ def sparse_attn_fwd_kernel(
         tl.store(PL + pidx, lse, mask=emask)
 
 
-@triton.jit(do_not_specialize=["q0"])
+@triton.jit(do_not_specialize=["q0", "stride_th"])
 def sparse_attn_combine_kernel(
         PO, PL, TOPK, NBLK, OUT, LSE, q0,
         stride_th, stride_tq, stride_ot, stride_oh, stride_lt,
@@ -201,9 +202,12 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     po = torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device)
     pl = torch.empty(chunk * hkv * ksel * g, dtype=torch.float32, device=q.device)
     g_pad = _next_pow2(g)
-    for q0 in range(0, total_q, chunk):
-        q1 = min(total_q, q0 + chunk)
-        plan = plan_chunk(topk, rows, q0, q1, hkv, q_per_item)
+    plans = []
+    group = max(chunk, PLAN_GROUP_QUERIES // chunk * chunk)   # bounded planning memory
+    for s0 in range(0, total_q, group):
+        plans += plan_chunks(topk, rows, s0, min(total_q, s0 + group), chunk, hkv,
+                             q_per_item)
+    for q0, q1, plan in plans:
         launch_partials(q, k, v, rows, plan, q0, po, pl, scale=scale, ksel=ksel,
                         block_size=block_size, **launch)
         sparse_attn_combine_kernel[((q1 - q0) * hkv,)](

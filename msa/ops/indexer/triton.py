@@ -25,7 +25,7 @@ from ..attention.forward import INTERPRETER, _dot, _next_pow2, launch_partials
 from ..prepare import block_rows, plan_chunk
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_oh"])
 def indexer_topk_kernel(
         QI, KI, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, OUT_ID, OUT_SCORE, scale,
         stride_qt, stride_qh, stride_kt, stride_oh, stride_ot,
