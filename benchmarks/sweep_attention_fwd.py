@@ -2,7 +2,8 @@
 
     python benchmarks/sweep_attention_fwd.py --length 128k
 
-Prints one line per variant (kernel-only ms for configs; end-to-end ms for budgets).
+Prints one line per variant: attention time (planning + kernel + combine) per launch
+config, then per partial-buffer budget.
 """
 from __future__ import annotations
 
