@@ -140,10 +140,14 @@ def _next_pow2(x: int) -> int:
 
 
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
-                    ksel: int, block_size: int, block_q: int = None, num_warps: int = None,
-                    num_stages: int = 2, shared_k_head: bool = False) -> None:
+                    ksel: int, block_size: int, block_q: int = None, num_warps: int = 4,
+                    num_stages: int = 1, shared_k_head: bool = False) -> None:
     """Run the KV-outer kernel over one plan: partial outputs into ``po`` (skipped when
     ``v is None``) and partial LSEs into ``pl``.
+
+    Launch defaults (64-row tiles, 4 warps, no software pipelining) were the fastest of a
+    sweep on an H200 at 128K tokens, MSA shape
+    (``benchmarks/results/sweep_attention_fwd_h200_2026-11-26.json``).
 
     q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (``shared_k_head``: k has one head
     read by every "KV head" of the plan, as index keys are).
@@ -165,7 +169,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
         HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, HAS_V=v is not None,
-        num_warps=num_warps or 4, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
