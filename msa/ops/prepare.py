@@ -130,10 +130,10 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     e0, e1 = e0.to(torch.int32), e1.to(torch.int32)
     plans, i0 = [], 0
     for c, n in enumerate(per_chunk_host):
-        sl = slice(i0, i0 + n)
+        # own copies: slices at odd offsets would make Triton compile unaligned variants
+        item = [x[i0:i0 + n].clone() for x in (head, krow, t0, nk, e0, e1)]
         c0 = q0 + c * chunk
-        plans.append((c0, min(q1, c0 + chunk), Plan(edge_q, edge_slot, head[sl], krow[sl],
-                                                     t0[sl], nk[sl], e0[sl], e1[sl], hkv)))
+        plans.append((c0, min(q1, c0 + chunk), Plan(edge_q, edge_slot, *item, hkv)))
         i0 += n
     return plans
 

@@ -193,7 +193,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     hkv = k.shape[1]
     g = hq // hkv
     hs, _, ksel = topk.shape
-    pdtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    pdtype = q.dtype            # partials: fp32 for fp32, else the half type of the inputs
     out = torch.empty_like(q) if out is None else out
     if lse is None:
         lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
