@@ -167,7 +167,10 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     C.check_scale("lse_temperature", lse_temperature)
     scale = softmax_scale if softmax_scale is not None else qi.shape[-1] ** -0.5
     qi_p, ki_p = lay.pack(qi), lay.pack(ki)
-    if _use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton"):
+    use_triton = _use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton")
+    if use_triton and backend == "auto" and qi.dtype == torch.float32 and qi.shape[-1] > 128:
+        use_triton = False                      # beyond the kernel's on-chip budget
+    if use_triton:
         from .ops.indexer.triton import indexer_topk, selected_lse
         idx = indexer_topk(qi_p, ki_p, lay.seg, block_size=block_size, topk=topk, scale=scale)
         lse = selected_lse(qi_p, ki_p, idx, lay.seg, block_size=block_size, scale=scale,
@@ -204,6 +207,8 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
                   fragment_indices)
     _check_qkv(q, k, v)
     use_triton = _use_triton(backend, q)
+    if use_triton and backend == "auto" and q.dtype == torch.float32 and q.shape[-1] > 128:
+        use_triton = False                      # beyond the kernel's on-chip budget
     C.check_block_and_topk(block_size)
     C.check_scale("softmax_scale", softmax_scale)
     topk_p = lay.pack_heads(topk_indices) if isinstance(topk_indices, torch.Tensor) \

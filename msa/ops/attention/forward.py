@@ -139,6 +139,14 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def check_supported(dtype: torch.dtype, head_dim: int) -> None:
+    """The kernel holds one K and one V block on chip: fp32 with D=256 needs 320 KB of
+    shared memory, more than a Hopper SM has."""
+    if dtype == torch.float32 and head_dim > 128:
+        raise NotImplementedError("the Triton KV-outer kernel supports fp32 up to head dim "
+                                  "128; use bf16/fp16 or backend='reference'")
+
+
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
                     ksel: int, block_size: int, block_q: int = None, num_warps: int = 4,
                     num_stages: int = 1, shared_k_head: bool = False) -> None:
@@ -190,6 +198,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     total_q, hq, d = q.shape
+    check_supported(q.dtype, d)
     hkv = k.shape[1]
     g = hq // hkv
     hs, _, ksel = topk.shape

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
-from ..attention.forward import INTERPRETER, _dot, _next_pow2, launch_partials
+from ..attention.forward import (INTERPRETER, _dot, _next_pow2, check_supported,
+                                 launch_partials)
 from ..prepare import block_rows, plan_chunk
 
 
@@ -111,6 +112,7 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
                  num_stages: int = 2) -> torch.Tensor:
     """Top-k rows ``[Hi, total_q, topk]`` int32 (same contract as the reference)."""
     total_q, hi, di = qi.shape
+    check_supported(qi.dtype, di)
     qi = qi if qi.stride(-1) == 1 else qi.contiguous()
     ki = (ki if ki.stride(-1) == 1 else ki.contiguous())[:, 0] if ki.shape[1] == 1 else None
     if ki is None:
