@@ -28,7 +28,7 @@ from msa.ops.attention.forward import (PARTIAL_BUDGET_BYTES, _next_pow2, launch_
 from msa.ops.attention.naive import attention_forward_reference
 from msa.ops.indexer.naive import indexer_reference
 from msa.ops.indexer.triton import indexer_topk, selected_lse
-from msa.ops.prepare import block_rows, plan_chunk
+from msa.ops.prepare import block_rows, plan_chunks
 from msa.varlen import Segments
 
 HQ, HKV, D, HI, DI, BS, K = 64, 4, 128, 4, 128, 128, 16
@@ -107,8 +107,9 @@ def stage_profile(q, k, v, topk, seg):
     po = torch.empty(chunk * HKV * K * g * D, dtype=torch.bfloat16, device=q.device)
     pl = torch.empty(chunk * HKV * K * g, dtype=torch.float32, device=q.device)
     out, lse = torch.empty_like(q), torch.empty(T, HQ, dtype=torch.float32, device=q.device)
-    starts = list(range(0, T, chunk))
-    plans = [plan_chunk(topk, rows, s, min(T, s + chunk), HKV, 256) for s in starts]
+    plans = plan_chunks(topk, rows, 0, T, chunk, HKV, 256)
+    starts = [c0 for c0, _, _ in plans]
+    plans = [p for _, _, p in plans]
 
     def kernels():
         for s, p in zip(starts, plans):
@@ -123,8 +124,7 @@ def stage_profile(q, k, v, topk, seg):
                 G_PAD=_next_pow2(g), D=D, KSEL=K, KSEL_PAD=K, num_warps=4)
 
     return dict(chunks=len(starts),
-                plan_ms=bench(lambda: [plan_chunk(topk, rows, s, min(T, s + chunk), HKV, 256)
-                                       for s in starts], 50),
+                plan_ms=bench(lambda: plan_chunks(topk, rows, 0, T, chunk, HKV, 256), 50),
                 kernel_ms=bench(kernels, 50), combine_ms=bench(combines, 50),
                 partial_bytes_per_pass=T * HKV * K * g * (D * 2 + 4))
 
