@@ -54,20 +54,25 @@ def check_block_and_topk(block_size: int, topk: Optional[int] = None) -> None:
         check_topk(topk)
 
 
-def check_topk_indices(topk: torch.Tensor, seg: Segments, heads: Sequence[int],
-                       block_size: int, device) -> None:
-    """``topk [Hs, total_q, K]``: int32/int64, ``Hs`` in ``heads``, entries ``-1`` or a
-    block id in ``[0, ceil(k_len_b / block_size))``, valid ids unique within a row."""
+def check_topk_tensor(topk, total_q: int, heads: Sequence[int], device) -> None:
+    """Static checks of ``topk [Hs, total_q, K]``: type, dtype, shape, device."""
     if not isinstance(topk, torch.Tensor):
         raise TypeError(f"topk_indices must be a torch.Tensor, got {type(topk).__name__}")
     if topk.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_indices must be int32 or int64, got {topk.dtype}")
-    if topk.dim() != 3 or topk.shape[0] not in heads or topk.shape[1] != seg.total_q:
-        raise ValueError(f"topk_indices must have shape [H, total_q={seg.total_q}, K] with H "
+    if topk.dim() != 3 or topk.shape[0] not in heads or topk.shape[1] != total_q:
+        raise ValueError(f"topk_indices must have shape [H, total_q={total_q}, K] with H "
                          f"in {sorted(set(heads))}, got {tuple(topk.shape)}")
     check_topk(topk.shape[2])
     if topk.device != device:
         raise ValueError(f"topk_indices is on {topk.device} but q is on {device}")
+
+
+def check_topk_indices(topk: torch.Tensor, seg: Segments, heads: Sequence[int],
+                       block_size: int, device) -> None:
+    """``topk [Hs, total_q, K]``: int32/int64, ``Hs`` in ``heads``, entries ``-1`` or a
+    block id in ``[0, ceil(k_len_b / block_size))``, valid ids unique within a row."""
+    check_topk_tensor(topk, seg.total_q, heads, device)
     if topk.numel() == 0:
         return
     limit = torch.empty(seg.total_q, dtype=torch.int64, device=device)

@@ -14,6 +14,7 @@ relative to the segment's first key; ``-1`` marks an empty top-k slot.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Optional
@@ -22,42 +23,62 @@ import torch
 
 from . import _checks as C
 from .config import MSAConfig
-from .ops.attention import SparseAttentionFn
+from .ops.custom_ops import attention_fwd_op, indexer_op, segments
 from .ops.dense import dense_attention
-from .ops.indexer import indexer_reference
 from .ops.kl import IndexerKLFn
-from .varlen import Segments, make_segments
+from .varlen import Segments
 
 
 @dataclass
 class _Layout:
-    seg: Segments
-    batch: Optional[int] = None        # B for the batched layout, None when packed
+    """Layout of a call: packed (``batch == -1``, varlen metadata) or batched."""
+
+    total_q: int
+    total_k: int
+    device: torch.device
+    cu_q: Optional[torch.Tensor] = None
+    cu_k: Optional[torch.Tensor] = None
+    frag: Optional[torch.Tensor] = None
+    max_q: Optional[int] = None
+    max_k: Optional[int] = None
+    batch: int = -1
     seqlen_q: int = 0
+    seqlen_k: int = 0
+
+    @property
+    def meta(self) -> tuple:
+        """Arguments 3.. of the custom ops (``msa.ops.custom_ops``)."""
+        return (self.cu_q, self.cu_k, self.frag, self.max_q, self.max_k, self.batch,
+                self.seqlen_q, self.seqlen_k)
+
+    @functools.cached_property
+    def seg(self) -> Segments:
+        return segments(self.total_q, self.total_k, *self.meta, self.device)
 
     def pack(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """``[B, T, H, D]`` -> ``[B*T, H, D]`` (packed inputs pass through)."""
-        if x is None or self.batch is None:
+        if x is None or self.batch < 0:
             return x
         return x.reshape(-1, *x.shape[2:])
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """``[total_q, ...]`` -> ``[B, Tq, ...]``."""
-        return x if self.batch is None else x.reshape(self.batch, self.seqlen_q, *x.shape[1:])
+        return x if self.batch < 0 else x.reshape(self.batch, self.seqlen_q, *x.shape[1:])
 
     def pack_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, Tq, ...]`` -> ``[H, total_q, ...]``."""
-        if self.batch is None:
+        if self.batch < 0:
             return x
-        if x.dim() < 3 or x.shape[0] != self.batch or x.shape[2] != self.seqlen_q:
+        if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[0] != self.batch or \
+                x.shape[2] != self.seqlen_q:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"topk_indices must have shape [B={self.batch}, H, "
-                             f"Tq={self.seqlen_q}, K] in the batched layout, got "
-                             f"{tuple(x.shape)}")
+                             f"Tq={self.seqlen_q}, K] in the batched layout, got {shape}")
         return x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
 
     def unpack_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[H, total_q, ...]`` -> ``[B, H, Tq, ...]``."""
-        if self.batch is None:
+        if self.batch < 0:
             return x
         return x.reshape(x.shape[0], self.batch, self.seqlen_q, *x.shape[2:]).transpose(0, 1)
 
@@ -80,14 +101,11 @@ def _layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         if tk < tq:
             raise ValueError(f"{k_name} length {tk} < {q_name} length {tq}: queries must be "
                              "the causal suffix of the keys")
-        seg = Segments([b * tq for b in range(bsz)], [tq] * bsz, [b * tk for b in range(bsz)],
-                       [tk] * bsz, bsz * tq, bsz * tk)
-        return _Layout(seg, bsz, tq)
+        return _Layout(bsz * tq, bsz * tk, q.device, batch=bsz, seqlen_q=tq, seqlen_k=tk)
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError(f"packed {q_name} [total_q, H, D] needs cu_seqlens_q and cu_seqlens_k")
-    seg = make_segments(q.shape[0], k.shape[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k, fragment_indices, device=q.device)
-    return _Layout(seg)
+    return _Layout(q.shape[0], k.shape[0], q.device, cu_seqlens_q, cu_seqlens_k,
+                   fragment_indices, max_seqlen_q, max_seqlen_k)
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
@@ -166,18 +184,11 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     C.check_scale("softmax_scale", softmax_scale)
     C.check_scale("lse_temperature", lse_temperature)
     scale = softmax_scale if softmax_scale is not None else qi.shape[-1] ** -0.5
-    qi_p, ki_p = lay.pack(qi), lay.pack(ki)
     use_triton = _use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton")
     if use_triton and backend == "auto" and qi.dtype == torch.float32 and qi.shape[-1] > 128:
         use_triton = False                      # beyond the kernel's on-chip budget
-    if use_triton:
-        from .ops.indexer.triton import indexer_topk, selected_lse
-        idx = indexer_topk(qi_p, ki_p, lay.seg, block_size=block_size, topk=topk, scale=scale)
-        lse = selected_lse(qi_p, ki_p, idx, lay.seg, block_size=block_size, scale=scale,
-                           temperature=lse_temperature) if return_lse else None
-    else:
-        idx, lse = indexer_reference(qi_p, ki_p, lay.seg, block_size=block_size, topk=topk,
-                                     scale=scale, lse_temperature=lse_temperature)
+    idx, lse = indexer_op(lay.pack(qi), lay.pack(ki), *lay.meta, block_size, topk,
+                          float(scale), float(lse_temperature), return_lse, use_triton)
     idx = lay.unpack_heads(idx)
     return (idx, lay.unpack_heads(lse)) if return_lse else idx
 
@@ -211,12 +222,11 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
         use_triton = False                      # beyond the kernel's on-chip budget
     C.check_block_and_topk(block_size)
     C.check_scale("softmax_scale", softmax_scale)
-    topk_p = lay.pack_heads(topk_indices) if isinstance(topk_indices, torch.Tensor) \
-        else topk_indices
-    C.check_topk_indices(topk_p, lay.seg, (1, k.shape[-2]), block_size, q.device)
+    topk_p = lay.pack_heads(topk_indices)
+    C.check_topk_tensor(topk_p, lay.total_q, (1, k.shape[-2]), q.device)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    out, lse = SparseAttentionFn.apply(lay.pack(q), lay.pack(k), lay.pack(v), topk_p,
-                                       lay.seg, block_size, scale, use_triton)
+    out, lse = attention_fwd_op(lay.pack(q), lay.pack(k), lay.pack(v), topk_p, *lay.meta,
+                                block_size, float(scale), use_triton)
     out = lay.unpack(out)
     return (out, lay.unpack(lse)) if return_lse else out
 

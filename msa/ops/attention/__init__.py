@@ -1,4 +1,3 @@
-from .naive import (SparseAttentionFn, attention_backward_reference,
-                    attention_forward_reference)
+from .naive import attention_backward_reference, attention_forward_reference
 
-__all__ = ["SparseAttentionFn", "attention_forward_reference", "attention_backward_reference"]
+__all__ = ["attention_forward_reference", "attention_backward_reference"]

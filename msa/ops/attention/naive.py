@@ -92,29 +92,3 @@ def attention_backward_reference(q, k, v, topk, seg: Segments, out, lse, dout, *
         scatter_keys(dk, rows, scale * torch.matmul(ds.transpose(-1, -2), qc))
         scatter_keys(dv, rows, torch.matmul(p.transpose(-1, -2), doc))
     return dq, dk.to(k.dtype), dv.to(v.dtype)
-
-
-class SparseAttentionFn(torch.autograd.Function):
-    """Autograd wrapper: forward (reference or Triton) and the chunked-recompute
-    reference backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, topk, seg, block_size, scale, use_triton=False):
-        if use_triton:
-            from .forward import sparse_attn_fwd
-            out, lse = sparse_attn_fwd(q, k, v, topk, seg, block_size=block_size, scale=scale)
-        else:
-            out, lse = attention_forward_reference(q, k, v, topk, seg, block_size=block_size,
-                                                   scale=scale)
-        ctx.save_for_backward(q, k, v, topk, out, lse)
-        ctx.seg, ctx.block_size, ctx.scale = seg, block_size, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, topk, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward_reference(
-            q, k, v, topk, ctx.seg, out, lse, dout, block_size=ctx.block_size,
-            scale=ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
