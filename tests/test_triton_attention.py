@@ -42,7 +42,7 @@ def test_triton_forward_matches_reference_fp32(name):
     *_, block, _, _, qpi, qc = CASES[name]
     out, lse = _poisoned(q)
     sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=block, scale=q.shape[-1] ** -0.5,
-                    q_per_item=qpi, query_chunk=qc, out=out, lse=lse)
+                    q_per_item=qpi, query_chunk=qc, out=out, lse=lse, query_major=False)
     ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
                                                c["seg"], block_size=block,
                                                scale=q.shape[-1] ** -0.5)
@@ -57,7 +57,8 @@ def test_triton_forward_half_within_official_tolerance(dtype, name):
     c, topk, (q, k, v) = _inputs(name, dtype)
     block, scale = CASES[name][6], q.shape[-1] ** -0.5
     out, lse = _poisoned(q)
-    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=block, scale=scale, out=out, lse=lse)
+    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=block, scale=scale, out=out, lse=lse,
+                    query_major=False)
     ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
                                                c["seg"], block_size=block, scale=scale)
     # the official MSA tolerances (spec 5.7): out 3e-2, lse 1e-3 vs the fp32 reference
@@ -67,12 +68,14 @@ def test_triton_forward_half_within_official_tolerance(dtype, name):
     assert rel_err(out, ref_o) < 1e-2
 
 
-def test_empty_rows_give_zero_and_neg_inf():
+@pytest.mark.parametrize("query_major", [False, True])
+def test_empty_rows_give_zero_and_neg_inf(query_major):
     c, _, (q, k, v) = _inputs("G2-varlen-chunked-B64", torch.float32)
     topk = torch.full((2, q.shape[0], 3), -1, dtype=torch.int32, device=DEVICE)
     topk[1, 5, 2] = 0
     out, lse = _poisoned(q)
-    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=64, scale=0.125, out=out, lse=lse)
+    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=64, scale=0.125, out=out, lse=lse,
+                    query_major=query_major)
     assert torch.isfinite(lse[5, 2:]).all()
     mask = torch.ones_like(lse, dtype=torch.bool)
     mask[5, 2:] = False
@@ -96,3 +99,18 @@ def test_fp32_head_dim_256_is_rejected_clearly():
     c, topk, (q, k, v) = _inputs("G8-D256-B128", torch.float32)
     with pytest.raises(NotImplementedError, match="head dim 128"):
         sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=128, scale=0.0625)
+
+
+@pytest.mark.parametrize("name", ["G2-varlen-chunked-B64", "G16-D128-B64", "fragments-shared",
+                                  "K64-B64"])
+def test_query_major_kernel_matches_reference(name):
+    c, topk, (q, k, v) = _inputs(name, torch.float32)
+    block = CASES[name][6]
+    out, lse = _poisoned(q)
+    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=block, scale=q.shape[-1] ** -0.5,
+                    out=out, lse=lse, query_major=True)
+    ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
+                                               c["seg"], block_size=block,
+                                               scale=q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out.double(), ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)

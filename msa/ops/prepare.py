@@ -30,14 +30,15 @@ from ..varlen import Segments
 class BlockRows:
     """Per-query and per-row geometry of a segment layout, on the device.
 
-    q_pos, q_nblocks, q_rowbase: ``[total_q]`` int32/int64 position, blocks in the
-    query's segment, first global block row of its segment.
+    q_pos, q_nblocks, q_rowbase, q_kbase: ``[total_q]`` int32/int64 position, blocks in
+    the query's segment, first global block row of its segment, packed row of its key 0.
     row_krow, row_t0, row_nk: ``[total_rows]`` packed first key row, key offset, keys.
     """
 
     q_pos: torch.Tensor
     q_nblocks: torch.Tensor
     q_rowbase: torch.Tensor
+    q_kbase: torch.Tensor
     row_krow: torch.Tensor
     row_t0: torch.Tensor
     row_nk: torch.Tensor
@@ -52,6 +53,7 @@ def block_rows(seg: Segments, block_size: int, device) -> BlockRows:
     q_len = torch.tensor(seg.q_len, dtype=torch.int64)
     q_nb = torch.repeat_interleave(torch.tensor(nb, dtype=torch.int64), q_len)
     q_rb = torch.repeat_interleave(torch.tensor(rowbase[:-1], dtype=torch.int64), q_len)
+    q_kb = torch.repeat_interleave(torch.tensor(seg.k_base, dtype=torch.int64), q_len)
     nb_t = torch.tensor(nb, dtype=torch.int64)
     row_seg = torch.repeat_interleave(torch.arange(seg.num_segments), nb_t)
     row_level = torch.arange(rowbase[-1]) - torch.tensor(rowbase[:-1],
@@ -61,7 +63,7 @@ def block_rows(seg: Segments, block_size: int, device) -> BlockRows:
     nk = torch.clamp(torch.tensor(seg.k_len, dtype=torch.int64)[row_seg] - t0, max=block_size)
     to = dict(device=device)
     return BlockRows(seg.positions(device).to(torch.int32), q_nb.to(**to), q_rb.to(**to),
-                     krow.to(**to), t0.to(dtype=torch.int32, **to),
+                     q_kb.to(**to), krow.to(**to), t0.to(dtype=torch.int32, **to),
                      nk.to(dtype=torch.int32, **to), rowbase[-1])
 
 

@@ -28,6 +28,9 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PARTIAL_BUDGET_BYTES = 6 << 30
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+# Few queries: the query-major kernel (no planning, no partials) is faster below this
+# many queries; measured crossover in docs/benchmarks.md.
+QUERY_MAJOR_MAX_QUERIES = 256
 PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
 
 
@@ -183,7 +186,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
                     seg: Segments, *, block_size: int, scale: float, q_per_item: int = 256,
                     query_chunk: int = None, out: torch.Tensor = None,
-                    lse: torch.Tensor = None, **launch):
+                    lse: torch.Tensor = None, query_major: bool = None, **launch):
     """Launch planning, the KV-outer kernel and the combine.
 
     Args:
@@ -192,6 +195,8 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
         q_per_item: most queries one program handles (longer k->q rows are split).
         query_chunk: queries per partial buffer (default: ``PARTIAL_BUDGET_BYTES``).
         out, lse: optional preallocated outputs.
+        query_major: force (True) or forbid (False) the query-major kernel; default: used
+            when ``total_q <= QUERY_MAJOR_MAX_QUERIES``.
         launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
@@ -210,6 +215,11 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
         return out, lse
     topk = topk.to(torch.int32).contiguous()
     rows = block_rows(seg, block_size, q.device)
+    if query_major if query_major is not None else total_q <= QUERY_MAJOR_MAX_QUERIES:
+        from .query_major import sparse_attn_fwd_query_major
+        sparse_attn_fwd_query_major(q, k, v, topk, rows, out, lse, block_size=block_size,
+                                    scale=scale)
+        return out, lse
     per_query = hkv * ksel * g * (d * pdtype.itemsize + 4)
     chunk = query_chunk or max(1, min(total_q, PARTIAL_BUDGET_BYTES // per_query))
     po = torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device)
