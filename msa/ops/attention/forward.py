@@ -30,7 +30,7 @@ PARTIAL_BUDGET_BYTES = 6 << 30
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # Few queries: the query-major kernel (no planning, no partials) is faster below this
 # many queries; measured crossover in docs/benchmarks.md.
-QUERY_MAJOR_MAX_QUERIES = 256
+QUERY_MAJOR_MAX_QUERIES = 1024
 PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
 
 
