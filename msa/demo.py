@@ -45,10 +45,10 @@ def make_haystack(T: int, cfg: MSAConfig, depth: float, probe: int, device, dtyp
 
     Returns the tensors and the needle position.
     """
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
 
     hq, hkv, d, hi, di = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.index_heads,
                           cfg.index_dim)
