@@ -138,6 +138,8 @@ def main(lengths, device: str = "cpu", depth: float = 0.37, dtype: str = "auto",
     print(header)
     results = []
     for T in lengths:
+        if dev.type == "cuda":                  # compile the kernels outside the timing
+            run_needle(T, cfg, depth, device=dev, dtype=dt, progress=False)
         r = run_needle(T, cfg, depth, device=dev, dtype=dt, progress=progress)
         results.append(r)
         print(f"{T:>8} {str(r.needle_selected):>8} {str(r.retrieved):>9} {r.cosine:6.3f} "
