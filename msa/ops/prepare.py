@@ -103,13 +103,15 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     nkeys = -(-nq // chunk) * hkv * nrow
     key = (cid * hkv + heads) * nrow + rows.q_rowbase[q0:q1].view(1, -1, 1) + t
     key = torch.where(valid, key, torch.full_like(key, nkeys)).expand(hkv, nq, kk)
+    if nkeys < 2 ** 31 - 1:
+        key = key.to(torch.int32)                           # 4-byte radix sort
     skey, perm = torch.sort(key.reshape(-1), stable=True)   # q ascending within a row
     n_edges = int((skey < nkeys).sum())                       # host sync 1
     skey, perm = skey[:n_edges], perm[:n_edges]
     q_of_edge = (perm // kk) % nq
     edge_q = (q_of_edge % chunk).to(torch.int32)
     edge_slot = (perm % kk).to(torch.int32)
-    counts = torch.bincount(skey, minlength=nkeys)
+    counts = torch.bincount(skey.long(), minlength=nkeys)
     starts = torch.cumsum(counts, 0) - counts
     nsplit = (counts + q_per_item - 1) // q_per_item
     per_chunk = nsplit.view(-1, hkv * nrow).sum(1)
