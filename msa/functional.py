@@ -210,9 +210,10 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
         gradient) and, with ``return_lse``, lse ``[total_q, Hq]`` / ``[B, Tq, Hq]`` fp32
         natural log. Rows with no allowed key: out 0, lse ``-inf``.
 
-    ``backend``: ``"reference"`` (pure PyTorch), ``"triton"`` (KV-outer kernel forward;
-    the backward is the reference for now) or ``"auto"`` (Triton on CUDA tensors when
-    Triton is installed, else the reference).
+    ``backend``: ``"reference"`` (pure PyTorch), ``"triton"`` (Triton forward and
+    backward) or ``"auto"`` (Triton forward on CUDA tensors when Triton is installed,
+    else the reference; the backward stays the reference until the Triton backward has
+    been benchmarked on a GPU).
     """
     lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   fragment_indices)
@@ -226,7 +227,8 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     C.check_topk_tensor(topk_p, lay.total_q, (1, k.shape[-2]), q.device)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out, lse = attention_fwd_op(lay.pack(q), lay.pack(k), lay.pack(v), topk_p, *lay.meta,
-                                block_size, float(scale), use_triton)
+                                block_size, float(scale), use_triton,
+                                use_triton and backend == "triton")
     out = lay.unpack(out)
     return (out, lay.unpack(lse)) if return_lse else out
 
