@@ -207,7 +207,6 @@ def run_length(T, device, dense_max, fla_fn, fla_max, profile_max):
             r["fla_ms"] = bench(call, rep)
             r["speedup_vs_fla"] = r["fla_ms"] / ms
         res[pattern] = r
-        del topk
     if T <= dense_max:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         qd = q.transpose(0, 1).unsqueeze(0)

@@ -16,7 +16,7 @@ import triton
 import msa.ops.attention.forward as fwd
 from msa.varlen import Segments
 
-from bench_prefill import BS, D, HKV, HQ, K, selection, sparse_elements
+from bench_prefill import BS, D, HKV, HQ, selection, sparse_elements
 
 
 def main():

@@ -1,7 +1,6 @@
 """Brute-force fp64 oracles for tests: loop over queries, build full masks (small T only)."""
 from __future__ import annotations
 
-import math
 
 import torch
 

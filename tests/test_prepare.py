@@ -1,6 +1,5 @@
 """k->q planning: every valid (head, block, query, slot) edge exactly once, in order."""
 import pytest
-import torch
 
 from brute import make_case
 from conftest import random_topk

@@ -14,7 +14,6 @@ the slots.
 """
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 import triton
