@@ -1,0 +1,4 @@
+from .layer import KVCache, MSAttention, RMSNorm
+from .rope import apply_rope, rope_cos_sin
+
+__all__ = ["MSAttention", "KVCache", "RMSNorm", "apply_rope", "rope_cos_sin"]

@@ -1,0 +1,68 @@
+"""MSAttention layer: training signal to both branches, dense equivalence, cached decoding."""
+import pytest
+import torch
+
+import msa
+from msa.nn import KVCache, MSAttention
+
+CFG = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=3,
+                    kl_loss_coeff=0.5)
+
+
+def _layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MSAttention(96, CFG, **kw).double()
+
+
+def test_training_gives_gradients_to_main_and_index_projections():
+    layer = _layer(rotary_dim=32, qk_norm=True).train()
+    x = torch.randn(2, 300, 96, dtype=torch.float64)
+    y, aux = layer(x, return_aux=True)
+    assert y.shape == x.shape and aux.kl_loss is not None and aux.kl_loss > 0
+    y.pow(2).mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_index_gradient_is_the_kl_gradient_whatever_the_output_gradient():
+    layer = _layer().train()
+    x = torch.randn(1, 200, 96, dtype=torch.float64)
+    grads = []
+    for scale in (1.0, 2.0):
+        y = layer(x)
+        w = [layer.index_q_proj.weight, layer.index_k_proj.weight, layer.q_proj.weight]
+        grads.append(torch.autograd.grad((scale * y).sum(), w))
+    # the index branch only receives the KL gradient (selection is not differentiable) ...
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-14)
+    # ... while the main branch follows the output gradient
+    torch.testing.assert_close(2 * grads[0][2], grads[1][2], rtol=1e-10, atol=1e-12)
+
+
+def test_sparse_equals_dense_when_everything_is_selected():
+    cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=8)
+    torch.manual_seed(0)
+    layer = MSAttention(96, cfg).double().eval()
+    x = torch.randn(2, 500, 96, dtype=torch.float64)       # 8 blocks: top-8 selects all
+    torch.testing.assert_close(layer(x, mode="sparse"), layer(x, mode="dense"),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [[200, 1, 1, 3, 1], [64, 64, 1]])
+def test_cached_decoding_matches_full_forward(steps):
+    layer = _layer(rotary_dim=32).eval()
+    x = torch.randn(2, sum(steps), 96, dtype=torch.float64)
+    full = layer(x)
+    cache, outs, t = KVCache(), [], 0
+    for n in steps:
+        outs.append(layer(x[:, t:t + n], cache=cache))
+        t += n
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+    assert cache.length(0) == sum(steps)
+
+
+def test_layer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="rotary_dim"):
+        MSAttention(96, CFG, rotary_dim=65)
+    with pytest.raises(ValueError, match="hidden_states"):
+        _layer()(torch.randn(10, 96, dtype=torch.float64))
