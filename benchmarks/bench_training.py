@@ -5,8 +5,8 @@
 MSA shape (Hq=64, Hkv=4, D=128, block 128, top-16), bf16, random selection with the
 local block. Checks the Triton backward against the reference at T=4000 first (cosine
 > 0.99 per gradient, spec 6), then times ours (Triton forward + backward), fla
-``parallel_nsa`` forward + backward on the same indices, and dense causal SDPA (cuDNN)
-forward + backward. Useful FLOPs: forward ``4 D Hq sparse_elements``, backward 2.5x.
+``parallel_nsa`` forward + backward on the same indices, dense causal SDPA (cuDNN)
+forward + backward, and the Triton indexer-KL backward on the same selection. Useful FLOPs: forward ``4 D Hq sparse_elements``, backward 2.5x.
 """
 from __future__ import annotations
 
@@ -17,12 +17,23 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+from bench_prefill import (
+    BS,
+    HKV,
+    HQ,
+    D,
+    fla_call,
+    planted_topics,
+    selection,
+    sparse_elements,
+)
 
 import msa
+from msa.ops.attention.forward import sparse_attn_fwd
 from msa.ops.attention.naive import attention_backward_reference
+from msa.ops.indexer.triton import selected_lse
+from msa.ops.kl.triton import indexer_kl_bwd
 from msa.varlen import Segments
-
-from bench_prefill import BS, D, HKV, HQ, fla_call, selection, sparse_elements
 
 
 def _inputs(T, device, seed):
@@ -67,6 +78,15 @@ def run(T, device, fla_fn, dense_max):
     ours()
     r = dict(T=T, ours_ms=ms, ours_tflops=flops / ms / 1e9,
              ours_peak_mb=torch.cuda.max_memory_allocated() / 2 ** 20)
+    # indexer KL backward on the same selection (Hi = Hkv = 4 index heads, Di = 128)
+    seg = Segments([0], [T], [0], [T], T, T)
+    qi, ki = planted_topics(T, device, seed=T)
+    _, lse = sparse_attn_fwd(q.detach(), k.detach(), v.detach(), topk, seg, block_size=BS,
+                             scale=D ** -0.5)
+    ilse = selected_lse(qi, ki, topk, seg, block_size=BS, scale=D ** -0.5)
+    kl = lambda: indexer_kl_bwd(q.detach(), k.detach(), lse, qi, ki, ilse, topk, seg,
+                                block_size=BS, scale=D ** -0.5, index_scale=D ** -0.5)
+    r["kl_bwd_ms"] = triton.testing.do_bench(kl, warmup=25, rep=rep, return_mode="median")
     if fla_fn is not None:
         call = fla_call(fla_fn, q, k, v, topk)
         fla = lambda: torch.autograd.grad(call(), [q, k, v], dout.unsqueeze(0))

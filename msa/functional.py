@@ -25,7 +25,7 @@ from . import _checks as C
 from .config import MSAConfig
 from .ops.custom_ops import attention_fwd_op, indexer_op, segments
 from .ops.dense import dense_attention
-from .ops.kl import IndexerKLFn
+from .ops.kl import LossWithGrads, indexer_kl_loss
 from .varlen import Segments
 
 
@@ -270,8 +270,9 @@ def msa_indexer_kl(q, k, qi, ki, topk_indices=None, cu_seqlens_q=None, cu_seqlen
         C.check_topk_indices(topk_p, lay.seg, (qi.shape[-2],), block_size, q.device)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     iscale = index_softmax_scale if index_softmax_scale is not None else qi.shape[-1] ** -0.5
-    return IndexerKLFn.apply(lay.pack(qi), lay.pack(ki), lay.pack(q), lay.pack(k), topk_p,
-                             lay.seg, block_size, scale, iscale, float(loss_coeff))
+    return indexer_kl_loss(lay.pack(q), lay.pack(k), lay.pack(qi), lay.pack(ki), lay.seg,
+                           topk_p, block_size=block_size, scale=scale, index_scale=iscale,
+                           loss_coeff=float(loss_coeff))
 
 
 @dataclass
@@ -309,7 +310,8 @@ class _InjectLossGrad(torch.autograd.Function):
 def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                   max_seqlen_k=None, *, fragment_indices=None,
                   config: Optional[MSAConfig] = None, mode: str = "sparse",
-                  train_indexer: bool = True, return_aux: bool = False):
+                  train_indexer: bool = True, return_aux: bool = False,
+                  backend: str = "auto"):
     """MSA in one call: indexer selection, attention, and indexer training.
 
     ``mode="sparse"``: the indexer (on detached ``qi``/``ki``) selects ``config.topk``
@@ -320,6 +322,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     to qi, ki (q, k are detached inside the KL).
 
     Shapes as ``msa_sparse_attention`` (q, k, v) and ``msa_indexer`` (qi, ki).
+    ``backend`` as in ``msa_sparse_attention``; ``"triton"`` also computes the sparse KL
+    with the Triton kernel from the forward LSEs (one shared index-key head).
     Returns ``out`` or ``(out, MSAAux)`` with ``return_aux``.
     """
     if mode not in ("sparse", "dense"):
@@ -338,21 +342,34 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                   fragment_indices=fragment_indices)
-    topk = lse = None
+    wants_kl = train_indexer and cfg.kl_loss_coeff != 0 and torch.is_grad_enabled() and \
+        (qi.requires_grad or ki.requires_grad)
+    triton_kl = wants_kl and mode == "sparse" and backend == "triton" and ki.shape[-2] == 1
+    topk = lse = ilse = None
     if mode == "sparse":
-        topk = msa_indexer(qi.detach(), ki.detach(), **varlen, block_size=cfg.block_size,
-                           topk=cfg.topk, softmax_scale=iscale)
+        sel = msa_indexer(qi.detach(), ki.detach(), **varlen, block_size=cfg.block_size,
+                          topk=cfg.topk, softmax_scale=iscale, return_lse=triton_kl,
+                          backend=backend)
+        topk, ilse = sel if triton_kl else (sel, None)
         out, lse = msa_sparse_attention(q, k, v, topk, **varlen, block_size=cfg.block_size,
-                                        softmax_scale=scale, return_lse=True)
+                                        softmax_scale=scale, return_lse=True, backend=backend)
     else:
         out = lay.unpack(dense_attention(lay.pack(q), lay.pack(k), lay.pack(v), lay.seg,
                                          scale=scale))
     kl = None
-    wants_grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
-    if train_indexer and wants_grad and cfg.kl_loss_coeff != 0:
+    if triton_kl:
+        from .ops.kl.triton import indexer_kl_bwd
+        loss, dqi, dki = indexer_kl_bwd(
+            lay.pack(q).detach(), lay.pack(k).detach(), lay.pack(lse), lay.pack(qi).detach(),
+            lay.pack(ki).detach(), lay.pack_heads(ilse), lay.pack_heads(topk), lay.seg,
+            block_size=cfg.block_size, scale=scale, index_scale=iscale,
+            loss_coeff=cfg.kl_loss_coeff)
+        kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
+    elif wants_kl:
         kl = msa_indexer_kl(q.detach(), k.detach(), qi, ki, topk, **varlen,
                             block_size=cfg.block_size, softmax_scale=scale,
                             index_softmax_scale=iscale, loss_coeff=cfg.kl_loss_coeff)
+    if kl is not None:
         out = _InjectLossGrad.apply(out, kl)
     if not return_aux:
         return out

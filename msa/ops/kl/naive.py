@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from ...varlen import Segments
+from .autograd import LossWithGrads
 from ..common import (CHUNK_BUDGET, apply_keys, chunk_size, compute_dtype, dense_keys, gather_keys,
                       group_logits, logsumexp, masked, query_chunks, scatter_keys,
                       sparse_keys)
@@ -102,24 +103,12 @@ def indexer_kl_reference(q, k, qi, ki, seg: Segments, topk: Optional[torch.Tenso
     return g * loss, dqi.to(qi.dtype), dki.to(ki.dtype)
 
 
-class IndexerKLFn(torch.autograd.Function):
-    """Loss = KL(teacher || student); gradients reach ``qi`` and ``ki`` only.
-
-    Gradients are computed with the loss in forward (one pass over the keys per chunk)
-    and scaled by the incoming gradient in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, qi, ki, q, k, topk, seg, block_size, scale, index_scale, loss_coeff):
-        loss, dqi, dki = indexer_kl_reference(
-            q.detach(), k.detach(), qi.detach(), ki.detach(), seg, topk,
-            block_size=block_size, scale=scale, index_scale=index_scale,
-            loss_coeff=loss_coeff)
-        ctx.save_for_backward(dqi, dki)
-        return loss.to(torch.float32) if loss.dtype != torch.float64 else loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        dqi, dki = ctx.saved_tensors
-        return (grad.to(dqi.dtype) * dqi, grad.to(dki.dtype) * dki,
-                None, None, None, None, None, None, None, None)
+def indexer_kl_loss(q, k, qi, ki, seg: Segments, topk, *, block_size: int, scale: float,
+                    index_scale: float, loss_coeff: float = 1.0) -> torch.Tensor:
+    """Differentiable (w.r.t. ``qi``, ``ki`` only) KL loss of the reference; fp32 scalar
+    (fp64 for fp64 inputs)."""
+    loss, dqi, dki = indexer_kl_reference(
+        q.detach(), k.detach(), qi.detach(), ki.detach(), seg, topk, block_size=block_size,
+        scale=scale, index_scale=index_scale, loss_coeff=loss_coeff)
+    loss = loss if loss.dtype == torch.float64 else loss.float()
+    return LossWithGrads.apply(loss, qi, ki, dqi, dki)
