@@ -6,7 +6,8 @@ MSA shape (Hq=64, Hkv=4, D=128, block 128, top-16), bf16, random selection with 
 local block. Checks the Triton backward against the reference at T=4000 first (cosine
 > 0.99 per gradient, spec 6), then times ours (Triton forward + backward), fla
 ``parallel_nsa`` forward + backward on the same indices, dense causal SDPA (cuDNN)
-forward + backward, and the Triton indexer-KL backward on the same selection. Useful FLOPs: forward ``4 D Hq sparse_elements``, backward 2.5x.
+forward + backward, and the Triton indexer-KL backward on the same selection.
+Useful FLOPs: forward ``4 D Hq sparse_elements``, backward 2.5x.
 """
 from __future__ import annotations
 
@@ -17,16 +18,6 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from bench_prefill import (
-    BS,
-    HKV,
-    HQ,
-    D,
-    fla_call,
-    planted_topics,
-    selection,
-    sparse_elements,
-)
 
 import msa
 from msa.ops.attention.forward import sparse_attn_fwd
@@ -34,6 +25,9 @@ from msa.ops.attention.naive import attention_backward_reference
 from msa.ops.indexer.triton import selected_lse
 from msa.ops.kl.triton import indexer_kl_bwd
 from msa.varlen import Segments
+
+from bench_prefill import (BS, D, HKV, HQ, fla_call, planted_topics, selection,
+                           sparse_elements)
 
 
 def _inputs(T, device, seed):
