@@ -1,0 +1,61 @@
+"""transformers integration on a tiny random Llama (no downloads)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from msa.integrations.transformers import enable_msa  # noqa: E402
+
+
+def _models():
+    def cfg():                                   # one config object per model
+        return transformers.LlamaConfig(vocab_size=200, hidden_size=256,
+                                        intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=64, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(cfg()).eval()
+    dense.set_attn_implementation("sdpa")
+    torch.manual_seed(0)
+    sparse = enable_msa(transformers.LlamaForCausalLM(cfg()).eval(), block_size=64, topk=4)
+    assert dense.config._attn_implementation == "sdpa"
+    return dense, sparse
+
+
+def test_short_prompt_matches_dense_and_generate_agrees():
+    dense, sparse = _models()
+    ids = torch.randint(0, 200, (2, 200))        # 4 blocks of 64: top-4 selects everything
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=1e-4,
+                                   atol=1e-4)
+        g_dense = dense.generate(ids, max_new_tokens=12, do_sample=False)
+        g_sparse = sparse.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(g_dense, g_sparse)
+
+
+def test_long_prompt_runs_sparse_and_generates():
+    dense, sparse = _models()
+    ids = torch.randint(0, 200, (1, 1500))      # 24 blocks, top-4: genuinely sparse
+    with torch.no_grad():
+        logits_s = sparse(ids).logits
+        logits_d = dense(ids).logits
+        out = sparse.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.isfinite(logits_s).all() and out.shape == (1, 1504)
+    assert (logits_s - logits_d).abs().max() > 1e-3          # sparsity changes late tokens
+    torch.testing.assert_close(logits_s[:, :256], logits_d[:, :256], rtol=1e-4, atol=1e-4)
+
+
+def test_enable_msa_validates_arguments():
+    _, sparse = _models()
+    with pytest.raises(ValueError, match="block_size"):
+        enable_msa(sparse, block_size=100)
+
+
+def test_padding_mask_is_rejected_clearly():
+    _, sparse = _models()
+    ids = torch.randint(0, 200, (2, 50))
+    mask = torch.ones(2, 50, dtype=torch.long)
+    mask[0, :10] = 0
+    with pytest.raises(NotImplementedError, match="padding"):
+        with torch.no_grad():
+            sparse(ids, attention_mask=mask)
