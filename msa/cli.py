@@ -1,4 +1,4 @@
-"""Command line: ``python -m msa demo [--length 4096,16384] [--device cpu|cuda]``."""
+"""Command line: ``python -m msa demo|niah ...`` (``--help`` for the options)."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,32 @@ def main(argv=None) -> int:
     demo.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     demo.add_argument("--json", default=None, help="write results to this JSON file")
     demo.add_argument("--no-progress", action="store_true")
+    niah = sub.add_parser("niah", help="needle-in-a-haystack grid (length x depth)")
+    niah.add_argument("--length", type=_lengths, default=None,
+                      help="comma-separated lengths (default 4k,16k,64k on CPU; "
+                           "16k,128k,1m on CUDA)")
+    niah.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                      help="comma-separated needle depths in [0, 1]")
+    niah.add_argument("--device", default=None)
+    niah.add_argument("--preset", default="auto", choices=["auto", "m3", "small"],
+                      help="m3: Hq=64 Hkv=4 D=128; small: Hq=8 Hkv=2 D=64 (CPU default)")
+    niah.add_argument("--json", default=None)
+    niah.add_argument("--png", default=None, help="heatmap of the needle-selection rate")
+    niah.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.cmd == "niah":
+        import torch
+
+        from .eval.niah import main as niah_main
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        lengths = args.length or ([4096, 16384, 65536] if device == "cpu"
+                                  else [16384, 131072, 1 << 20])
+        depths = [float(x) for x in args.depths.split(",")]
+        if not all(0 <= d <= 1 for d in depths):
+            parser.error("--depths must lie in [0, 1]")
+        cells = niah_main(lengths, depths, device, args.json, args.png, not args.no_progress,
+                          args.preset)
+        return 0 if all(c.selected == 1.0 for c in cells) else 1
     if args.cmd == "demo":
         import torch
 

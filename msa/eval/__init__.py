@@ -1,0 +1,1 @@
+"""Evaluation harnesses (needle in a haystack, attention recall)."""

@@ -1,0 +1,167 @@
+"""Kernel-level needle-in-a-haystack grid: length x depth.
+
+For each (length ``T``, depth ``d``) a random haystack of keys/values (main and index
+branch) hides one needle token at position ``d * (T - probe - block)``; the last
+``probe`` queries ask for it (their q / index q are aligned with the needle's k / index k).
+Only the probe queries are computed (as a chunked prefill over the whole context), so
+the grid reaches 1M tokens on a CPU. Per cell:
+
+* ``selected``: share of (probe query, index head) rows whose top-k holds the needle block;
+* ``recall``: mean share of the dense attention probability mass (per probe query and
+  query head) that falls inside the selected blocks;
+* ``max_err``: max abs difference of MSA and dense attention outputs on the probe rows;
+* ``cosine``: min cosine of the probe outputs with the needle value (retrieval).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._meter import Progress
+from ..config import MSAConfig
+from ..functional import msa_indexer, msa_sparse_attention
+from ..ops.dense import dense_attention
+from ..varlen import Segments
+
+
+@dataclass
+class Cell:
+    length: int
+    depth: float
+    selected: float
+    recall: float
+    max_err: float
+    cosine: float
+    seconds: float
+
+
+def _haystack(T, cfg: MSAConfig, depth, probe, device, dtype, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    k, v = rnd(T, cfg.num_kv_heads, cfg.head_dim), rnd(T, cfg.num_kv_heads, cfg.head_dim)
+    ki = rnd(T, 1, cfg.index_dim)
+    q, qi = rnd(probe, cfg.num_heads, cfg.head_dim), rnd(probe, cfg.index_heads, cfg.index_dim)
+    span = max(1, T - probe - cfg.block_size)
+    needle = min(int(depth * span), span - 1) if T > probe + cfg.block_size else 0
+    u = F.normalize(rnd(cfg.index_dim).float(), dim=0) * cfg.index_dim ** 0.5
+    w = F.normalize(rnd(cfg.head_dim).float(), dim=0) * cfg.head_dim ** 0.5
+    ki[needle, 0] = u.to(dtype)
+    qi[:] = u.to(dtype)
+    k[needle] = (2 * w).to(dtype)
+    q[:] = (2 * w).to(dtype)
+    return q, k, v, qi, ki, needle
+
+
+def _dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
+    """Mean share of dense causal attention mass inside the selected blocks."""
+    hq, hkv, bs = cfg.num_heads, cfg.num_kv_heads, cfg.block_size
+    g = hq // hkv
+    T, probe = seg.k_len[0], seg.q_len[0]
+    pos = torch.arange(T - probe, T, device=q.device)
+    lse = torch.full((probe, hq), float("-inf"), device=q.device)
+    chunk = 1 << 16
+    for pass_ in range(2):                                 # 1: LSE, 2: selected mass
+        mass = torch.zeros(probe, hq, device=q.device)
+        for t0 in range(0, T, chunk):
+            kk = k[t0:t0 + chunk].float().repeat_interleave(g, 1)        # [n, Hq, D]
+            x = torch.einsum("phd,nhd->phn", q.float(), kk) * cfg.scale
+            t = torch.arange(t0, t0 + kk.shape[0], device=q.device)
+            x = x.masked_fill(t.view(1, 1, -1) > pos.view(-1, 1, 1), float("-inf"))
+            if pass_ == 0:
+                lse = torch.logaddexp(lse, torch.logsumexp(x, -1))
+                continue
+            blk = (t // bs).view(1, 1, -1)
+            sel = topk.transpose(0, 1).repeat_interleave(hq // topk.shape[0], 1)  # [p,Hq,K]
+            inside = (sel.unsqueeze(-1) == blk.unsqueeze(2)).any(2)
+            mass += torch.where(inside, torch.exp(x - lse.unsqueeze(-1)), 0.0).sum(-1)
+    return mass.mean().item()
+
+
+def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="cpu",
+             dtype=torch.float32, seed: int = 0) -> Cell:
+    t_start = time.perf_counter()
+    q, k, v, qi, ki, needle = _haystack(T, cfg, depth, probe, device, dtype, seed)
+    i32 = dict(dtype=torch.int32, device=device)
+    cu_q, cu_k = torch.tensor([0, probe], **i32), torch.tensor([0, T], **i32)
+    with torch.no_grad():
+        topk = msa_indexer(qi, ki, cu_q, cu_k, block_size=cfg.block_size, topk=cfg.topk,
+                           softmax_scale=cfg.index_scale)
+        out = msa_sparse_attention(q, k, v, topk, cu_q, cu_k, block_size=cfg.block_size,
+                                   softmax_scale=cfg.scale).float()
+        seg = Segments([0], [probe], [0], [T], probe, T)
+        dense = dense_attention(q, k, v, seg, scale=cfg.scale).float()
+        recall = _dense_mass(q, k, topk.long(), seg, cfg)
+    selected = (topk == needle // cfg.block_size).any(-1).float().mean().item()
+    vn = v[needle].float().repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 0)
+    cos = F.cosine_similarity(out, vn.unsqueeze(0), dim=-1).min().item()
+    return Cell(T, depth, selected, recall, (out - dense).abs().max().item(), cos,
+                time.perf_counter() - t_start)
+
+
+def run_grid(lengths: Sequence[int], depths: Sequence[float], cfg: MSAConfig, *,
+             device="cpu", dtype=torch.float32, progress=True) -> List[Cell]:
+    cells = []
+    with Progress(len(lengths) * len(depths), "niah", progress) as bar:
+        for T in lengths:
+            for d in depths:
+                cells.append(run_cell(T, d, cfg, device=device, dtype=dtype,
+                                      seed=int(T + 1000 * d)))
+                bar.update()
+    return cells
+
+
+def heatmap(cells: List[Cell], path: str, field: str = "selected") -> None:
+    """PNG heatmap of ``field`` over (depth, length); needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lengths = sorted({c.length for c in cells})
+    depths = sorted({c.depth for c in cells})
+    grid = [[next(getattr(c, field) for c in cells if c.length == L and c.depth == d)
+             for L in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{L // 1024}K" for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    ax.set_xlabel("context length")
+    ax.set_ylabel("needle depth")
+    for i, row in enumerate(grid):
+        for j, val in enumerate(row):
+            ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"MSA kernel-level NIAH: {field}")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(lengths, depths, device="cpu", json_path=None, png_path=None, progress=True,
+         preset="auto") -> List[Cell]:
+    dev = torch.device(device)
+    use_m3 = preset == "m3" or (preset == "auto" and dev.type == "cuda")
+    cfg = MSAConfig() if use_m3 else MSAConfig(num_heads=8, num_kv_heads=2, head_dim=64,
+                                               block_size=128, topk=16)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cells = run_grid(lengths, depths, cfg, device=dev, dtype=dtype, progress=progress)
+    print(f"{'T':>9} {'depth':>6} {'selected':>8} {'recall':>7} {'max err':>9} {'cos':>6} "
+          f"{'s':>6}")
+    for c in cells:
+        print(f"{c.length:>9} {c.depth:6.2f} {c.selected:8.2f} {c.recall:7.3f} "
+              f"{c.max_err:9.2e} {c.cosine:6.3f} {c.seconds:6.1f}")
+    if json_path:
+        meta = dict(device=str(dev), preset="m3" if use_m3 else "cpu-small",
+                    config=asdict(cfg), dtype=str(dtype), torch=torch.__version__,
+                    date=time.strftime("%Y-%m-%d"))
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, cells=[asdict(c) for c in cells]), f, indent=1)
+    if png_path:
+        heatmap(cells, png_path)
+    return cells
+
