@@ -67,7 +67,7 @@ def _dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
     T, probe = seg.k_len[0], seg.q_len[0]
     pos = torch.arange(T - probe, T, device=q.device)
     lse = torch.full((probe, hq), float("-inf"), device=q.device)
-    chunk = 1 << 16
+    chunk = max(1024, (1 << 24) // (hq * q.shape[-1]))   # keys per step, bounded memory
     for pass_ in range(2):                                 # 1: LSE, 2: selected mass
         mass = torch.zeros(probe, hq, device=q.device)
         for t0 in range(0, T, chunk):
