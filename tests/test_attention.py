@@ -24,9 +24,17 @@ def _run(c, topk, block, dtype=None, return_lse=True):
                                     return_lse=return_lse)
 
 
+@pytest.fixture(params=[0, 4], ids=["gather", "dense-span"])
+def forward_form(request, monkeypatch):
+    """Run the reference forward with per-query gathers or the masked dense span."""
+    import msa.ops.attention.naive as naive
+    monkeypatch.setattr(naive, "DENSE_SPAN_FACTOR", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["Hs=Hkv", "Hs=1"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_forward_backward_match_fp64_brute_force(name, shared):
+def test_forward_backward_match_fp64_brute_force(name, shared, forward_form):
     q_lens, k_lens, frag, hq, hkv, block, kk = SHAPES[name]
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, fragment_indices=frag,
                   dtype=torch.float64, seed=len(name))

@@ -23,8 +23,17 @@ def layouts(draw):
 
 
 @settings(max_examples=30, deadline=None)
-@given(layouts(), st.booleans())
-def test_attention_matches_brute_force(layout, shared):
+@given(layouts(), st.booleans(), st.sampled_from([0, 1, 4]))
+def test_attention_matches_brute_force(layout, shared, span):
+    import msa.ops.attention.naive as naive
+    old, naive.DENSE_SPAN_FACTOR = naive.DENSE_SPAN_FACTOR, span
+    try:
+        _check_attention(layout, shared)
+    finally:
+        naive.DENSE_SPAN_FACTOR = old
+
+
+def _check_attention(layout, shared):
     q_lens, k_lens, hq, hkv, kk, seed = layout
     if sum(k_lens) == 0:
         return

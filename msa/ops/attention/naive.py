@@ -18,16 +18,40 @@ from typing import Tuple
 import torch
 
 from ...varlen import Segments
-from ..common import (chunk_size, compute_dtype, gather_keys, group_logits, masked,
-                      query_chunks, safe_max, scatter_keys, sparse_keys)
+from ..common import (apply_keys, chunk_size, compute_dtype, dense_keys, gather_keys,
+                      group_logits, masked, query_chunks, safe_max, scatter_keys,
+                      sparse_keys)
 
 
 def _chunk(topk: torch.Tensor, seg: Segments, hkv: int, d: int, block_size: int) -> int:
     return chunk_size(2 * hkv * topk.shape[-1] * block_size * d)
 
 
-def _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype):
-    rows, allowed = sparse_keys(topk[:, s0:s1], seg.k_base[b], pos[s0:s1], block_size)
+# Forward: when a chunk's causal span is at most this many times the selected keys per
+# query, attend densely over the span with the selection as a mask (big shared GEMMs)
+# instead of gathering every query's keys. Both are exact; 0 disables the dense form.
+DENSE_SPAN_FACTOR = 4
+
+
+def _selected_span(topk, k_base, pos, block_size):
+    """Key set ``[0, max pos]`` shared by the chunk; allowed = selected block AND causal."""
+    n = int(pos.max()) + 1
+    rows, causal = dense_keys(k_base, pos, 0, n)                        # [1,1,n], [C,1,n]
+    ids = topk.permute(1, 0, 2).long()                                 # [C, Hs, K]
+    nbl = -(-n // block_size)
+    ids = torch.where((ids >= 0) & (ids < nbl), ids, torch.full_like(ids, nbl))
+    sel = torch.zeros(*ids.shape[:2], nbl + 1, dtype=torch.bool, device=ids.device)
+    sel.scatter_(2, ids, True)
+    blk = torch.arange(n, device=ids.device) // block_size
+    return rows, sel[..., blk] & causal
+
+
+def _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype, dense_ok=False):
+    p = pos[s0:s1]
+    if dense_ok and int(p.max()) + 1 <= DENSE_SPAN_FACTOR * topk.shape[-1] * block_size:
+        rows, allowed = _selected_span(topk[:, s0:s1], seg.k_base[b], p, block_size)
+    else:
+        rows, allowed = sparse_keys(topk[:, s0:s1], seg.k_base[b], p, block_size)
     hkv = k.shape[1]
     return rows, allowed, gather_keys(k, rows, hkv, dtype), gather_keys(v, rows, hkv, dtype)
 
@@ -51,12 +75,13 @@ def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     lse = torch.full((total_q, hq), float("nan"), dtype=dtype, device=q.device)
     pos = seg.positions(q.device)
     for b, s0, s1 in query_chunks(seg, _chunk(topk, seg, hkv, d, block_size)):
-        _, allowed, kg, vg = _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype)
+        _, allowed, kg, vg = _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype,
+                                   dense_ok=True)
         x = masked(group_logits(q[s0:s1], kg, scale), allowed)          # [C,Hkv,G,S]
         m = safe_max(x)
         p = torch.exp(x - m)
         den = p.sum(-1, keepdim=True)
-        o = torch.matmul(p, vg) / den.clamp_min(torch.finfo(dtype).tiny)  # [C,Hkv,G,D]
+        o = apply_keys(p, vg) / den.clamp_min(torch.finfo(dtype).tiny)  # [C,Hkv,G,D]
         c = s1 - s0
         out[s0:s1] = o.reshape(c, hq, d).to(q.dtype)
         lse[s0:s1] = (m + den.log()).reshape(c, hq)
