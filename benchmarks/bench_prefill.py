@@ -246,6 +246,22 @@ def recompile_check(device):
     return out
 
 
+def load_fla():
+    """fla's ``parallel_nsa`` or None (printed) when fla-core is not installed."""
+    try:
+        from fla.ops.nsa.parallel import parallel_nsa
+        return parallel_nsa
+    except Exception as e:
+        print("fla unavailable:", repr(e)[:200])
+        return None
+
+
+def run_meta(commit):
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, date=time.strftime("%Y-%m-%d"), commit=commit,
+                shape=dict(Hq=HQ, Hkv=HKV, D=D, Hi=HI, Di=DI, block=BS, topk=K, dtype="bf16"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="16k,64k,128k")
@@ -258,14 +274,8 @@ def main():
     lengths = [int(s[:-1]) * 1024 if s.endswith("k") else int(s)
                for s in args.lengths.split(",")]
     device = torch.device("cuda")
-    try:
-        from fla.ops.nsa.parallel import parallel_nsa as fla_fn
-    except Exception as e:
-        print("fla unavailable:", repr(e)[:200])
-        fla_fn = None
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, date=time.strftime("%Y-%m-%d"), commit=args.commit,
-                shape=dict(Hq=HQ, Hkv=HKV, D=D, Hi=HI, Di=DI, block=BS, topk=K, dtype="bf16"))
+    fla_fn = load_fla()
+    meta = run_meta(args.commit)
     check = correctness(device)
     print("correctness:", json.dumps(check), flush=True)
     recompile = recompile_check(device)

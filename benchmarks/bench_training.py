@@ -26,8 +26,8 @@ from msa.ops.indexer.triton import selected_lse
 from msa.ops.kl.triton import indexer_kl_bwd
 from msa.varlen import Segments
 
-from bench_prefill import (BS, D, HKV, HQ, fla_call, planted_topics, selection,
-                           sparse_elements)
+from bench_prefill import (BS, D, HKV, HQ, fla_call, load_fla, planted_topics, run_meta,
+                           selection, sparse_elements)
 
 
 def _inputs(T, device, seed):
@@ -112,13 +112,8 @@ def main():
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
     device = torch.device("cuda")
-    try:
-        from fla.ops.nsa.parallel import parallel_nsa as fla_fn
-    except Exception as e:
-        print("fla unavailable:", repr(e)[:200])
-        fla_fn = None
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, date=time.strftime("%Y-%m-%d"), commit=args.commit)
+    fla_fn = load_fla()
+    meta = run_meta(args.commit)
     c = check(device)
     print("check:", json.dumps(c), flush=True)
     results = []

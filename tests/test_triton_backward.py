@@ -33,14 +33,18 @@ def _case(name, dtype):
     return c, topk, (q, k, v, out, lse.float(), dout), block, d ** -0.5, qpi
 
 
+def _reference(c, topk, q, k, v, out, lse, dout, block, scale):
+    return attention_backward_reference(q.double(), k.double(), v.double(), topk, c["seg"],
+                                        out.double(), lse.double(), dout.double(),
+                                        block_size=block, scale=scale)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_backward_matches_reference_fp32(name):
     c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case(name, torch.float32)
     got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
                           scale=scale, q_per_item=qpi)
-    ref = attention_backward_reference(q.double(), k.double(), v.double(), topk, c["seg"],
-                                       out.double(), lse.double(), dout.double(),
-                                       block_size=block, scale=scale)
+    ref = _reference(c, topk, q, k, v, out, lse, dout, block, scale)
     for a, r in zip(got, ref):
         assert not torch.isnan(a).any()
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5)
@@ -68,9 +72,7 @@ def test_triton_backward_half_precision(dtype):
                                                                   dtype)
     got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
                           scale=scale, q_per_item=qpi)
-    ref = attention_backward_reference(q.double(), k.double(), v.double(), topk, c["seg"],
-                                       out.double(), lse.double(), dout.double(),
-                                       block_size=block, scale=scale)
+    ref = _reference(c, topk, q, k, v, out, lse, dout, block, scale)
     for a, r in zip(got, ref):
         assert a.dtype == dtype
         cos = torch.nn.functional.cosine_similarity(a.double().flatten(), r.flatten(), dim=0)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...varlen import Segments
 from ..prepare import block_rows, plan_chunks
-from .forward import INTERPRETER, LOG2E, _dot, _next_pow2, check_supported
+from .forward import INTERPRETER, LOG2E, _dot, _next_pow2, check_supported, load_item
 
 
 @triton.jit
@@ -31,13 +31,8 @@ def sparse_attn_bwd_kernel(
         HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
         D: tl.constexpr, BS: tl.constexpr, BLOCK_Q: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.load(ITEM_H + pid)
-    krow = tl.load(ITEM_KROW + pid).to(tl.int64)
-    t0 = tl.load(ITEM_T0 + pid)
-    nk = tl.load(ITEM_NK + pid)
-    e0 = tl.load(ITEM_E0 + pid)
-    e1 = tl.load(ITEM_E1 + pid)
+    h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                                        ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     kmask = offs_n < nk

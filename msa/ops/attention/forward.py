@@ -42,6 +42,14 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, pid):
+    """Work item ``pid`` of a plan: (head, first key row, key offset, keys, edge range)."""
+    return (tl.load(ITEM_H + pid), tl.load(ITEM_KROW + pid).to(tl.int64),
+            tl.load(ITEM_T0 + pid), tl.load(ITEM_NK + pid), tl.load(ITEM_E0 + pid),
+            tl.load(ITEM_E1 + pid))
+
+
 @triton.jit(do_not_specialize=["q0"])
 def sparse_attn_fwd_kernel(
         Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT,
@@ -51,13 +59,8 @@ def sparse_attn_fwd_kernel(
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.load(ITEM_H + pid)
-    krow = tl.load(ITEM_KROW + pid).to(tl.int64)
-    t0 = tl.load(ITEM_T0 + pid)
-    nk = tl.load(ITEM_NK + pid)
-    e0 = tl.load(ITEM_E0 + pid)
-    e1 = tl.load(ITEM_E1 + pid)
+    h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                                        ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     kmask = offs_n < nk

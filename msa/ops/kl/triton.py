@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
-from ..attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2, check_supported
+from ..attention.forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported,
+                                 load_item)
 from ..prepare import block_rows, plan_chunks
 
 
@@ -35,13 +36,8 @@ def indexer_kl_bwd_kernel(
         G: tl.constexpr, G_PAD: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
         DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.load(ITEM_H + pid)
-    krow = tl.load(ITEM_KROW + pid).to(tl.int64)
-    t0 = tl.load(ITEM_T0 + pid)
-    nk = tl.load(ITEM_NK + pid)
-    e0 = tl.load(ITEM_E0 + pid)
-    e1 = tl.load(ITEM_E1 + pid)
+    h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                                        ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     offs_di = tl.arange(0, DI)
