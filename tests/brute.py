@@ -120,8 +120,3 @@ def brute_kl(q, k, qi, ki, topk, seg: Segments, block, scale, iscale, coeff=1.0)
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def poison_check(x):
-    assert not torch.isnan(x).any(), "unwritten (NaN) output"
-    return x

@@ -25,7 +25,6 @@ from ...varlen import Segments
 from ..prepare import BlockRows, Plan, block_rows, plan_chunks
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 PARTIAL_BUDGET_BYTES = 6 << 30
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # Few queries: the query-major kernel (no planning, no partials) is faster below this
