@@ -113,8 +113,9 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
     if backend == "reference":
         return False
-    if backend == "auto":
+    if backend == "auto":                 # fp32 with D > 128 exceeds the kernels' on-chip budget
         return x.is_cuda and x.dtype != torch.float64 and \
+            not (x.dtype == torch.float32 and x.shape[-1] > 128) and \
             importlib.util.find_spec("triton") is not None
     if x.dtype == torch.float64:
         raise TypeError("backend='triton' supports fp16/bf16/fp32 inputs, got float64")
@@ -185,8 +186,6 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     C.check_scale("lse_temperature", lse_temperature)
     scale = softmax_scale if softmax_scale is not None else qi.shape[-1] ** -0.5
     use_triton = _use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton")
-    if use_triton and backend == "auto" and qi.dtype == torch.float32 and qi.shape[-1] > 128:
-        use_triton = False                      # beyond the kernel's on-chip budget
     idx, lse = indexer_op(lay.pack(qi), lay.pack(ki), *lay.meta, block_size, topk,
                           float(scale), float(lse_temperature), return_lse, use_triton)
     idx = lay.unpack_heads(idx)
@@ -219,8 +218,6 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
                   fragment_indices)
     _check_qkv(q, k, v)
     use_triton = _use_triton(backend, q)
-    if use_triton and backend == "auto" and q.dtype == torch.float32 and q.shape[-1] > 128:
-        use_triton = False                      # beyond the kernel's on-chip budget
     C.check_block_and_topk(block_size)
     C.check_scale("softmax_scale", softmax_scale)
     topk_p = lay.pack_heads(topk_indices)
