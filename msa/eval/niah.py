@@ -60,7 +60,7 @@ def _haystack(T, cfg: MSAConfig, depth, probe, device, dtype, seed):
     return q, k, v, qi, ki, needle
 
 
-def _dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
+def dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
     """Mean share of dense causal attention mass inside the selected blocks."""
     hq, hkv, bs = cfg.num_heads, cfg.num_kv_heads, cfg.block_size
     g = hq // hkv
@@ -98,7 +98,7 @@ def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="c
                                    softmax_scale=cfg.scale).float()
         seg = Segments([0], [probe], [0], [T], probe, T)
         dense = dense_attention(q, k, v, seg, scale=cfg.scale).float()
-        recall = _dense_mass(q, k, topk.long(), seg, cfg)
+        recall = dense_mass(q, k, topk.long(), seg, cfg)
     selected = (topk == needle // cfg.block_size).any(-1).float().mean().item()
     vn = v[needle].float().repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 0)
     cos = F.cosine_similarity(out, vn.unsqueeze(0), dim=-1).min().item()

@@ -1,16 +1,25 @@
-"""Triton sparse attention backward, KV-outer (first version; not yet benchmarked).
+"""Triton sparse attention backward, KV-outer.
 
-``sparse_attn_bwd_kernel``: one program per work item of the forward planning (KV head,
-KV block, slice of the queries that selected it). It loads K and V of the block once,
-then for each tile of gathered (query, head) rows recomputes ``P = exp(S - lse)`` and
+``sparse_attn_bwd_kernel``: one program per (work item of the forward planning, sub-block
+of ``BLOCK_N`` keys). A work item is (KV head, KV block, slice of the queries that selected
+it). The program loads its keys and values once, then for each tile of gathered
+(query, head) rows recomputes ``P = exp(S - lse)`` and
 
-    dV += P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dK += dS^T Q,   dQ += dS K
+    dV += P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dK += dS^T Q,   dQ = dS K
 
-``dK``/``dV`` accumulate in registers over the item's tiles and are added once into fp32
-buffers; ``dQ`` rows are added per tile. All adds are fp32 atomics (blocks split over
-several items, and KV rows shared by fragments, sum correctly; the summation order, and
-so the last bits, vary between runs). Keys no query selected keep exactly zero gradient.
-``delta = rowsum(dO * O)`` is computed beforehand.
+with ``delta = rowsum(dO * O)`` computed beforehand. The causal mask is applied only on
+tiles the block is not fully visible to. Keys no query selected keep exactly zero
+gradient.
+
+Two reduction modes:
+
+* fast (default): ``dQ`` rows are fp32-atomically added per tile, ``dK``/``dV`` once per
+  program. Blocks split over several items and KV rows shared by fragments sum
+  correctly; the summation order, and so the last bits, vary between runs.
+* deterministic: ``dQ`` goes to one slot per (query, KV head, top-k slot) and
+  ``dK``/``dV`` to one slot per work item (plain stores); the slots are then summed in a
+  fixed order (top-k slot order; work items by physical key row, then query range).
+  Bitwise repeatable, at the cost of slot buffers (bounded by query chunking).
 """
 from __future__ import annotations
 
@@ -22,32 +31,39 @@ from ...varlen import Segments
 from ..prepare import block_rows, plan_chunks
 from .forward import INTERPRETER, LOG2E, _dot, _next_pow2, check_supported, load_item
 
+SLOT_BUDGET_BYTES = 4 << 30      # deterministic mode: dQ slot buffer per query chunk
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["q0"])
 def sparse_attn_bwd_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q,
-        ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, scale, scale_log2,
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
+        ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
-        HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-        D: tl.constexpr, BS: tl.constexpr, BLOCK_Q: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+        BS: tl.constexpr, BLOCK_N: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
+        DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
-                                        ITEM_E1, tl.program_id(0))
-    offs_n = tl.arange(0, BS)
+                                        ITEM_E1, pid)
+    n0 = tl.program_id(1) * BLOCK_N                 # first key of this sub-block
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     kmask = offs_n < nk
     kv_off = (krow + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :]
     k = tl.load(K + kv_off, mask=kmask[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=kmask[:, None], other=0.0)
-    dk = tl.zeros((BS, D), dtype=tl.float32)
-    dv = tl.zeros((BS, D), dtype=tl.float32)
+    dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
     tok = offs_m // G_PAD
     g = offs_m % G_PAD
-    for e in range(e0, e1, BLOCK_Q):
+    last_key = t0 + n0 + BLOCK_N - 1                # partial sub-blocks are always masked
+    e_end = tl.where(n0 < nk, e1, e0)                # sub-block past the tail: no work
+    for e in range(e0, e_end, BLOCK_Q):
         eidx = e + tok
         emask = (eidx < e1) & (g < G)
-        qg = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
+        ql = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
+        qg = q0 + ql
         pos = tl.load(POS + qg, mask=emask, other=-1)
         head = h * G + g
         row_off = qg[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
@@ -57,28 +73,93 @@ def sparse_attn_bwd_kernel(
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(DELTA + qg * stride_lt + head, mask=emask, other=0.0)
         s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
-        allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :] & emask[:, None]
-        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])               # 0 on padded rows (lse = +inf)
+        if tl.min(tl.where(emask, pos, 2147483647)) < last_key:
+            allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
+            p = tl.where(allowed, p, 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(qt.dtype)), qt, PRECISION, UPCAST)
         dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
-        tl.atomic_add(DQ + row_off, dq, mask=emask[:, None])
-    tl.atomic_add(DK + kv_off, dk * scale, mask=kmask[:, None])
-    tl.atomic_add(DV + kv_off, dv, mask=kmask[:, None])
+        if DET:
+            slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
+            sidx = ((ql * HKV + h) * KSEL + slot) * G + g
+            # at most two sub-blocks add to a slot (zero-filled): a + b is order-free
+            tl.atomic_add(DQ + sidx[:, None] * D + offs_d[None, :], dq, mask=emask[:, None],
+                          sem="relaxed")
+        else:
+            tl.atomic_add(DQ + row_off, dq, mask=emask[:, None], sem="relaxed")
+    if DET:
+        p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * D + offs_d[None, :]
+        tl.store(DK + p_off, dk * scale, mask=kmask[:, None])
+        tl.store(DV + p_off, dv, mask=kmask[:, None])
+    else:
+        tl.atomic_add(DK + kv_off, dk * scale, mask=kmask[:, None], sem="relaxed")
+        tl.atomic_add(DV + kv_off, dv, mask=kmask[:, None], sem="relaxed")
+
+
+@triton.jit
+def item_sum_kernel(SRC, ORDER, RUN0, RUN1, KROW, H, NK, DST_K, DST_V, SRC_V,
+                    stride_kt, stride_kh, BS: tl.constexpr, D: tl.constexpr):
+    """Deterministic mode: program ``r`` adds, in order, the per-item slots of run ``r``
+    (items of one (physical key row, head)) into ``dk``/``dv``."""
+    r = tl.program_id(0)
+    i0 = tl.load(RUN0 + r)
+    i1 = tl.load(RUN1 + r)
+    first = tl.load(ORDER + i0).to(tl.int64)
+    krow = tl.load(KROW + first).to(tl.int64)
+    h = tl.load(H + first)
+    offs = tl.arange(0, BS)[:, None] * D + tl.arange(0, D)[None, :]
+    acc_k = tl.zeros((BS, D), dtype=tl.float32)
+    acc_v = tl.zeros((BS, D), dtype=tl.float32)
+    nk = 0                  # fragments may see different lengths of the shared rows
+    for i in range(i0, i1):
+        it = tl.load(ORDER + i).to(tl.int64)
+        nk = tl.maximum(nk, tl.load(NK + it))
+        acc_k += tl.load(SRC + it * BS * D + offs)
+        acc_v += tl.load(SRC_V + it * BS * D + offs)
+    dst = (krow + tl.arange(0, BS))[:, None] * stride_kt + h * stride_kh + \
+        tl.arange(0, D)[None, :]
+    # runs of one physical row are summed by one program, and launches are ordered
+    rmask = (tl.arange(0, BS) < nk)[:, None]
+    tl.store(DST_K + dst, tl.load(DST_K + dst, mask=rmask) + acc_k, mask=rmask)
+    tl.store(DST_V + dst, tl.load(DST_V + dst, mask=rmask) + acc_v, mask=rmask)
+
+
+def _sum_items(plan, pk, pv, dk, dv, block_size):
+    """Deterministic sum of per-item dK/dV slots into ``dk``/``dv`` (fp32)."""
+    n = plan.num_items
+    hkv = int(plan.num_heads)
+    target = plan.item_krow * hkv + plan.item_h.long()
+    order = torch.argsort(target * (int(plan.item_e0.max()) + 1) + plan.item_e0.long())
+    st = target[order]
+    new = torch.ones(n, dtype=torch.bool, device=st.device)
+    new[1:] = st[1:] != st[:-1]
+    run0 = torch.nonzero(new).flatten()
+    run1 = torch.cat([run0[1:], torch.tensor([n], device=st.device)])
+    d = dk.shape[-1]
+    item_sum_kernel[(run0.numel(),)](
+        pk, order, run0, run1, plan.item_krow, plan.item_h, plan.item_nk, dk, dv, pv,
+        dk.stride(0), dk.stride(1), BS=block_size, D=d, num_warps=4)
 
 
 def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size: int,
-                    scale: float, q_per_item: int = 256):
+                    scale: float, q_per_item: int = 256, deterministic: bool = False,
+                    block_n: int = None, block_q: int = None, num_warps: int = 8,
+                    num_stages: int = 1, query_chunk: int = None):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
-    fp32 from the forward; topk ``[Hs, total_q, K]``.
+    fp32 from the forward; topk ``[Hs, total_q, K]``. ``deterministic``: bitwise
+    repeatable gradients (fixed reduction order). ``block_n``, ``block_q``,
+    ``num_warps``, ``num_stages``: launch parameters (defaults from the sweep in
+    docs/benchmarks.md).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
     hkv = k.shape[1]
+    ksel = topk.shape[2]
     check_supported(q.dtype, d)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
@@ -90,16 +171,38 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
         topk = topk.to(torch.int32).contiguous()
         g = hq // hkv
         g_pad = _next_pow2(g)
-        block_q = max(1, 64 // g_pad)
-        for q0, _, plan in plan_chunks(topk, rows, 0, total_q, total_q, hkv, q_per_item):
+        block_q = block_q or max(1, 64 // g_pad)
+        block_n = block_n or min(block_size, 64)
+        if deterministic and block_n * 2 < block_size:
+            raise ValueError(f"deterministic mode needs block_n >= block_size / 2, got "
+                             f"block_n={block_n}")
+        chunk = total_q
+        if deterministic:
+            chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES //
+                                              (hkv * ksel * g * d * 4)))
+        for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hkv, q_per_item):
             if not plan.num_items:
                 continue
-            sparse_attn_bwd_kernel[(plan.num_items,)](
-                q, k, v, dout, lse, delta, dq, dk, dv, rows.q_pos, plan.edge_q,
+            if deterministic:
+                dq_buf = torch.zeros((q1 - q0) * hkv * ksel * g * d, dtype=torch.float32,
+                                     device=q.device)
+                pk = torch.zeros((plan.num_items, block_size, d), dtype=torch.float32,
+                                 device=q.device)
+                pv = torch.zeros_like(pk)
+                dst = (dq_buf, pk, pv)
+            else:
+                dst = (dq, dk, dv)
+            sparse_attn_bwd_kernel[(plan.num_items, block_size // block_n)](
+                q, k, v, dout, lse, delta, *dst, rows.q_pos, plan.edge_q, plan.edge_slot,
                 plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
-                plan.item_e1, scale, scale * LOG2E,
+                plan.item_e1, q0, scale, scale * LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
-                HQ=hq, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, BLOCK_Q=block_q,
+                HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, BLOCK_N=block_n, KSEL=ksel,
+                BLOCK_Q=block_q, DET=deterministic,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=4, num_stages=1)
+                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps,
+                num_stages=num_stages)
+            if deterministic:
+                dq[q0:q1] = dq_buf.view(q1 - q0, hkv, ksel, g, d).sum(2).view(q1 - q0, hq, d)
+                _sum_items(plan, pk, pv, dk, dv, block_size)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

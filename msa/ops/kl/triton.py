@@ -74,7 +74,8 @@ def indexer_kl_bwd_kernel(
         pos_m = tl.load(POS + qm, mask=em < e1, other=-1)
         allowed_m = ((t0 + offs_n)[None, :] <= pos_m[:, None]) & kmask[None, :] & \
             mmask[:, None]
-        pt = tl.zeros((BLOCK_T, BS), dtype=tl.float32)
+        sel = (tok_r[:, None] == tok_m[None, :]).to(tl.float32)       # [BLOCK_T*R, M]
+        pt_r = tl.zeros((BLOCK_T * R, BS), dtype=tl.float32)
         for j in range(NKV):
             kh = h * NKV + j
             kt = tl.load(K + (krow + offs_n)[:, None] * stride_kt + kh * stride_kh
@@ -86,19 +87,19 @@ def indexer_kl_bwd_kernel(
             tlse = tl.where(tlse == float("-inf"), float("inf"), tlse) * 1.4426950408889634
             s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
             p = tl.where(allowed_m, tl.exp2(s - tlse[:, None]), 0.0)
-            pt += tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BS)), axis=1)
-        pt = pt / (G * NKV)
-        pt_r = tl.reshape(tl.broadcast_to(pt[:, None, :], (BLOCK_T, R, BS)), (BLOCK_T * R, BS))
+            # head sum onto the replicated student rows as one MMA: pt_r = A @ p
+            pt_r += _dot(sel, p, PRECISION, UPCAST)
+        pt_r = pt_r / (G * NKV)
         log_pt = tl.log(tl.where(pt_r > 0, pt_r, 1.0))
         loss += tl.sum(tl.sum(tl.where(pt_r > 0, pt_r * (log_pt - log_ps), 0.0), 1)) / R
         dz = (coeff / R) * (ps - pt_r)                               # replicas share 1/R
         dqi = _dot(dz.to(ki.dtype), ki, PRECISION, UPCAST) * iscale
         tl.atomic_add(DQI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :], dqi,
-                      mask=rmask[:, None])
+                      mask=rmask[:, None], sem="relaxed")
         dki += _dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
     tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :], dki * iscale,
-                  mask=kmask[:, None])
-    tl.atomic_add(LOSS, loss * coeff)
+                  mask=kmask[:, None], sem="relaxed")
+    tl.atomic_add(LOSS, loss * coeff, sem="relaxed")
 
 
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, *,
