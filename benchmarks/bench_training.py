@@ -7,6 +7,7 @@ local block. Checks the Triton backward against the reference at T=4000 first (c
 > 0.99 per gradient, spec 6), then times ours (Triton forward + backward), fla
 ``parallel_nsa`` forward + backward on the same indices, dense causal SDPA (cuDNN)
 forward + backward, and the Triton indexer-KL backward on the same selection.
+Also times the deterministic backward and checks that two runs are bitwise equal.
 Useful FLOPs: forward ``4 D Hq sparse_elements``, backward 2.5x.
 """
 from __future__ import annotations
@@ -71,6 +72,14 @@ def run(T, device, fla_fn, dense_max):
     ours()
     r = dict(T=T, ours_ms=ms, ours_tflops=flops / ms / 1e9,
              ours_peak_mb=torch.cuda.max_memory_allocated() / 2 ** 20)
+
+    def ours_det():
+        out = msa.msa_sparse_attention(q, k, v, topk, cu, cu, backend="triton",
+                                       deterministic=True)
+        return torch.autograd.grad(out, [q, k, v], dout)
+
+    r["det_ms"] = triton.testing.do_bench(ours_det, warmup=5, rep=rep, return_mode="median")
+    r["det_bitwise_repeat"] = all(torch.equal(a, b) for a, b in zip(ours_det(), ours_det()))
     # indexer KL backward on the same selection (Hi = Hkv = 4 index heads, Di = 128)
     seg = Segments([0], [T], [0], [T], T, T)
     qi, ki = planted_topics(T, device, seed=T)

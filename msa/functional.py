@@ -108,6 +108,9 @@ def _layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                    fragment_indices, max_seqlen_q, max_seqlen_k)
 
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None   # looked up once (compile-safe)
+
+
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
@@ -115,11 +118,10 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
         return False
     if backend == "auto":                 # fp32 with D > 128 exceeds the kernels' on-chip budget
         return x.is_cuda and x.dtype != torch.float64 and \
-            not (x.dtype == torch.float32 and x.shape[-1] > 128) and \
-            importlib.util.find_spec("triton") is not None
+            not (x.dtype == torch.float32 and x.shape[-1] > 128) and HAS_TRITON
     if x.dtype == torch.float64:
         raise TypeError("backend='triton' supports fp16/bf16/fp32 inputs, got float64")
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         raise RuntimeError("backend='triton' needs the triton package (pip install msa[gpu])")
     return True
 
@@ -195,7 +197,8 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
 def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None,
                          max_seqlen_q=None, max_seqlen_k=None, *, fragment_indices=None,
                          block_size: int = 128, softmax_scale: Optional[float] = None,
-                         return_lse: bool = False, backend: str = "auto"):
+                         return_lse: bool = False, backend: str = "auto",
+                         deterministic: bool = False):
     """Exact softmax attention over the selected blocks AND causal keys: spec section 5.
 
     Args:
@@ -210,9 +213,9 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
         natural log. Rows with no allowed key: out 0, lse ``-inf``.
 
     ``backend``: ``"reference"`` (pure PyTorch), ``"triton"`` (Triton forward and
-    backward) or ``"auto"`` (Triton forward on CUDA tensors when Triton is installed,
-    else the reference; the backward stays the reference until the Triton backward has
-    been benchmarked on a GPU).
+    backward) or ``"auto"`` (Triton on CUDA tensors when Triton is installed, else the
+    reference). ``deterministic``: the Triton backward sums gradients in a fixed order
+    (bitwise repeatable, slower); the default adds them with fp32 atomics.
     """
     lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   fragment_indices)
@@ -225,7 +228,7 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out, lse = attention_fwd_op(lay.pack(q), lay.pack(k), lay.pack(v), topk_p, *lay.meta,
                                 block_size, float(scale), use_triton,
-                                use_triton and backend == "triton")
+                                (2 if deterministic else 1) if use_triton else 0)
     out = lay.unpack(out)
     return (out, lay.unpack(lse)) if return_lse else out
 
@@ -308,7 +311,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
                   max_seqlen_k=None, *, fragment_indices=None,
                   config: Optional[MSAConfig] = None, mode: str = "sparse",
                   train_indexer: bool = True, return_aux: bool = False,
-                  backend: str = "auto"):
+                  backend: str = "auto", deterministic: bool = False):
     """MSA in one call: indexer selection, attention, and indexer training.
 
     ``mode="sparse"``: the indexer (on detached ``qi``/``ki``) selects ``config.topk``
@@ -319,8 +322,9 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     to qi, ki (q, k are detached inside the KL).
 
     Shapes as ``msa_sparse_attention`` (q, k, v) and ``msa_indexer`` (qi, ki).
-    ``backend`` as in ``msa_sparse_attention``; ``"triton"`` also computes the sparse KL
-    with the Triton kernel from the forward LSEs (one shared index-key head).
+    ``backend``, ``deterministic`` as in ``msa_sparse_attention``; with the Triton backend
+    the sparse KL comes from the Triton kernel and the forward LSEs (one shared
+    index-key head; fp32 atomics, not covered by ``deterministic``).
     Returns ``out`` or ``(out, MSAAux)`` with ``return_aux``.
     """
     if mode not in ("sparse", "dense"):
@@ -341,7 +345,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
                   fragment_indices=fragment_indices)
     wants_kl = train_indexer and cfg.kl_loss_coeff != 0 and torch.is_grad_enabled() and \
         (qi.requires_grad or ki.requires_grad)
-    triton_kl = wants_kl and mode == "sparse" and backend == "triton" and ki.shape[-2] == 1
+    triton_kl = wants_kl and mode == "sparse" and ki.shape[-2] == 1 and \
+        _use_triton(backend, q) and _use_triton(backend, qi)
     topk = lse = ilse = None
     if mode == "sparse":
         sel = msa_indexer(qi.detach(), ki.detach(), **varlen, block_size=cfg.block_size,
@@ -349,7 +354,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
                           backend=backend)
         topk, ilse = sel if triton_kl else (sel, None)
         out, lse = msa_sparse_attention(q, k, v, topk, **varlen, block_size=cfg.block_size,
-                                        softmax_scale=scale, return_lse=True, backend=backend)
+                                        softmax_scale=scale, return_lse=True, backend=backend,
+                                        deterministic=deterministic)
     else:
         out = lay.unpack(dense_attention(lay.pack(q), lay.pack(k), lay.pack(v), lay.seg,
                                          scale=scale))

@@ -81,14 +81,16 @@ def test_triton_backward_half_precision(dtype):
         assert cos > 0.999 and rel_err(a, r) < 2e-2          # spec 6: cosine > 0.99
 
 
-def test_public_api_backend_triton_uses_triton_backward():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_public_api_backend_triton_uses_triton_backward(deterministic):
     c, topk, (q, k, v, _, _, _), block, scale, _ = _case("fragments-shared-kv", torch.float32)
     args = (topk, c["cu_seqlens_q"].to(DEVICE), c["cu_seqlens_k"].to(DEVICE))
     kw = dict(fragment_indices=c["fragment_indices"].to(DEVICE), block_size=block)
     grads = {}
     for backend in ("triton", "reference"):
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-        out = msa.msa_sparse_attention(*leaves, *args, **kw, backend=backend)
+        out = msa.msa_sparse_attention(*leaves, *args, **kw, backend=backend,
+                                       deterministic=deterministic)
         out.backward(torch.ones_like(out))
         grads[backend] = [x.grad for x in leaves]
     for a, b in zip(grads["triton"], grads["reference"]):
@@ -116,3 +118,13 @@ def test_deterministic_backward_is_bitwise_repeatable():
     with pytest.raises(ValueError, match="block_n"):
         sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
                         scale=scale, deterministic=True, block_n=16)
+
+
+def test_deterministic_sums_overlapping_fragments_in_separate_layers():
+    from msa.ops.attention.backward import _base_layers
+    c = make_case((17, 41, 73), (149, 181, 259), hq=4, hkv=2, d=64,
+                  fragment_indices=(0, 0, 1), seed=0)
+    bases, layers, n = _base_layers(c["seg"], "cpu")     # [0, 330) and [149, 589) overlap
+    assert bases.tolist() == [0, 149] and layers.tolist() == [0, 1] and n == 2
+    c = make_case((5, 6), (100, 200), hq=4, hkv=2, d=64, seed=0)     # no fragments
+    assert _base_layers(c["seg"], "cpu")[2] == 1

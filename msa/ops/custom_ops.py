@@ -73,10 +73,11 @@ def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, topk: Tensor, cu_q: Option
                      cu_k: Optional[Tensor], frag: Optional[Tensor], max_q: Optional[int],
                      max_k: Optional[int], batch: int, seqlen_q: int, seqlen_k: int,
                      block_size: int, scale: float, use_triton: bool,
-                     triton_backward: bool) -> Tuple[Tensor, Tensor]:
+                     backward_mode: int) -> Tuple[Tensor, Tensor]:
     """Packed ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, ``topk [Hs, total_q, K]``
     -> out ``[total_q, Hq, D]``, lse ``[total_q, Hq]``. Validates the top-k ids.
-    ``triton_backward`` only selects the backward implementation."""
+    ``backward_mode`` only selects the backward: 0 reference, 1 Triton (fp32 atomics),
+    2 Triton deterministic."""
     seg = segments(q.shape[0], k.shape[0], cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q,
                    seqlen_k, q.device)
     C.check_topk_indices(topk, seg, (1, k.shape[1]), block_size, q.device)
@@ -88,7 +89,7 @@ def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, topk: Tensor, cu_q: Option
 
 @attention_fwd_op.register_fake
 def _(q, k, v, topk, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size,
-      scale, use_triton, triton_backward):
+      scale, use_triton, backward_mode):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=_lse_dtype(q))
 
 
@@ -96,32 +97,33 @@ def _(q, k, v, topk, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, 
 def attention_bwd_op(q: Tensor, k: Tensor, v: Tensor, topk: Tensor, out: Tensor, lse: Tensor,
                      dout: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
                      frag: Optional[Tensor], batch: int, seqlen_q: int, seqlen_k: int,
-                     block_size: int, scale: float, use_triton: bool) -> List[Tensor]:
-    """Gradients ``[dq, dk, dv]`` of ``attention_fwd_op`` (Triton KV-outer kernel, or the
-    reference with chunked recomputation)."""
+                     block_size: int, scale: float, backward_mode: int) -> List[Tensor]:
+    """Gradients ``[dq, dk, dv]`` of ``attention_fwd_op`` (Triton KV-outer kernel, fast or
+    deterministic, or the reference with chunked recomputation)."""
     seg = segments(q.shape[0], k.shape[0], cu_q, cu_k, frag, None, None, batch, seqlen_q,
                    seqlen_k, q.device)
-    if use_triton:
+    if backward_mode:
         from .attention.backward import sparse_attn_bwd
         return list(sparse_attn_bwd(q, k, v, topk, seg, out, lse, dout,
-                                    block_size=block_size, scale=scale))
+                                    block_size=block_size, scale=scale,
+                                    deterministic=backward_mode == 2))
     return list(attention_backward_reference(q, k, v, topk, seg, out, lse, dout,
                                              block_size=block_size, scale=scale))
 
 
 @attention_bwd_op.register_fake
 def _(q, k, v, topk, out, lse, dout, cu_q, cu_k, frag, batch, seqlen_q, seqlen_k, block_size,
-      scale, use_triton):
+      scale, backward_mode):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, topk, cu_q, cu_k, frag, _, _, batch, seqlen_q, seqlen_k, block_size, scale,
-     _, triton_backward) = inputs
+     _, backward_mode) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, topk, out, lse)
     ctx.meta = (cu_q, cu_k, frag, batch, seqlen_q, seqlen_k, block_size, scale,
-                triton_backward)
+                backward_mode)
 
 
 def _backward(ctx, dout, _dlse):

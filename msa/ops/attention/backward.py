@@ -127,34 +127,63 @@ def item_sum_kernel(SRC, ORDER, RUN0, RUN1, KROW, H, NK, DST_K, DST_V, SRC_V,
     tl.store(DST_V + dst, tl.load(DST_V + dst, mask=rmask) + acc_v, mask=rmask)
 
 
-def _sum_items(plan, pk, pv, dk, dv, block_size):
-    """Deterministic sum of per-item dK/dV slots into ``dk``/``dv`` (fp32)."""
+def _base_layers(seg: Segments, device):
+    """KV bases of the segments, sorted, and a layer per base such that the KV ranges of
+    one layer are disjoint (fragments may overlap at unaligned offsets). Without
+    fragments every base is in layer 0."""
+    ends = {}
+    for base, n in zip(seg.k_base, seg.k_len):
+        ends[base] = max(ends.get(base, base), base + n)
+    bases, layers, last_end = sorted(ends), [], []
+    for base in bases:                       # greedy interval colouring, in start order
+        layer = next((i for i, e in enumerate(last_end) if e <= base), len(last_end))
+        if layer == len(last_end):
+            last_end.append(0)
+        last_end[layer] = ends[base]
+        layers.append(layer)
+    return (torch.tensor(bases, dtype=torch.int64, device=device),
+            torch.tensor(layers, dtype=torch.int64, device=device), len(last_end))
+
+
+def _sum_items(plan, pk, pv, dk, dv, block_size, layers):
+    """Deterministic sum of per-item dK/dV slots into ``dk``/``dv`` (fp32): one launch
+    per layer of disjoint KV ranges, runs of items by (physical key row, head), items of
+    a run in query order."""
+    bases, base_layer, n_layers = layers
     n = plan.num_items
     hkv = int(plan.num_heads)
-    target = plan.item_krow * hkv + plan.item_h.long()
+    layer = base_layer[torch.searchsorted(bases, plan.item_krow - plan.item_t0)]
+    target = (layer * (int(plan.item_krow.max()) + 1) + plan.item_krow) * hkv + plan.item_h
     order = torch.argsort(target * (int(plan.item_e0.max()) + 1) + plan.item_e0.long())
     st = target[order]
     new = torch.ones(n, dtype=torch.bool, device=st.device)
     new[1:] = st[1:] != st[:-1]
     run0 = torch.nonzero(new).flatten()
     run1 = torch.cat([run0[1:], torch.tensor([n], device=st.device)])
-    d = dk.shape[-1]
-    item_sum_kernel[(run0.numel(),)](
-        pk, order, run0, run1, plan.item_krow, plan.item_h, plan.item_nk, dk, dv, pv,
-        dk.stride(0), dk.stride(1), BS=block_size, D=d, num_warps=4)
+    run_layer = layer[order[run0]]
+    counts = torch.bincount(run_layer, minlength=n_layers).tolist()
+    r0 = 0
+    for c in counts:                         # ordered launches: layers never race
+        if c:
+            item_sum_kernel[(c,)](
+                pk, order, run0[r0:r0 + c], run1[r0:r0 + c], plan.item_krow, plan.item_h,
+                plan.item_nk, dk, dv, pv, dk.stride(0), dk.stride(1), BS=block_size,
+                D=dk.shape[-1], num_warps=4)
+        r0 += c
 
 
 def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size: int,
                     scale: float, q_per_item: int = 256, deterministic: bool = False,
                     block_n: int = None, block_q: int = None, num_warps: int = 8,
-                    num_stages: int = 1, query_chunk: int = None):
+                    num_stages: int = 2, query_chunk: int = None):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
     fp32 from the forward; topk ``[Hs, total_q, K]``. ``deterministic``: bitwise
     repeatable gradients (fixed reduction order). ``block_n``, ``block_q``,
-    ``num_warps``, ``num_stages``: launch parameters (defaults from the sweep in
-    docs/benchmarks.md).
+    ``num_warps``, ``num_stages``: launch parameters; the defaults (whole 128-key blocks,
+    32-row tiles, 8 warps, 2 stages) were the fastest of a sweep on an H100 at 64K
+    tokens, MSA shape (``benchmarks/results/sweep_attention_bwd_h100_2026-11-26.json``).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
@@ -171,13 +200,14 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
         topk = topk.to(torch.int32).contiguous()
         g = hq // hkv
         g_pad = _next_pow2(g)
-        block_q = block_q or max(1, 64 // g_pad)
-        block_n = block_n or min(block_size, 64)
+        block_q = block_q or max(1, 32 // g_pad)
+        block_n = block_n or min(block_size, 128 if d <= 128 else 64)
         if deterministic and block_n * 2 < block_size:
             raise ValueError(f"deterministic mode needs block_n >= block_size / 2, got "
                              f"block_n={block_n}")
         chunk = total_q
         if deterministic:
+            layers = _base_layers(seg, q.device)
             chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES //
                                               (hkv * ksel * g * d * 4)))
         for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hkv, q_per_item):
@@ -204,5 +234,5 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
                 num_stages=num_stages)
             if deterministic:
                 dq[q0:q1] = dq_buf.view(q1 - q0, hkv, ksel, g, d).sum(2).view(q1 - q0, hq, d)
-                _sum_items(plan, pk, pv, dk, dv, block_size)
+                _sum_items(plan, pk, pv, dk, dv, block_size, layers)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -104,12 +104,14 @@ def indexer_kl_bwd_kernel(
 
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, *,
                    block_size: int, scale: float, index_scale: float, loss_coeff: float = 1.0,
-                   q_per_item: int = 256):
+                   q_per_item: int = 256, block_t: int = None, num_warps: int = 4,
+                   num_stages: int = 1):
     """KL loss and gradients ``(loss, dqi, dki)`` (spec 7.2, fp32 ``dz``).
 
     q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, teacher_lse ``[total_q, Hq]`` (the
     attention forward LSE), qi ``[total_q, Hi, Di]``, ki ``[total_k, 1, Di]``,
     indexer_lse ``[Hi, total_q]`` (selected LSE), topk ``[Hi, total_q, K]``.
+    ``block_t`` (tokens per tile), ``num_warps``, ``num_stages``: launch parameters.
     """
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
@@ -125,7 +127,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
         tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
         g, nkv = hq // hkv, hkv // hi
         g_pad = _next_pow2(g)
-        block_t = max(1, 64 // g_pad)
+        block_t = block_t or max(1, 64 // g_pad)
         rep = max(1, 16 // block_t)
         rows = block_rows(seg, block_size, q.device)
         topk = topk.to(torch.int32).contiguous()
@@ -141,6 +143,6 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
                 qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0),
                 G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, BLOCK_T=block_t,
                 R=rep, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=4,
-                num_stages=1)
+                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps,
+                num_stages=num_stages)
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
