@@ -1,4 +1,4 @@
-"""Triton indexer-KL backward, KV-outer (first version; not yet benchmarked on a GPU).
+"""Triton indexer-KL backward, KV-outer.
 
 One program per work item of the planning over the *index* top-k (index head ``h``, KV
 block, slice of the queries that selected it). For each tile of ``BLOCK_T`` gathered
@@ -104,14 +104,16 @@ def indexer_kl_bwd_kernel(
 
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, *,
                    block_size: int, scale: float, index_scale: float, loss_coeff: float = 1.0,
-                   q_per_item: int = 256, block_t: int = None, num_warps: int = 4,
-                   num_stages: int = 1):
+                   q_per_item: int = 256, block_t: int = None, num_warps: int = 8,
+                   num_stages: int = 2):
     """KL loss and gradients ``(loss, dqi, dki)`` (spec 7.2, fp32 ``dz``).
 
     q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, teacher_lse ``[total_q, Hq]`` (the
     attention forward LSE), qi ``[total_q, Hi, Di]``, ki ``[total_k, 1, Di]``,
     indexer_lse ``[Hi, total_q]`` (selected LSE), topk ``[Hi, total_q, K]``.
-    ``block_t`` (tokens per tile), ``num_warps``, ``num_stages``: launch parameters.
+    ``block_t`` (tokens per tile), ``num_warps``, ``num_stages``: launch parameters; the
+    defaults (64-row teacher tiles, 8 warps, 2 stages) were the fastest of a sweep on an
+    H100 at 64K tokens (``benchmarks/results/sweep_attention_bwd_h100_2026-11-26.json``).
     """
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
