@@ -59,3 +59,50 @@ def test_padding_mask_is_rejected_clearly():
     with pytest.raises(NotImplementedError, match="padding"):
         with torch.no_grad():
             sparse(ids, attention_mask=mask)
+
+
+def test_index_projections_start_as_self_indexing_and_train_by_kl():
+    from msa.integrations.transformers import add_index_projections, attention_modules
+    _, self_idx = _models()
+    _, trained = _models()
+    add_index_projections(trained)
+    ids = torch.randint(0, 200, (1, 1500))
+    with torch.no_grad():
+        torch.testing.assert_close(trained(ids).logits, self_idx(ids).logits, rtol=1e-4,
+                                   atol=1e-4)
+        out_t = trained.generate(ids[:, :700], max_new_tokens=6, do_sample=False)
+        out_s = self_idx.generate(ids[:, :700], max_new_tokens=6, do_sample=False)
+    assert torch.equal(out_t, out_s)                 # index-key cache follows the KV cache
+    index_params = [p for n, p in trained.named_parameters() if "msa_index" in n]
+    assert len(index_params) == 4                    # 2 layers x (q, k) weights
+    for n, p in trained.named_parameters():
+        p.requires_grad_("msa_index" in n)
+    trained.config.msa_mode = "dense"                # warm-up: teacher = dense attention
+    torch.manual_seed(3)
+    with torch.no_grad():                            # start far from the teacher
+        for p in index_params:
+            p.normal_(0, 0.3)
+    opt = torch.optim.Adam(index_params, lr=1e-2)
+    kls = []
+    for _ in range(6):
+        logits = trained(ids[:, :400]).logits
+        kls.append(sum(m.msa_last_kl for m in attention_modules(trained)).item())
+        opt.zero_grad()
+        logits.sum().mul(0).backward()               # only the attached KL has gradient
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in index_params)
+        opt.step()
+    assert kls[-1] < 0.7 * kls[0], kls
+
+
+def test_long_prompt_generate_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dense, sparse = (m.cuda().to(torch.bfloat16) for m in _models())
+    ids = torch.randint(0, 200, (1, 32768), device="cuda")    # 512 blocks, top-4
+    with torch.no_grad():
+        out = sparse.generate(ids, max_new_tokens=8, do_sample=False)
+        logits_s = sparse(ids[:, :4096]).logits
+        logits_d = dense(ids[:, :4096]).logits
+    assert out.shape == (1, 32776) and torch.isfinite(logits_s).all()
+    torch.testing.assert_close(logits_s[:, :256].float(), logits_d[:, :256].float(),
+                               rtol=2e-2, atol=2e-2)   # all blocks selected there (bf16)
