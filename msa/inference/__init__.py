@@ -1,4 +1,5 @@
-"""Inference: paged KV cache and paged prefill / decode (reference implementation)."""
+"""Inference: paged KV cache, reference paged prefill / decode, fused paged decoder."""
+from .decode import PagedDecoder
 from .paged import PagedKVCache, paged_attention, paged_indexer
 
-__all__ = ["PagedKVCache", "paged_indexer", "paged_attention"]
+__all__ = ["PagedKVCache", "PagedDecoder", "paged_indexer", "paged_attention"]
