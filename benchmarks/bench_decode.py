@@ -14,7 +14,9 @@ page = block = 128, top-16), bf16. For batch B x context T x Q query tokens per 
 * HBM floor: bytes of all index keys plus the distinct selected K/V pages, over the
   copy bandwidth measured in the same run.
 
-Shapes with more than ``--max-tokens`` cached tokens in total are skipped (memory).
+Shapes with more than ``--max-tokens`` cached tokens in total are skipped (memory). At
+128K and up, batch 1/Q 1 and batch 64/Q 8 also time index-kernel launch variants. Last,
+chunked prefill with a prefix: 8K new tokens over a 128K cache (tokens per second).
 """
 from __future__ import annotations
 
@@ -84,6 +86,15 @@ def run(B, T, Q, bw):
     key = ((req * HKV + heads) * pages_per + ids)[ids >= 0]
     kv_bytes = torch.unique(key).numel() * BS * D * 2 * 2
     floor_ms = (npages * BS * DI * 2 + kv_bytes) / bw / 1e6
+    variants = {}
+    if (B, Q) in ((1, 1), (64, 8)) and T >= 131072:            # index-kernel launch sweep
+        for per in (4, 8, 32):
+            for stages in (1, 3):
+                dv = PagedDecoder(cfg, max_batch=B, num_q=Q, max_pages=pages_per,
+                                  device=dev, pages_per_program=per, index_stages=stages)
+                dv.plan(table, lens)
+                variants[f"pages{per}_stages{stages}"] = graph_ms(
+                    lambda: dv.run(q, qi, k, v, ki))
     del ki
     # dense: contiguous copy of the same cache
     kd = k[table.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, T, D)
@@ -102,7 +113,29 @@ def run(B, T, Q, bw):
     return dict(B=B, T=T, Q=Q, ours_ms=ours, dense_ms=dense, speedup=dense / ours,
                 dense_floor_ms=dense_floor, speedup_vs_dense_floor=dense_floor / ours,
                 floor_ms=floor_ms, vs_floor=ours / floor_ms,
-                selected_kv_mb=kv_bytes / 2 ** 20)
+                selected_kv_mb=kv_bytes / 2 ** 20, variants=variants)
+
+
+def prefill_with_prefix(T=131072, chunk=8192):
+    """Chunked prefill: the last ``chunk`` tokens of a ``T``-token sequence attend to the
+    whole cache (indexer + top-k + attention, packed layout). Tokens per second."""
+    import msa
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(chunk, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(T, HKV, D, device=dev, generator=g, dtype=torch.bfloat16)
+            for _ in range(2))
+    qi = torch.randn(chunk, HI, DI, device=dev, generator=g, dtype=torch.bfloat16)
+    ki = torch.randn(T, 1, DI, device=dev, generator=g, dtype=torch.bfloat16)
+    cu_q = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, T], dtype=torch.int32, device=dev)
+
+    def step():
+        topk = msa.msa_indexer(qi, ki, cu_q, cu_k, block_size=BS, topk=K)
+        return msa.msa_sparse_attention(q, k, v, topk, cu_q, cu_k, block_size=BS)
+
+    ms = triton.testing.do_bench(step, warmup=10, rep=200, return_mode="median")
+    return dict(T=T, chunk=chunk, ms=ms, tokens_per_s=chunk / ms * 1e3)
 
 
 def main():
@@ -136,6 +169,8 @@ def main():
                     rows.append(dict(B=B, T=T, Q=Q, error=repr(e)[:100]))
                 torch.cuda.empty_cache()
                 print(json.dumps(rows[-1]), flush=True)
+    rows.append(dict(prefill_with_prefix=prefill_with_prefix()))
+    print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=1)

@@ -54,16 +54,15 @@ def paged_block_max_kernel(
     qi = tl.load(QI + qrow[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
                  mask=rmask[:, None], other=0.0)
     m_off = qrow * stride_mc + h * stride_mh
-    for jj in range(PAGES):
+    for jj in range(PAGES):                 # predicated (not branched): pipelined loads
         j = tl.program_id(1) * PAGES + jj
-        m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)      # page past the end
-        if j * BS < n:
-            page = tl.load(PAGE_TABLE + b * stride_tb + j).to(tl.int64)
-            ki = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :])
-            s = _dot(qi, tl.trans(ki), PRECISION, UPCAST) * scale
-            s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
-            m = tl.max(s, 1)
-        tl.store(M + m_off + j, m, mask=rmask & (j < max_pages))
+        live = j * BS < n                   # pages past the end: no loads, M = -inf
+        page = tl.load(PAGE_TABLE + b * stride_tb + j, mask=live, other=0).to(tl.int64)
+        ki = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :],
+                     mask=live, other=0.0)
+        s = _dot(qi, tl.trans(ki), PRECISION, UPCAST) * scale
+        s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
+        tl.store(M + m_off + j, tl.max(s, 1), mask=rmask & (j < max_pages))
 
 
 @triton.jit
@@ -156,10 +155,13 @@ class PagedDecoder:
         config: MSA shapes (``block_size`` = page size, ``topk``, heads, dims, scales).
         max_batch: most requests per step; num_q: query tokens per request (1..16);
         max_pages: page-table width (pages of the longest request); dtype of q/k/v.
+        pages_per_program, index_stages: launch parameters of the index kernel (default:
+            enough programs for about two waves; 3 pipeline stages).
     """
 
     def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,
-                 device, dtype=torch.bfloat16):
+                 device, dtype=torch.bfloat16, pages_per_program: int = None,
+                 index_stages: int = 3):
         if not 1 <= num_q <= 16:
             raise ValueError(f"num_q must lie in [1, 16], got {num_q}")
         if max_batch < 1 or max_pages < 1:
@@ -177,6 +179,7 @@ class PagedDecoder:
         self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(rows, c.num_heads, dtype=torch.float32, device=self.device)
         self.batch = 0
+        self.pages_per_program, self.index_stages = pages_per_program, index_stages
 
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """Validate (may synchronise) and copy request metadata into the run buffers.
@@ -219,13 +222,15 @@ class PagedDecoder:
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         upcast = INTERPRETER and q.dtype == torch.bfloat16
         m = self.block_max[:rows]
-        per = max(1, min(16, _next_pow2(-(-b * self.max_pages // TARGET_PROGRAMS))))
+        per = self.pages_per_program or \
+            max(1, min(16, _next_pow2(-(-b * self.max_pages // TARGET_PROGRAMS))))
         paged_block_max_kernel[(b, triton.cdiv(self.max_pages, per))](
             qi, ki_pages, self.page_table, self.seq_lens, m, c.index_scale, self.max_pages,
             qi.stride(0), qi.stride(1), ki_pages.stride(0), ki_pages.stride(1),
             self.page_table.stride(0), m.stride(0), m.stride(1),
             NQ=nq, HI=hi, ROWS=max(16, _next_pow2(nq * hi)), DI=qi.shape[-1],
-            BS=c.block_size, PAGES=per, PRECISION=prec, UPCAST=upcast, num_warps=4)
+            BS=c.block_size, PAGES=per, PRECISION=prec, UPCAST=upcast, num_warps=4,
+            num_stages=self.index_stages)
         pos = (self.seq_lens[:b].view(b, 1) - nq
                + torch.arange(nq, device=self.device, dtype=torch.int32)).view(-1)
         topk = select_blocks(m, pos.long() // c.block_size, c.topk)
