@@ -109,3 +109,21 @@ def test_decoder_cuda_graph_replay_and_no_sync():
         out, topk = (x.clone() for x in (g_out, g_topk))
         e_out, e_topk = dec.run(q, qi, k, v, ki)
         assert torch.equal(topk, e_topk) and torch.equal(out, e_out)
+
+
+def test_decoder_ties_rank_smaller_block_first():
+    lengths = (700, 400)
+    k, v, ki, table = _cache(lengths, 24, seed=5)
+    ki = torch.zeros_like(ki)                                  # every block max ties at 0
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, index_head_dim=D,
+                    block_size=BS, topk=K)
+    qi = torch.randn(4, HKV, D).to(DEVICE)
+    q = torch.randn(4, HQ, D).to(DEVICE)
+    dec = PagedDecoder(cfg, max_batch=2, num_q=2, max_pages=table.shape[1],
+                       device=DEVICE, dtype=torch.float32)
+    dec.plan(table, lens)
+    _, topk = dec.run(q, qi, k, v, ki)
+    assert topk[0, 0].tolist() == [0, 1, 10]                   # pos 698: local block 10
+    assert torch.equal(topk, paged_indexer(qi, ki, table, lens, [2, 2], block_size=BS,
+                                           topk=K))

@@ -8,8 +8,9 @@ see ``msa.inference.paged``). ``run()`` launches, with no host synchronisation:
    of index keys once through the page table and scores them for all ``Q x Hi`` query
    rows of the request with one MMA per page, writing causal block maxima
    ``M [B*Q, Hi, max_pages]`` (``-inf`` past the end).
-2. top-k of ``M`` with the reference rule (``select_blocks``: score desc, id asc, local
-   block last, ``-1`` padding) -> head-major ``topk [Hi, B*Q, K]``.
+2. ``decode_topk_kernel``: top-k of ``M`` per (query, index head) with the reference rule
+   (score desc, id asc, local block last, ``-1`` padding) -> head-major
+   ``topk [Hi, B*Q, K]``.
 3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
    the ``G`` query heads of the group are the MMA rows, each selected page is read
    through the page table, online softmax; one split writes the output directly, more
@@ -29,7 +30,6 @@ import triton.language as tl
 
 from ..config import MSAConfig
 from ..ops.attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2
-from ..ops.indexer.naive import select_blocks
 
 TARGET_PROGRAMS = 264           # about two waves on a 132-SM GPU
 
@@ -63,6 +63,34 @@ def paged_block_max_kernel(
         s = _dot(qi, tl.trans(ki), PRECISION, UPCAST) * scale
         s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
         tl.store(M + m_off + j, tl.max(s, 1), mask=rmask & (j < max_pages))
+
+
+@triton.jit
+def decode_topk_kernel(M, SEQ_LENS, TOPK, stride_mc, stride_mh, stride_th, stride_tq,
+                       max_pages, NQ: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr,
+                       KSEL_PAD: tl.constexpr, NB_PAD: tl.constexpr):
+    """Top-k of one (query row, index head) from its block maxima, the reference rule:
+    ``min(K-1, local)`` earlier blocks by score desc / id asc, then ``local``, then -1."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    local = (tl.load(SEQ_LENS + c // NQ) - NQ + (c % NQ)) // BS
+    idx = tl.arange(0, NB_PAD)
+    m = tl.load(M + c * stride_mc + h * stride_mh + idx, mask=idx < max_pages,
+                other=float("-inf"))
+    m = tl.where(m != m, -3.4028234663852886e38, m)            # NaN ranks lowest
+    m = tl.where(m == 0, 0.0, m)                                # -0 == +0
+    key = tl.where(idx < local, m, float("-inf"))               # earlier blocks only
+    offs_k = tl.arange(0, KSEL_PAD)
+    out = tl.full((KSEL_PAD,), -1, dtype=tl.int32)
+    for r in range(KSEL - 1):
+        best = tl.max(key, 0)
+        pick = tl.min(tl.where(key == best, idx, NB_PAD), 0)   # ties: smaller id
+        pick = tl.where(best > float("-inf"), pick, -1)
+        out = tl.where(offs_k == r, pick, out)
+        key = tl.where(idx == pick, float("-inf"), key)
+    n_ranked = tl.minimum(local, KSEL - 1)
+    out = tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, out))
+    tl.store(TOPK + h * stride_th + c * stride_tq + offs_k, out, mask=offs_k < KSEL)
 
 
 @triton.jit
@@ -178,6 +206,7 @@ class PagedDecoder:
                                      device=self.device)
         self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(rows, c.num_heads, dtype=torch.float32, device=self.device)
+        self.topk = torch.empty(c.index_heads, rows, c.topk, **i32)
         self.batch = 0
         self.pages_per_program, self.index_stages = pages_per_program, index_stages
 
@@ -231,10 +260,12 @@ class PagedDecoder:
             NQ=nq, HI=hi, ROWS=max(16, _next_pow2(nq * hi)), DI=qi.shape[-1],
             BS=c.block_size, PAGES=per, PRECISION=prec, UPCAST=upcast, num_warps=4,
             num_stages=self.index_stages)
-        pos = (self.seq_lens[:b].view(b, 1) - nq
-               + torch.arange(nq, device=self.device, dtype=torch.int32)).view(-1)
-        topk = select_blocks(m, pos.long() // c.block_size, c.topk)
-        topk = topk.to(torch.int32).permute(1, 0, 2).contiguous()           # [Hi, B*Q, K]
+        topk = self.topk[:, :rows]
+        nb_pad = _next_pow2(self.max_pages)
+        decode_topk_kernel[(rows, hi)](
+            m, self.seq_lens, topk, m.stride(0), m.stride(1), topk.stride(0), topk.stride(1),
+            self.max_pages, NQ=nq, BS=c.block_size, KSEL=c.topk,
+            KSEL_PAD=_next_pow2(c.topk), NB_PAD=nb_pad, num_warps=8 if nb_pad > 4096 else 4)
         nsplit = max(1, min(c.topk, TARGET_PROGRAMS // (rows * hkv)))
         per_split = -(-c.topk // nsplit)
         nsplit = -(-c.topk // per_split)
