@@ -73,6 +73,12 @@ def run(T, device, fla_fn, dense_max):
     r = dict(T=T, ours_ms=ms, ours_tflops=flops / ms / 1e9,
              ours_peak_mb=torch.cuda.max_memory_allocated() / 2 ** 20)
 
+    with torch.no_grad():
+        r["fwd_ms"] = triton.testing.do_bench(
+            lambda: msa.msa_sparse_attention(q, k, v, topk, cu, cu, backend="triton"),
+            warmup=25, rep=rep, return_mode="median")
+    r["bwd_ms"] = ms - r["fwd_ms"]
+
     def ours_det():
         out = msa.msa_sparse_attention(q, k, v, topk, cu, cu, backend="triton",
                                        deterministic=True)
