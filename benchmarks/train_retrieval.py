@@ -1,0 +1,194 @@
+"""Train a small MSA transformer on a long-context retrieval task, next to a dense twin.
+
+    python benchmarks/train_retrieval.py --out train.json        # GPU, a few minutes
+
+Task (copying): a sequence of ``T`` tokens whose first half is random and whose second
+half is made of spans of ``SPAN`` tokens copied from random places of the first half. The
+loss counts the second half only; a model predicts a copied token by finding where its
+span came from (induction over up to ``T`` tokens). Models: ``LAYERS`` x (RMSNorm,
+``msa.nn.MSAttention``, RMSNorm, SwiGLU MLP), width 256, Hq=4, Hkv=2, D=64, 2 index heads
+of 64, block 64, top-8 (512 of ``T`` keys).
+
+* dense: attention dense for all steps (its indexer still learns by KL, unused);
+* msa: dense warm-up for ``--warmup`` steps, then sparse MSA (indexer trained by KL).
+
+Logged: training loss of both, the KL, and at the end, per layer, the attention recall
+(share of dense attention mass inside the blocks the indexer selects, last 256 queries)
+and copy accuracy at the training length and at 2x / 4x of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import msa
+from msa.eval.niah import dense_mass
+from msa.nn import MSAttention
+from msa.nn.rope import rope_cos_sin
+from msa.varlen import Segments
+
+VOCAB, WIDTH, LAYERS, SPAN = 2048, 256, 2, 16
+CFG = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, num_index_heads=2,
+                    index_head_dim=64, block_size=64, topk=8, kl_loss_coeff=1.0)
+
+
+class Block(nn.Module):
+    def __init__(self, i):
+        super().__init__()
+        self.n1, self.n2 = nn.RMSNorm(WIDTH), nn.RMSNorm(WIDTH)
+        self.attn = MSAttention(WIDTH, CFG, layer_idx=i)
+        self.up = nn.Linear(WIDTH, 2 * 4 * WIDTH, bias=False)
+        self.down = nn.Linear(4 * WIDTH, WIDTH, bias=False)
+
+    def forward(self, x, mode):
+        y, aux = self.attn(self.n1(x), mode=mode, return_aux=True)
+        self.kl = aux.kl_loss                       # detached indexer KL of this step
+        x = x + y
+        a, b = self.up(self.n2(x)).chunk(2, -1)
+        return x + self.down(F.silu(a) * b)
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.blocks = nn.ModuleList(Block(i) for i in range(LAYERS))
+        self.norm = nn.RMSNorm(WIDTH)
+        nn.init.normal_(self.emb.weight, std=0.02)              # tied output embedding
+
+    def forward(self, ids, mode):
+        x = self.emb(ids)
+        for blk in self.blocks:
+            x = blk(x, mode)
+        return self.norm(x) @ self.emb.weight.t()
+
+
+def batch(n, T, g, device):
+    """``ids [n, T]`` and the mask of predictable targets (copied tokens after a span's
+    first one)."""
+    half = T // 2
+    ids = torch.randint(VOCAB, (n, T), generator=g, device=device)
+    starts = torch.randint(half - SPAN, (n, half // SPAN), generator=g, device=device)
+    src = (starts.unsqueeze(-1) + torch.arange(SPAN, device=device)).view(n, -1)
+    ids[:, half:half + src.shape[1]] = torch.gather(ids, 1, src)
+    target = torch.zeros(n, T, dtype=torch.bool, device=device)
+    target[:, half:] = (torch.arange(half, device=device) % SPAN != 0)
+    return ids, target
+
+
+def loss_and_acc(model, ids, target, mode):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
+        logits = model(ids[:, :-1], mode)
+    t = target[:, 1:]
+    y = ids[:, 1:]
+    loss = F.cross_entropy(logits[t].float(), y[t])
+    acc = (logits[t].argmax(-1) == y[t]).float().mean()
+    return loss, acc
+
+
+@torch.no_grad()
+def recall(model, ids, probe=256):
+    """Per layer: dense attention mass (last ``probe`` queries, every head) inside the
+    indexer's selected blocks, with the trained index projections."""
+    res, x = [], model.emb(ids[:1])
+    T = ids.shape[1]
+    for blk in model.blocks:
+        a, h = blk.attn, blk.n1(x).float()
+        c = CFG
+        q = a.q_norm(a.q_proj(h).view(1, T, c.num_heads, c.head_dim))
+        k = a.k_norm(a.k_proj(h).view(1, T, c.num_kv_heads, c.head_dim))
+        qi = a.index_q_norm(a.index_q_proj(h).view(1, T, c.index_heads, c.index_dim))
+        ki = a.index_k_norm(a.index_k_proj(h).view(1, T, 1, c.index_dim))
+        cos, sin = rope_cos_sin(torch.arange(T, device=ids.device), a.rotary_dim, a.rope_theta)
+        q, k, qi, ki = (a._rope(t, cos.unsqueeze(0), sin.unsqueeze(0)) for t in (q, k, qi, ki))
+        cu_q = torch.tensor([0, probe], dtype=torch.int32, device=ids.device)
+        cu_k = torch.tensor([0, T], dtype=torch.int32, device=ids.device)
+        sel = msa.msa_indexer(qi[0, -probe:], ki[0], cu_q, cu_k, block_size=c.block_size,
+                              topk=c.topk)
+        res.append(dense_mass(q[0, -probe:], k[0], sel.long(),
+                              Segments([0], [probe], [0], [T], probe, T), c))
+        x = blk(x, "sparse")
+    return res
+
+
+def train(mode_of_step, steps, T, bsz, seed, device, log_every=25, max_seconds=1e9):
+    torch.manual_seed(seed)
+    model = Model().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    log = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        mode = mode_of_step(step)
+        ids, target = batch(bsz, T, g, device)
+        loss, acc = loss_and_acc(model, ids, target, mode)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        last = step == steps - 1 or time.perf_counter() - t0 > max_seconds
+        if step % log_every == 0 or last:
+            kl = [None if b.kl is None else b.kl.item() for b in model.blocks]
+            log.append(dict(step=step, mode=mode, loss=loss.item(), acc=acc.item(), kl=kl,
+                            seconds=time.perf_counter() - t0))
+            print(json.dumps(log[-1]), flush=True)
+        if last:
+            break
+    return model, log
+
+
+@torch.no_grad()
+def evaluate(model, T, seed, device, mode):
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids, target = batch(2, T, g, device)
+    loss, acc = loss_and_acc(model, ids, target, mode)
+    return dict(T=T, mode=mode, loss=loss.item(), acc=acc.item())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--warmup", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--max-seconds", type=float, default=1e9, help="per model (safety)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--commit", default="unknown")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    T = args.length
+    runs = {}
+    for name, mode_of_step in (("dense", lambda s: "dense"),
+                               ("msa", lambda s: "dense" if s < args.warmup else "sparse")):
+        model, log = train(mode_of_step, args.steps, T, args.batch, 0, dev,
+                           max_seconds=args.max_seconds)
+        final = "dense" if name == "dense" else "sparse"
+        runs[name] = dict(log=log, eval=[evaluate(model, n * T, 7, dev, final)
+                                         for n in (1, 2, 4)])
+        if name == "msa":
+            g = torch.Generator(device=dev).manual_seed(11)
+            runs[name]["recall"] = recall(model, batch(1, T, g, dev)[0])
+            runs[name]["eval_dense_attention"] = [evaluate(model, n * T, 7, dev, "dense")
+                                                  for n in (1, 2, 4)]
+        print(json.dumps({k: v for k, v in runs[name].items() if k != "log"}), flush=True)
+    meta = dict(gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d"), commit=args.commit, length=T,
+                steps=args.steps, warmup=args.warmup, batch=args.batch,
+                model=dict(vocab=VOCAB, width=WIDTH, layers=LAYERS, span=SPAN,
+                           config=str(CFG)))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, runs=runs), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
