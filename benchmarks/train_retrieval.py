@@ -9,7 +9,7 @@ span came from (induction over up to ``T`` tokens). Models: ``LAYERS`` x (RMSNor
 ``msa.nn.MSAttention``, RMSNorm, SwiGLU MLP), width 256, Hq=4, Hkv=2, D=64, 2 index heads
 of 64, block 64, top-8 (512 of ``T`` keys).
 
-* dense: attention dense for all steps (its indexer still learns by KL, unused);
+* dense: attention dense for all steps (no indexer training);
 * msa: dense warm-up for ``--warmup`` steps, then sparse MSA (indexer trained by KL).
 
 Logged: training loss of both, the KL, and at the end, per layer, the attention recall
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,10 @@ CFG = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, num_index_heads=2,
 
 
 class Block(nn.Module):
-    def __init__(self, i):
+    def __init__(self, i, cfg):
         super().__init__()
         self.n1, self.n2 = nn.RMSNorm(WIDTH), nn.RMSNorm(WIDTH)
-        self.attn = MSAttention(WIDTH, CFG, layer_idx=i)
+        self.attn = MSAttention(WIDTH, cfg, layer_idx=i)
         self.up = nn.Linear(WIDTH, 2 * 4 * WIDTH, bias=False)
         self.down = nn.Linear(4 * WIDTH, WIDTH, bias=False)
 
@@ -54,10 +55,10 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self):
+    def __init__(self, cfg=CFG):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, WIDTH)
-        self.blocks = nn.ModuleList(Block(i) for i in range(LAYERS))
+        self.blocks = nn.ModuleList(Block(i, cfg) for i in range(LAYERS))
         self.norm = nn.RMSNorm(WIDTH)
         nn.init.normal_(self.emb.weight, std=0.02)              # tied output embedding
 
@@ -116,10 +117,11 @@ def recall(model, ids, probe=256):
     return res
 
 
-def train(mode_of_step, steps, T, bsz, seed, device, log_every=25, max_seconds=1e9):
+def train(mode_of_step, steps, T, bsz, seed, device, log_every=25, max_seconds=1e9,
+          cfg=CFG, lr=1e-3):
     torch.manual_seed(seed)
-    model = Model().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    model = Model(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     g = torch.Generator(device=device).manual_seed(seed + 1)
     log = []
@@ -158,6 +160,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--warmup", type=int, default=400)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-seconds", type=float, default=1e9, help="per model (safety)")
     ap.add_argument("--device", default="cuda")
@@ -166,10 +169,12 @@ def main():
     dev = torch.device(args.device)
     T = args.length
     runs = {}
-    for name, mode_of_step in (("dense", lambda s: "dense"),
-                               ("msa", lambda s: "dense" if s < args.warmup else "sparse")):
+    no_kl = replace(CFG, kl_loss_coeff=0.0)          # the dense twin trains no indexer
+    for name, mode_of_step, cfg in (
+            ("dense", lambda s: "dense", no_kl),
+            ("msa", lambda s: "dense" if s < args.warmup else "sparse", CFG)):
         model, log = train(mode_of_step, args.steps, T, args.batch, 0, dev,
-                           max_seconds=args.max_seconds)
+                           max_seconds=args.max_seconds, cfg=cfg, lr=args.lr)
         final = "dense" if name == "dense" else "sparse"
         runs[name] = dict(log=log, eval=[evaluate(model, n * T, 7, dev, final)
                                          for n in (1, 2, 4)])
@@ -182,7 +187,8 @@ def main():
     meta = dict(gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                 torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d"), commit=args.commit, length=T,
-                steps=args.steps, warmup=args.warmup, batch=args.batch,
+                steps=args.steps, warmup=args.warmup, batch=args.batch, lr=args.lr,
+                max_seconds=args.max_seconds,
                 model=dict(vocab=VOCAB, width=WIDTH, layers=LAYERS, span=SPAN,
                            config=str(CFG)))
     if args.out:
