@@ -323,7 +323,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
 
     Shapes as ``msa_sparse_attention`` (q, k, v) and ``msa_indexer`` (qi, ki).
     ``backend``, ``deterministic`` as in ``msa_sparse_attention``; with the Triton backend
-    the sparse KL comes from the Triton kernel and the forward LSEs (one shared
+    the KL (sparse, and dense warm-up) comes from the Triton kernels (one shared
     index-key head; fp32 atomics, not covered by ``deterministic``).
     Returns ``out`` or ``(out, MSAAux)`` with ``return_aux``.
     """
@@ -345,8 +345,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
                   fragment_indices=fragment_indices)
     wants_kl = train_indexer and cfg.kl_loss_coeff != 0 and torch.is_grad_enabled() and \
         (qi.requires_grad or ki.requires_grad)
-    triton_kl = wants_kl and mode == "sparse" and ki.shape[-2] == 1 and \
-        _use_triton(backend, q) and _use_triton(backend, qi)
+    triton_kl = wants_kl and ki.shape[-2] == 1 and _use_triton(backend, q) and \
+        _use_triton(backend, qi)
     topk = lse = ilse = None
     if mode == "sparse":
         sel = msa_indexer(qi.detach(), ki.detach(), **varlen, block_size=cfg.block_size,
@@ -360,7 +360,14 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
         out = lay.unpack(dense_attention(lay.pack(q), lay.pack(k), lay.pack(v), lay.seg,
                                          scale=scale))
     kl = None
-    if triton_kl:
+    if triton_kl and mode == "dense":
+        from .ops.kl.dense import indexer_kl_dense
+        loss, dqi, dki = indexer_kl_dense(
+            lay.pack(q).detach(), lay.pack(k).detach(), lay.pack(qi).detach(),
+            lay.pack(ki).detach(), lay.seg, block_size=cfg.block_size, scale=scale,
+            index_scale=iscale, loss_coeff=cfg.kl_loss_coeff)
+        kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
+    elif triton_kl:
         from .ops.kl.triton import indexer_kl_bwd
         loss, dqi, dki = indexer_kl_bwd(
             lay.pack(q).detach(), lay.pack(k).detach(), lay.pack(lse), lay.pack(qi).detach(),

@@ -57,7 +57,8 @@ def test_triton_kl_bf16_within_spec_tolerance():
     torch.testing.assert_close(loss.double(), rl, rtol=2e-2, atol=1e-4)
 
 
-def test_msa_attention_triton_backend_trains_like_the_reference():
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_msa_attention_triton_backend_trains_like_the_reference(mode):
     cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=3,
                         kl_loss_coeff=0.5)
     c = make_case((90, 40), (90, 200), hq=4, hkv=2, hi=2, seed=6)
@@ -67,8 +68,26 @@ def test_msa_attention_triton_backend_trains_like_the_reference():
                                                                           "ki")]
         out, aux = msa.msa_attention(*leaves, c["cu_seqlens_q"].to(DEVICE),
                                      c["cu_seqlens_k"].to(DEVICE), config=cfg,
-                                     return_aux=True, backend=backend)
+                                     return_aux=True, backend=backend, mode=mode)
         out.backward(torch.ones_like(out))
         grads[backend] = [x.grad for x in leaves] + [aux.kl_loss]
     for a, b in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Hi=Hkv-fragments-split", "Hi=1-G2"])
+def test_dense_warmup_kl_triton_matches_reference(name, monkeypatch):
+    import msa.ops.kl.dense as dense_kl
+    monkeypatch.setattr(dense_kl, "CHUNK_BUDGET_BYTES", 6000)   # several query chunks
+    q_lens, k_lens, frag, hq, hkv, hi, block, _, _ = CASES[name]
+    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, hi=hi, fragment_indices=frag,
+                  seed=len(name), scale=0.7)
+    q, k, qi, ki = (c[n].to(DEVICE) for n in ("q", "k", "qi", "ki"))
+    got = dense_kl.indexer_kl_dense(q, k, qi, ki, c["seg"], block_size=block, scale=0.125,
+                                    index_scale=0.125, loss_coeff=0.3)
+    ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), c["seg"],
+                               None, block_size=block, scale=0.125, index_scale=0.125,
+                               loss_coeff=0.3)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-7)
+    assert got[0] > 0
