@@ -1,0 +1,81 @@
+"""Dense warm-up indexer KL on the GPU (Triton passes) vs the PyTorch reference.
+
+    python benchmarks/bench_dense_kl.py --lengths 8k,32k,64k --out dense_kl.json
+
+MSA shape (Hq=64, Hkv=4, D=128, Hi=4, Di=128, block 128), bf16. Per length: the Triton
+dense KL (loss + dqi + dki over all causal keys), its peak memory above the inputs, the
+reference (chunked PyTorch, where ``T <= --reference-max``) with the relative error of
+dqi/dki, and dense causal attention forward (cuDNN) as a yardstick.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from msa.ops.kl.dense import indexer_kl_dense
+from msa.ops.kl.naive import indexer_kl_reference
+from msa.varlen import Segments
+
+from bench_prefill import BS, D, HKV, HQ, planted_topics
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="8k,32k,64k")
+    ap.add_argument("--reference-max", type=int, default=8192)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--commit", default="unknown")
+    args = ap.parse_args()
+    dev = "cuda"
+    rows = []
+    for s in args.lengths.split(","):
+        T = int(s[:-1]) * 1024 if s.endswith("k") else int(s)
+        g = torch.Generator(device=dev).manual_seed(T)
+        q = torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
+        k = torch.randn(T, HKV, D, device=dev, generator=g, dtype=torch.bfloat16)
+        qi, ki = planted_topics(T, dev, seed=T)
+        seg = Segments([0], [T], [0], [T], T, T)
+        kw = dict(block_size=BS, scale=D ** -0.5, index_scale=D ** -0.5)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss, dqi, dki = indexer_kl_dense(q, k, qi, ki, seg, **kw)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+        ms = triton.testing.do_bench(lambda: indexer_kl_dense(q, k, qi, ki, seg, **kw),
+                                     warmup=2, rep=200, return_mode="median")
+        r = dict(T=T, triton_ms=ms, loss=loss.item(), peak_extra_gb=peak)
+        if T <= args.reference_max:
+            t0 = time.perf_counter()
+            rl, rq, rk = indexer_kl_reference(q, k, qi, ki, seg, None, **kw)
+            torch.cuda.synchronize()
+            r["reference_ms"] = (time.perf_counter() - t0) * 1e3
+            r["speedup"] = r["reference_ms"] / ms
+            r["loss_ref"] = rl.item()
+            r["cos_dqi"], r["cos_dki"] = (F.cosine_similarity(
+                a.float().flatten(), b.float().flatten(), dim=0).item()
+                for a, b in ((dqi, rq), (dki, rk)))
+        qd = q.transpose(0, 1).unsqueeze(0)
+        kd = k.transpose(0, 1).unsqueeze(0)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            r["cudnn_fwd_ms"] = triton.testing.do_bench(
+                lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True,
+                                                       enable_gqa=True),
+                warmup=5, rep=100, return_mode="median")
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    if args.out:
+        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                    triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
+                    commit=args.commit)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, results=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
