@@ -66,3 +66,33 @@ def test_layer_rejects_bad_arguments():
         MSAttention(96, CFG, rotary_dim=65)
     with pytest.raises(ValueError, match="hidden_states"):
         _layer()(torch.randn(10, 96, dtype=torch.float64))
+
+
+def test_paged_cache_matches_contiguous_cache():
+    from msa.nn import PagedCache
+    layer = _layer(rotary_dim=32).eval()
+    x = torch.randn(2, 300, 96, dtype=torch.float64)
+    steps = [(0, 200), (200, 201), (201, 202), (202, 206), (206, 300)]  # prefill, decode, MTP
+    kv, paged = KVCache(), PagedCache(CFG, 1, 2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        for a, b in steps:
+            ref = layer(x[:, a:b], cache=kv)
+            got = layer(x[:, a:b], cache=paged)
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert paged.length(0) == 300
+
+
+def test_paged_cache_decoder_path_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from msa.nn import PagedCache
+    torch.manual_seed(0)
+    layer = MSAttention(96, CFG).cuda().bfloat16().eval()
+    x = torch.randn(2, 400, 96, device="cuda", dtype=torch.bfloat16)
+    kv = KVCache()
+    paged = PagedCache(CFG, 1, 2, 16, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for a, b in [(0, 390), (390, 391), (391, 395), (395, 396)]:   # t <= 16: PagedDecoder
+            ref = layer(x[:, a:b], cache=kv).float()
+            got = layer(x[:, a:b], cache=paged).float()
+            torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)

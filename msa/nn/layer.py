@@ -7,8 +7,9 @@ to both branches. ``mode="sparse"`` runs MSA; ``mode="dense"`` is the warm-up (d
 attention while the indexer learns from it). In training, the indexer's KL loss is
 attached to the output, so ``loss.backward()`` trains both branches (teacher detached).
 
-Decoding: pass a ``KVCache``; the new tokens' keys are appended and the new queries attend
-as the causal suffix of the cached sequence (chunked prefill, decode, multi-token decode).
+Decoding: pass a ``KVCache`` (contiguous) or a ``PagedCache`` (paged pages of the inference
+path); the new tokens' keys are appended and the new queries attend as the causal suffix
+of the cached sequence (chunked prefill, decode, multi-token decode).
 """
 from __future__ import annotations
 
@@ -117,10 +118,13 @@ class MSAttention(nn.Module):
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             qi, ki = self._rope(qi, cos, sin), self._rope(ki, cos, sin)
-        if cache is not None:
-            k, v, ki = cache.update(self.layer_idx, k, v, ki)
-        out = msa_attention(q, k, v, qi, ki, config=c, mode=mode,
-                            train_indexer=self.training, return_aux=return_aux)
-        out, aux = out if return_aux else (out, None)
+        if cache is not None and hasattr(cache, "attend"):          # PagedCache
+            out, aux = cache.attend(self.layer_idx, q, k, v, qi, ki), None
+        else:
+            if cache is not None:
+                k, v, ki = cache.update(self.layer_idx, k, v, ki)
+            out = msa_attention(q, k, v, qi, ki, config=c, mode=mode,
+                                train_indexer=self.training, return_aux=return_aux)
+            out, aux = out if return_aux else (out, None)
         y = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
         return (y, aux) if return_aux else y
