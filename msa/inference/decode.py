@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ..config import MSAConfig
 from ..ops.attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2
+from ..ops.attention.query_major import online_softmax_block
 
 TARGET_PROGRAMS = 264           # about two waves on a 132-SM GPU
 
@@ -127,14 +128,8 @@ def paged_decode_attn_kernel(
                 offs_d[None, :]
             kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
             vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
-            s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
-            s = tl.where(kmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_block(qt, kt, vt, kmask, m_i, l_i, acc,
+                                                 scale_log2, PRECISION, UPCAST)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
     if NSPLIT == 1:

@@ -15,6 +15,21 @@ import triton.language as tl
 from .forward import INTERPRETER, LOG2E, _dot, _next_pow2
 
 
+@triton.jit
+def online_softmax_block(qt, kt, vt, kmask, m_i, l_i, acc, scale_log2,
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block of an online softmax: rows ``qt [M, D]`` against ``kt, vt [N, D]``
+    (``kmask [N]`` allowed keys); returns the updated running max, sum and output."""
+    s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
+    s = tl.where(kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["stride_th"])
 def sparse_attn_qmajor_kernel(
         Q, K, V, TOPK, POS, KBASE, NBLK, OUT, LSE, scale_log2,
@@ -49,14 +64,8 @@ def sparse_attn_qmajor_kernel(
                          mask=kmask[:, None], other=0.0)
             vt = tl.load(V + rows[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
                          mask=kmask[:, None], other=0.0)
-            s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
-            s = tl.where(kmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_block(qt, kt, vt, kmask, m_i, l_i, acc,
+                                                 scale_log2, PRECISION, UPCAST)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(OUT + q * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=gmask[:, None])
