@@ -10,7 +10,8 @@ top-16), bf16, Triton kernels.
    dqi, dki.
 2. Forward (indexer + attention) per length on all ranks, and on one GPU alone where it
    fits (``--single-max``): time, speedup, peak memory per rank.
-3. Communication per rank: bytes of the K/V all-gather, and bytes a sparse exchange
+3. Forward + backward (``--train-lengths``) on all ranks and on one GPU alone.
+4. Communication per rank: bytes of the K/V all-gather, and bytes a sparse exchange
    would move (the distinct remote (KV head, block) pairs its queries selected, measured
    from the indexer's selection on planted-topic index inputs; index keys are
    all-gathered either way).
@@ -141,11 +142,42 @@ def forward(T, world, rank, dev, single_max):
     return r
 
 
+def train_step(T, world, rank, dev, single_max):
+    """Forward + backward (main branch and indexer KL) per rank vs one GPU."""
+    n = T // world
+    g = torch.Generator(device=dev).manual_seed(rank)
+    local = [torch.randn(n, *s, device=dev, generator=g, dtype=torch.bfloat16)
+             .requires_grad_(True) for s in SHAPES]
+    dout = torch.randn(n, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    fn = lambda: context_parallel_msa(*local, config=CFG).backward(dout)
+    dist.barrier()
+    r = dict(T=T, world=world, cp_train_ms=_timed(fn),
+             peak_gb=torch.cuda.max_memory_allocated() / 2**30)
+    del local, dout
+    torch.cuda.empty_cache()
+    if rank == 0 and T <= single_max:
+        full = [torch.randn(T, *s, device=dev, generator=g, dtype=torch.bfloat16)
+                .requires_grad_(True) for s in SHAPES]
+        d_full = torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
+        cu = torch.tensor([0, T], dtype=torch.int32, device=dev)
+        r["single_train_ms"] = _timed(
+            lambda: msa.msa_attention(*full, cu, cu, config=CFG).backward(d_full))
+        r["speedup"] = r["single_train_ms"] / r["cp_train_ms"]
+        del full, d_full
+        torch.cuda.empty_cache()
+    dist.barrier()
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="256k,1m,2m")
     ap.add_argument("--check-length", type=int, default=32768)
     ap.add_argument("--single-max", type=int, default=1 << 20)
+    ap.add_argument("--train-lengths", default="256k",
+                    help="forward + backward lengths ('' to skip)")
+    ap.add_argument("--train-single-max", type=int, default=1 << 18)
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
@@ -167,6 +199,13 @@ def main():
         if rank == 0:
             print(json.dumps(r), flush=True)
             res["forward"].append(r)
+    res["train"] = []
+    for s in filter(None, args.train_lengths.split(",")):
+        T = int(s[:-1]) * mult[s[-1]] if s[-1] in mult else int(s)
+        r = train_step(T, world, rank, dev, args.train_single_max)
+        if rank == 0:
+            print(json.dumps(r), flush=True)
+            res["train"].append(r)
     if rank == 0 and args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
