@@ -127,3 +127,24 @@ def test_decoder_ties_rank_smaller_block_first():
     assert topk[0, 0].tolist() == [0, 1, 10]                   # pos 698: local block 10
     assert torch.equal(topk, paged_indexer(qi, ki, table, lens, [2, 2], block_size=BS,
                                            topk=K))
+
+
+def test_decoder_run_checks_inputs():
+    k, v, ki, table = _cache((300, 130), 12, seed=2)
+    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, index_head_dim=D,
+                    block_size=BS, topk=K)
+    dec = PagedDecoder(cfg, max_batch=2, num_q=1, max_pages=table.shape[1], device=DEVICE,
+                       dtype=torch.float32)
+    dec.plan(table, torch.tensor([300, 130], dtype=torch.int32, device=DEVICE))
+    q = torch.randn(2, HQ, D, device=DEVICE)
+    qi = torch.randn(2, HKV, D, device=DEVICE)
+    with pytest.raises(ValueError, match="q must be"):
+        dec.run(q[:1], qi, k, v, ki)
+    with pytest.raises(ValueError, match="ki_pages must be"):
+        dec.run(q, qi, k, v, ki[..., :32])
+    with pytest.raises(TypeError, match="dtypes"):
+        dec.run(q.double(), qi, k, v, ki)
+    with pytest.raises(IndexError, match="pools hold"):
+        dec.run(q, qi, k[:1], v[:1], ki[:1])
+    out, _ = dec.run(q, qi, k, v, ki)
+    assert torch.isfinite(out).all()

@@ -106,3 +106,13 @@ def test_long_prompt_generate_on_gpu():
     assert out.shape == (1, 32776) and torch.isfinite(logits_s).all()
     torch.testing.assert_close(logits_s[:, :256].float(), logits_d[:, :256].float(),
                                rtol=2e-2, atol=2e-2)   # all blocks selected there (bf16)
+
+
+def test_add_index_projections_rejects_bad_models():
+    from msa.integrations.transformers import add_index_projections
+    with pytest.raises(ValueError, match="no attention modules"):
+        add_index_projections(torch.nn.Linear(2, 2))
+    _, model = _models()
+    add_index_projections(model)
+    with pytest.raises(ValueError, match="already has index projections"):
+        add_index_projections(model)

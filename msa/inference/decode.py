@@ -202,7 +202,7 @@ class PagedDecoder:
         self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(rows, c.num_heads, dtype=torch.float32, device=self.device)
         self.topk = torch.empty(c.index_heads, rows, c.topk, **i32)
-        self.batch = 0
+        self.batch, self.top_page = 0, -1
         self.pages_per_program, self.index_stages = pages_per_program, index_stages
 
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -221,15 +221,46 @@ class PagedDecoder:
             raise ValueError(f"seq_lens must be [B={b}], got {tuple(seq_lens.shape)}")
         lens = seq_lens.tolist()
         bs = self.cfg.block_size
+        top = -1
         for r, n in enumerate(lens):
             if not self.num_q <= n <= w * bs:
                 raise ValueError(f"seq_lens[{r}]={n} must lie in [num_q={self.num_q}, "
                                  f"{w * bs}] (page_table width {w} x page {bs})")
-            if bool((page_table[r, :-(-n // bs)] < 0).any()):
+            used = page_table[r, :-(-n // bs)]
+            if bool((used < 0).any()):
                 raise IndexError(f"request {r}: page_table holds a negative page")
+            top = max(top, int(used.max()))
         self.page_table[:b, :w].copy_(page_table)
         self.seq_lens[:b].copy_(seq_lens)
-        self.batch = b
+        self.batch, self.top_page = b, top
+
+    def _check(self, q, qi, k_pages, v_pages, ki_pages) -> None:
+        """Shapes, dtypes and devices only (host metadata: no synchronisation)."""
+        c, rows = self.cfg, self.batch * self.num_q
+        want = {"q": (q, (rows, c.num_heads, c.head_dim)),
+                "qi": (qi, (rows, c.index_heads, c.index_dim)),
+                "k_pages": (k_pages, (None, c.num_kv_heads, c.block_size, c.head_dim)),
+                "v_pages": (v_pages, (None, c.num_kv_heads, c.block_size, c.head_dim)),
+                "ki_pages": (ki_pages, (None, c.block_size, c.index_dim))}
+        for name, (x, shape) in want.items():
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+            if x.dim() != len(shape) or any(w is not None and w != s
+                                            for w, s in zip(shape, x.shape)):
+                raise ValueError(f"{name} must be {list(shape)} (None: any), got "
+                                 f"{list(x.shape)}")
+            if x.device != self.device:
+                raise ValueError(f"{name} is on {x.device}, the decoder on {self.device}")
+            if x.stride(-1) != 1:
+                raise ValueError(f"{name} must be contiguous in its last dim")
+        if len({q.dtype, k_pages.dtype, v_pages.dtype}) != 1 or qi.dtype != ki_pages.dtype:
+            raise TypeError(f"dtypes must match: q/k_pages/v_pages {q.dtype}/"
+                            f"{k_pages.dtype}/{v_pages.dtype}, qi/ki_pages {qi.dtype}/"
+                            f"{ki_pages.dtype}")
+        pages = min(k_pages.shape[0], v_pages.shape[0], ki_pages.shape[0])
+        if self.top_page >= pages:
+            raise IndexError(f"page_table refers to page {self.top_page}, the pools hold "
+                             f"{pages} pages")
 
     def run(self, q, qi, k_pages, v_pages, ki_pages):
         """One decode step of one layer (no host synchronisation).
@@ -241,6 +272,7 @@ class PagedDecoder:
         c, b, nq = self.cfg, self.batch, self.num_q
         if b == 0:
             raise RuntimeError("call plan() before run()")
+        self._check(q, qi, k_pages, v_pages, ki_pages)
         rows = b * nq
         hkv, hi, g = c.num_kv_heads, c.index_heads, c.num_heads // c.num_kv_heads
         prec = "ieee" if q.dtype == torch.float32 else "tf32"

@@ -113,7 +113,13 @@ def add_index_projections(model):
     only ones the indexer KL loss trains; freeze the rest for a KL warm-up of a pretrained
     model. ``module.msa_last_kl`` holds the layer's last KL value.
     """
-    for m in attention_modules(model):
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError("model has no attention modules with q_proj, k_proj and layer_idx "
+                         "(Llama-family layout expected)")
+    for m in modules:
+        if hasattr(m, "msa_index_q"):
+            raise ValueError(f"layer {m.layer_idx} already has index projections")
         qp, kp = m.q_proj, m.k_proj
         hkv_d = kp.out_features
         g = qp.out_features // hkv_d
