@@ -1,48 +1,87 @@
-"""Dense warm-up indexer KL on the GPU: the sparse Triton kernels over *all* causal blocks.
+"""Dense warm-up indexer KL on the GPU (teacher over *all* causal keys), linear memory.
 
-During warm-up the teacher is the main attention over every causal key. Queries are
-processed in chunks; for a chunk, the "selection" is every block up to each query's
-local block (``[Hi, chunk, blocks]`` int32, bounded by the chunk budget, never
-``T x T/block``), and three KV-outer passes run on it:
-
-1. teacher LSE per query head (``launch_partials`` without V, main-branch q/k),
-2. student LSE per index head (``selected_lse``),
-3. the indexer-KL backward kernel (``indexer_kl_bwd``): loss, ``dqi``, ``dki``.
+1. ``causal_lse_kernel`` (query-major, online log-sum-exp, no partial buffers): the
+   teacher LSE per query head (main-branch q/k) and the student LSE per index head.
+2. The indexer-KL backward kernel (``indexer_kl_bwd``, KV-outer) over every causal block,
+   query chunk by query chunk: the chunk's "selection" is every block up to each query's
+   local block (``[Hi, chunk, blocks]`` int32, bounded by ``CHUNK_BUDGET_BYTES``, never
+   ``T x T/block``): loss, ``dqi``, ``dki``.
 
 Same contract as ``indexer_kl_reference(topk=None)``.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ...varlen import Segments
-from ..attention.forward import launch_partials
-from ..indexer.triton import selected_lse
-from ..prepare import block_rows, plan_chunk
+from ..attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2
+from ..indexer.triton import _tiles
 from .triton import indexer_kl_bwd
 
-CHUNK_BUDGET_BYTES = 1 << 30       # partial-LSE buffer of one query chunk
+CHUNK_BUDGET_BYTES = 1 << 30       # dense "selection" of one query chunk
 
 
-def teacher_lse(q, k, topk, seg: Segments, *, block_size: int, scale: float) -> torch.Tensor:
-    """``[total_q, Hq]`` fp32 LSE of ``scale * q.k`` over the causal keys of the selected
-    blocks (``topk [Hs, total_q, K]``), by a KV-outer pass without V."""
-    total_q, hq, _ = q.shape
-    hkv, ksel = k.shape[1], topk.shape[-1]
-    g = hq // hkv
-    rows = block_rows(seg, block_size, q.device)
-    topk = topk.to(torch.int32).contiguous()
-    pl = torch.empty(total_q * hkv * ksel * g, dtype=torch.float32, device=q.device)
-    plan = plan_chunk(topk, rows, 0, total_q, hkv, 256)
-    launch_partials(q, k, None, rows, plan, 0, None, pl, scale=scale, ksel=ksel,
-                    block_size=block_size)
-    t = topk.long()
-    t = t.expand(hkv, -1, -1) if t.shape[0] == 1 else t
-    valid = (t >= 0) & (t < rows.q_nblocks.view(1, -1, 1))              # [Hkv, Tq, K]
-    part = pl.view(total_q, hkv, ksel, g)
-    part = torch.where(valid.permute(1, 0, 2).unsqueeze(-1), part,
-                       torch.full_like(part, float("-inf")))
-    return torch.logsumexp(part, dim=2).reshape(total_q, hq)
+@triton.jit
+def causal_lse_kernel(Q, K, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, LSE, scale_log2,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
+                      G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                      BS: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    """Query-major online log-sum-exp of ``scale * q.k`` over all causal keys: program
+    (tile of ``BLOCK_T`` queries of one segment, KV head ``h``), rows = tokens x the ``G``
+    heads served by ``h``; natural-log LSE into ``LSE[token, h*G + g]``."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    q0 = tl.load(TILE_Q0 + pid).to(tl.int64)
+    n = tl.load(TILE_N + pid)
+    kbase = tl.load(TILE_KBASE + pid).to(tl.int64)
+    off = tl.load(TILE_OFF + pid)
+    offs_m = tl.arange(0, BLOCK_T * G_PAD)
+    tok = offs_m // G_PAD
+    g = offs_m % G_PAD
+    rmask = (tok < n) & (g < G)
+    pos = off + tok
+    offs_d = tl.arange(0, D)
+    qt = tl.load(Q + (q0 + tok)[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
+                 + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    m_i = tl.zeros((BLOCK_T * G_PAD,), dtype=tl.float32) - float("inf")
+    l_i = tl.zeros((BLOCK_T * G_PAD,), dtype=tl.float32)
+    offs_n = tl.arange(0, BS)
+    last = (off + n - 1) // BS
+    for blk in range(0, last + 1):
+        t = blk * BS + offs_n
+        kt = tl.load(K + (kbase + t)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+                     mask=(t <= off + n - 1)[:, None], other=0.0)
+        s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
+        s = tl.where(t[None, :] <= pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + (q0 + tok) * stride_lt + (h * G + g) * stride_lh, lse, mask=rmask)
+
+
+def causal_lse(q, k, seg: Segments, *, scale: float, block_size: int,
+               block_rows: int = 64) -> torch.Tensor:
+    """``[total_q, H]`` fp32 LSE of ``scale * q.k`` over every causal key (q ``[total_q,
+    H, D]``, k ``[total_k, Hk, D]``, ``Hk`` divides ``H``: head ``hk`` serves ``H/Hk``)."""
+    total_q, hq, d = q.shape
+    hk = k.shape[1]
+    g = hq // hk
+    g_pad = _next_pow2(g)
+    block_t = max(1, block_rows // g_pad)
+    out = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
+    tiles = _tiles(seg, block_t, q.device)
+    if tiles[0].numel():
+        causal_lse_kernel[(tiles[0].numel(), hk)](
+            q, k, *tiles, out, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), out.stride(0), out.stride(1), G=g, G_PAD=g_pad, D=d, BS=block_size,
+            BLOCK_T=block_t, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=4, num_stages=2)
+    return out
 
 
 def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: float,
@@ -57,10 +96,13 @@ def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: flo
     loss = torch.zeros((), dtype=torch.float32, device=q.device)
     dqi = torch.zeros(qi.shape, dtype=torch.float32, device=q.device)
     dki = torch.zeros(ki.shape, dtype=torch.float32, device=q.device)
+    t_lse = causal_lse(q, k, seg, scale=scale, block_size=block_size)            # [T, Hq]
+    s_lse = causal_lse(qi, ki, seg, scale=index_scale, block_size=block_size).t()  # [Hi, T]
     for b in range(seg.num_segments):
         qs, ql, kb, kl = seg.q_start[b], seg.q_len[b], seg.k_base[b], seg.k_len[b]
         nb_max = -(-kl // block_size)
-        chunk = max(1, min(ql, CHUNK_BUDGET_BYTES // (nb_max * max(hq, hi) * 4)))
+        # per query: Hi x blocks top-k ids (4 B) plus ~12 B per planned edge
+        chunk = max(1, min(ql, CHUNK_BUDGET_BYTES // (nb_max * hi * 16)))
         for c0 in range(0, ql, chunk):
             n = min(chunk, ql - c0)
             p0 = kl - ql + c0                              # position of the first query
@@ -71,9 +113,7 @@ def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: flo
             topk = torch.where(ids <= local, ids, -1).unsqueeze(0).expand(hi, n, nb)
             topk = topk.contiguous()
             s = slice(qs + c0, qs + c0 + n)
-            tl_ = teacher_lse(q[s], k, topk, sub, block_size=block_size, scale=scale)
-            il = selected_lse(qi[s], ki, topk, sub, block_size=block_size, scale=index_scale)
-            part, dq, dk = indexer_kl_bwd(q[s], k, tl_, qi[s], ki, il, topk, sub,
+            part, dq, dk = indexer_kl_bwd(q[s], k, t_lse[s], qi[s], ki, s_lse[:, s], topk, sub,
                                           block_size=block_size, scale=scale,
                                           index_scale=index_scale,
                                           loss_coeff=loss_coeff * n / total_q)
