@@ -6,11 +6,16 @@ Task (copying): a sequence of ``T`` tokens whose first half is random and whose 
 half is made of spans of ``SPAN`` tokens copied from random places of the first half. The
 loss counts the second half only; a model predicts a copied token by finding where its
 span came from (induction over up to ``T`` tokens). Models: ``LAYERS`` x (RMSNorm,
-``msa.nn.MSAttention``, RMSNorm, SwiGLU MLP), width 256, Hq=4, Hkv=2, D=64, 2 index heads
+``msa.nn.MSAttention``, RMSNorm, SwiGLU MLP), width 128, Hq=4, Hkv=2, D=64, 2 index heads
 of 64, block 64, top-8 (512 of ``T`` keys).
 
+Schedule (both models): ``--warmup`` steps at ``--warmup-length`` tokens (short: the
+induction circuit forms there; on a CPU at 128 tokens it appeared after ~700 steps, loss
+7.2 -> 0.35, accuracy 96% by step 800), then ``--length`` tokens.
+
 * dense: attention dense for all steps (no indexer training);
-* msa: dense warm-up for ``--warmup`` steps, then sparse MSA (indexer trained by KL).
+* msa: dense during the warm-up (indexer trained by the dense KL), then sparse MSA
+  (indexer trained by the sparse KL).
 
 Logged: training loss of both, the KL, and at the end, per layer, the attention recall
 (share of dense attention mass inside the blocks the indexer selects, last 256 queries)
@@ -33,7 +38,7 @@ from msa.nn import MSAttention
 from msa.nn.rope import rope_cos_sin
 from msa.varlen import Segments
 
-VOCAB, WIDTH, LAYERS, SPAN = 2048, 256, 2, 16
+VOCAB, WIDTH, LAYERS, SPAN = 2048, 128, 2, 16
 CFG = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, num_index_heads=2,
                     index_head_dim=64, block_size=64, topk=8, kl_loss_coeff=1.0)
 
@@ -117,8 +122,8 @@ def recall(model, ids, probe=256):
     return res
 
 
-def train(mode_of_step, steps, T, bsz, seed, device, log_every=25, max_seconds=1e9,
-          cfg=CFG, lr=1e-3):
+def train(mode_of_step, steps, length_of_step, bsz, seed, device, log_every=25,
+          max_seconds=1e9, cfg=CFG, lr=3e-3):
     torch.manual_seed(seed)
     model = Model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -127,7 +132,7 @@ def train(mode_of_step, steps, T, bsz, seed, device, log_every=25, max_seconds=1
     log = []
     t0 = time.perf_counter()
     for step in range(steps):
-        mode = mode_of_step(step)
+        mode, T = mode_of_step(step), length_of_step(step)
         ids, target = batch(bsz, T, g, device)
         loss, acc = loss_and_acc(model, ids, target, mode)
         opt.zero_grad(set_to_none=True)
@@ -138,8 +143,8 @@ def train(mode_of_step, steps, T, bsz, seed, device, log_every=25, max_seconds=1
         last = step == steps - 1 or time.perf_counter() - t0 > max_seconds
         if step % log_every == 0 or last:
             kl = [None if b.kl is None else b.kl.item() for b in model.blocks]
-            log.append(dict(step=step, mode=mode, loss=loss.item(), acc=acc.item(), kl=kl,
-                            seconds=time.perf_counter() - t0))
+            log.append(dict(step=step, mode=mode, T=T, loss=loss.item(), acc=acc.item(),
+                            kl=kl, seconds=time.perf_counter() - t0))
             print(json.dumps(log[-1]), flush=True)
         if last:
             break
@@ -157,10 +162,12 @@ def evaluate(model, T, seed, device, mode):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--warmup", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--warmup", type=int, default=1500, help="dense warm-up steps")
+    ap.add_argument("--warmup-length", type=int, default=512,
+                    help="sequence length during the warm-up (both models)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-seconds", type=float, default=1e9, help="per model (safety)")
     ap.add_argument("--device", default="cuda")
@@ -173,7 +180,8 @@ def main():
     for name, mode_of_step, cfg in (
             ("dense", lambda s: "dense", no_kl),
             ("msa", lambda s: "dense" if s < args.warmup else "sparse", CFG)):
-        model, log = train(mode_of_step, args.steps, T, args.batch, 0, dev,
+        length_of_step = (lambda s: args.warmup_length if s < args.warmup else T)
+        model, log = train(mode_of_step, args.steps, length_of_step, args.batch, 0, dev,
                            max_seconds=args.max_seconds, cfg=cfg, lr=args.lr)
         final = "dense" if name == "dense" else "sparse"
         runs[name] = dict(log=log, eval=[evaluate(model, n * T, 7, dev, final)
@@ -187,7 +195,8 @@ def main():
     meta = dict(gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                 torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d"), commit=args.commit, length=T,
-                steps=args.steps, warmup=args.warmup, batch=args.batch, lr=args.lr,
+                steps=args.steps, warmup=args.warmup, warmup_length=args.warmup_length,
+                batch=args.batch, lr=args.lr,
                 max_seconds=args.max_seconds,
                 model=dict(vocab=VOCAB, width=WIDTH, layers=LAYERS, span=SPAN,
                            config=str(CFG)))
