@@ -8,7 +8,9 @@ varlen segments that share the gathered KV rows through ``fragment_indices`` (sp
 Outputs, LSEs and gradients equal single-device MSA; the KL weight is divided by ``W`` so
 the summed per-rank losses equal the single-device loss.
 
-A sparse exchange of only the selected blocks is the optimised path (to come).
+A sparse exchange of only the selected K/V blocks is not built: measured on 2 GPUs, every
+remote block is selected by some query of a rank in prefill/training, so it would move
+what the all-gather moves (docs/benchmarks.md, "Context parallelism").
 """
 from __future__ import annotations
 
