@@ -127,6 +127,7 @@ def train(mode_of_step, steps, length_of_step, bsz, seed, device, log_every=25,
     torch.manual_seed(seed)
     model = Model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    main_params = [p for n, p in model.named_parameters() if ".index_" not in n]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     g = torch.Generator(device=device).manual_seed(seed + 1)
     log = []
@@ -137,7 +138,9 @@ def train(mode_of_step, steps, length_of_step, bsz, seed, device, log_every=25,
         loss, acc = loss_and_acc(model, ids, target, mode)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # clip the main branch alone: the indexer's KL gradient must not change the
+        # main model's effective step (else the MSA model learns slower than its twin)
+        torch.nn.utils.clip_grad_norm_(main_params, 1.0)
         opt.step()
         sched.step()
         last = step == steps - 1 or time.perf_counter() - t0 > max_seconds
