@@ -219,17 +219,18 @@ class PagedDecoder:
                              f"max_batch={self.page_table.shape[0]}, max_pages={self.max_pages}")
         if seq_lens.shape != (b,):
             raise ValueError(f"seq_lens must be [B={b}], got {tuple(seq_lens.shape)}")
-        lens = seq_lens.tolist()
+        lens = seq_lens.to(page_table.device).long()
         bs = self.cfg.block_size
-        top = -1
-        for r, n in enumerate(lens):
-            if not self.num_q <= n <= w * bs:
-                raise ValueError(f"seq_lens[{r}]={n} must lie in [num_q={self.num_q}, "
-                                 f"{w * bs}] (page_table width {w} x page {bs})")
-            used = page_table[r, :-(-n // bs)]
-            if bool((used < 0).any()):
-                raise IndexError(f"request {r}: page_table holds a negative page")
-            top = max(top, int(used.max()))
+        bad = ((lens < self.num_q) | (lens > w * bs)).nonzero()
+        if bad.numel():
+            r = int(bad[0])
+            raise ValueError(f"seq_lens[{r}]={int(lens[r])} must lie in [num_q={self.num_q}, "
+                             f"{w * bs}] (page_table width {w} x page {bs})")
+        used = torch.arange(w, device=page_table.device) < (-(-lens // bs)).view(-1, 1)
+        bad = ((page_table < 0) & used).any(1).nonzero()
+        if bad.numel():
+            raise IndexError(f"request {int(bad[0])}: page_table holds a negative page")
+        top = int(torch.where(used, page_table, -1).max())
         self.page_table[:b, :w].copy_(page_table)
         self.seq_lens[:b].copy_(seq_lens)
         self.batch, self.top_page = b, top

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import MSAConfig
 from ..functional import msa_attention
+from .paged_cache import PagedCache
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -118,7 +119,7 @@ class MSAttention(nn.Module):
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             qi, ki = self._rope(qi, cos, sin), self._rope(ki, cos, sin)
-        if cache is not None and hasattr(cache, "attend"):          # PagedCache
+        if isinstance(cache, PagedCache):
             out, aux = cache.attend(self.layer_idx, q, k, v, qi, ki), None
         else:
             if cache is not None:

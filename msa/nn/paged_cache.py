@@ -34,7 +34,7 @@ class PagedCache:
         for pool in self.pools:
             for r in range(batch):
                 pool.allocate(r)
-        self.decoders: Dict[tuple, PagedDecoder] = {}
+        self.decoders: Dict[int, PagedDecoder] = {}
 
     def length(self, layer_idx: int) -> int:
         return self.pools[layer_idx].lengths[0]
@@ -52,16 +52,12 @@ class PagedCache:
         table, lens = pool.page_table(reqs), pool.seq_lens(reqs)
         qf, qif = q.reshape(b * t, *q.shape[2:]), qi.reshape(b * t, *qi.shape[2:])
         if q.is_cuda and t <= 16 and q.dtype in (torch.bfloat16, torch.float16):
-            key = (layer_idx, t)
-            width = pool.k.shape[0]
-            dec = self.decoders.get(key)
+            dec = self.decoders.get(t)          # layers run in turn: one decoder per Q
             if dec is None:
-                dec = PagedDecoder(c, max_batch=b, num_q=t, max_pages=width,
+                dec = PagedDecoder(c, max_batch=b, num_q=t, max_pages=pool.k.shape[0],
                                    device=q.device, dtype=q.dtype)
-                self.decoders[key] = dec
-            padded = torch.full((b, width), -1, dtype=torch.int32, device=q.device)
-            padded[:, :table.shape[1]] = table
-            dec.plan(padded, lens)
+                self.decoders[t] = dec
+            dec.plan(table, lens)
             out, _ = dec.run(qf, qif, pool.k, pool.v, pool.ki)
             out = out.clone()
         else:
