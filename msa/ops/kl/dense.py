@@ -116,8 +116,9 @@ def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: flo
             part, dq, dk = indexer_kl_bwd(q[s], k, t_lse[s], qi[s], ki, s_lse[:, s], topk, sub,
                                           block_size=block_size, scale=scale,
                                           index_scale=index_scale,
-                                          loss_coeff=loss_coeff * n / total_q)
+                                          loss_coeff=loss_coeff * n / total_q,
+                                          fp32_grads=True)    # chunks summed in fp32
             loss += part
-            dqi[s] += dq.float()
-            dki += dk.float()
+            dqi[s] += dq
+            dki += dk
     return loss, dqi.to(qi.dtype), dki.to(ki.dtype)

@@ -105,8 +105,10 @@ def indexer_kl_bwd_kernel(
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, *,
                    block_size: int, scale: float, index_scale: float, loss_coeff: float = 1.0,
                    q_per_item: int = 256, block_t: int = None, num_warps: int = 8,
-                   num_stages: int = 2):
-    """KL loss and gradients ``(loss, dqi, dki)`` (spec 7.2, fp32 ``dz``).
+                   num_stages: int = 2, fp32_grads: bool = False):
+    """KL loss and gradients ``(loss, dqi, dki)`` (spec 7.2, fp32 ``dz``); the gradients
+    have the dtypes of qi / ki, or stay fp32 with ``fp32_grads`` (for callers that sum
+    several calls).
 
     q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, teacher_lse ``[total_q, Hq]`` (the
     attention forward LSE), qi ``[total_q, Hi, Di]``, ki ``[total_k, 1, Di]``,
@@ -147,4 +149,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
                 R=rep, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps,
                 num_stages=num_stages)
-    return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
+    dki = dki.view(ki.shape)
+    if fp32_grads:
+        return loss, dqi, dki
+    return loss, dqi.to(qi.dtype), dki.to(ki.dtype)
