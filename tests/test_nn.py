@@ -39,6 +39,25 @@ def test_index_gradient_is_the_kl_gradient_whatever_the_output_gradient():
     torch.testing.assert_close(2 * grads[0][2], grads[1][2], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_kl_does_not_reach_the_backbone(mode):
+    """Stop-gradient on the index branch input: the input's gradient (and the main
+    projections') is the same with and without the indexer KL."""
+    from dataclasses import replace
+    grads = []
+    for coeff in (0.0, 5.0):
+        torch.manual_seed(0)
+        layer = MSAttention(96, replace(CFG, kl_loss_coeff=coeff), rotary_dim=32).double()
+        x = torch.randn(1, 260, 96, dtype=torch.float64, requires_grad=True)
+        y, aux = layer.train()(x, mode=mode, return_aux=True)
+        y.pow(2).sum().backward()
+        grads.append((x.grad, layer.q_proj.weight.grad, layer.index_q_proj.weight.grad))
+        assert (aux.kl_loss is not None and aux.kl_loss > 0) == (coeff > 0)
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
+    assert grads[1][2].abs().sum() > 0                   # the KL trains the index branch
+
+
 def test_sparse_equals_dense_when_everything_is_selected():
     cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=8)
     torch.manual_seed(0)

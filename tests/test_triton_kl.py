@@ -75,10 +75,13 @@ def test_msa_attention_triton_backend_trains_like_the_reference(mode):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("budget", [1500, 6000, 1 << 30])
 @pytest.mark.parametrize("name", ["Hi=Hkv-fragments-split", "Hi=1-G2"])
-def test_dense_warmup_kl_triton_matches_reference(name, monkeypatch):
+def test_dense_warmup_kl_triton_matches_reference(name, budget, monkeypatch):
     import msa.ops.kl.dense as dense_kl
-    monkeypatch.setattr(dense_kl, "CHUNK_BUDGET_BYTES", 1500)   # several query chunks
+    # 1500: every segment in query chunks; 6000: short segments grouped, a long one
+    # chunked; 1 << 30: the whole batch in one call
+    monkeypatch.setattr(dense_kl, "CHUNK_BUDGET_BYTES", budget)
     q_lens, k_lens, frag, hq, hkv, hi, block, _, _ = CASES[name]
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, hi=hi, fragment_indices=frag,
                   seed=len(name), scale=0.7)

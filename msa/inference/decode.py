@@ -192,6 +192,8 @@ class PagedDecoder:
                              f"{max_pages}")
         self.cfg, self.num_q, self.max_pages = config, num_q, max_pages
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         c = config
         i32 = dict(dtype=torch.int32, device=self.device)
         self.page_table = torch.zeros(max_batch, max_pages, **i32)

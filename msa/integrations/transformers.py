@@ -73,6 +73,7 @@ def _index_qk(module, tq: int, tk: int):
     """Index query ``[B, Tq, Hkv, D]`` and keys ``[B, Tk, Hkv, D]`` (cached across calls)
     from the hidden states the pre-hook stored."""
     h, (cos, sin) = module.msa_inputs
+    h = h.detach()                  # stop-gradient: the KL trains the index projections only
     b = h.shape[0]
     qi = module.msa_index_q(h).view(b, tq, -1, module.head_dim).transpose(1, 2)
     ki = module.msa_index_k(h).view(b, tq, -1, module.head_dim).transpose(1, 2)

@@ -5,7 +5,9 @@ branch ``index_q`` (``Hi`` heads of dim ``Di``) / ``index_k`` (one shared head).
 per-head RMSNorm on q/k (and index q/k) and RoPE on the first ``rotary_dim`` dims, applied
 to both branches. ``mode="sparse"`` runs MSA; ``mode="dense"`` is the warm-up (dense causal
 attention while the indexer learns from it). In training, the indexer's KL loss is
-attached to the output, so ``loss.backward()`` trains both branches (teacher detached).
+attached to the output, so ``loss.backward()`` trains both branches (teacher detached; the
+index projections read the hidden states through a stop-gradient, so the KL never reaches
+the backbone).
 
 Decoding: pass a ``KVCache`` (contiguous) or a ``PagedCache`` (paged pages of the inference
 path); the new tokens' keys are appended and the new queries attend as the causal suffix
@@ -110,9 +112,11 @@ class MSAttention(nn.Module):
         q = self.q_norm(self.q_proj(hidden_states).view(b, t, c.num_heads, c.head_dim))
         k = self.k_norm(self.k_proj(hidden_states).view(b, t, c.num_kv_heads, c.head_dim))
         v = self.v_proj(hidden_states).view(b, t, c.num_kv_heads, c.head_dim)
-        qi = self.index_q_norm(self.index_q_proj(hidden_states)
-                               .view(b, t, c.index_heads, c.index_dim))
-        ki = self.index_k_norm(self.index_k_proj(hidden_states).view(b, t, 1, c.index_dim))
+        # stop-gradient on the index branch's input: the KL trains the index projections
+        # only, never the backbone (the main branch's gradients are unchanged by the KL)
+        hi = hidden_states.detach()
+        qi = self.index_q_norm(self.index_q_proj(hi).view(b, t, c.index_heads, c.index_dim))
+        ki = self.index_k_norm(self.index_k_proj(hi).view(b, t, 1, c.index_dim))
         if self.rotary_dim:
             pos = torch.arange(past, past + t, device=hidden_states.device)
             cos, sin = rope_cos_sin(pos, self.rotary_dim, self.rope_theta)

@@ -84,6 +84,44 @@ def causal_lse(q, k, seg: Segments, *, scale: float, block_size: int,
     return out
 
 
+def _query_pieces(seg: Segments, block_size: int, hi: int, total_k: int):
+    """Cut the packed queries into pieces whose dense "selection" fits
+    ``CHUNK_BUDGET_BYTES``: runs of whole segments (one kernel call for a batch of short
+    sequences), or query chunks of one long segment. Yields ``(first query, Segments)``
+    with the piece's queries renumbered from 0."""
+    per_query = hi * 16            # top-k ids (4 B per block) plus ~12 B per planned edge
+    run = []
+
+    def flush():
+        if run:
+            q0 = seg.q_start[run[0]]
+            yield q0, Segments([seg.q_start[b] - q0 for b in run], [seg.q_len[b] for b in run],
+                               [seg.k_base[b] for b in run], [seg.k_len[b] for b in run],
+                               sum(seg.q_len[b] for b in run), total_k)
+        run.clear()
+
+    for b in range(seg.num_segments):
+        ql, nb = seg.q_len[b], seg.num_blocks(b, block_size)
+        if ql == 0:
+            continue
+        if ql * nb * per_query > CHUNK_BUDGET_BYTES:           # long: chunks of its own
+            yield from flush()
+            chunk = max(1, CHUNK_BUDGET_BYTES // (nb * per_query))
+            for c0 in range(0, ql, chunk):
+                n = min(chunk, ql - c0)
+                p0 = seg.k_len[b] - ql + c0                     # position of the first query
+                yield seg.q_start[b] + c0, Segments([0], [n], [seg.k_base[b]], [p0 + n], n,
+                                                    total_k)
+            continue
+        width = max([nb] + [seg.num_blocks(r, block_size) for r in run])
+        rows = sum(seg.q_len[r] for r in run) + ql
+        if run and (rows * width * per_query > CHUNK_BUDGET_BYTES
+                    or seg.q_start[b] != seg.q_start[run[-1]] + seg.q_len[run[-1]]):
+            yield from flush()
+        run.append(b)
+    yield from flush()
+
+
 def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: float,
                      index_scale: float, loss_coeff: float = 1.0):
     """``(loss, dqi, dki)`` of the dense warm-up KL (teacher over all causal keys).
@@ -98,27 +136,20 @@ def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: flo
     dki = torch.zeros(ki.shape, dtype=torch.float32, device=q.device)
     t_lse = causal_lse(q, k, seg, scale=scale, block_size=block_size)            # [T, Hq]
     s_lse = causal_lse(qi, ki, seg, scale=index_scale, block_size=block_size).t()  # [Hi, T]
-    for b in range(seg.num_segments):
-        qs, ql, kb, kl = seg.q_start[b], seg.q_len[b], seg.k_base[b], seg.k_len[b]
-        nb_max = -(-kl // block_size)
-        # per query: Hi x blocks top-k ids (4 B) plus ~12 B per planned edge
-        chunk = max(1, min(ql, CHUNK_BUDGET_BYTES // (nb_max * hi * 16)))
-        for c0 in range(0, ql, chunk):
-            n = min(chunk, ql - c0)
-            p0 = kl - ql + c0                              # position of the first query
-            sub = Segments([0], [n], [kb], [p0 + n], n, k.shape[0])
-            nb = -(-(p0 + n) // block_size)
-            local = (torch.arange(p0, p0 + n, device=q.device) // block_size).view(-1, 1)
-            ids = torch.arange(nb, device=q.device, dtype=torch.int32).view(1, -1)
-            topk = torch.where(ids <= local, ids, -1).unsqueeze(0).expand(hi, n, nb)
-            topk = topk.contiguous()
-            s = slice(qs + c0, qs + c0 + n)
-            part, dq, dk = indexer_kl_bwd(q[s], k, t_lse[s], qi[s], ki, s_lse[:, s], topk, sub,
-                                          block_size=block_size, scale=scale,
-                                          index_scale=index_scale,
-                                          loss_coeff=loss_coeff * n / total_q,
-                                          fp32_grads=True)    # chunks summed in fp32
-            loss += part
-            dqi[s] += dq
-            dki += dk
+    pos = seg.positions(q.device)
+    for q0, sub in _query_pieces(seg, block_size, hi, k.shape[0]):
+        n = sub.total_q
+        nb = max(sub.num_blocks(b, block_size) for b in range(sub.num_segments))
+        local = (pos[q0:q0 + n] // block_size).view(-1, 1)
+        ids = torch.arange(nb, device=q.device, dtype=torch.int32).view(1, -1)
+        topk = torch.where(ids <= local, ids, -1).unsqueeze(0).expand(hi, n, nb).contiguous()
+        s = slice(q0, q0 + n)
+        part, dq, dk = indexer_kl_bwd(q[s], k, t_lse[s], qi[s], ki, s_lse[:, s], topk, sub,
+                                      block_size=block_size, scale=scale,
+                                      index_scale=index_scale,
+                                      loss_coeff=loss_coeff * n / total_q,
+                                      fp32_grads=True)    # pieces summed in fp32
+        loss += part
+        dqi[s] += dq
+        dki += dk
     return loss, dqi.to(qi.dtype), dki.to(ki.dtype)
