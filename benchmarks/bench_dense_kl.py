@@ -4,8 +4,10 @@
 
 MSA shape (Hq=64, Hkv=4, D=128, Hi=4, Di=128, block 128), bf16. Per length: the Triton
 dense KL (loss + dqi + dki over all causal keys), its peak memory above the inputs, the
-reference (chunked PyTorch, where ``T <= --reference-max``) with the relative error of
-dqi/dki, and dense causal attention forward (cuDNN) as a yardstick.
+reference (chunked PyTorch, where ``T <= --reference-max``) with the cosine of dqi/dki,
+the time of the two LSE passes alone (teacher over 64 heads, student over 4), a sweep of
+the gradient kernel's launch (``--sweep``: queries per item x tokens per tile), and dense
+causal attention forward (cuDNN) as a yardstick.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from msa.ops.kl.dense import indexer_kl_dense
+from msa.ops.kl.dense import causal_lse, indexer_kl_dense
 from msa.ops.kl.naive import indexer_kl_reference
 from msa.varlen import Segments
 
@@ -30,6 +32,8 @@ def main():
     ap.add_argument("--reference-max", type=int, default=8192)
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--sweep", default="256x4,1024x4,4096x4,1024x8",
+                    help="q_per_item x block_t launches to time ('' to skip)")
     args = ap.parse_args()
     dev = "cuda"
     rows = []
@@ -49,6 +53,16 @@ def main():
         ms = triton.testing.do_bench(lambda: indexer_kl_dense(q, k, qi, ki, seg, **kw),
                                      warmup=2, rep=200, return_mode="median")
         r = dict(T=T, triton_ms=ms, loss=loss.item(), peak_extra_gb=peak)
+        r["lse_ms"] = triton.testing.do_bench(
+            lambda: (causal_lse(q, k, seg, scale=kw["scale"], block_size=BS),
+                     causal_lse(qi, ki, seg, scale=kw["index_scale"], block_size=BS)),
+            warmup=2, rep=100, return_mode="median")
+        r["sweep"] = {}
+        for cfg in filter(None, args.sweep.split(",")):
+            qpi, bt = (int(x) for x in cfg.split("x"))
+            r["sweep"][cfg] = triton.testing.do_bench(
+                lambda: indexer_kl_dense(q, k, qi, ki, seg, q_per_item=qpi, block_t=bt, **kw),
+                warmup=2, rep=100, return_mode="median")
         if T <= args.reference_max:
             t0 = time.perf_counter()
             rl, rq, rk = indexer_kl_reference(q, k, qi, ki, seg, None, **kw)

@@ -7,7 +7,8 @@ local block. Checks the Triton backward against the reference at T=4000 first (c
 > 0.99 per gradient, spec 6), then times ours (Triton forward + backward), fla
 ``parallel_nsa`` forward + backward on the same indices, dense causal SDPA (cuDNN)
 forward + backward, and the Triton indexer-KL backward on the same selection.
-Also times the deterministic backward and checks that two runs are bitwise equal.
+Also times the deterministic backward and checks that two runs are bitwise equal; the
+same for the indexer-KL backward (fast and deterministic).
 Useful FLOPs: forward ``4 D Hq sparse_elements``, backward 2.5x.
 """
 from __future__ import annotations
@@ -95,6 +96,15 @@ def run(T, device, fla_fn, dense_max):
     kl = lambda: indexer_kl_bwd(q.detach(), k.detach(), lse, qi, ki, ilse, topk, seg,
                                 block_size=BS, scale=D ** -0.5, index_scale=D ** -0.5)
     r["kl_bwd_ms"] = triton.testing.do_bench(kl, warmup=25, rep=rep, return_mode="median")
+    kl_det = lambda: indexer_kl_bwd(q.detach(), k.detach(), lse, qi, ki, ilse, topk, seg,
+                                    block_size=BS, scale=D ** -0.5, index_scale=D ** -0.5,
+                                    deterministic=True)
+    r["kl_det_ms"] = triton.testing.do_bench(kl_det, warmup=5, rep=rep, return_mode="median")
+    r["kl_det_bitwise_repeat"] = all(torch.equal(a, b) for a, b in zip(kl_det(), kl_det()))
+    ref = kl()
+    r["kl_det_cos_vs_fast"] = min(F.cosine_similarity(a.float().flatten(), b.float().flatten(),
+                                                      dim=0).item()
+                                  for a, b in zip(kl_det()[1:], ref[1:]))
     if fla_fn is not None:
         call = fla_call(fla_fn, q, k, v, topk)
         fla = lambda: torch.autograd.grad(call(), [q, k, v], dout.unsqueeze(0))

@@ -165,16 +165,17 @@ def evaluate(model, T, seed, device, mode):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--warmup", type=int, default=1500, help="dense warm-up steps")
-    ap.add_argument("--warmup-length", type=int, default=512,
+    ap.add_argument("--steps", type=int, default=2200)
+    ap.add_argument("--warmup", type=int, default=1200, help="dense warm-up steps")
+    ap.add_argument("--warmup-length", type=int, default=128,
                     help="sequence length during the warm-up (both models)")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-seconds", type=float, default=1e9, help="per model (safety)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--models", default="dense,msa", help="which of dense,msa to train")
     args = ap.parse_args()
     dev = torch.device(args.device)
     T = args.length
@@ -183,6 +184,8 @@ def main():
     for name, mode_of_step, cfg in (
             ("dense", lambda s: "dense", no_kl),
             ("msa", lambda s: "dense" if s < args.warmup else "sparse", CFG)):
+        if name not in args.models.split(","):
+            continue
         length_of_step = (lambda s: args.warmup_length if s < args.warmup else T)
         model, log = train(mode_of_step, args.steps, length_of_step, args.batch, 0, dev,
                            max_seconds=args.max_seconds, cfg=cfg, lr=args.lr)

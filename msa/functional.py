@@ -324,11 +324,16 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     Shapes as ``msa_sparse_attention`` (q, k, v) and ``msa_indexer`` (qi, ki).
     ``backend``, ``deterministic`` as in ``msa_sparse_attention``; with the Triton backend
     the KL (sparse, and dense warm-up) comes from the Triton kernels (one shared
-    index-key head; fp32 atomics, not covered by ``deterministic``).
+    index-key head). ``deterministic`` covers the sparse mode (attention and KL
+    gradients and the KL value bitwise repeatable); the dense warm-up KL kernel uses fp32
+    atomics, so ``mode="dense"`` with ``deterministic=True`` is rejected.
     Returns ``out`` or ``(out, MSAAux)`` with ``return_aux``.
     """
     if mode not in ("sparse", "dense"):
         raise ValueError(f"mode must be 'sparse' or 'dense', got {mode!r}")
+    if deterministic and mode == "dense":
+        raise ValueError("deterministic=True covers mode='sparse' only (the dense warm-up "
+                         "KL kernel accumulates with fp32 atomics)")
     lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   fragment_indices)
     _check_qkv(q, k, v)
@@ -373,7 +378,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
             lay.pack(q).detach(), lay.pack(k).detach(), lay.pack(lse), lay.pack(qi).detach(),
             lay.pack(ki).detach(), lay.pack_heads(ilse), lay.pack_heads(topk), lay.seg,
             block_size=cfg.block_size, scale=scale, index_scale=iscale,
-            loss_coeff=cfg.kl_loss_coeff)
+            loss_coeff=cfg.kl_loss_coeff, deterministic=deterministic)
         kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
     elif wants_kl:
         kl = msa_indexer_kl(q.detach(), k.detach(), qi, ki, topk, **varlen,

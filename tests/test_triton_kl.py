@@ -22,7 +22,7 @@ CASES = {
 }
 
 
-def _run(name, dtype=torch.float32):
+def _run(name, dtype=torch.float32, **kw):
     q_lens, k_lens, frag, hq, hkv, hi, block, kk, qpi = CASES[name]
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, hi=hi, fragment_indices=frag,
                   seed=len(name), scale=0.7)
@@ -32,20 +32,37 @@ def _run(name, dtype=torch.float32):
     _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=0.125)
     ilse = selected_lse(qi, ki, topk, seg, block_size=block, scale=0.125)
     got = indexer_kl_bwd(q, k, tlse, qi, ki, ilse, topk, seg, block_size=block, scale=0.125,
-                         index_scale=0.125, loss_coeff=0.3, q_per_item=qpi)
+                         index_scale=0.125, loss_coeff=0.3, q_per_item=qpi, **kw)
     ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
                                block_size=block, scale=0.125, index_scale=0.125,
                                loss_coeff=0.3)
     return got, ref, c, topk
 
 
+@pytest.mark.parametrize("det", [{}, {"deterministic": True, "query_chunk": 7}],
+                         ids=["fast", "deterministic"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_kl_matches_reference(name):
-    (loss, dqi, dki), (rl, rq, rk), _, _ = _run(name)
+def test_triton_kl_matches_reference(name, det):
+    (loss, dqi, dki), (rl, rq, rk), _, _ = _run(name, **det)
     torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(dqi.double(), rq, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
     assert loss > 0
+
+
+def test_deterministic_kl_is_bitwise_repeatable():
+    runs = [_run("Hi=Hkv-fragments-split", torch.bfloat16, deterministic=True)[0]
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_dense_mode_rejects_deterministic():
+    c = make_case((20,), (20,), hq=4, hkv=2, hi=2, seed=1)
+    cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=3)
+    with pytest.raises(ValueError, match="deterministic"):
+        msa.msa_attention(*(c[n] for n in ("q", "k", "v", "qi", "ki")), c["cu_seqlens_q"],
+                          c["cu_seqlens_k"], config=cfg, mode="dense", deterministic=True)
 
 
 def test_triton_kl_bf16_within_spec_tolerance():
@@ -75,19 +92,16 @@ def test_msa_attention_triton_backend_trains_like_the_reference(mode):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("budget", [1500, 6000, 1 << 30])
+@pytest.mark.parametrize("q_per_item", [7, 64, 1024])
 @pytest.mark.parametrize("name", ["Hi=Hkv-fragments-split", "Hi=1-G2"])
-def test_dense_warmup_kl_triton_matches_reference(name, budget, monkeypatch):
+def test_dense_warmup_kl_triton_matches_reference(name, q_per_item):
     import msa.ops.kl.dense as dense_kl
-    # 1500: every segment in query chunks; 6000: short segments grouped, a long one
-    # chunked; 1 << 30: the whole batch in one call
-    monkeypatch.setattr(dense_kl, "CHUNK_BUDGET_BYTES", budget)
     q_lens, k_lens, frag, hq, hkv, hi, block, _, _ = CASES[name]
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, hi=hi, fragment_indices=frag,
                   seed=len(name), scale=0.7)
     q, k, qi, ki = (c[n].to(DEVICE) for n in ("q", "k", "qi", "ki"))
     got = dense_kl.indexer_kl_dense(q, k, qi, ki, c["seg"], block_size=block, scale=0.125,
-                                    index_scale=0.125, loss_coeff=0.3)
+                                    index_scale=0.125, loss_coeff=0.3, q_per_item=q_per_item)
     ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), c["seg"],
                                None, block_size=block, scale=0.125, index_scale=0.125,
                                loss_coeff=0.3)

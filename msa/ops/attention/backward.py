@@ -101,9 +101,11 @@ def sparse_attn_bwd_kernel(
 
 @triton.jit
 def item_sum_kernel(SRC, ORDER, RUN0, RUN1, KROW, H, NK, DST_K, DST_V, SRC_V,
-                    stride_kt, stride_kh, BS: tl.constexpr, D: tl.constexpr):
+                    stride_kt, stride_kh, BS: tl.constexpr, D: tl.constexpr,
+                    PAIR: tl.constexpr = True):
     """Deterministic mode: program ``r`` adds, in order, the per-item slots of run ``r``
-    (items of one (physical key row, head)) into ``dk``/``dv``."""
+    (items of one (physical key row, head)) into ``dk``/``dv`` (``dk`` alone without
+    ``PAIR``)."""
     r = tl.program_id(0)
     i0 = tl.load(RUN0 + r)
     i1 = tl.load(RUN1 + r)
@@ -118,13 +120,15 @@ def item_sum_kernel(SRC, ORDER, RUN0, RUN1, KROW, H, NK, DST_K, DST_V, SRC_V,
         it = tl.load(ORDER + i).to(tl.int64)
         nk = tl.maximum(nk, tl.load(NK + it))
         acc_k += tl.load(SRC + it * BS * D + offs)
-        acc_v += tl.load(SRC_V + it * BS * D + offs)
+        if PAIR:
+            acc_v += tl.load(SRC_V + it * BS * D + offs)
     dst = (krow + tl.arange(0, BS))[:, None] * stride_kt + h * stride_kh + \
         tl.arange(0, D)[None, :]
     # runs of one physical row are summed by one program, and launches are ordered
     rmask = (tl.arange(0, BS) < nk)[:, None]
     tl.store(DST_K + dst, tl.load(DST_K + dst, mask=rmask) + acc_k, mask=rmask)
-    tl.store(DST_V + dst, tl.load(DST_V + dst, mask=rmask) + acc_v, mask=rmask)
+    if PAIR:
+        tl.store(DST_V + dst, tl.load(DST_V + dst, mask=rmask) + acc_v, mask=rmask)
 
 
 def _base_layers(seg: Segments, device):
@@ -148,13 +152,18 @@ def _base_layers(seg: Segments, device):
 def _sum_items(plan, pk, pv, dk, dv, block_size, layers):
     """Deterministic sum of per-item dK/dV slots into ``dk``/``dv`` (fp32): one launch
     per layer of disjoint KV ranges, runs of items by (physical key row, head), items of
-    a run in query order."""
+    a run in (query, head) order. ``pv``/``dv`` None: one tensor summed over the items'
+    heads (the indexer KL's ``dki``, ``dk [total_k, 1, D]``)."""
     bases, base_layer, n_layers = layers
     n = plan.num_items
-    hkv = int(plan.num_heads)
+    pair = pv is not None
+    heads = int(plan.num_heads)
+    dst_h = plan.item_h if pair else torch.zeros_like(plan.item_h)
     layer = base_layer[torch.searchsorted(bases, plan.item_krow - plan.item_t0)]
-    target = (layer * (int(plan.item_krow.max()) + 1) + plan.item_krow) * hkv + plan.item_h
-    order = torch.argsort(target * (int(plan.item_e0.max()) + 1) + plan.item_e0.long())
+    target = (layer * (int(plan.item_krow.max()) + 1) + plan.item_krow) * \
+        (heads if pair else 1) + dst_h
+    within = plan.item_e0.long() * heads + plan.item_h          # unique within a run
+    order = torch.argsort(target * (int(within.max()) + 1) + within)
     st = target[order]
     new = torch.ones(n, dtype=torch.bool, device=st.device)
     new[1:] = st[1:] != st[:-1]
@@ -166,9 +175,9 @@ def _sum_items(plan, pk, pv, dk, dv, block_size, layers):
     for c in counts:                         # ordered launches: layers never race
         if c:
             item_sum_kernel[(c,)](
-                pk, order, run0[r0:r0 + c], run1[r0:r0 + c], plan.item_krow, plan.item_h,
-                plan.item_nk, dk, dv, pv, dk.stride(0), dk.stride(1), BS=block_size,
-                D=dk.shape[-1], num_warps=4)
+                pk, order, run0[r0:r0 + c], run1[r0:r0 + c], plan.item_krow, dst_h,
+                plan.item_nk, dk, dv if pair else dk, pv if pair else pk, dk.stride(0),
+                dk.stride(1), BS=block_size, D=dk.shape[-1], PAIR=pair, num_warps=4)
         r0 += c
 
 

@@ -2,26 +2,26 @@
 
 1. ``causal_lse_kernel`` (query-major, online log-sum-exp, no partial buffers): the
    teacher LSE per query head (main-branch q/k) and the student LSE per index head.
-2. The indexer-KL backward kernel (``indexer_kl_bwd``, KV-outer) over every causal block,
-   query chunk by query chunk: the chunk's "selection" is every block up to each query's
-   local block (``[Hi, chunk, blocks]`` int32, bounded by ``CHUNK_BUDGET_BYTES``, never
-   ``T x T/block``): loss, ``dqi``, ``dki``.
+2. The indexer-KL backward kernel (``indexer_kl_bwd_kernel``, KV-outer) in its dense
+   form: one work item per (index head, KV block, run of ``q_per_item`` consecutive
+   queries that see the block), made arithmetically from the segment geometry (no
+   selection tensor, no edge lists, no sorting; ``O(T^2 / (block * q_per_item))`` items):
+   loss, ``dqi``, ``dki``.
 
 Same contract as ``indexer_kl_reference(topk=None)``.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ...varlen import Segments
-from ..attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2
+from ..attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2, check_supported
 from ..indexer.triton import _tiles
-from .triton import indexer_kl_bwd
-
-CHUNK_BUDGET_BYTES = 1 << 30       # dense "selection" of one query chunk
-
+from .triton import launch_kl
 
 @triton.jit
 def causal_lse_kernel(Q, K, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, LSE, scale_log2,
@@ -84,72 +84,79 @@ def causal_lse(q, k, seg: Segments, *, scale: float, block_size: int,
     return out
 
 
-def _query_pieces(seg: Segments, block_size: int, hi: int, total_k: int):
-    """Cut the packed queries into pieces whose dense "selection" fits
-    ``CHUNK_BUDGET_BYTES``: runs of whole segments (one kernel call for a batch of short
-    sequences), or query chunks of one long segment. Yields ``(first query, Segments)``
-    with the piece's queries renumbered from 0."""
-    per_query = hi * 16            # top-k ids (4 B per block) plus ~12 B per planned edge
-    run = []
+@dataclass
+class DenseItems:
+    """Work items of the dense KL (int32 ``[num_items]`` each, ``item_e0/e1`` = packed
+    query rows)."""
+    item_h: torch.Tensor
+    item_krow: torch.Tensor
+    item_t0: torch.Tensor
+    item_nk: torch.Tensor
+    item_e0: torch.Tensor
+    item_e1: torch.Tensor
+    num_items: int
 
-    def flush():
-        if run:
-            q0 = seg.q_start[run[0]]
-            yield q0, Segments([seg.q_start[b] - q0 for b in run], [seg.q_len[b] for b in run],
-                               [seg.k_base[b] for b in run], [seg.k_len[b] for b in run],
-                               sum(seg.q_len[b] for b in run), total_k)
-        run.clear()
 
-    for b in range(seg.num_segments):
-        ql, nb = seg.q_len[b], seg.num_blocks(b, block_size)
-        if ql == 0:
-            continue
-        if ql * nb * per_query > CHUNK_BUDGET_BYTES:           # long: chunks of its own
-            yield from flush()
-            chunk = max(1, CHUNK_BUDGET_BYTES // (nb * per_query))
-            for c0 in range(0, ql, chunk):
-                n = min(chunk, ql - c0)
-                p0 = seg.k_len[b] - ql + c0                     # position of the first query
-                yield seg.q_start[b] + c0, Segments([0], [n], [seg.k_base[b]], [p0 + n], n,
-                                                    total_k)
-            continue
-        width = max([nb] + [seg.num_blocks(r, block_size) for r in run])
-        rows = sum(seg.q_len[r] for r in run) + ql
-        if run and (rows * width * per_query > CHUNK_BUDGET_BYTES
-                    or seg.q_start[b] != seg.q_start[run[-1]] + seg.q_len[run[-1]]):
-            yield from flush()
-        run.append(b)
-    yield from flush()
+def dense_items(seg: Segments, block_size: int, num_heads: int, q_per_item: int,
+                device) -> DenseItems:
+    """Items (index head, KV block of a segment, ``<= q_per_item`` consecutive queries that
+    see the block), longest first. Block ``j`` (keys ``j*bs ..``) is seen by the queries
+    at positions ``>= j*bs``: rows ``q_start + max(0, j*bs - (k_len - q_len)) ..``."""
+    i64 = dict(dtype=torch.int64)
+    nb = torch.tensor([seg.num_blocks(b, block_size) for b in range(seg.num_segments)], **i64)
+    q_start, q_len, k_base, k_len = (torch.tensor(x, **i64) for x in
+                                     (seg.q_start, seg.q_len, seg.k_base, seg.k_len))
+    row_seg = torch.repeat_interleave(torch.arange(seg.num_segments), nb)
+    first_row = torch.cumsum(nb, 0) - nb
+    t0 = (torch.arange(int(nb.sum())) - first_row[row_seg]) * block_size
+    q_end = (q_start + q_len)[row_seg]
+    q_first = torch.minimum(q_start[row_seg] + torch.clamp(t0 - (k_len - q_len)[row_seg],
+                                                           min=0), q_end)
+    count = (q_end - q_first + q_per_item - 1) // q_per_item
+    row = torch.repeat_interleave(torch.arange(t0.numel()), count)
+    chunk = torch.arange(row.numel()) - torch.repeat_interleave(torch.cumsum(count, 0) - count,
+                                                                count)
+    e0 = q_first[row] + chunk * q_per_item
+    e1 = torch.minimum(e0 + q_per_item, q_end[row])
+    order = torch.argsort(e1 - e0, descending=True, stable=True)
+    row, e0, e1 = row[order], e0[order], e1[order]
+    krow = (k_base[row_seg] + t0)[row]
+    nk = torch.clamp(k_len[row_seg] - t0, max=block_size)[row]
+    n = row.numel()
+    cols = [torch.arange(num_heads).repeat_interleave(n)] + \
+        [x.repeat(num_heads) for x in (krow, t0[row], nk, e0, e1)]
+    return DenseItems(*(x.to(device=device, dtype=torch.int32) for x in cols),
+                      num_items=n * num_heads)
 
 
 def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: float,
-                     index_scale: float, loss_coeff: float = 1.0):
+                     index_scale: float, loss_coeff: float = 1.0, q_per_item: int = 1024,
+                     block_t: int = None, num_warps: int = 8, num_stages: int = 2):
     """``(loss, dqi, dki)`` of the dense warm-up KL (teacher over all causal keys).
 
     q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, qi ``[total_q, Hi, Di]``,
-    ki ``[total_k, 1, Di]``.
+    ki ``[total_k, 1, Di]``. ``q_per_item``, ``block_t``, ``num_warps``, ``num_stages``:
+    launch parameters of the gradient kernel.
     """
     total_q, hq, _ = q.shape
-    hi = qi.shape[1]
+    hi, di = qi.shape[1], qi.shape[2]
+    check_supported(q.dtype, max(q.shape[2], di))
+    if ki.shape[1] != 1:
+        raise NotImplementedError("the Triton KL backward needs one shared index-key head")
+    q, k, qi = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, qi))
+    ki2 = ki[:, 0].contiguous()
     loss = torch.zeros((), dtype=torch.float32, device=q.device)
     dqi = torch.zeros(qi.shape, dtype=torch.float32, device=q.device)
-    dki = torch.zeros(ki.shape, dtype=torch.float32, device=q.device)
-    t_lse = causal_lse(q, k, seg, scale=scale, block_size=block_size)            # [T, Hq]
-    s_lse = causal_lse(qi, ki, seg, scale=index_scale, block_size=block_size).t()  # [Hi, T]
-    pos = seg.positions(q.device)
-    for q0, sub in _query_pieces(seg, block_size, hi, k.shape[0]):
-        n = sub.total_q
-        nb = max(sub.num_blocks(b, block_size) for b in range(sub.num_segments))
-        local = (pos[q0:q0 + n] // block_size).view(-1, 1)
-        ids = torch.arange(nb, device=q.device, dtype=torch.int32).view(1, -1)
-        topk = torch.where(ids <= local, ids, -1).unsqueeze(0).expand(hi, n, nb).contiguous()
-        s = slice(q0, q0 + n)
-        part, dq, dk = indexer_kl_bwd(q[s], k, t_lse[s], qi[s], ki, s_lse[:, s], topk, sub,
-                                      block_size=block_size, scale=scale,
-                                      index_scale=index_scale,
-                                      loss_coeff=loss_coeff * n / total_q,
-                                      fp32_grads=True)    # pieces summed in fp32
-        loss += part
-        dqi[s] += dq
-        dki += dk
-    return loss, dqi.to(qi.dtype), dki.to(ki.dtype)
+    dki = torch.zeros((ki.shape[0], di), dtype=torch.float32, device=q.device)
+    if total_q:
+        t_lse = causal_lse(q, k, seg, scale=scale, block_size=block_size)             # [T, Hq]
+        s_lse = causal_lse(qi, ki2.unsqueeze(1), seg, scale=index_scale,
+                           block_size=block_size).t()                                # [Hi, T]
+        items = dense_items(seg, block_size, hi, q_per_item, q.device)
+        if items.num_items:
+            launch_kl(q, k, t_lse, qi, ki2, s_lse, dqi, dki, loss,
+                      seg.positions(q.device).to(torch.int32), None, items,
+                      block_size=block_size, scale=scale, index_scale=index_scale,
+                      loss_coeff=loss_coeff, block_t=block_t, num_warps=num_warps,
+                      num_stages=num_stages, dense=True)
+    return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)

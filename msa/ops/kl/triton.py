@@ -23,21 +23,28 @@ import triton.language as tl
 from ...varlen import Segments
 from ..attention.forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported,
                                  load_item)
+from ..attention.backward import SLOT_BUDGET_BYTES, _base_layers, _sum_items
 from ..prepare import block_rows, plan_chunks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q0"])
 def indexer_kl_bwd_kernel(
-        Q, K, TLSE, QI, KI, ILSE, DQI, DKI, LOSS, POS, EDGE_Q,
+        Q, K, TLSE, QI, KI, ILSE, DQI, DKI, LOSS, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1,
-        scale_log2, iscale, iscale_log2, coeff,
+        q0, scale_log2, iscale, iscale_log2, coeff,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_tl, stride_it, stride_ih,
         stride_kit, stride_lh,
         G: tl.constexpr, G_PAD: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
         DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        HI: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False):
+    # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
+    # every causal query of the block, no edge list). Edge query ids are relative to q0.
+    # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
+    # slot), dki into DKI[item] ([BS, DI]) and the loss into LOSS[item]
+    pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
-                                        ITEM_E1, tl.program_id(0))
+                                        ITEM_E1, pid)
     offs_n = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     offs_di = tl.arange(0, DI)
@@ -56,7 +63,10 @@ def indexer_kl_bwd_kernel(
         # student
         er = e + tok_r
         rmask = er < e1
-        qr = tl.load(EDGE_Q + er, mask=rmask, other=0).to(tl.int64)
+        if DENSE:
+            qr = tl.where(rmask, er, 0).to(tl.int64)
+        else:
+            qr = q0 + tl.load(EDGE_Q + er, mask=rmask, other=0).to(tl.int64)
         pos_r = tl.load(POS + qr, mask=rmask, other=-1)
         qi = tl.load(QI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
                      mask=rmask[:, None], other=0.0)
@@ -70,7 +80,10 @@ def indexer_kl_bwd_kernel(
         # teacher, accumulated over the KV heads and Q heads of index head h
         em = e + tok_m
         mmask = (em < e1) & (g_m < G)
-        qm = tl.load(EDGE_Q + em, mask=em < e1, other=0).to(tl.int64)
+        if DENSE:
+            qm = tl.where(em < e1, em, 0).to(tl.int64)
+        else:
+            qm = q0 + tl.load(EDGE_Q + em, mask=em < e1, other=0).to(tl.int64)
         pos_m = tl.load(POS + qm, mask=em < e1, other=-1)
         allowed_m = ((t0 + offs_n)[None, :] <= pos_m[:, None]) & kmask[None, :] & \
             mmask[:, None]
@@ -94,25 +107,38 @@ def indexer_kl_bwd_kernel(
         loss += tl.sum(tl.sum(tl.where(pt_r > 0, pt_r * (log_pt - log_ps), 0.0), 1)) / R
         dz = (coeff / R) * (ps - pt_r)                               # replicas share 1/R
         dqi = _dot(dz.to(ki.dtype), ki, PRECISION, UPCAST) * iscale
-        tl.atomic_add(DQI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :], dqi,
-                      mask=rmask[:, None], sem="relaxed")
+        if DET:
+            slot = tl.load(EDGE_SLOT + er, mask=rmask, other=0).to(tl.int64)
+            sidx = (((qr - q0) * HI + h) * KSEL + slot) * DI
+            first = rmask & (offs_r % R == 0)          # one replica writes the token's sum
+            tl.store(DQI + sidx[:, None] + offs_di[None, :], dqi * R, mask=first[:, None])
+        else:
+            tl.atomic_add(DQI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
+                          dqi, mask=rmask[:, None], sem="relaxed")
         dki += _dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
-    tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :], dki * iscale,
-                  mask=kmask[:, None], sem="relaxed")
-    tl.atomic_add(LOSS, loss * coeff, sem="relaxed")
+    if DET:
+        p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * DI + offs_di[None, :]
+        tl.store(DKI + p_off, dki * iscale, mask=kmask[:, None])
+        tl.store(LOSS + pid, loss * coeff)
+    else:
+        tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :], dki * iscale,
+                      mask=kmask[:, None], sem="relaxed")
+        tl.atomic_add(LOSS, loss * coeff, sem="relaxed")
 
 
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, *,
                    block_size: int, scale: float, index_scale: float, loss_coeff: float = 1.0,
-                   q_per_item: int = 256, block_t: int = None, num_warps: int = 8,
-                   num_stages: int = 2, fp32_grads: bool = False):
+                   deterministic: bool = False, q_per_item: int = 256, block_t: int = None,
+                   num_warps: int = 8, num_stages: int = 2, query_chunk: int = None):
     """KL loss and gradients ``(loss, dqi, dki)`` (spec 7.2, fp32 ``dz``); the gradients
-    have the dtypes of qi / ki, or stay fp32 with ``fp32_grads`` (for callers that sum
-    several calls).
+    have the dtypes of qi / ki.
 
     q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, teacher_lse ``[total_q, Hq]`` (the
     attention forward LSE), qi ``[total_q, Hi, Di]``, ki ``[total_k, 1, Di]``,
     indexer_lse ``[Hi, total_q]`` (selected LSE), topk ``[Hi, total_q, K]``.
+    ``deterministic``: bitwise-repeatable loss and gradients (dqi through per-(query,
+    head, slot) buffers, dki through per-item buffers summed in a fixed order, per query
+    chunk of at most ``query_chunk`` queries / ``SLOT_BUDGET_BYTES``).
     ``block_t`` (tokens per tile), ``num_warps``, ``num_stages``: launch parameters; the
     defaults (64-row teacher tiles, 8 warps, 2 stages) were the fastest of a sweep on an
     H100 at 64K tokens (``benchmarks/results/sweep_attention_bwd_h100_2026-11-26.json``).
@@ -128,28 +154,63 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
     dki = torch.zeros((ki.shape[0], di), dtype=torch.float32, device=q.device)
     loss = torch.zeros((), dtype=torch.float32, device=q.device)
     if total_q:
-        tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
-        g, nkv = hq // hkv, hkv // hi
-        g_pad = _next_pow2(g)
-        block_t = block_t or max(1, 64 // g_pad)
-        rep = max(1, 16 // block_t)
         rows = block_rows(seg, block_size, q.device)
         topk = topk.to(torch.int32).contiguous()
-        coeff = loss_coeff / (hi * total_q)
-        for _, _, plan in plan_chunks(topk, rows, 0, total_q, total_q, hi, q_per_item):
+        ksel = topk.shape[2]
+        chunk = total_q
+        if deterministic:
+            layers = _base_layers(seg, q.device)
+            chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES // (hi * ksel * di * 4)))
+        kw = dict(block_size=block_size, scale=scale, index_scale=index_scale,
+                  loss_coeff=loss_coeff, block_t=block_t, num_warps=num_warps,
+                  num_stages=num_stages)
+        for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hi, q_per_item):
             if not plan.num_items:
                 continue
-            indexer_kl_bwd_kernel[(plan.num_items,)](
-                q, k, tlse, qi, ki2, ilse, dqi, dki, loss, rows.q_pos, plan.edge_q,
-                plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
-                plan.item_e1, scale * LOG2E, index_scale, index_scale * LOG2E, coeff,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), tlse.stride(0),
-                qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0),
-                G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, BLOCK_T=block_t,
-                R=rep, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps,
-                num_stages=num_stages)
-    dki = dki.view(ki.shape)
-    if fp32_grads:
-        return loss, dqi, dki
-    return loss, dqi.to(qi.dtype), dki.to(ki.dtype)
+            if not deterministic:
+                launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
+                          plan.edge_q, plan, **kw)
+                continue
+            slots = torch.zeros((q1 - q0) * hi * ksel * di, dtype=torch.float32,
+                                device=q.device)
+            pk = torch.zeros((plan.num_items, block_size, di), dtype=torch.float32,
+                             device=q.device)
+            losses = torch.zeros(plan.num_items, dtype=torch.float32, device=q.device)
+            launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, slots, pk, losses, rows.q_pos,
+                      plan.edge_q, plan, q0=q0, edge_slot=plan.edge_slot, ksel=ksel,
+                      deterministic=True, **kw)
+            dqi[q0:q1] += slots.view(q1 - q0, hi, ksel, di).sum(2)
+            _sum_items(plan, pk, None, dki.view(-1, 1, di), None, block_size, layers)
+            loss += losses.sum()
+    return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
+
+
+def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
+              *, block_size, scale, index_scale, loss_coeff, block_t=None, num_warps=8,
+              num_stages=2, dense=False, deterministic=False, q0=0, edge_slot=None, ksel=1):
+    """One launch of ``indexer_kl_bwd_kernel`` over the work items ``items`` (``item_h,
+    item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
+    ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
+    ``dense``: the items' edge ranges are query rows (``edge_q`` unused).
+    ``deterministic``: ``dqi`` is the slot buffer ``[chunk, Hi, ksel, Di]`` of the queries
+    from ``q0``, ``dki`` per item ``[num_items, block, Di]``, ``loss`` per item."""
+    total_q, hq, d = q.shape
+    hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
+    tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
+    g, nkv = hq // hkv, hkv // hi
+    g_pad = _next_pow2(g)
+    block_t = block_t or max(1, 64 // g_pad)
+    rep = max(1, 16 // block_t)
+    edge_q = q_pos if edge_q is None else edge_q
+    indexer_kl_bwd_kernel[(items.num_items,)](
+        q, k, tlse, qi, ki2, ilse, dqi, dki, loss, q_pos, edge_q,
+        edge_q if edge_slot is None else edge_slot,
+        items.item_h, items.item_krow, items.item_t0, items.item_nk, items.item_e0,
+        items.item_e1, q0, scale * LOG2E, index_scale, index_scale * LOG2E,
+        loss_coeff / (hi * total_q),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), tlse.stride(0),
+        qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0),
+        G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, BLOCK_T=block_t,
+        R=rep, HI=hi, KSEL=ksel, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRETER and q.dtype == torch.bfloat16, DENSE=dense, DET=deterministic,
+        num_warps=num_warps, num_stages=num_stages)
