@@ -32,8 +32,8 @@ def main():
     ap.add_argument("--reference-max", type=int, default=8192)
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--sweep", default="256x4,1024x4,4096x4,1024x2",
-                    help="q_per_item x block_t launches to time ('' to skip)")
+    ap.add_argument("--sweep", default="1024x4,1024x4x1,1024x4x3,1024x8x1,1024x2x2",
+                    help="q_per_item x block_t [x num_stages] launches to time ('' to skip)")
     args = ap.parse_args()
     dev = "cuda"
     rows = []
@@ -59,11 +59,11 @@ def main():
             warmup=2, rep=100, return_mode="median")
         r["sweep"] = {}
         for cfg in filter(None, args.sweep.split(",")):
-            qpi, bt = (int(x) for x in cfg.split("x"))
+            qpi, bt, st = (int(x) for x in (cfg + "x2").split("x")[:3])
             try:
                 r["sweep"][cfg] = triton.testing.do_bench(
                     lambda: indexer_kl_dense(q, k, qi, ki, seg, q_per_item=qpi, block_t=bt,
-                                             **kw), warmup=2, rep=100, return_mode="median")
+                                             num_stages=st, **kw), warmup=2, rep=100, return_mode="median")
             except triton.runtime.errors.OutOfResources as e:      # tile too large
                 r["sweep"][cfg] = f"out of resources: {e}"
         if T <= args.reference_max:

@@ -25,8 +25,9 @@ def main(src, dst):
         a.set_xlabel("step")
         a.grid(alpha=.3)
     ax.set_ylabel("copy loss")
+    ax.set_yscale("log")
     ax.set_title(f"dense warm-up at {d['meta']['warmup_length']} tokens | "
-                 f"then {d['meta']['length']} tokens")
+                 f"then up to {d['meta']['length']}", fontsize=10)
     ax2.set_yscale("log")
     ax2.set_title("MSA indexer KL")
     ax.legend()

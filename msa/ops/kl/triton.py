@@ -107,14 +107,14 @@ def indexer_kl_bwd_kernel(
         loss += tl.sum(tl.sum(tl.where(pt_r > 0, pt_r * (log_pt - log_ps), 0.0), 1)) / R
         dz = (coeff / R) * (ps - pt_r)                               # replicas share 1/R
         dqi = _dot(dz.to(ki.dtype), ki, PRECISION, UPCAST) * iscale
+        first = rmask & (offs_r % R == 0)              # one replica adds the token's sum
         if DET:
             slot = tl.load(EDGE_SLOT + er, mask=rmask, other=0).to(tl.int64)
             sidx = (((qr - q0) * HI + h) * KSEL + slot) * DI
-            first = rmask & (offs_r % R == 0)          # one replica writes the token's sum
             tl.store(DQI + sidx[:, None] + offs_di[None, :], dqi * R, mask=first[:, None])
         else:
             tl.atomic_add(DQI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
-                          dqi, mask=rmask[:, None], sem="relaxed")
+                          dqi * R, mask=first[:, None], sem="relaxed")
         dki += _dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
     if DET:
         p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * DI + offs_di[None, :]
