@@ -200,15 +200,20 @@ def main():
             print(json.dumps(r), flush=True)
             res["forward"].append(r)
     res["train"] = []
+
+    def save():
+        if rank == 0 and args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+
     for s in filter(None, args.train_lengths.split(",")):
+        save()                                  # a length that does not fit ends the run
         T = int(s[:-1]) * mult[s[-1]] if s[-1] in mult else int(s)
         r = train_step(T, world, rank, dev, args.train_single_max)
         if rank == 0:
             print(json.dumps(r), flush=True)
             res["train"].append(r)
-    if rank == 0 and args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    save()
     dist.destroy_process_group()
 
 

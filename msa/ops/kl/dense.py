@@ -131,7 +131,7 @@ def dense_items(seg: Segments, block_size: int, num_heads: int, q_per_item: int,
 
 def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: float,
                      index_scale: float, loss_coeff: float = 1.0, q_per_item: int = 1024,
-                     block_t: int = None, num_warps: int = 8, num_stages: int = 2):
+                     block_t: int = None, num_warps: int = 8, num_stages: int = None):
     """``(loss, dqi, dki)`` of the dense warm-up KL (teacher over all causal keys).
 
     q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, qi ``[total_q, Hi, Di]``,

@@ -129,7 +129,7 @@ def indexer_kl_bwd_kernel(
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, *,
                    block_size: int, scale: float, index_scale: float, loss_coeff: float = 1.0,
                    deterministic: bool = False, q_per_item: int = 256, block_t: int = None,
-                   num_warps: int = 8, num_stages: int = 2, query_chunk: int = None):
+                   num_warps: int = 8, num_stages: int = None, query_chunk: int = None):
     """KL loss and gradients ``(loss, dqi, dki)`` (spec 7.2, fp32 ``dz``); the gradients
     have the dtypes of qi / ki.
 
@@ -140,8 +140,9 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
     head, slot) buffers, dki through per-item buffers summed in a fixed order, per query
     chunk of at most ``query_chunk`` queries / ``SLOT_BUDGET_BYTES``).
     ``block_t`` (tokens per tile), ``num_warps``, ``num_stages``: launch parameters; the
-    defaults (64-row teacher tiles, 8 warps, 2 stages) were the fastest of a sweep on an
-    H100 at 64K tokens (``benchmarks/results/sweep_attention_bwd_h100_2026-11-26.json``).
+    defaults (128-row teacher tiles for head dims <= 128, 8 warps, 1 stage) were the
+    fastest of a sweep on an H100 at 128K tokens, MSA shape: 72 ms against 106 ms for
+    64-row tiles with 2 stages (``benchmarks/results/sweep_kl_h100_2026-11-26.json``).
     """
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
@@ -187,7 +188,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
 
 def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
               *, block_size, scale, index_scale, loss_coeff, block_t=None, num_warps=8,
-              num_stages=2, dense=False, deterministic=False, q0=0, edge_slot=None, ksel=1):
+              num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, ksel=1):
     """One launch of ``indexer_kl_bwd_kernel`` over the work items ``items`` (``item_h,
     item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
     ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
@@ -199,7 +200,8 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
     g, nkv = hq // hkv, hkv // hi
     g_pad = _next_pow2(g)
-    block_t = block_t or max(1, 64 // g_pad)
+    block_t = block_t or max(1, (128 if max(d, di) <= 128 else 64) // g_pad)
+    num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
     rep = max(1, 16 // block_t)
     edge_q = q_pos if edge_q is None else edge_q
     indexer_kl_bwd_kernel[(items.num_items,)](
