@@ -181,6 +181,16 @@ def _sum_items(plan, pk, pv, dk, dv, block_size, layers):
         r0 += c
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """``(a * b).sum(-1)`` in fp32 for ``[total_q, H, D]`` inputs, by chunks of ``rows``
+    queries (upcasting whole tensors would hold three fp32 copies: 96 KB per query at the
+    MSA shape, 48 GB at 512K queries)."""
+    out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+    for r in range(0, a.shape[0], rows):
+        out[r:r + rows] = (a[r:r + rows].float() * b[r:r + rows].float()).sum(-1)
+    return out
+
+
 def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size: int,
                     scale: float, q_per_item: int = 256, deterministic: bool = False,
                     block_n: int = None, block_q: int = None, num_warps: int = 8,
@@ -204,7 +214,7 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     if total_q:
         lse = lse.float().contiguous()
-        delta = (dout.float() * out.float()).sum(-1).contiguous()       # [total_q, Hq]
+        delta = _rowdot(dout, out)                                       # [total_q, Hq]
         rows = block_rows(seg, block_size, q.device)
         topk = topk.to(torch.int32).contiguous()
         g = hq // hkv
