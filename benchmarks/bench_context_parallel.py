@@ -7,7 +7,7 @@ top-16), bf16, Triton kernels.
 
 1. Check (T = ``--check-length``): zigzag context-parallel forward + backward (main
    branch and indexer KL) against single-GPU MSA on rank 0: cosine of out, dq, dk, dv,
-   dqi, dki.
+   dqi, dki; one document, then six packed documents (``cu_seqlens``).
 2. Forward (indexer + attention) per length on all ranks, and on one GPU alone where it
    fits (``--single-max``): time, speedup, peak memory per rank.
 3. Forward + backward (``--train-lengths``) on all ranks and on one GPU alone.
@@ -45,10 +45,11 @@ def _full(T, dev, seed=0):
             for s in SHAPES]
 
 
-def check(T, world, rank, dev):
+def check(T, world, rank, dev, docs=None):
     full = _full(T, dev)
     local = [zigzag_shard(x, world, rank).clone().requires_grad_(True) for x in full]
-    out = context_parallel_msa(*local, config=CFG)
+    cu = torch.tensor(docs or [0, T], dtype=torch.int32, device=dev)
+    out = context_parallel_msa(*local, config=CFG, cu_seqlens=cu)
     g = torch.Generator(device=dev).manual_seed(1)
     dout_full = torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
     out.backward(zigzag_shard(dout_full, world, rank))
@@ -61,7 +62,6 @@ def check(T, world, rank, dev):
     if rank != 0:
         return None
     ref_in = [x.clone().requires_grad_(True) for x in full]
-    cu = torch.tensor([0, T], dtype=torch.int32, device=dev)
     ref_out = msa.msa_attention(*ref_in, cu, cu, config=CFG)
     ref_out.backward(dout_full)
     refs = [ref_out.detach()] + [x.grad for x in ref_in]
@@ -75,7 +75,7 @@ def check(T, world, rank, dev):
             mine[a * c:(a + 1) * c], mine[b * c:(b + 1) * c] = p[:c], p[c:]
         cos[name] = F.cosine_similarity(mine.float().flatten(), ref.float().flatten(),
                                         dim=0).item()
-    return dict(T=T, cosine=cos, passed=min(cos.values()) > 0.99)
+    return dict(T=T, documents=len(cu) - 1, cosine=cos, passed=min(cos.values()) > 0.99)
 
 
 def _timed(fn, iters=5):
@@ -189,8 +189,11 @@ def main():
                          torch=torch.__version__, triton=triton.__version__,
                          date=time.strftime("%Y-%m-%d"), commit=args.commit))
     res["check"] = check(args.check_length, world, rank, dev)
+    T = args.check_length            # packed documents: crossing chunks, a 1-token one
+    docs = sorted({0, T // 7, T // 7 + 1, T // 2 + 333, 3 * T // 4, T - 5, T})
+    res["check_packed"] = check(T, world, rank, dev, docs)
     if rank == 0:
-        print(json.dumps(res["check"]), flush=True)
+        print(json.dumps(res["check"]), json.dumps(res["check_packed"]), flush=True)
     mult = {"k": 1024, "m": 1 << 20}
     res["forward"] = []
     for s in args.lengths.split(","):

@@ -21,13 +21,14 @@ def _inputs():
     return [torch.randn(T, *s, generator=g, dtype=torch.float64) for s in shapes]
 
 
-def _worker(rank, world, init_file, mode, result_dir):
+def _worker(rank, world, init_file, mode, result_dir, docs):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
         full = _inputs()
         local = [zigzag_shard(x, world, rank).clone().requires_grad_(True) for x in full]
-        out = context_parallel_msa(*local, config=CFG, mode=mode)
+        out = context_parallel_msa(*local, config=CFG, mode=mode,
+                                   cu_seqlens=None if docs is None else torch.tensor(docs))
         dout = zigzag_shard(torch.linspace(-1, 1, out.numel() * world, dtype=out.dtype)
                             .view(T, *out.shape[1:]), world, rank)
         out.backward(dout)
@@ -37,14 +38,20 @@ def _worker(rank, world, init_file, mode, result_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_two_ranks_equal_single_process(tmp_path, mode):
+# packed documents: one crossing from rank 1's first chunk into its second, a 1-token
+# document, documents ending exactly at and short of chunk boundaries (chunks of 128)
+DOCS = [0, 100, 101, 300, 384, 450, 512]
+
+
+@pytest.mark.parametrize("mode,docs", [("sparse", None), ("dense", None), ("sparse", DOCS)],
+                         ids=["sparse", "dense", "sparse-packed-docs"])
+def test_two_ranks_equal_single_process(tmp_path, mode, docs):
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), mode, str(tmp_path)),
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), mode, str(tmp_path), docs),
              nprocs=world, join=True)
     full = [x.clone().requires_grad_(True) for x in _inputs()]
-    out = msa.msa_attention(*full, config=CFG, mode=mode,
-                            cu_seqlens_q=torch.tensor([0, T]), cu_seqlens_k=torch.tensor([0, T]))
+    cu = torch.tensor(docs or [0, T])
+    out = msa.msa_attention(*full, config=CFG, mode=mode, cu_seqlens_q=cu, cu_seqlens_k=cu)
     dout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
     out.backward(dout)
     ref = [out.detach()] + [x.grad for x in full]
@@ -52,3 +59,24 @@ def test_two_ranks_equal_single_process(tmp_path, mode):
         got = torch.load(tmp_path / f"r{rank}.pt")
         for a, r in zip(got, ref):
             torch.testing.assert_close(a, zigzag_shard(r, world, rank), rtol=1e-9, atol=1e-12)
+
+
+def test_local_segments_share_each_document_prefix():
+    from msa.distributed import local_segments
+    # rank 1 of 2 holds chunks 1 and 2 ([128, 256), [256, 384)); document [101, 300)
+    # spans both: one packed prefix, two fragments
+    cu_q, cu_k, frag, ranges = local_segments(512, 2, 1, [0, 100, 101, 300, 512])
+    assert ranges == [(101, 300), (300, 384)]
+    assert cu_q == [0, 128, 172, 256] and cu_k == [0, 155, 199, 283] and frag == [0, 0, 2]
+
+
+def test_bad_document_boundaries_are_rejected():
+    import torch.distributed as dist_mod
+    from unittest import mock
+    local = [x[:256] for x in _inputs()]
+    with mock.patch.object(dist_mod, "get_world_size", return_value=2), \
+            mock.patch.object(dist_mod, "get_rank", return_value=0):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            context_parallel_msa(*local, config=CFG, cu_seqlens=torch.tensor([0, 300, 200, 512]))
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            context_parallel_msa(*local, config=CFG, cu_seqlens=torch.tensor([0, 500]))
