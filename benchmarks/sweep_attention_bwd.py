@@ -29,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", default="64k")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=["attention", "kl"], default=None)
+    ap.add_argument("--only", choices=["attention", "kl", "launch"], default=None)
     args = ap.parse_args()
     T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
     dev = "cuda"
@@ -59,22 +59,25 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
 
     attn_configs = [] if args.only == "kl" else [(128, 2, 8, 2), (128, 2, 8, 3), (128, 1, 8, 2),
-                    (128, 2, 4, 2), (64, 2, 4, 3), (128, 4, 8, 3)]
+                    (128, 2, 4, 2), (64, 2, 4, 3), (128, 4, 8, 3), (128, 4, 8, 1),
+                    (128, 4, 8, 2), (128, 8, 8, 1), (128, 8, 16, 1), (128, 2, 16, 2),
+                    (128, 4, 16, 2)]
     for bn, bq, warps, stages in attn_configs:
         cfg = dict(block_n=bn, block_q=bq, num_warps=warps, num_stages=stages)
         timed("fast", lambda: sparse_attn_bwd(q, k, v, topk, seg, out, lse, dout, **kw,
                                               **cfg), **cfg)
-    for qpi in (128, 512) if attn_configs else ():
+    for qpi in (128, 512) if attn_configs and args.only != "launch" else ():
         timed("fast", lambda: sparse_attn_bwd(q, k, v, topk, seg, out, lse, dout, **kw,
                                               q_per_item=qpi), q_per_item=qpi)
-    for qpi in (256, 1024) if attn_configs else ():
+    for qpi in (256, 1024) if attn_configs and args.only != "launch" else ():
         timed("deterministic", lambda: sparse_attn_bwd(
             q, k, v, topk, seg, out, lse, dout, **kw, deterministic=True, q_per_item=qpi),
             q_per_item=qpi)
     qi, ki = planted_topics(T, dev, seed=T)
     ilse = selected_lse(qi, ki, topk, seg, block_size=BS, scale=D ** -0.5)
-    kl_configs = list(itertools.product((2, 4), (4, 8), (1, 2))) + [(8, 8, 1), (4, 8, 3)]
-    for bt, warps, stages in [] if args.only == "attention" else kl_configs:
+    kl_configs = list(itertools.product((2, 4), (4, 8), (1, 2))) + [(8, 8, 1), (4, 8, 3), (8, 16, 1), (8, 8, 2),
+                                                                 (16, 8, 1)]
+    for bt, warps, stages in [] if args.only in ("attention",) else kl_configs:
         cfg = dict(block_t=bt, num_warps=warps, num_stages=stages)
         timed("kl", lambda: indexer_kl_bwd(q, k, lse, qi, ki, ilse, topk, seg, **kw,
                                            index_scale=D ** -0.5, **cfg), **cfg)
