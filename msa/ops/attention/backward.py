@@ -194,15 +194,17 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, rows: int = 8192) -> torch.Tensor:
 def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size: int,
                     scale: float, q_per_item: int = 256, deterministic: bool = False,
                     block_n: int = None, block_q: int = None, num_warps: int = 8,
-                    num_stages: int = 2, query_chunk: int = None):
+                    num_stages: int = None, query_chunk: int = None):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
     fp32 from the forward; topk ``[Hs, total_q, K]``. ``deterministic``: bitwise
     repeatable gradients (fixed reduction order). ``block_n``, ``block_q``,
     ``num_warps``, ``num_stages``: launch parameters; the defaults (whole 128-key blocks,
-    32-row tiles, 8 warps, 2 stages) were the fastest of a sweep on an H100 at 64K
-    tokens, MSA shape (``benchmarks/results/sweep_attention_bwd_h100_2026-11-26.json``).
+    32-row tiles, 8 warps, 3 stages for D <= 128) were the fastest of sweeps on an H100
+    at 64K and 128K tokens, MSA shape (``benchmarks/results/sweep_attention_bwd_h100_2026-11-26.json``,
+    ``sweep_launch_128k_h100_2026-11-26.json``: 3 stages 143.7 ms, 2 stages 148.6 ms,
+    64-row tiles 180 ms, 16 warps 226 ms at 128K).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
@@ -221,6 +223,7 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
         g_pad = _next_pow2(g)
         block_q = block_q or max(1, 32 // g_pad)
         block_n = block_n or min(block_size, 128 if d <= 128 else 64)
+        num_stages = num_stages or (3 if d <= 128 else 2)
         if deterministic and block_n * 2 < block_size:
             raise ValueError(f"deterministic mode needs block_n >= block_size / 2, got "
                              f"block_n={block_n}")

@@ -140,9 +140,10 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
     head, slot) buffers, dki through per-item buffers summed in a fixed order, per query
     chunk of at most ``query_chunk`` queries / ``SLOT_BUDGET_BYTES``).
     ``block_t`` (tokens per tile), ``num_warps``, ``num_stages``: launch parameters; the
-    defaults (128-row teacher tiles for head dims <= 128, 8 warps, 1 stage) were the
-    fastest of a sweep on an H100 at 128K tokens, MSA shape: 72 ms against 106 ms for
-    64-row tiles with 2 stages (``benchmarks/results/sweep_kl_h100_2026-11-26.json``).
+    defaults (teacher tiles of 256 rows for 16 heads per group, 128 for fewer, 64 for head
+    dims > 128; 8 warps, 1 stage) come from sweeps on an H100 at 128K tokens, MSA shape:
+    66 ms (256 rows), 72 ms (128 rows), 106 ms (64 rows, 2 stages)
+    (``benchmarks/results/sweep_launch_128k_h100_2026-11-26.json``).
     """
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
@@ -200,7 +201,8 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
     g, nkv = hq // hkv, hkv // hi
     g_pad = _next_pow2(g)
-    block_t = block_t or max(1, (128 if max(d, di) <= 128 else 64) // g_pad)
+    rows = 64 if max(d, di) > 128 else 256 if g_pad >= 16 else 128    # teacher tile rows
+    block_t = block_t or max(1, rows // g_pad)
     num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
     rep = max(1, 16 // block_t)
     edge_q = q_pos if edge_q is None else edge_q
