@@ -23,6 +23,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", default="128k")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--configs", default="4x4x2,4x4x3,4x4x1,4x8x2,2x4x2,8x4x2,8x8x3",
+                    help="block_q x warps x stages, comma separated")
+    ap.add_argument("--q-per-item", default="128,256,1024")
+    ap.add_argument("--no-budget", action="store_true", help="skip the partial-budget sweep")
     args = ap.parse_args()
     T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
     dev = "cuda"
@@ -35,9 +39,9 @@ def main():
     flops = 4 * D * HQ * sparse_elements(T)
     ref, _ = fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS, scale=D ** -0.5)
     rows = []
-    configs = [(4, 4, 2), (4, 4, 3), (4, 4, 1), (4, 8, 2), (2, 4, 2), (8, 4, 2), (8, 8, 3)]
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     for bq, warps, stages in configs:
-        for qpi in (128, 256, 1024):
+        for qpi in (int(x) for x in args.q_per_item.split(",")):
             try:
                 run = lambda: fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS,
                                                   scale=D ** -0.5, block_q=bq,
@@ -52,7 +56,7 @@ def main():
                 rows.append(dict(block_q=bq, warps=warps, stages=stages, q_per_item=qpi,
                                  error=repr(e)[:120]))
             print(json.dumps(rows[-1]), flush=True)
-    for budget_gb in (3, 6, 12):
+    for budget_gb in () if args.no_budget else (3, 6, 12):
         fwd.PARTIAL_BUDGET_BYTES = budget_gb << 30
         run = lambda: fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS, scale=D ** -0.5)
         ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
