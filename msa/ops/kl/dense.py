@@ -12,8 +12,6 @@ Same contract as ``indexer_kl_reference(topk=None)``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +19,7 @@ import triton.language as tl
 from ...varlen import Segments
 from ..attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2, check_supported
 from ..indexer.triton import _tiles
+from ..prepare import Plan
 from .triton import launch_kl
 
 @triton.jit
@@ -84,22 +83,9 @@ def causal_lse(q, k, seg: Segments, *, scale: float, block_size: int,
     return out
 
 
-@dataclass
-class DenseItems:
-    """Work items of the dense KL (int32 ``[num_items]`` each, ``item_e0/e1`` = packed
-    query rows)."""
-    item_h: torch.Tensor
-    item_krow: torch.Tensor
-    item_t0: torch.Tensor
-    item_nk: torch.Tensor
-    item_e0: torch.Tensor
-    item_e1: torch.Tensor
-    num_items: int
-
-
 def dense_items(seg: Segments, block_size: int, num_heads: int, q_per_item: int,
-                device) -> DenseItems:
-    """Items (index head, KV block of a segment, ``<= q_per_item`` consecutive queries that
+                device) -> Plan:
+    """A plan without edges (``item_e0/e1`` are packed query rows): items (index head, KV block of a segment, ``<= q_per_item`` consecutive queries that
     see the block), longest first. Block ``j`` (keys ``j*bs ..``) is seen by the queries
     at positions ``>= j*bs``: rows ``q_start + max(0, j*bs - (k_len - q_len)) ..``."""
     i64 = dict(dtype=torch.int64)
@@ -125,8 +111,9 @@ def dense_items(seg: Segments, block_size: int, num_heads: int, q_per_item: int,
     n = row.numel()
     cols = [torch.arange(num_heads).repeat_interleave(n)] + \
         [x.repeat(num_heads) for x in (krow, t0[row], nk, e0, e1)]
-    return DenseItems(*(x.to(device=device, dtype=torch.int32) for x in cols),
-                      num_items=n * num_heads)
+    none = torch.empty(0, dtype=torch.int32, device=device)
+    return Plan(none, none, *(x.to(device=device, dtype=torch.int32) for x in cols),
+                num_heads=num_heads)
 
 
 def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: float,
