@@ -94,6 +94,18 @@ def test_index_projections_start_as_self_indexing_and_train_by_kl():
     assert kls[-1] < 0.7 * kls[0], kls
 
 
+def test_index_projection_kl_does_not_reach_the_backbone():
+    from msa.integrations.transformers import add_index_projections
+    _, model = _models()
+    add_index_projections(model)
+    model.config.msa_mode = "dense"
+    logits = model(torch.randint(0, 200, (1, 300))).logits
+    logits.sum().mul(0).backward()                   # only the attached KL has gradient
+    for n, p in model.named_parameters():
+        moved = p.grad is not None and p.grad.abs().sum() > 0
+        assert moved == ("msa_index" in n), n       # stop-gradient on the index input
+
+
 def test_long_prompt_generate_on_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
