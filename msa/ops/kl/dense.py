@@ -22,6 +22,7 @@ from ..indexer.triton import _tiles
 from ..prepare import Plan
 from .triton import launch_kl
 
+
 @triton.jit
 def causal_lse_kernel(Q, K, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, LSE, scale_log2,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_lh,
@@ -85,9 +86,10 @@ def causal_lse(q, k, seg: Segments, *, scale: float, block_size: int,
 
 def dense_items(seg: Segments, block_size: int, num_heads: int, q_per_item: int,
                 device) -> Plan:
-    """A plan without edges (``item_e0/e1`` are packed query rows): items (index head, KV block of a segment, ``<= q_per_item`` consecutive queries that
-    see the block), longest first. Block ``j`` (keys ``j*bs ..``) is seen by the queries
-    at positions ``>= j*bs``: rows ``q_start + max(0, j*bs - (k_len - q_len)) ..``."""
+    """A plan without edges (``item_e0/e1`` are packed query rows): items (index head, KV
+    block of a segment, ``<= q_per_item`` consecutive queries that see the block), longest
+    first. Block ``j`` (keys ``j*bs ..``) is seen by the queries at positions ``>= j*bs``:
+    rows ``q_start + max(0, j*bs - (k_len - q_len)) ..``."""
     i64 = dict(dtype=torch.int64)
     nb = torch.tensor([seg.num_blocks(b, block_size) for b in range(seg.num_segments)], **i64)
     q_start, q_len, k_base, k_len = (torch.tensor(x, **i64) for x in

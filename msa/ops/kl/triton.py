@@ -145,8 +145,8 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
     66 ms (256 rows), 72 ms (128 rows), 106 ms (64 rows, 2 stages)
     (``benchmarks/results/sweep_launch_128k_h100_2026-11-26.json``).
     """
-    total_q, hq, d = q.shape
-    hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
+    total_q, d = q.shape[0], q.shape[2]
+    hi, di = qi.shape[1], qi.shape[2]
     check_supported(q.dtype, max(d, di))
     if ki.shape[1] != 1:
         raise NotImplementedError("the Triton KL backward needs one shared index-key head")
