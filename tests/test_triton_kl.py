@@ -131,3 +131,28 @@ def test_causal_lse_kernel_matches_dense_selection_lse():
             z = (qi[r].double() @ ki[keys, 0].double().T) * 0.125
             torch.testing.assert_close(got_s[r].double(), torch.logsumexp(z, -1),
                                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_per_item", [1, 5, 64])
+def test_dense_items_cover_each_causal_query_block_pair_once(q_per_item):
+    from msa.ops.kl.dense import dense_items
+    from msa.varlen import Segments
+    # chunked prefill (q shorter than k), a 1-token segment, fragments sharing KV rows
+    seg = Segments([0, 40, 41], [40, 1, 90], [0, 300, 300], [200, 1, 150], 131, 450)
+    bs, hi = 32, 2
+    it = dense_items(seg, bs, hi, q_per_item, "cpu")
+    got = []
+    for h, krow, t0, nk, e0, e1 in zip(*(x.tolist() for x in (
+            it.item_h, it.item_krow, it.item_t0, it.item_nk, it.item_e0, it.item_e1))):
+        assert 0 < e1 - e0 <= q_per_item and 0 < nk <= bs
+        got += [(h, krow, t0, nk, q) for q in range(e0, e1)]
+    want = []
+    pos = seg.positions()
+    for b in range(seg.num_segments):
+        for j in range(seg.num_blocks(b, bs)):
+            t0 = j * bs
+            for q in range(seg.q_start[b], seg.q_start[b] + seg.q_len[b]):
+                if pos[q] >= t0:                             # the query sees the block
+                    want += [(h, seg.k_base[b] + t0, t0, min(bs, seg.k_len[b] - t0), q)
+                             for h in range(hi)]
+    assert sorted(got) == sorted(want)
