@@ -80,3 +80,30 @@ def test_bad_document_boundaries_are_rejected():
             context_parallel_msa(*local, config=CFG, cu_seqlens=torch.tensor([0, 300, 200, 512]))
         with pytest.raises(ValueError, match="cu_seqlens"):
             context_parallel_msa(*local, config=CFG, cu_seqlens=torch.tensor([0, 500]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_segments_see_exactly_their_document_prefix(seed):
+    """Every local query reaches, through cu_q / cu_k / fragments / packed ranges, exactly
+    the global keys of its own document up to itself."""
+    from msa.distributed import local_segments, zigzag_chunks
+    g = torch.Generator().manual_seed(seed)
+    world = int(torch.randint(1, 5, (1,), generator=g))
+    total = 2 * world * int(torch.randint(1, 40, (1,), generator=g))
+    cuts = torch.randperm(total - 1, generator=g)[:int(torch.randint(0, 8, (1,), generator=g))]
+    bounds = [0] + sorted(int(c) + 1 for c in cuts) + [total]
+    c = total // (2 * world)
+    for rank in range(world):
+        cu_q, cu_k, frag, ranges = local_segments(total, world, rank, bounds)
+        packed = [r for a, b in ranges for r in range(a, b)]           # packed row -> global
+        local_global = [t for ch in zigzag_chunks(world, rank)
+                        for t in range(ch * c, ch * c + c)]
+        assert cu_q[-1] == len(local_global) and cu_k[-1] == len(packed)
+        for s in range(len(frag)):
+            base, end = cu_k[frag[s]], cu_k[s + 1]
+            for i in range(cu_q[s], cu_q[s + 1]):
+                pos = end - base - (cu_q[s + 1] - cu_q[s]) + (i - cu_q[s])
+                seen = packed[base:base + pos + 1]
+                gq = local_global[i]
+                doc0 = max(b for b in bounds if b <= gq)
+                assert seen == list(range(doc0, gq + 1)), (world, rank, s, i)
