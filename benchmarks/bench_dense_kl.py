@@ -63,7 +63,8 @@ def main():
             try:
                 r["sweep"][cfg] = triton.testing.do_bench(
                     lambda: indexer_kl_dense(q, k, qi, ki, seg, q_per_item=qpi, block_t=bt,
-                                             num_stages=st, **kw), warmup=2, rep=100, return_mode="median")
+                                             num_stages=st, **kw),
+                    warmup=2, rep=100, return_mode="median")
             except triton.runtime.errors.OutOfResources as e:      # tile too large
                 r["sweep"][cfg] = f"out of resources: {e}"
         if T <= args.reference_max:

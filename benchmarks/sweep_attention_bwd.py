@@ -75,9 +75,9 @@ def main():
             q_per_item=qpi)
     qi, ki = planted_topics(T, dev, seed=T)
     ilse = selected_lse(qi, ki, topk, seg, block_size=BS, scale=D ** -0.5)
-    kl_configs = list(itertools.product((2, 4), (4, 8), (1, 2))) + [(8, 8, 1), (4, 8, 3), (8, 16, 1), (8, 8, 2),
-                                                                 (16, 8, 1)]
-    for bt, warps, stages in [] if args.only in ("attention",) else kl_configs:
+    kl_configs = list(itertools.product((2, 4), (4, 8), (1, 2))) + \
+        [(8, 8, 1), (4, 8, 3), (8, 16, 1), (8, 8, 2), (16, 8, 1)]
+    for bt, warps, stages in [] if args.only == "attention" else kl_configs:
         cfg = dict(block_t=bt, num_warps=warps, num_stages=stages)
         timed("kl", lambda: indexer_kl_bwd(q, k, lse, qi, ki, ilse, topk, seg, **kw,
                                            index_scale=D ** -0.5, **cfg), **cfg)

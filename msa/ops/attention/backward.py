@@ -202,10 +202,9 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
     repeatable gradients (fixed reduction order). ``block_n``, ``block_q``,
     ``num_warps``, ``num_stages``: launch parameters; the defaults (whole 128-key blocks,
     32-row tiles, 8 warps, 3 stages for D <= 128) were the fastest of sweeps on an H100
-    at 64K and 128K tokens, MSA shape (``benchmarks/results/``
-    ``sweep_attention_bwd_h100_2026-11-26.json``, ``sweep_launch_128k_h100_2026-11-26.json``:
-    3 stages 143.7 ms, 2 stages 148.6 ms,
-    64-row tiles 180 ms, 16 warps 226 ms at 128K).
+    at 64K and 128K tokens, MSA shape: 3 stages 143.7 ms, 2 stages 148.6 ms, 64-row tiles
+    180 ms, 16 warps 226 ms at 128K (``benchmarks/results/sweep_attention_bwd_h100_*.json``,
+    ``benchmarks/results/sweep_launch_128k_h100_2026-11-26.json``).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape

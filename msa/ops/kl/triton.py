@@ -159,6 +159,9 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
         rows = block_rows(seg, block_size, q.device)
         topk = topk.to(torch.int32).contiguous()
         ksel = topk.shape[2]
+        # fp32 contiguous once, not per query chunk (launch_kl then copies nothing)
+        teacher_lse = teacher_lse.float().contiguous()
+        indexer_lse = indexer_lse.float().contiguous()
         chunk = total_q
         if deterministic:
             layers = _base_layers(seg, q.device)
