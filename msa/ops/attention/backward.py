@@ -41,7 +41,8 @@ def sparse_attn_bwd_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, BLOCK_N: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        KEY_MAJOR: tl.constexpr = False, DQ_T: tl.constexpr = False):
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -72,16 +73,33 @@ def sparse_attn_bwd_kernel(
         lse = tl.load(LSE + qg * stride_lt + head, mask=emask, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(DELTA + qg * stride_lt + head, mask=emask, other=0.0)
-        s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
-        p = tl.exp2(s - lse[:, None])               # 0 on padded rows (lse = +inf)
-        if tl.min(tl.where(emask, pos, 2147483647)) < last_key:
-            allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
-            p = tl.where(allowed, p, 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(qt.dtype)), qt, PRECISION, UPCAST)
-        dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
+        if KEY_MAJOR:
+            # keys are the MMA rows (BLOCK_N = 128 fills Hopper's warpgroup MMA even
+            # for 32-row query tiles); tensors below are transposed: [keys, rows]
+            st = _dot(k, tl.trans(qt), PRECISION, UPCAST) * scale_log2
+            pt = tl.exp2(st - lse[None, :])
+            if tl.min(tl.where(emask, pos, 2147483647)) < last_key:
+                allowed = ((t0 + offs_n)[:, None] <= pos[None, :]) & kmask[:, None]
+                pt = tl.where(allowed, pt, 0.0)
+            dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
+            dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(qt.dtype), qt, PRECISION, UPCAST)
+            if DQ_T:
+                dq = tl.trans(_dot(tl.trans(k), dst.to(k.dtype), PRECISION, UPCAST)) * scale
+            else:
+                dq = _dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
+        else:
+            s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
+            p = tl.exp2(s - lse[:, None])               # 0 on padded rows (lse = +inf)
+            if tl.min(tl.where(emask, pos, 2147483647)) < last_key:
+                allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
+                p = tl.where(allowed, p, 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+            dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(qt.dtype)), qt, PRECISION, UPCAST)
+            dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
         if DET:
             slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
             sidx = ((ql * HKV + h) * KSEL + slot) * G + g
@@ -194,7 +212,8 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, rows: int = 8192) -> torch.Tensor:
 def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size: int,
                     scale: float, q_per_item: int = 256, deterministic: bool = False,
                     block_n: int = None, block_q: int = None, num_warps: int = 8,
-                    num_stages: int = None, query_chunk: int = None):
+                    num_stages: int = None, query_chunk: int = None,
+                    key_major: bool = False, dq_t: bool = False):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
@@ -252,8 +271,8 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
                 HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, BLOCK_N=block_n, KSEL=ksel,
                 BLOCK_Q=block_q, DET=deterministic,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps,
-                num_stages=num_stages)
+                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, KEY_MAJOR=key_major,
+                DQ_T=dq_t, num_warps=num_warps, num_stages=num_stages)
             if deterministic:
                 dq[q0:q1] = dq_buf.view(q1 - q0, hkv, ksel, g, d).sum(2).view(q1 - q0, hq, d)
                 _sum_items(plan, pk, pv, dk, dv, block_size, layers)
