@@ -65,8 +65,13 @@ def main():
             timed("deterministic", lambda: sparse_attn_bwd(
                 q, k, v, topk, seg, out, lse, dout, **kw, deterministic=True, key_major=km),
                 key_major=km)
-        for bq, stages, dq_t in itertools.product((1, 2, 4), (2, 3), (False, True)):
-            cfg = dict(block_q=bq, num_stages=stages, key_major=True, dq_t=dq_t)
+        for bq, stages, dq_t, mode in [(4, 3, False, 0), (2, 3, True, 0), (4, 3, False, 2),
+                                       (2, 3, True, 2), (4, 3, False, 3), (2, 3, True, 3),
+                                       (2, 3, True, 1), (2, 3, False, 1), (1, 3, True, 1),
+                                       (1, 3, False, 1), (2, 2, True, 1), (1, 2, True, 1),
+                                       (8, 3, False, 0), (8, 2, True, 0)]:
+            cfg = dict(block_q=bq, num_stages=stages, key_major=True, dq_t=dq_t,
+                       dq_mode=mode)
             timed("fast", lambda: sparse_attn_bwd(q, k, v, topk, seg, out, lse, dout, **kw,
                                                   **cfg), **cfg)
     attn_configs = [] if args.only in ("kl", "layout") else [

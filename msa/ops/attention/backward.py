@@ -36,13 +36,14 @@ SLOT_BUDGET_BYTES = 4 << 30      # deterministic mode: dQ slot buffer per query 
 
 @triton.jit(do_not_specialize=["q0"])
 def sparse_attn_bwd_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, DQ_DESC,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, BLOCK_N: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
         DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        KEY_MAJOR: tl.constexpr = False, DQ_T: tl.constexpr = False):
+        KEY_MAJOR: tl.constexpr = False, DQ_T: tl.constexpr = False,
+        DQ_MODE: tl.constexpr = 0):
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -106,8 +107,23 @@ def sparse_attn_bwd_kernel(
             # at most two sub-blocks add to a slot (zero-filled): a + b is order-free
             tl.atomic_add(DQ + sidx[:, None] * D + offs_d[None, :], dq, mask=emask[:, None],
                           sem="relaxed")
-        else:
+        elif DQ_MODE == 0:
             tl.atomic_add(DQ + row_off, dq, mask=emask[:, None], sem="relaxed")
+        elif DQ_MODE == 1:
+            # one bulk (TMA) reduce-add of [G, D] per token: dq rows of a token are
+            # contiguous (heads h*G .. h*G+G-1)
+            if BLOCK_Q == 1:
+                DQ_DESC.atomic_add([q0 + tl.load(EDGE_Q + e), h * G, 0],
+                                   dq.reshape(1, G_PAD, D))
+            else:
+                a, b = tl.split(tl.permute(dq.reshape(2, G_PAD, D), (1, 2, 0)))
+                DQ_DESC.atomic_add([q0 + tl.load(EDGE_Q + e), h * G, 0],
+                                   a.reshape(1, G_PAD, D))
+                if e + 1 < e1:
+                    DQ_DESC.atomic_add([q0 + tl.load(EDGE_Q + e + 1), h * G, 0],
+                                       b.reshape(1, G_PAD, D))
+        elif DQ_MODE == 3:
+            tl.store(DQ + row_off, dq, mask=emask[:, None])
     if DET:
         p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * D + offs_d[None, :]
         tl.store(DK + p_off, dk * scale, mask=kmask[:, None])
@@ -213,7 +229,7 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
                     scale: float, q_per_item: int = 256, deterministic: bool = False,
                     block_n: int = None, block_q: int = None, num_warps: int = 8,
                     num_stages: int = None, query_chunk: int = None,
-                    key_major: bool = False, dq_t: bool = False):
+                    key_major: bool = False, dq_t: bool = False, dq_mode: int = 0):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
@@ -251,6 +267,10 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
             layers = _base_layers(seg, q.device)
             chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES //
                                               (hkv * ksel * g * d * 4)))
+        dq_desc = dq
+        if dq_mode == 1:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+            dq_desc = TensorDescriptor(dq, list(dq.shape), list(dq.stride()), [1, g_pad, d])
         for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hkv, q_per_item):
             if not plan.num_items:
                 continue
@@ -265,6 +285,7 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
                 dst = (dq, dk, dv)
             sparse_attn_bwd_kernel[(plan.num_items, block_size // block_n)](
                 q, k, v, dout, lse, delta, *dst, rows.q_pos, plan.edge_q, plan.edge_slot,
+                dq_desc,
                 plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
                 plan.item_e1, q0, scale, scale * LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
@@ -272,7 +293,7 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
                 BLOCK_Q=block_q, DET=deterministic,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 UPCAST=INTERPRETER and q.dtype == torch.bfloat16, KEY_MAJOR=key_major,
-                DQ_T=dq_t, num_warps=num_warps, num_stages=num_stages)
+                DQ_T=dq_t, DQ_MODE=dq_mode, num_warps=num_warps, num_stages=num_stages)
             if deterministic:
                 dq[q0:q1] = dq_buf.view(q1 - q0, hkv, ksel, g, d).sum(2).view(q1 - q0, hq, d)
                 _sum_items(plan, pk, pv, dk, dv, block_size, layers)
