@@ -29,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", default="64k")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=["attention", "kl", "launch", "layout"], default=None)
+    ap.add_argument("--only", choices=["attention", "kl", "launch"], default=None)
     args = ap.parse_args()
     T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
     dev = "cuda"
@@ -58,26 +58,9 @@ def main():
             rows.append(dict(variant=name, **info, error=repr(e)[:160]))
         print(json.dumps(rows[-1]), flush=True)
 
-    if args.only == "layout":          # query rows vs key rows as the MMA's M dimension
-        timed("fast", lambda: sparse_attn_bwd(q, k, v, topk, seg, out, lse, dout, **kw),
-              key_major=False)
-        for km in (False, True):
-            timed("deterministic", lambda: sparse_attn_bwd(
-                q, k, v, topk, seg, out, lse, dout, **kw, deterministic=True, key_major=km),
-                key_major=km)
-        for bq, stages, dq_t, mode in [(4, 3, False, 0), (2, 3, True, 0), (4, 3, False, 2),
-                                       (2, 3, True, 2), (4, 3, False, 3), (2, 3, True, 3),
-                                       (2, 3, True, 1), (2, 3, False, 1), (1, 3, True, 1),
-                                       (1, 3, False, 1), (2, 2, True, 1), (1, 2, True, 1),
-                                       (8, 3, False, 0), (8, 2, True, 0)]:
-            cfg = dict(block_q=bq, num_stages=stages, key_major=True, dq_t=dq_t,
-                       dq_mode=mode)
-            timed("fast", lambda: sparse_attn_bwd(q, k, v, topk, seg, out, lse, dout, **kw,
-                                                  **cfg), **cfg)
-    attn_configs = [] if args.only in ("kl", "layout") else [
-                    (128, 2, 8, 2), (128, 2, 8, 3), (128, 1, 8, 2), (128, 2, 4, 2), (64, 2, 4, 3), (128, 4, 8, 3), (128, 4, 8, 1),
-                    (128, 4, 8, 2), (128, 8, 8, 1), (128, 8, 16, 1), (128, 2, 16, 2),
-                    (128, 4, 16, 2)]
+    attn_configs = [] if args.only == "kl" else [
+        (128, 4, 8, 3), (128, 4, 8, 2), (128, 2, 8, 3), (128, 2, 8, 2), (128, 1, 8, 3),
+        (128, 8, 8, 2), (128, 4, 4, 3), (64, 4, 4, 3), (64, 8, 8, 2), (128, 4, 16, 2)]
     for bn, bq, warps, stages in attn_configs:
         cfg = dict(block_n=bn, block_q=bq, num_warps=warps, num_stages=stages)
         timed("fast", lambda: sparse_attn_bwd(q, k, v, topk, seg, out, lse, dout, **kw,
@@ -93,7 +76,7 @@ def main():
     ilse = selected_lse(qi, ki, topk, seg, block_size=BS, scale=D ** -0.5)
     kl_configs = list(itertools.product((2, 4), (4, 8), (1, 2))) + \
         [(8, 8, 1), (4, 8, 3), (8, 16, 1), (8, 8, 2), (16, 8, 1)]
-    for bt, warps, stages in [] if args.only in ("attention", "layout") else kl_configs:
+    for bt, warps, stages in [] if args.only == "attention" else kl_configs:
         cfg = dict(block_t=bt, num_warps=warps, num_stages=stages)
         timed("kl", lambda: indexer_kl_bwd(q, k, lse, qi, ki, ilse, topk, seg, **kw,
                                            index_scale=D ** -0.5, **cfg), **cfg)

@@ -7,9 +7,12 @@ it). The program loads its keys and values once, then for each tile of gathered
 
     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dK += dS^T Q,   dQ = dS K
 
-with ``delta = rowsum(dO * O)`` computed beforehand. The causal mask is applied only on
-tiles the block is not fully visible to. Keys no query selected keep exactly zero
-gradient.
+with ``delta = rowsum(dO * O)`` computed beforehand. The products are formed transposed
+(``S^T = K Q^T`` etc.), so the block's keys are the MMA rows: 128 keys fill Hopper's
+warpgroup MMA, which needs 64-row operands, whatever the query tile (query rows as the M
+dimension ran on the older per-warp MMA: 145 vs 116 ms at 128K, see docs/benchmarks.md).
+The causal mask is applied only on tiles the block is not fully visible to. Keys no query
+selected keep exactly zero gradient.
 
 Two reduction modes:
 
@@ -36,14 +39,12 @@ SLOT_BUDGET_BYTES = 4 << 30      # deterministic mode: dQ slot buffer per query 
 
 @triton.jit(do_not_specialize=["q0"])
 def sparse_attn_bwd_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, DQ_DESC,
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, BLOCK_N: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        KEY_MAJOR: tl.constexpr = False, DQ_T: tl.constexpr = False,
-        DQ_MODE: tl.constexpr = 0):
+        DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -74,56 +75,26 @@ def sparse_attn_bwd_kernel(
         lse = tl.load(LSE + qg * stride_lt + head, mask=emask, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(DELTA + qg * stride_lt + head, mask=emask, other=0.0)
-        if KEY_MAJOR:
-            # keys are the MMA rows (BLOCK_N = 128 fills Hopper's warpgroup MMA even
-            # for 32-row query tiles); tensors below are transposed: [keys, rows]
-            st = _dot(k, tl.trans(qt), PRECISION, UPCAST) * scale_log2
-            pt = tl.exp2(st - lse[None, :])
-            if tl.min(tl.where(emask, pos, 2147483647)) < last_key:
-                allowed = ((t0 + offs_n)[:, None] <= pos[None, :]) & kmask[:, None]
-                pt = tl.where(allowed, pt, 0.0)
-            dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
-            dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(qt.dtype), qt, PRECISION, UPCAST)
-            if DQ_T:
-                dq = tl.trans(_dot(tl.trans(k), dst.to(k.dtype), PRECISION, UPCAST)) * scale
-            else:
-                dq = _dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
-        else:
-            s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
-            p = tl.exp2(s - lse[:, None])               # 0 on padded rows (lse = +inf)
-            if tl.min(tl.where(emask, pos, 2147483647)) < last_key:
-                allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
-                p = tl.where(allowed, p, 0.0)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-            dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds.to(qt.dtype)), qt, PRECISION, UPCAST)
-            dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
+        # keys are the MMA rows: BLOCK_N = 128 fills Hopper's warpgroup MMA (64-row
+        # minimum) whatever the query tile; tensors are [keys, query rows]
+        st = _dot(k, tl.trans(qt), PRECISION, UPCAST) * scale_log2
+        pt = tl.exp2(st - lse[None, :])             # 0 on padded rows (lse = +inf)
+        if tl.min(tl.where(emask, pos, 2147483647)) < last_key:
+            allowed = ((t0 + offs_n)[:, None] <= pos[None, :]) & kmask[:, None]
+            pt = tl.where(allowed, pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
+        dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(qt.dtype), qt, PRECISION, UPCAST)
+        dq = _dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
         if DET:
             slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
             sidx = ((ql * HKV + h) * KSEL + slot) * G + g
             # at most two sub-blocks add to a slot (zero-filled): a + b is order-free
             tl.atomic_add(DQ + sidx[:, None] * D + offs_d[None, :], dq, mask=emask[:, None],
                           sem="relaxed")
-        elif DQ_MODE == 0:
+        else:
             tl.atomic_add(DQ + row_off, dq, mask=emask[:, None], sem="relaxed")
-        elif DQ_MODE == 1:
-            # one bulk (TMA) reduce-add of [G, D] per token: dq rows of a token are
-            # contiguous (heads h*G .. h*G+G-1)
-            if BLOCK_Q == 1:
-                DQ_DESC.atomic_add([q0 + tl.load(EDGE_Q + e), h * G, 0],
-                                   dq.reshape(1, G_PAD, D))
-            else:
-                a, b = tl.split(tl.permute(dq.reshape(2, G_PAD, D), (1, 2, 0)))
-                DQ_DESC.atomic_add([q0 + tl.load(EDGE_Q + e), h * G, 0],
-                                   a.reshape(1, G_PAD, D))
-                if e + 1 < e1:
-                    DQ_DESC.atomic_add([q0 + tl.load(EDGE_Q + e + 1), h * G, 0],
-                                       b.reshape(1, G_PAD, D))
-        elif DQ_MODE == 3:
-            tl.store(DQ + row_off, dq, mask=emask[:, None])
     if DET:
         p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * D + offs_d[None, :]
         tl.store(DK + p_off, dk * scale, mask=kmask[:, None])
@@ -228,18 +199,18 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, rows: int = 8192) -> torch.Tensor:
 def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size: int,
                     scale: float, q_per_item: int = 256, deterministic: bool = False,
                     block_n: int = None, block_q: int = None, num_warps: int = 8,
-                    num_stages: int = None, query_chunk: int = None,
-                    key_major: bool = False, dq_t: bool = False, dq_mode: int = 0):
+                    num_stages: int = None, query_chunk: int = None):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
     fp32 from the forward; topk ``[Hs, total_q, K]``. ``deterministic``: bitwise
     repeatable gradients (fixed reduction order). ``block_n``, ``block_q``,
     ``num_warps``, ``num_stages``: launch parameters; the defaults (whole 128-key blocks,
-    32-row tiles, 8 warps, 3 stages for D <= 128) were the fastest of sweeps on an H100
-    at 64K and 128K tokens, MSA shape: 3 stages 143.7 ms, 2 stages 148.6 ms, 64-row tiles
-    180 ms, 16 warps 226 ms at 128K (``benchmarks/results/sweep_attention_bwd_h100_*.json``,
-    ``benchmarks/results/sweep_launch_128k_h100_2026-11-26.json``).
+    64 query rows per tile, 8 warps, 3 stages for D <= 128) were the fastest of a sweep on
+    an H100 at 128K tokens, MSA shape: 115.6 ms; 32-row tiles 117-128 ms, 16-row tiles
+    150-167 ms, 128-row tiles 268 ms or out of shared memory
+    (``benchmarks/results/sweep_bwd_layout_h100_2026-11-26.json``,
+    ``benchmarks/results/sweep_bwd_dq_h100_2026-11-26.json``).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
@@ -256,7 +227,7 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
         topk = topk.to(torch.int32).contiguous()
         g = hq // hkv
         g_pad = _next_pow2(g)
-        block_q = block_q or max(1, 32 // g_pad)
+        block_q = block_q or max(1, 64 // g_pad)
         block_n = block_n or min(block_size, 128 if d <= 128 else 64)
         num_stages = num_stages or (3 if d <= 128 else 2)
         if deterministic and block_n * 2 < block_size:
@@ -267,10 +238,6 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
             layers = _base_layers(seg, q.device)
             chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES //
                                               (hkv * ksel * g * d * 4)))
-        dq_desc = dq
-        if dq_mode == 1:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-            dq_desc = TensorDescriptor(dq, list(dq.shape), list(dq.stride()), [1, g_pad, d])
         for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hkv, q_per_item):
             if not plan.num_items:
                 continue
@@ -285,15 +252,14 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
                 dst = (dq, dk, dv)
             sparse_attn_bwd_kernel[(plan.num_items, block_size // block_n)](
                 q, k, v, dout, lse, delta, *dst, rows.q_pos, plan.edge_q, plan.edge_slot,
-                dq_desc,
                 plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
                 plan.item_e1, q0, scale, scale * LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
                 HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, BLOCK_N=block_n, KSEL=ksel,
                 BLOCK_Q=block_q, DET=deterministic,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, KEY_MAJOR=key_major,
-                DQ_T=dq_t, DQ_MODE=dq_mode, num_warps=num_warps, num_stages=num_stages)
+                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps,
+                num_stages=num_stages)
             if deterministic:
                 dq[q0:q1] = dq_buf.view(q1 - q0, hkv, ksel, g, d).sum(2).view(q1 - q0, hq, d)
                 _sum_items(plan, pk, pv, dk, dv, block_size, layers)
