@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import msa
-from msa.eval.niah import dense_mass
+from msa.eval.niah import dense_mass, oracle_mass
 from msa.nn import MSAttention
 from msa.nn.rope import rope_cos_sin
 from msa.varlen import Segments
@@ -101,8 +101,9 @@ def loss_and_acc(model, ids, target, mode):
 @torch.no_grad()
 def recall(model, ids, probe=256):
     """Per layer: dense attention mass (last ``probe`` queries, every head) inside the
-    indexer's selected blocks, with the trained index projections."""
-    res, x = [], model.emb(ids[:1])
+    indexer's selected blocks, with the trained index projections; and the most any
+    selection of as many blocks (local block included) could hold (``oracle_mass``)."""
+    res, best, x = [], [], model.emb(ids[:1])
     T = ids.shape[1]
     for blk in model.blocks:
         a, h = blk.attn, blk.n1(x).float()
@@ -117,10 +118,11 @@ def recall(model, ids, probe=256):
         cu_k = torch.tensor([0, T], dtype=torch.int32, device=ids.device)
         sel = msa.msa_indexer(qi[0, -probe:], ki[0], cu_q, cu_k, block_size=c.block_size,
                               topk=c.topk)
-        res.append(dense_mass(q[0, -probe:], k[0], sel.long(),
-                              Segments([0], [probe], [0], [T], probe, T), c))
+        seg = Segments([0], [probe], [0], [T], probe, T)
+        res.append(dense_mass(q[0, -probe:], k[0], sel.long(), seg, c))
+        best.append(oracle_mass(q[0, -probe:], k[0], seg, c, num_groups=sel.shape[0]))
         x = blk(x, "sparse")
-    return res
+    return res, best
 
 
 def train(mode_of_step, steps, length_of_step, bsz, seed, device, log_every=25,
@@ -209,7 +211,8 @@ def main():
                                          for n in (1, 2, 4)])
         if name == "msa":
             g = torch.Generator(device=dev).manual_seed(11)
-            runs[name]["recall"] = recall(model, batch(1, T, g, dev)[0])
+            runs[name]["recall"], runs[name]["oracle_recall"] = recall(
+                model, batch(1, T, g, dev)[0])
             runs[name]["eval_dense_attention"] = [evaluate(model, n * T, 7, dev, "dense")
                                                   for n in (1, 2, 4)]
         print(json.dumps({k: v for k, v in runs[name].items() if k != "log"}), flush=True)

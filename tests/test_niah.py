@@ -13,3 +13,30 @@ def test_niah_grid_finds_the_needle_everywhere(tmp_path):
     for c in cells:
         assert c["selected"] == 1.0 and 0.99 <= c["recall"] <= 1.0 + 1e-6
         assert c["cosine"] > 0.99 and c["max_err"] < 1e-4
+
+
+def test_oracle_mass_is_the_best_selection_under_the_rule():
+    """Exhaustive check on a small case: no selection of (local block + K-1 earlier
+    blocks per group) holds more dense mass than ``oracle_mass``, and one holds exactly
+    that much."""
+    import itertools
+
+    import torch
+
+    import msa
+    from msa.eval.niah import block_mass, dense_mass, oracle_mass
+    from msa.varlen import Segments
+    cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, num_index_heads=2,
+                        index_head_dim=64, block_size=64, topk=3)
+    g = torch.Generator().manual_seed(0)
+    T, probe = 390, 1                            # 7 blocks; the query in block 6
+    q, k = torch.randn(probe, 4, 64, generator=g) * 0.4, torch.randn(T, 2, 64, generator=g)
+    seg = Segments([0], [probe], [0], [T], probe, T)
+    assert torch.allclose(block_mass(q, k, seg, cfg).sum(-1), torch.ones(probe, 4))
+    best = oracle_mass(q, k, seg, cfg, num_groups=2)
+    found = []
+    for pair in itertools.product(itertools.combinations(range(6), 2), repeat=2):
+        topk = torch.tensor([[[*pair[h], 6]] * probe for h in range(2)])    # [2, probe, 3]
+        found.append(dense_mass(q, k, topk, seg, cfg))
+    assert max(found) <= best + 1e-6 and abs(max(found) - best) < 1e-6
+    assert best > sorted(found)[len(found) // 2]

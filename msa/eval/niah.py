@@ -60,16 +60,17 @@ def _haystack(T, cfg: MSAConfig, depth, probe, device, dtype, seed):
     return q, k, v, qi, ki, needle
 
 
-def dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
-    """Mean share of dense causal attention mass inside the selected blocks."""
+def block_mass(q, k, seg: Segments, cfg: MSAConfig) -> torch.Tensor:
+    """Dense causal attention mass per key block: ``[probe, Hq, ceil(T / block)]`` (rows
+    sum to 1). q ``[probe, Hq, D]`` are the last ``probe`` of the ``T`` keys' positions."""
     hq, hkv, bs = cfg.num_heads, cfg.num_kv_heads, cfg.block_size
     g = hq // hkv
     T, probe = seg.k_len[0], seg.q_len[0]
     pos = torch.arange(T - probe, T, device=q.device)
     lse = torch.full((probe, hq), float("-inf"), device=q.device)
-    chunk = max(1024, (1 << 24) // (hq * q.shape[-1]))   # keys per step, bounded memory
-    for pass_ in range(2):                                 # 1: LSE, 2: selected mass
-        mass = torch.zeros(probe, hq, device=q.device)
+    mass = torch.zeros(probe, hq, -(-T // bs), device=q.device)
+    chunk = max(1024, (1 << 24) // (hq * q.shape[-1])) // bs * bs   # whole blocks per step
+    for pass_ in range(2):                                 # 1: LSE, 2: mass per block
         for t0 in range(0, T, chunk):
             kk = k[t0:t0 + chunk].float().repeat_interleave(g, 1)        # [n, Hq, D]
             x = torch.einsum("phd,nhd->phn", q.float(), kk) * cfg.scale
@@ -78,11 +79,41 @@ def dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
             if pass_ == 0:
                 lse = torch.logaddexp(lse, torch.logsumexp(x, -1))
                 continue
-            blk = (t // bs).view(1, 1, -1)
-            sel = topk.transpose(0, 1).repeat_interleave(hq // topk.shape[0], 1)  # [p,Hq,K]
-            inside = (sel.unsqueeze(-1) == blk.unsqueeze(2)).any(2)
-            mass += torch.where(inside, torch.exp(x - lse.unsqueeze(-1)), 0.0).sum(-1)
-    return mass.mean().item()
+            p = torch.exp(x - lse.unsqueeze(-1))
+            mass.index_add_(2, t0 // bs + torch.arange(p.shape[-1], device=q.device) // bs,
+                            p)
+    return mass
+
+
+def dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
+    """Mean share of dense causal attention mass inside the selected blocks (``topk``
+    ``[Hs, probe, K]``, -1 padded)."""
+    mass = block_mass(q, k, seg, cfg)
+    hq = mass.shape[1]
+    sel = topk.transpose(0, 1).repeat_interleave(hq // topk.shape[0], 1)    # [p, Hq, K]
+    nb = mass.shape[-1]
+    inside = torch.zeros(*mass.shape[:2], nb + 1, dtype=torch.bool, device=mass.device)
+    inside.scatter_(2, torch.where(sel >= 0, sel, nb), True)     # padding -> extra column
+    return (mass * inside[..., :nb]).sum(-1).mean().item()
+
+
+def oracle_mass(q, k, seg: Segments, cfg: MSAConfig, num_groups: int) -> float:
+    """The best :func:`dense_mass` any selection under MSA's rule reaches: per query and
+    group of ``Hq / num_groups`` heads sharing one selection, the local block plus the
+    ``topk - 1`` other causal blocks of largest group-mean dense mass."""
+    mass = block_mass(q, k, seg, cfg)
+    probe, hq, nb = mass.shape
+    T = seg.k_len[0]
+    local = torch.arange(T - probe, T, device=q.device) // cfg.block_size       # [p]
+    gm = mass.view(probe, num_groups, hq // num_groups, nb).mean(2)
+    blocks = torch.arange(nb, device=q.device)
+    ranked = gm.masked_fill((blocks.view(1, 1, -1) >= local.view(-1, 1, 1)), -1.0)
+    top = ranked.topk(min(cfg.topk - 1, nb), dim=-1)
+    keep = torch.zeros_like(gm, dtype=torch.bool)
+    keep.scatter_(2, top.indices, top.values >= 0)
+    keep.scatter_(2, local.view(-1, 1, 1).expand(-1, num_groups, 1), True)
+    keep = keep.repeat_interleave(hq // num_groups, 1)
+    return (mass * keep).sum(-1).mean().item()
 
 
 def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="cpu",
