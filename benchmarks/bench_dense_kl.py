@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--reference-max", type=int, default=8192)
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--sweep", default="1024x16x1,1024x16x2,1024x32x1,512x16x1,2048x16x1",
+    ap.add_argument("--sweep", default="1024x4,1024x4x1,1024x4x3,1024x8x1,1024x2x2",
                     help="q_per_item x block_t [x num_stages] launches to time ('' to skip)")
     args = ap.parse_args()
     dev = "cuda"
