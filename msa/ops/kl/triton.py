@@ -9,10 +9,8 @@ tokens it recomputes, over the block's causally visible keys,
     dz      = loss_coeff / (Hi * total_q) * (student - teacher)
 
 and adds ``index_scale * dz @ ki`` to ``dqi`` (per tile) and ``index_scale * dz^T @ qi``
-to ``dki`` (once per item), plus the KL terms to the loss; all fp32 atomics. Products are
-formed transposed, keys as the MMA rows (128 keys fill Hopper's warpgroup MMA; with tokens
-as rows the student products had 1-16 rows and ran on the per-warp MMA): the student is
-``[keys, tokens]``, the teacher ``[keys, (token, head)]`` summed over heads per token.
+to ``dki`` (once per item), plus the KL terms to the loss; all fp32 atomics. The student
+GEMMs need 16 MMA rows, so each token's row is replicated ``R`` times with weight ``1/R``.
 The LSEs are trusted (attention forward LSE and the indexer's selected LSE over the same
 selection).
 """
@@ -36,13 +34,10 @@ def indexer_kl_bwd_kernel(
         q0, scale_log2, iscale, iscale_log2, coeff,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_tl, stride_it, stride_ih,
         stride_kit, stride_lh,
-        G: tl.constexpr, G_PAD: tl.constexpr, GC: tl.constexpr, NKV: tl.constexpr,
-        D: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
+        G: tl.constexpr, G_PAD: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+        DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
         HI: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False):
-    # Tensors are [keys, columns]: the block's keys are the MMA rows (Hopper's warpgroup
-    # MMA needs 64), tokens (student) or (token, head) pairs (teacher) the columns.
-    # GC: teacher heads per chunk (columns BLOCK_T * GC per MMA), G_PAD / GC chunks.
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
     # every causal query of the block, no edge list). Edge query ids are relative to q0.
     # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
@@ -57,66 +52,70 @@ def indexer_kl_bwd_kernel(
     ki = tl.load(KI + (krow + offs_n)[:, None] * stride_kit + offs_di[None, :],
                  mask=kmask[:, None], other=0.0)
     dki = tl.zeros((BS, DI), dtype=tl.float32)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_m = tl.arange(0, BLOCK_T * GC)             # teacher columns: (token, head)
-    tok_m = offs_m // GC
-    g_m = offs_m % GC
+    # teacher rows: (token, q head of the group); student rows: (token, replica)
+    offs_m = tl.arange(0, BLOCK_T * G_PAD)
+    tok_m = offs_m // G_PAD
+    g_m = offs_m % G_PAD
+    offs_r = tl.arange(0, BLOCK_T * R)
+    tok_r = offs_r // R
     loss = 0.0
     for e in range(e0, e1, BLOCK_T):
-        # student: [keys, tokens]
-        et = e + offs_t
-        tmask = et < e1
+        # student
+        er = e + tok_r
+        rmask = er < e1
         if DENSE:
-            qr = tl.where(tmask, et, 0).to(tl.int64)
+            qr = tl.where(rmask, er, 0).to(tl.int64)
         else:
-            qr = q0 + tl.load(EDGE_Q + et, mask=tmask, other=0).to(tl.int64)
-        pos_t = tl.load(POS + qr, mask=tmask, other=-1)
+            qr = q0 + tl.load(EDGE_Q + er, mask=rmask, other=0).to(tl.int64)
+        pos_r = tl.load(POS + qr, mask=rmask, other=-1)
         qi = tl.load(QI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
-                     mask=tmask[:, None], other=0.0)
-        ilse = tl.load(ILSE + h * stride_lh + qr, mask=tmask, other=float("inf"))
+                     mask=rmask[:, None], other=0.0)
+        ilse = tl.load(ILSE + h * stride_lh + qr, mask=rmask, other=float("inf"))
         ilse = tl.where(ilse == float("-inf"), float("inf"), ilse)
-        z = _dot(ki, tl.trans(qi), PRECISION, UPCAST)
-        allowed_t = ((t0 + offs_n)[:, None] <= pos_t[None, :]) & kmask[:, None] & \
-            tmask[None, :]
-        log_ps = z * iscale - ilse[None, :]
-        ps = tl.where(allowed_t, tl.exp(log_ps), 0.0)                  # [BS, BLOCK_T]
-        # teacher, summed over the KV heads and Q heads of index head h
+        z = _dot(qi, tl.trans(ki), PRECISION, UPCAST)
+        allowed_r = ((t0 + offs_n)[None, :] <= pos_r[:, None]) & kmask[None, :] & \
+            rmask[:, None]
+        log_ps = z * iscale - ilse[:, None]
+        ps = tl.where(allowed_r, tl.exp(log_ps), 0.0)                 # [BLOCK_T*R, BS]
+        # teacher, accumulated over the KV heads and Q heads of index head h
         em = e + tok_m
+        mmask = (em < e1) & (g_m < G)
         if DENSE:
             qm = tl.where(em < e1, em, 0).to(tl.int64)
         else:
             qm = q0 + tl.load(EDGE_Q + em, mask=em < e1, other=0).to(tl.int64)
         pos_m = tl.load(POS + qm, mask=em < e1, other=-1)
-        pt = tl.zeros((BS, BLOCK_T), dtype=tl.float32)
-        for j in range(NKV * (G_PAD // GC)):
-            kh = h * NKV + j // (G_PAD // GC)
-            g = (j % (G_PAD // GC)) * GC + g_m
-            mmask = (em < e1) & (g < G)
+        allowed_m = ((t0 + offs_n)[None, :] <= pos_m[:, None]) & kmask[None, :] & \
+            mmask[:, None]
+        sel = (tok_r[:, None] == tok_m[None, :]).to(tl.float32)       # [BLOCK_T*R, M]
+        pt_r = tl.zeros((BLOCK_T * R, BS), dtype=tl.float32)
+        for j in range(NKV):
+            kh = h * NKV + j
             kt = tl.load(K + (krow + offs_n)[:, None] * stride_kt + kh * stride_kh
                          + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            head = kh * G + g
+            head = kh * G + g_m
             qt = tl.load(Q + qm[:, None] * stride_qt + head[:, None] * stride_qh
                          + offs_d[None, :], mask=mmask[:, None], other=0.0)
             tlse = tl.load(TLSE + qm * stride_tl + head, mask=mmask, other=float("inf"))
             tlse = tl.where(tlse == float("-inf"), float("inf"), tlse) * 1.4426950408889634
-            s = _dot(kt, tl.trans(qt), PRECISION, UPCAST) * scale_log2
-            allowed_m = ((t0 + offs_n)[:, None] <= pos_m[None, :]) & kmask[:, None] & \
-                mmask[None, :]
-            p = tl.where(allowed_m, tl.exp2(s - tlse[None, :]), 0.0)    # [BS, BLOCK_T*GC]
-            pt += tl.sum(tl.reshape(p, (BS, BLOCK_T, GC)), 2)
-        pt = pt / (G * NKV)
-        log_pt = tl.log(tl.where(pt > 0, pt, 1.0))
-        loss += tl.sum(tl.sum(tl.where(pt > 0, pt * (log_pt - log_ps), 0.0), 1))
-        dz = coeff * (ps - pt)
-        dqi = tl.trans(_dot(tl.trans(ki), dz.to(ki.dtype), PRECISION, UPCAST)) * iscale
+            s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
+            p = tl.where(allowed_m, tl.exp2(s - tlse[:, None]), 0.0)
+            # head sum onto the replicated student rows as one MMA: pt_r = A @ p
+            pt_r += _dot(sel, p, PRECISION, UPCAST)
+        pt_r = pt_r / (G * NKV)
+        log_pt = tl.log(tl.where(pt_r > 0, pt_r, 1.0))
+        loss += tl.sum(tl.sum(tl.where(pt_r > 0, pt_r * (log_pt - log_ps), 0.0), 1)) / R
+        dz = (coeff / R) * (ps - pt_r)                               # replicas share 1/R
+        dqi = _dot(dz.to(ki.dtype), ki, PRECISION, UPCAST) * iscale
+        first = rmask & (offs_r % R == 0)              # one replica adds the token's sum
         if DET:
-            slot = tl.load(EDGE_SLOT + et, mask=tmask, other=0).to(tl.int64)
+            slot = tl.load(EDGE_SLOT + er, mask=rmask, other=0).to(tl.int64)
             sidx = (((qr - q0) * HI + h) * KSEL + slot) * DI
-            tl.store(DQI + sidx[:, None] + offs_di[None, :], dqi, mask=tmask[:, None])
+            tl.store(DQI + sidx[:, None] + offs_di[None, :], dqi * R, mask=first[:, None])
         else:
             tl.atomic_add(DQI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
-                          dqi, mask=tmask[:, None], sem="relaxed")
-        dki += _dot(dz.to(qi.dtype), qi, PRECISION, UPCAST)
+                          dqi * R, mask=first[:, None], sem="relaxed")
+        dki += _dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
     if DET:
         p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * DI + offs_di[None, :]
         tl.store(DKI + p_off, dki * iscale, mask=kmask[:, None])
@@ -205,14 +204,10 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
     g, nkv = hq // hkv, hkv // hi
     g_pad = _next_pow2(g)
-    # teacher MMA columns per head chunk: 256 for 16 heads per group, 128 for fewer, 64
-    # for head dims > 128; at least 16 tokens (the student MMA's N)
-    cols = 64 if max(d, di) > 128 else 256 if g_pad >= 16 else 128
-    block_t = block_t or max(16, cols // g_pad)
-    if block_t < 16 or block_t & (block_t - 1):
-        raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
-    gc = max(1, min(g_pad, cols // block_t))
-    num_stages = num_stages or 1
+    rows = 64 if max(d, di) > 128 else 256 if g_pad >= 16 else 128    # teacher tile rows
+    block_t = block_t or max(1, rows // g_pad)
+    num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
+    rep = max(1, 16 // block_t)
     edge_q = q_pos if edge_q is None else edge_q
     indexer_kl_bwd_kernel[(items.num_items,)](
         q, k, tlse, qi, ki2, ilse, dqi, dki, loss, q_pos, edge_q,
@@ -222,7 +217,7 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
         loss_coeff / (hi * total_q),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), tlse.stride(0),
         qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0),
-        G=g, G_PAD=g_pad, GC=gc, NKV=nkv, D=d, DI=di, BS=block_size, BLOCK_T=block_t,
-        HI=hi, KSEL=ksel, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, BLOCK_T=block_t,
+        R=rep, HI=hi, KSEL=ksel, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, DENSE=dense, DET=deterministic,
         num_warps=num_warps, num_stages=num_stages)
