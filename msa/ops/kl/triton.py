@@ -10,7 +10,9 @@ tokens it recomputes, over the block's causally visible keys,
 
 and adds ``index_scale * dz @ ki`` to ``dqi`` (per tile) and ``index_scale * dz^T @ qi``
 to ``dki`` (once per item), plus the KL terms to the loss; all fp32 atomics. The student
-GEMMs need 16 MMA rows, so each token's row is replicated ``R`` times with weight ``1/R``.
+GEMMs need 16 MMA rows, so each token's row is replicated ``R`` times with weight ``1/R``
+(``R`` = 1 at 16 heads per group: the tile has 16 tokens). The teacher's head sum is a
+reduction over each token's consecutive rows.
 The LSEs are trusted (attention forward LSE and the indexer's selected LSE over the same
 selection).
 """
@@ -37,8 +39,7 @@ def indexer_kl_bwd_kernel(
         G: tl.constexpr, G_PAD: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
         DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
         HI: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False,
-        SUM_MMA: tl.constexpr = True, HOIST_K: tl.constexpr = False):
+        UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False):
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
     # every causal query of the block, no edge list). Edge query ids are relative to q0.
     # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
@@ -53,7 +54,7 @@ def indexer_kl_bwd_kernel(
     ki = tl.load(KI + (krow + offs_n)[:, None] * stride_kit + offs_di[None, :],
                  mask=kmask[:, None], other=0.0)
     dki = tl.zeros((BS, DI), dtype=tl.float32)
-    if HOIST_K and NKV == 1:                        # the one KV head's keys, loaded once
+    if NKV == 1:                                    # the one KV head's keys, loaded once
         k0 = tl.load(K + (krow + offs_n)[:, None] * stride_kt + h * stride_kh
                      + offs_d[None, :], mask=kmask[:, None], other=0.0)
     # teacher rows: (token, q head of the group); student rows: (token, replica)
@@ -91,34 +92,25 @@ def indexer_kl_bwd_kernel(
         pos_m = tl.load(POS + qm, mask=em < e1, other=-1)
         allowed_m = ((t0 + offs_n)[None, :] <= pos_m[:, None]) & kmask[None, :] & \
             mmask[:, None]
-        if SUM_MMA:
-            sel = (tok_r[:, None] == tok_m[None, :]).to(tl.float32)   # [BLOCK_T*R, M]
-            pt_r = tl.zeros((BLOCK_T * R, BS), dtype=tl.float32)
-        else:
-            pt = tl.zeros((BLOCK_T, BS), dtype=tl.float32)
+        pt = tl.zeros((BLOCK_T, BS), dtype=tl.float32)
         for j in range(NKV):
-            kh = h * NKV + j
-            if HOIST_K and NKV == 1:
+            if NKV == 1:
                 kt = k0
             else:
-                kt = tl.load(K + (krow + offs_n)[:, None] * stride_kt + kh * stride_kh
-                             + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            head = kh * G + g_m
+                kt = tl.load(K + (krow + offs_n)[:, None] * stride_kt + (h * NKV + j) *
+                             stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            head = (h * NKV + j) * G + g_m
             qt = tl.load(Q + qm[:, None] * stride_qt + head[:, None] * stride_qh
                          + offs_d[None, :], mask=mmask[:, None], other=0.0)
             tlse = tl.load(TLSE + qm * stride_tl + head, mask=mmask, other=float("inf"))
             tlse = tl.where(tlse == float("-inf"), float("inf"), tlse) * 1.4426950408889634
             s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
             p = tl.where(allowed_m, tl.exp2(s - tlse[:, None]), 0.0)
-            if SUM_MMA:
-                # head sum onto the replicated student rows as one MMA: pt_r = A @ p
-                pt_r += _dot(sel, p, PRECISION, UPCAST)
-            else:
-                # rows of one token are G_PAD consecutive rows: a reduction within warps
-                pt += tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BS)), 1)
-        if not SUM_MMA:
-            pt_r = tl.reshape(tl.broadcast_to(pt[:, None, :], (BLOCK_T, R, BS)),
-                              (BLOCK_T * R, BS))
+            # head sum: a token's G_PAD rows are consecutive, so this reduces within warps
+            # (exact fp32; the earlier 0/1-matrix MMA rounded p to tf32)
+            pt += tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BS)), 1)
+        pt_r = tl.reshape(tl.broadcast_to(pt[:, None, :], (BLOCK_T, R, BS)),
+                          (BLOCK_T * R, BS))                          # onto the replicas
         pt_r = pt_r / (G * NKV)
         log_pt = tl.log(tl.where(pt_r > 0, pt_r, 1.0))
         loss += tl.sum(tl.sum(tl.where(pt_r > 0, pt_r * (log_pt - log_ps), 0.0), 1)) / R
@@ -146,8 +138,7 @@ def indexer_kl_bwd_kernel(
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, *,
                    block_size: int, scale: float, index_scale: float, loss_coeff: float = 1.0,
                    deterministic: bool = False, q_per_item: int = 256, block_t: int = None,
-                   num_warps: int = 8, num_stages: int = None, query_chunk: int = None,
-                   **variant):
+                   num_warps: int = 8, num_stages: int = None, query_chunk: int = None):
     """KL loss and gradients ``(loss, dqi, dki)`` (spec 7.2, fp32 ``dz``); the gradients
     have the dtypes of qi / ki.
 
@@ -161,7 +152,9 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
     defaults (teacher tiles of 256 rows for 16 heads per group, 128 for fewer, 64 for head
     dims > 128; 8 warps, 1 stage) come from sweeps on an H100 at 128K tokens, MSA shape:
     66 ms (256 rows), 72 ms (128 rows), 106 ms (64 rows, 2 stages)
-    (``benchmarks/results/sweep_launch_128k_h100_2026-11-26.json``).
+    (``benchmarks/results/sweep_launch_128k_h100_2026-11-26.json``); with the head sum as
+    a reduction and the keys loaded once per program: 56 ms (256 rows), 63 ms (128)
+    (``benchmarks/results/sweep_kl_headsum_h100_2026-11-26.json``).
     """
     total_q, d = q.shape[0], q.shape[2]
     hi, di = qi.shape[1], qi.shape[2]
@@ -186,7 +179,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
             chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES // (hi * ksel * di * 4)))
         kw = dict(block_size=block_size, scale=scale, index_scale=index_scale,
                   loss_coeff=loss_coeff, block_t=block_t, num_warps=num_warps,
-                  num_stages=num_stages, **variant)
+                  num_stages=num_stages)
         for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hi, q_per_item):
             if not plan.num_items:
                 continue
@@ -210,8 +203,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
 
 def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
               *, block_size, scale, index_scale, loss_coeff, block_t=None, num_warps=8,
-              num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, ksel=1,
-              sum_mma=True, hoist_k=False):
+              num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, ksel=1):
     """One launch of ``indexer_kl_bwd_kernel`` over the work items ``items`` (``item_h,
     item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
     ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
@@ -239,5 +231,4 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
         G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, BLOCK_T=block_t,
         R=rep, HI=hi, KSEL=ksel, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, DENSE=dense, DET=deterministic,
-        SUM_MMA=sum_mma, HOIST_K=hoist_k,
         num_warps=num_warps, num_stages=num_stages)
