@@ -27,9 +27,6 @@ def main():
                     help="block_q x warps x stages, comma separated")
     ap.add_argument("--q-per-item", default="128,256,1024")
     ap.add_argument("--no-budget", action="store_true", help="skip the partial-budget sweep")
-    ap.add_argument("--chunks", default="",
-                    help="queries per partial buffer to sweep with store cache modifiers "
-                         "(0: the default budget), comma separated")
     args = ap.parse_args()
     T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
     dev = "cuda"
@@ -58,16 +55,6 @@ def main():
             except Exception as e:
                 rows.append(dict(block_q=bq, warps=warps, stages=stages, q_per_item=qpi,
                                  error=repr(e)[:120]))
-            print(json.dumps(rows[-1]), flush=True)
-    for chunk in (int(x) for x in filter(None, args.chunks.split(","))):
-        for cm in ("", ".cs", ".cg"):
-            run = lambda: fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS,
-                                              scale=D ** -0.5, query_chunk=chunk or None,
-                                              store_cm=cm)
-            err = (run()[0].float() - ref.float()).abs().max().item()
-            ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-            rows.append(dict(query_chunk=chunk, store_cm=cm, ms=ms, tflops=flops / ms / 1e9,
-                             err=err))
             print(json.dumps(rows[-1]), flush=True)
     for budget_gb in () if args.no_budget else (3, 6, 12):
         fwd.PARTIAL_BUDGET_BYTES = budget_gb << 30

@@ -57,8 +57,7 @@ def sparse_attn_fwd_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
-        STORE_CM: tl.constexpr = ""):
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
@@ -96,8 +95,8 @@ def sparse_attn_fwd_kernel(
             o = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
             o = o / tl.maximum(den, 1e-30)[:, None]
             tl.store(PO + pidx[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty),
-                     mask=emask[:, None], cache_modifier=STORE_CM)
-        tl.store(PL + pidx, lse, mask=emask, cache_modifier=STORE_CM)
+                     mask=emask[:, None])
+        tl.store(PL + pidx, lse, mask=emask)
 
 
 @triton.jit(do_not_specialize=["q0", "stride_th"])
@@ -155,8 +154,7 @@ def check_supported(dtype: torch.dtype, head_dim: int) -> None:
 
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
                     ksel: int, block_size: int, block_q: int = None, num_warps: int = 4,
-                    num_stages: int = 1, shared_k_head: bool = False,
-                    store_cm: str = "") -> None:
+                    num_stages: int = 1, shared_k_head: bool = False) -> None:
     """Run the KV-outer kernel over one plan: partial outputs into ``po`` (skipped when
     ``v is None``) and partial LSEs into ``pl``.
 
@@ -184,7 +182,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
         HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, HAS_V=v is not None,
-        STORE_CM=store_cm, num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
