@@ -29,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", default="64k")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=["attention", "kl", "launch", "order"], default=None)
+    ap.add_argument("--only", choices=["attention", "kl", "launch"], default=None)
     args = ap.parse_args()
     T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
     dev = "cuda"
@@ -58,21 +58,7 @@ def main():
             rows.append(dict(variant=name, **info, error=repr(e)[:160]))
         print(json.dumps(rows[-1]), flush=True)
 
-    if args.only == "order":            # work-item order x queries per item, fwd and bwd
-        import msa.ops.prepare as prep
-        fwd_ref = out.float()
-        for order, qpi in itertools.product(("size", "query"), (256, 128, 64, 32)):
-            prep.ITEM_ORDER = order
-            timed("fast", lambda: sparse_attn_bwd(q, k, v, topk, seg, out, lse, dout, **kw,
-                                                  q_per_item=qpi), order=order,
-                  q_per_item=qpi)
-            run = lambda: sparse_attn_fwd(q, k, v, topk, seg, **kw, q_per_item=qpi)
-            ms = triton.testing.do_bench(run, warmup=10, rep=200, return_mode="median")
-            err = (run()[0].float() - fwd_ref).abs().max().item()
-            rows.append(dict(variant="forward", order=order, q_per_item=qpi, ms=ms, err=err))
-            print(json.dumps(rows[-1]), flush=True)
-        prep.ITEM_ORDER = "size"
-    attn_configs = [] if args.only in ("kl", "order") else [
+    attn_configs = [] if args.only == "kl" else [
         (128, 4, 8, 3), (128, 4, 8, 2), (128, 2, 8, 3), (128, 2, 8, 2), (128, 1, 8, 3),
         (128, 8, 8, 2), (128, 4, 4, 3), (64, 4, 4, 3), (64, 8, 8, 2), (128, 4, 16, 2)]
     for bn, bq, warps, stages in attn_configs:
@@ -89,7 +75,7 @@ def main():
     qi, ki = planted_topics(T, dev, seed=T)
     ilse = selected_lse(qi, ki, topk, seg, block_size=BS, scale=D ** -0.5)
     kl_configs = [(16, 8, 1), (8, 8, 1), (16, 8, 2), (32, 8, 1), (16, 4, 1), (16, 16, 1)]
-    for bt, warps, stages in [] if args.only in ("attention", "order") else kl_configs:
+    for bt, warps, stages in [] if args.only == "attention" else kl_configs:
         cfg = dict(block_t=bt, num_warps=warps, num_stages=stages)
         timed("kl", lambda: indexer_kl_bwd(q, k, lse, qi, ki, ilse, topk, seg, **kw,
                                            index_scale=D ** -0.5, **cfg), **cfg)

@@ -25,8 +25,6 @@ import torch
 
 from ..varlen import Segments
 
-ITEM_ORDER = "size"     # work items inside a chunk: "size" (largest first) or "query"
-
 
 @dataclass
 class BlockRows:
@@ -125,14 +123,10 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     within = torch.arange(n_items, device=t.device) - first_item[item_key]
     e0 = starts[item_key] + within * q_per_item
     e1 = torch.minimum(e0 + q_per_item, starts[item_key] + counts[item_key])
+    # chunk-major, largest items first inside a chunk
     item_chunk = item_key // (hkv * nrow)
-    if ITEM_ORDER == "query":
-        # by first query: programs running together share queries (their rows stay in L2)
-        order = torch.argsort(q_of_edge[e0], stable=True)
-    else:
-        # chunk-major, largest items first inside a chunk
-        order = torch.argsort(item_chunk * (q_per_item + 1) + (q_per_item - (e1 - e0)),
-                              stable=True)
+    order = torch.argsort(item_chunk * (q_per_item + 1) + (q_per_item - (e1 - e0)),
+                          stable=True)
     item_key, e0, e1 = item_key[order], e0[order], e1[order]
     row = item_key % nrow
     head = ((item_key // nrow) % hkv).to(torch.int32)
