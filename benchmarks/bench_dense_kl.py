@@ -32,8 +32,9 @@ def main():
     ap.add_argument("--reference-max", type=int, default=8192)
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--sweep", default="1024x4,1024x4x1,1024x4x3,1024x8x1,1024x2x2",
-                    help="q_per_item x block_t [x num_stages] launches to time ('' to skip)")
+    ap.add_argument("--sweep", default="1024x16x1x1,1024x16x1x0,1024x8x1x1,1024x8x2x1,512x16x1x1",
+                    help="q_per_item x block_t x num_stages x prefetch launches to time "
+                         "('' to skip)")
     args = ap.parse_args()
     dev = "cuda"
     rows = []
@@ -59,11 +60,11 @@ def main():
             warmup=2, rep=100, return_mode="median")
         r["sweep"] = {}
         for cfg in filter(None, args.sweep.split(",")):
-            qpi, bt, st = (int(x) for x in (cfg + "x2").split("x")[:3])
+            qpi, bt, st, pf = (int(x) for x in (cfg + "x2x0").split("x")[:4])
             try:
                 r["sweep"][cfg] = triton.testing.do_bench(
                     lambda: indexer_kl_dense(q, k, qi, ki, seg, q_per_item=qpi, block_t=bt,
-                                             num_stages=st, **kw),
+                                             num_stages=st, prefetch=bool(pf), **kw),
                     warmup=2, rep=100, return_mode="median")
             except triton.runtime.errors.OutOfResources as e:      # tile too large
                 r["sweep"][cfg] = f"out of resources: {e}"
