@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--reference-max", type=int, default=8192)
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--rep", type=int, default=1000, help="ms of repetitions per timing "
+                    "(one call at 64K takes ~0.5 s)")
     ap.add_argument("--sweep", default="1024x16x1x1,1024x16x1x0,1024x8x1x1,1024x8x2x1,512x16x1x1",
                     help="q_per_item x block_t x num_stages x prefetch launches to time "
                          "('' to skip)")
@@ -52,7 +54,7 @@ def main():
         loss, dqi, dki = indexer_kl_dense(q, k, qi, ki, seg, **kw)
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
         ms = triton.testing.do_bench(lambda: indexer_kl_dense(q, k, qi, ki, seg, **kw),
-                                     warmup=2, rep=200, return_mode="median")
+                                     warmup=2, rep=args.rep, return_mode="median")
         r = dict(T=T, triton_ms=ms, loss=loss.item(), peak_extra_gb=peak)
         r["lse_ms"] = triton.testing.do_bench(
             lambda: (causal_lse(q, k, seg, scale=kw["scale"], block_size=BS),
@@ -65,7 +67,7 @@ def main():
                 r["sweep"][cfg] = triton.testing.do_bench(
                     lambda: indexer_kl_dense(q, k, qi, ki, seg, q_per_item=qpi, block_t=bt,
                                              num_stages=st, prefetch=bool(pf), **kw),
-                    warmup=2, rep=100, return_mode="median")
+                    warmup=2, rep=args.rep, return_mode="median")
             except triton.runtime.errors.OutOfResources as e:      # tile too large
                 r["sweep"][cfg] = f"out of resources: {e}"
         if T <= args.reference_max:
