@@ -34,9 +34,8 @@ def main():
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--rep", type=int, default=1000, help="ms of repetitions per timing "
                     "(one call at 64K takes ~0.5 s)")
-    ap.add_argument("--sweep", default="1024x16x1x1,1024x16x1x0,1024x8x1x1,1024x8x2x1,512x16x1x1",
-                    help="q_per_item x block_t x num_stages x prefetch launches to time "
-                         "('' to skip)")
+    ap.add_argument("--sweep", default="1024x16x1,1024x8x1,512x16x1,2048x16x1",
+                    help="q_per_item x block_t [x num_stages] launches to time ('' to skip)")
     args = ap.parse_args()
     dev = "cuda"
     rows = []
@@ -62,11 +61,11 @@ def main():
             warmup=2, rep=100, return_mode="median")
         r["sweep"] = {}
         for cfg in filter(None, args.sweep.split(",")):
-            qpi, bt, st, pf = (int(x) for x in (cfg + "x2x0").split("x")[:4])
+            qpi, bt, st = (int(x) for x in (cfg + "x1").split("x")[:3])
             try:
                 r["sweep"][cfg] = triton.testing.do_bench(
                     lambda: indexer_kl_dense(q, k, qi, ki, seg, q_per_item=qpi, block_t=bt,
-                                             num_stages=st, prefetch=bool(pf), **kw),
+                                             num_stages=st, **kw),
                     warmup=2, rep=args.rep, return_mode="median")
             except triton.runtime.errors.OutOfResources as e:      # tile too large
                 r["sweep"][cfg] = f"out of resources: {e}"

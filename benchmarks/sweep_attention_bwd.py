@@ -74,10 +74,9 @@ def main():
             q_per_item=qpi)
     qi, ki = planted_topics(T, dev, seed=T)
     ilse = selected_lse(qi, ki, topk, seg, block_size=BS, scale=D ** -0.5)
-    kl_configs = [(16, 8, 1, False), (16, 8, 1, True), (8, 8, 1, True), (8, 8, 2, True),
-                  (8, 8, 1, False), (16, 4, 1, True)]
-    for bt, warps, stages, pf in [] if args.only == "attention" else kl_configs:
-        cfg = dict(block_t=bt, num_warps=warps, num_stages=stages, prefetch=pf)
+    kl_configs = [(16, 8, 1), (8, 8, 1), (16, 8, 2), (32, 8, 1), (16, 4, 1), (16, 16, 1)]
+    for bt, warps, stages in [] if args.only == "attention" else kl_configs:
+        cfg = dict(block_t=bt, num_warps=warps, num_stages=stages)
         timed("kl", lambda: indexer_kl_bwd(q, k, lse, qi, ki, ilse, topk, seg, **kw,
                                            index_scale=D ** -0.5, **cfg), **cfg)
     if args.out:

@@ -120,8 +120,7 @@ def dense_items(seg: Segments, block_size: int, num_heads: int, q_per_item: int,
 
 def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: float,
                      index_scale: float, loss_coeff: float = 1.0, q_per_item: int = 1024,
-                     block_t: int = None, num_warps: int = 8, num_stages: int = None,
-                     prefetch: bool = False):
+                     block_t: int = None, num_warps: int = 8, num_stages: int = None):
     """``(loss, dqi, dki)`` of the dense warm-up KL (teacher over all causal keys).
 
     q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, qi ``[total_q, Hi, Di]``,
@@ -148,5 +147,5 @@ def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: flo
                       seg.positions(q.device).to(torch.int32), None, items,
                       block_size=block_size, scale=scale, index_scale=index_scale,
                       loss_coeff=loss_coeff, block_t=block_t, num_warps=num_warps,
-                      num_stages=num_stages, dense=True, prefetch=prefetch)
+                      num_stages=num_stages, dense=True)
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)

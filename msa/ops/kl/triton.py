@@ -29,26 +29,6 @@ from ..attention.backward import SLOT_BUDGET_BYTES, _base_layers, _sum_items
 from ..prepare import block_rows, plan_chunks
 
 
-@triton.jit
-def _teacher_rows(Q, TLSE, POS, EDGE_Q, q0, e, e1, kh, tok_m, g_m, offs_d, stride_qt,
-                  stride_qh, stride_tl, G: tl.constexpr, DENSE: tl.constexpr):
-    """Teacher tile rows (token ``e + tok_m``, head ``kh * G + g_m``) of KV head ``kh``:
-    row mask, positions, q rows and LSE (log2 units, +inf on empty rows)."""
-    em = e + tok_m
-    mmask = (em < e1) & (g_m < G)
-    if DENSE:
-        qm = tl.where(em < e1, em, 0).to(tl.int64)
-    else:
-        qm = q0 + tl.load(EDGE_Q + em, mask=em < e1, other=0).to(tl.int64)
-    pos_m = tl.load(POS + qm, mask=em < e1, other=-1)
-    head = kh * G + g_m
-    qt = tl.load(Q + qm[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                 mask=mmask[:, None], other=0.0)
-    tlse = tl.load(TLSE + qm * stride_tl + head, mask=mmask, other=float("inf"))
-    tlse = tl.where(tlse == float("-inf"), float("inf"), tlse) * 1.4426950408889634
-    return mmask, pos_m, qt, tlse
-
-
 @triton.jit(do_not_specialize=["q0"])
 def indexer_kl_bwd_kernel(
         Q, K, TLSE, QI, KI, ILSE, DQI, DKI, LOSS, POS, EDGE_Q, EDGE_SLOT,
@@ -59,8 +39,7 @@ def indexer_kl_bwd_kernel(
         G: tl.constexpr, G_PAD: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
         DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
         HI: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False,
-        PREFETCH: tl.constexpr = False):
+        UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False):
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
     # every causal query of the block, no edge list). Edge query ids are relative to q0.
     # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
@@ -85,10 +64,6 @@ def indexer_kl_bwd_kernel(
     offs_r = tl.arange(0, BLOCK_T * R)
     tok_r = offs_r // R
     loss = 0.0
-    if PREFETCH:
-        mmask_n, pos_n, qt_n, tlse_n = _teacher_rows(
-            Q, TLSE, POS, EDGE_Q, q0, e0, e1, h, tok_m, g_m, offs_d, stride_qt, stride_qh,
-            stride_tl, G, DENSE)
     for e in range(e0, e1, BLOCK_T):
         # student
         er = e + tok_r
@@ -108,35 +83,32 @@ def indexer_kl_bwd_kernel(
         log_ps = z * iscale - ilse[:, None]
         ps = tl.where(allowed_r, tl.exp(log_ps), 0.0)                 # [BLOCK_T*R, BS]
         # teacher, accumulated over the KV heads and Q heads of index head h
-        pt = tl.zeros((BLOCK_T, BS), dtype=tl.float32)
-        if PREFETCH:        # one KV head: this tile's rows were loaded last iteration
-            mmask, pos_m, qt, tlse = mmask_n, pos_n, qt_n, tlse_n
-            mmask_n, pos_n, qt_n, tlse_n = _teacher_rows(
-                Q, TLSE, POS, EDGE_Q, q0, e + BLOCK_T, e1, h, tok_m, g_m, offs_d,
-                stride_qt, stride_qh, stride_tl, G, DENSE)
-            allowed_m = ((t0 + offs_n)[None, :] <= pos_m[:, None]) & kmask[None, :] & \
-                mmask[:, None]
-            s = _dot(qt, tl.trans(k0), PRECISION, UPCAST) * scale_log2
-            p = tl.where(allowed_m, tl.exp2(s - tlse[:, None]), 0.0)
-            pt += tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BS)), 1)
+        em = e + tok_m
+        mmask = (em < e1) & (g_m < G)
+        if DENSE:
+            qm = tl.where(em < e1, em, 0).to(tl.int64)
         else:
-            for j in range(NKV):
-                if NKV == 1:
-                    kt = k0
-                else:
-                    kt = tl.load(K + (krow + offs_n)[:, None] * stride_kt + (h * NKV + j) *
-                                 stride_kh + offs_d[None, :], mask=kmask[:, None],
-                                 other=0.0)
-                mmask, pos_m, qt, tlse = _teacher_rows(
-                    Q, TLSE, POS, EDGE_Q, q0, e, e1, h * NKV + j, tok_m, g_m, offs_d,
-                    stride_qt, stride_qh, stride_tl, G, DENSE)
-                allowed_m = ((t0 + offs_n)[None, :] <= pos_m[:, None]) & \
-                    kmask[None, :] & mmask[:, None]
-                s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
-                p = tl.where(allowed_m, tl.exp2(s - tlse[:, None]), 0.0)
-                # head sum: a token's G_PAD rows are consecutive, so this reduces within
-                # warps (exact fp32; the earlier 0/1-matrix MMA rounded p to tf32)
-                pt += tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BS)), 1)
+            qm = q0 + tl.load(EDGE_Q + em, mask=em < e1, other=0).to(tl.int64)
+        pos_m = tl.load(POS + qm, mask=em < e1, other=-1)
+        allowed_m = ((t0 + offs_n)[None, :] <= pos_m[:, None]) & kmask[None, :] & \
+            mmask[:, None]
+        pt = tl.zeros((BLOCK_T, BS), dtype=tl.float32)
+        for j in range(NKV):
+            if NKV == 1:
+                kt = k0
+            else:
+                kt = tl.load(K + (krow + offs_n)[:, None] * stride_kt + (h * NKV + j) *
+                             stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            head = (h * NKV + j) * G + g_m
+            qt = tl.load(Q + qm[:, None] * stride_qt + head[:, None] * stride_qh
+                         + offs_d[None, :], mask=mmask[:, None], other=0.0)
+            tlse = tl.load(TLSE + qm * stride_tl + head, mask=mmask, other=float("inf"))
+            tlse = tl.where(tlse == float("-inf"), float("inf"), tlse) * 1.4426950408889634
+            s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
+            p = tl.where(allowed_m, tl.exp2(s - tlse[:, None]), 0.0)
+            # head sum: a token's G_PAD rows are consecutive, so this reduces within warps
+            # (exact fp32; the earlier 0/1-matrix MMA rounded p to tf32)
+            pt += tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BS)), 1)
         pt_r = tl.reshape(tl.broadcast_to(pt[:, None, :], (BLOCK_T, R, BS)),
                           (BLOCK_T * R, BS))                          # onto the replicas
         pt_r = pt_r / (G * NKV)
@@ -166,8 +138,7 @@ def indexer_kl_bwd_kernel(
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, *,
                    block_size: int, scale: float, index_scale: float, loss_coeff: float = 1.0,
                    deterministic: bool = False, q_per_item: int = 256, block_t: int = None,
-                   num_warps: int = 8, num_stages: int = None, query_chunk: int = None,
-                   prefetch: bool = False):
+                   num_warps: int = 8, num_stages: int = None, query_chunk: int = None):
     """KL loss and gradients ``(loss, dqi, dki)`` (spec 7.2, fp32 ``dz``); the gradients
     have the dtypes of qi / ki.
 
@@ -208,7 +179,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
             chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES // (hi * ksel * di * 4)))
         kw = dict(block_size=block_size, scale=scale, index_scale=index_scale,
                   loss_coeff=loss_coeff, block_t=block_t, num_warps=num_warps,
-                  num_stages=num_stages, prefetch=prefetch)
+                  num_stages=num_stages)
         for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hi, q_per_item):
             if not plan.num_items:
                 continue
@@ -232,8 +203,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
 
 def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
               *, block_size, scale, index_scale, loss_coeff, block_t=None, num_warps=8,
-              num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, ksel=1,
-              prefetch=False):
+              num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, ksel=1):
     """One launch of ``indexer_kl_bwd_kernel`` over the work items ``items`` (``item_h,
     item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
     ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
@@ -261,5 +231,4 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
         G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, BLOCK_T=block_t,
         R=rep, HI=hi, KSEL=ksel, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, DENSE=dense, DET=deterministic,
-        PREFETCH=prefetch and nkv == 1,
         num_warps=num_warps, num_stages=num_stages)
