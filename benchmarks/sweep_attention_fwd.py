@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--length", default="128k")
     ap.add_argument("--out", default=None)
     ap.add_argument("--configs", default="4x4x2,4x4x3,4x4x1,4x8x2,2x4x2,8x4x2,8x8x3",
-                    help="block_q x warps x stages [x prefetch 0/1], comma separated")
+                    help="block_q x warps x stages, comma separated")
     ap.add_argument("--q-per-item", default="128,256,1024")
     ap.add_argument("--no-budget", action="store_true", help="skip the partial-budget sweep")
     args = ap.parse_args()
@@ -39,23 +39,22 @@ def main():
     flops = 4 * D * HQ * sparse_elements(T)
     ref, _ = fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS, scale=D ** -0.5)
     rows = []
-    configs = [tuple(int(x) for x in (c + "x0").split("x")[:4])
-               for c in args.configs.split(",")]
-    for bq, warps, stages, pf in configs:
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    for bq, warps, stages in configs:
         for qpi in (int(x) for x in args.q_per_item.split(",")):
             try:
                 run = lambda: fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS,
                                                   scale=D ** -0.5, block_q=bq,
                                                   num_warps=warps, num_stages=stages,
-                                                  q_per_item=qpi, prefetch=bool(pf))
+                                                  q_per_item=qpi)
                 out, _ = run()
                 err = (out.float() - ref.float()).abs().max().item()
                 ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-                rows.append(dict(block_q=bq, warps=warps, stages=stages, prefetch=pf,
-                                 q_per_item=qpi, ms=ms, tflops=flops / ms / 1e9, err=err))
+                rows.append(dict(block_q=bq, warps=warps, stages=stages, q_per_item=qpi,
+                                 ms=ms, tflops=flops / ms / 1e9, err=err))
             except Exception as e:
-                rows.append(dict(block_q=bq, warps=warps, stages=stages, prefetch=pf,
-                                 q_per_item=qpi, error=repr(e)[:120]))
+                rows.append(dict(block_q=bq, warps=warps, stages=stages, q_per_item=qpi,
+                                 error=repr(e)[:120]))
             print(json.dumps(rows[-1]), flush=True)
     for budget_gb in () if args.no_budget else (3, 6, 12):
         fwd.PARTIAL_BUDGET_BYTES = budget_gb << 30

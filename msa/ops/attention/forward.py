@@ -49,21 +49,6 @@ def load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, pid):
             tl.load(ITEM_E1 + pid))
 
 
-@triton.jit
-def _gather_tile(Q, POS, EDGE_Q, EDGE_SLOT, q0, e, e1, h, tok, g, offs_d, stride_qt,
-                 stride_qh, G: tl.constexpr):
-    """Rows (edge ``e + tok``, head ``h * G + g``) of a tile: mask, query, slot, position
-    and the gathered q rows."""
-    eidx = e + tok
-    emask = (eidx < e1) & (g < G)
-    ql = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
-    slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
-    pos = tl.load(POS + q0 + ql, mask=emask, other=-1)
-    qt = tl.load(Q + (q0 + ql)[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
-                 + offs_d[None, :], mask=emask[:, None], other=0.0)
-    return emask, ql, slot, pos, qt
-
-
 @triton.jit(do_not_specialize=["q0"])
 def sparse_attn_fwd_kernel(
         Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT,
@@ -72,8 +57,7 @@ def sparse_attn_fwd_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
-        PREFETCH: tl.constexpr = False):
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
@@ -87,19 +71,15 @@ def sparse_attn_fwd_kernel(
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
     tok = offs_m // G_PAD
     g = offs_m % G_PAD
-    if PREFETCH:
-        emask_n, ql_n, slot_n, pos_n, qt_n = _gather_tile(
-            Q, POS, EDGE_Q, EDGE_SLOT, q0, e0, e1, h, tok, g, offs_d, stride_qt, stride_qh, G)
     for e in range(e0, e1, BLOCK_Q):
-        if PREFETCH:        # this tile was gathered last iteration; gather the next one
-            emask, ql, slot, pos, qt = emask_n, ql_n, slot_n, pos_n, qt_n
-            emask_n, ql_n, slot_n, pos_n, qt_n = _gather_tile(
-                Q, POS, EDGE_Q, EDGE_SLOT, q0, e + BLOCK_Q, e1, h, tok, g, offs_d,
-                stride_qt, stride_qh, G)
-        else:
-            emask, ql, slot, pos, qt = _gather_tile(
-                Q, POS, EDGE_Q, EDGE_SLOT, q0, e, e1, h, tok, g, offs_d, stride_qt,
-                stride_qh, G)
+        eidx = e + tok
+        emask = (eidx < e1) & (g < G)
+        ql = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
+        slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
+        qg = q0 + ql
+        pos = tl.load(POS + qg, mask=emask, other=-1)
+        qt = tl.load(Q + qg[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
+                     + offs_d[None, :], mask=emask[:, None], other=0.0)
         s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
         # mask only tiles the block is not fully visible to (the local block, partial tails)
         if tl.min(tl.where(emask, pos, 2147483647)) < t0 + BS - 1:
@@ -174,8 +154,7 @@ def check_supported(dtype: torch.dtype, head_dim: int) -> None:
 
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
                     ksel: int, block_size: int, block_q: int = None, num_warps: int = 4,
-                    num_stages: int = 1, shared_k_head: bool = False,
-                    prefetch: bool = False) -> None:
+                    num_stages: int = 1, shared_k_head: bool = False) -> None:
     """Run the KV-outer kernel over one plan: partial outputs into ``po`` (skipped when
     ``v is None``) and partial LSEs into ``pl``.
 
@@ -203,7 +182,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
         HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, HAS_V=v is not None,
-        PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
