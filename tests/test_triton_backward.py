@@ -19,6 +19,7 @@ CASES = {
     "G16-D128": ((9,), (260,), None, 16, 1, 128, 64, 4, 1, 256),
     "fragments-shared-kv": ((17, 41, 73), (149, 181, 259), (0, 0, 1), 4, 2, 64, 64, 5, 1, 16),
     "one-token-docs-B128": ((33, 1, 1), (385, 1, 1), None, 4, 2, 64, 128, 3, 2, 256),
+    "G8-D256-B128": ((20,), (600,), None, 8, 1, 256, 128, 4, 1, 256),      # bf16 only
 }
 
 
@@ -40,7 +41,7 @@ def _reference(c, topk, q, k, v, out, lse, dout, block, scale):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n for n in CASES if "D256" not in n])
 def test_triton_backward_matches_reference_fp32(name, deterministic):
     c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case(name, torch.float32)
     got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
@@ -68,12 +69,15 @@ def test_unselected_keys_get_exact_zero_gradients():
     assert torch.all(dq[torch.arange(q.shape[0], device=DEVICE) != 40] == 0)
 
 
+@pytest.mark.parametrize("name,det", [("G2-varlen-split-items", False),
+                                      ("G8-D256-B128", False), ("G8-D256-B128", True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_backward_half_precision(dtype):
-    c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case("G2-varlen-split-items",
-                                                                  dtype)
+def test_triton_backward_half_precision(dtype, name, det):
+    """Half inputs (head dim 256 has no fp32 kernel: two 256-wide blocks exceed shared
+    memory), fast and deterministic."""
+    c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case(name, dtype)
     got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
-                          scale=scale, q_per_item=qpi)
+                          scale=scale, q_per_item=qpi, deterministic=det)
     ref = _reference(c, topk, q, k, v, out, lse, dout, block, scale)
     for a, r in zip(got, ref):
         assert a.dtype == dtype
