@@ -20,6 +20,7 @@ CASES = {
     "fragments-shared-kv": ((17, 41, 73), (149, 181, 259), (0, 0, 1), 4, 2, 64, 64, 5, 1, 16),
     "one-token-docs-B128": ((33, 1, 1), (385, 1, 1), None, 4, 2, 64, 128, 3, 2, 256),
     "G8-D256-B128": ((20,), (600,), None, 8, 1, 256, 128, 4, 1, 256),      # bf16 only
+    "G16-D256-B64": ((7, 30), (90, 400), None, 16, 1, 256, 64, 5, 1, 16),    # bf16 only
 }
 
 
@@ -70,7 +71,8 @@ def test_unselected_keys_get_exact_zero_gradients():
 
 
 @pytest.mark.parametrize("name,det", [("G2-varlen-split-items", False),
-                                      ("G8-D256-B128", False), ("G8-D256-B128", True)])
+                                      ("G8-D256-B128", False), ("G8-D256-B128", True),
+                                      ("G16-D256-B64", False), ("G16-D256-B64", True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_backward_half_precision(dtype, name, det):
     """Half inputs (head dim 256 has no fp32 kernel: two 256-wide blocks exceed shared

@@ -210,7 +210,8 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
     an H100 at 128K tokens, MSA shape: 115.6 ms; 32-row tiles 117-128 ms, 16-row tiles
     150-167 ms, 128-row tiles 268 ms or out of shared memory
     (``benchmarks/results/sweep_bwd_layout_h100_2026-11-26.json``,
-    ``benchmarks/results/sweep_bwd_dq_h100_2026-11-26.json``).
+    ``benchmarks/results/sweep_bwd_dq_h100_2026-11-26.json``). For D = 256: 64 keys, 32
+    rows, 1 stage, chosen to fit shared memory (untuned).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
@@ -227,9 +228,11 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
         topk = topk.to(torch.int32).contiguous()
         g = hq // hkv
         g_pad = _next_pow2(g)
-        block_q = block_q or max(1, 64 // g_pad)
+        # head dim 256: half the keys and query rows, one stage (64-row tiles with two
+        # stages need 263 KB of shared memory, more than an H100 SM has)
+        block_q = block_q or max(1, (64 if d <= 128 else 32) // g_pad)
         block_n = block_n or min(block_size, 128 if d <= 128 else 64)
-        num_stages = num_stages or (3 if d <= 128 else 2)
+        num_stages = num_stages or (3 if d <= 128 else 1)
         if deterministic and block_n * 2 < block_size:
             raise ValueError(f"deterministic mode needs block_n >= block_size / 2, got "
                              f"block_n={block_n}")
