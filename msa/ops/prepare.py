@@ -111,8 +111,11 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     q_of_edge = (perm // kk) % nq
     edge_q = (q_of_edge % chunk).to(torch.int32)
     edge_slot = (perm % kk).to(torch.int32)
-    counts = torch.bincount(skey.long(), minlength=nkeys)
-    starts = torch.cumsum(counts, 0) - counts
+    # keys are sorted: row boundaries by binary search (a histogram of sorted keys
+    # serialises on its atomics: 0.9 of the 2.3 ms of planning at 128K on an H100)
+    bounds = torch.searchsorted(skey, torch.arange(nkeys + 1, device=t.device,
+                                                   dtype=skey.dtype))
+    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     nsplit = (counts + q_per_item - 1) // q_per_item
     per_chunk = nsplit.view(-1, hkv * nrow).sum(1)
     per_chunk_host = per_chunk.tolist()                       # host sync 2
