@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
-from ..attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2, check_supported
+from ..attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2
 from ..indexer.triton import _tiles
 from ..prepare import Plan
-from .triton import launch_kl
+from .triton import kl_buffers, launch_kl
 
 
 @triton.jit
@@ -127,16 +127,8 @@ def indexer_kl_dense(q, k, qi, ki, seg: Segments, *, block_size: int, scale: flo
     ki ``[total_k, 1, Di]``. ``q_per_item``, ``block_t``, ``num_warps``, ``num_stages``:
     launch parameters of the gradient kernel.
     """
-    total_q, hq, _ = q.shape
-    hi, di = qi.shape[1], qi.shape[2]
-    check_supported(q.dtype, max(q.shape[2], di))
-    if ki.shape[1] != 1:
-        raise NotImplementedError("the Triton KL backward needs one shared index-key head")
-    q, k, qi = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, qi))
-    ki2 = ki[:, 0].contiguous()
-    loss = torch.zeros((), dtype=torch.float32, device=q.device)
-    dqi = torch.zeros(qi.shape, dtype=torch.float32, device=q.device)
-    dki = torch.zeros((ki.shape[0], di), dtype=torch.float32, device=q.device)
+    total_q, hi = q.shape[0], qi.shape[1]
+    q, k, qi, ki2, loss, dqi, dki = kl_buffers(q, k, qi, ki)
     if total_q:
         t_lse = causal_lse(q, k, seg, scale=scale, block_size=block_size)             # [T, Hq]
         s_lse = causal_lse(qi, ki2.unsqueeze(1), seg, scale=index_scale,

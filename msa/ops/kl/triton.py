@@ -156,16 +156,9 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
     a reduction and the keys loaded once per program: 56 ms (256 rows), 63 ms (128)
     (``benchmarks/results/sweep_kl_headsum_h100_2026-11-26.json``).
     """
-    total_q, d = q.shape[0], q.shape[2]
+    total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
-    check_supported(q.dtype, max(d, di))
-    if ki.shape[1] != 1:
-        raise NotImplementedError("the Triton KL backward needs one shared index-key head")
-    q, k, qi = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, qi))
-    ki2 = ki[:, 0].contiguous()
-    dqi = torch.zeros(qi.shape, dtype=torch.float32, device=q.device)
-    dki = torch.zeros((ki.shape[0], di), dtype=torch.float32, device=q.device)
-    loss = torch.zeros((), dtype=torch.float32, device=q.device)
+    q, k, qi, ki2, loss, dqi, dki = kl_buffers(q, k, qi, ki)
     if total_q:
         rows = block_rows(seg, block_size, q.device)
         topk = topk.to(torch.int32).contiguous()
@@ -199,6 +192,18 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
             _sum_items(plan, pk, None, dki.view(-1, 1, di), None, block_size, layers)
             loss += losses.sum()
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
+
+
+def kl_buffers(q, k, qi, ki):
+    """Checked, contiguous inputs of the KL kernel and its zeroed fp32 outputs:
+    ``(q, k, qi, ki2 [total_k, Di], loss, dqi [total_q, Hi, Di], dki [total_k, Di])``."""
+    check_supported(q.dtype, max(q.shape[2], qi.shape[2]))
+    if ki.shape[1] != 1:
+        raise NotImplementedError("the Triton KL backward needs one shared index-key head")
+    q, k, qi = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, qi))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    return (q, k, qi, ki[:, 0].contiguous(), torch.zeros((), **f32),
+            torch.zeros(qi.shape, **f32), torch.zeros((ki.shape[0], qi.shape[2]), **f32))
 
 
 def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
