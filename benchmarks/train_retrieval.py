@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import msa
-from msa.eval.niah import dense_mass, oracle_mass
+from msa.eval.niah import best_mass, block_mass, mass_inside
 from msa.nn import MSAttention
 from msa.nn.rope import rope_cos_sin
 from msa.varlen import Segments
@@ -119,8 +119,9 @@ def recall(model, ids, probe=256):
         sel = msa.msa_indexer(qi[0, -probe:], ki[0], cu_q, cu_k, block_size=c.block_size,
                               topk=c.topk)
         seg = Segments([0], [probe], [0], [T], probe, T)
-        res.append(dense_mass(q[0, -probe:], k[0], sel.long(), seg, c))
-        best.append(oracle_mass(q[0, -probe:], k[0], seg, c, num_groups=sel.shape[0]))
+        mass = block_mass(q[0, -probe:], k[0], seg, c)
+        res.append(mass_inside(mass, sel.long()))
+        best.append(best_mass(mass, seg, c, num_groups=sel.shape[0]))
         x = blk(x, "sparse")
     return res, best
 

@@ -88,10 +88,13 @@ def block_mass(q, k, seg: Segments, cfg: MSAConfig) -> torch.Tensor:
 def dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
     """Mean share of dense causal attention mass inside the selected blocks (``topk``
     ``[Hs, probe, K]``, -1 padded)."""
-    mass = block_mass(q, k, seg, cfg)
-    hq = mass.shape[1]
+    return mass_inside(block_mass(q, k, seg, cfg), topk)
+
+
+def mass_inside(mass: torch.Tensor, topk: torch.Tensor) -> float:
+    """:func:`dense_mass` from a :func:`block_mass` ``[probe, Hq, blocks]``."""
+    hq, nb = mass.shape[1], mass.shape[2]
     sel = topk.transpose(0, 1).repeat_interleave(hq // topk.shape[0], 1)    # [p, Hq, K]
-    nb = mass.shape[-1]
     inside = torch.zeros(*mass.shape[:2], nb + 1, dtype=torch.bool, device=mass.device)
     inside.scatter_(2, torch.where(sel >= 0, sel, nb), True)     # padding -> extra column
     return (mass * inside[..., :nb]).sum(-1).mean().item()
@@ -101,12 +104,16 @@ def oracle_mass(q, k, seg: Segments, cfg: MSAConfig, num_groups: int) -> float:
     """The best :func:`dense_mass` any selection under MSA's rule reaches: per query and
     group of ``Hq / num_groups`` heads sharing one selection, the local block plus the
     ``topk - 1`` other causal blocks of largest group-mean dense mass."""
-    mass = block_mass(q, k, seg, cfg)
+    return best_mass(block_mass(q, k, seg, cfg), seg, cfg, num_groups)
+
+
+def best_mass(mass: torch.Tensor, seg: Segments, cfg: MSAConfig, num_groups: int) -> float:
+    """:func:`oracle_mass` from a :func:`block_mass` ``[probe, Hq, blocks]``."""
     probe, hq, nb = mass.shape
     T = seg.k_len[0]
-    local = torch.arange(T - probe, T, device=q.device) // cfg.block_size       # [p]
+    local = torch.arange(T - probe, T, device=mass.device) // cfg.block_size       # [p]
     gm = mass.view(probe, num_groups, hq // num_groups, nb).mean(2)
-    blocks = torch.arange(nb, device=q.device)
+    blocks = torch.arange(nb, device=mass.device)
     ranked = gm.masked_fill((blocks.view(1, 1, -1) >= local.view(-1, 1, 1)), -1.0)
     top = ranked.topk(min(cfg.topk - 1, nb), dim=-1)
     keep = torch.zeros_like(gm, dtype=torch.bool)

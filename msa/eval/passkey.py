@@ -32,7 +32,7 @@ from .._meter import Progress
 from ..config import MSAConfig
 from ..functional import msa_indexer
 from ..varlen import Segments
-from .niah import dense_mass, oracle_mass
+from .niah import best_mass, block_mass, mass_inside
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
@@ -167,9 +167,10 @@ def _layer_masses(model, tok, n_tokens, probe, block_size, topk, text, oracle):
         cu_k = torch.tensor([0, tk], dtype=torch.int32)
         sel = msa_indexer(qi, k, cu_q, cu_k, block_size=block_size, topk=topk)
         seg = Segments([0], [probe], [0], [tk], probe, tk)
-        recalls[module.layer_idx] = dense_mass(q, k, sel.long(), seg, cfg)
+        mass = block_mass(q, k, seg, cfg)
+        recalls[module.layer_idx] = mass_inside(mass, sel.long())
         if oracle:
-            best[module.layer_idx] = oracle_mass(q, k, seg, cfg, num_groups=hkv)
+            best[module.layer_idx] = best_mass(mass, seg, cfg, num_groups=hkv)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
     AttentionInterface.register("msa_recall_probe", probe_attention)
