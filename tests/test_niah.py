@@ -40,3 +40,23 @@ def test_oracle_mass_is_the_best_selection_under_the_rule():
         found.append(dense_mass(q, k, topk, seg, cfg))
     assert max(found) <= best + 1e-6 and abs(max(found) - best) < 1e-6
     assert best > sorted(found)[len(found) // 2]
+
+
+def test_mass_helpers_reject_bad_arguments():
+    import pytest
+    import torch
+
+    import msa
+    from msa.eval.niah import best_mass, mass_inside
+    from msa.varlen import Segments
+    cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=3)
+    mass = torch.rand(2, 4, 5)
+    seg = Segments([0], [2], [0], [300], 2, 300)
+    with pytest.raises(IndexError, match="topk block ids"):
+        mass_inside(mass, torch.full((2, 2, 3), 5))
+    with pytest.raises(ValueError, match="topk must be"):
+        mass_inside(mass, torch.zeros(3, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_groups"):
+        best_mass(mass, seg, cfg, num_groups=3)
+    with pytest.raises(ValueError, match="mass must be"):
+        best_mass(mass[0], seg, cfg, num_groups=2)

@@ -85,6 +85,12 @@ def block_mass(q, k, seg: Segments, cfg: MSAConfig) -> torch.Tensor:
     return mass
 
 
+def _check_mass(mass: torch.Tensor) -> None:
+    if mass.dim() != 3:
+        raise ValueError(f"mass must be a block_mass [probe, Hq, blocks], got shape "
+                         f"{tuple(mass.shape)}")
+
+
 def dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
     """Mean share of dense causal attention mass inside the selected blocks (``topk``
     ``[Hs, probe, K]``, -1 padded)."""
@@ -93,7 +99,14 @@ def dense_mass(q, k, topk, seg: Segments, cfg: MSAConfig) -> float:
 
 def mass_inside(mass: torch.Tensor, topk: torch.Tensor) -> float:
     """:func:`dense_mass` from a :func:`block_mass` ``[probe, Hq, blocks]``."""
+    _check_mass(mass)
     hq, nb = mass.shape[1], mass.shape[2]
+    if topk.dim() != 3 or topk.shape[1] != mass.shape[0] or hq % topk.shape[0]:
+        raise ValueError(f"topk must be [Hs, probe={mass.shape[0]}, K] with Hs dividing "
+                         f"Hq={hq}, got {tuple(topk.shape)}")
+    if topk.numel() and (topk.min() < -1 or topk.max() >= nb):
+        raise IndexError(f"topk block ids must lie in [-1, {nb - 1}], got "
+                         f"[{int(topk.min())}, {int(topk.max())}]")
     sel = topk.transpose(0, 1).repeat_interleave(hq // topk.shape[0], 1)    # [p, Hq, K]
     inside = torch.zeros(*mass.shape[:2], nb + 1, dtype=torch.bool, device=mass.device)
     inside.scatter_(2, torch.where(sel >= 0, sel, nb), True)     # padding -> extra column
@@ -109,7 +122,10 @@ def oracle_mass(q, k, seg: Segments, cfg: MSAConfig, num_groups: int) -> float:
 
 def best_mass(mass: torch.Tensor, seg: Segments, cfg: MSAConfig, num_groups: int) -> float:
     """:func:`oracle_mass` from a :func:`block_mass` ``[probe, Hq, blocks]``."""
+    _check_mass(mass)
     probe, hq, nb = mass.shape
+    if num_groups < 1 or hq % num_groups:
+        raise ValueError(f"num_groups must divide Hq={hq}, got {num_groups}")
     T = seg.k_len[0]
     local = torch.arange(T - probe, T, device=mass.device) // cfg.block_size       # [p]
     gm = mass.view(probe, num_groups, hq // num_groups, nb).mean(2)
