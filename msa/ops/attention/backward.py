@@ -14,15 +14,23 @@ dimension ran on the older per-warp MMA: 145 vs 116 ms at 128K, see docs/benchma
 The causal mask is applied only on tiles the block is not fully visible to. Keys no query
 selected keep exactly zero gradient.
 
-Two reduction modes:
+``dQ`` goes to one slot per (query, KV head, top-k slot, key sub-block) in the dtype of
+q (plain stores, no atomics), and ``dq_sum_kernel`` adds a query's slots in slot order.
+Rounding a slot to bf16 adds at most the error already made by rounding ``dS`` to bf16
+before ``dS K`` (as every flash-style backward does): both are relative to the block's
+``sum_k |dS_k| |K_k|``. Against fp32 atomics into a ``[total_q, Hq, D]`` accumulator it
+halves the reduce traffic (16 x 512 B of read-modify-write per query row -> 16 x 256 B
+written and read once) and needs no zero-filled fp32 copy of dQ; queries are processed
+in chunks so the slot buffer stays under ``SLOT_BUDGET_BYTES``.
 
-* fast (default): ``dQ`` rows are fp32-atomically added per tile, ``dK``/``dV`` once per
-  program. Blocks split over several items and KV rows shared by fragments sum
-  correctly; the summation order, and so the last bits, vary between runs.
-* deterministic: ``dQ`` goes to one slot per (query, KV head, top-k slot) and
-  ``dK``/``dV`` to one slot per work item (plain stores); the slots are then summed in a
-  fixed order (top-k slot order; work items by physical key row, then query range).
-  Bitwise repeatable, at the cost of slot buffers (bounded by query chunking).
+Two reductions of ``dK``/``dV``:
+
+* fast (default): fp32 atomics once per program. Blocks split over several items and KV
+  rows shared by fragments sum correctly; the summation order, and so the last bits,
+  vary between runs.
+* deterministic: one slot per work item (plain stores), summed in a fixed order (work
+  items by physical key row, then query range). With the slot-ordered dQ sum, gradients
+  are bitwise repeatable.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ from ...varlen import Segments
 from ..prepare import block_rows, plan_chunks
 from .forward import INTERPRETER, LOG2E, _dot, _next_pow2, check_supported, load_item
 
-SLOT_BUDGET_BYTES = 4 << 30      # deterministic mode: dQ slot buffer per query chunk
+SLOT_BUDGET_BYTES = 4 << 30      # dQ slot buffer per query chunk
 
 
 @triton.jit(do_not_specialize=["q0"])
@@ -44,7 +52,7 @@ def sparse_attn_bwd_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, BLOCK_N: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        NSUB: tl.constexpr, DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -61,8 +69,9 @@ def sparse_attn_bwd_kernel(
     tok = offs_m // G_PAD
     g = offs_m % G_PAD
     last_key = t0 + n0 + BLOCK_N - 1                # partial sub-blocks are always masked
-    e_end = tl.where(n0 < nk, e1, e0)                # sub-block past the tail: no work
-    for e in range(e0, e_end, BLOCK_Q):
+    sub = tl.program_id(1)
+    # a sub-block past a tail block's last key still runs: it writes its zero dQ slots
+    for e in range(e0, e1, BLOCK_Q):
         eidx = e + tok
         emask = (eidx < e1) & (g < G)
         ql = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
@@ -87,14 +96,10 @@ def sparse_attn_bwd_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(qt.dtype), qt, PRECISION, UPCAST)
         dq = _dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
-        if DET:
-            slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
-            sidx = ((ql * HKV + h) * KSEL + slot) * G + g
-            # at most two sub-blocks add to a slot (zero-filled): a + b is order-free
-            tl.atomic_add(DQ + sidx[:, None] * D + offs_d[None, :], dq, mask=emask[:, None],
-                          sem="relaxed")
-        else:
-            tl.atomic_add(DQ + row_off, dq, mask=emask[:, None], sem="relaxed")
+        slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
+        sidx = (((ql * HKV + h) * KSEL + slot) * NSUB + sub) * G + g
+        tl.store(DQ + sidx[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=emask[:, None])
     if DET:
         p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * D + offs_d[None, :]
         tl.store(DK + p_off, dk * scale, mask=kmask[:, None])
@@ -102,6 +107,34 @@ def sparse_attn_bwd_kernel(
     else:
         tl.atomic_add(DK + kv_off, dk * scale, mask=kmask[:, None], sem="relaxed")
         tl.atomic_add(DV + kv_off, dv, mask=kmask[:, None], sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["q0", "stride_th"])
+def dq_sum_kernel(SLOTS, TOPK, NBLK, DQ, q0, stride_th, stride_tq, stride_qt, stride_qh,
+                  HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                  D: tl.constexpr, KSEL: tl.constexpr, NSUB: tl.constexpr):
+    """Program per (query of the chunk, KV head): ``dq`` of the group's heads = the sum, in
+    slot order and in fp32, of the query's valid top-k slots (slots of unselected or
+    out-of-range entries were never written)."""
+    pid = tl.program_id(0)
+    ql = (pid // HKV).to(tl.int64)
+    h = pid % HKV
+    qg = q0 + ql
+    hs = h if HS > 1 else 0
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    nb = tl.load(NBLK + qg)
+    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
+    for j in range(KSEL):
+        bid = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
+        if (bid >= 0) & (bid < nb):
+            for s in range(NSUB):
+                rows = (((ql * HKV + h) * KSEL + j) * NSUB + s) * G + offs_g
+                acc += tl.load(SLOTS + rows[:, None] * D + offs_d[None, :],
+                               mask=gmask[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + qg * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+             acc.to(DQ.dtype.element_ty), mask=gmask[:, None])
 
 
 @triton.jit
@@ -186,13 +219,30 @@ def _sum_items(plan, pk, pv, dk, dv, block_size, layers):
         r0 += c
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor, rows: int = 8192) -> torch.Tensor:
-    """``(a * b).sum(-1)`` in fp32 for ``[total_q, H, D]`` inputs, by chunks of ``rows``
-    queries (upcasting whole tensors would hold three fp32 copies: 96 KB per query at the
-    MSA shape, 48 GB at 512K queries)."""
-    out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
-    for r in range(0, a.shape[0], rows):
-        out[r:r + rows] = (a[r:r + rows].float() * b[r:r + rows].float()).sum(-1)
+@triton.jit
+def rowdot_kernel(A, B, OUT, n_rows, stride_at, stride_ah, stride_bt, stride_bh,
+                  H: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr):
+    """``OUT[r] = sum_d A[t, h, d] * B[t, h, d]`` in fp32 for rows ``r = t * H + h``."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = r < n_rows
+    t, h = r // H, r % H
+    offs_d = tl.arange(0, D)[None, :]
+    a = tl.load(A + (t * stride_at + h * stride_ah)[:, None] + offs_d, mask=rmask[:, None],
+                other=0.0)
+    b = tl.load(B + (t * stride_bt + h * stride_bh)[:, None] + offs_d, mask=rmask[:, None],
+                other=0.0)
+    tl.store(OUT + r, tl.sum(a.to(tl.float32) * b.to(tl.float32), 1), mask=rmask)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` in fp32 for ``[total_q, H, D]`` inputs (unit stride in D), in
+    one pass over both (chunked torch ops with fp32 upcasts moved ~7x the bytes)."""
+    total_q, h, d = a.shape
+    out = torch.empty((total_q, h), dtype=torch.float32, device=a.device)
+    rows = 32
+    rowdot_kernel[(triton.cdiv(total_q * h, rows),)](
+        a, b, out, total_q * h, a.stride(0), a.stride(1), b.stride(0), b.stride(1), H=h, D=d,
+        ROWS=rows, num_warps=4)
     return out
 
 
@@ -204,11 +254,12 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
     fp32 from the forward; topk ``[Hs, total_q, K]``. ``deterministic``: bitwise
-    repeatable gradients (fixed reduction order). ``block_n``, ``block_q``,
-    ``num_warps``, ``num_stages``: launch parameters; the defaults (whole 128-key blocks,
-    64 query rows per tile, 8 warps, 3 stages for D <= 128) were the fastest of a sweep on
-    an H100 at 128K tokens, MSA shape: 115.6 ms; 32-row tiles 117-128 ms, 16-row tiles
-    150-167 ms, 128-row tiles 268 ms or out of shared memory
+    repeatable gradients (fixed reduction order). ``query_chunk``: queries per dQ slot
+    buffer (default: ``SLOT_BUDGET_BYTES``). ``block_n``, ``block_q``, ``num_warps``,
+    ``num_stages``: launch parameters; the defaults (whole 128-key blocks, 64 query rows
+    per tile, 8 warps, 3 stages for D <= 128) were the fastest of a sweep on an H100 at
+    128K tokens, MSA shape: 115.6 ms; 32-row tiles 117-128 ms, 16-row tiles 150-167 ms,
+    128-row tiles 268 ms or out of shared memory
     (``benchmarks/results/sweep_bwd_layout_h100_2026-11-26.json``,
     ``benchmarks/results/sweep_bwd_dq_h100_2026-11-26.json``). For D = 256: 64 keys, 32
     rows, 1 stage, chosen to fit shared memory (untuned).
@@ -216,13 +267,14 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
     hkv = k.shape[1]
-    ksel = topk.shape[2]
+    hs, _, ksel = topk.shape
     check_supported(q.dtype, d)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     if total_q:
         lse = lse.float().contiguous()
+        out = out if out.stride(-1) == 1 else out.contiguous()
         delta = _rowdot(dout, out)                                       # [total_q, Hq]
         rows = block_rows(seg, block_size, q.device)
         topk = topk.to(torch.int32).contiguous()
@@ -233,37 +285,36 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
         block_q = block_q or max(1, (64 if d <= 128 else 32) // g_pad)
         block_n = block_n or min(block_size, 128 if d <= 128 else 64)
         num_stages = num_stages or (3 if d <= 128 else 1)
-        if deterministic and block_n * 2 < block_size:
-            raise ValueError(f"deterministic mode needs block_n >= block_size / 2, got "
-                             f"block_n={block_n}")
-        chunk = total_q
+        nsub = -(-block_size // block_n)
+        per_query = hkv * ksel * nsub * g * d * q.dtype.itemsize
+        chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES // per_query))
+        slots = torch.empty(min(chunk, total_q) * per_query // q.dtype.itemsize,
+                            dtype=q.dtype, device=q.device)
         if deterministic:
             layers = _base_layers(seg, q.device)
-            chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES //
-                                              (hkv * ksel * g * d * 4)))
         for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hkv, q_per_item):
-            if not plan.num_items:
-                continue
-            if deterministic:
-                dq_buf = torch.zeros((q1 - q0) * hkv * ksel * g * d, dtype=torch.float32,
+            if plan.num_items:
+                if deterministic:
+                    pk = torch.zeros((plan.num_items, block_size, d), dtype=torch.float32,
                                      device=q.device)
-                pk = torch.zeros((plan.num_items, block_size, d), dtype=torch.float32,
-                                 device=q.device)
-                pv = torch.zeros_like(pk)
-                dst = (dq_buf, pk, pv)
-            else:
-                dst = (dq, dk, dv)
-            sparse_attn_bwd_kernel[(plan.num_items, block_size // block_n)](
-                q, k, v, dout, lse, delta, *dst, rows.q_pos, plan.edge_q, plan.edge_slot,
-                plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
-                plan.item_e1, q0, scale, scale * LOG2E,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
-                HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, BLOCK_N=block_n, KSEL=ksel,
-                BLOCK_Q=block_q, DET=deterministic,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps,
-                num_stages=num_stages)
-            if deterministic:
-                dq[q0:q1] = dq_buf.view(q1 - q0, hkv, ksel, g, d).sum(2).view(q1 - q0, hq, d)
-                _sum_items(plan, pk, pv, dk, dv, block_size, layers)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+                    pv = torch.zeros_like(pk)
+                sparse_attn_bwd_kernel[(plan.num_items, nsub)](
+                    q, k, v, dout, lse, delta, slots, *((pk, pv) if deterministic else (dk, dv)),
+                    rows.q_pos, plan.edge_q, plan.edge_slot,
+                    plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
+                    plan.item_e1, q0, scale, scale * LOG2E,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
+                    HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, BLOCK_N=block_n,
+                    KSEL=ksel, BLOCK_Q=block_q, NSUB=nsub, DET=deterministic,
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                    UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps,
+                    num_stages=num_stages)
+                if deterministic:
+                    _sum_items(plan, pk, pv, dk, dv, block_size, layers)
+            dq_sum_kernel[((q1 - q0) * hkv,)](
+                slots, topk, rows.q_nblocks, dq, q0, topk.stride(0), topk.stride(1),
+                dq.stride(0), dq.stride(1), HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d,
+                KSEL=ksel, NSUB=nsub, num_warps=4)
+    else:
+        dq.zero_()
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
