@@ -9,9 +9,7 @@ top-16), batch 1, bf16. Attention runs on three selections (local block always l
   indexer - what our indexer selects on inputs with planted topics (each key block has
             one of 64 topics, each query/index head asks for one topic).
 Stages: indexer top-k, selected LSE (training only, not in prefill), planning, KV-outer
-kernel, local block + combine; "e2e" = indexer top-k + planning + attention + combine.
-``ms_local_as_item``: the attention with the local block as one more KV-outer work item
-and a separate combine (``fuse_local=False``, the previous path), timed in the same run.
+kernel, combine; "e2e" = indexer top-k + planning + attention + combine.
 Baselines in the same run: dense causal SDPA (cuDNN and FlashAttention-2 backends) and
 fla's query-major ``parallel_nsa`` on the same block indices (also an output cross-check).
 """
@@ -25,8 +23,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from msa.ops.attention.forward import PARTIAL_BUDGET_BYTES, launch_partials, sparse_attn_fwd
-from msa.ops.attention.local import launch_local, local_items
+from msa.ops.attention.forward import (PARTIAL_BUDGET_BYTES, _next_pow2, launch_partials,
+                                       sparse_attn_combine_kernel, sparse_attn_fwd)
 from msa.ops.attention.naive import attention_forward_reference
 from msa.ops.indexer.naive import indexer_reference
 from msa.ops.indexer.triton import indexer_topk, selected_lse
@@ -101,8 +99,7 @@ def sparse_elements(T):
 
 
 def stage_profile(q, k, v, topk, seg):
-    """Planning, KV-outer kernel and the local block + combine step timed alone over all
-    query chunks (the default path, ``fuse_local=True``)."""
+    """Planning, KV-outer kernel and combine timed alone over all query chunks."""
     T = q.shape[0]
     g = HQ // HKV
     rows = block_rows(seg, BS, q.device)
@@ -110,11 +107,7 @@ def stage_profile(q, k, v, topk, seg):
     po = torch.empty(chunk * HKV * K * g * D, dtype=torch.bfloat16, device=q.device)
     pl = torch.empty(chunk * HKV * K * g, dtype=torch.float32, device=q.device)
     out, lse = torch.empty_like(q), torch.empty(T, HQ, dtype=torch.float32, device=q.device)
-    exclude = rows.q_pos // BS
-    items, item_q0 = local_items(seg, BS)
-    items = [x.to(q.device) for x in items]
-    plan = lambda: plan_chunks(topk, rows, 0, T, chunk, HKV, 256, exclude=exclude)
-    plans = plan()
+    plans = plan_chunks(topk, rows, 0, T, chunk, HKV, 256)
     starts = [c0 for c0, _, _ in plans]
     plans = [p for _, _, p in plans]
 
@@ -124,12 +117,16 @@ def stage_profile(q, k, v, topk, seg):
 
     def combines():
         for s in starts:
-            launch_local(q, k, v, topk, rows, items, item_q0, s, min(T, s + chunk), po, pl,
-                         out, lse, scale=SCALE, block_size=BS)
+            n = min(T, s + chunk) - s
+            sparse_attn_combine_kernel[(n * HKV,)](
+                po, pl, topk, rows.q_nblocks, out, lse, s, topk.stride(0), topk.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0), HKV=HKV, HS=HKV, G=g,
+                G_PAD=_next_pow2(g), D=D, KSEL=K, KSEL_PAD=K, num_warps=4)
 
-    return dict(chunks=len(starts), plan_ms=bench(plan, 50), kernel_ms=bench(kernels, 50),
-                local_combine_ms=bench(combines, 50),
-                partial_bytes_per_pass=T * HKV * (K - 1) * g * (D * 2 + 4))
+    return dict(chunks=len(starts),
+                plan_ms=bench(lambda: plan_chunks(topk, rows, 0, T, chunk, HKV, 256), 50),
+                kernel_ms=bench(kernels, 50), combine_ms=bench(combines, 50),
+                partial_bytes_per_pass=T * HKV * K * g * (D * 2 + 4))
 
 
 def correctness(device, T=4000):
@@ -202,9 +199,6 @@ def run_length(T, device, dense_max, fla_fn, fla_max, profile_max):
         fn = lambda: sparse_attn_fwd(q, k, v, topk, seg, block_size=BS, scale=SCALE)
         ms = bench(fn, rep)
         r = dict(ms=ms, tflops=attn_flops / ms / 1e9)
-        if T <= profile_max:          # the previous path: local block as a KV-outer item
-            r["ms_local_as_item"] = bench(lambda: sparse_attn_fwd(
-                q, k, v, topk, seg, block_size=BS, scale=SCALE, fuse_local=False), rep)
         if T <= profile_max:
             r.update(stage_profile(q, k, v, topk, seg))
         if fla_fn is not None and T <= fla_max:

@@ -86,21 +86,17 @@ class Plan:
 
 
 def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
-                hkv: int, q_per_item: int, exclude: torch.Tensor = None
-                ) -> List[Tuple[int, int, Plan]]:
+                hkv: int, q_per_item: int) -> List[Tuple[int, int, Plan]]:
     """Plans of the query chunks ``[c, c + chunk)`` covering ``[q0, q1)``, built at once.
 
-    topk: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). exclude: optional ``[total_q]`` block id
-    per query whose entries are left out (the forward's local block, attended by its own
-    kernel). Returns ``(c0, c1, plan)`` per chunk; edge query indices are relative to the
-    chunk start ``c0``. One sort and two host synchronisations serve all chunks.
+    topk: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per chunk; edge
+    query indices are relative to the chunk start ``c0``. One sort and two host
+    synchronisations serve all chunks.
     """
     t = topk[:, q0:q1].long()
     hs, nq, kk = t.shape
     nrow = rows.total_rows
     valid = (t >= 0) & (t < rows.q_nblocks[q0:q1].view(1, -1, 1))
-    if exclude is not None:
-        valid &= t != exclude[q0:q1].view(1, -1, 1)
     q_rel = torch.arange(nq, device=t.device)
     cid = (q_rel // chunk).view(1, -1, 1)
     heads = torch.arange(hkv, device=t.device).view(-1, 1, 1)

@@ -188,8 +188,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
                     seg: Segments, *, block_size: int, scale: float, q_per_item: int = 256,
                     query_chunk: int = None, out: torch.Tensor = None,
-                    lse: torch.Tensor = None, query_major: bool = None,
-                    fuse_local: bool = True, **launch):
+                    lse: torch.Tensor = None, query_major: bool = None, **launch):
     """Launch planning, the KV-outer kernel and the combine.
 
     Args:
@@ -200,8 +199,6 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
         out, lse: optional preallocated outputs.
         query_major: force (True) or forbid (False) the query-major kernel; default: used
             when ``total_q <= QUERY_MAJOR_MAX_QUERIES``.
-        fuse_local: attend to each query's own block in the combine step
-            (``local.py``) instead of as a KV-outer work item with its own partial.
         launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
@@ -230,24 +227,14 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     po = torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device)
     pl = torch.empty(chunk * hkv * ksel * g, dtype=torch.float32, device=q.device)
     g_pad = _next_pow2(g)
-    exclude = None
-    if fuse_local:
-        from .local import launch_local, local_items
-        items, item_q0 = local_items(seg, block_size)
-        items = [x.to(q.device) for x in items]
-        exclude = rows.q_pos // block_size
     plans = []
     group = max(chunk, PLAN_GROUP_QUERIES // chunk * chunk)   # bounded planning memory
     for s0 in range(0, total_q, group):
         plans += plan_chunks(topk, rows, s0, min(total_q, s0 + group), chunk, hkv,
-                             q_per_item, exclude=exclude)
+                             q_per_item)
     for q0, q1, plan in plans:
         launch_partials(q, k, v, rows, plan, q0, po, pl, scale=scale, ksel=ksel,
                         block_size=block_size, **launch)
-        if fuse_local:
-            launch_local(q, k, v, topk, rows, items, item_q0, q0, q1, po, pl, out, lse,
-                         scale=scale, block_size=block_size)
-            continue
         sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
             po, pl, topk, rows.q_nblocks, out, lse, q0,
             topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
