@@ -40,7 +40,8 @@ import triton.language as tl
 
 from ...varlen import Segments
 from ..prepare import block_rows, plan_chunks
-from .forward import INTERPRETER, LOG2E, _dot, _next_pow2, check_supported, load_item
+from .forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported, load_item,
+                      query_program)
 
 SLOT_BUDGET_BYTES = 4 << 30      # dQ slot buffer per query chunk
 
@@ -116,11 +117,7 @@ def dq_sum_kernel(SLOTS, TOPK, NBLK, DQ, q0, stride_th, stride_tq, stride_qt, st
     """Program per (query of the chunk, KV head): ``dq`` of the group's heads = the sum, in
     slot order and in fp32, of the query's valid top-k slots (slots of unselected or
     out-of-range entries were never written)."""
-    pid = tl.program_id(0)
-    ql = (pid // HKV).to(tl.int64)
-    h = pid % HKV
-    qg = q0 + ql
-    hs = h if HS > 1 else 0
+    ql, qg, h, hs = query_program(q0, HKV, HS)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     gmask = offs_g < G

@@ -99,17 +99,23 @@ def sparse_attn_fwd_kernel(
         tl.store(PL + pidx, lse, mask=emask)
 
 
+@triton.jit
+def query_program(q0, HKV: tl.constexpr, HS: tl.constexpr):
+    """A per-(query, KV head) program's query (chunk-relative ``ql``, global ``qg``), KV
+    head ``h`` and top-k head ``hs``."""
+    pid = tl.program_id(0)
+    ql = (pid // HKV).to(tl.int64)
+    h = pid % HKV
+    return ql, q0 + ql, h, h if HS > 1 else 0
+
+
 @triton.jit(do_not_specialize=["q0", "stride_th"])
 def sparse_attn_combine_kernel(
         PO, PL, TOPK, NBLK, OUT, LSE, q0,
         stride_th, stride_tq, stride_ot, stride_oh, stride_lt,
         HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
         D: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr):
-    pid = tl.program_id(0)
-    ql = (pid // HKV).to(tl.int64)
-    h = pid % HKV
-    qg = q0 + ql
-    hs = h if HS > 1 else 0
+    ql, qg, h, hs = query_program(q0, HKV, HS)
     offs_k = tl.arange(0, KSEL_PAD)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
