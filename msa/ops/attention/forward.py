@@ -15,7 +15,6 @@ stays bounded whatever the sequence length.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -195,8 +194,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
                     seg: Segments, *, block_size: int, scale: float, q_per_item: int = 256,
                     query_chunk: int = None, out: torch.Tensor = None,
-                    lse: torch.Tensor = None, query_major: bool = None,
-                    overlap_combine: bool = False, **launch):
+                    lse: torch.Tensor = None, query_major: bool = None, **launch):
     """Launch planning, the KV-outer kernel and the combine.
 
     Args:
@@ -207,8 +205,6 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
         out, lse: optional preallocated outputs.
         query_major: force (True) or forbid (False) the query-major kernel; default: used
             when ``total_q <= QUERY_MAJOR_MAX_QUERIES``.
-        overlap_combine: on CUDA, run each query chunk's combine on a side stream, overlapped
-            with the next chunk's KV-outer kernel (two partial buffers of half the budget).
         launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
@@ -232,41 +228,22 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
         sparse_attn_fwd_query_major(q, k, v, topk, rows, out, lse, block_size=block_size,
                                     scale=scale)
         return out, lse
-    # overlap (CUDA only): two partial buffers, each chunk's combine on a side stream
-    # while the next chunk's KV-outer kernel runs on the current one
-    overlap = overlap_combine and q.is_cuda and not INTERPRETER
-    nbuf = 2 if overlap else 1
     per_query = hkv * ksel * g * (d * pdtype.itemsize + 4)
-    chunk = query_chunk or max(1, min(total_q, PARTIAL_BUDGET_BYTES // nbuf // per_query))
-    bufs = [(torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device),
-             torch.empty(chunk * hkv * ksel * g, dtype=torch.float32, device=q.device))
-            for _ in range(min(nbuf, -(-total_q // chunk)))]
+    chunk = query_chunk or max(1, min(total_q, PARTIAL_BUDGET_BYTES // per_query))
+    po = torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device)
+    pl = torch.empty(chunk * hkv * ksel * g, dtype=torch.float32, device=q.device)
     g_pad = _next_pow2(g)
     plans = []
     group = max(chunk, PLAN_GROUP_QUERIES // chunk * chunk)   # bounded planning memory
     for s0 in range(0, total_q, group):
         plans += plan_chunks(topk, rows, s0, min(total_q, s0 + group), chunk, hkv,
                              q_per_item)
-    main = torch.cuda.current_stream(q.device) if overlap else None
-    side = torch.cuda.Stream(q.device) if overlap else None
-    freed = [None] * len(bufs)            # event: the combine reading buffer b is done
-    for i, (q0, q1, plan) in enumerate(plans):
-        b = i % len(bufs)
-        po, pl = bufs[b]
-        if overlap and freed[b] is not None:
-            main.wait_event(freed[b])
+    for q0, q1, plan in plans:
         launch_partials(q, k, v, rows, plan, q0, po, pl, scale=scale, ksel=ksel,
                         block_size=block_size, **launch)
-        if overlap:
-            side.wait_stream(main)
-        with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
-            sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
-                po, pl, topk, rows.q_nblocks, out, lse, q0,
-                topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-                HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, KSEL=ksel, KSEL_PAD=_next_pow2(ksel),
-                num_warps=4)
-            if overlap:
-                freed[b] = side.record_event()
-    if overlap:
-        main.wait_stream(side)            # out, lse and the buffers are done on return
+        sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
+            po, pl, topk, rows.q_nblocks, out, lse, q0,
+            topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+            HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, KSEL=ksel, KSEL_PAD=_next_pow2(ksel),
+            num_warps=4)
     return out, lse
