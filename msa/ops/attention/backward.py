@@ -18,7 +18,8 @@ selected keep exactly zero gradient.
 q (plain stores, no atomics), and ``dq_sum_kernel`` adds a query's slots in slot order.
 Rounding a slot to bf16 adds at most the error already made by rounding ``dS`` to bf16
 before ``dS K`` (as every flash-style backward does): both are relative to the block's
-``sum_k |dS_k| |K_k|``. Against fp32 atomics into a ``[total_q, Hq, D]`` accumulator it
+``sum_k |dS_k| |K_k|``. (fp16 slots have fp16's range, like the fp16 dQ returned.)
+Against fp32 atomics into a ``[total_q, Hq, D]`` accumulator it
 halves the reduce traffic (16 x 512 B of read-modify-write per query row -> 16 x 256 B
 written and read once) and needs no zero-filled fp32 copy of dQ; queries are processed
 in chunks so the slot buffer stays under ``SLOT_BUDGET_BYTES``.
