@@ -58,7 +58,8 @@ def sparse_attn_bwd_kernel(
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
-    n0 = tl.program_id(1) * BLOCK_N                 # first key of this sub-block
+    sub = tl.program_id(1)                          # key sub-block: its own dQ slots
+    n0 = sub * BLOCK_N                              # first key of this sub-block
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     kmask = offs_n < nk
@@ -71,7 +72,6 @@ def sparse_attn_bwd_kernel(
     tok = offs_m // G_PAD
     g = offs_m % G_PAD
     last_key = t0 + n0 + BLOCK_N - 1                # partial sub-blocks are always masked
-    sub = tl.program_id(1)
     # a sub-block past a tail block's last key still runs: it writes its zero dQ slots
     for e in range(e0, e1, BLOCK_Q):
         eidx = e + tok
@@ -259,8 +259,10 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
     128K tokens, MSA shape: 115.6 ms; 32-row tiles 117-128 ms, 16-row tiles 150-167 ms,
     128-row tiles 268 ms or out of shared memory
     (``benchmarks/results/sweep_bwd_layout_h100_2026-11-26.json``,
-    ``benchmarks/results/sweep_bwd_dq_h100_2026-11-26.json``). For D = 256: 64 keys, 32
-    rows, 1 stage, chosen to fit shared memory (untuned).
+    ``benchmarks/results/sweep_bwd_dq_h100_2026-11-26.json``); rechecked with the dQ slots:
+    91.0 ms, other launches 91.9-301 ms
+    (``benchmarks/results/sweep_bwd_launch_dqslots_h100_2026-11-26.json``). For D = 256: 64
+    keys, 32 rows, 1 stage, chosen to fit shared memory (untuned).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
@@ -313,6 +315,4 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
                 slots, topk, rows.q_nblocks, dq, q0, topk.stride(0), topk.stride(1),
                 dq.stride(0), dq.stride(1), HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d,
                 KSEL=ksel, NSUB=nsub, num_warps=4)
-    else:
-        dq.zero_()
     return dq, dk.to(k.dtype), dv.to(v.dtype)
