@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import SUPPORTED_HEAD_DIMS, check_block_size, check_topk
-from .varlen import Segments
+from .varlen import Segments, host_to_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -75,18 +75,21 @@ def check_topk_indices(topk: torch.Tensor, seg: Segments, heads: Sequence[int],
     check_topk_tensor(topk, seg.total_q, heads, device)
     if topk.numel() == 0:
         return
-    limit = torch.empty(seg.total_q, dtype=torch.int64, device=device)
-    for b in range(seg.num_segments):
-        s = seg.q_start[b]
-        limit[s:s + seg.q_len[b]] = seg.num_blocks(b, block_size)
-    t = topk.long()
+    if seg.num_segments:
+        per = host_to_device([[seg.num_blocks(b, block_size) for b in
+                               range(seg.num_segments)], seg.q_len], device)
+        limit = torch.repeat_interleave(per[0], per[1], output_size=seg.total_q)
+    else:
+        limit = torch.zeros(0, dtype=torch.int64, device=device)
+    t = topk
     bad = (t < -1) | (t >= limit.view(1, -1, 1))
-    if bool(bad.any()):
+    srt = torch.sort(t, dim=-1).values
+    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    any_bad, any_dup = torch.stack((bad.any(), dup.any())).tolist()     # one host sync
+    if any_bad:
         h, qi, j = (int(x) for x in bad.nonzero()[0])
         raise IndexError(f"topk_indices[{h}, {qi}, {j}] = {int(t[h, qi, j])} is out of range "
                          f"[-1, {int(limit[qi])}) for that query's segment")
-    srt = torch.sort(t, dim=-1).values
-    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
-    if bool(dup.any()):
+    if any_dup:
         h, qi, _ = (int(x) for x in dup.nonzero()[0])
         raise ValueError(f"topk_indices[{h}, {qi}] repeats a block id: {t[h, qi].tolist()}")

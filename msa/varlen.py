@@ -16,7 +16,9 @@ Segment ``b`` owns query rows ``[cu_seqlens_q[b], cu_seqlens_q[b+1])`` and the K
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+import weakref
+from collections import OrderedDict
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -62,7 +64,7 @@ class Segments:
         return pos
 
 
-def _int_vector(name: str, t, device) -> List[int]:
+def _check_int_vector(name: str, t, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 1:
@@ -71,7 +73,28 @@ def _int_vector(name: str, t, device) -> List[int]:
         raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
     if device is not None and t.device != torch.device(device):
         raise ValueError(f"{name} is on {t.device} but the tensors are on {device}")
-    return [int(x) for x in t.tolist()]
+
+
+def _host_lists(*vectors: torch.Tensor) -> List[List[int]]:
+    """The vectors as python ints, with one device-to-host copy (one host sync) in all."""
+    if all(v.device.type == "cpu" for v in vectors):
+        return [[int(x) for x in v.tolist()] for v in vectors]
+    flat = torch.cat([v.to(device=vectors[0].device, dtype=torch.int64)
+                      for v in vectors]).tolist()
+    out, i = [], 0
+    for v in vectors:
+        out.append(flat[i:i + v.numel()])
+        i += v.numel()
+    return out
+
+
+def host_to_device(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
+    """Equal-length int lists -> ``[len(rows), n]`` int64 on ``device``, copied from pinned
+    memory without a host synchronisation."""
+    t = torch.tensor(rows, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _cumulative(name: str, values: List[int], total: int, total_name: str) -> None:
@@ -103,8 +126,19 @@ def make_segments(total_q: int, total_k: int, cu_seqlens_q: torch.Tensor,
             ``cu_seqlens_k[fragment_indices[b]]``, ``0 <= fragment_indices[b] <= b``
             (segments may share KV rows).
     """
-    cq = _int_vector("cu_seqlens_q", cu_seqlens_q, device)
-    ck = _int_vector("cu_seqlens_k", cu_seqlens_k, device)
+    _check_int_vector("cu_seqlens_q", cu_seqlens_q, device)
+    _check_int_vector("cu_seqlens_k", cu_seqlens_k, device)
+    if fragment_indices is not None:
+        _check_int_vector("fragment_indices", fragment_indices, device)
+        if fragment_indices.device != cu_seqlens_q.device:
+            raise ValueError(f"fragment_indices is on {fragment_indices.device} but "
+                             f"cu_seqlens_q is on {cu_seqlens_q.device}")
+    if cu_seqlens_k.device != cu_seqlens_q.device:
+        raise ValueError(f"cu_seqlens_k is on {cu_seqlens_k.device} but cu_seqlens_q is on "
+                         f"{cu_seqlens_q.device}")
+    host = _host_lists(*(t for t in (cu_seqlens_q, cu_seqlens_k, fragment_indices)
+                         if t is not None))
+    cq, ck = host[0], host[1]
     _cumulative("cu_seqlens_q", cq, total_q, "total_q (q.shape[0])")
     _cumulative("cu_seqlens_k", ck, total_k, "total_k (k.shape[0])")
     if len(cq) != len(ck):
@@ -114,7 +148,7 @@ def make_segments(total_q: int, total_k: int, cu_seqlens_q: torch.Tensor,
     if fragment_indices is None:
         frag = list(range(nseg))
     else:
-        frag = _int_vector("fragment_indices", fragment_indices, device)
+        frag = host[2]
         if len(frag) != nseg:
             raise ValueError(f"fragment_indices must have B={nseg} entries, got {len(frag)}")
         for b, f in enumerate(frag):
@@ -144,3 +178,47 @@ def cu_seqlens_from_lengths(lengths, device=None) -> torch.Tensor:
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
     out[1:] = torch.cumsum(lengths, 0)
     return out.to(dtype=torch.int32, device=device)
+
+
+_SEGMENTS_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_SEGMENTS_CACHE_SIZE = 16
+
+
+def cached_segments(total_q: int, total_k: int, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
+                    max_seqlen_k: Optional[int] = None,
+                    fragment_indices: Optional[torch.Tensor] = None,
+                    device=None) -> Segments:
+    """``make_segments``, remembered per metadata tensor object and version.
+
+    Reading device-side ``cu_seqlens`` costs a host synchronisation; every layer of a
+    model and its backward pass the same tensors, so the geometry is read once. An entry
+    is reused only for the very same tensor objects (held by weak reference, so a new
+    tensor at a recycled address misses) at the same in-place version; inference-mode
+    tensors, which track no version, are always read.
+    """
+    tensors = (cu_seqlens_q, cu_seqlens_k, fragment_indices)
+    stamps = []
+    for t in tensors:
+        if t is None:
+            stamps.append(None)
+        elif not isinstance(t, torch.Tensor) or t.is_inference():
+            stamps = None
+            break
+        else:
+            stamps.append((id(t), t._version))
+    if stamps is None:
+        return make_segments(total_q, total_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, fragment_indices, device)
+    key = (total_q, total_k, max_seqlen_q, max_seqlen_k, str(device), *stamps)
+    hit = _SEGMENTS_CACHE.get(key)
+    if hit is not None and all((r is None and t is None) or (r is not None and r() is t)
+                               for r, t in zip(hit[0], tensors)):
+        _SEGMENTS_CACHE.move_to_end(key)
+        return hit[1]
+    seg = make_segments(total_q, total_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, fragment_indices, device)
+    _SEGMENTS_CACHE[key] = (tuple(None if t is None else weakref.ref(t) for t in tensors), seg)
+    while len(_SEGMENTS_CACHE) > _SEGMENTS_CACHE_SIZE:
+        _SEGMENTS_CACHE.popitem(last=False)
+    return seg

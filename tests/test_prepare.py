@@ -38,3 +38,46 @@ def test_plan_edges_and_items(hs, chunk, qpi):
             t0, nk = int(plan.item_t0[it]), int(plan.item_nk[it])
             assert t0 % 64 == 0 and 0 < nk <= 64
     assert len(got) == len(set(got)) and set(got) == expected
+
+
+def test_block_rows_geometry():
+    """Per-query and per-row arrays built on the device match the segment arithmetic."""
+    c = make_case((33, 0, 1, 50), (200, 64, 65, 300), hq=4, hkv=2,
+                  fragment_indices=(0, 1, 1, 3), seed=5)
+    seg = c["seg"]
+    rows = block_rows(seg, 64, "cpu")
+    pos, nblk, rowbase, kbase, krow, t0, nk = [], [], [], [], [], [], []
+    base = 0
+    for b in range(seg.num_segments):
+        nb = seg.num_blocks(b, 64)
+        for i in range(seg.q_len[b]):
+            pos.append(seg.k_len[b] - seg.q_len[b] + i)
+            nblk.append(nb), rowbase.append(base), kbase.append(seg.k_base[b])
+        for L in range(nb):
+            krow.append(seg.k_base[b] + 64 * L), t0.append(64 * L)
+            nk.append(min(64, seg.k_len[b] - 64 * L))
+        base += nb
+    assert rows.total_rows == base == len(krow)
+    for got, want in [(rows.q_pos, pos), (rows.q_nblocks, nblk), (rows.q_rowbase, rowbase),
+                      (rows.q_kbase, kbase), (rows.row_krow, krow), (rows.row_t0, t0),
+                      (rows.row_nk, nk)]:
+        assert got.tolist() == want
+
+
+def test_segments_cache_follows_tensor_identity_and_version():
+    import torch
+    from msa.varlen import cached_segments
+    cu_q = torch.tensor([0, 5, 9])
+    cu_k = torch.tensor([0, 5, 12])
+    s1 = cached_segments(9, 12, cu_q, cu_k)
+    assert cached_segments(9, 12, cu_q, cu_k) is s1 and s1.q_len == [5, 4]
+    cu_q[1] = 4                                   # in place: new version, read again
+    s2 = cached_segments(9, 12, cu_q, cu_k)
+    assert s2 is not s1 and s2.q_len == [4, 5]
+    other = torch.tensor([0, 3, 9])               # another tensor: read, never the entry
+    assert cached_segments(9, 12, other, cu_k).q_len == [3, 6]
+    with torch.inference_mode():                  # no version counter: never cached
+        cu_i = torch.tensor([0, 2, 9])
+        assert cached_segments(9, 12, cu_i, cu_k).q_len == [2, 7]
+        cu_i[1] = 5
+        assert cached_segments(9, 12, cu_i, cu_k).q_len == [5, 4]

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _checks as C
-from ..varlen import Segments, make_segments
+from ..varlen import Segments, cached_segments
 from .attention.naive import attention_backward_reference, attention_forward_reference
 from .indexer.naive import indexer_reference
 
@@ -30,7 +30,7 @@ def segments(total_q: int, total_k: int, cu_q: Optional[Tensor], cu_k: Optional[
         return Segments([b * seqlen_q for b in range(batch)], [seqlen_q] * batch,
                         [b * seqlen_k for b in range(batch)], [seqlen_k] * batch,
                         batch * seqlen_q, batch * seqlen_k)
-    return make_segments(total_q, total_k, cu_q, cu_k, max_q, max_k, frag, device=device)
+    return cached_segments(total_q, total_k, cu_q, cu_k, max_q, max_k, frag, device=device)
 
 
 def _lse_dtype(x: Tensor) -> torch.dtype:

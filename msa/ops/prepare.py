@@ -13,8 +13,8 @@ device:
 
 A KV block row is (segment ``b``, level ``L``), numbered segment-major. An entry is valid
 iff ``0 <= L < ceil(k_len_b / block)``; selected blocks after the query are kept here and
-masked causally in the kernel. Two host synchronisations (edge and item counts) size
-the outputs; ``plan_chunks`` plans many query chunks with one sort.
+masked causally in the kernel. One host synchronisation (the item count per chunk) sizes
+the work lists; ``plan_chunks`` plans many query chunks with one sort.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import List, Tuple
 
 import torch
 
-from ..varlen import Segments
+from ..varlen import Segments, host_to_device
 
 
 @dataclass
@@ -46,25 +46,31 @@ class BlockRows:
 
 
 def block_rows(seg: Segments, block_size: int, device) -> BlockRows:
-    nb = [seg.num_blocks(b, block_size) for b in range(seg.num_segments)]
+    """Built on ``device`` from the per-segment numbers (one pinned copy, no host sync)."""
+    nseg = seg.num_segments
+    nb = [seg.num_blocks(b, block_size) for b in range(nseg)]
     rowbase = [0]
     for n in nb:
         rowbase.append(rowbase[-1] + n)
-    q_len = torch.tensor(seg.q_len, dtype=torch.int64)
-    q_nb = torch.repeat_interleave(torch.tensor(nb, dtype=torch.int64), q_len)
-    q_rb = torch.repeat_interleave(torch.tensor(rowbase[:-1], dtype=torch.int64), q_len)
-    q_kb = torch.repeat_interleave(torch.tensor(seg.k_base, dtype=torch.int64), q_len)
-    nb_t = torch.tensor(nb, dtype=torch.int64)
-    row_seg = torch.repeat_interleave(torch.arange(seg.num_segments), nb_t)
-    row_level = torch.arange(rowbase[-1]) - torch.tensor(rowbase[:-1],
-                                                         dtype=torch.int64)[row_seg]
-    t0 = row_level * block_size
-    krow = torch.tensor(seg.k_base, dtype=torch.int64)[row_seg] + t0
-    nk = torch.clamp(torch.tensor(seg.k_len, dtype=torch.int64)[row_seg] - t0, max=block_size)
-    to = dict(device=device)
-    return BlockRows(seg.positions(device).to(torch.int32), q_nb.to(**to), q_rb.to(**to),
-                     q_kb.to(**to), krow.to(**to), t0.to(dtype=torch.int32, **to),
-                     nk.to(dtype=torch.int32, **to), rowbase[-1])
+    nrows = rowbase[-1]
+    per = host_to_device([nb, rowbase[:-1], seg.q_start, seg.q_len, seg.k_base, seg.k_len],
+                         device) if nseg else torch.zeros((6, 0), dtype=torch.int64,
+                                                          device=device)
+    nb_t, rb_t, qs_t, ql_t, kb_t, kl_t = per.unbind(0)
+    ids = torch.arange(nseg, device=device)
+    q_seg = torch.repeat_interleave(ids, ql_t, output_size=seg.total_q)
+    q_pos = torch.arange(seg.total_q, device=device) - qs_t[q_seg] + (kl_t - ql_t)[q_seg]
+    row_seg = torch.repeat_interleave(ids, nb_t, output_size=nrows)
+    t0 = (torch.arange(nrows, device=device) - rb_t[row_seg]) * block_size
+    krow = kb_t[row_seg] + t0
+    nk = torch.clamp(kl_t[row_seg] - t0, max=block_size)
+    return BlockRows(q_pos.to(torch.int32), nb_t[q_seg], rb_t[q_seg], kb_t[q_seg], krow,
+                     t0.to(torch.int32), nk.to(torch.int32), nrows)
+
+
+# kernel parameters that receive a plan's item arrays (slices of one allocation: their
+# kernels must not specialise on pointer alignment, see ``plan_chunks``)
+ITEM_FIELDS = ("ITEM_H", "ITEM_KROW", "ITEM_T0", "ITEM_NK", "ITEM_E0", "ITEM_E1")
 
 
 @dataclass
@@ -106,8 +112,7 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     if nkeys < 2 ** 31 - 1:
         key = key.to(torch.int32)                           # 4-byte radix sort
     skey, perm = torch.sort(key.reshape(-1), stable=True)   # q ascending within a row
-    n_edges = int((skey < nkeys).sum())                       # host sync 1
-    skey, perm = skey[:n_edges], perm[:n_edges]
+    # invalid entries (key nkeys) sort last; no item's edge range reaches them
     q_of_edge = (perm // kk) % nq
     edge_q = (q_of_edge % chunk).to(torch.int32)
     edge_slot = (perm % kk).to(torch.int32)
@@ -118,7 +123,7 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     nsplit = (counts + q_per_item - 1) // q_per_item
     per_chunk = nsplit.view(-1, hkv * nrow).sum(1)
-    per_chunk_host = per_chunk.tolist()                       # host sync 2
+    per_chunk_host = per_chunk.tolist()                       # the one host sync
     n_items = sum(per_chunk_host)
     item_key = torch.repeat_interleave(torch.arange(nkeys, device=t.device), nsplit,
                                        output_size=n_items)
@@ -137,8 +142,9 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     e0, e1 = e0.to(torch.int32), e1.to(torch.int32)
     plans, i0 = [], 0
     for c, n in enumerate(per_chunk_host):
-        # own copies: slices at odd offsets would make Triton compile unaligned variants
-        item = [x[i0:i0 + n].clone() for x in (head, krow, t0, nk, e0, e1)]
+        # views: the kernels read item fields as scalars and do not specialise their
+        # pointers on alignment, so slices at odd offsets compile no new variants
+        item = [x[i0:i0 + n] for x in (head, krow, t0, nk, e0, e1)]
         c0 = q0 + c * chunk
         plans.append((c0, min(q1, c0 + chunk), Plan(edge_q, edge_slot, *item, hkv)))
         i0 += n

@@ -40,14 +40,15 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
-from ..prepare import block_rows, plan_chunks
+from ..prepare import ITEM_FIELDS, block_rows, plan_chunks
 from .forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported, load_item,
                       query_program)
 
 SLOT_BUDGET_BYTES = 4 << 30      # dQ slot buffer per query chunk
 
 
-@triton.jit(do_not_specialize=["q0"])
+@triton.jit(do_not_specialize=["q0"],
+            do_not_specialize_on_alignment=ITEM_FIELDS)
 def sparse_attn_bwd_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,

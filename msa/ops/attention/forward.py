@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
-from ..prepare import BlockRows, Plan, block_rows, plan_chunks
+from ..prepare import ITEM_FIELDS, BlockRows, Plan, block_rows, plan_chunks
 
 LOG2E = 1.4426950408889634
 PARTIAL_BUDGET_BYTES = 6 << 30
@@ -49,7 +49,8 @@ def load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, pid):
             tl.load(ITEM_E1 + pid))
 
 
-@triton.jit(do_not_specialize=["q0"])
+@triton.jit(do_not_specialize=["q0"],
+            do_not_specialize_on_alignment=ITEM_FIELDS)
 def sparse_attn_fwd_kernel(
         Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1,

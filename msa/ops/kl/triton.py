@@ -26,10 +26,11 @@ from ...varlen import Segments
 from ..attention.forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported,
                                  load_item)
 from ..attention.backward import SLOT_BUDGET_BYTES, _base_layers, _sum_items
-from ..prepare import block_rows, plan_chunks
+from ..prepare import ITEM_FIELDS, block_rows, plan_chunks
 
 
-@triton.jit(do_not_specialize=["q0"])
+@triton.jit(do_not_specialize=["q0"],
+            do_not_specialize_on_alignment=ITEM_FIELDS)
 def indexer_kl_bwd_kernel(
         Q, K, TLSE, QI, KI, ILSE, DQI, DKI, LOSS, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1,
