@@ -9,7 +9,9 @@ top-16), batch 1, bf16. Attention runs on three selections (local block always l
   indexer - what our indexer selects on inputs with planted topics (each key block has
             one of 64 topics, each query/index head asks for one topic).
 Stages: indexer top-k, selected LSE (training only, not in prefill), planning, KV-outer
-kernel, combine; "e2e" = indexer top-k + planning + attention + combine.
+kernel, combine; "e2e" = indexer top-k + planning + attention + combine. e2e and the
+attention rows time the public calls (``msa.msa_indexer``, ``msa.msa_sparse_attention``:
+argument checks and varlen metadata included); the stages time the internal kernels.
 Baselines in the same run: dense causal SDPA (cuDNN and FlashAttention-2 backends) and
 fla's query-major ``parallel_nsa`` on the same block indices (also an output cross-check).
 """
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import msa
 from msa.ops.attention.forward import (PARTIAL_BUDGET_BYTES, _next_pow2, launch_partials,
                                        sparse_attn_combine_kernel, sparse_attn_fwd)
 from msa.ops.attention.naive import attention_forward_reference
@@ -188,7 +191,11 @@ def run_length(T, device, dense_max, fla_fn, fla_max, profile_max):
     res["indexer_topk"] = dict(ms=ms, tflops=idx_flops / ms / 1e9)
     ms = bench(lambda: selected_lse(qi, ki, idx, seg, block_size=BS, scale=DI ** -0.5), rep)
     res["selected_lse"] = dict(ms=ms)
-    e2e = lambda: sparse_attn_fwd(q, k, v, topk_fn(), seg, block_size=BS, scale=SCALE)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=device)
+    # e2e and attention go through the public API (argument checks, varlen metadata)
+    e2e = lambda: msa.msa_sparse_attention(
+        q, k, v, msa.msa_indexer(qi, ki, cu, cu, block_size=BS, topk=K, backend="triton"),
+        cu, cu, block_size=BS, backend="triton")
     ms = bench(e2e, rep)
     peak, _ = sync_peak(e2e)
     res["e2e"] = dict(ms=ms, peak_extra_mb=(peak - q.numel() * 2) / 2 ** 20,
@@ -196,14 +203,15 @@ def run_length(T, device, dense_max, fla_fn, fla_max, profile_max):
                                             + ki.numel()) * 2 / 2 ** 20)
     for pattern in ("random", "recency", "indexer"):
         topk = idx if pattern == "indexer" else selection(T, pattern, device)
-        fn = lambda: sparse_attn_fwd(q, k, v, topk, seg, block_size=BS, scale=SCALE)
+        fn = lambda: msa.msa_sparse_attention(q, k, v, topk, cu, cu, block_size=BS,
+                                              backend="triton")
         ms = bench(fn, rep)
         r = dict(ms=ms, tflops=attn_flops / ms / 1e9)
         if T <= profile_max:
             r.update(stage_profile(q, k, v, topk, seg))
         if fla_fn is not None and T <= fla_max:
             call = fla_call(fla_fn, q, k, v, topk)
-            r["fla_max_abs_diff"] = (call()[0].float() - fn()[0].float()).abs().max().item()
+            r["fla_max_abs_diff"] = (call()[0].float() - fn().float()).abs().max().item()
             r["fla_ms"] = bench(call, rep)
             r["speedup_vs_fla"] = r["fla_ms"] / ms
         res[pattern] = r
