@@ -96,8 +96,8 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     """Plans of the query chunks ``[c, c + chunk)`` covering ``[q0, q1)``, built at once.
 
     topk: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per chunk; edge
-    query indices are relative to the chunk start ``c0``. One sort and two host
-    synchronisations serve all chunks.
+    query indices are relative to the chunk start ``c0``. One sort and one host
+    synchronisation serve all chunks.
     """
     t = topk[:, q0:q1].long()
     hs, nq, kk = t.shape
@@ -123,23 +123,27 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     nsplit = (counts + q_per_item - 1) // q_per_item
     per_chunk = nsplit.view(-1, hkv * nrow).sum(1)
-    per_chunk_host = per_chunk.tolist()                       # the one host sync
-    n_items = sum(per_chunk_host)
-    item_key = torch.repeat_interleave(torch.arange(nkeys, device=t.device), nsplit,
-                                       output_size=n_items)
-    first_item = torch.cumsum(nsplit, 0) - nsplit
-    within = torch.arange(n_items, device=t.device) - first_item[item_key]
+    # items are built for an upper bound of their count (sum ceil(c / q) <= E / q + keys),
+    # so that the only host sync comes after every planning kernel is queued
+    bound = nkeys + key.numel() // q_per_item + 1
+    last = torch.cumsum(nsplit, 0)                            # one past each key's items
+    idx = torch.arange(bound, device=t.device)
+    item_key = torch.searchsorted(last, idx, right=True)      # nkeys: past the last item
+    real = item_key < nkeys
+    item_key = torch.clamp(item_key, max=nkeys - 1)
+    within = idx - (last - nsplit)[item_key]
     e0 = starts[item_key] + within * q_per_item
     e1 = torch.minimum(e0 + q_per_item, starts[item_key] + counts[item_key])
-    # chunk-major, largest items first inside a chunk
-    item_chunk = item_key // (hkv * nrow)
-    order = torch.argsort(item_chunk * (q_per_item + 1) + (q_per_item - (e1 - e0)),
-                          stable=True)
+    # chunk-major, largest items first inside a chunk, the spare entries after all
+    item_chunk = torch.where(real, item_key // (hkv * nrow), -(-nq // chunk))
+    size = torch.where(real, e1 - e0, 0)
+    order = torch.argsort(item_chunk * (q_per_item + 1) + (q_per_item - size), stable=True)
     item_key, e0, e1 = item_key[order], e0[order], e1[order]
     row = item_key % nrow
     head = ((item_key // nrow) % hkv).to(torch.int32)
     krow, t0, nk = rows.row_krow[row], rows.row_t0[row], rows.row_nk[row]
     e0, e1 = e0.to(torch.int32), e1.to(torch.int32)
+    per_chunk_host = per_chunk.tolist()                       # the one host sync
     plans, i0 = [], 0
     for c, n in enumerate(per_chunk_host):
         # views: the kernels read item fields as scalars and do not specialise their

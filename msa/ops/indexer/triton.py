@@ -14,12 +14,13 @@ the slots.
 """
 from __future__ import annotations
 
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from ...varlen import Segments
+from ...varlen import Segments, host_to_device
 from ..attention.forward import (INTERPRETER, _dot, _next_pow2, check_supported,
                                  launch_partials)
 from ..prepare import block_rows, plan_chunk
@@ -72,18 +73,25 @@ def indexer_topk_kernel(
 
 
 def _tiles(seg: Segments, block_t: int, device):
-    """Query tiles that stay inside one segment, heaviest (latest) first."""
-    q0, n, kbase, off = [], [], [], []
-    for b in range(seg.num_segments):
-        start, ql, kl = seg.q_start[b], seg.q_len[b], seg.k_len[b]
-        for t in range(0, ql, block_t):
-            q0.append(start + t)
-            n.append(min(block_t, ql - t))
-            kbase.append(seg.k_base[b])
-            off.append(kl - ql + t)
-    order = sorted(range(len(q0)), key=lambda i: -off[i])
-    return [torch.tensor([x[i] for i in order], dtype=torch.int32, device=device)
-            for x in (q0, n, kbase, off)]
+    """Query tiles that stay inside one segment, heaviest (latest) first: ``q0, n, kbase,
+    off`` ``[tiles]`` int32 (built on ``device``, no host sync)."""
+    nseg = seg.num_segments
+    ntiles = [-(-ql // block_t) for ql in seg.q_len]
+    total = sum(ntiles)
+    if not total:
+        return [torch.zeros(0, dtype=torch.int32, device=device) for _ in range(4)]
+    first = list(itertools.accumulate([0] + ntiles[:-1]))
+    per = host_to_device([seg.q_start, seg.q_len, seg.k_base, seg.k_len, ntiles, first],
+                         device)
+    q_start, q_len, k_base, k_len, nt, first_t = per.unbind(0)
+    sid = torch.repeat_interleave(torch.arange(nseg, device=device), nt, output_size=total)
+    t = (torch.arange(total, device=device) - first_t[sid]) * block_t
+    off = (k_len - q_len)[sid] + t
+    tiles = torch.stack((q_start[sid] + t, torch.clamp(q_len[sid] - t, max=block_t),
+                         k_base[sid], off))
+    order = torch.argsort(-off, stable=True)
+    # own copies: row views at odd offsets would compile unaligned kernel variants
+    return [x.clone() for x in tiles[:, order].to(torch.int32).unbind(0)]
 
 
 def rank_slots(ids: torch.Tensor, scores: torch.Tensor, pos: torch.Tensor, block_size: int,
