@@ -62,3 +62,24 @@ def test_triton_indexer_bf16_and_public_api_batched():
                                    backend="reference")
     assert torch.equal(idx_t, idx_r)
     torch.testing.assert_close(lse_t, lse_r, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("kk", [5, 16, 64])
+def test_triton_indexer_ranks_groups_of_tied_blocks(kk):
+    """Blocks repeat one of 3 key patterns, so pooled scores tie in groups: the rows must
+    list them by score, then ascending id, exactly as the reference does (ranked in the
+    kernel, local block last, -1 after)."""
+    g = torch.Generator().manual_seed(kk)
+    block, nb = 64, 70
+    pattern = torch.randn(3, block, 32, generator=g)
+    ki = pattern[torch.randint(3, (nb,), generator=g)].reshape(nb * block, 1, 32)
+    c_q = torch.tensor([0, 1, 201, 1501])
+    c_k = torch.tensor([0, 1000, 3000, 4480])
+    sel_q = torch.randn(1501, 2, 32, generator=g)
+    from msa.varlen import make_segments
+    seg = make_segments(sel_q.shape[0], ki.shape[0], c_q, c_k)
+    idx = indexer_topk(sel_q.to(DEVICE), ki.to(DEVICE), seg, block_size=block, topk=kk,
+                       scale=0.125)
+    ref, _ = indexer_reference(sel_q.double(), ki.double(), seg, block_size=block, topk=kk,
+                               scale=0.125)
+    assert torch.equal(idx.cpu(), ref.cpu())

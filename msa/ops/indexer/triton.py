@@ -28,7 +28,7 @@ from ..prepare import block_rows, plan_chunk
 
 @triton.jit(do_not_specialize=["stride_oh"])
 def indexer_topk_kernel(
-        QI, KI, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, OUT_ID, OUT_SCORE, scale,
+        QI, KI, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, OUT_ID, scale,
         stride_qt, stride_qh, stride_kt, stride_oh, stride_ot,
         HI: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
         KR: tl.constexpr, NRANK: tl.constexpr, PRECISION: tl.constexpr,
@@ -66,10 +66,19 @@ def indexer_topk_kernel(
         hit = ins[:, None] & (ids == wid[:, None])
         vals = tl.where(hit, m[:, None], vals)
         ids = tl.where(hit, blk, ids)
-    optr = h[:, None] * stride_oh + (q0 + tok)[:, None] * stride_ot + slots[None, :]
-    omask = rmask[:, None] & (slots[None, :] < NRANK)
-    tl.store(OUT_ID + optr, ids, mask=omask)
-    tl.store(OUT_SCORE + optr, vals, mask=omask)
+    # rank the kept blocks (score desc, id asc; empty slots are not ranked) and write the
+    # row: ranked ids, the local block at min(local, NRANK), -1 elsewhere (pre-filled)
+    valid = ids >= 0
+    rank = tl.zeros((BLOCK_T * HI, KR), dtype=tl.int32)
+    for i in tl.static_range(KR):
+        pick = slots[None, :] == i
+        vi = tl.max(tl.where(pick, vals, float("-inf")), 1)
+        ii = tl.max(tl.where(pick, ids, -2147483647), 1)
+        first = (vi[:, None] > vals) | ((vi[:, None] == vals) & (ii[:, None] < ids))
+        rank += ((ii >= 0)[:, None] & first).to(tl.int32)
+    orow = h.to(tl.int64) * stride_oh + (q0 + tok) * stride_ot
+    tl.store(OUT_ID + orow[:, None] + rank, ids, mask=rmask[:, None] & valid)
+    tl.store(OUT_ID + orow + tl.minimum(local, NRANK), local, mask=rmask)
 
 
 def _tiles(seg: Segments, block_t: int, device):
@@ -94,26 +103,6 @@ def _tiles(seg: Segments, block_t: int, device):
     return [x.clone() for x in tiles[:, order].to(torch.int32).unbind(0)]
 
 
-def rank_slots(ids: torch.Tensor, scores: torch.Tensor, pos: torch.Tensor, block_size: int,
-               topk: int) -> torch.Tensor:
-    """``[Hi, T, topk-1]`` kept ids/scores -> top-k rows (score desc, id asc, local, -1)."""
-    valid = ids >= 0
-    big = torch.iinfo(torch.int32).max
-    ids = torch.where(valid, ids, torch.full_like(ids, big))
-    scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
-    o1 = torch.argsort(ids, dim=-1)
-    ids, scores = ids.gather(-1, o1), scores.gather(-1, o1)
-    o2 = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    ids = ids.gather(-1, o2)
-    hi, t, _ = ids.shape
-    out = torch.full((hi, t, topk), -1, dtype=torch.int32, device=ids.device)
-    out[..., :topk - 1] = torch.where(ids == big, torch.full_like(ids, -1), ids)
-    n_ranked = torch.clamp(pos // block_size, max=topk - 1).long().view(1, -1, 1)
-    local = (pos // block_size).to(torch.int32).view(1, -1, 1).expand(hi, t, 1)
-    out.scatter_(2, n_ranked.expand(hi, t, 1), local)
-    return out
-
-
 def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_size: int,
                  topk: int, scale: float, block_t: int = None, num_warps: int = 4,
                  num_stages: int = 2) -> torch.Tensor:
@@ -126,19 +115,19 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
         raise NotImplementedError("the Triton indexer needs one shared index-key head")
     block_t = block_t or max(1, 128 // _next_pow2(hi))
     kr = _next_pow2(max(1, topk - 1))
-    ids = torch.full((hi, total_q, max(1, topk - 1)), -1, dtype=torch.int32, device=qi.device)
-    scores = torch.empty(ids.shape, dtype=torch.float32, device=qi.device)
+    out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
     tiles = _tiles(seg, block_t, qi.device)
-    if topk > 1 and tiles[0].numel():
+    if topk == 1:
+        out[..., 0] = seg.positions(qi.device) // block_size
+    elif tiles[0].numel():
         indexer_topk_kernel[(tiles[0].numel(),)](
-            qi, ki, *tiles, ids, scores, scale,
-            qi.stride(0), qi.stride(1), ki.stride(0), ids.stride(0), ids.stride(1),
+            qi, ki, *tiles, out, scale,
+            qi.stride(0), qi.stride(1), ki.stride(0), out.stride(0), out.stride(1),
             HI=hi, DI=di, BS=block_size, BLOCK_T=block_t, KR=kr, NRANK=topk - 1,
             PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
             UPCAST=INTERPRETER and qi.dtype == torch.bfloat16,
             num_warps=num_warps, num_stages=num_stages)
-    pos = seg.positions(qi.device)
-    return rank_slots(ids[..., :topk - 1], scores[..., :topk - 1], pos, block_size, topk)
+    return out
 
 
 def selected_lse(qi: torch.Tensor, ki: torch.Tensor, topk_idx: torch.Tensor, seg: Segments, *,
