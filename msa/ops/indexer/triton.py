@@ -5,7 +5,9 @@
 the tile, computes the scores ``qi . ki`` of a whole block with one MMA, max-pools them
 and keeps, per row, the ``topk - 1`` best earlier blocks in registers (a new block
 replaces the worst kept one, the worst being the lowest score and, among equal scores,
-the largest id; blocks arrive in ascending id, so ties keep the smaller id). Memory is
+the largest id; blocks arrive in ascending id, so ties keep the smaller id). At the end
+the program ranks the kept blocks (score desc, id asc, by pairwise comparison) and writes
+each row in its final form: ranked ids, the local block, then -1. Memory is
 ``O(T * topk)``; the cost is one causal GEMM ``2 * Di * Hi * causal_elements``.
 
 The selected LSE is a second, KV-outer pass over only the selected blocks (the attention
