@@ -1,6 +1,7 @@
 """Input validation shared by the public functions: clear errors naming the argument."""
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional, Sequence
 
@@ -8,6 +9,8 @@ import torch
 
 from .config import SUPPORTED_HEAD_DIMS, check_block_size, check_topk
 from .varlen import Segments, host_to_device
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -81,6 +84,11 @@ def check_topk_indices(topk: torch.Tensor, seg: Segments, heads: Sequence[int],
         limit = torch.repeat_interleave(per[0], per[1], output_size=seg.total_q)
     else:
         limit = torch.zeros(0, dtype=torch.int64, device=device)
+    if topk.is_cuda and HAS_TRITON:
+        from .ops.validate import topk_flags
+        any_bad, any_dup = topk_flags(topk, limit)                  # one pass, one sync
+        if not (any_bad or any_dup):
+            return
     t = topk
     bad = (t < -1) | (t >= limit.view(1, -1, 1))
     srt = torch.sort(t, dim=-1).values

@@ -15,7 +15,6 @@ relative to the segment's first key; ``-1`` marks an empty top-k slot.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,7 +107,7 @@ def _layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                    fragment_indices, max_seqlen_q, max_seqlen_k)
 
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None   # looked up once (compile-safe)
+HAS_TRITON = C.HAS_TRITON          # looked up once (compile-safe)
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:

@@ -160,3 +160,28 @@ def test_kl_and_composite_reject_bad_input():
     with pytest.raises(ValueError, match="mode"):
         msa.msa_attention(c["q"], c["k"], c["v"], c["qi"], c["ki"], c["cu_q"], c["cu_k"],
                           mode="fast")
+
+
+def test_topk_check_kernel_matches_torch_flags():
+    """The one-pass GPU check (run here by Triton's interpreter) flags exactly the rows the
+    torch check flags: out-of-range entries and repeated ids, any K, int32 and int64."""
+    pytest.importorskip("triton")
+    from msa.ops.validate import topk_flags
+    g = torch.Generator().manual_seed(0)
+    for k, dtype in [(1, torch.int32), (5, torch.int64), (16, torch.int32), (64, torch.int32)]:
+        limit = torch.randint(1, 80, (37,), generator=g)
+        for case in ("ok", "bad", "dup", "both"):
+            t = torch.full((2, 37, k), -1, dtype=dtype)
+            for h in range(2):
+                for q in range(37):
+                    n = min(k, int(limit[q]))
+                    t[h, q, :n] = torch.randperm(int(limit[q]), generator=g)[:n].to(dtype)
+            if case in ("bad", "both"):
+                t[1, 5, 0] = int(limit[5]) if case == "bad" else -2
+            if case in ("dup", "both") and k > 1:
+                t[0, 30, k - 1] = t[0, 30, 0].clamp_min(0)
+                t[0, 30, 0] = t[0, 30, k - 1]
+            view = t.transpose(0, 1).contiguous().transpose(0, 1)      # strided input
+            got = topk_flags(view, limit)
+            want = (case in ("bad", "both"), case in ("dup", "both") and k > 1)
+            assert got == want, (k, dtype, case)
