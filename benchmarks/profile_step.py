@@ -3,7 +3,8 @@
     python benchmarks/profile_step.py --length 128k --mode train
 
 MSA shape, bf16, random selection (``bench_prefill.selection``). ``train``: Triton forward
-+ backward through the public API; ``prefill``: the forward only. Prints the kernels by
++ backward through the public API; ``prefill``: the forward only; ``e2e``: indexer top-k
+(planted-topic index inputs) + forward. Prints the kernels by
 total GPU time (one warm step profiled) and writes them as JSON with ``--out``.
 """
 from __future__ import annotations
@@ -15,13 +16,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import msa
-from bench_prefill import D, HKV, HQ, run_meta, selection
+from bench_prefill import D, HKV, HQ, planted_topics, run_meta, selection
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", default="128k")
-    ap.add_argument("--mode", choices=["train", "prefill"], default="train")
+    ap.add_argument("--mode", choices=["train", "prefill", "e2e"], default="train")
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
@@ -36,8 +37,13 @@ def main():
     cu = torch.tensor([0, T], dtype=torch.int32, device=dev)
     dout = torch.randn_like(q)
 
+    qi, ki = planted_topics(T, dev, seed=T)
+
     def step():
-        out = msa.msa_sparse_attention(*leaves, topk, cu, cu, backend="triton")
+        sel = topk
+        if args.mode == "e2e":
+            sel = msa.msa_indexer(qi, ki, cu, cu, topk=16, backend="triton")
+        out = msa.msa_sparse_attention(*leaves, sel, cu, cu, backend="triton")
         if args.mode == "train":
             torch.autograd.grad(out, leaves, dout)
 
