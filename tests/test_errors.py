@@ -181,7 +181,8 @@ def test_topk_check_kernel_matches_torch_flags():
             if case in ("dup", "both") and k > 1:
                 t[0, 30, k - 1] = t[0, 30, 0].clamp_min(0)
                 t[0, 30, 0] = t[0, 30, k - 1]
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
             view = t.transpose(0, 1).contiguous().transpose(0, 1)      # strided input
-            got = topk_flags(view, limit)
+            got = topk_flags(view.to(dev), limit.to(dev))
             want = (case in ("bad", "both"), case in ("dup", "both") and k > 1)
             assert got == want, (k, dtype, case)

@@ -72,7 +72,7 @@ def indexer_topk_kernel(
     # row: ranked ids, the local block at min(local, NRANK), -1 elsewhere (pre-filled)
     valid = ids >= 0
     rank = tl.zeros((BLOCK_T * HI, KR), dtype=tl.int32)
-    for i in tl.static_range(KR):
+    for i in range(KR):                      # a loop, not unrolled: KR is up to 64
         pick = slots[None, :] == i
         vi = tl.max(tl.where(pick, vals, float("-inf")), 1)
         ii = tl.max(tl.where(pick, ids, -2147483647), 1)
