@@ -23,7 +23,7 @@ from msa.ops.kl.dense import causal_lse, indexer_kl_dense
 from msa.ops.kl.naive import indexer_kl_reference
 from msa.varlen import Segments
 
-from bench_prefill import BS, D, HKV, HQ, planted_topics
+from bench_prefill import BS, D, HKV, HQ, bench, planted_topics
 
 
 def main():
@@ -52,10 +52,10 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         loss, dqi, dki = indexer_kl_dense(q, k, qi, ki, seg, **kw)
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
-        ms = triton.testing.do_bench(lambda: indexer_kl_dense(q, k, qi, ki, seg, **kw),
+        ms = bench(lambda: indexer_kl_dense(q, k, qi, ki, seg, **kw),
                                      warmup=2, rep=args.rep, return_mode="median")
         r = dict(T=T, triton_ms=ms, loss=loss.item(), peak_extra_gb=peak)
-        r["lse_ms"] = triton.testing.do_bench(
+        r["lse_ms"] = bench(
             lambda: (causal_lse(q, k, seg, scale=kw["scale"], block_size=BS),
                      causal_lse(qi, ki, seg, scale=kw["index_scale"], block_size=BS)),
             warmup=2, rep=100, return_mode="median")
@@ -63,7 +63,7 @@ def main():
         for cfg in filter(None, args.sweep.split(",")):
             qpi, bt, st = (int(x) for x in (cfg + "x1").split("x")[:3])
             try:
-                r["sweep"][cfg] = triton.testing.do_bench(
+                r["sweep"][cfg] = bench(
                     lambda: indexer_kl_dense(q, k, qi, ki, seg, q_per_item=qpi, block_t=bt,
                                              num_stages=st, **kw),
                     warmup=2, rep=args.rep, return_mode="median")
@@ -83,7 +83,7 @@ def main():
         kd = k.transpose(0, 1).unsqueeze(0).repeat_interleave(HQ // HKV, 1)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            r["cudnn_fwd_ms"] = triton.testing.do_bench(
+            r["cudnn_fwd_ms"] = bench(
                 lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True),
                 warmup=5, rep=100, return_mode="median")
         del qd, kd

@@ -17,7 +17,7 @@ import triton
 from msa.ops.attention.forward import sparse_attn_fwd
 from msa.varlen import Segments
 
-from bench_prefill import BS, D, HKV, HQ, selection
+from bench_prefill import BS, D, HKV, HQ, bench, selection
 
 
 def main():
@@ -42,7 +42,7 @@ def main():
             fn = lambda: sparse_attn_fwd(q, k, v, topk, seg, block_size=BS, scale=D ** -0.5,
                                          query_major=qm)
             outs[name] = fn()[0]
-            r[name + "_ms"] = triton.testing.do_bench(fn, warmup=25, rep=100,
+            r[name + "_ms"] = bench(fn, warmup=25, rep=100,
                                                       return_mode="median")
         r["max_abs_diff"] = (outs["query_major"].float() - outs["kv_outer"].float()).abs().max().item()
         rows.append(r)

@@ -38,8 +38,18 @@ HQ, HKV, D, HI, DI, BS, K = 64, 4, 128, 4, 128, 128, 16
 SCALE = D ** -0.5
 
 
-def bench(fn, rep=100):
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+def bench(fn, rep=100, warmup=25, return_mode="median", min_runs=10):
+    """``triton.testing.do_bench`` over at least ``min_runs`` timed calls (and ``rep`` ms)
+    after at least two warm-up calls: ``do_bench`` alone sizes its repetitions by the
+    time budget, which at long lengths would time one or two calls."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    return triton.testing.do_bench(fn, warmup=max(warmup, 2 * est),
+                                   rep=max(rep, 1.2 * min_runs * est), return_mode=return_mode)
 
 
 def sync_peak(fn):

@@ -27,7 +27,7 @@ from msa.ops.indexer.triton import selected_lse
 from msa.ops.kl.triton import indexer_kl_bwd
 from msa.varlen import Segments
 
-from bench_prefill import (BS, D, HKV, HQ, fla_call, load_fla, planted_topics, run_meta,
+from bench_prefill import (BS, D, HKV, HQ, bench, fla_call, load_fla, planted_topics, run_meta,
                            selection, sparse_elements)
 
 
@@ -68,16 +68,15 @@ def run(T, device, fla_fn, dense_max):
         out = msa.msa_sparse_attention(q, k, v, topk, cu, cu, backend="triton")
         torch.autograd.grad(out, [q, k, v], dout)
 
-    ms = triton.testing.do_bench(ours, warmup=25, rep=rep, return_mode="median")
+    ms = bench(ours, rep)
     torch.cuda.reset_peak_memory_stats()
     ours()
     r = dict(T=T, ours_ms=ms, ours_tflops=flops / ms / 1e9,
              ours_peak_mb=torch.cuda.max_memory_allocated() / 2 ** 20)
 
     with torch.no_grad():
-        r["fwd_ms"] = triton.testing.do_bench(
-            lambda: msa.msa_sparse_attention(q, k, v, topk, cu, cu, backend="triton"),
-            warmup=25, rep=rep, return_mode="median")
+        r["fwd_ms"] = bench(
+            lambda: msa.msa_sparse_attention(q, k, v, topk, cu, cu, backend="triton"), rep)
     r["bwd_ms"] = ms - r["fwd_ms"]
 
     def ours_det():
@@ -85,7 +84,7 @@ def run(T, device, fla_fn, dense_max):
                                        deterministic=True)
         return torch.autograd.grad(out, [q, k, v], dout)
 
-    r["det_ms"] = triton.testing.do_bench(ours_det, warmup=5, rep=rep, return_mode="median")
+    r["det_ms"] = bench(ours_det, rep)
     r["det_bitwise_repeat"] = all(torch.equal(a, b) for a, b in zip(ours_det(), ours_det()))
     # indexer KL backward on the same selection (Hi = Hkv = 4 index heads, Di = 128)
     seg = Segments([0], [T], [0], [T], T, T)
@@ -95,11 +94,11 @@ def run(T, device, fla_fn, dense_max):
     ilse = selected_lse(qi, ki, topk, seg, block_size=BS, scale=D ** -0.5)
     kl = lambda: indexer_kl_bwd(q.detach(), k.detach(), lse, qi, ki, ilse, topk, seg,
                                 block_size=BS, scale=D ** -0.5, index_scale=D ** -0.5)
-    r["kl_bwd_ms"] = triton.testing.do_bench(kl, warmup=25, rep=rep, return_mode="median")
+    r["kl_bwd_ms"] = bench(kl, rep)
     kl_det = lambda: indexer_kl_bwd(q.detach(), k.detach(), lse, qi, ki, ilse, topk, seg,
                                     block_size=BS, scale=D ** -0.5, index_scale=D ** -0.5,
                                     deterministic=True)
-    r["kl_det_ms"] = triton.testing.do_bench(kl_det, warmup=5, rep=rep, return_mode="median")
+    r["kl_det_ms"] = bench(kl_det, rep)
     r["kl_det_bitwise_repeat"] = all(torch.equal(a, b) for a, b in zip(kl_det(), kl_det()))
     ref = kl()
     r["kl_det_cos_vs_fast"] = min(F.cosine_similarity(a.float().flatten(), b.float().flatten(),
@@ -108,7 +107,7 @@ def run(T, device, fla_fn, dense_max):
     if fla_fn is not None:
         call = fla_call(fla_fn, q, k, v, topk)
         fla = lambda: torch.autograd.grad(call(), [q, k, v], dout.unsqueeze(0))
-        r["fla_ms"] = triton.testing.do_bench(fla, warmup=25, rep=rep, return_mode="median")
+        r["fla_ms"] = bench(fla, rep)
         r["speedup_vs_fla"] = r["fla_ms"] / ms
     if T <= dense_max:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -121,8 +120,7 @@ def run(T, device, fla_fn, dense_max):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense = lambda: torch.autograd.grad(
                 F.scaled_dot_product_attention(qd, kd, vd, is_causal=True), [qd, kd, vd], dd)
-            r["cudnn_ms"] = triton.testing.do_bench(dense, warmup=25, rep=rep,
-                                                    return_mode="median")
+            r["cudnn_ms"] = bench(dense, rep)
         r["cudnn_tflops"] = 2 * D * HQ * T * T * 3.5 / r["cudnn_ms"] / 1e9
         r["speedup_vs_cudnn"] = r["cudnn_ms"] / ms
     return r

@@ -24,7 +24,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import msa
-from bench_prefill import D, HKV, HQ, planted_topics, run_meta, selection
+from bench_prefill import D, HKV, HQ, bench, planted_topics, run_meta, selection
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 SYNC_WORDS = ("Synchronize", "Memcpy", "cudaFree", "cudaMalloc", "cudaHostAlloc")
@@ -112,7 +112,7 @@ def main():
         if args.mode == "train":
             torch.autograd.grad(out, leaves, dout)
 
-    ms = triton.testing.do_bench(step, warmup=5, rep=20, return_mode="median")
+    ms = bench(step, warmup=5, rep=20, return_mode="median")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                  with_stack=not args.no_stack) as prof:
         with record_function("msa_step"):

@@ -22,7 +22,7 @@ from msa.ops.indexer.triton import selected_lse
 from msa.ops.kl.triton import indexer_kl_bwd
 from msa.varlen import Segments
 
-from bench_prefill import BS, D, HKV, HQ, planted_topics, selection, sparse_elements
+from bench_prefill import BS, D, HKV, HQ, bench, planted_topics, selection, sparse_elements
 
 
 def main():
@@ -51,7 +51,7 @@ def main():
             res = fn()
             err = max((a.float() - b).abs().max().item() for a, b in zip(res, ref)) \
                 if name != "kl" else res[0].item()  # kl: the loss value
-            ms = triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
+            ms = bench(fn, warmup=10, rep=200, return_mode="median")
             rows.append(dict(variant=name, **info, ms=ms, err=err,
                              tflops=None if name == "kl" else flops / ms / 1e9))
         except Exception as e:                      # a config that does not compile

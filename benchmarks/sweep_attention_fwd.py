@@ -16,7 +16,7 @@ import triton
 import msa.ops.attention.forward as fwd
 from msa.varlen import Segments
 
-from bench_prefill import BS, D, HKV, HQ, selection, sparse_elements
+from bench_prefill import BS, D, HKV, HQ, bench, selection, sparse_elements
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
                                                   q_per_item=qpi)
                 out, _ = run()
                 err = (out.float() - ref.float()).abs().max().item()
-                ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+                ms = bench(run, warmup=25, rep=100, return_mode="median")
                 rows.append(dict(block_q=bq, warps=warps, stages=stages, q_per_item=qpi,
                                  ms=ms, tflops=flops / ms / 1e9, err=err))
             except Exception as e:
@@ -59,7 +59,7 @@ def main():
     for budget_gb in () if args.no_budget else (3, 6, 12):
         fwd.PARTIAL_BUDGET_BYTES = budget_gb << 30
         run = lambda: fwd.sparse_attn_fwd(q, k, v, topk, seg, block_size=BS, scale=D ** -0.5)
-        ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        ms = bench(run, warmup=25, rep=100, return_mode="median")
         rows.append(dict(budget_gb=budget_gb, ms=ms, tflops=flops / ms / 1e9))
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
