@@ -20,11 +20,10 @@ import tempfile
 from collections import defaultdict
 
 import torch
-import triton
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import msa
-from bench_prefill import D, HKV, HQ, bench, planted_topics, run_meta, selection
+from bench_prefill import bench, run_meta
+from profile_step import make_step, parse_length
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 SYNC_WORDS = ("Synchronize", "Memcpy", "cudaFree", "cudaMalloc", "cudaHostAlloc")
@@ -91,27 +90,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
-    T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
-    k, v = (torch.randn(T, HKV, D, device=dev, generator=g, dtype=torch.bfloat16)
-            for _ in range(2))
-    leaves = [x.requires_grad_(args.mode == "train") for x in (q, k, v)]
-    topk = selection(T, "random", dev)
-    cu = torch.tensor([0, T], dtype=torch.int32, device=dev)
-    dout = torch.randn_like(q)
-
-    qi, ki = planted_topics(T, dev, seed=T)
-
-    def step():
-        sel = topk
-        if args.mode == "e2e":
-            sel = msa.msa_indexer(qi, ki, cu, cu, topk=16, backend="triton")
-        out = msa.msa_sparse_attention(*leaves, sel, cu, cu, backend="triton")
-        if args.mode == "train":
-            torch.autograd.grad(out, leaves, dout)
-
+    T = parse_length(args.length)
+    step = make_step(T, args.mode)
     ms = bench(step, warmup=5, rep=20, return_mode="median")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                  with_stack=not args.no_stack) as prof:

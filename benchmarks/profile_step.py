@@ -19,6 +19,34 @@ import msa
 from bench_prefill import D, HKV, HQ, planted_topics, run_meta, selection
 
 
+def parse_length(text: str) -> int:
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def make_step(T: int, mode: str):
+    """One step at the MSA shape through the public API (see the module docstring)."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(T, HKV, D, device=dev, generator=g, dtype=torch.bfloat16)
+            for _ in range(2))
+    leaves = [x.requires_grad_(mode == "train") for x in (q, k, v)]
+    topk = selection(T, "random", dev)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=dev)
+    dout = torch.randn_like(q)
+    qi, ki = planted_topics(T, dev, seed=T)
+
+    def step():
+        sel = topk
+        if mode == "e2e":
+            sel = msa.msa_indexer(qi, ki, cu, cu, topk=16, backend="triton")
+        out = msa.msa_sparse_attention(*leaves, sel, cu, cu, backend="triton")
+        if mode == "train":
+            torch.autograd.grad(out, leaves, dout)
+
+    return step
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", default="128k")
@@ -26,27 +54,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
-    T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
-    k, v = (torch.randn(T, HKV, D, device=dev, generator=g, dtype=torch.bfloat16)
-            for _ in range(2))
-    leaves = [x.requires_grad_(args.mode == "train") for x in (q, k, v)]
-    topk = selection(T, "random", dev)
-    cu = torch.tensor([0, T], dtype=torch.int32, device=dev)
-    dout = torch.randn_like(q)
-
-    qi, ki = planted_topics(T, dev, seed=T)
-
-    def step():
-        sel = topk
-        if args.mode == "e2e":
-            sel = msa.msa_indexer(qi, ki, cu, cu, topk=16, backend="triton")
-        out = msa.msa_sparse_attention(*leaves, sel, cu, cu, backend="triton")
-        if args.mode == "train":
-            torch.autograd.grad(out, leaves, dout)
-
+    T = parse_length(args.length)
+    step = make_step(T, args.mode)
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
