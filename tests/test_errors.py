@@ -186,3 +186,19 @@ def test_topk_check_kernel_matches_torch_flags():
             got = topk_flags(view.to(dev), limit.to(dev))
             want = (case in ("bad", "both"), case in ("dup", "both") and k > 1)
             assert got == want, (k, dtype, case)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU check path needs CUDA")
+def test_attention_rejects_bad_topk_on_gpu():
+    """CUDA top-k ids go through the one-pass Triton check; the errors are the same."""
+    c = {n: x.cuda() for n, x in _packed(dtype=torch.bfloat16).items()}
+    with pytest.raises(IndexError, match=r"topk_indices\[1, 4, 0\] = 1 is out of range"):
+        t = torch.zeros(2, 10, 1, dtype=torch.int32, device="cuda")
+        t[1, 4, 0] = 1
+        _attn(c, t)
+    with pytest.raises(IndexError, match="out of range"):
+        _attn(c, torch.full((2, 10, 1), -3, dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="repeats a block id"):
+        _attn(c, torch.zeros(2, 10, 2, dtype=torch.int32, device="cuda"))
+    ok = torch.tensor([[[0, -1]] * 10] * 2, dtype=torch.int64, device="cuda")
+    assert _attn(c, ok).shape == c["q"].shape
