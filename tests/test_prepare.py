@@ -38,6 +38,7 @@ def test_plan_edges_and_items(hs, chunk, qpi):
             t0, nk = int(plan.item_t0[it]), int(plan.item_nk[it])
             assert t0 % 64 == 0 and 0 < nk <= 64
     assert len(got) == len(set(got)) and set(got) == expected
+    assert plan_chunks(topk, rows, 5, 5, chunk, 2, qpi) == []       # empty query range
 
 
 def test_block_rows_geometry():

@@ -107,6 +107,8 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     cid = (q_rel // chunk).view(1, -1, 1)
     heads = torch.arange(hkv, device=t.device).view(-1, 1, 1)
     nkeys = -(-nq // chunk) * hkv * nrow
+    if nkeys == 0:                                          # no queries (or no key rows)
+        return []
     key = (cid * hkv + heads) * nrow + rows.q_rowbase[q0:q1].view(1, -1, 1) + t
     key = torch.where(valid, key, torch.full_like(key, nkeys)).expand(hkv, nq, kk)
     if nkeys < 2 ** 31 - 1:
