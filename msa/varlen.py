@@ -15,9 +15,9 @@ Segment ``b`` owns query rows ``[cu_seqlens_q[b], cu_seqlens_q[b+1])`` and the K
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -79,8 +79,7 @@ def _host_lists(*vectors: torch.Tensor) -> List[List[int]]:
     """The vectors as python ints, with one device-to-host copy (one host sync) in all."""
     if all(v.device.type == "cpu" for v in vectors):
         return [[int(x) for x in v.tolist()] for v in vectors]
-    flat = torch.cat([v.to(device=vectors[0].device, dtype=torch.int64)
-                      for v in vectors]).tolist()
+    flat = torch.cat([v.to(torch.int64) for v in vectors]).tolist()     # one device
     out, i = [], 0
     for v in vectors:
         out.append(flat[i:i + v.numel()])
