@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import triton
 
 import msa
-from msa.ops.attention.forward import (PARTIAL_BUDGET_BYTES, _next_pow2, launch_partials,
-                                       sparse_attn_combine_kernel, sparse_attn_fwd)
+from msa.ops.attention.forward import (PARTIAL_BUDGET_BYTES, launch_combine,
+                                       launch_partials, sparse_attn_fwd)
 from msa.ops.attention.naive import attention_forward_reference
 from msa.ops.indexer.naive import indexer_reference
 from msa.ops.indexer.triton import indexer_topk, selected_lse
@@ -130,11 +130,7 @@ def stage_profile(q, k, v, topk, seg):
 
     def combines():
         for s in starts:
-            n = min(T, s + chunk) - s
-            sparse_attn_combine_kernel[(n * HKV,)](
-                po, pl, topk, rows.q_nblocks, out, lse, s, topk.stride(0), topk.stride(1),
-                out.stride(0), out.stride(1), lse.stride(0), HKV=HKV, HS=HKV, G=g,
-                G_PAD=_next_pow2(g), D=D, KSEL=K, KSEL_PAD=K, num_warps=4)
+            launch_combine(po, pl, topk, rows, out, lse, s, min(T, s + chunk), HKV)
 
     return dict(chunks=len(starts),
                 plan_ms=bench(lambda: plan_chunks(topk, rows, 0, T, chunk, HKV, 256), 50),

@@ -31,6 +31,8 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # many queries; measured crossover in docs/benchmarks.md.
 QUERY_MAJOR_MAX_QUERIES = 1024
 PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
+FWD_PREFETCH = int(os.environ.get("MSA_FWD_PREFETCH", "1"))   # A/B only
+COMBINE_SLOTS = int(os.environ.get("MSA_COMBINE_SLOTS", "4"))   # A/B only
 
 
 @triton.jit
@@ -49,6 +51,24 @@ def load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, pid):
             tl.load(ITEM_E1 + pid))
 
 
+@triton.jit
+def tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, eidx, e1, g, G: tl.constexpr):
+    """Rows of one tile of gathered edges: chunk-relative query, top-k slot, query
+    position and the row mask (edge in range, real head)."""
+    emask = (eidx < e1) & (g < G)
+    ql = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
+    slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
+    pos = tl.load(POS + q0 + ql, mask=emask, other=-1)
+    return ql, slot, pos, emask
+
+
+@triton.jit
+def tile_rows(X, qg, head, emask, offs_d, stride_t, stride_h):
+    """``X[qg, head, :]`` for every row of a tile (0 on masked rows)."""
+    return tl.load(X + qg[:, None] * stride_t + head[:, None] * stride_h + offs_d[None, :],
+                   mask=emask[:, None], other=0.0)
+
+
 @triton.jit(do_not_specialize=["q0"],
             do_not_specialize_on_alignment=ITEM_FIELDS)
 def sparse_attn_fwd_kernel(
@@ -58,7 +78,8 @@ def sparse_attn_fwd_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
+        PREFETCH: tl.constexpr = 1):
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
@@ -72,15 +93,21 @@ def sparse_attn_fwd_kernel(
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
     tok = offs_m // G_PAD
     g = offs_m % G_PAD
+    # the next tile's edge indices (and, PREFETCH == 2, its query rows) load while this
+    # tile computes
+    ql, slot, pos, emask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, e0 + tok, e1, g, G)
+    if PREFETCH == 2:
+        qt = tile_rows(Q, q0 + ql, h * G + g, emask, offs_d, stride_qt, stride_qh)
+    nql, nslot, npos, nmask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, e0 + BLOCK_Q + tok,
+                                         e1, g, G)
     for e in range(e0, e1, BLOCK_Q):
-        eidx = e + tok
-        emask = (eidx < e1) & (g < G)
-        ql = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
-        slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
-        qg = q0 + ql
-        pos = tl.load(POS + qg, mask=emask, other=-1)
-        qt = tl.load(Q + qg[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
-                     + offs_d[None, :], mask=emask[:, None], other=0.0)
+        if PREFETCH == 2:
+            qt_next = tile_rows(Q, q0 + nql, h * G + g, nmask, offs_d, stride_qt,
+                                stride_qh)
+        else:
+            qt = tile_rows(Q, q0 + ql, h * G + g, emask, offs_d, stride_qt, stride_qh)
+        nnql, nnslot, nnpos, nnmask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0,
+                                                 e + 2 * BLOCK_Q + tok, e1, g, G)
         s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
         # mask only tiles the block is not fully visible to (the local block, partial tails)
         if tl.min(tl.where(emask, pos, 2147483647)) < t0 + BS - 1:
@@ -98,6 +125,10 @@ def sparse_attn_fwd_kernel(
             tl.store(PO + pidx[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty),
                      mask=emask[:, None])
         tl.store(PL + pidx, lse, mask=emask)
+        if PREFETCH == 2:
+            qt = qt_next
+        ql, slot, pos, emask = nql, nslot, npos, nmask
+        nql, nslot, npos, nmask = nnql, nnslot, nnpos, nnmask
 
 
 @triton.jit
@@ -115,7 +146,7 @@ def sparse_attn_combine_kernel(
         PO, PL, TOPK, NBLK, OUT, LSE, q0,
         stride_th, stride_tq, stride_ot, stride_oh, stride_lt,
         HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-        D: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr):
+        D: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr, SUB: tl.constexpr):
     ql, qg, h, hs = query_program(q0, HKV, HS)
     offs_k = tl.arange(0, KSEL_PAD)
     offs_g = tl.arange(0, G_PAD)
@@ -133,13 +164,16 @@ def sparse_attn_combine_kernel(
     w = tl.exp(lse - m[None, :])
     wsum = tl.sum(w, 0)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    for j in range(KSEL):
-        ok = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
-        if (ok >= 0) & (ok < nb):
-            lj = tl.load(PL + (base + j) * G + offs_g, mask=gmask, other=float("-inf"))
-            oj = tl.load(PO + ((base + j) * G + offs_g)[:, None] * D + offs_d[None, :],
-                         mask=gmask[:, None], other=0.0)
-            acc += tl.exp(lj - m)[:, None] * oj.to(tl.float32)
+    offs_s = tl.arange(0, SUB)
+    for j0 in range(0, KSEL, SUB):     # SUB slots per step: their loads are in flight together
+        j = j0 + offs_s
+        bid = tl.load(TOPK + hs * stride_th + qg * stride_tq + j, mask=j < KSEL, other=-1)
+        rows = (base + j)[:, None] * G + offs_g[None, :]                   # [SUB, G_PAD]
+        ok = ((bid >= 0) & (bid < nb))[:, None] & gmask[None, :]
+        lj = tl.load(PL + rows, mask=ok, other=float("-inf"))
+        oj = tl.load(PO + rows[:, :, None] * D + offs_d[None, None, :], mask=ok[:, :, None],
+                     other=0.0)
+        acc += tl.sum(tl.exp(lj - m[None, :])[:, :, None] * oj.to(tl.float32), 0)
     out = acc / tl.maximum(wsum, 1e-30)[:, None]
     tl.store(OUT + qg * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=gmask[:, None])
@@ -189,7 +223,22 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
         HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, HAS_V=v is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        PREFETCH=FWD_PREFETCH, num_warps=num_warps, num_stages=num_stages)
+
+
+def launch_combine(po, pl, topk, rows: BlockRows, out, lse, q0: int, q1: int, hkv: int,
+                   slots: int = None) -> None:
+    """Merge the partials of queries ``[q0, q1)`` into ``out``/``lse`` (rows of the chunk
+    starting at ``q0``); ``slots``: top-k slots loaded per step (default
+    ``COMBINE_SLOTS``)."""
+    hs, _, ksel = topk.shape
+    g = out.shape[1] // hkv
+    sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
+        po, pl, topk, rows.q_nblocks, out, lse, q0,
+        topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+        HKV=hkv, HS=hs, G=g, G_PAD=_next_pow2(g), D=out.shape[2], KSEL=ksel,
+        KSEL_PAD=_next_pow2(ksel), SUB=min(slots or COMBINE_SLOTS, _next_pow2(ksel)),
+        num_warps=4)
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
@@ -233,7 +282,6 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     chunk = query_chunk or max(1, min(total_q, PARTIAL_BUDGET_BYTES // per_query))
     po = torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device)
     pl = torch.empty(chunk * hkv * ksel * g, dtype=torch.float32, device=q.device)
-    g_pad = _next_pow2(g)
     plans = []
     group = max(chunk, PLAN_GROUP_QUERIES // chunk * chunk)   # bounded planning memory
     for s0 in range(0, total_q, group):
@@ -242,9 +290,5 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     for q0, q1, plan in plans:
         launch_partials(q, k, v, rows, plan, q0, po, pl, scale=scale, ksel=ksel,
                         block_size=block_size, **launch)
-        sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
-            po, pl, topk, rows.q_nblocks, out, lse, q0,
-            topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-            HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, KSEL=ksel, KSEL_PAD=_next_pow2(ksel),
-            num_warps=4)
+        launch_combine(po, pl, topk, rows, out, lse, q0, q1, hkv)
     return out, lse
