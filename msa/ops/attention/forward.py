@@ -31,8 +31,7 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # many queries; measured crossover in docs/benchmarks.md.
 QUERY_MAJOR_MAX_QUERIES = 1024
 PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
-FWD_PREFETCH = int(os.environ.get("MSA_FWD_PREFETCH", "1"))   # A/B only
-COMBINE_SLOTS = int(os.environ.get("MSA_COMBINE_SLOTS", "4"))   # A/B only
+COMBINE_UNROLL = os.environ.get("MSA_COMBINE_UNROLL", "1") == "1"   # A/B only
 
 
 @triton.jit
@@ -78,8 +77,7 @@ def sparse_attn_fwd_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
-        PREFETCH: tl.constexpr = 1):
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
@@ -93,19 +91,14 @@ def sparse_attn_fwd_kernel(
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
     tok = offs_m // G_PAD
     g = offs_m % G_PAD
-    # the next tile's edge indices (and, PREFETCH == 2, its query rows) load while this
-    # tile computes
+    # software pipeline (Triton's own pipelining was slower here): the next tile's query
+    # rows and the edge indices of the tile after it load while this tile computes
     ql, slot, pos, emask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, e0 + tok, e1, g, G)
-    if PREFETCH == 2:
-        qt = tile_rows(Q, q0 + ql, h * G + g, emask, offs_d, stride_qt, stride_qh)
+    qt = tile_rows(Q, q0 + ql, h * G + g, emask, offs_d, stride_qt, stride_qh)
     nql, nslot, npos, nmask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, e0 + BLOCK_Q + tok,
                                          e1, g, G)
     for e in range(e0, e1, BLOCK_Q):
-        if PREFETCH == 2:
-            qt_next = tile_rows(Q, q0 + nql, h * G + g, nmask, offs_d, stride_qt,
-                                stride_qh)
-        else:
-            qt = tile_rows(Q, q0 + ql, h * G + g, emask, offs_d, stride_qt, stride_qh)
+        qt_next = tile_rows(Q, q0 + nql, h * G + g, nmask, offs_d, stride_qt, stride_qh)
         nnql, nnslot, nnpos, nnmask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0,
                                                  e + 2 * BLOCK_Q + tok, e1, g, G)
         s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
@@ -125,8 +118,7 @@ def sparse_attn_fwd_kernel(
             tl.store(PO + pidx[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty),
                      mask=emask[:, None])
         tl.store(PL + pidx, lse, mask=emask)
-        if PREFETCH == 2:
-            qt = qt_next
+        qt = qt_next
         ql, slot, pos, emask = nql, nslot, npos, nmask
         nql, nslot, npos, nmask = nnql, nnslot, nnpos, nnmask
 
@@ -146,7 +138,7 @@ def sparse_attn_combine_kernel(
         PO, PL, TOPK, NBLK, OUT, LSE, q0,
         stride_th, stride_tq, stride_ot, stride_oh, stride_lt,
         HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-        D: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr, SUB: tl.constexpr):
+        D: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr, UNROLL: tl.constexpr):
     ql, qg, h, hs = query_program(q0, HKV, HS)
     offs_k = tl.arange(0, KSEL_PAD)
     offs_g = tl.arange(0, G_PAD)
@@ -164,16 +156,22 @@ def sparse_attn_combine_kernel(
     w = tl.exp(lse - m[None, :])
     wsum = tl.sum(w, 0)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    offs_s = tl.arange(0, SUB)
-    for j0 in range(0, KSEL, SUB):     # SUB slots per step: their loads are in flight together
-        j = j0 + offs_s
-        bid = tl.load(TOPK + hs * stride_th + qg * stride_tq + j, mask=j < KSEL, other=-1)
-        rows = (base + j)[:, None] * G + offs_g[None, :]                   # [SUB, G_PAD]
-        ok = ((bid >= 0) & (bid < nb))[:, None] & gmask[None, :]
-        lj = tl.load(PL + rows, mask=ok, other=float("-inf"))
-        oj = tl.load(PO + rows[:, :, None] * D + offs_d[None, None, :], mask=ok[:, :, None],
-                     other=0.0)
-        acc += tl.sum(tl.exp(lj - m[None, :])[:, :, None] * oj.to(tl.float32), 0)
+    if UNROLL:         # no branch: every valid slot's load can be issued up front
+        for j in tl.static_range(KSEL):
+            bid = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
+            ok = (bid >= 0) & (bid < nb) & gmask
+            lj = tl.load(PL + (base + j) * G + offs_g, mask=ok, other=float("-inf"))
+            oj = tl.load(PO + ((base + j) * G + offs_g)[:, None] * D + offs_d[None, :],
+                         mask=ok[:, None], other=0.0)
+            acc += tl.exp(lj - m)[:, None] * oj.to(tl.float32)
+    else:
+        for j in range(KSEL):
+            ok = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
+            if (ok >= 0) & (ok < nb):
+                lj = tl.load(PL + (base + j) * G + offs_g, mask=gmask, other=float("-inf"))
+                oj = tl.load(PO + ((base + j) * G + offs_g)[:, None] * D + offs_d[None, :],
+                             mask=gmask[:, None], other=0.0)
+                acc += tl.exp(lj - m)[:, None] * oj.to(tl.float32)
     out = acc / tl.maximum(wsum, 1e-30)[:, None]
     tl.store(OUT + qg * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=gmask[:, None])
@@ -223,21 +221,20 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
         HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, HAS_V=v is not None,
-        PREFETCH=FWD_PREFETCH, num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
 
 
-def launch_combine(po, pl, topk, rows: BlockRows, out, lse, q0: int, q1: int, hkv: int,
-                   slots: int = None) -> None:
+def launch_combine(po, pl, topk, rows: BlockRows, out, lse, q0: int, q1: int,
+                   hkv: int) -> None:
     """Merge the partials of queries ``[q0, q1)`` into ``out``/``lse`` (rows of the chunk
-    starting at ``q0``); ``slots``: top-k slots loaded per step (default
-    ``COMBINE_SLOTS``)."""
+    starting at ``q0``)."""
     hs, _, ksel = topk.shape
     g = out.shape[1] // hkv
     sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
         po, pl, topk, rows.q_nblocks, out, lse, q0,
         topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         HKV=hkv, HS=hs, G=g, G_PAD=_next_pow2(g), D=out.shape[2], KSEL=ksel,
-        KSEL_PAD=_next_pow2(ksel), SUB=min(slots or COMBINE_SLOTS, _next_pow2(ksel)),
+        KSEL_PAD=_next_pow2(ksel), UNROLL=COMBINE_UNROLL and ksel <= 16,
         num_warps=4)
 
 
