@@ -35,8 +35,6 @@ Two reductions of ``dK``/``dV``:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -47,7 +45,6 @@ from .forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported, loa
                       query_program)
 
 SLOT_BUDGET_BYTES = 4 << 30      # dQ slot buffer per query chunk
-DQ_SUM_UNROLL = os.environ.get("MSA_DQ_SUM_UNROLL", "1") == "1"   # A/B only
 
 
 @triton.jit(do_not_specialize=["q0"],
@@ -118,8 +115,7 @@ def sparse_attn_bwd_kernel(
 @triton.jit(do_not_specialize=["q0", "stride_th"])
 def dq_sum_kernel(SLOTS, TOPK, NBLK, DQ, q0, stride_th, stride_tq, stride_qt, stride_qh,
                   HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                  D: tl.constexpr, KSEL: tl.constexpr, NSUB: tl.constexpr,
-                  UNROLL: tl.constexpr):
+                  D: tl.constexpr, KSEL: tl.constexpr, NSUB: tl.constexpr):
     """Program per (query of the chunk, KV head): ``dq`` of the group's heads = the sum, in
     slot order and in fp32, of the query's valid top-k slots (slots of unselected or
     out-of-range entries were never written)."""
@@ -129,22 +125,13 @@ def dq_sum_kernel(SLOTS, TOPK, NBLK, DQ, q0, stride_th, stride_tq, stride_qt, st
     gmask = offs_g < G
     nb = tl.load(NBLK + qg)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    if UNROLL:         # no branch: every valid slot's load can be issued up front
-        for j in tl.static_range(KSEL):
-            bid = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
-            ok = (bid >= 0) & (bid < nb) & gmask
-            for s in tl.static_range(NSUB):
+    for j in range(KSEL):
+        bid = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
+        if (bid >= 0) & (bid < nb):
+            for s in range(NSUB):
                 rows = (((ql * HKV + h) * KSEL + j) * NSUB + s) * G + offs_g
                 acc += tl.load(SLOTS + rows[:, None] * D + offs_d[None, :],
-                               mask=ok[:, None], other=0.0).to(tl.float32)
-    else:
-        for j in range(KSEL):
-            bid = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
-            if (bid >= 0) & (bid < nb):
-                for s in range(NSUB):
-                    rows = (((ql * HKV + h) * KSEL + j) * NSUB + s) * G + offs_g
-                    acc += tl.load(SLOTS + rows[:, None] * D + offs_d[None, :],
-                                   mask=gmask[:, None], other=0.0).to(tl.float32)
+                               mask=gmask[:, None], other=0.0).to(tl.float32)
     tl.store(DQ + qg * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
              acc.to(DQ.dtype.element_ty), mask=gmask[:, None])
 
@@ -328,6 +315,5 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
             dq_sum_kernel[((q1 - q0) * hkv,)](
                 slots, topk, rows.q_nblocks, dq, q0, topk.stride(0), topk.stride(1),
                 dq.stride(0), dq.stride(1), HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d,
-                KSEL=ksel, NSUB=nsub, UNROLL=DQ_SUM_UNROLL and ksel * nsub <= 16,
-                num_warps=4)
+                KSEL=ksel, NSUB=nsub, num_warps=4)
     return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -3,9 +3,9 @@
 ``sparse_attn_fwd_kernel``: one program per work item = (KV head ``h``, KV block, slice
 of the queries that selected it). It loads the block's K and V once, then loops over
 tiles of ``BLOCK_Q`` gathered queries x the ``G`` query heads of the group
-(``BLOCK_Q * G_PAD`` = 128 MMA rows), and writes for each (query, head) a partial output
-normalised by its own sum plus its natural-log LSE into slot ``j`` of the query's top-k
-row.
+(``BLOCK_Q * G_PAD`` = 64 MMA rows by default; the next tile's rows load while one
+computes), and writes for each (query, head) a partial output normalised by its own sum
+plus its natural-log LSE into slot ``j`` of the query's top-k row.
 
 ``sparse_attn_combine_kernel``: one program per (query, KV head) merges the valid slots
 by LSE: ``lse = log sum_j exp(lse_j)``, ``out = sum_j exp(lse_j - lse) o_j``.
@@ -31,7 +31,6 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # many queries; measured crossover in docs/benchmarks.md.
 QUERY_MAJOR_MAX_QUERIES = 1024
 PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
-COMBINE_UNROLL = os.environ.get("MSA_COMBINE_UNROLL", "1") == "1"   # A/B only
 
 
 @triton.jit
@@ -138,7 +137,7 @@ def sparse_attn_combine_kernel(
         PO, PL, TOPK, NBLK, OUT, LSE, q0,
         stride_th, stride_tq, stride_ot, stride_oh, stride_lt,
         HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-        D: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr, UNROLL: tl.constexpr):
+        D: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr):
     ql, qg, h, hs = query_program(q0, HKV, HS)
     offs_k = tl.arange(0, KSEL_PAD)
     offs_g = tl.arange(0, G_PAD)
@@ -156,22 +155,13 @@ def sparse_attn_combine_kernel(
     w = tl.exp(lse - m[None, :])
     wsum = tl.sum(w, 0)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    if UNROLL:         # no branch: every valid slot's load can be issued up front
-        for j in tl.static_range(KSEL):
-            bid = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
-            ok = (bid >= 0) & (bid < nb) & gmask
-            lj = tl.load(PL + (base + j) * G + offs_g, mask=ok, other=float("-inf"))
+    for j in range(KSEL):
+        ok = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
+        if (ok >= 0) & (ok < nb):
+            lj = tl.load(PL + (base + j) * G + offs_g, mask=gmask, other=float("-inf"))
             oj = tl.load(PO + ((base + j) * G + offs_g)[:, None] * D + offs_d[None, :],
-                         mask=ok[:, None], other=0.0)
+                         mask=gmask[:, None], other=0.0)
             acc += tl.exp(lj - m)[:, None] * oj.to(tl.float32)
-    else:
-        for j in range(KSEL):
-            ok = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
-            if (ok >= 0) & (ok < nb):
-                lj = tl.load(PL + (base + j) * G + offs_g, mask=gmask, other=float("-inf"))
-                oj = tl.load(PO + ((base + j) * G + offs_g)[:, None] * D + offs_d[None, :],
-                             mask=gmask[:, None], other=0.0)
-                acc += tl.exp(lj - m)[:, None] * oj.to(tl.float32)
     out = acc / tl.maximum(wsum, 1e-30)[:, None]
     tl.store(OUT + qg * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=gmask[:, None])
@@ -197,9 +187,11 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     """Run the KV-outer kernel over one plan: partial outputs into ``po`` (skipped when
     ``v is None``) and partial LSEs into ``pl``.
 
-    Launch defaults (64-row tiles, 4 warps, no software pipelining) were the fastest of a
-    sweep on an H200 at 128K tokens, MSA shape
-    (``benchmarks/results/sweep_attention_fwd_h200_2026-11-26.json``).
+    Launch defaults (64-row tiles, 4 warps, no Triton pipelining: ``num_stages=1``) were
+    the fastest of a sweep on an H200 at 128K tokens, MSA shape
+    (``benchmarks/results/sweep_attention_fwd_h200_2026-11-26.json``). The kernel
+    prefetches the next tile's query rows itself (28.2 vs 30.6 ms at 128K on an H100,
+    ``benchmarks/results/ab_fwd_prefetch_h100_2026-11-26.json``).
 
     q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (``shared_k_head``: k has one head
     read by every "KV head" of the plan, as index keys are).
@@ -234,8 +226,7 @@ def launch_combine(po, pl, topk, rows: BlockRows, out, lse, q0: int, q1: int,
         po, pl, topk, rows.q_nblocks, out, lse, q0,
         topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         HKV=hkv, HS=hs, G=g, G_PAD=_next_pow2(g), D=out.shape[2], KSEL=ksel,
-        KSEL_PAD=_next_pow2(ksel), UNROLL=COMBINE_UNROLL and ksel <= 16,
-        num_warps=4)
+        KSEL_PAD=_next_pow2(ksel), num_warps=4)
 
 
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
