@@ -114,3 +114,29 @@ def test_query_major_kernel_matches_reference(name):
                                                scale=q.shape[-1] ** -0.5)
     torch.testing.assert_close(out.double(), ref_o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_per_item", [1, 3, 4, 5, 9, 64])
+def test_forward_items_of_every_tile_count(q_per_item):
+    """The kernel loads the next tile's rows while one computes: items of 1-17 queries
+    (tiles of 4 queries at 16 heads per group) end on full, partial and single tiles.
+    Partials go to NaN-poisoned buffers, so a tile left out poisons the output."""
+    from msa.ops.attention.forward import launch_combine, launch_partials
+    from msa.ops.prepare import block_rows, plan_chunks
+    c = make_case((30,), (300,), hq=16, hkv=1, d=64, seed=5)
+    topk = random_topk(c["seg"], 1, 3, 64, seed=5).to(DEVICE).int()
+    q, k, v = (c[n].to(DEVICE) for n in "qkv")
+    rows = block_rows(c["seg"], 64, DEVICE)
+    (q0, q1, plan), = plan_chunks(topk, rows, 0, 30, 30, 1, q_per_item)
+    counts = (plan.item_e1 - plan.item_e0)[:plan.num_items]
+    busiest = int(torch.bincount(topk[topk >= 0].long().cpu()).max())       # 17 queries
+    assert busiest > 8 and int(counts.max()) == min(q_per_item, busiest)
+    po = torch.full((30 * 3 * 16 * 64,), float("nan"), device=DEVICE)
+    pl = torch.full((30 * 3 * 16,), float("nan"), device=DEVICE)
+    launch_partials(q, k, v, rows, plan, q0, po, pl, scale=0.125, ksel=3, block_size=64)
+    out, lse = _poisoned(q)
+    launch_combine(po, pl, topk, rows, out, lse, q0, q1, 1)
+    ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
+                                               c["seg"], block_size=64, scale=0.125)
+    torch.testing.assert_close(out.double(), ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)
