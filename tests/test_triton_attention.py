@@ -120,7 +120,8 @@ def test_query_major_kernel_matches_reference(name):
 def test_forward_items_of_every_tile_count(q_per_item):
     """The kernel loads the next tile's rows while one computes: items of 1-17 queries
     (tiles of 4 queries at 16 heads per group) end on full, partial and single tiles.
-    Partials go to NaN-poisoned buffers, so a tile left out poisons the output."""
+    Partials go to NaN-poisoned buffers: a tile left out, or rows written to slots not
+    selected, show there."""
     from msa.ops.attention.forward import launch_combine, launch_partials
     from msa.ops.prepare import block_rows, plan_chunks
     c = make_case((30,), (300,), hq=16, hkv=1, d=64, seed=5)
@@ -134,6 +135,9 @@ def test_forward_items_of_every_tile_count(q_per_item):
     po = torch.full((30 * 3 * 16 * 64,), float("nan"), device=DEVICE)
     pl = torch.full((30 * 3 * 16,), float("nan"), device=DEVICE)
     launch_partials(q, k, v, rows, plan, q0, po, pl, scale=0.125, ksel=3, block_size=64)
+    # every selected (query, slot) written, nothing else touched
+    written = ~torch.isnan(pl.view(30, 3, 16))
+    assert torch.equal(written, (topk[0] >= 0)[:, :, None].expand(30, 3, 16))
     out, lse = _poisoned(q)
     launch_combine(po, pl, topk, rows, out, lse, q0, q1, 1)
     ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
