@@ -55,13 +55,16 @@ class Segments:
         return sum(self.num_blocks(b, block_size) for b in range(self.num_segments))
 
     def positions(self, device=None) -> torch.Tensor:
-        """``pos(q)`` for every packed query: ``[total_q]`` int64."""
-        pos = torch.empty(self.total_q, dtype=torch.int64, device=device)
-        for b in range(self.num_segments):
-            s, n = self.q_start[b], self.q_len[b]
-            off = self.k_len[b] - n
-            pos[s:s + n] = torch.arange(off, off + n, device=device)
-        return pos
+        """``pos(q)`` for every packed query: ``[total_q]`` int64, built on ``device`` from
+        the per-segment numbers (one pinned copy, no host sync, no per-segment loop)."""
+        device = torch.device("cpu") if device is None else device
+        if not self.num_segments:
+            return torch.zeros(0, dtype=torch.int64, device=device)
+        q_start, q_len, k_len = host_to_device([self.q_start, self.q_len, self.k_len],
+                                               device).unbind(0)
+        seg = torch.repeat_interleave(torch.arange(self.num_segments, device=device), q_len,
+                                      output_size=self.total_q)
+        return torch.arange(self.total_q, device=device) - q_start[seg] + (k_len - q_len)[seg]
 
 
 def _check_int_vector(name: str, t, device) -> None:
