@@ -53,7 +53,7 @@ def main():
         loss, dqi, dki = indexer_kl_dense(q, k, qi, ki, seg, **kw)
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
         ms = bench(lambda: indexer_kl_dense(q, k, qi, ki, seg, **kw),
-                                     warmup=2, rep=args.rep, return_mode="median")
+                   warmup=2, rep=args.rep, return_mode="median")
         r = dict(T=T, triton_ms=ms, loss=loss.item(), peak_extra_gb=peak)
         r["lse_ms"] = bench(
             lambda: (causal_lse(q, k, seg, scale=kw["scale"], block_size=BS),

@@ -12,7 +12,6 @@ import argparse
 import json
 
 import torch
-import triton
 
 from msa.ops.attention.forward import sparse_attn_fwd
 from msa.varlen import Segments

@@ -18,7 +18,6 @@ import json
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import msa
 from msa.ops.attention.forward import sparse_attn_fwd

@@ -11,7 +11,6 @@ import argparse
 import json
 
 import torch
-import triton
 
 import msa.ops.attention.forward as fwd
 from msa.varlen import Segments
