@@ -6,10 +6,8 @@ from conftest import random_topk
 from msa.ops.prepare import block_rows, plan_chunks
 
 
-@pytest.mark.parametrize("hs,chunk,qpi,window", [(2, 1000, 4, None), (1, 13, 3, None),
-                                                 (2, 7, 256, None), (2, 1000, 4, 64),
-                                                 (1, 40, 3, 7), (2, 10, 256, 10)])
-def test_plan_edges_and_items(hs, chunk, qpi, window):
+@pytest.mark.parametrize("hs,chunk,qpi", [(2, 1000, 4), (1, 13, 3), (2, 7, 256)])
+def test_plan_edges_and_items(hs, chunk, qpi):
     c = make_case((33, 1, 50), (200, 64, 300), hq=4, hkv=2, fragment_indices=(0, 1, 1),
                   seed=3)
     seg = c["seg"]
@@ -26,33 +24,21 @@ def test_plan_edges_and_items(hs, chunk, qpi, window):
                         expected.add((h, seg.k_base[b] + 64 * L, q, j))
     got = []
     total = seg.total_q
-    plans = plan_chunks(topk, rows, 0, total, chunk, 2, qpi, window)
+    plans = plan_chunks(topk, rows, 0, total, chunk, 2, qpi)
     assert [p[0] for p in plans] == list(range(0, total, chunk))
-    win = window or chunk
     for c0, c1, plan in plans:
         sizes = (plan.item_e1 - plan.item_e0).tolist()
-        assert all(0 < n <= qpi for n in sizes)
-        groups = []                                 # (window, head) of each item
+        assert all(0 < n <= qpi for n in sizes) and sizes == sorted(sizes, reverse=True)
         for it in range(plan.num_items):
             e0, e1 = int(plan.item_e0[it]), int(plan.item_e1[it])
             qs = (plan.edge_q[e0:e1] + c0).tolist()
             assert qs == sorted(qs) and all(c0 <= q < c1 for q in qs)
-            wins = {(q - c0) // win for q in qs}
-            assert len(wins) == 1                   # an item never spans two windows
-            groups.append((wins.pop(), int(plan.item_h[it])) if window else 0)
-        assert groups == sorted(groups)             # window-major, then head
-        for grp in set(groups):                     # largest first inside a group
-            sz = [n for n, gr in zip(sizes, groups) if gr == grp]
-            assert sz == sorted(sz, reverse=True)
-        for it in range(plan.num_items):
-            e0, e1 = int(plan.item_e0[it]), int(plan.item_e1[it])
-            qs = (plan.edge_q[e0:e1] + c0).tolist()
             for q, j in zip(qs, plan.edge_slot[e0:e1].tolist()):
                 got.append((int(plan.item_h[it]), int(plan.item_krow[it]), q, j))
             t0, nk = int(plan.item_t0[it]), int(plan.item_nk[it])
             assert t0 % 64 == 0 and 0 < nk <= 64
     assert len(got) == len(set(got)) and set(got) == expected
-    assert plan_chunks(topk, rows, 5, 5, chunk, 2, qpi, window) == []   # empty query range
+    assert plan_chunks(topk, rows, 5, 5, chunk, 2, qpi) == []       # empty query range
 
 
 def test_block_rows_geometry():

@@ -92,30 +92,24 @@ class Plan:
 
 
 def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
-                hkv: int, q_per_item: int, window: int = None) -> List[Tuple[int, int, Plan]]:
+                hkv: int, q_per_item: int) -> List[Tuple[int, int, Plan]]:
     """Plans of the query chunks ``[c, c + chunk)`` covering ``[q0, q1)``, built at once.
 
     topk: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per chunk; edge
     query indices are relative to the chunk start ``c0``. One sort and one host
-    synchronisation serve all chunks. ``window``: also cut each chunk's rows at every
-    ``window`` queries and order its items by (window, KV head), so that the programs
-    running together gather the query rows of one window and one head (which can stay in
-    L2); default: one window per chunk, items largest first across heads.
+    synchronisation serve all chunks.
     """
     t = topk[:, q0:q1].long()
     hs, nq, kk = t.shape
     nrow = rows.total_rows
     valid = (t >= 0) & (t < rows.q_nblocks[q0:q1].view(1, -1, 1))
     q_rel = torch.arange(nq, device=t.device)
-    win = min(window or chunk, chunk)
-    nwin = -(-chunk // win)                                 # windows per chunk
-    wid = ((q_rel // chunk) * nwin + (q_rel % chunk) // win).view(1, -1, 1)
+    cid = (q_rel // chunk).view(1, -1, 1)
     heads = torch.arange(hkv, device=t.device).view(-1, 1, 1)
-    per_key_chunk = nwin * hkv * nrow                       # keys of one chunk
-    nkeys = -(-nq // chunk) * per_key_chunk
+    nkeys = -(-nq // chunk) * hkv * nrow
     if nkeys == 0:                                          # no queries (or no key rows)
         return []
-    key = (wid * hkv + heads) * nrow + rows.q_rowbase[q0:q1].view(1, -1, 1) + t
+    key = (cid * hkv + heads) * nrow + rows.q_rowbase[q0:q1].view(1, -1, 1) + t
     key = torch.where(valid, key, torch.full_like(key, nkeys)).expand(hkv, nq, kk)
     if nkeys < 2 ** 31 - 1:
         key = key.to(torch.int32)                           # 4-byte radix sort
@@ -130,7 +124,7 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
                                                    dtype=skey.dtype))
     starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     nsplit = (counts + q_per_item - 1) // q_per_item
-    per_chunk = nsplit.view(-1, per_key_chunk).sum(1)
+    per_chunk = nsplit.view(-1, hkv * nrow).sum(1)
     # items are built for an upper bound of their count (sum ceil(c / q) <= E / q + keys),
     # so that the only host sync comes after every planning kernel is queued
     bound = nkeys + key.numel() // q_per_item + 1
@@ -142,11 +136,10 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     within = idx - (last - nsplit)[item_key]
     e0 = starts[item_key] + within * q_per_item
     e1 = torch.minimum(e0 + q_per_item, starts[item_key] + counts[item_key])
-    # chunk-major (then window, head), largest items first inside, the spare entries last
-    group = item_key // (per_key_chunk if window is None else nrow)
-    item_group = torch.where(real, group, nkeys)
+    # chunk-major, largest items first inside a chunk, the spare entries after all
+    item_chunk = torch.where(real, item_key // (hkv * nrow), -(-nq // chunk))
     size = torch.where(real, e1 - e0, 0)
-    order = torch.argsort(item_group * (q_per_item + 1) + (q_per_item - size), stable=True)
+    order = torch.argsort(item_chunk * (q_per_item + 1) + (q_per_item - size), stable=True)
     item_key, e0, e1 = item_key[order], e0[order], e1[order]
     row = item_key % nrow
     head = ((item_key // nrow) % hkv).to(torch.int32)

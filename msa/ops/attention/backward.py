@@ -248,7 +248,7 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size: int,
                     scale: float, q_per_item: int = 256, deterministic: bool = False,
                     block_n: int = None, block_q: int = None, num_warps: int = 8,
-                    num_stages: int = None, query_chunk: int = None, window: int = None):
+                    num_stages: int = None, query_chunk: int = None):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
@@ -293,8 +293,7 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
                             dtype=q.dtype, device=q.device)
         if deterministic:
             layers = _base_layers(seg, q.device)
-        for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hkv, q_per_item,
-                                        window):
+        for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hkv, q_per_item):
             if plan.num_items:
                 if deterministic:
                     pk = torch.zeros((plan.num_items, block_size, d), dtype=torch.float32,

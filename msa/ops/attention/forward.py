@@ -232,8 +232,7 @@ def launch_combine(po, pl, topk, rows: BlockRows, out, lse, q0: int, q1: int,
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
                     seg: Segments, *, block_size: int, scale: float, q_per_item: int = 256,
                     query_chunk: int = None, out: torch.Tensor = None,
-                    lse: torch.Tensor = None, query_major: bool = None,
-                    window: int = None, **launch):
+                    lse: torch.Tensor = None, query_major: bool = None, **launch):
     """Launch planning, the KV-outer kernel and the combine.
 
     Args:
@@ -241,7 +240,6 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
         topk: ``[Hs, total_q, K]`` int32, Hs in {1, Hkv}.
         q_per_item: most queries one program handles (longer k->q rows are split).
         query_chunk: queries per partial buffer (default: ``PARTIAL_BUDGET_BYTES``).
-        window: query window of the work order (see ``plan_chunks``).
         out, lse: optional preallocated outputs.
         query_major: force (True) or forbid (False) the query-major kernel; default: used
             when ``total_q <= QUERY_MAJOR_MAX_QUERIES``.
@@ -276,7 +274,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     group = max(chunk, PLAN_GROUP_QUERIES // chunk * chunk)   # bounded planning memory
     for s0 in range(0, total_q, group):
         plans += plan_chunks(topk, rows, s0, min(total_q, s0 + group), chunk, hkv,
-                             q_per_item, window)
+                             q_per_item)
     for q0, q1, plan in plans:
         launch_partials(q, k, v, rows, plan, q0, po, pl, scale=scale, ksel=ksel,
                         block_size=block_size, **launch)
