@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
+from ..launch import launch_fitting, smaller_tiles
 from ..prepare import ITEM_FIELDS, block_rows, plan_chunks
 from .forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported, load_item,
                       query_program)
@@ -263,7 +264,9 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
     ``benchmarks/results/sweep_bwd_dq_h100_2026-11-26.json``); rechecked with the dQ slots:
     91.0 ms, other launches 91.9-301 ms
     (``benchmarks/results/sweep_bwd_launch_dqslots_h100_2026-11-26.json``). For D = 256: 64
-    keys, 32 rows, 1 stage, chosen to fit shared memory (untuned).
+    keys, 32 rows, 1 stage, chosen to fit shared memory (untuned). Where the tile asked
+    for does not fit the GPU's shared memory (sm_86/89 cards: 99 KB), one stage and then
+    fewer query rows are tried (``msa.ops.launch``).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
@@ -287,6 +290,7 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
         block_n = block_n or min(block_size, 128 if d <= 128 else 64)
         num_stages = num_stages or (3 if d <= 128 else 1)
         nsub = -(-block_size // block_n)
+        configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
         per_query = hkv * ksel * nsub * g * d * q.dtype.itemsize
         chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES // per_query))
         slots = torch.empty(min(chunk, total_q) * per_query // q.dtype.itemsize,
@@ -299,17 +303,18 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
                     pk = torch.zeros((plan.num_items, block_size, d), dtype=torch.float32,
                                      device=q.device)
                     pv = torch.zeros_like(pk)
-                sparse_attn_bwd_kernel[(plan.num_items, nsub)](
-                    q, k, v, dout, lse, delta, slots, *((pk, pv) if deterministic else (dk, dv)),
-                    rows.q_pos, plan.edge_q, plan.edge_slot,
-                    plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
-                    plan.item_e1, q0, scale, scale * LOG2E,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
-                    HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, BLOCK_N=block_n,
-                    KSEL=ksel, BLOCK_Q=block_q, NSUB=nsub, DET=deterministic,
+                launch_fitting(
+                    sparse_attn_bwd_kernel, (plan.num_items, nsub),
+                    (q, k, v, dout, lse, delta, slots,
+                     *((pk, pv) if deterministic else (dk, dv)),
+                     rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h, plan.item_krow,
+                     plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0, scale,
+                     scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                     lse.stride(0)),
+                    configs, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size,
+                    BLOCK_N=block_n, KSEL=ksel, NSUB=nsub, DET=deterministic,
                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                    UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps,
-                    num_stages=num_stages)
+                    UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps)
                 if deterministic:
                     _sum_items(plan, pk, pv, dk, dv, block_size, layers)
             dq_sum_kernel[((q1 - q0) * hkv,)](

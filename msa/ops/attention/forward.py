@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
+from ..launch import launch_fitting, smaller_tiles
 from ..prepare import ITEM_FIELDS, BlockRows, Plan, block_rows, plan_chunks
 
 LOG2E = 1.4426950408889634
@@ -194,7 +195,9 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     ``benchmarks/results/ab_fwd_prefetch_h100_2026-11-26.json``).
 
     q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (``shared_k_head``: k has one head
-    read by every "KV head" of the plan, as index keys are).
+    read by every "KV head" of the plan, as index keys are). A tile that does not fit the
+    GPU's shared memory falls back to smaller ones (``msa.ops.launch``); the K and V of
+    a whole block stay on chip, so head dim 256 needs 160 KB (A100, H100; not sm_86/89).
     """
     if not plan.num_items:
         return
@@ -204,16 +207,17 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     g_pad = _next_pow2(g)
     block_q = block_q or max(1, 64 // g_pad)
     vv = k if v is None else v
-    sparse_attn_fwd_kernel[(plan.num_items,)](
-        q, k, vv, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot,
-        plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
-        plan.item_e1, q0, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), 0 if shared_k_head else k.stride(1),
-        vv.stride(0), vv.stride(1),
-        HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel, BLOCK_Q=block_q,
+    launch_fitting(
+        sparse_attn_fwd_kernel, (plan.num_items,),
+        (q, k, vv, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h,
+         plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0,
+         scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
+         0 if shared_k_head else k.stride(1), vv.stride(0), vv.stride(1)),
+        smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages),
+        HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, HAS_V=v is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps)
 
 
 def launch_combine(po, pl, topk, rows: BlockRows, out, lse, q0: int, q1: int,

@@ -19,6 +19,7 @@ import triton.language as tl
 from ...varlen import Segments
 from ..attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2
 from ..indexer.triton import _tiles
+from ..launch import launch_fitting
 from ..prepare import Plan
 from .triton import kl_buffers, launch_kl
 
@@ -76,11 +77,13 @@ def causal_lse(q, k, seg: Segments, *, scale: float, block_size: int,
     out = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
     tiles = _tiles(seg, block_t, q.device)
     if tiles[0].numel():
-        causal_lse_kernel[(tiles[0].numel(), hk)](
-            q, k, *tiles, out, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), out.stride(0), out.stride(1), G=g, G_PAD=g_pad, D=d, BS=block_size,
+        launch_fitting(
+            causal_lse_kernel, (tiles[0].numel(), hk),
+            (q, k, *tiles, out, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
+             k.stride(1), out.stride(0), out.stride(1)),
+            [dict(num_stages=2), dict(num_stages=1)], G=g, G_PAD=g_pad, D=d, BS=block_size,
             BLOCK_T=block_t, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=4, num_stages=2)
+            UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=4)
     return out
 
 

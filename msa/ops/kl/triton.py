@@ -26,6 +26,7 @@ from ...varlen import Segments
 from ..attention.forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported,
                                  load_item)
 from ..attention.backward import SLOT_BUDGET_BYTES, _base_layers, _sum_items
+from ..launch import launch_fitting, smaller_tiles
 from ..prepare import ITEM_FIELDS, block_rows, plan_chunks
 
 
@@ -156,6 +157,9 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
     (``benchmarks/results/sweep_launch_128k_h100_2026-11-26.json``); with the head sum as
     a reduction and the keys loaded once per program: 56 ms (256 rows), 63 ms (128)
     (``benchmarks/results/sweep_kl_headsum_h100_2026-11-26.json``).
+    Smaller tiles are tried where the one asked for does not fit the GPU's shared memory
+    (an A100 runs 128-row tiles; the kernel needs at least 108 KB, more than sm_86/89
+    cards have).
     """
     total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
@@ -224,17 +228,19 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     rows = 64 if max(d, di) > 128 else 256 if g_pad >= 16 else 128    # teacher tile rows
     block_t = block_t or max(1, rows // g_pad)
     num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
-    rep = max(1, 16 // block_t)
+    configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]))      # R: student row replicas
+               for c in smaller_tiles("BLOCK_T", block_t, g_pad, num_stages)]
     edge_q = q_pos if edge_q is None else edge_q
-    indexer_kl_bwd_kernel[(items.num_items,)](
-        q, k, tlse, qi, ki2, ilse, dqi, dki, loss, q_pos, edge_q,
-        edge_q if edge_slot is None else edge_slot,
-        items.item_h, items.item_krow, items.item_t0, items.item_nk, items.item_e0,
-        items.item_e1, q0, scale * LOG2E, index_scale, index_scale * LOG2E,
-        loss_coeff / (hi * total_q),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), tlse.stride(0),
-        qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0),
-        G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, BLOCK_T=block_t,
-        R=rep, HI=hi, KSEL=ksel, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    launch_fitting(
+        indexer_kl_bwd_kernel, (items.num_items,),
+        (q, k, tlse, qi, ki2, ilse, dqi, dki, loss, q_pos, edge_q,
+         edge_q if edge_slot is None else edge_slot,
+         items.item_h, items.item_krow, items.item_t0, items.item_nk, items.item_e0,
+         items.item_e1, q0, scale * LOG2E, index_scale, index_scale * LOG2E,
+         loss_coeff / (hi * total_q),
+         q.stride(0), q.stride(1), k.stride(0), k.stride(1), tlse.stride(0),
+         qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0)),
+        configs, G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, HI=hi, KSEL=ksel,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, DENSE=dense, DET=deterministic,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps)
