@@ -27,3 +27,13 @@ def random_topk(seg, heads, k, block, seed=0, p_empty=0.2, future=True):
                 slots = torch.randperm(k, generator=g)[:n]
                 out[h, seg.q_start[b] + i, slots] = ids.to(torch.int32)
     return out
+
+
+def force_smallest_launch(monkeypatch, module):
+    """Make ``module``'s kernels launch with their last (smallest) fallback configuration
+    (``msa.ops.launch``), the one a GPU with little shared memory runs."""
+    from msa.ops import launch
+
+    def smallest(kernel, grid, args, configs, **fixed):
+        return launch.launch_fitting(kernel, grid, args, configs[-1:], **fixed)
+    monkeypatch.setattr(module, "launch_fitting", smallest)

@@ -5,7 +5,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from brute import make_case, rel_err  # noqa: E402
-from conftest import random_topk  # noqa: E402
+from conftest import force_smallest_launch, random_topk  # noqa: E402
 from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
 
@@ -47,6 +47,23 @@ def test_triton_forward_matches_reference_fp32(name):
                                                c["seg"], block_size=block,
                                                scale=q.shape[-1] ** -0.5)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.double(), ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_forward_smallest_launch_matches_reference(monkeypatch):
+    """The fallback for small shared memory: 16 rows per tile."""
+    import msa.ops.attention.forward as fwd
+    force_smallest_launch(monkeypatch, fwd)
+    name = "G2-varlen-chunked-B64"
+    c, topk, (q, k, v) = _inputs(name, torch.float32)
+    *_, block, _, _, qpi, qc = CASES[name]
+    out, lse = _poisoned(q)
+    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=block, scale=q.shape[-1] ** -0.5,
+                    q_per_item=qpi, query_chunk=qc, out=out, lse=lse, query_major=False)
+    ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
+                                               c["seg"], block_size=block,
+                                               scale=q.shape[-1] ** -0.5)
     torch.testing.assert_close(out.double(), ref_o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)
 

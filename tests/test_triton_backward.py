@@ -6,7 +6,7 @@ pytest.importorskip("triton")
 
 import msa  # noqa: E402
 from brute import make_case, rel_err  # noqa: E402
-from conftest import random_topk  # noqa: E402
+from conftest import force_smallest_launch, random_topk  # noqa: E402
 from msa.ops.attention.backward import sparse_attn_bwd  # noqa: E402
 from msa.ops.attention.naive import (attention_backward_reference,  # noqa: E402
                                      attention_forward_reference)
@@ -51,6 +51,19 @@ def test_triton_backward_matches_reference_fp32(name, deterministic):
     ref = _reference(c, topk, q, k, v, out, lse, dout, block, scale)
     for a, r in zip(got, ref):
         assert not torch.isnan(a).any()
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+def test_triton_backward_smallest_launch_matches_reference(deterministic, monkeypatch):
+    """The fallback for small shared memory: one stage, 16 query rows per tile."""
+    import msa.ops.attention.backward as bwd
+    force_smallest_launch(monkeypatch, bwd)
+    c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case("G2-varlen-split-items",
+                                                                    torch.float32)
+    got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
+                          scale=scale, q_per_item=qpi, deterministic=deterministic)
+    for a, r in zip(got, _reference(c, topk, q, k, v, out, lse, dout, block, scale)):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5)
 
 

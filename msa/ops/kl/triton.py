@@ -41,11 +41,14 @@ def indexer_kl_bwd_kernel(
         G: tl.constexpr, G_PAD: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
         DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
         HI: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False):
+        UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False,
+        K_ONCE: tl.constexpr = True):
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
     # every causal query of the block, no edge list). Edge query ids are relative to q0.
     # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
     # slot), dki into DKI[item] ([BS, DI]) and the loss into LOSS[item]
+    # K_ONCE: with one KV head per index head, hold its keys on chip for the whole item
+    # (32 KB more shared memory at D=128) instead of loading them per tile
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -56,7 +59,7 @@ def indexer_kl_bwd_kernel(
     ki = tl.load(KI + (krow + offs_n)[:, None] * stride_kit + offs_di[None, :],
                  mask=kmask[:, None], other=0.0)
     dki = tl.zeros((BS, DI), dtype=tl.float32)
-    if NKV == 1:                                    # the one KV head's keys, loaded once
+    if NKV == 1 and K_ONCE:                         # the one KV head's keys, loaded once
         k0 = tl.load(K + (krow + offs_n)[:, None] * stride_kt + h * stride_kh
                      + offs_d[None, :], mask=kmask[:, None], other=0.0)
     # teacher rows: (token, q head of the group); student rows: (token, replica)
@@ -96,7 +99,7 @@ def indexer_kl_bwd_kernel(
             mmask[:, None]
         pt = tl.zeros((BLOCK_T, BS), dtype=tl.float32)
         for j in range(NKV):
-            if NKV == 1:
+            if NKV == 1 and K_ONCE:
                 kt = k0
             else:
                 kt = tl.load(K + (krow + offs_n)[:, None] * stride_kt + (h * NKV + j) *
@@ -228,8 +231,9 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     rows = 64 if max(d, di) > 128 else 256 if g_pad >= 16 else 128    # teacher tile rows
     block_t = block_t or max(1, rows // g_pad)
     num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
-    configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]))      # R: student row replicas
-               for c in smaller_tiles("BLOCK_T", block_t, g_pad, num_stages)]
+    tiles = smaller_tiles("BLOCK_T", block_t, g_pad, num_stages)
+    configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]), K_ONCE=once)  # R: student row replicas
+               for once in (True, False) for c in tiles]
     edge_q = q_pos if edge_q is None else edge_q
     launch_fitting(
         indexer_kl_bwd_kernel, (items.num_items,),
