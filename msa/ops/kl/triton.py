@@ -161,8 +161,8 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, 
     a reduction and the keys loaded once per program: 56 ms (256 rows), 63 ms (128)
     (``benchmarks/results/sweep_kl_headsum_h100_2026-11-26.json``).
     Smaller tiles are tried where the one asked for does not fit the GPU's shared memory
-    (an A100 runs 128-row tiles; the kernel needs at least 108 KB, more than sm_86/89
-    cards have).
+    (an A100 runs 128-row tiles), then the same with keys loaded per tile (sm_86/89
+    cards, 99 KB: 64-row tiles; ``benchmarks/smem_census.py``).
     """
     total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
