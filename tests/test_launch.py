@@ -59,8 +59,8 @@ def test_no_fitting_configuration_raises_a_clear_error():
     launch._CHOICE.clear()
     k = FakeKernel(limit=1000)
     out = torch.full((1,), -1.0)
-    with pytest.raises(RuntimeError, match=r"fake_kernel does not fit .*needs 16384 of "
-                                           r"shared memory \(1000 available\).*reference"):
+    with pytest.raises(RuntimeError, match=r"fake_kernel does not fit .*needs 16384 \(shared "
+                                           r"memory; the limit is 1000 bytes\).*reference"):
         launch_fitting(k, (1,), (out,), smaller_tiles("BLOCK_Q", 4, 16, 2), G_PAD=16)
     assert out.item() == -1.0              # nothing ran
     with pytest.raises(ValueError, match="at least one"):

@@ -66,6 +66,7 @@ def launch_fitting(kernel, grid, args: Sequence, configs: List[dict], **fixed) -
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "this device"
     raise RuntimeError(
         f"msa: the Triton kernel {name} does not fit {gpu}: its smallest launch "
-        f"configuration needs {err.required} of {err.name} ({err.limit} available). "
-        f"Use backend='reference' (or a GPU with more shared memory per block, e.g. "
-        f"A100/H100) for this shape.") from err
+        f"configuration needs {err.required} ({err.name}; the limit is {err.limit}"
+        f"{' bytes' if err.name == 'shared memory' else ''}). Use backend='reference' "
+        f"(or a GPU with more shared memory per block, e.g. A100/H100) for this "
+        f"shape.") from err
