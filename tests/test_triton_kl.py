@@ -98,6 +98,47 @@ def test_dense_mode_rejects_deterministic():
                           c["cu_seqlens_k"], config=cfg, mode="dense", deterministic=True)
 
 
+def _focused_topk(case, seg):
+    """Selections of the spec 9.2 KL focused cases, ``[2, total_q, 3]``."""
+    t = torch.full((2, seg.total_q, 3), -1, dtype=torch.int32)
+    if case == "single-owner":                  # only head 0 of the one query selects block 0
+        t[0, 0, 0] = 0
+    elif case == "adjacent-partial":            # each 1-query document: its own partial block
+        t[:, :, 0] = 0
+    elif case == "split-owner":                 # every query selects block 0 (8-query items)
+        t[:, :, 1] = 0
+    return t
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["fast", "deterministic"])
+@pytest.mark.parametrize("case,q_lens,k_lens", [
+    ("zero-owner", (7,), (128,)), ("single-owner", (1,), (128,)),
+    ("adjacent-partial", (1, 1), (39, 35)), ("split-owner", (65,), (128,))])
+def test_triton_kl_spec_focused_cases(case, q_lens, k_lens, det):
+    """Spec 9.2: zero-owner blocks, a single owner (one head), partial blocks of adjacent
+    documents, one block split over many items (causal inside the local block)."""
+    c = make_case(q_lens, k_lens, hq=4, hkv=2, hi=2, seed=11, scale=0.7)
+    seg = c["seg"]
+    topk = _focused_topk(case, seg).to(DEVICE)
+    q, k, v, qi, ki = (c[n].to(DEVICE) for n in ("q", "k", "v", "qi", "ki"))
+    _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=128, scale=0.125)
+    ilse = selected_lse(qi, ki, topk, seg, block_size=128, scale=0.125)
+    loss, dqi, dki = indexer_kl_bwd(q, k, tlse, qi, ki, ilse, topk, seg, block_size=128,
+                                    scale=0.125, index_scale=0.125, q_per_item=8,
+                                    deterministic=det)
+    rl, rq, rk = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg,
+                                      topk, block_size=128, scale=0.125, index_scale=0.125)
+    torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dqi.double(), rq, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
+    if case == "zero-owner":
+        assert loss == 0 and not dqi.any() and not dki.any()
+    if case == "single-owner":                  # head 1 selected nothing: exactly zero
+        assert not dqi[:, 1].any() and dqi[:, 0].any()
+    if case == "split-owner":
+        assert dki.any()
+
+
 def test_triton_kl_bf16_within_spec_tolerance():
     (loss, dqi, dki), (rl, rq, rk), _, _ = _run("Hi=Hkv-fragments-split", torch.bfloat16)
     for a, r in ((dqi, rq), (dki, rk)):
