@@ -69,8 +69,8 @@ def test_no_fitting_configuration_raises_a_clear_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU's resource limits")
 def test_backward_falls_back_from_a_configuration_that_does_not_fit():
-    """128 query rows x 3 stages need 233 KB of shared memory at D=128, more than an H100
-    allows: the backward must fall back (to 1 stage) and still be right."""
+    """128 query rows x 3 stages need 233 KB of shared memory at D=128, more than any GPU
+    allows (H100: 227 KB): the backward must fall back and still be right."""
     from msa.ops.attention.backward import sparse_attn_bwd
     from msa.ops.attention.naive import (attention_backward_reference,
                                          attention_forward_reference)
@@ -85,7 +85,7 @@ def test_backward_falls_back_from_a_configuration_that_does_not_fit():
     got = sparse_attn_bwd(q, k, v, topk, seg, out, lse.float(), dout, block_size=128,
                           scale=128 ** -0.5, block_q=8, num_stages=3)
     chosen = [i for key, i in launch._CHOICE.items() if key[0] == "sparse_attn_bwd_kernel"]
-    assert chosen == [1]                   # {"BLOCK_Q": 8, "num_stages": 1}
+    assert len(chosen) == 1 and chosen[0] >= 1     # H100: {"BLOCK_Q": 8, "num_stages": 1}
     ref = attention_backward_reference(q.double(), k.double(), v.double(), topk, seg,
                                        out.double(), lse.double(), dout.double(),
                                        block_size=128, scale=128 ** -0.5)
