@@ -3,6 +3,8 @@ spread and recent windows) through the Triton indexer-KL backward and attention
 backward, against the fp64 references. On the CPU (interpreter) the patterns are scaled
 down; on a GPU they run at the spec's size: 4096 queries, >= 256 visible blocks, top-16,
 4 heads."""
+import functools
+
 import pytest
 import torch
 
@@ -24,6 +26,7 @@ SIZE = (4096, 128, 256, 16, 16, 4, 64) if GPU else (40, 64, 12, 6, 4, 2, 32)
 NAMES = pattern_names(SIZE[3], SIZE[2])
 
 
+@functools.lru_cache(maxsize=1)
 def _case(name):
     q_len, block, base, k, hq, hkv, d = SIZE
     k_len = q_len + (base - 1) * block
@@ -39,17 +42,27 @@ def _close(got, ref, tol):
         assert rel_err(a, r) < tol, rel_err(a, r)
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
-@pytest.mark.parametrize("name", NAMES)
-def test_kl_backward_on_stress_pattern(name, deterministic):
+@functools.lru_cache(maxsize=1)
+def _kl_inputs_and_reference(name):
+    """Teacher and student LSEs and the fp64 reference KL of pattern ``name`` (shared by
+    the fast and deterministic tests: the references dominate the GPU run time)."""
     seg, topk, x, block, scale = _case(name)
     q, k, v, qi, ki = (x[n] for n in ("q", "k", "v", "qi", "ki"))
     _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=scale)
     ilse = selected_lse(qi, ki, topk, seg, block_size=block, scale=scale)
-    got = indexer_kl_bwd(q, k, tlse, qi, ki, ilse, topk, seg, block_size=block, scale=scale,
-                         index_scale=scale, deterministic=deterministic, q_per_item=32)
     ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
                                block_size=block, scale=scale, index_scale=scale)
+    return tlse, ilse, ref
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+@pytest.mark.parametrize("name", NAMES)
+def test_kl_backward_on_stress_pattern(name, deterministic):
+    seg, topk, x, block, scale = _case(name)
+    tlse, ilse, ref = _kl_inputs_and_reference(name)
+    got = indexer_kl_bwd(x["q"], x["k"], tlse, x["qi"], x["ki"], ilse, topk, seg,
+                         block_size=block, scale=scale, index_scale=scale,
+                         deterministic=deterministic, q_per_item=32)
     assert got[0] > 0
     _close(got, ref, 1e-5)
 
