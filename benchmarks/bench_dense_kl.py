@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from msa.cli import parse_lengths
 from msa.ops.kl.dense import causal_lse, indexer_kl_dense
 from msa.ops.kl.naive import indexer_kl_reference
 from msa.varlen import Segments
@@ -39,8 +40,7 @@ def main():
     args = ap.parse_args()
     dev = "cuda"
     rows = []
-    for s in args.lengths.split(","):
-        T = int(s[:-1]) * 1024 if s.endswith("k") else int(s)
+    for T in parse_lengths(args.lengths):
         g = torch.Generator(device=dev).manual_seed(T)
         q = torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
         k = torch.randn(T, HKV, D, device=dev, generator=g, dtype=torch.bfloat16)

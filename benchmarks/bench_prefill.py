@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import triton
 
 import msa
+from msa.cli import parse_lengths
 from msa.ops.attention.forward import (PARTIAL_BUDGET_BYTES, launch_combine,
                                        launch_partials, sparse_attn_fwd)
 from msa.ops.attention.naive import attention_forward_reference
@@ -313,8 +314,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
-    lengths = [int(s[:-1]) * 1024 if s.endswith("k") else int(s)
-               for s in args.lengths.split(",")]
+    lengths = parse_lengths(args.lengths)
     device = torch.device("cuda")
     fla_fn = load_fla()
     meta = run_meta(args.commit)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import msa
+from msa.cli import parse_lengths
 from msa.ops.attention.forward import sparse_attn_fwd
 from msa.ops.attention.naive import attention_backward_reference
 from msa.ops.indexer.triton import selected_lse
@@ -138,8 +139,7 @@ def main():
     c = check(device)
     print("check:", json.dumps(c), flush=True)
     results = []
-    for s in args.lengths.split(","):
-        T = int(s[:-1]) * 1024 if s.endswith("k") else int(s)
+    for T in parse_lengths(args.lengths):
         results.append(run(T, device, fla_fn if c["passed"] else None, args.dense_max))
         print(json.dumps(results[-1]), flush=True)
     if args.out:

@@ -23,7 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench_prefill import bench, run_meta
-from profile_step import make_step, parse_length
+from msa.cli import parse_lengths
+from profile_step import make_step
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 SYNC_WORDS = ("Synchronize", "Memcpy", "cudaFree", "cudaMalloc", "cudaHostAlloc")
@@ -90,7 +91,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
-    T = parse_length(args.length)
+    T = parse_lengths(args.length)[0]
     step = make_step(T, args.mode)
     ms = bench(step, warmup=5, rep=20, return_mode="median")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],

@@ -16,11 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import msa
+from msa.cli import parse_lengths
 from bench_prefill import D, HKV, HQ, planted_topics, run_meta, selection
-
-
-def parse_length(text: str) -> int:
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
 
 
 def make_step(T: int, mode: str):
@@ -54,7 +51,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
-    T = parse_length(args.length)
+    T = parse_lengths(args.length)[0]
     step = make_step(T, args.mode)
     step()
     torch.cuda.synchronize()

@@ -10,12 +10,12 @@ against the default config; then the deterministic mode and the KL backward.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 
 import torch
 import triton
 
+from msa.cli import parse_lengths
 from msa.ops.attention.backward import sparse_attn_bwd
 from msa.ops.attention.forward import sparse_attn_fwd
 from msa.ops.indexer.triton import selected_lse
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", choices=["attention", "kl", "launch"], default=None)
     args = ap.parse_args()
-    T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
+    T = parse_lengths(args.length)[0]
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     q, dout = (torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)

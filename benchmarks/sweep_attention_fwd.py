@@ -13,6 +13,7 @@ import json
 import torch
 
 import msa.ops.attention.forward as fwd
+from msa.cli import parse_lengths
 from msa.varlen import Segments
 
 from bench_prefill import BS, D, HKV, HQ, bench, selection, sparse_elements
@@ -27,7 +28,7 @@ def main():
     ap.add_argument("--q-per-item", default="128,256,1024")
     ap.add_argument("--no-budget", action="store_true", help="skip the partial-budget sweep")
     args = ap.parse_args()
-    T = int(args.length[:-1]) * 1024 if args.length.endswith("k") else int(args.length)
+    T = parse_lengths(args.length)[0]
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(T, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)

