@@ -64,7 +64,16 @@ class Segments:
                                                device).unbind(0)
         seg = torch.repeat_interleave(torch.arange(self.num_segments, device=device), q_len,
                                       output_size=self.total_q)
-        return torch.arange(self.total_q, device=device) - q_start[seg] + (k_len - q_len)[seg]
+        return query_positions(seg, q_start, q_len, k_len)
+
+
+def query_positions(q_seg: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor,
+                    k_len: torch.Tensor) -> torch.Tensor:
+    """``pos(q)`` of every packed query from its segment id ``q_seg [total_q]`` and the
+    per-segment ``q_start, q_len, k_len [num_segments]`` (same device): bottom-right
+    alignment, ``pos = k_len - q_len + (q - q_start)``."""
+    return (torch.arange(q_seg.numel(), device=q_seg.device) - q_start[q_seg]
+            + (k_len - q_len)[q_seg])
 
 
 def _check_int_vector(name: str, t, device) -> None:

@@ -23,7 +23,7 @@ from typing import List, Tuple
 
 import torch
 
-from ..varlen import Segments, host_to_device
+from ..varlen import Segments, host_to_device, query_positions
 
 
 @dataclass
@@ -46,20 +46,20 @@ class BlockRows:
 
 
 def block_rows(seg: Segments, block_size: int, device) -> BlockRows:
-    """Built on ``device`` from the per-segment numbers (pinned copies, no host sync)."""
+    """Built on ``device`` from the per-segment numbers (one pinned copy, no host sync)."""
     nseg = seg.num_segments
     nb = [seg.num_blocks(b, block_size) for b in range(nseg)]
     rowbase = [0]
     for n in nb:
         rowbase.append(rowbase[-1] + n)
     nrows = rowbase[-1]
-    per = host_to_device([nb, rowbase[:-1], seg.q_len, seg.k_base, seg.k_len],
-                         device) if nseg else torch.zeros((5, 0), dtype=torch.int64,
+    per = host_to_device([nb, rowbase[:-1], seg.q_start, seg.q_len, seg.k_base, seg.k_len],
+                         device) if nseg else torch.zeros((6, 0), dtype=torch.int64,
                                                           device=device)
-    nb_t, rb_t, ql_t, kb_t, kl_t = per.unbind(0)
+    nb_t, rb_t, qs_t, ql_t, kb_t, kl_t = per.unbind(0)
     ids = torch.arange(nseg, device=device)
     q_seg = torch.repeat_interleave(ids, ql_t, output_size=seg.total_q)
-    q_pos = seg.positions(device)
+    q_pos = query_positions(q_seg, qs_t, ql_t, kl_t)
     row_seg = torch.repeat_interleave(ids, nb_t, output_size=nrows)
     t0 = (torch.arange(nrows, device=device) - rb_t[row_seg]) * block_size
     krow = kb_t[row_seg] + t0
