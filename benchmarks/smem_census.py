@@ -65,7 +65,11 @@ def cases():
     for d in (64, 128, 256):
         yield (f"forward D{d}, 64 rows", sparse_attn_fwd_kernel,
                dict(HKV=4, G=16, G_PAD=16, D=d, BS=128, KSEL=16, BLOCK_Q=4, HAS_V=True,
-                    **HALF), dict(num_warps=4, num_stages=1))
+                    KSPLIT=0, **HALF), dict(num_warps=4, num_stages=1))
+    for ks, bq in ((64, 4), (64, 2), (64, 1), (32, 4), (32, 2), (32, 1)):
+        yield (f"forward D256, {bq * 16} rows, {ks}-key sub-blocks", sparse_attn_fwd_kernel,
+               dict(HKV=4, G=16, G_PAD=16, D=256, BS=128, KSEL=16, BLOCK_Q=bq, HAS_V=True,
+                    KSPLIT=ks, **HALF), dict(num_warps=4, num_stages=1))
     for d, bq, bn, st in ((128, 4, 128, 3), (128, 4, 128, 1), (128, 2, 128, 1),
                           (128, 1, 128, 1), (64, 4, 128, 3), (256, 2, 64, 1),
                           (256, 1, 64, 1)):
@@ -97,10 +101,12 @@ def cases():
                     NSPLIT=4, **HALF), dict(num_warps=4, fp32=("PO",)))
 
 
-def main():
+def main(only: str = ""):
     print("| kernel, configuration | sm_80 (163 KB) | sm_86/89 (99 KB) | sm_90 (227 KB) |")
     print("|---|---|---|---|")
     for name, fn, const, options in cases():
+        if only not in name:
+            continue
         cells = []
         for t, limit in LIMITS.items():
             b = shared_bytes(fn, const, t, **options)
@@ -109,4 +115,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    main(sys.argv[1] if len(sys.argv) > 1 else "")

@@ -42,10 +42,40 @@ def test_triton_forward_matches_reference_fp32(name):
 
 
 def test_triton_forward_smallest_launch_matches_reference(monkeypatch):
-    """The fallback for small shared memory: 16 rows per tile."""
+    """The last fallback for small shared memory: 16 rows per tile, the block walked in
+    16-key quarters."""
     import msa.ops.attention.forward as fwd
     force_smallest_launch(monkeypatch, fwd)
     _check_fp32("G2-varlen-chunked-B64")
+
+
+def _force_key_halves(monkeypatch):
+    """Launch the forward with its first sub-block configuration (block walked in
+    halves, tuned tile), the one a head-dim-256 forward gets on a 99 KB GPU."""
+    import msa.ops.attention.forward as fwd
+    from msa.ops import launch
+    used = []
+
+    def halves(kernel, grid, args, configs, **fixed):
+        used.append(next(c for c in configs if c.get("KSPLIT")))
+        return launch.launch_fitting(kernel, grid, args, used[-1:], **fixed)
+    monkeypatch.setattr(fwd, "launch_fitting", halves)
+    return used
+
+
+@pytest.mark.parametrize("name", ["G2-varlen-chunked-B64", "fragments-shared",
+                                  "G16-D128-B64", "G1-Hs1-B128"])
+def test_triton_forward_key_sub_blocks_match_reference_fp32(monkeypatch, name):
+    used = _force_key_halves(monkeypatch)
+    _check_fp32(name)
+    assert used and all(c["KSPLIT"] == CASES[name][6] // 2 for c in used)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_forward_key_sub_blocks_head_dim_256(monkeypatch, dtype):
+    used = _force_key_halves(monkeypatch)
+    _check_half(dtype, "G8-D256-B128")
+    assert used and used[0]["KSPLIT"] == 64
 
 
 def _check_fp32(name):
@@ -66,6 +96,11 @@ def _check_fp32(name):
 @pytest.mark.parametrize("name", ["G2-varlen-chunked-B64", "G8-D256-B128"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_forward_half_within_official_tolerance(dtype, name):
+    _check_half(dtype, name)
+
+
+def _check_half(dtype, name):
+    """Half-precision forward of case ``name`` (NaN-poisoned outputs) vs fp64."""
     c, topk, (q, k, v) = _inputs(name, dtype)
     block, scale = CASES[name][6], q.shape[-1] ** -0.5
     out, lse = _poisoned(q)

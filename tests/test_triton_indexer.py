@@ -8,6 +8,7 @@ pytest.importorskip("triton")
 
 import msa  # noqa: E402
 from brute import make_case  # noqa: E402
+from conftest import force_smallest_launch  # noqa: E402
 from msa.ops.indexer.naive import indexer_reference  # noqa: E402
 from msa.ops.indexer.triton import indexer_topk, selected_lse  # noqa: E402
 
@@ -35,6 +36,22 @@ def test_triton_indexer_matches_reference(name):
     assert torch.equal(idx.cpu(), ref_idx.cpu())
     lse = torch.full_like(ref_lse, float("nan"), dtype=torch.float32)
     lse = selected_lse(qi, ki, idx, c["seg"], block_size=block, scale=0.125)
+    assert not torch.isnan(lse).any()
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["chunked-prefill-B128-K16", "fragments-spec-3.1-K6"])
+def test_selected_lse_smallest_launch(monkeypatch, name):
+    """The selected LSE through the KV-outer kernel's last fallback (16-row tiles, keys in
+    quarter blocks, no V)."""
+    import msa.ops.attention.forward as fwd
+    force_smallest_launch(monkeypatch, fwd)
+    q_lens, k_lens, frag, hi, block, kk = CASES[name]
+    c = make_case(q_lens, k_lens, hi=hi, fragment_indices=frag, seed=zlib.crc32(name.encode()))
+    qi, ki = c["qi"].to(DEVICE), c["ki"].to(DEVICE)
+    ref_idx, ref_lse = indexer_reference(qi.double(), ki.double(), c["seg"], block_size=block,
+                                         topk=kk, scale=0.125)
+    lse = selected_lse(qi, ki, ref_idx.to(DEVICE), c["seg"], block_size=block, scale=0.125)
     assert not torch.isnan(lse).any()
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 

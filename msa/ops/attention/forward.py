@@ -68,6 +68,38 @@ def tile_rows(X, qg, head, emask, offs_d, stride_t, stride_h):
                    mask=emask[:, None], other=0.0)
 
 
+@triton.jit
+def _split_block(qt, K, V, krow, t0, nk, h, pos, offs_d, scale_log2, stride_kt, stride_kh,
+                 stride_vt, stride_vh, BS: tl.constexpr, KSPLIT: tl.constexpr,
+                 D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 HAS_V: tl.constexpr):
+    """One tile against a block walked in sub-blocks of ``KSPLIT`` keys (loaded per tile,
+    from L2 after the first): the row maxima ``m`` (base 2, 0 where nothing is visible),
+    sums ``den`` of ``exp2(s - m)`` and unnormalised ``o = sum exp2(s - m) v``."""
+    m = tl.full((qt.shape[0],), float("-inf"), dtype=tl.float32)
+    den = tl.zeros((qt.shape[0],), dtype=tl.float32)
+    o = tl.zeros((qt.shape[0], D), dtype=tl.float32)
+    for n0 in tl.static_range(0, BS, KSPLIT):
+        offs_s = n0 + tl.arange(0, KSPLIT)
+        smask = offs_s < nk
+        ks = tl.load(K + (krow + offs_s)[:, None] * stride_kt + h * stride_kh
+                     + offs_d[None, :], mask=smask[:, None], other=0.0)
+        s = _dot(qt, tl.trans(ks), PRECISION, UPCAST) * scale_log2
+        allowed = ((t0 + offs_s)[None, :] <= pos[:, None]) & smask[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        den = den * alpha + tl.sum(p, 1)
+        if HAS_V:
+            vs = tl.load(V + (krow + offs_s)[:, None] * stride_vt + h * stride_vh
+                         + offs_d[None, :], mask=smask[:, None], other=0.0)
+            o = o * alpha[:, None] + _dot(p.to(vs.dtype), vs, PRECISION, UPCAST)
+        m = m_new
+    return tl.where(m == float("-inf"), 0.0, m), den, o
+
+
 @triton.jit(do_not_specialize=["q0"],
             do_not_specialize_on_alignment=ITEM_FIELDS)
 def sparse_attn_fwd_kernel(
@@ -77,17 +109,19 @@ def sparse_attn_fwd_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
+        KSPLIT: tl.constexpr = 0):
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     kmask = offs_n < nk
-    k = tl.load(K + (krow + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
-                mask=kmask[:, None], other=0.0)
-    if HAS_V:
-        v = tl.load(V + (krow + offs_n)[:, None] * stride_vt + h * stride_vh
+    if KSPLIT == 0:                   # the whole block's K and V stay on chip
+        k = tl.load(K + (krow + offs_n)[:, None] * stride_kt + h * stride_kh
                     + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        if HAS_V:
+            v = tl.load(V + (krow + offs_n)[:, None] * stride_vt + h * stride_vh
+                        + offs_d[None, :], mask=kmask[:, None], other=0.0)
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
     tok = offs_m // G_PAD
     g = offs_m % G_PAD
@@ -101,19 +135,25 @@ def sparse_attn_fwd_kernel(
         qt_next = tile_rows(Q, q0 + nql, h * G + g, nmask, offs_d, stride_qt, stride_qh)
         nnql, nnslot, nnpos, nnmask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0,
                                                  e + 2 * BLOCK_Q + tok, e1, g, G)
-        s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
-        # mask only tiles the block is not fully visible to (the local block, partial tails)
-        if tl.min(tl.where(emask, pos, 2147483647)) < t0 + BS - 1:
-            allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
-            s = tl.where(allowed, s, float("-inf"))
-        m = tl.max(s, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(s - m[:, None])
-        den = tl.sum(p, 1)
+        if KSPLIT == 0:
+            s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
+            # mask only tiles the block is not fully visible to (local block, partial tails)
+            if tl.min(tl.where(emask, pos, 2147483647)) < t0 + BS - 1:
+                allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
+                s = tl.where(allowed, s, float("-inf"))
+            m = tl.max(s, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            p = tl.exp2(s - m[:, None])
+            den = tl.sum(p, 1)
+            if HAS_V:
+                o = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        else:                         # sub-blocks of KSPLIT keys, online softmax
+            m, den, o = _split_block(qt, K, V, krow, t0, nk, h, pos, offs_d, scale_log2,
+                                     stride_kt, stride_kh, stride_vt, stride_vh, BS, KSPLIT,
+                                     D, PRECISION, UPCAST, HAS_V)
         lse = tl.where(den > 0, (m + tl.log2(den)) * 0.6931471805599453, float("-inf"))
         pidx = ((ql * HKV + h) * KSEL + slot) * G + g
         if HAS_V:
-            o = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
             o = o / tl.maximum(den, 1e-30)[:, None]
             tl.store(PO + pidx[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty),
                      mask=emask[:, None])
@@ -182,6 +222,18 @@ def check_supported(dtype: torch.dtype, head_dim: int) -> None:
                                   "128; use bf16/fp16 or backend='reference'")
 
 
+def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int):
+    """Launch configurations of the KV-outer forward, preferred first: the whole block's
+    K and V on chip (the given tile, then smaller ones), then the block walked in halves
+    and quarters (``KSPLIT`` keys loaded per tile: for GPUs whose shared memory cannot
+    hold a head-dim-256 block, 128 KB of K and V, e.g. the 99 KB of sm_86/89)."""
+    configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
+    for ks in (block_size // 2, block_size // 4):
+        if ks >= 16:
+            configs += [dict(c, KSPLIT=ks) for c in smaller_tiles("BLOCK_Q", block_q, g_pad, 1)]
+    return configs
+
+
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
                     ksel: int, block_size: int, block_q: int = None, num_warps: int = 4,
                     num_stages: int = 1, shared_k_head: bool = False) -> None:
@@ -196,8 +248,8 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
 
     q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (``shared_k_head``: k has one head
     read by every "KV head" of the plan, as index keys are). A tile that does not fit the
-    GPU's shared memory falls back to smaller ones (``msa.ops.launch``); the K and V of
-    a whole block stay on chip, so head dim 256 needs 160 KB (A100, H100; not sm_86/89).
+    GPU's shared memory falls back to smaller ones and then to sub-blocks of keys
+    (``fwd_configs``, ``msa.ops.launch``).
     """
     if not plan.num_items:
         return
@@ -213,7 +265,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
          plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0,
          scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
          0 if shared_k_head else k.stride(1), vv.stride(0), vv.stride(1)),
-        smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages),
+        fwd_configs(block_q, g_pad, num_stages, block_size),
         HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETER and q.dtype == torch.bfloat16, HAS_V=v is not None,
