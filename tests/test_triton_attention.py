@@ -43,39 +43,39 @@ def test_triton_forward_matches_reference_fp32(name):
 
 def test_triton_forward_smallest_launch_matches_reference(monkeypatch):
     """The last fallback for small shared memory: 16 rows per tile, the block walked in
-    16-key quarters."""
+    halves."""
     import msa.ops.attention.forward as fwd
     force_smallest_launch(monkeypatch, fwd)
     _check_fp32("G2-varlen-chunked-B64")
 
 
-def _force_key_halves(monkeypatch):
+def _force_key_sub_blocks(monkeypatch):
     """Launch the forward with its first sub-block configuration (block walked in
-    halves, tuned tile), the one a head-dim-256 forward gets on a 99 KB GPU."""
+    quarters, tuned tile), the one a head-dim-256 forward gets on a 99 KB GPU."""
     import msa.ops.attention.forward as fwd
     from msa.ops import launch
     used = []
 
-    def halves(kernel, grid, args, configs, **fixed):
+    def first_split(kernel, grid, args, configs, **fixed):
         used.append(next(c for c in configs if c.get("KSPLIT")))
         return launch.launch_fitting(kernel, grid, args, used[-1:], **fixed)
-    monkeypatch.setattr(fwd, "launch_fitting", halves)
+    monkeypatch.setattr(fwd, "launch_fitting", first_split)
     return used
 
 
 @pytest.mark.parametrize("name", ["G2-varlen-chunked-B64", "fragments-shared",
                                   "G16-D128-B64", "G1-Hs1-B128"])
 def test_triton_forward_key_sub_blocks_match_reference_fp32(monkeypatch, name):
-    used = _force_key_halves(monkeypatch)
+    used = _force_key_sub_blocks(monkeypatch)
     _check_fp32(name)
-    assert used and all(c["KSPLIT"] == CASES[name][6] // 2 for c in used)
+    assert used and all(c["KSPLIT"] == CASES[name][6] // 4 for c in used)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_forward_key_sub_blocks_head_dim_256(monkeypatch, dtype):
-    used = _force_key_halves(monkeypatch)
+    used = _force_key_sub_blocks(monkeypatch)
     _check_half(dtype, "G8-D256-B128")
-    assert used and used[0]["KSPLIT"] == 64
+    assert used and used[0]["KSPLIT"] == 32
 
 
 def _check_fp32(name):

@@ -43,7 +43,7 @@ def test_triton_indexer_matches_reference(name):
 @pytest.mark.parametrize("name", ["chunked-prefill-B128-K16", "fragments-spec-3.1-K6"])
 def test_selected_lse_smallest_launch(monkeypatch, name):
     """The selected LSE through the KV-outer kernel's last fallback (16-row tiles, keys in
-    quarter blocks, no V)."""
+    half blocks, no V)."""
     import msa.ops.attention.forward as fwd
     force_smallest_launch(monkeypatch, fwd)
     q_lens, k_lens, frag, hi, block, kk = CASES[name]

@@ -224,11 +224,13 @@ def check_supported(dtype: torch.dtype, head_dim: int) -> None:
 
 def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int):
     """Launch configurations of the KV-outer forward, preferred first: the whole block's
-    K and V on chip (the given tile, then smaller ones), then the block walked in halves
-    and quarters (``KSPLIT`` keys loaded per tile: for GPUs whose shared memory cannot
-    hold a head-dim-256 block, 128 KB of K and V, e.g. the 99 KB of sm_86/89)."""
+    K and V on chip (the given tile, then smaller ones), then the block walked in quarters
+    and halves (``KSPLIT`` keys loaded per tile: for GPUs whose shared memory cannot hold
+    a head-dim-256 block, 128 KB of K and V, e.g. the 99 KB of sm_86/89). Quarters first:
+    283.8 vs 337.8 ms for halves (whole block 139.5) at 128K, head dim 256, on an H200
+    (``benchmarks/results/ab_fwd_key_sub_blocks_h200_9fdf767_2026-11-26.json``)."""
     configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
-    for ks in (block_size // 2, block_size // 4):
+    for ks in (block_size // 4, block_size // 2):
         if ks >= 16:
             configs += [dict(c, KSPLIT=ks) for c in smaller_tiles("BLOCK_Q", block_q, g_pad, 1)]
     return configs
