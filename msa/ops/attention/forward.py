@@ -5,7 +5,9 @@ of the queries that selected it). It loads the block's K and V once, then loops 
 tiles of ``BLOCK_Q`` gathered queries x the ``G`` query heads of the group
 (``BLOCK_Q * G_PAD`` = 64 MMA rows by default; the next tile's rows load while one
 computes), and writes for each (query, head) a partial output normalised by its own sum
-plus its natural-log LSE into slot ``j`` of the query's top-k row.
+plus its natural-log LSE into slot ``j`` of the query's top-k row. On GPUs whose shared
+memory cannot hold a block's K and V (head dim 256 on 99 KB cards) it walks the block in
+key sub-blocks loaded per tile instead (``KSPLIT``, an online softmax; ``fwd_configs``).
 
 ``sparse_attn_combine_kernel``: one program per (query, KV head) merges the valid slots
 by LSE: ``lse = log sum_j exp(lse_j)``, ``out = sum_j exp(lse_j - lse) o_j``.

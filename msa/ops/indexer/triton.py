@@ -147,7 +147,7 @@ def selected_lse(qi: torch.Tensor, ki: torch.Tensor, topk_idx: torch.Tensor, seg
     for q0 in range(0, total_q, query_chunk):
         q1 = min(total_q, q0 + query_chunk)
         plan = plan_chunk(topk_idx, rows, q0, q1, hi, 256)
-        pl.fill_(float("nan"))      # 16 MB at most: a valid slot left unwritten shows as NaN
+        pl.fill_(float("nan"))      # a valid slot left unwritten shows (16 MB at the MSA shape)
         launch_partials(qi, ki, None, rows, plan, q0, None, pl, scale=scale / temperature,
                         ksel=ksel, block_size=block_size, shared_k_head=ki.shape[1] == 1)
         t = topk_idx[:, q0:q1].long()
