@@ -77,13 +77,15 @@ def cases():
                dict(HKV=4, G=16, G_PAD=16, D=d, BS=128, BLOCK_N=bn, KSEL=16, BLOCK_Q=bq,
                     NSUB=128 // bn, DET=False, **HALF), dict(num_warps=8, num_stages=st))
     for d, bt, once in ((128, 16, 1), (128, 8, 1), (128, 4, 1), (128, 2, 1), (128, 16, 0),
-                        (128, 8, 0), (128, 4, 0), (128, 2, 0), (256, 4, 1), (256, 2, 1),
-                        (256, 2, 0), (256, 1, 0)):
-        yield (f"indexer KL D{d}, {bt * 16} rows" + ("" if once else ", keys per tile"),
-               indexer_kl_bwd_kernel,
+                        (128, 8, 0), (128, 4, 0), (128, 2, 0), (128, 16, -1), (128, 8, -1),
+                        (128, 4, -1), (256, 4, 1), (256, 2, 1), (256, 2, 0), (256, 1, 0),
+                        (256, 4, -1), (256, 2, -1)):
+        per_tile = {1: "", 0: ", keys per tile", -1: ", keys and index keys per tile"}
+        yield (f"indexer KL D{d}, {bt * 16} rows" + per_tile[once], indexer_kl_bwd_kernel,
                dict(G=16, G_PAD=16, NKV=1, D=d, DI=128, BS=128, BLOCK_T=bt,
                     R=max(1, 16 // bt), HI=4, KSEL=16, DENSE=False, DET=False,
-                    K_ONCE=bool(once), **HALF), dict(num_warps=8, num_stages=1))
+                    K_ONCE=once == 1, KI_ONCE=once >= 0, **HALF),
+               dict(num_warps=8, num_stages=1))
     for st in (2, 1):
         yield (f"indexer top-k, {st} st", indexer_topk_kernel,
                dict(HI=4, DI=128, BS=128, BLOCK_T=32, KR=16, NRANK=15, **HALF),

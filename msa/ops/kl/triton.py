@@ -42,13 +42,15 @@ def indexer_kl_bwd_kernel(
         DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
         HI: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False,
-        K_ONCE: tl.constexpr = True):
+        K_ONCE: tl.constexpr = True, KI_ONCE: tl.constexpr = True):
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
     # every causal query of the block, no edge list). Edge query ids are relative to q0.
     # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
     # slot), dki into DKI[item] ([BS, DI]) and the loss into LOSS[item]
     # K_ONCE: with one KV head per index head, hold its keys on chip for the whole item
     # (32 KB more shared memory at D=128) instead of loading them per tile
+    # KI_ONCE: the same for the block's index keys (Di=128: the 128-row tile then fits
+    # 99 KB GPUs)
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -56,8 +58,9 @@ def indexer_kl_bwd_kernel(
     offs_d = tl.arange(0, D)
     offs_di = tl.arange(0, DI)
     kmask = offs_n < nk
-    ki = tl.load(KI + (krow + offs_n)[:, None] * stride_kit + offs_di[None, :],
-                 mask=kmask[:, None], other=0.0)
+    if KI_ONCE:
+        ki = tl.load(KI + (krow + offs_n)[:, None] * stride_kit + offs_di[None, :],
+                     mask=kmask[:, None], other=0.0)
     dki = tl.zeros((BS, DI), dtype=tl.float32)
     if NKV == 1 and K_ONCE:                         # the one KV head's keys, loaded once
         k0 = tl.load(K + (krow + offs_n)[:, None] * stride_kt + h * stride_kh
@@ -70,6 +73,9 @@ def indexer_kl_bwd_kernel(
     tok_r = offs_r // R
     loss = 0.0
     for e in range(e0, e1, BLOCK_T):
+        if not KI_ONCE:
+            ki = tl.load(KI + (krow + offs_n)[:, None] * stride_kit + offs_di[None, :],
+                         mask=kmask[:, None], other=0.0)
         # student
         er = e + tok_r
         rmask = er < e1
@@ -232,8 +238,8 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     block_t = block_t or max(1, rows // g_pad)
     num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
     tiles = smaller_tiles("BLOCK_T", block_t, g_pad, num_stages)
-    configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]), K_ONCE=once)  # R: student row replicas
-               for once in (True, False) for c in tiles]
+    configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]), K_ONCE=k1, KI_ONCE=ki1)  # R: replicas
+               for k1, ki1 in ((True, True), (False, True), (False, False)) for c in tiles]
     edge_q = q_pos if edge_q is None else edge_q
     launch_fitting(
         indexer_kl_bwd_kernel, (items.num_items,),
