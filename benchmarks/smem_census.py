@@ -78,7 +78,7 @@ def cases():
                     NSUB=128 // bn, DET=False, **HALF), dict(num_warps=8, num_stages=st))
     for d, bt, once in ((128, 16, 1), (128, 8, 1), (128, 4, 1), (128, 2, 1), (128, 16, 0),
                         (128, 8, 0), (128, 4, 0), (128, 2, 0), (128, 16, -1), (128, 8, -1),
-                        (128, 4, -1), (256, 4, 1), (256, 2, 1), (256, 2, 0), (256, 1, 0),
+                        (128, 4, -1), (256, 4, 1), (256, 2, 1), (256, 4, 0), (256, 2, 0), (256, 1, 0),
                         (256, 4, -1), (256, 2, -1)):
         per_tile = {1: "", 0: ", keys per tile", -1: ", keys and index keys per tile"}
         yield (f"indexer KL D{d}, {bt * 16} rows" + per_tile[once], indexer_kl_bwd_kernel,

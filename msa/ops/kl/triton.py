@@ -238,8 +238,11 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     block_t = block_t or max(1, rows // g_pad)
     num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
     tiles = smaller_tiles("BLOCK_T", block_t, g_pad, num_stages)
+    # larger tiles first, then keys on chip: rows matter more (H200, 128K: 256 rows 53.7 /
+    # 57.7 / 62.5 ms with keys once / per tile / index keys too; 128 rows 61.5 / 69.6 /
+    # 85.9; 64 rows 137.7 ms, benchmarks/results/kl_launch_tiers_h200_2026-11-26.json)
     configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]), K_ONCE=k1, KI_ONCE=ki1)  # R: replicas
-               for k1, ki1 in ((True, True), (False, True), (False, False)) for c in tiles]
+               for c in tiles for k1, ki1 in ((True, True), (False, True), (False, False))]
     edge_q = q_pos if edge_q is None else edge_q
     launch_fitting(
         indexer_kl_bwd_kernel, (items.num_items,),
