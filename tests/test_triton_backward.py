@@ -6,7 +6,7 @@ pytest.importorskip("triton")
 
 import msa  # noqa: E402
 from brute import make_case, rel_err  # noqa: E402
-from conftest import random_topk  # noqa: E402
+from conftest import force_smallest_launch, random_topk  # noqa: E402
 from msa.ops.attention.backward import sparse_attn_bwd  # noqa: E402
 from msa.ops.attention.naive import (attention_backward_reference,  # noqa: E402
                                      attention_forward_reference)
@@ -55,18 +55,10 @@ def test_triton_backward_matches_reference_fp32(name, deterministic):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
-@pytest.mark.parametrize("v_once", [True, False], ids=["v-once", "v-per-tile"])
-def test_triton_backward_smallest_launch_matches_reference(deterministic, v_once,
-                                                           monkeypatch):
-    """The fallbacks for small shared memory: one stage, 16 query rows per tile, V on chip
-    or loaded per tile."""
+def test_triton_backward_smallest_launch_matches_reference(deterministic, monkeypatch):
+    """The fallback for small shared memory: one stage, 16 query rows per tile."""
     import msa.ops.attention.backward as bwd
-    from msa.ops import launch
-
-    def smallest(kernel, grid, args, configs, **fixed):
-        pick = [c for c in configs if c["V_ONCE"] == v_once][-1:]
-        return launch.launch_fitting(kernel, grid, args, pick, **fixed)
-    monkeypatch.setattr(bwd, "launch_fitting", smallest)
+    force_smallest_launch(monkeypatch, bwd)
     c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case("G2-varlen-split-items",
                                                                     torch.float32)
     got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,

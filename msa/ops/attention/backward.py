@@ -56,8 +56,7 @@ def sparse_attn_bwd_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, BLOCK_N: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
-        NSUB: tl.constexpr, DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        V_ONCE: tl.constexpr = True):
+        NSUB: tl.constexpr, DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -68,8 +67,7 @@ def sparse_attn_bwd_kernel(
     kmask = offs_n < nk
     kv_off = (krow + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :]
     k = tl.load(K + kv_off, mask=kmask[:, None], other=0.0)
-    if V_ONCE:          # else V is loaded per tile (L2): 32 KB less shared memory at D=128
-        v = tl.load(V + kv_off, mask=kmask[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=kmask[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
@@ -98,8 +96,6 @@ def sparse_attn_bwd_kernel(
             allowed = ((t0 + offs_n)[:, None] <= pos[None, :]) & kmask[:, None]
             pt = tl.where(allowed, pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
-        if not V_ONCE:
-            v = tl.load(V + kv_off, mask=kmask[:, None], other=0.0)
         dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(qt.dtype), qt, PRECISION, UPCAST)
@@ -294,9 +290,7 @@ def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size:
         block_n = block_n or min(block_size, 128 if d <= 128 else 64)
         num_stages = num_stages or (3 if d <= 128 else 1)
         nsub = -(-block_size // block_n)
-        # tile size first, then V on chip (V_ONCE) before V loaded per tile
-        configs = [dict(c, V_ONCE=vo) for c in smaller_tiles("BLOCK_Q", block_q, g_pad,
-                                                             num_stages) for vo in (True, False)]
+        configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
         per_query = hkv * ksel * nsub * g * d * q.dtype.itemsize
         chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES // per_query))
         slots = torch.empty(min(chunk, total_q) * per_query // q.dtype.itemsize,
