@@ -76,16 +76,17 @@ def cases():
         yield (f"backward D{d}, {bq * 16} rows, {bn} keys, {st} st", sparse_attn_bwd_kernel,
                dict(HKV=4, G=16, G_PAD=16, D=d, BS=128, BLOCK_N=bn, KSEL=16, BLOCK_Q=bq,
                     NSUB=128 // bn, DET=False, **HALF), dict(num_warps=8, num_stages=st))
-    for d, bt, once in ((128, 16, 1), (128, 8, 1), (128, 4, 1), (128, 2, 1), (128, 16, 0),
-                        (128, 8, 0), (128, 4, 0), (128, 2, 0), (128, 16, -1), (128, 8, -1),
-                        (128, 4, -1), (256, 4, 1), (256, 2, 1), (256, 4, 0), (256, 2, 0), (256, 1, 0),
-                        (256, 4, -1), (256, 2, -1)):
-        per_tile = {1: "", 0: ", keys per tile", -1: ", keys and index keys per tile"}
-        yield (f"indexer KL D{d}, {bt * 16} rows" + per_tile[once], indexer_kl_bwd_kernel,
-               dict(G=16, G_PAD=16, NKV=1, D=d, DI=128, BS=128, BLOCK_T=bt,
-                    R=max(1, 16 // bt), HI=4, KSEL=16, DENSE=False, DET=False,
-                    K_ONCE=once == 1, KI_ONCE=once >= 0, **HALF),
-               dict(num_warps=8, num_stages=1))
+    # keys on chip / index keys on chip, as the KL's fallback tiers
+    tiers = {(True, True): "", (False, True): ", keys per tile",
+             (False, False): ", keys and index keys per tile"}
+    for d, bts, k1, ki1 in ((128, (16, 8, 4, 2), True, True), (128, (16, 8, 4, 2), False, True),
+                            (128, (16, 8, 4), False, False), (256, (4, 2), True, True),
+                            (256, (4, 2, 1), False, True), (256, (4, 2), False, False)):
+        for bt in bts:
+            yield (f"indexer KL D{d}, {bt * 16} rows" + tiers[k1, ki1], indexer_kl_bwd_kernel,
+                   dict(G=16, G_PAD=16, NKV=1, D=d, DI=128, BS=128, BLOCK_T=bt,
+                        R=max(1, 16 // bt), HI=4, KSEL=16, DENSE=False, DET=False,
+                        K_ONCE=k1, KI_ONCE=ki1, **HALF), dict(num_warps=8, num_stages=1))
     for st in (2, 1):
         yield (f"indexer top-k, {st} st", indexer_topk_kernel,
                dict(HI=4, DI=128, BS=128, BLOCK_T=32, KR=16, NRANK=15, **HALF),

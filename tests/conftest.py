@@ -29,11 +29,21 @@ def random_topk(seg, heads, k, block, seed=0, p_empty=0.2, future=True):
     return out
 
 
-def force_smallest_launch(monkeypatch, module):
-    """Make ``module``'s kernels launch with their last (smallest) fallback configuration
-    (``msa.ops.launch``), the one a GPU with little shared memory runs."""
+def force_launch(monkeypatch, module, choose):
+    """Make ``module``'s kernels launch with the one configuration ``choose(configs)``
+    picks from their fallback list (``msa.ops.launch``). Returns the list of the
+    configurations used, one per launch."""
     from msa.ops import launch
+    used = []
 
-    def smallest(kernel, grid, args, configs, **fixed):
-        return launch.launch_fitting(kernel, grid, args, configs[-1:], **fixed)
-    monkeypatch.setattr(module, "launch_fitting", smallest)
+    def forced(kernel, grid, args, configs, **fixed):
+        used.append(choose(configs))
+        return launch.launch_fitting(kernel, grid, args, used[-1:], **fixed)
+    monkeypatch.setattr(module, "launch_fitting", forced)
+    return used
+
+
+def force_smallest_launch(monkeypatch, module):
+    """Make ``module``'s kernels launch with their last (smallest) fallback configuration,
+    the one a GPU with little shared memory runs."""
+    return force_launch(monkeypatch, module, lambda configs: configs[-1])

@@ -5,7 +5,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from brute import make_case, rel_err  # noqa: E402
-from conftest import force_smallest_launch, random_topk  # noqa: E402
+from conftest import force_launch, force_smallest_launch, random_topk  # noqa: E402
 from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
 
@@ -53,14 +53,8 @@ def _force_key_sub_blocks(monkeypatch):
     """Launch the forward with its first sub-block configuration (block walked in
     quarters, tuned tile), the one a head-dim-256 forward gets on a 99 KB GPU."""
     import msa.ops.attention.forward as fwd
-    from msa.ops import launch
-    used = []
-
-    def first_split(kernel, grid, args, configs, **fixed):
-        used.append(next(c for c in configs if c.get("KSPLIT")))
-        return launch.launch_fitting(kernel, grid, args, used[-1:], **fixed)
-    monkeypatch.setattr(fwd, "launch_fitting", first_split)
-    return used
+    return force_launch(monkeypatch, fwd,
+                        lambda configs: next(c for c in configs if c.get("KSPLIT")))
 
 
 @pytest.mark.parametrize("name", ["G2-varlen-chunked-B64", "fragments-shared",

@@ -6,7 +6,7 @@ pytest.importorskip("triton")
 
 import msa  # noqa: E402
 from brute import make_case  # noqa: E402
-from conftest import random_topk  # noqa: E402
+from conftest import force_launch, random_topk  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
 from msa.ops.indexer.triton import selected_lse  # noqa: E402
 from msa.ops.kl.naive import indexer_kl_reference  # noqa: E402
@@ -59,12 +59,8 @@ def test_triton_kl_smallest_launch_matches_reference(name, det, ki_once, monkeyp
     """The fallbacks for small shared memory: keys (and index keys) loaded per tile,
     fewest rows."""
     import msa.ops.kl.triton as kl_triton
-    from msa.ops import launch
-
-    def smallest(kernel, grid, args, configs, **fixed):
-        pick = [c for c in configs if not c["K_ONCE"] and c["KI_ONCE"] == ki_once][-1:]
-        return launch.launch_fitting(kernel, grid, args, pick, **fixed)
-    monkeypatch.setattr(kl_triton, "launch_fitting", smallest)
+    force_launch(monkeypatch, kl_triton, lambda configs: [
+        c for c in configs if not c["K_ONCE"] and c["KI_ONCE"] == ki_once][-1])
     (loss, dqi, dki), (rl, rq, rk), _, _ = _run(name, **det)
     torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(dqi.double(), rq, rtol=1e-4, atol=1e-8)

@@ -58,9 +58,9 @@ def indexer_kl_bwd_kernel(
     offs_d = tl.arange(0, D)
     offs_di = tl.arange(0, DI)
     kmask = offs_n < nk
+    ki_ptr = KI + (krow + offs_n)[:, None] * stride_kit + offs_di[None, :]
     if KI_ONCE:
-        ki = tl.load(KI + (krow + offs_n)[:, None] * stride_kit + offs_di[None, :],
-                     mask=kmask[:, None], other=0.0)
+        ki = tl.load(ki_ptr, mask=kmask[:, None], other=0.0)
     dki = tl.zeros((BS, DI), dtype=tl.float32)
     if NKV == 1 and K_ONCE:                         # the one KV head's keys, loaded once
         k0 = tl.load(K + (krow + offs_n)[:, None] * stride_kt + h * stride_kh
@@ -74,8 +74,7 @@ def indexer_kl_bwd_kernel(
     loss = 0.0
     for e in range(e0, e1, BLOCK_T):
         if not KI_ONCE:
-            ki = tl.load(KI + (krow + offs_n)[:, None] * stride_kit + offs_di[None, :],
-                         mask=kmask[:, None], other=0.0)
+            ki = tl.load(ki_ptr, mask=kmask[:, None], other=0.0)
         # student
         er = e + tok_r
         rmask = er < e1
