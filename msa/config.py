@@ -44,6 +44,16 @@ class MSAConfig:
     kl_loss_coeff: float = 1.0
 
     def __post_init__(self):
+        for name in ("num_heads", "num_kv_heads", "head_dim", "block_size", "topk"):
+            _check_int(name, getattr(self, name))
+        for name in ("num_index_heads", "index_head_dim"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
+        for name in ("softmax_scale", "index_softmax_scale", "kl_loss_coeff"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or
+                                      not isinstance(value, (int, float))):
+                raise TypeError(f"{name} must be a float, got {value!r}")
         if self.num_heads < 1 or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a positive multiple of "
@@ -83,18 +93,23 @@ class MSAConfig:
 
 
 
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
 def check_head_dim(name: str, d: int) -> None:
-    if d not in SUPPORTED_HEAD_DIMS:
+    if isinstance(d, bool) or d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"{name} must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
 
 
 def check_block_size(block_size: int) -> None:
-    if block_size not in SUPPORTED_BLOCK_SIZES:
+    if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
 
 
 def check_topk(topk: int) -> None:
-    if not isinstance(topk, int) or not 1 <= topk <= MAX_TOPK:
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= MAX_TOPK:
         raise ValueError(f"topk must be an int in [1, {MAX_TOPK}], got {topk!r}")
 
 

@@ -1,4 +1,4 @@
-"""Public functional API of MSA (reference path; runs on any device).
+"""Public functional API of MSA: layouts, validation (once), dispatch to the ops.
 
 Two layouts, chosen by the rank of ``q``:
 
@@ -10,7 +10,8 @@ Two layouts, chosen by the rank of ``q``:
 
 Queries are the causal suffix of their keys (bottom-right): query ``i`` of a segment sits
 at key offset ``pos = k_len - q_len + i`` and sees offsets ``0..pos``. Block ids are
-relative to the segment's first key; ``-1`` marks an empty top-k slot.
+relative to the segment's first key; ``-1`` marks an empty top-k slot. The full contract
+is docs/semantics.md.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from typing import Optional
 
 import torch
 
-from . import _checks as C
 from .config import MSAConfig
-from .ops.custom_ops import attention_fwd_op, indexer_op, segments
+from .ops import checks as C
+from .ops import plan as P
+from .ops.custom_ops import Backward, attention_fwd_op, indexer_op, segments
 from .ops.dense import dense_attention
 from .ops.kl import LossWithGrads, indexer_kl_loss
 from .varlen import Segments
@@ -52,6 +54,7 @@ class _Layout:
 
     @functools.cached_property
     def seg(self) -> Segments:
+        """Validated segment geometry (reads ``cu_seqlens`` once)."""
         return segments(self.total_q, self.total_k, *self.meta, self.device)
 
     def pack(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -65,14 +68,15 @@ class _Layout:
         return x if self.batch < 0 else x.reshape(self.batch, self.seqlen_q, *x.shape[1:])
 
     def pack_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, H, Tq, ...]`` -> ``[H, total_q, ...]``."""
+        """``[B, H, Tq, K]`` -> ``[H, total_q, K]``."""
         if self.batch < 0:
             return x
-        if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[0] != self.batch or \
-                x.shape[2] != self.seqlen_q:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != self.batch or \
+                x.shape[2] != self.seqlen_q or not 1 <= x.shape[3] <= 64:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"topk_indices must have shape [B={self.batch}, H, "
-                             f"Tq={self.seqlen_q}, K] in the batched layout, got {shape}")
+                             f"Tq={self.seqlen_q}, K] with 1 <= K <= 64 in the batched "
+                             f"layout, got {shape}")
         return x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
 
     def unpack_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,29 @@ class _Layout:
         if self.batch < 0:
             return x
         return x.reshape(x.shape[0], self.batch, self.seqlen_q, *x.shape[2:]).transpose(0, 1)
+
+
+def _int_vector(name: str, x, device):
+    """``cu_seqlens`` / ``fragment_indices`` given as a list, tuple or numpy array become an
+    int32 tensor on ``device``; tensors pass as they are (checked later)."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (list, tuple)) or type(x).__module__ == "numpy":
+        try:
+            t = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be a 1-D integer tensor or sequence, got {x!r}") \
+                from e
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got {t.dtype}")
+        return t.to(device=device, dtype=torch.int32)
+    raise TypeError(f"{name} must be a 1-D int32/int64 tensor (or a list of ints), got "
+                    f"{type(x).__name__}")
+
+
+def _check_max_seqlen(name: str, x) -> None:
+    if x is not None and (isinstance(x, bool) or not isinstance(x, int)):
+        raise TypeError(f"{name} must be an int or None, got {x!r}")
 
 
 def _layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -103,77 +130,44 @@ def _layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         return _Layout(bsz * tq, bsz * tk, q.device, batch=bsz, seqlen_q=tq, seqlen_k=tk)
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError(f"packed {q_name} [total_q, H, D] needs cu_seqlens_q and cu_seqlens_k")
-    return _Layout(q.shape[0], k.shape[0], q.device, cu_seqlens_q, cu_seqlens_k,
-                   fragment_indices, max_seqlen_q, max_seqlen_k)
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    lay = _Layout(q.shape[0], k.shape[0], q.device,
+                  _int_vector("cu_seqlens_q", cu_seqlens_q, q.device),
+                  _int_vector("cu_seqlens_k", cu_seqlens_k, q.device),
+                  _int_vector("fragment_indices", fragment_indices, q.device),
+                  max_seqlen_q, max_seqlen_k)
+    if not torch.compiler.is_compiling():     # traced: the ops validate it
+        lay.seg                               # validate the metadata now (read once)
+    return lay
 
 
-HAS_TRITON = C.HAS_TRITON          # looked up once (compile-safe)
-
-
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
-    if backend == "reference":
-        return False
-    if backend == "auto":                 # fp32 with D > 128 exceeds the kernels' on-chip budget
-        return x.is_cuda and x.dtype != torch.float64 and \
-            not (x.dtype == torch.float32 and x.shape[-1] > 128) and HAS_TRITON
-    if x.dtype == torch.float64:
-        raise TypeError("backend='triton' supports fp16/bf16/fp32 inputs, got float64")
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package (pip install msa[gpu])")
-    return True
-
-
-def _check_qkv(q, k, v) -> None:
-    C.check_float_tensor("v", v, k.dim(), q.device)
-    C.check_same_dtype(("q", "k", "v"), (q, k, v))
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
-    C.check_heads("q", q.shape[-2], "k", k.shape[-2])
-    C.check_head_dim("q", q.shape[-1])
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k head dim {k.shape[-1]} != q head dim {q.shape[-1]}")
-
-
-def _check_index(qi, ki, q=None, k=None) -> None:
-    C.check_same_dtype(("qi", "ki"), (qi, ki))
-    C.check_head_dim("qi", qi.shape[-1])
-    if ki.shape[-1] != qi.shape[-1]:
-        raise ValueError(f"ki head dim {ki.shape[-1]} != qi head dim {qi.shape[-1]}")
-    if ki.shape[-2] not in (1, qi.shape[-2]):
-        raise ValueError(f"ki must have 1 or Hi={qi.shape[-2]} heads, got {ki.shape[-2]}")
-    if q is not None:
-        if qi.shape[:-2] != q.shape[:-2] or ki.shape[:-2] != k.shape[:-2]:
-            raise ValueError(f"qi/ki tokens {tuple(qi.shape[:-2])}/{tuple(ki.shape[:-2])} must "
-                             f"match q/k tokens {tuple(q.shape[:-2])}/{tuple(k.shape[:-2])}")
-        if qi.device != q.device or ki.device != q.device:
-            raise ValueError(f"qi/ki must be on {q.device}, got {qi.device}/{ki.device}")
-        if qi.shape[-2] not in (1, k.shape[-2]):
-            raise ValueError(f"qi must have 1 or Hkv={k.shape[-2]} index heads, got "
-                             f"{qi.shape[-2]}")
+def _scale(value: Optional[float], dim: int) -> float:
+    return float(value) if value is not None else dim ** -0.5
 
 
 def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                 max_seqlen_k=None, *, fragment_indices=None, block_size: int = 128,
                 topk: int = 16, softmax_scale: Optional[float] = None,
                 lse_temperature: float = 1.0, return_lse: bool = False,
-                backend: str = "auto"):
-    """Select ``topk`` key blocks per (index head, query): spec section 2.
+                backend: str = "auto", check_finite: bool = False):
+    """Select ``topk`` key blocks per (index head, query) (docs/semantics.md, "Selection").
 
     Args:
         qi: ``[total_q, Hi, Di]`` or ``[B, Tq, Hi, Di]`` index queries.
         ki: ``[total_k, 1 or Hi, Di]`` or ``[B, Tk, 1 or Hi, Di]`` index keys.
         block_size: 64 or 128; topk: 1..64 (the local block included).
-        softmax_scale: indexer logit scale (default ``Di ** -0.5``).
+        softmax_scale: indexer logit scale (default ``Di ** -0.5``; it orders nothing,
+            only the LSE depends on it).
         lse_temperature: ``T > 0``; scales only the returned LSE (``s / T``).
+        check_finite: reject NaN / inf in ``qi``, ``ki`` (one host synchronisation);
+            otherwise a NaN score ranks below every number.
     Returns:
         topk_indices ``[Hi, total_q, topk]`` (``[B, Hi, Tq, topk]``) int32: the
         ``min(topk-1, local)`` best earlier blocks (score desc, id asc), then the local
         block ``pos // block_size``, then ``-1``. With ``return_lse`` also
         selected_lse ``[Hi, total_q]`` (``[B, Hi, Tq]``) fp32: LSE of ``s / T`` over the
-        causally visible keys of the selected blocks.
+        causally visible keys of the selected blocks (not differentiable).
 
     ``backend``: ``"reference"``, ``"triton"`` (streamed top-k kernel + KV-outer LSE pass;
     needs one shared index-key head) or ``"auto"`` (Triton for CUDA tensors with one
@@ -181,14 +175,17 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     """
     lay = _layout("qi", qi, "ki", ki, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   fragment_indices)
-    _check_index(qi, ki)
+    C.check_index(qi, ki)
     C.check_block_and_topk(block_size, topk)
     C.check_scale("softmax_scale", softmax_scale)
     C.check_scale("lse_temperature", lse_temperature)
-    scale = softmax_scale if softmax_scale is not None else qi.shape[-1] ** -0.5
-    use_triton = _use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton")
+    C.check_flag("return_lse", return_lse)
+    if check_finite:
+        C.check_finite(("qi", "ki"), (qi, ki))
+    use_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton")
     idx, lse = indexer_op(lay.pack(qi), lay.pack(ki), *lay.meta, block_size, topk,
-                          float(scale), float(lse_temperature), return_lse, use_triton)
+                          _scale(softmax_scale, qi.shape[-1]), float(lse_temperature),
+                          return_lse, use_triton, 0)
     idx = lay.unpack_heads(idx)
     return (idx, lay.unpack_heads(lse)) if return_lse else idx
 
@@ -197,8 +194,9 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
                          max_seqlen_q=None, max_seqlen_k=None, *, fragment_indices=None,
                          block_size: int = 128, softmax_scale: Optional[float] = None,
                          return_lse: bool = False, backend: str = "auto",
-                         deterministic: bool = False):
-    """Exact softmax attention over the selected blocks AND causal keys: spec section 5.
+                         deterministic: bool = False, check_finite: bool = False):
+    """Exact softmax attention over the selected blocks AND causal keys
+    (docs/semantics.md, "Sparse attention").
 
     Args:
         q: ``[total_q, Hq, D]`` / ``[B, Tq, Hq, D]``; k, v: ``[total_k, Hkv, D]`` /
@@ -206,37 +204,49 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
         topk_indices: ``[Hs, total_q, K]`` / ``[B, Hs, Tq, K]`` int32/int64 with ``Hs`` =
             ``Hkv`` (one selection per KV head) or 1 (shared); ``-1`` empty; ids unique
             and ``< ceil(k_len / block_size)``; order does not matter.
+        check_finite: reject NaN / inf in ``q``, ``k``, ``v`` (one host synchronisation).
     Returns:
-        out shaped like q (differentiable w.r.t. q, k, v; unselected keys get exactly zero
-        gradient) and, with ``return_lse``, lse ``[total_q, Hq]`` / ``[B, Tq, Hq]`` fp32
-        natural log. Rows with no allowed key: out 0, lse ``-inf``.
+        out shaped like q and, with ``return_lse``, lse ``[total_q, Hq]`` / ``[B, Tq, Hq]``
+        fp32 natural log; both differentiable w.r.t. q, k, v (unselected keys get exactly
+        zero gradient). Rows with no allowed key: out 0, lse ``-inf``.
 
     ``backend``: ``"reference"`` (pure PyTorch), ``"triton"`` (Triton forward and
-    backward) or ``"auto"`` (Triton on CUDA tensors when Triton is installed, else the
-    reference). ``deterministic``: the Triton backward sums gradients in a fixed order
-    (bitwise repeatable, slower); the default adds them with fp32 atomics.
+    backward; CUDA tensors) or ``"auto"`` (Triton on CUDA tensors when Triton is
+    installed, else the reference). ``deterministic``: the Triton backward sums gradients
+    in a fixed order (bitwise repeatable, slower); the default adds them with fp32 atomics.
     """
     lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   fragment_indices)
-    _check_qkv(q, k, v)
-    use_triton = _use_triton(backend, q)
+    C.check_qkv(q, k, v)
+    use_triton = C.use_triton(backend, q)
     C.check_block_and_topk(block_size)
     C.check_scale("softmax_scale", softmax_scale)
+    C.check_flag("return_lse", return_lse)
+    C.check_flag("deterministic", deterministic)
+    if check_finite:
+        C.check_finite(("q", "k", "v"), (q, k, v))
     topk_p = lay.pack_heads(topk_indices)
     C.check_topk_tensor(topk_p, lay.total_q, (1, k.shape[-2]), q.device)
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out, lse = attention_fwd_op(lay.pack(q), lay.pack(k), lay.pack(v), topk_p, *lay.meta,
-                                block_size, float(scale), use_triton,
-                                (2 if deterministic else 1) if use_triton else 0)
+                                block_size, _scale(softmax_scale, q.shape[-1]), use_triton,
+                                _backward_mode(use_triton, deterministic), False)
     out = lay.unpack(out)
     return (out, lay.unpack(lse)) if return_lse else out
+
+
+def _backward_mode(use_triton: bool, deterministic: bool) -> Backward:
+    if not use_triton:
+        return Backward.REFERENCE
+    return Backward.TRITON_DETERMINISTIC if deterministic else Backward.TRITON
 
 
 def msa_indexer_kl(q, k, qi, ki, topk_indices=None, cu_seqlens_q=None, cu_seqlens_k=None,
                    max_seqlen_q=None, max_seqlen_k=None, *, fragment_indices=None,
                    block_size: int = 128, softmax_scale: Optional[float] = None,
-                   index_softmax_scale: Optional[float] = None, loss_coeff: float = 1.0):
-    """Indexer training loss: spec section 7.
+                   index_softmax_scale: Optional[float] = None, loss_coeff: float = 1.0,
+                   check_finite: bool = False):
+    """Indexer training loss (docs/semantics.md, "Indexer KL"); reference implementation
+    (``msa_attention`` runs the Triton one).
 
     ``loss = loss_coeff / (Hi * total_q) * sum_{q,h} KL(teacher || student)`` where, over
     the keys of the selected blocks that are causally visible (or over all causal keys
@@ -256,21 +266,23 @@ def msa_indexer_kl(q, k, qi, ki, topk_indices=None, cu_seqlens_q=None, cu_seqlen
     C.check_float_tensor("qi", qi, q.dim(), q.device)
     C.check_float_tensor("ki", ki, q.dim(), q.device)
     C.check_heads("q", q.shape[-2], "k", k.shape[-2])
-    _check_index(qi, ki, q, k)
+    C.check_index(qi, ki, q, k)
     C.check_block_and_topk(block_size)
     C.check_scale("softmax_scale", softmax_scale)
     C.check_scale("index_softmax_scale", index_softmax_scale)
-    if not isinstance(loss_coeff, (int, float)) or loss_coeff != loss_coeff or \
-            abs(loss_coeff) == float("inf"):
+    if isinstance(loss_coeff, bool) or not isinstance(loss_coeff, (int, float)) or \
+            loss_coeff != loss_coeff or abs(loss_coeff) == float("inf"):
         raise ValueError(f"loss_coeff must be a finite float, got {loss_coeff!r}")
+    if check_finite:
+        C.check_finite(("q", "k", "qi", "ki"), (q, k, qi, ki))
     topk_p = None
     if topk_indices is not None:
         topk_p = lay.pack_heads(topk_indices)
         C.check_topk_indices(topk_p, lay.seg, (qi.shape[-2],), block_size, q.device)
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    iscale = index_softmax_scale if index_softmax_scale is not None else qi.shape[-1] ** -0.5
     return indexer_kl_loss(lay.pack(q), lay.pack(k), lay.pack(qi), lay.pack(ki), lay.seg,
-                           topk_p, block_size=block_size, scale=scale, index_scale=iscale,
+                           topk_p, block_size=block_size,
+                           scale=_scale(softmax_scale, q.shape[-1]),
+                           index_scale=_scale(index_softmax_scale, qi.shape[-1]),
                            loss_coeff=float(loss_coeff))
 
 
@@ -279,7 +291,8 @@ class MSAAux:
     """Side results of ``msa_attention``.
 
     topk_indices: ``[Hi, total_q, K]`` / ``[B, Hi, Tq, K]`` (None in dense mode);
-    lse: attention LSE shaped ``[total_q, Hq]`` / ``[B, Tq, Hq]`` (None in dense mode);
+    lse: attention LSE shaped ``[total_q, Hq]`` / ``[B, Tq, Hq]`` (None in dense mode;
+    differentiable like ``msa_sparse_attention``'s);
     kl_loss: detached scalar indexer KL (None when the indexer is not trained).
     """
 
@@ -310,7 +323,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
                   max_seqlen_k=None, *, fragment_indices=None,
                   config: Optional[MSAConfig] = None, mode: str = "sparse",
                   train_indexer: bool = True, return_aux: bool = False,
-                  backend: str = "auto", deterministic: bool = False):
+                  backend: str = "auto", deterministic: bool = False,
+                  check_finite: bool = False):
     """MSA in one call: indexer selection, attention, and indexer training.
 
     ``mode="sparse"``: the indexer (on detached ``qi``/``ki``) selects ``config.topk``
@@ -320,71 +334,82 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     a single ``out.backward(...)`` gives main-branch gradients to q, k, v and KL gradients
     to qi, ki (q, k are detached inside the KL).
 
-    Shapes as ``msa_sparse_attention`` (q, k, v) and ``msa_indexer`` (qi, ki).
-    ``backend``, ``deterministic`` as in ``msa_sparse_attention``; with the Triton backend
-    the KL (sparse, and dense warm-up) comes from the Triton kernels (one shared
-    index-key head). ``deterministic`` covers the sparse mode (attention and KL
-    gradients and the KL value bitwise repeatable); the dense warm-up KL kernel uses fp32
-    atomics, so ``mode="dense"`` with ``deterministic=True`` is rejected.
+    Shapes as ``msa_sparse_attention`` (q, k, v) and ``msa_indexer`` (qi, ki); a given
+    ``config`` must agree with them (heads, head dims, index heads and dim); without one
+    the shapes make it (block 128, top-16). ``backend``, ``deterministic``,
+    ``check_finite`` as in ``msa_sparse_attention``; with the Triton backend the KL
+    (sparse, and dense warm-up) comes from the Triton kernels (one shared index-key head)
+    and one ``SparsePlan`` serves the whole step. ``deterministic`` covers the sparse mode
+    (attention and KL gradients and the KL value bitwise repeatable); the dense warm-up KL
+    kernel uses fp32 atomics, so ``mode="dense"`` with ``deterministic=True`` is rejected.
     Returns ``out`` or ``(out, MSAAux)`` with ``return_aux``.
     """
     if mode not in ("sparse", "dense"):
         raise ValueError(f"mode must be 'sparse' or 'dense', got {mode!r}")
+    for name, flag in (("train_indexer", train_indexer), ("return_aux", return_aux),
+                       ("deterministic", deterministic), ("check_finite", check_finite)):
+        C.check_flag(name, flag)
     if deterministic and mode == "dense":
         raise ValueError("deterministic=True covers mode='sparse' only (the dense warm-up "
                          "KL kernel accumulates with fp32 atomics)")
     lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   fragment_indices)
-    _check_qkv(q, k, v)
+    C.check_qkv(q, k, v)
     C.check_float_tensor("qi", qi, q.dim(), q.device)
     C.check_float_tensor("ki", ki, q.dim(), q.device)
-    _check_index(qi, ki, q, k)
-    cfg = config if config is not None else MSAConfig(
-        num_heads=q.shape[-2], num_kv_heads=k.shape[-2], head_dim=q.shape[-1],
-        num_index_heads=qi.shape[-2], index_head_dim=qi.shape[-1])
-    scale = cfg.scale
-    iscale = cfg.index_scale
-    varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                  fragment_indices=fragment_indices)
+    C.check_index(qi, ki, q, k)
+    if config is None:
+        cfg = MSAConfig(num_heads=q.shape[-2], num_kv_heads=k.shape[-2], head_dim=q.shape[-1],
+                        num_index_heads=qi.shape[-2], index_head_dim=qi.shape[-1])
+    else:
+        cfg = C.check_config(config)
+        C.check_config_matches(cfg, q, k, qi)
+    if check_finite:
+        C.check_finite(("q", "k", "v", "qi", "ki"), (q, k, v, qi, ki))
+    use_triton = C.use_triton(backend, q)
     wants_kl = train_indexer and cfg.kl_loss_coeff != 0 and torch.is_grad_enabled() and \
         (qi.requires_grad or ki.requires_grad)
-    triton_kl = wants_kl and ki.shape[-2] == 1 and _use_triton(backend, q) and \
-        _use_triton(backend, qi)
+    triton_kl = wants_kl and ki.shape[-2] == 1 and use_triton and C.use_triton(backend, qi)
+    bs, scale, iscale = cfg.block_size, cfg.scale, cfg.index_scale
+    qp, kp, vp, qip, kip = (lay.pack(x) for x in (q, k, v, qi, ki))
     topk = lse = ilse = None
     if mode == "sparse":
-        sel = msa_indexer(qi.detach(), ki.detach(), **varlen, block_size=cfg.block_size,
-                          topk=cfg.topk, softmax_scale=iscale, return_lse=triton_kl,
-                          backend=backend)
-        topk, ilse = sel if triton_kl else (sel, None)
-        out, lse = msa_sparse_attention(q, k, v, topk, **varlen, block_size=cfg.block_size,
-                                        softmax_scale=scale, return_lse=True, backend=backend,
-                                        deterministic=deterministic)
+        chunk = P.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
+                                 deterministic) if triton_kl else 0
+        index_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or
+                                                      backend == "triton")
+        topk, ilse = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk, iscale,
+                                1.0, triton_kl, index_triton, chunk)
+        out, lse = attention_fwd_op(qp, kp, vp, topk, *lay.meta, bs, scale, use_triton,
+                                    _backward_mode(use_triton, deterministic), True)
     else:
-        out = lay.unpack(dense_attention(lay.pack(q), lay.pack(k), lay.pack(v), lay.seg,
-                                         scale=scale))
+        out = dense_attention(qp, kp, vp, lay.seg, scale=scale)
     kl = None
     if triton_kl and mode == "dense":
         from .ops.kl.dense import indexer_kl_dense
         loss, dqi, dki = indexer_kl_dense(
-            lay.pack(q).detach(), lay.pack(k).detach(), lay.pack(qi).detach(),
-            lay.pack(ki).detach(), lay.seg, block_size=cfg.block_size, scale=scale,
-            index_scale=iscale, loss_coeff=cfg.kl_loss_coeff)
+            qp.detach(), kp.detach(), qip.detach(), kip.detach(), lay.seg, block_size=bs,
+            scale=scale, index_scale=iscale, loss_coeff=cfg.kl_loss_coeff)
         kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
     elif triton_kl:
         from .ops.kl.triton import indexer_kl_bwd
+        hi = qi.shape[-2]
+        plan = P.sparse_plan(topk, lay.seg, block_size=bs, heads=hi,
+                             max_chunk=P.kl_chunk(hi, qi.shape[-1], cfg.topk, deterministic))
         loss, dqi, dki = indexer_kl_bwd(
-            lay.pack(q).detach(), lay.pack(k).detach(), lay.pack(lse), lay.pack(qi).detach(),
-            lay.pack(ki).detach(), lay.pack_heads(ilse), lay.pack_heads(topk), lay.seg,
-            block_size=cfg.block_size, scale=scale, index_scale=iscale,
-            loss_coeff=cfg.kl_loss_coeff, deterministic=deterministic)
+            qp.detach(), kp.detach(), lse.detach(), qip.detach(), kip.detach(), ilse, topk,
+            plan, scale=scale, index_scale=iscale, loss_coeff=cfg.kl_loss_coeff,
+            deterministic=deterministic)
         kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
     elif wants_kl:
-        kl = msa_indexer_kl(q.detach(), k.detach(), qi, ki, topk, **varlen,
-                            block_size=cfg.block_size, softmax_scale=scale,
-                            index_softmax_scale=iscale, loss_coeff=cfg.kl_loss_coeff)
+        kl = indexer_kl_loss(qp.detach(), kp.detach(), qip, kip, lay.seg, topk,
+                             block_size=bs, scale=scale, index_scale=iscale,
+                             loss_coeff=cfg.kl_loss_coeff)
+    out = lay.unpack(out)
     if kl is not None:
         out = _InjectLossGrad.apply(out, kl)
     if not return_aux:
         return out
-    return out, MSAAux(topk, lse, None if kl is None else kl.detach())
+    aux_topk = None if topk is None else lay.unpack_heads(topk)
+    aux_lse = None if lse is None else lay.unpack(lse)
+    return out, MSAAux(aux_topk, aux_lse, None if kl is None else kl.detach())

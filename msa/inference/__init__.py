@@ -1,5 +1,10 @@
-"""Inference: paged KV cache, reference paged prefill / decode, fused paged decoder."""
-from .decode import PagedDecoder
-from .paged import PagedKVCache, paged_attention, paged_indexer
+"""Inference: the paged KV cache, paged prefill over it, the fused paged decoder.
 
-__all__ = ["PagedKVCache", "PagedDecoder", "paged_indexer", "paged_attention"]
+Importing this package does not need triton; the fused decoder loads its kernels when
+it is first made.
+"""
+from .decoder import PagedDecoder
+from .paged import PagedKVCache, paged_attention, paged_indexer, token_major
+
+__all__ = ["PagedKVCache", "PagedDecoder", "paged_indexer", "paged_attention",
+           "token_major"]

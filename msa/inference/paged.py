@@ -1,19 +1,21 @@
-"""Paged KV cache (page = KV block) and MSA prefill/decode over it, reference version.
+"""Paged KV cache (page = KV block) and MSA prefill / decode over it.
 
-Pages hold ``page_size = block_size`` tokens, so a logical page id *is* a block id:
-``k_pages, v_pages [num_pages, Hkv, page, D]`` and ``ki_pages [num_pages, page, Di]``
-(one shared index-key head). A request's ``page_table[b, j]`` is the physical page of its
-logical page ``j``; physical pages may be scattered, permuted or shared between requests
-(prefix sharing). Queries of request ``b`` are the last ``q_len_b`` positions of its
-``seq_lens[b]`` tokens (chunked prefill, decode ``Q = 1``, multi-token decode ``Q > 1``).
+Pages hold ``page_size = block_size`` tokens, so a logical page id *is* a block id. Per
+layer ``l``: ``k_pages[l], v_pages[l] [num_pages, Hkv, page, D]`` and
+``ki_pages[l] [num_pages, page, Di]`` (one shared index-key head). A request's
+``page_table[b, j]`` is the physical page of its logical page ``j`` in every layer;
+physical pages may be scattered, permuted or shared between requests (prefix sharing).
+Queries of request ``b`` are the last ``q_len_b`` positions of its ``seq_lens[b]`` tokens
+(chunked prefill, decode ``Q = 1``, multi-token decode ``Q > 1``).
 
 Top-k layout: head-major ``[H, total_q, K]`` everywhere in ``msa`` (as the indexer
 returns it); ``token_major`` converts for engines that want ``[total_q, H, K]``.
 
-This reference gathers the pages of each request into a packed sequence and runs the
-packed operators (``msa_indexer`` / ``msa_sparse_attention``, Triton on CUDA); it is exact
-and copies the cache once per call (at HBM speed: ~1-2% of a long prefill). Decode and
-multi-token decode have the fused path: ``msa.inference.PagedDecoder``.
+``paged_indexer`` / ``paged_attention`` gather the pages of each request into a packed
+sequence and run the packed operators (Triton on CUDA): exact, and they copy the used
+pages once per call (at HBM speed: ~1-2% of a long prefill). Decode and multi-token
+decode have the fused path, ``msa.inference.PagedDecoder``, which ``PagedKVCache.attend``
+uses on CUDA.
 """
 from __future__ import annotations
 
@@ -21,28 +23,61 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..config import MSAConfig
 from ..functional import msa_indexer, msa_sparse_attention
+from ..ops.decode.naive import gather_pages
+from ..varlen import cu_seqlens_from_lengths
+from .decoder import PagedDecoder
 
 
 class PagedKVCache:
-    """A pool of KV pages plus per-request page lists (a small manager for users without a
-    serving engine).
+    """Pages of ``num_layers`` layers plus per-request page lists shared by the layers (a
+    small manager for users without a serving engine, and the paged cache of
+    ``msa.nn.MSAttention``).
 
     Args:
-        num_pages: pool size; page_size: tokens per page (= MSA block size);
-        num_kv_heads, head_dim: main branch; index_dim: index-key dim.
+        num_pages: pool size (per layer); page_size: tokens per page (= MSA block size);
+        num_kv_heads, head_dim: main branch; index_dim: index-key dim; num_layers;
+        config: the layers' ``MSAConfig`` (needed by ``attend``; ``for_model`` sets it).
     """
 
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-                 index_dim: int, *, dtype=torch.bfloat16, device="cpu"):
-        self.page_size = page_size
-        self.k = torch.zeros(num_pages, num_kv_heads, page_size, head_dim, dtype=dtype,
-                             device=device)
-        self.v = torch.zeros_like(self.k)
-        self.ki = torch.zeros(num_pages, page_size, index_dim, dtype=dtype, device=device)
+                 index_dim: int, *, num_layers: int = 1, dtype=torch.bfloat16,
+                 device="cpu", config: Optional[MSAConfig] = None):
+        for name, x in (("num_pages", num_pages), ("page_size", page_size),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("index_dim", index_dim), ("num_layers", num_layers)):
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {x!r}")
+        self.page_size, self.num_layers = page_size, num_layers
+        self.k_pages = torch.zeros(num_layers, num_pages, num_kv_heads, page_size, head_dim,
+                                   dtype=dtype, device=device)
+        self.v_pages = torch.zeros_like(self.k_pages)
+        self.ki_pages = torch.zeros(num_layers, num_pages, page_size, index_dim, dtype=dtype,
+                                    device=device)
         self.free_pages: List[int] = list(range(num_pages))
         self.pages: Dict[int, List[int]] = {}
         self.lengths: Dict[int, int] = {}
+        self.config = config
+        self._written: Dict[tuple, int] = {}          # (layer, request) -> tokens written
+        self._step = _Step()
+        self._decoders: Dict[tuple, PagedDecoder] = {}
+
+    @classmethod
+    def for_model(cls, config: MSAConfig, *, num_layers: int, batch: int, num_pages: int,
+                  dtype=torch.bfloat16, device="cpu") -> "PagedKVCache":
+        """A cache for ``num_layers`` ``MSAttention`` layers of ``config`` and the requests
+        ``0 .. batch-1`` (row ``b`` of the hidden states is request ``b``)."""
+        cache = cls(num_pages, config.block_size, config.num_kv_heads, config.head_dim,
+                    config.index_dim, num_layers=num_layers, dtype=dtype, device=device,
+                    config=config)
+        for r in range(batch):
+            cache.allocate(r)
+        return cache
+
+    def layer(self, layer: int):
+        """``(k_pages, v_pages, ki_pages)`` of one layer (views)."""
+        return self.k_pages[layer], self.v_pages[layer], self.ki_pages[layer]
 
     def allocate(self, request: int) -> None:
         if request in self.pages:
@@ -52,25 +87,54 @@ class PagedKVCache:
     def free(self, request: int) -> None:
         self.free_pages.extend(self.pages.pop(request))
         del self.lengths[request]
+        for key in [key for key in self._written if key[1] == request]:
+            del self._written[key]
 
-    def append(self, request: int, k: torch.Tensor, v: torch.Tensor, ki: torch.Tensor) -> None:
-        """Append ``t`` tokens: k, v ``[t, Hkv, D]``, ki ``[t, Di]`` (or ``[t, 1, Di]``)."""
+    def reserve(self, request: int, n: int) -> int:
+        """Grow ``request`` by ``n`` tokens (pages taken as needed, in every layer);
+        returns the position of the first new token."""
         if request not in self.pages:
             raise KeyError(f"unknown request {request}; call allocate() first")
-        ki = ki.reshape(ki.shape[0], self.ki.shape[-1])
-        if not (k.shape[0] == v.shape[0] == ki.shape[0]):
+        start, ps = self.lengths[request], self.page_size
+        need = -(-(start + n) // ps) - len(self.pages[request])
+        if need > len(self.free_pages):
+            raise RuntimeError(f"the page pool is exhausted: request {request} needs "
+                               f"{need} more pages, {len(self.free_pages)} are free")
+        self.pages[request] += [self.free_pages.pop(0) for _ in range(need)]
+        self.lengths[request] = start + n
+        return start
+
+    def write(self, layer: int, request: int, start: int, k: torch.Tensor, v: torch.Tensor,
+              ki: torch.Tensor) -> None:
+        """Write ``t`` tokens of one layer at positions ``start ..`` (reserved before):
+        k, v ``[t, Hkv, D]``, ki ``[t, Di]`` (or ``[t, 1, Di]``)."""
+        ki = ki.reshape(ki.shape[0], self.ki_pages.shape[-1])
+        t = k.shape[0]
+        if not (t == v.shape[0] == ki.shape[0]):
             raise ValueError("k, v and ki must hold the same number of tokens")
-        n, ps = self.lengths[request], self.page_size
-        for t in range(k.shape[0]):
-            if (n + t) % ps == 0:
-                if not self.free_pages:
-                    raise RuntimeError("the page pool is exhausted")
-                self.pages[request].append(self.free_pages.pop(0))
-            page, off = self.pages[request][(n + t) // ps], (n + t) % ps
-            self.k[page, :, off] = k[t]
-            self.v[page, :, off] = v[t]
-            self.ki[page, off] = ki[t]
-        self.lengths[request] = n + k.shape[0]
+        if start + t > self.lengths[request]:
+            raise ValueError(f"request {request}: tokens {start}..{start + t} were not "
+                             f"reserved (length {self.lengths[request]})")
+        written = self._written.get((layer, request), 0)
+        if start != written:
+            raise ValueError(f"layer {layer}, request {request}: writing at {start} but "
+                             f"{written} tokens are written (each layer writes every "
+                             f"token once, in order)")
+        pos = torch.arange(start, start + t)
+        page = torch.tensor(self.pages[request], dtype=torch.long)[pos // self.page_size]
+        page, off = page.to(self.k_pages.device), (pos % self.page_size).to(self.k_pages.device)
+        self.k_pages[layer, page, :, off] = k.to(self.k_pages.dtype)
+        self.v_pages[layer, page, :, off] = v.to(self.v_pages.dtype)
+        self.ki_pages[layer, page, off] = ki.to(self.ki_pages.dtype)
+        self._written[(layer, request)] = start + t
+
+    def append(self, request: int, k: torch.Tensor, v: torch.Tensor, ki: torch.Tensor,
+               layer: int = 0) -> None:
+        """Reserve and write ``t`` tokens (one-layer caches)."""
+        if self.num_layers != 1:
+            raise ValueError("append() serves one-layer caches; use reserve() once per step "
+                             "and write() per layer")
+        self.write(layer, request, self.reserve(request, k.shape[0]), k, v, ki)
 
     def page_table(self, requests) -> torch.Tensor:
         """``[B, max_pages]`` int32 physical pages (``-1`` past the end)."""
@@ -78,11 +142,73 @@ class PagedKVCache:
         table = torch.full((len(requests), width), -1, dtype=torch.int32)
         for i, r in enumerate(requests):
             table[i, :len(self.pages[r])] = torch.tensor(self.pages[r], dtype=torch.int32)
-        return table.to(self.k.device)
+        return table.to(self.k_pages.device)
 
     def seq_lens(self, requests) -> torch.Tensor:
         return torch.tensor([self.lengths[r] for r in requests], dtype=torch.int32,
-                            device=self.k.device)
+                            device=self.k_pages.device)
+
+    def length(self, layer_idx: int) -> int:
+        """Tokens of request 0 written by layer ``layer_idx`` (the layer's past length)."""
+        return self._written.get((layer_idx, 0), 0)
+
+    def attend(self, layer_idx: int, q, k, v, qi, ki) -> torch.Tensor:
+        """``MSAttention``'s cache step: write the new tokens ``k, v [B, t, Hkv, D]``,
+        ``ki [B, t, 1, Di]`` of layer ``layer_idx`` for requests ``0 .. B-1`` and attend
+        the new queries ``q [B, t, Hq, D]``, ``qi [B, t, Hi, Di]``; returns
+        ``[B, t, Hq, D]``. The first layer of a step reserves the tokens and plans the
+        step (page table, lengths, decoder plan) once for all layers."""
+        c = self.config
+        if c is None:
+            raise RuntimeError("attend() needs the layers' MSAConfig: make the cache with "
+                               "PagedKVCache.for_model(config, ...)")
+        b, t = q.shape[:2]
+        reqs = list(range(b))
+        if any(r not in self.pages for r in reqs):
+            raise ValueError(f"hidden states hold {b} requests, the cache {len(self.pages)}")
+        step = self._step
+        if not step.open or layer_idx in step.layers or step.t != t:
+            step = self._step = _Step(t=t, open=True)             # a new step begins
+            starts = [self.reserve(r, t) for r in reqs]
+            step.starts = starts
+            step.table, step.lens = self.page_table(reqs), self.seq_lens(reqs)
+        step.layers.add(layer_idx)
+        for r in reqs:
+            self.write(layer_idx, r, step.starts[r], k[r], v[r], ki[r, :, 0])
+        kp, vp, kip = self.layer(layer_idx)
+        qf, qif = q.reshape(b * t, *q.shape[2:]), qi.reshape(b * t, *qi.shape[2:])
+        if q.is_cuda and t <= 16 and q.dtype in (torch.bfloat16, torch.float16):
+            if step.decoder is None:
+                dec = self._decoder(c, b, t, q)
+                dec.plan(step.table, step.lens)                   # once per step
+                step.decoder = dec
+            out, _ = step.decoder.run(qf, qif, kp, vp, kip)
+            out = out.clone()
+        else:
+            q_lens = [t] * b
+            topk = paged_indexer(qif, kip, step.table, step.lens, q_lens,
+                                 block_size=c.block_size, topk=c.topk,
+                                 softmax_scale=c.index_scale)
+            out = paged_attention(qf, kp, vp, topk, step.table, step.lens, q_lens,
+                                  softmax_scale=c.scale)
+        return out.view(b, t, *q.shape[2:])
+
+    def _decoder(self, c: MSAConfig, b: int, t: int, q) -> PagedDecoder:
+        dec = self._decoders.get((b, t, q.dtype))
+        if dec is None:
+            dec = PagedDecoder(c, max_batch=b, num_q=t, max_pages=self.k_pages.shape[1],
+                               device=q.device, dtype=q.dtype)
+            self._decoders[(b, t, q.dtype)] = dec
+        return dec
+
+
+class _Step:
+    """What the layers of one cache step share: token count, positions, page table,
+    lengths, the planned decoder, and which layers attended."""
+
+    def __init__(self, t: int = 0, open: bool = False):
+        self.t, self.open, self.layers = t, open, set()
+        self.starts, self.table, self.lens, self.decoder = [], None, None, None
 
 
 def _check_paged(k_pages, page_table, seq_lens, q_lens):
@@ -93,7 +219,8 @@ def _check_paged(k_pages, page_table, seq_lens, q_lens):
         raise ValueError(f"seq_lens must be [B={page_table.shape[0]}], got "
                          f"{tuple(seq_lens.shape)}")
     ps, npages = k_pages.shape[-2], k_pages.shape[0]
-    for b, (n, ql) in enumerate(zip(seq_lens.tolist(), q_lens)):
+    lens = seq_lens.tolist()
+    for b, (n, ql) in enumerate(zip(lens, q_lens)):
         if not 0 < ql <= n:
             raise ValueError(f"request {b}: need 0 < q_len={ql} <= seq_lens={n}")
         need = -(-n // ps)
@@ -103,53 +230,38 @@ def _check_paged(k_pages, page_table, seq_lens, q_lens):
         pages = page_table[b, :need]
         if bool(((pages < 0) | (pages >= npages)).any()):
             raise IndexError(f"request {b}: page_table holds a page outside [0, {npages})")
+    return lens
 
 
-def _gather(pages: torch.Tensor, page_table, seq_lens) -> torch.Tensor:
-    """``pages [P, ..., page, X]`` -> packed ``[sum seq_lens, ..., X]`` token rows."""
-    out = []
-    for b, n in enumerate(seq_lens.tolist()):
-        ids = page_table[b, :-(-n // pages.shape[-2])].long()
-        x = pages[ids].movedim(-2, 1)                    # [pages, page, ..., X]
-        out.append(x.reshape(-1, *x.shape[2:])[:n])
-    return torch.cat(out)
-
-
-def _varlen(seq_lens, q_lens):
-    dev = seq_lens.device
-    cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32, device=dev)
-    cu_q[1:] = torch.cumsum(torch.tensor(q_lens, device=dev), 0)
-    cu_k = torch.zeros_like(cu_q)
-    cu_k[1:] = torch.cumsum(seq_lens, 0)
-    return cu_q, cu_k
-
-
-def paged_indexer(qi, cache_ki, page_table, seq_lens, q_lens: Optional[List[int]] = None, *,
+def paged_indexer(qi, ki_pages, page_table, seq_lens, q_lens: Optional[List[int]] = None, *,
                   block_size: int, topk: int = 16, softmax_scale=None):
     """Top-k ``[Hi, total_q, topk]`` for queries ``qi [total_q, Hi, Di]`` (request-major;
     ``q_lens`` per request, default: equal split) over the paged index keys
-    ``cache_ki [pages, page, Di]``."""
+    ``ki_pages [pages, page, Di]``."""
     q_lens = q_lens or [qi.shape[0] // page_table.shape[0]] * page_table.shape[0]
-    _check_paged(cache_ki.unsqueeze(1), page_table, seq_lens, q_lens)
-    ki = _gather(cache_ki.unsqueeze(1), page_table, seq_lens)            # [T, 1, Di]
-    cu_q, cu_k = _varlen(seq_lens, q_lens)
+    lens = _check_paged(ki_pages.unsqueeze(1), page_table, seq_lens, q_lens)
+    ki = gather_pages(ki_pages.unsqueeze(1), page_table, lens)            # [T, 1, Di]
+    cu_q = cu_seqlens_from_lengths(q_lens, device=qi.device)
+    cu_k = cu_seqlens_from_lengths(lens, device=qi.device)
     return msa_indexer(qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
                        softmax_scale=softmax_scale)
 
 
-def paged_attention(q, k_pages, v_pages, topk, page_table, seq_lens,
+def paged_attention(q, k_pages, v_pages, topk_indices, page_table, seq_lens,
                     q_lens: Optional[List[int]] = None, *, softmax_scale=None):
     """MSA over a paged cache: ``q [total_q, Hq, D]`` (request-major), pages
-    ``[P, Hkv, page, D]``, head-major ``topk [Hkv or 1, total_q, K]`` of logical page ids.
-    Returns ``out [total_q, Hq, D]``."""
+    ``[P, Hkv, page, D]``, head-major ``topk_indices [Hkv or 1, total_q, K]`` of logical
+    page ids. Returns ``out [total_q, Hq, D]``."""
     q_lens = q_lens or [q.shape[0] // page_table.shape[0]] * page_table.shape[0]
-    _check_paged(k_pages, page_table, seq_lens, q_lens)
-    k, v = _gather(k_pages, page_table, seq_lens), _gather(v_pages, page_table, seq_lens)
-    cu_q, cu_k = _varlen(seq_lens, q_lens)
-    return msa_sparse_attention(q, k, v, topk, cu_q, cu_k, block_size=k_pages.shape[-2],
-                                softmax_scale=softmax_scale)
+    lens = _check_paged(k_pages, page_table, seq_lens, q_lens)
+    k = gather_pages(k_pages, page_table, lens)
+    v = gather_pages(v_pages, page_table, lens)
+    cu_q = cu_seqlens_from_lengths(q_lens, device=q.device)
+    cu_k = cu_seqlens_from_lengths(lens, device=q.device)
+    return msa_sparse_attention(q, k, v, topk_indices, cu_q, cu_k,
+                                block_size=k_pages.shape[-2], softmax_scale=softmax_scale)
 
 
-def token_major(topk: torch.Tensor) -> torch.Tensor:
+def token_major(topk_indices: torch.Tensor) -> torch.Tensor:
     """Head-major ``[H, tokens, K]`` -> token-major ``[tokens, H, K]`` (contiguous)."""
-    return topk.transpose(0, 1).contiguous()
+    return topk_indices.transpose(0, 1).contiguous()

@@ -9,20 +9,21 @@ attached to the output, so ``loss.backward()`` trains both branches (teacher det
 index projections read the hidden states through a stop-gradient, so the KL never reaches
 the backbone).
 
-Decoding: pass a ``KVCache`` (contiguous) or a ``PagedCache`` (paged pages of the inference
-path); the new tokens' keys are appended and the new queries attend as the causal suffix
-of the cached sequence (chunked prefill, decode, multi-token decode).
+Decoding: pass a ``KVCache`` (contiguous, appends by concatenation) or a
+``msa.inference.PagedKVCache`` (pages shared by all layers; the fused decoder on CUDA);
+the new tokens' keys are appended and the new queries attend as the causal suffix of the
+cached sequence (chunked prefill, decode, multi-token decode).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
 
 from ..config import MSAConfig
 from ..functional import msa_attention
-from .paged_cache import PagedCache
+from ..inference.paged import PagedKVCache
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -101,7 +102,8 @@ class MSAttention(nn.Module):
         r = min(cos.shape[-1], x.shape[-1])
         return apply_rope(x, cos[..., :r], sin[..., :r]) if r else x
 
-    def forward(self, hidden_states: torch.Tensor, *, cache: Optional[KVCache] = None,
+    def forward(self, hidden_states: torch.Tensor, *,
+                cache: Optional[Union[KVCache, PagedKVCache]] = None,
                 mode: str = "sparse", return_aux: bool = False):
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [B, T, hidden], got "
@@ -123,7 +125,7 @@ class MSAttention(nn.Module):
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             qi, ki = self._rope(qi, cos, sin), self._rope(ki, cos, sin)
-        if isinstance(cache, PagedCache):
+        if isinstance(cache, PagedKVCache):
             out, aux = cache.attend(self.layer_idx, q, k, v, qi, ki), None
         else:
             if cache is not None:

@@ -3,23 +3,36 @@
 The ops are opaque to the compiler: metadata validation (which reads ``cu_seqlens`` on
 the host) and the reference / Triton dispatch run inside them, so a compiled model traces
 ``msa_indexer`` and ``msa_sparse_attention`` without graph breaks. Fake (meta)
-implementations give output shapes; the attention op has an autograd formula.
+implementations give output shapes; the attention op has an autograd formula, including
+the gradient reaching its LSE.
 
 Segment metadata travels as ``cu_seqlens_q/k``, ``fragment_indices``, ``max_seqlen_q/k``
 (packed layout) or as ``batch, seqlen_q, seqlen_k`` (batched layout, ``batch >= 0``).
+The Triton paths find the selection's ``SparsePlan`` from the top-k tensor
+(``msa.ops.plan.sparse_plan``): one plan per selection serves all of them.
 """
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import List, Optional, Tuple
 
 import torch
 
-from .. import _checks as C
 from ..varlen import Segments, cached_segments
+from . import plan as P
 from .attention.naive import attention_backward_reference, attention_forward_reference
+from .checks import check_topk_indices
 from .indexer.naive import indexer_reference
 
 Tensor = torch.Tensor
+
+
+class Backward(IntEnum):
+    """Which backward the attention op runs (chosen with its forward)."""
+
+    REFERENCE = 0            # PyTorch, chunked recomputation
+    TRITON = 1               # KV-outer kernel, fp32 atomics for dK/dV
+    TRITON_DETERMINISTIC = 2  # KV-outer kernel, fixed reduction order (bitwise repeatable)
 
 
 def segments(total_q: int, total_k: int, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
@@ -37,32 +50,49 @@ def _lse_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def attention_plan(topk: Tensor, seg: Segments, q: Tensor, k: Tensor,
+                   block_size: int) -> "P.SparsePlan":
+    """The selection's plan for the attention forward and backward (``heads=Hkv``)."""
+    hq, d, isz, ksel = q.shape[1], q.shape[2], q.dtype.itemsize, topk.shape[2]
+    nsub = -(-block_size // P.backward_block_n(d, block_size))
+    chunk = min(P.forward_chunk(hq, d, isz, ksel), P.backward_chunk(hq, d, isz, ksel, nsub))
+    return P.sparse_plan(topk, seg, block_size=block_size, heads=k.shape[1], max_chunk=chunk)
+
+
 @torch.library.custom_op("msa::indexer", mutates_args=())
 def indexer_op(qi: Tensor, ki: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
                frag: Optional[Tensor], max_q: Optional[int], max_k: Optional[int], batch: int,
                seqlen_q: int, seqlen_k: int, block_size: int, topk: int, scale: float,
-               temperature: float, return_lse: bool, use_triton: bool
+               temperature: float, return_lse: bool, use_triton: bool, plan_chunk: int
                ) -> Tuple[Tensor, Tensor]:
     """Packed ``qi [total_q, Hi, Di]``, ``ki [total_k, Hki, Di]`` -> top-k
-    ``[Hi, total_q, topk]`` int32 and LSE ``[Hi, total_q]`` (``[0]`` unless requested)."""
+    ``[Hi, total_q, topk]`` int32 and LSE ``[Hi, total_q]`` (``[0]`` unless requested).
+    ``plan_chunk``: queries per chunk of the plan the Triton LSE pass makes (0: its own
+    limit; ``msa_attention`` passes the limit of a whole training step so that one plan
+    serves it). The top-k is marked trusted (not validated again downstream)."""
     seg = segments(qi.shape[0], ki.shape[0], cu_q, cu_k, frag, max_q, max_k, batch,
                    seqlen_q, seqlen_k, qi.device)
     if use_triton:
         from .indexer.triton import indexer_topk, selected_lse
         idx = indexer_topk(qi, ki, seg, block_size=block_size, topk=topk, scale=scale)
-        lse = selected_lse(qi, ki, idx, seg, block_size=block_size, scale=scale,
-                           temperature=temperature) if return_lse else None
+        lse = None
+        if return_lse:
+            hi = qi.shape[1]
+            plan = P.sparse_plan(idx, seg, block_size=block_size, heads=hi,
+                                 max_chunk=plan_chunk or P.lse_chunk(hi, topk))
+            lse = selected_lse(qi, ki, idx, plan, scale=scale, temperature=temperature)
     else:
         idx, lse = indexer_reference(qi, ki, seg, block_size=block_size, topk=topk,
                                      scale=scale, lse_temperature=temperature)
     if not return_lse:
         lse = qi.new_empty(0, dtype=_lse_dtype(qi))
+    P.mark_trusted(idx)
     return idx, lse
 
 
 @indexer_op.register_fake
 def _(qi, ki, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size, topk,
-      scale, temperature, return_lse, use_triton):
+      scale, temperature, return_lse, use_triton, plan_chunk):
     idx = qi.new_empty((qi.shape[1], qi.shape[0], topk), dtype=torch.int32)
     shape = (qi.shape[1], qi.shape[0]) if return_lse else (0,)
     return idx, qi.new_empty(shape, dtype=_lse_dtype(qi))
@@ -72,64 +102,69 @@ def _(qi, ki, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_s
 def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, topk: Tensor, cu_q: Optional[Tensor],
                      cu_k: Optional[Tensor], frag: Optional[Tensor], max_q: Optional[int],
                      max_k: Optional[int], batch: int, seqlen_q: int, seqlen_k: int,
-                     block_size: int, scale: float, use_triton: bool,
-                     backward_mode: int) -> Tuple[Tensor, Tensor]:
+                     block_size: int, scale: float, use_triton: bool, backward: int,
+                     trusted: bool) -> Tuple[Tensor, Tensor]:
     """Packed ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, ``topk [Hs, total_q, K]``
-    -> out ``[total_q, Hq, D]``, lse ``[total_q, Hq]``. Validates the top-k ids.
-    ``backward_mode`` only selects the backward: 0 reference, 1 Triton (fp32 atomics),
-    2 Triton deterministic."""
+    -> out ``[total_q, Hq, D]``, lse ``[total_q, Hq]``. Validates the top-k ids unless
+    ``trusted`` or produced by the library (``msa.ops.plan.mark_trusted``).
+    ``backward`` (a ``Backward``) only selects the backward."""
     seg = segments(q.shape[0], k.shape[0], cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q,
                    seqlen_k, q.device)
-    C.check_topk_indices(topk, seg, (1, k.shape[1]), block_size, q.device)
+    if not (trusted or P.is_trusted(topk)):
+        check_topk_indices(topk, seg, (1, k.shape[1]), block_size, q.device)
     if use_triton:
         from .attention.forward import sparse_attn_fwd
-        return sparse_attn_fwd(q, k, v, topk, seg, block_size=block_size, scale=scale)
+        plan = attention_plan(topk, seg, q, k, block_size)    # few queries: rows only
+        return sparse_attn_fwd(q, k, v, topk, plan, scale=scale)
     return attention_forward_reference(q, k, v, topk, seg, block_size=block_size, scale=scale)
 
 
 @attention_fwd_op.register_fake
 def _(q, k, v, topk, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size,
-      scale, use_triton, backward_mode):
+      scale, use_triton, backward, trusted):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("msa::sparse_attention_bwd", mutates_args=())
 def attention_bwd_op(q: Tensor, k: Tensor, v: Tensor, topk: Tensor, out: Tensor, lse: Tensor,
-                     dout: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
-                     frag: Optional[Tensor], batch: int, seqlen_q: int, seqlen_k: int,
-                     block_size: int, scale: float, backward_mode: int) -> List[Tensor]:
-    """Gradients ``[dq, dk, dv]`` of ``attention_fwd_op`` (Triton KV-outer kernel, fast or
-    deterministic, or the reference with chunked recomputation)."""
-    seg = segments(q.shape[0], k.shape[0], cu_q, cu_k, frag, None, None, batch, seqlen_q,
+                     dout: Tensor, dlse: Optional[Tensor], cu_q: Optional[Tensor],
+                     cu_k: Optional[Tensor], frag: Optional[Tensor], max_q: Optional[int],
+                     max_k: Optional[int], batch: int, seqlen_q: int, seqlen_k: int,
+                     block_size: int, scale: float, backward: int) -> List[Tensor]:
+    """Gradients ``[dq, dk, dv]`` of ``attention_fwd_op`` given ``dout`` and the LSE's
+    gradient ``dlse`` (``None``: zero): Triton KV-outer kernel (fast or deterministic) or
+    the reference with chunked recomputation."""
+    seg = segments(q.shape[0], k.shape[0], cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q,
                    seqlen_k, q.device)
-    if backward_mode:
+    if backward != Backward.REFERENCE:
         from .attention.backward import sparse_attn_bwd
-        return list(sparse_attn_bwd(q, k, v, topk, seg, out, lse, dout,
-                                    block_size=block_size, scale=scale,
-                                    deterministic=backward_mode == 2))
-    return list(attention_backward_reference(q, k, v, topk, seg, out, lse, dout,
+        plan = attention_plan(topk, seg, q, k, block_size)
+        return list(sparse_attn_bwd(q, k, v, topk, plan, out, lse, dout, dlse, scale=scale,
+                                    deterministic=backward == Backward.TRITON_DETERMINISTIC))
+    return list(attention_backward_reference(q, k, v, topk, seg, out, lse, dout, dlse,
                                              block_size=block_size, scale=scale))
 
 
 @attention_bwd_op.register_fake
-def _(q, k, v, topk, out, lse, dout, cu_q, cu_k, frag, batch, seqlen_q, seqlen_k, block_size,
-      scale, backward_mode):
+def _(q, k, v, topk, out, lse, dout, dlse, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q,
+      seqlen_k, block_size, scale, backward):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, topk, cu_q, cu_k, frag, _, _, batch, seqlen_q, seqlen_k, block_size, scale,
-     _, backward_mode) = inputs
+    (q, k, v, topk, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size,
+     scale, _, backward, _) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, topk, out, lse)
-    ctx.meta = (cu_q, cu_k, frag, batch, seqlen_q, seqlen_k, block_size, scale,
-                backward_mode)
+    ctx.meta = (cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size, scale,
+                backward)
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, dlse):
     q, k, v, topk, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(q, k, v, topk, out, lse, dout.contiguous(), *ctx.meta)
-    return (dq, dk, dv) + (None,) * 13
+    dq, dk, dv = attention_bwd_op(q, k, v, topk, out, lse, dout.contiguous(),
+                                  None if dlse is None else dlse.contiguous(), *ctx.meta)
+    return (dq, dk, dv) + (None,) * 14
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)

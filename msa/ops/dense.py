@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+
 
 from ..varlen import Segments
 
@@ -34,6 +34,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segm
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
                                                enable_gqa=True)
         else:
+            from torch.nn.attention.bias import causal_lower_right  # imports dynamo: lazily
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=causal_lower_right(n, kl),
                                                scale=scale, enable_gqa=True)
         outs.append(o.squeeze(0).transpose(0, 1))

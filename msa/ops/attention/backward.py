@@ -7,10 +7,11 @@ it). The program loads its keys and values once, then for each tile of gathered
 
     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dK += dS^T Q,   dQ = dS K
 
-with ``delta = rowsum(dO * O)`` computed beforehand. The products are formed transposed
-(``S^T = K Q^T`` etc.), so the block's keys are the MMA rows: 128 keys fill Hopper's
-warpgroup MMA, which needs 64-row operands, whatever the query tile (query rows as the M
-dimension ran on the older per-warp MMA: 145 vs 116 ms at 128K, see docs/benchmarks.md).
+with ``delta = rowsum(dO * O) - dLSE`` computed beforehand (``dLSE``: the gradient
+reaching the returned LSE). The products are formed transposed (``S^T = K Q^T`` etc.), so
+the block's keys are the MMA rows: 128 keys fill Hopper's warpgroup MMA, which needs
+64-row operands, whatever the query tile (query rows as the M dimension ran on the older
+per-warp MMA: slower, docs/experiments.md).
 The causal mask is applied only on tiles the block is not fully visible to. Keys no query
 selected keep exactly zero gradient.
 
@@ -35,17 +36,19 @@ Two reductions of ``dK``/``dV``:
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ...varlen import Segments
 from ..launch import launch_fitting, smaller_tiles
-from ..prepare import ITEM_FIELDS, block_rows, plan_chunks
-from .forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported, load_item,
-                      query_program)
+from ..plan import ITEM_FIELDS, SparsePlan, backward_block_n, backward_chunk
+from ..reduce import base_layers, sum_items
+from ..triton_utils import (LOG2E, dot, load_item, next_pow2, precision, query_program,
+                            upcast)
+from .forward import check_supported
 
-SLOT_BUDGET_BYTES = 4 << 30      # dQ slot buffer per query chunk
 
 
 @triton.jit(do_not_specialize=["q0"],
@@ -90,16 +93,16 @@ def sparse_attn_bwd_kernel(
         delta = tl.load(DELTA + qg * stride_lt + head, mask=emask, other=0.0)
         # keys are the MMA rows: BLOCK_N = 128 fills Hopper's warpgroup MMA (64-row
         # minimum) whatever the query tile; tensors are [keys, query rows]
-        st = _dot(k, tl.trans(qt), PRECISION, UPCAST) * scale_log2
+        st = dot(k, tl.trans(qt), PRECISION, UPCAST) * scale_log2
         pt = tl.exp2(st - lse[None, :])             # 0 on padded rows (lse = +inf)
         if tl.min(tl.where(emask, pos, 2147483647)) < last_key:
             allowed = ((t0 + offs_n)[:, None] <= pos[None, :]) & kmask[:, None]
             pt = tl.where(allowed, pt, 0.0)
-        dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
-        dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
+        dv += dot(pt.to(do.dtype), do, PRECISION, UPCAST)
+        dpt = dot(v, tl.trans(do), PRECISION, UPCAST)
         dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(qt.dtype), qt, PRECISION, UPCAST)
-        dq = _dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
+        dk += dot(dst.to(qt.dtype), qt, PRECISION, UPCAST)
+        dq = dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
         slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
         sidx = (((ql * HKV + h) * KSEL + slot) * NSUB + sub) * G + g
         tl.store(DQ + sidx[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -138,88 +141,6 @@ def dq_sum_kernel(SLOTS, TOPK, NBLK, DQ, q0, stride_th, stride_tq, stride_qt, st
 
 
 @triton.jit
-def item_sum_kernel(SRC, ORDER, RUN0, RUN1, KROW, H, NK, DST_K, DST_V, SRC_V,
-                    stride_kt, stride_kh, BS: tl.constexpr, D: tl.constexpr,
-                    PAIR: tl.constexpr = True):
-    """Deterministic mode: program ``r`` adds, in order, the per-item slots of run ``r``
-    (items of one (physical key row, head)) into ``dk``/``dv`` (``dk`` alone without
-    ``PAIR``)."""
-    r = tl.program_id(0)
-    i0 = tl.load(RUN0 + r)
-    i1 = tl.load(RUN1 + r)
-    first = tl.load(ORDER + i0).to(tl.int64)
-    krow = tl.load(KROW + first).to(tl.int64)
-    h = tl.load(H + first)
-    offs = tl.arange(0, BS)[:, None] * D + tl.arange(0, D)[None, :]
-    acc_k = tl.zeros((BS, D), dtype=tl.float32)
-    acc_v = tl.zeros((BS, D), dtype=tl.float32)
-    nk = 0                  # fragments may see different lengths of the shared rows
-    for i in range(i0, i1):
-        it = tl.load(ORDER + i).to(tl.int64)
-        nk = tl.maximum(nk, tl.load(NK + it))
-        acc_k += tl.load(SRC + it * BS * D + offs)
-        if PAIR:
-            acc_v += tl.load(SRC_V + it * BS * D + offs)
-    dst = (krow + tl.arange(0, BS))[:, None] * stride_kt + h * stride_kh + \
-        tl.arange(0, D)[None, :]
-    # runs of one physical row are summed by one program, and launches are ordered
-    rmask = (tl.arange(0, BS) < nk)[:, None]
-    tl.store(DST_K + dst, tl.load(DST_K + dst, mask=rmask) + acc_k, mask=rmask)
-    if PAIR:
-        tl.store(DST_V + dst, tl.load(DST_V + dst, mask=rmask) + acc_v, mask=rmask)
-
-
-def _base_layers(seg: Segments, device):
-    """KV bases of the segments, sorted, and a layer per base such that the KV ranges of
-    one layer are disjoint (fragments may overlap at unaligned offsets). Without
-    fragments every base is in layer 0."""
-    ends = {}
-    for base, n in zip(seg.k_base, seg.k_len):
-        ends[base] = max(ends.get(base, base), base + n)
-    bases, layers, last_end = sorted(ends), [], []
-    for base in bases:                       # greedy interval colouring, in start order
-        layer = next((i for i, e in enumerate(last_end) if e <= base), len(last_end))
-        if layer == len(last_end):
-            last_end.append(0)
-        last_end[layer] = ends[base]
-        layers.append(layer)
-    return (torch.tensor(bases, dtype=torch.int64, device=device),
-            torch.tensor(layers, dtype=torch.int64, device=device), len(last_end))
-
-
-def _sum_items(plan, pk, pv, dk, dv, block_size, layers):
-    """Deterministic sum of per-item dK/dV slots into ``dk``/``dv`` (fp32): one launch
-    per layer of disjoint KV ranges, runs of items by (physical key row, head), items of
-    a run in (query, head) order. ``pv``/``dv`` None: one tensor summed over the items'
-    heads (the indexer KL's ``dki``, ``dk [total_k, 1, D]``)."""
-    bases, base_layer, n_layers = layers
-    n = plan.num_items
-    pair = pv is not None
-    heads = int(plan.num_heads)
-    dst_h = plan.item_h if pair else torch.zeros_like(plan.item_h)
-    layer = base_layer[torch.searchsorted(bases, plan.item_krow - plan.item_t0)]
-    target = (layer * (int(plan.item_krow.max()) + 1) + plan.item_krow) * \
-        (heads if pair else 1) + dst_h
-    within = plan.item_e0.long() * heads + plan.item_h          # unique within a run
-    order = torch.argsort(target * (int(within.max()) + 1) + within)
-    st = target[order]
-    new = torch.ones(n, dtype=torch.bool, device=st.device)
-    new[1:] = st[1:] != st[:-1]
-    run0 = torch.nonzero(new).flatten()
-    run1 = torch.cat([run0[1:], torch.tensor([n], device=st.device)])
-    run_layer = layer[order[run0]]
-    counts = torch.bincount(run_layer, minlength=n_layers).tolist()
-    r0 = 0
-    for c in counts:                         # ordered launches: layers never race
-        if c:
-            item_sum_kernel[(c,)](
-                pk, order, run0[r0:r0 + c], run1[r0:r0 + c], plan.item_krow, dst_h,
-                plan.item_nk, dk, dv if pair else dk, pv if pair else pk, dk.stride(0),
-                dk.stride(1), BS=block_size, D=dk.shape[-1], PAIR=pair, num_warps=4)
-        r0 += c
-
-
-@triton.jit
 def rowdot_kernel(A, B, OUT, n_rows, stride_at, stride_ah, stride_bt, stride_bh,
                   H: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr):
     """``OUT[r] = sum_d A[t, h, d] * B[t, h, d]`` in fp32 for rows ``r = t * H + h``."""
@@ -246,77 +167,86 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def sparse_attn_bwd(q, k, v, topk, seg: Segments, out, lse, dout, *, block_size: int,
-                    scale: float, q_per_item: int = 256, deterministic: bool = False,
-                    block_n: int = None, block_q: int = None, num_warps: int = 8,
-                    num_stages: int = None, query_chunk: int = None):
+def bwd_launch(d: int, block_size: int, g: int, block_n: int = None, block_q: int = None,
+               num_stages: int = None):
+    """``(block_n, block_q, num_stages)`` of the backward kernel: whole 128-key blocks, 64
+    query rows per tile and 3 stages for D <= 128 (the fastest of the sweeps in
+    docs/experiments.md); for D = 256 64 keys, 32 rows and one stage, chosen to fit shared
+    memory."""
+    return (block_n or backward_block_n(d, block_size),
+            block_q or max(1, (64 if d <= 128 else 32) // next_pow2(g)),
+            num_stages or (3 if d <= 128 else 1))
+
+
+def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
+                    dlse: Optional[torch.Tensor] = None, *, scale: float,
+                    deterministic: bool = False, block_n: int = None, block_q: int = None,
+                    num_warps: int = 8, num_stages: int = None):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
-    fp32 from the forward; topk ``[Hs, total_q, K]``. ``deterministic``: bitwise
-    repeatable gradients (fixed reduction order). ``query_chunk``: queries per dQ slot
-    buffer (default: ``SLOT_BUDGET_BYTES``). ``block_n``, ``block_q``, ``num_warps``,
-    ``num_stages``: launch parameters; the defaults (whole 128-key blocks, 64 query rows
-    per tile, 8 warps, 3 stages for D <= 128) were the fastest of a sweep on an H100 at
-    128K tokens, MSA shape: 115.6 ms; 32-row tiles 117-128 ms, 16-row tiles 150-167 ms,
-    128-row tiles 268 ms or out of shared memory
-    (``benchmarks/results/sweep_bwd_layout_h100_2026-11-26.json``,
-    ``benchmarks/results/sweep_bwd_dq_h100_2026-11-26.json``); rechecked with the dQ slots:
-    91.0 ms, other launches 91.9-301 ms
-    (``benchmarks/results/sweep_bwd_launch_dqslots_h100_2026-11-26.json``). For D = 256: 64
-    keys, 32 rows, 1 stage, chosen to fit shared memory (untuned). Where the tile asked
-    for does not fit the GPU's shared memory (sm_86/89 cards: 99 KB), one stage and then
-    fewer query rows are tried (``msa.ops.launch``).
+    fp32 from the forward and its incoming gradient ``dlse`` (``None``: zero);
+    topk_indices ``[Hs, total_q, K]`` with its ``SparsePlan`` (``heads=Hkv``, at most
+    ``plan.backward_chunk`` queries per chunk). ``deterministic``: bitwise repeatable
+    gradients (fixed reduction order). ``block_n`` (keys per program), ``block_q``, ``num_warps``,
+    ``num_stages``: launch parameters (``bwd_launch``). Where the tile asked for does not fit the GPU's
+    shared memory (sm_86/89 cards: 99 KB), one stage and then fewer query rows are tried
+    (``msa.ops.launch``).
+
+    The LSE's gradient enters as ``dS = P * (dP - delta + dlse)``: it is folded into
+    ``delta = rowsum(dO * O) - dlse``.
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
     hkv = k.shape[1]
-    hs, _, ksel = topk.shape
+    hs, _, ksel = topk_indices.shape
     check_supported(q.dtype, d)
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     if total_q:
+        block_size = plan.block_size
         lse = lse.float().contiguous()
         out = out if out.stride(-1) == 1 else out.contiguous()
         delta = _rowdot(dout, out)                                       # [total_q, Hq]
-        rows = block_rows(seg, block_size, q.device)
-        topk = topk.to(torch.int32).contiguous()
+        if dlse is not None:
+            delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse.float())
+        rows, topk = plan.rows, plan.indices(topk_indices)
         g = hq // hkv
-        g_pad = _next_pow2(g)
-        # head dim 256: half the keys and query rows, one stage (64-row tiles with two
-        # stages need 263 KB of shared memory, more than an H100 SM has)
-        block_q = block_q or max(1, (64 if d <= 128 else 32) // g_pad)
-        block_n = block_n or min(block_size, 128 if d <= 128 else 64)
-        num_stages = num_stages or (3 if d <= 128 else 1)
+        g_pad = next_pow2(g)
+        block_n, block_q, num_stages = bwd_launch(d, block_size, g, block_n, block_q,
+                                                  num_stages)
         nsub = -(-block_size // block_n)
+        limit = backward_chunk(hq, d, q.dtype.itemsize, ksel, nsub)
+        if plan.chunk > limit or plan.heads != hkv:
+            raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per "
+                             f"chunk; the backward needs {hkv} heads and at most {limit}")
         configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
-        per_query = hkv * ksel * nsub * g * d * q.dtype.itemsize
-        chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES // per_query))
-        slots = torch.empty(min(chunk, total_q) * per_query // q.dtype.itemsize,
-                            dtype=q.dtype, device=q.device)
+        per_query = hkv * ksel * nsub * g * d
+        slots = torch.empty(min(plan.chunk, total_q) * per_query, dtype=q.dtype,
+                            device=q.device)
         if deterministic:
-            layers = _base_layers(seg, q.device)
-        for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hkv, q_per_item):
-            if plan.num_items:
+            layers = base_layers(plan.seg, q.device)
+        for q0, q1, p in plan.chunks:
+            if p.num_items:
                 if deterministic:
-                    pk = torch.zeros((plan.num_items, block_size, d), dtype=torch.float32,
+                    pk = torch.zeros((p.num_items, block_size, d), dtype=torch.float32,
                                      device=q.device)
                     pv = torch.zeros_like(pk)
                 launch_fitting(
-                    sparse_attn_bwd_kernel, (plan.num_items, nsub),
+                    sparse_attn_bwd_kernel, (p.num_items, nsub),
                     (q, k, v, dout, lse, delta, slots,
                      *((pk, pv) if deterministic else (dk, dv)),
-                     rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h, plan.item_krow,
-                     plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0, scale,
+                     rows.q_pos, p.edge_q, p.edge_slot, p.item_h, p.item_krow,
+                     p.item_t0, p.item_nk, p.item_e0, p.item_e1, q0, scale,
                      scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                      lse.stride(0)),
                     configs, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size,
                     BLOCK_N=block_n, KSEL=ksel, NSUB=nsub, DET=deterministic,
-                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                    UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=num_warps)
+                    PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype),
+                    num_warps=num_warps)
                 if deterministic:
-                    _sum_items(plan, pk, pv, dk, dv, block_size, layers)
+                    sum_items(p, pk, pv, dk, dv, block_size, layers)
             dq_sum_kernel[((q1 - q0) * hkv,)](
                 slots, topk, rows.q_nblocks, dq, q0, topk.stride(0), topk.stride(1),
                 dq.stride(0), dq.stride(1), HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d,

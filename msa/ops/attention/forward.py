@@ -17,39 +17,19 @@ stays bounded whatever the sequence length.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ...varlen import Segments
 from ..launch import launch_fitting, smaller_tiles
-from ..prepare import ITEM_FIELDS, BlockRows, Plan, block_rows, plan_chunks
+from ..plan import ITEM_FIELDS, BlockRows, Plan, SparsePlan, forward_chunk
+from ..triton_utils import (LN2, LOG2E, dot, load_item, next_pow2, online_softmax_step,
+                            precision, query_program, upcast)
+from .query_major import sparse_attn_fwd_query_major
 
-LOG2E = 1.4426950408889634
-PARTIAL_BUDGET_BYTES = 6 << 30
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # Few queries: the query-major kernel (no planning, no partials) is faster below this
-# many queries; measured crossover in docs/benchmarks.md.
+# many queries (measured crossover: docs/experiments.md).
 QUERY_MAJOR_MAX_QUERIES = 1024
-PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: Triton 3.6's interpreter computes bf16 dots wrongly; upcast there only.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, pid):
-    """Work item ``pid`` of a plan: (head, first key row, key offset, keys, edge range)."""
-    return (tl.load(ITEM_H + pid), tl.load(ITEM_KROW + pid).to(tl.int64),
-            tl.load(ITEM_T0 + pid), tl.load(ITEM_NK + pid), tl.load(ITEM_E0 + pid),
-            tl.load(ITEM_E1 + pid))
 
 
 @triton.jit
@@ -86,19 +66,13 @@ def _split_block(qt, K, V, krow, t0, nk, h, pos, offs_d, scale_log2, stride_kt, 
         smask = offs_s < nk
         ks = tl.load(K + (krow + offs_s)[:, None] * stride_kt + h * stride_kh
                      + offs_d[None, :], mask=smask[:, None], other=0.0)
-        s = _dot(qt, tl.trans(ks), PRECISION, UPCAST) * scale_log2
-        allowed = ((t0 + offs_s)[None, :] <= pos[:, None]) & smask[None, :]
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        den = den * alpha + tl.sum(p, 1)
+        vs = ks
         if HAS_V:
             vs = tl.load(V + (krow + offs_s)[:, None] * stride_vt + h * stride_vh
                          + offs_d[None, :], mask=smask[:, None], other=0.0)
-            o = o * alpha[:, None] + _dot(p.to(vs.dtype), vs, PRECISION, UPCAST)
-        m = m_new
+        allowed = ((t0 + offs_s)[None, :] <= pos[:, None]) & smask[None, :]
+        m, den, o = online_softmax_step(qt, ks, vs, allowed, m, den, o, scale_log2,
+                                        PRECISION, UPCAST, HAS_V)
     return tl.where(m == float("-inf"), 0.0, m), den, o
 
 
@@ -138,7 +112,7 @@ def sparse_attn_fwd_kernel(
         nnql, nnslot, nnpos, nnmask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0,
                                                  e + 2 * BLOCK_Q + tok, e1, g, G)
         if KSPLIT == 0:
-            s = _dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
+            s = dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
             # mask only tiles the block is not fully visible to (local block, partial tails)
             if tl.min(tl.where(emask, pos, 2147483647)) < t0 + BS - 1:
                 allowed = ((t0 + offs_n)[None, :] <= pos[:, None]) & kmask[None, :]
@@ -148,12 +122,12 @@ def sparse_attn_fwd_kernel(
             p = tl.exp2(s - m[:, None])
             den = tl.sum(p, 1)
             if HAS_V:
-                o = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+                o = dot(p.to(v.dtype), v, PRECISION, UPCAST)
         else:                         # sub-blocks of KSPLIT keys, online softmax
             m, den, o = _split_block(qt, K, V, krow, t0, nk, h, pos, offs_d, scale_log2,
                                      stride_kt, stride_kh, stride_vt, stride_vh, BS, KSPLIT,
                                      D, PRECISION, UPCAST, HAS_V)
-        lse = tl.where(den > 0, (m + tl.log2(den)) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(den > 0, (m + tl.log2(den)) * LN2, float("-inf"))
         pidx = ((ql * HKV + h) * KSEL + slot) * G + g
         if HAS_V:
             o = o / tl.maximum(den, 1e-30)[:, None]
@@ -163,16 +137,6 @@ def sparse_attn_fwd_kernel(
         qt = qt_next
         ql, slot, pos, emask = nql, nslot, npos, nmask
         nql, nslot, npos, nmask = nnql, nnslot, nnpos, nnmask
-
-
-@triton.jit
-def query_program(q0, HKV: tl.constexpr, HS: tl.constexpr):
-    """A per-(query, KV head) program's query (chunk-relative ``ql``, global ``qg``), KV
-    head ``h`` and top-k head ``hs``."""
-    pid = tl.program_id(0)
-    ql = (pid // HKV).to(tl.int64)
-    h = pid % HKV
-    return ql, q0 + ql, h, h if HS > 1 else 0
 
 
 @triton.jit(do_not_specialize=["q0", "stride_th"])
@@ -212,10 +176,6 @@ def sparse_attn_combine_kernel(
     tl.store(LSE + qg * stride_lt + h * G + offs_g, lse_out, mask=gmask)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def check_supported(dtype: torch.dtype, head_dim: int) -> None:
     """The kernel holds one K and one V block on chip: fp32 with D=256 needs 320 KB of
     shared memory, more than a Hopper SM has."""
@@ -241,14 +201,12 @@ def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int):
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
                     ksel: int, block_size: int, block_q: int = None, num_warps: int = 4,
                     num_stages: int = 1, shared_k_head: bool = False) -> None:
-    """Run the KV-outer kernel over one plan: partial outputs into ``po`` (skipped when
-    ``v is None``) and partial LSEs into ``pl``.
+    """Run the KV-outer kernel over one chunk's plan: partial outputs into ``po`` (skipped
+    when ``v is None``) and partial LSEs into ``pl``.
 
-    Launch defaults (64-row tiles, 4 warps, no Triton pipelining: ``num_stages=1``) were
-    the fastest of a sweep on an H200 at 128K tokens, MSA shape
-    (``benchmarks/results/sweep_attention_fwd_h200_2026-11-26.json``). The kernel
-    prefetches the next tile's query rows itself (28.2 vs 30.6 ms at 128K on an H100,
-    ``benchmarks/results/ab_fwd_prefetch_h100_2026-11-26.json``).
+    Launch defaults (64-row tiles, 4 warps, no Triton pipelining: ``num_stages=1``; the
+    kernel prefetches the next tile's query rows itself) were the fastest of the sweeps
+    recorded in docs/experiments.md.
 
     q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (``shared_k_head``: k has one head
     read by every "KV head" of the plan, as index keys are). A tile that does not fit the
@@ -260,7 +218,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     hq, d = q.shape[1], q.shape[2]
     hkv = int(plan.num_heads)
     g = hq // hkv
-    g_pad = _next_pow2(g)
+    g_pad = next_pow2(g)
     block_q = block_q or max(1, 64 // g_pad)
     vv = k if v is None else v
     launch_fitting(
@@ -271,8 +229,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
          0 if shared_k_head else k.stride(1), vv.stride(0), vv.stride(1)),
         fwd_configs(block_q, g_pad, num_stages, block_size),
         HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRETER and q.dtype == torch.bfloat16, HAS_V=v is not None,
+        PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), HAS_V=v is not None,
         num_warps=num_warps)
 
 
@@ -285,21 +242,27 @@ def launch_combine(po, pl, topk, rows: BlockRows, out, lse, q0: int, q1: int,
     sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
         po, pl, topk, rows.q_nblocks, out, lse, q0,
         topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        HKV=hkv, HS=hs, G=g, G_PAD=_next_pow2(g), D=out.shape[2], KSEL=ksel,
-        KSEL_PAD=_next_pow2(ksel), num_warps=4)
+        HKV=hkv, HS=hs, G=g, G_PAD=next_pow2(g), D=out.shape[2], KSEL=ksel,
+        KSEL_PAD=next_pow2(ksel), num_warps=4)
 
 
-def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
-                    seg: Segments, *, block_size: int, scale: float, q_per_item: int = 256,
-                    query_chunk: int = None, out: torch.Tensor = None,
-                    lse: torch.Tensor = None, query_major: bool = None, **launch):
-    """Launch planning, the KV-outer kernel and the combine.
+def use_query_major(total_q: int, query_major: bool = None) -> bool:
+    """The few-query kernel runs for ``total_q <= QUERY_MAJOR_MAX_QUERIES`` unless forced."""
+    return query_major if query_major is not None else total_q <= QUERY_MAJOR_MAX_QUERIES
+
+
+def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    topk_indices: torch.Tensor, plan: SparsePlan, *, scale: float,
+                    out: torch.Tensor = None, lse: torch.Tensor = None,
+                    query_major: bool = None, **launch):
+    """The KV-outer kernel and the combine over the chunks of ``plan``.
 
     Args:
         q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``;
-        topk: ``[Hs, total_q, K]`` int32, Hs in {1, Hkv}.
-        q_per_item: most queries one program handles (longer k->q rows are split).
-        query_chunk: queries per partial buffer (default: ``PARTIAL_BUDGET_BYTES``).
+        topk_indices: ``[Hs, total_q, K]``, Hs in {1, Hkv}.
+        plan: the selection's ``SparsePlan`` (``msa.ops.plan.sparse_plan`` with
+            ``heads=Hkv`` and at most ``plan.forward_chunk`` queries per chunk; the
+            query-major kernel reads only its ``rows``).
         out, lse: optional preallocated outputs.
         query_major: force (True) or forbid (False) the query-major kernel; default: used
             when ``total_q <= QUERY_MAJOR_MAX_QUERIES``.
@@ -312,31 +275,26 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     check_supported(q.dtype, d)
     hkv = k.shape[1]
     g = hq // hkv
-    hs, _, ksel = topk.shape
+    ksel = topk_indices.shape[2]
     pdtype = q.dtype            # partials: fp32 for fp32, else the half type of the inputs
     out = torch.empty_like(q) if out is None else out
     if lse is None:
         lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return out, lse
-    topk = topk.to(torch.int32).contiguous()
-    rows = block_rows(seg, block_size, q.device)
-    if query_major if query_major is not None else total_q <= QUERY_MAJOR_MAX_QUERIES:
-        from .query_major import sparse_attn_fwd_query_major
-        sparse_attn_fwd_query_major(q, k, v, topk, rows, out, lse, block_size=block_size,
-                                    scale=scale)
+    idx = plan.indices(topk_indices)
+    if use_query_major(total_q, query_major):
+        sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
         return out, lse
-    per_query = hkv * ksel * g * (d * pdtype.itemsize + 4)
-    chunk = query_chunk or max(1, min(total_q, PARTIAL_BUDGET_BYTES // per_query))
+    limit = forward_chunk(hq, d, q.dtype.itemsize, ksel)
+    if plan.chunk > limit or plan.heads != hkv:
+        raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per chunk; "
+                         f"the forward needs {hkv} heads and at most {limit}")
+    chunk = min(plan.chunk, total_q)
     po = torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device)
     pl = torch.empty(chunk * hkv * ksel * g, dtype=torch.float32, device=q.device)
-    plans = []
-    group = max(chunk, PLAN_GROUP_QUERIES // chunk * chunk)   # bounded planning memory
-    for s0 in range(0, total_q, group):
-        plans += plan_chunks(topk, rows, s0, min(total_q, s0 + group), chunk, hkv,
-                             q_per_item)
-    for q0, q1, plan in plans:
-        launch_partials(q, k, v, rows, plan, q0, po, pl, scale=scale, ksel=ksel,
-                        block_size=block_size, **launch)
-        launch_combine(po, pl, topk, rows, out, lse, q0, q1, hkv)
+    for q0, q1, p in plan.chunks:
+        launch_partials(q, k, v, plan.rows, p, q0, po, pl, scale=scale, ksel=ksel,
+                        block_size=plan.block_size, **launch)
+        launch_combine(po, pl, idx, plan.rows, out, lse, q0, q1, hkv)
     return out, lse

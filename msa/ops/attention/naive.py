@@ -9,7 +9,9 @@ head ``g = hq // (Hq/Hkv)``::
     out        = sum_{allowed t} exp(x[t] - lse) v[k_base + t, g]      (0 for empty rows)
 
 The backward recomputes each query chunk (no saved ``T x keys`` activations) and writes
-exactly-zero gradients to keys no query selected.
+exactly-zero gradients to keys no query selected. Gradients flow through both outputs:
+with ``p = exp(x - lse)``, ``dx = p * (dout . v - delta + dlse)`` where
+``delta = dout . out``.
 """
 from __future__ import annotations
 
@@ -88,11 +90,12 @@ def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out, lse
 
 
-def attention_backward_reference(q, k, v, topk, seg: Segments, out, lse, dout, *,
-                                 block_size: int, scale: float):
+def attention_backward_reference(q, k, v, topk, seg: Segments, out, lse, dout, dlse=None,
+                                 *, block_size: int, scale: float):
     """Gradients of the sparse attention: ``(dq, dk, dv)`` with the shapes of q, k, v.
 
-    ``out``/``lse`` are the forward results; ``dout [total_q, Hq, D]``.
+    ``out``/``lse`` are the forward results; ``dout [total_q, Hq, D]`` and ``dlse
+    [total_q, Hq]`` (``None``: zero) their incoming gradients.
     """
     dtype = compute_dtype(q, k, v)
     total_q, hq, d = q.shape
@@ -102,6 +105,8 @@ def attention_backward_reference(q, k, v, topk, seg: Segments, out, lse, dout, *
     dv = torch.zeros(v.shape, dtype=dtype, device=v.device)
     pos = seg.positions(q.device)
     delta_all = (dout.to(dtype) * out.to(dtype)).sum(-1)                   # [total_q,Hq]
+    if dlse is not None:             # p = 0 on empty rows: their dlse changes nothing
+        delta_all = delta_all - torch.where(torch.isneginf(lse), 0.0, dlse.to(dtype))
     for b, s0, s1 in query_chunks(seg, _chunk(topk, seg, hkv, d, block_size)):
         rows, allowed, kg, vg = _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype)
         c = s1 - s0

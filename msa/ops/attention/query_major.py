@@ -8,26 +8,10 @@ many queries share blocks (see ``QUERY_MAJOR_MAX_QUERIES`` in ``forward.py``).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .forward import INTERPRETER, LOG2E, _dot, _next_pow2
-
-
-@triton.jit
-def online_softmax_block(qt, kt, vt, kmask, m_i, l_i, acc, scale_log2,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One key block of an online softmax: rows ``qt [M, D]`` against ``kt, vt [N, D]``
-    (``kmask [N]`` allowed keys); returns the updated running max, sum and output."""
-    s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
-    s = tl.where(kmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
-    return m_new, l_i, acc
+from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
 
 @triton.jit(do_not_specialize=["stride_th"])
@@ -64,20 +48,20 @@ def sparse_attn_qmajor_kernel(
                          mask=kmask[:, None], other=0.0)
             vt = tl.load(V + rows[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
                          mask=kmask[:, None], other=0.0)
-            m_i, l_i, acc = online_softmax_block(qt, kt, vt, kmask, m_i, l_i, acc,
-                                                 scale_log2, PRECISION, UPCAST)
+            m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i, acc,
+                                                scale_log2, PRECISION, UPCAST, True)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(OUT + q * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=gmask[:, None])
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
     tl.store(LSE + q * stride_lt + h * G + offs_g, lse, mask=gmask)
 
 
-def sparse_attn_fwd_query_major(q, k, v, topk, rows, out, lse, *, block_size: int,
-                                scale: float) -> None:
+def sparse_attn_fwd_query_major(q, k, v, topk, rows, out, lse, *, scale: float) -> None:
     """Write ``out [total_q, Hq, D]`` and ``lse [total_q, Hq]`` (see module docstring).
 
-    ``rows``: ``msa.ops.prepare.block_rows`` of the layout; topk ``[Hs, total_q, K]`` int32.
+    ``rows``: ``msa.ops.plan.block_rows`` of the layout; topk ``[Hs, total_q, K]`` int32;
+    the block size is ``rows``'s.
     """
     total_q, hq, d = q.shape
     hkv = k.shape[1]
@@ -86,6 +70,6 @@ def sparse_attn_fwd_query_major(q, k, v, topk, rows, out, lse, *, block_size: in
         q, k, v, topk, rows.q_pos, rows.q_kbase, rows.q_nblocks, out, lse, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        HKV=hkv, HS=topk.shape[0], G=g, G_PAD=max(16, _next_pow2(g)), D=d, BS=block_size,
-        KSEL=topk.shape[2], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=4, num_stages=2)
+        HKV=hkv, HS=topk.shape[0], G=g, G_PAD=max(16, next_pow2(g)), D=d,
+        BS=rows.block_size, KSEL=topk.shape[2], PRECISION=precision(q.dtype),
+        UPCAST=upcast(q.dtype), num_warps=4, num_stages=2)

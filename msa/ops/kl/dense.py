@@ -17,10 +17,9 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments
-from ..attention.forward import INTERPRETER, LOG2E, _dot, _next_pow2
-from ..indexer.triton import _tiles
 from ..launch import launch_fitting
-from ..prepare import Plan
+from ..plan import Plan, query_tiles
+from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 from .triton import kl_buffers, launch_kl
 
 
@@ -55,13 +54,9 @@ def causal_lse_kernel(Q, K, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, LSE, scale_lo
         t = blk * BS + offs_n
         kt = tl.load(K + (kbase + t)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
                      mask=(t <= off + n - 1)[:, None], other=0.0)
-        s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
-        s = tl.where(t[None, :] <= pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
+        m_i, l_i, _ = online_softmax_step(qt, kt, kt, t[None, :] <= pos[:, None], m_i, l_i,
+                                          l_i, scale_log2, PRECISION, UPCAST, False)
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
     tl.store(LSE + (q0 + tok) * stride_lt + (h * G + g) * stride_lh, lse, mask=rmask)
 
 
@@ -72,18 +67,18 @@ def causal_lse(q, k, seg: Segments, *, scale: float, block_size: int,
     total_q, hq, d = q.shape
     hk = k.shape[1]
     g = hq // hk
-    g_pad = _next_pow2(g)
+    g_pad = next_pow2(g)
     block_t = max(1, block_rows // g_pad)
     out = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
-    tiles = _tiles(seg, block_t, q.device)
+    tiles = query_tiles(seg, block_t, q.device)
     if tiles[0].numel():
         launch_fitting(
             causal_lse_kernel, (tiles[0].numel(), hk),
             (q, k, *tiles, out, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
              k.stride(1), out.stride(0), out.stride(1)),
             [dict(num_stages=2), dict(num_stages=1)], G=g, G_PAD=g_pad, D=d, BS=block_size,
-            BLOCK_T=block_t, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            UPCAST=INTERPRETER and q.dtype == torch.bfloat16, num_warps=4)
+            BLOCK_T=block_t, PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype),
+            num_warps=4)
     return out
 
 

@@ -22,12 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ...varlen import Segments
-from ..attention.forward import (INTERPRETER, LOG2E, _dot, _next_pow2, check_supported,
-                                 load_item)
-from ..attention.backward import SLOT_BUDGET_BYTES, _base_layers, _sum_items
+from ..attention.forward import check_supported
 from ..launch import launch_fitting, smaller_tiles
-from ..prepare import ITEM_FIELDS, block_rows, plan_chunks
+from ..plan import ITEM_FIELDS, SparsePlan, kl_chunk
+from ..reduce import base_layers, sum_items
+from ..triton_utils import LOG2E, dot, load_item, next_pow2, precision, upcast
 
 
 @triton.jit(do_not_specialize=["q0"],
@@ -35,7 +34,7 @@ from ..prepare import ITEM_FIELDS, block_rows, plan_chunks
 def indexer_kl_bwd_kernel(
         Q, K, TLSE, QI, KI, ILSE, DQI, DKI, LOSS, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1,
-        q0, scale_log2, iscale, iscale_log2, coeff,
+        q0, scale_log2, iscale, coeff,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_tl, stride_it, stride_ih,
         stride_kit, stride_lh,
         G: tl.constexpr, G_PAD: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
@@ -87,7 +86,7 @@ def indexer_kl_bwd_kernel(
                      mask=rmask[:, None], other=0.0)
         ilse = tl.load(ILSE + h * stride_lh + qr, mask=rmask, other=float("inf"))
         ilse = tl.where(ilse == float("-inf"), float("inf"), ilse)
-        z = _dot(qi, tl.trans(ki), PRECISION, UPCAST)
+        z = dot(qi, tl.trans(ki), PRECISION, UPCAST)
         allowed_r = ((t0 + offs_n)[None, :] <= pos_r[:, None]) & kmask[None, :] & \
             rmask[:, None]
         log_ps = z * iscale - ilse[:, None]
@@ -114,7 +113,7 @@ def indexer_kl_bwd_kernel(
                          + offs_d[None, :], mask=mmask[:, None], other=0.0)
             tlse = tl.load(TLSE + qm * stride_tl + head, mask=mmask, other=float("inf"))
             tlse = tl.where(tlse == float("-inf"), float("inf"), tlse) * 1.4426950408889634
-            s = _dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
+            s = dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
             p = tl.where(allowed_m, tl.exp2(s - tlse[:, None]), 0.0)
             # head sum: a token's G_PAD rows are consecutive, so this reduces within warps
             # (exact fp32; the earlier 0/1-matrix MMA rounded p to tf32)
@@ -125,7 +124,7 @@ def indexer_kl_bwd_kernel(
         log_pt = tl.log(tl.where(pt_r > 0, pt_r, 1.0))
         loss += tl.sum(tl.sum(tl.where(pt_r > 0, pt_r * (log_pt - log_ps), 0.0), 1)) / R
         dz = (coeff / R) * (ps - pt_r)                               # replicas share 1/R
-        dqi = _dot(dz.to(ki.dtype), ki, PRECISION, UPCAST) * iscale
+        dqi = dot(dz.to(ki.dtype), ki, PRECISION, UPCAST) * iscale
         first = rmask & (offs_r % R == 0)              # one replica adds the token's sum
         if DET:
             slot = tl.load(EDGE_SLOT + er, mask=rmask, other=0).to(tl.int64)
@@ -134,7 +133,7 @@ def indexer_kl_bwd_kernel(
         else:
             tl.atomic_add(DQI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
                           dqi * R, mask=first[:, None], sem="relaxed")
-        dki += _dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
+        dki += dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
     if DET:
         p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * DI + offs_di[None, :]
         tl.store(DKI + p_off, dki * iscale, mask=kmask[:, None])
@@ -145,64 +144,59 @@ def indexer_kl_bwd_kernel(
         tl.atomic_add(LOSS, loss * coeff, sem="relaxed")
 
 
-def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk, seg: Segments, *,
-                   block_size: int, scale: float, index_scale: float, loss_coeff: float = 1.0,
-                   deterministic: bool = False, q_per_item: int = 256, block_t: int = None,
-                   num_warps: int = 8, num_stages: int = None, query_chunk: int = None):
-    """KL loss and gradients ``(loss, dqi, dki)`` (spec 7.2, fp32 ``dz``); the gradients
-    have the dtypes of qi / ki.
+def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: SparsePlan,
+                   *, scale: float, index_scale: float, loss_coeff: float = 1.0,
+                   deterministic: bool = False, block_t: int = None, num_warps: int = 8,
+                   num_stages: int = None):
+    """KL loss and gradients ``(loss, dqi, dki)`` (docs/semantics.md, "Indexer KL"; fp32
+    ``dz``); the gradients have the dtypes of qi / ki.
 
     q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, teacher_lse ``[total_q, Hq]`` (the
     attention forward LSE), qi ``[total_q, Hi, Di]``, ki ``[total_k, 1, Di]``,
-    indexer_lse ``[Hi, total_q]`` (selected LSE), topk ``[Hi, total_q, K]``.
+    indexer_lse ``[Hi, total_q]`` (selected LSE), topk_indices ``[Hi, total_q, K]`` with
+    its ``SparsePlan`` (``heads=Hi``, at most ``plan.kl_chunk`` queries per chunk).
     ``deterministic``: bitwise-repeatable loss and gradients (dqi through per-(query,
-    head, slot) buffers, dki through per-item buffers summed in a fixed order, per query
-    chunk of at most ``query_chunk`` queries / ``SLOT_BUDGET_BYTES``).
-    ``block_t`` (tokens per tile), ``num_warps``, ``num_stages``: launch parameters; the
-    defaults (teacher tiles of 256 rows for 16 heads per group, 128 for fewer, 64 for head
-    dims > 128; 8 warps, 1 stage) come from sweeps on an H100 at 128K tokens, MSA shape:
-    66 ms (256 rows), 72 ms (128 rows), 106 ms (64 rows, 2 stages)
-    (``benchmarks/results/sweep_launch_128k_h100_2026-11-26.json``); with the head sum as
-    a reduction and the keys loaded once per program: 56 ms (256 rows), 63 ms (128)
-    (``benchmarks/results/sweep_kl_headsum_h100_2026-11-26.json``).
+    head, slot) buffers, dki through per-item buffers summed in a fixed order).
+    ``block_t`` (tokens per tile), ``num_warps``, ``num_stages``: launch parameters
+    (``launch_kl``; the defaults are the fastest of the sweeps in docs/experiments.md).
     Smaller tiles are tried where the one asked for does not fit the GPU's shared memory
-    (an A100 runs 128-row tiles), then the same with keys loaded per tile (sm_86/89
-    cards, 99 KB: 64-row tiles; ``benchmarks/smem_census.py``).
+    (an A100 runs 128-row tiles), then the same with keys loaded per tile.
     """
     total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
     q, k, qi, ki2, loss, dqi, dki = kl_buffers(q, k, qi, ki)
     if total_q:
-        rows = block_rows(seg, block_size, q.device)
-        topk = topk.to(torch.int32).contiguous()
-        ksel = topk.shape[2]
+        ksel = topk_indices.shape[2]
+        if plan.heads != hi or plan.chunk > kl_chunk(hi, di, ksel, deterministic):
+            raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per "
+                             f"chunk; the KL needs {hi} heads and at most "
+                             f"{kl_chunk(hi, di, ksel, deterministic)}")
+        block_size, rows = plan.block_size, plan.rows
         # fp32 contiguous once, not per query chunk (launch_kl then copies nothing)
         teacher_lse = teacher_lse.float().contiguous()
         indexer_lse = indexer_lse.float().contiguous()
-        chunk = total_q
         if deterministic:
-            layers = _base_layers(seg, q.device)
-            chunk = query_chunk or max(1, min(total_q, SLOT_BUDGET_BYTES // (hi * ksel * di * 4)))
+            layers = base_layers(plan.seg, q.device)
         kw = dict(block_size=block_size, scale=scale, index_scale=index_scale,
                   loss_coeff=loss_coeff, block_t=block_t, num_warps=num_warps,
                   num_stages=num_stages)
-        for q0, q1, plan in plan_chunks(topk, rows, 0, total_q, chunk, hi, q_per_item):
-            if not plan.num_items:
+        for q0, q1, p in plan.chunks:
+            if not p.num_items:
                 continue
             if not deterministic:
                 launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
-                          plan.edge_q, plan, **kw)
+                          p.edge_q, p, q0=q0, **kw)
                 continue
             slots = torch.zeros((q1 - q0) * hi * ksel * di, dtype=torch.float32,
                                 device=q.device)
-            pk = torch.zeros((plan.num_items, block_size, di), dtype=torch.float32,
+            pk = torch.zeros((p.num_items, block_size, di), dtype=torch.float32,
                              device=q.device)
-            losses = torch.zeros(plan.num_items, dtype=torch.float32, device=q.device)
+            losses = torch.zeros(p.num_items, dtype=torch.float32, device=q.device)
             launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, slots, pk, losses, rows.q_pos,
-                      plan.edge_q, plan, q0=q0, edge_slot=plan.edge_slot, ksel=ksel,
+                      p.edge_q, p, q0=q0, edge_slot=p.edge_slot, ksel=ksel,
                       deterministic=True, **kw)
             dqi[q0:q1] += slots.view(q1 - q0, hi, ksel, di).sum(2)
-            _sum_items(plan, pk, None, dki.view(-1, 1, di), None, block_size, layers)
+            sum_items(p, pk, None, dki.view(-1, 1, di), None, block_size, layers)
             loss += losses.sum()
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
 
@@ -232,14 +226,12 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
     g, nkv = hq // hkv, hkv // hi
-    g_pad = _next_pow2(g)
+    g_pad = next_pow2(g)
     rows = 64 if max(d, di) > 128 else 256 if g_pad >= 16 else 128    # teacher tile rows
     block_t = block_t or max(1, rows // g_pad)
     num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
     tiles = smaller_tiles("BLOCK_T", block_t, g_pad, num_stages)
-    # larger tiles first, then keys on chip: rows matter more (H200, 128K: 256 rows 53.7 /
-    # 57.7 / 62.5 ms with keys once / per tile / index keys too; 128 rows 61.5 / 69.6 /
-    # 85.9; 64 rows 137.7 ms, benchmarks/results/kl_launch_tiers_h200_2026-11-26.json)
+    # larger tiles first, then keys on chip: rows matter more (docs/experiments.md)
     configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]), K_ONCE=k1, KI_ONCE=ki1)  # R: replicas
                for c in tiles for k1, ki1 in ((True, True), (False, True), (False, False))]
     edge_q = q_pos if edge_q is None else edge_q
@@ -248,11 +240,10 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
         (q, k, tlse, qi, ki2, ilse, dqi, dki, loss, q_pos, edge_q,
          edge_q if edge_slot is None else edge_slot,
          items.item_h, items.item_krow, items.item_t0, items.item_nk, items.item_e0,
-         items.item_e1, q0, scale * LOG2E, index_scale, index_scale * LOG2E,
+         items.item_e1, q0, scale * LOG2E, index_scale,
          loss_coeff / (hi * total_q),
          q.stride(0), q.stride(1), k.stride(0), k.stride(1), tlse.stride(0),
          qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0)),
         configs, G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, HI=hi, KSEL=ksel,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRETER and q.dtype == torch.bfloat16, DENSE=dense, DET=deterministic,
+        PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), DENSE=dense, DET=deterministic,
         num_warps=num_warps)

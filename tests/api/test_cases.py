@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 import msa  # noqa: E402
-from brute import make_case  # noqa: E402
+from tests.helpers.brute import make_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

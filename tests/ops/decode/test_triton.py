@@ -6,10 +6,9 @@ import torch
 pytest.importorskip("triton")
 
 from msa import MSAConfig  # noqa: E402
-from msa.inference import paged_attention, paged_indexer  # noqa: E402
-from msa.inference.decode import PagedDecoder  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from msa.inference import PagedDecoder, paged_attention, paged_indexer  # noqa: E402
+from msa.ops.decode import paged_decode_reference  # noqa: E402
+from tests.helpers import DEVICE  # noqa: E402
 HQ, HKV, D, BS, K = 4, 2, 64, 64, 3
 
 
@@ -45,6 +44,7 @@ def test_decoder_matches_reference(lengths, nq, hi, shared):
     dec = PagedDecoder(cfg, max_batch=4, num_q=nq, max_pages=table.shape[1] + 2,
                        device=DEVICE, dtype=torch.float32)
     dec.out.fill_(float("nan"))
+    dec.lse.fill_(float("nan"))
     dec.plan(table, lens)
     out, topk = dec.run(q, qi, k, v, ki)
     q_lens = [nq] * len(lengths)
@@ -52,6 +52,13 @@ def test_decoder_matches_reference(lengths, nq, hi, shared):
     ref = paged_attention(q, k, v, ref_topk, table, lens, q_lens)
     assert torch.equal(topk, ref_topk)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the op's own reference (fp64), LSE included
+    r_out, r_lse, r_topk = paged_decode_reference(
+        q.double(), qi.double(), k.double(), v.double(), ki.double(), table, lens, num_q=nq,
+        topk=K, scale=cfg.scale, index_scale=cfg.index_scale)
+    assert torch.equal(topk, r_topk)
+    torch.testing.assert_close(out.double(), r_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dec.lse[:rows].double(), r_lse, rtol=1e-5, atol=1e-5)
     # a second step with new lengths reuses the same decoder (plan again, run again)
     lens2 = torch.clamp(lens - 1, min=nq)               # shorter: stays inside its pages
     dec.plan(table, lens2)
@@ -82,7 +89,7 @@ def test_decoder_validates_plan():
         PagedDecoder(cfg, max_batch=2, num_q=17, max_pages=4, device=DEVICE)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_decoder_cuda_graph_replay_and_no_sync():
     lengths = (900, 300, 129)
     k, v, ki, table = _cache(lengths, 40, seed=3)

@@ -88,30 +88,38 @@ def test_layer_rejects_bad_arguments():
 
 
 def test_paged_cache_matches_contiguous_cache():
-    from msa.nn import PagedCache
-    layer = _layer(rotary_dim=32).eval()
+    from msa.inference import PagedKVCache
+    layers = [_layer(seed=i, rotary_dim=32, layer_idx=i).eval() for i in range(2)]
     x = torch.randn(2, 300, 96, dtype=torch.float64)
     steps = [(0, 200), (200, 201), (201, 202), (202, 206), (206, 300)]  # prefill, decode, MTP
-    kv, paged = KVCache(), PagedCache(CFG, 1, 2, 16, dtype=torch.float64)
+    kv = KVCache()
+    paged = PagedKVCache.for_model(CFG, num_layers=2, batch=2, num_pages=16,
+                                   dtype=torch.float64)
     with torch.no_grad():
         for a, b in steps:
-            ref = layer(x[:, a:b], cache=kv)
-            got = layer(x[:, a:b], cache=paged)
+            ref, got = x[:, a:b], x[:, a:b]
+            for layer in layers:                     # two layers share one step's plan
+                ref, got = layer(ref, cache=kv), layer(got, cache=paged)
             torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
-    assert paged.length(0) == 300
+    assert paged.length(0) == paged.length(1) == 300 == paged.lengths[0]
 
 
-def test_paged_cache_decoder_path_on_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from msa.nn import PagedCache
+@pytest.mark.gpu
+def test_paged_cache_decoder_path_plans_once_per_step(monkeypatch):
+    from msa.inference import PagedDecoder, PagedKVCache
     torch.manual_seed(0)
-    layer = MSAttention(96, CFG).cuda().bfloat16().eval()
+    layers = [MSAttention(96, CFG, layer_idx=i).cuda().bfloat16().eval() for i in range(3)]
     x = torch.randn(2, 400, 96, device="cuda", dtype=torch.bfloat16)
     kv = KVCache()
-    paged = PagedCache(CFG, 1, 2, 16, dtype=torch.bfloat16, device="cuda")
+    paged = PagedKVCache.for_model(CFG, num_layers=3, batch=2, num_pages=16,
+                                   dtype=torch.bfloat16, device="cuda")
+    plans = []
+    plan = PagedDecoder.plan
+    monkeypatch.setattr(PagedDecoder, "plan", lambda self, *a: plans.append(1) or plan(self, *a))
     with torch.no_grad():
         for a, b in [(0, 390), (390, 391), (391, 395), (395, 396)]:   # t <= 16: PagedDecoder
-            ref = layer(x[:, a:b], cache=kv).float()
-            got = layer(x[:, a:b], cache=paged).float()
-            torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+            ref, got = x[:, a:b], x[:, a:b]
+            for layer in layers:
+                ref, got = layer(ref, cache=kv), layer(got, cache=paged)
+            torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2)
+    assert len(plans) == 3                           # one per decode step, not per layer

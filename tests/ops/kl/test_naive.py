@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import msa
-from brute import brute_kl, make_case
-from conftest import random_topk
+from tests.helpers.brute import brute_kl, make_case
+from tests.helpers import random_topk
 
 CASES = {
     "varlen-chunked": ((20, 1, 33), (200, 64, 97), None, 4, 2, 2, 1),

@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import msa
-from brute import brute_attention, brute_indexer, make_case
-from conftest import random_topk
+from tests.helpers.brute import brute_attention, brute_indexer, make_case
+from tests.helpers import random_topk
 
 
 @st.composite

@@ -5,14 +5,13 @@ import torch
 pytest.importorskip("triton")
 
 import msa  # noqa: E402
-from brute import make_case  # noqa: E402
-from conftest import force_launch, random_topk  # noqa: E402
+from tests.helpers.brute import make_case  # noqa: E402
+from tests.helpers import DEVICE, force_launch, plan_of, random_topk  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
 from msa.ops.indexer.triton import selected_lse  # noqa: E402
 from msa.ops.kl.naive import indexer_kl_reference  # noqa: E402
 from msa.ops.kl.triton import indexer_kl_bwd  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 CASES = {
     # id: (q_lens, k_lens, frag, hq, hkv, hi, block, K, q_per_item)
@@ -31,9 +30,10 @@ def _run(name, dtype=torch.float32, **kw):
     topk = random_topk(seg, hi, kk, block, seed=len(name), future=False).to(DEVICE)
     q, k, v, qi, ki = (c[n].to(DEVICE, dtype) for n in ("q", "k", "v", "qi", "ki"))
     _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=0.125)
-    ilse = selected_lse(qi, ki, topk, seg, block_size=block, scale=0.125)
-    got = indexer_kl_bwd(q, k, tlse, qi, ki, ilse, topk, seg, block_size=block, scale=0.125,
-                         index_scale=0.125, loss_coeff=0.3, q_per_item=qpi, **kw)
+    ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, block, qi.shape[1]), scale=0.125)
+    chunk = kw.pop("query_chunk", None)
+    got = indexer_kl_bwd(q, k, tlse, qi, ki, ilse, topk, plan_of(topk, seg, block, hi, chunk, qpi),
+                         scale=0.125, index_scale=0.125, loss_coeff=0.3, **kw)
     ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
                                block_size=block, scale=0.125, index_scale=0.125,
                                loss_coeff=0.3)
@@ -75,8 +75,8 @@ def test_triton_kl_head_dim_256_half(det):
     topk = random_topk(seg, 1, 3, 64, seed=3, future=False).to(DEVICE)
     q, k, v, qi, ki = (c[n].to(DEVICE, torch.bfloat16) for n in ("q", "k", "v", "qi", "ki"))
     _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=64, scale=0.0625)
-    ilse = selected_lse(qi, ki, topk, seg, block_size=64, scale=0.0625)
-    loss, dqi, dki = indexer_kl_bwd(q, k, tlse, qi, ki, ilse, topk, seg, block_size=64,
+    ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, 64, qi.shape[1]), scale=0.0625)
+    loss, dqi, dki = indexer_kl_bwd(q, k, tlse, qi, ki, ilse, topk, plan_of(topk, seg, 64, 1),
                                     scale=0.0625, index_scale=0.0625, deterministic=det)
     rl, rq, rk = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg,
                                       topk, block_size=64, scale=0.0625, index_scale=0.0625)
@@ -125,10 +125,10 @@ def test_triton_kl_spec_focused_cases(case, q_lens, k_lens, det):
     topk = _focused_topk(case, seg).to(DEVICE)
     q, k, v, qi, ki = (c[n].to(DEVICE) for n in ("q", "k", "v", "qi", "ki"))
     _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=128, scale=0.125)
-    ilse = selected_lse(qi, ki, topk, seg, block_size=128, scale=0.125)
-    loss, dqi, dki = indexer_kl_bwd(q, k, tlse, qi, ki, ilse, topk, seg, block_size=128,
-                                    scale=0.125, index_scale=0.125, q_per_item=8,
-                                    deterministic=det)
+    ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, 128, qi.shape[1]), scale=0.125)
+    loss, dqi, dki = indexer_kl_bwd(q, k, tlse, qi, ki, ilse, topk,
+                                    plan_of(topk, seg, 128, 2, None, 8), scale=0.125,
+                                    index_scale=0.125, deterministic=det)
     rl, rq, rk = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg,
                                       topk, block_size=128, scale=0.125, index_scale=0.125)
     torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-7)

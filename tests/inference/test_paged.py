@@ -34,8 +34,8 @@ def test_paged_matches_packed(lengths, q):
     g = torch.Generator().manual_seed(9)
     qq = torch.randn(sum(q_lens), HQ, D, generator=g)
     qi = torch.randn(sum(q_lens), HKV, 64, generator=g)
-    topk = paged_indexer(qi, cache.ki, table, lens, q_lens, block_size=BS, topk=3)
-    out = paged_attention(qq, cache.k, cache.v, topk, table, lens, q_lens)
+    topk = paged_indexer(qi, cache.ki_pages[0], table, lens, q_lens, block_size=BS, topk=3)
+    out = paged_attention(qq, cache.k_pages[0], cache.v_pages[0], topk, table, lens, q_lens)
     k = torch.cat([s[0] for s in seqs])
     v = torch.cat([s[1] for s in seqs])
     ki = torch.cat([s[2] for s in seqs]).unsqueeze(1)
@@ -59,7 +59,7 @@ def test_shared_prefix_pages_and_free():
     qq = torch.randn(2, HQ, D)
     topk = torch.tensor([[[0, 2]], [[1, -1]]], dtype=torch.int32).transpose(0, 1)
     topk = topk.expand(HKV, 2, 2).contiguous()
-    out = paged_attention(qq, cache.k, cache.v, topk, shared, lens, [1, 1])
+    out = paged_attention(qq, cache.k_pages[0], cache.v_pages[0], topk, shared, lens, [1, 1])
     ref0 = msa.msa_sparse_attention(qq[:1], k, v, topk[:, :1], torch.tensor([0, 1]),
                                     torch.tensor([0, 150]), block_size=BS)
     ref1 = msa.msa_sparse_attention(qq[1:], k[:100], v[:100], topk[:, 1:],
@@ -80,10 +80,30 @@ def test_paged_errors():
         cache.append(5, *_seq(1, 0))
     table = torch.tensor([[0, 7]], dtype=torch.int32)
     with pytest.raises(IndexError, match="page_table"):
-        paged_attention(torch.randn(1, HQ, D), cache.k, cache.v,
+        paged_attention(torch.randn(1, HQ, D), cache.k_pages[0], cache.v_pages[0],
                         torch.zeros(HKV, 1, 1, dtype=torch.int32), table,
                         torch.tensor([100], dtype=torch.int32))
     with pytest.raises(ValueError, match="q_len"):
-        paged_attention(torch.randn(3, HQ, D), cache.k, cache.v,
+        paged_attention(torch.randn(3, HQ, D), cache.k_pages[0], cache.v_pages[0],
                         torch.zeros(HKV, 3, 1, dtype=torch.int32), table[:, :1],
                         torch.tensor([2], dtype=torch.int32))
+
+
+def test_multi_layer_cache_shares_pages_and_checks_order():
+    cache = PagedKVCache(8, BS, HKV, D, 64, num_layers=2, dtype=torch.float32)
+    cache.allocate(0)
+    k, v, ki = _seq(100, 0)
+    with pytest.raises(ValueError, match="reserve"):
+        cache.append(0, k, v, ki)                        # two layers: reserve + write
+    start = cache.reserve(0, 100)
+    cache.write(1, 0, start, k, v, ki)
+    cache.write(0, 0, start, 2 * k, v, ki)
+    table = cache.page_table([0])
+    assert torch.equal(cache.k_pages[1, table[0, 0], :, :BS], k[:BS].transpose(0, 1))
+    assert torch.equal(cache.k_pages[0, table[0, 0], :, :BS], 2 * k[:BS].transpose(0, 1))
+    with pytest.raises(ValueError, match="written"):
+        cache.write(0, 0, 0, k[:1], v[:1], ki[:1])      # position 0 again
+    with pytest.raises(ValueError, match="reserved"):
+        cache.write(0, 0, 100, k[:1], v[:1], ki[:1])    # not reserved yet
+    with pytest.raises(RuntimeError, match="for_model"):
+        cache.attend(0, *[torch.zeros(1, 1, 1, 1)] * 5)

@@ -101,8 +101,10 @@ def test_attention_rejects_bad_topk():
         _attn(c, torch.zeros(2, 10, 1))
     with pytest.raises(ValueError, match=r"topk_indices must have shape \[H, total_q=10, K\]"):
         _attn(c, torch.zeros(3, 10, 1, dtype=torch.int32))
-    with pytest.raises(ValueError, match="topk must be"):
+    with pytest.raises(ValueError, match=r"topk_indices must hold 1..64 slots per row \(K\), got K=65"):
         _attn(c, torch.zeros(2, 10, 65, dtype=torch.int32))
+    with pytest.raises(ValueError, match="got K=0"):
+        _attn(c, torch.zeros(2, 10, 0, dtype=torch.int32))
     with pytest.raises(IndexError, match=r"topk_indices\[1, 4, 0\] = 1 is out of range"):
         t = torch.zeros(2, 10, 1, dtype=torch.int32)
         t[1, 4, 0] = 1                      # 20 keys = 1 block of 64
@@ -166,7 +168,7 @@ def test_topk_check_kernel_matches_torch_flags():
     """The one-pass GPU check (run here by Triton's interpreter) flags exactly the rows the
     torch check flags: out-of-range entries and repeated ids, any K, int32 and int64."""
     pytest.importorskip("triton")
-    from msa.ops.validate import topk_flags
+    from msa.ops.topk_check import topk_flags
     g = torch.Generator().manual_seed(0)
     for k, dtype in [(1, torch.int32), (5, torch.int64), (16, torch.int32), (64, torch.int32)]:
         limit = torch.randint(1, 80, (37,), generator=g)
@@ -188,7 +190,7 @@ def test_topk_check_kernel_matches_torch_flags():
             assert got == want, (k, dtype, case)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU check path needs CUDA")
+@pytest.mark.gpu
 def test_attention_rejects_bad_topk_on_gpu():
     """CUDA top-k ids go through the one-pass Triton check; the errors are the same."""
     c = {n: x.cuda() for n, x in _packed(dtype=torch.bfloat16).items()}

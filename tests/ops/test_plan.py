@@ -1,9 +1,9 @@
 """k->q planning: every valid (head, block, query, slot) edge exactly once, in order."""
 import pytest
 
-from brute import make_case
-from conftest import random_topk
-from msa.ops.prepare import block_rows, plan_chunks
+from tests.helpers.brute import make_case
+from tests.helpers import random_topk
+from msa.ops.plan import block_rows, plan_chunks
 
 
 @pytest.mark.parametrize("hs,chunk,qpi", [(2, 1000, 4), (1, 13, 3), (2, 7, 256)])

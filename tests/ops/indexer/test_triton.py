@@ -7,12 +7,11 @@ import torch
 pytest.importorskip("triton")
 
 import msa  # noqa: E402
-from brute import make_case  # noqa: E402
-from conftest import force_smallest_launch  # noqa: E402
+from tests.helpers.brute import make_case  # noqa: E402
+from tests.helpers import DEVICE, force_smallest_launch, plan_of  # noqa: E402
 from msa.ops.indexer.naive import indexer_reference  # noqa: E402
 from msa.ops.indexer.triton import indexer_topk, selected_lse  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 CASES = {
     # id: (q_lens, k_lens, frag, hi, block, topk)
@@ -34,7 +33,7 @@ def test_triton_indexer_matches_reference(name):
                                          topk=kk, scale=0.125)
     # random normal scores: no near-ties at this size, so the order is exact
     assert torch.equal(idx.cpu(), ref_idx.cpu())
-    lse = selected_lse(qi, ki, idx, c["seg"], block_size=block, scale=0.125)
+    lse = selected_lse(qi, ki, idx, plan_of(idx, c["seg"], block, hi), scale=0.125)
     assert not torch.isnan(lse).any()
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 
@@ -50,7 +49,8 @@ def test_selected_lse_smallest_launch(monkeypatch, name):
     qi, ki = c["qi"].to(DEVICE), c["ki"].to(DEVICE)
     ref_idx, ref_lse = indexer_reference(qi.double(), ki.double(), c["seg"], block_size=block,
                                          topk=kk, scale=0.125)
-    lse = selected_lse(qi, ki, ref_idx.to(DEVICE), c["seg"], block_size=block, scale=0.125)
+    idx = ref_idx.to(DEVICE)
+    lse = selected_lse(qi, ki, idx, plan_of(idx, c["seg"], block, hi), scale=0.125)
     assert not torch.isnan(lse).any()
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 

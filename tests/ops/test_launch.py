@@ -6,8 +6,8 @@ pytest.importorskip("triton")
 
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-from brute import make_case, rel_err  # noqa: E402
-from conftest import random_topk  # noqa: E402
+from tests.helpers.brute import make_case, rel_err  # noqa: E402
+from tests.helpers import plan_of, random_topk  # noqa: E402
 from msa.ops import launch  # noqa: E402
 from msa.ops.launch import launch_fitting, smaller_tiles  # noqa: E402
 
@@ -67,7 +67,7 @@ def test_no_fitting_configuration_raises_a_clear_error():
         launch_fitting(k, (1,), (out,), [], G_PAD=16)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU's resource limits")
+@pytest.mark.gpu
 def test_backward_falls_back_from_a_configuration_that_does_not_fit():
     """128 query rows x 3 stages need 233 KB of shared memory at D=128, more than any GPU
     allows (H100: 227 KB): the backward must fall back and still be right."""
@@ -82,7 +82,7 @@ def test_backward_falls_back_from_a_configuration_that_does_not_fit():
     out, lse = attention_forward_reference(q, k, v, topk, seg, block_size=128,
                                            scale=128 ** -0.5)
     dout = torch.randn_like(out)
-    got = sparse_attn_bwd(q, k, v, topk, seg, out, lse.float(), dout, block_size=128,
+    got = sparse_attn_bwd(q, k, v, topk, plan_of(topk, seg, 128, 1), out, lse.float(), dout,
                           scale=128 ** -0.5, block_q=8, num_stages=3)
     chosen = [i for key, i in launch._CHOICE.items() if key[0] == "sparse_attn_bwd_kernel"]
     assert len(chosen) == 1 and chosen[0] >= 1     # H100: {"BLOCK_Q": 8, "num_stages": 1}

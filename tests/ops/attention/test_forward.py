@@ -4,12 +4,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from brute import make_case, rel_err  # noqa: E402
-from conftest import force_launch, force_smallest_launch, random_topk  # noqa: E402
+from tests.helpers.brute import make_case, rel_err  # noqa: E402
+from tests.helpers import (DEVICE, force_launch, force_smallest_launch, plan_of,  # noqa: E402
+                           random_topk)
 from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 CASES = {
     # id: (q_lens, k_lens, frag, hq, hkv, d, block, K, Hs, q_per_item, query_chunk)
@@ -77,8 +76,8 @@ def _check_fp32(name):
     c, topk, (q, k, v) = _inputs(name, torch.float32)
     *_, block, _, _, qpi, qc = CASES[name]
     out, lse = _poisoned(q)
-    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=block, scale=q.shape[-1] ** -0.5,
-                    q_per_item=qpi, query_chunk=qc, out=out, lse=lse, query_major=False)
+    sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], block, k.shape[1], qc, qpi),
+                    scale=q.shape[-1] ** -0.5, out=out, lse=lse, query_major=False)
     ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
                                                c["seg"], block_size=block,
                                                scale=q.shape[-1] ** -0.5)
@@ -98,8 +97,8 @@ def _check_half(dtype, name):
     c, topk, (q, k, v) = _inputs(name, dtype)
     block, scale = CASES[name][6], q.shape[-1] ** -0.5
     out, lse = _poisoned(q)
-    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=block, scale=scale, out=out, lse=lse,
-                    query_major=False)
+    sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], block, k.shape[1]), scale=scale,
+                    out=out, lse=lse, query_major=False)
     ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
                                                c["seg"], block_size=block, scale=scale)
     # the official MSA tolerances (spec 5.7): out 3e-2, lse 1e-3 vs the fp32 reference
@@ -115,8 +114,8 @@ def test_empty_rows_give_zero_and_neg_inf(query_major):
     topk = torch.full((2, q.shape[0], 3), -1, dtype=torch.int32, device=DEVICE)
     topk[1, 5, 2] = 0
     out, lse = _poisoned(q)
-    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=64, scale=0.125, out=out, lse=lse,
-                    query_major=query_major)
+    sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], 64, 2), scale=0.125, out=out,
+                    lse=lse, query_major=query_major)
     assert torch.isfinite(lse[5, 2:]).all()
     mask = torch.ones_like(lse, dtype=torch.bool)
     mask[5, 2:] = False
@@ -139,7 +138,7 @@ def test_public_api_backend_triton_with_autograd():
 def test_fp32_head_dim_256_is_rejected_clearly():
     c, topk, (q, k, v) = _inputs("G8-D256-B128", torch.float32)
     with pytest.raises(NotImplementedError, match="head dim 128"):
-        sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=128, scale=0.0625)
+        sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], 128, 1), scale=0.0625)
 
 
 @pytest.mark.parametrize("name", ["G2-varlen-chunked-B64", "G16-D128-B64", "fragments-shared",
@@ -148,8 +147,8 @@ def test_query_major_kernel_matches_reference(name):
     c, topk, (q, k, v) = _inputs(name, torch.float32)
     block = CASES[name][6]
     out, lse = _poisoned(q)
-    sparse_attn_fwd(q, k, v, topk, c["seg"], block_size=block, scale=q.shape[-1] ** -0.5,
-                    out=out, lse=lse, query_major=True)
+    sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], block, k.shape[1]),
+                    scale=q.shape[-1] ** -0.5, out=out, lse=lse, query_major=True)
     ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
                                                c["seg"], block_size=block,
                                                scale=q.shape[-1] ** -0.5)
@@ -164,7 +163,7 @@ def test_forward_items_of_every_tile_count(q_per_item):
     Partials go to NaN-poisoned buffers: a tile left out, or rows written to slots not
     selected, show there."""
     from msa.ops.attention.forward import launch_combine, launch_partials
-    from msa.ops.prepare import block_rows, plan_chunks
+    from msa.ops.plan import block_rows, plan_chunks
     c = make_case((30,), (300,), hq=16, hkv=1, d=64, seed=5)
     topk = random_topk(c["seg"], 1, 3, 64, seed=5).to(DEVICE).int()
     q, k, v = (c[n].to(DEVICE) for n in "qkv")

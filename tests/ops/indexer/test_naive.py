@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import msa
-from brute import brute_indexer, make_case
+from tests.helpers.brute import brute_indexer, make_case
 
 CASES = {
     # id: (q_lens, k_lens, fragment_indices, block, topk)

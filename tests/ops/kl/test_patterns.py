@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from brute import make_case, rel_err  # noqa: E402
-from patterns import pattern_names, topk_pattern  # noqa: E402
+from tests.helpers import plan_of  # noqa: E402
+from tests.helpers.brute import make_case, rel_err  # noqa: E402
+from tests.helpers.patterns import pattern_names, topk_pattern  # noqa: E402
 from msa.ops.attention.backward import sparse_attn_bwd  # noqa: E402
 from msa.ops.attention.naive import (attention_backward_reference,  # noqa: E402
                                      attention_forward_reference)
@@ -49,7 +50,7 @@ def _kl_inputs_and_reference(name):
     seg, topk, x, block, scale = _case(name)
     q, k, v, qi, ki = (x[n] for n in ("q", "k", "v", "qi", "ki"))
     _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=scale)
-    ilse = selected_lse(qi, ki, topk, seg, block_size=block, scale=scale)
+    ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, block, qi.shape[1]), scale=scale)
     ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
                                block_size=block, scale=scale, index_scale=scale)
     return tlse, ilse, ref
@@ -60,9 +61,9 @@ def _kl_inputs_and_reference(name):
 def test_kl_backward_on_stress_pattern(name, deterministic):
     seg, topk, x, block, scale = _case(name)
     tlse, ilse, ref = _kl_inputs_and_reference(name)
-    got = indexer_kl_bwd(x["q"], x["k"], tlse, x["qi"], x["ki"], ilse, topk, seg,
-                         block_size=block, scale=scale, index_scale=scale,
-                         deterministic=deterministic, q_per_item=32)
+    got = indexer_kl_bwd(x["q"], x["k"], tlse, x["qi"], x["ki"], ilse, topk,
+                         plan_of(topk, seg, block, x["qi"].shape[1], None, 32), scale=scale,
+                         index_scale=scale, deterministic=deterministic)
     assert got[0] > 0
     _close(got, ref, 1e-5)
 
@@ -73,8 +74,8 @@ def test_attention_backward_on_stress_pattern(name):
     q, k, v = (x[n] for n in "qkv")
     out, lse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=scale)
     dout = torch.randn_like(out)
-    got = sparse_attn_bwd(q, k, v, topk, seg, out, lse.float(), dout, block_size=block,
-                          scale=scale, q_per_item=32)
+    got = sparse_attn_bwd(q, k, v, topk, plan_of(topk, seg, block, k.shape[1], None, 32), out,
+                          lse.float(), dout, scale=scale)
     ref = attention_backward_reference(q.double(), k.double(), v.double(), topk, seg,
                                        out.double(), lse.double(), dout.double(),
                                        block_size=block, scale=scale)

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 import msa
-from brute import brute_attention, make_case, rel_err
-from conftest import random_topk
+from tests.helpers.brute import brute_attention, make_case, rel_err
+from tests.helpers import random_topk
 
 SHAPES = {
     # id: (q_lens, k_lens, fragment_indices, hq, hkv, block, K)

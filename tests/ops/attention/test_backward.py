@@ -5,13 +5,11 @@ import torch
 pytest.importorskip("triton")
 
 import msa  # noqa: E402
-from brute import make_case, rel_err  # noqa: E402
-from conftest import force_smallest_launch, random_topk  # noqa: E402
+from tests.helpers.brute import make_case, rel_err  # noqa: E402
+from tests.helpers import DEVICE, force_smallest_launch, plan_of, random_topk  # noqa: E402
 from msa.ops.attention.backward import sparse_attn_bwd  # noqa: E402
 from msa.ops.attention.naive import (attention_backward_reference,  # noqa: E402
                                      attention_forward_reference)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 CASES = {
     # id: (q_lens, k_lens, frag, hq, hkv, d, block, K, Hs, q_per_item)
@@ -45,9 +43,8 @@ def _reference(c, topk, q, k, v, out, lse, dout, block, scale):
 @pytest.mark.parametrize("name", [n for n in CASES if "D256" not in n])
 def test_triton_backward_matches_reference_fp32(name, deterministic):
     c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case(name, torch.float32)
-    got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
-                          scale=scale, q_per_item=qpi, deterministic=deterministic,
-                          query_chunk=7)
+    got = sparse_attn_bwd(q, k, v, topk, plan_of(topk, c["seg"], block, k.shape[1], 7, qpi),
+                          out, lse, dout, scale=scale, deterministic=deterministic)
     ref = _reference(c, topk, q, k, v, out, lse, dout, block, scale)
     for a, r in zip(got, ref):
         assert not torch.isnan(a).any()
@@ -61,8 +58,8 @@ def test_triton_backward_smallest_launch_matches_reference(deterministic, monkey
     force_smallest_launch(monkeypatch, bwd)
     c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case("G2-varlen-split-items",
                                                                     torch.float32)
-    got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
-                          scale=scale, q_per_item=qpi, deterministic=deterministic)
+    got = sparse_attn_bwd(q, k, v, topk, plan_of(topk, c["seg"], block, k.shape[1], None, qpi),
+                          out, lse, dout, scale=scale, deterministic=deterministic)
     for a, r in zip(got, _reference(c, topk, q, k, v, out, lse, dout, block, scale)):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5)
 
@@ -73,8 +70,8 @@ def test_unselected_keys_get_exact_zero_gradients():
     topk[0, 40, 0] = 1                                  # segment 2, block 1 of KV head 0
     out, lse = attention_forward_reference(q, k, v, topk, c["seg"], block_size=block,
                                            scale=scale)
-    dq, dk, dv = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse.float(),
-                                 torch.randn_like(out), block_size=block, scale=scale)
+    dq, dk, dv = sparse_attn_bwd(q, k, v, topk, plan_of(topk, c["seg"], block, 2), out,
+                                 lse.float(), torch.randn_like(out), scale=scale)
     used = torch.zeros(k.shape[:2], dtype=torch.bool, device=DEVICE)
     base = c["seg"].k_base[2]
     used[base + 64:base + 128, 0] = True
@@ -91,8 +88,8 @@ def test_triton_backward_half_precision(dtype, name, det):
     """Half inputs (head dim 256 has no fp32 kernel: two 256-wide blocks exceed shared
     memory), fast and deterministic."""
     c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case(name, dtype)
-    got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
-                          scale=scale, q_per_item=qpi, deterministic=det)
+    got = sparse_attn_bwd(q, k, v, topk, plan_of(topk, c["seg"], block, k.shape[1], None, qpi),
+                          out, lse, dout, scale=scale, deterministic=det)
     ref = _reference(c, topk, q, k, v, out, lse, dout, block, scale)
     for a, r in zip(got, ref):
         assert a.dtype == dtype
@@ -123,9 +120,9 @@ def test_triton_backward_key_sub_blocks(block_n, deterministic):
     a tail block shorter than some sub-blocks."""
     c, topk, (q, k, v, out, lse, dout), block, scale, qpi = _case("one-token-docs-B128",
                                                                   torch.float32)
-    got = sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
-                          scale=scale, q_per_item=qpi, block_n=block_n,
-                          deterministic=deterministic, query_chunk=5)
+    got = sparse_attn_bwd(q, k, v, topk, plan_of(topk, c["seg"], block, k.shape[1], 5, qpi),
+                          out, lse, dout, scale=scale, block_n=block_n,
+                          deterministic=deterministic)
     ref = _reference(c, topk, q, k, v, out, lse, dout, block, scale)
     for a, r in zip(got, ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5)
@@ -134,20 +131,20 @@ def test_triton_backward_key_sub_blocks(block_n, deterministic):
 def test_deterministic_backward_is_bitwise_repeatable():
     c, topk, (q, k, v, out, lse, dout), block, scale, _ = _case("fragments-shared-kv",
                                                                 torch.bfloat16)
-    runs = [sparse_attn_bwd(q, k, v, topk, c["seg"], out, lse, dout, block_size=block,
-                            scale=scale, q_per_item=4, deterministic=True) for _ in range(2)]
+    runs = [sparse_attn_bwd(q, k, v, topk, plan_of(topk, c["seg"], block, 2, None, 4), out,
+                            lse, dout, scale=scale, deterministic=True) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
 def test_deterministic_sums_overlapping_fragments_in_separate_layers():
-    from msa.ops.attention.backward import _base_layers
+    from msa.ops.reduce import base_layers
     c = make_case((17, 41, 73), (149, 181, 259), hq=4, hkv=2, d=64,
                   fragment_indices=(0, 0, 1), seed=0)
-    bases, layers, n = _base_layers(c["seg"], "cpu")     # [0, 330) and [149, 589) overlap
+    bases, layers, n = base_layers(c["seg"], "cpu")     # [0, 330) and [149, 589) overlap
     assert bases.tolist() == [0, 149] and layers.tolist() == [0, 1] and n == 2
     c = make_case((5, 6), (100, 200), hq=4, hkv=2, d=64, seed=0)     # no fragments
-    assert _base_layers(c["seg"], "cpu")[2] == 1
+    assert base_layers(c["seg"], "cpu")[2] == 1
 
 
 def test_rowdot_matches_torch_on_strided_inputs():

@@ -1,0 +1,156 @@
+"""``PagedDecoder``: decode and multi-token decode over a paged cache, plan once per step,
+run once per layer.
+
+``plan()`` takes the step's request metadata (page table, lengths), validates it (it may
+synchronise) and copies it into preallocated device buffers; ``run()`` reads only those
+buffers, launches the fused kernels (``msa.ops.decode.triton.paged_decode``) and writes
+preallocated outputs: no host synchronisation and no allocation, so it can be captured
+in a CUDA graph once per batch size and replayed after each ``plan()``. One plan serves
+every layer of a step (the layers share the page table; ``msa.inference.PagedKVCache``
+does this for ``MSAttention`` stacks).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import MSAConfig
+
+
+class PagedDecoder:
+    """Decode / multi-token decode over a paged cache with a plan()/run() lifecycle.
+
+    Args:
+        config: MSA shapes (``block_size`` = page size, ``topk``, heads, dims, scales).
+        max_batch: most requests per step; num_q: query tokens per request (1..16);
+        max_pages: page-table width (pages of the longest request); dtype of q/k/v.
+        pages_per_program, index_stages: launch parameters of the index kernel (default:
+            enough programs for about two waves; 3 pipeline stages).
+
+    Buffers (views of the first ``B * Q`` rows are returned by ``run``): ``out
+    [max_batch*Q, Hq, D]``, ``lse [max_batch*Q, Hq]`` fp32, ``topk_indices
+    [Hi, max_batch*Q, K]`` int32, and the index scores and split partials.
+    """
+
+    def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,
+                 device, dtype=torch.bfloat16, pages_per_program: int = None,
+                 index_stages: int = 3):
+        from ..ops.decode.triton import partial_rows
+        from ..ops.triton_utils import next_pow2
+        if not isinstance(num_q, int) or not 1 <= num_q <= 16:
+            raise ValueError(f"num_q must be an int in [1, 16], got {num_q!r}")
+        if not isinstance(max_batch, int) or not isinstance(max_pages, int) or \
+                max_batch < 1 or max_pages < 1:
+            raise ValueError(f"max_batch and max_pages must be ints >= 1, got {max_batch!r}, "
+                             f"{max_pages!r}")
+        self.cfg, self.num_q, self.max_pages = config, num_q, max_pages
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        c = config
+        i32 = dict(dtype=torch.int32, device=self.device)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.page_table = torch.zeros(max_batch, max_pages, **i32)
+        self.seq_lens = torch.full((max_batch,), num_q, **i32)
+        rows = max_batch * num_q
+        self.block_max = torch.empty((rows, c.index_heads, max_pages), **f32)
+        self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
+        self.lse = torch.empty(rows, c.num_heads, **f32)
+        self.topk_indices = torch.empty(c.index_heads, rows, c.topk, **i32)
+        g_pad = max(16, next_pow2(c.num_heads // c.num_kv_heads))
+        prow = partial_rows(max_batch, num_q, c.num_kv_heads, c.topk)
+        self.partial_out = torch.empty(prow * g_pad * c.head_dim, **f32)
+        self.partial_lse = torch.empty(prow * g_pad, **f32)
+        self.batch, self.top_page = 0, -1
+        self.pages_per_program, self.index_stages = pages_per_program, index_stages
+
+    def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Validate (may synchronise) and copy request metadata into the run buffers.
+
+        page_table ``[B, <= max_pages]`` int32/int64 physical pages; seq_lens ``[B]``
+        cached tokens per request, queries included (``>= num_q``)."""
+        if not isinstance(page_table, torch.Tensor) or page_table.dim() != 2 or \
+                page_table.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"page_table must be a [B, pages] int32/int64 tensor, got "
+                             f"{_describe(page_table)}")
+        b, w = page_table.shape
+        if not 1 <= b <= self.page_table.shape[0] or w > self.max_pages:
+            raise ValueError(f"page_table {tuple(page_table.shape)} exceeds the planned "
+                             f"max_batch={self.page_table.shape[0]}, max_pages={self.max_pages}")
+        if not isinstance(seq_lens, torch.Tensor) or seq_lens.shape != (b,) or \
+                seq_lens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"seq_lens must be a [B={b}] int32/int64 tensor, got "
+                             f"{_describe(seq_lens)}")
+        lens = seq_lens.to(page_table.device).long()
+        bs = self.cfg.block_size
+        bad = ((lens < self.num_q) | (lens > w * bs)).nonzero()
+        if bad.numel():
+            r = int(bad[0])
+            raise ValueError(f"seq_lens[{r}]={int(lens[r])} must lie in [num_q={self.num_q}, "
+                             f"{w * bs}] (page_table width {w} x page {bs})")
+        used = torch.arange(w, device=page_table.device) < (-(-lens // bs)).view(-1, 1)
+        bad = ((page_table < 0) & used).any(1).nonzero()
+        if bad.numel():
+            raise IndexError(f"request {int(bad[0])}: page_table holds a negative page")
+        top = int(torch.where(used, page_table, -1).max())
+        self.page_table[:b, :w].copy_(page_table)
+        self.seq_lens[:b].copy_(seq_lens)
+        self.batch, self.top_page = b, top
+
+    def _check(self, q, qi, k_pages, v_pages, ki_pages) -> None:
+        """Shapes, dtypes and devices only (host metadata: no synchronisation)."""
+        c, rows = self.cfg, self.batch * self.num_q
+        want = {"q": (q, (rows, c.num_heads, c.head_dim)),
+                "qi": (qi, (rows, c.index_heads, c.index_dim)),
+                "k_pages": (k_pages, (None, c.num_kv_heads, c.block_size, c.head_dim)),
+                "v_pages": (v_pages, (None, c.num_kv_heads, c.block_size, c.head_dim)),
+                "ki_pages": (ki_pages, (None, c.block_size, c.index_dim))}
+        for name, (x, shape) in want.items():
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+            if x.dim() != len(shape) or any(w is not None and w != s
+                                            for w, s in zip(shape, x.shape)):
+                raise ValueError(f"{name} must be {list(shape)} (None: any), got "
+                                 f"{list(x.shape)}")
+            if x.device != self.device:
+                raise ValueError(f"{name} is on {x.device}, the decoder on {self.device}")
+            if x.stride(-1) != 1:
+                raise ValueError(f"{name} must be contiguous in its last dim")
+        if len({q.dtype, k_pages.dtype, v_pages.dtype, self.out.dtype}) != 1 or \
+                qi.dtype != ki_pages.dtype:
+            raise TypeError(f"dtypes must match: q/k_pages/v_pages/decoder "
+                            f"{q.dtype}/{k_pages.dtype}/{v_pages.dtype}/{self.out.dtype}, "
+                            f"qi/ki_pages {qi.dtype}/{ki_pages.dtype}")
+        pages = min(k_pages.shape[0], v_pages.shape[0], ki_pages.shape[0])
+        if self.top_page >= pages:
+            raise IndexError(f"page_table refers to page {self.top_page}, the pools hold "
+                             f"{pages} pages")
+
+    def run(self, q, qi, k_pages, v_pages, ki_pages):
+        """One decode step of one layer (no host synchronisation, no allocation).
+
+        q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major), pages
+        ``k_pages, v_pages [P, Hkv, page, D]``, ``ki_pages [P, page, Di]``.
+        Returns views of the preallocated ``out [B*Q, Hq, D]`` and
+        ``topk_indices [Hi, B*Q, K]`` (overwritten by the next ``run``).
+        """
+        from ..ops.decode.triton import paged_decode
+        c, b, nq = self.cfg, self.batch, self.num_q
+        if b == 0:
+            raise RuntimeError("call plan() before run()")
+        self._check(q, qi, k_pages, v_pages, ki_pages)
+        rows = b * nq
+        out, topk = self.out[:rows], self.topk_indices[:, :rows]
+        paged_decode(q, qi, k_pages, v_pages, ki_pages, self.page_table, self.seq_lens,
+                     batch=b, num_q=nq, max_pages=self.max_pages,
+                     block_max=self.block_max[:rows], topk_indices=topk, out=out,
+                     lse=self.lse[:rows], po=self.partial_out, pl=self.partial_lse,
+                     block_size=c.block_size, scale=c.scale, index_scale=c.index_scale,
+                     pages_per_program=self.pages_per_program,
+                     index_stages=self.index_stages)
+        return out, topk
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)} {x.dtype}"
+    return type(x).__name__

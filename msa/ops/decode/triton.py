@@ -1,0 +1,235 @@
+"""Triton fused paged decode and multi-token decode (``paged_decode``).
+
+Each of the ``B`` requests decodes ``Q`` query tokens (1: decode, 2..16: multi-token /
+speculative) at positions ``seq_len_b - Q + i``, against its paged cache (page = block,
+docs/semantics.md, "Paged layout"). ``paged_decode`` launches, with no host
+synchronisation and no allocation:
+
+1. ``paged_block_max_kernel``: grid (request, page split). Each program reads its pages
+   of index keys once through the page table and scores them for all ``Q x Hi`` query
+   rows of the request with one MMA per page, writing causal block maxima
+   ``M [B*Q, Hi, max_pages]`` (``-inf`` past the end).
+2. ``decode_topk_kernel``: top-k of ``M`` per (query, index head) with the reference rule
+   (score desc, id asc, local block last, ``-1`` padding) -> head-major
+   ``topk [Hi, B*Q, K]``.
+3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
+   the ``G`` query heads of the group are the MMA rows, each selected page is read
+   through the page table, online softmax; one split writes the output directly, more
+   splits write partials merged by ``paged_decode_combine_kernel`` (LSE combine).
+
+The plan/run lifecycle around it (validation, preallocated buffers, CUDA graphs) is
+``msa.inference.PagedDecoder``.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import triton
+import triton.language as tl
+
+from ..triton_utils import (LN2, LOG2E, dot, next_pow2, online_softmax_step, precision,
+                            rank_key, upcast)
+
+TARGET_PROGRAMS = 264           # about two waves on a 132-SM GPU
+
+
+@triton.jit
+def paged_block_max_kernel(
+        QI, KI, PAGE_TABLE, SEQ_LENS, M, scale, max_pages,
+        stride_qt, stride_qh, stride_kp, stride_kt, stride_tb, stride_mc, stride_mh,
+        NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
+        BS: tl.constexpr, PAGES: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    n = tl.load(SEQ_LENS + b)
+    offs_r = tl.arange(0, ROWS)
+    i = offs_r // HI
+    h = offs_r % HI
+    rmask = offs_r < NQ * HI
+    pos = n - NQ + i
+    qrow = (b * NQ + i).to(tl.int64)
+    offs_n = tl.arange(0, BS)
+    offs_d = tl.arange(0, DI)
+    qi = tl.load(QI + qrow[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    m_off = qrow * stride_mc + h * stride_mh
+    for jj in range(PAGES):                 # predicated (not branched): pipelined loads
+        j = tl.program_id(1) * PAGES + jj
+        live = j * BS < n                   # pages past the end: no loads, M = -inf
+        page = tl.load(PAGE_TABLE + b * stride_tb + j, mask=live, other=0).to(tl.int64)
+        ki = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :],
+                     mask=live, other=0.0)
+        s = dot(qi, tl.trans(ki), PRECISION, UPCAST) * scale
+        s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
+        tl.store(M + m_off + j, tl.max(s, 1), mask=rmask & (j < max_pages))
+
+
+@triton.jit
+def decode_topk_kernel(M, SEQ_LENS, TOPK, stride_mc, stride_mh, stride_th, stride_tq,
+                       max_pages, NQ: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr,
+                       KSEL_PAD: tl.constexpr, NB_PAD: tl.constexpr):
+    """Top-k of one (query row, index head) from its block maxima, the reference rule:
+    ``min(K-1, local)`` earlier blocks by score desc / id asc, then ``local``, then -1."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    local = (tl.load(SEQ_LENS + c // NQ) - NQ + (c % NQ)) // BS
+    idx = tl.arange(0, NB_PAD)
+    m = tl.load(M + c * stride_mc + h * stride_mh + idx, mask=idx < max_pages,
+                other=float("-inf"))
+    m = rank_key(m)                                             # NaN lowest, -0 == +0
+    key = tl.where(idx < local, m, float("-inf"))               # earlier blocks only
+    offs_k = tl.arange(0, KSEL_PAD)
+    out = tl.full((KSEL_PAD,), -1, dtype=tl.int32)
+    for r in range(KSEL - 1):
+        best = tl.max(key, 0)
+        pick = tl.min(tl.where(key == best, idx, NB_PAD), 0)   # ties: smaller id
+        pick = tl.where(best > float("-inf"), pick, -1)
+        out = tl.where(offs_k == r, pick, out)
+        key = tl.where(idx == pick, float("-inf"), key)
+    n_ranked = tl.minimum(local, KSEL - 1)
+    out = tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, out))
+    tl.store(TOPK + h * stride_th + c * stride_tq + offs_k, out, mask=offs_k < KSEL)
+
+
+@triton.jit
+def paged_decode_attn_kernel(
+        Q, K, V, TOPK, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, scale_log2,
+        stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
+        stride_tb, stride_ot, stride_oh, stride_lt,
+        NQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
+        G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr,
+        PER_SPLIT: tl.constexpr, NSPLIT: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    b = c // NQ
+    pos = tl.load(SEQ_LENS + b) - NQ + (c % NQ)
+    hs = h if HS > 1 else 0
+    offs_g = tl.arange(0, G_PAD)
+    offs_n = tl.arange(0, BS)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    qt = tl.load(Q + c * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                 mask=gmask[:, None], other=0.0)
+    m_i = tl.zeros((G_PAD,), dtype=tl.float32) - float("inf")
+    l_i = tl.zeros((G_PAD,), dtype=tl.float32)
+    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
+    for jj in range(PER_SPLIT):
+        j = sp * PER_SPLIT + jj
+        blk = tl.load(TOPK + hs * stride_th + c * stride_tq + j, mask=j < KSEL, other=-1)
+        if (blk >= 0) & (blk * BS <= pos):
+            page = tl.load(PAGE_TABLE + b * stride_tb + blk).to(tl.int64)
+            kmask = blk * BS + offs_n <= pos
+            off = page * stride_kp + h * stride_kh + offs_n[:, None] * stride_kt + \
+                offs_d[None, :]
+            kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
+            vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
+            m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i, acc,
+                                                scale_log2, PRECISION, UPCAST, True)
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
+    if NSPLIT == 1:
+        tl.store(OUT + c * stride_ot + (h * G + offs_g)[:, None] * stride_oh
+                 + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None])
+        tl.store(LSE + c * stride_lt + h * G + offs_g, lse, mask=gmask)
+    else:
+        base = ((c * HKV + h) * NSPLIT + sp) * G_PAD + offs_g
+        tl.store(PO + base[:, None] * D + offs_d[None, :], out)
+        tl.store(PL + base, lse)
+
+
+@triton.jit
+def paged_decode_combine_kernel(PO, PL, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                                HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                                D: tl.constexpr, NSPLIT: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid // HKV
+    h = pid % HKV
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    base = pid * NSPLIT * G_PAD
+    m = tl.zeros((G_PAD,), dtype=tl.float32) - float("inf")
+    for s in range(NSPLIT):
+        m = tl.maximum(m, tl.load(PL + base + s * G_PAD + offs_g))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    wsum = tl.zeros((G_PAD,), dtype=tl.float32)
+    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
+    for s in range(NSPLIT):
+        w = tl.exp(tl.load(PL + base + s * G_PAD + offs_g) - m_safe)
+        wsum += w
+        acc += w[:, None] * tl.load(PO + (base + s * G_PAD + offs_g)[:, None] * D
+                                    + offs_d[None, :])
+    gmask = offs_g < G
+    tl.store(OUT + c * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             (acc / tl.maximum(wsum, 1e-30)[:, None]).to(OUT.dtype.element_ty),
+             mask=gmask[:, None])
+    tl.store(LSE + c * stride_lt + h * G + offs_g,
+             tl.where(wsum > 0, m_safe + tl.log(wsum), float("-inf")), mask=gmask)
+
+
+def decode_splits(rows: int, hkv: int, ksel: int) -> Tuple[int, int]:
+    """``(nsplit, per_split)``: the K selected blocks of each (query, KV head) split over
+    enough programs for about two waves (``TARGET_PROGRAMS``)."""
+    nsplit = max(1, min(ksel, TARGET_PROGRAMS // (rows * hkv)))
+    per_split = -(-ksel // nsplit)
+    return -(-ksel // per_split), per_split
+
+
+def partial_rows(max_batch: int, num_q: int, hkv: int, ksel: int) -> int:
+    """Rows of the split partial buffers any batch up to ``max_batch`` needs
+    (``rows * hkv * nsplit``)."""
+    return max(b * num_q * hkv * decode_splits(b * num_q, hkv, ksel)[0]
+               for b in range(1, max_batch + 1))
+
+
+def paged_decode(q, qi, k_pages, v_pages, ki_pages, page_table, seq_lens, *, batch: int,
+                 num_q: int, max_pages: int, block_max, topk_indices, out, lse, po, pl,
+                 block_size: int, scale: float, index_scale: float,
+                 pages_per_program: int = None, index_stages: int = 3) -> None:
+    """One decode step of one layer into preallocated buffers (no host synchronisation,
+    no allocation: capturable in a CUDA graph).
+
+    q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major), pages
+    ``k_pages, v_pages [P, Hkv, page, D]``, ``ki_pages [P, page, Di]``; page_table
+    ``[>=B, max_pages]`` int32, seq_lens ``[>=B]`` int32 (queries included). Writes
+    block_max ``[B*Q, Hi, max_pages]`` fp32, topk_indices ``[Hi, B*Q, K]`` int32, out
+    ``[B*Q, Hq, D]``, lse ``[B*Q, Hq]`` fp32; po / pl: split partials of at least
+    ``partial_rows`` rows x ``G_pad * D`` / ``G_pad`` fp32.
+    """
+    b, nq = batch, num_q
+    rows = b * nq
+    hi, ksel = topk_indices.shape[0], topk_indices.shape[2]
+    hq, d = q.shape[1], q.shape[2]
+    hkv = k_pages.shape[1]
+    g = hq // hkv
+    prec, up = precision(q.dtype), upcast(q.dtype)
+    per = pages_per_program or \
+        max(1, min(16, next_pow2(-(-b * max_pages // TARGET_PROGRAMS))))
+    paged_block_max_kernel[(b, triton.cdiv(max_pages, per))](
+        qi, ki_pages, page_table, seq_lens, block_max, index_scale, max_pages,
+        qi.stride(0), qi.stride(1), ki_pages.stride(0), ki_pages.stride(1),
+        page_table.stride(0), block_max.stride(0), block_max.stride(1),
+        NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
+        BS=block_size, PAGES=per, PRECISION=prec, UPCAST=up, num_warps=4,
+        num_stages=index_stages)
+    nb_pad = next_pow2(max_pages)
+    decode_topk_kernel[(rows, hi)](
+        block_max, seq_lens, topk_indices, block_max.stride(0), block_max.stride(1),
+        topk_indices.stride(0), topk_indices.stride(1), max_pages, NQ=nq, BS=block_size,
+        KSEL=ksel, KSEL_PAD=next_pow2(ksel), NB_PAD=nb_pad,
+        num_warps=8 if nb_pad > 4096 else 4)
+    nsplit, per_split = decode_splits(rows, hkv, ksel)
+    g_pad = max(16, next_pow2(g))
+    paged_decode_attn_kernel[(rows, hkv, nsplit)](
+        q, k_pages, v_pages, topk_indices, page_table, seq_lens, out, lse, po, pl,
+        scale * LOG2E, q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1),
+        k_pages.stride(2), topk_indices.stride(0), topk_indices.stride(1),
+        page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        NQ=nq, HKV=hkv, HS=hi, G=g, G_PAD=g_pad, D=d, BS=block_size,
+        KSEL=ksel, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,
+        num_warps=4)
+    if nsplit > 1:
+        paged_decode_combine_kernel[(rows * hkv,)](
+            po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0),
+            HKV=hkv, G=g, G_PAD=g_pad, D=d, NSPLIT=nsplit, num_warps=4)

@@ -1,0 +1,345 @@
+"""k->q planning for the KV-outer kernels: who selected which KV block
+(docs/semantics.md, "KV-outer planning").
+
+For a chunk of queries ``[q0, q1)`` and top-k ``[Hs, total_q, K]`` it builds, on the
+device:
+
+* the *edge list* (CSR): one edge per valid (KV head ``h``, query ``q``, slot ``j``),
+  sorted by (``h``, KV block row, ``q``): ``edge_q [E]`` (query index relative to ``q0``)
+  and ``edge_slot [E]``;
+* the *work list*: each non-empty (``h``, block row) cut into items of at most
+  ``q_per_item`` edges, largest first: ``item_h, item_krow`` (packed row of the block's
+  first key), ``item_t0`` (key offset of that row in its segment), ``item_nk`` (keys
+  present, < block on a partial tail), ``item_e0, item_e1`` (edge range).
+
+A KV block row is (segment ``b``, level ``L``), numbered segment-major. An entry is valid
+iff ``0 <= L < ceil(k_len_b / block)``; selected blocks after the query are kept here and
+masked causally in the kernel. One host synchronisation (the item count per chunk) sizes
+the work lists; ``plan_chunks`` plans many query chunks with one sort.
+
+``SparsePlan`` bundles all of it for one selection and is made once: the indexer's
+selected-LSE pass, the attention forward and backward and the indexer-KL backward of a
+training step share it (``sparse_plan`` finds it again from the top-k tensor).
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..varlen import Segments, host_to_device, query_positions
+
+
+@dataclass
+class BlockRows:
+    """Per-query and per-row geometry of a segment layout, on the device.
+
+    q_pos, q_nblocks, q_rowbase, q_kbase: ``[total_q]`` int32/int64 position, blocks in
+    the query's segment, first global block row of its segment, packed row of its key 0.
+    row_krow, row_t0, row_nk: ``[total_rows]`` packed first key row, key offset, keys.
+    """
+
+    q_pos: torch.Tensor
+    q_nblocks: torch.Tensor
+    q_rowbase: torch.Tensor
+    q_kbase: torch.Tensor
+    row_krow: torch.Tensor
+    row_t0: torch.Tensor
+    row_nk: torch.Tensor
+    total_rows: int
+    block_size: int
+
+
+def block_rows(seg: Segments, block_size: int, device) -> BlockRows:
+    """Built on ``device`` from the per-segment numbers (one pinned copy, no host sync)."""
+    nseg = seg.num_segments
+    nb = [seg.num_blocks(b, block_size) for b in range(nseg)]
+    rowbase = [0]
+    for n in nb:
+        rowbase.append(rowbase[-1] + n)
+    nrows = rowbase[-1]
+    per = host_to_device([nb, rowbase[:-1], seg.q_start, seg.q_len, seg.k_base, seg.k_len],
+                         device) if nseg else torch.zeros((6, 0), dtype=torch.int64,
+                                                          device=device)
+    nb_t, rb_t, qs_t, ql_t, kb_t, kl_t = per.unbind(0)
+    ids = torch.arange(nseg, device=device)
+    q_seg = torch.repeat_interleave(ids, ql_t, output_size=seg.total_q)
+    q_pos = query_positions(q_seg, qs_t, ql_t, kl_t)
+    row_seg = torch.repeat_interleave(ids, nb_t, output_size=nrows)
+    t0 = (torch.arange(nrows, device=device) - rb_t[row_seg]) * block_size
+    krow = kb_t[row_seg] + t0
+    nk = torch.clamp(kl_t[row_seg] - t0, max=block_size)
+    return BlockRows(q_pos.to(torch.int32), nb_t[q_seg], rb_t[q_seg], kb_t[q_seg], krow,
+                     t0.to(torch.int32), nk.to(torch.int32), nrows, block_size)
+
+
+def query_tiles(seg: Segments, block_t: int, device):
+    """Query tiles that stay inside one segment, heaviest (latest) first: ``q0, n, kbase,
+    off`` ``[tiles]`` int32 (built on ``device``, no host sync)."""
+    nseg = seg.num_segments
+    ntiles = [-(-ql // block_t) for ql in seg.q_len]
+    total = sum(ntiles)
+    if not total:
+        return [torch.zeros(0, dtype=torch.int32, device=device) for _ in range(4)]
+    first = list(itertools.accumulate([0] + ntiles[:-1]))
+    per = host_to_device([seg.q_start, seg.q_len, seg.k_base, seg.k_len, ntiles, first],
+                         device)
+    q_start, q_len, k_base, k_len, nt, first_t = per.unbind(0)
+    sid = torch.repeat_interleave(torch.arange(nseg, device=device), nt, output_size=total)
+    t = (torch.arange(total, device=device) - first_t[sid]) * block_t
+    off = (k_len - q_len)[sid] + t
+    tiles = torch.stack((q_start[sid] + t, torch.clamp(q_len[sid] - t, max=block_t),
+                         k_base[sid], off))
+    order = torch.argsort(-off, stable=True)
+    # own copies: row views at odd offsets would compile unaligned kernel variants
+    return [x.clone() for x in tiles[:, order].to(torch.int32).unbind(0)]
+
+
+# kernel parameters that receive a plan's item arrays (slices of one allocation: their
+# kernels must not specialise on pointer alignment, see ``plan_chunks``)
+ITEM_FIELDS = ("ITEM_H", "ITEM_KROW", "ITEM_T0", "ITEM_NK", "ITEM_E0", "ITEM_E1")
+
+
+@dataclass
+class Plan:
+    edge_q: torch.Tensor
+    edge_slot: torch.Tensor
+    item_h: torch.Tensor
+    item_krow: torch.Tensor
+    item_t0: torch.Tensor
+    item_nk: torch.Tensor
+    item_e0: torch.Tensor
+    item_e1: torch.Tensor
+
+    num_heads: int = 1
+
+    @property
+    def num_items(self) -> int:
+        return self.item_h.numel()
+
+
+def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
+                hkv: int, q_per_item: int) -> List[Tuple[int, int, Plan]]:
+    """Plans of the query chunks ``[c, c + chunk)`` covering ``[q0, q1)``, built at once.
+
+    topk: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per chunk; edge
+    query indices are relative to the chunk start ``c0``. One sort and one host
+    synchronisation serve all chunks.
+    """
+    t = topk[:, q0:q1].long()
+    hs, nq, kk = t.shape
+    nrow = rows.total_rows
+    valid = (t >= 0) & (t < rows.q_nblocks[q0:q1].view(1, -1, 1))
+    q_rel = torch.arange(nq, device=t.device)
+    cid = (q_rel // chunk).view(1, -1, 1)
+    heads = torch.arange(hkv, device=t.device).view(-1, 1, 1)
+    nkeys = -(-nq // chunk) * hkv * nrow
+    if nkeys == 0:                                          # no queries (or no key rows)
+        return []
+    key = (cid * hkv + heads) * nrow + rows.q_rowbase[q0:q1].view(1, -1, 1) + t
+    key = torch.where(valid, key, torch.full_like(key, nkeys)).expand(hkv, nq, kk)
+    if nkeys < 2 ** 31 - 1:
+        key = key.to(torch.int32)                           # 4-byte radix sort
+    skey, perm = torch.sort(key.reshape(-1), stable=True)   # q ascending within a row
+    # invalid entries (key nkeys) sort last; no item's edge range reaches them
+    q_of_edge = (perm // kk) % nq
+    edge_q = (q_of_edge % chunk).to(torch.int32)
+    edge_slot = (perm % kk).to(torch.int32)
+    # keys are sorted: row boundaries by binary search (a histogram of sorted keys
+    # serialises on its atomics: 0.9 of the 2.3 ms of planning at 128K on an H100)
+    bounds = torch.searchsorted(skey, torch.arange(nkeys + 1, device=t.device,
+                                                   dtype=skey.dtype))
+    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+    nsplit = (counts + q_per_item - 1) // q_per_item
+    per_chunk = nsplit.view(-1, hkv * nrow).sum(1)
+    # items are built for an upper bound of their count (sum ceil(c / q) <= E / q + keys),
+    # so that the only host sync comes after every planning kernel is queued
+    bound = nkeys + key.numel() // q_per_item + 1
+    last = torch.cumsum(nsplit, 0)                            # one past each key's items
+    idx = torch.arange(bound, device=t.device)
+    item_key = torch.searchsorted(last, idx, right=True)      # nkeys: past the last item
+    real = item_key < nkeys
+    item_key = torch.clamp(item_key, max=nkeys - 1)
+    within = idx - (last - nsplit)[item_key]
+    e0 = starts[item_key] + within * q_per_item
+    e1 = torch.minimum(e0 + q_per_item, starts[item_key] + counts[item_key])
+    # chunk-major, largest items first inside a chunk, the spare entries after all
+    item_chunk = torch.where(real, item_key // (hkv * nrow), -(-nq // chunk))
+    size = torch.where(real, e1 - e0, 0)
+    order = torch.argsort(item_chunk * (q_per_item + 1) + (q_per_item - size), stable=True)
+    item_key, e0, e1 = item_key[order], e0[order], e1[order]
+    row = item_key % nrow
+    head = ((item_key // nrow) % hkv).to(torch.int32)
+    krow, t0, nk = rows.row_krow[row], rows.row_t0[row], rows.row_nk[row]
+    e0, e1 = e0.to(torch.int32), e1.to(torch.int32)
+    per_chunk_host = per_chunk.tolist()                       # the one host sync
+    plans, i0 = [], 0
+    for c, n in enumerate(per_chunk_host):
+        # views: the kernels read item fields as scalars and do not specialise their
+        # pointers on alignment, so slices at odd offsets compile no new variants
+        item = [x[i0:i0 + n] for x in (head, krow, t0, nk, e0, e1)]
+        c0 = q0 + c * chunk
+        plans.append((c0, min(q1, c0 + chunk), Plan(edge_q, edge_slot, *item, hkv)))
+        i0 += n
+    return plans
+
+
+def plan_chunk(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, hkv: int,
+               q_per_item: int) -> Plan:
+    """Edges and work items of queries ``[q0, q1)`` as one chunk (see ``plan_chunks``)."""
+    return plan_chunks(topk, rows, q0, q1, max(1, q1 - q0), hkv, q_per_item)[0][2]
+
+
+# queries per chunk: a plan's chunks bound every consumer's per-chunk buffers (partial
+# outputs, dQ slots); consumers ask for at most the chunk their budget allows
+PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
+
+
+@dataclass(eq=False)
+class SparsePlan:
+    """Everything the KV-outer kernels need about one selection, built once.
+
+    seg: segment geometry; block_size; heads: KV heads the work items serve (the
+    selection's ``Hs`` is ``heads`` or 1); rows: ``BlockRows``; chunk: queries per chunk;
+    q_per_item; ``chunks``: ``[(q0, q1, Plan)]`` covering all queries, built on first use
+    (one sort and one host synchronisation per ``PLAN_GROUP_QUERIES`` queries; the
+    few-query kernels read only ``rows``). The plan refers to its selection weakly (it is
+    remembered *with* the tensor, which must stay free to die); ``indices(topk)`` is the
+    int32 contiguous form the kernels read.
+    """
+
+    seg: Segments
+    block_size: int
+    heads: int
+    rows: BlockRows
+    chunk: int
+    q_per_item: int
+    _topk: Callable[[], Optional[torch.Tensor]] = field(repr=False)
+    _converted: Optional[torch.Tensor] = field(default=None, repr=False)
+    _chunks: Optional[list] = field(default=None, repr=False)
+
+    def indices(self, topk: torch.Tensor) -> torch.Tensor:
+        """``topk`` as the kernels read it: ``[Hs, total_q, K]`` int32 contiguous."""
+        return topk if self._converted is None else self._converted
+
+    @property
+    def chunks(self) -> List[Tuple[int, int, Plan]]:
+        if self._chunks is None:
+            idx = self._converted if self._converted is not None else self._topk()
+            if idx is None:
+                raise RuntimeError("the selection of this plan no longer exists")
+            total_q, out, c = self.seg.total_q, [], self.chunk
+            group = max(c, PLAN_GROUP_QUERIES // c * c)
+            for s0 in range(0, total_q, group):
+                out += plan_chunks(idx, self.rows, s0, min(total_q, s0 + group), c,
+                                   self.heads, self.q_per_item)
+            self._chunks = out
+        return self._chunks
+
+
+def build_plan(topk: torch.Tensor, seg: Segments, *, block_size: int, heads: int,
+               chunk: int, q_per_item: int = 256) -> SparsePlan:
+    """A new ``SparsePlan`` of ``topk [Hs, total_q, K]`` (its rows now, its chunks on
+    first use)."""
+    idx = topk if topk.dtype == torch.int32 and topk.is_contiguous() else \
+        topk.to(torch.int32).contiguous()
+    rows = block_rows(seg, block_size, topk.device)
+    return SparsePlan(seg, block_size, heads, rows, max(1, chunk), q_per_item,
+                      weakref.ref(topk), None if idx is topk else idx)
+
+
+# Per-chunk buffer budgets of the plan's consumers: the chunk of a shared plan is the
+# smallest of their limits, so every consumer can walk it.
+PARTIAL_BUDGET_BYTES = 6 << 30    # forward: partial outputs and LSEs
+SLOT_BUDGET_BYTES = 4 << 30       # backward dQ slots; deterministic KL dqi slots
+LSE_BUDGET_BYTES = 1 << 30        # selected-LSE pass: partial LSEs
+
+
+def forward_chunk(hq: int, d: int, itemsize: int, ksel: int) -> int:
+    """Queries per chunk of the forward: ``Hq * K`` partial rows of ``D`` values + LSE."""
+    return max(1, PARTIAL_BUDGET_BYTES // (hq * ksel * (d * itemsize + 4)))
+
+
+def backward_block_n(d: int, block_size: int) -> int:
+    """Keys per backward program: the whole block for D <= 128, 64 for D = 256."""
+    return min(block_size, 128 if d <= 128 else 64)
+
+
+def backward_chunk(hq: int, d: int, itemsize: int, ksel: int, nsub: int) -> int:
+    """Queries per chunk of the backward: one dQ slot row of ``D`` per (query head, slot,
+    key sub-block)."""
+    return max(1, SLOT_BUDGET_BYTES // (hq * ksel * nsub * d * itemsize))
+
+
+def kl_chunk(hi: int, di: int, ksel: int, deterministic: bool) -> int:
+    """Queries per chunk of the indexer-KL backward: unbounded (fp32 atomics) or,
+    deterministic, fp32 ``dqi`` slots per (index head, slot)."""
+    return max(1, SLOT_BUDGET_BYTES // (hi * ksel * di * 4)) if deterministic else 1 << 62
+
+
+def lse_chunk(hi: int, ksel: int) -> int:
+    """Queries per chunk of the selected-LSE pass (fp32 partial LSEs)."""
+    return max(1, LSE_BUDGET_BYTES // (hi * ksel * 4))
+
+
+def training_chunk(q: torch.Tensor, ksel: int, block_size: int, hi: int, di: int,
+                   deterministic: bool) -> int:
+    """The chunk one plan needs to serve a whole training step: selected LSE, forward,
+    indexer KL and backward (``q [total_q, Hq, D]``)."""
+    hq, d, isz = q.shape[1], q.shape[2], q.dtype.itemsize
+    nsub = -(-block_size // backward_block_n(d, block_size))
+    return min(forward_chunk(hq, d, isz, ksel), backward_chunk(hq, d, isz, ksel, nsub),
+               kl_chunk(hi, di, ksel, deterministic), lse_chunk(hi, ksel))
+
+
+# top-k tensor id -> (weak reference, version, trusted, plans); an entry lives as long as
+# its tensor (a plan saved for the backward lives until the backward has run)
+_REGISTRY: Dict[int, list] = {}
+
+
+def _entry(topk: torch.Tensor, create: bool):
+    if topk.is_inference():                 # no version counter: never remembered
+        return None
+    key = id(topk)
+    e = _REGISTRY.get(key)
+    if e is not None and (e[0]() is not topk or e[1] != topk._version):
+        e = None
+    if e is None and create:
+        e = [weakref.ref(topk, lambda _, key=key: _REGISTRY.pop(key, None)), topk._version,
+             False, []]
+        _REGISTRY[key] = e
+    return e
+
+
+def mark_trusted(topk: torch.Tensor) -> None:
+    """Record that ``topk`` was produced by the library (valid by construction): it is
+    not validated again while it is not modified in place."""
+    e = _entry(topk, True)
+    if e is not None:
+        e[2] = True
+
+
+def is_trusted(topk: torch.Tensor) -> bool:
+    e = _entry(topk, False)
+    return e is not None and e[2]
+
+
+def sparse_plan(topk: torch.Tensor, seg: Segments, *, block_size: int, heads: int,
+                max_chunk: int, q_per_item: int = 256) -> SparsePlan:
+    """The plan of selection ``topk [Hs, total_q, K]`` served to ``heads`` KV heads, with
+    chunks of at most ``max_chunk`` queries: the one made earlier for this very tensor
+    (not modified since) when it fits, else a new one (remembered with the tensor)."""
+    e = _entry(topk, True)
+    for p in (e[3] if e is not None else ()):
+        if p.block_size == block_size and p.heads == heads and p.chunk <= max_chunk and \
+                p.q_per_item == q_per_item and p.seg == seg:
+            return p
+    plan = build_plan(topk, seg, block_size=block_size, heads=heads, chunk=max_chunk,
+                      q_per_item=q_per_item)
+    if e is not None:
+        e[3] = [p for p in e[3] if not (p.block_size == block_size and p.heads == heads)]
+        e[3].append(plan)
+    return plan

@@ -1,0 +1,94 @@
+"""Helpers shared by the Triton kernels of every op (imported by kernel modules only).
+
+* ``INTERPRETER``: kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``);
+* ``LOG2E``: softmax runs in base 2, ``exp(x) = exp2(x * LOG2E)``;
+* ``next_pow2``: padded sizes for ``tl.arange``;
+* ``precision(dtype)`` and ``upcast(dtype)``: the ``dot`` flags of a kernel's input dtype;
+* ``dot``: ``tl.dot`` with those flags;
+* ``online_softmax_step``: one key block of an online softmax;
+* ``rank_key``: the block-score key of the top-k rule (docs/semantics.md, "Selection");
+* ``load_item`` / ``query_program``: a KV-outer work item, a per-(query, KV head) program.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two ``>= x`` (1 for ``x <= 1``)."""
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs, tensor cores else."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """Triton 3.6's interpreter computes bf16 dots wrongly: upcast there only."""
+    return INTERPRETER and dtype == torch.bfloat16
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with fp32 accumulation (``precision`` / ``upcast`` flags)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def online_softmax_step(qt, kt, vt, kmask, m_i, l_i, acc, scale_log2,
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
+    """One key block of an online softmax in base 2.
+
+    Rows ``qt [M, D]`` against keys ``kt [N, D]`` (``kmask [M, N]`` or ``[1, N]``: allowed)
+    and values ``vt [N, D]``; running row max ``m_i`` (``-inf`` until a key is seen), sum
+    ``l_i`` of ``exp2(s - m_i)`` and unnormalised output ``acc [M, D]``. Rows with nothing
+    allowed so far keep ``m_i = -inf``, ``l_i = 0``, ``acc = 0``. ``HAS_V=False`` skips
+    the values (LSE only).
+    """
+    s = dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
+    s = tl.where(kmask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_V:
+        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def rank_key(m):
+    """Block max -> ranking key of the top-k rule: NaN ranks below every number, -0 as +0
+    (ties are then broken by the smaller block id by the caller)."""
+    m = tl.where(m != m, -3.4028234663852886e38, m)
+    return tl.where(m == 0.0, 0.0, m)
+
+
+@triton.jit
+def load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, pid):
+    """Work item ``pid`` of a plan: (head, first key row, key offset, keys, edge range)."""
+    return (tl.load(ITEM_H + pid), tl.load(ITEM_KROW + pid).to(tl.int64),
+            tl.load(ITEM_T0 + pid), tl.load(ITEM_NK + pid), tl.load(ITEM_E0 + pid),
+            tl.load(ITEM_E1 + pid))
+
+
+@triton.jit
+def query_program(q0, HKV: tl.constexpr, HS: tl.constexpr):
+    """A per-(query, KV head) program's query (chunk-relative ``ql``, global ``qg``), KV
+    head ``h`` and top-k head ``hs``."""
+    pid = tl.program_id(0)
+    ql = (pid // HKV).to(tl.int64)
+    h = pid % HKV
+    return ql, q0 + ql, h, h if HS > 1 else 0

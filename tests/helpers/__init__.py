@@ -1,0 +1,54 @@
+"""Test helpers: random selections, forced launch configurations, plans (oracles in
+``brute.py``, stress selections in ``patterns.py``)."""
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_topk(seg, heads, k, block, seed=0, p_empty=0.2, future=True):
+    """``[heads, total_q, k]`` int32 of unique random block ids (some -1, order random).
+
+    With ``future=False`` ids are limited to blocks at or before the query's local block.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((heads, seg.total_q, k), -1, dtype=torch.int32)
+    for b in range(seg.num_segments):
+        nb = seg.num_blocks(b, block)
+        for i in range(seg.q_len[b]):
+            pos = seg.k_len[b] - seg.q_len[b] + i
+            limit = nb if future else pos // block + 1
+            for h in range(heads):
+                n = min(k, limit)
+                ids = torch.randperm(limit, generator=g)[:n]
+                keep = torch.rand(n, generator=g) >= p_empty
+                ids = torch.where(keep, ids, torch.full_like(ids, -1))
+                slots = torch.randperm(k, generator=g)[:n]
+                out[h, seg.q_start[b] + i, slots] = ids.to(torch.int32)
+    return out
+
+
+def plan_of(topk, seg, block, heads, chunk=None, q_per_item=256):
+    """A fresh ``SparsePlan`` of ``topk`` (chunks of ``chunk`` queries, default all)."""
+    from msa.ops.plan import build_plan
+    return build_plan(topk, seg, block_size=block, heads=heads,
+                      chunk=chunk or max(1, seg.total_q), q_per_item=q_per_item)
+
+
+def force_launch(monkeypatch, module, choose):
+    """Make ``module``'s kernels launch with the one configuration ``choose(configs)``
+    picks from their fallback list (``msa.ops.launch``). Returns the list of the
+    configurations used, one per launch."""
+    from msa.ops import launch
+    used = []
+
+    def forced(kernel, grid, args, configs, **fixed):
+        used.append(choose(configs))
+        return launch.launch_fitting(kernel, grid, args, used[-1:], **fixed)
+    monkeypatch.setattr(module, "launch_fitting", forced)
+    return used
+
+
+def force_smallest_launch(monkeypatch, module):
+    """Make ``module``'s kernels launch with their last (smallest) fallback configuration,
+    the one a GPU with little shared memory runs."""
+    return force_launch(monkeypatch, module, lambda configs: configs[-1])
