@@ -77,7 +77,13 @@ class _Layout:
             raise ValueError(f"topk_indices must have shape [B={self.batch}, H, "
                              f"Tq={self.seqlen_q}, K] with 1 <= K <= 64 in the batched "
                              f"layout, got {shape}")
-        return x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+        h, kk = x.shape[1], x.shape[3]
+        base = x._base                  # the batched view of a packed top-k: no copy back
+        if base is not None and base.shape == (h, self.total_q, kk) and \
+                base.is_contiguous() and x.data_ptr() == base.data_ptr() and \
+                x.stride() == (self.seqlen_q * kk, self.total_q * kk, kk, 1):
+            return base
+        return x.transpose(0, 1).reshape(h, -1, kk)
 
     def unpack_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[H, total_q, ...]`` -> ``[B, H, Tq, ...]``."""

@@ -204,3 +204,103 @@ def test_attention_rejects_bad_topk_on_gpu():
         _attn(c, torch.zeros(2, 10, 2, dtype=torch.int32, device="cuda"))
     ok = torch.tensor([[[0, -1]] * 10] * 2, dtype=torch.int64, device="cuda")
     assert _attn(c, ok).shape == c["q"].shape
+
+
+def _attention_args(c):
+    return (c["q"], c["k"], c["v"], c["qi"], c["ki"], c["cu_q"], c["cu_k"])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("head_dim", 128, r"config.head_dim=128 does not match the tensors: q head dim = 64"),
+    ("num_heads", 8, r"config.num_heads=8 does not match the tensors: q heads = 4"),
+    ("num_kv_heads", 1, r"config.num_kv_heads=1 does not match the tensors: k heads = 2"),
+    ("num_index_heads", 1, r"config.num_index_heads=1 does not match the tensors: qi heads"),
+    ("index_head_dim", 128, r"config.index_head_dim=128 does not match the tensors: qi head"),
+])
+def test_config_must_match_the_tensors(field, value, match):
+    base = dict(num_heads=4, num_kv_heads=2, head_dim=64, index_head_dim=64, block_size=64,
+                topk=2)
+    base[field] = value
+    if field == "num_heads":
+        base["num_kv_heads"] = 2
+    with pytest.raises(ValueError, match=match):
+        msa.msa_attention(*_attention_args(_packed()), config=msa.MSAConfig(**base))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(topk=True), TypeError, r"topk must be an int, got True"),
+    (dict(num_heads=64.0), TypeError, r"num_heads must be an int, got 64.0"),
+    (dict(num_heads="64"), TypeError, r"num_heads must be an int, got '64'"),
+    (dict(block_size=128.0), TypeError, r"block_size must be an int"),
+    (dict(num_index_heads=4.0), TypeError, r"num_index_heads must be an int"),
+    (dict(softmax_scale="0.1"), TypeError, r"softmax_scale must be a float"),
+])
+def test_config_field_types(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        msa.MSAConfig(**kw)
+
+
+def test_config_must_be_an_msaconfig():
+    with pytest.raises(TypeError, match=r"config must be an msa.MSAConfig, got dict "
+                                        r"\(write MSAConfig\(\*\*dict\) for a dict\)"):
+        msa.msa_attention(*_attention_args(_packed()), config=dict(num_heads=4))
+
+
+def test_cu_seqlens_as_lists_and_numpy_are_accepted():
+    np = pytest.importorskip("numpy")
+    c = _packed()
+    topk = torch.zeros(2, 10, 1, dtype=torch.int32)
+    ref = msa.msa_sparse_attention(c["q"], c["k"], c["v"], topk, c["cu_q"], c["cu_k"],
+                                   block_size=64)
+    for cu_q, cu_k in (([0, 10], [0, 20]), (np.array([0, 10]), np.array([0, 20])),
+                       ((0, 10), (0, 20))):
+        out = msa.msa_sparse_attention(c["q"], c["k"], c["v"], topk, cu_q, cu_k,
+                                       block_size=64)
+        assert torch.equal(out, ref)
+    with pytest.raises(TypeError, match="cu_seqlens_q must hold integers"):
+        msa.msa_sparse_attention(c["q"], c["k"], c["v"], topk, [0.0, 10.0], [0, 20])
+    with pytest.raises(TypeError, match="cu_seqlens_k must be a 1-D int32/int64 tensor"):
+        msa.msa_sparse_attention(c["q"], c["k"], c["v"], topk, [0, 10], "0,20")
+    with pytest.raises(TypeError, match="max_seqlen_q must be an int"):
+        msa.msa_sparse_attention(c["q"], c["k"], c["v"], topk, [0, 10], [0, 20],
+                                 max_seqlen_q=10.0)
+
+
+def test_batched_topk_with_no_slots_is_rejected_clearly():
+    q, k = torch.randn(2, 8, 4, 64), torch.randn(2, 8, 2, 64)
+    with pytest.raises(ValueError, match=r"topk_indices must have shape \[B=2, H, Tq=8, K\] "
+                                         r"with 1 <= K <= 64"):
+        msa.msa_sparse_attention(q, k, k, torch.zeros(2, 2, 8, 0, dtype=torch.int32))
+
+
+def test_backend_triton_on_cpu_tensors_says_so(monkeypatch):
+    pytest.importorskip("triton")
+    from msa.ops import checks
+    monkeypatch.setattr(checks, "TRITON_INTERPRET", False)   # as on a machine without tests
+    c = _packed()
+    with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors, got cpu "
+                                           r"tensors: use backend='reference'"):
+        _attn(c, backend="triton")
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "qi", "ki"])
+def test_check_finite_rejects_nan_and_inf(name):
+    c = _packed()
+    c[name] = c[name].clone()
+    c[name][1, 0, 3] = float("nan") if name in ("q", "qi") else float("inf")
+    with pytest.raises(ValueError, match=rf"^{name} holds NaN or inf \(check_finite=True\)"):
+        msa.msa_attention(*_attention_args(c), check_finite=True)
+    msa.msa_attention(*_attention_args(c))                   # off by default: it runs
+    if name in ("qi", "ki"):
+        with pytest.raises(ValueError, match=name):
+            msa.msa_indexer(c["qi"], c["ki"], c["cu_q"], c["cu_k"], block_size=64, topk=2,
+                            check_finite=True)
+    else:
+        with pytest.raises(ValueError, match=name):
+            _attn(c, check_finite=True)
+
+
+@pytest.mark.parametrize("flag", ["return_lse", "deterministic"])
+def test_flags_must_be_bools(flag):
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        _attn(_packed(), **{flag: "yes"})

@@ -1,5 +1,6 @@
 """k->q planning: every valid (head, block, query, slot) edge exactly once, in order."""
 import pytest
+import torch
 
 from tests.helpers.brute import make_case
 from tests.helpers import random_topk
@@ -82,3 +83,59 @@ def test_segments_cache_follows_tensor_identity_and_version():
         assert cached_segments(9, 12, cu_i, cu_k).q_len == [2, 7]
         cu_i[1] = 5
         assert cached_segments(9, 12, cu_i, cu_k).q_len == [5, 4]
+
+
+@pytest.mark.parametrize("layout", ["packed", "batched"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, deterministic):
+    """msa_attention with the Triton backend: the selected-LSE pass, the forward, the
+    indexer KL and the backward share one SparsePlan, and the library's own top-k is
+    never validated."""
+    pytest.importorskip("triton")
+    import msa
+    import msa.ops.custom_ops as custom_ops
+    import msa.ops.plan as plan_mod
+    from tests.helpers import DEVICE
+    builds, checks = [], []
+    build = plan_mod.build_plan
+    monkeypatch.setattr(plan_mod, "build_plan", lambda *a, **k: builds.append(1) or build(*a, **k))
+    monkeypatch.setattr(custom_ops, "check_topk_indices", lambda *a, **k: checks.append(1))
+    cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=3)
+    if layout == "packed":
+        c = make_case((40, 90), (200, 300), hq=4, hkv=2, hi=2, seed=9)
+        x = [c[n].to(DEVICE).requires_grad_(True) for n in ("q", "k", "v", "qi", "ki")]
+        meta = (c["cu_seqlens_q"].to(DEVICE), c["cu_seqlens_k"].to(DEVICE))
+    else:
+        g = torch.Generator().manual_seed(9)
+        x = [torch.randn(2, t, h, 64, generator=g).to(DEVICE).requires_grad_(True)
+             for t, h in ((100, 4), (150, 2), (150, 2), (100, 2), (150, 1))]
+        meta = ()
+    out, aux = msa.msa_attention(*x, *meta, config=cfg, backend="triton",
+                                 deterministic=deterministic, return_aux=True)
+    out.sum().backward()
+    assert all(t.grad is not None for t in x) and aux.kl_loss > 0
+    assert len(builds) == 1 and not checks
+    msa.msa_sparse_attention(*x[:3], aux.topk_indices, *meta, block_size=64,
+                             backend="triton")
+    assert not checks                        # still trusted when passed back in
+    topk = aux.topk_indices.clone()
+    msa.msa_sparse_attention(*x[:3], topk, *meta, block_size=64, backend="triton")
+    assert len(checks) == 1                  # a copy is the user's: validated
+
+
+def test_plan_is_remembered_with_its_tensor_only():
+    import gc
+
+    import msa.ops.plan as plan_mod
+    c = make_case((30,), (200,), seed=2)
+    topk = random_topk(c["seg"], 2, 3, 64, seed=2)
+    p1 = plan_mod.sparse_plan(topk, c["seg"], block_size=64, heads=2, max_chunk=8)
+    assert plan_mod.sparse_plan(topk, c["seg"], block_size=64, heads=2, max_chunk=16) is p1
+    assert plan_mod.sparse_plan(topk, c["seg"], block_size=64, heads=2, max_chunk=4) is not p1
+    p2 = plan_mod.sparse_plan(topk, c["seg"], block_size=64, heads=2, max_chunk=4)
+    topk[0, 0, 0] = -1                       # modified in place: planned again
+    assert plan_mod.sparse_plan(topk, c["seg"], block_size=64, heads=2, max_chunk=4) is not p2
+    n = len(plan_mod._REGISTRY)
+    del topk, p1, p2
+    gc.collect()
+    assert len(plan_mod._REGISTRY) == n - 1  # the entry died with its tensor
