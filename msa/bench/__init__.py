@@ -1,0 +1,44 @@
+"""``python -m msa bench prefill|training|decode|cp|m3``: GPU benchmarks with same-run
+baselines, one JSON (+ optional PNG) per run recording the GPU, versions, commit, date
+and command. Each case checks its outputs before it reports a time."""
+from __future__ import annotations
+
+import argparse
+
+CASES = ("prefill", "training", "decode", "cp", "m3")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="GPU benchmarks with same-run baselines (JSON + PNG)")
+    p.add_argument("case", choices=CASES,
+                   help="prefill: indexer + attention forward; training: forward + "
+                        "backward step; decode: paged decode with CUDA graphs; cp: context "
+                        "parallel (torchrun); m3: MiniMax-M3 layers in transformers")
+    p.add_argument("--lengths", default=None, metavar="LIST",
+                   help="comma-separated context lengths, e.g. 64k,128k,1m (default per "
+                        "case)")
+    p.add_argument("--shape", default="m3", metavar="NAME",
+                   help="attention shape: m3 (Hq 64 / Hkv 4, D 128), g8 (64/8), g6 (24/4), "
+                        "g4 (32/8); comma-separated for several (default m3)")
+    p.add_argument("--baselines", default="all", metavar="LIST",
+                   help="comma-separated baselines to time beside msa: dense, fla, vllm "
+                        "(those not installed are skipped and recorded as such; default "
+                        "all)")
+    p.add_argument("--vllm-ops", default=None, metavar="DIR",
+                   help="folder holding vLLM's MiniMax-M3 op files (sparse_attn.py, "
+                        "index_topk.py) and their stand-in imports, for the vllm baseline")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write the results to this JSON file (default: "
+                        "bench_<case>_<gpu>_<date>.json in the current folder)")
+    p.add_argument("--png", default=None, metavar="PATH", help="plot (needs matplotlib)")
+    p.add_argument("--quick", action="store_true",
+                   help="short lengths and few repetitions (a smoke run)")
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+    if not torch.cuda.is_available():
+        parser.error("msa bench needs a CUDA GPU")
+    from importlib import import_module
+    mod = import_module(f".{args.case}", __name__)
+    return mod.run(args)
