@@ -142,7 +142,8 @@ class PagedDecoder:
         out, topk = self.out[:rows], self.topk_indices[:, :rows]
         paged_decode(q, qi, k_pages, v_pages, ki_pages, self.page_table, self.seq_lens,
                      batch=b, num_q=nq, max_pages=self.max_pages,
-                     block_max=self.block_max[:rows], topk_indices=topk, out=out,
+                     num_kv_heads=c.num_kv_heads, block_max=self.block_max[:rows],
+                     topk_indices=topk, out=out,
                      lse=self.lse[:rows], po=self.partial_out, pl=self.partial_lse,
                      block_size=c.block_size, scale=c.scale, index_scale=c.index_scale,
                      pages_per_program=self.pages_per_program,

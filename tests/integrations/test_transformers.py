@@ -51,14 +51,18 @@ def test_enable_msa_validates_arguments():
         enable_msa(sparse, block_size=100)
 
 
-def test_padding_mask_is_rejected_clearly():
+def test_left_padded_batch_equals_rows_alone():
     _, sparse = _models()
-    ids = torch.randint(0, 200, (2, 50))
-    mask = torch.ones(2, 50, dtype=torch.long)
-    mask[0, :10] = 0
-    with pytest.raises(NotImplementedError, match="padding"):
-        with torch.no_grad():
-            sparse(ids, attention_mask=mask)
+    ids = torch.randint(0, 200, (2, 600))
+    mask = torch.ones(2, 600, dtype=torch.long)
+    mask[0, :150] = 0                             # row 0: 450 real tokens, left padded
+    with torch.no_grad():
+        batch = sparse(ids, attention_mask=mask).logits
+        alone = sparse(ids[:1, 150:]).logits
+        gen = sparse.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        gen0 = sparse.generate(ids[:1, 150:], max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(batch[0, 150:], alone[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen[0, 600:], gen0[0, 450:])
 
 
 def test_index_projections_start_as_self_indexing_and_train_by_kl():
@@ -106,9 +110,8 @@ def test_index_projection_kl_does_not_reach_the_backbone():
         assert moved == ("msa_index" in n), n       # stop-gradient on the index input
 
 
+@pytest.mark.gpu
 def test_long_prompt_generate_on_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     dense, sparse = (m.cuda().to(torch.bfloat16) for m in _models())
     ids = torch.randint(0, 200, (1, 32768), device="cuda")    # 512 blocks, top-4
     with torch.no_grad():

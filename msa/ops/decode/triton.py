@@ -57,8 +57,9 @@ def paged_block_max_kernel(
         j = tl.program_id(1) * PAGES + jj
         live = j * BS < n                   # pages past the end: no loads, M = -inf
         page = tl.load(PAGE_TABLE + b * stride_tb + j, mask=live, other=0).to(tl.int64)
+        kmask = live & (j * BS + offs_n < n)        # no read past the last token
         ki = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :],
-                     mask=live, other=0.0)
+                     mask=kmask[:, None], other=0.0)
         s = dot(qi, tl.trans(ki), PRECISION, UPCAST) * scale
         s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
         tl.store(M + m_off + j, tl.max(s, 1), mask=rmask & (j < max_pages))
@@ -183,33 +184,42 @@ def partial_rows(max_batch: int, num_q: int, hkv: int, ksel: int) -> int:
                for b in range(1, max_batch + 1))
 
 
-def paged_decode(q, qi, k_pages, v_pages, ki_pages, page_table, seq_lens, *, batch: int,
-                 num_q: int, max_pages: int, block_max, topk_indices, out, lse, po, pl,
-                 block_size: int, scale: float, index_scale: float,
-                 pages_per_program: int = None, index_stages: int = 3) -> None:
+def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: int,
+                 max_pages: int, num_kv_heads: int, block_max, topk_indices, out, lse, po,
+                 pl, block_size: int, scale: float, index_scale: float, kv_strides=None,
+                 ki_strides=None,
+                 ki_page_table=None, pages_per_program: int = None,
+                 index_stages: int = 3) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph).
 
-    q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major), pages
-    ``k_pages, v_pages [P, Hkv, page, D]``, ``ki_pages [P, page, Di]``; page_table
-    ``[>=B, max_pages]`` int32, seq_lens ``[>=B]`` int32 (queries included). Writes
-    block_max ``[B*Q, Hi, max_pages]`` fp32, topk_indices ``[Hi, B*Q, K]`` int32, out
-    ``[B*Q, Hq, D]``, lse ``[B*Q, Hq]`` fp32; po / pl: split partials of at least
+    q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major); pages ``k, v [P, Hkv, page,
+    D]`` (``Hkv = num_kv_heads``), ``ki [P, page, Di]`` read through
+    ``page_table [>=B, max_pages]`` int32
+    (``ki_page_table`` for the index keys, default the same) with seq_lens ``[>=B]``
+    int32 (queries included). ``kv_strides`` / ``ki_strides``: the element strides
+    (page, head, token) / (page, token) when ``k, v, ki`` are other tensors whose rows
+    are addressed that way (default: the pages' own strides; the last dim is contiguous).
+    Writes block_max ``[B*Q, Hi, max_pages]`` fp32, topk_indices ``[Hi, B*Q, K]`` int32,
+    out ``[B*Q, Hq, D]``, lse ``[B*Q, Hq]`` fp32; po / pl: split partials of at least
     ``partial_rows`` rows x ``G_pad * D`` / ``G_pad`` fp32.
     """
     b, nq = batch, num_q
     rows = b * nq
     hi, ksel = topk_indices.shape[0], topk_indices.shape[2]
     hq, d = q.shape[1], q.shape[2]
-    hkv = k_pages.shape[1]
+    kv_strides = kv_strides or (k.stride(0), k.stride(1), k.stride(2))
+    ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
+    ki_table = page_table if ki_page_table is None else ki_page_table
+    hkv = num_kv_heads
     g = hq // hkv
     prec, up = precision(q.dtype), upcast(q.dtype)
     per = pages_per_program or \
         max(1, min(16, next_pow2(-(-b * max_pages // TARGET_PROGRAMS))))
     paged_block_max_kernel[(b, triton.cdiv(max_pages, per))](
-        qi, ki_pages, page_table, seq_lens, block_max, index_scale, max_pages,
-        qi.stride(0), qi.stride(1), ki_pages.stride(0), ki_pages.stride(1),
-        page_table.stride(0), block_max.stride(0), block_max.stride(1),
+        qi, ki, ki_table, seq_lens, block_max, index_scale, max_pages,
+        qi.stride(0), qi.stride(1), ki_strides[0], ki_strides[1],
+        ki_table.stride(0), block_max.stride(0), block_max.stride(1),
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
         BS=block_size, PAGES=per, PRECISION=prec, UPCAST=up, num_warps=4,
         num_stages=index_stages)
@@ -222,9 +232,9 @@ def paged_decode(q, qi, k_pages, v_pages, ki_pages, page_table, seq_lens, *, bat
     nsplit, per_split = decode_splits(rows, hkv, ksel)
     g_pad = max(16, next_pow2(g))
     paged_decode_attn_kernel[(rows, hkv, nsplit)](
-        q, k_pages, v_pages, topk_indices, page_table, seq_lens, out, lse, po, pl,
-        scale * LOG2E, q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1),
-        k_pages.stride(2), topk_indices.stride(0), topk_indices.stride(1),
+        q, k, v, topk_indices, page_table, seq_lens, out, lse, po, pl,
+        scale * LOG2E, q.stride(0), q.stride(1), kv_strides[0], kv_strides[1],
+        kv_strides[2], topk_indices.stride(0), topk_indices.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         NQ=nq, HKV=hkv, HS=hi, G=g, G_PAD=g_pad, D=d, BS=block_size,
         KSEL=ksel, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,

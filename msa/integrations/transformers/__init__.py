@@ -1,0 +1,86 @@
+"""Hugging Face transformers integration: ``attn_implementation="msa"``.
+
+MiniMax-M3 (``transformers.models.minimax_m3_vl``) runs its own index branch and
+selection rule on msa's kernels; Llama-family models get training-free self-indexing or
+trainable index projections::
+
+    from msa.integrations.transformers import enable_msa
+    model = enable_msa(model)                  # registers "msa" and switches to it
+    model.generate(...)
+
+Queries attend as the causal suffix of the cached keys, so prefill, chunked prefill
+(``generate(..., prefill_chunk_size=...)``) and ``generate()`` with a cache work; padded
+batches are packed into varlen sequences (``padding.py``). Docs: docs/minimax_m3.md,
+docs/integration.md.
+"""
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+from ...config import check_block_size, check_topk
+from .attention import NAME, msa_attention_forward, register
+from .llama import add_index_projections, attention_modules
+from .minimax_m3 import IndexInputs, check_supported, indexer_forward, is_minimax_m3, text_config
+
+__all__ = ["enable_msa", "register", "msa_attention_forward", "add_index_projections",
+           "attention_modules", "indexer_kl_loss", "IndexInputs", "NAME"]
+
+
+def enable_msa(model, *, block_size: Optional[int] = None, topk: Optional[int] = None,
+               train_indexer: bool = False, mode: str = "sparse", backend: str = "auto"):
+    """Switch a loaded model to MSA attention; returns the model.
+
+    MiniMax-M3 models keep their own indexer weights, block size and top-k (so
+    ``block_size`` / ``topk`` must be left out); ``train_indexer=True`` makes the index
+    branch learn from the main attention through the KL loss (teacher detached, index
+    projections behind a stop-gradient; read the value with ``indexer_kl_loss``), and
+    ``mode="dense"`` is its dense warm-up. Llama-family models use self-indexing (or
+    ``add_index_projections``) with ``block_size`` (default 64) and ``topk`` (default 16).
+    ``backend`` as in ``msa.msa_attention`` (``"auto"``: Triton kernels on CUDA).
+    """
+    if mode not in ("sparse", "dense"):
+        raise ValueError(f"mode must be 'sparse' or 'dense', got {mode!r}")
+    if not isinstance(train_indexer, bool):
+        raise TypeError(f"train_indexer must be a bool, got {train_indexer!r}")
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    register()
+    model.config.msa_backend = backend
+    if is_minimax_m3(model):
+        cfg = text_config(model)
+        if block_size is not None or topk is not None:
+            raise ValueError(f"MiniMax-M3 brings its own block size and top-k "
+                             f"(index_block_size={cfg.index_block_size}, index_topk_blocks="
+                             f"{cfg.index_topk_blocks}); leave block_size and topk out")
+        check_supported(cfg)
+        for m in model.modules():
+            if type(m).__name__ == "MiniMaxM3VLIndexer":
+                m.forward = types.MethodType(indexer_forward, m)
+        cfg.msa_train_indexer, cfg.msa_mode, cfg.msa_backend = train_indexer, mode, backend
+        if getattr(model.config, "vision_config", None) is not None:
+            model.set_attn_implementation({"text_config": NAME})
+        else:
+            model.set_attn_implementation(NAME)
+        return model
+    block_size = 64 if block_size is None else block_size
+    topk = 16 if topk is None else topk
+    check_block_size(block_size)
+    check_topk(topk)
+    if train_indexer:
+        raise ValueError("train_indexer is for MiniMax-M3 models; give a Llama-family model "
+                         "trainable index projections with add_index_projections(model)")
+    model.config.msa_block_size = block_size
+    model.config.msa_topk = topk
+    model.config.msa_mode = mode
+    model.set_attn_implementation(NAME)
+    return model
+
+
+def indexer_kl_loss(model):
+    """Sum over the layers of the indexer KL of the last forward (detached; ``None`` if
+    no layer computed one). Its gradient already reached the index projections with the
+    output's backward: add it to a logged loss, not to the one you back-propagate."""
+    values = [m.msa_last_kl for m in model.modules()
+              if getattr(m, "msa_last_kl", None) is not None]
+    return sum(values) if values else None

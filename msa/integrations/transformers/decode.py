@@ -1,0 +1,103 @@
+"""Fused decode of a MiniMax-M3 sparse layer on transformers' own cache tensors.
+
+The cache holds ``keys, values [B, Hkv, Tk, D]`` and ``idx_keys [B, 1, Tk, Di]``
+(contiguous). Cut into blocks of ``BS`` tokens they are pages: K/V page ``b*Hkv*NB + j``
+(page stride ``BS*D``, head stride ``Tk*D``) and index-key page ``b*NB + j`` (stride
+``BS*Di``), ``NB = ceil(Tk / BS)``; that addressing holds for batch 1 with any ``Tk``
+and for larger batches when ``Tk`` is a multiple of ``BS`` (a static cache sized so).
+``msa.ops.decode.triton.paged_decode`` then reads the blocks in place: no copy of the
+cache, no host synchronisation, the same kernels and selection rule as
+``msa.inference.PagedDecoder``.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from ...config import MSAConfig
+from ...ops.checks import HAS_TRITON
+
+
+def use_fused_decode(q, key, config: MSAConfig, training: bool, mode: str) -> bool:
+    """``q [B, Tq, Hq, D]``, ``key [B, Hkv, Tk, D]``."""
+    b, tq = q.shape[:2]
+    tk = key.shape[2]
+    return (HAS_TRITON and q.is_cuda and not training and mode == "sparse"
+            and 1 <= tq <= 16 and q.dtype in (torch.bfloat16, torch.float16)
+            and key.is_contiguous() and (b == 1 or tk % config.block_size == 0))
+
+
+class _Buffers:
+    """Preallocated outputs of the fused decode for one shape (grown on demand)."""
+
+    def __init__(self, config: MSAConfig, rows: int, b: int, tq: int, max_pages: int, dtype,
+                 device):
+        from ...ops.decode.triton import partial_rows
+        from ...ops.triton_utils import next_pow2
+        c = config
+        f32 = dict(dtype=torch.float32, device=device)
+        self.max_pages = max_pages
+        self.block_max = torch.empty((rows, c.index_heads, max_pages), **f32)
+        self.topk = torch.empty((c.index_heads, rows, c.topk), dtype=torch.int32,
+                                device=device)
+        self.out = torch.empty((rows, c.num_heads, c.head_dim), dtype=dtype, device=device)
+        self.lse = torch.empty((rows, c.num_heads), **f32)
+        g_pad = max(16, next_pow2(c.num_heads // c.num_kv_heads))
+        prow = partial_rows(b, tq, c.num_kv_heads, c.topk)
+        self.po = torch.empty(prow * g_pad * c.head_dim, **f32)
+        self.pl = torch.empty(prow * g_pad, **f32)
+
+
+_BUFFERS: Dict[tuple, _Buffers] = {}
+_TABLES: Dict[tuple, tuple] = {}
+
+
+def _tables(b: int, hkv: int, nb: int, device):
+    """K/V and index-key page tables ``[B, NB]`` int32 of the cache rows (cached)."""
+    key = (b, hkv, nb, str(device))
+    if key not in _TABLES:
+        j = torch.arange(nb, dtype=torch.int32, device=device)
+        rows = torch.arange(b, dtype=torch.int32, device=device).view(-1, 1)
+        _TABLES.clear()
+        _TABLES[key] = ((rows * hkv * nb + j).contiguous(), (rows * nb + j).contiguous())
+    return _TABLES[key]
+
+
+def fused_decode(module, q, qi, key, value, ki, config: MSAConfig,
+                 position_ids) -> torch.Tensor:
+    """``q [B, Tq, Hq, D]``, ``qi [B, Tq, Hi, Di]``, ``key, value [B, Hkv, Tk, D]``
+    (contiguous), ``ki [B, Tk, 1, Di]`` (a view of ``idx_keys [B, 1, Tk, Di]``) ->
+    ``[B, Tq, Hq, D]``. The real length is ``position_ids[..., -1] + 1`` (read on the
+    device), or ``Tk``."""
+    from ...ops.decode.triton import paged_decode
+    c = config
+    b, tq = q.shape[:2]
+    hkv, tk, d = key.shape[1], key.shape[2], key.shape[3]
+    di = ki.shape[-1]
+    if ki.stride(1) != di or ki.stride(0) != tk * di or ki.stride(-1) != 1:
+        raise ValueError("msa: the index-key cache must be a contiguous [B, 1, Tk, Di] tensor")
+    bs = c.block_size
+    nb = -(-tk // bs)
+    rows = b * tq
+    kbuf = (rows, b, tq, c, q.dtype, str(q.device))
+    buf = _BUFFERS.get(kbuf)
+    if buf is None or buf.max_pages < nb:
+        buf = _Buffers(c, rows, b, tq, max(nb, 2 * (buf.max_pages if buf else nb)), q.dtype,
+                       q.device)
+        _BUFFERS[kbuf] = buf
+    kv_table, ki_table = _tables(b, hkv, nb, q.device)
+    if position_ids is None:
+        seq_lens = torch.full((b,), tk, dtype=torch.int32, device=q.device)
+    else:
+        last = position_ids.reshape(-1, position_ids.shape[-1])[:, -1]
+        seq_lens = (last + 1).to(torch.int32).expand(b).contiguous()
+    out, topk = buf.out[:rows], buf.topk[:, :rows]
+    paged_decode(q.reshape(rows, *q.shape[2:]), qi.reshape(rows, *qi.shape[2:]), key, value,
+                 ki, kv_table, seq_lens, batch=b, num_q=tq, max_pages=nb, num_kv_heads=hkv,
+                 block_max=buf.block_max[:rows, :, :nb], topk_indices=topk, out=out,
+                 lse=buf.lse[:rows], po=buf.po, pl=buf.pl, block_size=bs, scale=c.scale,
+                 index_scale=c.index_scale, kv_strides=(bs * d, tk * d, d),
+                 ki_strides=(bs * di, di), ki_page_table=ki_table)
+    module.msa_last_kl = None
+    return out.view(b, tq, *out.shape[1:]).clone()
