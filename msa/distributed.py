@@ -5,7 +5,7 @@ into ``2 * W`` equal chunks and sharded *zigzag*: rank ``r`` holds chunks ``r`` 
 ``2W - 1 - r`` (balanced causal work). Each rank all-gathers K, V and the index keys
 (autograd-aware: the backward all-reduces the gradient and keeps the local slice), then
 runs MSA for its query fragments (one per document a chunk touches) as varlen segments
-that share each document's gathered KV prefix through ``fragment_indices`` (spec 3).
+that share each document's gathered KV prefix through ``fragment_indices`` (docs/semantics.md, "Segments").
 Outputs, LSEs and gradients equal single-device MSA; the KL weight is divided by ``W`` so
 the summed per-rank losses equal the single-device loss.
 
@@ -67,7 +67,7 @@ def gather_sequence(x: torch.Tensor, group=None) -> torch.Tensor:
 
 def local_segments(total: int, world: int, rank: int, doc_bounds: List[int]):
     """Varlen metadata of rank ``rank``'s zigzag shard of a packed sequence of ``total``
-    tokens whose documents start at ``doc_bounds`` (``[0, ..., total]``, spec 3.2).
+    tokens whose documents start at ``doc_bounds`` (``[0, ..., total]``).
 
     Each local chunk is cut into fragments (one per document it touches); a fragment
     attends to its document's prefix up to its last query. Each touched document's

@@ -78,7 +78,8 @@ class _Layout:
                              f"Tq={self.seqlen_q}, K] with 1 <= K <= 64 in the batched "
                              f"layout, got {shape}")
         h, kk = x.shape[1], x.shape[3]
-        base = x._base                  # the batched view of a packed top-k: no copy back
+        base = None if torch.compiler.is_compiling() else x._base
+        # the batched view of a packed top-k (an aux output passed back in): no copy back
         if base is not None and base.shape == (h, self.total_q, kk) and \
                 base.is_contiguous() and x.data_ptr() == base.data_ptr() and \
                 x.stride() == (self.seqlen_q * kk, self.total_q * kk, kk, 1):

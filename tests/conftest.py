@@ -1,5 +1,8 @@
 """Test setup: Triton kernels run in Triton's interpreter where there is no GPU; tests
-marked ``gpu`` skip without one, tests marked ``slow`` run only with ``-m slow``."""
+marked ``gpu`` skip without one. ``SLOW`` lists the interpreter cases that take several
+seconds each on a CPU and whose coverage the default suite repeats at smaller sizes: they
+carry the ``slow`` marker, run by ``python -m pytest -q -m slow`` (the default run
+deselects them; on a GPU machine run ``-m "slow or not slow"``)."""
 import os
 
 import pytest
@@ -10,10 +13,37 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+SLOW = {
+    "tests/ops/test_plan.py::test_one_plan_and_no_topk_validation_per_training_step"
+    "[True-batched]",
+    "tests/ops/test_plan.py::test_one_plan_and_no_topk_validation_per_training_step"
+    "[False-batched]",
+    "tests/ops/test_plan.py::test_one_plan_and_no_topk_validation_per_training_step"
+    "[True-packed]",
+    "tests/ops/attention/test_backward.py::test_deterministic_backward_is_bitwise_repeatable",
+    "tests/ops/attention/test_backward.py::"
+    "test_public_api_backend_triton_uses_triton_backward[False]",
+    "tests/ops/attention/test_backward.py::test_triton_backward_key_sub_blocks[16-fast]",
+    "tests/ops/attention/test_backward.py::"
+    "test_triton_backward_key_sub_blocks[16-deterministic]",
+    "tests/ops/attention/test_forward.py::"
+    "test_query_major_kernel_matches_reference[fragments-shared]",
+    "tests/ops/attention/test_forward.py::"
+    "test_triton_forward_key_sub_blocks_match_reference_fp32[fragments-shared]",
+    "tests/ops/indexer/test_triton.py::test_triton_indexer_ranks_groups_of_tied_blocks[64]",
+    "tests/ops/decode/test_triton.py::test_decoder_matches_reference[lengths2-16-2-True]",
+    "tests/api/test_cases.py::test_single_fragment_q65_k2304",
+    "tests/api/test_cases.py::test_fragment_indices_and_temperature",
+    "tests/api/test_cases.py::test_packed_varlen_33_segments",
+    "tests/test_distributed.py::test_two_ranks_equal_single_process[sparse-packed-docs]",
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    gpu = torch.cuda.is_available()
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
+        if "gpu" in item.keywords and not gpu:
             item.add_marker(skip)

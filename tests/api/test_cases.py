@@ -1,4 +1,4 @@
-"""Focused cases of the MSA v1 test matrix (spec 9.2), adapted to the forward path.
+"""Focused cases of MiniMax's MSA test matrix, adapted to the forward path.
 
 Each case runs the indexer and the sparse attention through the public API with the
 Triton kernels (interpreter on CPU, real kernels on a GPU) and checks them against the

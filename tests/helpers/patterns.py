@@ -1,8 +1,8 @@
-"""Stress selections for planning, the attention backward and the indexer KL (spec 9.3).
+"""Stress selections for planning, the attention backward and the indexer KL (the stress patterns of MiniMax's own KL tests).
 
 Every row holds ``k`` distinct block ids in ``[0, visible)``, ``visible = q // block +
 base`` for query ``q`` of a segment whose keys start ``(base - 1) * block`` before its
-queries (so every query sees at least ``base`` blocks). The spec's sizes are 4096
+queries (so every query sees at least ``base`` blocks). Their sizes are 4096
 queries, ``base`` 256, ``k`` 16, 4 heads; tests on the CPU scale them down. These rows
 are stress inputs, not indexer outputs: the local block is not necessarily last.
 
@@ -27,7 +27,7 @@ import torch
 
 
 def pattern_names(k: int, base: int) -> List[str]:
-    """The spec's pattern list for top-``k`` rows over at least ``base`` blocks."""
+    """The pattern list for top-``k`` rows over at least ``base`` blocks."""
     pools = [k << i for i in range(8) if k << i <= base]
     hots = [h for h in (2, 4, 6, 8, 12, 14) if h <= k - 2]
     return (["recent", "spread"] + [f"pool{n}" for n in pools]

@@ -120,13 +120,22 @@ def test_indexer_kl_trains_only_the_index_projections(mode):
     assert model.model.layers[1].self_attn.indexer.k_proj.weight.grad.abs().sum() > 0
 
 
-def test_triton_path_in_the_interpreter():
+def test_triton_path_in_the_interpreter(monkeypatch):
+    """Prefill through the Triton indexer and attention, decoding through the fused
+    decoder reading the cache tensors in place (batch 1, any length)."""
     pytest.importorskip("triton")
+    from msa.integrations.transformers import decode
+    calls = []
+    fused = decode.fused_decode
+    monkeypatch.setattr(decode, "fused_decode", lambda *a: calls.append(1) or fused(*a))
     eager, model = _models("G2-B128", backend="triton")
-    ids = torch.randint(3, 300, (1, 400), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
+    ids = torch.randint(3, 300, (1, 300), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():                          # 3 blocks, top-2: sparse
         diff = (model(ids).logits - eager(ids).logits).abs().max().item()
-    assert diff <= 1e-4, diff
+        assert diff <= 1e-4, diff
+        want = eager.generate(ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), want)
+    assert len(calls) == 2                         # 2 decode steps x 1 sparse layer
 
 
 def test_enable_msa_rejects_what_msa_does_not_implement():

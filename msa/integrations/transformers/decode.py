@@ -16,15 +16,18 @@ from typing import Dict
 import torch
 
 from ...config import MSAConfig
-from ...ops.checks import HAS_TRITON
+from ...ops.checks import HAS_TRITON, TRITON_INTERPRET
 
 
-def use_fused_decode(q, key, config: MSAConfig, training: bool, mode: str) -> bool:
-    """``q [B, Tq, Hq, D]``, ``key [B, Hkv, Tk, D]``."""
+def use_fused_decode(q, key, config: MSAConfig, training: bool, mode: str,
+                     backend: str) -> bool:
+    """``q [B, Tq, Hq, D]``, ``key [B, Hkv, Tk, D]``: CUDA tensors (CPU ones in Triton's
+    interpreter with ``backend="triton"``), inference, up to 16 new tokens."""
     b, tq = q.shape[:2]
     tk = key.shape[2]
-    return (HAS_TRITON and q.is_cuda and not training and mode == "sparse"
-            and 1 <= tq <= 16 and q.dtype in (torch.bfloat16, torch.float16)
+    device_ok = q.is_cuda or (TRITON_INTERPRET and backend == "triton")
+    return (HAS_TRITON and device_ok and backend != "reference" and not training
+            and mode == "sparse" and 1 <= tq <= 16 and q.dtype != torch.float64
             and key.is_contiguous() and (b == 1 or tk % config.block_size == 0))
 
 

@@ -126,8 +126,7 @@ def sparse_attention(module, query, key, value, inputs: IndexInputs, mask, scali
     if length < tk:                       # a static cache: only the first slots are real
         k, v, ki = k[:, :length], v[:, :length], ki[:, :length]
     from .decode import fused_decode, use_fused_decode
-    if backend != "reference" and \
-            use_fused_decode(q, key, config, train and torch.is_grad_enabled(), mode):
+    if use_fused_decode(q, key, config, train and torch.is_grad_enabled(), mode, backend):
         return fused_decode(module, q, qi, key, value, inputs.ki, config, position_ids)
     out, aux = msa_attention(q, k, v, qi, ki, config=config, mode=mode, train_indexer=train,
                              return_aux=True, backend=backend)

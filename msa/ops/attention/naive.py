@@ -1,4 +1,5 @@
-"""Reference sparse attention over selected blocks (spec sections 5 and 6).
+"""Reference sparse attention over selected blocks (docs/semantics.md, "Sparse
+attention").
 
 For query ``q`` (position ``p``, segment base ``k_base``), query head ``hq`` and its KV
 head ``g = hq // (Hq/Hkv)``::

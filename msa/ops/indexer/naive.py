@@ -1,4 +1,5 @@
-"""Reference MSA indexer (spec section 2): block scores, top-k, selected LSE.
+"""Reference MSA indexer (docs/semantics.md, "Selection"): block scores, top-k, selected
+LSE.
 
 For query ``q`` (position ``p``) and index head ``h``::
 

@@ -1,4 +1,5 @@
-"""Reference indexer KL objective (spec section 7) and its dense warm-up variant.
+"""Reference indexer KL objective (docs/semantics.md, "Indexer KL") and its dense warm-up
+variant.
 
 For query ``q``, index head ``h`` and the key set ``A(q, h)`` (selected blocks AND causal
 in sparse mode; all causal keys in dense warm-up mode)::

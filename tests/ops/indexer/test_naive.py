@@ -58,7 +58,7 @@ def test_indexer_matches_brute_force(name, hi, hki):
 
 
 def test_zero_scores_tie_break_by_block_id():
-    # spec 2.4: all-zero Q/K, 2304 keys (18 blocks), one query -> [0..14, 17]
+    # ties (docs/semantics.md, "Selection"): all-zero Q/K, 2304 keys (18 blocks), one query -> [0..14, 17]
     qi = torch.zeros(1, 4, 128)
     ki = torch.zeros(2304, 1, 128)
     cu_q = torch.tensor([0, 1], dtype=torch.int32)

@@ -1,7 +1,7 @@
-"""Spec 9.3 stress selections (hot blocks shared by most queries, block-0 sinks, pools,
+"""Stress selections (hot blocks shared by most queries, block-0 sinks, pools,
 spread and recent windows) through the Triton indexer-KL backward and attention
 backward, against the fp64 references. On the CPU (interpreter) the patterns are scaled
-down; on a GPU they run at the spec's size: 4096 queries, >= 256 visible blocks, top-16,
+down; on a GPU they run at MiniMax's test size: 4096 queries, >= 256 visible blocks, top-16,
 4 heads."""
 import functools
 

@@ -102,7 +102,7 @@ def test_dense_mode_rejects_deterministic():
 
 
 def _focused_topk(case, seg):
-    """Selections of the spec 9.2 KL focused cases, ``[2, total_q, 3]``."""
+    """Selections of the KL focused cases of MiniMax's tests, ``[2, total_q, 3]``."""
     t = torch.full((2, seg.total_q, 3), -1, dtype=torch.int32)
     if case == "single-owner":                  # only head 0 of the one query selects block 0
         t[0, 0, 0] = 0
@@ -118,7 +118,7 @@ def _focused_topk(case, seg):
     ("zero-owner", (7,), (128,)), ("single-owner", (1,), (128,)),
     ("adjacent-partial", (1, 1), (39, 35)), ("split-owner", (65,), (128,))])
 def test_triton_kl_spec_focused_cases(case, q_lens, k_lens, det):
-    """Spec 9.2: zero-owner blocks, a single owner (one head), partial blocks of adjacent
+    """KL focused cases: zero-owner blocks, a single owner (one head), partial blocks of adjacent
     documents, one block split over many items (causal inside the local block)."""
     c = make_case(q_lens, k_lens, hq=4, hkv=2, hi=2, seed=11, scale=0.7)
     seg = c["seg"]
@@ -147,7 +147,7 @@ def test_triton_kl_bf16_within_spec_tolerance():
     for a, r in ((dqi, rq), (dki, rk)):
         assert a.dtype == torch.bfloat16
         cos = torch.nn.functional.cosine_similarity(a.double().flatten(), r.flatten(), dim=0)
-        assert cos > 0.99                                   # spec 7.2, real cases
+        assert cos > 0.99                                   # MiniMax's KL gate on real cases
     torch.testing.assert_close(loss.double(), rl, rtol=2e-2, atol=1e-4)
 
 
