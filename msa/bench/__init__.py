@@ -24,6 +24,13 @@ def add_parser(sub) -> None:
                    help="comma-separated baselines to time beside msa: dense, fla, vllm "
                         "(those not installed are skipped and recorded as such; default "
                         "all)")
+    p.add_argument("--dense-max", type=int, default=262144, metavar="T",
+                   help="longest context the dense baseline runs on all heads; beyond it "
+                        "one KV group is timed and scaled (default 262144)")
+    p.add_argument("--fla-max", type=int, default=262144, metavar="T",
+                   help="longest context fla is timed at (default 262144)")
+    p.add_argument("--vllm-max", type=int, default=1 << 20, metavar="T",
+                   help="longest context vLLM's ops are timed at (default 1048576)")
     p.add_argument("--vllm-ops", default=None, metavar="DIR",
                    help="folder holding vLLM's MiniMax-M3 op files (sparse_attn.py, "
                         "index_topk.py) and their stand-in imports, for the vllm baseline")

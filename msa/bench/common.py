@@ -1,0 +1,158 @@
+"""What every benchmark case shares: timing, memory, the run's metadata, shapes, dense
+and peer baselines, output files."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..cli import parse_lengths
+from ..config import MSAConfig
+
+# name -> (Hq, Hkv): the MiniMax-M3 shape and smaller GQA groups (D 128, index 4 x 128
+# or Hkv x 128, block 128, top-16)
+SHAPES = {"m3": (64, 4), "g8": (64, 8), "g6": (24, 4), "g4": (32, 8)}
+
+
+def shape_config(name: str) -> MSAConfig:
+    if name not in SHAPES:
+        raise SystemExit(f"--shape: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+    hq, hkv = SHAPES[name]
+    return MSAConfig(num_heads=hq, num_kv_heads=hkv, head_dim=128, num_index_heads=hkv,
+                     index_head_dim=128, block_size=128, topk=16)
+
+
+def lengths(args, default: str, quick: str) -> List[int]:
+    return parse_lengths(args.lengths or (quick if args.quick else default))
+
+
+def timed(fn: Callable, reps: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` CUDA-event-timed calls (after
+    ``warmup`` calls; fewer repetitions when one call takes over a second)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if sum(times) > 10_000 and i >= 2:
+            break
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_bytes(fn: Callable) -> int:
+    """Peak CUDA memory allocated above the level before ``fn()``."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def metadata(case: str) -> dict:
+    def version(name):
+        try:
+            return __import__(name).__version__
+        except Exception:                       # noqa: BLE001 - record, never fail
+            return None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = None
+    return dict(case=case, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=version("triton"), transformers=version("transformers"),
+                cuda=torch.version.cuda, python=platform.python_version(), commit=commit,
+                date=datetime.date.today().isoformat(),
+                command="python -m msa " + " ".join(sys.argv[1:]))
+
+
+def write(results: dict, args, case: str) -> str:
+    gpu = results["meta"]["gpu"].lower().replace("nvidia ", "").split()[0]
+    path = args.json or f"bench_{case}_{gpu}_{results['meta']['date']}.json"
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")
+    if getattr(args, "png", None):
+        from .plots import plot
+        plot(results, args.png)
+        print(f"wrote {args.png}")
+    return path
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(),
+                                                 dim=0).item()
+
+
+def dense_causal(q, k, v, backend: str) -> torch.Tensor:
+    """Dense causal attention by SDPA's ``backend`` ("cudnn" / "flash"): ``q [1, Hq, T,
+    D]``, ``k, v [1, Hkv, T, D]`` (GQA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kind = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    with sdpa_kernel(kind):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                enable_gqa=True)
+
+
+def best_dense(fn_of_backend: Callable[[str], Callable], reps: int = 10) -> Dict[str, float]:
+    """Time a dense baseline with each SDPA backend; ``{"cudnn": ms, "flash": ms,
+    "best": ms, "best_backend": name}`` (a backend that fails is recorded as None)."""
+    out: Dict[str, Optional[float]] = {}
+    for name in ("cudnn", "flash"):
+        try:
+            out[name] = timed(fn_of_backend(name), reps=reps, warmup=1)
+        except RuntimeError as e:              # not available for this shape / GPU
+            out[name] = None
+            print(f"  dense {name}: {str(e).splitlines()[0][:100]}")
+    ok = {k: v for k, v in out.items() if v is not None}
+    out["best_backend"] = min(ok, key=ok.get) if ok else None
+    out["best"] = ok[out["best_backend"]] if ok else None
+    return out
+
+
+def load_fla():
+    """fla's ``parallel_nsa`` or None when fla-core is not installed."""
+    try:
+        from fla.ops.nsa.parallel import parallel_nsa
+        return parallel_nsa
+    except Exception as e:                     # noqa: BLE001 - a missing peer is recorded
+        print("fla unavailable:", repr(e)[:160])
+        return None
+
+
+def load_vllm(folder: Optional[str]):
+    """vLLM's MiniMax-M3 Triton op modules ``(sparse_attn, index_topk)`` from ``folder``
+    (the two op files beside a stand-in ``vllm`` package), or None."""
+    if not folder:
+        return None
+    sys.path.insert(0, folder)
+    try:
+        import index_topk
+        import sparse_attn
+        return sparse_attn, index_topk
+    except Exception as e:                     # noqa: BLE001
+        print("vllm ops unavailable:", repr(e)[:160])
+        return None
+
+
+def wants(args, name: str) -> bool:
+    return args.baselines == "all" or name in args.baselines.split(",")

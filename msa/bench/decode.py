@@ -1,0 +1,171 @@
+"""``msa bench decode``: one layer's decode step over a paged cache, CUDA graphs.
+
+Cases (``context x batch x new tokens``): 1M x 1 x 1 and 128K x 64 x 8 by default.
+Pages are scattered at random. Timed, each as a replayed CUDA graph: msa's
+``PagedDecoder.run``; vLLM's MiniMax-M3 Triton decode (index decode + sparse attention
+decode) on the same cache in its layout; the best dense decode (SDPA cuDNN and flash on
+contiguous K/V, both tried). The HBM floor is the bytes a decode must read (every index
+key of the context, the distinct selected K/V pages) over the copy bandwidth measured in
+the same run. msa's selection and output are checked against the reference first.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..inference import PagedDecoder
+from ..ops.decode.naive import paged_decode_reference
+from . import common as C
+
+
+def graph_ms(fn, reps: int = 50) -> float:
+    """Median ms of replaying a CUDA graph of ``fn`` (captured after two warm-up calls)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return C.timed(graph.replay, reps=reps, warmup=3)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth, bytes/s (read + write of 2 GiB)."""
+    x = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
+    y = torch.empty_like(x)
+    ms = C.timed(lambda: y.copy_(x), reps=10)
+    return 2 * x.numel() * 2 / (ms / 1e3)
+
+
+def make_cache(cfg, B: int, T: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bs = cfg.block_size
+    per = -(-T // bs)
+    pages = B * per + 8
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(pages, cfg.num_kv_heads, bs, cfg.head_dim, generator=g, **bf)
+    v = torch.randn(pages, cfg.num_kv_heads, bs, cfg.head_dim, generator=g, **bf)
+    ki = torch.randn(pages, bs, cfg.index_dim, generator=g, **bf)
+    table = torch.randperm(pages, generator=g, device="cuda")[:B * per].view(B, per)
+    return k, v, ki, table.to(torch.int32).contiguous()
+
+
+def check(cfg) -> dict:
+    B, T, Q = 3, 3000, 2
+    k, v, ki, table = make_cache(cfg, B, T, seed=1)
+    lens = torch.tensor([T, T - 500, T - 1200], dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(B * Q, cfg.num_heads, cfg.head_dim, device="cuda", generator=g,
+                    dtype=torch.bfloat16)
+    qi = torch.randn(B * Q, cfg.index_heads, cfg.index_dim, device="cuda", generator=g,
+                     dtype=torch.bfloat16)
+    dec = PagedDecoder(cfg, max_batch=B, num_q=Q, max_pages=table.shape[1], device="cuda")
+    dec.plan(table, lens)
+    out, topk = dec.run(q, qi, k, v, ki)
+    r_out, _, r_topk = paged_decode_reference(
+        q.float(), qi.float(), k.float(), v.float(), ki.float(), table, lens, num_q=Q,
+        topk=cfg.topk, scale=cfg.scale, index_scale=cfg.index_scale)
+    same = (torch.sort(topk, -1).values == torch.sort(r_topk.int(), -1).values).all(-1)
+    res = dict(topk_rows_equal_fp32_reference=same.float().mean().item(),
+               out_rel_err_vs_fp32_reference=C.rel_diff(out, r_out))
+    res["passed"] = res["topk_rows_equal_fp32_reference"] > 0.99 and \
+        res["out_rel_err_vs_fp32_reference"] < 1e-2
+    return res
+
+
+def vllm_decode(ops, q, qi, k, v, ki, table, lens, cfg, Q):
+    sparse_attn, index_topk = ops
+    kv_cache = torch.cat([k, v], -1)                       # [P, Hkv, 128, 2D]
+    out = torch.empty_like(q)
+    topk_buf = torch.empty(cfg.num_kv_heads, q.shape[0], cfg.topk, dtype=torch.int32,
+                           device="cuda")
+    max_len = table.shape[1] * cfg.block_size
+
+    def run():
+        topk = index_topk.minimax_m3_index_decode(qi, ki, table, lens, max_len, cfg.topk, 0, 1,
+                                                  cfg.num_kv_heads, Q, Q, out=topk_buf)
+        sparse_attn.minimax_m3_sparse_attn_decode(q, kv_cache, topk, table, lens,
+                                                  cfg.num_kv_heads, cfg.scale, out, Q)
+        return out, topk
+    return run
+
+
+def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
+    k, v, ki, table = make_cache(cfg, B, T)
+    lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(B * Q, cfg.num_heads, cfg.head_dim, device="cuda", generator=g,
+                    dtype=torch.bfloat16)
+    qi = torch.randn(B * Q, cfg.index_heads, cfg.index_dim, device="cuda", generator=g,
+                     dtype=torch.bfloat16)
+    dec = PagedDecoder(cfg, max_batch=B, num_q=Q, max_pages=table.shape[1], device="cuda")
+    dec.plan(table, lens)
+    r = dict(context=T, batch=B, num_q=Q)
+    r["msa_us"] = 1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki))
+    out, topk = dec.run(q, qi, k, v, ki)
+    rows = topk.transpose(0, 1).reshape(B, -1).long()     # pages selected per request
+    distinct = sum(int(torch.unique(x[x >= 0]).numel()) for x in rows) * cfg.num_kv_heads \
+        / cfg.index_heads
+    nbytes = B * T * cfg.index_dim * 2 + distinct * cfg.block_size * cfg.head_dim * 2 * 2
+    r["floor_us"] = nbytes / bw * 1e6
+    r["msa_vs_floor"] = r["msa_us"] / r["floor_us"]
+    if vllm is not None:
+        run = vllm_decode(vllm, q, qi, k, v, ki, table, lens, cfg, Q)
+        v_out, v_topk = run()
+        r["vllm_us"] = 1e3 * graph_ms(run)
+        same = (torch.sort(v_topk, -1).values == torch.sort(topk, -1).values).all(-1)
+        r["vllm_topk_rows_equal"] = same.float().mean().item()
+        r["vllm_cosine"] = C.cosine(v_out, out)
+    if C.wants(args, "dense"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+        kd = torch.randn(B, cfg.num_kv_heads, T, cfg.head_dim, device="cuda",
+                         dtype=torch.bfloat16)
+        vd = torch.randn_like(kd)
+        qd = q.view(B, Q, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        mask = causal_lower_right(Q, T) if Q > 1 else None
+        kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+        d = {}
+        for name in kinds:
+            try:
+                def fn(name=name):
+                    with sdpa_kernel(kinds[name]):
+                        return torch.nn.functional.scaled_dot_product_attention(
+                            qd, kd, vd, attn_mask=mask, enable_gqa=True)
+                d[name] = 1e3 * graph_ms(fn, reps=20)
+            except RuntimeError as e:
+                d[name] = None
+                print(f"  dense {name}: {str(e).splitlines()[0][:100]}")
+        ok = {n: x for n, x in d.items() if x is not None}
+        d["best_backend"] = min(ok, key=ok.get) if ok else None
+        d["best_us"] = ok[d["best_backend"]] if ok else None
+        d["floor_us"] = B * T * cfg.num_kv_heads * cfg.head_dim * 2 * 2 / bw * 1e6
+        r["dense"] = d
+        if d["best_us"]:
+            r["speedup_vs_best_dense"] = d["best_us"] / r["msa_us"]
+        del kd, vd
+    return r
+
+
+def run(args) -> int:
+    results = dict(meta=C.metadata("decode"), cases=[])
+    vllm = C.load_vllm(args.vllm_ops) if C.wants(args, "vllm") else None
+    bw = copy_bandwidth()
+    results["meta"].update(vllm=vllm is not None, copy_bandwidth_gbs=bw / 1e9)
+    cfg = C.shape_config(args.shape.split(",")[0])
+    ok = check(cfg)
+    results["check"] = ok
+    print("check:", ok)
+    cases = [(64 * 1024, 1, 1), (128 * 1024, 4, 1)] if args.quick else \
+        [(1 << 20, 1, 1), (128 * 1024, 64, 8)]
+    if ok["passed"]:
+        for T, B, Q in cases:
+            r = run_case(cfg, T, B, Q, args, vllm, bw)
+            print(r, flush=True)
+            results["cases"].append(r)
+            torch.cuda.empty_cache()
+    C.write(results, args, "decode")
+    return 0
+

@@ -1,0 +1,220 @@
+"""``msa bench m3``: MiniMax-M3 in transformers at long context, on msa.
+
+A MiniMax-M3 text model with the released attention shapes (64 / 4 heads, head dim 128,
+index 4 x 128, blocks of 128, top-16, partial RoPE 0.5, QK-norm) and small everything
+else (hidden 1024, two layers: one full-attention, one sparse; random weights; bf16):
+
+* a sparse layer's attention step inside transformers (projections, norms, RoPE, index
+  branch, selection, attention) at 128K, next to ``msa_attention`` alone on the same
+  tensors;
+* prefill of the model at each length (time, peak memory), and the longest prefill
+  transformers' eager implementation runs before it runs out of memory;
+* decoding 1K tokens after a 128K prompt: time per token of the sparse layer's
+  attention (dynamic and static cache), next to ``PagedDecoder.run`` at that context.
+
+Before timing, logits at 4K are compared with eager (bf16) and greedy tokens with it.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import common as C
+
+
+def model_config(layer_types, hidden: int = 1024):
+    from transformers.models.minimax_m3_vl import MiniMaxM3VLTextConfig
+    n = len(layer_types)
+    return MiniMaxM3VLTextConfig(
+        vocab_size=1024, hidden_size=hidden, intermediate_size=256, num_hidden_layers=n,
+        num_attention_heads=64, num_key_value_heads=4, head_dim=128,
+        dense_intermediate_size=512, shared_intermediate_size=256, num_local_experts=4,
+        num_experts_per_tok=2, index_n_heads=4, index_head_dim=128, index_block_size=128,
+        index_topk_blocks=16, index_local_blocks=1, layer_types=list(layer_types),
+        mlp_layer_types=["dense"] + ["sparse"] * (n - 1),
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                         "partial_rotary_factor": 0.5},
+        max_position_embeddings=1 << 21, bos_token_id=1, eos_token_id=2)
+
+
+def build(layer_types, attn: str):
+    from transformers.models.minimax_m3_vl import MiniMaxM3VLForCausalLM
+
+    from ..integrations.transformers import enable_msa
+    torch.manual_seed(0)
+    model = MiniMaxM3VLForCausalLM(model_config(layer_types)).to("cuda", torch.bfloat16)
+    model.eval()
+    if attn == "msa":
+        return enable_msa(model)
+    model.set_attn_implementation(attn)
+    return model
+
+
+LAYERS = ("full_attention", "minimax_m3_sparse")
+
+
+def check() -> dict:
+    eager, model = build(LAYERS, "eager"), build(LAYERS, "msa")
+    ids = torch.randint(3, 1024, (1, 4096), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(0))
+    with torch.no_grad():
+        a, b = model(ids).logits.float(), eager(ids).logits.float()
+        g1 = model.generate(ids[:, :3000], max_new_tokens=32, do_sample=False)
+        g2 = eager.generate(ids[:, :3000], max_new_tokens=32, do_sample=False)
+    res = dict(logits_cosine=C.cosine(a, b), logits_max_abs_diff=(a - b).abs().max().item(),
+               greedy_tokens_equal=bool(torch.equal(g1, g2)),
+               greedy_tokens_agree=(g1 == g2).float().mean().item())
+    res["passed"] = res["logits_cosine"] > 0.999
+    del eager, model
+    torch.cuda.empty_cache()
+    return res
+
+
+def sparse_step(T: int) -> dict:
+    """Attention module of the sparse layer on ``T`` hidden states, and msa_attention
+    alone on the q, k, v, qi, ki it computes."""
+    import msa
+    from ..integrations.transformers import minimax_m3
+    model = build(LAYERS, "msa")
+    layer = model.model.layers[1]
+    hidden = torch.randn(1, T, 1024, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(T, device="cuda").unsqueeze(0)
+    emb = model.model.rotary_emb(hidden, position_ids=pos)
+    attn = layer.self_attn
+
+    def module():
+        return attn(hidden, emb, None, position_ids=pos)[0]
+    captured = {}
+    inner = minimax_m3.sparse_attention
+
+    def capture(module_, query, key, value, inputs, mask, scaling, position_ids):
+        captured.update(q=query.transpose(1, 2), k=key.transpose(1, 2),
+                        v=value.transpose(1, 2), qi=inputs.qi, ki=inputs.ki, scaling=scaling)
+        return inner(module_, query, key, value, inputs, mask, scaling, position_ids)
+    with torch.no_grad():
+        r = dict(T=T, layer_attention_ms=C.timed(module, 5))
+        from ..integrations.transformers import attention as hf_attention
+        hf_attention.sparse_attention = capture
+        try:
+            module()
+        finally:
+            hf_attention.sparse_attention = inner
+        cfg = minimax_m3.msa_config(model.config, captured["scaling"])
+        x = captured
+        r["msa_attention_alone_ms"] = C.timed(
+            lambda: msa.msa_attention(x["q"], x["k"], x["v"], x["qi"], x["ki"], config=cfg), 5)
+        r["layer_peak_mb"] = C.peak_bytes(module) / 2 ** 20
+    del model
+    torch.cuda.empty_cache()
+    return r
+
+
+def prefill(model, T: int) -> dict:
+    ids = torch.randint(3, 1024, (1, T), device="cuda")
+    with torch.no_grad():
+        def fn():
+            return model(ids, use_cache=True, logits_to_keep=1)
+        ms = C.timed(fn, reps=2, warmup=1)
+        peak = C.peak_bytes(fn)
+    return dict(T=T, prefill_ms=ms, peak_mb=peak / 2 ** 20)
+
+
+def eager_limit(lengths) -> dict:
+    """Longest prefill eager runs (the sparse layer's dense score and mask tensors)."""
+    model = build(LAYERS, "eager")
+    best = None
+    for T in lengths:
+        try:
+            best = prefill(model, T)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return dict(largest=best, out_of_memory_at=T)
+    return dict(largest=best, out_of_memory_at=None)
+
+
+def decode(T: int, steps: int, static: bool) -> dict:
+    """Per-token time of the sparse layer's attention module while decoding ``steps``
+    tokens after a ``T``-token prompt."""
+    from transformers import DynamicCache, StaticCache
+    model = build(LAYERS, "msa")
+    attn = model.model.layers[1].self_attn
+    cache = StaticCache(config=model.config, max_cache_len=T + steps + 128) if static \
+        else DynamicCache(config=model.config)
+    ids = torch.randint(3, 1024, (1, T), device="cuda")
+    times = []
+    orig = attn.forward
+
+    def timed_forward(*a, **kw):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = orig(*a, **kw)
+        end.record()
+        times.append((start, end))
+        return out
+    with torch.no_grad():
+        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)
+        attn.forward = timed_forward
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(steps):
+            pos = torch.tensor([[T + i]], device="cuda")
+            out = model(tok, cache=cache, use_cache=True, position_ids=pos)
+            tok = out.logits[:, -1:].argmax(-1)
+        end.record()
+        torch.cuda.synchronize()
+        attn.forward = orig
+    per_layer = sorted(s.elapsed_time(e) for s, e in times)
+    res = dict(T=T, steps=steps, cache="static" if static else "dynamic",
+               sparse_layer_attention_us=1e3 * per_layer[len(per_layer) // 2],
+               model_step_ms=start.elapsed_time(end) / steps)
+    del model, cache
+    torch.cuda.empty_cache()
+    return res
+
+
+def paged_decoder_us(T: int) -> float:
+    from .decode import graph_ms, make_cache
+    from ..inference import PagedDecoder
+    cfg = C.shape_config("m3")
+    k, v, ki, table = make_cache(cfg, 1, T)
+    dec = PagedDecoder(cfg, max_batch=1, num_q=1, max_pages=table.shape[1], device="cuda")
+    dec.plan(table, torch.tensor([T], dtype=torch.int32, device="cuda"))
+    q = torch.randn(1, 64, 128, device="cuda", dtype=torch.bfloat16)
+    qi = torch.randn(1, 4, 128, device="cuda", dtype=torch.bfloat16)
+    us = 1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki))
+    ms_plain = C.timed(lambda: dec.run(q, qi, k, v, ki), reps=50)
+    return dict(graph_us=us, no_graph_us=1e3 * ms_plain)
+
+
+def run(args) -> int:
+    results = dict(meta=C.metadata("m3"))
+    ok = check()
+    results["check"] = ok
+    print("check:", ok, flush=True)
+    if not ok["passed"]:
+        C.write(results, args, "m3")
+        return 1
+    results["sparse_step"] = sparse_step(32768 if args.quick else 131072)
+    print("sparse step:", results["sparse_step"], flush=True)
+    model = build(LAYERS, "msa")
+    results["prefill"] = []
+    for T in C.lengths(args, "128k,512k", "32k"):
+        try:
+            r = prefill(model, T)
+        except torch.OutOfMemoryError:
+            r = dict(T=T, prefill_ms="out of memory")
+            torch.cuda.empty_cache()
+        print("prefill:", r, flush=True)
+        results["prefill"].append(r)
+    del model
+    torch.cuda.empty_cache()
+    results["eager"] = eager_limit([8192, 16384, 32768, 65536])
+    print("eager:", results["eager"], flush=True)
+    T, steps = (32768, 64) if args.quick else (131072, 1024)
+    results["decode"] = [decode(T, steps, static=False), decode(T, steps, static=True)]
+    results["paged_decoder"] = paged_decoder_us(T)
+    print("decode:", results["decode"], results["paged_decoder"], flush=True)
+    C.write(results, args, "m3")
+    return 0

@@ -1,0 +1,190 @@
+"""``msa bench prefill``: indexer + sparse attention forward on one sequence.
+
+Per shape and length (bf16, batch 1, random inputs): msa end to end through the public
+API (``msa_indexer`` then ``msa_sparse_attention``), the indexer alone, the attention
+alone on that selection (planning included), planning alone; beside them, in the same
+run, the best dense causal kernel (SDPA cuDNN and flash, both tried; beyond
+``--dense-max`` measured on one KV group and scaled by Hkv, recorded as such), fla's
+``parallel_nsa`` on the same selection, and vLLM's MiniMax-M3 Triton prefill ops (index
+score + top-k + sparse attention on a paged copy of the same cache). Outputs are checked
+first: msa against the fp32 reference at 4K tokens, fla and vLLM against msa.
+"""
+from __future__ import annotations
+
+import torch
+
+import msa
+from ..ops import plan as P
+from ..ops.attention.naive import attention_forward_reference
+from ..varlen import Segments
+from . import common as C
+
+
+def sparse_elements(T: int, cfg) -> float:
+    """Attended (query, key) pairs per head with full selections."""
+    pos = torch.arange(T, dtype=torch.float64)
+    cap = (cfg.topk - 1) * cfg.block_size + pos % cfg.block_size + 1
+    return torch.minimum(pos + 1, cap).sum().item()
+
+
+def inputs(T: int, cfg, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    return (rnd(T, cfg.num_heads, cfg.head_dim), rnd(T, cfg.num_kv_heads, cfg.head_dim),
+            rnd(T, cfg.num_kv_heads, cfg.head_dim), rnd(T, cfg.index_heads, cfg.index_dim),
+            rnd(T, 1, cfg.index_dim))
+
+
+def fresh(topk: torch.Tensor) -> None:
+    """Forget the plan of ``topk`` (so a timed call plans again) but keep it trusted."""
+    P._REGISTRY.pop(id(topk), None)
+    P.mark_trusted(topk)
+
+
+def fla_call(fla, q, k, v, topk, cfg):
+    idx = topk.transpose(0, 1).unsqueeze(0).long()                 # [1, T, Hkv, K]
+    counts = (idx >= 0).sum(-1)
+    srt = torch.sort(torch.where(idx >= 0, idx, torch.full_like(idx, 1 << 30)), -1).values
+    srt = torch.where(srt == 1 << 30, torch.zeros_like(srt), srt)
+    qb, kb, vb = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    return lambda: fla(qb, kb, vb, block_indices=srt, block_counts=counts,
+                       block_size=cfg.block_size, scale=cfg.scale)[0]
+
+
+def vllm_prefill(ops, q, k, v, qi, ki, cfg):
+    """vLLM's prefill ops on a paged copy (pages in order) of one sequence: returns a
+    function computing ``(out, topk_indices)``."""
+    sparse_attn, index_topk = ops
+    T, bs = q.shape[0], cfg.block_size
+    nb = -(-T // bs)
+    pad = nb * bs - T
+    kv = torch.cat([k, v], -1)                                     # [T, Hkv, 2D]
+    kv = torch.nn.functional.pad(kv, (0, 0, 0, 0, 0, pad)).view(nb, bs, cfg.num_kv_heads, -1)
+    kv_cache = kv.transpose(1, 2).contiguous()                     # [NB, Hkv, 128, 2D]
+    ki_cache = torch.nn.functional.pad(ki[:, 0], (0, 0, 0, pad)).view(nb, bs, -1).contiguous()
+    i32 = dict(dtype=torch.int32, device="cuda")
+    table = torch.arange(nb, **i32).view(1, -1)
+    cu = torch.tensor([0, T], **i32)
+    seq_lens, prefix = torch.tensor([T], **i32), torch.zeros(1, **i32)
+    out = torch.empty_like(q)
+
+    def run():
+        score = index_topk.minimax_m3_index_score(qi, ki_cache, table, cu, seq_lens, prefix,
+                                                  T, T, cfg.num_kv_heads)
+        topk = index_topk.minimax_m3_index_topk(score, cu, prefix, T, cfg.topk, 0, 1)
+        sparse_attn.minimax_m3_sparse_attn(q, kv_cache, topk, table, cu, seq_lens, prefix, T,
+                                           cfg.num_kv_heads, cfg.scale, out)
+        return out, topk
+    return run
+
+
+def check(cfg, T: int = 4096) -> dict:
+    q, k, v, qi, ki = inputs(T, cfg, seed=1)
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    topk = msa.msa_indexer(qi, ki, cu, cu, block_size=cfg.block_size, topk=cfg.topk)
+    out = msa.msa_sparse_attention(q, k, v, topk, cu, cu, block_size=cfg.block_size)
+    ref, _ = attention_forward_reference(q.float(), k.float(), v.float(), topk,
+                                         Segments([0], [T], [0], [T], T, T),
+                                         block_size=cfg.block_size, scale=cfg.scale)
+    ref_idx = msa.msa_indexer(qi.float(), ki.float(), cu, cu, block_size=cfg.block_size,
+                              topk=cfg.topk, backend="reference")
+    same = (torch.sort(topk, -1).values == torch.sort(ref_idx, -1).values).all(-1)
+    res = dict(T=T, out_rel_err_vs_fp32_reference=C.rel_diff(out, ref),
+               topk_rows_equal_fp32_reference=same.float().mean().item())
+    res["passed"] = res["out_rel_err_vs_fp32_reference"] < 1e-2 and \
+        res["topk_rows_equal_fp32_reference"] > 0.99
+    return res
+
+
+def run_length(T: int, cfg, args, fla, vllm) -> dict:
+    q, k, v, qi, ki = inputs(T, cfg, seed=T)
+    bs, K = cfg.block_size, cfg.topk
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    reps = 10 if T <= 262144 else 3
+    r = dict(T=T)
+
+    def indexer():
+        return msa.msa_indexer(qi, ki, cu, cu, block_size=bs, topk=K)
+    topk = indexer()
+
+    def attention():
+        fresh(topk)
+        return msa.msa_sparse_attention(q, k, v, topk, cu, cu, block_size=bs)
+
+    def e2e():
+        return msa.msa_sparse_attention(q, k, v, indexer(), cu, cu, block_size=bs)
+
+    seg = Segments([0], [T], [0], [T], T, T)
+    chunk = P.forward_chunk(cfg.num_heads, cfg.head_dim, 2, K)
+
+    def planning():
+        return P.build_plan(topk, seg, block_size=bs, heads=cfg.num_kv_heads,
+                            chunk=chunk).chunks
+    sparse = sparse_elements(T, cfg)
+    r["e2e_ms"] = C.timed(e2e, reps)
+    r["e2e_peak_mb"] = C.peak_bytes(e2e) / 2 ** 20
+    r["indexer_ms"] = C.timed(indexer, reps)
+    r["indexer_tflops"] = 2 * cfg.index_dim * cfg.index_heads * T * (T + 1) / 2 / \
+        r["indexer_ms"] / 1e9
+    r["attention_ms"] = C.timed(attention, reps)
+    r["attention_tflops"] = 4 * cfg.head_dim * cfg.num_heads * sparse / r["attention_ms"] / 1e9
+    r["planning_ms"] = C.timed(planning, reps)
+    out = attention()
+    if C.wants(args, "dense"):
+        scaled = T > args.dense_max
+        hq = cfg.num_heads // cfg.num_kv_heads if scaled else cfg.num_heads
+        hk = 1 if scaled else cfg.num_kv_heads
+        qd = q[:, :hq].transpose(0, 1).unsqueeze(0)
+        kd, vd = (x[:, :hk].transpose(0, 1).unsqueeze(0) for x in (k, v))
+        d = C.best_dense(lambda b: (lambda: C.dense_causal(qd, kd, vd, b)),
+                         reps=3 if T > 131072 else 10)
+        if scaled:
+            d = {n: (x * cfg.num_kv_heads if isinstance(x, float) else x) for n, x in d.items()}
+            d["note"] = f"measured on one KV group ({hq} q heads), x{cfg.num_kv_heads}"
+        r["dense"] = d
+        if d["best"]:
+            r["e2e_speedup_vs_best_dense"] = d["best"] / r["e2e_ms"]
+    if fla is not None and T <= args.fla_max:
+        call = fla_call(fla, q, k, v, topk, cfg)
+        r["fla_attention_ms"] = C.timed(call, reps)
+        r["fla_cosine"] = C.cosine(call(), out)
+        r["attention_speedup_vs_fla"] = r["fla_attention_ms"] / r["attention_ms"]
+    if vllm is not None and T <= args.vllm_max:
+        try:
+            run = vllm_prefill(vllm, q, k, v, qi, ki, cfg)
+            v_out, v_topk = run()
+            r["vllm_e2e_ms"] = C.timed(run, reps)
+            ours = torch.sort(torch.where(topk >= 0, topk, 1 << 30), -1).values
+            theirs = torch.sort(torch.where(v_topk >= 0, v_topk, 1 << 30), -1).values
+            r["vllm_topk_rows_equal"] = (ours == theirs).all(-1).float().mean().item()
+            r["vllm_cosine"] = C.cosine(v_out, out)
+            r["e2e_speedup_vs_vllm"] = r["vllm_e2e_ms"] / r["e2e_ms"]
+        except torch.OutOfMemoryError:
+            r["vllm_e2e_ms"] = "out of memory"
+            torch.cuda.empty_cache()
+    return r
+
+
+def run(args) -> int:
+    results = dict(meta=C.metadata("prefill"), shapes={})
+    fla = C.load_fla() if C.wants(args, "fla") else None
+    vllm = C.load_vllm(args.vllm_ops) if C.wants(args, "vllm") else None
+    results["meta"].update(fla=fla is not None, vllm=vllm is not None)
+    for name in args.shape.split(","):
+        cfg = C.shape_config(name)
+        ok = check(cfg)
+        print(f"[{name}] check at 4K: {ok}")
+        rows = []
+        if ok["passed"]:
+            for T in C.lengths(args, "64k,128k,256k,512k,1m", "16k,64k"):
+                r = run_length(T, cfg, args, fla if name == "m3" else None, vllm)
+                print(f"[{name}] T={T}: " + ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in r.items() if k != "dense"), flush=True)
+                rows.append(r)
+                torch.cuda.empty_cache()
+        results["shapes"][name] = dict(config=cfg.__dict__, check=ok, rows=rows)
+    C.write(results, args, "prefill")
+    return 0

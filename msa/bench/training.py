@@ -1,0 +1,130 @@
+"""``msa bench training``: forward + backward.
+
+Per shape and length (bf16, batch 1, random inputs):
+
+* attention: ``msa_sparse_attention`` forward + backward on a fixed selection, next to
+  dense causal SDPA forward + backward (cuDNN and flash, the best reported) and fla's
+  ``parallel_nsa`` forward + backward on the same selection;
+* the whole step: ``msa_attention`` (indexer, attention, indexer KL) forward + backward,
+  with the one shared ``SparsePlan`` and, in the same run, with a plan made by every
+  consumer and the top-k validated (what the step did before plans were shared).
+
+The Triton backward is checked against the fp32 reference at 4K tokens first.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+import msa
+from ..ops import plan as P
+from ..ops.attention.naive import attention_backward_reference
+from ..varlen import Segments
+from . import common as C
+from .prefill import fla_call, fresh, inputs, sparse_elements
+
+
+def _grads(fn, leaves, dout):
+    for x in leaves:
+        x.grad = None
+    out = fn()
+    out.backward(dout)
+    return [x.grad for x in leaves]
+
+
+def check(cfg, T: int = 4096) -> dict:
+    q, k, v, qi, ki = (x.requires_grad_(True) for x in inputs(T, cfg, seed=2))
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    topk = msa.msa_indexer(qi.detach(), ki.detach(), cu, cu, block_size=cfg.block_size,
+                           topk=cfg.topk)
+    out, lse = msa.msa_sparse_attention(q, k, v, topk, cu, cu, block_size=cfg.block_size,
+                                        return_lse=True)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v], dout)
+    ref = attention_backward_reference(
+        q.detach().float(), k.detach().float(), v.detach().float(), topk,
+        Segments([0], [T], [0], [T], T, T), out.detach().float(), lse.detach(), dout.float(),
+        block_size=cfg.block_size, scale=cfg.scale)
+    cos = [C.cosine(a, r) for a, r in zip(got, ref)]
+    return dict(T=T, cosine_dq_dk_dv=cos, passed=min(cos) > 0.999)
+
+
+@contextmanager
+def plan_per_consumer():
+    """Every consumer plans the selection itself and user-style validation runs."""
+    entry = P._entry
+    P._entry = lambda topk, create: None
+    try:
+        yield
+    finally:
+        P._entry = entry
+
+
+def run_length(T: int, cfg, args, fla) -> dict:
+    q, k, v, qi, ki = (x.requires_grad_(True) for x in inputs(T, cfg, seed=T))
+    bs = cfg.block_size
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    reps = 5 if T <= 131072 else 3
+    topk = msa.msa_indexer(qi.detach(), ki.detach(), cu, cu, block_size=bs, topk=cfg.topk)
+    dout = torch.randn(T, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+    r = dict(T=T)
+
+    def attention():
+        fresh(topk)
+        out = msa.msa_sparse_attention(q, k, v, topk, cu, cu, block_size=bs)
+        out.backward(dout)
+    r["attention_fwd_bwd_ms"] = C.timed(attention, reps)
+    sparse = sparse_elements(T, cfg)
+    r["attention_fwd_bwd_tflops"] = 14 * cfg.head_dim * cfg.num_heads * sparse / \
+        r["attention_fwd_bwd_ms"] / 1e9
+
+    def step():
+        out = msa.msa_attention(q, k, v, qi, ki, cu, cu, config=cfg)
+        out.backward(dout)
+    r["step_ms"] = C.timed(step, reps)
+    r["step_peak_mb"] = C.peak_bytes(step) / 2 ** 20
+    with plan_per_consumer():
+        r["step_ms_plan_per_consumer"] = C.timed(step, reps)
+    r["step_saved_ms"] = r["step_ms_plan_per_consumer"] - r["step_ms"]
+    if C.wants(args, "dense") and T <= args.dense_max:
+        qd, kd, vd = (x.detach().transpose(0, 1).unsqueeze(0).requires_grad_(True)
+                      for x in (q, k, v))
+        dd = dout.transpose(0, 1).unsqueeze(0)
+
+        def dense(b):
+            def fn():
+                C.dense_causal(qd, kd, vd, b).backward(dd)
+            return fn
+        r["dense_fwd_bwd"] = C.best_dense(dense, reps=3)
+        if r["dense_fwd_bwd"]["best"]:
+            r["attention_speedup_vs_best_dense"] = \
+                r["dense_fwd_bwd"]["best"] / r["attention_fwd_bwd_ms"]
+    if fla is not None and T <= args.fla_max:
+        qf, kf, vf = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+        call = fla_call(fla, qf, kf, vf, topk, cfg)
+        r["fla_fwd_bwd_ms"] = C.timed(lambda: call().backward(dout.unsqueeze(0)), reps)
+        r["attention_speedup_vs_fla"] = r["fla_fwd_bwd_ms"] / r["attention_fwd_bwd_ms"]
+    return r
+
+
+def run(args) -> int:
+    results = dict(meta=C.metadata("training"), shapes={})
+    fla = C.load_fla() if C.wants(args, "fla") else None
+    results["meta"].update(fla=fla is not None)
+    for name in args.shape.split(","):
+        cfg = C.shape_config(name)
+        ok = check(cfg)
+        print(f"[{name}] check at 4K: {ok}")
+        rows = []
+        if ok["passed"]:
+            for T in C.lengths(args, "64k,128k", "16k"):
+                r = run_length(T, cfg, args, fla if name == "m3" else None)
+                print(f"[{name}] T={T}: " + ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in r.items() if not isinstance(v, dict)), flush=True)
+                rows.append(r)
+                torch.cuda.empty_cache()
+        results["shapes"][name] = dict(config=cfg.__dict__, check=ok, rows=rows)
+    C.write(results, args, "training")
+    return 0
