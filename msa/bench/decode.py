@@ -105,9 +105,10 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
     r = dict(context=T, batch=B, num_q=Q)
     r["msa_us"] = 1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki))
     out, topk = dec.run(q, qi, k, v, ki)
-    rows = topk.transpose(0, 1).reshape(B, -1).long()     # pages selected per request
-    distinct = sum(int(torch.unique(x[x >= 0]).numel()) for x in rows) * cfg.num_kv_heads \
-        / cfg.index_heads
+    # distinct (request, KV head, page) a step reads; one index head per KV head
+    per = topk.view(cfg.index_heads, B, Q * cfg.topk).long()
+    distinct = sum(int(torch.unique(x[x >= 0]).numel()) for row in per for x in row) * \
+        cfg.num_kv_heads // cfg.index_heads
     nbytes = B * T * cfg.index_dim * 2 + distinct * cfg.block_size * cfg.head_dim * 2 * 2
     r["floor_us"] = nbytes / bw * 1e6
     r["msa_vs_floor"] = r["msa_us"] / r["floor_us"]

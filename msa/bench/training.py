@@ -103,7 +103,7 @@ def run_length(T: int, cfg, args, fla) -> dict:
     if fla is not None and T <= args.fla_max:
         qf, kf, vf = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
         call = fla_call(fla, qf, kf, vf, topk, cfg)
-        r["fla_fwd_bwd_ms"] = C.timed(lambda: call().backward(dout.unsqueeze(0)), reps)
+        r["fla_fwd_bwd_ms"] = C.timed(lambda: call().backward(dout), reps)
         r["attention_speedup_vs_fla"] = r["fla_fwd_bwd_ms"] / r["attention_fwd_bwd_ms"]
     return r
 
