@@ -146,3 +146,31 @@ def test_enable_msa_rejects_what_msa_does_not_implement():
         enable_msa(m3.MiniMaxM3VLForCausalLM(_config("G4-B64")), block_size=64)
     with pytest.raises(ValueError, match="mode"):
         enable_msa(m3.MiniMaxM3VLForCausalLM(_config("G4-B64")), mode="fast")
+
+
+def test_multimodal_model_switches_its_text_model_only():
+    text = dict(vocab_size=300, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=64, intermediate_size=32,
+                dense_intermediate_size=64, shared_intermediate_size=32, num_local_experts=4,
+                num_experts_per_tok=2, index_n_heads=2, index_head_dim=64,
+                index_block_size=64, index_topk_blocks=3,
+                layer_types=["full_attention", "minimax_m3_sparse"], bos_token_id=1,
+                eos_token_id=2)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=56, patch_size=14)
+
+    def cfg():                                   # one config object per model
+        return m3.MiniMaxM3VLConfig(text_config=text, vision_config=vision,
+                                    projector_hidden_size=128, image_token_index=5,
+                                    video_token_index=6)
+    torch.manual_seed(0)
+    eager = m3.MiniMaxM3SparseForConditionalGeneration(cfg()).eval()
+    eager.set_attn_implementation("eager")
+    torch.manual_seed(0)
+    model = enable_msa(m3.MiniMaxM3SparseForConditionalGeneration(cfg()).eval())
+    assert model.config.text_config._attn_implementation == "msa"
+    assert model.config.vision_config._attn_implementation != "msa"
+    ids = torch.randint(10, 300, (1, 500), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - eager(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
