@@ -19,7 +19,7 @@ import triton.language as tl
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)          # usable inside kernels
 
 
 def next_pow2(x: int) -> int:

@@ -128,8 +128,9 @@ def test_triton_path_in_the_interpreter(monkeypatch):
     calls = []
     fused = decode.fused_decode
     monkeypatch.setattr(decode, "fused_decode", lambda *a: calls.append(1) or fused(*a))
-    eager, model = _models("G2-B128", backend="triton")
-    ids = torch.randint(3, 300, (1, 300), generator=torch.Generator().manual_seed(5))
+    from tests.helpers import DEVICE
+    eager, model = (m.to(DEVICE) for m in _models("G2-B128", backend="triton"))
+    ids = torch.randint(3, 300, (1, 300), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     with torch.no_grad():                          # 3 blocks, top-2: sparse
         diff = (model(ids).logits - eager(ids).logits).abs().max().item()
         assert diff <= 1e-4, diff

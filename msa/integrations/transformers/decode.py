@@ -101,6 +101,6 @@ def fused_decode(module, q, qi, key, value, ki, config: MSAConfig,
                  block_max=buf.block_max[:rows, :, :nb], topk_indices=topk, out=out,
                  lse=buf.lse[:rows], po=buf.po, pl=buf.pl, block_size=bs, scale=c.scale,
                  index_scale=c.index_scale, kv_strides=(bs * d, tk * d, d),
-                 ki_strides=(bs * di, di), ki_page_table=ki_table)
+                 ki_strides=(bs * di, di), ki_page_table=ki_table, mask_tail=True)
     module.msa_last_kl = None
     return out.view(b, tq, *out.shape[1:]).clone()

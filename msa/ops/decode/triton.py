@@ -39,7 +39,7 @@ def paged_block_max_kernel(
         stride_qt, stride_qh, stride_kp, stride_kt, stride_tb, stride_mc, stride_mh,
         NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
         BS: tl.constexpr, PAGES: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr, MASK_TAIL: tl.constexpr = False):
     b = tl.program_id(0)
     n = tl.load(SEQ_LENS + b)
     offs_r = tl.arange(0, ROWS)
@@ -57,9 +57,11 @@ def paged_block_max_kernel(
         j = tl.program_id(1) * PAGES + jj
         live = j * BS < n                   # pages past the end: no loads, M = -inf
         page = tl.load(PAGE_TABLE + b * stride_tb + j, mask=live, other=0).to(tl.int64)
-        kmask = live & (j * BS + offs_n < n)        # no read past the last token
-        ki = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :],
-                     mask=kmask[:, None], other=0.0)
+        kptr = KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :]
+        if MASK_TAIL:                   # rows past the last token may lie past the tensor
+            ki = tl.load(kptr, mask=(live & (j * BS + offs_n < n))[:, None], other=0.0)
+        else:                           # whole pages of a pool: read them whole
+            ki = tl.load(kptr, mask=live, other=0.0)
         s = dot(qi, tl.trans(ki), PRECISION, UPCAST) * scale
         s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
         tl.store(M + m_off + j, tl.max(s, 1), mask=rmask & (j < max_pages))
@@ -187,9 +189,8 @@ def partial_rows(max_batch: int, num_q: int, hkv: int, ksel: int) -> int:
 def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: int,
                  max_pages: int, num_kv_heads: int, block_max, topk_indices, out, lse, po,
                  pl, block_size: int, scale: float, index_scale: float, kv_strides=None,
-                 ki_strides=None,
-                 ki_page_table=None, pages_per_program: int = None,
-                 index_stages: int = 3) -> None:
+                 ki_strides=None, ki_page_table=None, mask_tail: bool = False,
+                 pages_per_program: int = None, index_stages: int = 3) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph).
 
@@ -199,7 +200,9 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     (``ki_page_table`` for the index keys, default the same) with seq_lens ``[>=B]``
     int32 (queries included). ``kv_strides`` / ``ki_strides``: the element strides
     (page, head, token) / (page, token) when ``k, v, ki`` are other tensors whose rows
-    are addressed that way (default: the pages' own strides; the last dim is contiguous).
+    are addressed that way (default: the pages' own strides; the last dim is contiguous);
+    ``mask_tail``: read no index-key row past a request's last token (when the last page
+    may extend past the tensor; whole pages of a pool are read whole, which is faster).
     Writes block_max ``[B*Q, Hi, max_pages]`` fp32, topk_indices ``[Hi, B*Q, K]`` int32,
     out ``[B*Q, Hq, D]``, lse ``[B*Q, Hq]`` fp32; po / pl: split partials of at least
     ``partial_rows`` rows x ``G_pad * D`` / ``G_pad`` fp32.
@@ -221,8 +224,8 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
         qi.stride(0), qi.stride(1), ki_strides[0], ki_strides[1],
         ki_table.stride(0), block_max.stride(0), block_max.stride(1),
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
-        BS=block_size, PAGES=per, PRECISION=prec, UPCAST=up, num_warps=4,
-        num_stages=index_stages)
+        BS=block_size, PAGES=per, PRECISION=prec, UPCAST=up, MASK_TAIL=mask_tail,
+        num_warps=4, num_stages=index_stages)
     nb_pad = next_pow2(max_pages)
     decode_topk_kernel[(rows, hi)](
         block_max, seq_lens, topk_indices, block_max.stride(0), block_max.stride(1),
