@@ -11,7 +11,7 @@ the summed per-rank losses equal the single-device loss.
 
 A sparse exchange of only the selected K/V blocks is not built: measured on 2 GPUs, every
 remote block is selected by some query of a rank in prefill/training, so it would move
-what the all-gather moves (docs/benchmarks.md, "Context parallelism").
+what the all-gather moves (docs/experiments.md).
 """
 from __future__ import annotations
 

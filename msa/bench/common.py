@@ -69,8 +69,12 @@ def metadata(case: str) -> dict:
         except Exception:                       # noqa: BLE001 - record, never fail
             return None
     try:
+        here = os.path.dirname(__file__)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+                                text=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=here).stdout.strip()
+        commit = commit + ("-dirty" if dirty else "") if commit else None
     except OSError:
         commit = None
     return dict(case=case, gpu=torch.cuda.get_device_name(), torch=torch.__version__,

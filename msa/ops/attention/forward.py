@@ -189,8 +189,7 @@ def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int):
     K and V on chip (the given tile, then smaller ones), then the block walked in quarters
     and halves (``KSPLIT`` keys loaded per tile: for GPUs whose shared memory cannot hold
     a head-dim-256 block, 128 KB of K and V, e.g. the 99 KB of sm_86/89). Quarters first:
-    283.8 vs 337.8 ms for halves (whole block 139.5) at 128K, head dim 256, on an H200
-    (``benchmarks/results/ab_fwd_key_sub_blocks_h200_9fdf767_2026-11-26.json``)."""
+    they were the faster of the two (docs/experiments.md)."""
     configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
     for ks in (block_size // 4, block_size // 2):
         if ks >= 16:
