@@ -5,7 +5,8 @@ into ``2 * W`` equal chunks and sharded *zigzag*: rank ``r`` holds chunks ``r`` 
 ``2W - 1 - r`` (balanced causal work). Each rank all-gathers K, V and the index keys
 (autograd-aware: the backward all-reduces the gradient and keeps the local slice), then
 runs MSA for its query fragments (one per document a chunk touches) as varlen segments
-that share each document's gathered KV prefix through ``fragment_indices`` (docs/semantics.md, "Segments").
+that share each document's gathered KV prefix through ``fragment_indices``
+(docs/semantics.md, "Segments").
 Outputs, LSEs and gradients equal single-device MSA; the KL weight is divided by ``W`` so
 the summed per-rank losses equal the single-device loss.
 

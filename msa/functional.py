@@ -190,11 +190,11 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     if check_finite:
         C.check_finite(("qi", "ki"), (qi, ki))
     use_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton")
-    idx, lse = indexer_op(lay.pack(qi), lay.pack(ki), *lay.meta, block_size, topk,
-                          _scale(softmax_scale, qi.shape[-1]), float(lse_temperature),
-                          return_lse, use_triton, 0)
-    idx = lay.unpack_heads(idx)
-    return (idx, lay.unpack_heads(lse)) if return_lse else idx
+    topk_indices, lse = indexer_op(lay.pack(qi), lay.pack(ki), *lay.meta, block_size, topk,
+                                   _scale(softmax_scale, qi.shape[-1]),
+                                   float(lse_temperature), return_lse, use_triton, 0)
+    topk_indices = lay.unpack_heads(topk_indices)
+    return (topk_indices, lay.unpack_heads(lse)) if return_lse else topk_indices
 
 
 def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -232,9 +232,9 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     C.check_flag("deterministic", deterministic)
     if check_finite:
         C.check_finite(("q", "k", "v"), (q, k, v))
-    topk_p = lay.pack_heads(topk_indices)
-    C.check_topk_tensor(topk_p, lay.total_q, (1, k.shape[-2]), q.device)
-    out, lse = attention_fwd_op(lay.pack(q), lay.pack(k), lay.pack(v), topk_p, *lay.meta,
+    packed = lay.pack_heads(topk_indices)
+    C.check_topk_tensor(packed, lay.total_q, (1, k.shape[-2]), q.device)
+    out, lse = attention_fwd_op(lay.pack(q), lay.pack(k), lay.pack(v), packed, *lay.meta,
                                 block_size, _scale(softmax_scale, q.shape[-1]), use_triton,
                                 _backward_mode(use_triton, deterministic), False)
     out = lay.unpack(out)
@@ -282,12 +282,12 @@ def msa_indexer_kl(q, k, qi, ki, topk_indices=None, cu_seqlens_q=None, cu_seqlen
         raise ValueError(f"loss_coeff must be a finite float, got {loss_coeff!r}")
     if check_finite:
         C.check_finite(("q", "k", "qi", "ki"), (q, k, qi, ki))
-    topk_p = None
+    packed = None
     if topk_indices is not None:
-        topk_p = lay.pack_heads(topk_indices)
-        C.check_topk_indices(topk_p, lay.seg, (qi.shape[-2],), block_size, q.device)
+        packed = lay.pack_heads(topk_indices)
+        C.check_topk_indices(packed, lay.seg, (qi.shape[-2],), block_size, q.device)
     return indexer_kl_loss(lay.pack(q), lay.pack(k), lay.pack(qi), lay.pack(ki), lay.seg,
-                           topk_p, block_size=block_size,
+                           packed, block_size=block_size,
                            scale=_scale(softmax_scale, q.shape[-1]),
                            index_scale=_scale(index_softmax_scale, qi.shape[-1]),
                            loss_coeff=float(loss_coeff))
@@ -379,15 +379,15 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     triton_kl = wants_kl and ki.shape[-2] == 1 and use_triton and C.use_triton(backend, qi)
     bs, scale, iscale = cfg.block_size, cfg.scale, cfg.index_scale
     qp, kp, vp, qip, kip = (lay.pack(x) for x in (q, k, v, qi, ki))
-    topk = lse = ilse = None
+    topk_indices = lse = ilse = None
     if mode == "sparse":
         chunk = P.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
                                  deterministic) if triton_kl else 0
         index_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or
                                                       backend == "triton")
-        topk, ilse = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk, iscale,
-                                1.0, triton_kl, index_triton, chunk)
-        out, lse = attention_fwd_op(qp, kp, vp, topk, *lay.meta, bs, scale, use_triton,
+        topk_indices, ilse = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
+                                        iscale, 1.0, triton_kl, index_triton, chunk)
+        out, lse = attention_fwd_op(qp, kp, vp, topk_indices, *lay.meta, bs, scale, use_triton,
                                     _backward_mode(use_triton, deterministic), True)
     else:
         out = dense_attention(qp, kp, vp, lay.seg, scale=scale)
@@ -401,15 +401,15 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     elif triton_kl:
         from .ops.kl.triton import indexer_kl_bwd
         hi = qi.shape[-2]
-        plan = P.sparse_plan(topk, lay.seg, block_size=bs, heads=hi,
+        plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=hi,
                              max_chunk=P.kl_chunk(hi, qi.shape[-1], cfg.topk, deterministic))
         loss, dqi, dki = indexer_kl_bwd(
-            qp.detach(), kp.detach(), lse.detach(), qip.detach(), kip.detach(), ilse, topk,
+            qp.detach(), kp.detach(), lse.detach(), qip.detach(), kip.detach(), ilse, topk_indices,
             plan, scale=scale, index_scale=iscale, loss_coeff=cfg.kl_loss_coeff,
             deterministic=deterministic)
         kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
     elif wants_kl:
-        kl = indexer_kl_loss(qp.detach(), kp.detach(), qip, kip, lay.seg, topk,
+        kl = indexer_kl_loss(qp.detach(), kp.detach(), qip, kip, lay.seg, topk_indices,
                              block_size=bs, scale=scale, index_scale=iscale,
                              loss_coeff=cfg.kl_loss_coeff)
     out = lay.unpack(out)
@@ -417,6 +417,6 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
         out = _InjectLossGrad.apply(out, kl)
     if not return_aux:
         return out
-    aux_topk = None if topk is None else lay.unpack_heads(topk)
+    aux_topk = None if topk_indices is None else lay.unpack_heads(topk_indices)
     aux_lse = None if lse is None else lay.unpack(lse)
     return out, MSAAux(aux_topk, aux_lse, None if kl is None else kl.detach())

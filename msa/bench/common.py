@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..cli import parse_lengths
+from ..lengths import parse_lengths
 from ..config import MSAConfig
 
 # name -> (Hq, Hkv): the MiniMax-M3 shape and smaller GQA groups (D 128, index 4 x 128

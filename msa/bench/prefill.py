@@ -39,7 +39,7 @@ def inputs(T: int, cfg, seed: int = 0):
 
 def fresh(topk: torch.Tensor) -> None:
     """Forget the plan of ``topk`` (so a timed call plans again) but keep it trusted."""
-    P._REGISTRY.pop(id(topk), None)
+    P.forget(topk)
     P.mark_trusted(topk)
 
 

@@ -13,8 +13,6 @@ The Triton backward is checked against the fp32 reference at 4K tokens first.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 import msa
@@ -50,17 +48,6 @@ def check(cfg, T: int = 4096) -> dict:
     return dict(T=T, cosine_dq_dk_dv=cos, passed=min(cos) > 0.999)
 
 
-@contextmanager
-def plan_per_consumer():
-    """Every consumer plans the selection itself and user-style validation runs."""
-    entry = P._entry
-    P._entry = lambda topk, create: None
-    try:
-        yield
-    finally:
-        P._entry = entry
-
-
 def run_length(T: int, cfg, args, fla) -> dict:
     q, k, v, qi, ki = (x.requires_grad_(True) for x in inputs(T, cfg, seed=T))
     bs = cfg.block_size
@@ -84,7 +71,7 @@ def run_length(T: int, cfg, args, fla) -> dict:
         out.backward(dout)
     r["step_ms"] = C.timed(step, reps)
     r["step_peak_mb"] = C.peak_bytes(step) / 2 ** 20
-    with plan_per_consumer():
+    with P.sharing_disabled():
         r["step_ms_plan_per_consumer"] = C.timed(step, reps)
     r["step_saved_ms"] = r["step_ms_plan_per_consumer"] - r["step_ms"]
     if C.wants(args, "dense") and T <= args.dense_max:

@@ -37,12 +37,12 @@ def query_chunks(seg: Segments, chunk: int) -> Iterator[Tuple[int, int, int]]:
             yield b, c, min(c + chunk, s0 + n)
 
 
-def sparse_keys(topk: torch.Tensor, k_base: int, pos: torch.Tensor,
+def sparse_keys(topk_indices: torch.Tensor, k_base: int, pos: torch.Tensor,
                 block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Key set of selected blocks.
 
     Args:
-        topk: ``[Hs, C, K]`` segment-local block ids, ``-1`` = empty slot (ids assumed in
+        topk_indices: ``[Hs, C, K]`` segment-local block ids, ``-1`` = empty slot (ids assumed in
             range, see ``check_topk_indices``).
         k_base: packed row of the segment's key offset 0.
         pos: ``[C]`` key offset of each query (causal limit).
@@ -50,7 +50,7 @@ def sparse_keys(topk: torch.Tensor, k_base: int, pos: torch.Tensor,
         rows ``[C, Hs, K*block_size]`` int64 and allowed ``[C, Hs, K*block_size]`` bool.
         Disallowed entries point at row ``k_base`` (any valid row; they are masked).
     """
-    ids = topk.permute(1, 0, 2).long()                                 # [C, Hs, K]
+    ids = topk_indices.permute(1, 0, 2).long()                                 # [C, Hs, K]
     offs = torch.arange(block_size, device=ids.device)
     t = ids.clamp_min(0).unsqueeze(-1) * block_size + offs             # [C, Hs, K, BS]
     allowed = (ids >= 0).unsqueeze(-1) & (t <= pos.view(-1, 1, 1, 1))

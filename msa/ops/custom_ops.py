@@ -50,13 +50,14 @@ def _lse_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def attention_plan(topk: Tensor, seg: Segments, q: Tensor, k: Tensor,
+def attention_plan(topk_indices: Tensor, seg: Segments, q: Tensor, k: Tensor,
                    block_size: int) -> "P.SparsePlan":
     """The selection's plan for the attention forward and backward (``heads=Hkv``)."""
-    hq, d, isz, ksel = q.shape[1], q.shape[2], q.dtype.itemsize, topk.shape[2]
+    hq, d, isz, topk = q.shape[1], q.shape[2], q.dtype.itemsize, topk_indices.shape[2]
     nsub = -(-block_size // P.backward_block_n(d, block_size))
-    chunk = min(P.forward_chunk(hq, d, isz, ksel), P.backward_chunk(hq, d, isz, ksel, nsub))
-    return P.sparse_plan(topk, seg, block_size=block_size, heads=k.shape[1], max_chunk=chunk)
+    chunk = min(P.forward_chunk(hq, d, isz, topk), P.backward_chunk(hq, d, isz, topk, nsub))
+    return P.sparse_plan(topk_indices, seg, block_size=block_size, heads=k.shape[1],
+                         max_chunk=chunk)
 
 
 @torch.library.custom_op("msa::indexer", mutates_args=())
@@ -74,59 +75,61 @@ def indexer_op(qi: Tensor, ki: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Te
                    seqlen_q, seqlen_k, qi.device)
     if use_triton:
         from .indexer.triton import indexer_topk, selected_lse
-        idx = indexer_topk(qi, ki, seg, block_size=block_size, topk=topk, scale=scale)
+        topk_indices = indexer_topk(qi, ki, seg, block_size=block_size, topk=topk, scale=scale)
         lse = None
         if return_lse:
             hi = qi.shape[1]
-            plan = P.sparse_plan(idx, seg, block_size=block_size, heads=hi,
+            plan = P.sparse_plan(topk_indices, seg, block_size=block_size, heads=hi,
                                  max_chunk=plan_chunk or P.lse_chunk(hi, topk))
-            lse = selected_lse(qi, ki, idx, plan, scale=scale, temperature=temperature)
+            lse = selected_lse(qi, ki, topk_indices, plan, scale=scale, temperature=temperature)
     else:
-        idx, lse = indexer_reference(qi, ki, seg, block_size=block_size, topk=topk,
+        topk_indices, lse = indexer_reference(qi, ki, seg, block_size=block_size, topk=topk,
                                      scale=scale, lse_temperature=temperature)
     if not return_lse:
         lse = qi.new_empty(0, dtype=_lse_dtype(qi))
-    P.mark_trusted(idx)
-    return idx, lse
+    P.mark_trusted(topk_indices)
+    return topk_indices, lse
 
 
 @indexer_op.register_fake
 def _(qi, ki, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size, topk,
       scale, temperature, return_lse, use_triton, plan_chunk):
-    idx = qi.new_empty((qi.shape[1], qi.shape[0], topk), dtype=torch.int32)
+    topk_indices = qi.new_empty((qi.shape[1], qi.shape[0], topk), dtype=torch.int32)
     shape = (qi.shape[1], qi.shape[0]) if return_lse else (0,)
-    return idx, qi.new_empty(shape, dtype=_lse_dtype(qi))
+    return topk_indices, qi.new_empty(shape, dtype=_lse_dtype(qi))
 
 
 @torch.library.custom_op("msa::sparse_attention_fwd", mutates_args=())
-def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, topk: Tensor, cu_q: Optional[Tensor],
+def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, topk_indices: Tensor, cu_q: Optional[Tensor],
                      cu_k: Optional[Tensor], frag: Optional[Tensor], max_q: Optional[int],
                      max_k: Optional[int], batch: int, seqlen_q: int, seqlen_k: int,
                      block_size: int, scale: float, use_triton: bool, backward: int,
                      trusted: bool) -> Tuple[Tensor, Tensor]:
-    """Packed ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, ``topk [Hs, total_q, K]``
+    """Packed ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, ``topk_indices [Hs, total_q, K]``
     -> out ``[total_q, Hq, D]``, lse ``[total_q, Hq]``. Validates the top-k ids unless
     ``trusted`` or produced by the library (``msa.ops.plan.mark_trusted``).
     ``backward`` (a ``Backward``) only selects the backward."""
     seg = segments(q.shape[0], k.shape[0], cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q,
                    seqlen_k, q.device)
-    if not (trusted or P.is_trusted(topk)):
-        check_topk_indices(topk, seg, (1, k.shape[1]), block_size, q.device)
+    if not (trusted or P.is_trusted(topk_indices)):
+        check_topk_indices(topk_indices, seg, (1, k.shape[1]), block_size, q.device)
     if use_triton:
         from .attention.forward import sparse_attn_fwd
-        plan = attention_plan(topk, seg, q, k, block_size)    # few queries: rows only
-        return sparse_attn_fwd(q, k, v, topk, plan, scale=scale)
-    return attention_forward_reference(q, k, v, topk, seg, block_size=block_size, scale=scale)
+        plan = attention_plan(topk_indices, seg, q, k, block_size)    # few queries: rows only
+        return sparse_attn_fwd(q, k, v, topk_indices, plan, scale=scale)
+    return attention_forward_reference(q, k, v, topk_indices, seg, block_size=block_size,
+                                       scale=scale)
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, topk, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size,
+def _(q, k, v, topk_indices, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size,
       scale, use_triton, backward, trusted):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("msa::sparse_attention_bwd", mutates_args=())
-def attention_bwd_op(q: Tensor, k: Tensor, v: Tensor, topk: Tensor, out: Tensor, lse: Tensor,
+def attention_bwd_op(q: Tensor, k: Tensor, v: Tensor, topk_indices: Tensor, out: Tensor,
+                     lse: Tensor,
                      dout: Tensor, dlse: Optional[Tensor], cu_q: Optional[Tensor],
                      cu_k: Optional[Tensor], frag: Optional[Tensor], max_q: Optional[int],
                      max_k: Optional[int], batch: int, seqlen_q: int, seqlen_k: int,
@@ -138,31 +141,31 @@ def attention_bwd_op(q: Tensor, k: Tensor, v: Tensor, topk: Tensor, out: Tensor,
                    seqlen_k, q.device)
     if backward != Backward.REFERENCE:
         from .attention.backward import sparse_attn_bwd
-        plan = attention_plan(topk, seg, q, k, block_size)
-        return list(sparse_attn_bwd(q, k, v, topk, plan, out, lse, dout, dlse, scale=scale,
+        plan = attention_plan(topk_indices, seg, q, k, block_size)
+        return list(sparse_attn_bwd(q, k, v, topk_indices, plan, out, lse, dout, dlse, scale=scale,
                                     deterministic=backward == Backward.TRITON_DETERMINISTIC))
-    return list(attention_backward_reference(q, k, v, topk, seg, out, lse, dout, dlse,
+    return list(attention_backward_reference(q, k, v, topk_indices, seg, out, lse, dout, dlse,
                                              block_size=block_size, scale=scale))
 
 
 @attention_bwd_op.register_fake
-def _(q, k, v, topk, out, lse, dout, dlse, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q,
+def _(q, k, v, topk_indices, out, lse, dout, dlse, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q,
       seqlen_k, block_size, scale, backward):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, topk, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size,
+    (q, k, v, topk_indices, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size,
      scale, _, backward, _) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, topk, out, lse)
+    ctx.save_for_backward(q, k, v, topk_indices, out, lse)
     ctx.meta = (cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size, scale,
                 backward)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, topk, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(q, k, v, topk, out, lse, dout.contiguous(),
+    q, k, v, topk_indices, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(q, k, v, topk_indices, out, lse, dout.contiguous(),
                                   None if dlse is None else dlse.contiguous(), *ctx.meta)
     return (dq, dk, dv) + (None,) * 14
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -121,15 +122,15 @@ class Plan:
         return self.item_h.numel()
 
 
-def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
+def plan_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
                 hkv: int, q_per_item: int) -> List[Tuple[int, int, Plan]]:
     """Plans of the query chunks ``[c, c + chunk)`` covering ``[q0, q1)``, built at once.
 
-    topk: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per chunk; edge
+    topk_indices: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per chunk; edge
     query indices are relative to the chunk start ``c0``. One sort and one host
     synchronisation serve all chunks.
     """
-    t = topk[:, q0:q1].long()
+    t = topk_indices[:, q0:q1].long()
     hs, nq, kk = t.shape
     nrow = rows.total_rows
     valid = (t >= 0) & (t < rows.q_nblocks[q0:q1].view(1, -1, 1))
@@ -187,10 +188,10 @@ def plan_chunks(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: in
     return plans
 
 
-def plan_chunk(topk: torch.Tensor, rows: BlockRows, q0: int, q1: int, hkv: int,
+def plan_chunk(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, hkv: int,
                q_per_item: int) -> Plan:
     """Edges and work items of queries ``[q0, q1)`` as one chunk (see ``plan_chunks``)."""
-    return plan_chunks(topk, rows, q0, q1, max(1, q1 - q0), hkv, q_per_item)[0][2]
+    return plan_chunks(topk_indices, rows, q0, q1, max(1, q1 - q0), hkv, q_per_item)[0][2]
 
 
 # queries per chunk: a plan's chunks bound every consumer's per-chunk buffers (partial
@@ -221,9 +222,9 @@ class SparsePlan:
     _converted: Optional[torch.Tensor] = field(default=None, repr=False)
     _chunks: Optional[list] = field(default=None, repr=False)
 
-    def indices(self, topk: torch.Tensor) -> torch.Tensor:
+    def indices(self, topk_indices: torch.Tensor) -> torch.Tensor:
         """``topk`` as the kernels read it: ``[Hs, total_q, K]`` int32 contiguous."""
-        return topk if self._converted is None else self._converted
+        return topk_indices if self._converted is None else self._converted
 
     @property
     def chunks(self) -> List[Tuple[int, int, Plan]]:
@@ -240,15 +241,15 @@ class SparsePlan:
         return self._chunks
 
 
-def build_plan(topk: torch.Tensor, seg: Segments, *, block_size: int, heads: int,
+def build_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, heads: int,
                chunk: int, q_per_item: int = 256) -> SparsePlan:
-    """A new ``SparsePlan`` of ``topk [Hs, total_q, K]`` (its rows now, its chunks on
+    """A new ``SparsePlan`` of ``topk_indices [Hs, total_q, K]`` (its rows now, its chunks on
     first use)."""
-    idx = topk if topk.dtype == torch.int32 and topk.is_contiguous() else \
-        topk.to(torch.int32).contiguous()
-    rows = block_rows(seg, block_size, topk.device)
+    idx = topk_indices if topk_indices.dtype == torch.int32 and topk_indices.is_contiguous() else \
+        topk_indices.to(torch.int32).contiguous()
+    rows = block_rows(seg, block_size, topk_indices.device)
     return SparsePlan(seg, block_size, heads, rows, max(1, chunk), q_per_item,
-                      weakref.ref(topk), None if idx is topk else idx)
+                      weakref.ref(topk_indices), None if idx is topk_indices else idx)
 
 
 # Per-chunk buffer budgets of the plan's consumers: the chunk of a shared plan is the
@@ -258,9 +259,9 @@ SLOT_BUDGET_BYTES = 4 << 30       # backward dQ slots; deterministic KL dqi slot
 LSE_BUDGET_BYTES = 1 << 30        # selected-LSE pass: partial LSEs
 
 
-def forward_chunk(hq: int, d: int, itemsize: int, ksel: int) -> int:
+def forward_chunk(hq: int, d: int, itemsize: int, topk: int) -> int:
     """Queries per chunk of the forward: ``Hq * K`` partial rows of ``D`` values + LSE."""
-    return max(1, PARTIAL_BUDGET_BYTES // (hq * ksel * (d * itemsize + 4)))
+    return max(1, PARTIAL_BUDGET_BYTES // (hq * topk * (d * itemsize + 4)))
 
 
 def backward_block_n(d: int, block_size: int) -> int:
@@ -268,31 +269,31 @@ def backward_block_n(d: int, block_size: int) -> int:
     return min(block_size, 128 if d <= 128 else 64)
 
 
-def backward_chunk(hq: int, d: int, itemsize: int, ksel: int, nsub: int) -> int:
+def backward_chunk(hq: int, d: int, itemsize: int, topk: int, nsub: int) -> int:
     """Queries per chunk of the backward: one dQ slot row of ``D`` per (query head, slot,
     key sub-block)."""
-    return max(1, SLOT_BUDGET_BYTES // (hq * ksel * nsub * d * itemsize))
+    return max(1, SLOT_BUDGET_BYTES // (hq * topk * nsub * d * itemsize))
 
 
-def kl_chunk(hi: int, di: int, ksel: int, deterministic: bool) -> int:
+def kl_chunk(hi: int, di: int, topk: int, deterministic: bool) -> int:
     """Queries per chunk of the indexer-KL backward: unbounded (fp32 atomics) or,
     deterministic, fp32 ``dqi`` slots per (index head, slot)."""
-    return max(1, SLOT_BUDGET_BYTES // (hi * ksel * di * 4)) if deterministic else 1 << 62
+    return max(1, SLOT_BUDGET_BYTES // (hi * topk * di * 4)) if deterministic else 1 << 62
 
 
-def lse_chunk(hi: int, ksel: int) -> int:
+def lse_chunk(hi: int, topk: int) -> int:
     """Queries per chunk of the selected-LSE pass (fp32 partial LSEs)."""
-    return max(1, LSE_BUDGET_BYTES // (hi * ksel * 4))
+    return max(1, LSE_BUDGET_BYTES // (hi * topk * 4))
 
 
-def training_chunk(q: torch.Tensor, ksel: int, block_size: int, hi: int, di: int,
+def training_chunk(q: torch.Tensor, topk: int, block_size: int, hi: int, di: int,
                    deterministic: bool) -> int:
     """The chunk one plan needs to serve a whole training step: selected LSE, forward,
     indexer KL and backward (``q [total_q, Hq, D]``)."""
     hq, d, isz = q.shape[1], q.shape[2], q.dtype.itemsize
     nsub = -(-block_size // backward_block_n(d, block_size))
-    return min(forward_chunk(hq, d, isz, ksel), backward_chunk(hq, d, isz, ksel, nsub),
-               kl_chunk(hi, di, ksel, deterministic), lse_chunk(hi, ksel))
+    return min(forward_chunk(hq, d, isz, topk), backward_chunk(hq, d, isz, topk, nsub),
+               kl_chunk(hi, di, topk, deterministic), lse_chunk(hi, topk))
 
 
 # top-k tensor id -> (weak reference, version, trusted, plans); an entry lives as long as
@@ -300,44 +301,66 @@ def training_chunk(q: torch.Tensor, ksel: int, block_size: int, hi: int, di: int
 _REGISTRY: Dict[int, list] = {}
 
 
-def _entry(topk: torch.Tensor, create: bool):
-    if topk.is_inference():                 # no version counter: never remembered
+def _entry(topk_indices: torch.Tensor, create: bool):
+    if topk_indices.is_inference() or not _SHARING:  # inference tensors track no version
         return None
-    key = id(topk)
+    key = id(topk_indices)
     e = _REGISTRY.get(key)
-    if e is not None and (e[0]() is not topk or e[1] != topk._version):
+    if e is not None and (e[0]() is not topk_indices or e[1] != topk_indices._version):
         e = None
     if e is None and create:
-        e = [weakref.ref(topk, lambda _, key=key: _REGISTRY.pop(key, None)), topk._version,
+        e = [weakref.ref(topk_indices, lambda _, key=key: _REGISTRY.pop(key, None)),
+             topk_indices._version,
              False, []]
         _REGISTRY[key] = e
     return e
 
 
-def mark_trusted(topk: torch.Tensor) -> None:
+def forget(topk_indices: torch.Tensor) -> None:
+    """Drop what is remembered about ``topk`` (its plans and trust); benchmarks use it to
+    time planning again on the same tensor."""
+    _REGISTRY.pop(id(topk_indices), None)
+
+
+@contextmanager
+def sharing_disabled():
+    """Within the block every consumer plans a selection itself and nothing is trusted
+    (how a training step ran before plans were shared; for A/B measurements)."""
+    global _SHARING
+    _SHARING = False
+    try:
+        yield
+    finally:
+        _SHARING = True
+
+
+_SHARING = True
+
+
+def mark_trusted(topk_indices: torch.Tensor) -> None:
     """Record that ``topk`` was produced by the library (valid by construction): it is
     not validated again while it is not modified in place."""
-    e = _entry(topk, True)
+    e = _entry(topk_indices, True)
     if e is not None:
         e[2] = True
 
 
-def is_trusted(topk: torch.Tensor) -> bool:
-    e = _entry(topk, False)
+def is_trusted(topk_indices: torch.Tensor) -> bool:
+    e = _entry(topk_indices, False)
     return e is not None and e[2]
 
 
-def sparse_plan(topk: torch.Tensor, seg: Segments, *, block_size: int, heads: int,
+def sparse_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, heads: int,
                 max_chunk: int, q_per_item: int = 256) -> SparsePlan:
-    """The plan of selection ``topk [Hs, total_q, K]`` served to ``heads`` KV heads, with
+    """The plan of selection ``topk_indices [Hs, total_q, K]`` served to ``heads`` KV heads, with
     chunks of at most ``max_chunk`` queries: the one made earlier for this very tensor
     (not modified since) when it fits, else a new one (remembered with the tensor)."""
-    e = _entry(topk, True)
+    e = _entry(topk_indices, True)
     for p in (e[3] if e is not None else ()):
         if p.block_size == block_size and p.heads == heads and p.chunk <= max_chunk and \
                 p.q_per_item == q_per_item and p.seg == seg:
             return p
-    plan = build_plan(topk, seg, block_size=block_size, heads=heads, chunk=max_chunk,
+    plan = build_plan(topk_indices, seg, block_size=block_size, heads=heads, chunk=max_chunk,
                       q_per_item=q_per_item)
     if e is not None:
         e[3] = [p for p in e[3] if not (p.block_size == block_size and p.heads == heads)]

@@ -37,7 +37,7 @@ def topk_check_kernel(TOPK, LIMIT, FLAGS, n_rows, total_q, stride_h, stride_q, s
 
 
 def topk_flags(topk: torch.Tensor, limit: torch.Tensor) -> Tuple[bool, bool]:
-    """``(any entry out of range, any row repeating an id)`` for ``topk [Hs, total_q, K]``
+    """``(any entry out of range, any row repeating an id)`` for ``topk_indices [Hs, total_q, K]``
     (int32/int64) and ``limit [total_q]`` (blocks of each query's segment); one host
     sync."""
     hs, total_q, k = topk.shape

@@ -101,7 +101,8 @@ def test_attention_rejects_bad_topk():
         _attn(c, torch.zeros(2, 10, 1))
     with pytest.raises(ValueError, match=r"topk_indices must have shape \[H, total_q=10, K\]"):
         _attn(c, torch.zeros(3, 10, 1, dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"topk_indices must hold 1..64 slots per row \(K\), got K=65"):
+    with pytest.raises(ValueError,
+                       match=r"topk_indices must hold 1..64 slots per row \(K\), got K=65"):
         _attn(c, torch.zeros(2, 10, 65, dtype=torch.int32))
     with pytest.raises(ValueError, match="got K=0"):
         _attn(c, torch.zeros(2, 10, 0, dtype=torch.int32))

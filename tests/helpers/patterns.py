@@ -1,4 +1,5 @@
-"""Stress selections for planning, the attention backward and the indexer KL (the stress patterns of MiniMax's own KL tests).
+"""Stress selections for planning, the attention backward and the indexer KL (the stress
+patterns of MiniMax's own KL tests).
 
 Every row holds ``k`` distinct block ids in ``[0, visible)``, ``visible = q // block +
 base`` for query ``q`` of a segment whose keys start ``(base - 1) * block`` before its

@@ -18,7 +18,8 @@ CONFIGS = {
 
 def _config(name, **kw):
     hq, hkv, hi, block, topk, types = CONFIGS[name]
-    args = dict(vocab_size=300, hidden_size=128, intermediate_size=32, num_hidden_layers=len(types),
+    args = dict(vocab_size=300, hidden_size=128, intermediate_size=32,
+                num_hidden_layers=len(types),
                 num_attention_heads=hq, num_key_value_heads=hkv, head_dim=64,
                 dense_intermediate_size=64, shared_intermediate_size=32, num_local_experts=4,
                 num_experts_per_tok=2, index_n_heads=hi, index_head_dim=64,
@@ -75,7 +76,8 @@ def test_selection_is_sparse_and_the_model_really_uses_it():
 def test_left_padded_batch_equals_rows_alone():
     _, model = _models("G4-B64")
     g = torch.Generator().manual_seed(3)
-    a, b = torch.randint(3, 300, (1, 400), generator=g), torch.randint(3, 300, (1, 250), generator=g)
+    a = torch.randint(3, 300, (1, 400), generator=g)
+    b = torch.randint(3, 300, (1, 250), generator=g)
     ids = torch.zeros(2, 400, dtype=torch.long)
     mask = torch.zeros(2, 400, dtype=torch.long)
     ids[0], mask[0] = a[0], 1

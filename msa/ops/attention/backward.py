@@ -58,7 +58,7 @@ def sparse_attn_bwd_kernel(
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BS: tl.constexpr, BLOCK_N: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BS: tl.constexpr, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr,
         NSUB: tl.constexpr, DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
@@ -104,7 +104,7 @@ def sparse_attn_bwd_kernel(
         dk += dot(dst.to(qt.dtype), qt, PRECISION, UPCAST)
         dq = dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
         slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
-        sidx = (((ql * HKV + h) * KSEL + slot) * NSUB + sub) * G + g
+        sidx = (((ql * HKV + h) * TOPK + slot) * NSUB + sub) * G + g
         tl.store(DQ + sidx[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=emask[:, None])
     if DET:
@@ -117,9 +117,9 @@ def sparse_attn_bwd_kernel(
 
 
 @triton.jit(do_not_specialize=["q0", "stride_th"])
-def dq_sum_kernel(SLOTS, TOPK, NBLK, DQ, q0, stride_th, stride_tq, stride_qt, stride_qh,
+def dq_sum_kernel(SLOTS, TOPK_INDICES, NBLK, DQ, q0, stride_th, stride_tq, stride_qt, stride_qh,
                   HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                  D: tl.constexpr, KSEL: tl.constexpr, NSUB: tl.constexpr):
+                  D: tl.constexpr, TOPK: tl.constexpr, NSUB: tl.constexpr):
     """Program per (query of the chunk, KV head): ``dq`` of the group's heads = the sum, in
     slot order and in fp32, of the query's valid top-k slots (slots of unselected or
     out-of-range entries were never written)."""
@@ -129,11 +129,11 @@ def dq_sum_kernel(SLOTS, TOPK, NBLK, DQ, q0, stride_th, stride_tq, stride_qt, st
     gmask = offs_g < G
     nb = tl.load(NBLK + qg)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    for j in range(KSEL):
-        bid = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
+    for j in range(TOPK):
+        bid = tl.load(TOPK_INDICES + hs * stride_th + qg * stride_tq + j)
         if (bid >= 0) & (bid < nb):
             for s in range(NSUB):
-                rows = (((ql * HKV + h) * KSEL + j) * NSUB + s) * G + offs_g
+                rows = (((ql * HKV + h) * TOPK + j) * NSUB + s) * G + offs_g
                 acc += tl.load(SLOTS + rows[:, None] * D + offs_d[None, :],
                                mask=gmask[:, None], other=0.0).to(tl.float32)
     tl.store(DQ + qg * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
@@ -188,10 +188,10 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
     fp32 from the forward and its incoming gradient ``dlse`` (``None``: zero);
     topk_indices ``[Hs, total_q, K]`` with its ``SparsePlan`` (``heads=Hkv``, at most
     ``plan.backward_chunk`` queries per chunk). ``deterministic``: bitwise repeatable
-    gradients (fixed reduction order). ``block_n`` (keys per program), ``block_q``, ``num_warps``,
-    ``num_stages``: launch parameters (``bwd_launch``). Where the tile asked for does not fit the GPU's
-    shared memory (sm_86/89 cards: 99 KB), one stage and then fewer query rows are tried
-    (``msa.ops.launch``).
+    gradients (fixed reduction order). ``block_n`` (keys per program), ``block_q``,
+    ``num_warps``, ``num_stages``: launch parameters (``bwd_launch``). Where the tile asked
+    for does not fit the GPU's shared memory (sm_86/89 cards: 99 KB), one stage and then
+    fewer query rows are tried (``msa.ops.launch``).
 
     The LSE's gradient enters as ``dS = P * (dP - delta + dlse)``: it is folded into
     ``delta = rowsum(dO * O) - dlse``.
@@ -199,7 +199,7 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     total_q, hq, d = q.shape
     hkv = k.shape[1]
-    hs, _, ksel = topk_indices.shape
+    hs, _, topk = topk_indices.shape
     check_supported(q.dtype, d)
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
@@ -211,18 +211,18 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
         delta = _rowdot(dout, out)                                       # [total_q, Hq]
         if dlse is not None:
             delta = delta - torch.where(torch.isneginf(lse), 0.0, dlse.float())
-        rows, topk = plan.rows, plan.indices(topk_indices)
+        rows, indices = plan.rows, plan.indices(topk_indices)
         g = hq // hkv
         g_pad = next_pow2(g)
         block_n, block_q, num_stages = bwd_launch(d, block_size, g, block_n, block_q,
                                                   num_stages)
         nsub = -(-block_size // block_n)
-        limit = backward_chunk(hq, d, q.dtype.itemsize, ksel, nsub)
+        limit = backward_chunk(hq, d, q.dtype.itemsize, topk, nsub)
         if plan.chunk > limit or plan.heads != hkv:
             raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per "
                              f"chunk; the backward needs {hkv} heads and at most {limit}")
         configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
-        per_query = hkv * ksel * nsub * g * d
+        per_query = hkv * topk * nsub * g * d
         slots = torch.empty(min(plan.chunk, total_q) * per_query, dtype=q.dtype,
                             device=q.device)
         if deterministic:
@@ -242,13 +242,13 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                      scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                      lse.stride(0)),
                     configs, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size,
-                    BLOCK_N=block_n, KSEL=ksel, NSUB=nsub, DET=deterministic,
+                    BLOCK_N=block_n, TOPK=topk, NSUB=nsub, DET=deterministic,
                     PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype),
                     num_warps=num_warps)
                 if deterministic:
                     sum_items(p, pk, pv, dk, dv, block_size, layers)
             dq_sum_kernel[((q1 - q0) * hkv,)](
-                slots, topk, rows.q_nblocks, dq, q0, topk.stride(0), topk.stride(1),
+                slots, indices, rows.q_nblocks, dq, q0, indices.stride(0), indices.stride(1),
                 dq.stride(0), dq.stride(1), HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d,
-                KSEL=ksel, NSUB=nsub, num_warps=4)
+                TOPK=topk, NSUB=nsub, num_warps=4)
     return dq, dk.to(k.dtype), dv.to(v.dtype)

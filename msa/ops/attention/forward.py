@@ -84,7 +84,7 @@ def sparse_attn_fwd_kernel(
         q0, scale_log2,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BS: tl.constexpr, KSEL: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BS: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
         KSPLIT: tl.constexpr = 0):
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
@@ -128,7 +128,7 @@ def sparse_attn_fwd_kernel(
                                      stride_kt, stride_kh, stride_vt, stride_vh, BS, KSPLIT,
                                      D, PRECISION, UPCAST, HAS_V)
         lse = tl.where(den > 0, (m + tl.log2(den)) * LN2, float("-inf"))
-        pidx = ((ql * HKV + h) * KSEL + slot) * G + g
+        pidx = ((ql * HKV + h) * TOPK + slot) * G + g
         if HAS_V:
             o = o / tl.maximum(den, 1e-30)[:, None]
             tl.store(PO + pidx[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty),
@@ -141,20 +141,20 @@ def sparse_attn_fwd_kernel(
 
 @triton.jit(do_not_specialize=["q0", "stride_th"])
 def sparse_attn_combine_kernel(
-        PO, PL, TOPK, NBLK, OUT, LSE, q0,
+        PO, PL, TOPK_INDICES, NBLK, OUT, LSE, q0,
         stride_th, stride_tq, stride_ot, stride_oh, stride_lt,
         HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-        D: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr):
+        D: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
     ql, qg, h, hs = query_program(q0, HKV, HS)
-    offs_k = tl.arange(0, KSEL_PAD)
+    offs_k = tl.arange(0, TOPK_PAD)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     gmask = offs_g < G
-    ids = tl.load(TOPK + hs * stride_th + qg * stride_tq + offs_k, mask=offs_k < KSEL,
+    ids = tl.load(TOPK_INDICES + hs * stride_th + qg * stride_tq + offs_k, mask=offs_k < TOPK,
                   other=-1)
     nb = tl.load(NBLK + qg)
     valid = (ids >= 0) & (ids < nb)
-    base = (ql * HKV + h) * KSEL
+    base = (ql * HKV + h) * TOPK
     lse = tl.load(PL + (base + offs_k)[:, None] * G + offs_g[None, :],
                   mask=valid[:, None] & gmask[None, :], other=float("-inf"))
     m = tl.max(lse, 0)
@@ -162,8 +162,8 @@ def sparse_attn_combine_kernel(
     w = tl.exp(lse - m[None, :])
     wsum = tl.sum(w, 0)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    for j in range(KSEL):
-        ok = tl.load(TOPK + hs * stride_th + qg * stride_tq + j)
+    for j in range(TOPK):
+        ok = tl.load(TOPK_INDICES + hs * stride_th + qg * stride_tq + j)
         if (ok >= 0) & (ok < nb):
             lj = tl.load(PL + (base + j) * G + offs_g, mask=gmask, other=float("-inf"))
             oj = tl.load(PO + ((base + j) * G + offs_g)[:, None] * D + offs_d[None, :],
@@ -198,7 +198,7 @@ def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int):
 
 
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
-                    ksel: int, block_size: int, block_q: int = None, num_warps: int = 4,
+                    topk: int, block_size: int, block_q: int = None, num_warps: int = 4,
                     num_stages: int = 1, shared_k_head: bool = False) -> None:
     """Run the KV-outer kernel over one chunk's plan: partial outputs into ``po`` (skipped
     when ``v is None``) and partial LSEs into ``pl``.
@@ -227,22 +227,23 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
          scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
          0 if shared_k_head else k.stride(1), vv.stride(0), vv.stride(1)),
         fwd_configs(block_q, g_pad, num_stages, block_size),
-        HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, KSEL=ksel,
+        HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, TOPK=topk,
         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), HAS_V=v is not None,
         num_warps=num_warps)
 
 
-def launch_combine(po, pl, topk, rows: BlockRows, out, lse, q0: int, q1: int,
+def launch_combine(po, pl, topk_indices, rows: BlockRows, out, lse, q0: int, q1: int,
                    hkv: int) -> None:
     """Merge the partials of queries ``[q0, q1)`` into ``out``/``lse`` (rows of the chunk
     starting at ``q0``)."""
-    hs, _, ksel = topk.shape
+    hs, _, topk = topk_indices.shape
     g = out.shape[1] // hkv
     sparse_attn_combine_kernel[((q1 - q0) * hkv,)](
-        po, pl, topk, rows.q_nblocks, out, lse, q0,
-        topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        HKV=hkv, HS=hs, G=g, G_PAD=next_pow2(g), D=out.shape[2], KSEL=ksel,
-        KSEL_PAD=next_pow2(ksel), num_warps=4)
+        po, pl, topk_indices, rows.q_nblocks, out, lse, q0,
+        topk_indices.stride(0), topk_indices.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0),
+        HKV=hkv, HS=hs, G=g, G_PAD=next_pow2(g), D=out.shape[2], TOPK=topk,
+        TOPK_PAD=next_pow2(topk), num_warps=4)
 
 
 def use_query_major(total_q: int, query_major: bool = None) -> bool:
@@ -274,7 +275,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_supported(q.dtype, d)
     hkv = k.shape[1]
     g = hq // hkv
-    ksel = topk_indices.shape[2]
+    topk = topk_indices.shape[2]
     pdtype = q.dtype            # partials: fp32 for fp32, else the half type of the inputs
     out = torch.empty_like(q) if out is None else out
     if lse is None:
@@ -285,15 +286,15 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if use_query_major(total_q, query_major):
         sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
         return out, lse
-    limit = forward_chunk(hq, d, q.dtype.itemsize, ksel)
+    limit = forward_chunk(hq, d, q.dtype.itemsize, topk)
     if plan.chunk > limit or plan.heads != hkv:
         raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per chunk; "
                          f"the forward needs {hkv} heads and at most {limit}")
     chunk = min(plan.chunk, total_q)
-    po = torch.empty(chunk * hkv * ksel * g * d, dtype=pdtype, device=q.device)
-    pl = torch.empty(chunk * hkv * ksel * g, dtype=torch.float32, device=q.device)
+    po = torch.empty(chunk * hkv * topk * g * d, dtype=pdtype, device=q.device)
+    pl = torch.empty(chunk * hkv * topk * g, dtype=torch.float32, device=q.device)
     for q0, q1, p in plan.chunks:
-        launch_partials(q, k, v, plan.rows, p, q0, po, pl, scale=scale, ksel=ksel,
+        launch_partials(q, k, v, plan.rows, p, q0, po, pl, scale=scale, topk=topk,
                         block_size=plan.block_size, **launch)
         launch_combine(po, pl, idx, plan.rows, out, lse, q0, q1, hkv)
     return out, lse

@@ -26,8 +26,8 @@ from ..common import (apply_keys, chunk_size, compute_dtype, dense_keys, gather_
                       sparse_keys)
 
 
-def _chunk(topk: torch.Tensor, seg: Segments, hkv: int, d: int, block_size: int) -> int:
-    return chunk_size(2 * hkv * topk.shape[-1] * block_size * d)
+def _chunk(topk_indices: torch.Tensor, seg: Segments, hkv: int, d: int, block_size: int) -> int:
+    return chunk_size(2 * hkv * topk_indices.shape[-1] * block_size * d)
 
 
 # Forward: when a chunk's causal span is at most this many times the selected keys per
@@ -36,11 +36,11 @@ def _chunk(topk: torch.Tensor, seg: Segments, hkv: int, d: int, block_size: int)
 DENSE_SPAN_FACTOR = 4
 
 
-def _selected_span(topk, k_base, pos, block_size):
+def _selected_span(topk_indices, k_base, pos, block_size):
     """Key set ``[0, max pos]`` shared by the chunk; allowed = selected block AND causal."""
     n = int(pos.max()) + 1
     rows, causal = dense_keys(k_base, pos, 0, n)                        # [1,1,n], [C,1,n]
-    ids = topk.permute(1, 0, 2).long()                                 # [C, Hs, K]
+    ids = topk_indices.permute(1, 0, 2).long()                                 # [C, Hs, K]
     nbl = -(-n // block_size)
     ids = torch.where((ids >= 0) & (ids < nbl), ids, torch.full_like(ids, nbl))
     sel = torch.zeros(*ids.shape[:2], nbl + 1, dtype=torch.bool, device=ids.device)
@@ -49,24 +49,24 @@ def _selected_span(topk, k_base, pos, block_size):
     return rows, sel[..., blk] & causal
 
 
-def _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype, dense_ok=False):
+def _keys(k, v, topk_indices, seg, b, s0, s1, pos, block_size, dtype, dense_ok=False):
     p = pos[s0:s1]
-    if dense_ok and int(p.max()) + 1 <= DENSE_SPAN_FACTOR * topk.shape[-1] * block_size:
-        rows, allowed = _selected_span(topk[:, s0:s1], seg.k_base[b], p, block_size)
+    if dense_ok and int(p.max()) + 1 <= DENSE_SPAN_FACTOR * topk_indices.shape[-1] * block_size:
+        rows, allowed = _selected_span(topk_indices[:, s0:s1], seg.k_base[b], p, block_size)
     else:
-        rows, allowed = sparse_keys(topk[:, s0:s1], seg.k_base[b], p, block_size)
+        rows, allowed = sparse_keys(topk_indices[:, s0:s1], seg.k_base[b], p, block_size)
     hkv = k.shape[1]
     return rows, allowed, gather_keys(k, rows, hkv, dtype), gather_keys(v, rows, hkv, dtype)
 
 
 def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                topk: torch.Tensor, seg: Segments, *, block_size: int,
+                                topk_indices: torch.Tensor, seg: Segments, *, block_size: int,
                                 scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention forward.
 
     Args:
         q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``.
-        topk: ``[Hs, total_q, K]`` block ids (``Hs`` is ``Hkv`` or 1), ``-1`` = empty slot.
+        topk_indices: ``[Hs, total_q, K]`` block ids (``Hs`` is ``Hkv`` or 1), ``-1`` = empty slot.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q) and lse ``[total_q, Hq]`` (fp32, fp64 for
         fp64 inputs; natural log, ``-inf`` for empty rows).
@@ -77,8 +77,8 @@ def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     out = torch.full_like(q, float("nan"))            # poisoned: every row must be written
     lse = torch.full((total_q, hq), float("nan"), dtype=dtype, device=q.device)
     pos = seg.positions(q.device)
-    for b, s0, s1 in query_chunks(seg, _chunk(topk, seg, hkv, d, block_size)):
-        _, allowed, kg, vg = _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype,
+    for b, s0, s1 in query_chunks(seg, _chunk(topk_indices, seg, hkv, d, block_size)):
+        _, allowed, kg, vg = _keys(k, v, topk_indices, seg, b, s0, s1, pos, block_size, dtype,
                                    dense_ok=True)
         x = masked(group_logits(q[s0:s1], kg, scale), allowed)          # [C,Hkv,G,S]
         m = safe_max(x)
@@ -91,7 +91,7 @@ def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out, lse
 
 
-def attention_backward_reference(q, k, v, topk, seg: Segments, out, lse, dout, dlse=None,
+def attention_backward_reference(q, k, v, topk_indices, seg: Segments, out, lse, dout, dlse=None,
                                  *, block_size: int, scale: float):
     """Gradients of the sparse attention: ``(dq, dk, dv)`` with the shapes of q, k, v.
 
@@ -108,8 +108,8 @@ def attention_backward_reference(q, k, v, topk, seg: Segments, out, lse, dout, d
     delta_all = (dout.to(dtype) * out.to(dtype)).sum(-1)                   # [total_q,Hq]
     if dlse is not None:             # p = 0 on empty rows: their dlse changes nothing
         delta_all = delta_all - torch.where(torch.isneginf(lse), 0.0, dlse.to(dtype))
-    for b, s0, s1 in query_chunks(seg, _chunk(topk, seg, hkv, d, block_size)):
-        rows, allowed, kg, vg = _keys(k, v, topk, seg, b, s0, s1, pos, block_size, dtype)
+    for b, s0, s1 in query_chunks(seg, _chunk(topk_indices, seg, hkv, d, block_size)):
+        rows, allowed, kg, vg = _keys(k, v, topk_indices, seg, b, s0, s1, pos, block_size, dtype)
         c = s1 - s0
         qc = q[s0:s1].to(dtype).view(c, hkv, hq // hkv, d)
         doc = dout[s0:s1].to(dtype).view(c, hkv, hq // hkv, d)

@@ -16,11 +16,11 @@ from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision
 
 @triton.jit(do_not_specialize=["stride_th"])
 def sparse_attn_qmajor_kernel(
-        Q, K, V, TOPK, POS, KBASE, NBLK, OUT, LSE, scale_log2,
+        Q, K, V, TOPK_INDICES, POS, KBASE, NBLK, OUT, LSE, scale_log2,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_th, stride_tq, stride_ot, stride_oh, stride_lt,
         HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-        D: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr,
+        D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     q = (pid // HKV).to(tl.int64)
@@ -38,8 +38,8 @@ def sparse_attn_qmajor_kernel(
     m_i = tl.zeros((G_PAD,), dtype=tl.float32) - float("inf")
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    for j in range(KSEL):
-        blk = tl.load(TOPK + hs * stride_th + q * stride_tq + j)
+    for j in range(TOPK):
+        blk = tl.load(TOPK_INDICES + hs * stride_th + q * stride_tq + j)
         if (blk >= 0) & (blk < nb) & (blk * BS <= pos):
             t = blk * BS + offs_n
             kmask = t <= pos
@@ -57,19 +57,21 @@ def sparse_attn_qmajor_kernel(
     tl.store(LSE + q * stride_lt + h * G + offs_g, lse, mask=gmask)
 
 
-def sparse_attn_fwd_query_major(q, k, v, topk, rows, out, lse, *, scale: float) -> None:
+def sparse_attn_fwd_query_major(q, k, v, topk_indices, rows, out, lse, *, scale: float) -> None:
     """Write ``out [total_q, Hq, D]`` and ``lse [total_q, Hq]`` (see module docstring).
 
-    ``rows``: ``msa.ops.plan.block_rows`` of the layout; topk ``[Hs, total_q, K]`` int32;
+    ``rows``: ``msa.ops.plan.block_rows`` of the layout; topk_indices ``[Hs, total_q, K]``
+    int32;
     the block size is ``rows``'s.
     """
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     sparse_attn_qmajor_kernel[(total_q * hkv,)](
-        q, k, v, topk, rows.q_pos, rows.q_kbase, rows.q_nblocks, out, lse, scale * LOG2E,
+        q, k, v, topk_indices, rows.q_pos, rows.q_kbase, rows.q_nblocks, out, lse, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        topk.stride(0), topk.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        HKV=hkv, HS=topk.shape[0], G=g, G_PAD=max(16, next_pow2(g)), D=d,
-        BS=rows.block_size, KSEL=topk.shape[2], PRECISION=precision(q.dtype),
+        topk_indices.stride(0), topk_indices.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0),
+        HKV=hkv, HS=topk_indices.shape[0], G=g, G_PAD=max(16, next_pow2(g)), D=d,
+        BS=rows.block_size, TOPK=topk_indices.shape[2], PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype), num_warps=4, num_stages=2)

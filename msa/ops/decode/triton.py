@@ -11,7 +11,7 @@ synchronisation and no allocation:
    ``M [B*Q, Hi, max_pages]`` (``-inf`` past the end).
 2. ``decode_topk_kernel``: top-k of ``M`` per (query, index head) with the reference rule
    (score desc, id asc, local block last, ``-1`` padding) -> head-major
-   ``topk [Hi, B*Q, K]``.
+   ``topk_indices [Hi, B*Q, K]``.
 3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
    the ``G`` query heads of the group are the MMA rows, each selected page is read
    through the page table, online softmax; one split writes the output directly, more
@@ -68,9 +68,9 @@ def paged_block_max_kernel(
 
 
 @triton.jit
-def decode_topk_kernel(M, SEQ_LENS, TOPK, stride_mc, stride_mh, stride_th, stride_tq,
-                       max_pages, NQ: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr,
-                       KSEL_PAD: tl.constexpr, NB_PAD: tl.constexpr):
+def decode_topk_kernel(M, SEQ_LENS, TOPK_INDICES, stride_mc, stride_mh, stride_th, stride_tq,
+                       max_pages, NQ: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
+                       TOPK_PAD: tl.constexpr, NB_PAD: tl.constexpr):
     """Top-k of one (query row, index head) from its block maxima, the reference rule:
     ``min(K-1, local)`` earlier blocks by score desc / id asc, then ``local``, then -1."""
     c = tl.program_id(0).to(tl.int64)
@@ -81,26 +81,26 @@ def decode_topk_kernel(M, SEQ_LENS, TOPK, stride_mc, stride_mh, stride_th, strid
                 other=float("-inf"))
     m = rank_key(m)                                             # NaN lowest, -0 == +0
     key = tl.where(idx < local, m, float("-inf"))               # earlier blocks only
-    offs_k = tl.arange(0, KSEL_PAD)
-    out = tl.full((KSEL_PAD,), -1, dtype=tl.int32)
-    for r in range(KSEL - 1):
+    offs_k = tl.arange(0, TOPK_PAD)
+    out = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
+    for r in range(TOPK - 1):
         best = tl.max(key, 0)
         pick = tl.min(tl.where(key == best, idx, NB_PAD), 0)   # ties: smaller id
         pick = tl.where(best > float("-inf"), pick, -1)
         out = tl.where(offs_k == r, pick, out)
         key = tl.where(idx == pick, float("-inf"), key)
-    n_ranked = tl.minimum(local, KSEL - 1)
+    n_ranked = tl.minimum(local, TOPK - 1)
     out = tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, out))
-    tl.store(TOPK + h * stride_th + c * stride_tq + offs_k, out, mask=offs_k < KSEL)
+    tl.store(TOPK_INDICES + h * stride_th + c * stride_tq + offs_k, out, mask=offs_k < TOPK)
 
 
 @triton.jit
 def paged_decode_attn_kernel(
-        Q, K, V, TOPK, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, scale_log2,
+        Q, K, V, TOPK_INDICES, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, scale_log2,
         stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
         stride_tb, stride_ot, stride_oh, stride_lt,
         NQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
-        G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr,
+        G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
         PER_SPLIT: tl.constexpr, NSPLIT: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
@@ -120,7 +120,7 @@ def paged_decode_attn_kernel(
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
     for jj in range(PER_SPLIT):
         j = sp * PER_SPLIT + jj
-        blk = tl.load(TOPK + hs * stride_th + c * stride_tq + j, mask=j < KSEL, other=-1)
+        blk = tl.load(TOPK_INDICES + hs * stride_th + c * stride_tq + j, mask=j < TOPK, other=-1)
         if (blk >= 0) & (blk * BS <= pos):
             page = tl.load(PAGE_TABLE + b * stride_tb + blk).to(tl.int64)
             kmask = blk * BS + offs_n <= pos
@@ -171,18 +171,18 @@ def paged_decode_combine_kernel(PO, PL, OUT, LSE, stride_ot, stride_oh, stride_l
              tl.where(wsum > 0, m_safe + tl.log(wsum), float("-inf")), mask=gmask)
 
 
-def decode_splits(rows: int, hkv: int, ksel: int) -> Tuple[int, int]:
+def decode_splits(rows: int, hkv: int, topk: int) -> Tuple[int, int]:
     """``(nsplit, per_split)``: the K selected blocks of each (query, KV head) split over
     enough programs for about two waves (``TARGET_PROGRAMS``)."""
-    nsplit = max(1, min(ksel, TARGET_PROGRAMS // (rows * hkv)))
-    per_split = -(-ksel // nsplit)
-    return -(-ksel // per_split), per_split
+    nsplit = max(1, min(topk, TARGET_PROGRAMS // (rows * hkv)))
+    per_split = -(-topk // nsplit)
+    return -(-topk // per_split), per_split
 
 
-def partial_rows(max_batch: int, num_q: int, hkv: int, ksel: int) -> int:
+def partial_rows(max_batch: int, num_q: int, hkv: int, topk: int) -> int:
     """Rows of the split partial buffers any batch up to ``max_batch`` needs
     (``rows * hkv * nsplit``)."""
-    return max(b * num_q * hkv * decode_splits(b * num_q, hkv, ksel)[0]
+    return max(b * num_q * hkv * decode_splits(b * num_q, hkv, topk)[0]
                for b in range(1, max_batch + 1))
 
 
@@ -209,7 +209,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     """
     b, nq = batch, num_q
     rows = b * nq
-    hi, ksel = topk_indices.shape[0], topk_indices.shape[2]
+    hi, topk = topk_indices.shape[0], topk_indices.shape[2]
     hq, d = q.shape[1], q.shape[2]
     kv_strides = kv_strides or (k.stride(0), k.stride(1), k.stride(2))
     ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
@@ -230,9 +230,9 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     decode_topk_kernel[(rows, hi)](
         block_max, seq_lens, topk_indices, block_max.stride(0), block_max.stride(1),
         topk_indices.stride(0), topk_indices.stride(1), max_pages, NQ=nq, BS=block_size,
-        KSEL=ksel, KSEL_PAD=next_pow2(ksel), NB_PAD=nb_pad,
+        TOPK=topk, TOPK_PAD=next_pow2(topk), NB_PAD=nb_pad,
         num_warps=8 if nb_pad > 4096 else 4)
-    nsplit, per_split = decode_splits(rows, hkv, ksel)
+    nsplit, per_split = decode_splits(rows, hkv, topk)
     g_pad = max(16, next_pow2(g))
     paged_decode_attn_kernel[(rows, hkv, nsplit)](
         q, k, v, topk_indices, page_table, seq_lens, out, lse, po, pl,
@@ -240,7 +240,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
         kv_strides[2], topk_indices.stride(0), topk_indices.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         NQ=nq, HKV=hkv, HS=hi, G=g, G_PAD=g_pad, D=d, BS=block_size,
-        KSEL=ksel, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,
+        TOPK=topk, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,
         num_warps=4)
     if nsplit > 1:
         paged_decode_combine_kernel[(rows * hkv,)](

@@ -112,23 +112,23 @@ def selected_lse(qi: torch.Tensor, ki: torch.Tensor, topk_indices: torch.Tensor,
     KV-outer pass over the selection's plan (``heads=Hi``, at most ``lse_chunk``
     queries per chunk)."""
     total_q, hi, _ = qi.shape
-    ksel = topk_indices.shape[-1]
-    if plan.heads != hi or plan.chunk > lse_chunk(hi, ksel):
+    topk = topk_indices.shape[-1]
+    if plan.heads != hi or plan.chunk > lse_chunk(hi, topk):
         raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per chunk; "
                          f"the selected LSE needs {hi} heads and at most "
-                         f"{lse_chunk(hi, ksel)}")
-    rows, idx = plan.rows, plan.indices(topk_indices)
+                         f"{lse_chunk(hi, topk)}")
+    rows, indices = plan.rows, plan.indices(topk_indices)
     out = torch.empty((hi, total_q), dtype=torch.float32, device=qi.device)
-    pl = torch.empty(min(total_q, plan.chunk) * hi * ksel, dtype=torch.float32,
+    pl = torch.empty(min(total_q, plan.chunk) * hi * topk, dtype=torch.float32,
                      device=qi.device)
     for q0, q1, p in plan.chunks:
         pl.fill_(float("nan"))      # a valid slot left unwritten shows
         launch_partials(qi, ki, None, rows, p, q0, None, pl, scale=scale / temperature,
-                        ksel=ksel, block_size=plan.block_size,
+                        topk=topk, block_size=plan.block_size,
                         shared_k_head=ki.shape[1] == 1)
-        t = idx[:, q0:q1].long()
+        t = indices[:, q0:q1].long()
         valid = (t >= 0) & (t < rows.q_nblocks[q0:q1].view(1, -1, 1))
-        part = pl[:(q1 - q0) * hi * ksel].view(q1 - q0, hi, ksel).transpose(0, 1)
+        part = pl[:(q1 - q0) * hi * topk].view(q1 - q0, hi, topk).transpose(0, 1)
         part = torch.where(valid, part, torch.full_like(part, float("-inf")))
         out[:, q0:q1] = torch.logsumexp(part, dim=-1)
     return out

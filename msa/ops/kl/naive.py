@@ -26,10 +26,10 @@ from ..common import (CHUNK_BUDGET, apply_keys, chunk_size, compute_dtype, dense
                       sparse_keys)
 
 
-def _key_sets(topk, seg, b, s0, s1, pos, block_size, tile) -> Iterator:
+def _key_sets(topk_indices, seg, b, s0, s1, pos, block_size, tile) -> Iterator:
     p = pos[s0:s1]
-    if topk is not None:
-        yield sparse_keys(topk[:, s0:s1], seg.k_base[b], p, block_size)
+    if topk_indices is not None:
+        yield sparse_keys(topk_indices[:, s0:s1], seg.k_base[b], p, block_size)
         return
     end = int(p.max()) + 1
     for t0 in range(0, end, tile):
@@ -40,7 +40,7 @@ def _neg_inf_to_pos(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(x), torch.full_like(x, float("inf")), x)
 
 
-def indexer_kl_reference(q, k, qi, ki, seg: Segments, topk: Optional[torch.Tensor], *,
+def indexer_kl_reference(q, k, qi, ki, seg: Segments, topk_indices: Optional[torch.Tensor], *,
                          block_size: int, scale: float, index_scale: float,
                          loss_coeff: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor,
                                                            torch.Tensor]:
@@ -49,7 +49,7 @@ def indexer_kl_reference(q, k, qi, ki, seg: Segments, topk: Optional[torch.Tenso
     Args:
         q: ``[total_q, Hq, D]``, k: ``[total_k, Hkv, D]`` main branch (teacher).
         qi: ``[total_q, Hi, Di]``, ki: ``[total_k, 1 or Hi, Di]`` index branch (student).
-        topk: ``[Hi, total_q, K]`` selection (sparse mode) or ``None`` (dense warm-up).
+        topk_indices: ``[Hi, total_q, K]`` selection (sparse mode) or ``None`` (dense warm-up).
     Returns:
         ``(loss, dqi, dki)``: scalar loss (fp32, fp64 for fp64 inputs) and the gradients
         with the shapes and dtypes of qi, ki.
@@ -59,8 +59,8 @@ def indexer_kl_reference(q, k, qi, ki, seg: Segments, topk: Optional[torch.Tenso
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
     g = loss_coeff / (hi * max(total_q, 1))
     pos = seg.positions(q.device)
-    if topk is not None:
-        per_key = topk.shape[-1] * block_size
+    if topk_indices is not None:
+        per_key = topk_indices.shape[-1] * block_size
         chunk = chunk_size(per_key * (2 * hkv * d + 2 * hi * di + 2 * hq))
         tile = per_key
     else:
@@ -81,12 +81,12 @@ def indexer_kl_reference(q, k, qi, ki, seg: Segments, topk: Optional[torch.Tenso
 
         lse_t = torch.full((c, hkv, hq // hkv, 1), float("-inf"), dtype=dtype, device=q.device)
         lse_s = torch.full((c, hi, 1, 1), float("-inf"), dtype=dtype, device=q.device)
-        for rows, allowed in _key_sets(topk, seg, b, s0, s1, pos, block_size, tile):
+        for rows, allowed in _key_sets(topk_indices, seg, b, s0, s1, pos, block_size, tile):
             x, z, _ = logits(rows, allowed)
             lse_t = torch.logaddexp(lse_t, logsumexp(x))
             lse_s = torch.logaddexp(lse_s, logsumexp(z))
         lse_t, lse_s = _neg_inf_to_pos(lse_t), _neg_inf_to_pos(lse_s)
-        for rows, allowed in _key_sets(topk, seg, b, s0, s1, pos, block_size, tile):
+        for rows, allowed in _key_sets(topk_indices, seg, b, s0, s1, pos, block_size, tile):
             x, z, kig = logits(rows, allowed)
             s = x.shape[-1]
             log_pt = torch.logsumexp((x - lse_t).reshape(c, hi, hq // hi, s), dim=2)
@@ -104,12 +104,12 @@ def indexer_kl_reference(q, k, qi, ki, seg: Segments, topk: Optional[torch.Tenso
     return g * loss, dqi.to(qi.dtype), dki.to(ki.dtype)
 
 
-def indexer_kl_loss(q, k, qi, ki, seg: Segments, topk, *, block_size: int, scale: float,
+def indexer_kl_loss(q, k, qi, ki, seg: Segments, topk_indices, *, block_size: int, scale: float,
                     index_scale: float, loss_coeff: float = 1.0) -> torch.Tensor:
     """Differentiable (w.r.t. ``qi``, ``ki`` only) KL loss of the reference; fp32 scalar
     (fp64 for fp64 inputs)."""
     loss, dqi, dki = indexer_kl_reference(
-        q.detach(), k.detach(), qi.detach(), ki.detach(), seg, topk, block_size=block_size,
+        q.detach(), k.detach(), qi.detach(), ki.detach(), seg, topk_indices, block_size=block_size,
         scale=scale, index_scale=index_scale, loss_coeff=loss_coeff)
     loss = loss if loss.dtype == torch.float64 else loss.float()
     return LossWithGrads.apply(loss, qi, ki, dqi, dki)

@@ -39,7 +39,7 @@ def indexer_kl_bwd_kernel(
         stride_kit, stride_lh,
         G: tl.constexpr, G_PAD: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
         DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
-        HI: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr,
+        HI: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False,
         K_ONCE: tl.constexpr = True, KI_ONCE: tl.constexpr = True):
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
@@ -128,7 +128,7 @@ def indexer_kl_bwd_kernel(
         first = rmask & (offs_r % R == 0)              # one replica adds the token's sum
         if DET:
             slot = tl.load(EDGE_SLOT + er, mask=rmask, other=0).to(tl.int64)
-            sidx = (((qr - q0) * HI + h) * KSEL + slot) * DI
+            sidx = (((qr - q0) * HI + h) * TOPK + slot) * DI
             tl.store(DQI + sidx[:, None] + offs_di[None, :], dqi * R, mask=first[:, None])
         else:
             tl.atomic_add(DQI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
@@ -166,11 +166,11 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     hi, di = qi.shape[1], qi.shape[2]
     q, k, qi, ki2, loss, dqi, dki = kl_buffers(q, k, qi, ki)
     if total_q:
-        ksel = topk_indices.shape[2]
-        if plan.heads != hi or plan.chunk > kl_chunk(hi, di, ksel, deterministic):
+        topk = topk_indices.shape[2]
+        if plan.heads != hi or plan.chunk > kl_chunk(hi, di, topk, deterministic):
             raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per "
                              f"chunk; the KL needs {hi} heads and at most "
-                             f"{kl_chunk(hi, di, ksel, deterministic)}")
+                             f"{kl_chunk(hi, di, topk, deterministic)}")
         block_size, rows = plan.block_size, plan.rows
         # fp32 contiguous once, not per query chunk (launch_kl then copies nothing)
         teacher_lse = teacher_lse.float().contiguous()
@@ -187,15 +187,15 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                 launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
                           p.edge_q, p, q0=q0, **kw)
                 continue
-            slots = torch.zeros((q1 - q0) * hi * ksel * di, dtype=torch.float32,
+            slots = torch.zeros((q1 - q0) * hi * topk * di, dtype=torch.float32,
                                 device=q.device)
             pk = torch.zeros((p.num_items, block_size, di), dtype=torch.float32,
                              device=q.device)
             losses = torch.zeros(p.num_items, dtype=torch.float32, device=q.device)
             launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, slots, pk, losses, rows.q_pos,
-                      p.edge_q, p, q0=q0, edge_slot=p.edge_slot, ksel=ksel,
+                      p.edge_q, p, q0=q0, edge_slot=p.edge_slot, topk=topk,
                       deterministic=True, **kw)
-            dqi[q0:q1] += slots.view(q1 - q0, hi, ksel, di).sum(2)
+            dqi[q0:q1] += slots.view(q1 - q0, hi, topk, di).sum(2)
             sum_items(p, pk, None, dki.view(-1, 1, di), None, block_size, layers)
             loss += losses.sum()
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
@@ -215,7 +215,7 @@ def kl_buffers(q, k, qi, ki):
 
 def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
               *, block_size, scale, index_scale, loss_coeff, block_t=None, num_warps=8,
-              num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, ksel=1):
+              num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, topk=1):
     """One launch of ``indexer_kl_bwd_kernel`` over the work items ``items`` (``item_h,
     item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
     ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
@@ -244,6 +244,6 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
          loss_coeff / (hi * total_q),
          q.stride(0), q.stride(1), k.stride(0), k.stride(1), tlse.stride(0),
          qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0)),
-        configs, G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, HI=hi, KSEL=ksel,
+        configs, G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, HI=hi, TOPK=topk,
         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), DENSE=dense, DET=deterministic,
         num_warps=num_warps)

@@ -174,7 +174,7 @@ def test_forward_items_of_every_tile_count(q_per_item):
     assert busiest > 8 and int(counts.max()) == min(q_per_item, busiest)
     po = torch.full((30 * 3 * 16 * 64,), float("nan"), device=DEVICE)
     pl = torch.full((30 * 3 * 16,), float("nan"), device=DEVICE)
-    launch_partials(q, k, v, rows, plan, q0, po, pl, scale=0.125, ksel=3, block_size=64)
+    launch_partials(q, k, v, rows, plan, q0, po, pl, scale=0.125, topk=3, block_size=64)
     # every selected (query, slot) written, nothing else touched
     written = ~torch.isnan(pl.view(30, 3, 16))
     assert torch.equal(written, (topk[0] >= 0)[:, :, None].expand(30, 3, 16))

@@ -35,7 +35,8 @@ def _valid_rows(idx, seg, block, topk):
 @pytest.mark.parametrize("name", list(CASES))
 def test_indexer_matches_brute_force(name, hi, hki):
     q_lens, k_lens, frag, block, topk = CASES[name]
-    c = make_case(q_lens, k_lens, hi=hi, hki=hki, fragment_indices=frag, seed=zlib.crc32(name.encode()))
+    c = make_case(q_lens, k_lens, hi=hi, hki=hki, fragment_indices=frag,
+                  seed=zlib.crc32(name.encode()))
     idx, lse = msa.msa_indexer(c["qi"], c["ki"], c["cu_seqlens_q"], c["cu_seqlens_k"],
                                fragment_indices=c["fragment_indices"], block_size=block,
                                topk=topk, return_lse=True)
@@ -58,7 +59,8 @@ def test_indexer_matches_brute_force(name, hi, hki):
 
 
 def test_zero_scores_tie_break_by_block_id():
-    # ties (docs/semantics.md, "Selection"): all-zero Q/K, 2304 keys (18 blocks), one query -> [0..14, 17]
+    # ties (docs/semantics.md, "Selection"): all-zero Q/K, 2304 keys (18 blocks), one
+    # query -> [0..14, 17]
     qi = torch.zeros(1, 4, 128)
     ki = torch.zeros(2304, 1, 128)
     cu_q = torch.tensor([0, 1], dtype=torch.int32)
