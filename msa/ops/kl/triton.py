@@ -220,7 +220,7 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
     ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
     ``dense``: the items' edge ranges are query rows (``edge_q`` unused).
-    ``deterministic``: ``dqi`` is the slot buffer ``[chunk, Hi, ksel, Di]`` of the queries
+    ``deterministic``: ``dqi`` is the slot buffer ``[chunk, Hi, topk, Di]`` of the queries
     from ``q0``, ``dki`` per item ``[num_items, block, Di]``, ``loss`` per item."""
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
