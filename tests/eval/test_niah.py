@@ -60,3 +60,14 @@ def test_mass_helpers_reject_bad_arguments():
         best_mass(mass, seg, cfg, num_groups=3)
     with pytest.raises(ValueError, match="mass must be"):
         best_mass(mass[0], seg, cfg, num_groups=2)
+
+
+def test_m3_indexer_training_loop_runs():
+    pytest = __import__("pytest")
+    pytest.importorskip("transformers.models.minimax_m3_vl")
+    from msa.eval.m3_indexer import run
+    points = run(steps=2, length=256, probe=64, eval_every=2, progress=False)
+    assert [p.step for p in points] == [0, 2]
+    for p in points:
+        assert p.eval_kl > 0 and len(p.recall) == 2
+        assert all(0 <= r <= b + 1e-6 <= 1 + 1e-6 for r, b in zip(p.recall, p.best))
