@@ -1,6 +1,6 @@
 """msa: MiniMax Sparse Attention for PyTorch.
 
-Public API (shapes in each docstring):
+Public API (shapes in each docstring; the contract: docs/semantics.md):
 
 - ``MSAConfig``: block size, top-k, heads, scales (MiniMax-M3 preset by default);
 - ``msa_indexer``: block top-k selection (+ selected LSE);
@@ -8,14 +8,30 @@ Public API (shapes in each docstring):
 - ``msa_indexer_kl``: the indexer's KL training loss (sparse or dense warm-up);
 - ``msa_attention``: selection + attention + indexer training in one call.
 
-Importing ``msa`` never initialises CUDA.
+The names load on first use, so ``import msa`` (and ``python -m msa --help``) imports
+neither torch nor triton; importing ``msa`` never initialises CUDA.
 """
-from .config import MINIMAX_M3, MSAConfig
-from .functional import (MSAAux, msa_attention, msa_indexer, msa_indexer_kl,
-                         msa_sparse_attention)
-from .varlen import cu_seqlens_from_lengths
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["MSAConfig", "MINIMAX_M3", "MSAAux", "msa_attention", "msa_indexer",
-           "msa_indexer_kl", "msa_sparse_attention", "cu_seqlens_from_lengths"]
+_EXPORTS = {
+    "MSAConfig": ".config", "MINIMAX_M3": ".config", "MSAAux": ".functional",
+    "msa_attention": ".functional", "msa_indexer": ".functional",
+    "msa_indexer_kl": ".functional", "msa_sparse_attention": ".functional",
+    "cu_seqlens_from_lengths": ".varlen",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'msa' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -45,3 +45,17 @@ def test_import_loads_neither_triton_nor_dynamo():
                      if m in sys.modules))
         """)
     assert out.strip() == "[]"
+
+
+def test_import_msa_and_cli_help_load_no_torch():
+    out = _run("""
+        import sys
+        import msa
+        print("torch" in sys.modules, msa.__version__)
+        from msa.cli import build_parser
+        build_parser()
+        print("torch" in sys.modules)
+        print(msa.MSAConfig().topk, "torch" in sys.modules)
+        print(callable(msa.msa_attention), "torch" in sys.modules)
+        """)
+    assert out.split() == ["False", "0.1.0", "False", "16", "False", "True", "True"]
