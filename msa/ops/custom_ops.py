@@ -53,11 +53,8 @@ def _lse_dtype(x: Tensor) -> torch.dtype:
 def attention_plan(topk_indices: Tensor, seg: Segments, q: Tensor, k: Tensor,
                    block_size: int) -> "P.SparsePlan":
     """The selection's plan for the attention forward and backward (``heads=Hkv``)."""
-    hq, d, isz, topk = q.shape[1], q.shape[2], q.dtype.itemsize, topk_indices.shape[2]
-    nsub = -(-block_size // P.backward_block_n(d, block_size))
-    chunk = min(P.forward_chunk(hq, d, isz, topk), P.backward_chunk(hq, d, isz, topk, nsub))
     return P.sparse_plan(topk_indices, seg, block_size=block_size, heads=k.shape[1],
-                         max_chunk=chunk)
+                         max_chunk=P.attention_chunk(q, topk_indices.shape[2], block_size))
 
 
 @torch.library.custom_op("msa::indexer", mutates_args=())

@@ -126,8 +126,8 @@ def plan_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, c
                 hkv: int, q_per_item: int) -> List[Tuple[int, int, Plan]]:
     """Plans of the query chunks ``[c, c + chunk)`` covering ``[q0, q1)``, built at once.
 
-    topk_indices: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per chunk; edge
-    query indices are relative to the chunk start ``c0``. One sort and one host
+    topk_indices: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per
+    chunk; edge query indices are relative to the chunk start ``c0``. One sort and one host
     synchronisation serve all chunks.
     """
     t = topk_indices[:, q0:q1].long()
@@ -188,14 +188,6 @@ def plan_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, c
     return plans
 
 
-def plan_chunk(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, hkv: int,
-               q_per_item: int) -> Plan:
-    """Edges and work items of queries ``[q0, q1)`` as one chunk (see ``plan_chunks``)."""
-    return plan_chunks(topk_indices, rows, q0, q1, max(1, q1 - q0), hkv, q_per_item)[0][2]
-
-
-# queries per chunk: a plan's chunks bound every consumer's per-chunk buffers (partial
-# outputs, dQ slots); consumers ask for at most the chunk their budget allows
 PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
 
 
@@ -223,8 +215,17 @@ class SparsePlan:
     _chunks: Optional[list] = field(default=None, repr=False)
 
     def indices(self, topk_indices: torch.Tensor) -> torch.Tensor:
-        """``topk`` as the kernels read it: ``[Hs, total_q, K]`` int32 contiguous."""
+        """``topk_indices`` as the kernels read it: ``[Hs, total_q, K]`` int32
+        contiguous."""
         return topk_indices if self._converted is None else self._converted
+
+    def require(self, heads: int, max_chunk: int, consumer: str) -> None:
+        """Raise unless the plan serves ``heads`` KV heads in chunks of at most
+        ``max_chunk`` queries (what ``consumer``'s buffers are sized for)."""
+        if self.heads != heads or self.chunk > max_chunk:
+            raise ValueError(f"plan of {self.heads} heads with {self.chunk} queries per "
+                             f"chunk; the {consumer} needs {heads} heads and at most "
+                             f"{max_chunk}")
 
     @property
     def chunks(self) -> List[Tuple[int, int, Plan]]:
@@ -243,10 +244,11 @@ class SparsePlan:
 
 def build_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, heads: int,
                chunk: int, q_per_item: int = 256) -> SparsePlan:
-    """A new ``SparsePlan`` of ``topk_indices [Hs, total_q, K]`` (its rows now, its chunks on
-    first use)."""
-    idx = topk_indices if topk_indices.dtype == torch.int32 and topk_indices.is_contiguous() else \
-        topk_indices.to(torch.int32).contiguous()
+    """A new ``SparsePlan`` of ``topk_indices [Hs, total_q, K]`` (its rows now, its chunks
+    on first use)."""
+    idx = topk_indices
+    if idx.dtype != torch.int32 or not idx.is_contiguous():
+        idx = idx.to(torch.int32).contiguous()
     rows = block_rows(seg, block_size, topk_indices.device)
     return SparsePlan(seg, block_size, heads, rows, max(1, chunk), q_per_item,
                       weakref.ref(topk_indices), None if idx is topk_indices else idx)
@@ -286,14 +288,20 @@ def lse_chunk(hi: int, topk: int) -> int:
     return max(1, LSE_BUDGET_BYTES // (hi * topk * 4))
 
 
+def attention_chunk(q: torch.Tensor, topk: int, block_size: int) -> int:
+    """The chunk a plan needs to serve the attention forward and backward
+    (``q [total_q, Hq, D]``)."""
+    hq, d, isz = q.shape[1], q.shape[2], q.dtype.itemsize
+    nsub = -(-block_size // backward_block_n(d, block_size))
+    return min(forward_chunk(hq, d, isz, topk), backward_chunk(hq, d, isz, topk, nsub))
+
+
 def training_chunk(q: torch.Tensor, topk: int, block_size: int, hi: int, di: int,
                    deterministic: bool) -> int:
     """The chunk one plan needs to serve a whole training step: selected LSE, forward,
     indexer KL and backward (``q [total_q, Hq, D]``)."""
-    hq, d, isz = q.shape[1], q.shape[2], q.dtype.itemsize
-    nsub = -(-block_size // backward_block_n(d, block_size))
-    return min(forward_chunk(hq, d, isz, topk), backward_chunk(hq, d, isz, topk, nsub),
-               kl_chunk(hi, di, topk, deterministic), lse_chunk(hi, topk))
+    return min(attention_chunk(q, topk, block_size), kl_chunk(hi, di, topk, deterministic),
+               lse_chunk(hi, topk))
 
 
 # top-k tensor id -> (weak reference, version, trusted, plans); an entry lives as long as
@@ -310,14 +318,13 @@ def _entry(topk_indices: torch.Tensor, create: bool):
         e = None
     if e is None and create:
         e = [weakref.ref(topk_indices, lambda _, key=key: _REGISTRY.pop(key, None)),
-             topk_indices._version,
-             False, []]
+             topk_indices._version, False, []]
         _REGISTRY[key] = e
     return e
 
 
 def forget(topk_indices: torch.Tensor) -> None:
-    """Drop what is remembered about ``topk`` (its plans and trust); benchmarks use it to
+    """Drop what is remembered about ``topk_indices`` (its plans and trust); benchmarks use it to
     time planning again on the same tensor."""
     _REGISTRY.pop(id(topk_indices), None)
 
@@ -338,7 +345,7 @@ _SHARING = True
 
 
 def mark_trusted(topk_indices: torch.Tensor) -> None:
-    """Record that ``topk`` was produced by the library (valid by construction): it is
+    """Record that ``topk_indices`` was produced by the library (valid by construction): it is
     not validated again while it is not modified in place."""
     e = _entry(topk_indices, True)
     if e is not None:
@@ -352,9 +359,10 @@ def is_trusted(topk_indices: torch.Tensor) -> bool:
 
 def sparse_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, heads: int,
                 max_chunk: int, q_per_item: int = 256) -> SparsePlan:
-    """The plan of selection ``topk_indices [Hs, total_q, K]`` served to ``heads`` KV heads, with
-    chunks of at most ``max_chunk`` queries: the one made earlier for this very tensor
-    (not modified since) when it fits, else a new one (remembered with the tensor)."""
+    """The plan of selection ``topk_indices [Hs, total_q, K]`` served to ``heads`` KV
+    heads, with chunks of at most ``max_chunk`` queries: the one made earlier for this
+    very tensor (not modified since) when it fits, else a new one (remembered with the
+    tensor)."""
     e = _entry(topk_indices, True)
     for p in (e[3] if e is not None else ()):
         if p.block_size == block_size and p.heads == heads and p.chunk <= max_chunk and \

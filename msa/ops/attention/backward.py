@@ -217,10 +217,7 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
         block_n, block_q, num_stages = bwd_launch(d, block_size, g, block_n, block_q,
                                                   num_stages)
         nsub = -(-block_size // block_n)
-        limit = backward_chunk(hq, d, q.dtype.itemsize, topk, nsub)
-        if plan.chunk > limit or plan.heads != hkv:
-            raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per "
-                             f"chunk; the backward needs {hkv} heads and at most {limit}")
+        plan.require(hkv, backward_chunk(hq, d, q.dtype.itemsize, topk, nsub), "backward")
         configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
         per_query = hkv * topk * nsub * g * d
         slots = torch.empty(min(plan.chunk, total_q) * per_query, dtype=q.dtype,

@@ -286,10 +286,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if use_query_major(total_q, query_major):
         sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
         return out, lse
-    limit = forward_chunk(hq, d, q.dtype.itemsize, topk)
-    if plan.chunk > limit or plan.heads != hkv:
-        raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per chunk; "
-                         f"the forward needs {hkv} heads and at most {limit}")
+    plan.require(hkv, forward_chunk(hq, d, q.dtype.itemsize, topk), "forward")
     chunk = min(plan.chunk, total_q)
     po = torch.empty(chunk * hkv * topk * g * d, dtype=pdtype, device=q.device)
     pl = torch.empty(chunk * hkv * topk * g, dtype=torch.float32, device=q.device)

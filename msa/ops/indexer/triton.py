@@ -113,10 +113,7 @@ def selected_lse(qi: torch.Tensor, ki: torch.Tensor, topk_indices: torch.Tensor,
     queries per chunk)."""
     total_q, hi, _ = qi.shape
     topk = topk_indices.shape[-1]
-    if plan.heads != hi or plan.chunk > lse_chunk(hi, topk):
-        raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per chunk; "
-                         f"the selected LSE needs {hi} heads and at most "
-                         f"{lse_chunk(hi, topk)}")
+    plan.require(hi, lse_chunk(hi, topk), "selected LSE")
     rows, indices = plan.rows, plan.indices(topk_indices)
     out = torch.empty((hi, total_q), dtype=torch.float32, device=qi.device)
     pl = torch.empty(min(total_q, plan.chunk) * hi * topk, dtype=torch.float32,

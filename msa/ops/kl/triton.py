@@ -167,10 +167,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     q, k, qi, ki2, loss, dqi, dki = kl_buffers(q, k, qi, ki)
     if total_q:
         topk = topk_indices.shape[2]
-        if plan.heads != hi or plan.chunk > kl_chunk(hi, di, topk, deterministic):
-            raise ValueError(f"plan of {plan.heads} heads with {plan.chunk} queries per "
-                             f"chunk; the KL needs {hi} heads and at most "
-                             f"{kl_chunk(hi, di, topk, deterministic)}")
+        plan.require(hi, kl_chunk(hi, di, topk, deterministic), "KL")
         block_size, rows = plan.block_size, plan.rows
         # fp32 contiguous once, not per query chunk (launch_kl then copies nothing)
         teacher_lse = teacher_lse.float().contiguous()
