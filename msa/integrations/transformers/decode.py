@@ -16,6 +16,7 @@ from typing import Dict
 import torch
 
 from ...config import MSAConfig
+from ...inference.decoder import PagedDecoder
 from ...ops.checks import HAS_TRITON, TRITON_INTERPRET
 
 
@@ -31,28 +32,7 @@ def use_fused_decode(q, key, config: MSAConfig, training: bool, mode: str,
             and key.is_contiguous() and (b == 1 or tk % config.block_size == 0))
 
 
-class _Buffers:
-    """Preallocated outputs of the fused decode for one shape (grown on demand)."""
-
-    def __init__(self, config: MSAConfig, rows: int, b: int, tq: int, max_pages: int, dtype,
-                 device):
-        from ...ops.decode.triton import partial_rows
-        from ...ops.triton_utils import next_pow2
-        c = config
-        f32 = dict(dtype=torch.float32, device=device)
-        self.max_pages = max_pages
-        self.block_max = torch.empty((rows, c.index_heads, max_pages), **f32)
-        self.topk = torch.empty((c.index_heads, rows, c.topk), dtype=torch.int32,
-                                device=device)
-        self.out = torch.empty((rows, c.num_heads, c.head_dim), dtype=dtype, device=device)
-        self.lse = torch.empty((rows, c.num_heads), **f32)
-        g_pad = max(16, next_pow2(c.num_heads // c.num_kv_heads))
-        prow = partial_rows(b, tq, c.num_kv_heads, c.topk)
-        self.po = torch.empty(prow * g_pad * c.head_dim, **f32)
-        self.pl = torch.empty(prow * g_pad, **f32)
-
-
-_BUFFERS: Dict[tuple, _Buffers] = {}
+_BUFFERS: Dict[tuple, PagedDecoder] = {}     # preallocated outputs per shape
 _TABLES: Dict[tuple, tuple] = {}
 
 
@@ -83,11 +63,12 @@ def fused_decode(module, q, qi, key, value, ki, config: MSAConfig,
     bs = c.block_size
     nb = -(-tk // bs)
     rows = b * tq
-    kbuf = (rows, b, tq, c, q.dtype, str(q.device))
-    buf = _BUFFERS.get(kbuf)
+    kbuf = (b, tq, c, q.dtype, str(q.device))
+    buf = _BUFFERS.get(kbuf)              # a decoder's buffers (its plan is not used)
     if buf is None or buf.max_pages < nb:
-        buf = _Buffers(c, rows, b, tq, max(nb, 2 * (buf.max_pages if buf else nb)), q.dtype,
-                       q.device)
+        buf = PagedDecoder(c, max_batch=b, num_q=tq,
+                           max_pages=max(nb, 2 * (buf.max_pages if buf else nb)),
+                           device=q.device, dtype=q.dtype)
         _BUFFERS[kbuf] = buf
     kv_table, ki_table = _tables(b, hkv, nb, q.device)
     if position_ids is None:
@@ -95,12 +76,12 @@ def fused_decode(module, q, qi, key, value, ki, config: MSAConfig,
     else:
         last = position_ids.reshape(-1, position_ids.shape[-1])[:, -1]
         seq_lens = (last + 1).to(torch.int32).expand(b).contiguous()
-    out, topk = buf.out[:rows], buf.topk[:, :rows]
+    out, topk = buf.out[:rows], buf.topk_indices[:, :rows]
     paged_decode(q.reshape(rows, *q.shape[2:]), qi.reshape(rows, *qi.shape[2:]), key, value,
                  ki, kv_table, seq_lens, batch=b, num_q=tq, max_pages=nb, num_kv_heads=hkv,
                  block_max=buf.block_max[:rows, :, :nb], topk_indices=topk, out=out,
-                 lse=buf.lse[:rows], po=buf.po, pl=buf.pl, block_size=bs, scale=c.scale,
-                 index_scale=c.index_scale, kv_strides=(bs * d, tk * d, d),
+                 lse=buf.lse[:rows], po=buf.partial_out, pl=buf.partial_lse, block_size=bs,
+                 scale=c.scale, index_scale=c.index_scale, kv_strides=(bs * d, tk * d, d),
                  ki_strides=(bs * di, di), ki_page_table=ki_table, mask_tail=True)
     module.msa_last_kl = None
     return out.view(b, tq, *out.shape[1:]).clone()

@@ -20,7 +20,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ...varlen import Segments
+from ...varlen import Segments, cu_seqlens_from_lengths
 
 
 @dataclass
@@ -79,17 +79,12 @@ class Padding:
             q_lens.append(n)
             k_lens.append(keys.numel())
         dev = self.mask.device
-
-        def cu(lens):
-            out = torch.zeros(len(lens) + 1, dtype=torch.int32)
-            out[1:] = torch.cumsum(torch.tensor(lens), 0)
-            return out.to(dev)
-
         q_start = [sum(q_lens[:r]) for r in range(b)]
         k_start = [sum(k_lens[:r]) for r in range(b)]
         seg = Segments(q_start, q_lens, k_start, k_lens, sum(q_lens), sum(k_lens))
-        return Packing(torch.cat(q_idx).to(dev), torch.cat(k_idx).to(dev), cu(q_lens),
-                       cu(k_lens), max(q_lens, default=0), max(k_lens, default=0), seg)
+        return Packing(torch.cat(q_idx).to(dev), torch.cat(k_idx).to(dev),
+                       cu_seqlens_from_lengths(q_lens, dev), cu_seqlens_from_lengths(k_lens, dev),
+                       max(q_lens, default=0), max(k_lens, default=0), seg)
 
 
 def pack(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
