@@ -32,6 +32,26 @@ def lengths(args, default: str, quick: str) -> List[int]:
     return parse_lengths(args.lengths or (quick if args.quick else default))
 
 
+def over_shapes(args, results: dict, check: Callable, run_length: Callable, default: str,
+                quick: str) -> None:
+    """For each ``--shape``: ``check(cfg)``, then (when it passed) ``run_length(T, cfg,
+    name)`` per length; rows printed and stored in ``results["shapes"][name]``."""
+    for name in args.shape.split(","):
+        cfg = shape_config(name)
+        ok = check(cfg)
+        print(f"[{name}] check at 4K: {ok}")
+        rows = []
+        if ok["passed"]:
+            for T in lengths(args, default, quick):
+                r = run_length(T, cfg, name)
+                print(f"[{name}] T={T}: " + ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in r.items() if not isinstance(v, dict)), flush=True)
+                rows.append(r)
+                torch.cuda.empty_cache()
+        results["shapes"][name] = dict(config=cfg.__dict__, check=ok, rows=rows)
+
+
 def timed(fn: Callable, reps: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` CUDA-event-timed calls (after
     ``warmup`` calls; fewer repetitions when one call takes over a second)."""

@@ -52,15 +52,19 @@ def make_cache(cfg, B: int, T: int, seed: int = 0):
     return k, v, ki, table.to(torch.int32).contiguous()
 
 
+def queries(cfg, rows: int, seed: int):
+    """``q [rows, Hq, D]``, ``qi [rows, Hi, Di]`` bf16 on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf = dict(device="cuda", generator=g, dtype=torch.bfloat16)
+    return (torch.randn(rows, cfg.num_heads, cfg.head_dim, **bf),
+            torch.randn(rows, cfg.index_heads, cfg.index_dim, **bf))
+
+
 def check(cfg) -> dict:
     B, T, Q = 3, 3000, 2
     k, v, ki, table = make_cache(cfg, B, T, seed=1)
     lens = torch.tensor([T, T - 500, T - 1200], dtype=torch.int32, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(2)
-    q = torch.randn(B * Q, cfg.num_heads, cfg.head_dim, device="cuda", generator=g,
-                    dtype=torch.bfloat16)
-    qi = torch.randn(B * Q, cfg.index_heads, cfg.index_dim, device="cuda", generator=g,
-                     dtype=torch.bfloat16)
+    q, qi = queries(cfg, B * Q, seed=2)
     dec = PagedDecoder(cfg, max_batch=B, num_q=Q, max_pages=table.shape[1], device="cuda")
     dec.plan(table, lens)
     out, topk = dec.run(q, qi, k, v, ki)
@@ -95,11 +99,7 @@ def vllm_decode(ops, q, qi, k, v, ki, table, lens, cfg, Q):
 def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
     k, v, ki, table = make_cache(cfg, B, T)
     lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(3)
-    q = torch.randn(B * Q, cfg.num_heads, cfg.head_dim, device="cuda", generator=g,
-                    dtype=torch.bfloat16)
-    qi = torch.randn(B * Q, cfg.index_heads, cfg.index_dim, device="cuda", generator=g,
-                     dtype=torch.bfloat16)
+    q, qi = queries(cfg, B * Q, seed=3)
     dec = PagedDecoder(cfg, max_batch=B, num_q=Q, max_pages=table.shape[1], device="cuda")
     dec.plan(table, lens)
     r = dict(context=T, batch=B, num_q=Q)

@@ -172,19 +172,9 @@ def run(args) -> int:
     fla = C.load_fla() if C.wants(args, "fla") else None
     vllm = C.load_vllm(args.vllm_ops) if C.wants(args, "vllm") else None
     results["meta"].update(fla=fla is not None, vllm=vllm is not None)
-    for name in args.shape.split(","):
-        cfg = C.shape_config(name)
-        ok = check(cfg)
-        print(f"[{name}] check at 4K: {ok}")
-        rows = []
-        if ok["passed"]:
-            for T in C.lengths(args, "64k,128k,256k,512k,1m", "16k,64k"):
-                r = run_length(T, cfg, args, fla if name == "m3" else None, vllm)
-                print(f"[{name}] T={T}: " + ", ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in r.items() if k != "dense"), flush=True)
-                rows.append(r)
-                torch.cuda.empty_cache()
-        results["shapes"][name] = dict(config=cfg.__dict__, check=ok, rows=rows)
+    C.over_shapes(args, results, check,
+                  lambda T, cfg, name: run_length(T, cfg, args, fla if name == "m3" else None,
+                                                  vllm),
+                  "64k,128k,256k,512k,1m", "16k,64k")
     C.write(results, args, "prefill")
     return 0

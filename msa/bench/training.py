@@ -99,19 +99,8 @@ def run(args) -> int:
     results = dict(meta=C.metadata("training"), shapes={})
     fla = C.load_fla() if C.wants(args, "fla") else None
     results["meta"].update(fla=fla is not None)
-    for name in args.shape.split(","):
-        cfg = C.shape_config(name)
-        ok = check(cfg)
-        print(f"[{name}] check at 4K: {ok}")
-        rows = []
-        if ok["passed"]:
-            for T in C.lengths(args, "64k,128k", "16k"):
-                r = run_length(T, cfg, args, fla if name == "m3" else None)
-                print(f"[{name}] T={T}: " + ", ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in r.items() if not isinstance(v, dict)), flush=True)
-                rows.append(r)
-                torch.cuda.empty_cache()
-        results["shapes"][name] = dict(config=cfg.__dict__, check=ok, rows=rows)
+    C.over_shapes(args, results, check,
+                  lambda T, cfg, name: run_length(T, cfg, args, fla if name == "m3" else None),
+                  "64k,128k", "16k")
     C.write(results, args, "training")
     return 0
