@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .config import MSAConfig
+from .config import MAX_TOPK, MSAConfig
 from .ops import checks as C
 from .ops import plan as P
 from .ops.custom_ops import Backward, attention_fwd_op, indexer_op, segments
@@ -72,10 +72,10 @@ class _Layout:
         if self.batch < 0:
             return x
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != self.batch or \
-                x.shape[2] != self.seqlen_q or not 1 <= x.shape[3] <= 64:
+                x.shape[2] != self.seqlen_q or not 1 <= x.shape[3] <= MAX_TOPK:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"topk_indices must have shape [B={self.batch}, H, "
-                             f"Tq={self.seqlen_q}, K] with 1 <= K <= 64 in the batched "
+                             f"Tq={self.seqlen_q}, K] with 1 <= K <= {MAX_TOPK} in the batched "
                              f"layout, got {shape}")
         h, kk = x.shape[1], x.shape[3]
         base = None if torch.compiler.is_compiling() else x._base

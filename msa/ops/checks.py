@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config import MSAConfig, check_block_size, check_head_dim, check_topk
+from ..config import MAX_TOPK, MSAConfig, check_block_size, check_head_dim, check_topk
 from ..varlen import Segments, host_to_device
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -119,8 +119,8 @@ def check_topk_tensor(topk, total_q: int, heads: Sequence[int], device) -> None:
     if topk.dim() != 3 or topk.shape[0] not in heads or topk.shape[1] != total_q:
         raise ValueError(f"topk_indices must have shape [H, total_q={total_q}, K] with H "
                          f"in {sorted(set(heads))}, got {tuple(topk.shape)}")
-    if not 1 <= topk.shape[2] <= 64:
-        raise ValueError(f"topk_indices must hold 1..64 slots per row (K), got K="
+    if not 1 <= topk.shape[2] <= MAX_TOPK:
+        raise ValueError(f"topk_indices must hold 1..{MAX_TOPK} slots per row (K), got K="
                          f"{topk.shape[2]}")
     if topk.device != device:
         raise ValueError(f"topk_indices is on {topk.device} but q is on {device}")
