@@ -95,6 +95,8 @@ class PagedKVCache:
         returns the position of the first new token."""
         if request not in self.pages:
             raise KeyError(f"unknown request {request}; call allocate() first")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
         start, ps = self.lengths[request], self.page_size
         need = -(-(start + n) // ps) - len(self.pages[request])
         if need > len(self.free_pages):
@@ -108,6 +110,19 @@ class PagedKVCache:
               ki: torch.Tensor) -> None:
         """Write ``t`` tokens of one layer at positions ``start ..`` (reserved before):
         k, v ``[t, Hkv, D]``, ki ``[t, Di]`` (or ``[t, 1, Di]``)."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer must lie in [0, {self.num_layers}), got {layer}")
+        if request not in self.pages:
+            raise KeyError(f"unknown request {request}; call allocate() first")
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or \
+                    (x.shape[1], x.shape[2]) != (self.k_pages.shape[2], self.k_pages.shape[-1]):
+                raise ValueError(f"{name} must be [t, Hkv={self.k_pages.shape[2]}, "
+                                 f"D={self.k_pages.shape[-1]}], got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else x!r}")
+        if not isinstance(ki, torch.Tensor) or ki.numel() != ki.shape[0] * self.ki_pages.shape[-1]:
+            raise ValueError(f"ki must be [t, Di={self.ki_pages.shape[-1]}] or [t, 1, Di], got "
+                             f"{tuple(ki.shape) if isinstance(ki, torch.Tensor) else ki!r}")
         ki = ki.reshape(ki.shape[0], self.ki_pages.shape[-1])
         t = k.shape[0]
         if not (t == v.shape[0] == ki.shape[0]):

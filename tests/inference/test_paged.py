@@ -107,3 +107,18 @@ def test_multi_layer_cache_shares_pages_and_checks_order():
         cache.write(0, 0, 100, k[:1], v[:1], ki[:1])    # not reserved yet
     with pytest.raises(RuntimeError, match="for_model"):
         cache.attend(0, *[torch.zeros(1, 1, 1, 1)] * 5)
+
+
+def test_cache_writes_reject_bad_shapes_and_layers():
+    cache = PagedKVCache(8, BS, HKV, D, 64, num_layers=2, dtype=torch.float32)
+    cache.allocate(0)
+    k, v, ki = _seq(10, 0)
+    start = cache.reserve(0, 10)
+    with pytest.raises(ValueError, match=r"k must be \[t, Hkv=2, D=64\]"):
+        cache.write(0, 0, start, k[:, :1], v, ki)
+    with pytest.raises(ValueError, match=r"ki must be \[t, Di=64\]"):
+        cache.write(0, 0, start, k, v, ki[:, :32])
+    with pytest.raises(IndexError, match="layer must lie in"):
+        cache.write(2, 0, start, k, v, ki)
+    with pytest.raises(ValueError, match="n must be an int"):
+        cache.reserve(0, -1)
