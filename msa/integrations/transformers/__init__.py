@@ -10,7 +10,8 @@ trainable index projections::
 
 Queries attend as the causal suffix of the cached keys, so prefill, chunked prefill
 (``generate(..., prefill_chunk_size=...)``) and ``generate()`` with a cache work; padded
-batches are packed into varlen sequences (``padding.py``). Docs: docs/minimax_m3.md,
+batches are packed into varlen sequences (``padding.py``). ``GraphedDecoder`` decodes
+with the whole step in one CUDA graph (``graphs.py``). Docs: docs/minimax_m3.md,
 docs/integration.md.
 """
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Optional
 
 from ...config import check_block_size, check_topk
 from .attention import NAME, msa_attention_forward, register
+from .graphs import GraphedDecoder
 from .llama import add_index_projections, attention_modules
 from .minimax_m3 import IndexInputs, check_supported, indexer_forward, is_minimax_m3, text_config
 
 __all__ = ["enable_msa", "register", "msa_attention_forward", "add_index_projections",
-           "attention_modules", "indexer_kl_loss", "IndexInputs", "NAME"]
+           "attention_modules", "indexer_kl_loss", "IndexInputs", "NAME", "GraphedDecoder"]
 
 
 def enable_msa(model, *, block_size: Optional[int] = None, topk: Optional[int] = None,

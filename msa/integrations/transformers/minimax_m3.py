@@ -122,12 +122,12 @@ def sparse_attention(module, query, key, value, inputs: IndexInputs, mask, scali
                                  train_indexer=train, return_aux=True, backend=backend)
         module.msa_last_kl = aux.kl_loss
         return unpack(out, p.q_index, b, tq)
-    length = _real_length(tk, position_ids, tq)
-    if length < tk:                       # a static cache: only the first slots are real
-        k, v, ki = k[:, :length], v[:, :length], ki[:, :length]
     from .decode import fused_decode, use_fused_decode
     if use_fused_decode(q, key, config, train and torch.is_grad_enabled(), mode, backend):
         return fused_decode(module, q, qi, key, value, inputs.ki, config, position_ids)
+    length = _real_length(tk, position_ids, tq)
+    if length < tk:                       # a static cache: only the first slots are real
+        k, v, ki = k[:, :length], v[:, :length], ki[:, :length]
     out, aux = msa_attention(q, k, v, qi, ki, config=config, mode=mode, train_indexer=train,
                              return_aux=True, backend=backend)
     module.msa_last_kl = aux.kl_loss
@@ -143,12 +143,31 @@ def dense_causal(query, key, value, mask, scaling, position_ids):
         qp, kp, vp = pack(q, p.q_index), pack(k, p.k_index), pack(v, p.k_index)
         out = dense_attention(qp, kp, vp, p.segments, scale=scaling)
         return unpack(out, p.q_index, b, tq)
+    if position_ids is not None and tq <= DEVICE_MASK_QUERIES and tk > tq:
+        return _decode_causal(q, k, v, position_ids, scaling)
     length = _real_length(tk, position_ids, tq)
     seg = Segments([r * tq for r in range(b)], [tq] * b, [r * tk for r in range(b)],
                    [length] * b, b * tq, b * tk)
     out = dense_attention(q.reshape(b * tq, *q.shape[2:]), k.reshape(b * tk, *k.shape[2:]),
                           v.reshape(b * tk, *v.shape[2:]), seg, scale=scaling)
     return out.view(b, tq, *out.shape[1:])
+
+
+DEVICE_MASK_QUERIES = 16   # decode steps: the causal mask is built on the device
+
+
+def _decode_causal(q, k, v, position_ids, scaling):
+    """A few new tokens over a cache (``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]``):
+    query ``i`` sees the slots ``j <= position_ids[:, i]`` (mask built on the device: no
+    host read, so a decode step can be captured in a CUDA graph)."""
+    b, tq, hq = q.shape[:3]
+    tk, hkv = k.shape[1], k.shape[2]
+    pos = position_ids.reshape(-1, tq).expand(b, tq)
+    mask = torch.arange(tk, device=q.device).view(1, 1, 1, tk) <= pos.view(b, 1, tq, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        scale=scaling, enable_gqa=hq != hkv)
+    return out.transpose(1, 2)
 
 
 _LENGTHS: dict = {}        # position_ids of the running forward -> real key count
@@ -160,7 +179,7 @@ def _real_length(tk: int, position_ids, tq: int) -> int:
     forward (the same ``position_ids`` tensor reaches every layer)."""
     if position_ids is None or tk == tq:          # no cache (training): all keys are new
         return tk
-    key = id(position_ids)
+    key = (id(position_ids), position_ids._version)      # written in place: read again
     hit = _LENGTHS.get(key)
     if hit is None or hit[0]() is not position_ids:
         n = int(position_ids.reshape(-1, position_ids.shape[-1])[0, -1]) + 1

@@ -1,0 +1,90 @@
+"""GraphedDecoder: the same greedy tokens as transformers' eager generate, and a decode
+step that reads nothing back to the host (what CUDA-graph capture needs)."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("transformers.models.minimax_m3_vl")
+
+from msa.integrations.transformers import GraphedDecoder  # noqa: E402
+from tests.integrations.test_minimax_m3 import _models  # noqa: E402
+
+
+@pytest.mark.parametrize("name,batch,chunk", [("G4-B64", 2, 100), ("G2-B128", 1, None)])
+def test_greedy_tokens_equal_eager(name, batch, chunk):
+    eager, model = _models(name)
+    ids = torch.randint(3, 300, (batch, 205), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = eager.generate(ids, max_new_tokens=24, do_sample=False)
+    dec = GraphedDecoder(model, max_cache_len=300, batch_size=batch)
+    assert dec.max_cache_len % model.config.index_block_size == 0
+    assert torch.equal(dec.generate(ids, max_new_tokens=24, chunk_size=chunk), want)
+    assert dec.length == 205 + 23
+
+
+def test_stops_at_eos_and_names_bad_arguments():
+    _, model = _models("G2-B128")
+    with pytest.raises(ValueError, match="max_cache_len"):
+        GraphedDecoder(model, max_cache_len=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        GraphedDecoder(model, max_cache_len=256, batch_size=True)
+    dec = GraphedDecoder(model, max_cache_len=256)
+    with pytest.raises(ValueError, match="prefill"):
+        dec.step(torch.tensor([5]))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        dec.prefill(torch.ones(2, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache holds 256"):
+        dec.prefill(torch.ones(1, 256, dtype=torch.long))
+    ids = torch.randint(3, 300, (1, 100), generator=torch.Generator().manual_seed(3))
+    first = GraphedDecoder(model, max_cache_len=256).generate(ids, max_new_tokens=4)
+    eos = int(first[0, 101])                 # the second new token is "eos"
+    out = dec.generate(ids, max_new_tokens=20, eos_token_id=eos)
+    assert out.shape[1] == 102 and int(out[0, -1]) == eos
+    with pytest.raises(ValueError, match="empty cache"):
+        dec.prefill(ids)
+
+
+def test_eager_model_is_rejected():
+    eager, _ = _models("G2-B128")
+    with pytest.raises(ValueError, match="enable_msa"):
+        GraphedDecoder(eager, max_cache_len=256)
+
+
+class _HostRead(RuntimeError):
+    pass
+
+
+def test_decode_step_reads_nothing_back_to_the_host(monkeypatch):
+    """The fused decoder (Triton interpreter) and the device-side masks: a decode step
+    with the static cache never calls item / bool / int / tolist / nonzero on a tensor,
+    so on CUDA it can be captured."""
+    pytest.importorskip("triton")
+    from tests.helpers import DEVICE
+    from msa.integrations.transformers import decode
+    calls = []
+    fused = decode.fused_decode
+    monkeypatch.setattr(decode, "fused_decode", lambda *a: calls.append(1) or fused(*a))
+    _, model = _models("G2-B128", backend="triton")
+    model = model.to(DEVICE)
+    model.config._experts_implementation = "batched_mm"     # as GraphedDecoder captures
+    dec = GraphedDecoder(model, max_cache_len=384)
+    ids = torch.randint(3, 300, (1, 200), generator=torch.Generator().manual_seed(4))
+    dec.prefill(ids.to(DEVICE))
+    forward = dec._forward
+
+    def guarded(*a):
+        def fail(*_a, **_k):
+            raise _HostRead("host read inside a decode step")
+        names = ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero")
+        saved = {n: getattr(torch.Tensor, n) for n in names}
+        try:
+            for n in names:
+                setattr(torch.Tensor, n, fail)
+            return forward(*a)
+        finally:
+            for n, f in saved.items():
+                setattr(torch.Tensor, n, f)
+    dec._forward = guarded
+    logits = dec.step(torch.tensor([7], device=DEVICE))
+    assert logits.shape == (1, 300) and torch.isfinite(logits).all()
+    assert calls == [1]
