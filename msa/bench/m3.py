@@ -177,7 +177,8 @@ def decode(T: int, steps: int, static: bool) -> dict:
 def graphed_decode(T: int, steps: int) -> dict:
     """``GraphedDecoder``: ``steps`` greedy tokens after a ``T``-token prompt, each step
     one CUDA graph (time per token of the whole model), and the sparse layer's attention
-    module alone captured in a graph at that context (time per token)."""
+    module alone captured in a graph at that context (time per token; its kernels split
+    into msa's and the model's own)."""
     from ..integrations.transformers import GraphedDecoder
     model = build(LAYERS, "msa")
     dec = GraphedDecoder(model, max_cache_len=T + steps + 512)
@@ -195,13 +196,13 @@ def graphed_decode(T: int, steps: int) -> dict:
         torch.cuda.synchronize()
         layer_us = _layer_graph_us(model, dec, 1)
     res = dict(T=T, steps=steps, model_step_ms=start.elapsed_time(end) / steps,
-               sparse_layer_attention_graph_us=layer_us)
+               sparse_layer_attention=layer_us)
     del model, dec
     torch.cuda.empty_cache()
     return res
 
 
-def _layer_graph_us(model, dec, layer: int, reps: int = 100) -> float:
+def _layer_graph_us(model, dec, layer: int, reps: int = 100) -> dict:
     """One layer's attention module (projections, norms, RoPE, cache write, index branch,
     fused decode, output projection) for one token, replayed from a CUDA graph. Each
     replay writes one more cache slot past the real length (the length itself stays)."""
@@ -210,11 +211,39 @@ def _layer_graph_us(model, dec, layer: int, reps: int = 100) -> float:
     pos = dec.position.clone()
     pe = model.model.rotary_emb(hidden, position_ids=pos)
 
+
     def call():
         return attn(hidden, position_embeddings=pe, attention_mask=None, cache=dec.cache,
                     position_ids=pos)
     from .decode import graph_ms
-    return 1e3 * graph_ms(call, reps=reps)
+    return dict(graph_us=1e3 * graph_ms(call, reps=reps), **_kernel_split_us(call))
+
+
+MSA_KERNELS = ("paged_", "decode_")
+
+
+def _kernel_split_us(call, reps: int = 10) -> dict:
+    """GPU time per call of ``call``'s kernels (profiler), split into msa's decode kernels
+    and the rest (the model's projections, norms, RoPE, cache writes), with kernel counts."""
+    from torch.profiler import ProfilerActivity, profile
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+    ours = rest = 0.0
+    n_ours = n_rest = 0
+    for e in prof.key_averages():
+        t = e.self_device_time_total
+        if t <= 0:
+            continue
+        if e.key.startswith(MSA_KERNELS):
+            ours, n_ours = ours + t, n_ours + e.count
+        else:
+            rest, n_rest = rest + t, n_rest + e.count
+    return dict(msa_kernels_us=ours / reps, msa_kernels=n_ours // reps,
+                other_kernels_us=rest / reps, other_kernels=n_rest // reps)
 
 
 def paged_decoder_us(T: int) -> float:

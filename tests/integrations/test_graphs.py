@@ -87,4 +87,4 @@ def test_decode_step_reads_nothing_back_to_the_host(monkeypatch):
     dec._forward = guarded
     logits = dec.step(torch.tensor([7], device=DEVICE))
     assert logits.shape == (1, 300) and torch.isfinite(logits).all()
-    assert calls == [1]
+    assert len(calls) == (3 if DEVICE == "cuda" else 1)  # CUDA: two warm-ups, the capture

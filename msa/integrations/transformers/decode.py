@@ -47,6 +47,7 @@ def _tables(b: int, hkv: int, nb: int, device):
     return _TABLES[key]
 
 
+@torch.compiler.disable                   # under torch.compile: launched as is, not traced
 def fused_decode(module, q, qi, key, value, ki, config: MSAConfig,
                  position_ids) -> torch.Tensor:
     """``q [B, Tq, Hq, D]``, ``qi [B, Tq, Hi, Di]``, ``key, value [B, Hkv, Tk, D]``
