@@ -23,6 +23,7 @@ the eager experts loop reads the routed experts back to the host.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -58,7 +59,6 @@ class GraphedDecoder:
         self.length = 0                       # tokens in the cache (host copy)
         self.graph = None
         self.logits = None
-        self._experts = getattr(cfg, "_experts_implementation", None)
         self._cfg = cfg
 
     # -- the step -------------------------------------------------------------------
@@ -130,10 +130,10 @@ class GraphedDecoder:
         if self.device.type != "cuda":
             logits = self._forward(self.tokens, self.position)
         else:
-            with _experts(self._cfg, self._experts):
-                if self.graph is None:
+            if self.graph is None:
+                with _sync_free_experts(self._cfg):
                     self._capture()
-                self.graph.replay()
+            self.graph.replay()
             logits = self.logits.clone()
         self.length += 1
         return logits
@@ -159,16 +159,15 @@ class GraphedDecoder:
         return torch.cat(out, dim=1)
 
 
-class _experts:
-    """Switch an MoE text config to the sync-free experts implementation for a block."""
-
-    def __init__(self, cfg, current):
-        self.cfg, self.current = cfg, current
-
-    def __enter__(self):
-        if self.current not in (None, SYNC_FREE_EXPERTS) and hasattr(self.cfg, "_experts_implementation"):
-            self.cfg._experts_implementation = SYNC_FREE_EXPERTS
-
-    def __exit__(self, *exc):
-        if self.current is not None and hasattr(self.cfg, "_experts_implementation"):
-            self.cfg._experts_implementation = self.current
+@contextlib.contextmanager
+def _sync_free_experts(cfg):
+    """MoE configs use the sync-free experts implementation inside the block."""
+    current = getattr(cfg, "_experts_implementation", None)
+    if current in (None, SYNC_FREE_EXPERTS):
+        yield
+        return
+    cfg._experts_implementation = SYNC_FREE_EXPERTS
+    try:
+        yield
+    finally:
+        cfg._experts_implementation = current
