@@ -192,7 +192,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                  ki_strides=None, ki_page_table=None, mask_tail: bool = False,
                  pages_per_program: int = None, index_stages: int = 3) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
-    no allocation: capturable in a CUDA graph).
+    no allocation: capturable in a CUDA graph): ``paged_select`` then ``paged_attend``.
 
     q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major); pages ``k, v [P, Hkv, page,
     D]`` (``Hkv = num_kv_heads``), ``ki [P, page, Di]`` read through
@@ -207,16 +207,27 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     out ``[B*Q, Hq, D]``, lse ``[B*Q, Hq]`` fp32; po / pl: split partials of at least
     ``partial_rows`` rows x ``G_pad * D`` / ``G_pad`` fp32.
     """
+    paged_select(qi, ki, page_table if ki_page_table is None else ki_page_table, seq_lens,
+                 batch=batch, num_q=num_q, max_pages=max_pages, block_max=block_max,
+                 topk_indices=topk_indices, block_size=block_size, index_scale=index_scale,
+                 ki_strides=ki_strides, mask_tail=mask_tail,
+                 pages_per_program=pages_per_program, index_stages=index_stages)
+    paged_attend(q, k, v, topk_indices, page_table, seq_lens, batch=batch, num_q=num_q,
+                 num_kv_heads=num_kv_heads, out=out, lse=lse, po=po, pl=pl,
+                 block_size=block_size, scale=scale, kv_strides=kv_strides)
+
+
+def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_pages: int,
+                 block_max, topk_indices, block_size: int, index_scale: float,
+                 ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
+                 index_stages: int = 3) -> None:
+    """The selection of a decode step (see ``paged_decode``): block maxima of the index
+    scores into ``block_max``, the top-k into ``topk_indices [Hi, B*Q, K]`` (any strides
+    with a contiguous last dim)."""
     b, nq = batch, num_q
-    rows = b * nq
     hi, topk = topk_indices.shape[0], topk_indices.shape[2]
-    hq, d = q.shape[1], q.shape[2]
-    kv_strides = kv_strides or (k.stride(0), k.stride(1), k.stride(2))
     ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
-    ki_table = page_table if ki_page_table is None else ki_page_table
-    hkv = num_kv_heads
-    g = hq // hkv
-    prec, up = precision(q.dtype), upcast(q.dtype)
+    prec, up = precision(qi.dtype), upcast(qi.dtype)
     per = pages_per_program or \
         max(1, min(16, next_pow2(-(-b * max_pages // TARGET_PROGRAMS))))
     paged_block_max_kernel[(b, triton.cdiv(max_pages, per))](
@@ -227,11 +238,25 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
         BS=block_size, PAGES=per, PRECISION=prec, UPCAST=up, MASK_TAIL=mask_tail,
         num_warps=4, num_stages=index_stages)
     nb_pad = next_pow2(max_pages)
-    decode_topk_kernel[(rows, hi)](
+    decode_topk_kernel[(b * nq, hi)](
         block_max, seq_lens, topk_indices, block_max.stride(0), block_max.stride(1),
         topk_indices.stride(0), topk_indices.stride(1), max_pages, NQ=nq, BS=block_size,
         TOPK=topk, TOPK_PAD=next_pow2(topk), NB_PAD=nb_pad,
         num_warps=8 if nb_pad > 4096 else 4)
+
+
+def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num_q: int,
+                 num_kv_heads: int, out, lse, po, pl, block_size: int, scale: float,
+                 kv_strides=None) -> None:
+    """The attention of a decode step over ``topk_indices [Hs, B*Q, K]`` (see
+    ``paged_decode``), split over the selected blocks and merged by LSE."""
+    rows = batch * num_q
+    hs, topk = topk_indices.shape[0], topk_indices.shape[2]
+    hq, d = q.shape[1], q.shape[2]
+    kv_strides = kv_strides or (k.stride(0), k.stride(1), k.stride(2))
+    hkv = num_kv_heads
+    g = hq // hkv
+    prec, up = precision(q.dtype), upcast(q.dtype)
     nsplit, per_split = decode_splits(rows, hkv, topk)
     g_pad = max(16, next_pow2(g))
     paged_decode_attn_kernel[(rows, hkv, nsplit)](
@@ -239,7 +264,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
         scale * LOG2E, q.stride(0), q.stride(1), kv_strides[0], kv_strides[1],
         kv_strides[2], topk_indices.stride(0), topk_indices.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        NQ=nq, HKV=hkv, HS=hi, G=g, G_PAD=g_pad, D=d, BS=block_size,
+        NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size,
         TOPK=topk, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,
         num_warps=4)
     if nsplit > 1:
