@@ -23,6 +23,7 @@ training step share it (``sparse_plan`` finds it again from the top-k tensor).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from contextlib import contextmanager
@@ -75,6 +76,19 @@ def block_rows(seg: Segments, block_size: int, device) -> BlockRows:
     nk = torch.clamp(kl_t[row_seg] - t0, max=block_size)
     return BlockRows(q_pos.to(torch.int32), nb_t[q_seg], rb_t[q_seg], kb_t[q_seg], krow,
                      t0.to(torch.int32), nk.to(torch.int32), nrows, block_size)
+
+
+def paged_rows(rows: BlockRows, seg: Segments, block_table: torch.Tensor,
+               rows_per_page: int) -> BlockRows:
+    """``rows`` whose keys live in pages: block ``j`` of segment ``b`` is page
+    ``block_table[b, j]``, its first key row ``page * rows_per_page`` (in units of the
+    key tensor's token stride; one page per block). The query geometry is unchanged."""
+    nb = torch.tensor([seg.num_blocks(b, rows.block_size) for b in range(seg.num_segments)],
+                      device=block_table.device)
+    row_seg = torch.repeat_interleave(torch.arange(seg.num_segments, device=nb.device), nb,
+                                      output_size=rows.total_rows)
+    page = block_table[row_seg, rows.row_t0.long() // rows.block_size].long()
+    return dataclasses.replace(rows, row_krow=page * rows_per_page)
 
 
 def query_tiles(seg: Segments, block_t: int, device):
