@@ -1,11 +1,11 @@
-"""``python -m msa bench prefill|training|decode|cp|m3``: GPU benchmarks with same-run
+"""``python -m msa bench prefill|training|decode|cp|m3|vllm``: GPU benchmarks with same-run
 baselines, one JSON (+ optional PNG) per run recording the GPU, versions, commit, date
 and command. Each case checks its outputs before it reports a time."""
 from __future__ import annotations
 
 import argparse
 
-CASES = ("prefill", "training", "decode", "cp", "m3")
+CASES = ("prefill", "training", "decode", "cp", "m3", "vllm")
 
 
 def add_parser(sub) -> None:
@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p.add_argument("case", choices=CASES,
                    help="prefill: indexer + attention forward; training: forward + "
                         "backward step; decode: paged decode with CUDA graphs; cp: context "
-                        "parallel (torchrun); m3: MiniMax-M3 layers in transformers")
+                        "parallel (torchrun); m3: MiniMax-M3 layers in transformers; vllm: msa's "
+                        "vLLM drop-ins against vLLM's ops (--vllm-ops)")
     p.add_argument("--lengths", default=None, metavar="LIST",
                    help="comma-separated context lengths, e.g. 64k,128k,1m (default per "
                         "case)")
