@@ -105,6 +105,38 @@ def test_decode_selection_and_attention_equal_the_reference(nq):
     assert (out - ref).abs().max().item() < 1e-4
 
 
+def test_attention_takes_the_geometry_the_index_top_k_read(monkeypatch):
+    """One host read of the lengths per layer step: the selection's writer hands them
+    to the attention; other lengths with that selection are an error, another
+    selection reads them again."""
+    q_lens, k_lens = [100, 60], [300, 60]
+    kv, ik, table, *_ = _world(k_lens, seed=5)
+    tq, hkv = sum(q_lens), 2
+    q = torch.randn(tq, 4, 64, device=DEVICE)
+    qi = torch.randn(tq, hkv, 64, device=DEVICE)
+    cu_q, seq = _cu(q_lens), torch.tensor(k_lens, dtype=torch.int32, device=DEVICE)
+    prefix = seq - torch.tensor(q_lens, dtype=torch.int32, device=DEVICE)
+    reads = []
+    segments = ops._segments
+    monkeypatch.setattr(ops, "_segments", lambda *a: reads.append(1) or segments(*a))
+
+    def select():
+        score = ops.minimax_m3_index_score(qi, ik, table, cu_q, seq, prefix, 100, 300, hkv)
+        return ops.minimax_m3_index_topk(score, cu_q, prefix, 100, 2, 0, 1)
+    out = torch.empty_like(q)
+    sel = select()
+    ops.minimax_m3_sparse_attn(q, kv, sel, table, cu_q.clone(), seq.clone(), prefix, 100,
+                               hkv, 0.125, out)
+    assert reads == [1]
+    ops.minimax_m3_sparse_attn(q, kv, sel.clone(), table, cu_q, seq, prefix, 100, hkv,
+                               0.125, out)
+    assert reads == [1, 1]                          # nothing handed over: read again
+    sel = select()
+    with pytest.raises(ValueError, match="lengths differ"):
+        ops.minimax_m3_sparse_attn(q, kv, sel, table, _cu([90, 70]), seq, prefix, 100,
+                                   hkv, 0.125, out)
+
+
 def test_unsupported_arguments_name_themselves_without_vllm():
     kv, ik, table, *_ = _world([200])
     q = torch.randn(10, 4, 64, device=DEVICE)

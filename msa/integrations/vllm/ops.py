@@ -36,6 +36,7 @@ ORIGINALS: Dict[str, Callable] = {}        # vLLM's functions, filled by the plu
 
 
 def _fallback(name: str, why: str, *args, **kwargs):
+    _HANDOFF.clear()
     original = ORIGINALS.get(name)
     if original is None:
         raise NotImplementedError(f"msa's {name} does not support {why}")
@@ -80,6 +81,43 @@ def _segments(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor):
     return Segments(cu[:-1], q_len, k_base, k_len, cu[-1], sum(k_len))
 
 
+class _Handoff(NamedTuple):
+    """The geometry ``minimax_m3_index_topk`` read, for the ``minimax_m3_sparse_attn``
+    call that consumes the selection it wrote (vLLM calls them in turn, per layer)."""
+
+    where: tuple                      # (data_ptr, shape, strides) of the selection
+    seg: object                       # msa.varlen.Segments
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+_HANDOFF: list = []                   # at most one pending _Handoff
+
+
+def _where(sel: torch.Tensor) -> tuple:
+    return sel.data_ptr(), tuple(sel.shape), tuple(sel.stride())
+
+
+def _geometry(topk_idx, cu_seqlens_q, seq_lens):
+    """The prefill geometry: handed over by the index top-k that wrote ``topk_idx``
+    (no host read; the lengths are checked equal on the device, asynchronously), else
+    read from the tensors (one host synchronisation)."""
+    hand = _HANDOFF.pop() if _HANDOFF else None
+    n = len(hand.seg.q_len) if hand is not None else 0
+    if hand is not None and hand.where == _where(topk_idx) and \
+            cu_seqlens_q.shape[0] > n and seq_lens.shape[0] >= n:
+        ok = (cu_seqlens_q[:n + 1] == hand.cu_seqlens_q[:n + 1]).all() & \
+            (seq_lens[:n] == hand.seq_lens[:n]).all()
+        msg = "msa: the selection's lengths differ from cu_seqlens_q / seq_lens"
+        if ok.device.type == "cpu":
+            if not bool(ok):
+                raise ValueError(msg)
+        else:
+            torch._assert_async(ok, msg)
+        return hand.seg
+    return _segments(cu_seqlens_q, seq_lens)
+
+
 def _valid_first(topk_idx: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
     """vLLM's rule: only the first ``min(topk, pos // 128 + 1)`` entries of a row count;
     the rest become ``-1`` (int32, contiguous)."""
@@ -109,7 +147,7 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
     _check_kv_cache(kv_cache, num_kv_heads, d)
     if total_q == 0:
         return output
-    seg = _segments(cu_seqlens_q, seq_lens)
+    seg = _geometry(topk_idx[:, :total_q], cu_seqlens_q, seq_lens)
     rows = block_rows(seg, BLOCK, q.device)
     idx = _valid_first(topk_idx[:, :total_q], rows.q_pos)
     plan = build_plan(idx, seg, block_size=BLOCK, heads=num_kv_heads,
@@ -173,21 +211,24 @@ def minimax_m3_index_topk(score, cu_seqlens_q, prefix_lens, max_query_len, topk,
             raise NotImplementedError(f"msa forces exactly one local block and no initial "
                                       f"blocks; got init_blocks={init_blocks}, "
                                       f"local_blocks={local_blocks}")
+        _HANDOFF.clear()
         scores = real(s.idx_q, s.index_kv_cache, s.block_table, s.cu_seqlens_q, s.seq_lens,
                       s.prefix_lens, s.max_query_len, s.max_seq_len, s.num_kv_heads)
         return ORIGINALS["minimax_m3_index_topk"](scores, *args[1:], out=out)
-    from ...functional import msa_indexer
+    from ...ops.checks import check_block_and_topk
+    from ...ops.indexer.triton import indexer_topk
+    check_block_and_topk(BLOCK, topk)
+    _HANDOFF.clear()
     seg = _segments(cu_seqlens_q, score.seq_lens)
     ki = _gather_index_keys(score.index_kv_cache, score.block_table, seg)
-    dev = ki.device
-    cu_q = torch.tensor([*seg.q_start, seg.total_q], dtype=torch.int32, device=dev)
-    cu_k = torch.tensor([*seg.k_base, seg.total_k], dtype=torch.int32, device=dev)
-    sel = msa_indexer(score.idx_q[:seg.total_q], ki, cu_q, cu_k, seg.max_seqlen_q,
-                      seg.max_seqlen_k, block_size=BLOCK, topk=topk)
-    if out is None:
-        return sel
-    out[:, :seg.total_q].copy_(sel)
-    return out[:, :seg.total_q]
+    qi = score.idx_q[:seg.total_q]
+    sel = indexer_topk(qi, ki, seg, block_size=BLOCK, topk=topk,
+                       scale=qi.shape[-1] ** -0.5)
+    if out is not None:
+        out[:, :seg.total_q].copy_(sel)
+        sel = out[:, :seg.total_q]
+    _HANDOFF.append(_Handoff(_where(sel), seg, cu_seqlens_q, score.seq_lens))
+    return sel
 
 
 # -- decode ------------------------------------------------------------------------
