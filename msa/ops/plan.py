@@ -83,8 +83,8 @@ def paged_rows(rows: BlockRows, seg: Segments, block_table: torch.Tensor,
     """``rows`` whose keys live in pages: block ``j`` of segment ``b`` is page
     ``block_table[b, j]``, its first key row ``page * rows_per_page`` (in units of the
     key tensor's token stride; one page per block). The query geometry is unchanged."""
-    nb = torch.tensor([seg.num_blocks(b, rows.block_size) for b in range(seg.num_segments)],
-                      device=block_table.device)
+    nb = host_to_device([[seg.num_blocks(b, rows.block_size)
+                          for b in range(seg.num_segments)]], block_table.device)[0]
     row_seg = torch.repeat_interleave(torch.arange(seg.num_segments, device=nb.device), nb,
                                       output_size=rows.total_rows)
     page = block_table[row_seg, rows.row_t0.long() // rows.block_size].long()

@@ -186,11 +186,12 @@ def minimax_m3_index_score(idx_q, index_kv_cache, block_table, cu_seqlens_q, seq
 
 def _gather_index_keys(index_kv_cache, block_table, seg) -> torch.Tensor:
     """The index keys of every request, packed ``[total_k, 1, Di]`` (one gather)."""
+    from ...varlen import host_to_device
     dev = index_kv_cache.device
-    k_len = torch.tensor(seg.k_len, device=dev)
+    k_len, k_base = host_to_device([seg.k_len, seg.k_base], dev)
     req = torch.repeat_interleave(torch.arange(seg.num_segments, device=dev), k_len,
                                   output_size=seg.total_k)
-    t = torch.arange(seg.total_k, device=dev) - torch.tensor(seg.k_base, device=dev)[req]
+    t = torch.arange(seg.total_k, device=dev) - k_base[req]
     page = block_table[req, t // BLOCK].long()
     flat = index_kv_cache.reshape(-1, index_kv_cache.shape[-1])
     return flat[page * BLOCK + t % BLOCK].unsqueeze(1)
