@@ -30,6 +30,8 @@ class MSAConfig:
         softmax_scale: attention logit scale, ``None`` means ``head_dim ** -0.5``.
         index_softmax_scale: indexer logit scale, ``None`` means ``index_head_dim ** -0.5``.
         kl_loss_coeff: weight of the indexer KL loss.
+        index_precision: ``"input"`` (default) or ``"fp8"``: rank blocks by e4m3 index
+            scores (opt-in; the selected LSE and the KL keep the inputs' precision).
     """
 
     num_heads: int = 64
@@ -42,6 +44,7 @@ class MSAConfig:
     softmax_scale: Optional[float] = None
     index_softmax_scale: Optional[float] = None
     kl_loss_coeff: float = 1.0
+    index_precision: str = "input"
 
     def __post_init__(self):
         for name in ("num_heads", "num_kv_heads", "head_dim", "block_size", "topk"):
@@ -72,6 +75,7 @@ class MSAConfig:
                 raise ValueError(f"{name} must be a finite positive float, got {value}")
         if not math.isfinite(self.kl_loss_coeff):
             raise ValueError(f"kl_loss_coeff must be finite, got {self.kl_loss_coeff}")
+        check_index_precision(self.index_precision)
 
     @property
     def index_heads(self) -> int:
@@ -91,6 +95,16 @@ class MSAConfig:
             return self.index_softmax_scale
         return self.index_dim ** -0.5
 
+
+
+INDEX_PRECISIONS = ("input", "fp8")
+
+
+def check_index_precision(value) -> None:
+    """``"input"``: index scores in the inputs' precision; ``"fp8"``: blocks ranked by
+    e4m3 scores (docs/semantics.md, "FP8 index scoring")."""
+    if not isinstance(value, str) or value not in INDEX_PRECISIONS:
+        raise ValueError(f"index_precision must be one of {INDEX_PRECISIONS}, got {value!r}")
 
 
 def _check_int(name: str, value) -> None:

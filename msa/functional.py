@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .config import MAX_TOPK, MSAConfig
+from .config import MAX_TOPK, MSAConfig, check_index_precision
 from .ops import checks as C
 from .ops import plan as P
 from .ops.custom_ops import Backward, attention_fwd_op, indexer_op, segments
@@ -157,7 +157,8 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                 max_seqlen_k=None, *, fragment_indices=None, block_size: int = 128,
                 topk: int = 16, softmax_scale: Optional[float] = None,
                 lse_temperature: float = 1.0, return_lse: bool = False,
-                backend: str = "auto", check_finite: bool = False):
+                backend: str = "auto", check_finite: bool = False,
+                index_precision: str = "input"):
     """Select ``topk`` key blocks per (index head, query) (docs/semantics.md, "Selection").
 
     Args:
@@ -169,6 +170,9 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
         lse_temperature: ``T > 0``; scales only the returned LSE (``s / T``).
         check_finite: reject NaN / inf in ``qi``, ``ki`` (one host synchronisation);
             otherwise a NaN score ranks below every number.
+        index_precision: ``"input"`` or ``"fp8"``: rank blocks by the scores of ``qi``,
+            ``ki`` quantized to e4m3 (one scale per row; docs/semantics.md, "FP8 index
+            scoring"); the selected LSE keeps the inputs' precision.
     Returns:
         topk_indices ``[Hi, total_q, topk]`` (``[B, Hi, Tq, topk]``) int32: the
         ``min(topk-1, local)`` best earlier blocks (score desc, id asc), then the local
@@ -187,12 +191,14 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     C.check_scale("softmax_scale", softmax_scale)
     C.check_scale("lse_temperature", lse_temperature)
     C.check_flag("return_lse", return_lse)
+    check_index_precision(index_precision)
     if check_finite:
         C.check_finite(("qi", "ki"), (qi, ki))
     use_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton")
     topk_indices, lse = indexer_op(lay.pack(qi), lay.pack(ki), *lay.meta, block_size, topk,
                                    _scale(softmax_scale, qi.shape[-1]),
-                                   float(lse_temperature), return_lse, use_triton, 0)
+                                   float(lse_temperature), return_lse, use_triton, 0,
+                                   index_precision)
     topk_indices = lay.unpack_heads(topk_indices)
     return (topk_indices, lay.unpack_heads(lse)) if return_lse else topk_indices
 
@@ -386,7 +392,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
         index_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or
                                                       backend == "triton")
         topk_indices, ilse = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
-                                        iscale, 1.0, triton_kl, index_triton, chunk)
+                                        iscale, 1.0, triton_kl, index_triton, chunk,
+                                        cfg.index_precision)
         out, lse = attention_fwd_op(qp, kp, vp, topk_indices, *lay.meta, bs, scale, use_triton,
                                     _backward_mode(use_triton, deterministic), True)
     else:

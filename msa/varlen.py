@@ -172,7 +172,10 @@ def make_segments(total_q: int, total_k: int, cu_seqlens_q: torch.Tensor,
         if kl < ql:
             raise ValueError(f"segment {b}: k_len={kl} < q_len={ql}; queries must be the "
                              f"causal suffix of their keys (check cu_seqlens_k)")
-        q_start.append(cq[b]); q_len.append(ql); k_base.append(base); k_len.append(kl)
+        q_start.append(cq[b])
+        q_len.append(ql)
+        k_base.append(base)
+        k_len.append(kl)
     seg = Segments(q_start, q_len, k_base, k_len, total_q, total_k)
     if max_seqlen_q is not None and int(max_seqlen_q) < seg.max_seqlen_q:
         raise ValueError(f"max_seqlen_q={max_seqlen_q} < longest query segment "

@@ -20,6 +20,7 @@ from typing import Tuple
 import torch
 
 from ...varlen import Segments
+from ..quant import fake_quantize
 from ..common import (CHUNK_BUDGET, chunk_size, compute_dtype, dense_keys, gather_keys,
                       group_logits, query_chunks)
 
@@ -83,13 +84,16 @@ def select_blocks(m: torch.Tensor, local: torch.Tensor, topk: int) -> torch.Tens
 
 
 def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_size: int,
-                      topk: int, scale: float, lse_temperature: float = 1.0
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+                      topk: int, scale: float, lse_temperature: float = 1.0,
+                      index_precision: str = "input") -> Tuple[torch.Tensor, torch.Tensor]:
     """Block top-k selection and its LSE.
 
     Args:
         qi: ``[total_q, Hi, Di]`` index queries; ki: ``[total_k, 1 or Hi, Di]`` index keys.
         seg: validated segment geometry (``msa.varlen.make_segments``).
+        index_precision: ``"fp8"`` ranks the blocks by the scores of ``qi``, ``ki``
+            quantized to e4m3 per row and dequantized (``msa.ops.quant``); the LSE is
+            always that of the inputs as given.
     Returns:
         topk_indices ``[Hi, total_q, topk]`` int32 (segment-local block ids, local block
         last among the ``min(topk, local+1)`` valid entries, ``-1`` padding) and
@@ -100,6 +104,7 @@ def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, bloc
     # poisoned (-2 / NaN): every query row must be written by a chunk
     out_idx = torch.full((hi, total_q, topk), -2, dtype=torch.int32, device=qi.device)
     out_lse = torch.full((hi, total_q), float("nan"), dtype=dtype, device=qi.device)
+    fp8_ki = fake_quantize(ki) if index_precision == "fp8" else None
     pos_all = seg.positions(qi.device)
     nb_max = max((seg.num_blocks(b, block_size) for b in range(seg.num_segments)), default=1)
     chunk = chunk_size(hi * max(nb_max, block_size) * 4)
@@ -109,7 +114,10 @@ def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, bloc
         nblocks = int(local.max()) + 1
         m, s = _block_stats(qi[s0:s1], ki, seg.k_base[b], pos, nblocks, block_size, scale,
                             lse_temperature, dtype)
-        sel = select_blocks(m, local, topk)                                    # [C,Hi,K]
+        m_rank = m if fp8_ki is None else _block_stats(
+            fake_quantize(qi[s0:s1]), fp8_ki, seg.k_base[b], pos, nblocks, block_size,
+            scale, lse_temperature, dtype)[0]
+        sel = select_blocks(m_rank, local, topk)                               # [C,Hi,K]
         vals = m / lse_temperature + torch.log(s)
         picked = torch.gather(vals, 2, sel.clamp_min(0))
         picked = picked.masked_fill(sel < 0, float("-inf"))

@@ -23,16 +23,17 @@ import triton.language as tl
 from ...varlen import Segments
 from ..attention.forward import check_supported, launch_partials
 from ..plan import SparsePlan, lse_chunk, query_tiles
+from ..quant import quantize_e4m3
 from ..triton_utils import dot, next_pow2, precision, rank_key, upcast
 
 
 @triton.jit(do_not_specialize=["stride_oh"])
 def indexer_topk_kernel(
-        QI, KI, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, OUT_ID, scale,
+        QI, KI, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, OUT_ID, scale,
         stride_qt, stride_qh, stride_kt, stride_oh, stride_ot,
         HI: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
         KR: tl.constexpr, NRANK: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr, FP8: tl.constexpr = False):
     pid = tl.program_id(0)
     q0 = tl.load(TILE_Q0 + pid).to(tl.int64)
     n = tl.load(TILE_N + pid)
@@ -56,7 +57,10 @@ def indexer_topk_kernel(
     for blk in range(0, n_blocks):
         kt = tl.load(KI + (kbase + blk * BS + offs_n)[:, None] * stride_kt
                      + tl.arange(0, DI)[None, :])
-        s = dot(qi, tl.trans(kt), PRECISION, UPCAST)
+        if FP8:                                        # e4m3 MMA, per-key scales
+            s = tl.dot(qi, tl.trans(kt)) * tl.load(KS + kbase + blk * BS + offs_n)[None, :]
+        else:
+            s = dot(qi, tl.trans(kt), PRECISION, UPCAST)
         m = rank_key(tl.max(s, 1) * scale)             # NaN ranks last, -0 as +0
         worst = tl.min(vals, 1)
         wid = tl.max(tl.where(vals == worst[:, None], ids, -2147483647), 1)
@@ -80,15 +84,24 @@ def indexer_topk_kernel(
 
 
 def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_size: int,
-                 topk: int, scale: float, block_t: int = None, num_warps: int = 4,
-                 num_stages: int = 2) -> torch.Tensor:
-    """Top-k rows ``[Hi, total_q, topk]`` int32 (same contract as the reference)."""
+                 topk: int, scale: float, index_precision: str = "input", block_t: int = None,
+                 num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Top-k rows ``[Hi, total_q, topk]`` int32 (same contract as the reference).
+
+    ``index_precision="fp8"``: ``qi`` and ``ki`` quantized to e4m3 with one scale per
+    row (``msa.ops.quant``), scored by FP8 MMAs with fp32 accumulation; the key scales
+    multiply the scores, the query scales are left out (one positive factor per row
+    changes no row's ranking)."""
     total_q, hi, di = qi.shape
     check_supported(qi.dtype, di)
     qi = qi if qi.stride(-1) == 1 else qi.contiguous()
     ki = (ki if ki.stride(-1) == 1 else ki.contiguous())[:, 0] if ki.shape[1] == 1 else None
     if ki is None:
         raise NotImplementedError("the Triton indexer needs one shared index-key head")
+    fp8 = index_precision == "fp8"
+    ks = None
+    if fp8:
+        qi, ki, ks = quantize_e4m3(qi)[0], *quantize_e4m3(ki)
     block_t = block_t or max(1, 128 // next_pow2(hi))
     kr = next_pow2(max(1, topk - 1))
     out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
@@ -97,10 +110,10 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
         out[..., 0] = seg.positions(qi.device) // block_size
     elif tiles[0].numel():
         indexer_topk_kernel[(tiles[0].numel(),)](
-            qi, ki, *tiles, out, scale,
+            qi, ki, ks, *tiles, out, scale,
             qi.stride(0), qi.stride(1), ki.stride(0), out.stride(0), out.stride(1),
             HI=hi, DI=di, BS=block_size, BLOCK_T=block_t, KR=kr, NRANK=topk - 1,
-            PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype),
+            PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype), FP8=fp8,
             num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -100,11 +100,11 @@ def test_varlen_equals_loop_over_sequences():
         s0, n, base, kl = seg.q_start[b], seg.q_len[b], seg.k_base[b], seg.k_len[b]
         cu_q = torch.tensor([0, n], dtype=torch.int32)
         cu_k = torch.tensor([0, kl], dtype=torch.int32)
-        o, l = msa.msa_sparse_attention(c["q"][s0:s0 + n], c["k"][base:base + kl],
-                                        c["v"][base:base + kl], topk[:, s0:s0 + n], cu_q, cu_k,
-                                        block_size=64, return_lse=True)
+        o, o_lse = msa.msa_sparse_attention(c["q"][s0:s0 + n], c["k"][base:base + kl],
+                                            c["v"][base:base + kl], topk[:, s0:s0 + n], cu_q,
+                                            cu_k, block_size=64, return_lse=True)
         torch.testing.assert_close(o, out[s0:s0 + n], rtol=0, atol=0)
-        torch.testing.assert_close(l, lse[s0:s0 + n], rtol=0, atol=0)
+        torch.testing.assert_close(o_lse, lse[s0:s0 + n], rtol=0, atol=0)
 
 
 def test_empty_rows_and_unselected_blocks_get_zeros():
