@@ -2,10 +2,13 @@
 
 For the last ``probe`` queries of a context (a chunked prefill over the whole context),
 the top-k rows from bf16 index queries / keys (scores accumulated in fp32) are compared
-with those from e4m3 ones (``index_precision="fp8"``), as sets, per (query, index head):
+with those of FP8 index scoring (``index_precision="fp8"``: an e4m3 scan proposes
+``topk - 1 + 16`` blocks, the bf16 scores choose among them), as sets, per (query, index
+head):
 
 * ``rows_equal``: share of rows with the same set (``bf16_vs_fp32``: the same for bf16
-  against the fp32 inputs, the rounding floor);
+  against the fp32 inputs, the rounding floor; ``scan_only_equal``: the e4m3 scan's own
+  top-k, without the re-scoring);
 * ``gap``: for a row that differs, how near its swapped blocks are to a tie: the bf16
   block score of the best block only bf16 selected minus that of the best block only FP8
   selected, over the spread (std) of the row's bf16 block scores; the median and max over
@@ -29,6 +32,7 @@ import torch
 
 from ..config import MSAConfig
 from ..functional import msa_indexer
+from ..ops.quant import fake_quantize
 from ..varlen import Segments
 from .niah import block_mass, mass_inside
 
@@ -55,6 +59,7 @@ def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int) -> Dict[s
     sel32 = msa_indexer(qi.float(), ki.float(), cu_q, cu_k, **kw)
     sel16 = msa_indexer(bq, bk, cu_q, cu_k, **kw)
     sel8 = msa_indexer(bq, bk, cu_q, cu_k, index_precision="fp8", **kw)
+    scan = msa_indexer(fake_quantize(bq), fake_quantize(bk), cu_q, cu_k, **kw)
     nb = -(-T // block)
 
     def sets(sel):                                       # [Hi, P, NB] membership
@@ -73,6 +78,7 @@ def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int) -> Dict[s
         gaps.append(float((only16 - only8) / finite.std().clamp_min(1e-12)))
     gaps.sort()
     return dict(rows=differ.numel(), rows_equal=1 - differ.float().mean().item(),
+                scan_only_equal=1 - (sets(scan) != m16).any(-1).float().mean().item(),
                 bf16_vs_fp32=1 - (m16 != m32).any(-1).float().mean().item(),
                 gap_median=gaps[len(gaps) // 2] if gaps else 0.0,
                 gap_max=gaps[-1] if gaps else 0.0,
@@ -179,8 +185,9 @@ def main(sources: List[str], length: int, probe: int, json_path: Optional[str] =
         got = SOURCES[name](length, probe)
         for r in got:
             print(f"{r['source']:>8} layer {r.get('layer', '-'):>2} T {r['T']:>6} rows "
-                  f"{r['rows']:>5} equal {r['rows_equal']:.4f} (bf16 vs fp32 "
-                  f"{r['bf16_vs_fp32']:.4f}) gap median {r['gap_median']:.3f} max "
+                  f"{r['rows']:>5} equal {r['rows_equal']:.4f} (scan alone "
+                  f"{r['scan_only_equal']:.4f}, bf16 vs fp32 {r['bf16_vs_fp32']:.4f}) "
+                  f"gap median {r['gap_median']:.3f} max "
                   f"{r['gap_max']:.3f}" + (f" recall bf16 {r['recall_bf16']:.4f} fp8 "
                                            f"{r['recall_fp8']:.4f}" if "recall_fp8" in r
                                            else ""), flush=True)

@@ -83,6 +83,18 @@ def select_blocks(m: torch.Tensor, local: torch.Tensor, topk: int) -> torch.Tens
     return out
 
 
+FP8_CANDIDATES = 16     # extra blocks the FP8 scan keeps for the exact re-scoring
+
+
+def refine(m: torch.Tensor, cand: torch.Tensor, local: torch.Tensor, topk: int) -> torch.Tensor:
+    """Top-k rows ``[C, Hi, topk]`` choosing only among the candidate blocks of ``cand``
+    (rows of ``select_blocks``), ranked by the block maxima ``m [C, Hi, NB]``."""
+    nb = m.shape[-1]
+    keep = torch.zeros(*m.shape[:-1], nb + 1, dtype=torch.bool, device=m.device)
+    keep.scatter_(2, torch.where(cand < 0, nb, cand), True)       # -1 slots: column nb
+    return select_blocks(m.masked_fill(~keep[..., :nb], float("-inf")), local, topk)
+
+
 def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_size: int,
                       topk: int, scale: float, lse_temperature: float = 1.0,
                       index_precision: str = "input") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +103,10 @@ def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, bloc
     Args:
         qi: ``[total_q, Hi, Di]`` index queries; ki: ``[total_k, 1 or Hi, Di]`` index keys.
         seg: validated segment geometry (``msa.varlen.make_segments``).
-        index_precision: ``"fp8"`` ranks the blocks by the scores of ``qi``, ``ki``
-            quantized to e4m3 per row and dequantized (``msa.ops.quant``); the LSE is
-            always that of the inputs as given.
+        index_precision: ``"fp8"``: the ``topk - 1 + FP8_CANDIDATES`` best blocks by the
+            scores of ``qi``, ``ki`` quantized to e4m3 per row and dequantized
+            (``msa.ops.quant``) are candidates; the best ``topk - 1`` of them by the
+            inputs' own scores are selected. The LSE is always that of the inputs.
     Returns:
         topk_indices ``[Hi, total_q, topk]`` int32 (segment-local block ids, local block
         last among the ``min(topk, local+1)`` valid entries, ``-1`` padding) and
@@ -114,10 +127,12 @@ def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, bloc
         nblocks = int(local.max()) + 1
         m, s = _block_stats(qi[s0:s1], ki, seg.k_base[b], pos, nblocks, block_size, scale,
                             lse_temperature, dtype)
-        m_rank = m if fp8_ki is None else _block_stats(
-            fake_quantize(qi[s0:s1]), fp8_ki, seg.k_base[b], pos, nblocks, block_size,
-            scale, lse_temperature, dtype)[0]
-        sel = select_blocks(m_rank, local, topk)                               # [C,Hi,K]
+        if fp8_ki is None:
+            sel = select_blocks(m, local, topk)                                # [C,Hi,K]
+        else:
+            m8 = _block_stats(fake_quantize(qi[s0:s1]), fp8_ki, seg.k_base[b], pos, nblocks,
+                              block_size, scale, lse_temperature, dtype)[0]
+            sel = refine(m, select_blocks(m8, local, topk + FP8_CANDIDATES), local, topk)
         vals = m / lse_temperature + torch.log(s)
         picked = torch.gather(vals, 2, sel.clamp_min(0))
         picked = picked.masked_fill(sel < 0, float("-inf"))

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...varlen import Segments
+from ...varlen import Segments, host_to_device
 from ..attention.forward import check_supported, launch_partials
 from ..plan import SparsePlan, lse_chunk, query_tiles
 from ..quant import quantize_e4m3
@@ -83,22 +83,65 @@ def indexer_topk_kernel(
     tl.store(OUT_ID + orow + tl.minimum(local, NRANK), local, mask=rmask)
 
 
+@triton.jit
+def refine_topk_kernel(QI, KI, CAND, POS, QKBASE, OUT_ID, scale,
+                       stride_qt, stride_qh, stride_kt, stride_ch, stride_ct, stride_oh,
+                       stride_ot, C: tl.constexpr, C_PAD: tl.constexpr, NRANK: tl.constexpr,
+                       DI: tl.constexpr, BS: tl.constexpr):
+    """One (query, index head) row: re-score the FP8 scan's ``C`` candidate blocks in the
+    inputs' precision (fp32 products, block max), keep the best ``NRANK`` (score desc,
+    id asc), then the local block; the row of ``OUT_ID`` is pre-filled with -1."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    pos = tl.load(POS + t)
+    local = pos // BS
+    kbase = tl.load(QKBASE + t)
+    offs_d = tl.arange(0, DI)
+    offs_n = tl.arange(0, BS)
+    offs_c = tl.arange(0, C_PAD)
+    q = tl.load(QI + t * stride_qt + h * stride_qh + offs_d).to(tl.float32)
+    ids = tl.load(CAND + h * stride_ch + t * stride_ct + offs_c, mask=offs_c < C, other=-1)
+    valid = (ids >= 0) & (ids < local)
+    vals = tl.zeros((C_PAD,), dtype=tl.float32) + float("-inf")
+    for c in range(C):
+        blk = tl.load(CAND + h * stride_ch + t * stride_ct + c)
+        if (blk >= 0) & (blk < local):
+            kt = tl.load(KI + (kbase + blk * BS + offs_n)[:, None] * stride_kt + offs_d[None, :])
+            m = rank_key(tl.max(tl.sum(kt.to(tl.float32) * q[None, :], 1), 0) * scale)
+            vals = tl.where(offs_c == c, m, vals)
+    better = (vals[None, :] > vals[:, None]) | \
+        ((vals[None, :] == vals[:, None]) & (ids[None, :] < ids[:, None]))
+    rank = tl.sum((better & valid[None, :]).to(tl.int32), 1)
+    orow = OUT_ID + h.to(tl.int64) * stride_oh + t * stride_ot
+    tl.store(orow + rank, ids, mask=valid & (rank < NRANK))
+    tl.store(orow + tl.minimum(local, NRANK), local)
+
+
+FP8_CANDIDATES = 16     # extra blocks the FP8 scan keeps for the exact re-scoring
+
+
 def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_size: int,
                  topk: int, scale: float, index_precision: str = "input", block_t: int = None,
                  num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Top-k rows ``[Hi, total_q, topk]`` int32 (same contract as the reference).
 
-    ``index_precision="fp8"``: ``qi`` and ``ki`` quantized to e4m3 with one scale per
-    row (``msa.ops.quant``), scored by FP8 MMAs with fp32 accumulation; the key scales
-    multiply the scores, the query scales are left out (one positive factor per row
-    changes no row's ranking)."""
+    ``index_precision="fp8"``: the scan scores e4m3 copies of ``qi`` and ``ki`` (one
+    scale per row, ``msa.ops.quant``) with FP8 MMAs, fp32 accumulation and the key scales
+    (a query's own scale ranks nothing and is left out), keeping ``topk - 1 +
+    FP8_CANDIDATES`` blocks; ``refine_topk_kernel`` re-scores those in the inputs'
+    precision and keeps the best ``topk - 1``."""
+    if index_precision == "fp8" and topk > 1:
+        cand = indexer_topk(qi, ki, seg, block_size=block_size, scale=scale,
+                            topk=topk + FP8_CANDIDATES, index_precision="fp8_scan",
+                            block_t=block_t, num_warps=num_warps, num_stages=num_stages)
+        return _refine(qi, ki, cand, seg, block_size, topk, scale)
     total_q, hi, di = qi.shape
     check_supported(qi.dtype, di)
     qi = qi if qi.stride(-1) == 1 else qi.contiguous()
     ki = (ki if ki.stride(-1) == 1 else ki.contiguous())[:, 0] if ki.shape[1] == 1 else None
     if ki is None:
         raise NotImplementedError("the Triton indexer needs one shared index-key head")
-    fp8 = index_precision == "fp8"
+    fp8 = index_precision == "fp8_scan"
     ks = None
     if fp8:
         qi, ki, ks = quantize_e4m3(qi)[0], *quantize_e4m3(ki)
@@ -115,6 +158,26 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
             HI=hi, DI=di, BS=block_size, BLOCK_T=block_t, KR=kr, NRANK=topk - 1,
             PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype), FP8=fp8,
             num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def _refine(qi, ki, cand, seg: Segments, block_size: int, topk: int,
+            scale: float) -> torch.Tensor:
+    """Final rows from the FP8 scan's candidate rows ``cand [Hi, total_q, C + 1]``."""
+    total_q, hi, di = qi.shape
+    qi = qi if qi.stride(-1) == 1 else qi.contiguous()
+    ki = (ki if ki.stride(-1) == 1 else ki.contiguous())[:, 0]
+    out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
+    if not total_q:
+        return out
+    q_len, k_base = host_to_device([seg.q_len, seg.k_base], qi.device)
+    qkbase = torch.repeat_interleave(k_base, q_len, output_size=total_q)
+    c = cand.shape[-1] - 1
+    refine_topk_kernel[(total_q, hi)](
+        qi, ki, cand, seg.positions(qi.device), qkbase, out, scale,
+        qi.stride(0), qi.stride(1), ki.stride(0), cand.stride(0), cand.stride(1),
+        out.stride(0), out.stride(1), C=c, C_PAD=next_pow2(c), NRANK=topk - 1, DI=di,
+        BS=block_size, num_warps=4)
     return out
 
 
