@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--vllm-ops", default=None, metavar="DIR",
                    help="folder holding vLLM's MiniMax-M3 op files (sparse_attn.py, "
                         "index_topk.py) and their stand-in imports, for the vllm baseline")
+    p.add_argument("--index-precision", default="input", choices=["input", "fp8"],
+                   help="prefill: index scores in the inputs' precision or FP8 (e4m3 scan "
+                        "+ exact re-scoring of the candidates; default input)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write the results to this JSON file (default: "
                         "bench_<case>_<gpu>_<date>.json in the current folder)")

@@ -105,9 +105,18 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
     reps = 10 if T <= 262144 else 3
     r = dict(T=T)
 
+    precision = getattr(args, "index_precision", "input")
+    r["index_precision"] = precision
+
     def indexer():
-        return msa.msa_indexer(qi, ki, cu, cu, block_size=bs, topk=K)
+        return msa.msa_indexer(qi, ki, cu, cu, block_size=bs, topk=K,
+                               index_precision=precision)
     topk = indexer()
+    if precision != "input":
+        plain = msa.msa_indexer(qi, ki, cu, cu, block_size=bs, topk=K)
+        r["topk_rows_equal_input_precision"] = \
+            (topk.sort(-1).values == plain.sort(-1).values).all(-1).float().mean().item()
+        del plain
 
     def attention():
         fresh(topk)

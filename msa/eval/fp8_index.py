@@ -108,7 +108,7 @@ def random_source(T: int, probe: int, seed: int = 0) -> List[dict]:
 def m3_source(T: int, probe: int, seed: int = 0) -> List[dict]:
     """The index branch of a MiniMax-M3 text model (released attention shapes, hidden
     1024, one full-attention and two sparse layers, random weights)."""
-    from ..bench.m3 import model_config
+    from .m3_shapes import model_config
     from ..integrations.transformers import attention as hf_attention
     from ..integrations.transformers import enable_msa, minimax_m3
     from transformers.models.minimax_m3_vl import MiniMaxM3VLForCausalLM
