@@ -144,33 +144,23 @@ def m3_source(T: int, probe: int, seed: int = 0) -> List[dict]:
 def smollm2_source(T: int, probe: int, block: int = 64, topk: int = 16) -> List[dict]:
     """SmolLM2-135M on English text: per layer, self-indexing queries (the mean query of
     each KV group) and the layer's keys."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from .passkey import load_model, stdlib_text
+    from .passkey import load_model, run_with_probe, stdlib_text
     model, tok = load_model()
     ids = tok(stdlib_text(), return_tensors="pt").input_ids[:, :T]
     out: List[dict] = []
 
-    def probe_attention(module, query, key, value, attention_mask, **kw):
+    def probe_layer(module, query, key, scaling):
         _, hq, _, d = query.shape
         hkv, tk = key.shape[1], key.shape[2]
         q = query[0, :, -probe:].transpose(0, 1).float()
         k = key[0].transpose(0, 1).float()
         qi = q.reshape(probe, hkv, hq // hkv, d).mean(2)
         cfg = MSAConfig(num_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=block,
-                        topk=topk, softmax_scale=kw.get("scaling"))
+                        topk=topk, softmax_scale=scaling)
         r = compare(qi, k, block, topk)
         out.append(dict(source="smollm2", layer=module.layer_idx, T=tk, **_public(r),
                         **_mass(q, k, tk, r["sel16"], r["sel8"], cfg)))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-    AttentionInterface.register("msa_fp8_probe", probe_attention)
-    model.set_attn_implementation("msa_fp8_probe")
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        model.set_attn_implementation("sdpa")
+    run_with_probe(model, ids, probe_layer)
     return out
 
 

@@ -148,19 +148,35 @@ def layer_recall_vs_oracle(model, tok, n_tokens: int = 8000, probe: int = 512, *
     return _layer_masses(model, tok, n_tokens, probe, block_size, topk, text, True)
 
 
-def _layer_masses(model, tok, n_tokens, probe, block_size, topk, text, oracle):
+def run_with_probe(model, ids: torch.Tensor, probe_fn) -> None:
+    """One no-grad forward of ``model`` on ``ids`` with SDPA attention, calling
+    ``probe_fn(module, query, key, scaling)`` (``query [1, Hq, T, D]``, ``key
+    [1, Hkv, T, D]``, after RoPE) in every attention layer first."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    def probe_attention(module, query, key, value, attention_mask, **kw):
+        probe_fn(module, query, key, kw.get("scaling"))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    AttentionInterface.register("msa_probe", probe_attention)
+    model.set_attn_implementation("msa_probe")
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def _layer_masses(model, tok, n_tokens, probe, block_size, topk, text, oracle):
     ids = tok(text or stdlib_text(), return_tensors="pt").input_ids[:, :n_tokens]
     recalls: Dict[int, float] = {}
     best: Dict[int, float] = {}
 
-    def probe_attention(module, query, key, value, attention_mask, **kw):
+    def probe_layer(module, query, key, scaling):
         b, hq, tq, d = query.shape
         hkv, tk = key.shape[1], key.shape[2]
         cfg = MSAConfig(num_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=block_size,
-                        topk=topk, softmax_scale=kw.get("scaling"))
+                        topk=topk, softmax_scale=scaling)
         q = query[0, :, -probe:].transpose(0, 1).float()               # [P, Hq, D]
         k = key[0].transpose(0, 1).float()                             # [Tk, Hkv, D]
         qi = q.reshape(probe, hkv, hq // hkv, d).mean(2)
@@ -172,15 +188,7 @@ def _layer_masses(model, tok, n_tokens, probe, block_size, topk, text, oracle):
         recalls[module.layer_idx] = mass_inside(mass, sel.long())
         if oracle:
             best[module.layer_idx] = best_mass(mass, seg, cfg, num_groups=hkv)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-
-    AttentionInterface.register("msa_recall_probe", probe_attention)
-    model.set_attn_implementation("msa_recall_probe")
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        model.set_attn_implementation("sdpa")
+    run_with_probe(model, ids, probe_layer)
     return [recalls[i] for i in sorted(recalls)], [best[i] for i in sorted(best)]
 
 
