@@ -44,10 +44,14 @@ def test_stops_at_eos_and_names_bad_arguments():
         dec.prefill(ids)
 
 
-def test_eager_model_is_rejected():
+def test_eager_model_and_other_families_are_rejected():
     eager, _ = _models("G2-B128")
     with pytest.raises(ValueError, match="enable_msa"):
         GraphedDecoder(eager, max_cache_len=256)
+    from tests.integrations.test_transformers import _models as llama_models
+    _, llama = llama_models()
+    with pytest.raises(ValueError, match="MiniMax-M3"):
+        GraphedDecoder(llama, max_cache_len=256)
 
 
 class _HostRead(RuntimeError):

@@ -33,6 +33,17 @@ def test_short_prompt_matches_dense_and_generate_agrees():
     assert torch.equal(g_dense, g_sparse)
 
 
+def test_static_cache_generates_what_the_dynamic_cache_does():
+    """A static cache holds more slots than tokens: only the written ones are keys."""
+    _, sparse = _models()
+    ids = torch.randint(0, 200, (1, 700), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = sparse.generate(ids, max_new_tokens=12, do_sample=False)
+        got = sparse.generate(ids, max_new_tokens=12, do_sample=False,
+                              cache_implementation="static")
+    assert torch.equal(got, want)
+
+
 def test_long_prompt_runs_sparse_and_generates():
     dense, sparse = _models()
     ids = torch.randint(0, 200, (1, 1500))      # 24 blocks, top-4: genuinely sparse

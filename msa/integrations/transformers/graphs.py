@@ -28,6 +28,8 @@ from typing import List, Optional
 
 import torch
 
+from .minimax_m3 import is_minimax_m3
+
 SYNC_FREE_EXPERTS = "batched_mm"
 
 
@@ -47,6 +49,9 @@ class GraphedDecoder:
         if getattr(cfg, "_attn_implementation", None) != "msa":
             raise ValueError("GraphedDecoder needs a model with msa switched on: "
                              "model = enable_msa(model)")
+        if not is_minimax_m3(model):
+            raise ValueError("GraphedDecoder captures MiniMax-M3 models (their decode step "
+                             "reads nothing on the host); use model.generate() for others")
         block = getattr(cfg, "index_block_size", 128)
         self.model = model
         self.max_cache_len = -(-max_cache_len // block) * block

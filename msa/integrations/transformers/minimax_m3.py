@@ -125,7 +125,7 @@ def sparse_attention(module, query, key, value, inputs: IndexInputs, mask, scali
     from .decode import fused_decode, use_fused_decode
     if use_fused_decode(q, key, config, train and torch.is_grad_enabled(), mode, backend):
         return fused_decode(module, q, qi, key, value, inputs.ki, config, position_ids)
-    length = _real_length(tk, position_ids, tq)
+    length = real_length(tk, position_ids, tq)
     if length < tk:                       # a static cache: only the first slots are real
         k, v, ki = k[:, :length], v[:, :length], ki[:, :length]
     out, aux = msa_attention(q, k, v, qi, ki, config=config, mode=mode, train_indexer=train,
@@ -145,7 +145,7 @@ def dense_causal(query, key, value, mask, scaling, position_ids):
         return unpack(out, p.q_index, b, tq)
     if position_ids is not None and tq <= DEVICE_MASK_QUERIES and tk > tq:
         return _decode_causal(q, k, v, position_ids, scaling)
-    length = _real_length(tk, position_ids, tq)
+    length = real_length(tk, position_ids, tq)
     seg = Segments([r * tq for r in range(b)], [tq] * b, [r * tk for r in range(b)],
                    [length] * b, b * tq, b * tk)
     out = dense_attention(q.reshape(b * tq, *q.shape[2:]), k.reshape(b * tk, *k.shape[2:]),
@@ -173,7 +173,7 @@ def _decode_causal(q, k, v, position_ids, scaling):
 _LENGTHS: dict = {}        # position_ids of the running forward -> real key count
 
 
-def _real_length(tk: int, position_ids, tq: int) -> int:
+def real_length(tk: int, position_ids, tq: int) -> int:
     """Real keys of an unpadded batch: all ``tk`` slots of a dynamic cache; for a static
     cache (``tk`` slots, fewer written) the last query's position + 1, read once per
     forward (the same ``position_ids`` tensor reaches every layer)."""
