@@ -86,7 +86,7 @@ def sparse_attn_fwd_kernel(
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
-        KSPLIT: tl.constexpr = 0):
+        KSPLIT: tl.constexpr = 0, MAXPOOL: tl.constexpr = False):
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
@@ -127,7 +127,10 @@ def sparse_attn_fwd_kernel(
             m, den, o = _split_block(qt, K, V, krow, t0, nk, h, pos, offs_d, scale_log2,
                                      stride_kt, stride_kh, stride_vt, stride_vh, BS, KSPLIT,
                                      D, PRECISION, UPCAST, HAS_V)
-        lse = tl.where(den > 0, (m + tl.log2(den)) * LN2, float("-inf"))
+        if MAXPOOL:                   # the block's largest visible logit instead
+            lse = tl.where(den > 0, m * LN2, float("-inf"))
+        else:
+            lse = tl.where(den > 0, (m + tl.log2(den)) * LN2, float("-inf"))
         pidx = ((ql * HKV + h) * TOPK + slot) * G + g
         if HAS_V:
             o = o / tl.maximum(den, 1e-30)[:, None]
@@ -199,9 +202,11 @@ def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int):
 
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
                     topk: int, block_size: int, block_q: int = None, num_warps: int = 4,
-                    num_stages: int = 1, shared_k_head: bool = False) -> None:
+                    num_stages: int = 1, shared_k_head: bool = False,
+                    maxpool: bool = False) -> None:
     """Run the KV-outer kernel over one chunk's plan: partial outputs into ``po`` (skipped
-    when ``v is None``) and partial LSEs into ``pl``.
+    when ``v is None``) and partial LSEs into ``pl`` (``maxpool``: each (query, slot)'s
+    largest visible logit instead of its LSE; with ``v is None``).
 
     Launch defaults (64-row tiles, 4 warps, no Triton pipelining: ``num_stages=1``; the
     kernel prefetches the next tile's query rows itself) were the fastest of the sweeps
@@ -229,7 +234,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
         fwd_configs(block_q, g_pad, num_stages, block_size),
         HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, TOPK=topk,
         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), HAS_V=v is not None,
-        num_warps=num_warps)
+        MAXPOOL=maxpool, num_warps=num_warps)
 
 
 def launch_combine(po, pl, topk_indices, rows: BlockRows, out, lse, q0: int, q1: int,

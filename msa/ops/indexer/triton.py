@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...varlen import Segments, host_to_device
+from ...varlen import Segments
 from ..attention.forward import check_supported, launch_partials
-from ..plan import SparsePlan, lse_chunk, query_tiles
+from ..plan import SparsePlan, build_plan, lse_chunk, query_tiles
 from ..quant import quantize_e4m3
 from ..triton_utils import dot, next_pow2, precision, rank_key, upcast
 
@@ -83,40 +83,6 @@ def indexer_topk_kernel(
     tl.store(OUT_ID + orow + tl.minimum(local, NRANK), local, mask=rmask)
 
 
-@triton.jit
-def refine_topk_kernel(QI, KI, CAND, POS, QKBASE, OUT_ID, scale,
-                       stride_qt, stride_qh, stride_kt, stride_ch, stride_ct, stride_oh,
-                       stride_ot, C: tl.constexpr, C_PAD: tl.constexpr, NRANK: tl.constexpr,
-                       DI: tl.constexpr, BS: tl.constexpr):
-    """One (query, index head) row: re-score the FP8 scan's ``C`` candidate blocks in the
-    inputs' precision (fp32 products, block max), keep the best ``NRANK`` (score desc,
-    id asc), then the local block; the row of ``OUT_ID`` is pre-filled with -1."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    pos = tl.load(POS + t)
-    local = pos // BS
-    kbase = tl.load(QKBASE + t)
-    offs_d = tl.arange(0, DI)
-    offs_n = tl.arange(0, BS)
-    offs_c = tl.arange(0, C_PAD)
-    q = tl.load(QI + t * stride_qt + h * stride_qh + offs_d).to(tl.float32)
-    ids = tl.load(CAND + h * stride_ch + t * stride_ct + offs_c, mask=offs_c < C, other=-1)
-    valid = (ids >= 0) & (ids < local)
-    vals = tl.zeros((C_PAD,), dtype=tl.float32) + float("-inf")
-    for c in range(C):
-        blk = tl.load(CAND + h * stride_ch + t * stride_ct + c)
-        if (blk >= 0) & (blk < local):
-            kt = tl.load(KI + (kbase + blk * BS + offs_n)[:, None] * stride_kt + offs_d[None, :])
-            m = rank_key(tl.max(tl.sum(kt.to(tl.float32) * q[None, :], 1), 0) * scale)
-            vals = tl.where(offs_c == c, m, vals)
-    better = (vals[None, :] > vals[:, None]) | \
-        ((vals[None, :] == vals[:, None]) & (ids[None, :] < ids[:, None]))
-    rank = tl.sum((better & valid[None, :]).to(tl.int32), 1)
-    orow = OUT_ID + h.to(tl.int64) * stride_oh + t * stride_ot
-    tl.store(orow + rank, ids, mask=valid & (rank < NRANK))
-    tl.store(orow + tl.minimum(local, NRANK), local)
-
-
 FP8_CANDIDATES = 16     # extra blocks the FP8 scan keeps for the exact re-scoring
 
 
@@ -128,8 +94,8 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
     ``index_precision="fp8"``: the scan scores e4m3 copies of ``qi`` and ``ki`` (one
     scale per row, ``msa.ops.quant``) with FP8 MMAs, fp32 accumulation and the key scales
     (a query's own scale ranks nothing and is left out), keeping ``topk - 1 +
-    FP8_CANDIDATES`` blocks; ``refine_topk_kernel`` re-scores those in the inputs'
-    precision and keeps the best ``topk - 1``."""
+    FP8_CANDIDATES`` blocks; ``_refine`` re-scores those in the inputs' precision with
+    the KV-outer kernel and keeps the best ``topk - 1``."""
     if index_precision == "fp8" and topk > 1:
         cand = indexer_topk(qi, ki, seg, block_size=block_size, scale=scale,
                             topk=topk + FP8_CANDIDATES, index_precision="fp8_scan",
@@ -163,22 +129,46 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
 
 def _refine(qi, ki, cand, seg: Segments, block_size: int, topk: int,
             scale: float) -> torch.Tensor:
-    """Final rows from the FP8 scan's candidate rows ``cand [Hi, total_q, C + 1]``."""
-    total_q, hi, di = qi.shape
-    qi = qi if qi.stride(-1) == 1 else qi.contiguous()
-    ki = (ki if ki.stride(-1) == 1 else ki.contiguous())[:, 0]
+    """Final rows from the FP8 scan's candidate rows ``cand [Hi, total_q, C]``: the
+    candidates' block maxima in the inputs' precision by the KV-outer kernel over the
+    candidates' plan (max pooling instead of the LSE), then the best ``topk - 1`` (score
+    desc, id asc) and the local block."""
+    total_q, hi, _ = qi.shape
+    c = cand.shape[-1]
+    plan = build_plan(cand, seg, block_size=block_size, heads=hi, chunk=lse_chunk(hi, c))
+    rows, indices = plan.rows, plan.indices(cand)
     out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
-    if not total_q:
-        return out
-    q_len, k_base = host_to_device([seg.q_len, seg.k_base], qi.device)
-    qkbase = torch.repeat_interleave(k_base, q_len, output_size=total_q)
-    c = cand.shape[-1] - 1
-    refine_topk_kernel[(total_q, hi)](
-        qi, ki, cand, seg.positions(qi.device), qkbase, out, scale,
-        qi.stride(0), qi.stride(1), ki.stride(0), cand.stride(0), cand.stride(1),
-        out.stride(0), out.stride(1), C=c, C_PAD=next_pow2(c), NRANK=topk - 1, DI=di,
-        BS=block_size, num_warps=4)
+    pl = torch.empty(min(total_q, plan.chunk) * hi * c, dtype=torch.float32,
+                     device=qi.device)
+    local_all = seg.positions(qi.device) // block_size
+    for q0, q1, p in plan.chunks:
+        launch_partials(qi, ki, None, rows, p, q0, None, pl, scale=scale, topk=c,
+                        block_size=block_size, shared_k_head=True, maxpool=True)
+        t = indices[:, q0:q1].long()
+        local = local_all[q0:q1].view(1, -1, 1)
+        ranked = (t >= 0) & (t < local)
+        score = pl[:(q1 - q0) * hi * c].view(q1 - q0, hi, c).transpose(0, 1)
+        out[:, q0:q1] = _best(score, t, ranked, local, topk)
     return out
+
+
+def _best(score, ids, ranked, local, topk: int) -> torch.Tensor:
+    """Rows ``[Hi, n, topk]``: the best ``topk - 1`` of the ``ranked`` slots (score desc,
+    id asc; NaN last, -0 as +0), the local block, then -1."""
+    very_negative = torch.finfo(score.dtype).min
+    score = torch.where(torch.isnan(score), very_negative, score)
+    score = torch.where(score == 0, torch.zeros_like(score), score)
+    score = torch.where(ranked, score, float("-inf"))
+    by_id = torch.sort(torch.where(ranked, ids, 1 << 40), -1).indices
+    score, ids = score.gather(-1, by_id), ids.gather(-1, by_id)
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :topk - 1]
+    best = ids.gather(-1, order)
+    n_ranked = torch.clamp(local, max=topk - 1)
+    slot = torch.arange(topk - 1, device=ids.device).view(1, 1, -1)
+    row = torch.full((*ids.shape[:2], topk), -1, dtype=torch.int64, device=ids.device)
+    row[..., :topk - 1] = torch.where(slot < n_ranked, best, -1)
+    row.scatter_(2, n_ranked.expand(*ids.shape[:2], 1), local.expand(*ids.shape[:2], 1))
+    return row.to(torch.int32)
 
 
 def selected_lse(qi: torch.Tensor, ki: torch.Tensor, topk_indices: torch.Tensor,
