@@ -35,11 +35,11 @@ TARGET_PROGRAMS = 264           # about two waves on a 132-SM GPU
 
 @triton.jit
 def paged_block_max_kernel(
-        QI, KI, PAGE_TABLE, SEQ_LENS, M, scale, max_pages,
+        QI, KI, KIS, PAGE_TABLE, SEQ_LENS, M, scale, max_pages,
         stride_qt, stride_qh, stride_kp, stride_kt, stride_tb, stride_mc, stride_mh,
         NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
         BS: tl.constexpr, PAGES: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, MASK_TAIL: tl.constexpr = False):
+        UPCAST: tl.constexpr, MASK_TAIL: tl.constexpr = False, FP8: tl.constexpr = False):
     b = tl.program_id(0)
     n = tl.load(SEQ_LENS + b)
     offs_r = tl.arange(0, ROWS)
@@ -62,7 +62,11 @@ def paged_block_max_kernel(
             ki = tl.load(kptr, mask=(live & (j * BS + offs_n < n))[:, None], other=0.0)
         else:                           # whole pages of a pool: read them whole
             ki = tl.load(kptr, mask=live, other=0.0)
-        s = dot(qi, tl.trans(ki), PRECISION, UPCAST) * scale
+        if FP8:                         # e4m3 rows (exact in the query's type) x row scales
+            s = dot(qi, tl.trans(ki.to(qi.dtype)), PRECISION, UPCAST) * scale * \
+                tl.load(KIS + page * BS + offs_n, mask=live, other=0.0)[None, :]
+        else:
+            s = dot(qi, tl.trans(ki), PRECISION, UPCAST) * scale
         s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
         tl.store(M + m_off + j, tl.max(s, 1), mask=rmask & (j < max_pages))
 
@@ -96,13 +100,13 @@ def decode_topk_kernel(M, SEQ_LENS, TOPK_INDICES, stride_mc, stride_mh, stride_t
 
 @triton.jit
 def paged_decode_attn_kernel(
-        Q, K, V, TOPK_INDICES, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, scale_log2,
+        Q, K, V, KS, VS, TOPK_INDICES, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, scale_log2,
         stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
         stride_tb, stride_ot, stride_oh, stride_lt,
         NQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
         G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
         PER_SPLIT: tl.constexpr, NSPLIT: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr, FP8: tl.constexpr = False):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -128,6 +132,10 @@ def paged_decode_attn_kernel(
                 offs_d[None, :]
             kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
             vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
+            if FP8:                 # e4m3 rows x their scales ([page, head, token] fp32)
+                soff = (page * HKV + h) * BS + offs_n
+                kt = (kt.to(tl.float32) * tl.load(KS + soff)[:, None]).to(qt.dtype)
+                vt = (vt.to(tl.float32) * tl.load(VS + soff)[:, None]).to(qt.dtype)
             m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i, acc,
                                                 scale_log2, PRECISION, UPCAST, True)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
@@ -190,7 +198,8 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                  max_pages: int, num_kv_heads: int, block_max, topk_indices, out, lse, po,
                  pl, block_size: int, scale: float, index_scale: float, kv_strides=None,
                  ki_strides=None, ki_page_table=None, mask_tail: bool = False,
-                 pages_per_program: int = None, index_stages: int = 3) -> None:
+                 pages_per_program: int = None, index_stages: int = 3,
+                 k_scales=None, v_scales=None, ki_scales=None) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph): ``paged_select`` then ``paged_attend``.
 
@@ -205,22 +214,26 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     may extend past the tensor; whole pages of a pool are read whole, which is faster).
     Writes block_max ``[B*Q, Hi, max_pages]`` fp32, topk_indices ``[Hi, B*Q, K]`` int32,
     out ``[B*Q, Hq, D]``, lse ``[B*Q, Hq]`` fp32; po / pl: split partials of at least
-    ``partial_rows`` rows x ``G_pad * D`` / ``G_pad`` fp32.
+    ``partial_rows`` rows x ``G_pad * D`` / ``G_pad`` fp32. FP8 pages (e4m3 ``k, v, ki``)
+    come with their row scales: ``k_scales, v_scales [P, Hkv, page]``, ``ki_scales
+    [P, page]`` fp32, contiguous (``msa.ops.quant``).
     """
     paged_select(qi, ki, page_table if ki_page_table is None else ki_page_table, seq_lens,
                  batch=batch, num_q=num_q, max_pages=max_pages, block_max=block_max,
                  topk_indices=topk_indices, block_size=block_size, index_scale=index_scale,
                  ki_strides=ki_strides, mask_tail=mask_tail,
-                 pages_per_program=pages_per_program, index_stages=index_stages)
+                 pages_per_program=pages_per_program, index_stages=index_stages,
+                 ki_scales=ki_scales)
     paged_attend(q, k, v, topk_indices, page_table, seq_lens, batch=batch, num_q=num_q,
                  num_kv_heads=num_kv_heads, out=out, lse=lse, po=po, pl=pl,
-                 block_size=block_size, scale=scale, kv_strides=kv_strides)
+                 block_size=block_size, scale=scale, kv_strides=kv_strides,
+                 k_scales=k_scales, v_scales=v_scales)
 
 
 def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_pages: int,
                  block_max, topk_indices, block_size: int, index_scale: float,
                  ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
-                 index_stages: int = 3) -> None:
+                 index_stages: int = 3, ki_scales=None) -> None:
     """The selection of a decode step (see ``paged_decode``): block maxima of the index
     scores into ``block_max``, the top-k into ``topk_indices [Hi, B*Q, K]`` (any strides
     with a contiguous last dim)."""
@@ -231,12 +244,12 @@ def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_page
     per = pages_per_program or \
         max(1, min(16, next_pow2(-(-b * max_pages // TARGET_PROGRAMS))))
     paged_block_max_kernel[(b, triton.cdiv(max_pages, per))](
-        qi, ki, ki_table, seq_lens, block_max, index_scale, max_pages,
+        qi, ki, ki_scales, ki_table, seq_lens, block_max, index_scale, max_pages,
         qi.stride(0), qi.stride(1), ki_strides[0], ki_strides[1],
         ki_table.stride(0), block_max.stride(0), block_max.stride(1),
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
         BS=block_size, PAGES=per, PRECISION=prec, UPCAST=up, MASK_TAIL=mask_tail,
-        num_warps=4, num_stages=index_stages)
+        FP8=ki_scales is not None, num_warps=4, num_stages=index_stages)
     nb_pad = next_pow2(max_pages)
     decode_topk_kernel[(b * nq, hi)](
         block_max, seq_lens, topk_indices, block_max.stride(0), block_max.stride(1),
@@ -247,7 +260,7 @@ def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_page
 
 def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num_q: int,
                  num_kv_heads: int, out, lse, po, pl, block_size: int, scale: float,
-                 kv_strides=None) -> None:
+                 kv_strides=None, k_scales=None, v_scales=None) -> None:
     """The attention of a decode step over ``topk_indices [Hs, B*Q, K]`` (see
     ``paged_decode``), split over the selected blocks and merged by LSE."""
     rows = batch * num_q
@@ -260,13 +273,13 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     nsplit, per_split = decode_splits(rows, hkv, topk)
     g_pad = max(16, next_pow2(g))
     paged_decode_attn_kernel[(rows, hkv, nsplit)](
-        q, k, v, topk_indices, page_table, seq_lens, out, lse, po, pl,
+        q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, po, pl,
         scale * LOG2E, q.stride(0), q.stride(1), kv_strides[0], kv_strides[1],
         kv_strides[2], topk_indices.stride(0), topk_indices.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size,
         TOPK=topk, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,
-        num_warps=4)
+        FP8=k_scales is not None, num_warps=4)
     if nsplit > 1:
         paged_decode_combine_kernel[(rows * hkv,)](
             po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0),

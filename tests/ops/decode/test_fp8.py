@@ -1,0 +1,48 @@
+"""The fused decode kernels on e4m3 pages with per-row scales equal the same kernels on
+the dequantized pages (Triton's interpreter on CPU)."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from msa.ops.decode.triton import paged_decode, partial_rows  # noqa: E402
+from msa.ops.quant import dequantize, quantize_e4m3  # noqa: E402
+from tests.helpers import DEVICE  # noqa: E402
+from tests.ops.decode.test_triton import BS, D, HKV, HQ, K, _cache  # noqa: E402
+
+
+def _run(q, qi, k, v, ki, table, lens, nq, **scales):
+    rows, hi = q.shape[0], qi.shape[1]
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((rows, HQ), float("nan"), **f32)
+    topk = torch.full((hi, rows, K), -7, dtype=torch.int32, device=DEVICE)
+    n = partial_rows(len(lens), nq, HKV, K)
+    paged_decode(q, qi, k, v, ki, table, lens, batch=len(lens), num_q=nq,
+                 max_pages=table.shape[1], num_kv_heads=HKV,
+                 block_max=torch.empty(rows, hi, table.shape[1], **f32), topk_indices=topk,
+                 out=out, lse=lse, po=torch.empty(n * 16 * D, **f32),
+                 pl=torch.empty(n * 16, **f32), block_size=BS, scale=D ** -0.5,
+                 index_scale=D ** -0.5, **scales)
+    return out, lse, topk
+
+
+@pytest.mark.parametrize("lengths,nq", [((300, 65, 129), 1), ((200, 130), 4)])
+def test_fp8_pages_decode_like_their_dequantized_copy(lengths, nq):
+    k, v, ki, table = _cache(lengths, 24, seed=11)
+    table = torch.where(table < 0, 0, table)
+    (k8, ks), (v8, vs), (ki8, kis) = quantize_e4m3(k), quantize_e4m3(v), quantize_e4m3(ki)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(len(lengths) * nq, HQ, D, generator=g).to(DEVICE)
+    qi = torch.randn(len(lengths) * nq, HKV, D, generator=g).to(DEVICE)
+    got = _run(q, qi, k8, v8, ki8, table, lens, nq, k_scales=ks, v_scales=vs, ki_scales=kis)
+    want = _run(q, qi, dequantize(k8, ks), dequantize(v8, vs), dequantize(ki8, kis), table,
+                lens, nq)
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    # and near the unquantized cache (e4m3: 3 mantissa bits)
+    plain = _run(q, qi, k, v, ki, table, lens, nq)
+    cos = torch.nn.functional.cosine_similarity(got[0].flatten(), plain[0].flatten(), dim=0)
+    assert cos > 0.99
