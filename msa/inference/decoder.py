@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..config import MSAConfig
+from ..ops.quant import E4M3
 
 
 class PagedDecoder:
@@ -115,6 +116,8 @@ class PagedDecoder:
                 raise ValueError(f"{name} is on {x.device}, the decoder on {self.device}")
             if x.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dim")
+        if k_pages.dtype == E4M3:             # FP8 pages: checked by _check_scales
+            return
         if len({q.dtype, k_pages.dtype, v_pages.dtype, self.out.dtype}) != 1 or \
                 qi.dtype != ki_pages.dtype:
             raise TypeError(f"dtypes must match: q/k_pages/v_pages/decoder "
@@ -125,11 +128,28 @@ class PagedDecoder:
             raise IndexError(f"page_table refers to page {self.top_page}, the pools hold "
                              f"{pages} pages")
 
-    def run(self, q, qi, k_pages, v_pages, ki_pages):
+    def _check_scales(self, q, qi, pages, scales) -> None:
+        """FP8 pages: all three e4m3, each with its fp32 row scales."""
+        if any(p.dtype != E4M3 for p in pages) or any(s is None for s in scales):
+            raise TypeError("FP8 decoding needs k_pages, v_pages, ki_pages all "
+                            "float8_e4m3fn with k_scales, v_scales, ki_scales")
+        if q.dtype != self.out.dtype or qi.dtype != q.dtype:
+            raise TypeError(f"q, qi and the decoder must share a dtype, got "
+                            f"{q.dtype}/{qi.dtype}/{self.out.dtype}")
+        for name, s, p in zip(("k_scales", "v_scales", "ki_scales"), scales, pages):
+            if s.dtype != torch.float32 or tuple(s.shape) != tuple(p.shape[:-1]) or \
+                    not s.is_contiguous() or s.device != p.device:
+                raise ValueError(f"{name} must be contiguous fp32 {list(p.shape[:-1])} on "
+                                 f"{p.device}, got {_describe(s)}")
+
+    def run(self, q, qi, k_pages, v_pages, ki_pages, *, k_scales=None, v_scales=None,
+            ki_scales=None):
         """One decode step of one layer (no host synchronisation, no allocation).
 
         q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major), pages
-        ``k_pages, v_pages [P, Hkv, page, D]``, ``ki_pages [P, page, Di]``.
+        ``k_pages, v_pages [P, Hkv, page, D]``, ``ki_pages [P, page, Di]``; FP8 (e4m3)
+        pages come with their row scales ``k_scales, v_scales [P, Hkv, page]``,
+        ``ki_scales [P, page]`` fp32 (``msa.ops.quant``; queries stay bf16/fp16/fp32).
         Returns views of the preallocated ``out [B*Q, Hq, D]`` and
         ``topk_indices [Hi, B*Q, K]`` (overwritten by the next ``run``).
         """
@@ -138,6 +158,11 @@ class PagedDecoder:
         if b == 0:
             raise RuntimeError("call plan() before run()")
         self._check(q, qi, k_pages, v_pages, ki_pages)
+        scales = (k_scales, v_scales, ki_scales)
+        if k_pages.dtype == E4M3 or any(x is not None for x in scales):
+            self._check_scales(q, qi, (k_pages, v_pages, ki_pages), scales)
+        else:
+            scales = (None, None, None)
         rows = b * nq
         out, topk = self.out[:rows], self.topk_indices[:, :rows]
         paged_decode(q, qi, k_pages, v_pages, ki_pages, self.page_table, self.seq_lens,
@@ -147,7 +172,8 @@ class PagedDecoder:
                      lse=self.lse[:rows], po=self.partial_out, pl=self.partial_lse,
                      block_size=c.block_size, scale=c.scale, index_scale=c.index_scale,
                      pages_per_program=self.pages_per_program,
-                     index_stages=self.index_stages)
+                     index_stages=self.index_stages, k_scales=scales[0],
+                     v_scales=scales[1], ki_scales=scales[2])
         return out, topk
 
 

@@ -26,6 +26,7 @@ import torch
 from ..config import MSAConfig
 from ..functional import msa_indexer, msa_sparse_attention
 from ..ops.decode.naive import gather_pages
+from ..ops.quant import E4M3, dequantize, quantize_e4m3
 from ..varlen import cu_seqlens_from_lengths
 from .decoder import PagedDecoder
 
@@ -38,6 +39,10 @@ class PagedKVCache:
     Args:
         num_pages: pool size (per layer); page_size: tokens per page (= MSA block size);
         num_kv_heads, head_dim: main branch; index_dim: index-key dim; num_layers;
+        dtype: of the pages; ``torch.float8_e4m3fn`` stores every token row (one head's K,
+            V or index key) in e4m3 with its own fp32 scale (``k_scales``, ``v_scales``,
+            ``ki_scales``), quantized on write (non-finite rows are rejected) and
+            dequantized where read;
         config: the layers' ``MSAConfig`` (needed by ``attend``; ``for_model`` sets it).
     """
 
@@ -49,12 +54,22 @@ class PagedKVCache:
                         ("index_dim", index_dim), ("num_layers", num_layers)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {x!r}")
+        if not isinstance(dtype, torch.dtype) or (dtype.itemsize == 1 and dtype != E4M3) or \
+                not (dtype.is_floating_point or dtype == E4M3):
+            raise ValueError(f"dtype must be a floating type (float8_e4m3fn for FP8 pages), "
+                             f"got {dtype}")
         self.page_size, self.num_layers = page_size, num_layers
         self.k_pages = torch.zeros(num_layers, num_pages, num_kv_heads, page_size, head_dim,
                                    dtype=dtype, device=device)
         self.v_pages = torch.zeros_like(self.k_pages)
         self.ki_pages = torch.zeros(num_layers, num_pages, page_size, index_dim, dtype=dtype,
                                     device=device)
+        self.fp8 = dtype == E4M3               # e4m3 rows, one fp32 scale per row
+        self.k_scales = self.v_scales = self.ki_scales = None
+        if self.fp8:
+            self.k_scales = torch.ones(self.k_pages.shape[:-1], device=device)
+            self.v_scales = torch.ones_like(self.k_scales)
+            self.ki_scales = torch.ones(self.ki_pages.shape[:-1], device=device)
         self.free_pages: List[int] = list(range(num_pages))
         self.pages: Dict[int, List[int]] = {}
         self.lengths: Dict[int, int] = {}
@@ -78,6 +93,13 @@ class PagedKVCache:
     def layer(self, layer: int):
         """``(k_pages, v_pages, ki_pages)`` of one layer (views)."""
         return self.k_pages[layer], self.v_pages[layer], self.ki_pages[layer]
+
+    def scales(self, layer: int):
+        """``(k_scales, v_scales, ki_scales)`` of one layer's FP8 pages (``[P, Hkv, page]``,
+        ``[P, Hkv, page]``, ``[P, page]`` fp32 views), or three ``None``."""
+        if not self.fp8:
+            return None, None, None
+        return self.k_scales[layer], self.v_scales[layer], self.ki_scales[layer]
 
     def allocate(self, request: int) -> None:
         if request in self.pages:
@@ -138,6 +160,16 @@ class PagedKVCache:
         pos = torch.arange(start, start + t)
         page = torch.tensor(self.pages[request], dtype=torch.long)[pos // self.page_size]
         page, off = page.to(self.k_pages.device), (pos % self.page_size).to(self.k_pages.device)
+        if self.fp8:
+            for name, x in (("k", k), ("v", v), ("ki", ki)):
+                if not bool(torch.isfinite(x).all()):            # one synchronisation
+                    raise ValueError(f"{name} holds NaN or inf: an FP8 cache cannot scale "
+                                     f"it (layer {layer}, request {request})")
+            (k, ks), (v, vs), (ki, kis) = quantize_e4m3(k), quantize_e4m3(v), \
+                quantize_e4m3(ki)
+            self.k_scales[layer, page, :, off] = ks
+            self.v_scales[layer, page, :, off] = vs
+            self.ki_scales[layer, page, off] = kis
         self.k_pages[layer, page, :, off] = k.to(self.k_pages.dtype)
         self.v_pages[layer, page, :, off] = v.to(self.v_pages.dtype)
         self.ki_pages[layer, page, off] = ki.to(self.ki_pages.dtype)
@@ -149,7 +181,20 @@ class PagedKVCache:
         if self.num_layers != 1:
             raise ValueError("append() serves one-layer caches; use reserve() once per step "
                              "and write() per layer")
-        self.write(layer, request, self.reserve(request, k.shape[0]), k, v, ki)
+        start = self.reserve(request, k.shape[0])
+        try:
+            self.write(layer, request, start, k, v, ki)
+        except (ValueError, IndexError):
+            self._unreserve(request, start)                  # nothing was appended
+            raise
+
+    def _unreserve(self, request: int, length: int) -> None:
+        """Shrink ``request`` back to ``length`` tokens, returning the pages it no longer
+        needs."""
+        keep = -(-length // self.page_size)
+        self.free_pages[:0] = self.pages[request][keep:]
+        del self.pages[request][keep:]
+        self.lengths[request] = length
 
     def page_table(self, requests) -> torch.Tensor:
         """``[B, max_pages]`` int32 physical pages (``-1`` past the end)."""
@@ -191,21 +236,23 @@ class PagedKVCache:
         for r in reqs:
             self.write(layer_idx, r, step.starts[r], k[r], v[r], ki[r, :, 0])
         kp, vp, kip = self.layer(layer_idx)
+        ks, vs, kis = self.scales(layer_idx)
         qf, qif = q.reshape(b * t, *q.shape[2:]), qi.reshape(b * t, *qi.shape[2:])
         if q.is_cuda and t <= 16 and q.dtype in (torch.bfloat16, torch.float16):
             if step.decoder is None:
                 dec = self._decoder(c, b, t, q)
                 dec.plan(step.table, step.lens)                   # once per step
                 step.decoder = dec
-            out, _ = step.decoder.run(qf, qif, kp, vp, kip)
+            out, _ = step.decoder.run(qf, qif, kp, vp, kip, k_scales=ks, v_scales=vs,
+                                      ki_scales=kis)
             out = out.clone()
         else:
             q_lens = [t] * b
             topk = paged_indexer(qif, kip, step.table, step.lens, q_lens,
                                  block_size=c.block_size, topk=c.topk,
-                                 softmax_scale=c.index_scale)
+                                 softmax_scale=c.index_scale, ki_scales=kis)
             out = paged_attention(qf, kp, vp, topk, step.table, step.lens, q_lens,
-                                  softmax_scale=c.scale)
+                                  softmax_scale=c.scale, k_scales=ks, v_scales=vs)
         return out.view(b, t, *q.shape[2:])
 
     def _decoder(self, c: MSAConfig, b: int, t: int, q) -> PagedDecoder:
@@ -248,14 +295,25 @@ def _check_paged(k_pages, page_table, seq_lens, q_lens):
     return lens
 
 
+def _gathered(pages, scales, page_table, lens, dtype):
+    """Token rows of ``pages [P, ..., page, X]`` (dequantized with ``scales [P, ...,
+    page]`` when given) as ``dtype``."""
+    x = gather_pages(pages, page_table, lens)
+    if scales is None:
+        return x
+    return dequantize(x, gather_pages(scales.unsqueeze(-1), page_table, lens)[..., 0]
+                      ).to(dtype)
+
+
 def paged_indexer(qi, ki_pages, page_table, seq_lens, q_lens: Optional[List[int]] = None, *,
-                  block_size: int, topk: int = 16, softmax_scale=None):
+                  block_size: int, topk: int = 16, softmax_scale=None, ki_scales=None):
     """Top-k ``[Hi, total_q, topk]`` for queries ``qi [total_q, Hi, Di]`` (request-major;
     ``q_lens`` per request, default: equal split) over the paged index keys
-    ``ki_pages [pages, page, Di]``."""
+    ``ki_pages [pages, page, Di]`` (FP8 pages: with ``ki_scales [pages, page]``)."""
     q_lens = q_lens or [qi.shape[0] // page_table.shape[0]] * page_table.shape[0]
     lens = _check_paged(ki_pages.unsqueeze(1), page_table, seq_lens, q_lens)
-    ki = gather_pages(ki_pages.unsqueeze(1), page_table, lens)            # [T, 1, Di]
+    ki = _gathered(ki_pages.unsqueeze(1), None if ki_scales is None else
+                   ki_scales.unsqueeze(1), page_table, lens, qi.dtype)      # [T, 1, Di]
     cu_q = cu_seqlens_from_lengths(q_lens, device=qi.device)
     cu_k = cu_seqlens_from_lengths(lens, device=qi.device)
     return msa_indexer(qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
@@ -263,14 +321,16 @@ def paged_indexer(qi, ki_pages, page_table, seq_lens, q_lens: Optional[List[int]
 
 
 def paged_attention(q, k_pages, v_pages, topk_indices, page_table, seq_lens,
-                    q_lens: Optional[List[int]] = None, *, softmax_scale=None):
+                    q_lens: Optional[List[int]] = None, *, softmax_scale=None, k_scales=None,
+                    v_scales=None):
     """MSA over a paged cache: ``q [total_q, Hq, D]`` (request-major), pages
-    ``[P, Hkv, page, D]``, head-major ``topk_indices [Hkv or 1, total_q, K]`` of logical
-    page ids. Returns ``out [total_q, Hq, D]``."""
+    ``[P, Hkv, page, D]`` (FP8 pages: with ``k_scales, v_scales [P, Hkv, page]``),
+    head-major ``topk_indices [Hkv or 1, total_q, K]`` of logical page ids. Returns
+    ``out [total_q, Hq, D]``."""
     q_lens = q_lens or [q.shape[0] // page_table.shape[0]] * page_table.shape[0]
     lens = _check_paged(k_pages, page_table, seq_lens, q_lens)
-    k = gather_pages(k_pages, page_table, lens)
-    v = gather_pages(v_pages, page_table, lens)
+    k = _gathered(k_pages, k_scales, page_table, lens, q.dtype)
+    v = _gathered(v_pages, v_scales, page_table, lens, q.dtype)
     cu_q = cu_seqlens_from_lengths(q_lens, device=q.device)
     cu_k = cu_seqlens_from_lengths(lens, device=q.device)
     return msa_sparse_attention(q, k, v, topk_indices, cu_q, cu_k,

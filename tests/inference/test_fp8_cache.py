@@ -1,0 +1,98 @@
+"""PagedKVCache with FP8 (e4m3) pages: tokens quantized on write with per-row scales,
+the reference path and the fused decoder read them back dequantized; bad input named."""
+import pytest
+import torch
+
+from msa import MSAConfig
+from msa.inference import PagedKVCache, paged_attention, paged_indexer
+from msa.ops.quant import E4M3, dequantize
+from tests.helpers import DEVICE
+
+CFG = MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, index_head_dim=64, block_size=64,
+                topk=3)
+
+
+def _fill(cache, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for r, n in enumerate(lengths):
+        k, v = torch.randn(n, 2, 64, generator=g), torch.randn(n, 2, 64, generator=g)
+        cache.append(r, k.to(DEVICE), v.to(DEVICE), torch.randn(n, 64, generator=g).to(DEVICE))
+
+
+def _caches(lengths):
+    out = []
+    for dtype in (E4M3, torch.float32):
+        c = PagedKVCache(16, 64, 2, 64, 64, dtype=dtype, device=DEVICE, config=CFG)
+        for r in range(len(lengths)):
+            c.allocate(r)
+        _fill(c, lengths)
+        out.append(c)
+    return out
+
+
+def test_fp8_pages_hold_the_tokens_within_e4m3_precision():
+    fp8, ref = _caches([150, 70])
+    assert fp8.k_pages.dtype == E4M3 and fp8.k_scales.shape == fp8.k_pages.shape[:-1]
+    for pages, scales, plain in ((fp8.k_pages, fp8.k_scales, ref.k_pages),
+                                 (fp8.ki_pages, fp8.ki_scales, ref.ki_pages)):
+        back = dequantize(pages, scales)
+        assert ((back - plain).abs() <= plain.abs() / 16 + 1e-2).all()
+
+
+def test_reference_path_reads_fp8_pages_dequantized():
+    fp8, ref = _caches([150, 70])
+    table, lens = fp8.page_table([0, 1]), fp8.seq_lens([0, 1])
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 64, generator=g).to(DEVICE)
+    qi = torch.randn(2, 2, 64, generator=g).to(DEVICE)
+    kp, vp, kip = fp8.layer(0)
+    ks, vs, kis = fp8.scales(0)
+    topk = paged_indexer(qi, kip, table, lens, block_size=64, topk=3, ki_scales=kis)
+    want = paged_indexer(qi, dequantize(kip, kis), table, lens, block_size=64, topk=3)
+    assert torch.equal(topk, want)
+    out = paged_attention(q, kp, vp, topk, table, lens, k_scales=ks, v_scales=vs)
+    exact = paged_attention(q, dequantize(kp, ks), dequantize(vp, vs), topk, table, lens)
+    torch.testing.assert_close(out, exact, rtol=1e-6, atol=1e-6)
+    plain = paged_attention(q, *ref.layer(0)[:2], topk, table, lens)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), plain.flatten(), dim=0) > 0.99
+
+
+def test_fused_decoder_reads_fp8_pages():
+    pytest.importorskip("triton")
+    from msa.inference import PagedDecoder
+    fp8, _ = _caches([150, 70])
+    table, lens = fp8.page_table([0, 1]), fp8.seq_lens([0, 1])
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 64, generator=g).to(DEVICE)
+    qi = torch.randn(2, 2, 64, generator=g).to(DEVICE)
+    dec = PagedDecoder(CFG, max_batch=2, num_q=1, max_pages=table.shape[1], device=DEVICE,
+                       dtype=torch.float32)
+    dec.plan(table, lens)
+    ks, vs, kis = fp8.scales(0)
+    out, topk = dec.run(q, qi, *fp8.layer(0), k_scales=ks, v_scales=vs, ki_scales=kis)
+    kp, vp, kip = fp8.layer(0)
+    want_topk = paged_indexer(qi, kip, table, lens, block_size=64, topk=3, ki_scales=kis)
+    assert torch.equal(topk, want_topk)
+    want = paged_attention(q, kp, vp, want_topk, table, lens, k_scales=ks, v_scales=vs)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="k_scales"):
+        dec.run(q, qi, *fp8.layer(0))
+    with pytest.raises(ValueError, match="v_scales"):
+        dec.run(q, qi, *fp8.layer(0), k_scales=ks, v_scales=vs[:, :1], ki_scales=kis)
+
+
+def test_fp8_cache_rejects_non_finite_tokens_and_odd_dtypes():
+    cache = PagedKVCache(4, 64, 2, 64, 64, dtype=E4M3, device=DEVICE)
+    cache.allocate(0)
+    k = torch.randn(3, 2, 64, device=DEVICE)
+    bad = k.clone()
+    bad[1, 0, 5] = float("inf")
+    with pytest.raises(ValueError, match="v holds NaN or inf"):
+        cache.append(0, k, bad, torch.randn(3, 64, device=DEVICE))
+    assert cache.lengths[0] == 0 and len(cache.free_pages) == 4     # nothing appended
+    cache.append(0, k, k, torch.randn(3, 64, device=DEVICE))
+    assert cache.lengths[0] == 3
+    with pytest.raises(ValueError, match="dtype"):
+        PagedKVCache(4, 64, 2, 64, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype"):
+        PagedKVCache(4, 64, 2, 64, 64, dtype=torch.float8_e5m2)
