@@ -116,29 +116,28 @@ class PagedDecoder:
                 raise ValueError(f"{name} is on {x.device}, the decoder on {self.device}")
             if x.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dim")
-        if k_pages.dtype == E4M3:             # FP8 pages: checked by _check_scales
-            return
-        if len({q.dtype, k_pages.dtype, v_pages.dtype, self.out.dtype}) != 1 or \
-                qi.dtype != ki_pages.dtype:
+        kv = {k_pages.dtype, v_pages.dtype}
+        if q.dtype != self.out.dtype or (kv != {q.dtype} and kv != {E4M3}) or \
+                ki_pages.dtype not in (qi.dtype, E4M3):
             raise TypeError(f"dtypes must match: q/k_pages/v_pages/decoder "
                             f"{q.dtype}/{k_pages.dtype}/{v_pages.dtype}/{self.out.dtype}, "
-                            f"qi/ki_pages {qi.dtype}/{ki_pages.dtype}")
+                            f"qi/ki_pages {qi.dtype}/{ki_pages.dtype} (pages may be "
+                            f"float8_e4m3fn with their scales)")
         pages = min(k_pages.shape[0], v_pages.shape[0], ki_pages.shape[0])
         if self.top_page >= pages:
             raise IndexError(f"page_table refers to page {self.top_page}, the pools hold "
                              f"{pages} pages")
 
-    def _check_scales(self, q, qi, pages, scales) -> None:
-        """FP8 pages: all three e4m3, each with its fp32 row scales."""
-        if any(p.dtype != E4M3 for p in pages) or any(s is None for s in scales):
-            raise TypeError("FP8 decoding needs k_pages, v_pages, ki_pages all "
-                            "float8_e4m3fn with k_scales, v_scales, ki_scales")
-        if q.dtype != self.out.dtype or qi.dtype != q.dtype:
-            raise TypeError(f"q, qi and the decoder must share a dtype, got "
-                            f"{q.dtype}/{qi.dtype}/{self.out.dtype}")
+    @staticmethod
+    def _check_scales(pages, scales) -> None:
+        """e4m3 pages come with their fp32 row scales, other pages without."""
         for name, s, p in zip(("k_scales", "v_scales", "ki_scales"), scales, pages):
-            if s.dtype != torch.float32 or tuple(s.shape) != tuple(p.shape[:-1]) or \
-                    not s.is_contiguous() or s.device != p.device:
+            if (p.dtype == E4M3) != (s is not None):
+                raise TypeError(f"{name} goes with float8_e4m3fn pages (and only with "
+                                f"them): the pages are {p.dtype}, {name} is {_describe(s)}")
+            if s is not None and (s.dtype != torch.float32 or not s.is_contiguous() or
+                                  tuple(s.shape) != tuple(p.shape[:-1]) or
+                                  s.device != p.device):
                 raise ValueError(f"{name} must be contiguous fp32 {list(p.shape[:-1])} on "
                                  f"{p.device}, got {_describe(s)}")
 
@@ -149,7 +148,8 @@ class PagedDecoder:
         q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major), pages
         ``k_pages, v_pages [P, Hkv, page, D]``, ``ki_pages [P, page, Di]``; FP8 (e4m3)
         pages come with their row scales ``k_scales, v_scales [P, Hkv, page]``,
-        ``ki_scales [P, page]`` fp32 (``msa.ops.quant``; queries stay bf16/fp16/fp32).
+        ``ki_scales [P, page]`` fp32 (``msa.ops.quant``; K and V together, the index keys
+        on their own; queries stay bf16/fp16/fp32).
         Returns views of the preallocated ``out [B*Q, Hq, D]`` and
         ``topk_indices [Hi, B*Q, K]`` (overwritten by the next ``run``).
         """
@@ -159,10 +159,7 @@ class PagedDecoder:
             raise RuntimeError("call plan() before run()")
         self._check(q, qi, k_pages, v_pages, ki_pages)
         scales = (k_scales, v_scales, ki_scales)
-        if k_pages.dtype == E4M3 or any(x is not None for x in scales):
-            self._check_scales(q, qi, (k_pages, v_pages, ki_pages), scales)
-        else:
-            scales = (None, None, None)
+        self._check_scales((k_pages, v_pages, ki_pages), scales)
         rows = b * nq
         out, topk = self.out[:rows], self.topk_indices[:, :rows]
         paged_decode(q, qi, k_pages, v_pages, ki_pages, self.page_table, self.seq_lens,

@@ -39,36 +39,41 @@ class PagedKVCache:
     Args:
         num_pages: pool size (per layer); page_size: tokens per page (= MSA block size);
         num_kv_heads, head_dim: main branch; index_dim: index-key dim; num_layers;
-        dtype: of the pages; ``torch.float8_e4m3fn`` stores every token row (one head's K,
-            V or index key) in e4m3 with its own fp32 scale (``k_scales``, ``v_scales``,
-            ``ki_scales``), quantized on write (non-finite rows are rejected) and
-            dequantized where read;
+        dtype: of the K/V pages; ``torch.float8_e4m3fn`` stores every token row (one
+            head's K or V) in e4m3 with its own fp32 scale (``k_scales``, ``v_scales``),
+            quantized on write (non-finite rows are rejected) and dequantized where read;
+        index_dtype: of the index-key pages (default: ``dtype``, but bf16 when ``dtype``
+            is FP8: e4m3 index keys change the selected set on half the rows,
+            docs/inference.md); ``torch.float8_e4m3fn`` adds ``ki_scales``;
         config: the layers' ``MSAConfig`` (needed by ``attend``; ``for_model`` sets it).
     """
 
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  index_dim: int, *, num_layers: int = 1, dtype=torch.bfloat16,
-                 device="cpu", config: Optional[MSAConfig] = None):
+                 index_dtype=None, device="cpu", config: Optional[MSAConfig] = None):
         for name, x in (("num_pages", num_pages), ("page_size", page_size),
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                         ("index_dim", index_dim), ("num_layers", num_layers)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {x!r}")
-        if not isinstance(dtype, torch.dtype) or (dtype.itemsize == 1 and dtype != E4M3) or \
-                not (dtype.is_floating_point or dtype == E4M3):
-            raise ValueError(f"dtype must be a floating type (float8_e4m3fn for FP8 pages), "
-                             f"got {dtype}")
+        if index_dtype is None:               # FP8 K/V keep bf16 index keys by default
+            index_dtype = torch.bfloat16 if dtype == E4M3 else dtype
+        for name, x in (("dtype", dtype), ("index_dtype", index_dtype)):
+            if not isinstance(x, torch.dtype) or not x.is_floating_point or \
+                    (x.itemsize == 1 and x != E4M3):
+                raise ValueError(f"{name} must be a floating type (float8_e4m3fn for FP8 "
+                                 f"pages), got {x}")
         self.page_size, self.num_layers = page_size, num_layers
         self.k_pages = torch.zeros(num_layers, num_pages, num_kv_heads, page_size, head_dim,
                                    dtype=dtype, device=device)
         self.v_pages = torch.zeros_like(self.k_pages)
-        self.ki_pages = torch.zeros(num_layers, num_pages, page_size, index_dim, dtype=dtype,
-                                    device=device)
-        self.fp8 = dtype == E4M3               # e4m3 rows, one fp32 scale per row
-        self.k_scales = self.v_scales = self.ki_scales = None
-        if self.fp8:
+        self.ki_pages = torch.zeros(num_layers, num_pages, page_size, index_dim,
+                                    dtype=index_dtype, device=device)
+        self.k_scales = self.v_scales = self.ki_scales = None   # e4m3 rows: fp32 scales
+        if dtype == E4M3:
             self.k_scales = torch.ones(self.k_pages.shape[:-1], device=device)
             self.v_scales = torch.ones_like(self.k_scales)
+        if index_dtype == E4M3:
             self.ki_scales = torch.ones(self.ki_pages.shape[:-1], device=device)
         self.free_pages: List[int] = list(range(num_pages))
         self.pages: Dict[int, List[int]] = {}
@@ -96,10 +101,10 @@ class PagedKVCache:
 
     def scales(self, layer: int):
         """``(k_scales, v_scales, ki_scales)`` of one layer's FP8 pages (``[P, Hkv, page]``,
-        ``[P, Hkv, page]``, ``[P, page]`` fp32 views), or three ``None``."""
-        if not self.fp8:
-            return None, None, None
-        return self.k_scales[layer], self.v_scales[layer], self.ki_scales[layer]
+        ``[P, Hkv, page]``, ``[P, page]`` fp32 views; ``None`` for pages that are not
+        FP8)."""
+        return tuple(None if x is None else x[layer]
+                     for x in (self.k_scales, self.v_scales, self.ki_scales))
 
     def allocate(self, request: int) -> None:
         if request in self.pages:
@@ -160,15 +165,18 @@ class PagedKVCache:
         pos = torch.arange(start, start + t)
         page = torch.tensor(self.pages[request], dtype=torch.long)[pos // self.page_size]
         page, off = page.to(self.k_pages.device), (pos % self.page_size).to(self.k_pages.device)
-        if self.fp8:
-            for name, x in (("k", k), ("v", v), ("ki", ki)):
-                if not bool(torch.isfinite(x).all()):            # one synchronisation
-                    raise ValueError(f"{name} holds NaN or inf: an FP8 cache cannot scale "
-                                     f"it (layer {layer}, request {request})")
-            (k, ks), (v, vs), (ki, kis) = quantize_e4m3(k), quantize_e4m3(v), \
-                quantize_e4m3(ki)
+        fp8 = [(n, x) for n, x, s in (("k", k, self.k_scales), ("v", v, self.v_scales),
+                                      ("ki", ki, self.ki_scales)) if s is not None]
+        for name, x in fp8:
+            if not bool(torch.isfinite(x).all()):                # one synchronisation
+                raise ValueError(f"{name} holds NaN or inf: an FP8 cache cannot scale it "
+                                 f"(layer {layer}, request {request})")
+        if self.k_scales is not None:
+            (k, ks), (v, vs) = quantize_e4m3(k), quantize_e4m3(v)
             self.k_scales[layer, page, :, off] = ks
             self.v_scales[layer, page, :, off] = vs
+        if self.ki_scales is not None:
+            ki, kis = quantize_e4m3(ki)
             self.ki_scales[layer, page, off] = kis
         self.k_pages[layer, page, :, off] = k.to(self.k_pages.dtype)
         self.v_pages[layer, page, :, off] = v.to(self.v_pages.dtype)

@@ -19,10 +19,11 @@ def _fill(cache, lengths, seed=0):
         cache.append(r, k.to(DEVICE), v.to(DEVICE), torch.randn(n, 64, generator=g).to(DEVICE))
 
 
-def _caches(lengths):
+def _caches(lengths, index_dtype=E4M3):
     out = []
-    for dtype in (E4M3, torch.float32):
-        c = PagedKVCache(16, 64, 2, 64, 64, dtype=dtype, device=DEVICE, config=CFG)
+    for dtype, idt in ((E4M3, index_dtype), (torch.float32, torch.float32)):
+        c = PagedKVCache(16, 64, 2, 64, 64, dtype=dtype, index_dtype=idt, device=DEVICE,
+                         config=CFG)
         for r in range(len(lengths)):
             c.allocate(r)
         _fill(c, lengths)
@@ -79,6 +80,24 @@ def test_fused_decoder_reads_fp8_pages():
         dec.run(q, qi, *fp8.layer(0))
     with pytest.raises(ValueError, match="v_scales"):
         dec.run(q, qi, *fp8.layer(0), k_scales=ks, v_scales=vs[:, :1], ki_scales=kis)
+    # FP8 K/V beside bf16-like (here fp32) index keys: the default of an FP8 cache
+    mixed, _ = _caches([150, 70], index_dtype=torch.float32)
+    ks, vs, kis = mixed.scales(0)
+    assert kis is None and mixed.ki_pages.dtype == torch.float32
+    out, topk = dec.run(q, qi, *mixed.layer(0), k_scales=ks, v_scales=vs)
+    kp, vp, kip = mixed.layer(0)
+    want_topk = paged_indexer(qi, kip, table, lens, block_size=64, topk=3)
+    assert torch.equal(topk, want_topk)
+    want = paged_attention(q, kp, vp, want_topk, table, lens, k_scales=ks, v_scales=vs)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="ki_scales"):
+        dec.run(q, qi, *mixed.layer(0), k_scales=ks, v_scales=vs, ki_scales=ks[:, 0])
+
+
+def test_fp8_cache_keeps_bf16_index_keys_unless_asked():
+    cache = PagedKVCache(4, 64, 2, 64, 64, dtype=E4M3)
+    assert cache.ki_pages.dtype == torch.bfloat16 and cache.scales(0)[2] is None
+    assert cache.k_pages.dtype == E4M3 and cache.scales(0)[0] is not None
 
 
 def test_fp8_cache_rejects_non_finite_tokens_and_odd_dtypes():
@@ -96,3 +115,5 @@ def test_fp8_cache_rejects_non_finite_tokens_and_odd_dtypes():
         PagedKVCache(4, 64, 2, 64, 64, dtype=torch.int8)
     with pytest.raises(ValueError, match="dtype"):
         PagedKVCache(4, 64, 2, 64, 64, dtype=torch.float8_e5m2)
+    with pytest.raises(ValueError, match="index_dtype"):
+        PagedKVCache(4, 64, 2, 64, 64, index_dtype=torch.int8)
