@@ -222,3 +222,14 @@ def test_plugin_refuses_other_signatures(vllm_tree, monkeypatch):
         assert not plugin.install()
     assert mods["vllm.models.minimax_m3.common.sparse_attention"].minimax_m3_sparse_attn \
         is not ops.minimax_m3_sparse_attn                 # nothing half-patched
+
+
+def test_the_entry_point_vllm_loads_names_the_plugin_hook():
+    import importlib
+    import pathlib
+    import tomllib
+    root = pathlib.Path(__file__).resolve().parents[2]
+    spec = tomllib.loads((root / "pyproject.toml").read_text())
+    target = spec["project"]["entry-points"]["vllm.general_plugins"]["msa"]
+    module, func = target.split(":")
+    assert getattr(importlib.import_module(module), func) is plugin.register
