@@ -13,6 +13,7 @@ import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+FP8_CANDIDATES = 16     # extra blocks an FP8 index scan keeps for the exact re-scoring
 
 
 def quantize_e4m3(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import Tuple
 import torch
 
 from ...varlen import Segments
-from ..quant import fake_quantize
+from ..quant import FP8_CANDIDATES, fake_quantize
 from ..common import (CHUNK_BUDGET, chunk_size, compute_dtype, dense_keys, gather_keys,
                       group_logits, query_chunks)
 
@@ -53,7 +53,7 @@ def _block_stats(qi: torch.Tensor, ki: torch.Tensor, k_base: int, pos: torch.Ten
     return m_out, s_out
 
 
-def _rank_key(m: torch.Tensor) -> torch.Tensor:
+def rank_scores(m: torch.Tensor) -> torch.Tensor:
     """Ranking key of block maxima: NaN -> very negative, -0 -> +0."""
     very_negative = torch.finfo(m.dtype).min
     m = torch.where(torch.isnan(m), torch.full_like(m, very_negative), m)
@@ -72,7 +72,7 @@ def select_blocks(m: torch.Tensor, local: torch.Tensor, topk: int) -> torch.Tens
     c, hi, nb = m.shape
     blocks = torch.arange(nb, device=m.device)
     candidate = blocks.view(1, 1, nb) < local.view(c, 1, 1)
-    key = torch.where(candidate, _rank_key(m), torch.full_like(m, float("-inf")))
+    key = torch.where(candidate, rank_scores(m), torch.full_like(m, float("-inf")))
     r_max = min(topk - 1, nb)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :r_max]
     n_ranked = torch.clamp(local, max=topk - 1).view(c, 1, 1)               # R per query
@@ -81,9 +81,6 @@ def select_blocks(m: torch.Tensor, local: torch.Tensor, topk: int) -> torch.Tens
     out[..., :r_max] = torch.where(slot < n_ranked, order, torch.full_like(order, -1))
     out.scatter_(2, n_ranked.expand(c, hi, 1), local.view(c, 1, 1).expand(c, hi, 1))
     return out
-
-
-FP8_CANDIDATES = 16     # extra blocks the FP8 scan keeps for the exact re-scoring
 
 
 def refine(m: torch.Tensor, cand: torch.Tensor, local: torch.Tensor, topk: int) -> torch.Tensor:

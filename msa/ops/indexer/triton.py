@@ -23,7 +23,8 @@ import triton.language as tl
 from ...varlen import Segments
 from ..attention.forward import check_supported, launch_partials
 from ..plan import SparsePlan, build_plan, lse_chunk, query_tiles
-from ..quant import quantize_e4m3
+from ..quant import FP8_CANDIDATES, quantize_e4m3
+from .naive import rank_scores
 from ..triton_utils import dot, next_pow2, precision, rank_key, upcast
 
 
@@ -83,9 +84,6 @@ def indexer_topk_kernel(
     tl.store(OUT_ID + orow + tl.minimum(local, NRANK), local, mask=rmask)
 
 
-FP8_CANDIDATES = 16     # extra blocks the FP8 scan keeps for the exact re-scoring
-
-
 def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_size: int,
                  topk: int, scale: float, index_precision: str = "input", block_t: int = None,
                  num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
@@ -97,17 +95,22 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
     FP8_CANDIDATES`` blocks; ``_refine`` re-scores those in the inputs' precision with
     the KV-outer kernel and keeps the best ``topk - 1``."""
     if index_precision == "fp8" and topk > 1:
-        cand = indexer_topk(qi, ki, seg, block_size=block_size, scale=scale,
-                            topk=topk + FP8_CANDIDATES, index_precision="fp8_scan",
-                            block_t=block_t, num_warps=num_warps, num_stages=num_stages)
+        cand = _scan(qi, ki, seg, block_size, topk + FP8_CANDIDATES, scale, True, block_t,
+                     num_warps, num_stages)
         return _refine(qi, ki, cand, seg, block_size, topk, scale)
+    return _scan(qi, ki, seg, block_size, topk, scale, False, block_t, num_warps, num_stages)
+
+
+def _scan(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, fp8: bool,
+          block_t, num_warps: int, num_stages: int) -> torch.Tensor:
+    """``indexer_topk_kernel`` over all query tiles (``fp8``: on e4m3 copies of ``qi``,
+    ``ki`` with the key scales)."""
     total_q, hi, di = qi.shape
     check_supported(qi.dtype, di)
     qi = qi if qi.stride(-1) == 1 else qi.contiguous()
     ki = (ki if ki.stride(-1) == 1 else ki.contiguous())[:, 0] if ki.shape[1] == 1 else None
     if ki is None:
         raise NotImplementedError("the Triton indexer needs one shared index-key head")
-    fp8 = index_precision == "fp8_scan"
     ks = None
     if fp8:
         qi, ki, ks = quantize_e4m3(qi)[0], *quantize_e4m3(ki)
@@ -140,7 +143,7 @@ def _refine(qi, ki, cand, seg: Segments, block_size: int, topk: int,
     out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
     pl = torch.empty(min(total_q, plan.chunk) * hi * c, dtype=torch.float32,
                      device=qi.device)
-    local_all = seg.positions(qi.device) // block_size
+    local_all = rows.q_pos.long() // block_size
     for q0, q1, p in plan.chunks:
         launch_partials(qi, ki, None, rows, p, q0, None, pl, scale=scale, topk=c,
                         block_size=block_size, shared_k_head=True, maxpool=True)
@@ -155,10 +158,7 @@ def _refine(qi, ki, cand, seg: Segments, block_size: int, topk: int,
 def _best(score, ids, ranked, local, topk: int) -> torch.Tensor:
     """Rows ``[Hi, n, topk]``: the best ``topk - 1`` of the ``ranked`` slots (score desc,
     id asc; NaN last, -0 as +0), the local block, then -1."""
-    very_negative = torch.finfo(score.dtype).min
-    score = torch.where(torch.isnan(score), very_negative, score)
-    score = torch.where(score == 0, torch.zeros_like(score), score)
-    score = torch.where(ranked, score, float("-inf"))
+    score = torch.where(ranked, rank_scores(score), float("-inf"))
     by_id = torch.sort(torch.where(ranked, ids, 1 << 40), -1).indices
     score, ids = score.gather(-1, by_id), ids.gather(-1, by_id)
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :topk - 1]

@@ -35,7 +35,7 @@ def test_reference_fp8_scan_proposes_and_the_input_scores_decide():
     """FP8 picks ``topk - 1 + 16`` candidates, the inputs' scores choose among them: the
     selection is the input-precision one when the true best blocks are candidates (here
     always), and never a block the FP8 scan did not propose."""
-    from msa.ops.indexer.naive import FP8_CANDIDATES
+    from msa.ops.quant import FP8_CANDIDATES
     c = _case("ref", (40, 90), (3000, 2600), 2)
     args = (c["cu_seqlens_q"], c["cu_seqlens_k"])
     kw = dict(block_size=64, topk=4, return_lse=True, backend="reference")
