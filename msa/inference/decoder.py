@@ -35,8 +35,7 @@ class PagedDecoder:
     def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,
                  device, dtype=torch.bfloat16, pages_per_program: int = None,
                  index_stages: int = 3):
-        from ..ops.decode.triton import partial_rows
-        from ..ops.triton_utils import next_pow2
+        from ..ops.decode.triton import partial_buffers
         if not isinstance(num_q, int) or not 1 <= num_q <= 16:
             raise ValueError(f"num_q must be an int in [1, 16], got {num_q!r}")
         if not isinstance(max_batch, int) or not isinstance(max_pages, int) or \
@@ -57,10 +56,8 @@ class PagedDecoder:
         self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(rows, c.num_heads, **f32)
         self.topk_indices = torch.empty(c.index_heads, rows, c.topk, **i32)
-        g_pad = max(16, next_pow2(c.num_heads // c.num_kv_heads))
-        prow = partial_rows(max_batch, num_q, c.num_kv_heads, c.topk)
-        self.partial_out = torch.empty(prow * g_pad * c.head_dim, **f32)
-        self.partial_lse = torch.empty(prow * g_pad, **f32)
+        self.partial_out, self.partial_lse = partial_buffers(
+            max_batch, num_q, c.num_heads, c.num_kv_heads, c.head_dim, c.topk, self.device)
         self.batch, self.top_page = 0, -1
         self.pages_per_program, self.index_stages = pages_per_program, index_stages
 

@@ -257,13 +257,15 @@ class SparsePlan:
 
 
 def build_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, heads: int,
-               chunk: int, q_per_item: int = 256) -> SparsePlan:
+               chunk: int, q_per_item: int = 256, rows: Optional[BlockRows] = None
+               ) -> SparsePlan:
     """A new ``SparsePlan`` of ``topk_indices [Hs, total_q, K]`` (its rows now, its chunks
-    on first use)."""
+    on first use; ``rows``: the selection's ``BlockRows`` when made already, e.g.
+    ``paged_rows``)."""
     idx = topk_indices
     if idx.dtype != torch.int32 or not idx.is_contiguous():
         idx = idx.to(torch.int32).contiguous()
-    rows = block_rows(seg, block_size, topk_indices.device)
+    rows = rows if rows is not None else block_rows(seg, block_size, topk_indices.device)
     return SparsePlan(seg, block_size, heads, rows, max(1, chunk), q_per_item,
                       weakref.ref(topk_indices), None if idx is topk_indices else idx)
 

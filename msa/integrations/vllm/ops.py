@@ -13,7 +13,8 @@ vLLM's paged layouts (docs/semantics.md, "Other implementations"; block = page =
 
 Prefill: ``minimax_m3_index_score`` returns a ``DeferredScore`` (no ``[H, Tq, blocks]``
 score tensor) and ``minimax_m3_index_topk`` runs msa's streamed top-k on it (index keys
-gathered from their pages into one packed tensor, ``total_k x Di``); attention runs the
+gathered from their pages into one packed tensor, ``total_k x Di``, by
+``msa.ops.decode.naive.gather_pages``); attention runs the
 KV-outer kernel on the pages in place. Decode: ``minimax_m3_index_decode`` and
 ``minimax_m3_sparse_attn_decode`` are the two halves of msa's fused paged decoder, with
 buffers kept per shape (no allocation after the first call: CUDA-graph safe). Prefill
@@ -148,11 +149,11 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
     if total_q == 0:
         return output
     seg = _geometry(topk_idx[:, :total_q], cu_seqlens_q, seq_lens)
-    rows = block_rows(seg, BLOCK, q.device)
+    rows = paged_rows(block_rows(seg, BLOCK, q.device), seg, block_table,
+                      num_kv_heads * BLOCK)
     idx = _valid_first(topk_idx[:, :total_q], rows.q_pos)
     plan = build_plan(idx, seg, block_size=BLOCK, heads=num_kv_heads,
-                      chunk=forward_chunk(hq, d, q.element_size(), idx.shape[-1]))
-    plan.rows = paged_rows(rows, seg, block_table, num_kv_heads * BLOCK)
+                      chunk=forward_chunk(hq, d, q.element_size(), idx.shape[-1]), rows=rows)
     k, v = _kv_views(kv_cache, num_kv_heads, d)
     sparse_attn_fwd(q, k, v, idx, plan, scale=float(sm_scale), out=output, query_major=False)
     return output
@@ -184,19 +185,6 @@ def minimax_m3_index_score(idx_q, index_kv_cache, block_table, cu_seqlens_q, seq
                          prefix_lens, max_query_len, max_seq_len, num_kv_heads)
 
 
-def _gather_index_keys(index_kv_cache, block_table, seg) -> torch.Tensor:
-    """The index keys of every request, packed ``[total_k, 1, Di]`` (one gather)."""
-    from ...varlen import host_to_device
-    dev = index_kv_cache.device
-    k_len, k_base = host_to_device([seg.k_len, seg.k_base], dev)
-    req = torch.repeat_interleave(torch.arange(seg.num_segments, device=dev), k_len,
-                                  output_size=seg.total_k)
-    t = torch.arange(seg.total_k, device=dev) - k_base[req]
-    page = block_table[req, t // BLOCK].long()
-    flat = index_kv_cache.reshape(-1, index_kv_cache.shape[-1])
-    return flat[page * BLOCK + t % BLOCK].unsqueeze(1)
-
-
 def minimax_m3_index_topk(score, cu_seqlens_q, prefix_lens, max_query_len, topk,
                           init_blocks, local_blocks, out=None):
     """Prefill selection ``[Hkv, total_q, topk]`` int32 (into ``out[:, :total_q]`` when
@@ -217,11 +205,12 @@ def minimax_m3_index_topk(score, cu_seqlens_q, prefix_lens, max_query_len, topk,
                       s.prefix_lens, s.max_query_len, s.max_seq_len, s.num_kv_heads)
         return ORIGINALS["minimax_m3_index_topk"](scores, *args[1:], out=out)
     from ...ops.checks import check_block_and_topk
+    from ...ops.decode.naive import gather_pages
     from ...ops.indexer.triton import indexer_topk
     check_block_and_topk(BLOCK, topk)
     _HANDOFF.clear()
     seg = _segments(cu_seqlens_q, score.seq_lens)
-    ki = _gather_index_keys(score.index_kv_cache, score.block_table, seg)
+    ki = gather_pages(score.index_kv_cache.unsqueeze(1), score.block_table, seg.k_len)
     qi = score.idx_q[:seg.total_q]
     sel = indexer_topk(qi, ki, seg, block_size=BLOCK, topk=topk,
                        scale=qi.shape[-1] ** -0.5)
@@ -252,17 +241,11 @@ def _block_max(rows: int, hi: int, pages: int, device) -> torch.Tensor:
 
 
 def _attend_buffers(rows: int, hq: int, hkv: int, d: int, topk: int, device):
-    """``lse [rows, Hq]``, split partial outputs and LSEs of ``paged_attend``."""
-    from ...ops.decode.triton import partial_rows
-    from ...ops.triton_utils import next_pow2
-
-    def make():
-        g_pad = max(16, next_pow2(hq // hkv))
-        n = partial_rows(rows, 1, hkv, topk)
-        f32 = dict(dtype=torch.float32, device=device)
-        return (torch.empty(rows, hq, **f32), torch.empty(n * g_pad * d, **f32),
-                torch.empty(n * g_pad, **f32))
-    return _scratch(("attend", rows, hq, hkv, d, topk, str(device)), make)
+    """``lse [rows, Hq]`` and the split partials of ``paged_attend``."""
+    from ...ops.decode.triton import partial_buffers
+    return _scratch(("attend", rows, hq, hkv, d, topk, str(device)), lambda: (
+        torch.empty(rows, hq, dtype=torch.float32, device=device),
+        *partial_buffers(rows, 1, hq, hkv, d, topk, device)))
 
 
 def minimax_m3_index_decode(idx_q, index_kv_cache, block_table, seq_lens, max_seq_len, topk,

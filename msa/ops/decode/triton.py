@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import torch
 import triton
 import triton.language as tl
 
@@ -192,6 +193,16 @@ def partial_rows(max_batch: int, num_q: int, hkv: int, topk: int) -> int:
     (``rows * hkv * nsplit``)."""
     return max(b * num_q * hkv * decode_splits(b * num_q, hkv, topk)[0]
                for b in range(1, max_batch + 1))
+
+
+def partial_buffers(max_batch: int, num_q: int, num_heads: int, num_kv_heads: int,
+                    head_dim: int, topk: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(po, pl)`` fp32: the split partial outputs and LSEs ``paged_attend`` needs for any
+    batch up to ``max_batch`` requests of ``num_q`` tokens."""
+    g_pad = max(16, next_pow2(num_heads // num_kv_heads))
+    n = partial_rows(max_batch, num_q, num_kv_heads, topk)
+    f32 = dict(dtype=torch.float32, device=device)
+    return torch.empty(n * g_pad * head_dim, **f32), torch.empty(n * g_pad, **f32)
 
 
 def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: int,
