@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .llama import self_indexed_attention
-from .minimax_m3 import IndexInputs, dense_causal, real_length, sparse_attention
+from .minimax_m3 import IndexInputs, dense_causal, sparse_attention, written
 from .padding import Padding, msa_mask, pack, unpack
 
 NAME = "msa"
@@ -61,9 +61,7 @@ def msa_attention_forward(module, query, key, value, attention_mask, dropout: fl
         out = self_indexed_attention(module, pack(q, p.q_index)[None], pack(k, p.k_index)[None],
                                      pack(v, p.k_index)[None], scaling, p)
         return unpack(out[0], p.q_index, b, tq), None
-    length = real_length(tk, position_ids, tq)
-    if length < tk:                       # a static cache: only the first slots are real
-        k, v = k[:, :length], v[:, :length]
+    k, v = written(tk, position_ids, tq, k, v)
     return self_indexed_attention(module, q, k, v, scaling), None
 
 

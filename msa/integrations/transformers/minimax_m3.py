@@ -125,9 +125,7 @@ def sparse_attention(module, query, key, value, inputs: IndexInputs, mask, scali
     from .decode import fused_decode, use_fused_decode
     if use_fused_decode(q, key, config, train and torch.is_grad_enabled(), mode, backend):
         return fused_decode(module, q, qi, key, value, inputs.ki, config, position_ids)
-    length = real_length(tk, position_ids, tq)
-    if length < tk:                       # a static cache: only the first slots are real
-        k, v, ki = k[:, :length], v[:, :length], ki[:, :length]
+    k, v, ki = written(tk, position_ids, tq, k, v, ki)
     out, aux = msa_attention(q, k, v, qi, ki, config=config, mode=mode, train_indexer=train,
                              return_aux=True, backend=backend)
     module.msa_last_kl = aux.kl_loss
@@ -168,6 +166,12 @@ def _decode_causal(q, k, v, position_ids, scaling):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
         scale=scaling, enable_gqa=hq != hkv)
     return out.transpose(1, 2)
+
+
+def written(tk: int, position_ids, tq: int, *xs):
+    """``xs [B, Tk, ...]`` cut to the written slots (a static cache holds more)."""
+    n = real_length(tk, position_ids, tq)
+    return tuple(x[:, :n] for x in xs) if n < tk else xs
 
 
 _LENGTHS: dict = {}        # position_ids of the running forward -> real key count
