@@ -108,36 +108,24 @@ def random_source(T: int, probe: int, seed: int = 0) -> List[dict]:
 def m3_source(T: int, probe: int, seed: int = 0) -> List[dict]:
     """The index branch of a MiniMax-M3 text model (released attention shapes, hidden
     1024, one full-attention and two sparse layers, random weights)."""
-    from .m3_shapes import model_config
-    from ..integrations.transformers import attention as hf_attention
-    from ..integrations.transformers import enable_msa, minimax_m3
     from transformers.models.minimax_m3_vl import MiniMaxM3VLForCausalLM
+
+    from ..integrations.transformers import enable_msa
+    from .m3_indexer import layer_config, sparse_layer_inputs
+    from .m3_shapes import model_config
     torch.manual_seed(seed)
     layers = ("full_attention", "minimax_m3_sparse", "minimax_m3_sparse")
     model = enable_msa(MiniMaxM3VLForCausalLM(model_config(layers)).eval())
-    c = model.config
-    captured = []
-    inner = minimax_m3.sparse_attention
-
-    def capture(module, query, key, value, inputs, mask, scaling, position_ids):
-        captured.append((query[0].transpose(0, 1)[-probe:], key[0].transpose(0, 1), inputs))
-        return inner(module, query, key, value, inputs, mask, scaling, position_ids)
-    hf_attention.sparse_attention = capture
-    try:
-        with torch.no_grad():
-            model(torch.randint(3, c.vocab_size, (1, T), generator=torch.Generator()
-                                .manual_seed(seed)))
-    finally:
-        hf_attention.sparse_attention = inner
-    cfg = MSAConfig(num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-                    head_dim=c.head_dim, num_index_heads=c.index_n_heads,
-                    index_head_dim=c.index_head_dim, block_size=c.index_block_size,
-                    topk=c.index_topk_blocks)
+    ids = torch.randint(3, model.config.vocab_size, (1, T),
+                        generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        captured = sparse_layer_inputs(model, ids)
+    cfg = layer_config(model)
     out = []
     for layer, (q, k, inputs) in enumerate(captured):
         r = compare(inputs.qi[0, -probe:], inputs.ki[0], cfg.block_size, cfg.topk)
         out.append(dict(source="m3", layer=layer, T=T, **_public(r),
-                        **_mass(q, k, T, r["sel16"], r["sel8"], cfg)))
+                        **_mass(q[-probe:], k, T, r["sel16"], r["sel8"], cfg)))
     return out
 
 

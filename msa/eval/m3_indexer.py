@@ -62,10 +62,12 @@ def _index_params(model):
     return [p for n, p in model.named_parameters() if ".indexer." in n]
 
 
-def recall(model, ids: torch.Tensor, probe: int):
-    """``(kl, [recall per sparse layer], [best per sparse layer])`` on one sequence."""
+def sparse_layer_inputs(model, ids: torch.Tensor) -> list:
+    """Run ``model`` (msa switched on) on ``ids`` and return, per sparse layer, its
+    ``(q [T, Hq, D], k [T, Hkv, D], IndexInputs)`` (batch row 0), in the caller's grad
+    mode."""
     from ..integrations.transformers import attention as hf_attention
-    from ..integrations.transformers import indexer_kl_loss, minimax_m3
+    from ..integrations.transformers import minimax_m3
     captured = []
     inner = minimax_m3.sparse_attention
 
@@ -74,16 +76,26 @@ def recall(model, ids: torch.Tensor, probe: int):
         return inner(module, query, key, value, inputs, mask, scaling, position_ids)
     hf_attention.sparse_attention = capture
     try:
-        with torch.enable_grad():              # the KL is computed when the branch trains
-            model(ids)
-        kl = float(indexer_kl_loss(model))
+        model(ids)
     finally:
         hf_attention.sparse_attention = inner
-    c = model.config
-    cfg = MSAConfig(num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-                    head_dim=c.head_dim, num_index_heads=c.index_n_heads,
-                    index_head_dim=c.index_head_dim, block_size=c.index_block_size,
-                    topk=c.index_topk_blocks)
+    return captured
+
+
+def layer_config(model) -> MSAConfig:
+    """The MSAConfig of a MiniMax-M3 model's sparse layers (default softmax scale)."""
+    from ..integrations.transformers.minimax_m3 import msa_config, text_config
+    c = text_config(model)
+    return msa_config(c, c.head_dim ** -0.5)
+
+
+def recall(model, ids: torch.Tensor, probe: int):
+    """``(kl, [recall per sparse layer], [best per sparse layer])`` on one sequence."""
+    from ..integrations.transformers import indexer_kl_loss
+    with torch.enable_grad():                  # the KL is computed when the branch trains
+        captured = sparse_layer_inputs(model, ids)
+        kl = float(indexer_kl_loss(model))
+    cfg = layer_config(model)
     T = ids.shape[1]
     seg = Segments([0], [probe], [0], [T], probe, T)
     recalls, bests = [], []
