@@ -149,9 +149,24 @@ def test_unsupported_arguments_name_themselves_without_vllm():
         ops.minimax_m3_index_topk(score, _cu([10]), None, 10, 2, 1, 1)
     with pytest.raises(NotImplementedError, match="score tensor"):
         ops.minimax_m3_index_topk(torch.zeros(2, 10, 2), _cu([10]), None, 10, 2, 0, 1)
+    sel = torch.zeros(2, 10, 2, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="kv_cache must be"):
-        ops.minimax_m3_sparse_attn(q, kv[:, :, :64], None, table, None, None, None, 10, 2,
+        ops.minimax_m3_sparse_attn(q, kv[:, :, :64], sel, table, None, None, None, 10, 2,
                                    1.0, q)
+    with pytest.raises(ValueError, match="topk_idx must be"):
+        ops.minimax_m3_sparse_attn(q, kv, sel[:, :5], table, None, None, None, 10, 2, 1.0, q)
+    with pytest.raises(ValueError, match="topk_idx must be"):
+        ops.minimax_m3_sparse_attn_decode(q, kv, sel.float(), table, None, 2, 1.0, q, 1)
+    with pytest.raises(ValueError, match="block_table must be"):
+        ops.minimax_m3_sparse_attn(q, kv, sel, table[0], None, None, None, 10, 2, 1.0, q)
+    with pytest.raises(ValueError, match="decode_query_len=3"):
+        ops.minimax_m3_index_decode(torch.zeros(10, 2, 64, device=DEVICE), ik, table,
+                                    _cu([10])[1:], 200, 2, 0, 1, 2, 3, 3)
+    with pytest.raises(ValueError, match="idx_q must be"):
+        ops.minimax_m3_index_decode(torch.zeros(10, 3, 64, device=DEVICE), ik, table,
+                                    _cu([10])[1:], 200, 2, 0, 1, 2, 1, 1)
+    with pytest.raises(ValueError, match="q must be"):
+        ops.minimax_m3_sparse_attn(q[:, :3], kv, sel, table, None, None, None, 10, 2, 1.0, q)
 
 
 # -- the plugin ----------------------------------------------------------------------

@@ -48,6 +48,20 @@ def _host(x: torch.Tensor):
     return [int(v) for v in x.tolist()]
 
 
+def _check_attention(q, topk_idx, block_table, num_kv_heads: int) -> None:
+    """Shapes and dtypes of the attention ops' tensor arguments (no host read)."""
+    if q.dim() != 3 or q.shape[1] % num_kv_heads:
+        raise ValueError(f"q must be [total_q, Hq, D] with Hq a multiple of num_kv_heads="
+                         f"{num_kv_heads}, got {tuple(q.shape)}")
+    if topk_idx.dim() != 3 or topk_idx.shape[0] not in (1, num_kv_heads) or \
+            topk_idx.shape[1] < q.shape[0] or topk_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_idx must be int32 [{num_kv_heads} or 1, >= {q.shape[0]}, "
+                         f"topk], got {tuple(topk_idx.shape)} {topk_idx.dtype}")
+    if block_table.dim() != 2 or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table must be int32 [batch, max_blocks], got "
+                         f"{tuple(block_table.shape)} {block_table.dtype}")
+
+
 def _check_kv_cache(kv_cache: torch.Tensor, num_kv_heads: int, d: int) -> None:
     if kv_cache.dim() != 4 or kv_cache.shape[1] != num_kv_heads or \
             kv_cache.shape[2] != BLOCK or kv_cache.shape[3] != 2 * d:
@@ -144,6 +158,7 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
                          k_scale=k_scale, v_scale=v_scale)
     from ...ops.attention.forward import sparse_attn_fwd
     from ...ops.plan import block_rows, build_plan, forward_chunk, paged_rows
+    _check_attention(q, topk_idx, block_table, num_kv_heads)
     total_q, hq, d = q.shape
     _check_kv_cache(kv_cache, num_kv_heads, d)
     if total_q == 0:
@@ -262,8 +277,14 @@ def minimax_m3_index_decode(idx_q, index_kv_cache, block_table, seq_lens, max_se
                          num_kv_heads, decode_query_len, max_decode_query_len, out=out,
                          score_out=score_out)
     from ...ops.decode.triton import paged_select
+    if idx_q.dim() != 3 or idx_q.shape[1] != num_kv_heads:
+        raise ValueError(f"idx_q must be [total_q, num_kv_heads={num_kv_heads}, Di], got "
+                         f"{tuple(idx_q.shape)}")
     total_q, hi, di = idx_q.shape
     nq = int(decode_query_len)
+    if nq < 1 or total_q % nq:
+        raise ValueError(f"decode_query_len={decode_query_len} must divide the {total_q} "
+                         f"decode queries")
     pages = block_table.shape[1]
     sel = out[:, :total_q] if out is not None else \
         torch.empty(hi, total_q, topk, dtype=torch.int32, device=idx_q.device)
@@ -287,6 +308,7 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
                          num_kv_heads, sm_scale, output, decode_query_len, k_scale=k_scale,
                          v_scale=v_scale)
     from ...ops.decode.triton import paged_attend
+    _check_attention(q, topk_idx, block_table, num_kv_heads)
     total_q, hq, d = q.shape
     _check_kv_cache(kv_cache, num_kv_heads, d)
     if total_q == 0:
