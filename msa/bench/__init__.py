@@ -35,15 +35,23 @@ def add_parser(sub) -> None:
     p.add_argument("--vllm-ops", default=None, metavar="DIR",
                    help="folder holding vLLM's MiniMax-M3 op files (sparse_attn.py, "
                         "index_topk.py) and their stand-in imports, for the vllm baseline")
-    p.add_argument("--index-precision", default="input", choices=["input", "fp8"],
-                   help="prefill: index scores in the inputs' precision or FP8 (e4m3 scan "
-                        "+ exact re-scoring of the candidates; default input)")
+    p.add_argument("--index-precision", default="input", metavar="LIST", type=_precisions,
+                   help="prefill: index scoring precisions timed in the same run, "
+                        "comma-separated: input, fp8 (e4m3 scan + exact re-scoring of the "
+                        "candidates); input is always timed (default input)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write the results to this JSON file (default: "
                         "bench_<case>_<gpu>_<date>.json in the current folder)")
     p.add_argument("--png", default=None, metavar="PATH", help="plot (needs matplotlib)")
     p.add_argument("--quick", action="store_true",
                    help="short lengths and few repetitions (a smoke run)")
+
+
+def _precisions(text: str) -> str:
+    bad = [x for x in text.split(",") if x not in ("input", "fp8")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown precision {bad[0]!r} (input, fp8)")
+    return text
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -7,6 +7,12 @@ decode) on the same cache in its layout; the best dense decode (SDPA cuDNN and f
 contiguous K/V, both tried). The HBM floor is the bytes a decode must read (every index
 key of the context, the distinct selected K/V pages) over the copy bandwidth measured in
 the same run. msa's selection and output are checked against the reference first.
+
+FP8 pages (e4m3 rows with fp32 row scales, ``msa.ops.quant``) are timed beside bf16 in
+the same run: K/V in FP8 with bf16 index keys (the ``PagedKVCache`` default for FP8, and
+vLLM's FP8 layout), and K/V plus index keys in FP8; each with its own floor, its
+selection and output compared with bf16's. The index scan and the attention are also
+timed alone (bf16 and FP8).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 
 from ..inference import PagedDecoder
 from ..ops.decode.naive import paged_decode_reference
+from ..ops.quant import dequantize, quantize_e4m3
 from . import common as C
 
 
@@ -74,12 +81,23 @@ def check(cfg) -> dict:
     same = (torch.sort(topk, -1).values == torch.sort(r_topk.int(), -1).values).all(-1)
     res = dict(topk_rows_equal_fp32_reference=same.float().mean().item(),
                out_rel_err_vs_fp32_reference=C.rel_diff(out, r_out))
-    res["passed"] = res["topk_rows_equal_fp32_reference"] > 0.99 and \
-        res["out_rel_err_vs_fp32_reference"] < 1e-2
+    # FP8 pages against the reference on their dequantized values
+    (k8, ks), (v8, vs), (ki8, kis) = quantize_e4m3(k), quantize_e4m3(v), quantize_e4m3(ki)
+    out, topk = dec.run(q, qi, k8, v8, ki8, k_scales=ks, v_scales=vs, ki_scales=kis)
+    r_out, _, r_topk = paged_decode_reference(
+        q.float(), qi.float(), dequantize(k8, ks), dequantize(v8, vs), dequantize(ki8, kis),
+        table, lens, num_q=Q, topk=cfg.topk, scale=cfg.scale, index_scale=cfg.index_scale)
+    same = (torch.sort(topk, -1).values == torch.sort(r_topk.int(), -1).values).all(-1)
+    res.update(fp8_topk_rows_equal_fp32_reference=same.float().mean().item(),
+               fp8_out_rel_err_vs_fp32_reference=C.rel_diff(out, r_out))
+    res["passed"] = all(res[f"{p}topk_rows_equal_fp32_reference"] > 0.99 and
+                        res[f"{p}out_rel_err_vs_fp32_reference"] < 1e-2 for p in ("", "fp8_"))
     return res
 
 
-def vllm_decode(ops, q, qi, k, v, ki, table, lens, cfg, Q):
+def vllm_decode(ops, q, qi, k, v, ki, table, lens, cfg, Q, scales=(None, None)):
+    """vLLM's decode ops on the same pages in its layout (``scales``: its FP8 K/V scales,
+    ``vllm_fp8``)."""
     sparse_attn, index_topk = ops
     kv_cache = torch.cat([k, v], -1)                       # [P, Hkv, 128, 2D]
     out = torch.empty_like(q)
@@ -91,12 +109,29 @@ def vllm_decode(ops, q, qi, k, v, ki, table, lens, cfg, Q):
         topk = index_topk.minimax_m3_index_decode(qi, ki, table, lens, max_len, cfg.topk, 0, 1,
                                                   cfg.num_kv_heads, Q, Q, out=topk_buf)
         sparse_attn.minimax_m3_sparse_attn_decode(q, kv_cache, topk, table, lens,
-                                                  cfg.num_kv_heads, cfg.scale, out, Q)
+                                                  cfg.num_kv_heads, cfg.scale, out, Q,
+                                                  k_scale=scales[0], v_scale=scales[1])
         return out, topk
     return run
 
 
+def token_scales(s: torch.Tensor) -> torch.Tensor:
+    """Row scales ``[P, Hkv, page]`` in vLLM's per-token/head layout ``[Hkv, P * page]``
+    (token ``page_id * page + offset``)."""
+    return s.transpose(0, 1).reshape(s.shape[1], -1).contiguous()
+
+
+def floor_us(cfg, B: int, T: int, distinct: int, kv_bytes: int, ki_bytes: int,
+             bw: float) -> float:
+    """Bytes a step must read (every index key row of the context with its scale, the
+    distinct selected K/V pages with theirs) over the copy bandwidth."""
+    ki = B * T * (cfg.index_dim * ki_bytes + (4 if ki_bytes == 1 else 0))
+    kv = distinct * cfg.block_size * (cfg.head_dim * kv_bytes + (4 if kv_bytes == 1 else 0))
+    return (ki + 2 * kv) / bw * 1e6
+
+
 def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
+    from ..ops.decode.triton import paged_attend, paged_select
     k, v, ki, table = make_cache(cfg, B, T)
     lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
     q, qi = queries(cfg, B * Q, seed=3)
@@ -104,14 +139,52 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
     dec.plan(table, lens)
     r = dict(context=T, batch=B, num_q=Q)
     r["msa_us"] = 1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki))
-    out, topk = dec.run(q, qi, k, v, ki)
+    out, topk = (x.clone() for x in dec.run(q, qi, k, v, ki))
     # distinct (request, KV head, page) a step reads; one index head per KV head
     per = topk.view(cfg.index_heads, B, Q * cfg.topk).long()
     distinct = sum(int(torch.unique(x[x >= 0]).numel()) for row in per for x in row) * \
         cfg.num_kv_heads // cfg.index_heads
-    nbytes = B * T * cfg.index_dim * 2 + distinct * cfg.block_size * cfg.head_dim * 2 * 2
-    r["floor_us"] = nbytes / bw * 1e6
+    r["floor_us"] = floor_us(cfg, B, T, distinct, 2, 2, bw)
     r["msa_vs_floor"] = r["msa_us"] / r["floor_us"]
+    rows = B * Q
+    common = dict(batch=B, num_q=Q, max_pages=dec.max_pages, block_size=cfg.block_size)
+
+    def select(ki_pages, ki_scales=None):
+        return lambda: paged_select(
+            qi, ki_pages, dec.page_table, dec.seq_lens, block_max=dec.block_max[:rows],
+            topk_indices=dec.topk_indices[:, :rows], index_scale=cfg.index_scale,
+            ki_scales=ki_scales, **common)
+
+    def attend(k_pages, v_pages, k_scales=None, v_scales=None):
+        return lambda: paged_attend(
+            q, k_pages, v_pages, topk, dec.page_table, dec.seq_lens, batch=B, num_q=Q,
+            num_kv_heads=cfg.num_kv_heads, out=dec.out[:rows], lse=dec.lse[:rows],
+            po=dec.partial_out, pl=dec.partial_lse, block_size=cfg.block_size,
+            scale=cfg.scale, k_scales=k_scales, v_scales=v_scales)
+    r["select_us"] = 1e3 * graph_ms(select(ki))
+    r["attend_us"] = 1e3 * graph_ms(attend(k, v))
+
+    (k8, ks), (v8, vs), (ki8, kis) = quantize_e4m3(k), quantize_e4m3(v), quantize_e4m3(ki)
+    fp8, outs = {}, {}
+    for name, pages, scales, kv_b, ki_b in (
+            ("kv", (k8, v8, ki), (ks, vs, None), 1, 2),
+            ("kv_ki", (k8, v8, ki8), (ks, vs, kis), 1, 1)):
+        kw = dict(k_scales=scales[0], v_scales=scales[1], ki_scales=scales[2])
+        d = dict(msa_us=1e3 * graph_ms(lambda: dec.run(q, qi, *pages, **kw)))
+        o8, t8 = dec.run(q, qi, *pages, **kw)
+        outs[name] = o8.clone()
+        d["topk_rows_equal_bf16"] = (torch.sort(t8, -1).values == torch.sort(topk, -1).values
+                                     ).all(-1).float().mean().item()
+        d["cosine_vs_bf16"] = C.cosine(o8, out)
+        d["floor_us"] = floor_us(cfg, B, T, distinct, kv_b, ki_b, bw)
+        d["msa_vs_floor"] = d["msa_us"] / d["floor_us"]
+        if ki_b == 1:
+            d["select_us"] = 1e3 * graph_ms(select(ki8, kis))
+        else:
+            d["attend_us"] = 1e3 * graph_ms(attend(k8, v8, ks, vs))
+        fp8[name] = d
+    r["fp8"] = fp8
+    del k8, v8, ki8
     if vllm is not None:
         run = vllm_decode(vllm, q, qi, k, v, ki, table, lens, cfg, Q)
         v_out, v_topk = run()
@@ -119,6 +192,18 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
         same = (torch.sort(v_topk, -1).values == torch.sort(topk, -1).values).all(-1)
         r["vllm_topk_rows_equal"] = same.float().mean().item()
         r["vllm_cosine"] = C.cosine(v_out, out)
+        del run
+        torch.cuda.empty_cache()
+        (k8, ks), (v8, vs) = quantize_e4m3(k), quantize_e4m3(v)
+        run = vllm_decode(vllm, q, qi, k8, v8, ki, table, lens, cfg, Q,
+                          scales=(token_scales(ks), token_scales(vs)))
+        v_out, v_topk = run()
+        r["vllm_fp8_kv_us"] = 1e3 * graph_ms(run)
+        r["vllm_fp8_kv_topk_rows_equal"] = (torch.sort(v_topk, -1).values == torch.sort(
+            topk, -1).values).all(-1).float().mean().item()
+        r["vllm_fp8_kv_cosine_vs_msa_fp8_kv"] = C.cosine(v_out, outs["kv"])
+        del run, k8, v8
+        torch.cuda.empty_cache()
     if C.wants(args, "dense"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.attention.bias import causal_lower_right

@@ -80,6 +80,33 @@ def vllm_prefill(ops, q, k, v, qi, ki, cfg):
     return run
 
 
+def precisions(args) -> list:
+    """The ``--index-precision`` list (``input`` is always timed)."""
+    return (getattr(args, "index_precision", None) or "input").split(",")
+
+
+def fp8_index(T: int, q, k, v, qi, ki, cu, cfg, topk, flops: float, reps: int, indexer) -> dict:
+    """FP8 index scoring beside the input-precision selection ``topk``: rows equal, the
+    whole indexer, its e4m3 scan alone, and end to end (indexer + attention)."""
+    from ..ops.indexer.triton import _scan
+    from ..ops.quant import FP8_CANDIDATES
+    seg = Segments([0], [T], [0], [T], T, T)
+    fp8 = indexer("fp8")
+    d = dict(topk_rows_equal_input_precision=(fp8.sort(-1).values == topk.sort(-1).values)
+             .all(-1).float().mean().item())
+    del fp8
+    bs, K = cfg.block_size, cfg.topk
+    d["indexer_ms"] = C.timed(lambda: indexer("fp8"), reps)
+    d["indexer_tflops"] = flops / d["indexer_ms"] / 1e9
+    d["scan_ms"] = C.timed(lambda: _scan(qi, ki, seg, bs, K + FP8_CANDIDATES, cfg.index_scale,
+                                         True, None, 4, 2), reps)
+    d["scan_tflops"] = flops / d["scan_ms"] / 1e9
+    d["rescoring_ms"] = d["indexer_ms"] - d["scan_ms"]
+    d["e2e_ms"] = C.timed(lambda: msa.msa_sparse_attention(q, k, v, indexer("fp8"), cu, cu,
+                                                           block_size=bs), reps)
+    return d
+
+
 def check(cfg, T: int = 4096) -> dict:
     q, k, v, qi, ki = inputs(T, cfg, seed=1)
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
@@ -93,8 +120,15 @@ def check(cfg, T: int = 4096) -> dict:
     same = (torch.sort(topk, -1).values == torch.sort(ref_idx, -1).values).all(-1)
     res = dict(T=T, out_rel_err_vs_fp32_reference=C.rel_diff(out, ref),
                topk_rows_equal_fp32_reference=same.float().mean().item())
+    fp8 = msa.msa_indexer(qi, ki, cu, cu, block_size=cfg.block_size, topk=cfg.topk,
+                          index_precision="fp8")
+    ref_fp8 = msa.msa_indexer(qi.float(), ki.float(), cu, cu, block_size=cfg.block_size,
+                              topk=cfg.topk, backend="reference", index_precision="fp8")
+    res["fp8_topk_rows_equal_fp32_reference"] = \
+        (fp8.sort(-1).values == ref_fp8.sort(-1).values).all(-1).float().mean().item()
     res["passed"] = res["out_rel_err_vs_fp32_reference"] < 1e-2 and \
-        res["topk_rows_equal_fp32_reference"] > 0.99
+        res["topk_rows_equal_fp32_reference"] > 0.99 and \
+        res["fp8_topk_rows_equal_fp32_reference"] > 0.99
     return res
 
 
@@ -105,18 +139,13 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
     reps = 10 if T <= 262144 else 3
     r = dict(T=T)
 
-    precision = getattr(args, "index_precision", "input")
-    r["index_precision"] = precision
-
-    def indexer():
+    def indexer(precision="input"):
         return msa.msa_indexer(qi, ki, cu, cu, block_size=bs, topk=K,
                                index_precision=precision)
     topk = indexer()
-    if precision != "input":
-        plain = msa.msa_indexer(qi, ki, cu, cu, block_size=bs, topk=K)
-        r["topk_rows_equal_input_precision"] = \
-            (topk.sort(-1).values == plain.sort(-1).values).all(-1).float().mean().item()
-        del plain
+    flops = 2 * cfg.index_dim * cfg.index_heads * T * (T + 1) / 2
+    if "fp8" in precisions(args):
+        r["fp8"] = fp8_index(T, q, k, v, qi, ki, cu, cfg, topk, flops, reps, indexer)
 
     def attention():
         fresh(topk)
@@ -135,8 +164,7 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
     r["e2e_ms"] = C.timed(e2e, reps)
     r["e2e_peak_mb"] = C.peak_bytes(e2e) / 2 ** 20
     r["indexer_ms"] = C.timed(indexer, reps)
-    r["indexer_tflops"] = 2 * cfg.index_dim * cfg.index_heads * T * (T + 1) / 2 / \
-        r["indexer_ms"] / 1e9
+    r["indexer_tflops"] = flops / r["indexer_ms"] / 1e9
     r["attention_ms"] = C.timed(attention, reps)
     r["attention_tflops"] = 4 * cfg.head_dim * cfg.num_heads * sparse / r["attention_ms"] / 1e9
     r["planning_ms"] = C.timed(planning, reps)

@@ -11,7 +11,8 @@ synchronisation and no allocation:
    ``M [B*Q, Hi, max_pages]`` (``-inf`` past the end).
 2. ``decode_topk_kernel``: top-k of ``M`` per (query, index head) with the reference rule
    (score desc, id asc, local block last, ``-1`` padding) -> head-major
-   ``topk_indices [Hi, B*Q, K]``.
+   ``topk_indices [Hi, B*Q, K]``. Long rows with few queries rank in chunks over enough
+   programs and ``decode_topk_merge_kernel`` merges the chunks' best (``topk_chunks``).
 3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
    the ``G`` query heads of the group are the MMA rows, each selected page is read
    through the page table, online softmax; one split writes the output directly, more
@@ -73,30 +74,87 @@ def paged_block_max_kernel(
 
 
 @triton.jit
+def best_blocks(key, ids, R: tl.constexpr, OUT_PAD: tl.constexpr):
+    """The ``R`` best of ``key`` (desc, then smaller id; ``-inf`` never picked) ->
+    ``(vals, ids) [OUT_PAD]``, padded with ``-inf`` / ``-1``."""
+    offs = tl.arange(0, OUT_PAD)
+    out_v = tl.full((OUT_PAD,), float("-inf"), dtype=tl.float32)
+    out_i = tl.full((OUT_PAD,), -1, dtype=tl.int32)
+    for r in range(R):
+        best = tl.max(key, 0)
+        pick = tl.min(tl.where(key == best, ids, 2147483647), 0)   # ties: smaller id
+        pick = tl.where(best > float("-inf"), pick, -1)
+        out_v = tl.where(offs == r, best, out_v)
+        out_i = tl.where(offs == r, pick, out_i)
+        key = tl.where(ids == pick, float("-inf"), key)
+    return out_v, out_i
+
+
+@triton.jit
+def write_row(TOPK_INDICES, ranked, local, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """A top-k row: the ranked ids, ``local`` at ``min(local, K-1)``, then -1."""
+    offs_k = tl.arange(0, TOPK_PAD)
+    n_ranked = tl.minimum(local, TOPK - 1)
+    out = tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, ranked))
+    tl.store(TOPK_INDICES + offs_k, out, mask=offs_k < TOPK)
+
+
+@triton.jit
 def decode_topk_kernel(M, SEQ_LENS, TOPK_INDICES, stride_mc, stride_mh, stride_th, stride_tq,
                        max_pages, NQ: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
-                       TOPK_PAD: tl.constexpr, NB_PAD: tl.constexpr):
+                       TOPK_PAD: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
     """Top-k of one (query row, index head) from its block maxima, the reference rule:
-    ``min(K-1, local)`` earlier blocks by score desc / id asc, then ``local``, then -1."""
+    ``min(K-1, local)`` earlier blocks by score desc / id asc, then ``local``, then -1.
+    ``NCHUNK > 1``: this program ranks one chunk of ``CHUNK`` blocks and leaves its best
+    ``K-1`` scores, then their ids (as floats), in the chunk's first ``2 * TOPK_PAD``
+    entries of ``M`` for ``decode_topk_merge_kernel``."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    j = tl.program_id(2)
+    local = (tl.load(SEQ_LENS + c // NQ) - NQ + (c % NQ)) // BS
+    idx = j * CHUNK + tl.arange(0, CHUNK)
+    row = M + c * stride_mc + h * stride_mh
+    m = tl.load(row + idx, mask=idx < max_pages, other=float("-inf"))
+    key = tl.where(idx < local, rank_key(m), float("-inf"))       # earlier blocks only
+    vals, ids = best_blocks(key, idx, TOPK - 1, TOPK_PAD)
+    if NCHUNK == 1:
+        write_row(TOPK_INDICES + h * stride_th + c * stride_tq, ids, local, TOPK, TOPK_PAD)
+    else:
+        offs = j * CHUNK + tl.arange(0, TOPK_PAD)
+        tl.store(row + offs, vals)
+        tl.store(row + TOPK_PAD + offs, ids.to(tl.float32))
+
+
+@triton.jit
+def decode_topk_merge_kernel(M, SEQ_LENS, TOPK_INDICES, stride_mc, stride_mh, stride_th,
+                             stride_tq, max_pages, NQ: tl.constexpr, BS: tl.constexpr,
+                             TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                             NCHUNK: tl.constexpr, NCHUNK_PAD: tl.constexpr):
+    """The top-k row from the ``NCHUNK`` chunks' best blocks (``decode_topk_kernel``) and
+    the block maxima past the last whole chunk (fewer than ``CHUNK``)."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     local = (tl.load(SEQ_LENS + c // NQ) - NQ + (c % NQ)) // BS
-    idx = tl.arange(0, NB_PAD)
-    m = tl.load(M + c * stride_mc + h * stride_mh + idx, mask=idx < max_pages,
-                other=float("-inf"))
-    m = rank_key(m)                                             # NaN lowest, -0 == +0
-    key = tl.where(idx < local, m, float("-inf"))               # earlier blocks only
-    offs_k = tl.arange(0, TOPK_PAD)
-    out = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
-    for r in range(TOPK - 1):
-        best = tl.max(key, 0)
-        pick = tl.min(tl.where(key == best, idx, NB_PAD), 0)   # ties: smaller id
+    row = M + c * stride_mc + h * stride_mh
+    e = tl.arange(0, NCHUNK_PAD * TOPK_PAD)
+    at = row + (e // TOPK_PAD) * CHUNK + e % TOPK_PAD
+    part = e < NCHUNK * TOPK_PAD
+    key = tl.load(at, mask=part, other=float("-inf"))
+    ids = tl.load(at + TOPK_PAD, mask=part, other=-1.0).to(tl.int32)
+    tail = NCHUNK * CHUNK + tl.arange(0, CHUNK)
+    tail_key = tl.load(row + tail, mask=tail < max_pages, other=float("-inf"))
+    tail_key = tl.where(tail < local, rank_key(tail_key), float("-inf"))
+    offs = tl.arange(0, TOPK_PAD)
+    ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
+    for r in range(TOPK - 1):          # best_blocks over both candidate sets
+        best = tl.maximum(tl.max(key, 0), tl.max(tail_key, 0))
+        pick = tl.minimum(tl.min(tl.where(key == best, ids, 2147483647), 0),
+                          tl.min(tl.where(tail_key == best, tail, 2147483647), 0))
         pick = tl.where(best > float("-inf"), pick, -1)
-        out = tl.where(offs_k == r, pick, out)
-        key = tl.where(idx == pick, float("-inf"), key)
-    n_ranked = tl.minimum(local, TOPK - 1)
-    out = tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, out))
-    tl.store(TOPK_INDICES + h * stride_th + c * stride_tq + offs_k, out, mask=offs_k < TOPK)
+        ranked = tl.where(offs == r, pick, ranked)
+        key = tl.where(ids == pick, float("-inf"), key)
+        tail_key = tl.where(tail == pick, float("-inf"), tail_key)
+    write_row(TOPK_INDICES + h * stride_th + c * stride_tq, ranked, local, TOPK, TOPK_PAD)
 
 
 @triton.jit
@@ -133,12 +191,16 @@ def paged_decode_attn_kernel(
                 offs_d[None, :]
             kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
             vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
-            if FP8:                 # e4m3 rows x their scales ([page, head, token] fp32)
+            if FP8:                 # e4m3 rows (exact in q's type), [page, head, token] scales
                 soff = (page * HKV + h) * BS + offs_n
-                kt = (kt.to(tl.float32) * tl.load(KS + soff)[:, None]).to(qt.dtype)
-                vt = (vt.to(tl.float32) * tl.load(VS + soff)[:, None]).to(qt.dtype)
-            m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i, acc,
-                                                scale_log2, PRECISION, UPCAST, True)
+                m_i, l_i, acc = online_softmax_step(
+                    qt, kt.to(qt.dtype), vt.to(qt.dtype), kmask[None, :], m_i, l_i, acc,
+                    scale_log2, PRECISION, UPCAST, True,
+                    tl.load(KS + soff, mask=kmask, other=1.0),
+                    tl.load(VS + soff, mask=kmask, other=0.0))
+            else:
+                m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i,
+                                                    acc, scale_log2, PRECISION, UPCAST, True)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
     if NSPLIT == 1:
@@ -261,12 +323,30 @@ def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_page
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
         BS=block_size, PAGES=per, PRECISION=prec, UPCAST=up, MASK_TAIL=mask_tail,
         FP8=ki_scales is not None, num_warps=4, num_stages=index_stages)
-    nb_pad = next_pow2(max_pages)
-    decode_topk_kernel[(b * nq, hi)](
-        block_max, seq_lens, topk_indices, block_max.stride(0), block_max.stride(1),
-        topk_indices.stride(0), topk_indices.stride(1), max_pages, NQ=nq, BS=block_size,
-        TOPK=topk, TOPK_PAD=next_pow2(topk), NB_PAD=nb_pad,
-        num_warps=8 if nb_pad > 4096 else 4)
+    nchunk, chunk = topk_chunks(b * nq * hi, max_pages, topk)
+    args = (block_max, seq_lens, topk_indices, block_max.stride(0), block_max.stride(1),
+            topk_indices.stride(0), topk_indices.stride(1), max_pages)
+    meta = dict(NQ=nq, BS=block_size, TOPK=topk, TOPK_PAD=next_pow2(topk), CHUNK=chunk)
+    if nchunk == 0:                                   # one chunk covers the row
+        decode_topk_kernel[(b * nq, hi, 1)](*args, **meta, NCHUNK=1,
+                                            num_warps=8 if chunk > 4096 else 4)
+    else:
+        decode_topk_kernel[(b * nq, hi, nchunk)](*args, **meta, NCHUNK=nchunk, num_warps=4)
+        decode_topk_merge_kernel[(b * nq, hi)](*args, **meta, NCHUNK=nchunk,
+                                               NCHUNK_PAD=next_pow2(nchunk), num_warps=4)
+
+
+def topk_chunks(rows: int, max_pages: int, topk: int) -> Tuple[int, int]:
+    """``(nchunk, chunk)``: the block maxima of each of ``rows`` (query, index head) rows
+    ranked in ``nchunk`` whole chunks of ``chunk`` blocks (a power of two, at least
+    ``max(256, 2 * topk_pad)``) so that about ``TARGET_PROGRAMS`` programs rank them,
+    the rest merged by one program per row; ``nchunk = 0``: one program per row ranks all
+    ``max_pages`` (``chunk`` of them, padded)."""
+    per_row = TARGET_PROGRAMS // rows
+    chunk = next_pow2(max(256, 2 * next_pow2(topk), -(-max_pages // max(1, per_row))))
+    if per_row < 2 or chunk >= max_pages:
+        return 0, next_pow2(max_pages)
+    return max_pages // chunk, chunk
 
 
 def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num_q: int,

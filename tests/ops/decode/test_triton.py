@@ -155,3 +155,29 @@ def test_decoder_run_checks_inputs():
         dec.run(q, qi, k[:1], v[:1], ki[:1])
     out, _ = dec.run(q, qi, k, v, ki)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("max_pages,lengths,nq", [
+    (700, (700 * 64, 36000, 16400), 2),    # two whole chunks of 256 blocks and a tail
+    (512, (512 * 64, 1333), 1),            # whole chunks only
+])
+def test_split_topk_matches_reference(max_pages, lengths, nq):
+    """Long rows rank in chunks and merge (``topk_chunks``): rows equal the reference,
+    ties (few distinct scores) included."""
+    from msa.ops.decode.triton import paged_select, topk_chunks
+    bs, di, hi, topk = 64, 64, 2, 16
+    rows = len(lengths) * nq
+    assert topk_chunks(rows * hi, max_pages, topk)[0] >= 2
+    g = torch.Generator().manual_seed(max_pages)
+    pages = len(lengths) * max_pages
+    ki = torch.randint(-2, 3, (pages, bs, di), generator=g).float().to(DEVICE)
+    qi = torch.randint(-2, 3, (rows, hi, di), generator=g).float().to(DEVICE)
+    table = torch.randperm(pages, generator=g).view(len(lengths), max_pages).int().to(DEVICE)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    sel = torch.full((hi, rows, topk), -7, dtype=torch.int32, device=DEVICE)
+    paged_select(qi, ki, table, lens, batch=len(lengths), num_q=nq, max_pages=max_pages,
+                 block_max=torch.full((rows, hi, max_pages), float("nan"), device=DEVICE),
+                 topk_indices=sel, block_size=bs, index_scale=1.0)
+    ref = paged_indexer(qi, ki, table, lens, [nq] * len(lengths), block_size=bs, topk=topk,
+                        softmax_scale=1.0)
+    assert torch.equal(sel, ref)
