@@ -88,7 +88,7 @@ def precisions(args) -> list:
 def fp8_index(T: int, q, k, v, qi, ki, cu, cfg, topk, flops: float, reps: int, indexer) -> dict:
     """FP8 index scoring beside the input-precision selection ``topk``: rows equal, the
     whole indexer, its e4m3 scan alone, and end to end (indexer + attention)."""
-    from ..ops.indexer.triton import _scan
+    from ..ops.indexer.triton import scan_topk
     from ..ops.quant import FP8_CANDIDATES
     seg = Segments([0], [T], [0], [T], T, T)
     fp8 = indexer("fp8")
@@ -98,8 +98,8 @@ def fp8_index(T: int, q, k, v, qi, ki, cu, cfg, topk, flops: float, reps: int, i
     bs, K = cfg.block_size, cfg.topk
     d["indexer_ms"] = C.timed(lambda: indexer("fp8"), reps)
     d["indexer_tflops"] = flops / d["indexer_ms"] / 1e9
-    d["scan_ms"] = C.timed(lambda: _scan(qi, ki, seg, bs, K + FP8_CANDIDATES, cfg.index_scale,
-                                         True, None, 4, 2), reps)
+    d["scan_ms"] = C.timed(lambda: scan_topk(qi, ki, seg, bs, K + FP8_CANDIDATES,
+                                             cfg.index_scale, True), reps)
     d["scan_tflops"] = flops / d["scan_ms"] / 1e9
     d["rescoring_ms"] = d["indexer_ms"] - d["scan_ms"]
     d["e2e_ms"] = C.timed(lambda: msa.msa_sparse_attention(q, k, v, indexer("fp8"), cu, cu,

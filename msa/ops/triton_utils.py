@@ -47,21 +47,16 @@ def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def online_softmax_step(qt, kt, vt, kmask, m_i, l_i, acc, scale_log2,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
-                        k_scale=None, v_scale=None):
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
     """One key block of an online softmax in base 2.
 
     Rows ``qt [M, D]`` against keys ``kt [N, D]`` (``kmask [M, N]`` or ``[1, N]``: allowed)
     and values ``vt [N, D]``; running row max ``m_i`` (``-inf`` until a key is seen), sum
     ``l_i`` of ``exp2(s - m_i)`` and unnormalised output ``acc [M, D]``. Rows with nothing
     allowed so far keep ``m_i = -inf``, ``l_i = 0``, ``acc = 0``. ``HAS_V=False`` skips
-    the values (LSE only). ``k_scale, v_scale [N]``: per-key scales of ``kt`` and ``vt``
-    (FP8 rows: the scores' columns and the probabilities' columns are scaled instead of
-    the tiles).
+    the values (LSE only).
     """
     s = dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
-    if k_scale is not None:
-        s = s * k_scale[None, :]
     s = tl.where(kmask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -69,8 +64,6 @@ def online_softmax_step(qt, kt, vt, kmask, m_i, l_i, acc, scale_log2,
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_V:
-        if v_scale is not None:
-            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
     return m_new, l_i, acc
 

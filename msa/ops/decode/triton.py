@@ -191,16 +191,14 @@ def paged_decode_attn_kernel(
                 offs_d[None, :]
             kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
             vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
-            if FP8:                 # e4m3 rows (exact in q's type), [page, head, token] scales
-                soff = (page * HKV + h) * BS + offs_n
-                m_i, l_i, acc = online_softmax_step(
-                    qt, kt.to(qt.dtype), vt.to(qt.dtype), kmask[None, :], m_i, l_i, acc,
-                    scale_log2, PRECISION, UPCAST, True,
-                    tl.load(KS + soff, mask=kmask, other=1.0),
-                    tl.load(VS + soff, mask=kmask, other=0.0))
-            else:
-                m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i,
-                                                    acc, scale_log2, PRECISION, UPCAST, True)
+            if FP8:                 # e4m3 rows x their scales ([page, head, token] fp32);
+                soff = (page * HKV + h) * BS + offs_n      # slots past pos: never read
+                kt = (kt.to(tl.float32) * tl.load(KS + soff, mask=kmask, other=0.0)[:, None]
+                      ).to(qt.dtype)
+                vt = (vt.to(tl.float32) * tl.load(VS + soff, mask=kmask, other=0.0)[:, None]
+                      ).to(qt.dtype)
+            m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i, acc,
+                                                scale_log2, PRECISION, UPCAST, True)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
     if NSPLIT == 1:
