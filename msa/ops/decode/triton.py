@@ -329,9 +329,10 @@ def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_page
         decode_topk_kernel[(b * nq, hi, 1)](*args, **meta, NCHUNK=1,
                                             num_warps=8 if chunk > 4096 else 4)
     else:
-        decode_topk_kernel[(b * nq, hi, nchunk)](*args, **meta, NCHUNK=nchunk, num_warps=4)
+        # one warp per program: the 15 rounds of max/min reductions then need no barriers
+        decode_topk_kernel[(b * nq, hi, nchunk)](*args, **meta, NCHUNK=nchunk, num_warps=1)
         decode_topk_merge_kernel[(b * nq, hi)](*args, **meta, NCHUNK=nchunk,
-                                               NCHUNK_PAD=next_pow2(nchunk), num_warps=4)
+                                               NCHUNK_PAD=next_pow2(nchunk), num_warps=1)
 
 
 def topk_chunks(rows: int, max_pages: int, topk: int) -> Tuple[int, int]:

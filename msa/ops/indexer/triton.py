@@ -86,7 +86,7 @@ def indexer_topk_kernel(
 
 def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_size: int,
                  topk: int, scale: float, index_precision: str = "input", block_t: int = None,
-                 num_warps: int = 4, num_stages: int = None) -> torch.Tensor:
+                 num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Top-k rows ``[Hi, total_q, topk]`` int32 (same contract as the reference).
 
     ``index_precision="fp8"``: the scan scores e4m3 copies of ``qi`` and ``ki`` (one
@@ -102,11 +102,9 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
 
 
 def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, fp8: bool,
-          block_t: int = None, num_warps: int = 4, num_stages: int = None) -> torch.Tensor:
+          block_t: int = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """``indexer_topk_kernel`` over all query tiles (``fp8``: on e4m3 copies of ``qi``,
-    ``ki`` with the key scales). Pipeline stages: 2, or 3 for the FP8 scan (H200, 1M
-    tokens: 796 against 749 TFLOP/s with 2; the bf16 scan gains nothing)."""
-    num_stages = num_stages or (3 if fp8 else 2)
+    ``ki`` with the key scales)."""
     total_q, hi, di = qi.shape
     check_supported(qi.dtype, di)
     qi = qi if qi.stride(-1) == 1 else qi.contiguous()
