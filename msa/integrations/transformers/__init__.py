@@ -19,7 +19,7 @@ from __future__ import annotations
 import types
 from typing import Optional
 
-from ...config import check_block_size, check_topk
+from ...config import check_block_size, check_index_precision, check_topk
 from .attention import NAME, msa_attention_forward, register
 from .graphs import GraphedDecoder
 from .llama import add_index_projections, attention_modules
@@ -30,7 +30,8 @@ __all__ = ["enable_msa", "register", "msa_attention_forward", "add_index_project
 
 
 def enable_msa(model, *, block_size: Optional[int] = None, topk: Optional[int] = None,
-               train_indexer: bool = False, mode: str = "sparse", backend: str = "auto"):
+               train_indexer: bool = False, mode: str = "sparse", backend: str = "auto",
+               index_precision: str = "input"):
     """Switch a loaded model to MSA attention; returns the model.
 
     MiniMax-M3 models keep their own indexer weights, block size and top-k (so
@@ -40,6 +41,9 @@ def enable_msa(model, *, block_size: Optional[int] = None, topk: Optional[int] =
     ``mode="dense"`` is its dense warm-up. Llama-family models use self-indexing (or
     ``add_index_projections``) with ``block_size`` (default 64) and ``topk`` (default 16).
     ``backend`` as in ``msa.msa_attention`` (``"auto"``: Triton kernels on CUDA).
+    ``index_precision="fp8"``: prefill, chunked prefill and training score blocks in FP8
+    with exact re-scoring of the candidates (docs/fp8_index.md); the fused decode step
+    scores in the inputs' precision.
     """
     if mode not in ("sparse", "dense"):
         raise ValueError(f"mode must be 'sparse' or 'dense', got {mode!r}")
@@ -47,8 +51,10 @@ def enable_msa(model, *, block_size: Optional[int] = None, topk: Optional[int] =
         raise TypeError(f"train_indexer must be a bool, got {train_indexer!r}")
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    check_index_precision(index_precision)
     register()
     model.config.msa_backend = backend
+    model.config.msa_index_precision = index_precision
     if is_minimax_m3(model):
         cfg = text_config(model)
         if block_size is not None or topk is not None:
@@ -60,6 +66,7 @@ def enable_msa(model, *, block_size: Optional[int] = None, topk: Optional[int] =
             if type(m).__name__ == "MiniMaxM3VLIndexer":
                 m.forward = types.MethodType(indexer_forward, m)
         cfg.msa_train_indexer, cfg.msa_mode, cfg.msa_backend = train_indexer, mode, backend
+        cfg.msa_index_precision = index_precision
         if getattr(model.config, "vision_config", None) is not None:
             model.set_attn_implementation({"text_config": NAME})
         else:

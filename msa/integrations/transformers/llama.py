@@ -36,7 +36,8 @@ def self_indexed_attention(module, q, k, v, scaling, packing: Packing = None):
     config = MSAConfig(num_heads=hq, num_kv_heads=hkv, head_dim=d,
                        block_size=getattr(cfg_src, "msa_block_size", 64),
                        topk=getattr(cfg_src, "msa_topk", 16),
-                       softmax_scale=scaling, index_softmax_scale=scaling)
+                       softmax_scale=scaling, index_softmax_scale=scaling,
+                       index_precision=getattr(cfg_src, "msa_index_precision", "input"))
     varlen = {}
     if packing is not None:
         q, k, v = q[0], k[0], v[0]

@@ -67,7 +67,8 @@ def msa_config(cfg, scaling: float) -> MSAConfig:
                      head_dim=cfg.head_dim, num_index_heads=cfg.index_n_heads,
                      index_head_dim=cfg.index_head_dim, block_size=cfg.index_block_size,
                      topk=cfg.index_topk_blocks, softmax_scale=scaling,
-                     kl_loss_coeff=float(getattr(cfg, "msa_kl_coeff", 1.0)))
+                     kl_loss_coeff=float(getattr(cfg, "msa_kl_coeff", 1.0)),
+                     index_precision=getattr(cfg, "msa_index_precision", "input"))
 
 
 def check_supported(cfg) -> None:
