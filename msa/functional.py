@@ -195,6 +195,8 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     if check_finite:
         C.check_finite(("qi", "ki"), (qi, ki))
     use_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton")
+    if use_triton and index_precision == "fp8":
+        C.check_fp8_device("index_precision='fp8'", qi)
     topk_indices, lse = indexer_op(lay.pack(qi), lay.pack(ki), *lay.meta, block_size, topk,
                                    _scale(softmax_scale, qi.shape[-1]),
                                    float(lse_temperature), return_lse, use_triton, 0,
@@ -391,6 +393,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
                                  deterministic) if triton_kl else 0
         index_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or
                                                       backend == "triton")
+        if index_triton and cfg.index_precision == "fp8":
+            C.check_fp8_device("index_precision='fp8'", qi)
         topk_indices, ilse = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
                                         iscale, 1.0, triton_kl, index_triton, chunk,
                                         cfg.index_precision)

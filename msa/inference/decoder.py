@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..config import MSAConfig
+from ..ops.checks import check_fp8_device
 from ..ops.quant import E4M3
 
 
@@ -129,6 +130,8 @@ class PagedDecoder:
     def _check_scales(pages, scales) -> None:
         """e4m3 pages come with their fp32 row scales, other pages without."""
         for name, s, p in zip(("k_scales", "v_scales", "ki_scales"), scales, pages):
+            if p.dtype == E4M3:
+                check_fp8_device(name.replace("scales", "pages"), p)
             if (p.dtype == E4M3) != (s is not None):
                 raise TypeError(f"{name} goes with float8_e4m3fn pages (and only with "
                                 f"them): the pages are {p.dtype}, {name} is {_describe(s)}")

@@ -91,6 +91,17 @@ def check_config_matches(cfg: MSAConfig, q, k, qi) -> None:
                              f"{got}")
 
 
+def check_fp8_device(name: str, x: torch.Tensor) -> None:
+    """FP8 (e4m3) kernels need compute capability 8.9+ (Ada, Hopper, Blackwell); on an
+    older GPU say so, naming the argument, instead of failing inside the compiler."""
+    if x.is_cuda:
+        cap = torch.cuda.get_device_capability(x.device)
+        if tuple(cap) < (8, 9):
+            raise RuntimeError(f"{name}: FP8 (e4m3) needs a GPU of compute capability 8.9 or "
+                               f"newer; {torch.cuda.get_device_name(x.device)} is "
+                               f"{cap[0]}.{cap[1]}")
+
+
 def use_triton(backend: str, x: torch.Tensor) -> bool:
     """Whether the Triton kernels run for ``backend`` and inputs like ``x``."""
     if backend not in BACKENDS:

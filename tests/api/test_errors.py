@@ -305,3 +305,18 @@ def test_check_finite_rejects_nan_and_inf(name):
 def test_flags_must_be_bools(flag):
     with pytest.raises(TypeError, match=f"{flag} must be a bool"):
         _attn(_packed(), **{flag: "yes"})
+
+
+def test_fp8_on_a_gpu_without_fp8_is_named(monkeypatch):
+    """FP8 pages or FP8 index scoring on a GPU below compute capability 8.9: a clear error
+    naming the argument (not a compiler failure)."""
+    import types
+    from msa.ops.checks import check_fp8_device
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    gpu = types.SimpleNamespace(is_cuda=True, device="cuda:0")
+    with pytest.raises(RuntimeError, match="k_pages: FP8 .* 8.9 .* A100 is 8.0"):
+        check_fp8_device("k_pages", gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_device("k_pages", gpu)                        # Hopper: fine
+    check_fp8_device("k_pages", torch.zeros(1))             # CPU (reference path): fine
