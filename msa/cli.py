@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--index-precision", default="input", choices=["input", "fp8"],
                       help="index scores in the inputs' precision or e4m3 (FP8 index "
                            "scoring; default input)")
+    niah.add_argument("--fp8-cache", default="none", choices=["none", "kv", "all"],
+                      help="the context as an FP8 cache holds it: K/V (kv) or K/V and index "
+                           "keys (all) in e4m3 with row scales (default none)")
     niah.add_argument("--png", default=None, metavar="PATH",
                       help="heatmap of the needle-selection rate (needs matplotlib)")
     _add_common(niah, "grid")
@@ -186,7 +189,8 @@ def main(argv=None) -> int:
         lengths = args.length or ([4096, 16384, 65536] if device == "cpu"
                                   else [16384, 131072, 1 << 20])
         cells = niah_main(lengths, args.depths, device, args.json, args.png,
-                          not args.no_progress, args.preset, args.index_precision)
+                          not args.no_progress, args.preset, args.index_precision,
+                          args.fp8_cache)
         return 0 if all(c.selected == 1.0 for c in cells) else 1
     from .demo import main as demo_main
     lengths = args.length or ([4096, 16384] if device == "cpu" else [16384, 65536, 131072])

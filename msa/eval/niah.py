@@ -126,12 +126,24 @@ def best_mass(mass: torch.Tensor, seg: Segments, cfg: MSAConfig, num_groups: int
     return (mass * keep).sum(-1).mean().item()
 
 
+def as_fp8_cache(k, v, ki, which: str):
+    """The values an FP8 cache returns for ``k, v`` (``which="kv"``) or ``k, v, ki``
+    (``"all"``): e4m3 rows with one scale each, dequantized (``msa.ops.quant``)."""
+    from ..ops.quant import fake_quantize
+    k, v = ((fake_quantize(x).to(x.dtype) for x in (k, v)) if which != "none" else (k, v))
+    return k, v, fake_quantize(ki).to(ki.dtype) if which == "all" else ki
+
+
 def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="cpu",
-             dtype=torch.float32, seed: int = 0) -> Cell:
+             dtype=torch.float32, seed: int = 0, fp8_cache: str = "none") -> Cell:
+    """One (length, depth) cell; ``fp8_cache``: the context's K/V (``"kv"``) or K/V and
+    index keys (``"all"``) as an FP8 cache holds them; the needle's value compared is the
+    unquantized one."""
     t_start = time.perf_counter()
     needle = _needle_position(T, depth, probe, cfg.block_size)
-    q, k, v, qi, ki = make_haystack(T, cfg, needle, n_queries=probe, probe=probe,
-                                    device=device, dtype=dtype, seed=seed)
+    q, k, v0, qi, ki = make_haystack(T, cfg, needle, n_queries=probe, probe=probe,
+                                     device=device, dtype=dtype, seed=seed)
+    k, v, ki = as_fp8_cache(k, v0, ki, fp8_cache)
     i32 = dict(dtype=torch.int32, device=device)
     cu_q, cu_k = torch.tensor([0, probe], **i32), torch.tensor([0, T], **i32)
     with torch.no_grad():
@@ -143,20 +155,21 @@ def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="c
         dense = dense_attention(q, k, v, seg, scale=cfg.scale).float()
         recall = dense_mass(q, k, topk.long(), seg, cfg)
     selected = (topk == needle // cfg.block_size).any(-1).float().mean().item()
-    vn = v[needle].float().repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 0)
+    vn = v0[needle].float().repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 0)
     cos = F.cosine_similarity(out, vn.unsqueeze(0), dim=-1).min().item()
     return Cell(T, depth, selected, recall, (out - dense).abs().max().item(), cos,
                 time.perf_counter() - t_start)
 
 
 def run_grid(lengths: Sequence[int], depths: Sequence[float], cfg: MSAConfig, *,
-             device="cpu", dtype=torch.float32, progress=True) -> List[Cell]:
+             device="cpu", dtype=torch.float32, progress=True,
+             fp8_cache: str = "none") -> List[Cell]:
     cells = []
     with Progress(len(lengths) * len(depths), "niah", progress) as bar:
         for T in lengths:
             for d in depths:
                 cells.append(run_cell(T, d, cfg, device=device, dtype=dtype,
-                                      seed=int(T + 1000 * d)))
+                                      seed=int(T + 1000 * d), fp8_cache=fp8_cache))
                 bar.update()
     return cells
 
@@ -171,7 +184,7 @@ def heatmap(cells: List[Cell], path: str, field: str = "selected") -> None:
 
 
 def main(lengths, depths, device="cpu", json_path=None, png_path=None, progress=True,
-         preset="auto", index_precision="input") -> List[Cell]:
+         preset="auto", index_precision="input", fp8_cache="none") -> List[Cell]:
     if png_path:
         require_matplotlib()
     dev = torch.device(device)
@@ -180,14 +193,15 @@ def main(lengths, depths, device="cpu", json_path=None, png_path=None, progress=
         num_heads=8, num_kv_heads=2, head_dim=64, block_size=128, topk=16,
         index_precision=index_precision)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    cells = run_grid(lengths, depths, cfg, device=dev, dtype=dtype, progress=progress)
+    cells = run_grid(lengths, depths, cfg, device=dev, dtype=dtype, progress=progress,
+                     fp8_cache=fp8_cache)
     print(f"{'T':>9} {'depth':>6} {'selected':>8} {'recall':>7} {'max err':>9} {'cos':>6} "
           f"{'s':>6}")
     for c in cells:
         print(f"{c.length:>9} {c.depth:6.2f} {c.selected:8.2f} {c.recall:7.3f} "
               f"{c.max_err:9.2e} {c.cosine:6.3f} {c.seconds:6.1f}")
     if json_path:
-        meta = dict(device=str(dev), preset="m3" if use_m3 else "cpu-small",
+        meta = dict(device=str(dev), preset="m3" if use_m3 else "cpu-small", fp8_cache=fp8_cache,
                     config=asdict(cfg), dtype=str(dtype), torch=torch.__version__,
                     date=time.strftime("%Y-%m-%d"))
         with open(json_path, "w") as f:

@@ -15,6 +15,20 @@ def test_niah_grid_finds_the_needle_everywhere(tmp_path):
         assert c["cosine"] > 0.99 and c["max_err"] < 1e-4
 
 
+def test_fp8_cache_keeps_the_needle_and_quantizes_what_it_says():
+    import torch
+    from msa.eval.niah import as_fp8_cache
+    from msa.ops.quant import fake_quantize
+    k, v, ki = (torch.randn(300, 2, 64) for _ in range(3))
+    k8, v8, ki8 = as_fp8_cache(k, v, ki, "kv")
+    assert torch.equal(ki8, ki) and torch.equal(k8, fake_quantize(k))
+    assert not torch.equal(k8, k) and torch.equal(v8, fake_quantize(v))
+    assert torch.equal(as_fp8_cache(k, v, ki, "all")[2], fake_quantize(ki))
+    assert all(torch.equal(a, b) for a, b in zip(as_fp8_cache(k, v, ki, "none"), (k, v, ki)))
+    assert main(["niah", "--length", "5k", "--depths", "0,1", "--device", "cpu",
+                 "--no-progress", "--fp8-cache", "all"]) == 0      # the needle: selected
+
+
 def test_oracle_mass_is_the_best_selection_under_the_rule():
     """Exhaustive check on a small case: no selection of (local block + K-1 earlier
     blocks per group) holds more dense mass than ``oracle_mass``, and one holds exactly
