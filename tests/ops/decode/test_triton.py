@@ -164,7 +164,8 @@ def test_decoder_run_checks_inputs():
 def test_split_topk_matches_reference(max_pages, lengths, nq):
     """Long rows rank in chunks and merge (``topk_chunks``): rows equal the reference,
     ties (few distinct scores) included."""
-    from msa.ops.decode.triton import paged_select, topk_chunks
+    from msa.ops.decode.topk import topk_chunks
+    from msa.ops.decode.triton import paged_select
     bs, di, hi, topk = 64, 64, 2, 16
     rows = len(lengths) * nq
     assert topk_chunks(rows * hi, max_pages, topk)[0] >= 2
