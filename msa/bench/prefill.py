@@ -100,6 +100,14 @@ def fp8_index(T: int, q, k, v, qi, ki, cu, cfg, topk, flops: float, reps: int, i
     d["scan_ms"] = C.timed(lambda: scan_topk(qi, ki, seg, bs, K + FP8_CANDIDATES,
                                              cfg.index_scale, True), reps)
     d["scan_tflops"] = flops / d["scan_ms"] / 1e9
+    from ..ops.indexer import gluon
+    if gluon.supported(qi.device, qi.shape[1], qi.shape[2], bs):   # Hopper: the Gluon scan
+        def scan(kernel):
+            return scan_topk(qi, ki, seg, bs, K + FP8_CANDIDATES, cfg.index_scale, True,
+                             kernel=kernel)
+        d["gluon_scan_rows_equal_triton_scan"] = C.rows_equal(scan("gluon"), scan("triton"))
+        d["gluon_scan_ms"] = C.timed(lambda: scan("gluon"), reps)
+        d["gluon_scan_tflops"] = flops / d["gluon_scan_ms"] / 1e9
     d["rescoring_ms"] = d["indexer_ms"] - d["scan_ms"]
     d["e2e_ms"] = C.timed(lambda: msa.msa_sparse_attention(q, k, v, indexer("fp8"), cu, cu,
                                                            block_size=bs), reps)

@@ -102,9 +102,11 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
 
 
 def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, fp8: bool,
-          block_t: int = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+              block_t: int = None, num_warps: int = 4, num_stages: int = 2,
+              kernel: str = "triton") -> torch.Tensor:
     """``indexer_topk_kernel`` over all query tiles (``fp8``: on e4m3 copies of ``qi``,
-    ``ki`` with the key scales)."""
+    ``ki`` with the key scales; ``kernel="gluon"``: the FP8 scan by the warp-specialized
+    Gluon kernel of ``msa.ops.indexer.gluon``, Hopper only, not the default)."""
     total_q, hi, di = qi.shape
     check_supported(qi.dtype, di)
     qi = qi if qi.stride(-1) == 1 else qi.contiguous()
@@ -120,6 +122,16 @@ def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, f
     tiles = query_tiles(seg, block_t, qi.device)
     if topk == 1:
         out[..., 0] = seg.positions(qi.device) // block_size
+    elif kernel == "gluon":
+        from . import gluon
+        if not (fp8 and gluon.supported(qi.device, hi, di, block_size)):
+            raise NotImplementedError("the Gluon scan is the FP8 scan on sm_90 for a "
+                                      "power-of-two Hi <= 16, Di = 128 and blocks of 128")
+        tiles = query_tiles(seg, 128 // hi, qi.device)
+        if tiles[0].numel():
+            gluon.launch_fp8_scan(qi.contiguous(), ki.contiguous(), ks, tiles, out,
+                                  scale=scale, block_size=block_size, block_t=128 // hi,
+                                  topk=topk)
     elif tiles[0].numel():
         indexer_topk_kernel[(tiles[0].numel(),)](
             qi, ki, ks, *tiles, out, scale,
