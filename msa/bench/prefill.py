@@ -90,6 +90,10 @@ def fp8_index(T: int, q, k, v, qi, ki, cu, cfg, topk, flops: float, reps: int, i
     whole indexer, its e4m3 scan alone, and end to end (indexer + attention)."""
     from ..ops.indexer.triton import scan_topk
     from ..ops.quant import FP8_CANDIDATES
+    try:
+        from ..ops.indexer import gluon
+    except ImportError:                        # a Triton without Gluon: no Gluon scan
+        gluon = None
     seg = Segments([0], [T], [0], [T], T, T)
     fp8 = indexer("fp8")
     d = dict(topk_rows_equal_input_precision=C.rows_equal(fp8, topk))
@@ -100,8 +104,7 @@ def fp8_index(T: int, q, k, v, qi, ki, cu, cfg, topk, flops: float, reps: int, i
     d["scan_ms"] = C.timed(lambda: scan_topk(qi, ki, seg, bs, K + FP8_CANDIDATES,
                                              cfg.index_scale, True), reps)
     d["scan_tflops"] = flops / d["scan_ms"] / 1e9
-    from ..ops.indexer import gluon
-    if gluon.supported(qi.device, qi.shape[1], qi.shape[2], bs):   # Hopper: the Gluon scan
+    if gluon and gluon.supported(qi.device, qi.shape[1], qi.shape[2], bs):    # Hopper
         def scan(kernel):
             return scan_topk(qi, ki, seg, bs, K + FP8_CANDIDATES, cfg.index_scale, True,
                              kernel=kernel)
