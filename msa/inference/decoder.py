@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..config import MSAConfig
-from ..ops.checks import check_fp8_device
+from ..ops.checks import check_page_scales
 from ..ops.quant import E4M3
 
 
@@ -126,21 +126,6 @@ class PagedDecoder:
             raise IndexError(f"page_table refers to page {self.top_page}, the pools hold "
                              f"{pages} pages")
 
-    @staticmethod
-    def _check_scales(pages, scales) -> None:
-        """e4m3 pages come with their fp32 row scales, other pages without."""
-        for name, s, p in zip(("k_scales", "v_scales", "ki_scales"), scales, pages):
-            if p.dtype == E4M3:
-                check_fp8_device(name.replace("scales", "pages"), p)
-            if (p.dtype == E4M3) != (s is not None):
-                raise TypeError(f"{name} goes with float8_e4m3fn pages (and only with "
-                                f"them): the pages are {p.dtype}, {name} is {_describe(s)}")
-            if s is not None and (s.dtype != torch.float32 or not s.is_contiguous() or
-                                  tuple(s.shape) != tuple(p.shape[:-1]) or
-                                  s.device != p.device):
-                raise ValueError(f"{name} must be contiguous fp32 {list(p.shape[:-1])} on "
-                                 f"{p.device}, got {_describe(s)}")
-
     def run(self, q, qi, k_pages, v_pages, ki_pages, *, k_scales=None, v_scales=None,
             ki_scales=None):
         """One decode step of one layer (no host synchronisation, no allocation).
@@ -159,7 +144,8 @@ class PagedDecoder:
             raise RuntimeError("call plan() before run()")
         self._check(q, qi, k_pages, v_pages, ki_pages)
         scales = (k_scales, v_scales, ki_scales)
-        self._check_scales((k_pages, v_pages, ki_pages), scales)
+        check_page_scales(("k_scales", "v_scales", "ki_scales"),
+                          (k_pages, v_pages, ki_pages), scales)
         rows = b * nq
         out, topk = self.out[:rows], self.topk_indices[:, :rows]
         paged_decode(q, qi, k_pages, v_pages, ki_pages, self.page_table, self.seq_lens,

@@ -25,6 +25,7 @@ import torch
 
 from ..config import MSAConfig
 from ..functional import msa_indexer, msa_sparse_attention
+from ..ops.checks import check_page_scales
 from ..ops.decode.naive import gather_pages
 from ..ops.quant import E4M3, dequantize, quantize_e4m3
 from ..varlen import cu_seqlens_from_lengths
@@ -319,6 +320,7 @@ def paged_indexer(qi, ki_pages, page_table, seq_lens, q_lens: Optional[List[int]
     ``q_lens`` per request, default: equal split) over the paged index keys
     ``ki_pages [pages, page, Di]`` (FP8 pages: with ``ki_scales [pages, page]``)."""
     q_lens = q_lens or [qi.shape[0] // page_table.shape[0]] * page_table.shape[0]
+    check_page_scales(("ki_scales",), (ki_pages,), (ki_scales,))
     lens = _check_paged(ki_pages.unsqueeze(1), page_table, seq_lens, q_lens)
     ki = _gathered(ki_pages.unsqueeze(1), None if ki_scales is None else
                    ki_scales.unsqueeze(1), page_table, lens, qi.dtype)      # [T, 1, Di]
@@ -336,6 +338,7 @@ def paged_attention(q, k_pages, v_pages, topk_indices, page_table, seq_lens,
     head-major ``topk_indices [Hkv or 1, total_q, K]`` of logical page ids. Returns
     ``out [total_q, Hq, D]``."""
     q_lens = q_lens or [q.shape[0] // page_table.shape[0]] * page_table.shape[0]
+    check_page_scales(("k_scales", "v_scales"), (k_pages, v_pages), (k_scales, v_scales))
     lens = _check_paged(k_pages, page_table, seq_lens, q_lens)
     k = _gathered(k_pages, k_scales, page_table, lens, q.dtype)
     v = _gathered(v_pages, v_scales, page_table, lens, q.dtype)

@@ -102,6 +102,28 @@ def check_fp8_device(name: str, x: torch.Tensor) -> None:
                                f"{cap[0]}.{cap[1]}")
 
 
+def check_page_scales(names, pages, scales) -> None:
+    """e4m3 pages come with their fp32 row scales (contiguous, the pages' shape without
+    the last dim, same device), other pages without; ``names`` of the scales (the pages'
+    names replace ``scales`` by ``pages``)."""
+    fp8 = torch.float8_e4m3fn
+    for name, p, s in zip(names, pages, scales):
+        if p.dtype == fp8:
+            check_fp8_device(name.replace("scales", "pages"), p)
+        if (p.dtype == fp8) != (s is not None):
+            got = f"{tuple(s.shape)} {s.dtype}" if isinstance(s, torch.Tensor) else \
+                type(s).__name__
+            raise TypeError(f"{name} goes with float8_e4m3fn pages (and only with them): "
+                            f"the pages are {p.dtype}, {name} is {got}")
+        if s is not None and (not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or
+                              not s.is_contiguous() or tuple(s.shape) != tuple(p.shape[:-1])
+                              or s.device != p.device):
+            got = f"{tuple(s.shape)} {s.dtype} on {s.device}" \
+                if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"{name} must be contiguous fp32 {list(p.shape[:-1])} on "
+                             f"{p.device}, got {got}")
+
+
 def use_triton(backend: str, x: torch.Tensor) -> bool:
     """Whether the Triton kernels run for ``backend`` and inputs like ``x``."""
     if backend not in BACKENDS:

@@ -58,6 +58,24 @@ def test_reference_path_reads_fp8_pages_dequantized():
     assert torch.nn.functional.cosine_similarity(out.flatten(), plain.flatten(), dim=0) > 0.99
 
 
+def test_reference_path_names_missing_or_misshaped_scales():
+    fp8, _ = _caches([150, 70])
+    table, lens = fp8.page_table([0, 1]), fp8.seq_lens([0, 1])
+    q, qi = torch.randn(2, 4, 64).to(DEVICE), torch.randn(2, 2, 64).to(DEVICE)
+    kp, vp, kip = fp8.layer(0)
+    ks, vs, kis = fp8.scales(0)
+    topk = paged_indexer(qi, kip, table, lens, block_size=64, topk=3, ki_scales=kis)
+    with pytest.raises(TypeError, match="k_scales goes with float8_e4m3fn pages"):
+        paged_attention(q, kp, vp, topk, table, lens)
+    with pytest.raises(ValueError, match="v_scales must be contiguous fp32"):
+        paged_attention(q, kp, vp, topk, table, lens, k_scales=ks, v_scales=vs[..., 1:])
+    with pytest.raises(ValueError, match="ki_scales must be contiguous fp32"):
+        paged_indexer(qi, kip, table, lens, block_size=64, topk=3, ki_scales=kis.double())
+    with pytest.raises(TypeError, match="ki_scales goes with"):
+        paged_indexer(qi, dequantize(kip, kis), table, lens, block_size=64, topk=3,
+                      ki_scales=kis)
+
+
 def test_fused_decoder_reads_fp8_pages():
     pytest.importorskip("triton")
     from msa.inference import PagedDecoder
