@@ -33,7 +33,6 @@ from ..triton_utils import (LN2, LOG2E, dot, next_pow2, online_softmax_step, pre
                             upcast)
 
 
-
 @triton.jit
 def paged_block_max_kernel(
         QI, KI, KIS, PAGE_TABLE, SEQ_LENS, M, scale, max_pages,

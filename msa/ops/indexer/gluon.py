@@ -153,14 +153,14 @@ def supported(device, hi: int, di: int, block_size: int) -> bool:
 
 
 def launch_fp8_scan(q8, k8, ks, tiles, out, *, scale: float, block_size: int, block_t: int,
-                    topk: int) -> None:
-    """``fp8_scan_kernel`` over ``tiles`` (``msa.ops.plan.query_tiles``): ``q8 [total_q,
-    Hi, Di]`` and ``k8 [total_k, Di]`` e4m3 contiguous, ``ks [total_k]`` fp32, ``out
-    [Hi, total_q, topk]`` int32 pre-filled with -1."""
+                    kr: int, topk: int) -> None:
+    """``fp8_scan_kernel`` over ``tiles`` (``msa.ops.plan.query_tiles`` of ``block_t``
+    queries): ``q8 [total_q, Hi, Di]`` and ``k8 [total_k, Di]`` e4m3 contiguous, ``ks
+    [total_k]`` fp32, ``out [Hi, total_q, topk]`` int32 pre-filled with -1; ``kr`` kept
+    slots per row (a power of two >= ``topk - 1``)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     hi, di = q8.shape[1], q8.shape[2]
     desc = TensorDescriptor.from_tensor(k8, [block_size, di], key_layout())
-    kr = 1 << max(0, (topk - 2).bit_length())            # next power of two >= topk - 1
     fp8_scan_kernel[(tiles[0].numel(),)](
         q8, desc, ks, *tiles, out, scale, out.stride(0), out.stride(1), HI=hi, DI=di,
         BS=block_size, BLOCK_T=block_t, KR=kr, NRANK=topk - 1, STAGES=STAGES, num_warps=4)

@@ -124,14 +124,14 @@ def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, f
         out[..., 0] = seg.positions(qi.device) // block_size
     elif kernel == "gluon":
         from . import gluon
-        if not (fp8 and gluon.supported(qi.device, hi, di, block_size)):
+        if not (fp8 and block_t * hi == 128 and gluon.supported(qi.device, hi, di,
+                                                                block_size)):
             raise NotImplementedError("the Gluon scan is the FP8 scan on sm_90 for a "
-                                      "power-of-two Hi <= 16, Di = 128 and blocks of 128")
-        tiles = query_tiles(seg, 128 // hi, qi.device)
-        if tiles[0].numel():
-            gluon.launch_fp8_scan(qi.contiguous(), ki.contiguous(), ks, tiles, out,
-                                  scale=scale, block_size=block_size, block_t=128 // hi,
-                                  topk=topk)
+                                      "power-of-two Hi <= 16 in tiles of 128 // Hi queries, "
+                                      "Di = 128 and blocks of 128")
+        if tiles[0].numel():            # e4m3 copies: contiguous
+            gluon.launch_fp8_scan(qi, ki, ks, tiles, out, scale=scale, block_size=block_size,
+                                  block_t=block_t, kr=kr, topk=topk)
     elif tiles[0].numel():
         indexer_topk_kernel[(tiles[0].numel(),)](
             qi, ki, ks, *tiles, out, scale,
