@@ -20,7 +20,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                               warpgroup_mma)
+                                                               warpgroup_mma, warpgroup_mma_wait)
 
 STAGES = 3              # key blocks in flight (16 KB each)
 
@@ -39,47 +39,62 @@ def _load_keys(k_desc, k_ring, ready, empty, kbase, n_blocks, BS: gl.constexpr,
 
 
 @gluon.jit
+def _keep(acc, ks, blk, live, local, vals, ids, scale):
+    """Block ``blk``'s scores ``acc [M, BS]`` (e4m3 products) times the key scales ``ks``,
+    max-pooled per row, enter each row's kept set when ``live`` and better than its
+    worst."""
+    book: gl.constexpr = vals.type.layout
+    m = gl.convert_layout(gl.max(acc * gl.expand_dims(ks, 0), 1) * scale,
+                          gl.SliceLayout(1, book))
+    m = gl.where(m != m, -3.4028234663852886e38, m)         # NaN ranks last
+    m = gl.where(m == 0.0, 0.0, m)                          # -0 as +0
+    worst = gl.min(vals, 1)
+    wid = gl.max(gl.where(vals == gl.expand_dims(worst, 1), ids, -2147483647), 1)
+    ins = live & (blk < local) & (m > worst)
+    hit = gl.expand_dims(ins, 1) & (ids == gl.expand_dims(wid, 1))
+    return gl.where(hit, gl.expand_dims(m, 1), vals), gl.where(hit, blk, ids)
+
+
+@gluon.jit
 def _rank_rows(q_smem, k_ring, ready, empty, KS, OUT_ID, q0, n, kbase, off, n_blocks, scale,
                stride_oh, stride_ot, row0, HI: gl.constexpr, M: gl.constexpr,
                BS: gl.constexpr, KR: gl.constexpr, NRANK: gl.constexpr,
-               STAGES: gl.constexpr, WARPS: gl.constexpr):
+               STAGES: gl.constexpr, BOOK: gl.constexpr, WARPS: gl.constexpr):
     """One warpgroup ranks rows ``row0 .. row0 + M`` of the tile (token ``row // HI``,
-    index head ``row % HI``): scores of each key block by one e4m3 wgmma, max-pooled,
-    the ``NRANK`` best earlier blocks kept (as ``indexer_topk_kernel``)."""
+    index head ``row % HI``) as ``indexer_topk_kernel`` does: each key block scored by
+    one asynchronous e4m3 wgmma that runs while the previous block is max-pooled and
+    ranked; ``BOOK`` (``book_layout``) keeps each row of the kept set in the threads
+    that hold that row of the wgmma result."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BS, 32])
-    book: gl.constexpr = gl.BlockedLayout([1, KR // 2], [16, 2], [WARPS, 1], [1, 0])
-    rows_l: gl.constexpr = gl.SliceLayout(1, book)
-    slots_l: gl.constexpr = gl.SliceLayout(0, book)
+    rows_l: gl.constexpr = gl.SliceLayout(1, BOOK)
     offs_m = row0 + gl.arange(0, M, layout=rows_l)
     tok = offs_m // HI
     h = offs_m % HI
     rmask = tok < n
-    pos = off + tok
-    local = gl.where(rmask, pos // BS, 0)
-    slots = gl.arange(0, KR, layout=slots_l)
-    ids = gl.zeros([M, KR], gl.int32, book) - 1 - gl.expand_dims(slots, 0)
+    local = gl.where(rmask, (off + tok) // BS, 0)
+    slots = gl.arange(0, KR, layout=gl.SliceLayout(0, BOOK))
+    ids = gl.zeros([M, KR], gl.int32, BOOK) - 1 - gl.expand_dims(slots, 0)
     vals = gl.where(gl.expand_dims(slots, 0) < NRANK, float("-inf"), float("inf")) + \
-        gl.zeros([M, KR], gl.float32, book)
+        gl.zeros([M, KR], gl.float32, BOOK)
     offs_n = gl.arange(0, BS, layout=gl.SliceLayout(0, mma))
     zero = gl.zeros([M, BS], gl.float32, mma)
+    prev = zero
+    ks_prev = gl.zeros([BS], gl.float32, gl.SliceLayout(0, mma))
     for blk in range(n_blocks):
         s = blk % STAGES
-        mbarrier.wait(ready.index(s), (blk // STAGES) & 1)
-        acc = warpgroup_mma(q_smem, k_ring.index(s).permute((1, 0)), zero, use_acc=False)
-        mbarrier.arrive(empty.index(s), count=1)
         ks = gl.load(KS + kbase + blk * BS + offs_n)
-        m = gl.convert_layout(gl.max(acc * gl.expand_dims(ks, 0), 1) * scale, rows_l)
-        m = gl.where(m != m, -3.4028234663852886e38, m)         # NaN ranks last
-        m = gl.where(m == 0.0, 0.0, m)                          # -0 as +0
-        worst = gl.min(vals, 1)
-        wid = gl.max(gl.where(vals == gl.expand_dims(worst, 1), ids, -2147483647), 1)
-        ins = (blk < local) & (m > worst)
-        hit = gl.expand_dims(ins, 1) & (ids == gl.expand_dims(wid, 1))
-        vals = gl.where(hit, gl.expand_dims(m, 1), vals)
-        ids = gl.where(hit, blk, ids)
+        mbarrier.wait(ready.index(s), (blk // STAGES) & 1)
+        cur = warpgroup_mma(q_smem, k_ring.index(s).permute((1, 0)), zero, use_acc=False,
+                            is_async=True)
+        vals, ids = _keep(prev, ks_prev, blk - 1, blk > 0, local, vals, ids, scale)
+        cur = warpgroup_mma_wait(0, deps=[cur])
+        mbarrier.arrive(empty.index(s), count=1)
+        prev = cur
+        ks_prev = ks
+    vals, ids = _keep(prev, ks_prev, n_blocks - 1, n_blocks > 0, local, vals, ids, scale)
     valid = ids >= 0
-    rank = gl.zeros([M, KR], gl.int32, book)
+    rank = gl.zeros([M, KR], gl.int32, BOOK)
     for i in range(KR):
         pick = gl.expand_dims(slots, 0) == i
         vi = gl.max(gl.where(pick, vals, float("-inf")), 1)
@@ -97,7 +112,8 @@ def _rank_rows(q_smem, k_ring, ready, empty, KS, OUT_ID, q0, n, kbase, off, n_bl
 def fp8_scan_kernel(QI, k_desc, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, OUT_ID, scale,
                     stride_oh, stride_ot, HI: gl.constexpr, DI: gl.constexpr,
                     BS: gl.constexpr, BLOCK_T: gl.constexpr, KR: gl.constexpr,
-                    NRANK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                    NRANK: gl.constexpr, STAGES: gl.constexpr, BOOK: gl.constexpr,
+                    num_warps: gl.constexpr):
     """One program per tile of ``BLOCK_T`` queries x ``HI`` index heads (two halves of
     ``M`` rows, one per ranking warpgroup) over e4m3 ``QI [total_q * HI, DI]`` (row
     ``t * HI + h``) and keys ``k_desc`` (``[total_k, DI]`` e4m3, TMA) with key scales
@@ -130,10 +146,10 @@ def fp8_scan_kernel(QI, k_desc, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, OUT_I
     fence_async_shared()
     gl.warp_specialize([
         (_rank_rows, (q_lo, k_ring, ready, empty, KS, OUT_ID, q0, n, kbase, off, n_blocks,
-                      scale, stride_oh, stride_ot, 0, HI, M, BS, KR, NRANK, STAGES,
+                      scale, stride_oh, stride_ot, 0, HI, M, BS, KR, NRANK, STAGES, BOOK,
                       num_warps)),
         (_rank_rows, (q_hi, k_ring, ready, empty, KS, OUT_ID, q0, n, kbase, off, n_blocks,
-                      scale, stride_oh, stride_ot, M, HI, M, BS, KR, NRANK, STAGES, 4)),
+                      scale, stride_oh, stride_ot, M, HI, M, BS, KR, NRANK, STAGES, BOOK, 4)),
         (_load_keys, (k_desc, k_ring, ready, empty, kbase, n_blocks, BS, STAGES))],
         [4, 1], [232, 24])
 
@@ -141,6 +157,19 @@ def fp8_scan_kernel(QI, k_desc, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, OUT_I
 def key_layout():
     """Shared-memory layout of a ``[128, 128]`` e4m3 key block (TMA and wgmma)."""
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+
+
+def book_layout(kr: int):
+    """Layout of a ranking warpgroup's kept set ``[64, kr]``: row ``r`` in the four
+    threads (a lane quad) that hold row ``r`` of the ``m64`` wgmma result (lanes -> rows
+    1, 2, 4; one register bit -> row 8; warps -> rows 16, 32), its ``kr`` slots split
+    over the quad and registers, so that the per-row block maxima need no shuffle."""
+    cols = [1 << i for i in range(kr.bit_length() - 1)]
+    quad = (cols[-2:] + [0, 0])[:2]
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, c] for c in cols[:-2]] + [[8, 0]],
+        lane_bases=[[0, c] for c in quad] + [[1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, kr])
 
 
 def supported(device, hi: int, di: int, block_size: int) -> bool:
@@ -163,4 +192,5 @@ def launch_fp8_scan(q8, k8, ks, tiles, out, *, scale: float, block_size: int, bl
     desc = TensorDescriptor.from_tensor(k8, [block_size, di], key_layout())
     fp8_scan_kernel[(tiles[0].numel(),)](
         q8, desc, ks, *tiles, out, scale, out.stride(0), out.stride(1), HI=hi, DI=di,
-        BS=block_size, BLOCK_T=block_t, KR=kr, NRANK=topk - 1, STAGES=STAGES, num_warps=4)
+        BS=block_size, BLOCK_T=block_t, KR=kr, NRANK=topk - 1, STAGES=STAGES,
+        BOOK=book_layout(kr), num_warps=4)

@@ -20,7 +20,7 @@ from msa.ops.indexer import gluon
 keys = torch.zeros(1024, 128, dtype=torch.float8_e4m3fn)
 desc = TensorDescriptor.from_tensor(keys, [128, 128], gluon.key_layout())
 const = dict(HI=4, DI=128, BS=128, BLOCK_T=32, KR=32, NRANK=31, STAGES=gluon.STAGES,
-             num_warps=4)
+             BOOK=gluon.book_layout(32), num_warps=4)
 sig = {"QI": "*fp8e4nv", "k_desc": mangle_type(desc), "KS": "*fp32", "TILE_Q0": "*i32",
        "TILE_N": "*i32", "TILE_KBASE": "*i32", "TILE_OFF": "*i32", "OUT_ID": "*i32",
        "scale": "fp32", "stride_oh": "i64", "stride_ot": "i64",
@@ -60,7 +60,7 @@ def test_rows_equal_the_triton_fp8_scan(q_lens, k_lens, hi, topk):
     ki = torch.randn(sum(k_lens), 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)
     cu = [torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32)
           for x in (q_lens, k_lens)]
-    seg = make_segments(*cu, max(q_lens), max(k_lens))
+    seg = make_segments(sum(q_lens), sum(k_lens), *cu)
     want = scan_topk(qi, ki, seg, 128, topk, 0.088, True)
     got = scan_topk(qi, ki, seg, 128, topk, 0.088, True, kernel="gluon")
     same = (got.sort(-1).values == want.sort(-1).values).all(-1)
