@@ -27,7 +27,7 @@ from ..config import MSAConfig
 from ..functional import msa_indexer, msa_sparse_attention
 from ..ops.checks import check_page_scales
 from ..ops.decode.naive import gather_pages
-from ..ops.quant import E4M3, dequantize, quantize_e4m3
+from ..ops.quant import E4M3, dequantize, fake_quantize, quantize_e4m3
 from ..varlen import cu_seqlens_from_lengths
 from .decoder import PagedDecoder
 
@@ -318,9 +318,12 @@ def paged_indexer(qi, ki_pages, page_table, seq_lens, q_lens: Optional[List[int]
                   block_size: int, topk: int = 16, softmax_scale=None, ki_scales=None):
     """Top-k ``[Hi, total_q, topk]`` for queries ``qi [total_q, Hi, Di]`` (request-major;
     ``q_lens`` per request, default: equal split) over the paged index keys
-    ``ki_pages [pages, page, Di]`` (FP8 pages: with ``ki_scales [pages, page]``)."""
+    ``ki_pages [pages, page, Di]`` (FP8 pages: with ``ki_scales [pages, page]``, scored
+    against the queries quantized to e4m3 the same way, docs/semantics.md)."""
     q_lens = q_lens or [qi.shape[0] // page_table.shape[0]] * page_table.shape[0]
     check_page_scales(("ki_scales",), (ki_pages,), (ki_scales,))
+    if ki_scales is not None:
+        qi = fake_quantize(qi).to(qi.dtype)
     lens = _check_paged(ki_pages.unsqueeze(1), page_table, seq_lens, q_lens)
     ki = _gathered(ki_pages.unsqueeze(1), None if ki_scales is None else
                    ki_scales.unsqueeze(1), page_table, lens, qi.dtype)      # [T, 1, Di]

@@ -7,6 +7,7 @@
 * ``dot``: ``tl.dot`` with those flags;
 * ``online_softmax_step``: one key block of an online softmax;
 * ``rank_key``: the block-score key of the top-k rule (docs/semantics.md, "Selection");
+* ``to_e4m3``: fp32 -> e4m3 rounded to nearest even, as ``torch`` converts;
 * ``load_item`` / ``query_program``: a KV-outer work item, a per-(query, KV head) program.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton.language as tl
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)          # usable inside kernels
+INTERPRETED = tl.constexpr(INTERPRETER)
 
 
 def next_pow2(x: int) -> int:
@@ -74,6 +76,21 @@ def rank_key(m):
     (ties are then broken by the smaller block id by the caller)."""
     m = tl.where(m != m, -3.4028234663852886e38, m)
     return tl.where(m == 0.0, 0.0, m)
+
+
+@triton.jit
+def to_e4m3(x):
+    """fp32 ``x`` (``|x| <= 448``) -> e4m3, nearest even. Triton 3.6's interpreter rounds
+    this conversion wrongly (31.7 -> 16), so there the rounding is done in fp32 first:
+    steps of ``2^(e-3)`` in binade ``e``, ``2^-9`` below ``2^-6``."""
+    if INTERPRETED:
+        a = tl.abs(x)
+        step = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), -6.0) - 3.0)
+        y = a / step
+        r = tl.floor(y + 0.5)
+        r = tl.where((r - y == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
+        x = tl.where(x < 0, -r, r) * step
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .topk import TARGET_PROGRAMS, decode_topk
 from ..triton_utils import (LN2, LOG2E, dot, next_pow2, online_softmax_step, precision,
-                            upcast)
+                            to_e4m3, upcast)
 
 
 @triton.jit
@@ -53,6 +53,13 @@ def paged_block_max_kernel(
     qi = tl.load(QI + qrow[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
                  mask=rmask[:, None], other=0.0)
     m_off = qrow * stride_mc + h * stride_mh
+    row_scale = scale
+    if FP8:                 # the queries quantized as msa.ops.quant.quantize_e4m3 does
+        qf = qi.to(tl.float32)
+        amax = tl.max(tl.abs(qf), 1)
+        qs = tl.where(amax > 0, amax / 448.0, 1.0)
+        q8 = to_e4m3(tl.clamp(qf / qs[:, None], -448.0, 448.0))
+        row_scale = qs * scale              # max commutes with a positive row factor
     for jj in range(PAGES):                 # predicated (not branched): pipelined loads
         j = tl.program_id(1) * PAGES + jj
         live = j * BS < n                   # pages past the end: no loads, M = -inf
@@ -62,13 +69,13 @@ def paged_block_max_kernel(
             ki = tl.load(kptr, mask=(live & (j * BS + offs_n < n))[:, None], other=0.0)
         else:                           # whole pages of a pool: read them whole
             ki = tl.load(kptr, mask=live, other=0.0)
-        if FP8:                         # e4m3 rows (exact in the query's type) x row scales
-            s = dot(qi, tl.trans(ki.to(qi.dtype)), PRECISION, UPCAST) * scale * \
+        if FP8:                         # e4m3 x e4m3 products x the keys' row scales
+            s = dot(q8, tl.trans(ki), "tf32", False) * \
                 tl.load(KIS + page * BS + offs_n, mask=live, other=0.0)[None, :]
         else:
-            s = dot(qi, tl.trans(ki), PRECISION, UPCAST) * scale
+            s = dot(qi, tl.trans(ki), PRECISION, UPCAST)
         s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
-        tl.store(M + m_off + j, tl.max(s, 1), mask=rmask & (j < max_pages))
+        tl.store(M + m_off + j, tl.max(s, 1) * row_scale, mask=rmask & (j < max_pages))
 
 
 @triton.jit
@@ -183,7 +190,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                  max_pages: int, num_kv_heads: int, block_max, topk_indices, out, lse, po,
                  pl, block_size: int, scale: float, index_scale: float, kv_strides=None,
                  ki_strides=None, ki_page_table=None, mask_tail: bool = False,
-                 pages_per_program: int = None, index_stages: int = 3,
+                 pages_per_program: int = None, index_stages: int = None,
                  k_scales=None, v_scales=None, ki_scales=None) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph): ``paged_select`` then ``paged_attend``.
@@ -201,7 +208,8 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     out ``[B*Q, Hq, D]``, lse ``[B*Q, Hq]`` fp32; po / pl: split partials of at least
     ``partial_rows`` rows x ``G_pad * D`` / ``G_pad`` fp32. FP8 pages (e4m3 ``k, v, ki``)
     come with their row scales: ``k_scales, v_scales [P, Hkv, page]``, ``ki_scales
-    [P, page]`` fp32, contiguous (``msa.ops.quant``).
+    [P, page]`` fp32, contiguous (``msa.ops.quant``); e4m3 index keys are scored against
+    e4m3 index queries (quantized in the kernel by the same rule, docs/semantics.md).
     """
     paged_select(qi, ki, page_table if ki_page_table is None else ki_page_table, seq_lens,
                  batch=batch, num_q=num_q, max_pages=max_pages, block_max=block_max,
@@ -218,7 +226,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
 def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_pages: int,
                  block_max, topk_indices, block_size: int, index_scale: float,
                  ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
-                 index_stages: int = 3, ki_scales=None) -> None:
+                 index_stages: int = None, ki_scales=None) -> None:
     """The selection of a decode step (see ``paged_decode``): block maxima of the index
     scores into ``block_max``, the top-k into ``topk_indices [Hi, B*Q, K]`` (any strides
     with a contiguous last dim)."""
@@ -233,7 +241,8 @@ def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_page
         ki_table.stride(0), block_max.stride(0), block_max.stride(1),
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
         BS=block_size, PAGES=per, PRECISION=prec, UPCAST=up, MASK_TAIL=mask_tail,
-        FP8=ki_scales is not None, num_warps=4, num_stages=index_stages)
+        FP8=ki_scales is not None, num_warps=4,
+        num_stages=index_stages or (3 if ki_scales is None else 2))
     decode_topk(block_max, seq_lens, topk_indices, batch=b, num_q=nq, max_pages=max_pages,
                 block_size=block_size)
 

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from msa.ops.decode.triton import paged_decode, partial_rows  # noqa: E402
-from msa.ops.quant import dequantize, quantize_e4m3  # noqa: E402
+from msa.ops.quant import dequantize, fake_quantize, quantize_e4m3  # noqa: E402
 from tests.helpers import DEVICE  # noqa: E402
 from tests.ops.decode.test_triton import BS, D, HKV, HQ, K, _cache  # noqa: E402
 
@@ -18,13 +18,14 @@ def _run(q, qi, k, v, ki, table, lens, nq, **scales):
     lse = torch.full((rows, HQ), float("nan"), **f32)
     topk = torch.full((hi, rows, K), -7, dtype=torch.int32, device=DEVICE)
     n = partial_rows(len(lens), nq, HKV, K)
+    block_max = torch.full((rows, hi, table.shape[1]), float("nan"), **f32)
     paged_decode(q, qi, k, v, ki, table, lens, batch=len(lens), num_q=nq,
                  max_pages=table.shape[1], num_kv_heads=HKV,
-                 block_max=torch.empty(rows, hi, table.shape[1], **f32), topk_indices=topk,
+                 block_max=block_max, topk_indices=topk,
                  out=out, lse=lse, po=torch.empty(n * 16 * D, **f32),
                  pl=torch.empty(n * 16, **f32), block_size=BS, scale=D ** -0.5,
                  index_scale=D ** -0.5, **scales)
-    return out, lse, topk
+    return out, lse, topk, block_max
 
 
 @pytest.mark.parametrize("lengths,nq", [((300, 65, 129), 1), ((200, 130), 4)])
@@ -43,10 +44,14 @@ def test_fp8_pages_decode_like_their_dequantized_copy(lengths, nq):
         ks[last, :, n % BS or BS:] = float("inf")
         vs[last, :, n % BS or BS:] = float("nan")
     got = _run(q, qi, k8, v8, ki8, table, lens, nq, k_scales=ks, v_scales=vs, ki_scales=kis)
-    want = _run(q, qi, dequantize(k8, ks).nan_to_num(0.0, 0.0, 0.0),
+    # e4m3 index keys are scored against e4m3 index queries (docs/semantics.md)
+    want = _run(q, fake_quantize(qi), dequantize(k8, ks).nan_to_num(0.0, 0.0, 0.0),
                 dequantize(v8, vs).nan_to_num(0.0, 0.0, 0.0), dequantize(ki8, kis), table,
                 lens, nq)
     assert torch.equal(got[2], want[2])
+    assert torch.equal(got[3].isfinite(), want[3].isfinite())
+    seen = want[3].isfinite()
+    torch.testing.assert_close(got[3][seen], want[3][seen], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     # and near the unquantized cache (e4m3: 3 mantissa bits)
