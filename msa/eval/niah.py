@@ -126,12 +126,17 @@ def best_mass(mass: torch.Tensor, seg: Segments, cfg: MSAConfig, num_groups: int
     return (mass * keep).sum(-1).mean().item()
 
 
-def as_fp8_cache(k, v, ki, which: str):
-    """The values an FP8 cache returns for ``k, v`` (``which="kv"``) or ``k, v, ki``
-    (``"all"``): e4m3 rows with one scale each, dequantized (``msa.ops.quant``)."""
+def as_fp8_cache(k, v, ki, qi, which: str):
+    """What scoring and attention see of ``k, v`` (``which="kv"``) or ``k, v, ki``
+    (``"all"``) held by an FP8 cache: e4m3 rows with one scale each, dequantized
+    (``msa.ops.quant``); e4m3 index keys are scored against e4m3 index queries, so
+    ``"all"`` quantizes ``qi`` as well (docs/semantics.md). Returns ``k, v, ki, qi``."""
     from ..ops.quant import fake_quantize
-    k, v = ((fake_quantize(x).to(x.dtype) for x in (k, v)) if which != "none" else (k, v))
-    return k, v, fake_quantize(ki).to(ki.dtype) if which == "all" else ki
+
+    def fq(x):
+        return fake_quantize(x).to(x.dtype)
+    k, v = (fq(k), fq(v)) if which != "none" else (k, v)
+    return (k, v, fq(ki), fq(qi)) if which == "all" else (k, v, ki, qi)
 
 
 def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="cpu",
@@ -143,7 +148,7 @@ def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="c
     needle = _needle_position(T, depth, probe, cfg.block_size)
     q, k, v0, qi, ki = make_haystack(T, cfg, needle, n_queries=probe, probe=probe,
                                      device=device, dtype=dtype, seed=seed)
-    k, v, ki = as_fp8_cache(k, v0, ki, fp8_cache)
+    k, v, ki, qi = as_fp8_cache(k, v0, ki, qi, fp8_cache)
     i32 = dict(dtype=torch.int32, device=device)
     cu_q, cu_k = torch.tensor([0, probe], **i32), torch.tensor([0, T], **i32)
     with torch.no_grad():

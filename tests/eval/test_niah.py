@@ -19,12 +19,15 @@ def test_fp8_cache_keeps_the_needle_and_quantizes_what_it_says():
     import torch
     from msa.eval.niah import as_fp8_cache
     from msa.ops.quant import fake_quantize
-    k, v, ki = (torch.randn(300, 2, 64) for _ in range(3))
-    k8, v8, ki8 = as_fp8_cache(k, v, ki, "kv")
-    assert torch.equal(ki8, ki) and torch.equal(k8, fake_quantize(k))
+    k, v, ki, qi = (torch.randn(300, 2, 64) for _ in range(4))
+    k8, v8, ki8, qi8 = as_fp8_cache(k, v, ki, qi, "kv")
+    assert torch.equal(ki8, ki) and torch.equal(qi8, qi) and torch.equal(k8, fake_quantize(k))
     assert not torch.equal(k8, k) and torch.equal(v8, fake_quantize(v))
-    assert torch.equal(as_fp8_cache(k, v, ki, "all")[2], fake_quantize(ki))
-    assert all(torch.equal(a, b) for a, b in zip(as_fp8_cache(k, v, ki, "none"), (k, v, ki)))
+    everything = as_fp8_cache(k, v, ki, qi, "all")      # e4m3 index keys meet e4m3 queries
+    assert torch.equal(everything[2], fake_quantize(ki))
+    assert torch.equal(everything[3], fake_quantize(qi))
+    assert all(torch.equal(a, b) for a, b in zip(as_fp8_cache(k, v, ki, qi, "none"),
+                                                 (k, v, ki, qi)))
     assert main(["niah", "--length", "5k", "--depths", "0,1", "--device", "cpu",
                  "--no-progress", "--fp8-cache", "all"]) == 0      # the needle: selected
 
