@@ -67,7 +67,8 @@ def test_decode_step_reads_nothing_back_to_the_host(monkeypatch):
     from msa.integrations.transformers import decode
     calls = []
     fused = decode.fused_decode
-    monkeypatch.setattr(decode, "fused_decode", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(decode, "fused_decode",
+                        lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     _, model = _models("G2-B128", backend="triton")
     model = model.to(DEVICE)
     model.config._experts_implementation = "batched_mm"     # as GraphedDecoder captures

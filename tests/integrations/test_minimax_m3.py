@@ -154,7 +154,8 @@ def test_triton_path_in_the_interpreter(monkeypatch):
     from msa.integrations.transformers import decode
     calls = []
     fused = decode.fused_decode
-    monkeypatch.setattr(decode, "fused_decode", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(decode, "fused_decode",
+                        lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     from tests.helpers import DEVICE
     eager, model = (m.to(DEVICE) for m in _models("G2-B128", backend="triton"))
     ids = torch.randint(3, 300, (1, 300), generator=torch.Generator().manual_seed(5)).to(DEVICE)

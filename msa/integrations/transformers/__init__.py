@@ -11,7 +11,8 @@ trainable index projections::
 Queries attend as the causal suffix of the cached keys, so prefill, chunked prefill
 (``generate(..., prefill_chunk_size=...)``) and ``generate()`` with a cache work; padded
 batches are packed into varlen sequences (``padding.py``). ``GraphedDecoder`` decodes
-with the whole step in one CUDA graph (``graphs.py``). Docs: docs/minimax_m3.md,
+with the whole step in one CUDA graph (``graphs.py``); ``fp8_static_cache`` holds a
+MiniMax-M3 model's sparse layers in e4m3 (``fp8_cache.py``). Docs: docs/minimax_m3.md,
 docs/integration.md.
 """
 from __future__ import annotations
@@ -26,7 +27,16 @@ from .llama import add_index_projections, attention_modules
 from .minimax_m3 import IndexInputs, check_supported, indexer_forward, is_minimax_m3, text_config
 
 __all__ = ["enable_msa", "register", "msa_attention_forward", "add_index_projections",
-           "attention_modules", "indexer_kl_loss", "IndexInputs", "NAME", "GraphedDecoder"]
+           "attention_modules", "indexer_kl_loss", "IndexInputs", "NAME", "GraphedDecoder",
+           "fp8_static_cache"]
+
+
+def fp8_static_cache(model, max_cache_len: int, index_dtype=None):
+    """A static cache for a MiniMax-M3 model on msa whose sparse layers store K/V (and,
+    with ``index_dtype=torch.float8_e4m3fn``, the index keys) in e4m3 with per-row scales;
+    see ``msa.integrations.transformers.fp8_cache``."""
+    from .fp8_cache import fp8_static_cache as build
+    return build(model, max_cache_len, index_dtype)
 
 
 def enable_msa(model, *, block_size: Optional[int] = None, topk: Optional[int] = None,

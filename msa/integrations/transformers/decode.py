@@ -7,7 +7,9 @@ The cache holds ``keys, values [B, Hkv, Tk, D]`` and ``idx_keys [B, 1, Tk, Di]``
 and for larger batches when ``Tk`` is a multiple of ``BS`` (a static cache sized so).
 ``msa.ops.decode.triton.paged_decode`` then reads the blocks in place: no copy of the
 cache, no host synchronisation, the same kernels and selection rule as
-``msa.inference.PagedDecoder``.
+``msa.inference.PagedDecoder``. An FP8 cache (``fp8_cache.py``) adds row scales ``[B,
+Hkv, Tk]`` (page stride ``BS``, head stride ``Tk``) and, for e4m3 index keys, ``[B, 1,
+Tk]`` (page ``b*NB + j`` at ``(b*NB + j) * BS``).
 """
 from __future__ import annotations
 
@@ -49,11 +51,13 @@ def _tables(b: int, hkv: int, nb: int, device):
 
 @torch.compiler.disable                   # under torch.compile: launched as is, not traced
 def fused_decode(module, q, qi, key, value, ki, config: MSAConfig,
-                 position_ids) -> torch.Tensor:
+                 position_ids, scales=None) -> torch.Tensor:
     """``q [B, Tq, Hq, D]``, ``qi [B, Tq, Hi, Di]``, ``key, value [B, Hkv, Tk, D]``
     (contiguous), ``ki [B, Tk, 1, Di]`` (a view of ``idx_keys [B, 1, Tk, Di]``) ->
     ``[B, Tq, Hq, D]``. The real length is ``position_ids[..., -1] + 1`` (read on the
-    device), or ``Tk``."""
+    device), or ``Tk``. ``scales``: an FP8 cache's ``(k_scales, v_scales [B, Hkv, Tk],
+    ki_scales [B, 1, Tk] or None)`` for e4m3 ``key, value`` (and ``ki``)."""
+    from ...ops.checks import check_fp8_device
     from ...ops.decode.triton import paged_decode
     c = config
     b, tq = q.shape[:2]
@@ -78,11 +82,15 @@ def fused_decode(module, q, qi, key, value, ki, config: MSAConfig,
         last = position_ids.reshape(-1, position_ids.shape[-1])[:, -1]
         seq_lens = (last + 1).to(torch.int32).expand(b).contiguous()
     out, topk = buf.out[:rows], buf.topk_indices[:, :rows]
+    ks, vs, kis = scales or (None, None, None)
+    if scales is not None:
+        check_fp8_device("past_key_values (an FP8 cache)", key)
     paged_decode(q.reshape(rows, *q.shape[2:]), qi.reshape(rows, *qi.shape[2:]), key, value,
                  ki, kv_table, seq_lens, batch=b, num_q=tq, max_pages=nb, num_kv_heads=hkv,
                  block_max=buf.block_max[:rows, :, :nb], topk_indices=topk, out=out,
                  lse=buf.lse[:rows], po=buf.partial_out, pl=buf.partial_lse, block_size=bs,
                  scale=c.scale, index_scale=c.index_scale, kv_strides=(bs * d, tk * d, d),
-                 ki_strides=(bs * di, di), ki_page_table=ki_table, mask_tail=True)
+                 ki_strides=(bs * di, di), ki_page_table=ki_table, mask_tail=True,
+                 k_scales=ks, v_scales=vs, ki_scales=kis, scale_strides=(bs, tk))
     module.msa_last_kl = None
     return out.view(b, tq, *out.shape[1:]).clone()

@@ -41,10 +41,12 @@ FAMILY = ("minimax_m3_vl", "minimax_m3_vl_text")
 class IndexInputs(NamedTuple):
     """What the index branch hands to a sparse layer's attention: ``qi [B, Tq, Hi, Di]``
     and the cached index keys ``ki [B, Tk, 1, Di]`` (``Tk`` may exceed the real length in
-    a static cache)."""
+    a static cache); with an FP8 cache (``fp8_cache.py``) the layer's ``scales``
+    ``(k_scales, v_scales [B, Hkv, Tk], ki_scales [B, 1, Tk] or None)``."""
 
     qi: torch.Tensor
     ki: torch.Tensor
+    scales: Optional[tuple] = None
 
 
 def is_minimax_m3(model) -> bool:
@@ -97,9 +99,13 @@ def indexer_forward(self, hidden_states, position_embeddings, cache, position_id
     cos, sin = position_embeddings
     rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
     qi, ki = rope(qi, ki, cos[..., :d], sin[..., :d])
+    scales = None
     if cache is not None:
-        ki = cache.layers[self.layer_idx].update_index(ki)
-    return IndexInputs(qi.transpose(1, 2), ki.transpose(1, 2))
+        layer = cache.layers[self.layer_idx]
+        ki = layer.update_index(ki)
+        if hasattr(layer, "fp8_index_keys"):          # an FP8 cache layer (fp8_cache.py)
+            scales = layer.scales()
+    return IndexInputs(qi.transpose(1, 2), ki.transpose(1, 2), scales)
 
 
 def sparse_attention(module, query, key, value, inputs: IndexInputs, mask, scaling,
@@ -111,10 +117,18 @@ def sparse_attention(module, query, key, value, inputs: IndexInputs, mask, scali
     b, tq = query.shape[0], query.shape[2]
     tk = key.shape[2]
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    qi, ki = inputs
+    qi, ki, fp8 = inputs
     mode = getattr(cfg, "msa_mode", "sparse")
     train = bool(getattr(cfg, "msa_train_indexer", False))
     backend = getattr(cfg, "msa_backend", "auto")
+    if not isinstance(mask, Padding):
+        from .decode import fused_decode, use_fused_decode
+        if use_fused_decode(q, key, config, train and torch.is_grad_enabled(), mode, backend):
+            return fused_decode(module, q, qi, key, value, inputs.ki, config, position_ids,
+                                scales=fp8)
+        k, v, ki = written(tk, position_ids, tq, k, v, ki)
+    if fp8 is not None:
+        k, v, ki, qi = dequantized(k, v, ki, qi, fp8, q.dtype)
     if isinstance(mask, Padding):
         p = mask.packing(tq, tk)
         out, aux = msa_attention(pack(q, p.q_index), pack(k, p.k_index), pack(v, p.k_index),
@@ -123,14 +137,26 @@ def sparse_attention(module, query, key, value, inputs: IndexInputs, mask, scali
                                  train_indexer=train, return_aux=True, backend=backend)
         module.msa_last_kl = aux.kl_loss
         return unpack(out, p.q_index, b, tq)
-    from .decode import fused_decode, use_fused_decode
-    if use_fused_decode(q, key, config, train and torch.is_grad_enabled(), mode, backend):
-        return fused_decode(module, q, qi, key, value, inputs.ki, config, position_ids)
-    k, v, ki = written(tk, position_ids, tq, k, v, ki)
     out, aux = msa_attention(q, k, v, qi, ki, config=config, mode=mode, train_indexer=train,
                              return_aux=True, backend=backend)
     module.msa_last_kl = aux.kl_loss
     return out
+
+
+def dequantized(k, v, ki, qi, scales, dtype):
+    """The rows an FP8 cache holds, read back: ``k, v [B, n, Hkv, D]`` and ``ki [B, n, 1,
+    Di]`` (the first ``n`` slots; e4m3 index keys only with a ``ki_scales``) times their
+    scales ``[B, H, >= n]``, as ``dtype``; ``qi`` quantized to e4m3 and back when the index
+    keys are e4m3 (they are scored against e4m3 queries, docs/semantics.md)."""
+    from ...ops.quant import dequantize, fake_quantize
+    n = k.shape[1]
+
+    def read(x, s):
+        return dequantize(x, s.transpose(1, 2)[:, :n]).to(dtype)
+    k, v = read(k, scales[0]), read(v, scales[1])
+    if scales[2] is not None:
+        ki, qi = read(ki, scales[2]), fake_quantize(qi).to(qi.dtype)
+    return k, v, ki, qi
 
 
 def dense_causal(query, key, value, mask, scaling, position_ids):

@@ -66,12 +66,14 @@ def paged_block_max_kernel(
         page = tl.load(PAGE_TABLE + b * stride_tb + j, mask=live, other=0).to(tl.int64)
         kptr = KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :]
         if MASK_TAIL:                   # rows past the last token may lie past the tensor
-            ki = tl.load(kptr, mask=(live & (j * BS + offs_n < n))[:, None], other=0.0)
+            rows = live & (j * BS + offs_n < n)
+            ki = tl.load(kptr, mask=rows[:, None], other=0.0)
         else:                           # whole pages of a pool: read them whole
+            rows = live
             ki = tl.load(kptr, mask=live, other=0.0)
         if FP8:                         # e4m3 x e4m3 products x the keys' row scales
             s = dot(q8, tl.trans(ki), "tf32", False) * \
-                tl.load(KIS + page * BS + offs_n, mask=live, other=0.0)[None, :]
+                tl.load(KIS + page * BS + offs_n, mask=rows, other=0.0)[None, :]
         else:
             s = dot(qi, tl.trans(ki), PRECISION, UPCAST)
         s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
@@ -82,7 +84,7 @@ def paged_block_max_kernel(
 def paged_decode_attn_kernel(
         Q, K, V, KS, VS, TOPK_INDICES, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, scale_log2,
         stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
-        stride_tb, stride_ot, stride_oh, stride_lt,
+        stride_tb, stride_ot, stride_oh, stride_lt, stride_sp, stride_sh,
         NQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
         G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
         PER_SPLIT: tl.constexpr, NSPLIT: tl.constexpr, PRECISION: tl.constexpr,
@@ -112,8 +114,8 @@ def paged_decode_attn_kernel(
                 offs_d[None, :]
             kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
             vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
-            if FP8:                 # e4m3 rows x their scales ([page, head, token] fp32);
-                soff = (page * HKV + h) * BS + offs_n      # slots past pos: never read
+            if FP8:                 # e4m3 rows x their scales (token stride 1);
+                soff = page * stride_sp + h * stride_sh + offs_n    # past pos: never read
                 kt = (kt.to(tl.float32) * tl.load(KS + soff, mask=kmask, other=0.0)[:, None]
                       ).to(qt.dtype)
                 vt = (vt.to(tl.float32) * tl.load(VS + soff, mask=kmask, other=0.0)[:, None]
@@ -191,7 +193,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                  pl, block_size: int, scale: float, index_scale: float, kv_strides=None,
                  ki_strides=None, ki_page_table=None, mask_tail: bool = False,
                  pages_per_program: int = None, index_stages: int = None,
-                 k_scales=None, v_scales=None, ki_scales=None) -> None:
+                 k_scales=None, v_scales=None, ki_scales=None, scale_strides=None) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph): ``paged_select`` then ``paged_attend``.
 
@@ -210,6 +212,9 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     come with their row scales: ``k_scales, v_scales [P, Hkv, page]``, ``ki_scales
     [P, page]`` fp32, contiguous (``msa.ops.quant``); e4m3 index keys are scored against
     e4m3 index queries (quantized in the kernel by the same rule, docs/semantics.md).
+    ``scale_strides``: the (page, head) strides of ``k_scales, v_scales`` when they are
+    other tensors addressed that way (their token stride is 1; the index-key scale of
+    token ``n`` of page ``p`` is ``ki_scales.view(-1)[p * page + n]``).
     """
     paged_select(qi, ki, page_table if ki_page_table is None else ki_page_table, seq_lens,
                  batch=batch, num_q=num_q, max_pages=max_pages, block_max=block_max,
@@ -220,7 +225,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     paged_attend(q, k, v, topk_indices, page_table, seq_lens, batch=batch, num_q=num_q,
                  num_kv_heads=num_kv_heads, out=out, lse=lse, po=po, pl=pl,
                  block_size=block_size, scale=scale, kv_strides=kv_strides,
-                 k_scales=k_scales, v_scales=v_scales)
+                 k_scales=k_scales, v_scales=v_scales, scale_strides=scale_strides)
 
 
 def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_pages: int,
@@ -249,7 +254,8 @@ def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_page
 
 def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num_q: int,
                  num_kv_heads: int, out, lse, po, pl, block_size: int, scale: float,
-                 kv_strides=None, k_scales=None, v_scales=None) -> None:
+                 kv_strides=None, k_scales=None, v_scales=None,
+                 scale_strides=None) -> None:
     """The attention of a decode step over ``topk_indices [Hs, B*Q, K]`` (see
     ``paged_decode``), split over the selected blocks and merged by LSE."""
     rows = batch * num_q
@@ -257,6 +263,7 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     hq, d = q.shape[1], q.shape[2]
     kv_strides = kv_strides or (k.stride(0), k.stride(1), k.stride(2))
     hkv = num_kv_heads
+    scale_strides = scale_strides or (hkv * block_size, block_size)
     g = hq // hkv
     prec, up = precision(q.dtype), upcast(q.dtype)
     nsplit, per_split = decode_splits(rows, hkv, topk)
@@ -265,7 +272,7 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
         q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, po, pl,
         scale * LOG2E, q.stride(0), q.stride(1), kv_strides[0], kv_strides[1],
         kv_strides[2], topk_indices.stride(0), topk_indices.stride(1),
-        page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
         NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size,
         TOPK=topk, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,
         FP8=k_scales is not None, num_warps=4)

@@ -6,13 +6,13 @@ index head), then the local block, then -1), built the way Triton's own ``tl.*``
 pipelining cannot build it (its automatic warp specialization rejects this loop,
 docs/experiments.md): one loader warp brings each key block into a shared-memory ring
 by TMA, two ranking warpgroups each own half of the tile's ``BLOCK_T x Hi`` rows, run one
-e4m3 wgmma per key block on the shared block and do the max-pool and the top-k
-bookkeeping of their rows while the other warpgroup's MMA runs.
+asynchronous e4m3 wgmma per key block on the shared block and do the max-pool and the
+top-k bookkeeping of the previous block while it runs.
 
-Status: compiled for sm_90a and checked against the Triton scan by
-``tests/ops/indexer/test_gluon.py`` on a GPU; not selected by default (``scan_topk``
-takes ``kernel="gluon"``); ``python -m msa bench prefill --index-precision fp8`` times it
-beside the Triton scan where it can run.
+Status: its rows equal the Triton scan's on a Hopper GPU
+(``tests/ops/indexer/test_gluon.py``), but it is slower (548 vs 741-750 TFLOP/s at 1M
+tokens on an H200, docs/fp8_index.md), so ``scan_topk`` runs it only when asked
+(``kernel="gluon"``); ``python -m msa bench prefill --index-precision fp8`` times both.
 """
 from __future__ import annotations
 

@@ -1,0 +1,140 @@
+"""An FP8 (e4m3) static cache for MiniMax-M3 on msa: ``fp8_static_cache(model, L)``.
+
+A transformers ``StaticCache`` whose ``minimax_m3_sparse`` layers are ``FP8SparseLayer``:
+keys and values ``[B, Hkv, L, D]`` in e4m3 with one fp32 scale per token and head
+(``k_scales, v_scales [B, Hkv, L]``, ``msa.ops.quant``), quantized when tokens are
+written; index keys ``[B, 1, L, Di]`` in the model's dtype, or e4m3 with ``ki_scales
+[B, 1, L]`` when asked (faster decode, a different selection: docs/inference.md).
+Full-attention layers keep transformers' bf16 ``StaticLayer``.
+
+The sparse layers' attention (``minimax_m3.sparse_attention``) decodes by reading the
+e4m3 rows in place with the fused decoder, and dequantizes the written rows for prefill.
+A row holding NaN or inf reads back as NaN (no host check on the decode path), which
+poisons the attention output as it would with a bf16 cache.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from transformers import StaticCache
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import \
+    MiniMaxM3VLSparseStaticCacheLayer
+
+from ...ops.quant import E4M3, quantize_e4m3
+
+SPARSE = "minimax_m3_sparse"
+
+
+def _write(store: torch.Tensor, scales: torch.Tensor, pos: torch.Tensor,
+           x: torch.Tensor) -> None:
+    """Rows ``x [B, H, n, D]`` quantized into ``store [B, H, L, D]`` (e4m3) and ``scales
+    [B, H, L]`` at slots ``pos [n]``."""
+    x8, s = quantize_e4m3(x)
+    store.view(torch.uint8).index_copy_(2, pos, x8.view(torch.uint8))
+    scales.index_copy_(2, pos, s)
+
+
+class FP8SparseLayer(MiniMaxM3VLSparseStaticCacheLayer):
+    """A sparse layer's static cache in e4m3 (see the module docstring): ``update``
+    returns the e4m3 ``keys, values``, ``update_index`` the index keys; ``scales()``
+    gives ``(k_scales, v_scales, ki_scales or None)``."""
+
+    _layer_type = None      # not registered: transformers' own caches keep their layers
+
+    def __init__(self, max_cache_len: int, fp8_index_keys: bool = False, **kwargs):
+        super().__init__(max_cache_len)
+        self.fp8_index_keys = fp8_index_keys
+        self.k_scales = self.v_scales = self.ki_scales = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        b, h, n = self.batch_size, self.num_heads, self.max_cache_len
+        self.keys = torch.zeros(b, h, n, self.k_head_dim, dtype=E4M3, device=self.device)
+        self.values = torch.zeros(b, h, n, self.v_head_dim, dtype=E4M3, device=self.device)
+        self.k_scales = torch.ones(b, h, n, dtype=torch.float32, device=self.device)
+        self.v_scales = torch.ones(b, h, n, dtype=torch.float32, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        pos = torch.arange(n, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(n)
+        _write(self.keys, self.k_scales, pos, key_states)
+        _write(self.values, self.v_scales, pos, value_states)
+        return self.keys, self.values
+
+    def update_index(self, idx_k: torch.Tensor) -> torch.Tensor:
+        if not self.fp8_index_keys:
+            return super().update_index(idx_k)
+        if self.idx_keys is None:
+            b, h, _, d = idx_k.shape
+            self.idx_keys = torch.zeros(b, h, self.max_cache_len, d, dtype=E4M3,
+                                        device=idx_k.device)
+            self.ki_scales = torch.ones(b, h, self.max_cache_len, dtype=torch.float32,
+                                        device=idx_k.device)
+            self.idx_cumulative_length = self.idx_cumulative_length.to(idx_k.device)
+        n = idx_k.shape[-2]
+        pos = torch.arange(n, device=idx_k.device) + self.idx_cumulative_length
+        self.idx_cumulative_length.add_(n)
+        _write(self.idx_keys, self.ki_scales, pos, idx_k)
+        return self.idx_keys
+
+    def scales(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        return self.k_scales, self.v_scales, self.ki_scales
+
+    def reset(self) -> None:
+        for x in (self.keys, self.values, self.idx_keys):
+            if x is not None:
+                x.view(torch.uint8).zero_()
+        for s in (self.k_scales, self.v_scales, self.ki_scales):
+            if s is not None:
+                s.fill_(1.0)
+        self.cumulative_length.zero_()
+        self.idx_cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        def pick(x):
+            if x is None:
+                return None
+            i = beam_idx.to(x.device)
+            if x.dtype == E4M3:
+                return x.view(torch.uint8).index_select(0, i).view(E4M3)
+            return x.index_select(0, i)
+        self.keys, self.values, self.idx_keys = map(pick, (self.keys, self.values,
+                                                            self.idx_keys))
+        self.k_scales, self.v_scales, self.ki_scales = map(pick, self.scales())
+
+
+def fp8_static_cache(model, max_cache_len: int,
+                     index_dtype: Optional[torch.dtype] = None) -> StaticCache:
+    """A ``StaticCache`` of ``max_cache_len`` slots for a MiniMax-M3 model switched to msa
+    (``enable_msa``) whose sparse layers hold K/V in e4m3 (``index_dtype=torch.
+    float8_e4m3fn``: the index keys too). Pass it as ``past_key_values`` to
+    ``model.generate`` or ``model(...)``. For batches above 1, ``max_cache_len`` must be a
+    multiple of the block size (as for any static cache the fused decoder reads)."""
+    from .minimax_m3 import is_minimax_m3, text_config
+    if not is_minimax_m3(model):
+        raise TypeError("fp8_static_cache is for MiniMax-M3 models (transformers' "
+                        "minimax_m3_vl)")
+    if getattr(model.config, "_attn_implementation", None) != "msa":
+        raise ValueError("fp8_static_cache needs the model switched to msa first "
+                         "(enable_msa(model)): transformers' own attention cannot read "
+                         "e4m3 keys")
+    if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or \
+            max_cache_len < 1:
+        raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+    if index_dtype not in (None, E4M3):
+        raise ValueError(f"index_dtype must be None (the model's dtype) or "
+                         f"torch.float8_e4m3fn, got {index_dtype}")
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    for i, kind in enumerate(text_config(model).layer_types):
+        if kind == SPARSE:
+            cache.layers[i] = FP8SparseLayer(max_cache_len, fp8_index_keys=index_dtype == E4M3)
+    return cache
