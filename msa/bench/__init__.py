@@ -39,6 +39,11 @@ def add_parser(sub) -> None:
                    help="prefill: index scoring precisions timed in the same run, "
                         "comma-separated: input, fp8 (e4m3 scan + exact re-scoring of the "
                         "candidates); input is always timed (default input)")
+    p.add_argument("--parts", default="step,prefill,eager,decode", metavar="LIST",
+                   help="m3: the parts to run after the check, comma-separated: step (a "
+                        "sparse layer at 128K), prefill, eager (its memory limit), decode "
+                        "(per-token times by cache, graphed decode, PagedDecoder) "
+                        "(default all)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write the results to this JSON file (default: "
                         "bench_<case>_<gpu>_<date>.json in the current folder)")

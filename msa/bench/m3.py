@@ -10,7 +10,8 @@ else (hidden 1024, two layers: one full-attention, one sparse; random weights; b
 * prefill of the model at each length (time, peak memory), and the longest prefill
   transformers' eager implementation runs before it runs out of memory;
 * decoding 1K tokens after a 128K prompt: time per token of the sparse layer's
-  attention (dynamic and static cache), next to ``PagedDecoder.run`` at that context.
+  attention (transformers' dynamic and static caches, msa's FP8 static cache with and
+  without e4m3 index keys), next to ``PagedDecoder.run`` at that context.
 
 Before timing, logits at 4K are compared with eager (bf16) and greedy tokens with it.
 """
@@ -117,15 +118,30 @@ def eager_limit(lengths) -> dict:
     return dict(largest=best, out_of_memory_at=None)
 
 
-def decode(T: int, steps: int, static: bool) -> dict:
+CACHES = ("dynamic", "static", "fp8", "fp8_all")
+
+
+def decode(T: int, steps: int, cache: str) -> dict:
     """Per-token time of the sparse layer's attention module while decoding ``steps``
-    tokens after a ``T``-token prompt."""
+    tokens after a ``T``-token prompt, with transformers' dynamic or static cache or
+    msa's FP8 static cache (``fp8``: K/V in e4m3; ``fp8_all``: the index keys too); the
+    sparse layer's cache bytes and the greedy tokens (the prompt is the same for all)."""
     from transformers import DynamicCache, StaticCache
+
+    from ..integrations.transformers import fp8_static_cache
+    from ..ops.quant import E4M3
     model = build(LAYERS, "msa")
     attn = model.model.layers[1].self_attn
-    cache = StaticCache(config=model.config, max_cache_len=T + steps + 128) if static \
-        else DynamicCache(config=model.config)
-    ids = torch.randint(3, 1024, (1, T), device="cuda")
+    slots = T + steps + 128
+    if cache == "dynamic":
+        kv = DynamicCache(config=model.config)
+    elif cache == "static":
+        kv = StaticCache(config=model.config, max_cache_len=slots)
+    else:
+        kv = fp8_static_cache(model, slots, E4M3 if cache == "fp8_all" else None)
+    ids = torch.randint(3, 1024, (1, T), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(1))
+    tokens = []
     times = []
     orig = attn.forward
 
@@ -137,7 +153,7 @@ def decode(T: int, steps: int, static: bool) -> dict:
         times.append((start, end))
         return out
     with torch.no_grad():
-        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, cache=kv, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
         attn.forward = timed_forward
         torch.cuda.synchronize()
@@ -146,16 +162,23 @@ def decode(T: int, steps: int, static: bool) -> dict:
         start.record()
         for i in range(steps):
             pos = torch.tensor([[T + i]], device="cuda")
-            out = model(tok, cache=cache, use_cache=True, position_ids=pos)
+            out = model(tok, cache=kv, use_cache=True, position_ids=pos)
             tok = out.logits[:, -1:].argmax(-1)
+            tokens.append(tok)
         end.record()
         torch.cuda.synchronize()
         attn.forward = orig
     per_layer = sorted(s.elapsed_time(e) for s, e in times)
-    res = dict(T=T, steps=steps, cache="static" if static else "dynamic",
+    layer = kv.layers[1]
+    held = [getattr(layer, n, None) for n in ("keys", "values", "idx_keys", "k_scales",
+                                              "v_scales", "ki_scales")]
+    res = dict(T=T, steps=steps, cache=cache,
                sparse_layer_attention_us=1e3 * per_layer[len(per_layer) // 2],
-               model_step_ms=start.elapsed_time(end) / steps)
-    del model, cache
+               model_step_ms=start.elapsed_time(end) / steps,
+               sparse_layer_cache_mb=sum(x.numel() * x.element_size() for x in held
+                                         if x is not None) / 2 ** 20,
+               tokens=torch.cat(tokens, 1)[0].tolist())
+    del model, kv
     torch.cuda.empty_cache()
     return res
 
@@ -254,27 +277,40 @@ def run(args) -> int:
     if not ok["passed"]:
         C.write(results, args, "m3")
         return 1
-    results["sparse_step"] = sparse_step(32768 if args.quick else 131072)
-    print("sparse step:", results["sparse_step"], flush=True)
-    model = build(LAYERS, "msa")
-    results["prefill"] = []
-    for T in C.lengths(args, "128k,512k", "32k"):
-        try:
-            r = prefill(model, T)
-        except torch.OutOfMemoryError:
-            r = dict(T=T, prefill_ms="out of memory")
-            torch.cuda.empty_cache()
-        print("prefill:", r, flush=True)
-        results["prefill"].append(r)
-    del model
-    torch.cuda.empty_cache()
-    results["eager"] = eager_limit([8192, 16384, 32768, 65536])
-    print("eager:", results["eager"], flush=True)
-    T, steps = (32768, 64) if args.quick else (131072, 1024)
-    results["decode"] = [decode(T, steps, static=False), decode(T, steps, static=True)]
-    results["graphed_decode"] = graphed_decode(T, steps)
-    results["paged_decoder"] = paged_decoder_us(T)
-    print("decode:", results["decode"], results["graphed_decode"], results["paged_decoder"],
-          flush=True)
+    parts = set(args.parts.split(","))
+    unknown = parts - {"step", "prefill", "eager", "decode"}
+    if unknown:
+        raise SystemExit(f"--parts: unknown part {sorted(unknown)[0]!r}")
+    if "step" in parts:
+        results["sparse_step"] = sparse_step(32768 if args.quick else 131072)
+        print("sparse step:", results["sparse_step"], flush=True)
+    if "prefill" in parts:
+        model = build(LAYERS, "msa")
+        results["prefill"] = []
+        for T in C.lengths(args, "128k,512k", "32k"):
+            try:
+                r = prefill(model, T)
+            except torch.OutOfMemoryError:
+                r = dict(T=T, prefill_ms="out of memory")
+                torch.cuda.empty_cache()
+            print("prefill:", r, flush=True)
+            results["prefill"].append(r)
+        del model
+        torch.cuda.empty_cache()
+    if "eager" in parts:
+        results["eager"] = eager_limit([8192, 16384, 32768, 65536])
+        print("eager:", results["eager"], flush=True)
+    if "decode" in parts:
+        T, steps = (32768, 64) if args.quick else (131072, 1024)
+        results["decode"] = [decode(T, steps, c) for c in CACHES]
+        ref = results["decode"][1].pop("tokens")              # bf16 static cache
+        for r in results["decode"]:
+            toks = r.pop("tokens", ref)
+            diff = [i for i, (a, b) in enumerate(zip(toks, ref)) if a != b]
+            r["first_token_unlike_static"] = diff[0] if diff else None
+        results["graphed_decode"] = graphed_decode(T, steps)
+        results["paged_decoder"] = paged_decoder_us(T)
+        print("decode:", results["decode"], results["graphed_decode"],
+              results["paged_decoder"], flush=True)
     C.write(results, args, "m3")
     return 0

@@ -29,7 +29,7 @@ def _series(results: dict):
                     lines[label] = pts
             panels.append((f"{case}, shape {shape}", lines))
     elif case == "m3":
-        pts = [(r["T"], r["prefill_ms"]) for r in results["prefill"]
+        pts = [(r["T"], r["prefill_ms"]) for r in results.get("prefill", [])
                if isinstance(r.get("prefill_ms"), float)]
         panels.append(("MiniMax-M3 prefill in transformers (msa)", {"msa": pts}))
     return panels
