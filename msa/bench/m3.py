@@ -183,14 +183,17 @@ def decode(T: int, steps: int, cache: str) -> dict:
     return res
 
 
-def graphed_decode(T: int, steps: int) -> dict:
+def graphed_decode(T: int, steps: int, cache: str = "static") -> dict:
     """``GraphedDecoder``: ``steps`` greedy tokens after a ``T``-token prompt, each step
     one CUDA graph (time per token of the whole model), and the sparse layer's attention
     module alone captured in a graph at that context (time per token; its kernels split
-    into msa's and the model's own)."""
+    into msa's and the model's own); ``cache`` as in ``decode`` (not dynamic)."""
     from ..integrations.transformers import GraphedDecoder
+    from ..ops.quant import E4M3
     model = build(LAYERS, "msa")
-    dec = GraphedDecoder(model, max_cache_len=T + steps + 512)
+    dec = GraphedDecoder(model, max_cache_len=T + steps + 512,
+                         kv_dtype=None if cache == "static" else E4M3,
+                         index_dtype=E4M3 if cache == "fp8_all" else None)
     ids = torch.randint(3, 1024, (1, T), device="cuda")
     with torch.no_grad():
         logits = dec.prefill(ids, chunk_size=32768)
@@ -204,7 +207,8 @@ def graphed_decode(T: int, steps: int) -> dict:
         end.record()
         torch.cuda.synchronize()
         layer_us = _layer_graph_us(model, dec, 1)
-    res = dict(T=T, steps=steps, model_step_ms=start.elapsed_time(end) / steps,
+    res = dict(T=T, steps=steps, cache=cache,
+               model_step_ms=start.elapsed_time(end) / steps,
                sparse_layer_attention=layer_us)
     del model, dec
     torch.cuda.empty_cache()
@@ -308,7 +312,7 @@ def run(args) -> int:
             toks = r.pop("tokens", ref)
             diff = [i for i, (a, b) in enumerate(zip(toks, ref)) if a != b]
             r["first_token_unlike_static"] = diff[0] if diff else None
-        results["graphed_decode"] = graphed_decode(T, steps)
+        results["graphed_decode"] = [graphed_decode(T, steps, c) for c in CACHES[1:]]
         results["paged_decoder"] = paged_decoder_us(T)
         print("decode:", results["decode"], results["graphed_decode"],
               results["paged_decoder"], flush=True)

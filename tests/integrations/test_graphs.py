@@ -22,6 +22,26 @@ def test_greedy_tokens_equal_eager(name, batch, chunk):
     assert dec.length == 205 + 23
 
 
+def test_fp8_cache_gives_the_tokens_of_generate_with_it():
+    from msa.integrations.transformers import fp8_static_cache
+    from msa.ops.quant import E4M3
+    _, model = _models("G4-B64")
+    ids = torch.randint(3, 300, (2, 205), generator=torch.Generator().manual_seed(6))
+    for index_dtype in (None, E4M3):
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=12, do_sample=False,
+                                  cache=fp8_static_cache(model, 320, index_dtype))
+        dec = GraphedDecoder(model, max_cache_len=300, batch_size=2, kv_dtype=E4M3,
+                             index_dtype=index_dtype)
+        assert dec.cache.layers[1].keys is None or dec.cache.layers[1].keys.dtype == E4M3
+        assert torch.equal(dec.generate(ids, max_new_tokens=12, chunk_size=100), want)
+        assert dec.cache.layers[1].keys.dtype == E4M3
+    with pytest.raises(ValueError, match="kv_dtype"):
+        GraphedDecoder(model, max_cache_len=256, kv_dtype=torch.float16)
+    with pytest.raises(ValueError, match="index_dtype goes with"):
+        GraphedDecoder(model, max_cache_len=256, index_dtype=E4M3)
+
+
 def test_stops_at_eos_and_names_bad_arguments():
     _, model = _models("G2-B128")
     with pytest.raises(ValueError, match="max_cache_len"):
@@ -58,7 +78,8 @@ class _HostRead(RuntimeError):
     pass
 
 
-def test_decode_step_reads_nothing_back_to_the_host(monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_step_reads_nothing_back_to_the_host(monkeypatch, fp8):
     """The fused decoder (Triton interpreter) and the device-side masks: a decode step
     with the static cache never calls item / bool / int / tolist / nonzero on a tensor,
     so on CUDA it can be captured."""
@@ -72,7 +93,9 @@ def test_decode_step_reads_nothing_back_to_the_host(monkeypatch):
     _, model = _models("G2-B128", backend="triton")
     model = model.to(DEVICE)
     model.config._experts_implementation = "batched_mm"     # as GraphedDecoder captures
-    dec = GraphedDecoder(model, max_cache_len=384)
+    from msa.ops.quant import E4M3
+    dec = GraphedDecoder(model, max_cache_len=384, kv_dtype=E4M3 if fp8 else None,
+                         index_dtype=E4M3 if fp8 else None)
     ids = torch.randint(3, 300, (1, 200), generator=torch.Generator().manual_seed(4))
     dec.prefill(ids.to(DEVICE))
     forward = dec._forward

@@ -9,7 +9,9 @@ live on the device, the sparse layers take the real length from ``position_ids``
 device, the full-attention layers mask the unwritten slots on the device), so the step
 is captured once and replayed for every token.
 
-``GraphedDecoder(model, max_cache_len, batch_size)``:
+``GraphedDecoder(model, max_cache_len, batch_size, kv_dtype=None, index_dtype=None)``
+(``kv_dtype=torch.float8_e4m3fn``: the sparse layers' K/V in an FP8 cache,
+``fp8_cache.py``; ``index_dtype`` the same for their index keys):
 
 * ``prefill(input_ids [B, T], chunk_size=None) -> logits [B, V]`` fills the cache
   (optionally in chunks) and returns the last token's logits;
@@ -38,8 +40,11 @@ class GraphedDecoder:
     docstring). ``max_cache_len`` is rounded up to a multiple of the model's block size
     (the fused decoder reads a static cache of more than one row as whole pages)."""
 
-    def __init__(self, model, max_cache_len: int, batch_size: int = 1):
+    def __init__(self, model, max_cache_len: int, batch_size: int = 1, kv_dtype=None,
+                 index_dtype=None):
         from transformers import StaticCache
+
+        from ...ops.quant import E4M3
         if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) \
                 or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
@@ -52,13 +57,23 @@ class GraphedDecoder:
         if not is_minimax_m3(model):
             raise ValueError("GraphedDecoder captures MiniMax-M3 models (their decode step "
                              "reads nothing on the host); use model.generate() for others")
+        if kv_dtype not in (None, E4M3):
+            raise ValueError(f"kv_dtype must be None (the model's dtype) or "
+                             f"torch.float8_e4m3fn, got {kv_dtype}")
+        if index_dtype is not None and kv_dtype is None:
+            raise ValueError("index_dtype goes with kv_dtype=torch.float8_e4m3fn (an FP8 "
+                             "cache)")
         block = getattr(cfg, "index_block_size", 128)
         self.model = model
         self.max_cache_len = -(-max_cache_len // block) * block
         self.batch_size = batch_size
         param = next(model.parameters())
         self.device = param.device
-        self.cache = StaticCache(config=model.config, max_cache_len=self.max_cache_len)
+        if kv_dtype is None:
+            self.cache = StaticCache(config=model.config, max_cache_len=self.max_cache_len)
+        else:
+            from .fp8_cache import fp8_static_cache
+            self.cache = fp8_static_cache(model, self.max_cache_len, index_dtype)
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.length = 0                       # tokens in the cache (host copy)
