@@ -15,7 +15,10 @@ synchronisation and no allocation:
 3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
    the ``G`` query heads of the group are the MMA rows, each selected page is read
    through the page table, online softmax; one split writes the output directly, more
-   splits write partials merged by ``paged_decode_combine_kernel`` (LSE combine).
+   splits write partials merged by ``paged_decode_combine_kernel`` (LSE combine). With
+   ``Q > 1`` tokens per request (and ``Q x G <= 128``) ``msa.ops.decode.multi`` runs
+   instead: one program per (request, KV head, split) reads each distinct selected
+   block once for all ``Q x G`` rows.
 
 The plan/run lifecycle around it (validation, preallocated buffers, CUDA graphs) is
 ``msa.inference.PagedDecoder``.
