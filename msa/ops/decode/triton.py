@@ -15,10 +15,7 @@ synchronisation and no allocation:
 3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
    the ``G`` query heads of the group are the MMA rows, each selected page is read
    through the page table, online softmax; one split writes the output directly, more
-   splits write partials merged by ``paged_decode_combine_kernel`` (LSE combine). With
-   ``Q > 1`` tokens per request (and ``Q x G <= 128``) ``msa.ops.decode.multi`` runs
-   instead: one program per (request, KV head, split) reads each distinct selected
-   block once for all ``Q x G`` rows.
+   splits write partials merged by ``paged_decode_combine_kernel`` (LSE combine).
 
 The plan/run lifecycle around it (validation, preallocated buffers, CUDA graphs) is
 ``msa.inference.PagedDecoder``.
@@ -31,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi import MAX_ROWS, launch_union, union_rows
 from .topk import TARGET_PROGRAMS, decode_topk
 from ..triton_utils import (LN2, LOG2E, dot, next_pow2, online_softmax_step, precision,
                             to_e4m3, upcast)
@@ -272,21 +268,14 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     prec, up = precision(q.dtype), upcast(q.dtype)
     nsplit, per_split = decode_splits(rows, hkv, topk)
     g_pad = max(16, next_pow2(g))
-    if num_q > 1 and union_rows(num_q, g) <= MAX_ROWS:     # each shared block read once
-        nsplit = launch_union(
-            q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, po,
-            pl, batch=batch, num_q=num_q, hkv=hkv, block_size=block_size,
-            scale_log2=scale * LOG2E, kv_strides=kv_strides, scale_strides=scale_strides,
-            g_pad=g_pad, max_splits=nsplit, prec=prec, up=up)
-    else:
-        paged_decode_attn_kernel[(rows, hkv, nsplit)](
-            q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, po,
-            pl, scale * LOG2E, q.stride(0), q.stride(1), kv_strides[0], kv_strides[1],
-            kv_strides[2], topk_indices.stride(0), topk_indices.stride(1),
-            page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-            *scale_strides, NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size,
-            TOPK=topk, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,
-            FP8=k_scales is not None, num_warps=4)
+    paged_decode_attn_kernel[(rows, hkv, nsplit)](
+        q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, po, pl,
+        scale * LOG2E, q.stride(0), q.stride(1), kv_strides[0], kv_strides[1],
+        kv_strides[2], topk_indices.stride(0), topk_indices.stride(1),
+        page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
+        NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size,
+        TOPK=topk, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,
+        FP8=k_scales is not None, num_warps=4)
     if nsplit > 1:
         paged_decode_combine_kernel[(rows * hkv,)](
             po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0),
