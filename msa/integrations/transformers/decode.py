@@ -84,7 +84,7 @@ def fused_decode(module, q, qi, key, value, ki, config: MSAConfig,
     out, topk = buf.out[:rows], buf.topk_indices[:, :rows]
     ks, vs, kis = scales or (None, None, None)
     if scales is not None:
-        check_fp8_device("past_key_values (an FP8 cache)", key)
+        check_fp8_device("cache (fp8_static_cache)", key)
     paged_decode(q.reshape(rows, *q.shape[2:]), qi.reshape(rows, *qi.shape[2:]), key, value,
                  ki, kv_table, seq_lens, batch=b, num_q=tq, max_pages=nb, num_kv_heads=hkv,
                  block_max=buf.block_max[:rows, :, :nb], topk_indices=topk, out=out,

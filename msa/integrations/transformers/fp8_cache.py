@@ -116,14 +116,15 @@ def fp8_static_cache(model, max_cache_len: int,
                      index_dtype: Optional[torch.dtype] = None) -> StaticCache:
     """A ``StaticCache`` of ``max_cache_len`` slots for a MiniMax-M3 model switched to msa
     (``enable_msa``) whose sparse layers hold K/V in e4m3 (``index_dtype=torch.
-    float8_e4m3fn``: the index keys too). Pass it as ``past_key_values`` to
-    ``model.generate`` or ``model(...)``. For batches above 1, ``max_cache_len`` must be a
-    multiple of the block size (as for any static cache the fused decoder reads)."""
+    float8_e4m3fn``: the index keys too): ``model.generate(..., cache=cache)`` or
+    ``model(..., cache=cache)``. For batches above 1 ``max_cache_len`` must be a multiple
+    of the block size (as for any static cache the fused decoder reads)."""
     from .minimax_m3 import is_minimax_m3, text_config
     if not is_minimax_m3(model):
         raise TypeError("fp8_static_cache is for MiniMax-M3 models (transformers' "
                         "minimax_m3_vl)")
-    if getattr(model.config, "_attn_implementation", None) != "msa":
+    if getattr(model.config.get_text_config(decoder=True), "_attn_implementation",
+               None) != "msa":
         raise ValueError("fp8_static_cache needs the model switched to msa first "
                          "(enable_msa(model)): transformers' own attention cannot read "
                          "e4m3 keys")
