@@ -203,3 +203,9 @@ def test_multimodal_model_switches_its_text_model_only():
     with torch.no_grad():
         diff = (model(input_ids=ids).logits - eager(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-4, diff
+    from msa.integrations.transformers import fp8_static_cache        # its text layers
+    cache = fp8_static_cache(model, 512)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, cache=cache).logits).all()
+    assert cache.layers[1].keys.dtype == torch.float8_e4m3fn
+    assert int(cache.layers[1].get_seq_length()) == 500
