@@ -13,6 +13,9 @@ the same run: K/V in FP8 with bf16 index keys (the ``PagedKVCache`` default for 
 vLLM's FP8 layout), and K/V plus index keys in FP8; each with its own floor, its
 selection and output compared with bf16's. The index scan and the attention are also
 timed alone (bf16 and FP8).
+
+Chunked prefill over the cache (8K new tokens over 128K): the chunk's attention over
+pages gathered first or read in place, bf16 and FP8 K/V (plain launches, peak memory).
 """
 from __future__ import annotations
 
@@ -231,6 +234,36 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
     return r
 
 
+def chunked_prefill(cfg, T: int, new: int) -> dict:
+    """``new`` query tokens over a ``T``-token paged cache (one request, the chunk's keys
+    included): the chunk's attention over pages gathered first (``paged_attention``) or
+    read in place (``paged_attention_in_place``), bf16 and FP8 (e4m3 K/V) pages, on one
+    selection (``paged_indexer``, outside the timing)."""
+    from ..inference import paged_attention, paged_attention_in_place, paged_indexer
+    k, v, ki, table = make_cache(cfg, 1, T, seed=4)
+    lens = torch.tensor([T], dtype=torch.int32, device="cuda")
+    q, qi = queries(cfg, new, seed=5)
+    topk = paged_indexer(qi, ki, table, lens, [new], block_size=cfg.block_size,
+                         topk=cfg.topk, softmax_scale=cfg.index_scale)
+    (k8, ks), (v8, vs) = quantize_e4m3(k), quantize_e4m3(v)
+    res = dict(context=T, new_tokens=new)
+    for name, pages, kw in (("bf16", (k, v), {}),
+                            ("fp8_kv", (k8, v8), dict(k_scales=ks, v_scales=vs))):
+        def gather():
+            return paged_attention(q, *pages, topk, table, lens, [new],
+                                   softmax_scale=cfg.scale, **kw)
+
+        def in_place():
+            return paged_attention_in_place(q, *pages, topk, table, lens, [new],
+                                            softmax_scale=cfg.scale, **kw)
+        a, b = gather(), in_place()
+        res[name] = dict(gather_ms=C.timed(gather), in_place_ms=C.timed(in_place),
+                         gather_peak_mb=C.peak_bytes(gather) / 2 ** 20,
+                         in_place_peak_mb=C.peak_bytes(in_place) / 2 ** 20,
+                         cosine_in_place_vs_gather=C.cosine(b, a))
+    return res
+
+
 def run(args) -> int:
     results = dict(meta=C.metadata("decode"), cases=[])
     vllm = C.load_vllm(args.vllm_ops) if C.wants(args, "vllm") else None
@@ -248,6 +281,9 @@ def run(args) -> int:
             print(r, flush=True)
             results["cases"].append(r)
             torch.cuda.empty_cache()
+        T, new = (32 * 1024, 2048) if args.quick else (128 * 1024, 8192)
+        results["chunked_prefill"] = chunked_prefill(cfg, T, new)
+        print("chunked prefill:", results["chunked_prefill"], flush=True)
     C.write(results, args, "decode")
     return 0
 

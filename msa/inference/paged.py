@@ -351,6 +351,51 @@ def paged_attention(q, k_pages, v_pages, topk_indices, page_table, seq_lens,
                                 block_size=k_pages.shape[-2], softmax_scale=softmax_scale)
 
 
+def paged_attention_in_place(q, k_pages, v_pages, topk_indices, page_table, seq_lens,
+                             q_lens: Optional[List[int]] = None, *, softmax_scale=None,
+                             k_scales=None, v_scales=None):
+    """``paged_attention`` without the gather: the KV-outer kernel reads each selected
+    page where it lies (e4m3 pages dequantized once per block and KV head, for all the
+    queries that selected it). Triton only (CUDA, or CPU in the interpreter); same
+    arguments, checks and result as ``paged_attention``."""
+    from ..ops.attention.forward import sparse_attn_fwd
+    from ..ops.checks import check_topk_indices
+    from ..ops.plan import block_rows, build_plan, forward_chunk, paged_rows
+    from ..varlen import make_segments
+    q_lens = q_lens or [q.shape[0] // page_table.shape[0]] * page_table.shape[0]
+    check_page_scales(("k_scales", "v_scales"), (k_pages, v_pages), (k_scales, v_scales))
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if x.dim() != 4 or not x.is_contiguous() or x.shape != k_pages.shape:
+            raise ValueError(f"{name} must be contiguous [P, Hkv, page, D] pages of one "
+                             f"shape, got {tuple(x.shape)}")
+    num_pages, hkv, bs, d = k_pages.shape
+    if q.dim() != 3 or q.shape[2] != d or q.shape[1] % hkv:
+        raise ValueError(f"q must be [total_q, Hq, D={d}] with Hq a multiple of "
+                         f"Hkv={hkv}, got {tuple(q.shape)}")
+    lens = _check_paged(k_pages, page_table, seq_lens, q_lens)
+    cu_q = cu_seqlens_from_lengths(q_lens, device=q.device)
+    cu_k = cu_seqlens_from_lengths(lens, device=q.device)
+    seg = make_segments(q.shape[0], sum(lens), cu_q, cu_k)
+    check_topk_indices(topk_indices, seg, (1, hkv), bs, q.device)
+    rows = paged_rows(block_rows(seg, bs, q.device), seg, page_table, hkv * bs)
+    plan = build_plan(topk_indices, seg, block_size=bs, heads=hkv, rows=rows,
+                      chunk=forward_chunk(q.shape[1], d, q.element_size(),
+                                          topk_indices.shape[-1]))
+    k, v = (_token_rows(x) for x in (k_pages, v_pages))
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    out, _ = sparse_attn_fwd(q, k, v, topk_indices, plan, scale=scale, query_major=False,
+                             k_scales=k_scales, v_scales=v_scales)
+    return out
+
+
+def _token_rows(pages: torch.Tensor) -> torch.Tensor:
+    """``pages [P, Hkv, page, D]`` (contiguous) as a ``[rows, Hkv, D]`` view whose row
+    ``p * Hkv * page + t`` is token ``t`` of page ``p`` (no copy)."""
+    num_pages, hkv, bs, d = pages.shape
+    n = (num_pages - 1) * hkv * bs + bs if num_pages else 0
+    return pages.as_strided((n, hkv, d), (d, bs * d, 1), pages.storage_offset())
+
+
 def token_major(topk_indices: torch.Tensor) -> torch.Tensor:
     """Head-major ``[H, tokens, K]`` -> token-major ``[tokens, H, K]`` (contiguous)."""
     return topk_indices.transpose(0, 1).contiguous()

@@ -82,11 +82,11 @@ def sparse_attn_fwd_kernel(
         Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1,
         q0, scale_log2,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, KS, VS, stride_sh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
-        KSPLIT: tl.constexpr = 0, MAXPOOL: tl.constexpr = False):
+        KSPLIT: tl.constexpr = 0, MAXPOOL: tl.constexpr = False, FP8: tl.constexpr = False):
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
@@ -98,6 +98,15 @@ def sparse_attn_fwd_kernel(
         if HAS_V:
             v = tl.load(V + (krow + offs_n)[:, None] * stride_vt + h * stride_vh
                         + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        if FP8:                       # e4m3 rows x their scales (row krow + n, head h)
+            soff = krow + h * stride_sh + offs_n
+            k = (k.to(tl.float32) * tl.load(KS + soff, mask=kmask, other=0.0)[:, None]
+                 ).to(Q.dtype.element_ty)
+            if HAS_V:
+                v = (v.to(tl.float32) * tl.load(VS + soff, mask=kmask, other=0.0)[:, None]
+                     ).to(Q.dtype.element_ty)
+    else:
+        tl.static_assert(not FP8, "FP8 pages need the whole block on chip (KSPLIT=0)")
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
     tok = offs_m // G_PAD
     g = offs_m % G_PAD
@@ -187,13 +196,16 @@ def check_supported(dtype: torch.dtype, head_dim: int) -> None:
                                   "128; use bf16/fp16 or backend='reference'")
 
 
-def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int):
+def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int,
+                fp8: bool = False):
     """Launch configurations of the KV-outer forward, preferred first: the whole block's
     K and V on chip (the given tile, then smaller ones), then the block walked in quarters
     and halves (``KSPLIT`` keys loaded per tile: for GPUs whose shared memory cannot hold
     a head-dim-256 block, 128 KB of K and V, e.g. the 99 KB of sm_86/89). Quarters first:
     they were the faster of the two (docs/experiments.md)."""
     configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
+    if fp8:                           # e4m3 blocks are dequantized whole, once
+        return configs
     for ks in (block_size // 4, block_size // 2):
         if ks >= 16:
             configs += [dict(c, KSPLIT=ks) for c in smaller_tiles("BLOCK_Q", block_q, g_pad, 1)]
@@ -203,7 +215,7 @@ def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int):
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
                     topk: int, block_size: int, block_q: int = None, num_warps: int = 4,
                     num_stages: int = 1, shared_k_head: bool = False,
-                    maxpool: bool = False) -> None:
+                    maxpool: bool = False, k_scales=None, v_scales=None) -> None:
     """Run the KV-outer kernel over one chunk's plan: partial outputs into ``po`` (skipped
     when ``v is None``) and partial LSEs into ``pl`` (``maxpool``: each (query, slot)'s
     largest visible logit instead of its LSE; with ``v is None``).
@@ -215,7 +227,9 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (``shared_k_head``: k has one head
     read by every "KV head" of the plan, as index keys are). A tile that does not fit the
     GPU's shared memory falls back to smaller ones and then to sub-blocks of keys
-    (``fwd_configs``, ``msa.ops.launch``).
+    (``fwd_configs``, ``msa.ops.launch``). ``k_scales, v_scales``: e4m3 ``k, v`` in pages
+    ``[P, Hkv, page]`` whose key rows are ``page * Hkv * page_size + t`` (``paged_rows``);
+    the scale of row ``r``, head ``h`` is at ``r + h * page_size``.
     """
     if not plan.num_items:
         return
@@ -230,11 +244,12 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
         (q, k, vv, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h,
          plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0,
          scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
-         0 if shared_k_head else k.stride(1), vv.stride(0), vv.stride(1)),
-        fwd_configs(block_q, g_pad, num_stages, block_size),
+         0 if shared_k_head else k.stride(1), vv.stride(0), vv.stride(1), k_scales, v_scales,
+         block_size),
+        fwd_configs(block_q, g_pad, num_stages, block_size, fp8=k_scales is not None),
         HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size, TOPK=topk,
         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), HAS_V=v is not None,
-        MAXPOOL=maxpool, num_warps=num_warps)
+        MAXPOOL=maxpool, FP8=k_scales is not None, num_warps=num_warps)
 
 
 def launch_combine(po, pl, topk_indices, rows: BlockRows, out, lse, q0: int, q1: int,
@@ -259,7 +274,7 @@ def use_query_major(total_q: int, query_major: bool = None) -> bool:
 def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     topk_indices: torch.Tensor, plan: SparsePlan, *, scale: float,
                     out: torch.Tensor = None, lse: torch.Tensor = None,
-                    query_major: bool = None, **launch):
+                    query_major: bool = None, k_scales=None, v_scales=None, **launch):
     """The KV-outer kernel and the combine over the chunks of ``plan``.
 
     Args:
@@ -271,6 +286,8 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out, lse: optional preallocated outputs.
         query_major: force (True) or forbid (False) the query-major kernel; default: used
             when ``total_q <= QUERY_MAJOR_MAX_QUERIES``.
+        k_scales, v_scales: e4m3 ``k, v`` read in place from pages (``launch_partials``;
+            the KV-outer kernel only).
         launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
@@ -288,7 +305,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if total_q == 0:
         return out, lse
     idx = plan.indices(topk_indices)
-    if use_query_major(total_q, query_major):
+    if k_scales is None and use_query_major(total_q, query_major):
         sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
         return out, lse
     plan.require(hkv, forward_chunk(hq, d, q.dtype.itemsize, topk), "forward")
@@ -297,6 +314,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     pl = torch.empty(chunk * hkv * topk * g, dtype=torch.float32, device=q.device)
     for q0, q1, p in plan.chunks:
         launch_partials(q, k, v, plan.rows, p, q0, po, pl, scale=scale, topk=topk,
-                        block_size=plan.block_size, **launch)
+                        block_size=plan.block_size, k_scales=k_scales, v_scales=v_scales,
+                        **launch)
         launch_combine(po, pl, idx, plan.rows, out, lse, q0, q1, hkv)
     return out, lse
