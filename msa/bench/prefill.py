@@ -7,7 +7,8 @@ run, the best dense causal kernel (SDPA cuDNN and flash, both tried; beyond
 ``--dense-max`` measured on one KV group and scaled by Hkv, recorded as such), fla's
 ``parallel_nsa`` on the same selection, and vLLM's MiniMax-M3 Triton prefill ops (index
 score + top-k + sparse attention on a paged copy of the same cache). Outputs are checked
-first: msa against the fp32 reference at 4K tokens, fla and vLLM against msa.
+first: msa against the fp32 reference at 4K tokens, fla and vLLM against msa. On Hopper
+the Gluon attention forward is timed beside the Triton kernel on one plan.
 """
 from __future__ import annotations
 
@@ -83,6 +84,29 @@ def vllm_prefill(ops, q, k, v, qi, ki, cfg):
 def precisions(args) -> list:
     """The ``--index-precision`` list (``input`` is always timed)."""
     return (getattr(args, "index_precision", None) or "input").split(",")
+
+
+def gluon_attention(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
+    """The Gluon KV-outer forward (Hopper) beside the Triton kernel on one plan: kernel
+    time of each (planning excluded) and the cosine of their outputs; ``{}`` where it
+    cannot run."""
+    from ..ops.attention.forward import sparse_attn_fwd
+    try:
+        from ..ops.attention import gluon
+    except ImportError:                        # a Triton without Gluon
+        return {}
+    if not gluon.supported(q, k, v, cfg.block_size):
+        return {}
+    plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
+                        chunk=chunk)
+
+    def run(kernel):
+        return sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False,
+                               kernel=kernel)[0]
+    d = dict(gluon_attention_cosine_vs_triton=C.cosine(run("gluon"), run("triton")))
+    d["triton_kernel_attention_ms"] = C.timed(lambda: run("triton"), reps)
+    d["gluon_attention_ms"] = C.timed(lambda: run("gluon"), reps)
+    return d
 
 
 def fp8_index(T: int, q, k, v, qi, ki, cu, cfg, topk, flops: float, reps: int, indexer) -> dict:
@@ -176,6 +200,7 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
     r["attention_ms"] = C.timed(attention, reps)
     r["attention_tflops"] = 4 * cfg.head_dim * cfg.num_heads * sparse / r["attention_ms"] / 1e9
     r["planning_ms"] = C.timed(planning, reps)
+    r.update(gluon_attention(q, k, v, topk, seg, cfg, chunk, reps))
     out = attention()
     if C.wants(args, "dense"):
         scaled = T > args.dense_max

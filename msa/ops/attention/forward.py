@@ -215,7 +215,8 @@ def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int,
 def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, scale: float,
                     topk: int, block_size: int, block_q: int = None, num_warps: int = 4,
                     num_stages: int = 1, shared_k_head: bool = False,
-                    maxpool: bool = False, k_scales=None, v_scales=None) -> None:
+                    maxpool: bool = False, k_scales=None, v_scales=None,
+                    kernel: str = "triton") -> None:
     """Run the KV-outer kernel over one chunk's plan: partial outputs into ``po`` (skipped
     when ``v is None``) and partial LSEs into ``pl`` (``maxpool``: each (query, slot)'s
     largest visible logit instead of its LSE; with ``v is None``).
@@ -229,7 +230,9 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     GPU's shared memory falls back to smaller ones and then to sub-blocks of keys
     (``fwd_configs``, ``msa.ops.launch``). ``k_scales, v_scales``: e4m3 ``k, v`` in pages
     ``[P, Hkv, page]`` whose key rows are ``page * Hkv * page_size + t`` (``paged_rows``);
-    the scale of row ``r``, head ``h`` is at ``r + h * page_size``.
+    the scale of row ``r``, head ``h`` is at ``r + h * page_size``. ``kernel="gluon"``:
+    the warp-specialized Gluon kernel of ``msa.ops.attention.gluon`` (Hopper; not the
+    default, not yet measured).
     """
     if not plan.num_items:
         return
@@ -239,6 +242,15 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     g_pad = next_pow2(g)
     block_q = block_q or max(1, 64 // g_pad)
     vv = k if v is None else v
+    if kernel == "gluon":
+        from . import gluon
+        if v is None or maxpool or k_scales is not None or shared_k_head or \
+                not gluon.supported(q, k, v, block_size):
+            raise NotImplementedError("the Gluon forward runs bf16/fp16 attention with head "
+                                      "dim 128 and blocks of 128 on sm_90")
+        gluon.launch(q, k, v, rows, plan, q0, po, pl, scale_log2=scale * LOG2E, topk=topk,
+                     g_pad=g_pad, block_size=block_size)
+        return
     launch_fitting(
         sparse_attn_fwd_kernel, (plan.num_items,),
         (q, k, vv, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h,
@@ -288,7 +300,8 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             when ``total_q <= QUERY_MAJOR_MAX_QUERIES``.
         k_scales, v_scales: e4m3 ``k, v`` read in place from pages (``launch_partials``;
             the KV-outer kernel only).
-        launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel.
+        launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel, or
+            ``kernel="gluon"`` (``launch_partials``).
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
     """
@@ -305,7 +318,8 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if total_q == 0:
         return out, lse
     idx = plan.indices(topk_indices)
-    if k_scales is None and use_query_major(total_q, query_major):
+    if k_scales is None and launch.get("kernel", "triton") == "triton" and \
+            use_query_major(total_q, query_major):
         sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
         return out, lse
     plan.require(hkv, forward_chunk(hq, d, q.dtype.itemsize, topk), "forward")

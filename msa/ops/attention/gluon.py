@@ -1,0 +1,180 @@
+"""Gluon KV-outer sparse attention forward for Hopper (sm_90): ``sparse_attn_fwd_kernel``
+with the gathered query tiles loaded by warps of their own.
+
+Same contract as the Triton KV-outer kernel (``msa.ops.attention.forward``, one program
+per work item = KV head, KV block, slice of the queries that selected it; a partial
+output normalised by its own sum and its natural-log LSE per (query, slot, head)), for
+bf16 / fp16, head dim 128, blocks of 128 keys, 64-row tiles (``64 / G_pad`` queries x
+the ``G_pad`` heads of the group) and the whole block on chip. A loader partition (4
+warps) gathers the block's K and V rows and then each tile's query rows into a ring of
+shared-memory slots with ``cp.async`` (each row from any token) and signals them with
+mbarriers; the default partition (one warpgroup) runs ``S = Q K^T`` and ``O = P V`` as
+wgmma from shared memory (P from registers) with the softmax in between, and stores the
+partials. The loads of the next tiles overlap the current tile's MMAs and softmax, which
+the ``tl.*`` kernel cannot express (Triton 3.6 warp-specializes TMA loads only, and TMA
+cannot gather rows on Hopper).
+
+Status: compiled for sm_90a by ``tests/ops/attention/test_gluon.py`` on any machine;
+never run on a GPU yet (its GPU test compares it with the Triton kernel); reachable only
+through ``sparse_attn_fwd(..., kernel="gluon")``.
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
+    async_copy_global_to_shared, mbarrier_arrive)
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
+                                                               warpgroup_mma)
+
+STAGES = 3              # gathered query tiles in flight (16 KB each)
+LOAD_WARPS = 4
+ROWS = 64               # MMA rows per tile: queries x heads of the group
+
+
+@gluon.jit
+def _load(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk, e0, e1,
+          q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+          G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+          BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+    """Loader: the block's K and V rows (``kv_bar``), then the query rows of tile ``t``
+    into slot ``t % STAGES`` once the attention warps released it (``ready``/``empty``)."""
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, ld)), 0)
+    keys = gl.arange(0, BS, layout=gl.SliceLayout(1, ld))
+    kmask = gl.expand_dims(keys < nk, 1)
+    krows = gl.expand_dims((krow + keys).to(gl.int64), 1)
+    async_copy_global_to_shared(k_smem, K + krows * stride_kt + h * stride_kh + cols,
+                                mask=kmask)
+    async_copy_global_to_shared(v_smem, V + krows * stride_vt + h * stride_vh + cols,
+                                mask=kmask)
+    mbarrier_arrive(kv_bar, increment_count=False)
+    r = gl.arange(0, BLOCK_Q * G_PAD, layout=gl.SliceLayout(1, ld))
+    tok = r // G_PAD
+    g = r % G_PAD
+    n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
+    for t in range(n_tiles):
+        s = t % STAGES
+        mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
+        e = e0 + t * BLOCK_Q + tok
+        emask = (e < e1) & (g < G)
+        ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
+        rows = gl.expand_dims((q0 + ql) * stride_qt + (h * G + g) * stride_qh, 1)
+        async_copy_global_to_shared(q_ring.index(s), Q + rows + cols,
+                                    mask=gl.expand_dims(emask, 1))
+        mbarrier_arrive(ready.index(s), increment_count=False)
+
+
+@gluon.jit
+def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, EDGE_SLOT, h,
+            t0, nk, e0, e1, q0, scale_log2, HKV: gl.constexpr, G: gl.constexpr,
+            G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr,
+            BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+    """Attention warpgroup: per tile ``S = Q K^T`` (wgmma), the masked softmax of the
+    tile's rows, ``O = P V`` (wgmma, P in registers), the partials stored by row."""
+    M: gl.constexpr = BLOCK_Q * G_PAD
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, BS, 16])
+    rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+    r = gl.arange(0, M, layout=rows_l)
+    tok = r // G_PAD
+    g = r % G_PAD
+    offs_n = gl.arange(0, BS, layout=gl.SliceLayout(0, mma))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
+    key_ok = gl.expand_dims(offs_n < nk, 0)
+    zero = gl.zeros([M, BS], gl.float32, mma)
+    n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
+    mbarrier.wait(kv_bar, 0)
+    for t in range(n_tiles):
+        s = t % STAGES
+        e = e0 + t * BLOCK_Q + tok
+        emask = (e < e1) & (g < G)
+        ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
+        slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
+        pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
+        mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+        sc = warpgroup_mma(q_ring.index(s), k_smem.permute((1, 0)), zero, use_acc=False)
+        mbarrier.arrive(empty.index(s), count=1)
+        allowed = (gl.expand_dims(t0 + offs_n, 0) <= gl.expand_dims(pos, 1)) & key_ok
+        sc = gl.where(allowed, sc * scale_log2, float("-inf"))
+        m = gl.max(sc, 1)
+        m = gl.where(m == float("-inf"), 0.0, m)
+        p = gl.exp2(sc - gl.expand_dims(m, 1))
+        den = gl.sum(p, 1)
+        pa = gl.convert_layout(p.to(PO.dtype.element_ty),
+                               gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2))
+        o = warpgroup_mma(pa, v_smem, zero, use_acc=False)
+        o = o / gl.expand_dims(gl.maximum(den, 1e-30), 1)
+        lse = gl.where(den > 0, (m + gl.log2(den)) * 0.6931471805599453, float("-inf"))
+        pidx = ((ql * HKV + h) * TOPK + slot) * G + g
+        gl.store(PO + gl.expand_dims(pidx, 1) * D + gl.expand_dims(offs_d, 0),
+                 o.to(PO.dtype.element_ty), mask=gl.expand_dims(emask, 1))
+        gl.store(PL + pidx, lse, mask=emask)
+
+
+@gluon.jit
+def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
+               ITEM_E0, ITEM_E1, q0, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+               stride_vt, stride_vh, HKV: gl.constexpr, G: gl.constexpr,
+               G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr,
+               BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
+               num_warps: gl.constexpr):
+    """One program per work item of the plan (``msa.ops.plan``): the item's KV block
+    in shared memory, its edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries."""
+    pid = gl.program_id(0)
+    h = gl.load(ITEM_H + pid)
+    krow = gl.load(ITEM_KROW + pid).to(gl.int64)
+    t0 = gl.load(ITEM_T0 + pid)
+    nk = gl.load(ITEM_NK + pid)
+    e0 = gl.load(ITEM_E0 + pid)
+    e1 = gl.load(ITEM_E1 + pid)
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                rank=2)
+    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_Q * G_PAD, D],
+                                       layout)
+    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
+    v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [BS, D], layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=32 * LOAD_WARPS)          # one cp.async arrival per thread
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
+        mbarrier.init(empty.index(i), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
+                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, HKV, G, G_PAD, D, BS, TOPK,
+                   BLOCK_Q, STAGES, num_warps)),
+        (_load, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk,
+                 e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                 stride_vh, G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
+        [LOAD_WARPS], [96])
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
+    """Whether ``fwd_kernel`` runs these inputs: a Hopper GPU (sm_90), bf16 / fp16, head
+    dim 128, blocks of 128, a group of at most 64 heads, rows 16-byte aligned."""
+    if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return False
+    g = q.shape[1] // k.shape[1]
+    aligned = all(x.stride(-1) == 1 and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0
+                  and x.data_ptr() % 16 == 0 for x in (q, k, v))
+    return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+            and v.dtype == q.dtype and q.shape[2] == 128 and block_size == 128 and g <= ROWS
+            and aligned)
+
+
+def launch(q, k, v, rows, plan, q0: int, po, pl, *, scale_log2: float, topk: int,
+           g_pad: int, block_size: int) -> None:
+    """``fwd_kernel`` over one chunk's plan (``launch_partials``' arguments)."""
+    hkv = int(plan.num_heads)
+    fwd_kernel[(plan.num_items,)](
+        q, k, v, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h,
+        plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0,
+        scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), HKV=hkv, G=q.shape[1] // hkv, G_PAD=g_pad, D=q.shape[2],
+        BS=block_size, TOPK=topk, BLOCK_Q=ROWS // g_pad, STAGES=STAGES,
+        LOAD_WARPS=LOAD_WARPS, num_warps=4)
+
