@@ -86,6 +86,7 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
     zero = gl.zeros([M, BS], gl.float32, mma)
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     mbarrier.wait(kv_bar, 0)
+    fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
     for t in range(n_tiles):
         s = t % STAGES
         e = e0 + t * BLOCK_Q + tok
@@ -94,6 +95,7 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
         pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
         mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+        fence_async_shared()
         sc = warpgroup_mma(q_ring.index(s), k_smem.permute((1, 0)), zero, use_acc=False)
         mbarrier.arrive(empty.index(s), count=1)
         allowed = (gl.expand_dims(t0 + offs_n, 0) <= gl.expand_dims(pos, 1)) & key_ok
