@@ -87,9 +87,9 @@ def precisions(args) -> list:
 
 
 def gluon_attention(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
-    """The Gluon KV-outer forward (Hopper) beside the Triton kernel on one plan: kernel
-    time of each (planning excluded) and the cosine of their outputs; ``{}`` where it
-    cannot run."""
+    """The Gluon KV-outer forward (Hopper; one and two attention warpgroups) beside the
+    Triton kernel on one plan: kernel time of each (planning excluded) and the cosine of
+    their outputs; ``{}`` where it cannot run."""
     from ..ops.attention.forward import sparse_attn_fwd
     try:
         from ..ops.attention import gluon
@@ -103,9 +103,16 @@ def gluon_attention(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
     def run(kernel):
         return sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False,
                                kernel=kernel)[0]
-    d = dict(gluon_attention_cosine_vs_triton=C.cosine(run("gluon"), run("triton")))
-    d["triton_kernel_attention_ms"] = C.timed(lambda: run("triton"), reps)
-    d["gluon_attention_ms"] = C.timed(lambda: run("gluon"), reps)
+    d = dict(triton_kernel_attention_ms=C.timed(lambda: run("triton"), reps))
+    default = gluon.CONSUMERS
+    try:
+        for c in (1, 2):                        # attention warpgroups per program
+            gluon.CONSUMERS = c
+            d[f"gluon_{c}wg_attention_cosine_vs_triton"] = C.cosine(run("gluon"),
+                                                                    run("triton"))
+            d[f"gluon_{c}wg_attention_ms"] = C.timed(lambda: run("gluon"), reps)
+    finally:
+        gluon.CONSUMERS = default
     return d
 
 

@@ -29,6 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma)
 
 STAGES = 3              # gathered query tiles in flight (16 KB each)
+CONSUMERS = 1           # attention warpgroups (2: ping-pong; both compile, neither measured)
 LOAD_WARPS = 4
 ROWS = 64               # MMA rows per tile: queries x heads of the group
 
@@ -68,11 +69,14 @@ def _load(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow
 
 @gluon.jit
 def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, EDGE_SLOT, h,
-            t0, nk, e0, e1, q0, scale_log2, HKV: gl.constexpr, G: gl.constexpr,
+            t0, nk, e0, e1, q0, scale_log2, first, HKV: gl.constexpr, G: gl.constexpr,
             G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr,
-            BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
-    """Attention warpgroup: per tile ``S = Q K^T`` (wgmma), the masked softmax of the
-    tile's rows, ``O = P V`` (wgmma, P in registers), the partials stored by row."""
+            BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, STEP: gl.constexpr,
+            WARPS: gl.constexpr):
+    """An attention warpgroup, tiles ``first, first + STEP, ...``: per tile ``S = Q K^T``
+    (wgmma), the masked softmax of the tile's rows, ``O = P V`` (wgmma, P in registers),
+    the partials stored by row. With two such warpgroups one's softmax runs while the
+    other's MMAs do."""
     M: gl.constexpr = BLOCK_Q * G_PAD
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BS, 16])
@@ -87,7 +91,7 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     mbarrier.wait(kv_bar, 0)
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
-    for t in range(n_tiles):
+    for t in range(first, n_tiles, STEP):
         s = t % STAGES
         e = e0 + t * BLOCK_Q + tok
         emask = (e < e1) & (g < G)
@@ -121,7 +125,7 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
                stride_vt, stride_vh, HKV: gl.constexpr, G: gl.constexpr,
                G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr,
                BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
-               num_warps: gl.constexpr):
+               CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
     """One program per work item of the plan (``msa.ops.plan``): the item's KV block
     in shared memory, its edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries."""
     pid = gl.program_id(0)
@@ -145,14 +149,26 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
         mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
         mbarrier.init(empty.index(i), count=1)
     fence_async_shared()
-    gl.warp_specialize([
-        (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
-                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, HKV, G, G_PAD, D, BS, TOPK,
-                   BLOCK_Q, STAGES, num_warps)),
-        (_load, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk,
-                 e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                 stride_vh, G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
-        [LOAD_WARPS], [96])
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
+                       EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0, HKV, G, G_PAD, D,
+                       BS, TOPK, BLOCK_Q, STAGES, 1, num_warps)),
+            (_load, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow,
+                     nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                     stride_vh, G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))], [LOAD_WARPS], [96])
+    else:
+        gl.warp_specialize([
+            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
+                       EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0, HKV, G, G_PAD, D,
+                       BS, TOPK, BLOCK_Q, STAGES, 2, num_warps)),
+            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
+                       EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1, HKV, G, G_PAD, D,
+                       BS, TOPK, BLOCK_Q, STAGES, 2, 4)),
+            (_load, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow,
+                     nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                     stride_vh, G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
+            [4, LOAD_WARPS], [192, 64])
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
@@ -170,7 +186,8 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
 
 def launch(q, k, v, rows, plan, q0: int, po, pl, *, scale_log2: float, topk: int,
            g_pad: int, block_size: int) -> None:
-    """``fwd_kernel`` over one chunk's plan (``launch_partials``' arguments)."""
+    """``fwd_kernel`` over one chunk's plan (``launch_partials``' arguments), with
+    ``CONSUMERS`` attention warpgroups."""
     hkv = int(plan.num_heads)
     fwd_kernel[(plan.num_items,)](
         q, k, v, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h,
@@ -178,5 +195,5 @@ def launch(q, k, v, rows, plan, q0: int, po, pl, *, scale_log2: float, topk: int
         scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), HKV=hkv, G=q.shape[1] // hkv, G_PAD=g_pad, D=q.shape[2],
         BS=block_size, TOPK=topk, BLOCK_Q=ROWS // g_pad, STAGES=STAGES,
-        LOAD_WARPS=LOAD_WARPS, num_warps=4)
+        LOAD_WARPS=LOAD_WARPS, CONSUMERS=CONSUMERS, num_warps=4)
 

@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from msa.ops.attention import gluon as ga
 const = dict(HKV=4, G=16, G_PAD=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=ga.STAGES,
-             LOAD_WARPS=ga.LOAD_WARPS, num_warps=4)
+             LOAD_WARPS=ga.LOAD_WARPS, CONSUMERS=CONSUMERS, num_warps=4)
 sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "PO": "*bf16", "PL": "*fp32", "POS": "*i32",
        "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32",
        "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32",
@@ -32,29 +32,35 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps"
 """
 
 
-def test_compiles_for_sm90_to_gathers_and_wgmma():
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_compiles_for_sm90_to_gathers_and_wgmma(consumers):
     """Compiled in a fresh process (the suite runs Triton's interpreter)."""
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True,
+    run = subprocess.run([sys.executable, "-c", f"CONSUMERS = {consumers}\n" + COMPILE],
+                         env=env, capture_output=True,
                          text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     ptx = run.stdout
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
     assert "setmaxnreg" in ptx and "ld.local" not in ptx          # no spills
+    assert ptx.count("wgmma.mma_async") == 16 * consumers           # QK^T and PV per group
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("consumers", [1, 2])
 @pytest.mark.parametrize("q_lens,k_lens,hq,hkv,hs", [
     ((3000,), (3000,), 64, 4, 4),                    # MiniMax-M3 group of 16
     ((700, 1, 900), (4000, 1, 2500), 32, 8, 8),      # G = 4, prefixes, a one-token segment
     ((1500,), (5000,), 24, 4, 1),                    # G = 6 (padded to 8), shared selection
 ])
-def test_partials_equal_the_triton_kernel(q_lens, k_lens, hq, hkv, hs):
+def test_partials_equal_the_triton_kernel(monkeypatch, q_lens, k_lens, hq, hkv, hs,
+                                          consumers):
     from msa.ops.attention import gluon
+    monkeypatch.setattr(gluon, "CONSUMERS", consumers)
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=128, seed=sum(q_lens))
     q, k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "qkv")
     if not gluon.supported(q, k, v, 128):
