@@ -84,3 +84,12 @@ def test_partials_equal_the_triton_kernel(monkeypatch, q_lens, k_lens, hq, hkv, 
     seen = ref_l.isfinite()
     torch.testing.assert_close(lb[seen].double(), ref_l[seen], rtol=1e-3, atol=1e-3)
     assert torch.equal(lb.isfinite(), seen)
+
+
+def test_where_it_cannot_run_it_says_so():
+    c = make_case((20,), (300,), hq=4, hkv=2, d=64, seed=1)
+    q, k, v = (c[x].to(DEVICE) for x in "qkv")
+    topk = random_topk(c["seg"], 2, 3, 64, seed=1).to(DEVICE)
+    with pytest.raises(NotImplementedError, match="Gluon forward runs"):
+        sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], 64, 2), scale=0.125,
+                        query_major=False, kernel="gluon")
