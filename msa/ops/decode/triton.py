@@ -57,8 +57,8 @@ def paged_block_max_kernel(
     if FP8:                 # the queries quantized as msa.ops.quant.quantize_e4m3 does
         qf = qi.to(tl.float32)
         amax = tl.max(tl.abs(qf), 1)
-        qs = tl.where(amax > 0, amax / 448.0, 1.0)
-        q8 = to_e4m3(tl.clamp(qf / qs[:, None], -448.0, 448.0))
+        qs = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)      # IEEE, as torch
+        q8 = to_e4m3(tl.clamp(tl.math.div_rn(qf, qs[:, None]), -448.0, 448.0))
         row_scale = qs * scale              # max commutes with a positive row factor
     for jj in range(PAGES):                 # predicated (not branched): pipelined loads
         j = tl.program_id(1) * PAGES + jj
