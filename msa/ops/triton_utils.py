@@ -8,6 +8,7 @@
 * ``online_softmax_step``: one key block of an online softmax;
 * ``rank_key``: the block-score key of the top-k rule (docs/semantics.md, "Selection");
 * ``to_e4m3``: fp32 -> e4m3 rounded to nearest even, as ``torch`` converts;
+* ``dequant_rows``: e4m3 rows times their fp32 row scales (FP8 pages, ``msa.ops.quant``);
 * ``load_item`` / ``query_program``: a KV-outer work item, a per-(query, KV head) program.
 """
 from __future__ import annotations
@@ -91,6 +92,14 @@ def to_e4m3(x):
         r = tl.where((r - y == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
         x = tl.where(x < 0, -r, r) * step
     return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def dequant_rows(x, SCALES, offs, mask, DTYPE: tl.constexpr):
+    """e4m3 rows ``x [N, D]`` times their scales ``SCALES + offs [N]`` (rows off ``mask``:
+    scale 0, never read), as ``DTYPE``."""
+    s = tl.load(SCALES + offs, mask=mask, other=0.0)
+    return (x.to(tl.float32) * s[:, None]).to(DTYPE)
 
 
 @triton.jit

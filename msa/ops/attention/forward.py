@@ -23,8 +23,8 @@ import triton.language as tl
 
 from ..launch import launch_fitting, smaller_tiles
 from ..plan import ITEM_FIELDS, BlockRows, Plan, SparsePlan, forward_chunk
-from ..triton_utils import (LN2, LOG2E, dot, load_item, next_pow2, online_softmax_step,
-                            precision, query_program, upcast)
+from ..triton_utils import (LN2, LOG2E, dequant_rows, dot, load_item, next_pow2,
+                            online_softmax_step, precision, query_program, upcast)
 from .query_major import sparse_attn_fwd_query_major
 
 # Few queries: the query-major kernel (no planning, no partials) is faster below this
@@ -100,11 +100,9 @@ def sparse_attn_fwd_kernel(
                         + offs_d[None, :], mask=kmask[:, None], other=0.0)
         if FP8:                       # e4m3 rows x their scales (row krow + n, head h)
             soff = krow + h * stride_sh + offs_n
-            k = (k.to(tl.float32) * tl.load(KS + soff, mask=kmask, other=0.0)[:, None]
-                 ).to(Q.dtype.element_ty)
+            k = dequant_rows(k, KS, soff, kmask, Q.dtype.element_ty)
             if HAS_V:
-                v = (v.to(tl.float32) * tl.load(VS + soff, mask=kmask, other=0.0)[:, None]
-                     ).to(Q.dtype.element_ty)
+                v = dequant_rows(v, VS, soff, kmask, Q.dtype.element_ty)
     else:
         tl.static_assert(not FP8, "FP8 pages need the whole block on chip (KSPLIT=0)")
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
