@@ -26,6 +26,19 @@ from ...ops.quant import E4M3, quantize_e4m3
 SPARSE = "minimax_m3_sparse"
 
 
+def _rows(b: int, h: int, slots: int, d: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Empty e4m3 rows ``[b, h, slots, d]`` and their scales ``[b, h, slots]`` (1)."""
+    return (torch.zeros(b, h, slots, d, dtype=E4M3, device=device),
+            torch.ones(b, h, slots, dtype=torch.float32, device=device))
+
+
+def _take(length: torch.Tensor, n: int) -> torch.Tensor:
+    """The next ``n`` slots after the device-side ``length``, which advances by ``n``."""
+    pos = torch.arange(n, device=length.device) + length
+    length.add_(n)
+    return pos
+
+
 def _write(store: torch.Tensor, scales: torch.Tensor, pos: torch.Tensor,
            x: torch.Tensor) -> None:
     """Rows ``x [B, H, n, D]`` quantized into ``store [B, H, L, D]`` (e4m3) and ``scales
@@ -51,11 +64,9 @@ class FP8SparseLayer(MiniMaxM3VLSparseStaticCacheLayer):
         self.device = key_states.device
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
-        b, h, n = self.batch_size, self.num_heads, self.max_cache_len
-        self.keys = torch.zeros(b, h, n, self.k_head_dim, dtype=E4M3, device=self.device)
-        self.values = torch.zeros(b, h, n, self.v_head_dim, dtype=E4M3, device=self.device)
-        self.k_scales = torch.ones(b, h, n, dtype=torch.float32, device=self.device)
-        self.v_scales = torch.ones(b, h, n, dtype=torch.float32, device=self.device)
+        shape = (self.batch_size, self.num_heads, self.max_cache_len)
+        self.keys, self.k_scales = _rows(*shape, self.k_head_dim, self.device)
+        self.values, self.v_scales = _rows(*shape, self.v_head_dim, self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.is_initialized = True
 
@@ -63,9 +74,7 @@ class FP8SparseLayer(MiniMaxM3VLSparseStaticCacheLayer):
                **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        pos = torch.arange(n, device=self.device) + self.cumulative_length
-        self.cumulative_length.add_(n)
+        pos = _take(self.cumulative_length, key_states.shape[-2])
         _write(self.keys, self.k_scales, pos, key_states)
         _write(self.values, self.v_scales, pos, value_states)
         return self.keys, self.values
@@ -75,14 +84,9 @@ class FP8SparseLayer(MiniMaxM3VLSparseStaticCacheLayer):
             return super().update_index(idx_k)
         if self.idx_keys is None:
             b, h, _, d = idx_k.shape
-            self.idx_keys = torch.zeros(b, h, self.max_cache_len, d, dtype=E4M3,
-                                        device=idx_k.device)
-            self.ki_scales = torch.ones(b, h, self.max_cache_len, dtype=torch.float32,
-                                        device=idx_k.device)
+            self.idx_keys, self.ki_scales = _rows(b, h, self.max_cache_len, d, idx_k.device)
             self.idx_cumulative_length = self.idx_cumulative_length.to(idx_k.device)
-        n = idx_k.shape[-2]
-        pos = torch.arange(n, device=idx_k.device) + self.idx_cumulative_length
-        self.idx_cumulative_length.add_(n)
+        pos = _take(self.idx_cumulative_length, idx_k.shape[-2])
         _write(self.idx_keys, self.ki_scales, pos, idx_k)
         return self.idx_keys
 
