@@ -52,3 +52,17 @@ def force_smallest_launch(monkeypatch, module):
     """Make ``module``'s kernels launch with their last (smallest) fallback configuration,
     the one a GPU with little shared memory runs."""
     return force_launch(monkeypatch, module, lambda configs: configs[-1])
+
+
+def compiled_ptx(program: str) -> str:
+    """The stdout of ``program`` (Python that prints a kernel's PTX) run in a fresh process
+    without ``TRITON_INTERPRET``: the suite runs Triton's interpreter, whose helpers cannot
+    be compiled for a GPU target. Fails the test with the process's stderr."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout

@@ -149,6 +149,8 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
         mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
         mbarrier.init(empty.index(i), count=1)
     fence_async_shared()
+    # the partitions are written out per branch: a (function, args) pair cannot be bound
+    # to a name inside a Gluon kernel
     if CONSUMERS == 1:
         gl.warp_specialize([
             (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,

@@ -8,7 +8,7 @@ pytest.importorskip("triton.experimental.gluon")
 
 from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
-from tests.helpers import DEVICE, plan_of, random_topk  # noqa: E402
+from tests.helpers import DEVICE, compiled_ptx, plan_of, random_topk  # noqa: E402
 from tests.helpers.brute import make_case, rel_err  # noqa: E402
 
 COMPILE = """
@@ -34,16 +34,8 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps"
 
 @pytest.mark.parametrize("consumers", [1, 2])
 def test_compiles_for_sm90_to_gathers_and_wgmma(consumers):
-    """Compiled in a fresh process (the suite runs Triton's interpreter)."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", f"CONSUMERS = {consumers}\n" + COMPILE],
-                         env=env, capture_output=True,
-                         text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-2000:]
-    ptx = run.stdout
+    """Compiled in a fresh process (``compiled_ptx``)."""
+    ptx = compiled_ptx(f"CONSUMERS = {consumers}\n" + COMPILE)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
     assert "setmaxnreg" in ptx and "ld.local" not in ptx          # no spills

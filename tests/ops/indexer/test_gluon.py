@@ -8,6 +8,7 @@ pytest.importorskip("triton.experimental.gluon")
 from msa.ops.indexer import gluon  # noqa: E402
 from msa.ops.indexer.triton import scan_topk  # noqa: E402
 from msa.varlen import make_segments  # noqa: E402
+from tests.helpers import compiled_ptx  # noqa: E402
 
 
 COMPILE = """
@@ -32,16 +33,8 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps"
 
 
 def test_compiles_for_sm90_to_tma_and_wgmma():
-    """Compiled in a fresh process: the suite runs Triton's interpreter without a GPU,
-    and interpreted helpers cannot be compiled."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True,
-                         text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-2000:]
-    ptx = run.stdout
+    """Compiled in a fresh process (``compiled_ptx``)."""
+    ptx = compiled_ptx(COMPILE)
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
     assert "cp.async.bulk.tensor.2d" in ptx and "setmaxnreg" in ptx
 
