@@ -372,6 +372,10 @@ def paged_attention_in_place(q, k_pages, v_pages, topk_indices, page_table, seq_
     if q.dim() != 3 or q.shape[2] != d or q.shape[1] % hkv:
         raise ValueError(f"q must be [total_q, Hq, D={d}] with Hq a multiple of "
                          f"Hkv={hkv}, got {tuple(q.shape)}")
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if x.dtype not in (q.dtype, E4M3) or x.device != q.device:
+            raise TypeError(f"{name} must be {q.dtype} or float8_e4m3fn pages on "
+                            f"{q.device} (as q), got {x.dtype} on {x.device}")
     lens = _check_paged(k_pages, page_table, seq_lens, q_lens)
     cu_q = cu_seqlens_from_lengths(q_lens, device=q.device)
     cu_k = cu_seqlens_from_lengths(lens, device=q.device)

@@ -44,6 +44,8 @@ def test_in_place_names_bad_input():
         paged_attention_in_place(q, kp.transpose(1, 2), vp, topk, table, lens)
     with pytest.raises(ValueError, match="q must be"):
         paged_attention_in_place(q[:, :3], kp, vp, topk, table, lens)
+    with pytest.raises(TypeError, match="v_pages must be torch.float32 or float8_e4m3fn"):
+        paged_attention_in_place(q, kp, vp.double(), topk, table, lens)
     k8, v8, _ = fp8_cache.layer(0)
     with pytest.raises(TypeError, match="k_scales"):
         paged_attention_in_place(q, k8, v8, topk, table, lens)
