@@ -26,3 +26,20 @@ def test_to_e4m3_matches_torch():
     y = torch.full_like(x, float("nan"))
     _round_trip[(1,)](x, y, N=x.numel())
     assert torch.equal(y, x.to(torch.float8_e4m3fn).float())
+
+
+def test_quantize_into_writes_what_quantize_e4m3_gives_at_the_slots():
+    from msa.ops.quant import E4M3, quantize_e4m3
+    from msa.ops.quant_triton import quantize_into
+    g = torch.Generator().manual_seed(1)
+    # [B, H, n, D] as transformers hands it: a transposed view; one zero row
+    x = (torch.randn(2, 5, 4, 64, generator=g) * 7).transpose(1, 2).to(DEVICE)
+    x[0, 1, 2] = 0
+    store = torch.zeros(2, 4, 16, 64, dtype=E4M3, device=DEVICE)
+    scales = torch.full((2, 4, 16), float("nan"), device=DEVICE)
+    quantize_into(x, store, scales, torch.tensor([3], device=DEVICE))
+    x8, s = quantize_e4m3(x)
+    assert torch.equal(store[:, :, 3:8].view(torch.uint8), x8.view(torch.uint8))
+    assert torch.equal(scales[:, :, 3:8], s)
+    assert not store[:, :, :3].view(torch.uint8).any()
+    assert not store[:, :, 8:].view(torch.uint8).any() and scales[:, :, 8:].isnan().all()

@@ -21,6 +21,7 @@ from transformers import StaticCache
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import \
     MiniMaxM3VLSparseStaticCacheLayer
 
+from ...ops.checks import HAS_TRITON
 from ...ops.quant import E4M3, quantize_e4m3
 
 SPARSE = "minimax_m3_sparse"
@@ -32,17 +33,16 @@ def _rows(b: int, h: int, slots: int, d: int, device) -> Tuple[torch.Tensor, tor
             torch.ones(b, h, slots, dtype=torch.float32, device=device))
 
 
-def _take(length: torch.Tensor, n: int) -> torch.Tensor:
-    """The next ``n`` slots after the device-side ``length``, which advances by ``n``."""
-    pos = torch.arange(n, device=length.device) + length
-    length.add_(n)
-    return pos
-
-
-def _write(store: torch.Tensor, scales: torch.Tensor, pos: torch.Tensor,
+def _write(store: torch.Tensor, scales: torch.Tensor, start: torch.Tensor,
            x: torch.Tensor) -> None:
     """Rows ``x [B, H, n, D]`` quantized into ``store [B, H, L, D]`` (e4m3) and ``scales
-    [B, H, L]`` at slots ``pos [n]``."""
+    [B, H, L]`` at slots ``start .. start + n`` (``start`` on the device): one kernel on
+    CUDA (``msa.ops.quant_triton``), torch ops elsewhere (the same values)."""
+    if x.is_cuda and HAS_TRITON:
+        from ...ops.quant_triton import quantize_into
+        quantize_into(x, store, scales, start.view(1))
+        return
+    pos = torch.arange(x.shape[2], device=x.device) + start
     x8, s = quantize_e4m3(x)
     store.view(torch.uint8).index_copy_(2, pos, x8.view(torch.uint8))
     scales.index_copy_(2, pos, s)
@@ -74,9 +74,9 @@ class FP8SparseLayer(MiniMaxM3VLSparseStaticCacheLayer):
                **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        pos = _take(self.cumulative_length, key_states.shape[-2])
-        _write(self.keys, self.k_scales, pos, key_states)
-        _write(self.values, self.v_scales, pos, value_states)
+        _write(self.keys, self.k_scales, self.cumulative_length, key_states)
+        _write(self.values, self.v_scales, self.cumulative_length, value_states)
+        self.cumulative_length.add_(key_states.shape[-2])
         return self.keys, self.values
 
     def update_index(self, idx_k: torch.Tensor) -> torch.Tensor:
@@ -86,8 +86,8 @@ class FP8SparseLayer(MiniMaxM3VLSparseStaticCacheLayer):
             b, h, _, d = idx_k.shape
             self.idx_keys, self.ki_scales = _rows(b, h, self.max_cache_len, d, idx_k.device)
             self.idx_cumulative_length = self.idx_cumulative_length.to(idx_k.device)
-        pos = _take(self.idx_cumulative_length, idx_k.shape[-2])
-        _write(self.idx_keys, self.ki_scales, pos, idx_k)
+        _write(self.idx_keys, self.ki_scales, self.idx_cumulative_length, idx_k)
+        self.idx_cumulative_length.add_(idx_k.shape[-2])
         return self.idx_keys
 
     def scales(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
