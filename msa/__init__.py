@@ -6,7 +6,8 @@ Public API (shapes in each docstring; the contract: docs/semantics.md):
 - ``msa_indexer``: block top-k selection (+ selected LSE);
 - ``msa_sparse_attention``: exact attention over the selected blocks (autograd);
 - ``msa_indexer_kl``: the indexer's KL training loss (sparse or dense warm-up);
-- ``msa_attention``: selection + attention + indexer training in one call.
+- ``msa_attention``: selection + attention + indexer training in one call;
+- ``attention_kernel``: which forward kernel runs for given inputs.
 
 The names load on first use, so ``import msa`` (and ``python -m msa --help``) imports
 neither torch nor triton; importing ``msa`` never initialises CUDA.
@@ -19,7 +20,7 @@ _EXPORTS = {
     "MSAConfig": ".config", "MINIMAX_M3": ".config", "MSAAux": ".functional",
     "msa_attention": ".functional", "msa_indexer": ".functional",
     "msa_indexer_kl": ".functional", "msa_sparse_attention": ".functional",
-    "cu_seqlens_from_lengths": ".varlen",
+    "cu_seqlens_from_lengths": ".varlen", "attention_kernel": ".functional",
 }
 
 __all__ = list(_EXPORTS)

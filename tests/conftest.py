@@ -14,7 +14,6 @@ if not torch.cuda.is_available():
 
 
 SLOW = {
-    "tests/ops/attention/test_gluon.py::test_compiles_for_sm90_to_gathers_and_wgmma[2]",
     "tests/integrations/test_graphs.py::test_decode_step_reads_nothing_back_to_the_host[True]",
     "tests/integrations/test_m3_fp8_cache.py::"
     "test_fused_decoder_reads_the_fp8_cache_in_place[index_dtype1]",

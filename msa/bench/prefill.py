@@ -86,33 +86,23 @@ def precisions(args) -> list:
     return (getattr(args, "index_precision", None) or "input").split(",")
 
 
-def gluon_attention(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
-    """The Gluon KV-outer forward (Hopper; one and two attention warpgroups) beside the
-    Triton kernel on one plan: kernel time of each (planning excluded) and the cosine of
-    their outputs; ``{}`` where it cannot run."""
-    from ..ops.attention.forward import sparse_attn_fwd
-    try:
-        from ..ops.attention import gluon
-    except ImportError:                        # a Triton without Gluon
-        return {}
-    if not gluon.supported(q, k, v, cfg.block_size):
-        return {}
+def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
+    """The forward kernel the public API runs (``msa.attention_kernel``) and, on Hopper,
+    the Gluon and the Triton KV-outer kernels timed on one plan (planning excluded) with
+    the cosine of their outputs."""
+    from ..ops.attention import forward as F
+    d = dict(forward_kernel=msa.attention_kernel(q, k, v, block_size=cfg.block_size))
+    if F.forward_kernel(q, k, v, cfg.block_size) != "gluon":
+        return d
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
                         chunk=chunk)
 
     def run(kernel):
-        return sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False,
-                               kernel=kernel)[0]
-    d = dict(triton_kernel_attention_ms=C.timed(lambda: run("triton"), reps))
-    default = gluon.CONSUMERS
-    try:
-        for c in (1, 2):                        # attention warpgroups per program
-            gluon.CONSUMERS = c
-            d[f"gluon_{c}wg_attention_cosine_vs_triton"] = C.cosine(run("gluon"),
-                                                                    run("triton"))
-            d[f"gluon_{c}wg_attention_ms"] = C.timed(lambda: run("gluon"), reps)
-    finally:
-        gluon.CONSUMERS = default
+        return F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False,
+                                 kernel=kernel)[0]
+    d["gluon_attention_cosine_vs_triton"] = C.cosine(run("gluon"), run("triton"))
+    for kernel in ("triton", "gluon"):
+        d[f"{kernel}_kernel_attention_ms"] = C.timed(lambda: run(kernel), reps)
     return d
 
 
@@ -207,7 +197,7 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
     r["attention_ms"] = C.timed(attention, reps)
     r["attention_tflops"] = 4 * cfg.head_dim * cfg.num_heads * sparse / r["attention_ms"] / 1e9
     r["planning_ms"] = C.timed(planning, reps)
-    r.update(gluon_attention(q, k, v, topk, seg, cfg, chunk, reps))
+    r.update(kernels(q, k, v, topk, seg, cfg, chunk, reps))
     out = attention()
     if C.wants(args, "dense"):
         scaled = T > args.dense_max

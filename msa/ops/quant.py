@@ -20,7 +20,9 @@ def quantize_e4m3(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``x [..., D]`` -> ``x8 [..., D]`` e4m3 and ``scale [...]`` fp32."""
     xf = x.float()
     amax = xf.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # a tensor divisor: IEEE division on every device, as the kernels' div_rn (CUDA torch
+    # multiplies by the reciprocal of a Python number instead)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
     return (xf / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 

@@ -23,8 +23,8 @@ def quantize_rows_kernel(X, STORE, SCALES, START, stride_xb, stride_xt,
     """Row ``t`` of group ``b`` (``X + b * stride_xb + t * stride_xt``, ``D`` contiguous
     values) -> e4m3 at ``STORE + b * stride_sb + (start + t) * stride_st`` and its scale at
     ``SCALES + b * stride_cb + start + t`` (``start = START[0]``)."""
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1)
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     slot = tl.load(START).to(tl.int64) + t
     offs = tl.arange(0, D_PAD)
     x = tl.load(X + b * stride_xb + t * stride_xt + offs, mask=offs < D, other=0.0)
@@ -49,6 +49,8 @@ def quantize_into(x: torch.Tensor, store: torch.Tensor, scales: torch.Tensor,
     xs = (x if x.stride(-1) == 1 else x.contiguous()).reshape(b * h, n, d)   # a view or a copy
     st = store.view(b * h, store.shape[2], d)
     sc = scales.view(b * h, scales.shape[2])
-    quantize_rows_kernel[(b * h, n)](
+    if b * h > 65535:
+        raise ValueError(f"quantize_into: x has {b * h} rows of groups (B x H); at most 65535")
+    quantize_rows_kernel[(n, b * h)](           # rows on the axis without the 65535 bound
         xs, st, sc, start, xs.stride(0), xs.stride(1), st.stride(0), st.stride(1),
         sc.stride(0), D=d, D_PAD=next_pow2(d), num_warps=1)

@@ -13,9 +13,13 @@ key sub-blocks loaded per tile instead (``KSPLIT``, an online softmax; ``fwd_con
 by LSE: ``lse = log sum_j exp(lse_j)``, ``out = sum_j exp(lse_j - lse) o_j``.
 
 Queries are processed in chunks so the partial buffer (``chunk x Hkv x K x G x D``)
-stays bounded whatever the sequence length.
+stays bounded whatever the sequence length. On Hopper the partials come from the
+warp-specialized Gluon kernel of ``msa.ops.attention.gluon`` instead where it applies
+(``forward_kernel`` says which runs).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -194,6 +198,22 @@ def check_supported(dtype: torch.dtype, head_dim: int) -> None:
                                   "128; use bf16/fp16 or backend='reference'")
 
 
+def forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   block_size: int) -> str:
+    """The kernel that computes the KV-outer partials for these inputs: ``"gluon"`` (the
+    warp-specialized kernel of ``msa.ops.attention.gluon``: Hopper, bf16 / fp16, head dim
+    128, blocks of 128) where it applies, else ``"triton"`` (``sparse_attn_fwd_kernel``,
+    every GPU and the interpreter). ``MSA_FORWARD_KERNEL=triton`` in the environment keeps
+    the Triton kernel everywhere."""
+    if os.environ.get("MSA_FORWARD_KERNEL", "auto") == "triton" or v is None:
+        return "triton"
+    try:
+        from . import gluon
+    except ImportError:                 # a Triton without Gluon
+        return "triton"
+    return "gluon" if gluon.supported(q, k, v, block_size) else "triton"
+
+
 def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int,
                 fp8: bool = False):
     """Launch configurations of the KV-outer forward, preferred first: the whole block's
@@ -214,7 +234,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
                     topk: int, block_size: int, block_q: int = None, num_warps: int = 4,
                     num_stages: int = 1, shared_k_head: bool = False,
                     maxpool: bool = False, k_scales=None, v_scales=None,
-                    kernel: str = "triton") -> None:
+                    kernel: str = None) -> None:
     """Run the KV-outer kernel over one chunk's plan: partial outputs into ``po`` (skipped
     when ``v is None``) and partial LSEs into ``pl`` (``maxpool``: each (query, slot)'s
     largest visible logit instead of its LSE; with ``v is None``).
@@ -228,9 +248,10 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     GPU's shared memory falls back to smaller ones and then to sub-blocks of keys
     (``fwd_configs``, ``msa.ops.launch``). ``k_scales, v_scales``: e4m3 ``k, v`` in pages
     ``[P, Hkv, page]`` whose key rows are ``page * Hkv * page_size + t`` (``paged_rows``);
-    the scale of row ``r``, head ``h`` is at ``r + h * page_size``. ``kernel="gluon"``:
-    the warp-specialized Gluon kernel of ``msa.ops.attention.gluon`` (Hopper; not the
-    default, not yet measured).
+    the scale of row ``r``, head ``h`` is at ``r + h * page_size``. ``kernel``:
+    ``"triton"`` or ``"gluon"`` (``msa.ops.attention.gluon``); default ``forward_kernel``'s
+    choice for plain attention, the Triton kernel for the LSE-only, shared-key and e4m3
+    passes.
     """
     if not plan.num_items:
         return
@@ -240,6 +261,9 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     g_pad = next_pow2(g)
     block_q = block_q or max(1, 64 // g_pad)
     vv = k if v is None else v
+    if kernel is None:
+        plain = not (maxpool or shared_k_head or k_scales is not None)
+        kernel = forward_kernel(q, k, v, block_size) if plain else "triton"
     if kernel == "gluon":
         from . import gluon
         if v is None or maxpool or k_scales is not None or shared_k_head or \
@@ -299,7 +323,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_scales, v_scales: e4m3 ``k, v`` read in place from pages (``launch_partials``;
             the KV-outer kernel only).
         launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel, or
-            ``kernel="gluon"`` (``launch_partials``).
+            ``kernel`` (``launch_partials``; default ``forward_kernel``'s choice).
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
     """
@@ -316,7 +340,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if total_q == 0:
         return out, lse
     idx = plan.indices(topk_indices)
-    if k_scales is None and launch.get("kernel", "triton") == "triton" and \
+    if k_scales is None and launch.get("kernel") in (None, "triton") and \
             use_query_major(total_q, query_major):
         sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
         return out, lse

@@ -1,5 +1,5 @@
-"""Gluon KV-outer sparse attention forward for Hopper (sm_90): ``sparse_attn_fwd_kernel``
-with the gathered query tiles loaded by warps of their own.
+"""Gluon KV-outer sparse attention forward for Hopper (sm_90): ``fwd_kernel``, the
+forward's kernel there (``msa.ops.attention.forward.forward_kernel``).
 
 Same contract as the Triton KV-outer kernel (``msa.ops.attention.forward``, one program
 per work item = KV head, KV block, slice of the queries that selected it; a partial
@@ -8,15 +8,15 @@ bf16 / fp16, head dim 128, blocks of 128 keys, 64-row tiles (``64 / G_pad`` quer
 the ``G_pad`` heads of the group) and the whole block on chip. A loader partition (4
 warps) gathers the block's K and V rows and then each tile's query rows into a ring of
 shared-memory slots with ``cp.async`` (each row from any token) and signals them with
-mbarriers; the default partition (one warpgroup) runs ``S = Q K^T`` and ``O = P V`` as
-wgmma from shared memory (P from registers) with the softmax in between, and stores the
-partials. The loads of the next tiles overlap the current tile's MMAs and softmax, which
-the ``tl.*`` kernel cannot express (Triton 3.6 warp-specializes TMA loads only, and TMA
-cannot gather rows on Hopper).
+mbarriers; two attention warpgroups take alternate tiles and run ``S = Q K^T`` and
+``O = P V`` as wgmma from shared memory (P from registers) with the softmax in between,
+so one warpgroup's softmax overlaps the other's MMAs, while the loads of the next tiles
+overlap both. The ``tl.*`` kernel cannot be built this way (Triton 3.6 warp-specializes
+TMA loads only, and TMA cannot gather rows on Hopper).
 
-Status: compiled for sm_90a by ``tests/ops/attention/test_gluon.py`` on any machine;
-never run on a GPU yet (its GPU test compares it with the Triton kernel); reachable only
-through ``sparse_attn_fwd(..., kernel="gluon")``.
+Measured on an H200 at 128K (docs/benchmarks.md): 1.0x the Triton kernel at G = 16, 1.3x
+at G = 4, 6, 8; one attention warpgroup and 3-4 ring slots were slower
+(docs/experiments.md).
 """
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                warpgroup_mma)
 
-STAGES = 3              # gathered query tiles in flight (16 KB each)
-CONSUMERS = 1           # attention warpgroups (2: ping-pong; both compile, neither measured)
+STAGES = 2              # gathered query tiles in flight (16 KB each)
 LOAD_WARPS = 4
 ROWS = 64               # MMA rows per tile: queries x heads of the group
 
@@ -85,7 +84,8 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
     tok = r // G_PAD
     g = r % G_PAD
     offs_n = gl.arange(0, BS, layout=gl.SliceLayout(0, mma))
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
+    st: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    st_d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, st)), 0)
     key_ok = gl.expand_dims(offs_n < nk, 0)
     zero = gl.zeros([M, BS], gl.float32, mma)
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
@@ -114,9 +114,12 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
         o = o / gl.expand_dims(gl.maximum(den, 1e-30), 1)
         lse = gl.where(den > 0, (m + gl.log2(den)) * 0.6931471805599453, float("-inf"))
         pidx = ((ql * HKV + h) * TOPK + slot) * G + g
-        gl.store(PO + gl.expand_dims(pidx, 1) * D + gl.expand_dims(offs_d, 0),
-                 o.to(PO.dtype.element_ty), mask=gl.expand_dims(emask, 1))
         gl.store(PL + pidx, lse, mask=emask)
+        # rows leave in 16-byte pieces: the MMA layout would store 4 bytes per thread
+        o = gl.convert_layout(o.to(PO.dtype.element_ty), st)
+        pidx = gl.expand_dims(gl.convert_layout(pidx, gl.SliceLayout(1, st)), 1)
+        emask = gl.expand_dims(gl.convert_layout(emask, gl.SliceLayout(1, st)), 1)
+        gl.store(PO + pidx * D + st_d, o, mask=emask)
 
 
 @gluon.jit
@@ -125,7 +128,7 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
                stride_vt, stride_vh, HKV: gl.constexpr, G: gl.constexpr,
                G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr,
                BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
-               CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
+               num_warps: gl.constexpr):
     """One program per work item of the plan (``msa.ops.plan``): the item's KV block
     in shared memory, its edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries."""
     pid = gl.program_id(0)
@@ -149,47 +152,36 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
         mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
         mbarrier.init(empty.index(i), count=1)
     fence_async_shared()
-    # the partitions are written out per branch: a (function, args) pair cannot be bound
-    # to a name inside a Gluon kernel
-    if CONSUMERS == 1:
-        gl.warp_specialize([
-            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
-                       EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0, HKV, G, G_PAD, D,
-                       BS, TOPK, BLOCK_Q, STAGES, 1, num_warps)),
-            (_load, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow,
-                     nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                     stride_vh, G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))], [LOAD_WARPS], [96])
-    else:
-        gl.warp_specialize([
-            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
-                       EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0, HKV, G, G_PAD, D,
-                       BS, TOPK, BLOCK_Q, STAGES, 2, num_warps)),
-            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
-                       EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1, HKV, G, G_PAD, D,
-                       BS, TOPK, BLOCK_Q, STAGES, 2, 4)),
-            (_load, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow,
-                     nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                     stride_vh, G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
-            [4, LOAD_WARPS], [192, 64])
+    gl.warp_specialize([
+        (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
+                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0, HKV, G, G_PAD, D, BS,
+                   TOPK, BLOCK_Q, STAGES, 2, num_warps)),
+        (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
+                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1, HKV, G, G_PAD, D, BS,
+                   TOPK, BLOCK_Q, STAGES, 2, 4)),
+        (_load, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk,
+                 e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                 G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
+        [4, LOAD_WARPS], [192, 64])
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
-    """Whether ``fwd_kernel`` runs these inputs: a Hopper GPU (sm_90), bf16 / fp16, head
-    dim 128, blocks of 128, a group of at most 64 heads, rows 16-byte aligned."""
+    """Whether ``fwd_kernel`` runs these inputs (``[..., T, H, D]``): a Hopper GPU (sm_90),
+    bf16 / fp16, head dim 128, blocks of 128, a group of at most 64 heads, rows 16-byte
+    aligned."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
-    g = q.shape[1] // k.shape[1]
-    aligned = all(x.stride(-1) == 1 and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0
+    g = q.shape[-2] // k.shape[-2]
+    aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.stride(-3) % 8 == 0
                   and x.data_ptr() % 16 == 0 for x in (q, k, v))
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
-            and v.dtype == q.dtype and q.shape[2] == 128 and block_size == 128 and g <= ROWS
-            and aligned)
+            and v.dtype == q.dtype and q.shape[-1] == 128 and block_size == 128
+            and g <= ROWS and aligned)
 
 
 def launch(q, k, v, rows, plan, q0: int, po, pl, *, scale_log2: float, topk: int,
            g_pad: int, block_size: int) -> None:
-    """``fwd_kernel`` over one chunk's plan (``launch_partials``' arguments), with
-    ``CONSUMERS`` attention warpgroups."""
+    """``fwd_kernel`` over one chunk's plan (``launch_partials``' arguments)."""
     hkv = int(plan.num_heads)
     fwd_kernel[(plan.num_items,)](
         q, k, v, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h,
@@ -197,5 +189,5 @@ def launch(q, k, v, rows, plan, q0: int, po, pl, *, scale_log2: float, topk: int
         scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), HKV=hkv, G=q.shape[1] // hkv, G_PAD=g_pad, D=q.shape[2],
         BS=block_size, TOPK=topk, BLOCK_Q=ROWS // g_pad, STAGES=STAGES,
-        LOAD_WARPS=LOAD_WARPS, CONSUMERS=CONSUMERS, num_warps=4)
+        LOAD_WARPS=LOAD_WARPS, num_warps=4)
 

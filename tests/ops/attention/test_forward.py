@@ -184,3 +184,25 @@ def test_forward_items_of_every_tile_count(q_per_item):
                                                c["seg"], block_size=64, scale=0.125)
     torch.testing.assert_close(out.double(), ref_o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_kernel_names_the_forward_that_runs(monkeypatch):
+    """``msa.attention_kernel``: the reference without Triton's backend, the query-major
+    kernel for at most 1024 queries (batched: B x Tq), else the KV-outer kernel, Gluon
+    only on Hopper (``tests/ops/attention/test_gluon.py`` checks that case on a GPU)."""
+    import msa
+    from msa.ops.attention.forward import forward_kernel
+    k = torch.zeros(2048, 2, 128, device=DEVICE)
+    few, many = torch.zeros(1024, 8, 128, device=DEVICE), torch.zeros(1025, 8, 128, device=DEVICE)
+    assert msa.attention_kernel(few, k, k, backend="reference") == "reference"
+    assert msa.attention_kernel(few, k, k, backend="triton") == "query_major"
+    assert msa.attention_kernel(few.view(2, 512, 8, 128), k.view(2, 1024, 2, 128),
+                                k.view(2, 1024, 2, 128), backend="triton") == "query_major"
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+    assert msa.attention_kernel(many, k, k, backend="triton") == \
+        ("gluon" if hopper else "triton")
+    assert forward_kernel(many, k, None, 128) == "triton"           # the LSE-only pass
+    monkeypatch.setenv("MSA_FORWARD_KERNEL", "triton")
+    assert msa.attention_kernel(many, k, k, backend="triton") == "triton"
+    with pytest.raises(ValueError, match="backend"):
+        msa.attention_kernel(many, k, k, backend="cuda")

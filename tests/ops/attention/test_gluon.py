@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from msa.ops.attention import gluon as ga
 const = dict(HKV=4, G=16, G_PAD=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=ga.STAGES,
-             LOAD_WARPS=ga.LOAD_WARPS, CONSUMERS=CONSUMERS, num_warps=4)
+             LOAD_WARPS=ga.LOAD_WARPS, num_warps=4)
 sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "PO": "*bf16", "PL": "*fp32", "POS": "*i32",
        "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32",
        "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32",
@@ -32,41 +32,41 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps"
 """
 
 
-@pytest.mark.parametrize("consumers", [1, 2])
-def test_compiles_for_sm90_to_gathers_and_wgmma(consumers):
+def test_compiles_for_sm90_to_gathers_and_wgmma():
     """Compiled in a fresh process (``compiled_ptx``)."""
-    ptx = compiled_ptx(f"CONSUMERS = {consumers}\n" + COMPILE)
+    ptx = compiled_ptx(COMPILE)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
     assert "setmaxnreg" in ptx and "ld.local" not in ptx          # no spills
-    assert ptx.count("wgmma.mma_async") == 16 * consumers           # QK^T and PV per group
+    assert ptx.count("wgmma.mma_async") == 32     # QK^T and PV of each attention warpgroup
+    assert "st.global.v4" in ptx                  # partial rows stored in 16-byte pieces
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("consumers", [1, 2])
 @pytest.mark.parametrize("q_lens,k_lens,hq,hkv,hs", [
     ((3000,), (3000,), 64, 4, 4),                    # MiniMax-M3 group of 16
+    ((2000,), (2000,), 64, 8, 8),                    # G = 8
     ((700, 1, 900), (4000, 1, 2500), 32, 8, 8),      # G = 4, prefixes, a one-token segment
     ((1500,), (5000,), 24, 4, 1),                    # G = 6 (padded to 8), shared selection
 ])
-def test_partials_equal_the_triton_kernel(monkeypatch, q_lens, k_lens, hq, hkv, hs,
-                                          consumers):
+def test_partials_equal_the_triton_kernel(q_lens, k_lens, hq, hkv, hs):
     from msa.ops.attention import gluon
-    monkeypatch.setattr(gluon, "CONSUMERS", consumers)
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=128, seed=sum(q_lens))
     q, k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "qkv")
     if not gluon.supported(q, k, v, 128):
         pytest.skip("the Gluon forward needs a Hopper GPU")
     topk = random_topk(c["seg"], hs, 16, 128, seed=3).to(DEVICE)
+    topk[:, ::7] = -1                                # rows that select nothing
     outs = []
-    for kernel in ("triton", "gluon"):
+    for kernel in ("triton", "gluon", "gluon"):
         out = torch.full_like(q, float("nan"))
         lse = torch.full(q.shape[:2], float("nan"), device=DEVICE)
         sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], 128, hkv), scale=0.088,
                         out=out, lse=lse, query_major=False, kernel=kernel)
         outs.append((out, lse))
-    (a, la), (b, lb) = outs
+    (a, la), (b, lb), (b2, lb2) = outs
     assert not b.isnan().any() and not lb.isnan().any()              # every row written
+    assert torch.equal(b, b2) and torch.equal(lb, lb2)               # bitwise repeatable
     cos = torch.nn.functional.cosine_similarity(b.float().flatten(), a.float().flatten(), 0)
     assert cos > 0.99999, cos
     # against the fp64 reference on the same bf16 inputs: MiniMax's bf16 tolerances
@@ -85,3 +85,24 @@ def test_where_it_cannot_run_it_says_so():
     with pytest.raises(NotImplementedError, match="Gluon forward runs"):
         sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], 64, 2), scale=0.125,
                         query_major=False, kernel="gluon")
+
+
+@pytest.mark.gpu
+def test_public_api_runs_it_on_hopper(monkeypatch):
+    """``msa_sparse_attention`` picks the Gluon kernel on Hopper (``attention_kernel`` says
+    so) and gives the reference's output, fragments included; the environment switch
+    keeps the Triton kernel."""
+    import msa
+    c = make_case((1500, 600, 400), (1500, 2600, 3000), hq=64, hkv=4, d=128, seed=5,
+                  fragment_indices=(0, 1, 1))
+    q, k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "qkv")
+    if msa.attention_kernel(q, k, v) != "gluon":
+        pytest.skip("the Gluon forward needs a Hopper GPU")
+    topk = random_topk(c["seg"], 4, 16, 128, seed=4).to(DEVICE)
+    meta = {n: c[n].to(DEVICE) for n in ("cu_seqlens_q", "cu_seqlens_k", "fragment_indices")}
+    out = msa.msa_sparse_attention(q, k, v, topk, **meta)
+    ref = msa.msa_sparse_attention(q.double(), k.double(), v.double(), topk, **meta,
+                                   backend="reference")
+    assert rel_err(out, ref) < 3e-2
+    monkeypatch.setenv("MSA_FORWARD_KERNEL", "triton")
+    assert msa.attention_kernel(q, k, v) == "triton"
