@@ -192,8 +192,8 @@ def test_attention_kernel_names_the_forward_that_runs(monkeypatch):
     only on Hopper (``tests/ops/attention/test_gluon.py`` checks that case on a GPU)."""
     import msa
     from msa.ops.attention.forward import forward_kernel
-    k = torch.zeros(2048, 2, 128, device=DEVICE)
-    few, many = torch.zeros(1024, 8, 128, device=DEVICE), torch.zeros(1025, 8, 128, device=DEVICE)
+    k, few, many = (torch.zeros(t, h, 128, dtype=torch.bfloat16, device=DEVICE)
+                    for t, h in ((2048, 2), (1024, 8), (1025, 8)))
     assert msa.attention_kernel(few, k, k, backend="reference") == "reference"
     assert msa.attention_kernel(few, k, k, backend="triton") == "query_major"
     assert msa.attention_kernel(few.view(2, 512, 8, 128), k.view(2, 1024, 2, 128),
