@@ -7,7 +7,9 @@ Per shape and length (bf16, batch 1, random inputs):
   ``parallel_nsa`` forward + backward on the same selection;
 * the whole step: ``msa_attention`` (indexer, attention, indexer KL) forward + backward,
   with the one shared ``SparsePlan`` and, in the same run, with a plan made by every
-  consumer and the top-k validated (what the step did before plans were shared).
+  consumer and the top-k validated (what the step did before plans were shared);
+* on Hopper, the Gluon backward (``msa.ops.attention.gluon_bwd``, opt-in) beside the
+  Triton backward on one plan.
 
 The Triton backward is checked against the fp32 reference at 4K tokens first.
 """
@@ -48,6 +50,31 @@ def check(cfg, T: int = 4096) -> dict:
     return dict(T=T, cosine_dq_dk_dv=cos, passed=min(cos) > 0.999)
 
 
+def backward_kernels(q, k, v, topk, dout, cfg, T: int, reps: int) -> dict:
+    """On Hopper: the Gluon and the Triton backward on one plan (planning excluded), their
+    time and the cosine of their gradients; ``{}`` elsewhere."""
+    from ..ops.attention import backward as B, forward as F
+    if F.forward_kernel(q, k, v, cfg.block_size) != "gluon":
+        return {}
+    seg = Segments([0], [T], [0], [T], T, T)
+    chunk = P.backward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk, 1)
+    plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
+                        chunk=chunk)
+    fplan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
+                         chunk=P.forward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk))
+    out, lse = F.sparse_attn_fwd(q, k, v, topk, fplan, scale=cfg.scale, query_major=False)
+
+    def run(kernel):
+        return B.sparse_attn_bwd(q, k, v, topk, plan, out, lse, dout, scale=cfg.scale,
+                                 kernel=kernel)
+    a, b = run("triton"), run("gluon")
+    d = {f"gluon_backward_cosine_vs_triton_{n}": C.cosine(x, y)
+         for n, x, y in zip(("dq", "dk", "dv"), b, a)}
+    for kernel in ("triton", "gluon"):
+        d[f"{kernel}_backward_ms"] = C.timed(lambda: run(kernel), reps)
+    return d
+
+
 def run_length(T: int, cfg, args, fla) -> dict:
     q, k, v, qi, ki = (x.requires_grad_(True) for x in inputs(T, cfg, seed=T))
     bs = cfg.block_size
@@ -65,6 +92,8 @@ def run_length(T: int, cfg, args, fla) -> dict:
     sparse = sparse_elements(T, cfg)
     r["attention_fwd_bwd_tflops"] = 14 * cfg.head_dim * cfg.num_heads * sparse / \
         r["attention_fwd_bwd_ms"] / 1e9
+
+    r.update(backward_kernels(q.detach(), k.detach(), v.detach(), topk, dout, cfg, T, reps))
 
     def step():
         out = msa.msa_attention(q, k, v, qi, ki, cu, cu, config=cfg)

@@ -181,7 +181,7 @@ def bwd_launch(d: int, block_size: int, g: int, block_n: int = None, block_q: in
 def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                     dlse: Optional[torch.Tensor] = None, *, scale: float,
                     deterministic: bool = False, block_n: int = None, block_q: int = None,
-                    num_warps: int = 8, num_stages: int = None):
+                    num_warps: int = 8, num_stages: int = None, kernel: str = "triton"):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
@@ -195,8 +195,21 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
 
     The LSE's gradient enters as ``dS = P * (dP - delta + dlse)``: it is folded into
     ``delta = rowsum(dO * O) - dlse``.
+
+    ``kernel="gluon"``: the warp-specialized Hopper kernel of
+    ``msa.ops.attention.gluon_bwd`` for the partial gradients (bf16 / fp16, head dim 128,
+    blocks of 128; not run on a GPU yet, so not the default).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    if kernel == "gluon":
+        from . import gluon
+        if not (gluon.supported(q, k, v, plan.block_size) and gluon.supported(dout, k, v, 128)):
+            raise NotImplementedError("the Gluon backward runs bf16/fp16 attention with head "
+                                      "dim 128 and blocks of 128 on sm_90")
+        if q.stride() != dout.stride():             # the loader reads both with one offset
+            q, dout = q.contiguous(), dout.contiguous()
+    elif kernel != "triton":
+        raise ValueError(f"kernel must be 'triton' or 'gluon', got {kernel!r}")
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     hs, _, topk = topk_indices.shape
@@ -230,18 +243,26 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                     pk = torch.zeros((p.num_items, block_size, d), dtype=torch.float32,
                                      device=q.device)
                     pv = torch.zeros_like(pk)
-                launch_fitting(
-                    sparse_attn_bwd_kernel, (p.num_items, nsub),
-                    (q, k, v, dout, lse, delta, slots,
-                     *((pk, pv) if deterministic else (dk, dv)),
-                     rows.q_pos, p.edge_q, p.edge_slot, p.item_h, p.item_krow,
-                     p.item_t0, p.item_nk, p.item_e0, p.item_e1, q0, scale,
-                     scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                     lse.stride(0)),
-                    configs, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size,
-                    BLOCK_N=block_n, TOPK=topk, NSUB=nsub, DET=deterministic,
-                    PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype),
-                    num_warps=num_warps)
+                if kernel == "gluon":
+                    from . import gluon_bwd
+                    gluon_bwd.launch(q, k, v, dout, lse, delta, slots,
+                                     *((pk, pv) if deterministic else (dk, dv)), rows, p, q0,
+                                     scale=scale, scale_log2=scale * LOG2E, topk=topk,
+                                     g_pad=g_pad, block_size=block_size,
+                                     deterministic=deterministic)
+                else:
+                    launch_fitting(
+                        sparse_attn_bwd_kernel, (p.num_items, nsub),
+                        (q, k, v, dout, lse, delta, slots,
+                         *((pk, pv) if deterministic else (dk, dv)),
+                         rows.q_pos, p.edge_q, p.edge_slot, p.item_h, p.item_krow,
+                         p.item_t0, p.item_nk, p.item_e0, p.item_e1, q0, scale,
+                         scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                         lse.stride(0)),
+                        configs, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size,
+                        BLOCK_N=block_n, TOPK=topk, NSUB=nsub, DET=deterministic,
+                        PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype),
+                        num_warps=num_warps)
                 if deterministic:
                     sum_items(p, pk, pv, dk, dv, block_size, layers)
             dq_sum_kernel[((q1 - q0) * hkv,)](

@@ -1,0 +1,261 @@
+"""Gluon KV-outer sparse attention backward for Hopper (sm_90): ``bwd_kernel``, the
+Triton backward's contract (``msa.ops.attention.backward``) with the gathered query rows
+loaded by warps of their own.
+
+One program per work item (KV head, KV block of 128 keys, slice of the queries that
+selected it; bf16 / fp16, head dim 128). A loader partition (4 warps) gathers the block's
+K and V, then each tile's 64 query rows of Q and dO, into a ring of shared-memory slots
+with ``cp.async``. Two attention warpgroups own 64 keys each and take every tile, with
+the query rows as the MMA rows (so the row statistics ``lse``, ``delta`` and positions
+stay two values per thread):
+
+    S = Q K_w^T,  dP = dO V_w^T,  P = exp(S - lse),  dS = P (dP - delta)
+    dV_w += P^T dO,  dK_w += dS^T Q   (P and dS through shared memory, read transposed)
+    dQ = dS K_0 + dS K_1              (warpgroup 1 hands its term to warpgroup 0)
+
+``dQ`` goes to one slot per (query, KV head, top-k slot) in the dtype of q, summed by
+the Triton ``dq_sum_kernel``; ``dK``/``dV`` leave once per program by fp32 atomics, or
+(deterministic) into one slot per work item, as in the Triton backward.
+
+Status: compiled for sm_90a by ``tests/ops/attention/test_gluon_bwd.py`` on any machine;
+never run on a GPU yet (its GPU test compares it with the Triton backward); reachable
+only as ``sparse_attn_bwd(..., kernel="gluon")``.
+"""
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
+    async_copy_global_to_shared, mbarrier_arrive)
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
+                                                               warpgroup_mma)
+
+STAGES = 2              # gathered (Q, dO) tiles in flight (32 KB each)
+LOAD_WARPS = 4
+ROWS = 64               # query rows per tile: queries x heads of the group
+HALF = gl.constexpr(64)  # keys per attention warpgroup
+
+
+@gluon.jit
+def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
+          empty, h,
+          krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh,
+          G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+          BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+    """Loader: the block's K (also in two column halves) and V (``kv_bar``), then the Q
+    and dO rows of tile ``t`` into slot ``t % STAGES`` once both attention warpgroups
+    released it."""
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, ld)), 0)
+    keys = gl.arange(0, BS, layout=gl.SliceLayout(1, ld))
+    kmask = gl.expand_dims(keys < nk, 1)
+    krows = gl.expand_dims((krow + keys).to(gl.int64) * stride_kt + h * stride_kh, 1)
+    async_copy_global_to_shared(k_smem, K + krows + cols, mask=kmask)
+    async_copy_global_to_shared(v_smem, V + krows + cols, mask=kmask)
+    hl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
+    hcols = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, hl)), 0)
+    hkeys = gl.arange(0, BS, layout=gl.SliceLayout(1, hl))
+    hrows = gl.expand_dims((krow + hkeys).to(gl.int64) * stride_kt + h * stride_kh, 1)
+    for c in gl.static_range(2):            # K again in column halves, for dQ = dS K
+        async_copy_global_to_shared(kc_smem.index(c), K + hrows + c * HALF + hcols,
+                                    mask=gl.expand_dims(hkeys < nk, 1))
+    mbarrier_arrive(kv_bar, increment_count=False)
+    r = gl.arange(0, BLOCK_Q * G_PAD, layout=gl.SliceLayout(1, ld))
+    tok = r // G_PAD
+    g = r % G_PAD
+    n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
+    for t in range(n_tiles):
+        s = t % STAGES
+        mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
+        e = e0 + t * BLOCK_Q + tok
+        emask = (e < e1) & (g < G)
+        ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
+        rows = gl.expand_dims((q0 + ql) * stride_qt + (h * G + g) * stride_qh, 1)
+        async_copy_global_to_shared(q_ring.index(s), Q + rows + cols,
+                                    mask=gl.expand_dims(emask, 1))
+        async_copy_global_to_shared(do_ring.index(s), DO + rows + cols,
+                                    mask=gl.expand_dims(emask, 1))
+        mbarrier_arrive(ready.index(s), increment_count=False)
+
+
+@gluon.jit
+def kc_w(kc_smem, c, W: gl.constexpr):
+    """Column half ``c`` of warpgroup ``W``'s 64 keys: ``[64 keys, 64]``."""
+    return kc_smem.index(c).slice(W * HALF, HALF, dim=0)
+
+
+@gluon.jit
+def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, t_smem, dq_x, kv_bar, ready, empty, dq_full,
+           dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h, krow, t0, nk, e0,
+           e1, q0, scale, scale_log2, stride_kt, stride_kh, stride_lt, W: gl.constexpr,
+           HKV: gl.constexpr, G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr,
+           BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
+           STAGES: gl.constexpr, DET: gl.constexpr, WARPS: gl.constexpr):
+    """Attention warpgroup ``W``: keys ``W * 64 ..`` of the block, every tile. Warpgroup 1
+    hands its ``dQ`` share to warpgroup 0 through ``dq_x`` (``dq_full`` / ``dq_free``),
+    which stores the sum."""
+    M: gl.constexpr = BLOCK_Q * G_PAD
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, HALF, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, D, 16])
+    st: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    r = gl.arange(0, M, layout=rows_l)
+    tok = r // G_PAD
+    g = r % G_PAD
+    k_w = k_smem.slice(W * HALF, HALF, dim=0)              # [64 keys, D]
+    v_w = v_smem.slice(W * HALF, HALF, dim=0)
+    dk = gl.zeros([HALF, D], gl.float32, o_l)
+    dv = gl.zeros([HALF, D], gl.float32, o_l)
+    st_h: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
+    n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
+    mbarrier.wait(kv_bar, 0)
+    fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
+    for t in range(n_tiles):
+        s = t % STAGES
+        e = e0 + t * BLOCK_Q + tok
+        emask = (e < e1) & (g < G)
+        ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
+        qg = q0 + ql
+        head = h * G + g
+        pos = gl.load(POS + qg, mask=emask, other=-1)
+        lse = gl.load(LSE + qg * stride_lt + head, mask=emask, other=float("inf"))
+        lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = gl.load(DELTA + qg * stride_lt + head, mask=emask, other=0.0)
+        mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+        fence_async_shared()
+        zero_s = gl.zeros([M, HALF], gl.float32, s_l)      # made here: not live across tiles
+        q_s = q_ring.index(s)
+        do_s = do_ring.index(s)
+        sc = warpgroup_mma(q_s, k_w.permute((1, 0)), zero_s, use_acc=False)
+        dp = warpgroup_mma(do_s, v_w.permute((1, 0)), zero_s, use_acc=False)
+        key = W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, s_l))
+        allowed = (gl.expand_dims(t0 + key, 0) <= gl.expand_dims(pos, 1)) & \
+            gl.expand_dims(key < nk, 0)
+        p = gl.where(allowed, gl.exp2(sc * scale_log2 - gl.expand_dims(lse, 1)), 0.0)
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        # dV += P^T dO: P through shared memory, read transposed as the MMA's A operand
+        t_smem.store(p.to(t_smem.dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        dv = warpgroup_mma(t_smem.permute((1, 0)), do_s, dv)
+        gl.thread_barrier()                                  # every thread's MMA read P
+        ds_h = ds.to(t_smem.dtype)
+        t_smem.store(ds_h)
+        fence_async_shared()
+        gl.thread_barrier()
+        dk = warpgroup_mma(t_smem.permute((1, 0)), q_s, dk)
+        mbarrier.arrive(empty.index(s), count=1)             # Q and dO of slot s are read
+        # dQ = dS K in two 64-column halves (registers: dK and dV stay live)
+        ds_a = gl.convert_layout(ds_h, gl.DotOperandLayout(operand_index=0, parent=s_l,
+                                                           k_width=2))
+        if W == 1:
+            mbarrier.wait(dq_free, (t & 1) ^ 1)
+            for c in gl.static_range(2):
+                dq_x.index(c).store(warpgroup_mma(ds_a, kc_w(kc_smem, c, W), zero_s,
+                                                  use_acc=False))
+            mbarrier.arrive(dq_full, count=1)
+        else:
+            slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
+            sidx = ((ql * HKV + h) * TOPK + slot) * G + g
+            sidx = gl.expand_dims(gl.convert_layout(sidx, gl.SliceLayout(1, st_h)), 1)
+            smask = gl.expand_dims(gl.convert_layout(emask, gl.SliceLayout(1, st_h)), 1)
+            mbarrier.wait(dq_full, t & 1)
+            st_c = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, st_h)), 0)
+            for c in gl.static_range(2):
+                dq = warpgroup_mma(ds_a, kc_w(kc_smem, c, W), zero_s,
+                                   use_acc=False) + dq_x.index(c).load(s_l)
+                dq = gl.convert_layout((dq * scale).to(DQ.dtype.element_ty), st_h)
+                gl.store(DQ + sidx * D + c * HALF + st_c, dq, mask=smask)
+            mbarrier.arrive(dq_free, count=1)
+    krl: gl.constexpr = gl.SliceLayout(1, st)
+    st_d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, st)), 0)
+    n = W * HALF + gl.arange(0, HALF, layout=krl)
+    nmask = gl.expand_dims(n < nk, 1)
+    dk = gl.convert_layout(dk * scale, st)
+    dv = gl.convert_layout(dv, st)
+    if DET:
+        off = gl.expand_dims(pid.to(gl.int64) * BS + n, 1) * D + st_d
+        gl.store(DK + off, dk, mask=nmask)
+        gl.store(DV + off, dv, mask=nmask)
+    else:
+        off = gl.expand_dims((krow + n) * stride_kt + h * stride_kh, 1) + st_d
+        gl.atomic_add(DK + off, dk, mask=nmask, sem="relaxed")
+        gl.atomic_add(DV + off, dv, mask=nmask, sem="relaxed")
+
+
+@gluon.jit
+def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM_H,
+               ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
+               stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, HKV: gl.constexpr,
+               G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+               TOPK: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
+               DET: gl.constexpr, LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
+    """One program per work item of the plan: its block's K and V in shared memory, its
+    edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries. ``Q, DO``: ``[total_q, Hq, D]``
+    (same strides); ``LSE, DELTA``: ``[total_q, Hq]`` fp32; ``DQ``: slots; ``DK, DV``:
+    fp32 ``[total_k, Hkv, D]`` (atomics) or ``[items, BS, D]`` (``DET``)."""
+    pid = gl.program_id(0)
+    h = gl.load(ITEM_H + pid)
+    krow = gl.load(ITEM_KROW + pid).to(gl.int64)
+    t0 = gl.load(ITEM_T0 + pid)
+    nk = gl.load(ITEM_NK + pid)
+    e0 = gl.load(ITEM_E0 + pid)
+    e1 = gl.load(ITEM_E1 + pid)
+    M: gl.constexpr = BLOCK_Q * G_PAD
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                rank=2)
+    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, M, D], layout)
+    do_ring = gl.allocate_shared_memory(DO.dtype.element_ty, [STAGES, M, D], layout)
+    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
+    kc_smem = gl.allocate_shared_memory(K.dtype.element_ty, [2, BS, HALF], layout)
+    v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [BS, D], layout)
+    t_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                  element_bitwidth=16, rank=2)
+    t0_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [M, HALF], t_layout)
+    t1_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [M, HALF], t_layout)
+    dq_x = gl.allocate_shared_memory(gl.float32, [2, M, HALF],
+                                     gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    dq_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=32 * LOAD_WARPS)          # one cp.async arrival per thread
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
+        mbarrier.init(empty.index(i), count=2)           # both attention warpgroups
+    mbarrier.init(dq_full, count=1)
+    mbarrier.init(dq_free, count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, t0_smem, dq_x, kv_bar, ready, empty,
+                  dq_full, dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h,
+                  krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_kt, stride_kh,
+                  stride_lt, 0, HKV, G, G_PAD, D, BS, TOPK, BLOCK_Q, STAGES, DET,
+                  num_warps)),
+        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, t1_smem, dq_x, kv_bar, ready, empty,
+                  dq_full, dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h,
+                  krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_kt, stride_kh,
+                  stride_lt, 1, HKV, G, G_PAD, D, BS, TOPK, BLOCK_Q, STAGES, DET, 4)),
+        (_load, (Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
+                 empty,
+                 h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, G,
+                 G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
+        [4, LOAD_WARPS], [232, 40])
+
+
+def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, scale: float,
+           scale_log2: float, topk: int, g_pad: int, block_size: int,
+           deterministic: bool) -> None:
+    """``bwd_kernel`` over one chunk's plan (``sparse_attn_bwd``'s buffers: ``dk, dv`` the
+    fp32 gradients or, ``deterministic``, the per-item slots)."""
+    hkv = int(plan.num_heads)
+    bwd_kernel[(plan.num_items,)](
+        q, k, v, dout, lse, delta, slots, dk, dv, rows.q_pos, plan.edge_q, plan.edge_slot,
+        plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1,
+        q0, scale, scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        lse.stride(0), HKV=hkv, G=q.shape[1] // hkv, G_PAD=g_pad, D=q.shape[2],
+        BS=block_size, TOPK=topk, BLOCK_Q=ROWS // g_pad, STAGES=STAGES,
+        DET=deterministic, LOAD_WARPS=LOAD_WARPS, num_warps=4)

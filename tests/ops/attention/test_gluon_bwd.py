@@ -1,0 +1,89 @@
+"""The Gluon KV-outer backward (msa.ops.attention.gluon_bwd): it compiles for Hopper on
+any machine (cp.async gathers, wgmma with transposed shared-memory operands, warp
+specialization), and on a Hopper GPU its gradients equal the Triton backward's and the
+fp64 reference's on the same plan."""
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+from msa.ops.attention.backward import sparse_attn_bwd  # noqa: E402
+from msa.ops.attention.naive import (attention_backward_reference,  # noqa: E402
+                                     attention_forward_reference)
+from tests.helpers import DEVICE, compiled_ptx, plan_of, random_topk  # noqa: E402
+from tests.helpers.brute import make_case, rel_err  # noqa: E402
+
+COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from msa.ops.attention import gluon_bwd as gb
+const = dict(HKV=4, G=16, G_PAD=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=gb.STAGES,
+             DET=DET, LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
+sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32",
+       "DELTA": "*fp32", "DQ": "*bf16", "DK": "*fp32", "DV": "*fp32", "POS": "*i32",
+       "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32",
+       "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32",
+       "q0": "i32", "scale": "fp32", "scale_log2": "fp32", "stride_qt": "i32",
+       "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_lt": "i32",
+       **{k: "constexpr" for k in const}}
+aligned = [n for n in sig if sig[n].startswith("*") or n.startswith("stride")]
+attrs = {(gb.bwd_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+src = GluonASTSource(fn=gb.bwd_kernel, signature=sig, constexprs=const, attrs=attrs)
+print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}
+                     ).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
+def test_compiles_for_sm90(det):
+    """Compiled in a fresh process (``compiled_ptx``). Per attention warpgroup and tile:
+    S and dP, 8 + 8 m64n64k16 (K = D); dQ in two column halves, 2 x 4 m64n64k16 (K = 64
+    keys); dV and dK, 4 + 4 m64n128k16 (K = 64 query rows)."""
+    ptx = compiled_ptx(f"DET = {det}\n" + COMPILE)
+    assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == 2 * 24
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 2 * 8
+    assert "setmaxnreg" in ptx
+    atomics = ptx.count("atom.global.gpu.relaxed.add")
+    assert (atomics == 0) if det else (atomics > 0)       # dK, dV: slots or atomics
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("q_lens,k_lens,hq,hkv,hs", [
+    ((3000,), (3000,), 64, 4, 4),                    # MiniMax-M3 group of 16
+    ((2000,), (2000,), 64, 8, 8),                    # G = 8
+    ((700, 1, 900), (4000, 1, 2500), 32, 8, 8),      # G = 4, prefixes, a one-token segment
+    ((1500,), (5000,), 24, 4, 1),                    # G = 6 (padded to 8), shared selection
+])
+def test_gradients_equal_the_triton_backward(q_lens, k_lens, hq, hkv, hs, det):
+    from msa.ops.attention import gluon
+    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=128, seed=sum(q_lens) + 1)
+    q, k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "qkv")
+    if not gluon.supported(q, k, v, 128):
+        pytest.skip("the Gluon backward needs a Hopper GPU")
+    topk = random_topk(c["seg"], hs, 16, 128, seed=5).to(DEVICE)
+    topk[:, ::7] = -1                                # rows that select nothing
+    scale = 0.088
+    out, lse = attention_forward_reference(q.float(), k.float(), v.float(), topk, c["seg"],
+                                           block_size=128, scale=scale)
+    out = out.to(q.dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    dout = torch.randn(out.shape, generator=g, device=DEVICE).to(q.dtype)
+    dlse = torch.randn(lse.shape, generator=g, device=DEVICE)
+    plan = plan_of(topk, c["seg"], 128, hkv)
+    runs = [sparse_attn_bwd(q, k, v, topk, plan, out, lse, dout, dlse, scale=scale,
+                            deterministic=det, kernel=kernel)
+            for kernel in ("triton", "gluon", "gluon")]
+    ref = attention_backward_reference(q.double(), k.double(), v.double(), topk, c["seg"],
+                                       out.double(), lse.double(), dout.double(),
+                                       dlse.double(), block_size=128, scale=scale)
+    for name, a, b, r in zip(("dq", "dk", "dv"), runs[0], runs[1], ref):
+        assert not b.isnan().any(), name
+        cos = torch.nn.functional.cosine_similarity(b.double().flatten(),
+                                                    a.double().flatten(), 0)
+        assert cos > 0.99999, (name, cos)
+        assert rel_err(b, r) < 3e-2, name                # MiniMax's bf16 tolerances
+    if det:
+        assert all(torch.equal(x, y) for x, y in zip(runs[1], runs[2]))   # bitwise
