@@ -111,9 +111,10 @@ def sparse_attn_bwd_kernel(
         p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * D + offs_d[None, :]
         tl.store(DK + p_off, dk * scale, mask=kmask[:, None])
         tl.store(DV + p_off, dv, mask=kmask[:, None])
-    else:
-        tl.atomic_add(DK + kv_off, dk * scale, mask=kmask[:, None], sem="relaxed")
-        tl.atomic_add(DV + kv_off, dv, mask=kmask[:, None], sem="relaxed")
+    else:                       # DK, DV: contiguous fp32 [total_k, Hkv, D], whatever k's strides
+        g_off = (krow + offs_n)[:, None] * (HKV * D) + h * D + offs_d[None, :]
+        tl.atomic_add(DK + g_off, dk * scale, mask=kmask[:, None], sem="relaxed")
+        tl.atomic_add(DV + g_off, dv, mask=kmask[:, None], sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["q0", "stride_th"])

@@ -87,7 +87,7 @@ def kc_w(kc_smem, c, W: gl.constexpr):
 @gluon.jit
 def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, t_smem, dq_x, kv_bar, ready, empty, dq_full,
            dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h, krow, t0, nk, e0,
-           e1, q0, scale, scale_log2, stride_kt, stride_kh, stride_lt, W: gl.constexpr,
+           e1, q0, scale, scale_log2, stride_lt, W: gl.constexpr,
            HKV: gl.constexpr, G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr,
            BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
            STAGES: gl.constexpr, DET: gl.constexpr, WARPS: gl.constexpr):
@@ -180,7 +180,7 @@ def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, t_smem, dq_x, kv_bar, ready
         gl.store(DK + off, dk, mask=nmask)
         gl.store(DV + off, dv, mask=nmask)
     else:
-        off = gl.expand_dims((krow + n) * stride_kt + h * stride_kh, 1) + st_d
+        off = gl.expand_dims((krow + n) * (HKV * D) + h * D, 1) + st_d   # contiguous fp32
         gl.atomic_add(DK + off, dk, mask=nmask, sem="relaxed")
         gl.atomic_add(DV + off, dv, mask=nmask, sem="relaxed")
 
@@ -230,18 +230,16 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
     mbarrier.init(dq_free, count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, t0_smem, dq_x, kv_bar, ready, empty,
-                  dq_full, dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h,
-                  krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_kt, stride_kh,
-                  stride_lt, 0, HKV, G, G_PAD, D, BS, TOPK, BLOCK_Q, STAGES, DET,
-                  num_warps)),
-        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, t1_smem, dq_x, kv_bar, ready, empty,
-                  dq_full, dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h,
-                  krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_kt, stride_kh,
-                  stride_lt, 1, HKV, G, G_PAD, D, BS, TOPK, BLOCK_Q, STAGES, DET, 4)),
+        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, t0_smem, dq_x, kv_bar, ready,
+                  empty, dq_full, dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid,
+                  h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 0, HKV, G, G_PAD,
+                  D, BS, TOPK, BLOCK_Q, STAGES, DET, num_warps)),
+        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, t1_smem, dq_x, kv_bar, ready,
+                  empty, dq_full, dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid,
+                  h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 1, HKV, G, G_PAD,
+                  D, BS, TOPK, BLOCK_Q, STAGES, DET, 4)),
         (_load, (Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
-                 empty,
-                 h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, G,
+                 empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, G,
                  G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
         [4, LOAD_WARPS], [232, 40])
 

@@ -131,8 +131,8 @@ def indexer_kl_bwd_kernel(
             sidx = (((qr - q0) * HI + h) * TOPK + slot) * DI
             tl.store(DQI + sidx[:, None] + offs_di[None, :], dqi * R, mask=first[:, None])
         else:
-            tl.atomic_add(DQI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
-                          dqi * R, mask=first[:, None], sem="relaxed")
+            tl.atomic_add(DQI + qr[:, None] * (HI * DI) + h * DI + offs_di[None, :],
+                          dqi * R, mask=first[:, None], sem="relaxed")   # contiguous fp32
         dki += dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
     if DET:
         p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * DI + offs_di[None, :]
