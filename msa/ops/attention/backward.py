@@ -56,7 +56,7 @@ from .forward import check_supported
 def sparse_attn_bwd_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_lt,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr,
         NSUB: tl.constexpr, DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -87,7 +87,8 @@ def sparse_attn_bwd_kernel(
         head = h * G + g
         row_off = qg[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
         qt = tl.load(Q + row_off, mask=emask[:, None], other=0.0)
-        do = tl.load(DO + row_off, mask=emask[:, None], other=0.0)
+        do = tl.load(DO + qg[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                     mask=emask[:, None], other=0.0)
         lse = tl.load(LSE + qg * stride_lt + head, mask=emask, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(DELTA + qg * stride_lt + head, mask=emask, other=0.0)
@@ -258,8 +259,8 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                          *((pk, pv) if deterministic else (dk, dv)),
                          rows.q_pos, p.edge_q, p.edge_slot, p.item_h, p.item_krow,
                          p.item_t0, p.item_nk, p.item_e0, p.item_e1, q0, scale,
-                         scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                         lse.stride(0)),
+                         scale * LOG2E, q.stride(0), q.stride(1), dout.stride(0),
+                         dout.stride(1), k.stride(0), k.stride(1), lse.stride(0)),
                         configs, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size,
                         BLOCK_N=block_n, TOPK=topk, NSUB=nsub, DET=deterministic,
                         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype),
