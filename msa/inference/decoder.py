@@ -115,6 +115,9 @@ class PagedDecoder:
                 raise ValueError(f"{name} is on {x.device}, the decoder on {self.device}")
             if x.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dim")
+        if k_pages.stride() != v_pages.stride():       # the kernel walks both with k's
+            raise ValueError(f"k_pages and v_pages must have the same strides, got "
+                             f"{k_pages.stride()} and {v_pages.stride()}")
         kv = {k_pages.dtype, v_pages.dtype}
         if q.dtype != self.out.dtype or (kv != {q.dtype} and kv != {E4M3}) or \
                 ki_pages.dtype not in (qi.dtype, E4M3):

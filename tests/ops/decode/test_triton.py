@@ -153,6 +153,9 @@ def test_decoder_run_checks_inputs():
         dec.run(q.double(), qi, k, v, ki)
     with pytest.raises(IndexError, match="pools hold"):
         dec.run(q, qi, k[:1], v[:1], ki[:1])
+    v_other = v.transpose(1, 2).contiguous().transpose(1, 2)       # same values, own strides
+    with pytest.raises(ValueError, match="same strides"):
+        dec.run(q, qi, k, v_other, ki)
     out, _ = dec.run(q, qi, k, v, ki)
     assert torch.isfinite(out).all()
 
