@@ -356,7 +356,7 @@ def paged_attention_in_place(q, k_pages, v_pages, topk_indices, page_table, seq_
                              k_scales=None, v_scales=None):
     """``paged_attention`` without the gather: the KV-outer kernel reads each selected
     page where it lies (e4m3 pages dequantized once per block and KV head, for all the
-    queries that selected it). Triton only (CUDA, or CPU in the interpreter); same
+    queries that selected it). Kernels only (CUDA, or CPU in the interpreter); same
     arguments, checks and result as ``paged_attention``."""
     from ..ops.attention.forward import sparse_attn_fwd
     from ..ops.checks import check_topk_indices
