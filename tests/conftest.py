@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
 
 SLOW = {
     "tests/api/test_cases.py::"
+    "test_views_of_fused_projections_get_the_reference_gradients[deterministic]",
+    "tests/api/test_cases.py::"
     "test_batched_views_of_a_fused_projection_get_the_reference_gradients[deterministic]",
     "tests/integrations/test_graphs.py::test_decode_step_reads_nothing_back_to_the_host[True]",
     "tests/integrations/test_m3_fp8_cache.py::"
