@@ -232,6 +232,9 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
         block_n, block_q, num_stages = bwd_launch(d, block_size, g, block_n, block_q,
                                                   num_stages)
         nsub = -(-block_size // block_n)
+        if kernel == "gluon" and nsub != 1:
+            raise ValueError(f"the Gluon backward takes whole blocks: block_n must be "
+                             f"{block_size}, got {block_n}")
         plan.require(hkv, backward_chunk(hq, d, q.dtype.itemsize, topk, nsub), "backward")
         configs = smaller_tiles("BLOCK_Q", block_q, g_pad, num_stages)
         per_query = hkv * topk * nsub * g * d

@@ -87,3 +87,18 @@ def test_gradients_equal_the_triton_backward(q_lens, k_lens, hq, hkv, hs, det):
         assert rel_err(b, r) < 3e-2, name                # MiniMax's bf16 tolerances
     if det:
         assert all(torch.equal(x, y) for x, y in zip(runs[1], runs[2]))   # bitwise
+
+
+def test_kernel_argument_is_checked():
+    """An unknown kernel is named; the Gluon one refuses what it cannot run (here: not a
+    Hopper GPU, or fp32) instead of falling back silently."""
+    c = make_case((200,), (200,), hq=4, hkv=2, d=128, seed=1)
+    q, k, v = (c[x].to(DEVICE) for x in "qkv")
+    topk = random_topk(c["seg"], 2, 2, 128, seed=1).to(DEVICE)
+    out, lse = attention_forward_reference(q, k, v, topk, c["seg"], block_size=128,
+                                           scale=0.1)
+    plan = plan_of(topk, c["seg"], 128, 2)
+    with pytest.raises(ValueError, match="kernel must be"):
+        sparse_attn_bwd(q, k, v, topk, plan, out, lse, out, scale=0.1, kernel="cuda")
+    with pytest.raises(NotImplementedError, match="Gluon backward"):
+        sparse_attn_bwd(q, k, v, topk, plan, out, lse, out, scale=0.1, kernel="gluon")
