@@ -54,6 +54,26 @@ def force_smallest_launch(monkeypatch, module):
     return force_launch(monkeypatch, module, lambda configs: configs[-1])
 
 
+def gluon_ptx(module: str, kernel: str, sig: dict, const: dict) -> str:
+    """PTX of Gluon ``module.kernel`` compiled for sm_90a (``compiled_ptx``) with argument
+    types ``sig`` (name -> Triton type string) and constexprs ``const`` (``num_warps``
+    included); pointers and ``stride*`` arguments are declared 16-divisible, as a
+    launch on aligned tensors specializes them (cp.async needs it)."""
+    return compiled_ptx(f"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from {module} import {kernel} as fn
+const = {const!r}
+sig = {{**{sig!r}, **{{k: "constexpr" for k in const}}}}
+aligned = [n for n in sig if sig[n].startswith("*") or n.startswith("stride")]
+attrs = {{(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}}
+src = GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+print(triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                     options={{"num_warps": const["num_warps"]}}).asm["ptx"])
+""")
+
+
 def compiled_ptx(program: str) -> str:
     """The stdout of ``program`` (Python that prints a kernel's PTX) run in a fresh process
     without ``TRITON_INTERPRET``: the suite runs Triton's interpreter, whose helpers cannot

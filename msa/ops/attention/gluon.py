@@ -34,35 +34,54 @@ ROWS = 64               # MMA rows per tile: queries x heads of the group
 
 
 @gluon.jit
+def load_rows(smem, X, row0, n, h, col0, stride_t, stride_h, ROWS: gl.constexpr,
+              COLS: gl.constexpr, WARPS: gl.constexpr):
+    """``cp.async`` of rows ``row0 ..`` (the first ``n``; the rest zero-filled), head ``h``,
+    columns ``col0 ..`` of ``X`` into ``smem [ROWS, COLS]`` (a block's keys or values)."""
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    cols = gl.expand_dims(gl.arange(0, COLS, layout=gl.SliceLayout(0, ld)), 0)
+    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
+    rows = gl.expand_dims((row0 + r).to(gl.int64), 1)
+    async_copy_global_to_shared(smem, X + rows * stride_t + h * stride_h + col0 + cols,
+                                mask=gl.expand_dims(r < n, 1))
+
+
+@gluon.jit
+def tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G: gl.constexpr,
+                 G_PAD: gl.constexpr, D: gl.constexpr, BLOCK_Q: gl.constexpr,
+                 WARPS: gl.constexpr):
+    """Element offsets ``[BLOCK_Q * G_PAD, D]`` of tile ``t``'s gathered query rows (the
+    queries of edges ``e0 + t * BLOCK_Q ..`` x the heads of group ``h``) and their row
+    mask ``[BLOCK_Q * G_PAD, 1]``, for the loaders' ``cp.async``."""
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, ld)), 0)
+    r = gl.arange(0, BLOCK_Q * G_PAD, layout=gl.SliceLayout(1, ld))
+    tok = r // G_PAD
+    g = r % G_PAD
+    e = e0 + t * BLOCK_Q + tok
+    emask = (e < e1) & (g < G)
+    ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
+    rows = gl.expand_dims((q0 + ql) * stride_qt + (h * G + g) * stride_qh, 1)
+    return rows + cols, gl.expand_dims(emask, 1)
+
+
+@gluon.jit
 def _load(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk, e0, e1,
           q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
           G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
           BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
     """Loader: the block's K and V rows (``kv_bar``), then the query rows of tile ``t``
     into slot ``t % STAGES`` once the attention warps released it (``ready``/``empty``)."""
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
-    cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, ld)), 0)
-    keys = gl.arange(0, BS, layout=gl.SliceLayout(1, ld))
-    kmask = gl.expand_dims(keys < nk, 1)
-    krows = gl.expand_dims((krow + keys).to(gl.int64), 1)
-    async_copy_global_to_shared(k_smem, K + krows * stride_kt + h * stride_kh + cols,
-                                mask=kmask)
-    async_copy_global_to_shared(v_smem, V + krows * stride_vt + h * stride_vh + cols,
-                                mask=kmask)
+    load_rows(k_smem, K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
+    load_rows(v_smem, V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
     mbarrier_arrive(kv_bar, increment_count=False)
-    r = gl.arange(0, BLOCK_Q * G_PAD, layout=gl.SliceLayout(1, ld))
-    tok = r // G_PAD
-    g = r % G_PAD
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     for t in range(n_tiles):
         s = t % STAGES
         mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-        e = e0 + t * BLOCK_Q + tok
-        emask = (e < e1) & (g < G)
-        ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
-        rows = gl.expand_dims((q0 + ql) * stride_qt + (h * G + g) * stride_qh, 1)
-        async_copy_global_to_shared(q_ring.index(s), Q + rows + cols,
-                                    mask=gl.expand_dims(emask, 1))
+        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G, G_PAD,
+                                  D, BLOCK_Q, WARPS)
+        async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
         mbarrier_arrive(ready.index(s), increment_count=False)
 
 

@@ -30,6 +30,8 @@ from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                warpgroup_mma)
 
+from .gluon import load_rows, tile_offsets
+
 STAGES = 2              # gathered (Q, dO) tiles in flight (32 KB each)
 LOAD_WARPS = 4
 ROWS = 64               # query rows per tile: queries x heads of the group
@@ -45,36 +47,20 @@ def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar,
     """Loader: the block's K (also in two column halves) and V (``kv_bar``), then the Q
     and dO rows of tile ``t`` into slot ``t % STAGES`` once both attention warpgroups
     released it."""
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
-    cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, ld)), 0)
-    keys = gl.arange(0, BS, layout=gl.SliceLayout(1, ld))
-    kmask = gl.expand_dims(keys < nk, 1)
-    krows = gl.expand_dims((krow + keys).to(gl.int64) * stride_kt + h * stride_kh, 1)
-    async_copy_global_to_shared(k_smem, K + krows + cols, mask=kmask)
-    async_copy_global_to_shared(v_smem, V + krows + cols, mask=kmask)
-    hl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
-    hcols = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, hl)), 0)
-    hkeys = gl.arange(0, BS, layout=gl.SliceLayout(1, hl))
-    hrows = gl.expand_dims((krow + hkeys).to(gl.int64) * stride_kt + h * stride_kh, 1)
+    load_rows(k_smem, K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
+    load_rows(v_smem, V, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
     for c in gl.static_range(2):            # K again in column halves, for dQ = dS K
-        async_copy_global_to_shared(kc_smem.index(c), K + hrows + c * HALF + hcols,
-                                    mask=gl.expand_dims(hkeys < nk, 1))
+        load_rows(kc_smem.index(c), K, krow, nk, h, c * HALF, stride_kt, stride_kh, BS, HALF,
+                  WARPS)
     mbarrier_arrive(kv_bar, increment_count=False)
-    r = gl.arange(0, BLOCK_Q * G_PAD, layout=gl.SliceLayout(1, ld))
-    tok = r // G_PAD
-    g = r % G_PAD
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     for t in range(n_tiles):
         s = t % STAGES
         mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-        e = e0 + t * BLOCK_Q + tok
-        emask = (e < e1) & (g < G)
-        ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
-        rows = gl.expand_dims((q0 + ql) * stride_qt + (h * G + g) * stride_qh, 1)
-        async_copy_global_to_shared(q_ring.index(s), Q + rows + cols,
-                                    mask=gl.expand_dims(emask, 1))
-        async_copy_global_to_shared(do_ring.index(s), DO + rows + cols,
-                                    mask=gl.expand_dims(emask, 1))
+        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G, G_PAD,
+                                  D, BLOCK_Q, WARPS)
+        async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
+        async_copy_global_to_shared(do_ring.index(s), DO + offs, mask=mask)
         mbarrier_arrive(ready.index(s), increment_count=False)
 
 

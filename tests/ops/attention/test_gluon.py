@@ -8,33 +8,22 @@ pytest.importorskip("triton.experimental.gluon")
 
 from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
-from tests.helpers import DEVICE, compiled_ptx, plan_of, random_topk  # noqa: E402
+from tests.helpers import DEVICE, gluon_ptx, plan_of, random_topk  # noqa: E402
 from tests.helpers.brute import make_case, rel_err  # noqa: E402
 
-COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
-from msa.ops.attention import gluon as ga
-const = dict(HKV=4, G=16, G_PAD=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=ga.STAGES,
-             LOAD_WARPS=ga.LOAD_WARPS, num_warps=4)
-sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "PO": "*bf16", "PL": "*fp32", "POS": "*i32",
+SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "PO": "*bf16", "PL": "*fp32", "POS": "*i32",
        "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32",
        "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32",
        "q0": "i32", "scale_log2": "fp32", "stride_qt": "i32", "stride_qh": "i32",
-       "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32",
-       **{k: "constexpr" for k in const}}
-aligned = [n for n in sig if sig[n].startswith("*") or n.startswith("stride")]
-attrs = {(ga.fwd_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-src = GluonASTSource(fn=ga.fwd_kernel, signature=sig, constexprs=const, attrs=attrs)
-print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}
-                     ).asm["ptx"])
-"""
+       "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32"}
 
 
 def test_compiles_for_sm90_to_gathers_and_wgmma():
-    """Compiled in a fresh process (``compiled_ptx``)."""
-    ptx = compiled_ptx(COMPILE)
+    """Compiled in a fresh process (``gluon_ptx``)."""
+    from msa.ops.attention import gluon as ga
+    const = dict(HKV=4, G=16, G_PAD=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=ga.STAGES,
+                 LOAD_WARPS=ga.LOAD_WARPS, num_warps=4)
+    ptx = gluon_ptx("msa.ops.attention.gluon", "fwd_kernel", SIG, const)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
     assert "setmaxnreg" in ptx and "ld.local" not in ptx          # no spills

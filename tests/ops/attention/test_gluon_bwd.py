@@ -10,37 +10,26 @@ pytest.importorskip("triton.experimental.gluon")
 from msa.ops.attention.backward import sparse_attn_bwd  # noqa: E402
 from msa.ops.attention.naive import (attention_backward_reference,  # noqa: E402
                                      attention_forward_reference)
-from tests.helpers import DEVICE, compiled_ptx, plan_of, random_topk  # noqa: E402
+from tests.helpers import DEVICE, gluon_ptx, plan_of, random_topk  # noqa: E402
 from tests.helpers.brute import make_case, rel_err  # noqa: E402
 
-COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
-from msa.ops.attention import gluon_bwd as gb
-const = dict(HKV=4, G=16, G_PAD=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=gb.STAGES,
-             DET=DET, LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
-sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32",
+SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32",
        "DELTA": "*fp32", "DQ": "*bf16", "DK": "*fp32", "DV": "*fp32", "POS": "*i32",
        "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32",
        "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32",
        "q0": "i32", "scale": "fp32", "scale_log2": "fp32", "stride_qt": "i32",
-       "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_lt": "i32",
-       **{k: "constexpr" for k in const}}
-aligned = [n for n in sig if sig[n].startswith("*") or n.startswith("stride")]
-attrs = {(gb.bwd_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-src = GluonASTSource(fn=gb.bwd_kernel, signature=sig, constexprs=const, attrs=attrs)
-print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}
-                     ).asm["ptx"])
-"""
+       "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_lt": "i32"}
 
 
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
 def test_compiles_for_sm90(det):
-    """Compiled in a fresh process (``compiled_ptx``). Per attention warpgroup and tile:
+    """Compiled in a fresh process (``gluon_ptx``). Per attention warpgroup and tile:
     S and dP, 8 + 8 m64n64k16 (K = D); dQ in two column halves, 2 x 4 m64n64k16 (K = 64
     keys); dV and dK, 4 + 4 m64n128k16 (K = 64 query rows)."""
-    ptx = compiled_ptx(f"DET = {det}\n" + COMPILE)
+    from msa.ops.attention import gluon_bwd as gb
+    const = dict(HKV=4, G=16, G_PAD=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=gb.STAGES,
+                 DET=det, LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
+    ptx = gluon_ptx("msa.ops.attention.gluon_bwd", "bwd_kernel", SIG, const)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == 2 * 24
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 2 * 8
