@@ -129,3 +129,24 @@ def test_batched_views_of_a_fused_projection_get_the_reference_gradients(determi
         out.square().sum().backward()
         grads[backend] = x.grad
     torch.testing.assert_close(grads["triton"], grads["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_values_with_their_own_strides_get_the_reference_gradients():
+    """Contiguous k beside v sliced from a wider tensor: the backward loads each at its own
+    strides (it read v at k's, so dq and dk were wrong)."""
+    T, hq, hkv, d = 200, 2, 1, 64
+    g = torch.Generator().manual_seed(5)
+    q0, k0 = torch.randn(T, hq, d, generator=g), torch.randn(T, hkv, d, generator=g)
+    wide = torch.randn(T, 3 * hkv, d, generator=g)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEVICE)
+    topk = torch.full((hkv, T, 2), -1, dtype=torch.int32)
+    topk[..., 0] = 0
+    topk[..., 1] = torch.where(torch.arange(T) >= 128, 1, -1).int()
+    grads = {}
+    for backend in ("triton", "reference"):
+        q, k, w = (x.to(DEVICE, copy=True).requires_grad_(True) for x in (q0, k0, wide))
+        msa.msa_sparse_attention(q, k, w[:, hkv:2 * hkv], topk.to(DEVICE), cu, cu,
+                                 backend=backend).square().sum().backward()
+        grads[backend] = (q.grad, k.grad, w.grad)
+    for a, r in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)

@@ -56,7 +56,8 @@ from .forward import check_supported
 def sparse_attn_bwd_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
-        stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_lt,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh, stride_vt,
+        stride_vh, stride_lt,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BS: tl.constexpr, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr,
         NSUB: tl.constexpr, DET: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -68,9 +69,11 @@ def sparse_attn_bwd_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     kmask = offs_n < nk
-    kv_off = (krow + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=kmask[:, None], other=0.0)
-    v = tl.load(V + kv_off, mask=kmask[:, None], other=0.0)
+    key = (krow + offs_n)[:, None]
+    k = tl.load(K + key * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None],
+                other=0.0)
+    v = tl.load(V + key * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None],
+                other=0.0)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
@@ -263,7 +266,8 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                          rows.q_pos, p.edge_q, p.edge_slot, p.item_h, p.item_krow,
                          p.item_t0, p.item_nk, p.item_e0, p.item_e1, q0, scale,
                          scale * LOG2E, q.stride(0), q.stride(1), dout.stride(0),
-                         dout.stride(1), k.stride(0), k.stride(1), lse.stride(0)),
+                         dout.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                         v.stride(1), lse.stride(0)),
                         configs, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=block_size,
                         BLOCK_N=block_n, TOPK=topk, NSUB=nsub, DET=deterministic,
                         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype),

@@ -41,14 +41,14 @@ HALF = gl.constexpr(64)  # keys per attention warpgroup
 @gluon.jit
 def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
           empty, h,
-          krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh,
-          G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+          krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+          stride_vh, G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
           BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
     """Loader: the block's K (also in two column halves) and V (``kv_bar``), then the Q
     and dO rows of tile ``t`` into slot ``t % STAGES`` once both attention warpgroups
     released it."""
     load_rows(k_smem, K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
-    load_rows(v_smem, V, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
+    load_rows(v_smem, V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
     for c in gl.static_range(2):            # K again in column halves, for dQ = dS K
         load_rows(kc_smem.index(c), K, krow, nk, h, c * HALF, stride_kt, stride_kh, BS, HALF,
                   WARPS)
@@ -174,7 +174,8 @@ def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, t_smem, dq_x, kv_bar, ready
 @gluon.jit
 def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM_H,
                ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
-               stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, HKV: gl.constexpr,
+               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
+               HKV: gl.constexpr,
                G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
                TOPK: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
                DET: gl.constexpr, LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
@@ -225,8 +226,8 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
                   h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 1, HKV, G, G_PAD,
                   D, BS, TOPK, BLOCK_Q, STAGES, DET, 4)),
         (_load, (Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
-                 empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, G,
-                 G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
+                 empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh,
+                 stride_vt, stride_vh, G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
         [4, LOAD_WARPS], [232, 40])
 
 
@@ -240,6 +241,6 @@ def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, sca
         q, k, v, dout, lse, delta, slots, dk, dv, rows.q_pos, plan.edge_q, plan.edge_slot,
         plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1,
         q0, scale, scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        lse.stride(0), HKV=hkv, G=q.shape[1] // hkv, G_PAD=g_pad, D=q.shape[2],
-        BS=block_size, TOPK=topk, BLOCK_Q=ROWS // g_pad, STAGES=STAGES,
+        v.stride(0), v.stride(1), lse.stride(0), HKV=hkv, G=q.shape[1] // hkv, G_PAD=g_pad,
+        D=q.shape[2], BS=block_size, TOPK=topk, BLOCK_Q=ROWS // g_pad, STAGES=STAGES,
         DET=deterministic, LOAD_WARPS=LOAD_WARPS, num_warps=4)

@@ -18,7 +18,8 @@ SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32",
        "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32",
        "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32",
        "q0": "i32", "scale": "fp32", "scale_log2": "fp32", "stride_qt": "i32",
-       "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_lt": "i32"}
+       "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32",
+       "stride_vh": "i32", "stride_lt": "i32"}
 
 
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
