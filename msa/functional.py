@@ -116,14 +116,20 @@ def _check_max_seqlen(name: str, x) -> None:
         raise TypeError(f"{name} must be an int or None, got {x!r}")
 
 
-def _layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            fragment_indices) -> _Layout:
+def _check_ranks(q_name, q, k_name, k) -> None:
+    """``q`` packed ``[total_q, H, D]`` or batched ``[B, T, H, D]``, ``k`` of its rank and
+    device (float tensors both)."""
     if not isinstance(q, torch.Tensor) or q.dim() not in (3, 4):
         shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
         raise ValueError(f"{q_name} must be [total_q, H, D] (packed) or [B, T, H, D] "
                          f"(batched), got {shape}")
     C.check_float_tensor(q_name, q, q.dim())
     C.check_float_tensor(k_name, k, q.dim(), q.device)
+
+
+def _layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            fragment_indices) -> _Layout:
+    _check_ranks(q_name, q, k_name, k)
     if q.dim() == 4:
         if cu_seqlens_q is not None or cu_seqlens_k is not None or fragment_indices is not None:
             raise ValueError("cu_seqlens_q/cu_seqlens_k/fragment_indices are for the packed "
@@ -254,7 +260,9 @@ def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto") -
     ``backend``): ``"reference"`` (PyTorch), ``"query_major"`` (Triton, for at most
     ``QUERY_MAJOR_MAX_QUERIES`` = 1024 queries), ``"gluon"`` (the warp-specialized Hopper
     kernel, ``msa.ops.attention.gluon``) or ``"triton"`` (the Triton KV-outer kernel)."""
+    _check_ranks("q", q, "k", k)
     C.check_qkv(q, k, v)
+    C.check_block_and_topk(block_size)
     if not C.use_triton(backend, q):
         return "reference"
     from .ops.attention.forward import forward_kernel, use_query_major

@@ -206,3 +206,7 @@ def test_attention_kernel_names_the_forward_that_runs(monkeypatch):
     assert msa.attention_kernel(many, k, k, backend="triton") == "triton"
     with pytest.raises(ValueError, match="backend"):
         msa.attention_kernel(many, k, k, backend="cuda")
+    with pytest.raises(ValueError, match="block_size"):
+        msa.attention_kernel(many, k, k, block_size=96)
+    with pytest.raises(ValueError, match="q"):
+        msa.attention_kernel(many[0], k, k)
