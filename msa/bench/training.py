@@ -57,12 +57,11 @@ def backward_kernels(q, k, v, topk, dout, cfg, T: int, reps: int) -> dict:
     if F.forward_kernel(q, k, v, cfg.block_size) != "gluon":
         return {}
     seg = Segments([0], [T], [0], [T], T, T)
-    chunk = P.backward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk, 1)
+    chunk = min(P.backward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk, 1),
+                P.forward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk))
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
-                        chunk=chunk)
-    fplan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
-                         chunk=P.forward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk))
-    out, lse = F.sparse_attn_fwd(q, k, v, topk, fplan, scale=cfg.scale, query_major=False)
+                        chunk=chunk)                       # one plan for both passes
+    out, lse = F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False)
 
     def run(kernel):
         return B.sparse_attn_bwd(q, k, v, topk, plan, out, lse, dout, scale=cfg.scale,
