@@ -47,6 +47,16 @@ def load_rows(smem, X, row0, n, h, col0, stride_t, stride_h, ROWS: gl.constexpr,
 
 
 @gluon.jit
+def tile_edges(EDGE_Q, e0, e1, t, tok, g, G: gl.constexpr, BLOCK_Q: gl.constexpr):
+    """Tile ``t``'s rows (query ``tok`` of the tile, head ``g`` of the group; any layout):
+    edge ids, row mask, chunk-relative query (int64)."""
+    e = e0 + t * BLOCK_Q + tok
+    emask = (e < e1) & (g < G)
+    ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
+    return e, emask, ql
+
+
+@gluon.jit
 def tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G: gl.constexpr,
                  G_PAD: gl.constexpr, D: gl.constexpr, BLOCK_Q: gl.constexpr,
                  WARPS: gl.constexpr):
@@ -56,11 +66,8 @@ def tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G: gl.constexpr
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, ld)), 0)
     r = gl.arange(0, BLOCK_Q * G_PAD, layout=gl.SliceLayout(1, ld))
-    tok = r // G_PAD
     g = r % G_PAD
-    e = e0 + t * BLOCK_Q + tok
-    emask = (e < e1) & (g < G)
-    ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
+    e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, r // G_PAD, g, G, BLOCK_Q)
     rows = gl.expand_dims((q0 + ql) * stride_qt + (h * G + g) * stride_qh, 1)
     return rows + cols, gl.expand_dims(emask, 1)
 
@@ -112,9 +119,7 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
     for t in range(first, n_tiles, STEP):
         s = t % STAGES
-        e = e0 + t * BLOCK_Q + tok
-        emask = (e < e1) & (g < G)
-        ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
+        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, g, G, BLOCK_Q)
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
         pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
         mbarrier.wait(ready.index(s), (t // STAGES) & 1)

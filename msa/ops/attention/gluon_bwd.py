@@ -30,7 +30,7 @@ from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                warpgroup_mma)
 
-from .gluon import load_rows, tile_offsets
+from .gluon import load_rows, tile_edges, tile_offsets
 
 STAGES = 2              # gathered (Q, dO) tiles in flight (32 KB each)
 LOAD_WARPS = 4
@@ -100,9 +100,7 @@ def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, t_smem, dq_x, kv_bar, ready
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
     for t in range(n_tiles):
         s = t % STAGES
-        e = e0 + t * BLOCK_Q + tok
-        emask = (e < e1) & (g < G)
-        ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
+        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, g, G, BLOCK_Q)
         qg = q0 + ql
         head = h * G + g
         pos = gl.load(POS + qg, mask=emask, other=-1)
