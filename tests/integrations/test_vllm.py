@@ -131,10 +131,11 @@ def test_attention_takes_the_geometry_the_index_top_k_read(monkeypatch):
     ops.minimax_m3_sparse_attn(q, kv, sel.clone(), table, cu_q, seq, prefix, 100, hkv,
                                0.125, out)
     assert reads == [1, 1]                          # nothing handed over: read again
-    sel = select()
-    with pytest.raises(ValueError, match="lengths differ"):
-        ops.minimax_m3_sparse_attn(q, kv, sel, table, _cu([90, 70]), seq, prefix, 100,
-                                   hkv, 0.125, out)
+    if DEVICE == "cpu":             # on a GPU the check is a device-side assertion, which
+        sel = select()              # ends the process's CUDA context: not testable here
+        with pytest.raises(ValueError, match="lengths differ"):
+            ops.minimax_m3_sparse_attn(q, kv, sel, table, _cu([90, 70]), seq, prefix, 100,
+                                       hkv, 0.125, out)
 
 
 def test_unsupported_arguments_name_themselves_without_vllm():

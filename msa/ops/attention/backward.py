@@ -256,7 +256,7 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                     gluon_bwd.launch(q, k, v, dout, lse, delta, slots,
                                      *((pk, pv) if deterministic else (dk, dv)), rows, p, q0,
                                      scale=scale, scale_log2=scale * LOG2E, topk=topk,
-                                     g_pad=g_pad, block_size=block_size,
+                                     block_size=block_size,
                                      deterministic=deterministic)
                 else:
                     launch_fitting(

@@ -271,7 +271,7 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
             raise NotImplementedError("the Gluon forward runs bf16/fp16 attention with head "
                                       "dim 128 and blocks of 128 on sm_90")
         gluon.launch(q, k, v, rows, plan, q0, po, pl, scale_log2=scale * LOG2E, topk=topk,
-                     g_pad=g_pad, block_size=block_size)
+                     block_size=block_size)
         return
     launch_fitting(
         sparse_attn_fwd_kernel, (plan.num_items,),

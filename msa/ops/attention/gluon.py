@@ -4,8 +4,9 @@ forward's kernel there (``msa.ops.attention.forward.forward_kernel``).
 Same contract as the Triton KV-outer kernel (``msa.ops.attention.forward``, one program
 per work item = KV head, KV block, slice of the queries that selected it; a partial
 output normalised by its own sum and its natural-log LSE per (query, slot, head)), for
-bf16 / fp16, head dim 128, blocks of 128 keys, 64-row tiles (``64 / G_pad`` queries x
-the ``G_pad`` heads of the group) and the whole block on chip. A loader partition (4
+bf16 / fp16, head dim 128, blocks of 128 keys, 64-row tiles (``64 // G`` queries x the
+``G`` heads of the group: a group of 6 fills 60 rows, not 8 queries x 8 padded heads)
+and the whole block on chip. A loader partition (4
 warps) gathers the block's K and V rows and then each tile's query rows into a ring of
 shared-memory slots with ``cp.async`` (each row from any token) and signals them with
 mbarriers; two attention warpgroups take alternate tiles and run ``S = Q K^T`` and
@@ -30,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 STAGES = 2              # gathered query tiles in flight (16 KB each)
 LOAD_WARPS = 4
-ROWS = 64               # MMA rows per tile: queries x heads of the group
+ROWS = gl.constexpr(64)  # MMA rows per tile: 64 // G queries x the G heads of the group
 
 
 @gluon.jit
@@ -47,27 +48,27 @@ def load_rows(smem, X, row0, n, h, col0, stride_t, stride_h, ROWS: gl.constexpr,
 
 
 @gluon.jit
-def tile_edges(EDGE_Q, e0, e1, t, tok, g, G: gl.constexpr, BLOCK_Q: gl.constexpr):
-    """Tile ``t``'s rows (query ``tok`` of the tile, head ``g`` of the group; any layout):
-    edge ids, row mask, chunk-relative query (int64)."""
+def tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q: gl.constexpr):
+    """Tile ``t``'s rows (query ``tok`` of the tile; any layout): edge ids, row mask
+    (rows past the tile's ``BLOCK_Q`` queries or the item's edges are off), chunk-relative
+    query (int64)."""
     e = e0 + t * BLOCK_Q + tok
-    emask = (e < e1) & (g < G)
+    emask = (e < e1) & (tok < BLOCK_Q)
     ql = gl.load(EDGE_Q + e, mask=emask, other=0).to(gl.int64)
     return e, emask, ql
 
 
 @gluon.jit
 def tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G: gl.constexpr,
-                 G_PAD: gl.constexpr, D: gl.constexpr, BLOCK_Q: gl.constexpr,
-                 WARPS: gl.constexpr):
-    """Element offsets ``[BLOCK_Q * G_PAD, D]`` of tile ``t``'s gathered query rows (the
-    queries of edges ``e0 + t * BLOCK_Q ..`` x the heads of group ``h``) and their row
-    mask ``[BLOCK_Q * G_PAD, 1]``, for the loaders' ``cp.async``."""
+                 D: gl.constexpr, BLOCK_Q: gl.constexpr, WARPS: gl.constexpr):
+    """Element offsets ``[ROWS, D]`` of tile ``t``'s gathered query rows (row ``r``: query
+    ``r // G`` of edges ``e0 + t * BLOCK_Q ..``, head ``r % G`` of group ``h``) and their
+    row mask ``[ROWS, 1]``, for the loaders' ``cp.async``."""
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, ld)), 0)
-    r = gl.arange(0, BLOCK_Q * G_PAD, layout=gl.SliceLayout(1, ld))
-    g = r % G_PAD
-    e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, r // G_PAD, g, G, BLOCK_Q)
+    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
+    g = r % G
+    e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, r // G, BLOCK_Q)
     rows = gl.expand_dims((q0 + ql) * stride_qt + (h * G + g) * stride_qh, 1)
     return rows + cols, gl.expand_dims(emask, 1)
 
@@ -75,7 +76,7 @@ def tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G: gl.constexpr
 @gluon.jit
 def _load(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk, e0, e1,
           q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-          G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+          G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
           BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
     """Loader: the block's K and V rows (``kv_bar``), then the query rows of tile ``t``
     into slot ``t % STAGES`` once the attention warps released it (``ready``/``empty``)."""
@@ -86,7 +87,7 @@ def _load(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow
     for t in range(n_tiles):
         s = t % STAGES
         mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G, G_PAD,
+        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G,
                                   D, BLOCK_Q, WARPS)
         async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
         mbarrier_arrive(ready.index(s), increment_count=False)
@@ -95,20 +96,19 @@ def _load(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow
 @gluon.jit
 def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, EDGE_SLOT, h,
             t0, nk, e0, e1, q0, scale_log2, first, HKV: gl.constexpr, G: gl.constexpr,
-            G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr,
-            BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, STEP: gl.constexpr,
-            WARPS: gl.constexpr):
+            D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
+            STAGES: gl.constexpr, STEP: gl.constexpr, WARPS: gl.constexpr):
     """An attention warpgroup, tiles ``first, first + STEP, ...``: per tile ``S = Q K^T``
     (wgmma), the masked softmax of the tile's rows, ``O = P V`` (wgmma, P in registers),
     the partials stored by row. With two such warpgroups one's softmax runs while the
     other's MMAs do."""
-    M: gl.constexpr = BLOCK_Q * G_PAD
+    M: gl.constexpr = ROWS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BS, 16])
     rows_l: gl.constexpr = gl.SliceLayout(1, mma)
     r = gl.arange(0, M, layout=rows_l)
-    tok = r // G_PAD
-    g = r % G_PAD
+    tok = r // G
+    g = r % G
     offs_n = gl.arange(0, BS, layout=gl.SliceLayout(0, mma))
     st: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     st_d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, st)), 0)
@@ -119,7 +119,7 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
     for t in range(first, n_tiles, STEP):
         s = t % STAGES
-        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, g, G, BLOCK_Q)
+        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
         pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
         mbarrier.wait(ready.index(s), (t // STAGES) & 1)
@@ -149,8 +149,8 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
 @gluon.jit
 def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
                ITEM_E0, ITEM_E1, q0, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
-               stride_vt, stride_vh, HKV: gl.constexpr, G: gl.constexpr,
-               G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr,
+               stride_vt, stride_vh, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+               BS: gl.constexpr, TOPK: gl.constexpr,
                BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
                num_warps: gl.constexpr):
     """One program per work item of the plan (``msa.ops.plan``): the item's KV block
@@ -164,7 +164,7 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
     e1 = gl.load(ITEM_E1 + pid)
     layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                 rank=2)
-    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_Q * G_PAD, D],
+    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D],
                                        layout)
     k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
     v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [BS, D], layout)
@@ -178,14 +178,14 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
     fence_async_shared()
     gl.warp_specialize([
         (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
-                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0, HKV, G, G_PAD, D, BS,
+                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0, HKV, G, D, BS,
                    TOPK, BLOCK_Q, STAGES, 2, num_warps)),
         (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
-                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1, HKV, G, G_PAD, D, BS,
+                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1, HKV, G, D, BS,
                    TOPK, BLOCK_Q, STAGES, 2, 4)),
         (_load, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk,
                  e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                 G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
+                 G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
         [4, LOAD_WARPS], [192, 64])
 
 
@@ -200,18 +200,18 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
                   and x.data_ptr() % 16 == 0 for x in (q, k, v))
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
             and v.dtype == q.dtype and q.shape[-1] == 128 and block_size == 128
-            and g <= ROWS and aligned)
+            and g <= ROWS.value and aligned)
 
 
 def launch(q, k, v, rows, plan, q0: int, po, pl, *, scale_log2: float, topk: int,
-           g_pad: int, block_size: int) -> None:
+           block_size: int) -> None:
     """``fwd_kernel`` over one chunk's plan (``launch_partials``' arguments)."""
     hkv = int(plan.num_heads)
     fwd_kernel[(plan.num_items,)](
         q, k, v, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h,
         plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0,
         scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), HKV=hkv, G=q.shape[1] // hkv, G_PAD=g_pad, D=q.shape[2],
-        BS=block_size, TOPK=topk, BLOCK_Q=ROWS // g_pad, STAGES=STAGES,
-        LOAD_WARPS=LOAD_WARPS, num_warps=4)
+        v.stride(1), HKV=hkv, G=q.shape[1] // hkv, D=q.shape[2], BS=block_size, TOPK=topk,
+        BLOCK_Q=ROWS.value // (q.shape[1] // hkv), STAGES=STAGES, LOAD_WARPS=LOAD_WARPS,
+        num_warps=4)
 

@@ -28,13 +28,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
     async_copy_global_to_shared, mbarrier_arrive)
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                               warpgroup_mma)
+                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from .gluon import load_rows, tile_edges, tile_offsets
+from .gluon import ROWS, load_rows, tile_edges, tile_offsets
 
 STAGES = 2              # gathered (Q, dO) tiles in flight (32 KB each)
 LOAD_WARPS = 4
-ROWS = 64               # query rows per tile: queries x heads of the group
 HALF = gl.constexpr(64)  # keys per attention warpgroup
 
 
@@ -42,7 +41,7 @@ HALF = gl.constexpr(64)  # keys per attention warpgroup
 def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
           empty, h,
           krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-          stride_vh, G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+          stride_vh, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
           BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
     """Loader: the block's K (also in two column halves) and V (``kv_bar``), then the Q
     and dO rows of tile ``t`` into slot ``t % STAGES`` once both attention warpgroups
@@ -57,7 +56,7 @@ def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar,
     for t in range(n_tiles):
         s = t % STAGES
         mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G, G_PAD,
+        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G,
                                   D, BLOCK_Q, WARPS)
         async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
         async_copy_global_to_shared(do_ring.index(s), DO + offs, mask=mask)
@@ -65,42 +64,42 @@ def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar,
 
 
 @gluon.jit
-def kc_w(kc_smem, c, W: gl.constexpr):
-    """Column half ``c`` of warpgroup ``W``'s 64 keys: ``[64 keys, 64]``."""
-    return kc_smem.index(c).slice(W * HALF, HALF, dim=0)
-
-
-@gluon.jit
-def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, t_smem, dq_x, kv_bar, ready, empty, dq_full,
-           dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h, krow, t0, nk, e0,
-           e1, q0, scale, scale_log2, stride_lt, W: gl.constexpr,
-           HKV: gl.constexpr, G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr,
+def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empty,
+           ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h, krow, t0,
+           nk, e0, e1, q0, scale, scale_log2, stride_lt, W: gl.constexpr,
+           HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
            BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
            STAGES: gl.constexpr, DET: gl.constexpr, WARPS: gl.constexpr):
-    """Attention warpgroup ``W``: keys ``W * 64 ..`` of the block, every tile. Warpgroup 1
-    hands its ``dQ`` share to warpgroup 0 through ``dq_x`` (``dq_full`` / ``dq_free``),
-    which stores the sum."""
-    M: gl.constexpr = BLOCK_Q * G_PAD
+    """Attention warpgroup ``W``: keys ``W * 64 ..`` of the block for ``S, dP, dK, dV``
+    and columns ``W * 64 ..`` of ``dQ`` (over all 128 keys: it reads both warpgroups' dS
+    from shared memory, ``ds_ready`` / ``ds_free``), every tile. The MMAs run
+    asynchronously: ``S`` with ``dP``, then ``dV``, ``dK`` and ``dQ`` together."""
+    M: gl.constexpr = ROWS
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, HALF, 16])
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, D, 16])
     st: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    st_h: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
     rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
     r = gl.arange(0, M, layout=rows_l)
-    tok = r // G_PAD
-    g = r % G_PAD
+    tok = r // G
+    g = r % G
     k_w = k_smem.slice(W * HALF, HALF, dim=0)              # [64 keys, D]
     v_w = v_smem.slice(W * HALF, HALF, dim=0)
+    p_w = p_smem.index(W)                                  # [M, 64 keys]
+    ds_w = ds_smem.index(W)
+    kc = kc_smem.index(W)                                  # [128 keys, 64 columns]
     dk = gl.zeros([HALF, D], gl.float32, o_l)
     dv = gl.zeros([HALF, D], gl.float32, o_l)
-    st_h: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
+    key = W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, s_l))
+    st_c = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, st_h)), 0)
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     mbarrier.wait(kv_bar, 0)
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
     for t in range(n_tiles):
         s = t % STAGES
-        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, g, G, BLOCK_Q)
+        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
         qg = q0 + ql
         head = h * G + g
         pos = gl.load(POS + qg, mask=emask, other=-1)
@@ -112,47 +111,36 @@ def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, t_smem, dq_x, kv_bar, ready
         zero_s = gl.zeros([M, HALF], gl.float32, s_l)      # made here: not live across tiles
         q_s = q_ring.index(s)
         do_s = do_ring.index(s)
-        sc = warpgroup_mma(q_s, k_w.permute((1, 0)), zero_s, use_acc=False)
-        dp = warpgroup_mma(do_s, v_w.permute((1, 0)), zero_s, use_acc=False)
-        key = W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, s_l))
+        sc = warpgroup_mma(q_s, k_w.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp = warpgroup_mma(do_s, v_w.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sc, dp = warpgroup_mma_wait(0, deps=[sc, dp])
         allowed = (gl.expand_dims(t0 + key, 0) <= gl.expand_dims(pos, 1)) & \
             gl.expand_dims(key < nk, 0)
         p = gl.where(allowed, gl.exp2(sc * scale_log2 - gl.expand_dims(lse, 1)), 0.0)
         ds = p * (dp - gl.expand_dims(delta, 1))
-        # dV += P^T dO: P through shared memory, read transposed as the MMA's A operand
-        t_smem.store(p.to(t_smem.dtype))
+        mbarrier.wait(ds_free, (t & 1) ^ 1)                  # both read the last tile's dS
+        p_w.store(p.to(p_w.dtype))
+        ds_w.store(ds.to(ds_w.dtype))
         fence_async_shared()
         gl.thread_barrier()
-        dv = warpgroup_mma(t_smem.permute((1, 0)), do_s, dv)
-        gl.thread_barrier()                                  # every thread's MMA read P
-        ds_h = ds.to(t_smem.dtype)
-        t_smem.store(ds_h)
+        mbarrier.arrive(ds_ready, count=1)
+        # dV += P^T dO, dK += dS^T Q: P and dS read transposed as the A operand
+        dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
+        dk = warpgroup_mma(ds_w.permute((1, 0)), q_s, dk, is_async=True)
+        slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
+        sidx = ((ql * HKV + h) * TOPK + slot) * G + g
+        sidx = gl.expand_dims(gl.convert_layout(sidx, gl.SliceLayout(1, st_h)), 1)
+        smask = gl.expand_dims(gl.convert_layout(emask, gl.SliceLayout(1, st_h)), 1)
+        mbarrier.wait(ds_ready, t & 1)                       # the other warpgroup's dS
         fence_async_shared()
-        gl.thread_barrier()
-        dk = warpgroup_mma(t_smem.permute((1, 0)), q_s, dk)
+        dq = warpgroup_mma(ds_smem.index(0), kc.slice(0, HALF, dim=0), zero_s, use_acc=False,
+                           is_async=True)
+        dq = warpgroup_mma(ds_smem.index(1), kc.slice(HALF, HALF, dim=0), dq, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
         mbarrier.arrive(empty.index(s), count=1)             # Q and dO of slot s are read
-        # dQ = dS K in two 64-column halves (registers: dK and dV stay live)
-        ds_a = gl.convert_layout(ds_h, gl.DotOperandLayout(operand_index=0, parent=s_l,
-                                                           k_width=2))
-        if W == 1:
-            mbarrier.wait(dq_free, (t & 1) ^ 1)
-            for c in gl.static_range(2):
-                dq_x.index(c).store(warpgroup_mma(ds_a, kc_w(kc_smem, c, W), zero_s,
-                                                  use_acc=False))
-            mbarrier.arrive(dq_full, count=1)
-        else:
-            slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
-            sidx = ((ql * HKV + h) * TOPK + slot) * G + g
-            sidx = gl.expand_dims(gl.convert_layout(sidx, gl.SliceLayout(1, st_h)), 1)
-            smask = gl.expand_dims(gl.convert_layout(emask, gl.SliceLayout(1, st_h)), 1)
-            mbarrier.wait(dq_full, t & 1)
-            st_c = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, st_h)), 0)
-            for c in gl.static_range(2):
-                dq = warpgroup_mma(ds_a, kc_w(kc_smem, c, W), zero_s,
-                                   use_acc=False) + dq_x.index(c).load(s_l)
-                dq = gl.convert_layout((dq * scale).to(DQ.dtype.element_ty), st_h)
-                gl.store(DQ + sidx * D + c * HALF + st_c, dq, mask=smask)
-            mbarrier.arrive(dq_free, count=1)
+        mbarrier.arrive(ds_free, count=1)
+        dq = gl.convert_layout((dq * scale).to(DQ.dtype.element_ty), st_h)
+        gl.store(DQ + sidx * D + W * HALF + st_c, dq, mask=smask)
     krl: gl.constexpr = gl.SliceLayout(1, st)
     st_d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, st)), 0)
     n = W * HALF + gl.arange(0, HALF, layout=krl)
@@ -174,7 +162,7 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
                ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
                HKV: gl.constexpr,
-               G: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+               G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
                TOPK: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
                DET: gl.constexpr, LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
     """One program per work item of the plan: its block's K and V in shared memory, its
@@ -188,7 +176,7 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
     nk = gl.load(ITEM_NK + pid)
     e0 = gl.load(ITEM_E0 + pid)
     e1 = gl.load(ITEM_E1 + pid)
-    M: gl.constexpr = BLOCK_Q * G_PAD
+    M: gl.constexpr = ROWS
     layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                 rank=2)
     q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, M, D], layout)
@@ -196,41 +184,38 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
     k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
     kc_smem = gl.allocate_shared_memory(K.dtype.element_ty, [2, BS, HALF], layout)
     v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [BS, D], layout)
-    t_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                  element_bitwidth=16, rank=2)
-    t0_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [M, HALF], t_layout)
-    t1_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [M, HALF], t_layout)
-    dq_x = gl.allocate_shared_memory(gl.float32, [2, M, HALF],
-                                     gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    dq_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    p_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HALF], layout)
+    ds_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HALF], layout)
+    bar_l: gl.constexpr = mbarrier.MBarrierLayout()
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_l)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    ds_ready = gl.allocate_shared_memory(gl.int64, [1], bar_l)
+    ds_free = gl.allocate_shared_memory(gl.int64, [1], bar_l)
     mbarrier.init(kv_bar, count=32 * LOAD_WARPS)          # one cp.async arrival per thread
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
         mbarrier.init(empty.index(i), count=2)           # both attention warpgroups
-    mbarrier.init(dq_full, count=1)
-    mbarrier.init(dq_free, count=1)
+    mbarrier.init(ds_ready, count=2)
+    mbarrier.init(ds_free, count=2)
     fence_async_shared()
     gl.warp_specialize([
-        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, t0_smem, dq_x, kv_bar, ready,
-                  empty, dq_full, dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid,
-                  h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 0, HKV, G, G_PAD,
+        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
+                  empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
+                  pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 0, HKV, G,
                   D, BS, TOPK, BLOCK_Q, STAGES, DET, num_warps)),
-        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, t1_smem, dq_x, kv_bar, ready,
-                  empty, dq_full, dq_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid,
-                  h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 1, HKV, G, G_PAD,
+        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
+                  empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
+                  pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 1, HKV, G,
                   D, BS, TOPK, BLOCK_Q, STAGES, DET, 4)),
         (_load, (Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
                  empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh,
-                 stride_vt, stride_vh, G, G_PAD, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
+                 stride_vt, stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
         [4, LOAD_WARPS], [232, 40])
 
 
 def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, scale: float,
-           scale_log2: float, topk: int, g_pad: int, block_size: int,
+           scale_log2: float, topk: int, block_size: int,
            deterministic: bool) -> None:
     """``bwd_kernel`` over one chunk's plan (``sparse_attn_bwd``'s buffers: ``dk, dv`` the
     fp32 gradients or, ``deterministic``, the per-item slots)."""
@@ -239,6 +224,6 @@ def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, sca
         q, k, v, dout, lse, delta, slots, dk, dv, rows.q_pos, plan.edge_q, plan.edge_slot,
         plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1,
         q0, scale, scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), lse.stride(0), HKV=hkv, G=q.shape[1] // hkv, G_PAD=g_pad,
-        D=q.shape[2], BS=block_size, TOPK=topk, BLOCK_Q=ROWS // g_pad, STAGES=STAGES,
-        DET=deterministic, LOAD_WARPS=LOAD_WARPS, num_warps=4)
+        v.stride(0), v.stride(1), lse.stride(0), HKV=hkv, G=q.shape[1] // hkv,
+        D=q.shape[2], BS=block_size, TOPK=topk, BLOCK_Q=ROWS.value // (q.shape[1] // hkv),
+        STAGES=STAGES, DET=deterministic, LOAD_WARPS=LOAD_WARPS, num_warps=4)

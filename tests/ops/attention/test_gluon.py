@@ -21,7 +21,7 @@ SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "PO": "*bf16", "PL": "*fp32", "
 def test_compiles_for_sm90_to_gathers_and_wgmma():
     """Compiled in a fresh process (``gluon_ptx``)."""
     from msa.ops.attention import gluon as ga
-    const = dict(HKV=4, G=16, G_PAD=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=ga.STAGES,
+    const = dict(HKV=4, G=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=ga.STAGES,
                  LOAD_WARPS=ga.LOAD_WARPS, num_warps=4)
     ptx = gluon_ptx("msa.ops.attention.gluon", "fwd_kernel", SIG, const)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx

@@ -28,7 +28,7 @@ def test_compiles_for_sm90(det):
     S and dP, 8 + 8 m64n64k16 (K = D); dQ in two column halves, 2 x 4 m64n64k16 (K = 64
     keys); dV and dK, 4 + 4 m64n128k16 (K = 64 query rows)."""
     from msa.ops.attention import gluon_bwd as gb
-    const = dict(HKV=4, G=16, G_PAD=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=gb.STAGES,
+    const = dict(HKV=4, G=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=gb.STAGES,
                  DET=det, LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
     ptx = gluon_ptx("msa.ops.attention.gluon_bwd", "bwd_kernel", SIG, const)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
