@@ -255,16 +255,22 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     return (out, lay.unpack(lse)) if return_lse else out
 
 
-def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto") -> str:
+def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
+                     backward: bool = False) -> str:
     """The forward kernel ``msa_sparse_attention`` runs for these inputs (its layouts and
     ``backend``): ``"reference"`` (PyTorch), ``"query_major"`` (Triton, for at most
     ``QUERY_MAJOR_MAX_QUERIES`` = 1024 queries), ``"gluon"`` (the warp-specialized Hopper
-    kernel, ``msa.ops.attention.gluon``) or ``"triton"`` (the Triton KV-outer kernel)."""
+    kernel, ``msa.ops.attention.gluon``) or ``"triton"`` (the Triton KV-outer kernel).
+    ``backward=True``: the kernel of its backward, ``"reference"``, ``"gluon"``
+    (``msa.ops.attention.gluon_bwd``) or ``"triton"``."""
     _check_ranks("q", q, "k", k)
     C.check_qkv(q, k, v)
     C.check_block_and_topk(block_size)
     if not C.use_triton(backend, q):
         return "reference"
+    if backward:
+        from .ops.attention.backward import backward_kernel
+        return backward_kernel(q, k, v, block_size)
     from .ops.attention.forward import forward_kernel, use_query_major
     total_q = q.shape[0] if q.dim() == 3 else q.shape[0] * q.shape[1]
     if use_query_major(total_q):

@@ -36,6 +36,7 @@ Two reductions of ``dK``/``dV``:
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -183,10 +184,26 @@ def bwd_launch(d: int, block_size: int, g: int, block_n: int = None, block_q: in
             num_stages or (3 if d <= 128 else 1))
 
 
+def backward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    block_size: int) -> str:
+    """The kernel that computes the backward's partial gradients for these inputs:
+    ``"gluon"`` (``msa.ops.attention.gluon_bwd``, where the Gluon forward applies: Hopper,
+    bf16 / fp16, head dim 128, blocks of 128), else ``"triton"``
+    (``sparse_attn_bwd_kernel``). ``MSA_BACKWARD_KERNEL=triton`` in the environment keeps
+    the Triton kernel everywhere."""
+    if os.environ.get("MSA_BACKWARD_KERNEL", "auto") == "triton":
+        return "triton"
+    try:
+        from . import gluon
+    except ImportError:                 # a Triton without Gluon
+        return "triton"
+    return "gluon" if gluon.supported(q, k, v, block_size) else "triton"
+
+
 def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                     dlse: Optional[torch.Tensor] = None, *, scale: float,
                     deterministic: bool = False, block_n: int = None, block_q: int = None,
-                    num_warps: int = 8, num_stages: int = None, kernel: str = "triton"):
+                    num_warps: int = 8, num_stages: int = None, kernel: str = "auto"):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
@@ -201,20 +218,24 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
     The LSE's gradient enters as ``dS = P * (dP - delta + dlse)``: it is folded into
     ``delta = rowsum(dO * O) - dlse``.
 
-    ``kernel="gluon"``: the warp-specialized Hopper kernel of
-    ``msa.ops.attention.gluon_bwd`` for the partial gradients (bf16 / fp16, head dim 128,
-    blocks of 128; not run on a GPU yet, so not the default).
+    ``kernel``: ``"auto"`` (``backward_kernel``'s choice; the Triton kernel when
+    ``block_n`` splits the block), ``"gluon"`` (the warp-specialized Hopper kernel of
+    ``msa.ops.attention.gluon_bwd``: bf16 / fp16, head dim 128, blocks of 128) or
+    ``"triton"``.
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    if kernel == "auto":
+        whole = block_n in (None, plan.block_size)
+        kernel = backward_kernel(q, k, v, plan.block_size) if whole else "triton"
     if kernel == "gluon":
         from . import gluon
-        if not (gluon.supported(q, k, v, plan.block_size) and gluon.supported(dout, k, v, 128)):
+        if not gluon.supported(q, k, v, plan.block_size):
             raise NotImplementedError("the Gluon backward runs bf16/fp16 attention with head "
                                       "dim 128 and blocks of 128 on sm_90")
-        if q.stride() != dout.stride():             # the loader reads both with one offset
-            q, dout = q.contiguous(), dout.contiguous()
+        if not gluon.supported(dout, k, v, plan.block_size):   # rows not 16-byte aligned
+            dout = dout.contiguous()
     elif kernel != "triton":
-        raise ValueError(f"kernel must be 'triton' or 'gluon', got {kernel!r}")
+        raise ValueError(f"kernel must be 'auto', 'triton' or 'gluon', got {kernel!r}")
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     hs, _, topk = topk_indices.shape

@@ -1,25 +1,26 @@
 """Gluon KV-outer sparse attention backward for Hopper (sm_90): ``bwd_kernel``, the
-Triton backward's contract (``msa.ops.attention.backward``) with the gathered query rows
-loaded by warps of their own.
+backward's kernel there (``msa.ops.attention.backward.backward_kernel``), with the Triton
+backward's contract (``msa.ops.attention.backward``) and the gathered rows loaded by
+warps of their own.
 
 One program per work item (KV head, KV block of 128 keys, slice of the queries that
 selected it; bf16 / fp16, head dim 128). A loader partition (4 warps) gathers the block's
-K and V, then each tile's 64 query rows of Q and dO, into a ring of shared-memory slots
-with ``cp.async``. Two attention warpgroups own 64 keys each and take every tile, with
-the query rows as the MMA rows (so the row statistics ``lse``, ``delta`` and positions
-stay two values per thread):
+K and V, then each tile's 64 rows (``64 // G`` queries x the ``G`` heads of the group)
+of Q and dO, into a ring of shared-memory slots with ``cp.async``. Two attention
+warpgroups own 64 keys each and take every tile, with the query rows as the MMA rows (so
+the row statistics ``lse``, ``delta`` and positions stay two values per thread):
 
     S = Q K_w^T,  dP = dO V_w^T,  P = exp(S - lse),  dS = P (dP - delta)
     dV_w += P^T dO,  dK_w += dS^T Q   (P and dS through shared memory, read transposed)
-    dQ = dS K_0 + dS K_1              (warpgroup 1 hands its term to warpgroup 0)
+    dQ[:, cols_w] = dS_0 K_0[:, cols_w] + dS_1 K_1[:, cols_w]   (both warpgroups' dS)
 
-``dQ`` goes to one slot per (query, KV head, top-k slot) in the dtype of q, summed by
-the Triton ``dq_sum_kernel``; ``dK``/``dV`` leave once per program by fp32 atomics, or
+The MMAs are issued asynchronously: S with dP, then dV, dK and dQ together. ``dQ`` goes
+to one slot per (query, KV head, top-k slot) in the dtype of q, summed by the Triton
+``dq_sum_kernel``; ``dK``/``dV`` leave once per program by fp32 atomics, or
 (deterministic) into one slot per work item, as in the Triton backward.
 
-Status: compiled for sm_90a by ``tests/ops/attention/test_gluon_bwd.py`` on any machine;
-never run on a GPU yet (its GPU test compares it with the Triton backward); reachable
-only as ``sparse_attn_bwd(..., kernel="gluon")``.
+Measured on an H200 at 128K (docs/benchmarks.md): 1.02-1.04x the Triton backward at
+G = 4, 8, 16, 1.6x at G = 6 (whose tiles the Triton kernel pads to 8 heads).
 """
 from __future__ import annotations
 
@@ -39,10 +40,10 @@ HALF = gl.constexpr(64)  # keys per attention warpgroup
 
 @gluon.jit
 def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
-          empty, h,
-          krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-          stride_vh, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
-          BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+          empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_dt, stride_dh,
+          stride_kt, stride_kh, stride_vt, stride_vh, G: gl.constexpr, D: gl.constexpr,
+          BS: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
+          WARPS: gl.constexpr):
     """Loader: the block's K (also in two column halves) and V (``kv_bar``), then the Q
     and dO rows of tile ``t`` into slot ``t % STAGES`` once both attention warpgroups
     released it."""
@@ -59,6 +60,8 @@ def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar,
         offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G,
                                   D, BLOCK_Q, WARPS)
         async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
+        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_dt, stride_dh, G,
+                                  D, BLOCK_Q, WARPS)
         async_copy_global_to_shared(do_ring.index(s), DO + offs, mask=mask)
         mbarrier_arrive(ready.index(s), increment_count=False)
 
@@ -160,15 +163,15 @@ def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, re
 @gluon.jit
 def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM_H,
                ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
-               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
-               HKV: gl.constexpr,
-               G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
-               TOPK: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-               DET: gl.constexpr, LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
+               stride_qt, stride_qh, stride_dt, stride_dh, stride_kt, stride_kh, stride_vt,
+               stride_vh, stride_lt, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+               BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
+               STAGES: gl.constexpr, DET: gl.constexpr, LOAD_WARPS: gl.constexpr,
+               num_warps: gl.constexpr):
     """One program per work item of the plan: its block's K and V in shared memory, its
-    edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries. ``Q, DO``: ``[total_q, Hq, D]``
-    (same strides); ``LSE, DELTA``: ``[total_q, Hq]`` fp32; ``DQ``: slots; ``DK, DV``:
-    fp32 ``[total_k, Hkv, D]`` (atomics) or ``[items, BS, D]`` (``DET``)."""
+    edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries. ``Q, DO``: ``[total_q, Hq, D]``;
+    ``LSE, DELTA``: ``[total_q, Hq]`` fp32; ``DQ``: slots; ``DK, DV``: fp32
+    ``[total_k, Hkv, D]`` (atomics) or ``[items, BS, D]`` (``DET``)."""
     pid = gl.program_id(0)
     h = gl.load(ITEM_H + pid)
     krow = gl.load(ITEM_KROW + pid).to(gl.int64)
@@ -209,21 +212,22 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
                   pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 1, HKV, G,
                   D, BS, TOPK, BLOCK_Q, STAGES, DET, 4)),
         (_load, (Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
-                 empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh,
-                 stride_vt, stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
+                 empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_dt, stride_dh,
+                 stride_kt, stride_kh, stride_vt, stride_vh, G, D, BS, BLOCK_Q, STAGES,
+                 LOAD_WARPS))],
         [4, LOAD_WARPS], [232, 40])
 
 
 def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, scale: float,
-           scale_log2: float, topk: int, block_size: int,
-           deterministic: bool) -> None:
+           scale_log2: float, topk: int, block_size: int, deterministic: bool) -> None:
     """``bwd_kernel`` over one chunk's plan (``sparse_attn_bwd``'s buffers: ``dk, dv`` the
     fp32 gradients or, ``deterministic``, the per-item slots)."""
     hkv = int(plan.num_heads)
     bwd_kernel[(plan.num_items,)](
         q, k, v, dout, lse, delta, slots, dk, dv, rows.q_pos, plan.edge_q, plan.edge_slot,
         plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1,
-        q0, scale, scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), lse.stride(0), HKV=hkv, G=q.shape[1] // hkv,
-        D=q.shape[2], BS=block_size, TOPK=topk, BLOCK_Q=ROWS.value // (q.shape[1] // hkv),
-        STAGES=STAGES, DET=deterministic, LOAD_WARPS=LOAD_WARPS, num_warps=4)
+        q0, scale, scale_log2, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), lse.stride(0), HKV=hkv,
+        G=q.shape[1] // hkv, D=q.shape[2], BS=block_size, TOPK=topk,
+        BLOCK_Q=ROWS.value // (q.shape[1] // hkv), STAGES=STAGES, DET=deterministic,
+        LOAD_WARPS=LOAD_WARPS, num_warps=4)

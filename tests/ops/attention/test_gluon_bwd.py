@@ -18,8 +18,8 @@ SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32",
        "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32",
        "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32",
        "q0": "i32", "scale": "fp32", "scale_log2": "fp32", "stride_qt": "i32",
-       "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32",
-       "stride_vh": "i32", "stride_lt": "i32"}
+       "stride_qh": "i32", "stride_dt": "i32", "stride_dh": "i32", "stride_kt": "i32",
+       "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32", "stride_lt": "i32"}
 
 
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
@@ -45,7 +45,8 @@ def test_compiles_for_sm90(det):
     ((3000,), (3000,), 64, 4, 4),                    # MiniMax-M3 group of 16
     ((2000,), (2000,), 64, 8, 8),                    # G = 8
     ((700, 1, 900), (4000, 1, 2500), 32, 8, 8),      # G = 4, prefixes, a one-token segment
-    ((1500,), (5000,), 24, 4, 1),                    # G = 6 (padded to 8), shared selection
+    ((1500,), (5000,), 24, 4, 1),                    # G = 6 (60-row tiles), shared top-k
+
 ])
 def test_gradients_equal_the_triton_backward(q_lens, k_lens, hq, hkv, hs, det):
     from msa.ops.attention import gluon
@@ -92,3 +93,46 @@ def test_kernel_argument_is_checked():
         sparse_attn_bwd(q, k, v, topk, plan, out, lse, out, scale=0.1, kernel="cuda")
     with pytest.raises(NotImplementedError, match="Gluon backward"):
         sparse_attn_bwd(q, k, v, topk, plan, out, lse, out, scale=0.1, kernel="gluon")
+
+
+@pytest.mark.gpu
+def test_queries_and_output_gradient_with_their_own_strides():
+    """The loader walks dO at its own strides: q sliced from a fused projection beside a
+    contiguous dO gives the reference gradients (no copy of either)."""
+    from msa.ops.attention import gluon
+    c = make_case((900,), (900,), hq=32, hkv=4, d=128, seed=3)
+    fused = torch.cat([c["q"], c["q"]], 1).to(DEVICE, torch.bfloat16)
+    q = fused[:, :32]                                # stride(0) = 64 heads x 128
+    k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "kv")
+    if not gluon.supported(q, k, v, 128):
+        pytest.skip("the Gluon backward needs a Hopper GPU")
+    topk = random_topk(c["seg"], 4, 8, 128, seed=2).to(DEVICE)
+    out, lse = attention_forward_reference(q.float(), k.float(), v.float(), topk, c["seg"],
+                                           block_size=128, scale=0.1)
+    dout = torch.randn(out.shape, device=DEVICE).to(q.dtype)
+    plan = plan_of(topk, c["seg"], 128, 4)
+    got = sparse_attn_bwd(q, k, v, topk, plan, out.to(q.dtype), lse, dout, scale=0.1,
+                          kernel="gluon")
+    ref = attention_backward_reference(q.double(), k.double(), v.double(), topk, c["seg"],
+                                       out.double(), lse.double(), dout.double(),
+                                       block_size=128, scale=0.1)
+    for name, a, r in zip(("dq", "dk", "dv"), got, ref):
+        assert rel_err(a, r) < 3e-2, name
+
+
+def test_backward_kernel_choice(monkeypatch):
+    """``"gluon"`` where the Gluon forward applies (a Hopper GPU, bf16), ``"triton"``
+    elsewhere and under ``MSA_BACKWARD_KERNEL=triton``; ``msa.attention_kernel`` reports
+    it with ``backward=True``."""
+    import msa
+    from msa.ops.attention import gluon
+    from msa.ops.attention.backward import backward_kernel
+    q = torch.randn(300, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(300, 2, 128, device=DEVICE, dtype=torch.bfloat16)
+    want = "gluon" if gluon.supported(q, k, k, 128) else "triton"
+    assert backward_kernel(q, k, k, 128) == want
+    assert msa.attention_kernel(q, k, k, backward=True, backend="triton") == want
+    assert msa.attention_kernel(q, k, k, backward=True, backend="reference") == "reference"
+    assert backward_kernel(q.float(), k.float(), k.float(), 128) == "triton"
+    monkeypatch.setenv("MSA_BACKWARD_KERNEL", "triton")
+    assert backward_kernel(q, k, k, 128) == "triton"
