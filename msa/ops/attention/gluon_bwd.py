@@ -47,8 +47,8 @@ def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar,
     """Loader: the block's K (also in two column halves) and V (``kv_bar``), then the Q
     and dO rows of tile ``t`` into slot ``t % STAGES`` once both attention warpgroups
     released it."""
-    load_rows(k_smem, K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
-    load_rows(v_smem, V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
+    load_rows(k_smem.index(0), K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
+    load_rows(v_smem.index(0), V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
     for c in gl.static_range(2):            # K again in column halves, for dQ = dS K
         load_rows(kc_smem.index(c), K, krow, nk, h, c * HALF, stride_kt, stride_kh, BS, HALF,
                   WARPS)
@@ -88,11 +88,6 @@ def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, re
     r = gl.arange(0, M, layout=rows_l)
     tok = r // G
     g = r % G
-    k_w = k_smem.slice(W * HALF, HALF, dim=0)              # [64 keys, D]
-    v_w = v_smem.slice(W * HALF, HALF, dim=0)
-    p_w = p_smem.index(W)                                  # [M, 64 keys]
-    ds_w = ds_smem.index(W)
-    kc = kc_smem.index(W)                                  # [128 keys, 64 columns]
     dk = gl.zeros([HALF, D], gl.float32, o_l)
     dv = gl.zeros([HALF, D], gl.float32, o_l)
     key = W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, s_l))
@@ -102,6 +97,15 @@ def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, re
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
     for t in range(n_tiles):
         s = t % STAGES
+        # The block's views are taken here, offset by a zero the compiler cannot prove
+        # (z): made once before the loop, their ~40 wgmma descriptors (64 bits each)
+        # were kept live and spilled to local memory (ptxas: 784 -> 196 bytes).
+        z = t // n_tiles
+        k_w = k_smem.index(z).slice(W * HALF, HALF, dim=0)      # [64 keys, D]
+        v_w = v_smem.index(z).slice(W * HALF, HALF, dim=0)
+        p_w = p_smem.index(W + z)                               # [M, 64 keys]
+        ds_w = ds_smem.index(W + z)
+        kc = kc_smem.index(W + z)                               # [128 keys, 64 columns]
         e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
         qg = q0 + ql
         head = h * G + g
@@ -136,9 +140,9 @@ def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, re
         smask = gl.expand_dims(gl.convert_layout(emask, gl.SliceLayout(1, st_h)), 1)
         mbarrier.wait(ds_ready, t & 1)                       # the other warpgroup's dS
         fence_async_shared()
-        dq = warpgroup_mma(ds_smem.index(0), kc.slice(0, HALF, dim=0), zero_s, use_acc=False,
+        dq = warpgroup_mma(ds_smem.index(z), kc.slice(0, HALF, dim=0), zero_s, use_acc=False,
                            is_async=True)
-        dq = warpgroup_mma(ds_smem.index(1), kc.slice(HALF, HALF, dim=0), dq, is_async=True)
+        dq = warpgroup_mma(ds_smem.index(1 + z), kc.slice(HALF, HALF, dim=0), dq, is_async=True)
         dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
         mbarrier.arrive(empty.index(s), count=1)             # Q and dO of slot s are read
         mbarrier.arrive(ds_free, count=1)
@@ -184,9 +188,9 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
                                                 rank=2)
     q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, M, D], layout)
     do_ring = gl.allocate_shared_memory(DO.dtype.element_ty, [STAGES, M, D], layout)
-    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
+    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [1, BS, D], layout)
     kc_smem = gl.allocate_shared_memory(K.dtype.element_ty, [2, BS, HALF], layout)
-    v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [BS, D], layout)
+    v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [1, BS, D], layout)
     p_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HALF], layout)
     ds_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HALF], layout)
     bar_l: gl.constexpr = mbarrier.MBarrierLayout()
