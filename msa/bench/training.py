@@ -8,8 +8,9 @@ Per shape and length (bf16, batch 1, random inputs):
 * the whole step: ``msa_attention`` (indexer, attention, indexer KL) forward + backward,
   with the one shared ``SparsePlan`` and, in the same run, with a plan made by every
   consumer and the top-k validated (what the step did before plans were shared);
-* on Hopper, the Gluon backward (``msa.ops.attention.gluon_bwd``, opt-in) beside the
-  Triton backward on one plan.
+* which backward kernel the attention ran (``backward_kernel``) and, on Hopper, the Gluon
+  backward (``msa.ops.attention.gluon_bwd``, the default there) beside the Triton
+  backward on one plan.
 
 The Triton backward is checked against the fp32 reference at 4K tokens first.
 """
@@ -54,7 +55,7 @@ def backward_kernels(q, k, v, topk, dout, cfg, T: int, reps: int) -> dict:
     """On Hopper: the Gluon and the Triton backward on one plan (planning excluded), their
     time and the cosine of their gradients; ``{}`` elsewhere."""
     from ..ops.attention import backward as B, forward as F
-    if F.forward_kernel(q, k, v, cfg.block_size) != "gluon":
+    if B.backward_kernel(q, k, v, cfg.block_size) != "gluon":
         return {}
     seg = Segments([0], [T], [0], [T], T, T)
     chunk = min(P.backward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk, 1),
@@ -81,7 +82,7 @@ def run_length(T: int, cfg, args, fla) -> dict:
     reps = 5 if T <= 131072 else 3
     topk = msa.msa_indexer(qi.detach(), ki.detach(), cu, cu, block_size=bs, topk=cfg.topk)
     dout = torch.randn(T, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
-    r = dict(T=T)
+    r = dict(T=T, backward_kernel=msa.attention_kernel(q, k, v, block_size=bs, backward=True))
 
     def attention():
         fresh(topk)

@@ -19,8 +19,8 @@ to one slot per (query, KV head, top-k slot) in the dtype of q, summed by the Tr
 ``dq_sum_kernel``; ``dK``/``dV`` leave once per program by fp32 atomics, or
 (deterministic) into one slot per work item, as in the Triton backward.
 
-Measured on an H200 at 128K (docs/benchmarks.md): 1.02-1.04x the Triton backward at
-G = 4, 8, 16, 1.6x at G = 6 (whose tiles the Triton kernel pads to 8 heads).
+Measured on an H200 at 128K (docs/benchmarks.md): 1.17-1.25x the Triton backward at
+G = 4, 8, 16, 1.85x at G = 6 (whose tiles the Triton kernel pads to 8 heads).
 """
 from __future__ import annotations
 
