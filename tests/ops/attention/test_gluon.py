@@ -36,7 +36,9 @@ def test_compiles_for_sm90_to_gathers_and_wgmma():
     ((3000,), (3000,), 64, 4, 4),                    # MiniMax-M3 group of 16
     ((2000,), (2000,), 64, 8, 8),                    # G = 8
     ((700, 1, 900), (4000, 1, 2500), 32, 8, 8),      # G = 4, prefixes, a one-token segment
-    ((1500,), (5000,), 24, 4, 1),                    # G = 6 (padded to 8), shared selection
+    ((1500,), (5000,), 24, 4, 1),                    # G = 6 (60-row tiles), shared selection
+    ((900,), (900,), 21, 7, 7),                      # G = 3 (21 queries, 63 rows)
+    ((600,), (1800,), 4, 4, 4),                      # G = 1 (64 queries a tile)
 ])
 def test_partials_equal_the_triton_kernel(q_lens, k_lens, hq, hkv, hs):
     from msa.ops.attention import gluon

@@ -46,6 +46,8 @@ def test_compiles_for_sm90(det):
     ((2000,), (2000,), 64, 8, 8),                    # G = 8
     ((700, 1, 900), (4000, 1, 2500), 32, 8, 8),      # G = 4, prefixes, a one-token segment
     ((1500,), (5000,), 24, 4, 1),                    # G = 6 (60-row tiles), shared top-k
+    ((900,), (900,), 21, 7, 7),                      # G = 3 (21 queries, 63 rows)
+    ((600,), (1800,), 4, 4, 4),                      # G = 1 (64 queries a tile)
 
 ])
 def test_gradients_equal_the_triton_backward(q_lens, k_lens, hq, hkv, hs, det):
