@@ -135,8 +135,9 @@ def attention_bwd_op(q: Tensor, k: Tensor, v: Tensor, topk_indices: Tensor, out:
                      max_k: Optional[int], batch: int, seqlen_q: int, seqlen_k: int,
                      block_size: int, scale: float, backward: int) -> List[Tensor]:
     """Gradients ``[dq, dk, dv]`` of ``attention_fwd_op`` given ``dout`` and the LSE's
-    gradient ``dlse`` (``None``: zero): Triton KV-outer kernel (fast or deterministic) or
-    the reference with chunked recomputation."""
+    gradient ``dlse`` (``None``: zero): the KV-outer backward (fast or deterministic; its
+    Gluon kernel on Hopper, ``backward_kernel``) or the reference with chunked
+    recomputation."""
     seg = segments(q.shape[0], k.shape[0], cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q,
                    seqlen_k, q.device)
     if backward != Backward.REFERENCE:

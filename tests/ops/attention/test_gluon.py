@@ -80,20 +80,32 @@ def test_where_it_cannot_run_it_says_so():
 
 @pytest.mark.gpu
 def test_public_api_runs_it_on_hopper(monkeypatch):
-    """``msa_sparse_attention`` picks the Gluon kernel on Hopper (``attention_kernel`` says
-    so) and gives the reference's output, fragments included; the environment switch
-    keeps the Triton kernel."""
+    """``msa_sparse_attention`` picks the Gluon kernels on Hopper (``attention_kernel``
+    says so) and gives the reference's output and gradients, fragments included (key rows
+    shared by two segments: their dK/dV sum over both), bitwise repeatable when
+    deterministic; the environment switch keeps the Triton kernel."""
     import msa
     c = make_case((1500, 600, 400), (1500, 2600, 3000), hq=64, hkv=4, d=128, seed=5,
                   fragment_indices=(0, 1, 1))
-    q, k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "qkv")
+    q, k, v = (c[x].to(DEVICE, torch.bfloat16).requires_grad_() for x in "qkv")
     if msa.attention_kernel(q, k, v) != "gluon":
         pytest.skip("the Gluon forward needs a Hopper GPU")
+    assert msa.attention_kernel(q, k, v, backward=True) == "gluon"
     topk = random_topk(c["seg"], 4, 16, 128, seed=4).to(DEVICE)
     meta = {n: c[n].to(DEVICE) for n in ("cu_seqlens_q", "cu_seqlens_k", "fragment_indices")}
     out = msa.msa_sparse_attention(q, k, v, topk, **meta)
-    ref = msa.msa_sparse_attention(q.double(), k.double(), v.double(), topk, **meta,
-                                   backend="reference")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = msa.msa_sparse_attention(q64, k64, v64, topk, **meta, backend="reference")
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     assert rel_err(out, ref) < 3e-2
+    for name, a, r in zip("qkv", grads, ref_grads):
+        assert not a.isnan().any(), name
+        assert rel_err(a, r) < 3e-2, name
+    det = [torch.autograd.grad(msa.msa_sparse_attention(q, k, v, topk, **meta,
+                                                        deterministic=True), (q, k, v), dout)
+           for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*det))
     monkeypatch.setenv("MSA_FORWARD_KERNEL", "triton")
     assert msa.attention_kernel(q, k, v) == "triton"
