@@ -232,8 +232,8 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
         if not gluon.supported(q, k, v, plan.block_size):
             raise NotImplementedError("the Gluon backward runs bf16/fp16 attention with head "
                                       "dim 128 and blocks of 128 on sm_90")
-        if not gluon.supported(dout, k, v, plan.block_size):   # rows not 16-byte aligned
-            dout = dout.contiguous()
+        if not gluon.supported(dout, k, v, plan.block_size):   # another dtype, or rows
+            dout = dout.to(q.dtype).contiguous()               # not 16-byte aligned
     elif kernel != "triton":
         raise ValueError(f"kernel must be 'auto', 'triton' or 'gluon', got {kernel!r}")
     total_q, hq, d = q.shape
