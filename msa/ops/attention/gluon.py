@@ -6,18 +6,18 @@ per work item = KV head, KV block, slice of the queries that selected it; a part
 output normalised by its own sum and its natural-log LSE per (query, slot, head)), for
 bf16 / fp16, head dim 128, blocks of 128 keys, 64-row tiles (``64 // G`` queries x the
 ``G`` heads of the group: a group of 6 fills 60 rows, not 8 queries x 8 padded heads)
-and the whole block on chip. A loader partition (4
-warps) gathers the block's K and V rows and then each tile's query rows into a ring of
-shared-memory slots with ``cp.async`` (each row from any token) and signals them with
-mbarriers; two attention warpgroups take alternate tiles and run ``S = Q K^T`` and
-``O = P V`` as wgmma from shared memory (P from registers) with the softmax in between,
-so one warpgroup's softmax overlaps the other's MMAs, while the loads of the next tiles
-overlap both. The ``tl.*`` kernel cannot be built this way (Triton 3.6 warp-specializes
-TMA loads only, and TMA cannot gather rows on Hopper).
+and the whole block on chip. A loader partition (4 warps) gathers the block's K and V
+rows and then each tile's query rows into a ring of shared-memory slots with ``cp.async``
+(each row from any token) and signals them with mbarriers; two attention warpgroups
+take alternate tiles and run ``S = Q K^T`` and ``O = P V`` as wgmma from shared memory
+(P from registers) with the softmax in between, so one warpgroup's softmax overlaps the
+other's MMAs, while the loads of the next tiles overlap both. The ``tl.*`` kernel cannot
+be built this way (Triton 3.6 warp-specializes TMA loads only, and TMA cannot gather rows
+on Hopper).
 
 Measured on an H200 at 128K (docs/benchmarks.md): 1.0x the Triton kernel at G = 16, 1.3x
-at G = 4, 6, 8; one attention warpgroup and 3-4 ring slots were slower
-(docs/experiments.md).
+at G = 4 and 8, 1.3x at G = 6 before its tiles were packed (12% faster since); one
+attention warpgroup and 3-4 ring slots were slower (docs/experiments.md).
 """
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ ROWS = gl.constexpr(64)  # MMA rows per tile: 64 // G queries x the G heads of t
 
 
 @gluon.jit
-def load_rows(smem, X, row0, n, h, col0, stride_t, stride_h, ROWS: gl.constexpr,
+def load_rows(smem, X, row0, n, h, col0, stride_t, stride_h, NROWS: gl.constexpr,
               COLS: gl.constexpr, WARPS: gl.constexpr):
     """``cp.async`` of rows ``row0 ..`` (the first ``n``; the rest zero-filled), head ``h``,
-    columns ``col0 ..`` of ``X`` into ``smem [ROWS, COLS]`` (a block's keys or values)."""
+    columns ``col0 ..`` of ``X`` into ``smem [NROWS, COLS]`` (a block's keys or values)."""
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     cols = gl.expand_dims(gl.arange(0, COLS, layout=gl.SliceLayout(0, ld)), 0)
-    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
+    r = gl.arange(0, NROWS, layout=gl.SliceLayout(1, ld))
     rows = gl.expand_dims((row0 + r).to(gl.int64), 1)
     async_copy_global_to_shared(smem, X + rows * stride_t + h * stride_h + col0 + cols,
                                 mask=gl.expand_dims(r < n, 1))
@@ -150,9 +150,8 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
 def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
                ITEM_E0, ITEM_E1, q0, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
                stride_vt, stride_vh, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
-               BS: gl.constexpr, TOPK: gl.constexpr,
-               BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
-               num_warps: gl.constexpr):
+               BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
+               STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
     """One program per work item of the plan (``msa.ops.plan``): the item's KV block
     in shared memory, its edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries."""
     pid = gl.program_id(0)
@@ -164,8 +163,7 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
     e1 = gl.load(ITEM_E1 + pid)
     layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                 rank=2)
-    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D],
-                                       layout)
+    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D], layout)
     k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
     v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [BS, D], layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
