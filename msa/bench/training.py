@@ -7,7 +7,9 @@ Per shape and length (bf16, batch 1, random inputs):
   ``parallel_nsa`` forward + backward on the same selection;
 * the whole step: ``msa_attention`` (indexer, attention, indexer KL) forward + backward,
   with the one shared ``SparsePlan`` and, in the same run, with a plan made by every
-  consumer and the top-k validated (what the step did before plans were shared);
+  consumer and the top-k validated (what the step did before plans were shared); the
+  indexer forward alone (top-k and selected LSE), and the step less it and the attention
+  (``step_rest_ms``: the indexer KL forward and backward, planning, glue);
 * which backward kernel the attention ran (``backward_kernel``) and, on Hopper, the Gluon
   backward (``msa.ops.attention.gluon_bwd``, the default there) beside the Triton
   backward on one plan.
@@ -99,6 +101,12 @@ def run_length(T: int, cfg, args, fla) -> dict:
         out = msa.msa_attention(q, k, v, qi, ki, cu, cu, config=cfg)
         out.backward(dout)
     r["step_ms"] = C.timed(step, reps)
+
+    def indexer():                    # the step's index branch: top-k and selected LSE
+        msa.msa_indexer(qi.detach(), ki.detach(), cu, cu, block_size=bs, topk=cfg.topk,
+                        return_lse=True)
+    r["indexer_ms"] = C.timed(indexer, reps)
+    r["step_rest_ms"] = r["step_ms"] - r["indexer_ms"] - r["attention_fwd_bwd_ms"]
     r["step_peak_mb"] = C.peak_bytes(step) / 2 ** 20
     with P.sharing_disabled():
         r["step_ms_plan_per_consumer"] = C.timed(step, reps)
