@@ -77,14 +77,15 @@ def sparse_attn_bwd_kernel(
                 other=0.0)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
-    offs_m = tl.arange(0, BLOCK_Q * G_PAD)
-    tok = offs_m // G_PAD
-    g = offs_m % G_PAD
+    QT: tl.constexpr = BLOCK_Q * G_PAD // G        # queries a tile: row r is query r // G,
+    offs_m = tl.arange(0, BLOCK_Q * G_PAD)         # head r % G (packed, as in the forward)
+    tok = offs_m // G
+    g = offs_m % G
     last_key = t0 + n0 + BLOCK_N - 1                # partial sub-blocks are always masked
     # a sub-block past a tail block's last key still runs: it writes its zero dQ slots
-    for e in range(e0, e1, BLOCK_Q):
+    for e in range(e0, e1, QT):
         eidx = e + tok
-        emask = (eidx < e1) & (g < G)
+        emask = (eidx < e1) & (tok < QT)
         ql = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
         qg = q0 + ql
         pos = tl.load(POS + qg, mask=emask, other=-1)

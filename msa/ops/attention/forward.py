@@ -2,9 +2,9 @@
 
 ``sparse_attn_fwd_kernel``: one program per work item = (KV head ``h``, KV block, slice
 of the queries that selected it). It loads the block's K and V once, then loops over
-tiles of ``BLOCK_Q`` gathered queries x the ``G`` query heads of the group
-(``BLOCK_Q * G_PAD`` = 64 MMA rows by default; the next tile's rows load while one
-computes), and writes for each (query, head) a partial output normalised by its own sum
+tiles of ``BLOCK_Q * G_PAD`` MMA rows (64 by default) holding ``BLOCK_Q * G_PAD // G``
+gathered queries x the ``G`` query heads of the group (the next tile's rows load while
+one computes), and writes for each (query, head) a partial output normalised by its own sum
 plus its natural-log LSE into slot ``j`` of the query's top-k row. On GPUs whose shared
 memory cannot hold a block's K and V (head dim 256 on 99 KB cards) it walks the block in
 key sub-blocks loaded per tile instead (``KSPLIT``, an online softmax; ``fwd_configs``).
@@ -37,10 +37,11 @@ QUERY_MAJOR_MAX_QUERIES = 1024
 
 
 @triton.jit
-def tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, eidx, e1, g, G: tl.constexpr):
-    """Rows of one tile of gathered edges: chunk-relative query, top-k slot, query
-    position and the row mask (edge in range, real head)."""
-    emask = (eidx < e1) & (g < G)
+def tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, eidx, e1, tok, QT: tl.constexpr):
+    """Rows of one tile of gathered edges (row of query ``tok`` of the tile's ``QT``):
+    chunk-relative query, top-k slot, query position and the row mask (edge in range, row
+    within the tile's queries)."""
+    emask = (eidx < e1) & (tok < QT)
     ql = tl.load(EDGE_Q + eidx, mask=emask, other=0).to(tl.int64)
     slot = tl.load(EDGE_SLOT + eidx, mask=emask, other=0)
     pos = tl.load(POS + q0 + ql, mask=emask, other=-1)
@@ -109,19 +110,22 @@ def sparse_attn_fwd_kernel(
                 v = dequant_rows(v, VS, soff, kmask, Q.dtype.element_ty)
     else:
         tl.static_assert(not FP8, "FP8 pages need the whole block on chip (KSPLIT=0)")
+    # BLOCK_Q * G_PAD rows a tile, packed: row r is query r // G, head r % G (a group
+    # of 6 fills 60 of 64 rows with 10 queries instead of 8 queries x 8 padded heads)
+    QT: tl.constexpr = BLOCK_Q * G_PAD // G
     offs_m = tl.arange(0, BLOCK_Q * G_PAD)
-    tok = offs_m // G_PAD
-    g = offs_m % G_PAD
+    tok = offs_m // G
+    g = offs_m % G
     # software pipeline (Triton's own pipelining was slower here): the next tile's query
     # rows and the edge indices of the tile after it load while this tile computes
-    ql, slot, pos, emask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, e0 + tok, e1, g, G)
+    ql, slot, pos, emask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, e0 + tok, e1, tok, QT)
     qt = tile_rows(Q, q0 + ql, h * G + g, emask, offs_d, stride_qt, stride_qh)
-    nql, nslot, npos, nmask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, e0 + BLOCK_Q + tok,
-                                         e1, g, G)
-    for e in range(e0, e1, BLOCK_Q):
+    nql, nslot, npos, nmask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0, e0 + QT + tok, e1, tok,
+                                         QT)
+    for e in range(e0, e1, QT):
         qt_next = tile_rows(Q, q0 + nql, h * G + g, nmask, offs_d, stride_qt, stride_qh)
         nnql, nnslot, nnpos, nnmask = tile_edges(EDGE_Q, EDGE_SLOT, POS, q0,
-                                                 e + 2 * BLOCK_Q + tok, e1, g, G)
+                                                 e + 2 * QT + tok, e1, tok, QT)
         if KSPLIT == 0:
             s = dot(qt, tl.trans(k), PRECISION, UPCAST) * scale_log2
             # mask only tiles the block is not fully visible to (local block, partial tails)

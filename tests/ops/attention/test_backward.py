@@ -65,6 +65,26 @@ def test_triton_backward_smallest_launch_matches_reference(deterministic, monkey
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+def test_packed_tiles_of_a_group_of_five(deterministic):
+    """G = 5: a 64-row tile holds 12 queries x 5 heads (4 rows off); items of up to 30
+    edges span three tiles, so a row past the tile's queries would count the next tile's
+    first edge twice in dK and dV."""
+    c = make_case((70,), (200,), hq=10, hkv=2, d=64, seed=11)
+    topk = random_topk(c["seg"], 2, 3, 64, seed=11).to(DEVICE)
+    q, k, v = (c[n].to(DEVICE) for n in "qkv")
+    out, lse = attention_forward_reference(q, k, v, topk, c["seg"], block_size=64,
+                                           scale=0.125)
+    dout = torch.randn_like(out)
+    plan = plan_of(topk, c["seg"], 64, 2, q_per_item=30)
+    assert int((plan.chunks[0][2].item_e1 - plan.chunks[0][2].item_e0).max()) > 24
+    got = sparse_attn_bwd(q, k, v, topk, plan, out, lse, dout, scale=0.125,
+                          deterministic=deterministic)
+    ref = _reference(c, topk, q, k, v, out, lse, dout, 64, 0.125)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5)
+
+
 def test_unselected_keys_get_exact_zero_gradients():
     c, _, (q, k, v, _, _, _), block, scale, _ = _case("G2-varlen-split-items", torch.float32)
     topk = torch.full((2, q.shape[0], 3), -1, dtype=torch.int32, device=DEVICE)
