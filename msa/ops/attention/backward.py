@@ -36,7 +36,6 @@ Two reductions of ``dK``/``dV``:
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -48,7 +47,7 @@ from ..plan import ITEM_FIELDS, SparsePlan, backward_block_n, backward_chunk
 from ..reduce import base_layers, sum_items
 from ..triton_utils import (LOG2E, dot, load_item, next_pow2, precision, query_program,
                             upcast)
-from .forward import check_supported
+from .forward import check_supported, choose_kernel
 
 
 
@@ -192,13 +191,7 @@ def backward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bf16 / fp16, head dim 128, blocks of 128), else ``"triton"``
     (``sparse_attn_bwd_kernel``). ``MSA_BACKWARD_KERNEL=triton`` in the environment keeps
     the Triton kernel everywhere."""
-    if os.environ.get("MSA_BACKWARD_KERNEL", "auto") == "triton":
-        return "triton"
-    try:
-        from . import gluon
-    except ImportError:                 # a Triton without Gluon
-        return "triton"
-    return "gluon" if gluon.supported(q, k, v, block_size) else "triton"
+    return choose_kernel("MSA_BACKWARD_KERNEL", q, k, v, block_size)
 
 
 def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
@@ -225,18 +218,19 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
     ``"triton"``.
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    if kernel not in ("auto", "triton", "gluon"):
+        raise ValueError(f"kernel must be 'auto', 'triton' or 'gluon', got {kernel!r}")
+    asked = kernel == "gluon"
     if kernel == "auto":
         whole = block_n in (None, plan.block_size)
         kernel = backward_kernel(q, k, v, plan.block_size) if whole else "triton"
     if kernel == "gluon":
         from . import gluon
-        if not gluon.supported(q, k, v, plan.block_size):
+        if asked and not gluon.supported(q, k, v, plan.block_size):
             raise NotImplementedError("the Gluon backward runs bf16/fp16 attention with head "
                                       "dim 128 and blocks of 128 on sm_90")
         if not gluon.supported(dout, k, v, plan.block_size):   # another dtype, or rows
             dout = dout.to(q.dtype).contiguous()               # not 16-byte aligned
-    elif kernel != "triton":
-        raise ValueError(f"kernel must be 'auto', 'triton' or 'gluon', got {kernel!r}")
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     hs, _, topk = topk_indices.shape

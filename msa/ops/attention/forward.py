@@ -209,7 +209,15 @@ def forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     128, blocks of 128) where it applies, else ``"triton"`` (``sparse_attn_fwd_kernel``,
     every GPU and the interpreter). ``MSA_FORWARD_KERNEL=triton`` in the environment keeps
     the Triton kernel everywhere."""
-    if os.environ.get("MSA_FORWARD_KERNEL", "auto") == "triton" or v is None:
+    return "triton" if v is None else choose_kernel("MSA_FORWARD_KERNEL", q, k, v, block_size)
+
+
+def choose_kernel(switch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  block_size: int) -> str:
+    """``"gluon"`` where the Gluon kernels apply to these inputs (``gluon.supported``) and
+    the environment variable ``switch`` is not ``triton``, else ``"triton"`` (the forward's
+    and the backward's choice alike)."""
+    if os.environ.get(switch, "auto") == "triton":
         return "triton"
     try:
         from . import gluon
