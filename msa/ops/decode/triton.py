@@ -13,8 +13,9 @@ synchronisation and no allocation:
    reference rule (score desc, id asc, local block last, ``-1`` padding) -> head-major
    ``topk_indices [Hi, B*Q, K]``.
 3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
-   the ``G`` query heads of the group are the MMA rows, each selected page is read
-   through the page table, online softmax; one split writes the output directly, more
+   the ``G`` query heads of the group are the MMA rows; the split's selected blocks and
+   their pages are loaded once, then each page is read (a predicated loop whose K/V
+   loads Triton pipelines), online softmax; one split writes the output directly, more
    splits write partials merged by ``paged_decode_combine_kernel`` (LSE combine).
 
 The plan/run lifecycle around it (validation, preallocated buffers, CUDA graphs) is
@@ -87,8 +88,9 @@ def paged_decode_attn_kernel(
         stride_tb, stride_ot, stride_oh, stride_lt, stride_sp, stride_sh,
         NQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
         G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
-        PER_SPLIT: tl.constexpr, NSPLIT: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, FP8: tl.constexpr = False):
+        PER_SPLIT: tl.constexpr, PER_PAD: tl.constexpr, NSPLIT: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr = False,
+        STAGES: tl.constexpr = 2):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -99,31 +101,37 @@ def paged_decode_attn_kernel(
     offs_n = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     gmask = offs_g < G
+    # the split's selected blocks and their pages, loaded once: the loop then waits on no
+    # dependent index loads, and it is predicated (no branch), so the K/V loads pipeline
+    offs_j = tl.arange(0, PER_PAD)
+    jv = sp * PER_SPLIT + offs_j
+    sel = tl.load(TOPK_INDICES + hs * stride_th + c * stride_tq + jv,
+                  mask=(offs_j < PER_SPLIT) & (jv < TOPK), other=-1)
+    sel = tl.where(sel * BS <= pos, sel, -1)                    # -1: nothing to read
+    pages = tl.load(PAGE_TABLE + b * stride_tb + sel, mask=sel >= 0, other=0)
     qt = tl.load(Q + c * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
                  mask=gmask[:, None], other=0.0)
     m_i = tl.zeros((G_PAD,), dtype=tl.float32) - float("inf")
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    for jj in range(PER_SPLIT):
-        j = sp * PER_SPLIT + jj
-        blk = tl.load(TOPK_INDICES + hs * stride_th + c * stride_tq + j, mask=j < TOPK, other=-1)
-        if (blk >= 0) & (blk * BS <= pos):
-            page = tl.load(PAGE_TABLE + b * stride_tb + blk).to(tl.int64)
-            kmask = blk * BS + offs_n <= pos
-            off = page * stride_kp + h * stride_kh + offs_n[:, None] * stride_kt + \
-                offs_d[None, :]
-            kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
-            vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
-            if FP8:     # e4m3 rows (exact in qt's dtype); their scales (token stride 1)
-                soff = page * stride_sp + h * stride_sh + offs_n    # past pos: never read
-                ksc = tl.load(KS + soff, mask=kmask, other=0.0)
-                vsc = tl.load(VS + soff, mask=kmask, other=0.0)
-                m_i, l_i, acc = online_softmax_step(
-                    qt, kt.to(qt.dtype), vt.to(qt.dtype), kmask[None, :], m_i, l_i, acc,
-                    scale_log2, PRECISION, UPCAST, True, ksc, vsc)
-            else:
-                m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i,
-                                                    acc, scale_log2, PRECISION, UPCAST, True)
+    for jj in tl.range(PER_SPLIT, num_stages=STAGES):
+        blk = tl.max(tl.where(offs_j == jj, sel, -1), 0)
+        page = tl.max(tl.where(offs_j == jj, pages, 0), 0).to(tl.int64)
+        kmask = (blk >= 0) & (blk * BS + offs_n <= pos)
+        off = page * stride_kp + h * stride_kh + offs_n[:, None] * stride_kt + \
+            offs_d[None, :]
+        kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
+        vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
+        if FP8:     # e4m3 rows (exact in qt's dtype); their scales (token stride 1)
+            soff = page * stride_sp + h * stride_sh + offs_n
+            ksc = tl.load(KS + soff, mask=kmask, other=0.0)
+            vsc = tl.load(VS + soff, mask=kmask, other=0.0)
+            m_i, l_i, acc = online_softmax_step(
+                qt, kt.to(qt.dtype), vt.to(qt.dtype), kmask[None, :], m_i, l_i, acc,
+                scale_log2, PRECISION, UPCAST, True, ksc, vsc)
+        else:
+            m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i,
+                                                acc, scale_log2, PRECISION, UPCAST, True)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
     if NSPLIT == 1:
@@ -270,14 +278,15 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     prec, up = precision(q.dtype), upcast(q.dtype)
     nsplit, per_split = decode_splits(rows, hkv, topk)
     g_pad = max(16, next_pow2(g))
+    fp8 = k_scales is not None
     paged_decode_attn_kernel[(rows, hkv, nsplit)](
         q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, po, pl,
         scale * LOG2E, q.stride(0), q.stride(1), kv_strides[0], kv_strides[1],
         kv_strides[2], topk_indices.stride(0), topk_indices.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
         NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size,
-        TOPK=topk, PER_SPLIT=per_split, NSPLIT=nsplit, PRECISION=prec, UPCAST=up,
-        FP8=k_scales is not None, num_warps=4)
+        TOPK=topk, PER_SPLIT=per_split, PER_PAD=next_pow2(per_split), NSPLIT=nsplit,
+        PRECISION=prec, UPCAST=up, FP8=fp8, STAGES=3 if fp8 else 2, num_warps=4)
     if nsplit > 1:
         paged_decode_combine_kernel[(rows * hkv,)](
             po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0),
