@@ -442,7 +442,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
         from .ops.kl.triton import indexer_kl_bwd
         hi = qi.shape[-2]
         plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=hi,
-                             max_chunk=P.kl_chunk(hi, qi.shape[-1], cfg.topk, deterministic))
+                             max_chunk=P.kl_chunk(hi, qi.shape[-1], cfg.topk, deterministic,
+                                                 bs))
         loss, dqi, dki = indexer_kl_bwd(
             qp.detach(), kp.detach(), lse.detach(), qip.detach(), kip.detach(), ilse, topk_indices,
             plan, scale=scale, index_scale=iscale, loss_coeff=cfg.kl_loss_coeff,

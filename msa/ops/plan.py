@@ -275,6 +275,7 @@ def build_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, he
 PARTIAL_BUDGET_BYTES = 6 << 30    # forward: partial outputs and LSEs
 SLOT_BUDGET_BYTES = 4 << 30       # backward dQ slots; deterministic KL dqi slots
 LSE_BUDGET_BYTES = 1 << 30        # selected-LSE pass: partial LSEs
+DZ_BUDGET_BYTES = 1 << 30         # indexer KL: its dz rows, one per edge (dki pass)
 
 
 def forward_chunk(hq: int, d: int, itemsize: int, topk: int) -> int:
@@ -293,10 +294,13 @@ def backward_chunk(hq: int, d: int, itemsize: int, topk: int, nsub: int) -> int:
     return max(1, SLOT_BUDGET_BYTES // (hq * topk * nsub * d * itemsize))
 
 
-def kl_chunk(hi: int, di: int, topk: int, deterministic: bool) -> int:
-    """Queries per chunk of the indexer-KL backward: unbounded (fp32 atomics) or,
+def kl_chunk(hi: int, di: int, topk: int, deterministic: bool, block_size: int = 128) -> int:
+    """Queries per chunk of the indexer-KL backward: its dz rows (``block_size`` values in
+    the index dtype per (query, index head, slot), budgeted at 4 bytes each) or,
     deterministic, fp32 ``dqi`` slots per (index head, slot)."""
-    return max(1, SLOT_BUDGET_BYTES // (hi * topk * di * 4)) if deterministic else 1 << 62
+    if deterministic:
+        return max(1, SLOT_BUDGET_BYTES // (hi * topk * di * 4))
+    return max(1, DZ_BUDGET_BYTES // (hi * topk * block_size * 4))
 
 
 def lse_chunk(hi: int, topk: int) -> int:
@@ -316,8 +320,8 @@ def training_chunk(q: torch.Tensor, topk: int, block_size: int, hi: int, di: int
                    deterministic: bool) -> int:
     """The chunk one plan needs to serve a whole training step: selected LSE, forward,
     indexer KL and backward (``q [total_q, Hq, D]``)."""
-    return min(attention_chunk(q, topk, block_size), kl_chunk(hi, di, topk, deterministic),
-               lse_chunk(hi, topk))
+    return min(attention_chunk(q, topk, block_size),
+               kl_chunk(hi, di, topk, deterministic, block_size), lse_chunk(hi, topk))
 
 
 # top-k tensor id -> (weak reference, version, trusted, plans); an entry lives as long as

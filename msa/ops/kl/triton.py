@@ -8,8 +8,12 @@ tokens it recomputes, over the block's causally visible keys,
     student = exp(index_scale qi.ki - indexer_lse)
     dz      = loss_coeff / (Hi * total_q) * (student - teacher)
 
-and adds ``index_scale * dz @ ki`` to ``dqi`` (per tile) and ``index_scale * dz^T @ qi``
-to ``dki`` (once per item), plus the KL terms to the loss; all fp32 atomics. The student
+and adds ``index_scale * dz @ ki`` to ``dqi`` (per tile) and the KL terms to the loss
+(fp32 atomics). ``dki = index_scale * sum dz^T @ qi`` comes from a second pass
+(``kl_dki_kernel``) over the dz rows the first stores, one per edge: holding the
+128 x 128 fp32 sum in registers over the item made the kernel spill (52 vs 42 ms at
+128K, docs/experiments.md). The deterministic mode and the dense warm-up keep that sum
+per item (``DZ_OUT=False``). The student
 GEMMs need 16 MMA rows, so each token's row is replicated ``R`` times with weight ``1/R``
 (``R`` = 1 at 16 heads per group: the tile has 16 tokens). The teacher's head sum is a
 reduction over each token's consecutive rows.
@@ -32,7 +36,7 @@ from ..triton_utils import LOG2E, dot, load_item, next_pow2, precision, upcast
 @triton.jit(do_not_specialize=["q0"],
             do_not_specialize_on_alignment=ITEM_FIELDS)
 def indexer_kl_bwd_kernel(
-        Q, K, TLSE, QI, KI, ILSE, DQI, DKI, LOSS, POS, EDGE_Q, EDGE_SLOT,
+        Q, K, TLSE, QI, KI, ILSE, DQI, DKI, LOSS, POS, EDGE_Q, EDGE_SLOT, DZ,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1,
         q0, scale_log2, iscale, coeff,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_tl, stride_it, stride_ih,
@@ -41,7 +45,7 @@ def indexer_kl_bwd_kernel(
         DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
         HI: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False,
-        K_ONCE: tl.constexpr = True, KI_ONCE: tl.constexpr = True):
+        K_ONCE: tl.constexpr = True, KI_ONCE: tl.constexpr = True, DZ_OUT: tl.constexpr = False):
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
     # every causal query of the block, no edge list). Edge query ids are relative to q0.
     # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
@@ -50,6 +54,8 @@ def indexer_kl_bwd_kernel(
     # (32 KB more shared memory at D=128) instead of loading them per tile
     # KI_ONCE: the same for the block's index keys (Di=128: the 128-row tile then fits
     # 99 KB GPUs)
+    # DZ_OUT: store each edge's dz row (index dtype, as the dki product would round it) at
+    # DZ[e] for kl_dki_kernel instead of summing dki here
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -133,15 +139,48 @@ def indexer_kl_bwd_kernel(
         else:
             tl.atomic_add(DQI + qr[:, None] * (HI * DI) + h * DI + offs_di[None, :],
                           dqi * R, mask=first[:, None], sem="relaxed")   # contiguous fp32
-        dki += dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
+        if DZ_OUT:              # the token's sum over its replicas: R x its replica's row
+            tl.store(DZ + er.to(tl.int64)[:, None] * BS + offs_n[None, :],
+                     (dz * R).to(DZ.dtype.element_ty), mask=first[:, None])
+        else:
+            dki += dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
     if DET:
         p_off = (pid.to(tl.int64) * BS + offs_n)[:, None] * DI + offs_di[None, :]
         tl.store(DKI + p_off, dki * iscale, mask=kmask[:, None])
         tl.store(LOSS + pid, loss * coeff)
     else:
-        tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :], dki * iscale,
-                      mask=kmask[:, None], sem="relaxed")
+        if not DZ_OUT:
+            tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :],
+                          dki * iscale, mask=kmask[:, None], sem="relaxed")
         tl.atomic_add(LOSS, loss * coeff, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["q0"],
+            do_not_specialize_on_alignment=ITEM_FIELDS)
+def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                  ITEM_E1, q0, iscale, stride_it, stride_ih, BS: tl.constexpr,
+                  DI: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """``dki`` of one work item: ``index_scale * sum over its edges dz^T @ qi`` from the
+    dz rows ``DZ [edges, BS]`` stored by ``indexer_kl_bwd_kernel``, added to ``DKI
+    [total_k, Di]`` (fp32 atomics)."""
+    h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                                        ITEM_E1, tl.program_id(0))
+    offs_n = tl.arange(0, BS)
+    offs_di = tl.arange(0, DI)
+    offs_e = tl.arange(0, BLOCK_E)
+    acc = tl.zeros((BS, DI), dtype=tl.float32)
+    for e in range(e0, e1, BLOCK_E):
+        er = e + offs_e
+        emask = er < e1
+        qr = q0 + tl.load(EDGE_Q + er, mask=emask, other=0).to(tl.int64)
+        dz = tl.load(DZ + er.to(tl.int64)[:, None] * BS + offs_n[None, :],
+                     mask=emask[:, None], other=0.0)
+        qi = tl.load(QI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
+                     mask=emask[:, None], other=0.0)
+        acc += dot(tl.trans(dz), qi, PRECISION, UPCAST)
+    tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :], acc * iscale,
+                  mask=(offs_n < nk)[:, None], sem="relaxed")
 
 
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: SparsePlan,
@@ -167,7 +206,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     q, k, qi, ki2, loss, dqi, dki = kl_buffers(q, k, qi, ki)
     if total_q:
         topk = topk_indices.shape[2]
-        plan.require(hi, kl_chunk(hi, di, topk, deterministic), "KL")
+        plan.require(hi, kl_chunk(hi, di, topk, deterministic, plan.block_size), "KL")
         block_size, rows = plan.block_size, plan.rows
         # fp32 contiguous once, not per query chunk (launch_kl then copies nothing)
         teacher_lse = teacher_lse.float().contiguous()
@@ -181,8 +220,15 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
             if not p.num_items:
                 continue
             if not deterministic:
+                dz = torch.empty(p.edge_q.numel(), block_size, dtype=qi.dtype,
+                                 device=q.device)
                 launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
-                          p.edge_q, p, q0=q0, **kw)
+                          p.edge_q, p, q0=q0, dz=dz, **kw)
+                kl_dki_kernel[(p.num_items,)](
+                    dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk,
+                    p.item_e0, p.item_e1, q0, index_scale, qi.stride(0), qi.stride(1),
+                    BS=block_size, DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype),
+                    UPCAST=upcast(qi.dtype), num_warps=4, num_stages=3)
                 continue
             slots = torch.zeros((q1 - q0) * hi * topk * di, dtype=torch.float32,
                                 device=q.device)
@@ -212,13 +258,16 @@ def kl_buffers(q, k, qi, ki):
 
 def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
               *, block_size, scale, index_scale, loss_coeff, block_t=None, num_warps=8,
-              num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, topk=1):
+              num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, topk=1,
+              dz=None):
     """One launch of ``indexer_kl_bwd_kernel`` over the work items ``items`` (``item_h,
     item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
     ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
     ``dense``: the items' edge ranges are query rows (``edge_q`` unused).
     ``deterministic``: ``dqi`` is the slot buffer ``[chunk, Hi, topk, Di]`` of the queries
-    from ``q0``, ``dki`` per item ``[num_items, block, Di]``, ``loss`` per item."""
+    from ``q0``, ``dki`` per item ``[num_items, block, Di]``, ``loss`` per item.
+    ``dz [edges, block]`` (index dtype): the edges' dz rows are stored there and ``dki``
+    is left to ``kl_dki_kernel``."""
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
@@ -235,7 +284,7 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     launch_fitting(
         indexer_kl_bwd_kernel, (items.num_items,),
         (q, k, tlse, qi, ki2, ilse, dqi, dki, loss, q_pos, edge_q,
-         edge_q if edge_slot is None else edge_slot,
+         edge_q if edge_slot is None else edge_slot, dz,
          items.item_h, items.item_krow, items.item_t0, items.item_nk, items.item_e0,
          items.item_e1, q0, scale * LOG2E, index_scale,
          loss_coeff / (hi * total_q),
@@ -243,4 +292,4 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
          qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0)),
         configs, G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, HI=hi, TOPK=topk,
         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), DENSE=dense, DET=deterministic,
-        num_warps=num_warps)
+        DZ_OUT=dz is not None, num_warps=num_warps)

@@ -67,6 +67,21 @@ def test_triton_kl_smallest_launch_matches_reference(name, det, ki_once, monkeyp
     torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
 
 
+def test_dki_pass_reads_only_the_dz_rows_it_wrote(monkeypatch):
+    """The dz buffer between the KL kernel and the dki pass starts as NaN: any row the
+    first kernel did not write (an edge, a replica) would poison dki."""
+    import msa.ops.kl.triton as kl_triton
+    empty = torch.empty
+    monkeypatch.setattr(kl_triton.torch, "empty",
+                        lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    (loss, dqi, dki), (rl, rq, rk), _, _ = _run("Hi=Hkv-fragments-split")
+    torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
+    used = force_launch(monkeypatch, kl_triton, lambda configs: configs[-1])
+    (loss, dqi, dki), (rl, rq, rk), _, _ = _run("G16-one-token-docs")
+    assert used[-1]["R"] > 1                             # a token's row in several replicas
+    torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
+
+
 @pytest.mark.parametrize("det", [False, True])
 def test_triton_kl_head_dim_256_half(det):
     """Head dim 256 (bf16 only: no fp32 kernel at 256) against the fp64 reference."""
