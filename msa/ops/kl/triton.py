@@ -228,7 +228,8 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                     dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk,
                     p.item_e0, p.item_e1, q0, index_scale, qi.stride(0), qi.stride(1),
                     BS=block_size, DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype),
-                    UPCAST=upcast(qi.dtype), num_warps=4, num_stages=3)
+                    UPCAST=upcast(qi.dtype), num_warps=4 if di <= 128 else 8,
+                    num_stages=3)                # <= 64 KB shared on sm_86 / sm_89
                 continue
             slots = torch.zeros((q1 - q0) * hi * topk * di, dtype=torch.float32,
                                 device=q.device)
