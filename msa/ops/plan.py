@@ -294,7 +294,7 @@ def backward_chunk(hq: int, d: int, itemsize: int, topk: int, nsub: int) -> int:
     return max(1, SLOT_BUDGET_BYTES // (hq * topk * nsub * d * itemsize))
 
 
-def kl_chunk(hi: int, di: int, topk: int, deterministic: bool, block_size: int = 128) -> int:
+def kl_chunk(hi: int, di: int, topk: int, deterministic: bool, block_size: int) -> int:
     """Queries per chunk of the indexer-KL backward: its dz rows (``block_size`` values in
     the index dtype per (query, index head, slot), budgeted at 4 bytes each) or,
     deterministic, fp32 ``dqi`` slots per (index head, slot)."""

@@ -122,16 +122,16 @@ def paged_decode_attn_kernel(
             offs_d[None, :]
         kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
         vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
+        ksc = None
+        vsc = None
         if FP8:     # e4m3 rows (exact in qt's dtype); their scales (token stride 1)
             soff = page * stride_sp + h * stride_sh + offs_n
             ksc = tl.load(KS + soff, mask=kmask, other=0.0)
             vsc = tl.load(VS + soff, mask=kmask, other=0.0)
-            m_i, l_i, acc = online_softmax_step(
-                qt, kt.to(qt.dtype), vt.to(qt.dtype), kmask[None, :], m_i, l_i, acc,
-                scale_log2, PRECISION, UPCAST, True, ksc, vsc)
-        else:
-            m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i,
-                                                acc, scale_log2, PRECISION, UPCAST, True)
+            kt = kt.to(qt.dtype)
+            vt = vt.to(qt.dtype)
+        m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i, acc,
+                                            scale_log2, PRECISION, UPCAST, True, ksc, vsc)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
     if NSPLIT == 1:
