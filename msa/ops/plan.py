@@ -130,6 +130,8 @@ class Plan:
     item_e1: torch.Tensor
 
     num_heads: int = 1
+    edge0: int = 0       # the chunk's edges are edge_q[edge0 : edge0 + num_edges] (one
+    num_edges: int = 0   # edge list serves the chunks of a planning group)
 
     @property
     def num_items(self) -> int:
@@ -190,15 +192,17 @@ def plan_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, c
     head = ((item_key // nrow) % hkv).to(torch.int32)
     krow, t0, nk = rows.row_krow[row], rows.row_t0[row], rows.row_nk[row]
     e0, e1 = e0.to(torch.int32), e1.to(torch.int32)
-    per_chunk_host = per_chunk.tolist()                       # the one host sync
-    plans, i0 = [], 0
-    for c, n in enumerate(per_chunk_host):
+    edges = counts.view(-1, hkv * nrow).sum(1)
+    per_chunk_host, edges_host = torch.stack((per_chunk, edges)).tolist()   # the one sync
+    plans, i0, edge0 = [], 0, 0
+    for c, (n, ne) in enumerate(zip(per_chunk_host, edges_host)):
         # views: the kernels read item fields as scalars and do not specialise their
         # pointers on alignment, so slices at odd offsets compile no new variants
         item = [x[i0:i0 + n] for x in (head, krow, t0, nk, e0, e1)]
         c0 = q0 + c * chunk
-        plans.append((c0, min(q1, c0 + chunk), Plan(edge_q, edge_slot, *item, hkv)))
-        i0 += n
+        plans.append((c0, min(q1, c0 + chunk), Plan(edge_q, edge_slot, *item, hkv, edge0,
+                                                     ne)))
+        i0, edge0 = i0 + n, edge0 + ne
     return plans
 
 
@@ -275,7 +279,7 @@ def build_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, he
 PARTIAL_BUDGET_BYTES = 6 << 30    # forward: partial outputs and LSEs
 SLOT_BUDGET_BYTES = 4 << 30       # backward dQ slots; deterministic KL dqi slots
 LSE_BUDGET_BYTES = 1 << 30        # selected-LSE pass: partial LSEs
-DZ_BUDGET_BYTES = 1 << 30         # indexer KL: its dz rows, one per edge (dki pass)
+DZ_BUDGET_BYTES = 1 << 30         # indexer KL: its dz and teacher rows, one per edge
 
 
 def forward_chunk(hq: int, d: int, itemsize: int, topk: int) -> int:
@@ -295,12 +299,13 @@ def backward_chunk(hq: int, d: int, itemsize: int, topk: int, nsub: int) -> int:
 
 
 def kl_chunk(hi: int, di: int, topk: int, deterministic: bool, block_size: int) -> int:
-    """Queries per chunk of the indexer-KL backward: its dz rows (``block_size`` values in
-    the index dtype per (query, index head, slot), budgeted at 4 bytes each) or,
-    deterministic, fp32 ``dqi`` slots per (index head, slot)."""
+    """Queries per chunk of the indexer-KL backward: its dz rows and teacher rows
+    (``block_size`` values per (query, index head, slot): dz in the index dtype, the
+    teacher in fp32, budgeted at 6 bytes) or, deterministic, fp32 ``dqi`` slots per (index
+    head, slot)."""
     if deterministic:
         return max(1, SLOT_BUDGET_BYTES // (hi * topk * di * 4))
-    return max(1, DZ_BUDGET_BYTES // (hi * topk * block_size * 4))
+    return max(1, DZ_BUDGET_BYTES // (hi * topk * block_size * 6))
 
 
 def lse_chunk(hi: int, topk: int) -> int:

@@ -27,7 +27,13 @@ def test_plan_edges_and_items(hs, chunk, qpi):
     total = seg.total_q
     plans = plan_chunks(topk, rows, 0, total, chunk, 2, qpi)
     assert [p[0] for p in plans] == list(range(0, total, chunk))
+    edge0 = 0
     for c0, c1, plan in plans:
+        # a chunk's edges: one contiguous range, right after the previous chunk's
+        assert plan.edge0 == edge0
+        edge0 += plan.num_edges
+        assert sum((plan.item_e1 - plan.item_e0).tolist()) == plan.num_edges
+        assert all(plan.edge0 <= int(x) <= edge0 for x in (*plan.item_e0, *plan.item_e1))
         sizes = (plan.item_e1 - plan.item_e0).tolist()
         assert all(0 < n <= qpi for n in sizes) and sizes == sorted(sizes, reverse=True)
         for it in range(plan.num_items):

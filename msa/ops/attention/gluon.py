@@ -77,11 +77,14 @@ def tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G: gl.constexpr
 def _load(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk, e0, e1,
           q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
           G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
-          BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
-    """Loader: the block's K and V rows (``kv_bar``), then the query rows of tile ``t``
-    into slot ``t % STAGES`` once the attention warps released it (``ready``/``empty``)."""
+          BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+          WITH_V: gl.constexpr = True):
+    """Loader: the block's K and V rows (``kv_bar``; K only without ``WITH_V``), then the
+    query rows of tile ``t`` into slot ``t % STAGES`` once the consumers released it
+    (``ready``/``empty``)."""
     load_rows(k_smem, K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
-    load_rows(v_smem, V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
+    if WITH_V:
+        load_rows(v_smem, V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
     mbarrier_arrive(kv_bar, increment_count=False)
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     for t in range(n_tiles):

@@ -22,6 +22,8 @@ selection).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -33,19 +35,20 @@ from ..reduce import base_layers, sum_items
 from ..triton_utils import LOG2E, dot, load_item, next_pow2, precision, upcast
 
 
-@triton.jit(do_not_specialize=["q0"],
+@triton.jit(do_not_specialize=["q0", "edge0"],
             do_not_specialize_on_alignment=ITEM_FIELDS)
 def indexer_kl_bwd_kernel(
-        Q, K, TLSE, QI, KI, ILSE, DQI, DKI, LOSS, POS, EDGE_Q, EDGE_SLOT, DZ,
+        Q, K, TLSE, QI, KI, ILSE, DQI, DKI, LOSS, POS, EDGE_Q, EDGE_SLOT, DZ, PT,
         ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1,
-        q0, scale_log2, iscale, coeff,
+        q0, edge0, scale_log2, iscale, coeff,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_tl, stride_it, stride_ih,
         stride_kit, stride_lh,
         G: tl.constexpr, G_PAD: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
         DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
         HI: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False,
-        K_ONCE: tl.constexpr = True, KI_ONCE: tl.constexpr = True, DZ_OUT: tl.constexpr = False):
+        K_ONCE: tl.constexpr = True, KI_ONCE: tl.constexpr = True, DZ_OUT: tl.constexpr = False,
+        PT_IN: tl.constexpr = False):
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
     # every causal query of the block, no edge list). Edge query ids are relative to q0.
     # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
@@ -55,7 +58,9 @@ def indexer_kl_bwd_kernel(
     # KI_ONCE: the same for the block's index keys (Di=128: the 128-row tile then fits
     # 99 KB GPUs)
     # DZ_OUT: store each edge's dz row (index dtype, as the dki product would round it) at
-    # DZ[e] for kl_dki_kernel instead of summing dki here
+    # DZ[e - edge0] (the chunk's first edge) for kl_dki_kernel instead of summing dki here
+    # PT_IN: the teacher's rows come from PT[e - edge0] (msa.ops.kl.gluon.teacher_kernel);
+    # only the student half runs here
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -67,7 +72,7 @@ def indexer_kl_bwd_kernel(
     if KI_ONCE:
         ki = tl.load(ki_ptr, mask=kmask[:, None], other=0.0)
     dki = tl.zeros((BS, DI), dtype=tl.float32)
-    if NKV == 1 and K_ONCE:                         # the one KV head's keys, loaded once
+    if NKV == 1 and K_ONCE and not PT_IN:           # the one KV head's keys, loaded once
         k0 = tl.load(K + (krow + offs_n)[:, None] * stride_kt + h * stride_kh
                      + offs_d[None, :], mask=kmask[:, None], other=0.0)
     # teacher rows: (token, q head of the group); student rows: (token, replica)
@@ -97,36 +102,40 @@ def indexer_kl_bwd_kernel(
             rmask[:, None]
         log_ps = z * iscale - ilse[:, None]
         ps = tl.where(allowed_r, tl.exp(log_ps), 0.0)                 # [BLOCK_T*R, BS]
-        # teacher, accumulated over the KV heads and Q heads of index head h
-        em = e + tok_m
-        mmask = (em < e1) & (g_m < G)
-        if DENSE:
-            qm = tl.where(em < e1, em, 0).to(tl.int64)
+        if PT_IN:
+            pt_r = tl.load(PT + (er - edge0).to(tl.int64)[:, None] * BS + offs_n[None, :],
+                           mask=rmask[:, None], other=0.0)
         else:
-            qm = q0 + tl.load(EDGE_Q + em, mask=em < e1, other=0).to(tl.int64)
-        pos_m = tl.load(POS + qm, mask=em < e1, other=-1)
-        allowed_m = ((t0 + offs_n)[None, :] <= pos_m[:, None]) & kmask[None, :] & \
-            mmask[:, None]
-        pt = tl.zeros((BLOCK_T, BS), dtype=tl.float32)
-        for j in range(NKV):
-            if NKV == 1 and K_ONCE:
-                kt = k0
+            # teacher, accumulated over the KV heads and Q heads of index head h
+            em = e + tok_m
+            mmask = (em < e1) & (g_m < G)
+            if DENSE:
+                qm = tl.where(em < e1, em, 0).to(tl.int64)
             else:
-                kt = tl.load(K + (krow + offs_n)[:, None] * stride_kt + (h * NKV + j) *
-                             stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            head = (h * NKV + j) * G + g_m
-            qt = tl.load(Q + qm[:, None] * stride_qt + head[:, None] * stride_qh
-                         + offs_d[None, :], mask=mmask[:, None], other=0.0)
-            tlse = tl.load(TLSE + qm * stride_tl + head, mask=mmask, other=float("inf"))
-            tlse = tl.where(tlse == float("-inf"), float("inf"), tlse) * 1.4426950408889634
-            s = dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
-            p = tl.where(allowed_m, tl.exp2(s - tlse[:, None]), 0.0)
-            # head sum: a token's G_PAD rows are consecutive, so this reduces within warps
-            # (exact fp32; the earlier 0/1-matrix MMA rounded p to tf32)
-            pt += tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BS)), 1)
-        pt_r = tl.reshape(tl.broadcast_to(pt[:, None, :], (BLOCK_T, R, BS)),
-                          (BLOCK_T * R, BS))                          # onto the replicas
-        pt_r = pt_r / (G * NKV)
+                qm = q0 + tl.load(EDGE_Q + em, mask=em < e1, other=0).to(tl.int64)
+            pos_m = tl.load(POS + qm, mask=em < e1, other=-1)
+            allowed_m = ((t0 + offs_n)[None, :] <= pos_m[:, None]) & kmask[None, :] & \
+                mmask[:, None]
+            pt = tl.zeros((BLOCK_T, BS), dtype=tl.float32)
+            for j in range(NKV):
+                if NKV == 1 and K_ONCE:
+                    kt = k0
+                else:
+                    kt = tl.load(K + (krow + offs_n)[:, None] * stride_kt + (h * NKV + j) *
+                                 stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+                head = (h * NKV + j) * G + g_m
+                qt = tl.load(Q + qm[:, None] * stride_qt + head[:, None] * stride_qh
+                             + offs_d[None, :], mask=mmask[:, None], other=0.0)
+                tlse = tl.load(TLSE + qm * stride_tl + head, mask=mmask, other=float("inf"))
+                tlse = tl.where(tlse == float("-inf"), float("inf"), tlse) * 1.4426950408889634
+                s = dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
+                p = tl.where(allowed_m, tl.exp2(s - tlse[:, None]), 0.0)
+                # head sum: a token's G_PAD rows are consecutive, so this reduces within warps
+                # (exact fp32; the earlier 0/1-matrix MMA rounded p to tf32)
+                pt += tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BS)), 1)
+            pt_r = tl.reshape(tl.broadcast_to(pt[:, None, :], (BLOCK_T, R, BS)),
+                              (BLOCK_T * R, BS))                          # onto the replicas
+            pt_r = pt_r / (G * NKV)
         log_pt = tl.log(tl.where(pt_r > 0, pt_r, 1.0))
         loss += tl.sum(tl.sum(tl.where(pt_r > 0, pt_r * (log_pt - log_ps), 0.0), 1)) / R
         dz = (coeff / R) * (ps - pt_r)                               # replicas share 1/R
@@ -140,7 +149,7 @@ def indexer_kl_bwd_kernel(
             tl.atomic_add(DQI + qr[:, None] * (HI * DI) + h * DI + offs_di[None, :],
                           dqi * R, mask=first[:, None], sem="relaxed")   # contiguous fp32
         if DZ_OUT:              # the token's sum over its replicas: R x its replica's row
-            tl.store(DZ + er.to(tl.int64)[:, None] * BS + offs_n[None, :],
+            tl.store(DZ + (er - edge0).to(tl.int64)[:, None] * BS + offs_n[None, :],
                      (dz * R).to(DZ.dtype.element_ty), mask=first[:, None])
         else:
             dki += dot(tl.trans(dz.to(qi.dtype)), qi, PRECISION, UPCAST)
@@ -155,15 +164,15 @@ def indexer_kl_bwd_kernel(
         tl.atomic_add(LOSS, loss * coeff, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["q0"],
+@triton.jit(do_not_specialize=["q0", "edge0"],
             do_not_specialize_on_alignment=ITEM_FIELDS)
 def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
-                  ITEM_E1, q0, iscale, stride_it, stride_ih, BS: tl.constexpr,
+                  ITEM_E1, q0, edge0, iscale, stride_it, stride_ih, BS: tl.constexpr,
                   DI: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr):
     """``dki`` of one work item: ``index_scale * sum over its edges dz^T @ qi`` from the
-    dz rows ``DZ [edges, BS]`` stored by ``indexer_kl_bwd_kernel``, added to ``DKI
-    [total_k, Di]`` (fp32 atomics)."""
+    dz rows ``DZ [chunk edges, BS]`` (edge ``e`` at row ``e - edge0``) stored by
+    ``indexer_kl_bwd_kernel``, added to ``DKI [total_k, Di]`` (fp32 atomics)."""
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
@@ -174,7 +183,7 @@ def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM
         er = e + offs_e
         emask = er < e1
         qr = q0 + tl.load(EDGE_Q + er, mask=emask, other=0).to(tl.int64)
-        dz = tl.load(DZ + er.to(tl.int64)[:, None] * BS + offs_n[None, :],
+        dz = tl.load(DZ + (er - edge0).to(tl.int64)[:, None] * BS + offs_n[None, :],
                      mask=emask[:, None], other=0.0)
         qi = tl.load(QI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
                      mask=emask[:, None], other=0.0)
@@ -186,7 +195,7 @@ def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: SparsePlan,
                    *, scale: float, index_scale: float, loss_coeff: float = 1.0,
                    deterministic: bool = False, block_t: int = None, num_warps: int = 8,
-                   num_stages: int = None):
+                   num_stages: int = None, kernel: str = None):
     """KL loss and gradients ``(loss, dqi, dki)`` (docs/semantics.md, "Indexer KL"; fp32
     ``dz``); the gradients have the dtypes of qi / ki.
 
@@ -200,6 +209,9 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     (``launch_kl``; the defaults are the fastest of the sweeps in docs/experiments.md).
     Smaller tiles are tried where the one asked for does not fit the GPU's shared memory
     (an A100 runs 128-row tiles), then the same with keys loaded per tile.
+    ``kernel``: ``"gluon"`` computes the teacher with ``msa.ops.kl.gluon`` and the student
+    half here, ``"triton"`` both here; default ``kl_kernel``'s choice (the deterministic
+    mode always ``"triton"``).
     """
     total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
@@ -216,17 +228,28 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
         kw = dict(block_size=block_size, scale=scale, index_scale=index_scale,
                   loss_coeff=loss_coeff, block_t=block_t, num_warps=num_warps,
                   num_stages=num_stages)
+        if deterministic:
+            kernel = "triton"
+        elif kernel is None:
+            kernel = kl_kernel(q, k, hi, block_size)
         for q0, q1, p in plan.chunks:
             if not p.num_items:
                 continue
             if not deterministic:
-                dz = torch.empty(p.edge_q.numel(), block_size, dtype=qi.dtype,
-                                 device=q.device)
+                dz = torch.empty(p.num_edges, block_size, dtype=qi.dtype, device=q.device)
+                pt = None
+                if kernel == "gluon":
+                    from . import gluon
+                    pt = torch.empty(p.num_edges, block_size, dtype=torch.float32,
+                                     device=q.device)
+                    gluon.launch(q, k, teacher_lse, rows.q_pos, p, q0, pt,
+                                 scale_log2=scale * LOG2E, block_size=block_size)
                 launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
-                          p.edge_q, p, q0=q0, dz=dz, **kw)
+                          p.edge_q, p, q0=q0, dz=dz, pt=pt, **kw)
                 kl_dki_kernel[(p.num_items,)](
                     dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk,
-                    p.item_e0, p.item_e1, q0, index_scale, qi.stride(0), qi.stride(1),
+                    p.item_e0, p.item_e1, q0, p.edge0, index_scale, qi.stride(0),
+                    qi.stride(1),
                     BS=block_size, DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype),
                     UPCAST=upcast(qi.dtype), num_warps=4 if di <= 128 else 8,
                     num_stages=3)                # <= 64 KB shared on sm_86 / sm_89
@@ -245,6 +268,21 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
 
 
+def kl_kernel(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> str:
+    """Which kernel computes the KL's teacher for these inputs (``q [total_q, Hq, D]``,
+    ``k [total_k, Hkv, D]``, ``hi`` index heads): ``"gluon"`` (``msa.ops.kl.gluon``:
+    Hopper, bf16 / fp16, head dim 128, blocks of 128, ``Hkv == Hi``, a power-of-two group)
+    where it applies, else ``"triton"`` (``indexer_kl_bwd_kernel``, every GPU and the
+    interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel."""
+    if os.environ.get("MSA_KL_KERNEL", "auto") == "triton":
+        return "triton"
+    try:
+        from . import gluon
+    except ImportError:                 # a Triton without Gluon
+        return "triton"
+    return "gluon" if gluon.supported(q, k, hi, block_size) else "triton"
+
+
 def kl_buffers(q, k, qi, ki):
     """Checked, contiguous inputs of the KL kernel and its zeroed fp32 outputs:
     ``(q, k, qi, ki2 [total_k, Di], loss, dqi [total_q, Hi, Di], dki [total_k, Di])``."""
@@ -260,15 +298,17 @@ def kl_buffers(q, k, qi, ki):
 def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
               *, block_size, scale, index_scale, loss_coeff, block_t=None, num_warps=8,
               num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, topk=1,
-              dz=None):
+              dz=None, pt=None):
     """One launch of ``indexer_kl_bwd_kernel`` over the work items ``items`` (``item_h,
     item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
     ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
     ``dense``: the items' edge ranges are query rows (``edge_q`` unused).
     ``deterministic``: ``dqi`` is the slot buffer ``[chunk, Hi, topk, Di]`` of the queries
     from ``q0``, ``dki`` per item ``[num_items, block, Di]``, ``loss`` per item.
-    ``dz [edges, block]`` (index dtype): the edges' dz rows are stored there and ``dki``
-    is left to ``kl_dki_kernel``."""
+    ``dz [chunk edges, block]`` (index dtype; edge ``e`` at row ``e - items.edge0``): the
+    edges' dz rows are stored there and ``dki`` is left to ``kl_dki_kernel``. ``pt`` (the
+    same rows, fp32): the teacher's rows, from
+    ``msa.ops.kl.gluon``; only the student half runs (64-token tiles, no replicas)."""
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
@@ -281,16 +321,19 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     # larger tiles first, then keys on chip: rows matter more (docs/experiments.md)
     configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]), K_ONCE=k1, KI_ONCE=ki1)  # R: replicas
                for c in tiles for k1, ki1 in ((True, True), (False, True), (False, False))]
+    if pt is not None:
+        configs = [dict(BLOCK_T=bt, R=1, K_ONCE=False, KI_ONCE=ki1, num_stages=2)
+                   for ki1 in (True, False) for bt in (block_t or 64, 16)]
     edge_q = q_pos if edge_q is None else edge_q
     launch_fitting(
         indexer_kl_bwd_kernel, (items.num_items,),
         (q, k, tlse, qi, ki2, ilse, dqi, dki, loss, q_pos, edge_q,
-         edge_q if edge_slot is None else edge_slot, dz,
+         edge_q if edge_slot is None else edge_slot, dz, pt,
          items.item_h, items.item_krow, items.item_t0, items.item_nk, items.item_e0,
-         items.item_e1, q0, scale * LOG2E, index_scale,
+         items.item_e1, q0, items.edge0, scale * LOG2E, index_scale,
          loss_coeff / (hi * total_q),
          q.stride(0), q.stride(1), k.stride(0), k.stride(1), tlse.stride(0),
          qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0)),
         configs, G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, HI=hi, TOPK=topk,
         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), DENSE=dense, DET=deterministic,
-        DZ_OUT=dz is not None, num_warps=num_warps)
+        DZ_OUT=dz is not None, PT_IN=pt is not None, num_warps=num_warps)

@@ -1,0 +1,135 @@
+"""Gluon teacher of the indexer KL for Hopper (sm_90): ``teacher_kernel``.
+
+The KL's costly half is the teacher: per edge (query, index head ``h``, selected block)
+the main attention's probabilities over the block's 128 keys, averaged over the ``G``
+query heads of KV head ``h`` (docs/semantics.md, "Indexer KL"): a ``(tokens x G heads)
+x D x 128`` MMA and an exponential per score, the shape of the forward's ``S = Q K^T``.
+This kernel computes it the way the Gluon forward (``msa.ops.attention.gluon``) does,
+whose loader it runs: the block's keys on chip, each tile's gathered query rows in a
+ring of shared-memory slots (``cp.async``), two warpgroups taking alternate 64-row tiles
+(``64 // G`` queries x the ``G`` heads) with ``S`` from wgmma. Each tile's head average
+leaves as fp32 rows ``PT [edge, 128]``; the student half (``indexer_kl_bwd_kernel`` with
+``PT_IN``) reads them back. The ``tl.*`` kernel holding both halves needs 255 registers
+and spills at this shape (docs/experiments.md).
+
+Applies to: Hopper, bf16 / fp16, head dim 128, blocks of 128, one KV head per index head,
+a power-of-two group of at most 64 heads (``supported``); the ``tl.*`` kernel elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
+                                                               warpgroup_mma)
+
+from ..attention.gluon import LOAD_WARPS, ROWS, STAGES, _load, tile_edges
+
+
+@gluon.jit
+def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk, e0, e1,
+             q0, scale_log2, stride_tl, first, G: gl.constexpr, BS: gl.constexpr,
+             BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, STEP: gl.constexpr,
+             WARPS: gl.constexpr):
+    """A warpgroup, tiles ``first, first + STEP, ...``: ``S = Q K^T`` (wgmma), ``p =
+    exp(scale S - lse)`` over the allowed keys, its mean over each query's ``G`` rows
+    (consecutive rows of one warp), stored at the query's edge row of ``PT``."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, BS, 16])
+    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
+    tok = r // G
+    g = r % G
+    offs_n = gl.arange(0, BS, layout=gl.SliceLayout(0, mma))
+    key_ok = gl.expand_dims(offs_n < nk, 0)
+    zero = gl.zeros([ROWS, BS], gl.float32, mma)
+    st: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])
+    st_tok = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(1, st))
+    st_n = gl.expand_dims(gl.arange(0, BS, layout=gl.SliceLayout(0, st)), 0)
+    n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
+    mbarrier.wait(k_bar, 0)
+    fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
+    for t in range(first, n_tiles, STEP):
+        s = t % STAGES
+        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
+        pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
+        lse = gl.load(TLSE + (q0 + ql) * stride_tl + h * G + g, mask=emask,
+                      other=float("inf"))
+        lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634   # none: p = 0
+        mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+        fence_async_shared()
+        sc = warpgroup_mma(q_ring.index(s), k_smem.permute((1, 0)), zero, use_acc=False)
+        mbarrier.arrive(empty.index(s), count=1)
+        allowed = (gl.expand_dims(t0 + offs_n, 0) <= gl.expand_dims(pos, 1)) & key_ok
+        p = gl.where(allowed, gl.exp2(sc * scale_log2 - gl.expand_dims(lse, 1)), 0.0)
+        pt = gl.sum(gl.reshape(p, [BLOCK_Q, G, BS]), 1) * (1.0 / G)
+        pt = gl.convert_layout(pt, st)
+        se, smask, _ = tile_edges(EDGE_Q, e0, e1, t, st_tok, BLOCK_Q)
+        gl.store(PT + gl.expand_dims(se.to(gl.int64), 1) * BS + st_n, pt,
+                 mask=gl.expand_dims(smask, 1))
+
+
+@gluon.jit
+def teacher_kernel(Q, K, PT, TLSE, POS, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
+                   ITEM_E0, ITEM_E1, q0, scale_log2, stride_qt, stride_qh, stride_kt,
+                   stride_kh, stride_tl, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+                   BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """One program per work item of the KL plan (index head = KV head ``h``, block, its
+    edges ``e0 .. e1``): ``PT [e, :]`` for each edge, in tiles of ``BLOCK_Q`` queries."""
+    pid = gl.program_id(0)
+    h = gl.load(ITEM_H + pid)
+    krow = gl.load(ITEM_KROW + pid).to(gl.int64)
+    t0 = gl.load(ITEM_T0 + pid)
+    nk = gl.load(ITEM_NK + pid)
+    e0 = gl.load(ITEM_E0 + pid)
+    e1 = gl.load(ITEM_E1 + pid)
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                rank=2)
+    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D], layout)
+    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
+    k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(k_bar, count=32 * LOAD_WARPS)           # one cp.async arrival per thread
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
+        mbarrier.init(empty.index(i), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_teacher, (q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk,
+                    e0, e1, q0, scale_log2, stride_tl, 0, G, BS, BLOCK_Q, STAGES, 2,
+                    num_warps)),
+        (_teacher, (q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk,
+                    e0, e1, q0, scale_log2, stride_tl, 1, G, BS, BLOCK_Q, STAGES, 2, 4)),
+        (_load, (Q, K, K, EDGE_Q, q_ring, k_smem, k_smem, k_bar, ready, empty, h, krow, nk,
+                 e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_kt, stride_kh,
+                 G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, False))],
+        [4, LOAD_WARPS], [192, 64])
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> bool:
+    """Whether ``teacher_kernel`` runs these inputs (``q [total_q, Hq, D]``, ``k [total_k,
+    Hkv, D]``, ``hi`` index heads): a Hopper GPU (sm_90), bf16 / fp16, head dim 128,
+    blocks of 128, ``Hkv == Hi``, a power-of-two group of at most 64 heads, rows 16-byte
+    aligned."""
+    if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return False
+    g = q.shape[1] // k.shape[1]
+    aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.stride(-3) % 8 == 0
+                  and x.data_ptr() % 16 == 0 for x in (q, k))
+    return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+            and q.shape[2] == 128 and block_size == 128 and k.shape[1] == hi
+            and g & (g - 1) == 0 and g <= ROWS.value and aligned)
+
+
+def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
+           block_size: int) -> None:
+    """``teacher_kernel`` over one chunk's plan into ``pt [edges, block_size]`` (fp32);
+    ``teacher_lse [total_q, Hq]`` fp32."""
+    g = q.shape[1] // k.shape[1]
+    teacher_kernel[(plan.num_items,)](
+        q, k, pt, teacher_lse, q_pos, plan.edge_q, plan.item_h, plan.item_krow,
+        plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0, scale_log2,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), teacher_lse.stride(0), G=g,
+        D=q.shape[2], BS=block_size, BLOCK_Q=ROWS.value // g, STAGES=STAGES,
+        LOAD_WARPS=LOAD_WARPS, num_warps=4)

@@ -1,0 +1,118 @@
+"""The KL with the Gluon teacher (msa.ops.kl.gluon): the kernel compiles for Hopper on any
+machine; the student half reading the teacher's rows runs in the interpreter against the
+fp64 reference (teacher rows from torch); on a Hopper GPU the whole KL equals the Triton
+kernel's and the reference."""
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+import msa.ops.kl.gluon as kl_gluon  # noqa: E402
+import msa.ops.kl.triton as kl_triton  # noqa: E402
+from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
+from msa.ops.indexer.triton import selected_lse  # noqa: E402
+from msa.ops.kl.naive import indexer_kl_reference  # noqa: E402
+from tests.helpers import DEVICE, gluon_ptx, plan_of, random_topk  # noqa: E402
+from tests.helpers.brute import make_case  # noqa: E402
+
+SIG = {"Q": "*bf16", "K": "*bf16", "PT": "*fp32", "TLSE": "*fp32", "POS": "*i32",
+       "EDGE_Q": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32", "ITEM_T0": "*i32",
+       "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32", "q0": "i32",
+       "scale_log2": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32",
+       "stride_kh": "i32", "stride_tl": "i32"}
+
+
+def test_teacher_compiles_for_sm90_to_gathers_and_wgmma():
+    const = dict(G=16, D=128, BS=128, BLOCK_Q=4, STAGES=kl_gluon.STAGES,
+                 LOAD_WARPS=kl_gluon.LOAD_WARPS, num_warps=4)
+    ptx = gluon_ptx("msa.ops.kl.gluon", "teacher_kernel", SIG, const)
+    assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
+    assert ptx.count("wgmma.mma_async") == 16              # S = Q K^T of each warpgroup
+    assert "setmaxnreg" in ptx and "ld.local" not in ptx          # no spills
+
+
+def torch_teacher(q, k, teacher_lse, q_pos, plan, q0, pt, *, scale_log2, block_size):
+    """``kl_gluon.launch``'s contract in torch (fp64): each edge's teacher row (edge ``e``
+    of the chunk at row ``e - plan.edge0``)."""
+    g = q.shape[1] // k.shape[1]
+    scale = scale_log2 / kl_triton.LOG2E
+    pt.zero_()
+    for i in range(plan.num_items):
+        h, krow, t0, nk, e0, e1 = (int(x[i]) for x in (
+            plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
+            plan.item_e1))
+        qs = q0 + plan.edge_q[e0:e1].long()
+        heads = slice(h * g, (h + 1) * g)
+        s = scale * torch.einsum("ngd,kd->ngk", q[qs, heads].double(),
+                                 k[krow:krow + nk, h].double())
+        lse = teacher_lse[qs, heads].double()
+        p = torch.exp(s - torch.where(lse.isinf(), torch.inf, lse)[..., None])
+        visible = t0 + torch.arange(nk, device=q.device) <= q_pos[qs, None].long()
+        pt[e0 - plan.edge0:e1 - plan.edge0, :nk] = torch.where(visible, p.mean(1), 0.0).to(pt.dtype)
+
+
+def _case(q_lens, k_lens, hq, hkv, frag=None, kk=3, block=64, dtype=torch.float32, seed=5):
+    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, hi=hkv, fragment_indices=frag, seed=seed,
+                  scale=0.7)
+    seg = c["seg"]
+    topk = random_topk(seg, hkv, kk, block, seed=seed, future=False).to(DEVICE)
+    q, k, v, qi, ki = (c[n].to(DEVICE, dtype) for n in ("q", "k", "v", "qi", "ki"))
+    _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=0.125)
+    ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, block, hkv), scale=0.125)
+    ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
+                               block_size=block, scale=0.125, index_scale=0.125,
+                               loss_coeff=0.3)
+    run = lambda kernel, chunk=None: kl_triton.indexer_kl_bwd(  # noqa: E731
+        q, k, tlse, qi, ki, ilse, topk, plan_of(topk, seg, block, hkv, chunk), scale=0.125,
+        index_scale=0.125, loss_coeff=0.3, kernel=kernel)
+    return run, ref
+
+
+@pytest.mark.parametrize("q_lens,k_lens,hq,hkv,frag", [
+    ((33, 1, 50), (200, 64, 300), 4, 2, (0, 1, 1)),          # fragments, one-token segment
+    ((40,), (300,), 16, 1, None),                             # a group of 16
+])
+def test_student_half_from_teacher_rows_matches_reference(q_lens, k_lens, hq, hkv, frag,
+                                                          monkeypatch):
+    """The Triton kernel's ``PT_IN`` half fed the teacher rows (torch here, NaN-filled
+    buffer first: a row it read unwritten would poison the result), chunked."""
+    monkeypatch.setattr(kl_gluon, "launch", lambda *a, **kw: torch_teacher(
+        *a[:6], a[6].fill_(float("nan")), **kw))
+    run, (rl, rq, rk) = _case(q_lens, k_lens, hq, hkv, frag)
+    loss, dqi, dki = run("gluon", chunk=17)
+    torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dqi.double(), rq, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
+    assert loss > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_lens,k_lens,hq,hkv,frag", [
+    ((3000,), (3000,), 64, 4, None),                          # MiniMax-M3: G = 16
+    ((2000,), (2000,), 64, 8, None),                          # G = 8
+    ((700, 1, 900), (4000, 1, 2500), 32, 8, None),            # G = 4, prefixes
+    ((500, 300), (1500, 900), 16, 8, (0, 1)),                 # G = 2, fragments
+    ((600,), (1800,), 4, 4, None),                            # G = 1
+])
+def test_gluon_teacher_kl_equals_triton_and_reference(q_lens, k_lens, hq, hkv, frag,
+                                                      monkeypatch):
+    run, (rl, rq, rk) = _case(q_lens, k_lens, hq, hkv, frag, kk=16, block=128,
+                              dtype=torch.bfloat16, seed=sum(q_lens))
+    q = torch.empty(1, hq, 128, device=DEVICE, dtype=torch.bfloat16)
+    if not kl_gluon.supported(q, q[:, :hkv], hkv, 128):
+        pytest.skip("the Gluon teacher needs a Hopper GPU")
+    assert kl_triton.kl_kernel(q, q[:, :hkv], hkv, 128) == "gluon"
+    empty = torch.empty                          # every pt row written before it is read
+    monkeypatch.setattr(kl_triton.torch, "empty",
+                        lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    a, b, b2 = run("triton"), run("gluon"), run("gluon", chunk=1000)
+    for x, y, r in zip(b, a, (rl, rq, rk)):
+        assert not x.isnan().any()
+        cos = torch.nn.functional.cosine_similarity(x.double().flatten(), y.double().flatten(), 0)
+        assert cos > 0.99999, cos
+        cos = torch.nn.functional.cosine_similarity(x.double().flatten(), r.flatten(), 0)
+        assert cos > 0.999, cos
+    torch.testing.assert_close(b[0].double(), rl, rtol=2e-2, atol=0)
+    for x, y in zip(b, b2):                                        # chunking changes nothing
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-6)
