@@ -28,12 +28,13 @@ from ..attention.gluon import LOAD_WARPS, ROWS, STAGES, _load, tile_edges
 
 @gluon.jit
 def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk, e0, e1,
-             q0, scale_log2, stride_tl, first, G: gl.constexpr, BS: gl.constexpr,
+             q0, edge0, scale_log2, stride_tl, first, G: gl.constexpr, BS: gl.constexpr,
              BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, STEP: gl.constexpr,
              WARPS: gl.constexpr):
     """A warpgroup, tiles ``first, first + STEP, ...``: ``S = Q K^T`` (wgmma), ``p =
     exp(scale S - lse)`` over the allowed keys, its mean over each query's ``G`` rows
-    (consecutive rows of one warp), stored at the query's edge row of ``PT``."""
+    (consecutive rows of one warp), stored at the query's edge row of ``PT`` (edge ``e`` at
+    row ``e - edge0``, the chunk's first edge)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BS, 16])
     r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
@@ -64,18 +65,18 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
         pt = gl.sum(gl.reshape(p, [BLOCK_Q, G, BS]), 1) * (1.0 / G)
         pt = gl.convert_layout(pt, st)
         se, smask, _ = tile_edges(EDGE_Q, e0, e1, t, st_tok, BLOCK_Q)
-        gl.store(PT + gl.expand_dims(se.to(gl.int64), 1) * BS + st_n, pt,
+        gl.store(PT + gl.expand_dims((se - edge0).to(gl.int64), 1) * BS + st_n, pt,
                  mask=gl.expand_dims(smask, 1))
 
 
 @gluon.jit
 def teacher_kernel(Q, K, PT, TLSE, POS, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
-                   ITEM_E0, ITEM_E1, q0, scale_log2, stride_qt, stride_qh, stride_kt,
+                   ITEM_E0, ITEM_E1, q0, edge0, scale_log2, stride_qt, stride_qh, stride_kt,
                    stride_kh, stride_tl, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
                    BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
                    num_warps: gl.constexpr):
     """One program per work item of the KL plan (index head = KV head ``h``, block, its
-    edges ``e0 .. e1``): ``PT [e, :]`` for each edge, in tiles of ``BLOCK_Q`` queries."""
+    edges ``e0 .. e1``): ``PT [e - edge0, :]`` for each edge, in tiles of ``BLOCK_Q`` queries."""
     pid = gl.program_id(0)
     h = gl.load(ITEM_H + pid)
     krow = gl.load(ITEM_KROW + pid).to(gl.int64)
@@ -97,10 +98,10 @@ def teacher_kernel(Q, K, PT, TLSE, POS, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM
     fence_async_shared()
     gl.warp_specialize([
         (_teacher, (q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk,
-                    e0, e1, q0, scale_log2, stride_tl, 0, G, BS, BLOCK_Q, STAGES, 2,
+                    e0, e1, q0, edge0, scale_log2, stride_tl, 0, G, BS, BLOCK_Q, STAGES, 2,
                     num_warps)),
         (_teacher, (q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk,
-                    e0, e1, q0, scale_log2, stride_tl, 1, G, BS, BLOCK_Q, STAGES, 2, 4)),
+                    e0, e1, q0, edge0, scale_log2, stride_tl, 1, G, BS, BLOCK_Q, STAGES, 2, 4)),
         (_load, (Q, K, K, EDGE_Q, q_ring, k_smem, k_smem, k_bar, ready, empty, h, krow, nk,
                  e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_kt, stride_kh,
                  G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, False))],
@@ -124,12 +125,13 @@ def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> boo
 
 def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
            block_size: int) -> None:
-    """``teacher_kernel`` over one chunk's plan into ``pt [edges, block_size]`` (fp32);
+    """``teacher_kernel`` over one chunk's plan into ``pt [plan.num_edges, block_size]``
+    (fp32);
     ``teacher_lse [total_q, Hq]`` fp32."""
     g = q.shape[1] // k.shape[1]
     teacher_kernel[(plan.num_items,)](
         q, k, pt, teacher_lse, q_pos, plan.edge_q, plan.item_h, plan.item_krow,
-        plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0, scale_log2,
+        plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0, plan.edge0, scale_log2,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), teacher_lse.stride(0), G=g,
         D=q.shape[2], BS=block_size, BLOCK_Q=ROWS.value // g, STAGES=STAGES,
         LOAD_WARPS=LOAD_WARPS, num_warps=4)

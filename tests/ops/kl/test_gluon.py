@@ -17,7 +17,7 @@ from tests.helpers.brute import make_case  # noqa: E402
 
 SIG = {"Q": "*bf16", "K": "*bf16", "PT": "*fp32", "TLSE": "*fp32", "POS": "*i32",
        "EDGE_Q": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32", "ITEM_T0": "*i32",
-       "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32", "q0": "i32",
+       "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32", "q0": "i32", "edge0": "i32",
        "scale_log2": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32",
        "stride_kh": "i32", "stride_tl": "i32"}
 
