@@ -50,22 +50,16 @@ def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def online_softmax_step(qt, kt, vt, kmask, m_i, l_i, acc, scale_log2,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr,
-                        k_scale=None, v_scale=None):
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_V: tl.constexpr):
     """One key block of an online softmax in base 2.
 
     Rows ``qt [M, D]`` against keys ``kt [N, D]`` (``kmask [M, N]`` or ``[1, N]``: allowed)
     and values ``vt [N, D]``; running row max ``m_i`` (``-inf`` until a key is seen), sum
     ``l_i`` of ``exp2(s - m_i)`` and unnormalised output ``acc [M, D]``. Rows with nothing
     allowed so far keep ``m_i = -inf``, ``l_i = 0``, ``acc = 0``. ``HAS_V=False`` skips
-    the values (LSE only). ``k_scale, v_scale [N]`` (optional): row scales of the keys and
-    values (e4m3 rows converted exactly to ``qt``'s dtype): the scores are multiplied by
-    ``k_scale``, the probabilities by ``v_scale`` before the value product, so the tiles
-    are never scaled element by element.
+    the values (LSE only).
     """
     s = dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
-    if k_scale is not None:
-        s = s * k_scale[None, :]
     s = tl.where(kmask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -73,10 +67,7 @@ def online_softmax_step(qt, kt, vt, kmask, m_i, l_i, acc, scale_log2,
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_V:
-        pv = p
-        if v_scale is not None:
-            pv = p * v_scale[None, :]
-        acc = acc * alpha[:, None] + dot(pv.to(vt.dtype), vt, PRECISION, UPCAST)
+        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
     return m_new, l_i, acc
 
 

@@ -74,11 +74,11 @@ def tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G: gl.constexpr
 
 
 @gluon.jit
-def _load(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk, e0, e1,
-          q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-          G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
-          BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-          WITH_V: gl.constexpr = True):
+def loader(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk, e0, e1,
+           q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+           G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+           BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+           WITH_V: gl.constexpr = True):
     """Loader: the block's K and V rows (``kv_bar``; K only without ``WITH_V``), then the
     query rows of tile ``t`` into slot ``t % STAGES`` once the consumers released it
     (``ready``/``empty``)."""
@@ -184,7 +184,7 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
         (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
                    EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1, HKV, G, D, BS,
                    TOPK, BLOCK_Q, STAGES, 2, 4)),
-        (_load, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk,
+        (loader, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk,
                  e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                  G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
         [4, LOAD_WARPS], [192, 64])

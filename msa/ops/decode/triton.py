@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .topk import TARGET_PROGRAMS, decode_topk
-from ..triton_utils import (LN2, LOG2E, dot, next_pow2, online_softmax_step,
+from ..triton_utils import (LN2, LOG2E, dequant_rows, dot, next_pow2, online_softmax_step,
                             precision, to_e4m3, upcast)
 
 
@@ -122,16 +122,12 @@ def paged_decode_attn_kernel(
             offs_d[None, :]
         kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
         vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
-        ksc = None
-        vsc = None
-        if FP8:     # e4m3 rows (exact in qt's dtype); their scales (token stride 1)
+        if FP8:     # e4m3 rows times their scales (token stride 1), in qt's dtype
             soff = page * stride_sp + h * stride_sh + offs_n
-            ksc = tl.load(KS + soff, mask=kmask, other=0.0)
-            vsc = tl.load(VS + soff, mask=kmask, other=0.0)
-            kt = kt.to(qt.dtype)
-            vt = vt.to(qt.dtype)
+            kt = dequant_rows(kt, KS, soff, kmask, qt.dtype)
+            vt = dequant_rows(vt, VS, soff, kmask, qt.dtype)
         m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i, acc,
-                                            scale_log2, PRECISION, UPCAST, True, ksc, vsc)
+                                            scale_log2, PRECISION, UPCAST, True)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
     if NSPLIT == 1:

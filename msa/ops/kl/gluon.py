@@ -23,7 +23,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                warpgroup_mma)
 
-from ..attention.gluon import LOAD_WARPS, ROWS, STAGES, _load, tile_edges
+from ..attention.gluon import LOAD_WARPS, ROWS, STAGES, loader, tile_edges
 
 
 @gluon.jit
@@ -102,7 +102,7 @@ def teacher_kernel(Q, K, PT, TLSE, POS, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM
                     num_warps)),
         (_teacher, (q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk,
                     e0, e1, q0, edge0, scale_log2, stride_tl, 1, G, BS, BLOCK_Q, STAGES, 2, 4)),
-        (_load, (Q, K, K, EDGE_Q, q_ring, k_smem, k_smem, k_bar, ready, empty, h, krow, nk,
+        (loader, (Q, K, K, EDGE_Q, q_ring, k_smem, k_smem, k_bar, ready, empty, h, krow, nk,
                  e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_kt, stride_kh,
                  G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, False))],
         [4, LOAD_WARPS], [192, 64])
