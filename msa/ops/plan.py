@@ -301,11 +301,12 @@ def backward_chunk(hq: int, d: int, itemsize: int, topk: int, nsub: int) -> int:
 def kl_chunk(hi: int, di: int, topk: int, deterministic: bool, block_size: int) -> int:
     """Queries per chunk of the indexer-KL backward: its dz rows and teacher rows
     (``block_size`` values per (query, index head, slot): dz in the index dtype, the
-    teacher in fp32, budgeted at 6 bytes) or, deterministic, fp32 ``dqi`` slots per (index
-    head, slot)."""
+    teacher in fp32, budgeted at 6 bytes) and, deterministic, fp32 ``dqi`` slots per
+    (index head, slot)."""
+    rows = max(1, DZ_BUDGET_BYTES // (hi * topk * block_size * 6))
     if deterministic:
-        return max(1, SLOT_BUDGET_BYTES // (hi * topk * di * 4))
-    return max(1, DZ_BUDGET_BYTES // (hi * topk * block_size * 6))
+        return min(rows, max(1, SLOT_BUDGET_BYTES // (hi * topk * di * 4)))
+    return rows
 
 
 def lse_chunk(hi: int, topk: int) -> int:

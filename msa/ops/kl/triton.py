@@ -210,8 +210,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     Smaller tiles are tried where the one asked for does not fit the GPU's shared memory
     (an A100 runs 128-row tiles), then the same with keys loaded per tile.
     ``kernel``: ``"gluon"`` computes the teacher with ``msa.ops.kl.gluon`` and the student
-    half here, ``"triton"`` both here; default ``kl_kernel``'s choice (the deterministic
-    mode always ``"triton"``).
+    half here, ``"triton"`` both here; default ``kl_kernel``'s choice.
     """
     total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
@@ -228,22 +227,20 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
         kw = dict(block_size=block_size, scale=scale, index_scale=index_scale,
                   loss_coeff=loss_coeff, block_t=block_t, num_warps=num_warps,
                   num_stages=num_stages)
-        if deterministic:
-            kernel = "triton"
-        elif kernel is None:
+        if kernel is None:
             kernel = kl_kernel(q, k, hi, block_size)
         for q0, q1, p in plan.chunks:
             if not p.num_items:
                 continue
+            pt = None
+            if kernel == "gluon":           # the teacher's rows (deterministic: no atomics)
+                from . import gluon
+                pt = torch.empty(p.num_edges, block_size, dtype=torch.float32,
+                                 device=q.device)
+                gluon.launch(q, k, teacher_lse, rows.q_pos, p, q0, pt,
+                             scale_log2=scale * LOG2E, block_size=block_size)
             if not deterministic:
                 dz = torch.empty(p.num_edges, block_size, dtype=qi.dtype, device=q.device)
-                pt = None
-                if kernel == "gluon":
-                    from . import gluon
-                    pt = torch.empty(p.num_edges, block_size, dtype=torch.float32,
-                                     device=q.device)
-                    gluon.launch(q, k, teacher_lse, rows.q_pos, p, q0, pt,
-                                 scale_log2=scale * LOG2E, block_size=block_size)
                 launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
                           p.edge_q, p, q0=q0, dz=dz, pt=pt, **kw)
                 kl_dki_kernel[(p.num_items,)](
@@ -261,7 +258,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
             losses = torch.zeros(p.num_items, dtype=torch.float32, device=q.device)
             launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, slots, pk, losses, rows.q_pos,
                       p.edge_q, p, q0=q0, edge_slot=p.edge_slot, topk=topk,
-                      deterministic=True, **kw)
+                      deterministic=True, pt=pt, **kw)
             dqi[q0:q1] += slots.view(q1 - q0, hi, topk, di).sum(2)
             sum_items(p, pk, None, dki.view(-1, 1, di), None, block_size, layers)
             loss += losses.sum()
@@ -308,13 +305,14 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     ``dz [chunk edges, block]`` (index dtype; edge ``e`` at row ``e - items.edge0``): the
     edges' dz rows are stored there and ``dki`` is left to ``kl_dki_kernel``. ``pt`` (the
     same rows, fp32): the teacher's rows, from
-    ``msa.ops.kl.gluon``; only the student half runs (64-token tiles, no replicas)."""
+    ``msa.ops.kl.gluon``; only the student half runs (16-token tiles, no replicas)."""
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
     g, nkv = hq // hkv, hkv // hi
     g_pad = next_pow2(g)
     rows = 64 if max(d, di) > 128 else 256 if g_pad >= 16 else 128    # teacher tile rows
+    student_t = block_t or 16           # tokens per student tile (docs/experiments.md)
     block_t = block_t or max(1, rows // g_pad)
     num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
     tiles = smaller_tiles("BLOCK_T", block_t, g_pad, num_stages)
@@ -323,7 +321,7 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
                for c in tiles for k1, ki1 in ((True, True), (False, True), (False, False))]
     if pt is not None:
         configs = [dict(BLOCK_T=bt, R=1, K_ONCE=False, KI_ONCE=ki1, num_stages=2)
-                   for ki1 in (True, False) for bt in (block_t or 64, 16)]
+                   for ki1 in (True, False) for bt in dict.fromkeys((student_t, 16))]
     edge_q = q_pos if edge_q is None else edge_q
     launch_fitting(
         indexer_kl_bwd_kernel, (items.num_items,),

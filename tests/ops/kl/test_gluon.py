@@ -63,24 +63,25 @@ def _case(q_lens, k_lens, hq, hkv, frag=None, kk=3, block=64, dtype=torch.float3
     ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
                                block_size=block, scale=0.125, index_scale=0.125,
                                loss_coeff=0.3)
-    run = lambda kernel, chunk=None: kl_triton.indexer_kl_bwd(  # noqa: E731
+    run = lambda kernel, chunk=None, det=False: kl_triton.indexer_kl_bwd(  # noqa: E731
         q, k, tlse, qi, ki, ilse, topk, plan_of(topk, seg, block, hkv, chunk), scale=0.125,
-        index_scale=0.125, loss_coeff=0.3, kernel=kernel)
+        index_scale=0.125, loss_coeff=0.3, kernel=kernel, deterministic=det)
     return run, ref
 
 
+@pytest.mark.parametrize("det", [False, True], ids=["fast", "deterministic"])
 @pytest.mark.parametrize("q_lens,k_lens,hq,hkv,frag", [
     ((33, 1, 50), (200, 64, 300), 4, 2, (0, 1, 1)),          # fragments, one-token segment
     ((40,), (300,), 16, 1, None),                             # a group of 16
 ])
-def test_student_half_from_teacher_rows_matches_reference(q_lens, k_lens, hq, hkv, frag,
+def test_student_half_from_teacher_rows_matches_reference(q_lens, k_lens, hq, hkv, frag, det,
                                                           monkeypatch):
     """The Triton kernel's ``PT_IN`` half fed the teacher rows (torch here, NaN-filled
     buffer first: a row it read unwritten would poison the result), chunked."""
     monkeypatch.setattr(kl_gluon, "launch", lambda *a, **kw: torch_teacher(
         *a[:6], a[6].fill_(float("nan")), **kw))
     run, (rl, rq, rk) = _case(q_lens, k_lens, hq, hkv, frag)
-    loss, dqi, dki = run("gluon", chunk=17)
+    loss, dqi, dki = run("gluon", chunk=17, det=det)
     torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(dqi.double(), rq, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
@@ -116,3 +117,8 @@ def test_gluon_teacher_kl_equals_triton_and_reference(q_lens, k_lens, hq, hkv, f
     torch.testing.assert_close(b[0].double(), rl, rtol=2e-2, atol=0)
     for x, y in zip(b, b2):                                        # chunking changes nothing
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-6)
+    d, d2, dt = run("gluon", det=True), run("gluon", det=True), run("triton", det=True)
+    for x, y, z in zip(d, d2, dt):
+        assert torch.equal(x, y)                                   # bitwise repeatable
+        cos = torch.nn.functional.cosine_similarity(x.double().flatten(), z.double().flatten(), 0)
+        assert cos > 0.99999, cos
