@@ -48,6 +48,31 @@ def load_rows(smem, X, row0, n, h, col0, stride_t, stride_h, NROWS: gl.constexpr
 
 
 @gluon.jit
+def work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, pid):
+    """Work item ``pid`` of a plan: KV head, first key row (int64), first key position,
+    keys, edge range ``e0 .. e1``."""
+    return (gl.load(ITEM_H + pid), gl.load(ITEM_KROW + pid).to(gl.int64),
+            gl.load(ITEM_T0 + pid), gl.load(ITEM_NK + pid), gl.load(ITEM_E0 + pid),
+            gl.load(ITEM_E1 + pid))
+
+
+@gluon.jit
+def ring_barriers(STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, CONSUMERS: gl.constexpr):
+    """Initialised mbarriers of a loader and its consumers: ``kv_bar`` (the block's rows
+    landed), ``ready [STAGES]`` (a ring slot landed; one ``cp.async`` arrival per loader
+    thread each) and ``empty [STAGES]`` (``CONSUMERS`` arrivals free a slot)."""
+    bar_l: gl.constexpr = mbarrier.MBarrierLayout()
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_l)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    mbarrier.init(kv_bar, count=32 * LOAD_WARPS)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
+        mbarrier.init(empty.index(i), count=CONSUMERS)
+    return kv_bar, ready, empty
+
+
+@gluon.jit
 def tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q: gl.constexpr):
     """Tile ``t``'s rows (query ``tok`` of the tile; any layout): edge ids, row mask
     (rows past the tile's ``BLOCK_Q`` queries or the item's edges are off), chunk-relative
@@ -157,25 +182,14 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
                STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
     """One program per work item of the plan (``msa.ops.plan``): the item's KV block
     in shared memory, its edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries."""
-    pid = gl.program_id(0)
-    h = gl.load(ITEM_H + pid)
-    krow = gl.load(ITEM_KROW + pid).to(gl.int64)
-    t0 = gl.load(ITEM_T0 + pid)
-    nk = gl.load(ITEM_NK + pid)
-    e0 = gl.load(ITEM_E0 + pid)
-    e1 = gl.load(ITEM_E1 + pid)
+    h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                                        ITEM_E1, gl.program_id(0))
     layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                 rank=2)
     q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D], layout)
     k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
     v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [BS, D], layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=32 * LOAD_WARPS)          # one cp.async arrival per thread
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
-        mbarrier.init(empty.index(i), count=1)
+    kv_bar, ready, empty = ring_barriers(STAGES, LOAD_WARPS, 1)
     fence_async_shared()
     gl.warp_specialize([
         (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,

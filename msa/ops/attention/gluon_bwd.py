@@ -32,7 +32,7 @@ from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                warpgroup_mma, warpgroup_mma_wait)
 
-from .gluon import ROWS, load_rows, tile_edges, tile_offsets
+from .gluon import ROWS, load_rows, ring_barriers, tile_edges, tile_offsets, work_item
 
 STAGES = 2              # gathered (Q, dO) tiles in flight (32 KB each)
 LOAD_WARPS = 4
@@ -178,12 +178,8 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
     ``LSE, DELTA``: ``[total_q, Hq]`` fp32; ``DQ``: slots; ``DK, DV``: fp32
     ``[total_k, Hkv, D]`` (atomics) or ``[items, BS, D]`` (``DET``)."""
     pid = gl.program_id(0)
-    h = gl.load(ITEM_H + pid)
-    krow = gl.load(ITEM_KROW + pid).to(gl.int64)
-    t0 = gl.load(ITEM_T0 + pid)
-    nk = gl.load(ITEM_NK + pid)
-    e0 = gl.load(ITEM_E0 + pid)
-    e1 = gl.load(ITEM_E1 + pid)
+    h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                                        ITEM_E1, pid)
     M: gl.constexpr = ROWS
     layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                 rank=2)
@@ -194,16 +190,10 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
     v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [1, BS, D], layout)
     p_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HALF], layout)
     ds_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HALF], layout)
+    kv_bar, ready, empty = ring_barriers(STAGES, LOAD_WARPS, 2)   # both attention warpgroups
     bar_l: gl.constexpr = mbarrier.MBarrierLayout()
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_l)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
     ds_ready = gl.allocate_shared_memory(gl.int64, [1], bar_l)
     ds_free = gl.allocate_shared_memory(gl.int64, [1], bar_l)
-    mbarrier.init(kv_bar, count=32 * LOAD_WARPS)          # one cp.async arrival per thread
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
-        mbarrier.init(empty.index(i), count=2)           # both attention warpgroups
     mbarrier.init(ds_ready, count=2)
     mbarrier.init(ds_free, count=2)
     fence_async_shared()

@@ -25,7 +25,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                warpgroup_mma)
 
-from ..attention.gluon import LOAD_WARPS, ROWS, STAGES, loader, tile_edges
+from ..attention.gluon import (LOAD_WARPS, ROWS, STAGES, loader, ring_barriers,
+                               tile_edges, work_item)
 
 
 @gluon.jit
@@ -79,24 +80,13 @@ def teacher_kernel(Q, K, PT, TLSE, POS, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM
                    num_warps: gl.constexpr):
     """One program per work item of the KL plan (index head = KV head ``h``, block, its
     edges ``e0 .. e1``): ``PT [e - edge0, :]`` for each edge, in tiles of ``BLOCK_Q`` queries."""
-    pid = gl.program_id(0)
-    h = gl.load(ITEM_H + pid)
-    krow = gl.load(ITEM_KROW + pid).to(gl.int64)
-    t0 = gl.load(ITEM_T0 + pid)
-    nk = gl.load(ITEM_NK + pid)
-    e0 = gl.load(ITEM_E0 + pid)
-    e1 = gl.load(ITEM_E1 + pid)
+    h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                                        ITEM_E1, gl.program_id(0))
     layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                 rank=2)
     q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D], layout)
     k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
-    k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(k_bar, count=32 * LOAD_WARPS)           # one cp.async arrival per thread
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=32 * LOAD_WARPS)
-        mbarrier.init(empty.index(i), count=1)
+    k_bar, ready, empty = ring_barriers(STAGES, LOAD_WARPS, 1)
     fence_async_shared()
     gl.warp_specialize([
         (_teacher, (q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk,
