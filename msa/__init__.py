@@ -7,7 +7,8 @@ Public API (shapes in each docstring; the contract: docs/semantics.md):
 - ``msa_sparse_attention``: exact attention over the selected blocks (autograd);
 - ``msa_indexer_kl``: the indexer's KL training loss (sparse or dense warm-up);
 - ``msa_attention``: selection + attention + indexer training in one call;
-- ``attention_kernel``: which forward kernel runs for given inputs.
+- ``attention_kernel``, ``indexer_kl_kernel``: which attention / indexer-KL kernel runs
+  for given inputs.
 
 The names load on first use, so ``import msa`` (and ``python -m msa --help``) imports
 neither torch nor triton; importing ``msa`` never initialises CUDA.
@@ -21,6 +22,7 @@ _EXPORTS = {
     "msa_attention": ".functional", "msa_indexer": ".functional",
     "msa_indexer_kl": ".functional", "msa_sparse_attention": ".functional",
     "cu_seqlens_from_lengths": ".varlen", "attention_kernel": ".functional",
+    "indexer_kl_kernel": ".functional",
 }
 
 __all__ = list(_EXPORTS)

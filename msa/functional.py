@@ -278,6 +278,25 @@ def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
     return forward_kernel(q, k, v, block_size)
 
 
+def indexer_kl_kernel(q, k, qi, ki, *, block_size: int = 128, backend: str = "auto") -> str:
+    """The kernel that computes the indexer KL of ``msa_attention`` in sparse mode for
+    these inputs (their layouts and ``backend``): ``"reference"``
+    (PyTorch; also for index keys with more than one head), ``"gluon"`` (the teacher in the
+    Hopper kernel of ``msa.ops.kl.gluon``, the student half in Triton) or ``"triton"``
+    (``msa.ops.kl.triton``). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton
+    kernel on Hopper."""
+    _check_ranks("q", q, "k", k)
+    C.check_float_tensor("qi", qi, q.dim(), q.device)
+    C.check_float_tensor("ki", ki, q.dim(), q.device)
+    C.check_index(qi, ki, q, k)
+    C.check_block_and_topk(block_size)
+    if ki.shape[-2] != 1 or not (C.use_triton(backend, q) and C.use_triton(backend, qi)):
+        return "reference"
+    from .ops.kl.triton import kl_kernel
+    flat = [x if x.dim() == 3 else x.flatten(0, 1) for x in (q, k)]
+    return kl_kernel(*flat, qi.shape[-2], block_size)
+
+
 def _backward_mode(use_triton: bool, deterministic: bool) -> Backward:
     if not use_triton:
         return Backward.REFERENCE

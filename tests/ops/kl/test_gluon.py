@@ -122,3 +122,27 @@ def test_gluon_teacher_kl_equals_triton_and_reference(q_lens, k_lens, hq, hkv, f
         assert torch.equal(x, y)                                   # bitwise repeatable
         cos = torch.nn.functional.cosine_similarity(x.double().flatten(), z.double().flatten(), 0)
         assert cos > 0.99999, cos
+
+
+def test_indexer_kl_kernel_names_the_kl_that_runs(monkeypatch):
+    """``msa.indexer_kl_kernel``: the reference without Triton's backend or with one index
+    key head per index head, the Gluon teacher on Hopper where it applies, else Triton."""
+    import msa
+    q = torch.zeros(300, 64, 128, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.zeros(300, 4, 128, dtype=torch.bfloat16, device=DEVICE)
+    qi, ki = q[:, :4], k[:, :1]
+    assert msa.indexer_kl_kernel(q, k, qi, ki, backend="reference") == "reference"
+    assert msa.indexer_kl_kernel(q, k, qi, k, backend="triton") == "reference"   # Hi keys
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+    assert msa.indexer_kl_kernel(q, k, qi, ki, backend="triton") == \
+        ("gluon" if hopper else "triton")
+    batched = [x.view(3, 100, *x.shape[1:]) for x in (q, k, qi, ki)]
+    assert msa.indexer_kl_kernel(*batched, backend="triton") == ("gluon" if hopper else "triton")
+    six = torch.zeros(300, 24, 128, dtype=torch.bfloat16, device=DEVICE)      # G = 6
+    assert msa.indexer_kl_kernel(six, k, qi, ki, backend="triton") == "triton"
+    monkeypatch.setenv("MSA_KL_KERNEL", "triton")
+    assert msa.indexer_kl_kernel(q, k, qi, ki, backend="triton") == "triton"
+    with pytest.raises(ValueError, match="block_size"):
+        msa.indexer_kl_kernel(q, k, qi, ki, block_size=96)
+    with pytest.raises(ValueError, match="qi"):
+        msa.indexer_kl_kernel(q, k, qi[:5], ki)
