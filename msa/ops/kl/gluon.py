@@ -118,8 +118,13 @@ def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> boo
 def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
            block_size: int) -> None:
     """``teacher_kernel`` over one chunk's plan into ``pt [plan.num_edges, block_size]``
-    (fp32);
-    ``teacher_lse [total_q, Hq]`` fp32."""
+    (fp32); ``teacher_lse [total_q, Hq]`` fp32. Raises ``NotImplementedError`` where the
+    kernel does not apply (``supported``)."""
+    if not supported(q, k, int(plan.num_heads), block_size):
+        raise NotImplementedError(
+            "the Gluon KL teacher runs on Hopper (sm_90) with bf16 / fp16, head dim 128, "
+            "blocks of 128, one KV head per index head, a power-of-two group and 16-byte "
+            "aligned rows; use kernel='triton'")
     g = q.shape[1] // k.shape[1]
     teacher_kernel[(plan.num_items,)](
         q, k, pt, teacher_lse, q_pos, plan.edge_q, plan.item_h, plan.item_krow,
