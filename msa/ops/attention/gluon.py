@@ -73,6 +73,18 @@ def ring_barriers(STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, CONSUMERS: gl.
 
 
 @gluon.jit
+def tile_scores(q_ring, k_smem, ready, empty, t, zero, STAGES: gl.constexpr):
+    """``S = Q K^T`` of tile ``t`` (wgmma from its ring slot, once the loader filled it;
+    the slot is released right after) into ``zero``'s layout."""
+    s = t % STAGES
+    mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+    fence_async_shared()
+    sc = warpgroup_mma(q_ring.index(s), k_smem.permute((1, 0)), zero, use_acc=False)
+    mbarrier.arrive(empty.index(s), count=1)
+    return sc
+
+
+@gluon.jit
 def tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q: gl.constexpr):
     """Tile ``t``'s rows (query ``tok`` of the tile; any layout): edge ids, row mask
     (rows past the tile's ``BLOCK_Q`` queries or the item's edges are off), chunk-relative
@@ -146,14 +158,10 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
     mbarrier.wait(kv_bar, 0)
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
     for t in range(first, n_tiles, STEP):
-        s = t % STAGES
         e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
         pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
-        mbarrier.wait(ready.index(s), (t // STAGES) & 1)
-        fence_async_shared()
-        sc = warpgroup_mma(q_ring.index(s), k_smem.permute((1, 0)), zero, use_acc=False)
-        mbarrier.arrive(empty.index(s), count=1)
+        sc = tile_scores(q_ring, k_smem, ready, empty, t, zero, STAGES)
         allowed = (gl.expand_dims(t0 + offs_n, 0) <= gl.expand_dims(pos, 1)) & key_ok
         sc = gl.where(allowed, sc * scale_log2, float("-inf"))
         m = gl.max(sc, 1)

@@ -22,11 +22,10 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                               warpgroup_mma)
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from ..attention.gluon import (LOAD_WARPS, ROWS, STAGES, loader, ring_barriers,
-                               tile_edges, work_item)
+                               tile_edges, tile_scores, work_item)
 
 
 @gluon.jit
@@ -53,16 +52,12 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     mbarrier.wait(k_bar, 0)
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
     for t in range(first, n_tiles, STEP):
-        s = t % STAGES
         e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
         pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
         lse = gl.load(TLSE + (q0 + ql) * stride_tl + h * G + g, mask=emask,
                       other=float("inf"))
         lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634   # none: p = 0
-        mbarrier.wait(ready.index(s), (t // STAGES) & 1)
-        fence_async_shared()
-        sc = warpgroup_mma(q_ring.index(s), k_smem.permute((1, 0)), zero, use_acc=False)
-        mbarrier.arrive(empty.index(s), count=1)
+        sc = tile_scores(q_ring, k_smem, ready, empty, t, zero, STAGES)
         allowed = (gl.expand_dims(t0 + offs_n, 0) <= gl.expand_dims(pos, 1)) & key_ok
         p = gl.where(allowed, gl.exp2(sc * scale_log2 - gl.expand_dims(lse, 1)), 0.0)
         pt = gl.sum(gl.reshape(p, [BLOCK_Q, G, BS]), 1) * (1.0 / G)
