@@ -191,7 +191,8 @@ def backward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bf16 / fp16, head dim 128, blocks of 128), else ``"triton"``
     (``sparse_attn_bwd_kernel``). ``MSA_BACKWARD_KERNEL=triton`` in the environment keeps
     the Triton kernel everywhere."""
-    return choose_kernel("MSA_BACKWARD_KERNEL", q, k, v, block_size)
+    return choose_kernel("MSA_BACKWARD_KERNEL", "msa.ops.attention.gluon", q, k, v,
+                         block_size)
 
 
 def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,

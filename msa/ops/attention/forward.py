@@ -19,6 +19,7 @@ warp-specialized Gluon kernel of ``msa.ops.attention.gluon`` instead where it ap
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -209,21 +210,23 @@ def forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     128, blocks of 128) where it applies, else ``"triton"`` (``sparse_attn_fwd_kernel``,
     every GPU and the interpreter). ``MSA_FORWARD_KERNEL=triton`` in the environment keeps
     the Triton kernel everywhere."""
-    return "triton" if v is None else choose_kernel("MSA_FORWARD_KERNEL", q, k, v, block_size)
+    if v is None:
+        return "triton"
+    return choose_kernel("MSA_FORWARD_KERNEL", "msa.ops.attention.gluon", q, k, v, block_size)
 
 
-def choose_kernel(switch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  block_size: int) -> str:
-    """``"gluon"`` where the Gluon kernels apply to these inputs (``gluon.supported``) and
-    the environment variable ``switch`` is not ``triton``, else ``"triton"`` (the forward's
-    and the backward's choice alike)."""
+def choose_kernel(switch: str, module: str, *args) -> str:
+    """``"gluon"`` where the Gluon kernels of ``module`` (a dotted name) apply to these
+    inputs (``module.supported(*args)``) and the environment variable ``switch`` is not
+    ``triton``, else ``"triton"`` (the forward's, the backward's and the KL's choice
+    alike)."""
     if os.environ.get(switch, "auto") == "triton":
         return "triton"
     try:
-        from . import gluon
+        gluon = importlib.import_module(module)
     except ImportError:                 # a Triton without Gluon
         return "triton"
-    return "gluon" if gluon.supported(q, k, v, block_size) else "triton"
+    return "gluon" if gluon.supported(*args) else "triton"
 
 
 def fwd_configs(block_q: int, g_pad: int, num_stages: int, block_size: int,

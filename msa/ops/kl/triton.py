@@ -25,13 +25,11 @@ selection).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..attention.forward import check_supported
+from ..attention.forward import check_supported, choose_kernel
 from ..launch import launch_fitting, smaller_tiles
 from ..plan import ITEM_FIELDS, SparsePlan, kl_chunk
 from ..reduce import base_layers, sum_items
@@ -232,6 +230,8 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                   num_stages=num_stages)
         if kernel is None:
             kernel = kl_kernel(q, k, hi, block_size)
+        elif kernel not in ("triton", "gluon"):
+            raise ValueError(f"kernel must be None, 'triton' or 'gluon', got {kernel!r}")
         for q0, q1, p in plan.chunks:
             if not p.num_items:
                 continue
@@ -274,13 +274,7 @@ def kl_kernel(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> str
     Hopper, bf16 / fp16, head dim 128, blocks of 128, ``Hkv == Hi``, a power-of-two group)
     where it applies, else ``"triton"`` (``indexer_kl_bwd_kernel``, every GPU and the
     interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel."""
-    if os.environ.get("MSA_KL_KERNEL", "auto") == "triton":
-        return "triton"
-    try:
-        from . import gluon
-    except ImportError:                 # a Triton without Gluon
-        return "triton"
-    return "gluon" if gluon.supported(q, k, hi, block_size) else "triton"
+    return choose_kernel("MSA_KL_KERNEL", "msa.ops.kl.gluon", q, k, hi, block_size)
 
 
 def kl_buffers(q, k, qi, ki):
@@ -307,24 +301,24 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     from ``q0``, ``dki`` per item ``[num_items, block, Di]``, ``loss`` per item.
     ``dz [chunk edges, block]`` (index dtype; edge ``e`` at row ``e - items.edge0``): the
     edges' dz rows are stored there and ``dki`` is left to ``kl_dki_kernel``. ``pt`` (the
-    same rows, fp32): the teacher's rows, from
-    ``msa.ops.kl.gluon``; only the student half runs (16-token tiles, no replicas)."""
+    same rows, fp32): the teacher's rows, from ``msa.ops.kl.gluon``; only the student half
+    runs (16-token tiles, no replicas)."""
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
     g, nkv = hq // hkv, hkv // hi
     g_pad = next_pow2(g)
-    rows = 64 if max(d, di) > 128 else 256 if g_pad >= 16 else 128    # teacher tile rows
-    student_t = block_t or 16           # tokens per student tile (docs/experiments.md)
-    block_t = block_t or max(1, rows // g_pad)
-    num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
-    tiles = smaller_tiles("BLOCK_T", block_t, g_pad, num_stages)
-    # larger tiles first, then keys on chip: rows matter more (docs/experiments.md)
-    configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]), K_ONCE=k1, KI_ONCE=ki1)  # R: replicas
-               for c in tiles for k1, ki1 in ((True, True), (False, True), (False, False))]
-    if pt is not None:
+    if pt is not None:                  # the student half: 16-token tiles (experiments.md)
         configs = [dict(BLOCK_T=bt, R=1, K_ONCE=False, KI_ONCE=ki1, num_stages=2)
-                   for ki1 in (True, False) for bt in dict.fromkeys((student_t, 16))]
+                   for ki1 in (True, False) for bt in dict.fromkeys((block_t or 16, 16))]
+    else:
+        rows = 64 if max(d, di) > 128 else 256 if g_pad >= 16 else 128   # teacher tile rows
+        block_t = block_t or max(1, rows // g_pad)
+        num_stages = num_stages or (1 if block_t * g_pad >= 128 else 2)
+        tiles = smaller_tiles("BLOCK_T", block_t, g_pad, num_stages)
+        # larger tiles first, then keys on chip: rows matter more (docs/experiments.md)
+        configs = [dict(c, R=max(1, 16 // c["BLOCK_T"]), K_ONCE=k1, KI_ONCE=ki1)  # replicas
+                   for c in tiles for k1, ki1 in ((True, True), (False, True), (False, False))]
     edge_q = q_pos if edge_q is None else edge_q
     launch_fitting(
         indexer_kl_bwd_kernel, (items.num_items,),

@@ -149,8 +149,10 @@ def test_indexer_kl_kernel_names_the_kl_that_runs(monkeypatch):
 
 
 def test_gluon_teacher_where_it_cannot_run_says_so():
-    if DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0):
-        pytest.skip("runs everywhere but Hopper")
     run, _ = _case((40,), (300,), 16, 1)
+    with pytest.raises(ValueError, match="kernel must be"):
+        run("cuda")
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("the teacher runs on Hopper")
     with pytest.raises(NotImplementedError, match="Gluon KL teacher runs on Hopper"):
         run("gluon")
