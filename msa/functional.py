@@ -286,11 +286,13 @@ def indexer_kl_kernel(q, k, qi, ki, *, block_size: int = 128, backend: str = "au
     (``msa.ops.kl.triton``). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton
     kernel on Hopper."""
     _check_ranks("q", q, "k", k)
+    C.check_qkv(q, k, k)                # q / k heads, head dims and dtypes (v plays k)
     C.check_float_tensor("qi", qi, q.dim(), q.device)
     C.check_float_tensor("ki", ki, q.dim(), q.device)
     C.check_index(qi, ki, q, k)
     C.check_block_and_topk(block_size)
-    if ki.shape[-2] != 1 or not (C.use_triton(backend, q) and C.use_triton(backend, qi)):
+    triton = C.use_triton(backend, q) and C.use_triton(backend, qi)      # checks backend
+    if ki.shape[-2] != 1 or not triton:
         return "reference"
     from .ops.kl.triton import kl_kernel
     flat = [x if x.dim() == 3 else x.flatten(0, 1) for x in (q, k)]

@@ -10,9 +10,9 @@ ring of shared-memory slots (``cp.async``), two warpgroups taking alternate 64-r
 (``64 // G`` queries x the ``G`` heads) with ``S`` from wgmma. Each tile's head average
 leaves as fp32 rows ``PT [edge, 128]``; the student half (``indexer_kl_bwd_kernel`` with
 ``PT_IN``) reads them back. The ``tl.*`` kernel holding both halves needs 255 registers
-and spills at this shape. Measured on an H200 at 128K, MiniMax-M3 shape (docs/experiments.md):
-the KL 27.3 ms vs 42.2 with the ``tl.*`` teacher (47.4 vs 67.3 deterministic); the teacher
-runs at 263 TF/s, bound like the forward by gathering each edge's query rows.
+and spills at this shape. The split is faster, deterministic mode included; the teacher
+is bound like the forward by gathering each edge's query rows (measurements:
+docs/benchmarks.md, docs/experiments.md).
 
 Applies to: Hopper, bf16 / fp16, head dim 128, blocks of 128, one KV head per index head,
 a power-of-two group of at most 64 heads (``supported``); the ``tl.*`` kernel elsewhere.

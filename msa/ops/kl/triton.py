@@ -11,15 +11,15 @@ tokens it recomputes, over the block's causally visible keys,
 and adds ``index_scale * dz @ ki`` to ``dqi`` (per tile) and the KL terms to the loss
 (fp32 atomics). ``dki = index_scale * sum dz^T @ qi`` comes from a second pass
 (``kl_dki_kernel``) over the dz rows the first stores, one per edge: holding the
-128 x 128 fp32 sum in registers over the item made the kernel spill (52 vs 42 ms at
-128K, docs/experiments.md). The deterministic mode and the dense warm-up keep that sum
+128 x 128 fp32 sum in registers over the item made the kernel spill and run slower
+(docs/experiments.md). The deterministic mode and the dense warm-up keep that sum
 per item (``DZ_OUT=False``). The student
 GEMMs need 16 MMA rows, so each token's row is replicated ``R`` times with weight ``1/R``
 (``R`` = 1 at 16 heads per group: the tile has 16 tokens). The teacher's head sum is a
 reduction over each token's consecutive rows.
 On Hopper (``kl_kernel``) the teacher rows come from the Gluon kernel of
 ``msa.ops.kl.gluon`` instead (``PT_IN``: one fp32 row per edge) and this kernel runs the
-student half only: 27.3 vs 42.2 ms at 128K at the MiniMax-M3 shape (docs/experiments.md).
+student half only, faster at the MiniMax-M3 shape (docs/experiments.md).
 The LSEs are trusted (attention forward LSE and the indexer's selected LSE over the same
 selection).
 """

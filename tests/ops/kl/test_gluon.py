@@ -146,6 +146,12 @@ def test_indexer_kl_kernel_names_the_kl_that_runs(monkeypatch):
         msa.indexer_kl_kernel(q, k, qi, ki, block_size=96)
     with pytest.raises(ValueError, match="qi"):
         msa.indexer_kl_kernel(q, k, qi[:5], ki)
+    with pytest.raises(ValueError, match="backend"):
+        msa.indexer_kl_kernel(q, k, qi, k, backend="cuda")
+    with pytest.raises(ValueError, match="heads"):
+        msa.indexer_kl_kernel(q[:, :6], k, qi, ki)                   # 6 q heads, 4 KV heads
+    with pytest.raises(TypeError, match="k"):
+        msa.indexer_kl_kernel(q, k.float(), qi, ki)
 
 
 def test_gluon_teacher_where_it_cannot_run_says_so():
