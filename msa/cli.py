@@ -21,6 +21,16 @@ def _lengths(minimum: int):
     return parse
 
 
+def _modes(text: str):
+    from .eval.passkey import MODES
+    out = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in out if m not in MODES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"modes must be among {', '.join(MODES)}, got "
+                                         f"{text!r}")
+    return out
+
+
 def _fractions(text: str):
     try:
         out = [float(x) for x in text.split(",") if x.strip()]
@@ -120,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated key depths in [0, 1]")
     pk.add_argument("--trials", type=_positive_int, default=4,
                     help="prompts per (length, depth) cell (default 4)")
+    pk.add_argument("--modes", type=_modes, default=["dense", "msa"],
+                    help="comma-separated attention modes: dense, msa, dense-fp8, msa-fp8 "
+                    "(-fp8: K/V in an e4m3 cache; default dense,msa)")
+    pk.add_argument("--no-recall", action="store_true",
+                    help="skip the per-layer attention recall")
     pk.add_argument("--png", default=None, metavar="PATH",
                     help="heatmap of the accuracy (needs matplotlib)")
     _add_common(pk, "results")
@@ -181,7 +196,7 @@ def main(argv=None) -> int:
             lengths = args.length or [1024, 2048, 4096, 7680]
             depths, trials, recall_tokens = args.depths, args.trials, 8000
         passkey_main(lengths, depths, trials, args.json, args.png, not args.no_progress,
-                     recall_tokens)
+                     0 if args.no_recall else recall_tokens, args.modes)
         return 0
     device = _device(parser, args.device)
     if args.cmd == "niah":

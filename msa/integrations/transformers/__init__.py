@@ -12,7 +12,8 @@ Queries attend as the causal suffix of the cached keys, so prefill, chunked pref
 (``generate(..., prefill_chunk_size=...)``) and ``generate()`` with a cache work; padded
 batches are packed into varlen sequences (``padding.py``). ``GraphedDecoder`` decodes
 with the whole step in one CUDA graph (``graphs.py``); ``fp8_static_cache`` holds a
-MiniMax-M3 model's sparse layers in e4m3 (``fp8_cache.py``). Docs: docs/minimax_m3.md,
+MiniMax-M3 model's sparse layers in e4m3 (``fp8_cache.py``), ``fp8_dynamic_cache`` a
+Llama-family model's K/V (``fp8_dynamic.py``). Docs: docs/minimax_m3.md,
 docs/integration.md.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .minimax_m3 import IndexInputs, check_supported, indexer_forward, is_minima
 
 __all__ = ["enable_msa", "register", "msa_attention_forward", "add_index_projections",
            "attention_modules", "indexer_kl_loss", "IndexInputs", "NAME", "GraphedDecoder",
-           "fp8_static_cache"]
+           "fp8_static_cache", "fp8_dynamic_cache"]
 
 
 def fp8_static_cache(model, max_cache_len: int, index_dtype=None):
@@ -37,6 +38,14 @@ def fp8_static_cache(model, max_cache_len: int, index_dtype=None):
     see ``msa.integrations.transformers.fp8_cache``."""
     from .fp8_cache import fp8_static_cache as build
     return build(model, max_cache_len, index_dtype)
+
+
+def fp8_dynamic_cache(model):
+    """A dynamic cache for a Llama-family model that stores K/V in e4m3 with per-row
+    scales and attends over them dequantized; see
+    ``msa.integrations.transformers.fp8_dynamic``."""
+    from .fp8_dynamic import fp8_dynamic_cache as build
+    return build(model)
 
 
 def enable_msa(model, *, block_size: Optional[int] = None, topk: Optional[int] = None,
