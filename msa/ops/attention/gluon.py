@@ -15,9 +15,8 @@ other's MMAs, while the loads of the next tiles overlap both. The ``tl.*`` kerne
 be built this way (Triton 3.6 warp-specializes TMA loads only, and TMA cannot gather rows
 on Hopper).
 
-Measured on an H200 at 128K (docs/benchmarks.md): 1.0x the Triton kernel at G = 16, 1.3x
-at G = 4 and 8, 1.3x at G = 6 before its tiles were packed (12% faster since); one
-attention warpgroup and 3-4 ring slots were slower (docs/experiments.md).
+Measurements against the Triton kernel, per group size, and the variants that were slower
+(one attention warpgroup, more ring slots): docs/benchmarks.md, docs/experiments.md.
 """
 from __future__ import annotations
 
