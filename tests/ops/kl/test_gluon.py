@@ -52,9 +52,10 @@ def torch_teacher(q, k, teacher_lse, q_pos, plan, q0, pt, *, scale_log2, block_s
         pt[e0 - plan.edge0:e1 - plan.edge0, :nk] = torch.where(visible, p.mean(1), 0.0).to(pt.dtype)
 
 
-def _case(q_lens, k_lens, hq, hkv, frag=None, kk=3, block=64, dtype=torch.float32, seed=5):
-    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, hi=hkv, fragment_indices=frag, seed=seed,
-                  scale=0.7)
+def _case(q_lens, k_lens, hq, hkv, frag=None, kk=3, block=64, dtype=torch.float32, seed=5,
+          d=64):
+    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=d, hi=hkv, di=d, fragment_indices=frag,
+                  seed=seed, scale=0.7)
     seg = c["seg"]
     topk = random_topk(seg, hkv, kk, block, seed=seed, future=False).to(DEVICE)
     q, k, v, qi, ki = (c[n].to(DEVICE, dtype) for n in ("q", "k", "v", "qi", "ki"))
@@ -99,11 +100,11 @@ def test_student_half_from_teacher_rows_matches_reference(q_lens, k_lens, hq, hk
 def test_gluon_teacher_kl_equals_triton_and_reference(q_lens, k_lens, hq, hkv, frag,
                                                       monkeypatch):
     run, (rl, rq, rk) = _case(q_lens, k_lens, hq, hkv, frag, kk=16, block=128,
-                              dtype=torch.bfloat16, seed=sum(q_lens))
+                              dtype=torch.bfloat16, seed=sum(q_lens), d=128)
     q = torch.empty(1, hq, 128, device=DEVICE, dtype=torch.bfloat16)
     if not kl_gluon.supported(q, q[:, :hkv], hkv, 128):
         pytest.skip("the Gluon teacher needs a Hopper GPU")
-    assert kl_triton.kl_kernel(q, q[:, :hkv], hkv, 128) == "gluon"
+    assert kl_triton.kl_kernel(q, q[:, :hkv], hkv, 128) == "gluon"     # head dim 128 cases
     empty = torch.empty                          # every pt row written before it is read
     monkeypatch.setattr(kl_triton.torch, "empty",
                         lambda *a, **k: empty(*a, **k).fill_(float("nan")))
