@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 from msa.integrations.transformers import (enable_msa, fp8_dynamic_cache,  # noqa: E402
                                            msa_attention_forward)
 from msa.integrations.transformers.fp8_dynamic import FP8DynamicLayer  # noqa: E402
-from msa.ops.quant import E4M3, fake_quantize  # noqa: E402
+from msa.ops.quant import E4M3, dequantize, fake_quantize  # noqa: E402
 
 
 def _model():
@@ -32,8 +32,13 @@ def test_layer_stores_e4m3_rows_and_returns_them_dequantized():
     assert torch.equal(keys, fake_quantize(torch.cat([k1, k2], 2)))
     assert torch.equal(values, fake_quantize(torch.cat([v1, v2], 2)))
     assert not torch.equal(keys, torch.cat([k1, k2], 2))
+    assert layer.keys.shape[2] == layer.values.shape[2] == 0     # no full-precision copy kept
     layer.crop(-2)
     assert layer.keys8.shape[2] == layer.key_scales.shape[2] == layer.get_seq_length() == 4
+    keys, _ = layer.update(k2, v2)                             # appends after the cropped rows
+    assert torch.equal(keys, fake_quantize(torch.cat([k1[:, :, :4], k2], 2)))
+    with pytest.raises(NotImplementedError, match="beam search"):
+        layer.reorder_cache(torch.tensor([1, 0]))
 
 
 def test_non_finite_rows_are_rejected_by_name():
@@ -68,9 +73,12 @@ def test_generate_with_the_fp8_cache_attends_over_quantized_keys():
         want = model(ids).logits
     assert out8.shape == out.shape == (1, 906)
     # layer 0 sees the same embeddings: its cached keys are the plain ones, quantized
-    assert fp8.layers[0].keys8.shape[2] == 905
-    assert torch.equal(fp8.layers[0].keys, fake_quantize(plain.layers[0].keys))
-    assert torch.equal(fp8.layers[0].values, fake_quantize(plain.layers[0].values))
+    layer = fp8.layers[0]
+    assert layer.keys8.shape[2] == fp8.get_seq_length() == 905
+    assert torch.equal(dequantize(layer.keys8, layer.key_scales),
+                       fake_quantize(plain.layers[0].keys))
+    assert torch.equal(dequantize(layer.values8, layer.value_scales),
+                       fake_quantize(plain.layers[0].values))
     # the prefill attends (and self-indexes) over the quantized keys and values
     torch.testing.assert_close(logits8, want, rtol=1e-5, atol=1e-5)
     cos = torch.nn.functional.cosine_similarity(logits8.flatten(), logits.flatten(), dim=0)

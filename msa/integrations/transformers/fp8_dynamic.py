@@ -4,9 +4,10 @@ Each layer (``FP8DynamicLayer``) stores its keys and values ``[B, Hkv, L, D]`` i
 with one fp32 scale per token and head (``scale = max|x| / 448``, ``msa.ops.quant``: the
 format of ``msa.inference.PagedKVCache`` and of MiniMax-M3's ``fp8_static_cache``),
 quantized when the tokens are written, and hands the attention the whole cache
-dequantized to the model's dtype: prefill and every decode step attend over what an FP8
-cache holds. With MSA self-indexing the keys are the index keys too, so the selection is
-made over the e4m3 keys as well. A row holding NaN or inf is rejected by name.
+dequantized to the model's dtype (built per call, not kept): prefill and every decode
+step attend over what an FP8 cache holds, and the layer keeps 1 + 4 / D bytes per
+element. With MSA self-indexing the keys are the index keys too, so the selection is made
+over the e4m3 keys as well. A row holding NaN or inf is rejected by name.
 """
 from __future__ import annotations
 
@@ -26,21 +27,24 @@ def _quantize(x: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
 
 class FP8DynamicLayer(DynamicLayer):
     """A growing cache layer of e4m3 rows and fp32 per-row scales: ``keys8, values8
-    [B, Hkv, L, D]``, ``key_scales, value_scales [B, Hkv, L]``."""
+    [B, Hkv, L, D]``, ``key_scales, value_scales [B, Hkv, L]``. Only these are kept; the
+    dequantized rows are built for each attention call and not stored (``keys`` and
+    ``values`` stay empty ``[B, Hkv, 0, D]`` placeholders of the model's dtype)."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.dtype = key_states.dtype
         b, h, _, d = key_states.shape
-        self.keys8 = key_states.new_zeros(b, h, 0, d, dtype=E4M3)
-        self.values8 = value_states.new_zeros(b, h, 0, value_states.shape[-1], dtype=E4M3)
+        self.keys = key_states.new_zeros(b, h, 0, d)
+        self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+        self.keys8 = self.keys.to(E4M3)
+        self.values8 = self.values.to(E4M3)
         self.key_scales = key_states.new_zeros(b, h, 0, dtype=torch.float32)
         self.value_scales = key_states.new_zeros(b, h, 0, dtype=torch.float32)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
                **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
         """Quantize the new rows ``[B, Hkv, n, D]``, append them; return every cached row
-        dequantized ``[B, Hkv, L, D]``."""
+        dequantized ``[B, Hkv, L, D]`` (in the dtype of the new rows)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k8, ks = _quantize(key_states, "keys")
@@ -49,25 +53,30 @@ class FP8DynamicLayer(DynamicLayer):
         self.values8 = torch.cat([self.values8, v8], -2)
         self.key_scales = torch.cat([self.key_scales, ks], -1)
         self.value_scales = torch.cat([self.value_scales, vs], -1)
-        # DynamicLayer's length and cropping read ``keys``: they are the dequantized rows
-        self.keys = dequantize(self.keys8, self.key_scales).to(self.dtype)
-        self.values = dequantize(self.values8, self.value_scales).to(self.dtype)
-        return self.keys, self.values
+        return (dequantize(self.keys8, self.key_scales).to(key_states.dtype),
+                dequantize(self.values8, self.value_scales).to(value_states.dtype))
+
+    def get_seq_length(self) -> int:
+        return self.keys8.shape[-2] if self.is_initialized else 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if self.is_initialized and tokens_to_remove < 0:
-            n = self.keys.shape[-2]
-            self.keys8, self.values8 = self.keys8[..., :n, :], self.values8[..., :n, :]
-            self.key_scales, self.value_scales = self.key_scales[..., :n], \
-                self.value_scales[..., :n]
+        """Drop the last ``-tokens_to_remove`` rows (a negative count, as DynamicLayer)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of rows to remove, got "
+                             f"{tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        n = max(0, self.keys8.shape[-2] + tokens_to_remove)
+        self.keys8, self.values8 = self.keys8[..., :n, :], self.values8[..., :n, :]
+        self.key_scales = self.key_scales[..., :n]
+        self.value_scales = self.value_scales[..., :n]
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("FP8DynamicLayer: beam search and batch expansion are not "
-                                  "supported")
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("FP8DynamicLayer: beam search, batch expansion or "
+                                  "selection and offloading are not supported")
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("FP8DynamicLayer: batch selection is not supported")
+    batch_repeat_interleave = batch_select_indices = reorder_cache = _unsupported
+    offload = prefetch = _unsupported
 
 
 def fp8_dynamic_cache(model) -> Cache:
