@@ -72,6 +72,23 @@ def ring_barriers(STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, CONSUMERS: gl.
 
 
 @gluon.jit
+def block_smem(Q, K, V, STAGES: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+               WITH_V: gl.constexpr = True):
+    """Shared memory of a program: the ring of gathered query tiles ``[STAGES, ROWS, D]``
+    and the block's keys ``[BS, D]`` and values (without ``WITH_V`` no values: the keys
+    stand in, unused)."""
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                rank=2)
+    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D], layout)
+    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
+    if WITH_V:
+        v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [BS, D], layout)
+    else:
+        v_smem = k_smem
+    return q_ring, k_smem, v_smem
+
+
+@gluon.jit
 def tile_scores(q_ring, k_smem, ready, empty, t, zero, STAGES: gl.constexpr):
     """``S = Q K^T`` of tile ``t`` (wgmma from its ring slot, once the loader filled it;
     the slot is released right after) into ``zero``'s layout."""
@@ -191,11 +208,7 @@ def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_
     in shared memory, its edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries."""
     h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, gl.program_id(0))
-    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
-                                                rank=2)
-    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D], layout)
-    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
-    v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [BS, D], layout)
+    q_ring, k_smem, v_smem = block_smem(Q, K, V, STAGES, D, BS)
     kv_bar, ready, empty = ring_barriers(STAGES, LOAD_WARPS, 1)
     fence_async_shared()
     gl.warp_specialize([

@@ -24,7 +24,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-from ..attention.gluon import (LOAD_WARPS, ROWS, STAGES, loader, ring_barriers,
+from ..attention.gluon import (LOAD_WARPS, ROWS, STAGES, block_smem, loader, ring_barriers,
                                tile_edges, tile_scores, work_item)
 
 
@@ -77,10 +77,7 @@ def teacher_kernel(Q, K, PT, TLSE, POS, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM
     edges ``e0 .. e1``): ``PT [e - edge0, :]`` for each edge, in tiles of ``BLOCK_Q`` queries."""
     h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, gl.program_id(0))
-    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
-                                                rank=2)
-    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D], layout)
-    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BS, D], layout)
+    q_ring, k_smem, _ = block_smem(Q, K, K, STAGES, D, BS, WITH_V=False)
     k_bar, ready, empty = ring_barriers(STAGES, LOAD_WARPS, 1)
     fence_async_shared()
     gl.warp_specialize([
