@@ -112,10 +112,10 @@ def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], tr
             set_mode(model, mode, **msa_kw)
             for n, d, key in jobs:
                 ids = passkey_prompt(tok, n, d, key)
-                cache = dict(cache=fp8_dynamic_cache(model)) if mode.endswith("-fp8") else {}
+                kw = dict(cache=fp8_dynamic_cache(model)) if mode.endswith("-fp8") else {}
                 with torch.no_grad():
                     out = model.generate(ids, max_new_tokens=7, do_sample=False,
-                                         pad_token_id=tok.eos_token_id, **cache)
+                                         pad_token_id=tok.eos_token_id, **kw)
                 answer = tok.decode(out[0, ids.shape[1]:])
                 hits.setdefault((mode, n, d), []).append(int(str(key) in answer))
                 sizes.setdefault((mode, n, d), []).append(ids.shape[1])
