@@ -133,7 +133,8 @@ def floor_us(cfg, B: int, T: int, distinct: int, kv_bytes: int, ki_bytes: int,
 
 
 def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
-    from ..ops.decode.triton import paged_attend, paged_select
+    from ..ops.decode.select import paged_select
+    from ..ops.decode.triton import paged_attend
     k, v, ki, table = make_cache(cfg, B, T)
     lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
     q, qi = queries(cfg, B * Q, seed=3)
@@ -153,7 +154,7 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
 
     def select(ki_pages, ki_scales=None):
         return lambda: paged_select(
-            qi, ki_pages, dec.page_table, dec.seq_lens, block_max=dec.block_max[:rows],
+            qi, ki_pages, dec.page_table, dec.seq_lens, candidates=dec.candidates[:rows],
             topk_indices=dec.topk_indices[:, :rows], index_scale=cfg.index_scale,
             ki_scales=ki_scales, **common)
 
@@ -161,7 +162,7 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
         return lambda: paged_attend(
             q, k_pages, v_pages, topk, dec.page_table, dec.seq_lens, batch=B, num_q=Q,
             num_kv_heads=cfg.num_kv_heads, out=dec.out[:rows], lse=dec.lse[:rows],
-            po=dec.partial_out, pl=dec.partial_lse, block_size=cfg.block_size,
+            partials=dec.partials, block_size=cfg.block_size,
             scale=cfg.scale, k_scales=k_scales, v_scales=v_scales)
     r["select_us"] = 1e3 * graph_ms(select(ki))
     r["attend_us"] = 1e3 * graph_ms(attend(k, v))

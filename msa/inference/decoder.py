@@ -31,12 +31,13 @@ class PagedDecoder:
 
     Buffers (views of the first ``B * Q`` rows are returned by ``run``): ``out
     [max_batch*Q, Hq, D]``, ``lse [max_batch*Q, Hq]`` fp32, ``topk_indices
-    [Hi, max_batch*Q, K]`` int32, and the index scores and split partials.
+    [Hi, max_batch*Q, K]`` int32, the index scan's ranked lists and the split partials.
     """
 
     def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,
                  device, dtype=torch.bfloat16, pages_per_program: int = None,
                  index_stages: int = None):
+        from ..ops.decode.select import candidates_width
         from ..ops.decode.triton import partial_buffers
         if not isinstance(num_q, int) or not 1 <= num_q <= 16:
             raise ValueError(f"num_q must be an int in [1, 16], got {num_q!r}")
@@ -54,12 +55,13 @@ class PagedDecoder:
         self.page_table = torch.zeros(max_batch, max_pages, **i32)
         self.seq_lens = torch.full((max_batch,), num_q, **i32)
         rows = max_batch * num_q
-        self.block_max = torch.empty((rows, c.index_heads, max_pages), **f32)
+        self.candidates = torch.empty(rows, c.index_heads, candidates_width(max_pages),
+                                      dtype=torch.int64, device=self.device)
         self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(rows, c.num_heads, **f32)
         self.topk_indices = torch.empty(c.index_heads, rows, c.topk, **i32)
-        self.partial_out, self.partial_lse = partial_buffers(
-            max_batch, num_q, c.num_heads, c.num_kv_heads, c.head_dim, c.topk, self.device)
+        self.partials = partial_buffers(max_batch, num_q, c.num_heads, c.num_kv_heads,
+                                        c.head_dim, c.topk, self.device)
         self.batch, self.top_page = 0, -1
         self.pages_per_program, self.index_stages = pages_per_program, index_stages
 
@@ -154,9 +156,8 @@ class PagedDecoder:
         out, topk = self.out[:rows], self.topk_indices[:, :rows]
         paged_decode(q, qi, k_pages, v_pages, ki_pages, self.page_table, self.seq_lens,
                      batch=b, num_q=nq, max_pages=self.max_pages,
-                     num_kv_heads=c.num_kv_heads, block_max=self.block_max[:rows],
-                     topk_indices=topk, out=out,
-                     lse=self.lse[:rows], po=self.partial_out, pl=self.partial_lse,
+                     num_kv_heads=c.num_kv_heads, candidates=self.candidates[:rows],
+                     topk_indices=topk, out=out, lse=self.lse[:rows], partials=self.partials,
                      block_size=c.block_size, scale=c.scale, index_scale=c.index_scale,
                      pages_per_program=self.pages_per_program,
                      index_stages=self.index_stages, k_scales=scales[0],

@@ -87,8 +87,8 @@ def fused_decode(module, q, qi, key, value, ki, config: MSAConfig,
         check_fp8_device("cache (fp8_static_cache)", key)
     paged_decode(q.reshape(rows, *q.shape[2:]), qi.reshape(rows, *qi.shape[2:]), key, value,
                  ki, kv_table, seq_lens, batch=b, num_q=tq, max_pages=nb, num_kv_heads=hkv,
-                 block_max=buf.block_max[:rows, :, :nb], topk_indices=topk, out=out,
-                 lse=buf.lse[:rows], po=buf.partial_out, pl=buf.partial_lse, block_size=bs,
+                 candidates=buf.candidates[:rows], topk_indices=topk, out=out,
+                 lse=buf.lse[:rows], partials=buf.partials, block_size=bs,
                  scale=c.scale, index_scale=c.index_scale, kv_strides=(bs * d, tk * d, d),
                  ki_strides=(bs * di, di), ki_page_table=ki_table, mask_tail=True,
                  k_scales=ks, v_scales=vs, ki_scales=kis, scale_strides=(bs, tk))

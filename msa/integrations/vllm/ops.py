@@ -250,13 +250,14 @@ def _scratch(key: tuple, make):
     return buf
 
 
-def _block_max(rows: int, hi: int, pages: int, device) -> torch.Tensor:
-    return _scratch(("block_max", rows, hi, pages, str(device)), lambda: torch.empty(
-        rows, hi, pages, dtype=torch.float32, device=device))
+def _candidates(rows: int, hi: int, pages: int, device) -> torch.Tensor:
+    from ...ops.decode.select import candidates_width
+    return _scratch(("candidates", rows, hi, pages, str(device)), lambda: torch.empty(
+        rows, hi, candidates_width(pages), dtype=torch.int64, device=device))
 
 
 def _attend_buffers(rows: int, hq: int, hkv: int, d: int, topk: int, device):
-    """``lse [rows, Hq]`` and the split partials of ``paged_attend``."""
+    """``lse [rows, Hq]`` and the split partials of ``paged_attend`` (``po, pl, done``)."""
     from ...ops.decode.triton import partial_buffers
     return _scratch(("attend", rows, hq, hkv, d, topk, str(device)), lambda: (
         torch.empty(rows, hq, dtype=torch.float32, device=device),
@@ -276,7 +277,7 @@ def minimax_m3_index_decode(idx_q, index_kv_cache, block_table, seq_lens, max_se
                          seq_lens, max_seq_len, topk, init_blocks, local_blocks,
                          num_kv_heads, decode_query_len, max_decode_query_len, out=out,
                          score_out=score_out)
-    from ...ops.decode.triton import paged_select
+    from ...ops.decode.select import paged_select
     if idx_q.dim() != 3 or idx_q.shape[1] != num_kv_heads:
         raise ValueError(f"idx_q must be [total_q, num_kv_heads={num_kv_heads}, Di], got "
                          f"{tuple(idx_q.shape)}")
@@ -292,7 +293,7 @@ def minimax_m3_index_decode(idx_q, index_kv_cache, block_table, seq_lens, max_se
         return sel
     paged_select(idx_q, index_kv_cache, block_table, seq_lens, batch=total_q // nq,
                  num_q=nq, max_pages=pages,
-                 block_max=_block_max(total_q, hi, pages, idx_q.device), topk_indices=sel,
+                 candidates=_candidates(total_q, hi, pages, idx_q.device), topk_indices=sel,
                  block_size=BLOCK, index_scale=di ** -0.5, mask_tail=False)
     return sel
 
@@ -315,11 +316,11 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
         return output
     nq = int(decode_query_len)
     topk = topk_idx.shape[-1]
-    lse, po, pl = _attend_buffers(total_q, hq, num_kv_heads, d, topk, q.device)
+    lse, *partials = _attend_buffers(total_q, hq, num_kv_heads, d, topk, q.device)
     page_stride = num_kv_heads * BLOCK * 2 * d
     paged_attend(q, kv_cache, kv_cache[..., d:], topk_idx[:, :total_q], block_table,
                  seq_lens, batch=total_q // nq, num_q=nq, num_kv_heads=num_kv_heads,
-                 out=output, lse=lse, po=po, pl=pl, block_size=BLOCK,
+                 out=output, lse=lse, partials=partials, block_size=BLOCK,
                  scale=float(sm_scale), kv_strides=(page_stride, BLOCK * 2 * d, 2 * d))
     return output
 

@@ -5,18 +5,21 @@ speculative) at positions ``seq_len_b - Q + i``, against its paged cache (page =
 docs/semantics.md, "Paged layout"). ``paged_decode`` launches, with no host
 synchronisation and no allocation:
 
-1. ``paged_block_max_kernel``: grid (request, page split). Each program reads its pages
-   of index keys once through the page table and scores them for all ``Q x Hi`` query
-   rows of the request with one MMA per page, writing causal block maxima
-   ``M [B*Q, Hi, max_pages]`` (``-inf`` past the end).
-2. ``msa.ops.decode.topk.decode_topk``: top-k of ``M`` per (query, index head) with the
-   reference rule (score desc, id asc, local block last, ``-1`` padding) -> head-major
+1. ``msa.ops.decode.select.paged_scan_kernel``: grid (request, page chunk). Each program
+   reads its pages of index keys once through the page table and scores them for all
+   ``Q x Hi`` query rows of the request with one MMA per page, writing one ranking key per
+   (row, block); with few rows it ranks its chunk's keys into a list.
+2. When the attention below runs one program per (query, KV head): one program per row
+   merges the lists into the top-k (``paged_merge_kernel``, the reference rule: score
+   desc, id asc, local block last, ``-1`` padding) -> head-major
    ``topk_indices [Hi, B*Q, K]``.
 3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
-   the ``G`` query heads of the group are the MMA rows; the split's selected blocks and
-   their pages are loaded once, then each page is read (a predicated loop whose K/V
-   loads Triton pipelines), online softmax; one split writes the output directly, more
-   splits write partials merged by ``paged_decode_combine_kernel`` (LSE combine).
+   with splits, each program merges its row from the lists itself (no launch between
+   the scan and the attention); the ``G`` query heads of the group are the MMA rows; the
+   split's selected blocks and their pages are loaded once, then each page is read (a
+   predicated loop whose K/V loads Triton pipelines), online softmax; one split writes
+   the output directly, more splits write partials that the last split of each
+   (query, KV head) to finish merges by LSE.
 
 The plan/run lifecycle around it (validation, preallocated buffers, CUDA graphs) is
 ``msa.inference.PagedDecoder``.
@@ -29,68 +32,54 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import TARGET_PROGRAMS, decode_topk
-from ..triton_utils import (LN2, LOG2E, dequant_rows, dot, next_pow2, online_softmax_step,
-                            precision, to_e4m3, upcast)
+from .select import TARGET_PROGRAMS, merge_lists, paged_merge, paged_scan
+from ..triton_utils import (LN2, LOG2E, dequant_rows, next_pow2, online_softmax_step,
+                            precision, upcast)
 
 
 @triton.jit
-def paged_block_max_kernel(
-        QI, KI, KIS, PAGE_TABLE, SEQ_LENS, M, scale, max_pages,
-        stride_qt, stride_qh, stride_kp, stride_kt, stride_tb, stride_mc, stride_mh,
-        NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
-        BS: tl.constexpr, PAGES: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, MASK_TAIL: tl.constexpr = False, FP8: tl.constexpr = False):
-    b = tl.program_id(0)
-    n = tl.load(SEQ_LENS + b)
-    offs_r = tl.arange(0, ROWS)
-    i = offs_r // HI
-    h = offs_r % HI
-    rmask = offs_r < NQ * HI
-    pos = n - NQ + i
-    qrow = (b * NQ + i).to(tl.int64)
-    offs_n = tl.arange(0, BS)
-    offs_d = tl.arange(0, DI)
-    qi = tl.load(QI + qrow[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
-                 mask=rmask[:, None], other=0.0)
-    m_off = qrow * stride_mc + h * stride_mh
-    row_scale = scale
-    if FP8:                 # the queries quantized as msa.ops.quant.quantize_e4m3 does
-        qf = qi.to(tl.float32)
-        amax = tl.max(tl.abs(qf), 1)
-        qs = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)      # IEEE, as torch
-        q8 = to_e4m3(tl.clamp(tl.math.div_rn(qf, qs[:, None]), -448.0, 448.0))
-        row_scale = qs * scale              # max commutes with a positive row factor
-    for jj in range(PAGES):                 # predicated (not branched): pipelined loads
-        j = tl.program_id(1) * PAGES + jj
-        live = j * BS < n                   # pages past the end: no loads, M = -inf
-        page = tl.load(PAGE_TABLE + b * stride_tb + j, mask=live, other=0).to(tl.int64)
-        kptr = KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :]
-        if MASK_TAIL:                   # rows past the last token may lie past the tensor
-            rows = live & (j * BS + offs_n < n)
-            ki = tl.load(kptr, mask=rows[:, None], other=0.0)
-        else:                           # whole pages of a pool: read them whole
-            rows = live
-            ki = tl.load(kptr, mask=live, other=0.0)
-        if FP8:                         # e4m3 x e4m3 products x the keys' row scales
-            s = dot(q8, tl.trans(ki), "tf32", False) * \
-                tl.load(KIS + page * BS + offs_n, mask=rows, other=0.0)[None, :]
-        else:
-            s = dot(qi, tl.trans(ki), PRECISION, UPCAST)
-        s = tl.where((j * BS + offs_n)[None, :] <= pos[:, None], s, float("-inf"))
-        tl.store(M + m_off + j, tl.max(s, 1) * row_scale, mask=rmask & (j < max_pages))
+def combine_splits(PO, PL, OUT, LSE, pid, c, h, stride_ot, stride_oh, stride_lt,
+                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                   NSPLIT: tl.constexpr, NS_PAD: tl.constexpr):
+    """Merge the ``NSPLIT`` partial outputs of (query row ``c``, KV head ``h``) by LSE
+    (``pid = c * HKV + h``; read through L2: other programs wrote them). The split loop
+    is unrolled so that its loads are issued together."""
+    offs_s = tl.arange(0, NS_PAD)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    base = pid * NSPLIT * G_PAD
+    lse = tl.load(PL + base + offs_s[:, None] * G_PAD + offs_g[None, :],
+                  mask=offs_s[:, None] < NSPLIT, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe[None, :])                              # [splits, G_PAD]
+    wsum = tl.sum(w, 0)
+    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
+    for s in tl.static_range(NSPLIT):
+        ws = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)
+        acc += ws[:, None] * tl.load(PO + (base + s * G_PAD + offs_g)[:, None] * D
+                                     + offs_d[None, :], cache_modifier=".cg")
+    gmask = offs_g < G
+    tl.store(OUT + c * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             (acc / tl.maximum(wsum, 1e-30)[:, None]).to(OUT.dtype.element_ty),
+             mask=gmask[:, None])
+    tl.store(LSE + c * stride_lt + h * G + offs_g,
+             tl.where(wsum > 0, m_safe + tl.log(wsum), float("-inf")), mask=gmask)
 
 
 @triton.jit
 def paged_decode_attn_kernel(
-        Q, K, V, KS, VS, TOPK_INDICES, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, scale_log2,
+        Q, K, V, KS, VS, TOPK_INDICES, CAND, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, DONE,
+        scale_log2, n_lists,
         stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
-        stride_tb, stride_ot, stride_oh, stride_lt, stride_sp, stride_sh,
-        NQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
+        stride_cc, stride_ch, stride_tb, stride_ot, stride_oh, stride_lt, stride_sp,
+        stride_sh, NQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
         G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
-        PER_SPLIT: tl.constexpr, PER_PAD: tl.constexpr, NSPLIT: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr = False,
-        STAGES: tl.constexpr = 2):
+        TOPK_PAD: tl.constexpr, PER_SPLIT: tl.constexpr, PER_PAD: tl.constexpr,
+        NSPLIT: tl.constexpr, NS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, MERGE: tl.constexpr = False, LS: tl.constexpr = 1,
+        KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, LAST: tl.constexpr = False,
+        FP8: tl.constexpr = False, STAGES: tl.constexpr = 2):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -105,8 +94,18 @@ def paged_decode_attn_kernel(
     # dependent index loads, and it is predicated (no branch), so the K/V loads pipeline
     offs_j = tl.arange(0, PER_PAD)
     jv = sp * PER_SPLIT + offs_j
-    sel = tl.load(TOPK_INDICES + hs * stride_th + c * stride_tq + jv,
-                  mask=(offs_j < PER_SPLIT) & (jv < TOPK), other=-1)
+    jmask = (offs_j < PER_SPLIT) & (jv < TOPK)
+    if MERGE:       # the top-k row from the scan's ranked lists (msa.ops.decode.select)
+        row = merge_lists(CAND + c * stride_cc + hs * stride_ch, n_lists, pos // BS, LS,
+                          KR, NL_PAD, TOPK, TOPK_PAD)
+        offs_k = tl.arange(0, TOPK_PAD)
+        tl.store(TOPK_INDICES + hs * stride_th + c * stride_tq + offs_k, row,
+                 mask=(offs_k < TOPK) & (sp == 0) & (h == hs))       # one writer per row
+        sel = tl.max(tl.where(offs_k[None, :] == jv[:, None], row[None, :], -1), 1)
+        sel = tl.where(jmask, sel, -1)
+    else:
+        sel = tl.load(TOPK_INDICES + hs * stride_th + c * stride_tq + jv, mask=jmask,
+                      other=-1)
     sel = tl.where(sel * BS <= pos, sel, -1)                    # -1: nothing to read
     pages = tl.load(PAGE_TABLE + b * stride_tb + sel, mask=sel >= 0, other=0)
     qt = tl.load(Q + c * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
@@ -135,38 +134,27 @@ def paged_decode_attn_kernel(
                  + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None])
         tl.store(LSE + c * stride_lt + h * G + offs_g, lse, mask=gmask)
     else:
-        base = ((c * HKV + h) * NSPLIT + sp) * G_PAD + offs_g
+        pid = c * HKV + h
+        base = (pid * NSPLIT + sp) * G_PAD + offs_g
         tl.store(PO + base[:, None] * D + offs_d[None, :], out)
         tl.store(PL + base, lse)
+        if LAST:    # the last split of (query, KV head) to finish merges them all
+            tl.debug_barrier()                  # every thread's partial stored ...
+            done = tl.atomic_add(DONE + pid, 1, sem="acq_rel")     # ... then released
+            if done == NSPLIT - 1:
+                tl.store(DONE + pid, 0)                 # ready for the next step
+                combine_splits(PO, PL, OUT, LSE, pid, c, h, stride_ot, stride_oh,
+                               stride_lt, G, G_PAD, D, NSPLIT, NS_PAD)
 
 
 @triton.jit
 def paged_decode_combine_kernel(PO, PL, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                 HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                                D: tl.constexpr, NSPLIT: tl.constexpr):
+                                D: tl.constexpr, NSPLIT: tl.constexpr,
+                                NS_PAD: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    c = pid // HKV
-    h = pid % HKV
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D)
-    base = pid * NSPLIT * G_PAD
-    m = tl.zeros((G_PAD,), dtype=tl.float32) - float("inf")
-    for s in range(NSPLIT):
-        m = tl.maximum(m, tl.load(PL + base + s * G_PAD + offs_g))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    wsum = tl.zeros((G_PAD,), dtype=tl.float32)
-    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    for s in range(NSPLIT):
-        w = tl.exp(tl.load(PL + base + s * G_PAD + offs_g) - m_safe)
-        wsum += w
-        acc += w[:, None] * tl.load(PO + (base + s * G_PAD + offs_g)[:, None] * D
-                                    + offs_d[None, :])
-    gmask = offs_g < G
-    tl.store(OUT + c * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
-             (acc / tl.maximum(wsum, 1e-30)[:, None]).to(OUT.dtype.element_ty),
-             mask=gmask[:, None])
-    tl.store(LSE + c * stride_lt + h * G + offs_g,
-             tl.where(wsum > 0, m_safe + tl.log(wsum), float("-inf")), mask=gmask)
+    combine_splits(PO, PL, OUT, LSE, pid, pid // HKV, pid % HKV, stride_ot, stride_oh,
+                   stride_lt, G, G_PAD, D, NSPLIT, NS_PAD)
 
 
 def decode_splits(rows: int, hkv: int, topk: int) -> Tuple[int, int]:
@@ -185,23 +173,27 @@ def partial_rows(max_batch: int, num_q: int, hkv: int, topk: int) -> int:
 
 
 def partial_buffers(max_batch: int, num_q: int, num_heads: int, num_kv_heads: int,
-                    head_dim: int, topk: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(po, pl)`` fp32: the split partial outputs and LSEs ``paged_attend`` needs for any
-    batch up to ``max_batch`` requests of ``num_q`` tokens."""
+                    head_dim: int, topk: int, device) -> Tuple[torch.Tensor, ...]:
+    """``(po, pl, done)``: the split partial outputs and LSEs (fp32) ``paged_attend`` needs
+    for any batch up to ``max_batch`` requests of ``num_q`` tokens, and the int32 count of
+    finished splits per (query, KV head), zero (the last split resets it)."""
     g_pad = max(16, next_pow2(num_heads // num_kv_heads))
     n = partial_rows(max_batch, num_q, num_kv_heads, topk)
     f32 = dict(dtype=torch.float32, device=device)
-    return torch.empty(n * g_pad * head_dim, **f32), torch.empty(n * g_pad, **f32)
+    return (torch.empty(n * g_pad * head_dim, **f32), torch.empty(n * g_pad, **f32),
+            torch.zeros(n, dtype=torch.int32, device=device))
 
 
 def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: int,
-                 max_pages: int, num_kv_heads: int, block_max, topk_indices, out, lse, po,
-                 pl, block_size: int, scale: float, index_scale: float, kv_strides=None,
-                 ki_strides=None, ki_page_table=None, mask_tail: bool = False,
-                 pages_per_program: int = None, index_stages: int = None,
-                 k_scales=None, v_scales=None, ki_scales=None, scale_strides=None) -> None:
+                 max_pages: int, num_kv_heads: int, candidates, topk_indices, out, lse,
+                 partials, block_size: int, scale: float, index_scale: float,
+                 kv_strides=None, ki_strides=None, ki_page_table=None,
+                 mask_tail: bool = False, pages_per_program: int = None,
+                 index_stages: int = None, k_scales=None, v_scales=None, ki_scales=None,
+                 scale_strides=None) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
-    no allocation: capturable in a CUDA graph): ``paged_select`` then ``paged_attend``.
+    no allocation: capturable in a CUDA graph): ``msa.ops.decode.select.paged_scan``,
+    then ``paged_attend`` merging the scan's ranked lists itself.
 
     q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major); pages ``k, v [P, Hkv, page,
     D]`` (``Hkv = num_kv_heads``), ``ki [P, page, Di]`` read through
@@ -212,58 +204,44 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     are addressed that way (default: the pages' own strides; the last dim is contiguous);
     ``mask_tail``: read no index-key row past a request's last token (when the last page
     may extend past the tensor; whole pages of a pool are read whole, which is faster).
-    Writes block_max ``[B*Q, Hi, max_pages]`` fp32, topk_indices ``[Hi, B*Q, K]`` int32,
-    out ``[B*Q, Hq, D]``, lse ``[B*Q, Hq]`` fp32; po / pl: split partials of at least
-    ``partial_rows`` rows x ``G_pad * D`` / ``G_pad`` fp32. FP8 pages (e4m3 ``k, v, ki``)
-    come with their row scales: ``k_scales, v_scales [P, Hkv, page]``, ``ki_scales
-    [P, page]`` fp32, contiguous (``msa.ops.quant``); e4m3 index keys are scored against
-    e4m3 index queries (quantized in the kernel by the same rule, docs/semantics.md).
-    ``scale_strides``: the (page, head) strides of ``k_scales, v_scales`` when they are
-    other tensors addressed that way (their token stride is 1; the index-key scale of
-    token ``n`` of page ``p`` is ``ki_scales.view(-1)[p * page + n]``).
+    Writes candidates ``[B*Q, Hi, >= candidates_width(max_pages)]`` int64 (the scan's
+    ranked lists), topk_indices ``[Hi, B*Q, K]`` int32, out ``[B*Q, Hq, D]``, lse
+    ``[B*Q, Hq]`` fp32; partials: ``partial_buffers`` for at least this batch. FP8 pages
+    (e4m3 ``k, v, ki``) come with their row scales: ``k_scales, v_scales [P, Hkv, page]``,
+    ``ki_scales [P, page]`` fp32, contiguous (``msa.ops.quant``); e4m3 index keys are
+    scored against e4m3 index queries (quantized in the kernel by the same rule,
+    docs/semantics.md). ``scale_strides``: the (page, head) strides of ``k_scales,
+    v_scales`` when they are other tensors addressed that way (their token stride is 1;
+    the index-key scale of token ``n`` of page ``p`` is ``ki_scales.view(-1)[p * page +
+    n]``).
     """
-    paged_select(qi, ki, page_table if ki_page_table is None else ki_page_table, seq_lens,
-                 batch=batch, num_q=num_q, max_pages=max_pages, block_max=block_max,
-                 topk_indices=topk_indices, block_size=block_size, index_scale=index_scale,
-                 ki_strides=ki_strides, mask_tail=mask_tail,
-                 pages_per_program=pages_per_program, index_stages=index_stages,
-                 ki_scales=ki_scales)
+    lists = paged_scan(qi, ki, page_table if ki_page_table is None else ki_page_table,
+                       seq_lens, candidates, batch=batch, num_q=num_q, max_pages=max_pages,
+                       topk=topk_indices.shape[2], block_size=block_size,
+                       index_scale=index_scale, ki_strides=ki_strides, mask_tail=mask_tail,
+                       pages_per_program=pages_per_program, index_stages=index_stages,
+                       ki_scales=ki_scales)
+    split = decode_splits(batch * num_q, num_kv_heads, topk_indices.shape[2])[0] > 1
+    if not split:       # many programs: one merge per row first, not one per program
+        paged_merge(candidates, seq_lens, topk_indices, lists, num_q=num_q,
+                    block_size=block_size)
     paged_attend(q, k, v, topk_indices, page_table, seq_lens, batch=batch, num_q=num_q,
-                 num_kv_heads=num_kv_heads, out=out, lse=lse, po=po, pl=pl,
+                 num_kv_heads=num_kv_heads, out=out, lse=lse, partials=partials,
                  block_size=block_size, scale=scale, kv_strides=kv_strides,
-                 k_scales=k_scales, v_scales=v_scales, scale_strides=scale_strides)
-
-
-def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_pages: int,
-                 block_max, topk_indices, block_size: int, index_scale: float,
-                 ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
-                 index_stages: int = None, ki_scales=None) -> None:
-    """The selection of a decode step (see ``paged_decode``): block maxima of the index
-    scores into ``block_max``, the top-k into ``topk_indices [Hi, B*Q, K]`` (any strides
-    with a contiguous last dim)."""
-    b, nq, hi = batch, num_q, topk_indices.shape[0]
-    ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
-    prec, up = precision(qi.dtype), upcast(qi.dtype)
-    per = pages_per_program or \
-        max(1, min(16, next_pow2(-(-b * max_pages // TARGET_PROGRAMS))))
-    paged_block_max_kernel[(b, triton.cdiv(max_pages, per))](
-        qi, ki, ki_scales, ki_table, seq_lens, block_max, index_scale, max_pages,
-        qi.stride(0), qi.stride(1), ki_strides[0], ki_strides[1],
-        ki_table.stride(0), block_max.stride(0), block_max.stride(1),
-        NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
-        BS=block_size, PAGES=per, PRECISION=prec, UPCAST=up, MASK_TAIL=mask_tail,
-        FP8=ki_scales is not None, num_warps=4,
-        num_stages=index_stages or (3 if ki_scales is None else 2))
-    decode_topk(block_max, seq_lens, topk_indices, batch=b, num_q=nq, max_pages=max_pages,
-                block_size=block_size)
+                 k_scales=k_scales, v_scales=v_scales, scale_strides=scale_strides,
+                 merge=(candidates, *lists) if split else None)
 
 
 def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num_q: int,
-                 num_kv_heads: int, out, lse, po, pl, block_size: int, scale: float,
-                 kv_strides=None, k_scales=None, v_scales=None,
-                 scale_strides=None) -> None:
+                 num_kv_heads: int, out, lse, partials, block_size: int, scale: float,
+                 kv_strides=None, k_scales=None, v_scales=None, scale_strides=None,
+                 merge=None) -> None:
     """The attention of a decode step over ``topk_indices [Hs, B*Q, K]`` (see
-    ``paged_decode``), split over the selected blocks and merged by LSE."""
+    ``paged_decode``), split over the selected blocks and merged by LSE: the last split
+    of each (query, KV head) to finish merges them when ``partials`` holds its counts
+    (``done`` not None), else a combine kernel does. ``merge = (candidates, ls, n_lists,
+    kr)`` (``msa.ops.decode.select.paged_scan``): each program first merges its row from
+    the scan's lists (one of them writes it to ``topk_indices``)."""
     rows = batch * num_q
     hs, topk = topk_indices.shape[0], topk_indices.shape[2]
     hq, d = q.shape[1], q.shape[2]
@@ -271,19 +249,24 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     hkv = num_kv_heads
     scale_strides = scale_strides or (hkv * block_size, block_size)
     g = hq // hkv
-    prec, up = precision(q.dtype), upcast(q.dtype)
     nsplit, per_split = decode_splits(rows, hkv, topk)
     g_pad = max(16, next_pow2(g))
+    po, pl, done = partials
+    cand, ls, n_lists, kr = merge or (topk_indices, 1, 1, 1)
     fp8 = k_scales is not None
     paged_decode_attn_kernel[(rows, hkv, nsplit)](
-        q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, po, pl,
-        scale * LOG2E, q.stride(0), q.stride(1), kv_strides[0], kv_strides[1],
-        kv_strides[2], topk_indices.stride(0), topk_indices.stride(1),
+        q, k, v, k_scales, v_scales, topk_indices, cand, page_table, seq_lens, out, lse, po,
+        pl, done, scale * LOG2E, n_lists, q.stride(0), q.stride(1), *kv_strides,
+        topk_indices.stride(0), topk_indices.stride(1), cand.stride(0), cand.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
-        NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size,
-        TOPK=topk, PER_SPLIT=per_split, PER_PAD=next_pow2(per_split), NSPLIT=nsplit,
-        PRECISION=prec, UPCAST=up, FP8=fp8, STAGES=3 if fp8 else 2, num_warps=4)
-    if nsplit > 1:
+        NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size, TOPK=topk,
+        TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
+        NSPLIT=nsplit, NS_PAD=next_pow2(nsplit), PRECISION=precision(q.dtype),
+        UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
+        NL_PAD=next_pow2(n_lists), LAST=done is not None, FP8=fp8,
+        STAGES=3 if fp8 else 2, num_warps=4)
+    if nsplit > 1 and done is None:
         paged_decode_combine_kernel[(rows * hkv,)](
             po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0),
-            HKV=hkv, G=g, G_PAD=g_pad, D=d, NSPLIT=nsplit, num_warps=4)
+            HKV=hkv, G=g, G_PAD=g_pad, D=d, NSPLIT=nsplit, NS_PAD=next_pow2(nsplit),
+            num_warps=4)

@@ -5,7 +5,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from msa.ops.decode.triton import paged_decode, partial_rows  # noqa: E402
+from msa.ops.decode.select import candidates_width, unpack  # noqa: E402
+from msa.ops.decode.triton import paged_decode, partial_buffers  # noqa: E402
 from msa.ops.quant import dequantize, fake_quantize, quantize_e4m3  # noqa: E402
 from tests.helpers import DEVICE  # noqa: E402
 from tests.ops.decode.test_triton import BS, D, HKV, HQ, K, _cache  # noqa: E402
@@ -17,15 +18,14 @@ def _run(q, qi, k, v, ki, table, lens, nq, **scales):
     out = torch.full_like(q, float("nan"))
     lse = torch.full((rows, HQ), float("nan"), **f32)
     topk = torch.full((hi, rows, K), -7, dtype=torch.int32, device=DEVICE)
-    n = partial_rows(len(lens), nq, HKV, K)
-    block_max = torch.full((rows, hi, table.shape[1]), float("nan"), **f32)
+    cand = torch.full((rows, hi, candidates_width(table.shape[1])), 7, dtype=torch.int64,
+                      device=DEVICE)
     paged_decode(q, qi, k, v, ki, table, lens, batch=len(lens), num_q=nq,
-                 max_pages=table.shape[1], num_kv_heads=HKV,
-                 block_max=block_max, topk_indices=topk,
-                 out=out, lse=lse, po=torch.empty(n * 16 * D, **f32),
-                 pl=torch.empty(n * 16, **f32), block_size=BS, scale=D ** -0.5,
-                 index_scale=D ** -0.5, **scales)
-    return out, lse, topk, block_max
+                 max_pages=table.shape[1], num_kv_heads=HKV, candidates=cand,
+                 topk_indices=topk, out=out, lse=lse,
+                 partials=partial_buffers(len(lens), nq, HQ, HKV, D, K, DEVICE),
+                 block_size=BS, scale=D ** -0.5, index_scale=D ** -0.5, **scales)
+    return out, lse, topk, cand
 
 
 @pytest.mark.parametrize("lengths,nq", [((300, 65, 129), 1), ((200, 130), 4)])
@@ -49,9 +49,9 @@ def test_fp8_pages_decode_like_their_dequantized_copy(lengths, nq):
                 dequantize(v8, vs).nan_to_num(0.0, 0.0, 0.0), dequantize(ki8, kis), table,
                 lens, nq)
     assert torch.equal(got[2], want[2])
-    assert torch.equal(got[3].isfinite(), want[3].isfinite())
-    seen = want[3].isfinite()
-    torch.testing.assert_close(got[3][seen], want[3][seen], rtol=1e-5, atol=1e-5)
+    (got_m, got_id), (want_m, want_id) = unpack(got[3]), unpack(want[3])
+    assert torch.equal(got_id, want_id)                 # the scan's ranked lists
+    torch.testing.assert_close(got_m, want_m, rtol=1e-5, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     # and near the unquantized cache (e4m3: 3 mantissa bits)

@@ -31,7 +31,8 @@ def _cache(lengths, num_pages, seed, hi=HKV, shared=False):
     ((1, 127, 128, 129), 1, HKV, False),
     ((300, 65, 200), 4, 1, False),
     ((200, 130), 16, HKV, True),                 # shared prefix pages
-])
+    ((300, 65, 200, 129, 128, 64, 70, 90, 100), 8, HKV, False),   # 144 rows x KV heads:
+])                                        # one merge per row, unsplit attention
 def test_decoder_matches_reference(lengths, nq, hi, shared):
     k, v, ki, table = _cache(lengths, 24, seed=len(lengths) + nq, shared=shared)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
@@ -41,7 +42,7 @@ def test_decoder_matches_reference(lengths, nq, hi, shared):
     rows = len(lengths) * nq
     q = torch.randn(rows, HQ, D, generator=g).to(DEVICE)
     qi = torch.randn(rows, hi, D, generator=g).to(DEVICE)
-    dec = PagedDecoder(cfg, max_batch=4, num_q=nq, max_pages=table.shape[1] + 2,
+    dec = PagedDecoder(cfg, max_batch=len(lengths) + 1, num_q=nq, max_pages=table.shape[1] + 2,
                        device=DEVICE, dtype=torch.float32)
     dec.out.fill_(float("nan"))
     dec.lse.fill_(float("nan"))
@@ -160,18 +161,19 @@ def test_decoder_run_checks_inputs():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("max_pages,lengths,nq", [
-    (700, (700 * 64, 36000, 16400), 2),    # two whole chunks of 256 blocks and a tail
-    (512, (512 * 64, 1333), 1),            # whole chunks only
+@pytest.mark.parametrize("max_pages,lengths,nq,per,lists", [
+    (700, (700 * 64, 36000, 16400), 2, None, 88),  # lists of 8, a short last chunk
+    (512, (512 * 64, 1333), 1, 32, 16),            # lists of 16 (of 32 pages)
+    (40, (40 * 64,) * 6 + (1000, 65, 64), 8, None, 40),     # 144 rows: lists of one block
 ])
-def test_split_topk_matches_reference(max_pages, lengths, nq):
-    """Long rows rank in chunks and merge (``topk_chunks``): rows equal the reference,
-    ties (few distinct scores) included."""
-    from msa.ops.decode.topk import topk_chunks
-    from msa.ops.decode.triton import paged_select
+def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
+    """Each scan program ranks its chunk's blocks (few rows) or leaves one key per block
+    (many rows); the merge takes the heads of the lists (``msa.ops.decode.select``); rows
+    equal the reference, ties (few distinct scores) included."""
+    from msa.ops.decode.select import candidates_width, paged_select, scan_chunks
     bs, di, hi, topk = 64, 64, 2, 16
     rows = len(lengths) * nq
-    assert topk_chunks(rows * hi, max_pages, topk)[0] >= 2
+    assert scan_chunks(rows * hi, len(lengths), max_pages, topk, per)[2] == lists
     g = torch.Generator().manual_seed(max_pages)
     pages = len(lengths) * max_pages
     ki = torch.randint(-2, 3, (pages, bs, di), generator=g).float().to(DEVICE)
@@ -179,9 +181,10 @@ def test_split_topk_matches_reference(max_pages, lengths, nq):
     table = torch.randperm(pages, generator=g).view(len(lengths), max_pages).int().to(DEVICE)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     sel = torch.full((hi, rows, topk), -7, dtype=torch.int32, device=DEVICE)
+    width = candidates_width(max_pages)
     paged_select(qi, ki, table, lens, batch=len(lengths), num_q=nq, max_pages=max_pages,
-                 block_max=torch.full((rows, hi, max_pages), float("nan"), device=DEVICE),
-                 topk_indices=sel, block_size=bs, index_scale=1.0)
+                 candidates=torch.full((rows, hi, width), 3, device=DEVICE),
+                 topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
     ref = paged_indexer(qi, ki, table, lens, [nq] * len(lengths), block_size=bs, topk=topk,
                         softmax_scale=1.0)
     assert torch.equal(sel, ref)

@@ -1,0 +1,235 @@
+"""Decode selection: an index-key scan writes one ranking key per (query row, index head,
+block), a merge of ranked lists of them gives the top-k (docs/semantics.md, "Selection":
+score desc, id asc, the local block last, then -1; NaN ranks below every number, -0 as +0).
+
+``paged_scan_kernel``, grid (request, page chunk): each program scores its chunk's pages of
+index keys for all ``Q x Hi`` query rows of the request (one MMA per page) and stores, per
+row and block, an int64 key (``pack``): the block max in the high word (ordered as a signed
+integer), the complement of the block id in the low word, so one integer ``max`` ranks by
+score, then by the smaller id; blocks that may not be ranked (the local block, later ones)
+hold ``EMPTY``. With few query rows (``rank_in_scan``: one decode token at 1M tokens has
+8192 blocks per row) the program then ranks its chunk's keys in place, so that each chunk
+is a ranked list of its best ``min(K-1, chunk)``; with many rows every block is a list of
+one.
+
+``merge_lists`` reads the head of every list and takes the largest ``K-1`` times, advancing
+the winner's list (each round is one ``max``). ``paged_merge_kernel`` writes the top-k rows;
+the decode attention kernel merges for itself when its blocks are split over programs
+(``msa.ops.decode.triton``).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_utils import dot, next_pow2, precision, rank_key, to_e4m3, upcast
+
+TARGET_PROGRAMS = 264           # about two waves on a 132-SM GPU
+EMPTY = tl.constexpr(-9223372036854775808)      # int64 min: no block
+
+
+@triton.jit
+def pack(m, j):
+    """Block max ``m`` (fp32) and block id ``j`` -> int64 key, larger = ranked first."""
+    bits = rank_key(m).to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)            # float order as signed int
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - j).to(tl.int64)
+
+
+@triton.jit
+def block_id(key):
+    """The block id of a ``pack`` key (``-1`` for ``EMPTY``)."""
+    return tl.where(key == EMPTY, -1, 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32))
+
+
+@triton.jit
+def paged_scan_kernel(
+        QI, KI, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, max_pages,
+        stride_qt, stride_qh, stride_kp, stride_kt, stride_tb, stride_cc, stride_ch,
+        NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
+        BS: tl.constexpr, PAGES: tl.constexpr, KR: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, RANK: tl.constexpr, MASK_TAIL: tl.constexpr = False,
+        FP8: tl.constexpr = False):
+    """Chunk ``p`` of request ``b``: the key of block ``j`` of row ``(i, h)`` at
+    ``CAND[b*Q + i, h, j]``; ``RANK``: then the chunk's ``KR`` best, ranked (``EMPTY``
+    padded), at ``CAND[b*Q + i, h, p*PAGES :][:KR]``."""
+    b = tl.program_id(0)
+    p = tl.program_id(1)
+    n = tl.load(SEQ_LENS + b)
+    offs_r = tl.arange(0, ROWS)
+    i = offs_r // HI
+    h = offs_r % HI
+    rmask = offs_r < NQ * HI
+    pos = n - NQ + i
+    local = pos // BS
+    qrow = (b * NQ + i).to(tl.int64)
+    offs_n = tl.arange(0, BS)
+    offs_d = tl.arange(0, DI)
+    qi = tl.load(QI + qrow[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    row_scale = scale
+    if FP8:                 # the queries quantized as msa.ops.quant.quantize_e4m3 does
+        qf = qi.to(tl.float32)
+        amax = tl.max(tl.abs(qf), 1)
+        qs = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)      # IEEE, as torch
+        q8 = to_e4m3(tl.clamp(tl.math.div_rn(qf, qs[:, None]), -448.0, 448.0))
+        row_scale = qs * scale              # max commutes with a positive row factor
+    lists = CAND + qrow * stride_cc + h * stride_ch + p * PAGES       # [ROWS]: this chunk
+    for jj in range(PAGES):
+        j = p * PAGES + jj
+        live = j * BS < n                   # pages past the end: no loads
+        page = tl.load(PAGE_TABLE + b * stride_tb + j, mask=live, other=0).to(tl.int64)
+        kptr = KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :]
+        if MASK_TAIL:                   # rows past the last token may lie past the tensor
+            rows = live & (j * BS + offs_n < n)
+            ki = tl.load(kptr, mask=rows[:, None], other=0.0)
+        else:                           # whole pages of a pool: read them whole
+            rows = live
+            ki = tl.load(kptr, mask=live, other=0.0)
+        if FP8:     # keys x e4m3 queries (the keys, in shared memory, are the MMA's A
+            #         operand: no conversion), times the keys' row scales
+            s = dot(ki, tl.trans(q8), "tf32", False) * \
+                tl.load(KIS + page * BS + offs_n, mask=rows, other=0.0)[:, None]
+            m = tl.max(s, 0) * row_scale    # earlier blocks only: every key visible
+        else:
+            m = tl.max(dot(qi, tl.trans(ki), PRECISION, UPCAST), 1) * row_scale
+        key = tl.where((j < local) & (m != float("-inf")), pack(m, j), EMPTY)
+        tl.store(lists + jj, key, mask=rmask)
+    if RANK:        # the chunk's keys back from global memory (this program's own stores)
+        tl.debug_barrier()
+        offs_p = tl.arange(0, PAGES)
+        keys = tl.load(lists[:, None] + offs_p[None, :], mask=rmask[:, None], other=EMPTY)
+        offs_k = tl.arange(0, KR)
+        ranked = tl.full((ROWS, KR), EMPTY, dtype=tl.int64)
+        for r in range(KR):             # keys are distinct: each round removes one
+            best = tl.max(keys, 1)
+            ranked = tl.where(offs_k[None, :] == r, best[:, None], ranked)
+            keys = tl.where(keys == best[:, None], EMPTY, keys)
+        tl.debug_barrier()
+        tl.store(lists[:, None] + offs_k[None, :], ranked, mask=rmask[:, None])
+
+
+@triton.jit
+def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
+                NL_PAD: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """The top-k row ``[TOPK_PAD]`` int32 (``-1`` past ``TOPK``) from ``n_lists`` ranked
+    lists of ``KR`` keys, ``LS`` apart from ``LISTS``, and the local block ``local``."""
+    offs_l = tl.arange(0, NL_PAD)
+    offs_k = tl.arange(0, TOPK_PAD)
+    head = tl.zeros((NL_PAD,), dtype=tl.int32)
+    ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
+    for r in range(TOPK - 1):
+        key = tl.load(LISTS + offs_l * LS + head, mask=(offs_l < n_lists) & (head < KR),
+                      other=EMPTY)
+        best = tl.max(key, 0)
+        ranked = tl.where(offs_k == r, block_id(best), ranked)
+        head += ((key == best) & (best != EMPTY)).to(tl.int32)
+    n_ranked = tl.minimum(local, TOPK - 1)
+    return tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, ranked))
+
+
+@triton.jit
+def paged_merge_kernel(CAND, SEQ_LENS, TOPK_INDICES, n_lists, stride_cc, stride_ch,
+                       stride_th, stride_tq, NQ: tl.constexpr, BS: tl.constexpr,
+                       LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.constexpr,
+                       TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """The top-k row of (query row ``c``, index head ``h``)."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    local = (tl.load(SEQ_LENS + c // NQ) - NQ + (c % NQ)) // BS
+    row = merge_lists(CAND + c * stride_cc + h * stride_ch, n_lists, local, LS, KR, NL_PAD,
+                      TOPK, TOPK_PAD)
+    offs_k = tl.arange(0, TOPK_PAD)
+    tl.store(TOPK_INDICES + h * stride_th + c * stride_tq + offs_k, row, mask=offs_k < TOPK)
+
+
+def unpack(candidates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``pack`` keys (int64) -> ``(block max fp32, block id int64)``; ``EMPTY`` gives
+    ``(nan, -1)`` (for tests and inspection)."""
+    ordered = (candidates >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    empty = candidates == torch.iinfo(torch.int64).min
+    score = torch.where(empty, float("nan"), bits.view(torch.float32))
+    return score, torch.where(empty, -1, 0x7FFFFFFF - (candidates & 0x7FFFFFFF))
+
+
+def rank_in_scan(rows: int) -> bool:
+    """Whether the scan ranks its chunks: when ``rows`` (query rows x index heads) are
+    few, so that one merge program per row would walk thousands of blocks (the decode
+    attention then splits its blocks over programs too, ``decode_splits``)."""
+    return rows * 2 <= TARGET_PROGRAMS
+
+
+def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
+                pages_per_program: int = None) -> Tuple[int, int, int, int]:
+    """``(pages, ls, n_lists, kr)``: pages per scan program (enough programs for about two
+    waves; a power of two, at most 16), and the lists the merge reads per row: ``n_lists``
+    of ``kr`` keys, ``ls`` apart (the chunks when the scan ranks them, else the blocks)."""
+    per = pages_per_program or \
+        max(1, min(16, next_pow2(-(-batch * max_pages // TARGET_PROGRAMS))))
+    if rank_in_scan(rows):
+        return per, per, triton.cdiv(max_pages, per), min(next_pow2(topk - 1), per)
+    return per, 1, max_pages, 1
+
+
+def candidates_width(max_pages: int) -> int:
+    """Last dim of the candidates buffer ``[B*Q, Hi, width]`` int64 (``max_pages`` rounded
+    up to whole chunks of the default at most 16 pages)."""
+    return -(-max_pages // 16) * 16
+
+
+def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int,
+               max_pages: int, topk: int, block_size: int, index_scale: float,
+               ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
+               index_stages: int = None, ki_scales=None) -> Tuple[int, int, int]:
+    """Launch the scan into ``candidates [B*Q, Hi, >= max_pages rounded up to the chunk]``
+    int64; returns the lists ``(ls, n_lists, kr)`` for the merge (``scan_chunks``).
+    Arguments as ``msa.ops.decode.triton.paged_decode``."""
+    b, nq, hi = batch, num_q, qi.shape[1]
+    per, ls, n_lists, kr = scan_chunks(b * nq * hi, b, max_pages, topk, pages_per_program)
+    chunks = triton.cdiv(max_pages, per)
+    if candidates.shape[2] < chunks * per or candidates.stride(2) != 1:
+        raise ValueError(f"candidates must have a contiguous last dim of >= {chunks * per}, "
+                         f"got {tuple(candidates.shape)}")
+    ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
+    paged_scan_kernel[(b, chunks)](
+        qi, ki, ki_scales, ki_table, seq_lens, candidates, index_scale, max_pages,
+        qi.stride(0), qi.stride(1), ki_strides[0], ki_strides[1],
+        ki_table.stride(0), candidates.stride(0), candidates.stride(1),
+        NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
+        BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
+        UPCAST=upcast(qi.dtype), RANK=ls > 1, MASK_TAIL=mask_tail,
+        FP8=ki_scales is not None, num_warps=4,
+        num_stages=index_stages or (3 if ki_scales is None else 2))
+    return ls, n_lists, kr
+
+
+def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_pages: int,
+                 candidates, topk_indices, block_size: int, index_scale: float,
+                 ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
+                 index_stages: int = None, ki_scales=None) -> None:
+    """The selection of a decode step alone: ``topk_indices [Hi, B*Q, K]`` int32 (any
+    strides with a contiguous last dim), through ``candidates`` (``paged_scan``)."""
+    topk = topk_indices.shape[2]
+    lists = paged_scan(
+        qi, ki, ki_table, seq_lens, candidates, batch=batch, num_q=num_q,
+        max_pages=max_pages, topk=topk, block_size=block_size, index_scale=index_scale,
+        ki_strides=ki_strides, mask_tail=mask_tail, pages_per_program=pages_per_program,
+        index_stages=index_stages, ki_scales=ki_scales)
+    paged_merge(candidates, seq_lens, topk_indices, lists, num_q=num_q,
+                block_size=block_size)
+
+
+def paged_merge(candidates, seq_lens, topk_indices, lists, *, num_q: int,
+                block_size: int) -> None:
+    """``topk_indices [Hi, rows, K]`` from the scan's ``lists = (ls, n_lists, kr)``."""
+    ls, n_lists, kr = lists
+    hi, rows, topk = topk_indices.shape
+    paged_merge_kernel[(rows, hi)](
+        candidates, seq_lens, topk_indices, n_lists, candidates.stride(0),
+        candidates.stride(1), topk_indices.stride(0), topk_indices.stride(1),
+        NQ=num_q, BS=block_size, LS=ls, KR=kr, NL_PAD=next_pow2(n_lists), TOPK=topk,
+        TOPK_PAD=next_pow2(topk), num_warps=8 if n_lists > 4096 else 4)
