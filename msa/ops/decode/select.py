@@ -89,13 +89,12 @@ def paged_scan_kernel(
         else:                           # whole pages of a pool: read them whole
             rows = live
             ki = tl.load(kptr, mask=live, other=0.0)
-        if FP8:     # keys x e4m3 queries (the keys, in shared memory, are the MMA's A
-            #         operand: no conversion), times the keys' row scales
-            s = dot(ki, tl.trans(q8), "tf32", False) * \
-                tl.load(KIS + page * BS + offs_n, mask=rows, other=0.0)[:, None]
-            m = tl.max(s, 0) * row_scale    # earlier blocks only: every key visible
+        if FP8:                         # e4m3 x e4m3 products x the keys' row scales
+            s = dot(q8, tl.trans(ki), "tf32", False) * \
+                tl.load(KIS + page * BS + offs_n, mask=rows, other=0.0)[None, :]
         else:
-            m = tl.max(dot(qi, tl.trans(ki), PRECISION, UPCAST), 1) * row_scale
+            s = dot(qi, tl.trans(ki), PRECISION, UPCAST)
+        m = tl.max(s, 1) * row_scale        # earlier blocks only: every key visible
         key = tl.where((j < local) & (m != float("-inf")), pack(m, j), EMPTY)
         tl.store(lists + jj, key, mask=rmask)
     if RANK:        # the chunk's keys back from global memory (this program's own stores)
