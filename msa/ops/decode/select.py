@@ -118,14 +118,21 @@ def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
     lists of ``KR`` keys, ``LS`` apart from ``LISTS``, and the local block ``local``."""
     offs_l = tl.arange(0, NL_PAD)
     offs_k = tl.arange(0, TOPK_PAD)
-    head = tl.zeros((NL_PAD,), dtype=tl.int32)
     ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
-    for r in range(TOPK - 1):
-        key = tl.load(LISTS + offs_l * LS + head, mask=(offs_l < n_lists) & (head < KR),
-                      other=EMPTY)
-        best = tl.max(key, 0)
-        ranked = tl.where(offs_k == r, block_id(best), ranked)
-        head += ((key == best) & (best != EMPTY)).to(tl.int32)
+    if KR == 1:         # lists of one key (a block each): loaded once, taken in registers
+        key = tl.load(LISTS + offs_l * LS, mask=offs_l < n_lists, other=EMPTY)
+        for r in range(TOPK - 1):
+            best = tl.max(key, 0)
+            ranked = tl.where(offs_k == r, block_id(best), ranked)
+            key = tl.where(key == best, EMPTY, key)
+    else:
+        head = tl.zeros((NL_PAD,), dtype=tl.int32)
+        for r in range(TOPK - 1):
+            key = tl.load(LISTS + offs_l * LS + head, mask=(offs_l < n_lists) & (head < KR),
+                          other=EMPTY)
+            best = tl.max(key, 0)
+            ranked = tl.where(offs_k == r, block_id(best), ranked)
+            head += ((key == best) & (best != EMPTY)).to(tl.int32)
     n_ranked = tl.minimum(local, TOPK - 1)
     return tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, ranked))
 
