@@ -78,8 +78,8 @@ def paged_decode_attn_kernel(
         TOPK_PAD: tl.constexpr, PER_SPLIT: tl.constexpr, PER_PAD: tl.constexpr,
         NSPLIT: tl.constexpr, NS_PAD: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, MERGE: tl.constexpr = False, LS: tl.constexpr = 1,
-        KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, LAST: tl.constexpr = False,
-        FP8: tl.constexpr = False, STAGES: tl.constexpr = 2):
+        KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, FP8: tl.constexpr = False,
+        STAGES: tl.constexpr = 2):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -138,23 +138,13 @@ def paged_decode_attn_kernel(
         base = (pid * NSPLIT + sp) * G_PAD + offs_g
         tl.store(PO + base[:, None] * D + offs_d[None, :], out)
         tl.store(PL + base, lse)
-        if LAST:    # the last split of (query, KV head) to finish merges them all
-            tl.debug_barrier()                  # every thread's partial stored ...
-            done = tl.atomic_add(DONE + pid, 1, sem="acq_rel")     # ... then released
-            if done == NSPLIT - 1:
-                tl.store(DONE + pid, 0)                 # ready for the next step
-                combine_splits(PO, PL, OUT, LSE, pid, c, h, stride_ot, stride_oh,
-                               stride_lt, G, G_PAD, D, NSPLIT, NS_PAD)
-
-
-@triton.jit
-def paged_decode_combine_kernel(PO, PL, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                                HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                                D: tl.constexpr, NSPLIT: tl.constexpr,
-                                NS_PAD: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    combine_splits(PO, PL, OUT, LSE, pid, pid // HKV, pid % HKV, stride_ot, stride_oh,
-                   stride_lt, G, G_PAD, D, NSPLIT, NS_PAD)
+        # the last split of (query, KV head) to finish merges them all
+        tl.debug_barrier()                      # every thread's partial stored ...
+        done = tl.atomic_add(DONE + pid, 1, sem="acq_rel")         # ... then released
+        if done == NSPLIT - 1:
+            tl.store(DONE + pid, 0)                     # ready for the next step
+            combine_splits(PO, PL, OUT, LSE, pid, c, h, stride_ot, stride_oh, stride_lt,
+                           G, G_PAD, D, NSPLIT, NS_PAD)
 
 
 def decode_splits(rows: int, hkv: int, topk: int) -> Tuple[int, int]:
@@ -237,11 +227,11 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
                  kv_strides=None, k_scales=None, v_scales=None, scale_strides=None,
                  merge=None) -> None:
     """The attention of a decode step over ``topk_indices [Hs, B*Q, K]`` (see
-    ``paged_decode``), split over the selected blocks and merged by LSE: the last split
-    of each (query, KV head) to finish merges them when ``partials`` holds its counts
-    (``done`` not None), else a combine kernel does. ``merge = (candidates, ls, n_lists,
-    kr)`` (``msa.ops.decode.select.paged_scan``): each program first merges its row from
-    the scan's lists (one of them writes it to ``topk_indices``)."""
+    ``paged_decode``), split over the selected blocks and merged by LSE by the last split
+    of each (query, KV head) to finish (``partials = partial_buffers(...)``, whose counts
+    it resets). ``merge = (candidates, ls, n_lists, kr)``
+    (``msa.ops.decode.select.paged_scan``): each program first merges its row from the
+    scan's lists (one of them writes it to ``topk_indices``)."""
     rows = batch * num_q
     hs, topk = topk_indices.shape[0], topk_indices.shape[2]
     hq, d = q.shape[1], q.shape[2]
@@ -263,10 +253,4 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
         TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
         NSPLIT=nsplit, NS_PAD=next_pow2(nsplit), PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
-        NL_PAD=next_pow2(n_lists), LAST=done is not None, FP8=fp8,
-        STAGES=3 if fp8 else 2, num_warps=4)
-    if nsplit > 1 and done is None:
-        paged_decode_combine_kernel[(rows * hkv,)](
-            po, pl, out, lse, out.stride(0), out.stride(1), lse.stride(0),
-            HKV=hkv, G=g, G_PAD=g_pad, D=d, NSPLIT=nsplit, NS_PAD=next_pow2(nsplit),
-            num_warps=4)
+        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2, num_warps=4)
