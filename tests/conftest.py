@@ -20,6 +20,8 @@ SLOW = {
     "[False-packed]",
     "tests/ops/decode/test_triton.py::"
     "test_selection_merges_ranked_lists[700-lengths0-2-None-88]",
+    "tests/ops/decode/test_triton.py::"
+    "test_selection_merges_ranked_lists[512-lengths1-1-32-16]",
     "tests/ops/decode/test_triton.py::test_decoder_matches_reference[lengths3-8-2-False]",
     "tests/integrations/test_vllm.py::test_attention_takes_the_geometry_the_index_top_k_read",
     "tests/ops/attention/test_backward.py::"
