@@ -55,7 +55,8 @@ class PagedDecoder:
         self.page_table = torch.zeros(max_batch, max_pages, **i32)
         self.seq_lens = torch.full((max_batch,), num_q, **i32)
         rows = max_batch * num_q
-        self.candidates = torch.empty(rows, c.index_heads, candidates_width(max_pages),
+        self.candidates = torch.empty(rows, c.index_heads,
+                                      candidates_width(max_pages, pages_per_program),
                                       dtype=torch.int64, device=self.device)
         self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(rows, c.num_heads, **f32)

@@ -181,10 +181,12 @@ def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
     return per, 1, max_pages, 1
 
 
-def candidates_width(max_pages: int) -> int:
-    """Last dim of the candidates buffer ``[B*Q, Hi, width]`` int64 (``max_pages`` rounded
-    up to whole chunks of the default at most 16 pages)."""
-    return -(-max_pages // 16) * 16
+def candidates_width(max_pages: int, pages_per_program: int = None) -> int:
+    """Last dim of the candidates buffer ``[B*Q, Hi, width]`` int64 any batch needs
+    (``max_pages`` rounded up to whole chunks: of the default at most 16 pages, or of
+    ``pages_per_program``)."""
+    per = max(16, pages_per_program or 16)
+    return -(-max_pages // per) * per
 
 
 def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int,
@@ -197,9 +199,10 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
     b, nq, hi = batch, num_q, qi.shape[1]
     per, ls, n_lists, kr = scan_chunks(b * nq * hi, b, max_pages, topk, pages_per_program)
     chunks = triton.cdiv(max_pages, per)
-    if candidates.shape[2] < chunks * per or candidates.stride(2) != 1:
-        raise ValueError(f"candidates must have a contiguous last dim of >= {chunks * per}, "
-                         f"got {tuple(candidates.shape)}")
+    if candidates.dtype != torch.int64 or candidates.shape[2] < chunks * per or \
+            candidates.stride(2) != 1:
+        raise ValueError(f"candidates must be int64 with a contiguous last dim of >= "
+                         f"{chunks * per}, got {tuple(candidates.shape)} {candidates.dtype}")
     ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
     paged_scan_kernel[(b, chunks)](
         qi, ki, ki_scales, ki_table, seq_lens, candidates, index_scale, max_pages,

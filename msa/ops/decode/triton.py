@@ -183,7 +183,8 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                  scale_strides=None) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph): ``msa.ops.decode.select.paged_scan``,
-    then ``paged_attend`` merging the scan's ranked lists itself.
+    then ``paged_attend``, which merges the scan's ranked lists itself when its blocks are
+    split over programs (else ``paged_merge`` runs first, one program per row).
 
     q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major); pages ``k, v [P, Hkv, page,
     D]`` (``Hkv = num_kv_heads``), ``ki [P, page, Di]`` read through

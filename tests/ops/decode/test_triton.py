@@ -70,6 +70,27 @@ def test_decoder_matches_reference(lengths, nq, hi, shared):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_decoder_takes_scan_chunks_longer_than_16_pages():
+    """``pages_per_program=32``: the decoder's candidates buffer holds whole chunks."""
+    lengths, nq = (300, 65, 200), 2
+    k, v, ki, table = _cache(lengths, 24, seed=5)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, index_head_dim=D,
+                    block_size=BS, topk=K)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(len(lengths) * nq, HQ, D, generator=g).to(DEVICE)
+    qi = torch.randn(len(lengths) * nq, HKV, D, generator=g).to(DEVICE)
+    dec = PagedDecoder(cfg, max_batch=3, num_q=nq, max_pages=table.shape[1], device=DEVICE,
+                       dtype=torch.float32, pages_per_program=32)
+    dec.plan(table, lens)
+    out, topk = dec.run(q, qi, k, v, ki)
+    q_lens = [nq] * len(lengths)
+    ref_topk = paged_indexer(qi, ki, table, lens, q_lens, block_size=BS, topk=K)
+    assert torch.equal(topk, ref_topk)
+    torch.testing.assert_close(out, paged_attention(q, k, v, ref_topk, table, lens, q_lens),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_decoder_validates_plan():
     cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, index_head_dim=D,
                     block_size=BS, topk=K)
@@ -188,3 +209,7 @@ def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
     ref = paged_indexer(qi, ki, table, lens, [nq] * len(lengths), block_size=bs, topk=topk,
                         softmax_scale=1.0)
     assert torch.equal(sel, ref)
+    with pytest.raises(ValueError, match="candidates must be int64"):     # a block-max buffer
+        paged_select(qi, ki, table, lens, batch=len(lengths), num_q=nq, max_pages=max_pages,
+                     candidates=torch.zeros((rows, hi, width), device=DEVICE),
+                     topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
