@@ -23,6 +23,9 @@ SLOW = {
     "tests/ops/decode/test_triton.py::"
     "test_selection_merges_ranked_lists[512-lengths1-1-32-16]",
     "tests/ops/decode/test_triton.py::test_decoder_matches_reference[lengths3-8-2-False]",
+    "tests/ops/decode/test_triton.py::test_decoder_matches_reference[lengths2-16-2-True]",
+    "tests/ops/decode/test_fp8.py::test_fp8_pages_decode_like_their_dequantized_copy"
+    "[lengths1-4]",
     "tests/integrations/test_vllm.py::test_attention_takes_the_geometry_the_index_top_k_read",
     "tests/ops/attention/test_backward.py::"
     "test_triton_backward_matches_reference_fp32[fragments-shared-kv-fast]",
