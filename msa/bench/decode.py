@@ -7,6 +7,8 @@ decode) on the same cache in its layout; the best dense decode (SDPA cuDNN and f
 contiguous K/V, both tried). The HBM floor is the bytes a decode must read (every index
 key of the context, the distinct selected K/V pages) over the copy bandwidth measured in
 the same run. msa's selection and output are checked against the reference first.
+Each step is timed twice: one graph per step (its launch included), and per layer in a
+graph of ``LAYERS`` steps (as a model's decode graph replays its layers; launch shared).
 
 FP8 pages (e4m3 rows with fp32 row scales, ``msa.ops.quant``) are timed beside bf16 in
 the same run: K/V in FP8 with bf16 index keys (the ``PagedKVCache`` default for FP8, and
@@ -26,9 +28,14 @@ from ..ops.decode.naive import paged_decode_reference
 from ..ops.quant import dequantize, fake_quantize, quantize_e4m3
 from . import common as C
 
+LAYERS = 8      # decode steps per graph for the per-layer times (``graph_ms``)
 
-def graph_ms(fn, reps: int = 50) -> float:
-    """Median ms of replaying a CUDA graph of ``fn`` (captured after two warm-up calls)."""
+
+def graph_ms(fn, reps: int = 50, layers: int = 1) -> float:
+    """Median ms of replaying a CUDA graph of ``fn`` (captured after two warm-up calls).
+    ``layers > 1``: the graph holds ``fn`` that many times in a row, as a model's decode
+    graph holds its layers, and the time is per call (the graph's launch, paid once per
+    model step, is then shared)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -37,8 +44,9 @@ def graph_ms(fn, reps: int = 50) -> float:
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return C.timed(graph.replay, reps=reps, warmup=3)
+        for _ in range(layers):
+            fn()
+    return C.timed(graph.replay, reps=reps, warmup=3) / layers
 
 
 def copy_bandwidth() -> float:
@@ -142,6 +150,7 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
     dec.plan(table, lens)
     r = dict(context=T, batch=B, num_q=Q)
     r["msa_us"] = 1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki))
+    r["msa_us_per_layer"] = 1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki), layers=LAYERS)
     out, topk = (x.clone() for x in dec.run(q, qi, k, v, ki))
     # distinct (request, KV head, page) a step reads; one index head per KV head
     per = topk.view(cfg.index_heads, B, Q * cfg.topk).long()
@@ -149,6 +158,7 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
         cfg.num_kv_heads // cfg.index_heads
     r["floor_us"] = floor_us(cfg, B, T, distinct, 2, 2, bw)
     r["msa_vs_floor"] = r["msa_us"] / r["floor_us"]
+    r["msa_per_layer_vs_floor"] = r["msa_us_per_layer"] / r["floor_us"]
     rows = B * Q
     common = dict(batch=B, num_q=Q, max_pages=dec.max_pages, block_size=cfg.block_size)
 
@@ -173,13 +183,16 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
             ("kv", (k8, v8, ki), (ks, vs, None), 1, 2),
             ("kv_ki", (k8, v8, ki8), (ks, vs, kis), 1, 1)):
         kw = dict(k_scales=scales[0], v_scales=scales[1], ki_scales=scales[2])
-        d = dict(msa_us=1e3 * graph_ms(lambda: dec.run(q, qi, *pages, **kw)))
+        d = dict(msa_us=1e3 * graph_ms(lambda: dec.run(q, qi, *pages, **kw)),
+                 msa_us_per_layer=1e3 * graph_ms(lambda: dec.run(q, qi, *pages, **kw),
+                                                 layers=LAYERS))
         o8, t8 = dec.run(q, qi, *pages, **kw)
         outs[name] = o8.clone()
         d["topk_rows_equal_bf16"] = C.rows_equal(t8, topk)
         d["cosine_vs_bf16"] = C.cosine(o8, out)
         d["floor_us"] = floor_us(cfg, B, T, distinct, kv_b, ki_b, bw)
         d["msa_vs_floor"] = d["msa_us"] / d["floor_us"]
+        d["msa_per_layer_vs_floor"] = d["msa_us_per_layer"] / d["floor_us"]
         if ki_b == 1:
             d["select_us"] = 1e3 * graph_ms(select(ki8, kis))
         else:
@@ -191,6 +204,7 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
         run = vllm_decode(vllm, q, qi, k, v, ki, table, lens, cfg, Q)
         v_out, v_topk = run()
         r["vllm_us"] = 1e3 * graph_ms(run)
+        r["vllm_us_per_layer"] = 1e3 * graph_ms(run, layers=LAYERS)
         r["vllm_topk_rows_equal"] = C.rows_equal(v_topk, topk)
         r["vllm_cosine"] = C.cosine(v_out, out)
         del run
@@ -200,6 +214,7 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
                           scales=(token_scales(ks), token_scales(vs)))
         v_out, v_topk = run()
         r["vllm_fp8_kv_us"] = 1e3 * graph_ms(run)
+        r["vllm_fp8_kv_us_per_layer"] = 1e3 * graph_ms(run, layers=LAYERS)
         r["vllm_fp8_kv_topk_rows_equal"] = C.rows_equal(v_topk, topk)
         r["vllm_fp8_kv_cosine_vs_msa_fp8_kv"] = C.cosine(v_out, outs["kv"])
         del run, k8, v8

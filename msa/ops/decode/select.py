@@ -125,14 +125,23 @@ def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
             best = tl.max(key, 0)
             ranked = tl.where(offs_k == r, block_id(best), ranked)
             key = tl.where(key == best, EMPTY, key)
-    else:
-        head = tl.zeros((NL_PAD,), dtype=tl.int32)
-        for r in range(TOPK - 1):
-            key = tl.load(LISTS + offs_l * LS + head, mask=(offs_l < n_lists) & (head < KR),
-                          other=EMPTY)
+    else:   # each list's head and next key in registers; a winner's key after them is
+        # loaded in its round and used one round later, so no round waits on memory
+        lists = LISTS + offs_l * LS
+        live = offs_l < n_lists
+        key = tl.load(lists, mask=live, other=EMPTY)
+        nxt = tl.load(lists + 1, mask=live & (KR > 1), other=EMPTY)
+        nxt_at = tl.full((NL_PAD,), 2, dtype=tl.int32)      # the list position to load next
+        won = offs_l < 0
+        fetched = tl.full((NL_PAD,), EMPTY, dtype=tl.int64)
+        for r in tl.static_range(TOPK - 1):
             best = tl.max(key, 0)
+            nxt = tl.where(won, fetched, nxt)       # the previous round's load, used now
             ranked = tl.where(offs_k == r, block_id(best), ranked)
-            head += ((key == best) & (best != EMPTY)).to(tl.int32)
+            won = (key == best) & (best != EMPTY)
+            fetched = tl.load(lists + nxt_at, mask=won & (nxt_at < KR), other=EMPTY)
+            nxt_at += won.to(tl.int32)
+            key = tl.where(won, nxt, key)
     n_ranked = tl.minimum(local, TOPK - 1)
     return tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, ranked))
 

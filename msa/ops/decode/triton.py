@@ -68,6 +68,41 @@ def combine_splits(PO, PL, OUT, LSE, pid, c, h, stride_ot, stride_oh, stride_lt,
 
 
 @triton.jit
+def fp16_rows(x):
+    """Rows ``x [M, D]`` (bf16 or fp16) as fp16 times a power of two per row that brings
+    their largest magnitude into ``[2^14, 2^15)`` (exact for bf16 values: no overflow, no
+    lost mantissa bits above ``2^-28`` of the row's largest) -> ``(x16, 1 / factor)``."""
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), 1)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127     # floor(log2(amax))
+    f = ((tl.minimum(tl.maximum(14 - e, -126), 127) + 127) << 23).to(tl.float32,
+                                                                     bitcast=True)
+    f = tl.where(amax > 0, f, 1.0)
+    return (xf * f[:, None]).to(tl.float16), 1.0 / f
+
+
+@triton.jit
+def fp8_softmax_step(q16, kt, vt, ks, vs, kmask, q_scale, m_i, l_i, acc):
+    """``online_softmax_step`` (base 2) over e4m3 keys ``kt`` and values ``vt [N, D]`` with
+    row scales ``ks, vs [N]``, without dequantizing the tiles: e4m3 values are exact in
+    fp16, so the MMAs take them as they are; ``q16 [M, D]`` fp16 rows whose scores are
+    ``q_scale [M]`` (the softmax scale in base 2 over their factor) times ``ks``, and the
+    probabilities meet ``vs`` over its block max (in ``(0, 1]``) before their fp16 MMA,
+    whose result is multiplied by that max."""
+    s = tl.dot(q16, tl.trans(kt.to(tl.float16))) * q_scale[:, None] * ks[None, :]
+    s = tl.where(kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_max = tl.max(vs, 0)
+    pv = (p * (vs / tl.maximum(v_max, 1e-30))[None, :]).to(tl.float16)
+    acc = acc * alpha[:, None] + v_max * tl.dot(pv, vt.to(tl.float16))
+    return m_new, l_i, acc
+
+
+@triton.jit
 def paged_decode_attn_kernel(
         Q, K, V, KS, VS, TOPK_INDICES, CAND, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, DONE,
         scale_log2, n_lists,
@@ -79,7 +114,7 @@ def paged_decode_attn_kernel(
         NSPLIT: tl.constexpr, NS_PAD: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, MERGE: tl.constexpr = False, LS: tl.constexpr = 1,
         KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, FP8: tl.constexpr = False,
-        STAGES: tl.constexpr = 2):
+        F16: tl.constexpr = False, STAGES: tl.constexpr = 2):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -110,6 +145,8 @@ def paged_decode_attn_kernel(
     pages = tl.load(PAGE_TABLE + b * stride_tb + sel, mask=sel >= 0, other=0)
     qt = tl.load(Q + c * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
                  mask=gmask[:, None], other=0.0)
+    if F16:         # e4m3 tiles meet fp16 queries (fp32 products); see fp8_softmax_step
+        q16, q_scale = fp16_rows(qt)
     m_i = tl.zeros((G_PAD,), dtype=tl.float32) - float("inf")
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
@@ -121,12 +158,18 @@ def paged_decode_attn_kernel(
             offs_d[None, :]
         kt = tl.load(K + off, mask=kmask[:, None], other=0.0)
         vt = tl.load(V + off, mask=kmask[:, None], other=0.0)
-        if FP8:     # e4m3 rows times their scales (token stride 1), in qt's dtype
-            soff = page * stride_sp + h * stride_sh + offs_n
-            kt = dequant_rows(kt, KS, soff, kmask, qt.dtype)
-            vt = dequant_rows(vt, VS, soff, kmask, qt.dtype)
-        m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i, acc,
-                                            scale_log2, PRECISION, UPCAST, True)
+        soff = page * stride_sp + h * stride_sh + offs_n         # FP8 scales: token stride 1
+        if F16:
+            m_i, l_i, acc = fp8_softmax_step(
+                q16, kt, vt, tl.load(KS + soff, mask=kmask, other=0.0),
+                tl.load(VS + soff, mask=kmask, other=0.0), kmask, q_scale * scale_log2,
+                m_i, l_i, acc)
+        else:
+            if FP8:     # e4m3 rows times their scales, in qt's dtype (fp32 queries)
+                kt = dequant_rows(kt, KS, soff, kmask, qt.dtype)
+                vt = dequant_rows(vt, VS, soff, kmask, qt.dtype)
+            m_i, l_i, acc = online_softmax_step(qt, kt, vt, kmask[None, :], m_i, l_i, acc,
+                                                scale_log2, PRECISION, UPCAST, True)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
     if NSPLIT == 1:
@@ -254,4 +297,6 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
         TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
         NSPLIT=nsplit, NS_PAD=next_pow2(nsplit), PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
-        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2, num_warps=4)
+        NL_PAD=next_pow2(n_lists), FP8=fp8,
+        F16=fp8 and q.dtype in (torch.bfloat16, torch.float16), STAGES=3 if fp8 else 2,
+        num_warps=4)

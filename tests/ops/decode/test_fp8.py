@@ -58,3 +58,29 @@ def test_fp8_pages_decode_like_their_dequantized_copy(lengths, nq):
     plain = _run(q, qi, k, v, ki, table, lens, nq)
     cos = torch.nn.functional.cosine_similarity(got[0].flatten(), plain[0].flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_fp8_pages_meet_bf16_queries_in_fp16():
+    """bf16 queries over e4m3 pages: the tiles enter fp16 MMAs undequantized, the queries
+    scaled per row into fp16's range (``fp8_softmax_step``); against fp32 queries over the
+    dequantized pages, within the bf16 output's rounding. Large query rows (beyond fp16's
+    range) and a zero row included."""
+    lengths, nq = (300, 65, 129), 2
+    k, v, ki, table = _cache(lengths, 24, seed=5)
+    table = torch.where(table < 0, 0, table)
+    (k8, ks), (v8, vs) = quantize_e4m3(k), quantize_e4m3(v)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(len(lengths) * nq, HQ, D, generator=g).to(DEVICE)
+    q[0, 0] *= 3e5                      # |q| up to ~1e6: past fp16's 65504
+    q[1, 3] = 0.0
+    q[2] *= 1e-3
+    q = q.bfloat16()
+    qi = torch.randn(len(lengths) * nq, HKV, D, generator=g).to(DEVICE)
+    got = _run(q, qi, k8, v8, ki, table, lens, nq, k_scales=ks, v_scales=vs)
+    want = _run(q.float(), qi, dequantize(k8, ks).nan_to_num(0.0, 0.0, 0.0),
+                dequantize(v8, vs).nan_to_num(0.0, 0.0, 0.0), ki, table, lens, nq)
+    assert torch.equal(got[2], want[2])
+    assert got[0].isfinite().all()
+    torch.testing.assert_close(got[0].float(), want[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
