@@ -1,8 +1,9 @@
 """Test setup: Triton kernels run in Triton's interpreter where there is no GPU; tests
-marked ``gpu`` skip without one. ``SLOW`` lists the interpreter cases that take several
-seconds each on a CPU (most repeat a default case at another shape or mode): they carry
-the ``slow`` marker, run by ``python -m pytest -q -m slow`` (the default run deselects
-them, ``.ci/run`` runs both; on a GPU machine run ``-m "slow or not slow"``)."""
+marked ``gpu`` skip without one. ``SLOW`` lists the cases that take several seconds each
+on a CPU (interpreter cases, most repeating a default case at another shape or mode, and
+the tiny passkey evaluation, over a minute): they carry the ``slow`` marker, run by
+``python -m pytest -q -m slow`` (the default run deselects them, ``.ci/run`` runs both;
+on a GPU machine run ``-m "slow or not slow"``)."""
 import os
 
 import pytest
@@ -14,6 +15,7 @@ if not torch.cuda.is_available():
 
 
 SLOW = {
+    "tests/eval/test_passkey.py::test_tiny_passkey_dense_and_msa_and_recall",
     "tests/integrations/test_m3_fp8_cache.py::"
     "test_fused_decoder_reads_the_fp8_cache_in_place[None]",
     "tests/ops/test_plan.py::test_one_plan_and_no_topk_validation_per_training_step"
