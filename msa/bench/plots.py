@@ -39,19 +39,25 @@ def plot(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    if results["meta"]["case"] == "decode":
+    if results["meta"]["case"] == "decode":        # one panel per case: bars differ 10x
         cases = results["cases"]
-        labels = [f"{c['context'] // 1024}K x{c['batch']} x{c['num_q']}" for c in cases]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        bars = [("msa", [c["msa_us"] for c in cases]),
-                ("vLLM", [c.get("vllm_us", 0) for c in cases]),
-                ("HBM floor", [c["floor_us"] for c in cases])]
-        for i, (name, ys) in enumerate(bars):
-            ax.bar([j + 0.27 * i for j in range(len(cases))], ys, width=0.27, label=name)
-        ax.set_xticks([j + 0.27 for j in range(len(cases))], labels)
-        ax.set_ylabel("us per layer step")
-        ax.legend()
-        ax.set_title(f"decode, {results['meta']['gpu']}")
+        fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.6),
+                                 squeeze=False)
+        for ax, c in zip(axes[0], cases):
+            per = "_per_layer" if "msa_us_per_layer" in c else ""
+            fp8 = c.get("fp8", {}).get("kv", {})
+            bars = [("msa bf16", c[f"msa_us{per}"]), ("msa FP8 K/V", fp8.get(f"msa_us{per}")),
+                    ("vLLM bf16", c.get(f"vllm_us{per}")),
+                    ("vLLM FP8 K/V", c.get(f"vllm_fp8_kv_us{per}")),
+                    ("floor bf16", c["floor_us"]), ("floor FP8 K/V", fp8.get("floor_us"))]
+            bars = [(n, y) for n, y in bars if y]
+            ax.bar(range(len(bars)), [y for _, y in bars],
+                   color=[f"C{i}" for i in range(len(bars))])
+            ax.set_xticks(range(len(bars)), [n for n, _ in bars], rotation=30, ha="right",
+                          fontsize=8)
+            ax.set_ylabel("us per layer" + (" (graph of 8 steps)" if per else ""))
+            ax.set_title(f"{c['context'] // 1024}K x {c['batch']} x {c['num_q']}, "
+                         f"{results['meta']['gpu']}", fontsize=9)
     else:
         panels = _series(results)
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
