@@ -130,7 +130,7 @@ def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
         lists = LISTS + offs_l * LS
         live = offs_l < n_lists
         key = tl.load(lists, mask=live, other=EMPTY)
-        nxt = tl.load(lists + 1, mask=live & (KR > 1), other=EMPTY)
+        nxt = tl.load(lists + 1, mask=live, other=EMPTY)           # KR >= 2 here
         nxt_at = tl.full((NL_PAD,), 2, dtype=tl.int32)      # the list position to load next
         won = offs_l < 0
         fetched = tl.full((NL_PAD,), EMPTY, dtype=tl.int64)
