@@ -64,12 +64,19 @@ def test_fp8_pages_meet_bf16_queries_in_fp16():
     """bf16 queries over e4m3 pages: the tiles enter fp16 MMAs undequantized, the queries
     scaled per row into fp16's range (``fp8_softmax_step``); against fp32 queries over the
     dequantized pages, within the bf16 output's rounding. Large query rows (beyond fp16's
-    range) and a zero row included."""
+    range), a zero row and small rows included; the scales of slots past the last token
+    poisoned."""
     lengths, nq = (300, 65, 129), 2
     k, v, ki, table = _cache(lengths, 24, seed=5)
     table = torch.where(table < 0, 0, table)
     (k8, ks), (v8, vs) = quantize_e4m3(k), quantize_e4m3(v)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    want_kv = (dequantize(k8, ks), dequantize(v8, vs))
+    ks, vs = ks.clone(), vs.clone()         # slots past the last token: never read
+    for r, n in enumerate(lengths):
+        last = int(table[r, (n - 1) // BS])
+        ks[last, :, n % BS or BS:] = float("inf")
+        vs[last, :, n % BS or BS:] = float("nan")
     g = torch.Generator().manual_seed(8)
     q = torch.randn(len(lengths) * nq, HQ, D, generator=g).to(DEVICE)
     q[0, 0] *= 3e5                      # |q| up to ~1e6: past fp16's 65504
@@ -78,8 +85,7 @@ def test_fp8_pages_meet_bf16_queries_in_fp16():
     q = q.bfloat16()
     qi = torch.randn(len(lengths) * nq, HKV, D, generator=g).to(DEVICE)
     got = _run(q, qi, k8, v8, ki, table, lens, nq, k_scales=ks, v_scales=vs)
-    want = _run(q.float(), qi, dequantize(k8, ks).nan_to_num(0.0, 0.0, 0.0),
-                dequantize(v8, vs).nan_to_num(0.0, 0.0, 0.0), ki, table, lens, nq)
+    want = _run(q.float(), qi, *want_kv, ki, table, lens, nq)
     assert torch.equal(got[2], want[2])
     assert got[0].isfinite().all()
     torch.testing.assert_close(got[0].float(), want[0], rtol=1e-2, atol=1e-2)
