@@ -60,15 +60,22 @@ def online_softmax_step(qt, kt, vt, kmask, m_i, l_i, acc, scale_log2,
     the values (LSE only).
     """
     s = dot(qt, tl.trans(kt), PRECISION, UPCAST) * scale_log2
-    s = tl.where(kmask, s, float("-inf"))
+    m_new, alpha, p, l_i = softmax_update(tl.where(kmask, s, float("-inf")), m_i, l_i)
+    if HAS_V:
+        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_update(s, m_i, l_i):
+    """The running max and sum of an online softmax in base 2 after scores ``s [M, N]``
+    (``-inf``: not allowed) -> ``(m_new, alpha, p, l_new)``: ``alpha [M]`` rescales what
+    was accumulated, ``p = exp2(s - m_new)``; rows with nothing allowed keep ``-inf``, 0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if HAS_V:
-        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
-    return m_new, l_i, acc
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .select import TARGET_PROGRAMS, merge_lists, paged_merge, paged_scan
 from ..triton_utils import (LN2, LOG2E, dequant_rows, next_pow2, online_softmax_step,
-                            precision, upcast)
+                            precision, softmax_update, upcast)
 
 
 @triton.jit
@@ -90,12 +90,8 @@ def fp8_softmax_step(q16, kt, vt, ks, vs, kmask, q_scale, m_i, l_i, acc):
     probabilities meet ``vs`` over its block max (in ``(0, 1]``) before their fp16 MMA,
     whose result is multiplied by that max."""
     s = tl.dot(q16, tl.trans(kt.to(tl.float16))) * q_scale[:, None] * ks[None, :]
-    s = tl.where(kmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = softmax_update(tl.where(kmask[None, :], s, float("-inf")),
+                                          m_i, l_i)
     v_max = tl.max(vs, 0)
     pv = (p * (vs / tl.maximum(v_max, 1e-30))[None, :]).to(tl.float16)
     acc = acc * alpha[:, None] + v_max * tl.dot(pv, vt.to(tl.float16))
@@ -114,7 +110,7 @@ def paged_decode_attn_kernel(
         NSPLIT: tl.constexpr, NS_PAD: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, MERGE: tl.constexpr = False, LS: tl.constexpr = 1,
         KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, FP8: tl.constexpr = False,
-        F16: tl.constexpr = False, STAGES: tl.constexpr = 2):
+        STAGES: tl.constexpr = 2):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -145,8 +141,11 @@ def paged_decode_attn_kernel(
     pages = tl.load(PAGE_TABLE + b * stride_tb + sel, mask=sel >= 0, other=0)
     qt = tl.load(Q + c * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
                  mask=gmask[:, None], other=0.0)
-    if F16:         # e4m3 tiles meet fp16 queries (fp32 products); see fp8_softmax_step
+    # FP8 pages with 16-bit queries: e4m3 tiles meet fp16 queries (see fp8_softmax_step)
+    F16: tl.constexpr = FP8 and Q.dtype.element_ty != tl.float32
+    if F16:
         q16, q_scale = fp16_rows(qt)
+        q_scale = q_scale * scale_log2
     m_i = tl.zeros((G_PAD,), dtype=tl.float32) - float("inf")
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
@@ -162,8 +161,7 @@ def paged_decode_attn_kernel(
         if F16:
             m_i, l_i, acc = fp8_softmax_step(
                 q16, kt, vt, tl.load(KS + soff, mask=kmask, other=0.0),
-                tl.load(VS + soff, mask=kmask, other=0.0), kmask, q_scale * scale_log2,
-                m_i, l_i, acc)
+                tl.load(VS + soff, mask=kmask, other=0.0), kmask, q_scale, m_i, l_i, acc)
         else:
             if FP8:     # e4m3 rows times their scales, in qt's dtype (fp32 queries)
                 kt = dequant_rows(kt, KS, soff, kmask, qt.dtype)
@@ -297,6 +295,4 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
         TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
         NSPLIT=nsplit, NS_PAD=next_pow2(nsplit), PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
-        NL_PAD=next_pow2(n_lists), FP8=fp8,
-        F16=fp8 and q.dtype in (torch.bfloat16, torch.float16), STAGES=3 if fp8 else 2,
-        num_warps=4)
+        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2, num_warps=4)
