@@ -28,6 +28,17 @@ def _run(q, qi, k, v, ki, table, lens, nq, **scales):
     return out, lse, topk, cand
 
 
+def _poison_past_end(ks, vs, table, lengths):
+    """Copies of the row scales whose slots past each request's last token (never read)
+    hold inf / NaN."""
+    ks, vs = ks.clone(), vs.clone()
+    for r, n in enumerate(lengths):
+        last = int(table[r, (n - 1) // BS])
+        ks[last, :, n % BS or BS:] = float("inf")
+        vs[last, :, n % BS or BS:] = float("nan")
+    return ks, vs
+
+
 @pytest.mark.parametrize("lengths,nq", [((300, 65, 129), 1), ((200, 130), 4)])
 def test_fp8_pages_decode_like_their_dequantized_copy(lengths, nq):
     k, v, ki, table = _cache(lengths, 24, seed=11)
@@ -37,12 +48,7 @@ def test_fp8_pages_decode_like_their_dequantized_copy(lengths, nq):
     g = torch.Generator().manual_seed(3)
     q = torch.randn(len(lengths) * nq, HQ, D, generator=g).to(DEVICE)
     qi = torch.randn(len(lengths) * nq, HKV, D, generator=g).to(DEVICE)
-    # scales of the slots past each request's last token are never used: poison them
-    ks, vs = ks.clone(), vs.clone()
-    for r, n in enumerate(lengths):
-        last = int(table[r, (n - 1) // BS])
-        ks[last, :, n % BS or BS:] = float("inf")
-        vs[last, :, n % BS or BS:] = float("nan")
+    ks, vs = _poison_past_end(ks, vs, table, lengths)
     got = _run(q, qi, k8, v8, ki8, table, lens, nq, k_scales=ks, v_scales=vs, ki_scales=kis)
     # e4m3 index keys are scored against e4m3 index queries (docs/semantics.md)
     want = _run(q, fake_quantize(qi), dequantize(k8, ks).nan_to_num(0.0, 0.0, 0.0),
@@ -72,11 +78,7 @@ def test_fp8_pages_meet_bf16_queries_in_fp16():
     (k8, ks), (v8, vs) = quantize_e4m3(k), quantize_e4m3(v)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     want_kv = (dequantize(k8, ks), dequantize(v8, vs))
-    ks, vs = ks.clone(), vs.clone()         # slots past the last token: never read
-    for r, n in enumerate(lengths):
-        last = int(table[r, (n - 1) // BS])
-        ks[last, :, n % BS or BS:] = float("inf")
-        vs[last, :, n % BS or BS:] = float("nan")
+    ks, vs = _poison_past_end(ks, vs, table, lengths)
     g = torch.Generator().manual_seed(8)
     q = torch.randn(len(lengths) * nq, HQ, D, generator=g).to(DEVICE)
     q[0, 0] *= 3e5                      # |q| up to ~1e6: past fp16's 65504
