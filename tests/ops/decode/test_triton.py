@@ -213,3 +213,36 @@ def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
         paged_select(qi, ki, table, lens, batch=len(lengths), num_q=nq, max_pages=max_pages,
                      candidates=torch.zeros((rows, hi, width), device=DEVICE),
                      topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
+
+
+@pytest.mark.parametrize("per", [8, 16])
+@pytest.mark.parametrize("pattern", ["one_chunk", "two_chunks", "distinct"])
+def test_selection_merge_takes_runs_from_one_list(pattern, per):
+    """The merge takes two keys per round: a row whose top blocks all lie in one chunk's
+    list (the merge walks deep into one list), in two lists that alternate, or distinct
+    random maxima, equals the reference (lists of ``per`` blocks)."""
+    from msa.ops.decode.select import candidates_width, paged_select, scan_chunks
+    bs, di, hi, topk, mp = 64, 64, 1, 16, 320
+    assert scan_chunks(hi, 1, mp, topk, per)[1:] == (per, mp // per, min(per, 16))
+    g = torch.Generator().manual_seed(7)
+    score = torch.randperm(mp, generator=g).float()              # the block maxima
+    if pattern == "one_chunk":          # blocks 80..95: the best (one or two chunks)
+        score[80:96] = 1000.0 + torch.arange(16.0)
+    elif pattern == "two_chunks":       # chunks 3 and 30 interleave in rank
+        score[24:32] = 1000.0 + 2 * torch.arange(8.0)
+        score[240:248] = 1001.0 + 2 * torch.arange(8.0)
+    ki = torch.zeros(mp, bs, di)
+    ki[:, 0, 0] = score                 # one key per block carries its max (queries e_0)
+    qi = torch.zeros(1, hi, di)
+    qi[..., 0] = 1.0
+    table = torch.arange(mp, dtype=torch.int32).view(1, mp)
+    lens = torch.tensor([mp * bs], dtype=torch.int32)
+    ki, qi, table, lens = (x.to(DEVICE) for x in (ki, qi, table, lens))
+    sel = torch.full((hi, 1, topk), -7, dtype=torch.int32, device=DEVICE)
+    paged_select(qi, ki, table, lens, batch=1, num_q=1, max_pages=mp,
+                 candidates=torch.full((1, hi, candidates_width(mp)), 3, device=DEVICE),
+                 topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
+    ref = paged_indexer(qi, ki, table, lens, [1], block_size=bs, topk=topk, softmax_scale=1.0)
+    assert torch.equal(sel, ref)
+    if pattern == "one_chunk":
+        assert sel[0, 0, :15].tolist() == list(range(95, 80, -1))
