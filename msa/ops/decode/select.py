@@ -12,8 +12,8 @@ hold ``EMPTY``. With few query rows (``rank_in_scan``: one decode token at 1M to
 is a ranked list of its best ``min(K-1, chunk)``; with many rows every block is a list of
 one.
 
-``merge_lists`` reads the heads of every list and takes the two largest keys per round (one
-reduction), advancing the winners' lists. ``paged_merge_kernel`` writes the top-k rows;
+``merge_lists`` reads the head of every list and takes the largest ``K-1`` times, advancing
+the winner's list (each round is one ``max``). ``paged_merge_kernel`` writes the top-k rows;
 the decode attention kernel merges for itself when its blocks are split over programs
 (``msa.ops.decode.triton``).
 """
@@ -112,55 +112,36 @@ def paged_scan_kernel(
 
 
 @triton.jit
-def top_two(a1, a2, b1, b2):
-    """The two largest of two ranked pairs (``a1 >= a2``, ``b1 >= b2``), ranked."""
-    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
-
-
-@triton.jit
 def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
                 NL_PAD: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
     """The top-k row ``[TOPK_PAD]`` int32 (``-1`` past ``TOPK``) from ``n_lists`` ranked
-    lists of ``KR`` keys, ``LS`` apart from ``LISTS``, and the local block ``local``.
-
-    Each round takes the two largest remaining keys with one reduction: they are among
-    the first two keys of every list. A list's first four keys stay in registers; the
-    keys after them that a round consumes are loaded in that round and placed one round
-    later, so no round waits on memory."""
+    lists of ``KR`` keys, ``LS`` apart from ``LISTS``, and the local block ``local``."""
     offs_l = tl.arange(0, NL_PAD)
     offs_k = tl.arange(0, TOPK_PAD)
     ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
-    lists = LISTS + offs_l * LS
-    live = offs_l < n_lists
-    a = tl.load(lists, mask=live, other=EMPTY)
     if KR == 1:         # lists of one key (a block each): loaded once, taken in registers
-        for r in range((TOPK - 1 + 1) // 2):
-            best, second = tl.reduce((a, tl.full((NL_PAD,), EMPTY, tl.int64)), 0, top_two)
-            ranked = tl.where(offs_k == 2 * r, block_id(best), ranked)
-            ranked = tl.where(offs_k == 2 * r + 1, block_id(second), ranked)
-            a = tl.where((a == best) | (a == second), EMPTY, a)
-    else:
-        b = tl.load(lists + 1, mask=live, other=EMPTY)          # KR >= 2 here
-        c = tl.load(lists + 2, mask=live & (2 < KR), other=EMPTY)
-        d = tl.load(lists + 3, mask=live & (3 < KR), other=EMPTY)
-        at = tl.full((NL_PAD,), 4, dtype=tl.int32)      # the list position to load next
-        took = tl.zeros((NL_PAD,), dtype=tl.int32)      # keys the previous round took
-        f1 = tl.full((NL_PAD,), EMPTY, dtype=tl.int64)  # and the loads it issued
-        f2 = f1
-        for r in tl.static_range((TOPK - 1 + 1) // 2):
-            best, second = tl.reduce((a, b), 0, top_two)
-            c = tl.where(took == 2, f1, c)              # the previous round's loads
-            d = tl.where(took == 2, f2, tl.where(took == 1, f1, d))
-            ranked = tl.where(offs_k == 2 * r, block_id(best), ranked)
-            ranked = tl.where(offs_k == 2 * r + 1, block_id(second), ranked)
-            took = ((a >= second) & (a != EMPTY)).to(tl.int32) + \
-                ((b >= second) & (b != EMPTY)).to(tl.int32)
-            f1 = tl.load(lists + at, mask=(took >= 1) & (at < KR), other=EMPTY)
-            f2 = tl.load(lists + at + 1, mask=(took == 2) & (at + 1 < KR), other=EMPTY)
-            at += took
-            a, b, c = (tl.where(took == 2, c, tl.where(took == 1, b, a)),
-                       tl.where(took == 2, d, tl.where(took == 1, c, b)),
-                       tl.where(took == 0, c, d))
+        key = tl.load(LISTS + offs_l * LS, mask=offs_l < n_lists, other=EMPTY)
+        for r in range(TOPK - 1):
+            best = tl.max(key, 0)
+            ranked = tl.where(offs_k == r, block_id(best), ranked)
+            key = tl.where(key == best, EMPTY, key)
+    else:   # each list's head and next key in registers; a winner's key after them is
+        # loaded in its round and used one round later, so no round waits on memory
+        lists = LISTS + offs_l * LS
+        live = offs_l < n_lists
+        key = tl.load(lists, mask=live, other=EMPTY)
+        nxt = tl.load(lists + 1, mask=live, other=EMPTY)           # KR >= 2 here
+        nxt_at = tl.full((NL_PAD,), 2, dtype=tl.int32)      # the list position to load next
+        won = offs_l < 0
+        fetched = tl.full((NL_PAD,), EMPTY, dtype=tl.int64)
+        for r in tl.static_range(TOPK - 1):
+            best = tl.max(key, 0)
+            nxt = tl.where(won, fetched, nxt)       # the previous round's load, used now
+            ranked = tl.where(offs_k == r, block_id(best), ranked)
+            won = (key == best) & (best != EMPTY)
+            fetched = tl.load(lists + nxt_at, mask=won & (nxt_at < KR), other=EMPTY)
+            nxt_at += won.to(tl.int32)
+            key = tl.where(won, nxt, key)
     n_ranked = tl.minimum(local, TOPK - 1)
     return tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, ranked))
 
