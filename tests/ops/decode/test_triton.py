@@ -215,8 +215,8 @@ def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
                      topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
 
 
-@pytest.mark.parametrize("per", [8, 16])
-@pytest.mark.parametrize("pattern", ["one_chunk", "two_chunks", "distinct"])
+@pytest.mark.parametrize("pattern,per", [("one_chunk", 8), ("one_chunk", 16),
+                                         ("two_chunks", 8), ("distinct", 16)])
 def test_selection_merge_takes_runs_from_one_list(pattern, per):
     """The merge takes two keys per round: a row whose top blocks all lie in one chunk's
     list (the merge walks deep into one list), in two lists that alternate, or distinct
