@@ -218,9 +218,10 @@ def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
 @pytest.mark.parametrize("pattern,per", [("one_chunk", 8), ("one_chunk", 16),
                                          ("two_chunks", 8), ("distinct", 16)])
 def test_selection_merge_takes_runs_from_one_list(pattern, per):
-    """The merge takes two keys per round: a row whose top blocks all lie in one chunk's
-    list (the merge walks deep into one list), in two lists that alternate, or distinct
-    random maxima, equals the reference (lists of ``per`` blocks)."""
+    """The merge of ranked lists, whose next keys are loaded a round ahead: a row whose top
+    blocks all lie in one chunk's list (the merge walks deep into one list), in two lists
+    that alternate, or distinct random maxima, equals the reference (lists of ``per``
+    blocks)."""
     from msa.ops.decode.select import candidates_width, paged_select, scan_chunks
     bs, di, hi, topk, mp = 64, 64, 1, 16, 320
     assert scan_chunks(hi, 1, mp, topk, per)[1:] == (per, mp // per, min(per, 16))
