@@ -124,6 +124,10 @@ def _check_ranks(q_name, q, k_name, k) -> None:
         raise ValueError(f"{q_name} must be [total_q, H, D] (packed) or [B, T, H, D] "
                          f"(batched), got {shape}")
     C.check_float_tensor(q_name, q, q.dim())
+    if isinstance(k, torch.Tensor) and k.dim() != q.dim():
+        layout = "batched [B, T, H, D]" if q.dim() == 4 else "packed [total_q, H, D]"
+        raise ValueError(f"{q_name} is {layout}, so {k_name} must be {q.dim()}-D as well, "
+                         f"got shape {tuple(k.shape)} (one layout for all inputs)")
     C.check_float_tensor(k_name, k, q.dim(), q.device)
 
 

@@ -128,6 +128,11 @@ def test_batched_layout_errors():
     with pytest.raises(ValueError, match=r"topk_indices must have shape \[B=2"):
         msa.msa_sparse_attention(q, q[:, :, :2], q[:, :, :2],
                                  torch.zeros(2, 2, 7, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"q is batched \[B, T, H, D\], so k must be 4-D"):
+        msa.msa_sparse_attention(q, k[0], k[0], None)
+    with pytest.raises(ValueError, match=r"q is packed \[total_q, H, D\], so k must be 3-D"):
+        msa.msa_sparse_attention(q[0], k, k, None, cu_seqlens_q=torch.tensor([0, 8]),
+                                 cu_seqlens_k=torch.tensor([0, 4]))
 
 
 def test_indexer_rejects_bad_input():
