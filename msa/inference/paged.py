@@ -113,6 +113,8 @@ class PagedKVCache:
         self.pages[request], self.lengths[request] = [], 0
 
     def free(self, request: int) -> None:
+        if request not in self.pages:
+            raise KeyError(f"unknown request {request}: it was never allocated or is freed")
         self.free_pages.extend(self.pages.pop(request))
         del self.lengths[request]
         for key in [key for key in self._written if key[1] == request]:

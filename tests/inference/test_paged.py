@@ -78,6 +78,8 @@ def test_paged_errors():
         cache.append(0, k, v, ki)
     with pytest.raises(KeyError, match="allocate"):
         cache.append(5, *_seq(1, 0))
+    with pytest.raises(KeyError, match="unknown request 5"):
+        cache.free(5)
     table = torch.tensor([[0, 7]], dtype=torch.int32)
     with pytest.raises(IndexError, match="page_table"):
         paged_attention(torch.randn(1, HQ, D), cache.k_pages[0], cache.v_pages[0],
