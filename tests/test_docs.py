@@ -4,7 +4,8 @@ fresh interpreter (those starting with ``# gpu`` only where CUDA is), and each
 
 Without CUDA the interpreter of each snippet is a fork of one that has imported torch and
 transformers already (``tests/snippet_runner.py``: the same globals as ``python -c``,
-3-5 s less per snippet); with CUDA each runs in ``python -c`` (a fork could not use it).
+3-5 s less per snippet); with CUDA each runs in ``python -c``, so that no snippet's CUDA
+state depends on what a parent process did before the fork.
 """
 import os
 import pathlib
