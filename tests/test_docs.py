@@ -73,6 +73,19 @@ def test_python_snippet_runs(code, runner, tmp_path):
     assert status == 0, output[-3000:]
 
 
+def test_runner_reports_what_python_c_would(runner, tmp_path):
+    """A snippet that needs an import it lacks fails, though the runner imported it; an
+    exception or ``sys.exit(3)`` give their status; output comes back."""
+    if runner is None:
+        pytest.skip("snippets run in python -c here")
+    assert _run("x = torch.zeros(1)", runner, tmp_path)[0] == 1
+    status, output = _run("raise ValueError('from the snippet')", runner, tmp_path)
+    assert status == 1 and "ValueError: from the snippet" in output
+    assert _run("import sys\nsys.exit(3)", runner, tmp_path)[0] == 3
+    assert _run("import sys\nprint(__name__, sys.argv)", runner, tmp_path) == \
+        (0, "__main__ ['-c']\n")
+
+
 def _commands():
     for path in FILES:
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
