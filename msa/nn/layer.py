@@ -105,8 +105,9 @@ class MSAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *,
                 cache: Optional[Union[KVCache, PagedKVCache]] = None,
                 mode: str = "sparse", return_aux: bool = False):
-        if hidden_states.dim() != 3:
-            raise ValueError(f"hidden_states must be [B, T, hidden], got "
+        hidden = self.q_proj.in_features
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden:
+            raise ValueError(f"hidden_states must be [B, T, hidden={hidden}], got "
                              f"{tuple(hidden_states.shape)}")
         c = self.config
         b, t, _ = hidden_states.shape

@@ -85,6 +85,8 @@ def test_layer_rejects_bad_arguments():
         MSAttention(96, CFG, rotary_dim=65)
     with pytest.raises(ValueError, match="hidden_states"):
         _layer()(torch.randn(10, 96, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"hidden_states must be \[B, T, hidden=96\]"):
+        _layer()(torch.randn(2, 10, 64, dtype=torch.float64))
 
 
 def test_paged_cache_matches_contiguous_cache():
