@@ -16,14 +16,15 @@ E4M3_MAX = 448.0
 FP8_CANDIDATES = 16     # extra blocks an FP8 index scan keeps for the exact re-scoring
 
 
-def quantize_e4m3(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., D]`` -> ``x8 [..., D]`` e4m3 and ``scale [...]`` fp32."""
+def quantize_e4m3(x: torch.Tensor, bound: float = E4M3_MAX) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> ``x8 [..., D]`` e4m3 and ``scale [...]`` fp32; ``bound`` (at most
+    448) is what a row's largest magnitude maps to (``scale = max|x| / bound``)."""
     xf = x.float()
     amax = xf.abs().amax(-1)
     # a tensor divisor: IEEE division on every device, as the kernels' div_rn (CUDA torch
     # multiplies by the reciprocal of a Python number instead)
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
-    return (xf / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, bound), torch.ones_like(amax))
+    return (xf / scale.unsqueeze(-1)).clamp(-bound, bound).to(E4M3), scale
 
 
 def dequantize(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,11 @@ from ...varlen import Segments
 from ..attention.forward import check_supported, launch_partials
 from ..plan import SparsePlan, build_plan, lse_chunk, query_tiles
 from ..quant import FP8_CANDIDATES, quantize_e4m3
+from . import two_pass
 from .naive import rank_scores
 from ..triton_utils import dot, next_pow2, precision, rank_key, upcast
+
+FP8_SCAN = "one_pass"       # the FP8 scan of ``scan_topk`` where the two-pass one applies
 
 
 @triton.jit(do_not_specialize=["stride_oh"])
@@ -90,8 +93,9 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
     """Top-k rows ``[Hi, total_q, topk]`` int32 (same contract as the reference).
 
     ``index_precision="fp8"``: the scan scores e4m3 copies of ``qi`` and ``ki`` (one
-    scale per row, ``msa.ops.quant``) with FP8 MMAs, fp32 accumulation and the key scales
-    (a query's own scale ranks nothing and is left out), keeping ``topk - 1 +
+    scale per row, ``msa.ops.quant``) with FP8 MMAs and the key scales (a query's own
+    scale ranks nothing and is left out; ``scan_topk``'s FP8 default sums in fp16, the
+    two-pass scan of ``msa.ops.indexer.two_pass``), keeping ``topk - 1 +
     FP8_CANDIDATES`` blocks; ``_refine`` re-scores those in the inputs' precision with
     the KV-outer kernel and keeps the best ``topk - 1``."""
     if index_precision == "fp8" and topk > 1:
@@ -103,20 +107,36 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
 
 def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, fp8: bool,
               block_t: int = None, num_warps: int = 4, num_stages: int = 2,
-              kernel: str = "triton") -> torch.Tensor:
-    """``indexer_topk_kernel`` over all query tiles (``fp8``: on e4m3 copies of ``qi``,
-    ``ki`` with the key scales; ``kernel="gluon"``: the FP8 scan by the warp-specialized
-    Gluon kernel of ``msa.ops.indexer.gluon``, Hopper only, not the default)."""
+              kernel: str = None) -> torch.Tensor:
+    """The scan's rows ``[Hi, total_q, topk]``. Kernels: ``"one_pass"``
+    (``indexer_topk_kernel``, the default in the inputs' precision; with ``fp8`` on
+    e4m3 copies of ``qi``, ``ki`` with the key scales, fp32 sums), ``"two_pass"`` (FP8
+    only: block maxima from fp16 sums, then the selection,
+    ``msa.ops.indexer.two_pass``), ``"gluon"`` (FP8 only: the one-pass scan
+    warp-specialized, ``msa.ops.indexer.gluon``, Hopper only); by default ``FP8_SCAN``
+    for ``fp8``."""
     total_q, hi, di = qi.shape
     check_supported(qi.dtype, di)
     qi = qi if qi.stride(-1) == 1 else qi.contiguous()
     ki = (ki if ki.stride(-1) == 1 else ki.contiguous())[:, 0] if ki.shape[1] == 1 else None
     if ki is None:
         raise NotImplementedError("the Triton indexer needs one shared index-key head")
+    block_t = block_t or max(1, 128 // next_pow2(hi))
+    if kernel is None:
+        kernel = FP8_SCAN if fp8 and two_pass.supported(seg, block_size) else "one_pass"
+    if kernel not in ("one_pass", "two_pass", "gluon"):
+        raise ValueError(f"kernel={kernel!r}: expected 'one_pass', 'two_pass' or 'gluon'")
+    if kernel != "one_pass" and not fp8:
+        raise NotImplementedError(f"kernel={kernel!r} is an FP8 scan")
+    if kernel == "two_pass" and topk > 1:
+        if not two_pass.supported(seg, block_size):
+            raise NotImplementedError("the two-pass scan numbers blocks below 65535")
+        return two_pass.scan_topk_two_pass(qi, ki, seg, block_size=block_size, topk=topk,
+                                           block_t=block_t, num_warps=num_warps,
+                                           num_stages=num_stages)
     ks = None
     if fp8:
         qi, ki, ks = quantize_e4m3(qi)[0], *quantize_e4m3(ki)
-    block_t = block_t or max(1, 128 // next_pow2(hi))
     kr = next_pow2(max(1, topk - 1))
     out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
     tiles = query_tiles(seg, block_t, qi.device)
@@ -124,8 +144,7 @@ def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, f
         out[..., 0] = seg.positions(qi.device) // block_size
     elif kernel == "gluon":
         from . import gluon
-        if not (fp8 and block_t * hi == 128 and gluon.supported(qi.device, hi, di,
-                                                                block_size)):
+        if not (block_t * hi == 128 and gluon.supported(qi.device, hi, di, block_size)):
             raise NotImplementedError("the Gluon scan is the FP8 scan on sm_90 for a "
                                       "power-of-two Hi <= 16 in tiles of 128 // Hi queries, "
                                       "Di = 128 and blocks of 128")

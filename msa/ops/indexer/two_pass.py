@@ -1,0 +1,244 @@
+"""FP8 index scan in two passes: block maxima in fp16, then the selection.
+
+The one-pass scan (``msa.ops.indexer.triton.indexer_topk_kernel``) keeps each row's best
+blocks in registers while it scores; that bookkeeping, not the MMA, bounds it
+(docs/fp8_index.md). Here the scoring kernel keeps nothing:
+
+* ``block_max_kernel``: one program per query tile (``BLOCK_T`` queries x ``Hi`` index
+  heads = ``ROWS`` rows, ``msa.ops.plan.query_tiles``); per earlier key block one e4m3
+  MMA accumulating in fp16, the key scales applied in fp16, the max over the block's
+  keys, stored to ``MAXB [block, row]`` (fp16; a chunk of tiles at a time, so the buffer
+  is bounded). The operands are quantized to ``|x| <= fp16_bound(Di)`` so that no sum of
+  ``Di`` products overflows fp16, and the key scales are divided by their maximum
+  (a positive factor common to a row's scores ranks nothing).
+* ``select_kernel``: per row the ``nrank`` best stored maxima of the blocks before the
+  row's local block (score desc, id asc; NaN last, -0 as +0), written as the one-pass
+  scan writes them (ranked ids, the local block, then -1). Each block is a 32-bit key
+  (the fp16 score's order bits, then the inverted block id), so keys are distinct and the
+  largest keys are the answer. A threshold ``tau`` no larger than the ``nrank``-th key:
+  the ``nrank``-th largest of the row's ``BC`` bucket maxima (bucket = block id mod
+  ``BC``; the ``nrank`` best buckets hold ``nrank`` distinct keys >= ``tau``). The keys
+  >= ``tau`` are compacted (``cumsum``) into ``CAP`` slots and ranked; a row with more
+  than ``CAP`` of them raises ``tau`` to the ``nrank``-th largest of its first ``CAP``
+  (still no larger than the answer's last key, and at least ``CAP - nrank`` keys fewer
+  pass) and compacts again.
+
+The ranking differs from the one-pass FP8 scan's (fp32 sums) only by rounding, on
+near-ties; the scan proposes candidates, which the inputs' scores then decide
+(docs/semantics.md, "FP8 index scoring"). Block ids must stay below ``2^16 - 1``
+(``supported``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..plan import query_tiles
+from ..quant import quantize_e4m3
+
+MIN_KEY = tl.constexpr(-2 ** 31)        # no block (past the row's local block, padding)
+MAX_BLOCKS = tl.constexpr(2 ** 16 - 1)  # block ids fit the low 16 bits of a key
+BUDGET = 1 << 30                        # bytes of block maxima per chunk of tiles
+
+
+def fp16_bound(di: int) -> float:
+    """Largest ``b`` with ``di * b^2 <= 65504`` (capped at e4m3's 448): ``|q|, |k| <= b``
+    keeps every sum of ``di`` products finite in fp16."""
+    return min(448.0, math.floor(math.sqrt(65504.0 / di)))
+
+
+@triton.jit
+def block_max_kernel(QI, KI, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, MAXB,
+                     stride_qt, stride_qh, stride_kt, stride_mb,
+                     HI: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
+                     BLOCK_T: tl.constexpr):
+    """Tile ``pid`` of the chunk: ``MAXB[blk, pid * ROWS + r] = max_key (q8_r . k8_key) *
+    ks16_key`` (fp16) for each key block ``blk`` before the tile's last local block."""
+    pid = tl.program_id(0)
+    q0 = tl.load(TILE_Q0 + pid).to(tl.int64)
+    n = tl.load(TILE_N + pid)
+    kbase = tl.load(TILE_KBASE + pid).to(tl.int64)
+    off = tl.load(TILE_OFF + pid)
+    offs_m = tl.arange(0, BLOCK_T * HI)
+    tok = offs_m // HI
+    h = offs_m % HI
+    rmask = tok < n
+    qi = tl.load(QI + (q0 + tok)[:, None] * stride_qt + h[:, None] * stride_qh
+                 + tl.arange(0, DI)[None, :], mask=rmask[:, None], other=0.0)
+    offs_n = tl.arange(0, BS)
+    col = pid.to(tl.int64) * (BLOCK_T * HI) + offs_m
+    n_blocks = (off + n - 1) // BS
+    for blk in range(0, n_blocks):
+        kt = tl.load(KI + (kbase + blk * BS + offs_n)[:, None] * stride_kt
+                     + tl.arange(0, DI)[None, :])
+        s = tl.dot(qi, tl.trans(kt), out_dtype=tl.float16)
+        s = s * tl.load(KS + kbase + blk * BS + offs_n)[None, :]
+        tl.store(MAXB + blk * stride_mb + col, tl.max(s, 1))
+
+
+@triton.jit
+def _keys(MAXB, blk, col, stride_mb, valid):
+    """32-bit ranking keys of the stored maxima ``MAXB[blk, col]``: the fp16 score's
+    order bits (NaN lowest, -0 as +0) above the inverted block id; ``MIN_KEY`` where not
+    ``valid``."""
+    v = tl.load(MAXB + blk * stride_mb + col, mask=valid, other=0.0)
+    bits = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    bits = tl.where(bits == 0x8000, 0, bits)
+    u = tl.where((bits & 0x8000) != 0, bits ^ 0xFFFF, bits | 0x8000)
+    u = tl.where(v != v, 0, u)
+    key = ((u - 32768) << 16) | (MAX_BLOCKS - blk)
+    return tl.where(valid, key, MIN_KEY)
+
+
+@triton.jit
+def _kth_largest(x, K: tl.constexpr):
+    """Per row of ``x [R, W]`` int32 the largest ``v`` with at least ``K`` entries ``>= v``
+    (the ``K``-th largest entry; ``MIN_KEY`` when fewer than ``K`` entries exceed it),
+    built bit by bit from the sign down."""
+    v = tl.where(tl.sum((x >= 0).to(tl.int32), 1) >= K, 0, MIN_KEY)
+    for b in tl.static_range(30, -1, -1):
+        c = v | (1 << b)
+        v = tl.where(tl.sum((x >= c[:, None]).to(tl.int32), 1) >= K, c, v)
+    return v
+
+
+@triton.jit
+def select_kernel(MAXB, BUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stride_mb, stride_oh,
+                  stride_ot, HI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
+                  NRANK: tl.constexpr, BC: tl.constexpr, CAP: tl.constexpr):
+    """Tile ``pid`` of the chunk: each row's ``NRANK`` best blocks before its local block
+    from ``MAXB`` (``block_max_kernel``), written to ``OUT_ID`` (pre-filled with -1);
+    ``BUF [ROWS * tiles, CAP]`` int32 scratch."""
+    pid = tl.program_id(0)
+    q0 = tl.load(TILE_Q0 + pid).to(tl.int64)
+    n = tl.load(TILE_N + pid)
+    off = tl.load(TILE_OFF + pid)
+    offs_m = tl.arange(0, BLOCK_T * HI)
+    tok = offs_m // HI
+    h = offs_m % HI
+    rmask = tok < n
+    local = tl.where(rmask, (off + tok) // BS, 0)
+    col = pid.to(tl.int64) * (BLOCK_T * HI) + offs_m
+    n_blocks = (off + n - 1) // BS
+    cols = tl.arange(0, BC)
+    # bucket maxima -> tau (MIN_KEY when a row has fewer than NRANK blocks: take all)
+    bmax = tl.full((BLOCK_T * HI, BC), MIN_KEY, tl.int32)
+    for c0 in range(0, n_blocks, BC):
+        blk = c0 + cols[None, :]
+        bmax = tl.maximum(bmax, _keys(MAXB, blk, col[:, None], stride_mb,
+                                      blk < local[:, None]))
+    tau = _kth_largest(bmax, NRANK)
+    slots = tl.arange(0, CAP)
+    buf = BUF + col[:, None] * CAP + slots[None, :]
+    cand = tl.full((BLOCK_T * HI, CAP), MIN_KEY, tl.int32)
+    over = tl.full([], 1, tl.int32)
+    while over > 0:
+        tl.debug_barrier()                  # the previous round's reads of BUF are done
+        cnt = tl.zeros((BLOCK_T * HI,), tl.int32)
+        for c0 in range(0, n_blocks, BC):
+            blk = c0 + cols[None, :]
+            key = _keys(MAXB, blk, col[:, None], stride_mb, blk < local[:, None])
+            keep = (key >= tau[:, None]) & (key > MIN_KEY)
+            at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+            tl.store(BUF + col[:, None] * CAP + at, key, mask=keep & (at < CAP))
+            cnt += tl.sum(keep.to(tl.int32), 1)
+        tl.debug_barrier()                  # BUF written by other threads of the program
+        cand = tl.load(buf, mask=slots[None, :] < cnt[:, None], other=MIN_KEY)
+        tight = (cnt > CAP) & rmask
+        tau = tl.where(tight, _kth_largest(cand, NRANK), tau)
+        over = tl.max(tight.to(tl.int32), 0)
+    rank = tl.zeros((BLOCK_T * HI, CAP), tl.int32)     # keys are distinct: ranks are
+    for i in range(CAP):                                # the output positions
+        ci = tl.max(tl.where(slots[None, :] == i, cand, MIN_KEY), 1)
+        rank += (ci[:, None] > cand).to(tl.int32)
+    orow = h.to(tl.int64) * stride_oh + (q0 + tok) * stride_ot
+    tl.store(OUT_ID + orow[:, None] + rank, MAX_BLOCKS - (cand & 0xFFFF),
+             mask=rmask[:, None] & (rank < NRANK) & (cand > MIN_KEY))
+    tl.store(OUT_ID + orow + tl.minimum(local, NRANK), local, mask=rmask)
+
+
+def supported(seg, block_size: int) -> bool:
+    """Whether the two-pass scan ranks these segments: block ids below ``MAX_BLOCKS``."""
+    return max(seg.k_len, default=0) // block_size < MAX_BLOCKS.value
+
+
+def _chunks(nblk, rows: int, budget: int):
+    """Consecutive tile ranges ``(t0, t1)`` of tiles sorted heaviest first (``nblk``:
+    earlier key blocks per tile) whose block maxima (fp16, ``rows`` per tile) fit
+    ``budget`` bytes (one tile at least)."""
+    t0 = 0
+    while t0 < len(nblk):
+        t1 = min(len(nblk), t0 + max(1, budget // (2 * rows * max(nblk[t0], 1))))
+        yield t0, t1
+        t0 = t1
+
+
+def block_maxima(q8, k8, ks16, tiles, maxb, *, block_size: int, block_t: int,
+                 num_warps: int = 4, num_stages: int = 2) -> int:
+    """``block_max_kernel`` over ``tiles`` (``query_tiles`` rows, heaviest first) into
+    ``maxb`` (fp16, at least ``blocks of tiles[0] x tiles x rows``): ``q8 [total_q, Hi,
+    Di]`` / ``k8 [total_k, Di]`` e4m3 within ``fp16_bound(Di)``, ``ks16 [total_k]`` fp16
+    <= 1. Returns the block stride of ``maxb`` (rows of the chunk)."""
+    hi, di = q8.shape[1], q8.shape[2]
+    stride_mb = tiles[0].numel() * block_t * hi
+    if tiles[0].numel():
+        block_max_kernel[(tiles[0].numel(),)](
+            q8, k8, ks16, *tiles, maxb, q8.stride(0), q8.stride(1), k8.stride(0), stride_mb,
+            HI=hi, DI=di, BS=block_size, BLOCK_T=block_t, num_warps=num_warps,
+            num_stages=num_stages)
+    return stride_mb
+
+
+def select(maxb, stride_mb: int, tiles, out, *, block_size: int, block_t: int,
+           buf: torch.Tensor = None) -> torch.Tensor:
+    """``select_kernel``: rows of ``out [Hi, total_q, topk]`` (pre-filled with -1) from
+    the block maxima ``maxb`` of ``tiles`` (``block_maxima``); ``buf`` int32 scratch of
+    at least ``tiles x rows x cap`` entries (allocated when not given; returned)."""
+    hi, nrank = out.shape[0], out.shape[2] - 1
+    bc = max(64, triton.next_power_of_2(nrank))
+    cap = max(64, 2 * triton.next_power_of_2(nrank + 1))
+    need = tiles[0].numel() * block_t * hi * cap
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(need, dtype=torch.int32, device=out.device)
+    if tiles[0].numel():
+        select_kernel[(tiles[0].numel(),)](
+            maxb, buf, out, tiles[0], tiles[1], tiles[3], stride_mb, out.stride(0),
+            out.stride(1), HI=hi, BS=block_size, BLOCK_T=block_t, NRANK=nrank, BC=bc,
+            CAP=cap, num_warps=4)
+    return buf
+
+
+def scan_topk_two_pass(qi, ki, seg, *, block_size: int, topk: int, block_t: int,
+                       budget: int = BUDGET, num_warps: int = 4,
+                       num_stages: int = 2) -> torch.Tensor:
+    """Rows ``[Hi, total_q, topk]`` int32 of the FP8 scan (the one-pass scan's contract):
+    ``qi [total_q, Hi, Di]``, ``ki [total_k, Di]`` (one shared head), tiles of ``block_t``
+    queries, ``topk >= 2``, at most ``budget`` bytes of block maxima at a time (one tile
+    at least)."""
+    total_q, hi, di = qi.shape
+    rows = block_t * hi
+    bound = fp16_bound(di)
+    q8 = quantize_e4m3(qi, bound)[0]
+    k8, ks = quantize_e4m3(ki, bound)
+    ks = torch.where(torch.isfinite(ks), ks, torch.zeros_like(ks))
+    ks16 = (ks / ks.amax().clamp_min(torch.finfo(torch.float32).tiny)).half()
+    out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
+    host = query_tiles(seg, block_t, "cpu")
+    if not host[0].numel():
+        return out
+    tiles = [t.to(qi.device) for t in host]
+    nblk = ((host[3] + host[1] - 1) // block_size).tolist()       # heaviest first
+    chunks = list(_chunks(nblk, rows, budget))
+    maxb = torch.empty(max(max(nblk[a], 1) * (b - a) * rows for a, b in chunks),
+                       dtype=torch.float16, device=qi.device)
+    buf = None
+    for t0, t1 in chunks:
+        part = [t[t0:t1] for t in tiles]
+        stride_mb = block_maxima(q8, k8, ks16, part, maxb, block_size=block_size,
+                                 block_t=block_t, num_warps=num_warps, num_stages=num_stages)
+        buf = select(maxb, stride_mb, part, out, block_size=block_size, block_t=block_t,
+                     buf=buf)
+    return out

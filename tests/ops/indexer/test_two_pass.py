@@ -1,0 +1,153 @@
+"""The two-pass FP8 scan (``msa.ops.indexer.two_pass``): the selection kernel against a
+sort of the stored block maxima (ties, NaN, -0, rows past their bucket capacity), the
+block-maxima kernel against fp64 sums of the same e4m3 operands, and the whole FP8
+indexer on the two-pass scan against the FP8 reference."""
+import math
+
+import pytest
+import torch
+
+from msa.ops.plan import query_tiles
+from msa.varlen import Segments
+from tests.helpers import DEVICE
+
+pytest.importorskip("triton")
+from msa.ops.indexer import two_pass  # noqa: E402
+
+
+def _segments(q_lens, k_lens):
+    qs, kb = [0], [0]
+    for a, b in zip(q_lens[:-1], k_lens[:-1]):
+        qs.append(qs[-1] + a)
+        kb.append(kb[-1] + b)
+    return Segments(qs, list(q_lens), kb, list(k_lens), sum(q_lens), sum(k_lens))
+
+
+def _expected(maxb, seg, block, block_t, hi, topk):
+    """Rows ``[hi, total_q, topk]`` from the block maxima ``maxb [blocks, rows]`` of the
+    tiles in ``query_tiles`` order, by sorting: score desc (NaN last, -0 as +0), id asc."""
+    q0s, ns, _, offs = (t.tolist() for t in query_tiles(seg, block_t, "cpu"))
+    out = torch.full((hi, seg.total_q, topk), -1, dtype=torch.int32)
+    for t, (q0, n, off) in enumerate(zip(q0s, ns, offs)):
+        for tok in range(n):
+            local = (off + tok) // block
+            for h in range(hi):
+                col = (t * block_t + tok) * hi + h
+                vals = maxb[:local, col].double().tolist()
+                order = sorted(range(local), key=lambda b: (math.isnan(vals[b]),
+                                                            0.0 if math.isnan(vals[b])
+                                                            else -vals[b], b))
+                kept = order[:topk - 1]
+                out[h, q0 + tok, :len(kept)] = torch.tensor(kept, dtype=torch.int32)
+                out[h, q0 + tok, min(local, topk - 1)] = local
+    return out
+
+
+def _select(maxb, seg, block, block_t, hi, topk):
+    tiles = [t.to(DEVICE) for t in query_tiles(seg, block_t, "cpu")]
+    out = torch.full((hi, seg.total_q, topk), -1, dtype=torch.int32, device=DEVICE)
+    two_pass.select(maxb.to(DEVICE).contiguous(), maxb.shape[1], tiles, out,
+                    block_size=block, block_t=block_t)
+    return out.cpu()
+
+
+def _maxb(seg, block, block_t, hi, gen, values):
+    ntiles = query_tiles(seg, block_t, "cpu")[0].numel()
+    nblk = max(seg.k_len) // block
+    return values[torch.randint(len(values), (nblk, ntiles * block_t * hi),
+                                generator=gen)].half()
+
+
+@pytest.mark.parametrize("q_lens,k_lens,block,topk", [
+    ((5, 9), (700, 40), 8, 8),          # a short segment: rows with fewer blocks than topk
+    ((6,), (1100, ), 4, 32),            # the FP8 scan's 31 ranked blocks
+])
+def test_selection_sorts_the_stored_maxima(q_lens, k_lens, block, topk):
+    """Heavy ties (eight distinct values), NaN, -0 and +0, -inf: the kept blocks and
+    their order equal a sort by (score desc, id asc), NaN last, -0 as +0."""
+    gen = torch.Generator().manual_seed(len(q_lens) + topk)
+    seg = _segments(q_lens, k_lens)
+    values = torch.tensor([float("nan"), -0.0, 0.0, float("-inf"), -1.5, 0.25, 2.0, 2.0])
+    maxb = _maxb(seg, block, 4, 2, gen, values)
+    got = _select(maxb, seg, block, 4, 2, topk)
+    assert torch.equal(got, _expected(maxb, seg, block, 4, 2, topk))
+
+
+def test_selection_raises_its_threshold_when_candidates_overflow():
+    """All high scores in one bucket (block ids = 0 mod 64): the first threshold admits
+    every one of them, more than the 64 slots, and the kernel must tighten it."""
+    gen = torch.Generator().manual_seed(5)
+    block, block_t, hi, topk = 2, 2, 1, 32
+    seg = _segments((3,), (64 * 100 * block,))
+    maxb = (torch.randn(64 * 100, 4, generator=gen) - 10).half()        # 2 tiles x 2 rows
+    maxb[::64] = (torch.rand(100, 4, generator=gen) * 100 + 10).half()
+    got = _select(maxb, seg, block, block_t, hi, topk)
+    want = _expected(maxb, seg, block, block_t, hi, topk)
+    assert torch.equal(got, want)
+    assert (want[0, :, :topk - 1] % 64 == 0).all()       # the overflowing bucket won
+
+
+def test_block_maxima_are_the_fp16_sums_of_the_e4m3_operands():
+    """Each stored maximum within the fp16 rounding of its exact value (fp64 sums of the
+    same e4m3 products times the fp16 key scales): ``Di`` roundings of the running sum,
+    one of the scale product, one of the stored value."""
+    from msa.ops.quant import quantize_e4m3
+    gen = torch.Generator().manual_seed(11)
+    hi, di, block, block_t = 2, 64, 16, 8
+    seg = _segments((20, 7), (300, 150))
+    qi = torch.randn(seg.total_q, hi, di, generator=gen)
+    ki = torch.randn(seg.total_k, di, generator=gen) * torch.rand(seg.total_k, 1,
+                                                                  generator=gen)
+    bound = two_pass.fp16_bound(di)
+    assert di * bound ** 2 <= 65504
+    q8 = quantize_e4m3(qi, bound)[0]
+    k8, ks = quantize_e4m3(ki, bound)
+    ks16 = (ks / ks.amax()).half()
+    host = query_tiles(seg, block_t, "cpu")
+    nblk = int(((host[3] + host[1] - 1) // block).max())
+    rows = host[0].numel() * block_t * hi
+    maxb = torch.full((nblk * rows,), float("nan"), dtype=torch.float16, device=DEVICE)
+    stride = two_pass.block_maxima(q8.to(DEVICE), k8.to(DEVICE), ks16.to(DEVICE),
+                                   [t.to(DEVICE) for t in host], maxb, block_size=block,
+                                   block_t=block_t)
+    assert stride == rows
+    maxb = maxb.cpu().view(nblk, rows).double()
+    checked = 0
+    for t, (q0, n, kbase, off) in enumerate(zip(*(x.tolist() for x in host))):
+        for blk in range((off + n - 1) // block):
+            keys = slice(kbase + blk * block, kbase + (blk + 1) * block)
+            prod = q8[q0:q0 + n].double() @ k8[keys].double().T        # [n, hi, block]
+            exact = (prod * ks16[keys].double()).amax(-1)
+            mag = (q8[q0:q0 + n].double().abs() @ k8[keys].double().abs().T).amax(-1)
+            got = maxb[blk, t * block_t * hi:(t * block_t + n) * hi].view(n, hi)
+            tol = (di + 2) * 2.0 ** -11 * mag + 2.0 ** -24
+            assert ((got - exact).abs() <= tol).all(), (t, blk)
+            checked += 1
+    assert checked > 20
+
+
+@pytest.mark.parametrize("hi,block,topk", [(2, 64, 4), (4, 32, 16)])
+def test_fp8_indexer_on_the_two_pass_scan_matches_the_fp8_reference(hi, block, topk,
+                                                                    monkeypatch):
+    """The FP8 indexer on the two-pass scan (then re-scoring) selects what the FP8
+    reference (exact e4m3 sums, then re-scoring) does, and its candidates hold the
+    reference's."""
+    from msa.ops.indexer import triton as tri
+    from msa.ops.indexer.naive import indexer_reference
+    monkeypatch.setattr(tri, "FP8_SCAN", "two_pass")
+    from msa.ops.indexer.triton import indexer_topk, scan_topk
+    from tests.helpers.brute import make_case
+    c = make_case((33, 50), (2100, 1500), hi=hi, seed=hi + topk)
+    qi, ki = c["qi"].to(DEVICE), c["ki"].to(DEVICE)
+    got = indexer_topk(qi, ki, c["seg"], block_size=block, topk=topk, scale=0.125,
+                       index_precision="fp8").cpu()
+    want, _ = indexer_reference(c["qi"].double(), c["ki"].double(), c["seg"],
+                                block_size=block, topk=topk, scale=0.125,
+                                index_precision="fp8")
+    assert torch.equal(got, want)
+    from msa.ops.quant import FP8_CANDIDATES
+    cand = scan_topk(qi, ki, c["seg"], block, topk + FP8_CANDIDATES, 0.125, True,
+                     kernel="two_pass").cpu()
+    inside = [(set(want[h, i].tolist()) - {-1}) <= set(cand[h, i].tolist())
+              for h in range(hi) for i in range(want.shape[1])]
+    assert all(inside)
