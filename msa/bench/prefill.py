@@ -125,6 +125,10 @@ def fp8_index(T: int, q, k, v, qi, ki, cu, cfg, topk, flops: float, reps: int, i
     d["scan_ms"] = C.timed(lambda: scan_topk(qi, ki, seg, bs, K + FP8_CANDIDATES,
                                              cfg.index_scale, True), reps)
     d["scan_tflops"] = flops / d["scan_ms"] / 1e9
+    for kernel in ("one_pass", "two_pass"):                 # the default is one of them
+        d[f"{kernel}_scan_ms"] = C.timed(lambda: scan_topk(
+            qi, ki, seg, bs, K + FP8_CANDIDATES, cfg.index_scale, True, kernel=kernel), reps)
+        d[f"{kernel}_scan_tflops"] = flops / d[f"{kernel}_scan_ms"] / 1e9
     if gluon and gluon.supported(qi.device, qi.shape[1], qi.shape[2], bs):    # Hopper
         def scan(kernel):
             return scan_topk(qi, ki, seg, bs, K + FP8_CANDIDATES, cfg.index_scale, True,

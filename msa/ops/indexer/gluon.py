@@ -1,6 +1,6 @@
 """Gluon FP8 index scan for Hopper (sm_90): warp-specialized ``indexer_topk_kernel``.
 
-Same contract as the Triton FP8 scan (``msa.ops.indexer.triton.scan_topk(fp8=True)``:
+Same contract as the one-pass Triton FP8 scan (``scan_topk(fp8=True, kernel="one_pass")``:
 e4m3 queries and keys, per-key scales, the ``topk - 1`` best earlier blocks per (query,
 index head), then the local block, then -1), built the way Triton's own ``tl.*``
 pipelining cannot build it (its automatic warp specialization rejects this loop,

@@ -28,7 +28,7 @@ from . import two_pass
 from .naive import rank_scores
 from ..triton_utils import dot, next_pow2, precision, rank_key, upcast
 
-FP8_SCAN = "one_pass"       # the FP8 scan of ``scan_topk`` where the two-pass one applies
+FP8_SCAN = "two_pass"       # the FP8 scan of ``scan_topk`` where the two-pass one applies
 
 
 @triton.jit(do_not_specialize=["stride_oh"])

@@ -41,7 +41,8 @@ from ..quant import quantize_e4m3
 
 MIN_KEY = tl.constexpr(-2 ** 31)        # no block (past the row's local block, padding)
 MAX_BLOCKS = tl.constexpr(2 ** 16 - 1)  # block ids fit the low 16 bits of a key
-BUDGET = 1 << 30                        # bytes of block maxima per chunk of tiles
+BUDGET = 4 << 30                        # bytes of block maxima per chunk of tiles
+SELECT_ROWS = 32                        # rows per program of the selection
 
 
 def fp16_bound(di: int) -> float:
@@ -80,17 +81,22 @@ def block_max_kernel(QI, KI, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, MAXB,
 
 
 @triton.jit
-def _keys(MAXB, blk, col, stride_mb, valid):
-    """32-bit ranking keys of the stored maxima ``MAXB[blk, col]``: the fp16 score's
-    order bits (NaN lowest, -0 as +0) above the inverted block id; ``MIN_KEY`` where not
-    ``valid``."""
+def _order16(v):
+    """fp16 -> int32 in ``[-32768, 32767]`` ordered as the values: -0 as +0, NaN lowest."""
+    b = v.to(tl.int16, bitcast=True).to(tl.int32)
+    k = b ^ ((b >> 15) & 0x7FFF)
+    k = tl.where(k == -1, 0, k)
+    return tl.where(v != v, -32768, k)
+
+
+@triton.jit
+def _keys(MAXB, blk, col, stride_mb, local):
+    """32-bit ranking keys of the stored maxima ``MAXB[blk, col]`` of the blocks before
+    ``local``: the fp16 score's order (``_order16``) above the inverted block id, so keys
+    are distinct; ``MIN_KEY`` for the other blocks."""
+    valid = blk < local
     v = tl.load(MAXB + blk * stride_mb + col, mask=valid, other=0.0)
-    bits = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    bits = tl.where(bits == 0x8000, 0, bits)
-    u = tl.where((bits & 0x8000) != 0, bits ^ 0xFFFF, bits | 0x8000)
-    u = tl.where(v != v, 0, u)
-    key = ((u - 32768) << 16) | (MAX_BLOCKS - blk)
-    return tl.where(valid, key, MIN_KEY)
+    return tl.where(valid, (_order16(v) << 16) | (MAX_BLOCKS - blk), MIN_KEY)
 
 
 @triton.jit
@@ -108,50 +114,53 @@ def _kth_largest(x, K: tl.constexpr):
 @triton.jit
 def select_kernel(MAXB, BUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stride_mb, stride_oh,
                   stride_ot, HI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
-                  NRANK: tl.constexpr, BC: tl.constexpr, CAP: tl.constexpr):
-    """Tile ``pid`` of the chunk: each row's ``NRANK`` best blocks before its local block
-    from ``MAXB`` (``block_max_kernel``), written to ``OUT_ID`` (pre-filled with -1);
-    ``BUF [ROWS * tiles, CAP]`` int32 scratch."""
+                  RS: tl.constexpr, NRANK: tl.constexpr, BC: tl.constexpr,
+                  CAP: tl.constexpr):
+    """Rows ``RS * (pid % S) ..`` of tile ``pid // S`` of the chunk (``S = ROWS // RS``):
+    each row's ``NRANK`` best blocks before its local block from ``MAXB``
+    (``block_max_kernel``), written to ``OUT_ID`` (pre-filled with -1); ``BUF [rows,
+    CAP]`` int32 scratch."""
     pid = tl.program_id(0)
-    q0 = tl.load(TILE_Q0 + pid).to(tl.int64)
-    n = tl.load(TILE_N + pid)
-    off = tl.load(TILE_OFF + pid)
-    offs_m = tl.arange(0, BLOCK_T * HI)
-    tok = offs_m // HI
-    h = offs_m % HI
+    t = pid // (BLOCK_T * HI // RS)
+    q0 = tl.load(TILE_Q0 + t).to(tl.int64)
+    n = tl.load(TILE_N + t)
+    off = tl.load(TILE_OFF + t)
+    r = (pid % (BLOCK_T * HI // RS)) * RS + tl.arange(0, RS)
+    tok = r // HI
+    h = r % HI
     rmask = tok < n
     local = tl.where(rmask, (off + tok) // BS, 0)
-    col = pid.to(tl.int64) * (BLOCK_T * HI) + offs_m
+    col = t.to(tl.int64) * (BLOCK_T * HI) + r
     n_blocks = (off + n - 1) // BS
     cols = tl.arange(0, BC)
-    # bucket maxima -> tau (MIN_KEY when a row has fewer than NRANK blocks: take all)
-    bmax = tl.full((BLOCK_T * HI, BC), MIN_KEY, tl.int32)
+    # tau: the NRANK-th largest bucket maximum (bucket = block id mod BC); MIN_KEY with
+    # fewer than NRANK blocks
+    bmax = tl.full((RS, BC), MIN_KEY, tl.int32)
     for c0 in range(0, n_blocks, BC):
-        blk = c0 + cols[None, :]
-        bmax = tl.maximum(bmax, _keys(MAXB, blk, col[:, None], stride_mb,
-                                      blk < local[:, None]))
+        bmax = tl.maximum(bmax, _keys(MAXB, c0 + cols[None, :], col[:, None], stride_mb,
+                                      local[:, None]))
     tau = _kth_largest(bmax, NRANK)
     slots = tl.arange(0, CAP)
-    buf = BUF + col[:, None] * CAP + slots[None, :]
-    cand = tl.full((BLOCK_T * HI, CAP), MIN_KEY, tl.int32)
+    cand = tl.full((RS, CAP), MIN_KEY, tl.int32)
     over = tl.full([], 1, tl.int32)
     while over > 0:
         tl.debug_barrier()                  # the previous round's reads of BUF are done
-        cnt = tl.zeros((BLOCK_T * HI,), tl.int32)
+        cnt = tl.zeros((RS,), tl.int32)
         for c0 in range(0, n_blocks, BC):
-            blk = c0 + cols[None, :]
-            key = _keys(MAXB, blk, col[:, None], stride_mb, blk < local[:, None])
+            key = _keys(MAXB, c0 + cols[None, :], col[:, None], stride_mb, local[:, None])
             keep = (key >= tau[:, None]) & (key > MIN_KEY)
             at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
             tl.store(BUF + col[:, None] * CAP + at, key, mask=keep & (at < CAP))
             cnt += tl.sum(keep.to(tl.int32), 1)
         tl.debug_barrier()                  # BUF written by other threads of the program
-        cand = tl.load(buf, mask=slots[None, :] < cnt[:, None], other=MIN_KEY)
+        cand = tl.load(BUF + col[:, None] * CAP + slots[None, :],
+                       mask=slots[None, :] < cnt[:, None], other=MIN_KEY, cache_modifier=".cg")
         tight = (cnt > CAP) & rmask
+        # any CAP distinct keys >= tau: their NRANK-th largest is > tau and <= the answer's
         tau = tl.where(tight, _kth_largest(cand, NRANK), tau)
         over = tl.max(tight.to(tl.int32), 0)
-    rank = tl.zeros((BLOCK_T * HI, CAP), tl.int32)     # keys are distinct: ranks are
-    for i in range(CAP):                                # the output positions
+    rank = tl.zeros((RS, CAP), tl.int32)     # keys are distinct: ranks are the output
+    for i in range(CAP):                     # positions
         ci = tl.max(tl.where(slots[None, :] == i, cand, MIN_KEY), 1)
         rank += (ci[:, None] > cand).to(tl.int32)
     orow = h.to(tl.int64) * stride_oh + (q0 + tok) * stride_ot
@@ -200,14 +209,15 @@ def select(maxb, stride_mb: int, tiles, out, *, block_size: int, block_t: int,
     hi, nrank = out.shape[0], out.shape[2] - 1
     bc = max(64, triton.next_power_of_2(nrank))
     cap = max(64, 2 * triton.next_power_of_2(nrank + 1))
-    need = tiles[0].numel() * block_t * hi * cap
-    if buf is None or buf.numel() < need:
-        buf = torch.empty(need, dtype=torch.int32, device=out.device)
-    if tiles[0].numel():
-        select_kernel[(tiles[0].numel(),)](
-            maxb, buf, out, tiles[0], tiles[1], tiles[3], stride_mb, out.stride(0),
-            out.stride(1), HI=hi, BS=block_size, BLOCK_T=block_t, NRANK=nrank, BC=bc,
-            CAP=cap, num_warps=4)
+    rows = tiles[0].numel() * block_t * hi
+    if buf is None or buf.numel() < rows * cap:
+        buf = torch.empty(rows * cap, dtype=torch.int32, device=out.device)
+    rs = min(SELECT_ROWS, (block_t * hi) & -(block_t * hi))     # divides a tile's rows
+    if rows:
+        select_kernel[(rows // rs,)](
+            maxb, buf, out, tiles[0], tiles[1], tiles[3], stride_mb,
+            out.stride(0), out.stride(1), HI=hi, BS=block_size, BLOCK_T=block_t, RS=rs,
+            NRANK=nrank, BC=bc, CAP=cap, num_warps=4)
     return buf
 
 

@@ -58,19 +58,20 @@ def _maxb(seg, block, block_t, hi, gen, values):
                                 generator=gen)].half()
 
 
-@pytest.mark.parametrize("q_lens,k_lens,block,topk", [
-    ((5, 9), (700, 40), 8, 8),          # a short segment: rows with fewer blocks than topk
-    ((6,), (1100, ), 4, 32),            # the FP8 scan's 31 ranked blocks
+@pytest.mark.parametrize("q_lens,k_lens,block,topk,block_t,hi", [
+    ((5, 9), (700, 40), 8, 8, 4, 2),    # a short segment: rows with fewer blocks than topk
+    ((6,), (1100, ), 4, 32, 4, 2),      # the FP8 scan's 31 ranked blocks
+    ((70,), (900,), 8, 6, 32, 2),       # a tile's 64 rows over two programs
 ])
-def test_selection_sorts_the_stored_maxima(q_lens, k_lens, block, topk):
+def test_selection_sorts_the_stored_maxima(q_lens, k_lens, block, topk, block_t, hi):
     """Heavy ties (eight distinct values), NaN, -0 and +0, -inf: the kept blocks and
     their order equal a sort by (score desc, id asc), NaN last, -0 as +0."""
     gen = torch.Generator().manual_seed(len(q_lens) + topk)
     seg = _segments(q_lens, k_lens)
     values = torch.tensor([float("nan"), -0.0, 0.0, float("-inf"), -1.5, 0.25, 2.0, 2.0])
-    maxb = _maxb(seg, block, 4, 2, gen, values)
-    got = _select(maxb, seg, block, 4, 2, topk)
-    assert torch.equal(got, _expected(maxb, seg, block, 4, 2, topk))
+    maxb = _maxb(seg, block, block_t, hi, gen, values)
+    got = _select(maxb, seg, block, block_t, hi, topk)
+    assert torch.equal(got, _expected(maxb, seg, block, block_t, hi, topk))
 
 
 def test_selection_raises_its_threshold_when_candidates_overflow():
