@@ -25,7 +25,6 @@ from ..attention.forward import check_supported, launch_partials
 from ..plan import SparsePlan, build_plan, lse_chunk, query_tiles
 from ..quant import FP8_CANDIDATES, quantize_e4m3
 from . import two_pass
-from .naive import rank_scores
 from ..triton_utils import dot, next_pow2, precision, rank_key, upcast
 
 FP8_SCAN = "two_pass"       # the FP8 scan of ``scan_topk`` where the two-pass one applies
@@ -161,12 +160,45 @@ def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, f
     return out
 
 
+@triton.jit(do_not_specialize=["q0", "n"])
+def rank_candidates_kernel(PL, IDS, QPOS, OUT, q0, n, stride_ih, stride_it, stride_oh,
+                           stride_ot, HI: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
+                           BS: tl.constexpr, NRANK: tl.constexpr, RB: tl.constexpr):
+    """Rows ``RB * pid ..`` (row = query ``q0 + i // HI`` of the chunk, index head
+    ``i % HI``): the best ``NRANK`` of the candidates ``IDS[h, q, :C]`` before the local
+    block by their re-scored maxima ``PL[i * C + slot]`` (score desc, id asc; NaN last,
+    -0 as +0), then the local block, into ``OUT`` (pre-filled with -1)."""
+    i = tl.program_id(0) * RB + tl.arange(0, RB)
+    rmask = i < n * HI
+    ql = (i // HI).to(tl.int64)
+    h = i % HI
+    slots = tl.arange(0, CP)
+    smask = rmask[:, None] & (slots[None, :] < C)
+    ids = tl.load(IDS + h[:, None] * stride_ih + (q0 + ql)[:, None] * stride_it
+                  + slots[None, :], mask=smask, other=-1)
+    local = tl.load(QPOS + q0 + ql, mask=rmask, other=0) // BS
+    ranked = smask & (ids >= 0) & (ids < local[:, None])
+    sc = rank_key(tl.load(PL + i.to(tl.int64)[:, None] * C + slots[None, :], mask=ranked,
+                          other=0.0))
+    rank = tl.zeros((RB, CP), tl.int32)
+    for j in range(CP):
+        pick = slots[None, :] == j
+        sj = tl.max(tl.where(pick, sc, -float("inf")), 1)[:, None]
+        ij = tl.max(tl.where(pick, ids, -1), 1)[:, None]
+        rj = tl.max(tl.where(pick & ranked, 1, 0), 1)[:, None] > 0
+        rank += (rj & ((sj > sc) | ((sj == sc) & (ij < ids)))).to(tl.int32)
+    n_ranked = tl.minimum(local, NRANK)
+    orow = h.to(tl.int64) * stride_oh + (q0 + ql) * stride_ot
+    tl.store(OUT + orow[:, None] + rank, ids, mask=ranked & (rank < n_ranked[:, None]))
+    tl.store(OUT + orow + n_ranked, local, mask=rmask)
+
+
 def _refine(qi, ki, cand, seg: Segments, block_size: int, topk: int,
             scale: float) -> torch.Tensor:
     """Final rows from the FP8 scan's candidate rows ``cand [Hi, total_q, C]``: the
     candidates' block maxima in the inputs' precision by the KV-outer kernel over the
     candidates' plan (max pooling instead of the LSE), then the best ``topk - 1`` (score
-    desc, id asc) and the local block."""
+    desc, id asc) and the local block (``rank_candidates_kernel``)."""
     total_q, hi, _ = qi.shape
     c = cand.shape[-1]
     plan = build_plan(cand, seg, block_size=block_size, heads=hi, chunk=lse_chunk(hi, c))
@@ -174,32 +206,15 @@ def _refine(qi, ki, cand, seg: Segments, block_size: int, topk: int,
     out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
     pl = torch.empty(min(total_q, plan.chunk) * hi * c, dtype=torch.float32,
                      device=qi.device)
-    local_all = rows.q_pos.long() // block_size
+    rb = 32
     for q0, q1, p in plan.chunks:
         launch_partials(qi, ki, None, rows, p, q0, None, pl, scale=scale, topk=c,
                         block_size=block_size, shared_k_head=True, maxpool=True)
-        t = indices[:, q0:q1].long()
-        local = local_all[q0:q1].view(1, -1, 1)
-        ranked = (t >= 0) & (t < local)
-        score = pl[:(q1 - q0) * hi * c].view(q1 - q0, hi, c).transpose(0, 1)
-        out[:, q0:q1] = _best(score, t, ranked, local, topk)
+        rank_candidates_kernel[(triton.cdiv((q1 - q0) * hi, rb),)](
+            pl, indices, rows.q_pos, out, q0, q1 - q0, indices.stride(0), indices.stride(1),
+            out.stride(0), out.stride(1), HI=hi, C=c, CP=next_pow2(c), BS=block_size,
+            NRANK=topk - 1, RB=rb, num_warps=4)
     return out
-
-
-def _best(score, ids, ranked, local, topk: int) -> torch.Tensor:
-    """Rows ``[Hi, n, topk]``: the best ``topk - 1`` of the ``ranked`` slots (score desc,
-    id asc; NaN last, -0 as +0), the local block, then -1."""
-    score = torch.where(ranked, rank_scores(score), float("-inf"))
-    by_id = torch.sort(torch.where(ranked, ids, 1 << 40), -1).indices
-    score, ids = score.gather(-1, by_id), ids.gather(-1, by_id)
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :topk - 1]
-    best = ids.gather(-1, order)
-    n_ranked = torch.clamp(local, max=topk - 1)
-    slot = torch.arange(topk - 1, device=ids.device).view(1, 1, -1)
-    row = torch.full((*ids.shape[:2], topk), -1, dtype=torch.int64, device=ids.device)
-    row[..., :topk - 1] = torch.where(slot < n_ranked, best, -1)
-    row.scatter_(2, n_ranked.expand(*ids.shape[:2], 1), local.expand(*ids.shape[:2], 1))
-    return row.to(torch.int32)
 
 
 def selected_lse(qi: torch.Tensor, ki: torch.Tensor, topk_indices: torch.Tensor,
