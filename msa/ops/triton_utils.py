@@ -80,7 +80,7 @@ def softmax_update(s, m_i, l_i):
 
 @triton.jit
 def rank_key(m):
-    """Block max -> ranking key of the top-k rule: NaN ranks below every number, -0 as +0
+    """Block max -> ranking key of the top-k rule: NaN as the most negative fp32, -0 as +0
     (ties are then broken by the smaller block id by the caller)."""
     m = tl.where(m != m, -3.4028234663852886e38, m)
     return tl.where(m == 0.0, 0.0, m)

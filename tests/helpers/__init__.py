@@ -77,11 +77,14 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 32),
 def compiled_ptx(program: str) -> str:
     """The stdout of ``program`` (Python that prints a kernel's PTX) run in a fresh process
     without ``TRITON_INTERPRET``: the suite runs Triton's interpreter, whose helpers cannot
-    be compiled for a GPU target. Fails the test with the process's stderr."""
+    be compiled for a GPU target; the repository root goes on its path (the suite may run
+    from ``tests/``). Fails the test with the process's stderr."""
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     run = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
                          text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -1,6 +1,6 @@
 """Decode selection: an index-key scan writes one ranking key per (query row, index head,
 block), a merge of ranked lists of them gives the top-k (docs/semantics.md, "Selection":
-score desc, id asc, the local block last, then -1; NaN ranks below every number, -0 as +0).
+score desc, id asc, the local block last, then -1; NaN as the most negative finite value, -0 as +0).
 
 ``paged_scan_kernel``, grid (request, page chunk): each program scores its chunk's pages of
 index keys for all ``Q x Hi`` query rows of the request (one MMA per page) and stores, per

@@ -46,7 +46,7 @@ def _keep(acc, ks, blk, live, local, vals, ids, scale):
     book: gl.constexpr = vals.type.layout
     m = gl.convert_layout(gl.max(acc * gl.expand_dims(ks, 0), 1) * scale,
                           gl.SliceLayout(1, book))
-    m = gl.where(m != m, -3.4028234663852886e38, m)         # NaN ranks last
+    m = gl.where(m != m, -3.4028234663852886e38, m)         # NaN as -FLT_MAX
     m = gl.where(m == 0.0, 0.0, m)                          # -0 as +0
     worst = gl.min(vals, 1)
     wid = gl.max(gl.where(vals == gl.expand_dims(worst, 1), ids, -2147483647), 1)

@@ -64,7 +64,7 @@ def indexer_topk_kernel(
             s = tl.dot(qi, tl.trans(kt)) * tl.load(KS + kbase + blk * BS + offs_n)[None, :]
         else:
             s = dot(qi, tl.trans(kt), PRECISION, UPCAST)
-        m = rank_key(tl.max(s, 1) * scale)             # NaN ranks last, -0 as +0
+        m = rank_key(tl.max(s, 1) * scale)             # NaN as -FLT_MAX, -0 as +0
         worst = tl.min(vals, 1)
         wid = tl.max(tl.where(vals == worst[:, None], ids, -2147483647), 1)
         ins = (blk < local) & (m > worst)
@@ -166,8 +166,9 @@ def rank_candidates_kernel(PL, IDS, QPOS, OUT, q0, n, stride_ih, stride_it, stri
                            BS: tl.constexpr, NRANK: tl.constexpr, RB: tl.constexpr):
     """Rows ``RB * pid ..`` (row = query ``q0 + i // HI`` of the chunk, index head
     ``i % HI``): the best ``NRANK`` of the candidates ``IDS[h, q, :C]`` before the local
-    block by their re-scored maxima ``PL[i * C + slot]`` (score desc, id asc; NaN last,
-    -0 as +0), then the local block, into ``OUT`` (pre-filled with -1)."""
+    block by their re-scored maxima ``PL[i * C + slot]`` (score desc, id asc;
+    ``rank_key``: NaN as the most negative fp32, -0 as +0), then the local block, into
+    ``OUT`` (pre-filled with -1)."""
     i = tl.program_id(0) * RB + tl.arange(0, RB)
     rmask = i < n * HI
     ql = (i // HI).to(tl.int64)

@@ -12,16 +12,17 @@ blocks in registers while it scores; that bookkeeping, not the MMA, bounds it
   ``Di`` products overflows fp16, and the key scales are divided by their maximum
   (a positive factor common to a row's scores ranks nothing).
 * ``select_kernel``: per row the ``nrank`` best stored maxima of the blocks before the
-  row's local block (score desc, id asc; NaN last, -0 as +0), written as the one-pass
-  scan writes them (ranked ids, the local block, then -1). Each block is a 32-bit key
-  (the fp16 score's order bits, then the inverted block id), so keys are distinct and the
-  largest keys are the answer. A threshold ``tau`` no larger than the ``nrank``-th key:
-  the ``nrank``-th largest of the row's ``BC`` bucket maxima (bucket = block id mod
-  ``BC``; the ``nrank`` best buckets hold ``nrank`` distinct keys >= ``tau``). The keys
-  >= ``tau`` are compacted (``cumsum``) into ``CAP`` slots and ranked; a row with more
-  than ``CAP`` of them raises ``tau`` to the ``nrank``-th largest of its first ``CAP``
-  (still no larger than the answer's last key, and at least ``CAP - nrank`` keys fewer
-  pass) and compacts again.
+  row's local block (score desc, id asc; NaN as the most negative fp16, -0 as +0),
+  written as the one-pass scan writes them (ranked ids, the local block, then -1). Each
+  block is a 32-bit key (the fp16 score's order bits, then the inverted block id), so
+  keys are distinct and the largest keys are the answer. A threshold ``tau`` no larger
+  than the ``nrank``-th key: the ``nrank``-th largest of the row's ``BC`` bucket maxima
+  (bucket = block id mod ``BC``; the ``nrank`` best buckets hold ``nrank`` distinct keys
+  >= ``tau``). The keys >= ``tau`` are compacted (``cumsum``) into ``CAP`` slots and
+  ranked; a row with more than ``CAP`` of them raises ``tau`` to the ``nrank``-th
+  largest of its first ``CAP`` (still no larger than the answer's last key, and at least
+  ``CAP - nrank`` keys fewer pass) and compacts again. Programs take ``SELECT_ROWS``
+  rows of a tile.
 
 The ranking differs from the one-pass FP8 scan's (fp32 sums) only by rounding, on
 near-ties; the scan proposes candidates, which the inputs' scores then decide
@@ -82,11 +83,12 @@ def block_max_kernel(QI, KI, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, MAXB,
 
 @triton.jit
 def _order16(v):
-    """fp16 -> int32 in ``[-32768, 32767]`` ordered as the values: -0 as +0, NaN lowest."""
+    """fp16 -> int32 ordered as the values, with ``rank_key``'s conventions: -0 as +0,
+    NaN as the most negative finite fp16 (-65504)."""
     b = v.to(tl.int16, bitcast=True).to(tl.int32)
     k = b ^ ((b >> 15) & 0x7FFF)
     k = tl.where(k == -1, 0, k)
-    return tl.where(v != v, -32768, k)
+    return tl.where(v != v, -31744, k)
 
 
 @triton.jit

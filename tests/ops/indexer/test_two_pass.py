@@ -2,11 +2,10 @@
 sort of the stored block maxima (ties, NaN, -0, rows past their bucket capacity), the
 block-maxima kernel against fp64 sums of the same e4m3 operands, and the whole FP8
 indexer on the two-pass scan against the FP8 reference."""
-import math
-
 import pytest
 import torch
 
+from msa.ops.indexer.naive import rank_scores
 from msa.ops.plan import query_tiles
 from msa.varlen import Segments
 from tests.helpers import DEVICE
@@ -25,7 +24,8 @@ def _segments(q_lens, k_lens):
 
 def _expected(maxb, seg, block, block_t, hi, topk):
     """Rows ``[hi, total_q, topk]`` from the block maxima ``maxb [blocks, rows]`` of the
-    tiles in ``query_tiles`` order, by sorting: score desc (NaN last, -0 as +0), id asc."""
+    tiles in ``query_tiles`` order, by sorting: score desc, id asc (the reference's
+    ``rank_scores``: NaN as the most negative fp16, -0 as +0)."""
     q0s, ns, _, offs = (t.tolist() for t in query_tiles(seg, block_t, "cpu"))
     out = torch.full((hi, seg.total_q, topk), -1, dtype=torch.int32)
     for t, (q0, n, off) in enumerate(zip(q0s, ns, offs)):
@@ -33,10 +33,8 @@ def _expected(maxb, seg, block, block_t, hi, topk):
             local = (off + tok) // block
             for h in range(hi):
                 col = (t * block_t + tok) * hi + h
-                vals = maxb[:local, col].double().tolist()
-                order = sorted(range(local), key=lambda b: (math.isnan(vals[b]),
-                                                            0.0 if math.isnan(vals[b])
-                                                            else -vals[b], b))
+                vals = rank_scores(maxb[:local, col]).double().tolist()
+                order = sorted(range(local), key=lambda b: (-vals[b], b))
                 kept = order[:topk - 1]
                 out[h, q0 + tok, :len(kept)] = torch.tensor(kept, dtype=torch.int32)
                 out[h, q0 + tok, min(local, topk - 1)] = local
@@ -65,10 +63,10 @@ def _maxb(seg, block, block_t, hi, gen, values):
 ])
 def test_selection_sorts_the_stored_maxima(q_lens, k_lens, block, topk, block_t, hi):
     """Heavy ties (eight distinct values), NaN, -0 and +0, -inf: the kept blocks and
-    their order equal a sort by (score desc, id asc), NaN last, -0 as +0."""
+    their order equal a sort by (score desc, id asc), NaN as -65504, -0 as +0."""
     gen = torch.Generator().manual_seed(len(q_lens) + topk)
     seg = _segments(q_lens, k_lens)
-    values = torch.tensor([float("nan"), -0.0, 0.0, float("-inf"), -1.5, 0.25, 2.0, 2.0])
+    values = torch.tensor([float("nan"), -0.0, 0.0, float("-inf"), -65504.0, -1.5, 2.0, 2.0])
     maxb = _maxb(seg, block, block_t, hi, gen, values)
     got = _select(maxb, seg, block, block_t, hi, topk)
     assert torch.equal(got, _expected(maxb, seg, block, block_t, hi, topk))
@@ -152,3 +150,39 @@ def test_fp8_indexer_on_the_two_pass_scan_matches_the_fp8_reference(hi, block, t
     inside = [(set(want[h, i].tolist()) - {-1}) <= set(cand[h, i].tolist())
               for h in range(hi) for i in range(want.shape[1])]
     assert all(inside)
+
+
+def test_re_scored_candidates_are_ranked_by_score_then_id():
+    """``rank_candidates_kernel``: the best ``topk - 1`` candidates before the local block
+    by their re-scored maxima (ties, NaN, -0 and +0 among them), ids ascending on ties,
+    then the local block; empty (-1) and later candidates are never ranked."""
+    from msa.ops.indexer.triton import rank_candidates_kernel
+    gen = torch.Generator().manual_seed(2)
+    hi, n, c, topk, block = 3, 37, 12, 6, 4
+    q0, total_q = 5, 50
+    q_pos = torch.randint(0, 200, (total_q,), generator=gen).to(torch.int32)
+    ids = torch.stack([torch.randperm(60, generator=gen)[:c] for _ in range(hi * total_q)])
+    ids = ids.view(hi, total_q, c).to(torch.int32)
+    ids[torch.rand(ids.shape, generator=gen) < 0.2] = -1
+    values = torch.tensor([float("nan"), -0.0, 0.0, -3.4028234663852886e38, 3.0, 3.0,
+                           float("-inf"), 7.5])
+    pl = values[torch.randint(len(values), (n * hi * c,), generator=gen)]
+    out = torch.full((hi, total_q, topk), -1, dtype=torch.int32)
+    dev = [x.to(DEVICE) for x in (pl, ids, q_pos, out)]
+    rank_candidates_kernel[(-(-n * hi // 8),)](
+        *dev, q0, n, ids.stride(0), ids.stride(1), out.stride(0), out.stride(1), HI=hi,
+        C=c, CP=16, BS=block, NRANK=topk - 1, RB=8)
+    got = dev[3].cpu()
+    want = torch.full_like(out, -1)
+    for i in range(n * hi):
+        q, h = q0 + i // hi, i % hi
+        local = int(q_pos[q]) // block
+        key = rank_scores(pl[i * c:(i + 1) * c]).tolist()
+        cands = [(key[j], int(ids[h, q, j])) for j in range(c)
+                 if 0 <= int(ids[h, q, j]) < local]
+        cands.sort(key=lambda sv: (-sv[0], sv[1]))
+        n_ranked = min(local, topk - 1)
+        kept = [b for _, b in cands][:n_ranked]
+        want[h, q, :len(kept)] = torch.tensor(kept, dtype=torch.int32)
+        want[h, q, n_ranked] = local
+    assert torch.equal(got, want)
