@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context tokens (default 8192)")
     f8.add_argument("--probe", type=_positive_int, default=512,
                     help="last queries compared (default 512)")
+    f8.add_argument("--kernels", action="store_true",
+                    help="also the GPU kernels' FP8 selection (sources with one shared "
+                         "index-key head; on a CPU run with TRITON_INTERPRET=1)")
     _add_common(f8, "rows")
     from .bench import add_parser as add_bench
     add_bench(sub)
@@ -177,7 +180,13 @@ def main(argv=None) -> int:
             parser.error(f"--sources: choose from {', '.join(SOURCES)}, got {args.sources!r}")
         if args.probe > args.length:
             parser.error("--probe must not exceed --length")
-        fp8_main(sources, args.length, args.probe, args.json)
+        import os
+        import torch
+        if args.kernels and not (torch.cuda.is_available()
+                                 or os.environ.get("TRITON_INTERPRET") == "1"):
+            parser.error("--kernels runs the GPU kernels: on a machine without CUDA set "
+                         "TRITON_INTERPRET=1 (Triton's interpreter)")
+        fp8_main(sources, args.length, args.probe, args.json, kernels=args.kernels)
         return 0
     if args.cmd == "m3-indexer":
         if importlib.util.find_spec("transformers") is None:

@@ -50,8 +50,12 @@ def _block_scores(qi: torch.Tensor, ki: torch.Tensor, T: int, block: int) -> tor
     return s.view(p, hi, nb, block).amax(-1)
 
 
-def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int) -> Dict[str, float]:
-    """``qi [P, Hi, Di]`` (the last ``P`` queries), ``ki [T, 1 or Hi, Di]``."""
+def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int,
+            kernels: bool = False) -> Dict[str, float]:
+    """``qi [P, Hi, Di]`` (the last ``P`` queries), ``ki [T, 1 or Hi, Di]``; with
+    ``kernels`` also the GPU kernels' FP8 selection (two-pass e4m3 scan with fp16 sums,
+    then the re-scoring; on a CPU through Triton's interpreter) as ``kernel_rows_equal``
+    (one shared index-key head only)."""
     p, T = qi.shape[0], ki.shape[0]
     cu_q, cu_k = torch.tensor([0, p]), torch.tensor([0, T])
     kw = dict(block_size=block, topk=topk, backend="reference")
@@ -67,6 +71,12 @@ def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int) -> Dict[s
         onehot.scatter_(2, torch.where(sel < 0, nb, sel).long(), True)
         return onehot[..., :nb]
     m16, m8, m32 = sets(sel16), sets(sel8), sets(sel32)
+    extra = {}
+    if kernels and ki.shape[1] == 1:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        kern = msa_indexer(*(x.to(dev) for x in (bq, bk, cu_q, cu_k)), block_size=block,
+                           topk=topk, index_precision="fp8", backend="triton")
+        extra["kernel_rows_equal"] = 1 - (sets(kern.cpu()) != m16).any(-1).float().mean().item()
     differ = (m16 != m8).any(-1)
     scores = _block_scores(bq, bk, T, block).transpose(0, 1)         # [Hi, P, NB]
     gaps: List[float] = []
@@ -81,7 +91,7 @@ def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int) -> Dict[s
                 scan_only_equal=1 - (sets(scan) != m16).any(-1).float().mean().item(),
                 bf16_vs_fp32=1 - (m16 != m32).any(-1).float().mean().item(),
                 gap_median=gaps[len(gaps) // 2] if gaps else 0.0,
-                gap_max=gaps[-1] if gaps else 0.0,
+                gap_max=gaps[-1] if gaps else 0.0, **extra,
                 sel16=sel16, sel8=sel8)
 
 
@@ -97,15 +107,16 @@ def _public(r: dict) -> dict:
     return {k: v for k, v in r.items() if not k.startswith("sel")}
 
 
-def random_source(T: int, probe: int, seed: int = 0) -> List[dict]:
+def random_source(T: int, probe: int, seed: int = 0, kernels: bool = False) -> List[dict]:
     cfg = MSAConfig()
     g = torch.Generator().manual_seed(seed)
     qi = torch.randn(probe, cfg.index_heads, cfg.index_dim, generator=g)
     ki = torch.randn(T, 1, cfg.index_dim, generator=g)
-    return [dict(source="random", T=T, **_public(compare(qi, ki, cfg.block_size, cfg.topk)))]
+    return [dict(source="random", T=T,
+                 **_public(compare(qi, ki, cfg.block_size, cfg.topk, kernels)))]
 
 
-def m3_source(T: int, probe: int, seed: int = 0) -> List[dict]:
+def m3_source(T: int, probe: int, seed: int = 0, kernels: bool = False) -> List[dict]:
     """The index branch of a MiniMax-M3 text model (released attention shapes, hidden
     1024, one full-attention and two sparse layers, random weights)."""
     from transformers.models.minimax_m3_vl import MiniMaxM3VLForCausalLM
@@ -123,15 +134,16 @@ def m3_source(T: int, probe: int, seed: int = 0) -> List[dict]:
     cfg = layer_config(model)
     out = []
     for layer, (q, k, inputs) in enumerate(captured):
-        r = compare(inputs.qi[0, -probe:], inputs.ki[0], cfg.block_size, cfg.topk)
+        r = compare(inputs.qi[0, -probe:], inputs.ki[0], cfg.block_size, cfg.topk, kernels)
         out.append(dict(source="m3", layer=layer, T=T, **_public(r),
                         **_mass(q[-probe:], k, T, r["sel16"], r["sel8"], cfg)))
     return out
 
 
-def smollm2_source(T: int, probe: int, block: int = 64, topk: int = 16) -> List[dict]:
+def smollm2_source(T: int, probe: int, block: int = 64, topk: int = 16,
+                   kernels: bool = False) -> List[dict]:
     """SmolLM2-135M on English text: per layer, self-indexing queries (the mean query of
-    each KV group) and the layer's keys."""
+    each KV group) and the layer's keys (one key head per query group: no kernel rows)."""
     from .passkey import load_model, run_with_probe, stdlib_text
     model, tok = load_model()
     ids = tok(stdlib_text(), return_tensors="pt").input_ids[:, :T]
@@ -155,12 +167,12 @@ def smollm2_source(T: int, probe: int, block: int = 64, topk: int = 16) -> List[
 SOURCES = {"random": random_source, "m3": m3_source, "smollm2": smollm2_source}
 
 
-def main(sources: List[str], length: int, probe: int, json_path: Optional[str] = None
-         ) -> List[dict]:
+def main(sources: List[str], length: int, probe: int, json_path: Optional[str] = None,
+         kernels: bool = False) -> List[dict]:
     rows: List[dict] = []
     for name in sources:
         t0 = time.perf_counter()
-        got = SOURCES[name](length, probe)
+        got = SOURCES[name](length, probe, kernels=kernels)
         for r in got:
             print(f"{r['source']:>8} layer {r.get('layer', '-'):>2} T {r['T']:>6} rows "
                   f"{r['rows']:>5} equal {r['rows_equal']:.4f} (scan alone "
@@ -168,12 +180,14 @@ def main(sources: List[str], length: int, probe: int, json_path: Optional[str] =
                   f"gap median {r['gap_median']:.3f} max "
                   f"{r['gap_max']:.3f}" + (f" recall bf16 {r['recall_bf16']:.4f} fp8 "
                                            f"{r['recall_fp8']:.4f}" if "recall_fp8" in r
-                                           else ""), flush=True)
+                                           else "")
+                  + (f" kernels {r['kernel_rows_equal']:.4f}" if "kernel_rows_equal" in r
+                     else ""), flush=True)
         rows += got
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     if json_path:
         meta = dict(torch=torch.__version__, date=time.strftime("%Y-%m-%d"), length=length,
-                    probe=probe, device="cpu")
+                    probe=probe, device="cpu", kernels=kernels)
         with open(json_path, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     return rows

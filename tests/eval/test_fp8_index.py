@@ -18,11 +18,27 @@ def test_compare_counts_rows_and_measures_gaps_from_the_bf16_side():
     assert same["rows_equal"] == 1.0                     # top-64 of 32 blocks: all of them
 
 
+def test_compare_reports_the_kernels_selection():
+    """``kernels=True`` adds the GPU kernels' FP8 rows (interpreted on a CPU): equal to
+    the bf16 selection here, as every measured source was."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(1)
+    r = compare(torch.randn(16, 2, 64, generator=g), torch.randn(1024, 1, 64, generator=g),
+                block=64, topk=4, kernels=True)
+    assert r["kernel_rows_equal"] == r["rows_equal"] == 1.0
+
+
 def test_command_line_checks_sources_and_runs(capsys):
     with pytest.raises(SystemExit):
         main(["fp8-index", "--sources", "nope"])
     with pytest.raises(SystemExit):
         main(["fp8-index", "--length", "100", "--probe", "200"])
+    if not torch.cuda.is_available():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("TRITON_INTERPRET", raising=False)
+            with pytest.raises(SystemExit):
+                main(["fp8-index", "--kernels"])
+        assert "TRITON_INTERPRET=1" in capsys.readouterr().err
     assert main(["fp8-index", "--sources", "random", "--length", "2048", "--probe",
                  "32"]) == 0
     assert "random" in capsys.readouterr().out
