@@ -42,7 +42,7 @@ from ..quant import quantize_e4m3
 
 MIN_KEY = tl.constexpr(-2 ** 31)        # no block (past the row's local block, padding)
 MAX_BLOCKS = tl.constexpr(2 ** 16 - 1)  # block ids fit the low 16 bits of a key
-BUDGET = 4 << 30                        # bytes of block maxima per chunk of tiles
+BUDGET = 4 << 30        # bytes of block maxima per chunk of tiles, at most 1/16 of the GPU
 SELECT_ROWS = 32                        # rows per program of the selection
 
 
@@ -224,12 +224,12 @@ def select(maxb, stride_mb: int, tiles, out, *, block_size: int, block_t: int,
 
 
 def scan_topk_two_pass(qi, ki, seg, *, block_size: int, topk: int, block_t: int,
-                       budget: int = BUDGET, num_warps: int = 4,
+                       budget: int = None, num_warps: int = 4,
                        num_stages: int = 2) -> torch.Tensor:
     """Rows ``[Hi, total_q, topk]`` int32 of the FP8 scan (the one-pass scan's contract):
     ``qi [total_q, Hi, Di]``, ``ki [total_k, Di]`` (one shared head), tiles of ``block_t``
     queries, ``topk >= 2``, at most ``budget`` bytes of block maxima at a time (one tile
-    at least)."""
+    at least; default ``BUDGET``, at most 1/16 of the GPU's memory)."""
     total_q, hi, di = qi.shape
     rows = block_t * hi
     bound = fp16_bound(di)
@@ -243,6 +243,10 @@ def scan_topk_two_pass(qi, ki, seg, *, block_size: int, topk: int, block_t: int,
         return out
     tiles = [t.to(qi.device) for t in host]
     nblk = ((host[3] + host[1] - 1) // block_size).tolist()       # heaviest first
+    if budget is None:
+        budget = BUDGET
+        if qi.is_cuda:
+            budget = min(budget, torch.cuda.get_device_properties(qi.device).total_memory // 16)
     chunks = list(_chunks(nblk, rows, budget))
     maxb = torch.empty(max(max(nblk[a], 1) * (b - a) * rows for a, b in chunks),
                        dtype=torch.float16, device=qi.device)

@@ -186,3 +186,16 @@ def test_re_scored_candidates_are_ranked_by_score_then_id():
         want[h, q, :len(kept)] = torch.tensor(kept, dtype=torch.int32)
         want[h, q, n_ranked] = local
     assert torch.equal(got, want)
+
+
+def test_chunks_of_block_maxima_do_not_change_the_rows():
+    """A budget of one tile per chunk (each chunk its own buffer layout and launches)
+    selects what one chunk of every tile does."""
+    from tests.helpers.brute import make_case
+    c = make_case((40, 70), (900, 700), hi=2, seed=9)
+    qi, ki = c["qi"].to(DEVICE), c["ki"][:, 0].to(DEVICE)
+    kw = dict(block_size=32, topk=6, block_t=8)
+    whole = two_pass.scan_topk_two_pass(qi, ki, c["seg"], **kw)
+    tiny = two_pass.scan_topk_two_pass(qi, ki, c["seg"], budget=1, **kw)
+    assert len(list(two_pass._chunks([10] * 3, 16, 1))) == 3
+    assert torch.equal(whole, tiny)
