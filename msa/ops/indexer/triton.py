@@ -36,25 +36,26 @@ def indexer_topk_kernel(
         stride_qt, stride_qh, stride_kt, stride_oh, stride_ot,
         HI: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
         KR: tl.constexpr, NRANK: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, FP8: tl.constexpr = False):
+        UPCAST: tl.constexpr, FP8: tl.constexpr = False, ROWS: tl.constexpr = None):
+    # ROWS: BLOCK_T * HI rounded up to a power of two (the rows past BLOCK_T * HI are off)
     pid = tl.program_id(0)
     q0 = tl.load(TILE_Q0 + pid).to(tl.int64)
     n = tl.load(TILE_N + pid)
     kbase = tl.load(TILE_KBASE + pid).to(tl.int64)
     off = tl.load(TILE_OFF + pid)                    # pos of the tile's first query
-    offs_m = tl.arange(0, BLOCK_T * HI)
+    offs_m = tl.arange(0, ROWS)
     tok = offs_m // HI
     h = offs_m % HI
-    rmask = tok < n
+    rmask = (tok < n) & (offs_m < BLOCK_T * HI)
     pos = off + tok
     local = tl.where(rmask, pos // BS, 0)
     qi = tl.load(QI + (q0 + tok)[:, None] * stride_qt + h[:, None] * stride_qh
                  + tl.arange(0, DI)[None, :], mask=rmask[:, None], other=0.0)
     slots = tl.arange(0, KR)
     # kept blocks: ids (distinct negatives = empty) and scores; padded slots never evicted
-    ids = tl.zeros((BLOCK_T * HI, KR), dtype=tl.int32) - 1 - slots[None, :]
+    ids = tl.zeros((ROWS, KR), dtype=tl.int32) - 1 - slots[None, :]
     vals = tl.where(slots[None, :] < NRANK, float("-inf"), float("inf")) + \
-        tl.zeros((BLOCK_T * HI, KR), dtype=tl.float32)
+        tl.zeros((ROWS, KR), dtype=tl.float32)
     offs_n = tl.arange(0, BS)
     n_blocks = (off + n - 1) // BS                   # blocks before the last local block
     for blk in range(0, n_blocks):
@@ -74,7 +75,7 @@ def indexer_topk_kernel(
     # rank the kept blocks (score desc, id asc; empty slots are not ranked) and write the
     # row: ranked ids, the local block at min(local, NRANK), -1 elsewhere (pre-filled)
     valid = ids >= 0
-    rank = tl.zeros((BLOCK_T * HI, KR), dtype=tl.int32)
+    rank = tl.zeros((ROWS, KR), dtype=tl.int32)
     for i in range(KR):                      # a loop, not unrolled: KR is up to 64
         pick = slots[None, :] == i
         vi = tl.max(tl.where(pick, vals, float("-inf")), 1)
@@ -156,7 +157,7 @@ def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, f
             qi.stride(0), qi.stride(1), ki.stride(0), out.stride(0), out.stride(1),
             HI=hi, DI=di, BS=block_size, BLOCK_T=block_t, KR=kr, NRANK=topk - 1,
             PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype), FP8=fp8,
-            num_warps=num_warps, num_stages=num_stages)
+            ROWS=next_pow2(block_t * hi), num_warps=num_warps, num_stages=num_stages)
     return out
 
 

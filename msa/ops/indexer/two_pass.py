@@ -56,22 +56,23 @@ def fp16_bound(di: int) -> float:
 def block_max_kernel(QI, KI, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, MAXB,
                      stride_qt, stride_qh, stride_kt, stride_mb,
                      HI: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
-                     BLOCK_T: tl.constexpr):
+                     BLOCK_T: tl.constexpr, ROWS: tl.constexpr):
     """Tile ``pid`` of the chunk: ``MAXB[blk, pid * ROWS + r] = max_key (q8_r . k8_key) *
-    ks16_key`` (fp16) for each key block ``blk`` before the tile's last local block."""
+    ks16_key`` (fp16) for each key block ``blk`` before the tile's last local block
+    (``ROWS``: ``BLOCK_T * HI`` rounded up to a power of two, the rows past it unused)."""
     pid = tl.program_id(0)
     q0 = tl.load(TILE_Q0 + pid).to(tl.int64)
     n = tl.load(TILE_N + pid)
     kbase = tl.load(TILE_KBASE + pid).to(tl.int64)
     off = tl.load(TILE_OFF + pid)
-    offs_m = tl.arange(0, BLOCK_T * HI)
+    offs_m = tl.arange(0, ROWS)
     tok = offs_m // HI
     h = offs_m % HI
-    rmask = tok < n
+    rmask = (tok < n) & (offs_m < BLOCK_T * HI)
     qi = tl.load(QI + (q0 + tok)[:, None] * stride_qt + h[:, None] * stride_qh
                  + tl.arange(0, DI)[None, :], mask=rmask[:, None], other=0.0)
     offs_n = tl.arange(0, BS)
-    col = pid.to(tl.int64) * (BLOCK_T * HI) + offs_m
+    col = pid.to(tl.int64) * ROWS + offs_m
     n_blocks = (off + n - 1) // BS
     for blk in range(0, n_blocks):
         kt = tl.load(KI + (kbase + blk * BS + offs_n)[:, None] * stride_kt
@@ -116,23 +117,23 @@ def _kth_largest(x, K: tl.constexpr):
 @triton.jit
 def select_kernel(MAXB, BUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stride_mb, stride_oh,
                   stride_ot, HI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
-                  RS: tl.constexpr, NRANK: tl.constexpr, BC: tl.constexpr,
-                  CAP: tl.constexpr):
+                  ROWS: tl.constexpr, RS: tl.constexpr, NRANK: tl.constexpr,
+                  BC: tl.constexpr, CAP: tl.constexpr):
     """Rows ``RS * (pid % S) ..`` of tile ``pid // S`` of the chunk (``S = ROWS // RS``):
     each row's ``NRANK`` best blocks before its local block from ``MAXB``
     (``block_max_kernel``), written to ``OUT_ID`` (pre-filled with -1); ``BUF [rows,
     CAP]`` int32 scratch."""
     pid = tl.program_id(0)
-    t = pid // (BLOCK_T * HI // RS)
+    t = pid // (ROWS // RS)
     q0 = tl.load(TILE_Q0 + t).to(tl.int64)
     n = tl.load(TILE_N + t)
     off = tl.load(TILE_OFF + t)
-    r = (pid % (BLOCK_T * HI // RS)) * RS + tl.arange(0, RS)
+    r = (pid % (ROWS // RS)) * RS + tl.arange(0, RS)
     tok = r // HI
     h = r % HI
-    rmask = tok < n
+    rmask = (tok < n) & (r < BLOCK_T * HI)
     local = tl.where(rmask, (off + tok) // BS, 0)
-    col = t.to(tl.int64) * (BLOCK_T * HI) + r
+    col = t.to(tl.int64) * ROWS + r
     n_blocks = (off + n - 1) // BS
     cols = tl.arange(0, BC)
     # tau: the NRANK-th largest bucket maximum (bucket = block id mod BC); MIN_KEY with
@@ -176,6 +177,12 @@ def supported(seg, block_size: int) -> bool:
     return max(seg.k_len, default=0) // block_size < MAX_BLOCKS.value
 
 
+def tile_rows(block_t: int, hi: int) -> int:
+    """Rows a tile takes in the block maxima: ``block_t * hi`` rounded up to a power of
+    two (Triton's ranges)."""
+    return triton.next_power_of_2(block_t * hi)
+
+
 def _chunks(nblk, rows: int, budget: int):
     """Consecutive tile ranges ``(t0, t1)`` of tiles sorted heaviest first (``nblk``:
     earlier key blocks per tile) whose block maxima (fp16, ``rows`` per tile) fit
@@ -194,11 +201,12 @@ def block_maxima(q8, k8, ks16, tiles, maxb, *, block_size: int, block_t: int,
     Di]`` / ``k8 [total_k, Di]`` e4m3 within ``fp16_bound(Di)``, ``ks16 [total_k]`` fp16
     <= 1. Returns the block stride of ``maxb`` (rows of the chunk)."""
     hi, di = q8.shape[1], q8.shape[2]
-    stride_mb = tiles[0].numel() * block_t * hi
+    stride_mb = tiles[0].numel() * tile_rows(block_t, hi)
     if tiles[0].numel():
         block_max_kernel[(tiles[0].numel(),)](
             q8, k8, ks16, *tiles, maxb, q8.stride(0), q8.stride(1), k8.stride(0), stride_mb,
-            HI=hi, DI=di, BS=block_size, BLOCK_T=block_t, num_warps=num_warps,
+            HI=hi, DI=di, BS=block_size, BLOCK_T=block_t, ROWS=tile_rows(block_t, hi),
+            num_warps=num_warps,
             num_stages=num_stages)
     return stride_mb
 
@@ -211,14 +219,15 @@ def select(maxb, stride_mb: int, tiles, out, *, block_size: int, block_t: int,
     hi, nrank = out.shape[0], out.shape[2] - 1
     bc = max(64, triton.next_power_of_2(nrank))
     cap = max(64, 2 * triton.next_power_of_2(nrank + 1))
-    rows = tiles[0].numel() * block_t * hi
+    rows = tiles[0].numel() * tile_rows(block_t, hi)
     if buf is None or buf.numel() < rows * cap:
         buf = torch.empty(rows * cap, dtype=torch.int32, device=out.device)
-    rs = min(SELECT_ROWS, (block_t * hi) & -(block_t * hi))     # divides a tile's rows
+    rs = min(SELECT_ROWS, tile_rows(block_t, hi))
     if rows:
         select_kernel[(rows // rs,)](
             maxb, buf, out, tiles[0], tiles[1], tiles[3], stride_mb,
-            out.stride(0), out.stride(1), HI=hi, BS=block_size, BLOCK_T=block_t, RS=rs,
+            out.stride(0), out.stride(1), HI=hi, BS=block_size, BLOCK_T=block_t,
+            ROWS=tile_rows(block_t, hi), RS=rs,
             NRANK=nrank, BC=bc, CAP=cap, num_warps=4)
     return buf
 
@@ -231,7 +240,7 @@ def scan_topk_two_pass(qi, ki, seg, *, block_size: int, topk: int, block_t: int,
     queries, ``topk >= 2``, at most ``budget`` bytes of block maxima at a time (one tile
     at least; default ``BUDGET``, at most 1/16 of the GPU's memory)."""
     total_q, hi, di = qi.shape
-    rows = block_t * hi
+    rows = tile_rows(block_t, hi)
     bound = fp16_bound(di)
     q8 = quantize_e4m3(qi, bound)[0]
     k8, ks = quantize_e4m3(ki, bound)

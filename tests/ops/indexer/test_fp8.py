@@ -65,7 +65,7 @@ def test_index_precision_is_checked_by_name():
 
 @pytest.mark.parametrize("q_lens,k_lens,hi,block,topk", [
     ((33, 20), (257, 300), 2, 64, 4), ((5, 40), (1400, 129), 4, 128, 16),
-    ((30,), (2600,), 2, 64, 3)])
+    ((30,), (2600,), 2, 64, 3), ((37,), (700,), 3, 64, 4)])
 def test_triton_fp8_kernel_matches_the_fp8_reference(q_lens, k_lens, hi, block, topk):
     pytest.importorskip("triton")
     from msa.ops.indexer.naive import indexer_reference
