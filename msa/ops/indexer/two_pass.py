@@ -244,7 +244,8 @@ def scan_topk_two_pass(qi, ki, seg, *, block_size: int, topk: int, block_t: int,
     bound = fp16_bound(di)
     q8 = quantize_e4m3(qi, bound)[0]
     k8, ks = quantize_e4m3(ki, bound)
-    ks = torch.where(torch.isfinite(ks), ks, torch.zeros_like(ks))
+    # zero rows (scale 1, values 0) and non-finite scales must not set the normaliser
+    ks = torch.where(torch.isfinite(ks) & (ki.abs().amax(-1) > 0), ks, torch.zeros_like(ks))
     ks16 = (ks / ks.amax().clamp_min(torch.finfo(torch.float32).tiny)).half()
     out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
     host = query_tiles(seg, block_t, "cpu")

@@ -199,3 +199,19 @@ def test_chunks_of_block_maxima_do_not_change_the_rows():
     tiny = two_pass.scan_topk_two_pass(qi, ki, c["seg"], budget=1, **kw)
     assert len(list(two_pass._chunks([10] * 3, 16, 1))) == 3
     assert torch.equal(whole, tiny)
+
+
+def test_zero_key_rows_do_not_flatten_small_keys():
+    """Keys of magnitude 1e-8 beside all-zero rows (padding): a zero row's scale (1) must
+    not normalise the others' scales into fp16 underflow, or every block would tie."""
+    from msa.ops.indexer.naive import indexer_reference
+    from msa.ops.indexer.triton import indexer_topk
+    from tests.helpers.brute import make_case
+    c = make_case((20,), (3000,), hi=2, seed=4)          # 46 blocks, 19 candidates
+    ki = c["ki"] * 1e-8
+    ki[::7] = 0.0
+    got = indexer_topk(c["qi"].to(DEVICE), ki.to(DEVICE), c["seg"], block_size=64, topk=4,
+                       scale=0.125, index_precision="fp8").cpu()
+    want, _ = indexer_reference(c["qi"].double(), ki.double(), c["seg"], block_size=64,
+                                topk=4, scale=0.125, index_precision="fp8")
+    assert torch.equal(got, want)
