@@ -7,6 +7,7 @@
 * ``dot``: ``tl.dot`` with those flags;
 * ``online_softmax_step``: one key block of an online softmax;
 * ``rank_key``: the block-score key of the top-k rule (docs/semantics.md, "Selection");
+* ``rank_rows``: places of a row's entries by score desc, id asc (kept sets, candidates);
 * ``to_e4m3``: fp32 -> e4m3 rounded to nearest even, as ``torch`` converts;
 * ``dequant_rows``: e4m3 rows times their fp32 row scales (FP8 pages, ``msa.ops.quant``);
 * ``load_item`` / ``query_program``: a KV-outer work item, a per-(query, KV head) program.
@@ -84,6 +85,22 @@ def rank_key(m):
     (ties are then broken by the smaller block id by the caller)."""
     m = tl.where(m != m, -3.4028234663852886e38, m)
     return tl.where(m == 0.0, 0.0, m)
+
+
+@triton.jit
+def rank_rows(vals, ids, W: tl.constexpr):
+    """Per row of ``vals, ids [R, W]`` each entry's place in the order score desc, id asc
+    among the row's entries with ``ids >= 0`` (the others rank nothing). A loop, not
+    unrolled: ``W`` is up to 64."""
+    slots = tl.arange(0, W)
+    rank = tl.zeros_like(ids)
+    for i in range(W):
+        pick = slots[None, :] == i
+        vi = tl.max(tl.where(pick, vals, float("-inf")), 1)
+        ii = tl.max(tl.where(pick, ids, -2147483647), 1)
+        first = (vi[:, None] > vals) | ((vi[:, None] == vals) & (ii[:, None] < ids))
+        rank += ((ii >= 0)[:, None] & first).to(tl.int32)
+    return rank
 
 
 @triton.jit

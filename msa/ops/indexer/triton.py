@@ -25,7 +25,7 @@ from ..attention.forward import check_supported, launch_partials
 from ..plan import SparsePlan, build_plan, lse_chunk, query_tiles
 from ..quant import FP8_CANDIDATES, quantize_e4m3
 from . import two_pass
-from ..triton_utils import dot, next_pow2, precision, rank_key, upcast
+from ..triton_utils import dot, next_pow2, precision, rank_key, rank_rows, upcast
 
 FP8_SCAN = "two_pass"       # the FP8 scan of ``scan_topk`` where the two-pass one applies
 
@@ -75,13 +75,7 @@ def indexer_topk_kernel(
     # rank the kept blocks (score desc, id asc; empty slots are not ranked) and write the
     # row: ranked ids, the local block at min(local, NRANK), -1 elsewhere (pre-filled)
     valid = ids >= 0
-    rank = tl.zeros((ROWS, KR), dtype=tl.int32)
-    for i in range(KR):                      # a loop, not unrolled: KR is up to 64
-        pick = slots[None, :] == i
-        vi = tl.max(tl.where(pick, vals, float("-inf")), 1)
-        ii = tl.max(tl.where(pick, ids, -2147483647), 1)
-        first = (vi[:, None] > vals) | ((vi[:, None] == vals) & (ii[:, None] < ids))
-        rank += ((ii >= 0)[:, None] & first).to(tl.int32)
+    rank = rank_rows(vals, ids, KR)
     orow = h.to(tl.int64) * stride_oh + (q0 + tok) * stride_ot
     tl.store(OUT_ID + orow[:, None] + rank, ids, mask=rmask[:, None] & valid)
     tl.store(OUT_ID + orow + tl.minimum(local, NRANK), local, mask=rmask)
@@ -180,15 +174,10 @@ def rank_candidates_kernel(PL, IDS, QPOS, OUT, q0, n, stride_ih, stride_it, stri
                   + slots[None, :], mask=smask, other=-1)
     local = tl.load(QPOS + q0 + ql, mask=rmask, other=0) // BS
     ranked = smask & (ids >= 0) & (ids < local[:, None])
+    ids = tl.where(ranked, ids, -1)
     sc = rank_key(tl.load(PL + i.to(tl.int64)[:, None] * C + slots[None, :], mask=ranked,
                           other=0.0))
-    rank = tl.zeros((RB, CP), tl.int32)
-    for j in range(CP):
-        pick = slots[None, :] == j
-        sj = tl.max(tl.where(pick, sc, -float("inf")), 1)[:, None]
-        ij = tl.max(tl.where(pick, ids, -1), 1)[:, None]
-        rj = tl.max(tl.where(pick & ranked, 1, 0), 1)[:, None] > 0
-        rank += (rj & ((sj > sc) | ((sj == sc) & (ij < ids)))).to(tl.int32)
+    rank = rank_rows(sc, ids, CP)
     n_ranked = tl.minimum(local, NRANK)
     orow = h.to(tl.int64) * stride_oh + (q0 + ql) * stride_ot
     tl.store(OUT + orow[:, None] + rank, ids, mask=ranked & (rank < n_ranked[:, None]))
