@@ -7,7 +7,7 @@ import torch
 
 from msa.ops.indexer.naive import rank_scores
 from msa.ops.plan import query_tiles
-from msa.varlen import Segments
+from msa.varlen import cu_seqlens_from_lengths, make_segments
 from tests.helpers import DEVICE
 
 pytest.importorskip("triton")
@@ -15,11 +15,8 @@ from msa.ops.indexer import two_pass  # noqa: E402
 
 
 def _segments(q_lens, k_lens):
-    qs, kb = [0], [0]
-    for a, b in zip(q_lens[:-1], k_lens[:-1]):
-        qs.append(qs[-1] + a)
-        kb.append(kb[-1] + b)
-    return Segments(qs, list(q_lens), kb, list(k_lens), sum(q_lens), sum(k_lens))
+    return make_segments(sum(q_lens), sum(k_lens), cu_seqlens_from_lengths(q_lens),
+                         cu_seqlens_from_lengths(k_lens))
 
 
 def _expected(maxb, seg, block, block_t, hi, topk):
