@@ -4,13 +4,17 @@ The one-pass scan (``msa.ops.indexer.triton.indexer_topk_kernel``) keeps each ro
 blocks in registers while it scores; that bookkeeping, not the MMA, bounds it
 (docs/fp8_index.md). Here the scoring kernel keeps nothing:
 
+* ``key_blocks``: the index keys quantized with one scale per key block (each block of
+  every segment; blocks start at the segment's key base), laid out in whole blocks.
 * ``block_max_kernel``: one program per query tile (``BLOCK_T`` queries x ``Hi`` index
   heads = ``ROWS`` rows, ``msa.ops.plan.query_tiles``); per earlier key block one e4m3
-  MMA accumulating in fp16, the key scales applied in fp16, the max over the block's
-  keys, stored to ``MAXB [block, row]`` (fp16; a chunk of tiles at a time, so the buffer
-  is bounded). The operands are quantized to ``|x| <= fp16_bound(Di)`` so that no sum of
-  ``Di`` products overflows fp16, and the key scales are divided by their maximum
-  (a positive factor common to a row's scores ranks nothing).
+  MMA accumulating in fp16, the max over the block's keys times the block's scale (fp16;
+  rounding is monotone, so this is the max of the keys' scaled scores), stored to
+  ``MAXB [block, row]`` (a chunk of tiles at a time, so the buffer is bounded). The
+  operands are quantized to ``|x| <= fp16_bound(Di)`` so that no sum of ``Di`` products
+  overflows fp16, and the block scales are divided by their maximum (a positive factor
+  common to a row's scores ranks nothing). A scale per key instead cost the kernel 15%
+  of its time (one fp16 multiply per score; docs/fp8_index.md).
 * ``select_kernel``: per row the ``nrank`` best stored maxima of the blocks before the
   row's local block (score desc, id asc; NaN as the most negative fp16, -0 as +0),
   written as the one-pass scan writes them (ranked ids, the local block, then -1). Each
@@ -37,13 +41,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ...varlen import Segments, host_to_device
 from ..plan import query_tiles
-from ..quant import quantize_e4m3
+from ..quant import E4M3, quantize_e4m3
 
 MIN_KEY = tl.constexpr(-2 ** 31)        # no block (past the row's local block, padding)
 MAX_BLOCKS = tl.constexpr(2 ** 16 - 1)  # block ids fit the low 16 bits of a key
 BUDGET = 4 << 30        # bytes of block maxima per chunk of tiles, at most 1/16 of the GPU
 SELECT_ROWS = 32                        # rows per program of the selection
+GROUP = 8                               # blocks per group maximum
 
 
 def fp16_bound(di: int) -> float:
@@ -53,13 +59,16 @@ def fp16_bound(di: int) -> float:
 
 
 @triton.jit
-def block_max_kernel(QI, KI, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, MAXB,
+def block_max_kernel(QI, KI, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, MAXB, MAXG,
                      stride_qt, stride_qh, stride_kt, stride_mb,
                      HI: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
-                     BLOCK_T: tl.constexpr, ROWS: tl.constexpr):
+                     BLOCK_T: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr):
     """Tile ``pid`` of the chunk: ``MAXB[blk, pid * ROWS + r] = max_key (q8_r . k8_key) *
-    ks16_key`` (fp16) for each key block ``blk`` before the tile's last local block
-    (``ROWS``: ``BLOCK_T * HI`` rounded up to a power of two, the rows past it unused)."""
+    KS[kbase / BS + blk]`` (fp16) for each key block ``blk`` before the tile's last local
+    block (``ROWS``: ``BLOCK_T * HI`` rounded up to a power of two, the rows past it
+    unused; ``kbase`` a multiple of ``BS``), and ``MAXG[g, ..]``: the largest of
+    ``MAXB[g * GROUP .. g * GROUP + GROUP - 1, ..]`` (NaN as -65504, as it ranks) for each
+    whole group ``g`` of computed blocks."""
     pid = tl.program_id(0)
     q0 = tl.load(TILE_Q0 + pid).to(tl.int64)
     n = tl.load(TILE_N + pid)
@@ -74,12 +83,18 @@ def block_max_kernel(QI, KI, KS, TILE_Q0, TILE_N, TILE_KBASE, TILE_OFF, MAXB,
     offs_n = tl.arange(0, BS)
     col = pid.to(tl.int64) * ROWS + offs_m
     n_blocks = (off + n - 1) // BS
+    none = tl.full((ROWS,), float("-inf"), tl.float32)
+    gmax = none
     for blk in range(0, n_blocks):
         kt = tl.load(KI + (kbase + blk * BS + offs_n)[:, None] * stride_kt
                      + tl.arange(0, DI)[None, :])
         s = tl.dot(qi, tl.trans(kt), out_dtype=tl.float16)
-        s = s * tl.load(KS + kbase + blk * BS + offs_n)[None, :]
-        tl.store(MAXB + blk * stride_mb + col, tl.max(s, 1))
+        m = tl.max(s, 1) * tl.load(KS + kbase // BS + blk)
+        tl.store(MAXB + blk * stride_mb + col, m)
+        gmax = tl.maximum(gmax, tl.where(m != m, -65504.0, m.to(tl.float32)))
+        if blk % GROUP == GROUP - 1:
+            tl.store(MAXG + (blk // GROUP) * stride_mb + col, gmax.to(tl.float16))
+            gmax = none
 
 
 @triton.jit
@@ -115,14 +130,40 @@ def _kth_largest(x, K: tl.constexpr):
 
 
 @triton.jit
-def select_kernel(MAXB, BUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stride_mb, stride_oh,
-                  stride_ot, HI: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
-                  ROWS: tl.constexpr, RS: tl.constexpr, NRANK: tl.constexpr,
-                  BC: tl.constexpr, CAP: tl.constexpr):
+def _group_keys(MAXG, g, col, stride_mb, ng, first: tl.constexpr, GROUP: tl.constexpr):
+    """Bounds on the best key of each whole group ``g < ng`` of blocks from its maximum
+    ``MAXG[g, col]``: the largest block id of the group (``first=False``: a lower bound)
+    or its smallest (``first=True``: an upper bound) under the maximum's order;
+    ``MIN_KEY`` for ``g >= ng``."""
+    valid = g < ng
+    v = tl.load(MAXG + g * stride_mb + col, mask=valid, other=0.0)
+    blk = g * GROUP + (0 if first else GROUP - 1)
+    return tl.where(valid, (_order16(v) << 16) | (MAX_BLOCKS - blk), MIN_KEY)
+
+
+@triton.jit
+def _compact(MAXB, BUF, blk, col, stride_mb, local, tau, cnt, CAP: tl.constexpr):
+    """Appends the keys ``>= tau`` of blocks ``blk [RS, BC]`` (those before ``local``) to
+    each row's slots ``BUF[col, cnt ..]`` (at most ``CAP``); returns the new counts."""
+    key = _keys(MAXB, blk, col[:, None], stride_mb, local[:, None])
+    keep = (key >= tau[:, None]) & (key > MIN_KEY)
+    at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+    tl.store(BUF + col[:, None] * CAP + at, key, mask=keep & (at < CAP))
+    return cnt + tl.sum(keep.to(tl.int32), 1)
+
+
+@triton.jit
+def select_kernel(MAXB, MAXG, BUF, GBUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stride_mb,
+                  stride_oh, stride_ot, HI: tl.constexpr, BS: tl.constexpr,
+                  BLOCK_T: tl.constexpr, ROWS: tl.constexpr, RS: tl.constexpr,
+                  NRANK: tl.constexpr, BC: tl.constexpr, CAP: tl.constexpr,
+                  GROUP: tl.constexpr):
     """Rows ``RS * (pid % S) ..`` of tile ``pid // S`` of the chunk (``S = ROWS // RS``):
-    each row's ``NRANK`` best blocks before its local block from ``MAXB``
+    each row's ``NRANK`` best blocks before its local block from ``MAXB`` and ``MAXG``
     (``block_max_kernel``), written to ``OUT_ID`` (pre-filled with -1); ``BUF [rows,
-    CAP]`` int32 scratch."""
+    CAP]`` and ``GBUF [rows, CAP]`` int32 scratch. Whole groups of ``GROUP`` blocks before
+    the tile's first local block are read through their maxima; the blocks after them
+    (the tail) one by one."""
     pid = tl.program_id(0)
     t = pid // (ROWS // RS)
     q0 = tl.load(TILE_Q0 + t).to(tl.int64)
@@ -135,26 +176,49 @@ def select_kernel(MAXB, BUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stride_mb, strid
     local = tl.where(rmask, (off + tok) // BS, 0)
     col = t.to(tl.int64) * ROWS + r
     n_blocks = (off + n - 1) // BS
+    ng = tl.where(rmask, (off // BS) // GROUP, 0)        # whole groups before every row's
+    tail = ((off // BS) // GROUP) * GROUP                # local block
     cols = tl.arange(0, BC)
-    # tau: the NRANK-th largest bucket maximum (bucket = block id mod BC); MIN_KEY with
-    # fewer than NRANK blocks
+    # tau: the NRANK-th largest bucket maximum of the groups' lower bounds and the tail's
+    # keys (each a distinct block's key or below it); MIN_KEY with fewer than NRANK
     bmax = tl.full((RS, BC), MIN_KEY, tl.int32)
-    for c0 in range(0, n_blocks, BC):
+    for c0 in range(0, tail // GROUP, BC):
+        bmax = tl.maximum(bmax, _group_keys(MAXG, c0 + cols[None, :], col[:, None],
+                                            stride_mb, ng[:, None], False, GROUP))
+    for c0 in range(tail, n_blocks, BC):
         bmax = tl.maximum(bmax, _keys(MAXB, c0 + cols[None, :], col[:, None], stride_mb,
                                       local[:, None]))
     tau = _kth_largest(bmax, NRANK)
+    # the groups whose upper bound reaches tau hold every key >= tau before the tail
+    gcnt = tl.zeros((RS,), tl.int32)
+    for c0 in range(0, tail // GROUP, BC):
+        g = c0 + cols[None, :]
+        ub = _group_keys(MAXG, g, col[:, None], stride_mb, ng[:, None], True, GROUP)
+        keep = (ub >= tau[:, None]) & (ub > MIN_KEY)
+        at = gcnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+        tl.store(GBUF + col[:, None] * CAP + at, g, mask=keep & (at < CAP))
+        gcnt += tl.sum(keep.to(tl.int32), 1)
+    # a row with more than CAP such groups: every program's row reads all blocks instead
+    grouped = tl.max(gcnt, 0) <= CAP
+    gspan = tl.where(grouped, tl.max(gcnt, 0) * GROUP, 0)
     slots = tl.arange(0, CAP)
     cand = tl.full((RS, CAP), MIN_KEY, tl.int32)
     over = tl.full([], 1, tl.int32)
     while over > 0:
-        tl.debug_barrier()                  # the previous round's reads of BUF are done
+        tl.debug_barrier()                  # GBUF written, the last round's BUF reads done
         cnt = tl.zeros((RS,), tl.int32)
-        for c0 in range(0, n_blocks, BC):
-            key = _keys(MAXB, c0 + cols[None, :], col[:, None], stride_mb, local[:, None])
-            keep = (key >= tau[:, None]) & (key > MIN_KEY)
-            at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-            tl.store(BUF + col[:, None] * CAP + at, key, mask=keep & (at < CAP))
-            cnt += tl.sum(keep.to(tl.int32), 1)
+        for c0 in range(0, gspan, BC):      # the blocks of the listed groups
+            i = c0 + cols[None, :]
+            g = tl.load(GBUF + col[:, None] * CAP + i // GROUP,
+                        mask=i // GROUP < gcnt[:, None], other=0, cache_modifier=".cg")
+            blk = tl.where(i // GROUP < gcnt[:, None], g * GROUP + i % GROUP, MAX_BLOCKS)
+            cnt = _compact(MAXB, BUF, blk, col, stride_mb, local, tau, cnt, CAP)
+        for c0 in range(0, tl.where(grouped, 0, tail), BC):     # or all of them
+            cnt = _compact(MAXB, BUF, c0 + cols[None, :] + tl.zeros((RS, BC), tl.int32),
+                           col, stride_mb, local, tau, cnt, CAP)
+        for c0 in range(tail, n_blocks, BC):
+            cnt = _compact(MAXB, BUF, c0 + cols[None, :] + tl.zeros((RS, BC), tl.int32),
+                           col, stride_mb, local, tau, cnt, CAP)
         tl.debug_barrier()                  # BUF written by other threads of the program
         cand = tl.load(BUF + col[:, None] * CAP + slots[None, :],
                        mask=slots[None, :] < cnt[:, None], other=MIN_KEY, cache_modifier=".cg")
@@ -194,41 +258,82 @@ def _chunks(nblk, rows: int, budget: int):
         t0 = t1
 
 
-def block_maxima(q8, k8, ks16, tiles, maxb, *, block_size: int, block_t: int,
+def key_blocks(ki: torch.Tensor, seg: Segments, block_size: int, bound: float):
+    """Index keys ``ki [total_k, Di]`` in e4m3 with one scale per key block:
+    ``(k8 [blocks * block_size, Di], ks16 [blocks], seg)``. Each distinct key base's keys
+    (``k_base .. k_base + the longest k_len on it``) are copied to whole blocks, zero
+    padded, so that segments whose key ranges overlap at different block offsets (chained
+    fragments) still see one block layout per base; the returned ``seg`` has its key bases
+    moved to the copies. A block's scale is ``max|k| / bound`` over its keys (``k8`` within
+    ``bound``); ``ks16`` is the scales divided by the largest, in fp16, 0 for all-zero and
+    non-finite blocks."""
+    bs, di = block_size, ki.shape[-1]
+    extent = {}
+    for base, kl in zip(seg.k_base, seg.k_len):
+        extent[base] = max(extent.get(base, 0), kl)
+    bases = sorted(extent)
+    nblocks = [-(-extent[b] // bs) for b in bases]
+    starts = [0]
+    for n in nblocks[:-1]:
+        starts.append(starts[-1] + n * bs)
+    moved = dict(zip(bases, starts))
+    total = sum(nblocks) * bs
+    out = Segments(seg.q_start, seg.q_len, [moved[b] for b in seg.k_base], seg.k_len,
+                   seg.total_q, total)
+    if not total:
+        return ki.new_zeros(0, di, dtype=E4M3), ki.new_zeros(0, dtype=torch.float16), out
+    base, ext, start, nblk = host_to_device([bases, [extent[b] for b in bases], starts,
+                                             nblocks], ki.device).unbind(0)
+    run = torch.repeat_interleave(torch.arange(len(bases), device=ki.device), nblk * bs,
+                                  output_size=total)
+    r = torch.arange(total, device=ki.device) - start[run]
+    src = (base[run] + r).clamp(max=max(ki.shape[0] - 1, 0))
+    kb = torch.where((r < ext[run])[:, None], ki[src].float(), 0.0).view(-1, bs, di)
+    amax = kb.abs().amax((1, 2))
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, bound), torch.ones_like(amax))
+    k8 = (kb / scale[:, None, None]).clamp(-bound, bound).to(E4M3).view(total, di)
+    ks = torch.where(torch.isfinite(amax) & (amax > 0), scale, torch.zeros_like(scale))
+    ks16 = (ks / ks.amax().clamp_min(torch.finfo(torch.float32).tiny)).half()
+    return k8, ks16, out
+
+
+def block_maxima(q8, k8, ks16, tiles, maxb, maxg, *, block_size: int, block_t: int,
                  num_warps: int = 4, num_stages: int = 2) -> int:
     """``block_max_kernel`` over ``tiles`` (``query_tiles`` rows, heaviest first) into
-    ``maxb`` (fp16, at least ``blocks of tiles[0] x tiles x rows``): ``q8 [total_q, Hi,
-    Di]`` / ``k8 [total_k, Di]`` e4m3 within ``fp16_bound(Di)``, ``ks16 [total_k]`` fp16
-    <= 1. Returns the block stride of ``maxb`` (rows of the chunk)."""
+    ``maxb`` (fp16, at least ``blocks of tiles[0] x tiles x rows``) and ``maxg`` (group
+    maxima, ``GROUP`` times fewer blocks): ``q8 [total_q, Hi, Di]`` e4m3 within
+    ``fp16_bound(Di)``, ``k8, ks16`` from ``key_blocks`` (tiles of its segments). Returns
+    the block stride of ``maxb`` and ``maxg`` (rows of the chunk)."""
     hi, di = q8.shape[1], q8.shape[2]
     stride_mb = tiles[0].numel() * tile_rows(block_t, hi)
     if tiles[0].numel():
         block_max_kernel[(tiles[0].numel(),)](
-            q8, k8, ks16, *tiles, maxb, q8.stride(0), q8.stride(1), k8.stride(0), stride_mb,
-            HI=hi, DI=di, BS=block_size, BLOCK_T=block_t, ROWS=tile_rows(block_t, hi),
-            num_warps=num_warps,
+            q8, k8, ks16, *tiles, maxb, maxg, q8.stride(0), q8.stride(1), k8.stride(0),
+            stride_mb, HI=hi, DI=di, BS=block_size, BLOCK_T=block_t,
+            ROWS=tile_rows(block_t, hi), GROUP=GROUP, num_warps=num_warps,
             num_stages=num_stages)
     return stride_mb
 
 
-def select(maxb, stride_mb: int, tiles, out, *, block_size: int, block_t: int,
+def select(maxb, maxg, stride_mb: int, tiles, out, *, block_size: int, block_t: int,
            buf: torch.Tensor = None) -> torch.Tensor:
     """``select_kernel``: rows of ``out [Hi, total_q, topk]`` (pre-filled with -1) from
-    the block maxima ``maxb`` of ``tiles`` (``block_maxima``); ``buf`` int32 scratch of
-    at least ``tiles x rows x cap`` entries (allocated when not given; returned)."""
+    the block and group maxima ``maxb``, ``maxg`` of ``tiles`` (``block_maxima``);
+    ``buf`` int32 scratch of at least ``2 x tiles x rows x cap`` entries (allocated when
+    not given; returned)."""
     hi, nrank = out.shape[0], out.shape[2] - 1
     bc = max(64, triton.next_power_of_2(nrank))
     cap = max(64, 2 * triton.next_power_of_2(nrank + 1))
     rows = tiles[0].numel() * tile_rows(block_t, hi)
-    if buf is None or buf.numel() < rows * cap:
-        buf = torch.empty(rows * cap, dtype=torch.int32, device=out.device)
+    if buf is None or buf.numel() < 2 * rows * cap:
+        buf = torch.empty(2 * rows * cap, dtype=torch.int32, device=out.device)
     rs = min(SELECT_ROWS, tile_rows(block_t, hi))
     if rows:
         select_kernel[(rows // rs,)](
-            maxb, buf, out, tiles[0], tiles[1], tiles[3], stride_mb,
+            maxb, maxg, buf, buf[rows * cap:], out, tiles[0], tiles[1], tiles[3], stride_mb,
             out.stride(0), out.stride(1), HI=hi, BS=block_size, BLOCK_T=block_t,
-            ROWS=tile_rows(block_t, hi), RS=rs,
-            NRANK=nrank, BC=bc, CAP=cap, num_warps=4)
+            ROWS=tile_rows(block_t, hi), RS=rs, NRANK=nrank, BC=bc, CAP=cap, GROUP=GROUP,
+            num_warps=4)
     return buf
 
 
@@ -243,10 +348,7 @@ def scan_topk_two_pass(qi, ki, seg, *, block_size: int, topk: int, block_t: int,
     rows = tile_rows(block_t, hi)
     bound = fp16_bound(di)
     q8 = quantize_e4m3(qi, bound)[0]
-    k8, ks = quantize_e4m3(ki, bound)
-    # zero rows (scale 1, values 0) and non-finite scales must not set the normaliser
-    ks = torch.where(torch.isfinite(ks) & (ki.abs().amax(-1) > 0), ks, torch.zeros_like(ks))
-    ks16 = (ks / ks.amax().clamp_min(torch.finfo(torch.float32).tiny)).half()
+    k8, ks16, seg = key_blocks(ki, seg, block_size, bound)
     out = torch.full((hi, total_q, topk), -1, dtype=torch.int32, device=qi.device)
     host = query_tiles(seg, block_t, "cpu")
     if not host[0].numel():
@@ -258,13 +360,14 @@ def scan_topk_two_pass(qi, ki, seg, *, block_size: int, topk: int, block_t: int,
         if qi.is_cuda:
             budget = min(budget, torch.cuda.get_device_properties(qi.device).total_memory // 16)
     chunks = list(_chunks(nblk, rows, budget))
-    maxb = torch.empty(max(max(nblk[a], 1) * (b - a) * rows for a, b in chunks),
-                       dtype=torch.float16, device=qi.device)
+    size = max(max(nblk[a], 1) * (b - a) * rows for a, b in chunks)
+    maxb = torch.empty(size, dtype=torch.float16, device=qi.device)
+    maxg = torch.empty(-(-size // GROUP), dtype=torch.float16, device=qi.device)
     buf = None
     for t0, t1 in chunks:
         part = [t[t0:t1] for t in tiles]
-        stride_mb = block_maxima(q8, k8, ks16, part, maxb, block_size=block_size,
+        stride_mb = block_maxima(q8, k8, ks16, part, maxb, maxg, block_size=block_size,
                                  block_t=block_t, num_warps=num_warps, num_stages=num_stages)
-        buf = select(maxb, stride_mb, part, out, block_size=block_size, block_t=block_t,
-                     buf=buf)
+        buf = select(maxb, maxg, stride_mb, part, out, block_size=block_size,
+                     block_t=block_t, buf=buf)
     return out

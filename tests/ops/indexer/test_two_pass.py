@@ -38,11 +38,20 @@ def _expected(maxb, seg, block, block_t, hi, topk):
     return out
 
 
+def _group_maxima(maxb):
+    """What ``block_max_kernel`` stores as group maxima: the largest of each whole group
+    of ``GROUP`` blocks, NaN as -65504."""
+    g = two_pass.GROUP
+    whole = maxb[:maxb.shape[0] // g * g].float()
+    whole = torch.where(whole.isnan(), -65504.0, whole)
+    return whole.view(-1, g, maxb.shape[1]).amax(1).half()
+
+
 def _select(maxb, seg, block, block_t, hi, topk):
     tiles = [t.to(DEVICE) for t in query_tiles(seg, block_t, "cpu")]
     out = torch.full((hi, seg.total_q, topk), -1, dtype=torch.int32, device=DEVICE)
-    two_pass.select(maxb.to(DEVICE).contiguous(), maxb.shape[1], tiles, out,
-                    block_size=block, block_t=block_t)
+    two_pass.select(maxb.to(DEVICE).contiguous(), _group_maxima(maxb).to(DEVICE).contiguous(),
+                    maxb.shape[1], tiles, out, block_size=block, block_t=block_t)
     return out.cpu()
 
 
@@ -83,10 +92,61 @@ def test_selection_raises_its_threshold_when_candidates_overflow():
     assert (want[0, :, :topk - 1] % 64 == 0).all()       # the overflowing bucket won
 
 
+def test_selection_tightens_within_the_listed_groups():
+    """40 groups of near-tied high blocks (two values): the groups reaching the first
+    threshold fit the group list, the blocks in them do not fit the slots, and the
+    threshold is tightened over the listed groups."""
+    gen = torch.Generator().manual_seed(6)
+    block, block_t, hi, topk = 2, 2, 1, 32
+    seg = _segments((3,), (64 * 100 * block,))
+    maxb = (torch.randn(64 * 100, 4, generator=gen) - 10).half()
+    high = 40 * two_pass.GROUP
+    maxb[:high] = torch.tensor([50.0, 50.5])[torch.randint(2, (high, 4), generator=gen)]
+    got = _select(maxb, seg, block, block_t, hi, topk)
+    want = _expected(maxb, seg, block, block_t, hi, topk)
+    assert torch.equal(got, want)
+    assert (want[0, :, :topk - 1] < high).all()
+
+
+def test_key_blocks_quantize_each_block_of_each_key_base_once():
+    """``key_blocks``: fragment chain ``[0, 1, 0]`` (segment 2 reads segment 0's and 1's
+    keys from base 0, segment 1 its own from base 40: two block layouts of the same keys),
+    each base's keys copied to whole blocks, zero padded, quantized with its block's
+    ``max|k| / bound``; an all-zero block gets scale 0 and leaves the others' normaliser
+    alone."""
+    from msa.ops.quant import E4M3
+    gen = torch.Generator().manual_seed(5)
+    block, bound = 16, 16.0
+    seg = make_segments(9, 100, cu_seqlens_from_lengths((3, 3, 3)),
+                        cu_seqlens_from_lengths((40, 25, 35)),
+                        fragment_indices=torch.tensor([0, 1, 0], dtype=torch.int32))
+    assert seg.k_base == [0, 40, 0] and seg.k_len == [40, 25, 100]
+    ki = torch.randn(100, 8, generator=gen) * torch.rand(100, 1, generator=gen) * 3
+    ki[16:32] = 0.0                                       # block 1 of base 0
+    k8, ks16, moved = two_pass.key_blocks(ki.to(DEVICE), seg, block, bound)
+    k8, ks16 = k8.cpu(), ks16.cpu()
+    assert moved.k_base == [0, 112, 0] and moved.k_len == seg.k_len
+    assert k8.shape == (112 + 32, 8) and ks16.shape == (9,)
+    want_scale = []
+    for base, new, ext in ((0, 0, 100), (40, 112, 25)):
+        for b in range(-(-ext // block)):
+            keys = ki[base + b * block:base + min((b + 1) * block, ext)]
+            amax = keys.abs().amax().item()
+            scale = amax / bound if amax > 0 else 1.0
+            rows = k8[new + b * block:new + (b + 1) * block].float()
+            want = (keys / torch.tensor(scale)).clamp(-bound, bound).to(E4M3).float()
+            assert torch.equal(rows[:len(keys)], want), (base, b)
+            assert not rows[len(keys):].any()             # padding
+            want_scale.append(scale if amax > 0 else 0.0)
+    want16 = (torch.tensor(want_scale) / max(want_scale)).half()
+    assert want16[1] == 0 and torch.equal(ks16, want16)
+
+
 def test_block_maxima_are_the_fp16_sums_of_the_e4m3_operands():
     """Each stored maximum within the fp16 rounding of its exact value (fp64 sums of the
-    same e4m3 products times the fp16 key scales): ``Di`` roundings of the running sum,
-    one of the scale product, one of the stored value."""
+    same e4m3 products times the fp16 block scale): ``Di`` roundings of the running sum,
+    one of the scale product, one of the stored value. Segments of 300 and 150 keys: the
+    second's blocks start mid-block of the input, so its keys are moved."""
     from msa.ops.quant import quantize_e4m3
     gen = torch.Generator().manual_seed(11)
     hi, di, block, block_t = 2, 64, 16, 8
@@ -97,23 +157,30 @@ def test_block_maxima_are_the_fp16_sums_of_the_e4m3_operands():
     bound = two_pass.fp16_bound(di)
     assert di * bound ** 2 <= 65504
     q8 = quantize_e4m3(qi, bound)[0]
-    k8, ks = quantize_e4m3(ki, bound)
-    ks16 = (ks / ks.amax()).half()
+    k8, ks16, seg = two_pass.key_blocks(ki, seg, block, bound)
+    assert seg.k_base == [0, 304] and k8.shape == (304 + 160, di)
     host = query_tiles(seg, block_t, "cpu")
     nblk = int(((host[3] + host[1] - 1) // block).max())
     rows = host[0].numel() * block_t * hi
     maxb = torch.full((nblk * rows,), float("nan"), dtype=torch.float16, device=DEVICE)
+    maxg = torch.full((nblk * rows,), float("nan"), dtype=torch.float16, device=DEVICE)
     stride = two_pass.block_maxima(q8.to(DEVICE), k8.to(DEVICE), ks16.to(DEVICE),
-                                   [t.to(DEVICE) for t in host], maxb, block_size=block,
-                                   block_t=block_t)
+                                   [t.to(DEVICE) for t in host], maxb, maxg,
+                                   block_size=block, block_t=block_t)
     assert stride == rows
-    maxb = maxb.cpu().view(nblk, rows).double()
+    maxb, maxg = maxb.cpu().view(nblk, rows), maxg.cpu().view(nblk, rows)
+    for t, (n, off) in enumerate(zip(host[1].tolist(), host[3].tolist())):
+        cols = slice(t * block_t * hi, (t * block_t + n) * hi)
+        whole = (off + n - 1) // block // two_pass.GROUP
+        group = _group_maxima(maxb[:whole * two_pass.GROUP, cols])
+        assert torch.equal(maxg[:whole, cols], group), t
+    maxb = maxb.double()
     checked = 0
     for t, (q0, n, kbase, off) in enumerate(zip(*(x.tolist() for x in host))):
         for blk in range((off + n - 1) // block):
             keys = slice(kbase + blk * block, kbase + (blk + 1) * block)
             prod = q8[q0:q0 + n].double() @ k8[keys].double().T        # [n, hi, block]
-            exact = (prod * ks16[keys].double()).amax(-1)
+            exact = prod.amax(-1) * ks16[kbase // block + blk].double()
             mag = (q8[q0:q0 + n].double().abs() @ k8[keys].double().abs().T).amax(-1)
             got = maxb[blk, t * block_t * hi:(t * block_t + n) * hi].view(n, hi)
             tol = (di + 2) * 2.0 ** -11 * mag + 2.0 ** -24
