@@ -127,9 +127,17 @@ def rows_equal(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.sort(a, -1).values == torch.sort(b, -1).values).all(-1).float().mean().item()
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(),
-                                                 dim=0).item()
+def cosine(a: torch.Tensor, b: torch.Tensor, rows: int = 1 << 16) -> float:
+    """Cosine similarity of ``a`` and ``b`` as flat vectors, summed in fp64 over chunks of
+    ``rows`` leading-dim rows (no fp32 copy of the whole tensors: 32 GiB each for a 1M
+    token attention output)."""
+    dot = na = nb = 0.0
+    for i in range(0, a.shape[0], rows):
+        x, y = a[i:i + rows].double(), b[i:i + rows].double()
+        dot += (x * y).sum().item()
+        na += (x * x).sum().item()
+        nb += (y * y).sum().item()
+    return dot / max((na * nb) ** 0.5, 1e-300)
 
 
 def dense_causal(q, k, v, backend: str) -> torch.Tensor:

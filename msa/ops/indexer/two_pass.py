@@ -48,7 +48,7 @@ from ..quant import E4M3, quantize_e4m3
 MIN_KEY = tl.constexpr(-2 ** 31)        # no block (past the row's local block, padding)
 MAX_BLOCKS = tl.constexpr(2 ** 16 - 1)  # block ids fit the low 16 bits of a key
 BUDGET = 4 << 30        # bytes of block maxima per chunk of tiles, at most 1/16 of the GPU
-SELECT_ROWS = 32                        # rows per program of the selection
+SELECT_ROWS = 16                        # rows per program of the selection
 GROUP = 8                               # blocks per group maximum
 
 
@@ -157,11 +157,12 @@ def select_kernel(MAXB, MAXG, BUF, GBUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stri
                   stride_oh, stride_ot, HI: tl.constexpr, BS: tl.constexpr,
                   BLOCK_T: tl.constexpr, ROWS: tl.constexpr, RS: tl.constexpr,
                   NRANK: tl.constexpr, BC: tl.constexpr, CAP: tl.constexpr,
-                  GROUP: tl.constexpr):
+                  GROUP: tl.constexpr, KP2: tl.constexpr):
     """Rows ``RS * (pid % S) ..`` of tile ``pid // S`` of the chunk (``S = ROWS // RS``):
     each row's ``NRANK`` best blocks before its local block from ``MAXB`` and ``MAXG``
     (``block_max_kernel``), written to ``OUT_ID`` (pre-filled with -1); ``BUF [rows,
-    CAP]`` and ``GBUF [rows, CAP]`` int32 scratch. Whole groups of ``GROUP`` blocks before
+    CAP]`` and ``GBUF [rows, CAP]`` int32 scratch; ``KP2``: ``NRANK`` rounded up to a
+    power of two, at most ``BC``. Whole groups of ``GROUP`` blocks before
     the tile's first local block are read through their maxima; the blocks after them
     (the tail) one by one."""
     pid = tl.program_id(0)
@@ -188,7 +189,8 @@ def select_kernel(MAXB, MAXG, BUF, GBUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stri
     for c0 in range(tail, n_blocks, BC):
         bmax = tl.maximum(bmax, _keys(MAXB, c0 + cols[None, :], col[:, None], stride_mb,
                                       local[:, None]))
-    tau = _kth_largest(bmax, NRANK)
+    top = tl.topk(bmax, KP2)                 # sorted, descending
+    tau = tl.max(tl.where(tl.arange(0, KP2)[None, :] == NRANK - 1, top, MIN_KEY), 1)
     # the groups whose upper bound reaches tau hold every key >= tau before the tail
     gcnt = tl.zeros((RS,), tl.int32)
     for c0 in range(0, tail // GROUP, BC):
@@ -214,8 +216,9 @@ def select_kernel(MAXB, MAXG, BUF, GBUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stri
             blk = tl.where(i // GROUP < gcnt[:, None], g * GROUP + i % GROUP, MAX_BLOCKS)
             cnt = _compact(MAXB, BUF, blk, col, stride_mb, local, tau, cnt, CAP)
         for c0 in range(0, tl.where(grouped, 0, tail), BC):     # or all of them
-            cnt = _compact(MAXB, BUF, c0 + cols[None, :] + tl.zeros((RS, BC), tl.int32),
-                           col, stride_mb, local, tau, cnt, CAP)
+            blk = c0 + cols[None, :] + tl.zeros((RS, BC), tl.int32)
+            cnt = _compact(MAXB, BUF, tl.where(blk < tail, blk, MAX_BLOCKS), col,
+                           stride_mb, local, tau, cnt, CAP)
         for c0 in range(tail, n_blocks, BC):
             cnt = _compact(MAXB, BUF, c0 + cols[None, :] + tl.zeros((RS, BC), tl.int32),
                            col, stride_mb, local, tau, cnt, CAP)
@@ -226,13 +229,10 @@ def select_kernel(MAXB, MAXG, BUF, GBUF, OUT_ID, TILE_Q0, TILE_N, TILE_OFF, stri
         # any CAP distinct keys >= tau: their NRANK-th largest is > tau and <= the answer's
         tau = tl.where(tight, _kth_largest(cand, NRANK), tau)
         over = tl.max(tight.to(tl.int32), 0)
-    rank = tl.zeros((RS, CAP), tl.int32)     # keys are distinct: ranks are the output
-    for i in range(CAP):                     # positions
-        ci = tl.max(tl.where(slots[None, :] == i, cand, MIN_KEY), 1)
-        rank += (ci[:, None] > cand).to(tl.int32)
+    cand = tl.sort(cand, 1, descending=True)     # keys are distinct: sorted = ranked
     orow = h.to(tl.int64) * stride_oh + (q0 + tok) * stride_ot
-    tl.store(OUT_ID + orow[:, None] + rank, MAX_BLOCKS - (cand & 0xFFFF),
-             mask=rmask[:, None] & (rank < NRANK) & (cand > MIN_KEY))
+    tl.store(OUT_ID + orow[:, None] + slots[None, :], MAX_BLOCKS - (cand & 0xFFFF),
+             mask=rmask[:, None] & (slots[None, :] < NRANK) & (cand > MIN_KEY))
     tl.store(OUT_ID + orow + tl.minimum(local, NRANK), local, mask=rmask)
 
 
@@ -333,7 +333,7 @@ def select(maxb, maxg, stride_mb: int, tiles, out, *, block_size: int, block_t: 
             maxb, maxg, buf, buf[rows * cap:], out, tiles[0], tiles[1], tiles[3], stride_mb,
             out.stride(0), out.stride(1), HI=hi, BS=block_size, BLOCK_T=block_t,
             ROWS=tile_rows(block_t, hi), RS=rs, NRANK=nrank, BC=bc, CAP=cap, GROUP=GROUP,
-            num_warps=4)
+            KP2=triton.next_power_of_2(nrank), num_warps=4)
     return buf
 
 

@@ -65,7 +65,7 @@ def _maxb(seg, block, block_t, hi, gen, values):
 @pytest.mark.parametrize("q_lens,k_lens,block,topk,block_t,hi", [
     ((5, 9), (700, 40), 8, 8, 4, 2),    # a short segment: rows with fewer blocks than topk
     ((6,), (1100, ), 4, 32, 4, 2),      # the FP8 scan's 31 ranked blocks
-    ((70,), (900,), 8, 6, 32, 2),       # a tile's 64 rows over two programs
+    ((70,), (900,), 8, 6, 32, 2),       # a tile's 64 rows over four programs
 ])
 def test_selection_sorts_the_stored_maxima(q_lens, k_lens, block, topk, block_t, hi):
     """Heavy ties (eight distinct values), NaN, -0 and +0, -inf: the kept blocks and
@@ -106,6 +106,23 @@ def test_selection_tightens_within_the_listed_groups():
     want = _expected(maxb, seg, block, block_t, hi, topk)
     assert torch.equal(got, want)
     assert (want[0, :, :topk - 1] < high).all()
+
+
+def test_selection_reading_every_block_counts_each_once():
+    """High blocks in 8 of the 64 buckets only (ids = 0 mod 64): the first threshold is
+    low, more groups reach it than the group list holds, and every block is read one by
+    one; the best blocks sit right after the whole groups, where that read and the read
+    of the tail meet (6416 is not a multiple of 64)."""
+    gen = torch.Generator().manual_seed(7)
+    block, block_t, hi, topk = 2, 2, 1, 32
+    seg = _segments((3,), (6420 * block,))                # tail = 6416
+    maxb = (torch.randn(6420, 4, generator=gen) - 10).half()
+    maxb[:6400:64] = (torch.rand(100, 4, generator=gen) * 100 + 10).half()
+    maxb[6416:6420] = 200.0
+    got = _select(maxb, seg, block, block_t, hi, topk)
+    want = _expected(maxb, seg, block, block_t, hi, topk)
+    assert torch.equal(got, want)
+    assert (want[0, 1:, :3] >= 6416).all()
 
 
 def test_key_blocks_quantize_each_block_of_each_key_base_once():
