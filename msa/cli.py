@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     f8.add_argument("--probe", type=_positive_int, default=512,
                     help="last queries compared (default 512)")
     f8.add_argument("--kernels", action="store_true",
-                    help="also the GPU kernels' FP8 selection (sources with one shared "
-                         "index-key head; on a CPU run with TRITON_INTERPRET=1)")
+                    help="also the GPU kernels' FP8 selection (one call per index-key "
+                         "head; on a CPU run with TRITON_INTERPRET=1)")
     _add_common(f8, "rows")
     from .bench import add_parser as add_bench
     add_bench(sub)

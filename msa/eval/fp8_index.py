@@ -55,7 +55,8 @@ def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int,
     """``qi [P, Hi, Di]`` (the last ``P`` queries), ``ki [T, 1 or Hi, Di]``; with
     ``kernels`` also the GPU kernels' FP8 selection (two-pass e4m3 scan with fp16 sums,
     then the re-scoring; on a CPU through Triton's interpreter) as ``kernel_rows_equal``
-    (one shared index-key head only)."""
+    (the kernels take one shared index-key head: with ``Hi`` key heads, one call per
+    head)."""
     p, T = qi.shape[0], ki.shape[0]
     cu_q, cu_k = torch.tensor([0, p]), torch.tensor([0, T])
     kw = dict(block_size=block, topk=topk, backend="reference")
@@ -72,11 +73,15 @@ def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int,
         return onehot[..., :nb]
     m16, m8, m32 = sets(sel16), sets(sel8), sets(sel32)
     extra = {}
-    if kernels and ki.shape[1] == 1:
+    if kernels:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        kern = msa_indexer(*(x.to(dev) for x in (bq, bk, cu_q, cu_k)), block_size=block,
-                           topk=topk, index_precision="fp8", backend="triton")
-        extra["kernel_rows_equal"] = 1 - (sets(kern.cpu()) != m16).any(-1).float().mean().item()
+
+        def kernel(q, k):
+            return msa_indexer(*(x.to(dev) for x in (q, k, cu_q, cu_k)), block_size=block,
+                               topk=topk, index_precision="fp8", backend="triton").cpu()
+        kern = kernel(bq, bk) if bk.shape[1] == 1 else torch.cat(
+            [kernel(bq[:, h:h + 1], bk[:, h:h + 1]) for h in range(bk.shape[1])])
+        extra["kernel_rows_equal"] = 1 - (sets(kern) != m16).any(-1).float().mean().item()
     differ = (m16 != m8).any(-1)
     scores = _block_scores(bq, bk, T, block).transpose(0, 1)         # [Hi, P, NB]
     gaps: List[float] = []
@@ -143,7 +148,7 @@ def m3_source(T: int, probe: int, seed: int = 0, kernels: bool = False) -> List[
 def smollm2_source(T: int, probe: int, block: int = 64, topk: int = 16,
                    kernels: bool = False) -> List[dict]:
     """SmolLM2-135M on English text: per layer, self-indexing queries (the mean query of
-    each KV group) and the layer's keys (one key head per query group: no kernel rows)."""
+    each KV group) and the layer's keys (one key head per query group)."""
     from .passkey import load_model, run_with_probe, stdlib_text
     model, tok = load_model()
     ids = tok(stdlib_text(), return_tensors="pt").input_ids[:, :T]
@@ -157,7 +162,7 @@ def smollm2_source(T: int, probe: int, block: int = 64, topk: int = 16,
         qi = q.reshape(probe, hkv, hq // hkv, d).mean(2)
         cfg = MSAConfig(num_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=block,
                         topk=topk, softmax_scale=scaling)
-        r = compare(qi, k, block, topk)
+        r = compare(qi, k, block, topk, kernels)
         out.append(dict(source="smollm2", layer=module.layer_idx, T=tk, **_public(r),
                         **_mass(q, k, tk, r["sel16"], r["sel8"], cfg)))
     run_with_probe(model, ids, probe_layer)

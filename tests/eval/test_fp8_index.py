@@ -26,6 +26,11 @@ def test_compare_reports_the_kernels_selection():
     r = compare(torch.randn(16, 2, 64, generator=g), torch.randn(1024, 1, 64, generator=g),
                 block=64, topk=4, kernels=True)
     assert r["kernel_rows_equal"] == r["rows_equal"] == 1.0
+    # a key head per index head (self-indexing): one kernel call per head
+    ki = torch.randn(1024, 2, 64, generator=g)
+    ki[:, 1] = -ki[:, 1] * 3                              # heads that select differently
+    r = compare(torch.randn(16, 2, 64, generator=g), ki, block=64, topk=4, kernels=True)
+    assert r["kernel_rows_equal"] == r["rows_equal"] == 1.0
 
 
 def test_command_line_checks_sources_and_runs(capsys):

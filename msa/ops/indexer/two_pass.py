@@ -19,19 +19,24 @@ blocks in registers while it scores; that bookkeeping, not the MMA, bounds it
   row's local block (score desc, id asc; NaN as the most negative fp16, -0 as +0),
   written as the one-pass scan writes them (ranked ids, the local block, then -1). Each
   block is a 32-bit key (the fp16 score's order bits, then the inverted block id), so
-  keys are distinct and the largest keys are the answer. A threshold ``tau`` no larger
-  than the ``nrank``-th key: the ``nrank``-th largest of the row's ``BC`` bucket maxima
-  (bucket = block id mod ``BC``; the ``nrank`` best buckets hold ``nrank`` distinct keys
-  >= ``tau``). The keys >= ``tau`` are compacted (``cumsum``) into ``CAP`` slots and
-  ranked; a row with more than ``CAP`` of them raises ``tau`` to the ``nrank``-th
-  largest of its first ``CAP`` (still no larger than the answer's last key, and at least
-  ``CAP - nrank`` keys fewer pass) and compacts again. Programs take ``SELECT_ROWS``
-  rows of a tile.
+  keys are distinct and the largest keys are the answer. The blocks before the tile's
+  first local block come in whole groups of ``GROUP`` with their maximum (stored by
+  ``block_max_kernel``), which bounds each group's best key from below (with the group's
+  last id) and above (its first id); the blocks after them, the tail, are read one by
+  one. A threshold ``tau`` no larger than the ``nrank``-th key: the ``nrank``-th largest
+  of ``BC`` bucket maxima of the groups' lower bounds and the tail's keys (each a
+  distinct block's key or below it). The groups whose upper bound reaches ``tau`` are
+  listed (at most ``CAP``; a program with a row over that reads every block instead),
+  and the keys >= ``tau`` of their blocks and the tail's are compacted (``cumsum``) into
+  ``CAP`` slots and sorted; a row with more than ``CAP`` of them raises ``tau`` to the
+  ``nrank``-th largest of its first ``CAP`` (still no larger than the answer's last
+  key, and at least ``CAP - nrank`` keys fewer pass) and compacts again. Programs take
+  ``SELECT_ROWS`` rows of a tile.
 
-The ranking differs from the one-pass FP8 scan's (fp32 sums) only by rounding, on
-near-ties; the scan proposes candidates, which the inputs' scores then decide
-(docs/semantics.md, "FP8 index scoring"). Block ids must stay below ``2^16 - 1``
-(``supported``).
+The ranking differs from the one-pass FP8 scan's (fp32 sums, a scale per key) only by
+quantization and rounding, on near-ties; the scan proposes candidates, which the inputs'
+scores then decide (docs/semantics.md, "FP8 index scoring"). Block ids must stay below
+``2^16 - 1`` (``supported``).
 """
 from __future__ import annotations
 
