@@ -293,13 +293,12 @@ def key_blocks(ki: torch.Tensor, seg: Segments, block_size: int, bound: float):
                                   output_size=total)
     r = torch.arange(total, device=ki.device) - start[run]
     src = (base[run] + r).clamp(max=max(ki.shape[0] - 1, 0))
-    kb = torch.where((r < ext[run])[:, None], ki[src].float(), 0.0).view(-1, bs, di)
-    amax = kb.abs().amax((1, 2))
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, bound), torch.ones_like(amax))
-    k8 = (kb / scale[:, None, None]).clamp(-bound, bound).to(E4M3).view(total, di)
+    kb = torch.where((r < ext[run])[:, None], ki[src].float(), 0.0).view(-1, bs * di)
+    k8, scale = quantize_e4m3(kb, bound)                 # a block as one row
+    amax = kb.abs().amax(-1)
     ks = torch.where(torch.isfinite(amax) & (amax > 0), scale, torch.zeros_like(scale))
     ks16 = (ks / ks.amax().clamp_min(torch.finfo(torch.float32).tiny)).half()
-    return k8, ks16, out
+    return k8.view(total, di), ks16, out
 
 
 def block_maxima(q8, k8, ks16, tiles, maxb, maxg, *, block_size: int, block_t: int,
