@@ -13,8 +13,8 @@ blocks in registers while it scores; that bookkeeping, not the MMA, bounds it
   ``MAXB [block, row]`` (a chunk of tiles at a time, so the buffer is bounded). The
   operands are quantized to ``|x| <= fp16_bound(Di)`` so that no sum of ``Di`` products
   overflows fp16, and the block scales are divided by their maximum (a positive factor
-  common to a row's scores ranks nothing). A scale per key instead cost the kernel 15%
-  of its time (one fp16 multiply per score; docs/fp8_index.md).
+  common to a row's scores ranks nothing). A scale per key instead would cost one fp16
+  multiply per score (measured in docs/fp8_index.md).
 * ``select_kernel``: per row the ``nrank`` best stored maxima of the blocks before the
   row's local block (score desc, id asc; NaN as the most negative fp16, -0 as +0),
   written as the one-pass scan writes them (ranked ids, the local block, then -1). Each
