@@ -43,22 +43,23 @@ def combine_splits(PO, PL, OUT, LSE, pid, c, h, stride_ot, stride_oh, stride_lt,
                    NSPLIT: tl.constexpr, NS_PAD: tl.constexpr):
     """Merge the ``NSPLIT`` partial outputs of (query row ``c``, KV head ``h``) by LSE
     (``pid = c * HKV + h``; read through L2: other programs wrote them). The split loop
-    is unrolled so that its loads are issued together."""
-    offs_s = tl.arange(0, NS_PAD)
+    is unrolled so that its loads are issued together, and each split's LSEs are loaded
+    in the layout of the output's rows: the merge needs no cross-thread reduction (no
+    barrier)."""
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     base = pid * NSPLIT * G_PAD
-    lse = tl.load(PL + base + offs_s[:, None] * G_PAD + offs_g[None, :],
-                  mask=offs_s[:, None] < NSPLIT, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe[None, :])                              # [splits, G_PAD]
-    wsum = tl.sum(w, 0)
-    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
+    m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
     for s in tl.static_range(NSPLIT):
-        ws = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)
-        acc += ws[:, None] * tl.load(PO + (base + s * G_PAD + offs_g)[:, None] * D
-                                     + offs_d[None, :], cache_modifier=".cg")
+        m = tl.maximum(m, tl.load(PL + base + s * G_PAD + offs_g, cache_modifier=".cg"))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
+    wsum = tl.zeros((G_PAD,), dtype=tl.float32)
+    for s in tl.static_range(NSPLIT):
+        w = tl.exp(tl.load(PL + base + s * G_PAD + offs_g, cache_modifier=".cg") - m_safe)
+        wsum += w
+        acc += w[:, None] * tl.load(PO + (base + s * G_PAD + offs_g)[:, None] * D
+                                    + offs_d[None, :], cache_modifier=".cg")
     gmask = offs_g < G
     tl.store(OUT + c * stride_ot + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
              (acc / tl.maximum(wsum, 1e-30)[:, None]).to(OUT.dtype.element_ty),
