@@ -116,32 +116,23 @@ def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
                 NL_PAD: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
     """The top-k row ``[TOPK_PAD]`` int32 (``-1`` past ``TOPK``) from ``n_lists`` ranked
     lists of ``KR`` keys, ``LS`` apart from ``LISTS``, and the local block ``local``."""
-    offs_l = tl.arange(0, NL_PAD)
     offs_k = tl.arange(0, TOPK_PAD)
-    ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
-    if KR == 1:         # lists of one key (a block each): loaded once, taken in registers
-        key = tl.load(LISTS + offs_l * LS, mask=offs_l < n_lists, other=EMPTY)
-        for r in range(TOPK - 1):
-            best = tl.max(key, 0)
-            ranked = tl.where(offs_k == r, block_id(best), ranked)
-            key = tl.where(key == best, EMPTY, key)
-    else:   # each list's head and next key in registers; a winner's key after them is
-        # loaded in its round and used one round later, so no round waits on memory
-        lists = LISTS + offs_l * LS
-        live = offs_l < n_lists
-        key = tl.load(lists, mask=live, other=EMPTY)
-        nxt = tl.load(lists + 1, mask=live, other=EMPTY)           # KR >= 2 here
-        nxt_at = tl.full((NL_PAD,), 2, dtype=tl.int32)      # the list position to load next
-        won = offs_l < 0
-        fetched = tl.full((NL_PAD,), EMPTY, dtype=tl.int64)
-        for r in tl.static_range(TOPK - 1):
-            best = tl.max(key, 0)
-            nxt = tl.where(won, fetched, nxt)       # the previous round's load, used now
-            ranked = tl.where(offs_k == r, block_id(best), ranked)
-            won = (key == best) & (best != EMPTY)
-            fetched = tl.load(lists + nxt_at, mask=won & (nxt_at < KR), other=EMPTY)
-            nxt_at += won.to(tl.int32)
-            key = tl.where(won, nxt, key)
+    NH: tl.constexpr = NL_PAD if NL_PAD > TOPK_PAD else TOPK_PAD
+    offs_h = tl.arange(0, NH)
+    heads = tl.load(LISTS + offs_h * LS, mask=offs_h < n_lists, other=EMPTY)
+    if KR == 1:         # lists of one key (a block each): a sorting network's top k
+        ranked = block_id(tl.topk(heads, TOPK_PAD))
+    else:   # ranked lists: the best TOPK - 1 keys lie in the lists of the TOPK - 1
+        # largest heads (any other list's keys have that many distinct keys above them),
+        # so two sorting networks replace TOPK - 1 rounds of a max: the top heads, then
+        # the top of those lists' keys (list p holds blocks of chunk p: p = id // LS)
+        heads = tl.topk(heads, TOPK_PAD)
+        live = heads != EMPTY
+        first = tl.where(live, block_id(heads) // LS * LS, 0)
+        offs_r = tl.arange(0, KR)
+        keys = tl.load(LISTS + first[:, None] + offs_r[None, :], mask=live[:, None],
+                       other=EMPTY)
+        ranked = block_id(tl.topk(tl.reshape(keys, (TOPK_PAD * KR,)), TOPK_PAD))
     n_ranked = tl.minimum(local, TOPK - 1)
     return tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, ranked))
 
@@ -250,4 +241,4 @@ def paged_merge(candidates, seq_lens, topk_indices, lists, *, num_q: int,
         candidates, seq_lens, topk_indices, n_lists, candidates.stride(0),
         candidates.stride(1), topk_indices.stride(0), topk_indices.stride(1),
         NQ=num_q, BS=block_size, LS=ls, KR=kr, NL_PAD=next_pow2(n_lists), TOPK=topk,
-        TOPK_PAD=next_pow2(topk), num_warps=8 if n_lists > 4096 else 4)
+        TOPK_PAD=next_pow2(topk), num_warps=min(32, max(4, next_pow2(n_lists) // 1024)))

@@ -247,3 +247,25 @@ def test_selection_merge_takes_runs_from_one_list(pattern, per):
     assert torch.equal(sel, ref)
     if pattern == "one_chunk":
         assert sel[0, 0, :15].tolist() == list(range(95, 80, -1))
+
+
+@pytest.mark.parametrize("mp,per,topk", [(96, 16, 32), (320, 8, 64), (320, 16, 5)])
+def test_selection_merge_of_ranked_lists_any_k(mp, per, topk):
+    """The merge of ranked lists takes the lists of the ``k - 1`` best heads, then the best
+    of their keys: fewer lists than ``k`` (6 lists, k 32), ``k`` 64 over lists of 8, and
+    ``k`` below the list length; random block maxima with ties, rows equal the
+    reference."""
+    from msa.ops.decode.select import candidates_width, paged_select, scan_chunks
+    bs, di, hi = 64, 64, 2
+    assert scan_chunks(hi, 1, mp, topk, per)[1] == per
+    g = torch.Generator().manual_seed(mp + topk)
+    ki = torch.randint(-3, 4, (mp, bs, di), generator=g).float().to(DEVICE)
+    qi = torch.randint(-3, 4, (1, hi, di), generator=g).float().to(DEVICE)
+    table = torch.randperm(mp, generator=g).view(1, mp).int().to(DEVICE)
+    lens = torch.tensor([mp * bs - 7], dtype=torch.int32, device=DEVICE)
+    sel = torch.full((hi, 1, topk), -7, dtype=torch.int32, device=DEVICE)
+    paged_select(qi, ki, table, lens, batch=1, num_q=1, max_pages=mp,
+                 candidates=torch.full((1, hi, candidates_width(mp)), 3, device=DEVICE),
+                 topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
+    ref = paged_indexer(qi, ki, table, lens, [1], block_size=bs, topk=topk, softmax_scale=1.0)
+    assert torch.equal(sel, ref)
