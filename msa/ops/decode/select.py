@@ -12,8 +12,10 @@ hold ``EMPTY``. With few query rows (``rank_in_scan``: one decode token at 1M to
 is a ranked list of its best ``min(K-1, chunk)``; with many rows every block is a list of
 one.
 
-``merge_lists`` reads the head of every list and takes the largest ``K-1`` times, advancing
-the winner's list (each round is one ``max``). ``paged_merge_kernel`` writes the top-k rows;
+``merge_lists``: over ranked lists, the top ``K`` heads by a sorting network
+(``tl.topk``), then the top of the keys of those heads' lists (the best ``K-1`` keys lie
+there); over lists of one block, ``K-1`` rounds of a ``max``. ``paged_merge_kernel``
+writes the top-k rows;
 the decode attention kernel merges for itself when its blocks are split over programs
 (``msa.ops.decode.triton``).
 """
@@ -120,8 +122,13 @@ def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
     NH: tl.constexpr = NL_PAD if NL_PAD > TOPK_PAD else TOPK_PAD
     offs_h = tl.arange(0, NH)
     heads = tl.load(LISTS + offs_h * LS, mask=offs_h < n_lists, other=EMPTY)
-    if KR == 1:         # lists of one key (a block each): a sorting network's top k
-        ranked = block_id(tl.topk(heads, TOPK_PAD))
+    if KR == 1:         # lists of one key (a block each): k - 1 rounds of a max (faster
+        # here than a sorting network over thousands of blocks)
+        ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
+        for r in range(TOPK - 1):
+            best = tl.max(heads, 0)
+            ranked = tl.where(offs_k == r, block_id(best), ranked)
+            heads = tl.where(heads == best, EMPTY, heads)
     else:   # ranked lists: the best TOPK - 1 keys lie in the lists of the TOPK - 1
         # largest heads (any other list's keys have that many distinct keys above them),
         # so two sorting networks replace TOPK - 1 rounds of a max: the top heads, then
@@ -241,4 +248,4 @@ def paged_merge(candidates, seq_lens, topk_indices, lists, *, num_q: int,
         candidates, seq_lens, topk_indices, n_lists, candidates.stride(0),
         candidates.stride(1), topk_indices.stride(0), topk_indices.stride(1),
         NQ=num_q, BS=block_size, LS=ls, KR=kr, NL_PAD=next_pow2(n_lists), TOPK=topk,
-        TOPK_PAD=next_pow2(topk), num_warps=min(32, max(4, next_pow2(n_lists) // 1024)))
+        TOPK_PAD=next_pow2(topk), num_warps=8 if n_lists > 4096 else 4)

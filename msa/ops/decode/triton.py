@@ -14,8 +14,8 @@ synchronisation and no allocation:
    desc, id asc, local block last, ``-1`` padding) -> head-major
    ``topk_indices [Hi, B*Q, K]``.
 3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
-   with splits, each program merges its row from the lists itself (no launch between
-   the scan and the attention); the ``G`` query heads of the group are the MMA rows; the
+   with splits, each program (8 warps) merges its row from the lists itself (no launch
+   between the scan and the attention); the ``G`` query heads of the group are the MMA rows; the
    split's selected blocks and their pages are loaded once, then each page is read (a
    predicated loop whose K/V loads Triton pipelines), online softmax; one split writes
    the output directly, more splits write partials that the last split of each
@@ -296,4 +296,5 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
         TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
         NSPLIT=nsplit, NS_PAD=next_pow2(nsplit), PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
-        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2, num_warps=4)
+        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2,
+        num_warps=4 if merge is None else 8)
