@@ -12,8 +12,10 @@ graph of ``LAYERS`` steps (as a model's decode graph replays its layers; launch 
 
 FP8 pages (e4m3 rows with fp32 row scales, ``msa.ops.quant``) are timed beside bf16 in
 the same run: K/V in FP8 with bf16 index keys (the ``PagedKVCache`` default for FP8, and
-vLLM's FP8 layout), and K/V plus index keys in FP8; each with its own floor, its
-selection and output compared with bf16's. The index scan and the attention are also
+vLLM's FP8 layout), K/V plus index keys in FP8, and bf16 pages whose index keys have an
+e4m3 copy for the scan (the bf16 keys re-score its candidates, ``ki_fp8``); each with its
+own floor (the re-scored candidate pages included), its selection and output compared
+with bf16's. The index scan and the attention are also
 timed alone (bf16 and FP8).
 
 Chunked prefill over the cache (8K new tokens over 128K): the chunk's attention over
@@ -141,6 +143,7 @@ def floor_us(cfg, B: int, T: int, distinct: int, kv_bytes: int, ki_bytes: int,
 
 
 def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
+    from ..ops.decode.rescore import num_candidates
     from ..ops.decode.select import paged_select
     from ..ops.decode.triton import paged_attend
     k, v, ki, table = make_cache(cfg, B, T)
@@ -198,6 +201,19 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
         else:
             d["attend_us"] = 1e3 * graph_ms(attend(k8, v8, ks, vs))
         fp8[name] = d
+    # an e4m3 copy of the index keys for the scan, the bf16 keys re-scoring its candidates
+    kw = dict(ki_fp8=(ki8, kis))
+    d = dict(msa_us=1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki, **kw)),
+             msa_us_per_layer=1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki, **kw),
+                                             layers=LAYERS))
+    o8, t8 = dec.run(q, qi, k, v, ki, **kw)
+    d["topk_rows_equal_bf16"] = C.rows_equal(t8, topk)
+    d["cosine_vs_bf16"] = C.cosine(o8, out)
+    d["floor_us"] = floor_us(cfg, B, T, distinct, 2, 1, bw) + rows * cfg.index_heads * \
+        num_candidates(cfg.topk) * cfg.block_size * cfg.index_dim * 2 / bw * 1e6
+    d["msa_vs_floor"] = d["msa_us"] / d["floor_us"]
+    d["msa_per_layer_vs_floor"] = d["msa_us_per_layer"] / d["floor_us"]
+    fp8["ki_rescored"] = d
     r["fp8"] = fp8
     del k8, v8, ki8
     if vllm is not None:

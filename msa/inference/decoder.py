@@ -37,6 +37,7 @@ class PagedDecoder:
     def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,
                  device, dtype=torch.bfloat16, pages_per_program: int = None,
                  index_stages: int = None):
+        from ..ops.decode.rescore import exact_width
         from ..ops.decode.select import candidates_width
         from ..ops.decode.triton import partial_buffers
         if not isinstance(num_q, int) or not 1 <= num_q <= 16:
@@ -61,6 +62,8 @@ class PagedDecoder:
         self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(rows, c.num_heads, **f32)
         self.topk_indices = torch.empty(c.index_heads, rows, c.topk, **i32)
+        self.exact = torch.empty(rows, c.index_heads, exact_width(c.topk),
+                                 dtype=torch.int64, device=self.device)
         self.partials = partial_buffers(max_batch, num_q, c.num_heads, c.num_kv_heads,
                                         c.head_dim, c.topk, self.device)
         self.batch, self.top_page = 0, -1
@@ -134,14 +137,18 @@ class PagedDecoder:
                              f"{pages} pages")
 
     def run(self, q, qi, k_pages, v_pages, ki_pages, *, k_scales=None, v_scales=None,
-            ki_scales=None):
+            ki_scales=None, ki_fp8=None):
         """One decode step of one layer (no host synchronisation, no allocation).
 
         q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major), pages
         ``k_pages, v_pages [P, Hkv, page, D]``, ``ki_pages [P, page, Di]``; FP8 (e4m3)
         pages come with their row scales ``k_scales, v_scales [P, Hkv, page]``,
         ``ki_scales [P, page]`` fp32 (``msa.ops.quant``; K and V together, the index keys
-        on their own; queries stay bf16/fp16/fp32).
+        on their own; queries stay bf16/fp16/fp32). ``ki_fp8 = (pages, scales)``: an e4m3
+        copy of 16-bit ``ki_pages`` (``msa.ops.quant.quantize_e4m3`` of each token) that
+        the index scan reads instead; ``ki_pages`` then score the scan's best
+        ``topk - 1 + FP8_CANDIDATES`` blocks again and those exact scores rank
+        (docs/semantics.md, "FP8 index scoring").
         Returns views of the preallocated ``out [B*Q, Hq, D]`` and
         ``topk_indices [Hi, B*Q, K]`` (overwritten by the next ``run``).
         """
@@ -153,6 +160,11 @@ class PagedDecoder:
         scales = (k_scales, v_scales, ki_scales)
         check_page_scales(("k_scales", "v_scales", "ki_scales"),
                           (k_pages, v_pages, ki_pages), scales)
+        ki_exact = None
+        if ki_fp8 is not None:
+            ki_exact, (ki_pages, kis) = ki_pages, self._check_fp8_copy(ki_pages, ki_fp8,
+                                                                       ki_scales)
+            scales = (k_scales, v_scales, kis)
         rows = b * nq
         out, topk = self.out[:rows], self.topk_indices[:, :rows]
         paged_decode(q, qi, k_pages, v_pages, ki_pages, self.page_table, self.seq_lens,
@@ -162,8 +174,28 @@ class PagedDecoder:
                      block_size=c.block_size, scale=c.scale, index_scale=c.index_scale,
                      pages_per_program=self.pages_per_program,
                      index_stages=self.index_stages, k_scales=scales[0],
-                     v_scales=scales[1], ki_scales=scales[2])
+                     v_scales=scales[1], ki_scales=scales[2], ki_exact=ki_exact,
+                     exact=self.exact[:rows])
         return out, topk
+
+    @staticmethod
+    def _check_fp8_copy(ki_pages, ki_fp8, ki_scales):
+        """``ki_fp8 = (e4m3 pages, scales)`` beside 16-bit or fp32 ``ki_pages``."""
+        if ki_pages.dtype == E4M3 or ki_scales is not None:
+            raise TypeError("ki_fp8 goes with 16-bit or fp32 ki_pages (their exact values) "
+                            f"and no ki_scales, got ki_pages {ki_pages.dtype}")
+        if not isinstance(ki_fp8, (tuple, list)) or len(ki_fp8) != 2:
+            raise TypeError(f"ki_fp8 must be (pages, scales), got {type(ki_fp8).__name__}")
+        pages, scales = ki_fp8
+        if not isinstance(pages, torch.Tensor) or pages.dtype != E4M3 or \
+                pages.shape != ki_pages.shape or pages.stride() != ki_pages.stride() or \
+                pages.device != ki_pages.device:
+            got = f"{tuple(pages.shape)} {pages.dtype}" \
+                if isinstance(pages, torch.Tensor) else type(pages).__name__
+            raise ValueError(f"ki_fp8's pages must be float8_e4m3fn like ki_pages "
+                             f"{tuple(ki_pages.shape)} (same strides and device), got {got}")
+        check_page_scales(("ki_fp8 scales",), (pages,), (scales,))
+        return pages, scales
 
 
 def _describe(x) -> str:

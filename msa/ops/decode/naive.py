@@ -38,17 +38,20 @@ def paged_segments(seq_lens: List[int], q_lens: List[int]) -> Segments:
 
 
 def paged_decode_reference(q, qi, k_pages, v_pages, ki_pages, page_table, seq_lens, *,
-                           num_q: int, topk: int, scale: float, index_scale: float
+                           num_q: int, topk: int, scale: float, index_scale: float,
+                           index_precision: str = "input"
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out [B*Q, Hq, D], lse [B*Q, Hq], topk_indices [Hi, B*Q, K])`` of one decode
     step (shapes as ``paged_decode``; ``seq_lens`` and ``page_table`` hold the ``B``
-    requests of the step)."""
+    requests of the step). ``index_precision="fp8"``: candidates by the e4m3 scores, then
+    the exact ones (``indexer_reference``; the decoder's ``ki_fp8``)."""
     lens = [int(n) for n in seq_lens.tolist()]
     seg = paged_segments(lens, [num_q] * len(lens))
     bs = k_pages.shape[-2]
     ki = gather_pages(ki_pages.unsqueeze(1), page_table, lens)            # [T, 1, Di]
     k = gather_pages(k_pages, page_table, lens)
     v = gather_pages(v_pages, page_table, lens)
-    idx, _ = indexer_reference(qi, ki, seg, block_size=bs, topk=topk, scale=index_scale)
+    idx, _ = indexer_reference(qi, ki, seg, block_size=bs, topk=topk, scale=index_scale,
+                               index_precision=index_precision)
     out, lse = attention_forward_reference(q, k, v, idx, seg, block_size=bs, scale=scale)
     return out, lse, idx

@@ -114,32 +114,46 @@ def paged_scan_kernel(
 
 
 @triton.jit
+def top_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.constexpr,
+             K_PAD: tl.constexpr):
+    """The ``K_PAD`` largest keys ``[K_PAD]`` int64 (descending, ``EMPTY`` padded) of
+    ``n_lists`` lists ``LS`` apart from ``LISTS``: each of one key (``KR == 1``) or the
+    ranked best ``KR`` of a chunk (list ``p`` holds blocks of chunk ``p``, ``p = id //
+    LS``); the first ``K`` of them are exact when ``KR >= min(K, LS)``. The best ``K`` keys
+    lie in the lists
+    of the ``K`` largest heads (any other list's keys have that many distinct keys above
+    them), so two sorting networks (``tl.topk``) find them: over the heads, then over
+    those lists' keys."""
+    NH: tl.constexpr = NL_PAD if NL_PAD > K_PAD else K_PAD
+    offs_h = tl.arange(0, NH)
+    top = tl.topk(tl.load(LISTS + offs_h * LS, mask=offs_h < n_lists, other=EMPTY), K_PAD)
+    if KR > 1:
+        live = top != EMPTY
+        first = tl.where(live, block_id(top) // LS * LS, 0)
+        offs_r = tl.arange(0, KR)
+        keys = tl.load(LISTS + first[:, None] + offs_r[None, :], mask=live[:, None],
+                       other=EMPTY)
+        top = tl.topk(tl.reshape(keys, (K_PAD * KR,)), K_PAD)
+    return top
+
+
+@triton.jit
 def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
                 NL_PAD: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
     """The top-k row ``[TOPK_PAD]`` int32 (``-1`` past ``TOPK``) from ``n_lists`` ranked
     lists of ``KR`` keys, ``LS`` apart from ``LISTS``, and the local block ``local``."""
     offs_k = tl.arange(0, TOPK_PAD)
-    NH: tl.constexpr = NL_PAD if NL_PAD > TOPK_PAD else TOPK_PAD
-    offs_h = tl.arange(0, NH)
-    heads = tl.load(LISTS + offs_h * LS, mask=offs_h < n_lists, other=EMPTY)
     if KR == 1:         # lists of one key (a block each): k - 1 rounds of a max (faster
         # here than a sorting network over thousands of blocks)
+        offs_l = tl.arange(0, NL_PAD)
+        key = tl.load(LISTS + offs_l * LS, mask=offs_l < n_lists, other=EMPTY)
         ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
         for r in range(TOPK - 1):
-            best = tl.max(heads, 0)
+            best = tl.max(key, 0)
             ranked = tl.where(offs_k == r, block_id(best), ranked)
-            heads = tl.where(heads == best, EMPTY, heads)
-    else:   # ranked lists: the best TOPK - 1 keys lie in the lists of the TOPK - 1
-        # largest heads (any other list's keys have that many distinct keys above them),
-        # so two sorting networks replace TOPK - 1 rounds of a max: the top heads, then
-        # the top of those lists' keys (list p holds blocks of chunk p: p = id // LS)
-        heads = tl.topk(heads, TOPK_PAD)
-        live = heads != EMPTY
-        first = tl.where(live, block_id(heads) // LS * LS, 0)
-        offs_r = tl.arange(0, KR)
-        keys = tl.load(LISTS + first[:, None] + offs_r[None, :], mask=live[:, None],
-                       other=EMPTY)
-        ranked = block_id(tl.topk(tl.reshape(keys, (TOPK_PAD * KR,)), TOPK_PAD))
+            key = tl.where(key == best, EMPTY, key)
+    else:
+        ranked = block_id(top_keys(LISTS, n_lists, LS, KR, NL_PAD, TOPK_PAD))
     n_ranked = tl.minimum(local, TOPK - 1)
     return tl.where(offs_k == n_ranked, local, tl.where(offs_k > n_ranked, -1, ranked))
 

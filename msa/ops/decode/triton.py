@@ -8,7 +8,10 @@ synchronisation and no allocation:
 1. ``msa.ops.decode.select.paged_scan_kernel``: grid (request, page chunk). Each program
    reads its pages of index keys once through the page table and scores them for all
    ``Q x Hi`` query rows of the request with one MMA per page, writing one ranking key per
-   (row, block); with few rows it ranks its chunk's keys into a list.
+   (row, block); with few rows it ranks its chunk's keys into a list. Over an e4m3 copy
+   of the index keys with the exact keys beside it (``ki_exact``), then
+   ``msa.ops.decode.rescore.paged_rescore_kernel`` scores the scan's best candidates
+   again with the exact keys, and those keys are the lists below.
 2. When the attention below runs one program per (query, KV head): one program per row
    merges the lists into the top-k (``paged_merge_kernel``, the reference rule: score
    desc, id asc, local block last, ``-1`` padding) -> head-major
@@ -32,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .rescore import num_candidates, paged_rescore
 from .select import TARGET_PROGRAMS, merge_lists, paged_merge, paged_scan
 from ..triton_utils import (LN2, LOG2E, dequant_rows, next_pow2, online_softmax_step,
                             precision, softmax_update, upcast)
@@ -222,7 +226,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                  kv_strides=None, ki_strides=None, ki_page_table=None,
                  mask_tail: bool = False, pages_per_program: int = None,
                  index_stages: int = None, k_scales=None, v_scales=None, ki_scales=None,
-                 scale_strides=None) -> None:
+                 scale_strides=None, ki_exact=None, exact=None) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph): ``msa.ops.decode.select.paged_scan``,
     then ``paged_attend``, which merges the scan's ranked lists itself when its blocks are
@@ -246,14 +250,26 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     docs/semantics.md). ``scale_strides``: the (page, head) strides of ``k_scales,
     v_scales`` when they are other tensors addressed that way (their token stride is 1;
     the index-key scale of token ``n`` of page ``p`` is ``ki_scales.view(-1)[p * page +
-    n]``).
+    n]``). ``ki_exact [P, page, Di]`` (16-bit or fp32, the index keys' page table and
+    layout) with e4m3 ``ki`` and ``ki_scales``: the scan reads ``ki`` and its best
+    ``num_candidates(K)`` blocks per row are scored again with ``ki_exact`` into
+    ``exact [B*Q, Hi, >= exact_width(K)]`` int64 (``msa.ops.decode.rescore``), which then
+    rank.
     """
-    lists = paged_scan(qi, ki, page_table if ki_page_table is None else ki_page_table,
-                       seq_lens, candidates, batch=batch, num_q=num_q, max_pages=max_pages,
-                       topk=topk_indices.shape[2], block_size=block_size,
-                       index_scale=index_scale, ki_strides=ki_strides, mask_tail=mask_tail,
+    topk = topk_indices.shape[2]
+    ki_table = page_table if ki_page_table is None else ki_page_table
+    lists = paged_scan(qi, ki, ki_table, seq_lens, candidates, batch=batch, num_q=num_q,
+                       max_pages=max_pages,
+                       topk=topk if ki_exact is None else num_candidates(topk) + 1,
+                       block_size=block_size, index_scale=index_scale,
+                       ki_strides=ki_strides, mask_tail=mask_tail,
                        pages_per_program=pages_per_program, index_stages=index_stages,
                        ki_scales=ki_scales)
+    if ki_exact is not None:
+        lists = paged_rescore(candidates, lists, qi, ki_exact, ki_table, exact,
+                              num_q=num_q, topk=topk, block_size=block_size,
+                              index_scale=index_scale)
+        candidates = exact
     split = decode_splits(batch * num_q, num_kv_heads, topk_indices.shape[2])[0] > 1
     if not split:       # many programs: one merge per row first, not one per program
         paged_merge(candidates, seq_lens, topk_indices, lists, num_q=num_q,

@@ -92,3 +92,44 @@ def test_fp8_pages_meet_bf16_queries_in_fp16():
     assert got[0].isfinite().all()
     torch.testing.assert_close(got[0].float(), want[0], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hi,per,nq", [(HKV, None, 2), (1, 8, 2), (HKV, 4, 1)])
+def test_fp8_index_copy_rescored_like_the_reference(hi, per, nq):
+    """``ki_fp8``: the scan reads an e4m3 copy of the index keys, its best ``topk - 1 +
+    16`` blocks are scored again with the exact keys; equal to the reference rule
+    (``index_precision="fp8"``), lists of one block and ranked lists of 8 and 4 pages;
+    and the re-scoring changes rows of the FP8 selection (top 8 of 40 random blocks)."""
+    n_sel = 8
+    from msa import MSAConfig
+    from msa.inference import PagedDecoder
+    from msa.ops.decode import paged_decode_reference
+    lengths = (2500, 1900, 700)
+    k, v, ki, table = _cache(lengths, 90, seed=21)
+    table = torch.where(table < 0, 0, table)
+    ki8, kis = quantize_e4m3(ki)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(4)
+    rows = len(lengths) * nq
+    q = torch.randn(rows, HQ, D, generator=g).to(DEVICE)
+    qi = torch.randn(rows, hi, D, generator=g).to(DEVICE)
+    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, num_index_heads=hi,
+                    index_head_dim=D, block_size=BS, topk=n_sel)
+    dec = PagedDecoder(cfg, max_batch=len(lengths), num_q=nq, max_pages=table.shape[1],
+                       device=DEVICE, dtype=torch.float32, pages_per_program=per)
+    dec.exact.fill_(5)
+    dec.plan(table, lens)
+    fp8_only = dec.run(q, qi, k, v, ki8, ki_scales=kis)[1].clone()
+    out, topk = dec.run(q, qi, k, v, ki, ki_fp8=(ki8, kis))
+    r_out, _, r_topk = paged_decode_reference(
+        q, qi, k, v, ki, table, lens, num_q=nq, topk=n_sel, scale=cfg.scale,
+        index_scale=cfg.index_scale, index_precision="fp8")
+    assert torch.equal(topk, r_topk)
+    torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(topk, fp8_only)
+    with pytest.raises(TypeError, match="ki_fp8 goes with"):
+        dec.run(q, qi, k, v, ki8, ki_scales=kis, ki_fp8=(ki8, kis))
+    with pytest.raises(ValueError, match="ki_fp8's pages"):
+        dec.run(q, qi, k, v, ki, ki_fp8=(ki8[:-1], kis[:-1]))
+    with pytest.raises(ValueError, match="ki_fp8 scales must be contiguous fp32"):
+        dec.run(q, qi, k, v, ki, ki_fp8=(ki8, kis.double()))
