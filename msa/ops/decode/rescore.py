@@ -1,5 +1,6 @@
-"""Exact re-scoring of an FP8 decode scan's candidates (``index_precision="fp8"`` of the
-decoder, docs/semantics.md, "FP8 index scoring").
+"""Exact re-scoring of an FP8 decode scan's candidates (``PagedDecoder.run(...,
+ki_fp8=...)``: the rule of ``index_precision="fp8"``, docs/semantics.md, "FP8 index
+scoring").
 
 The scan (``msa.ops.decode.select.paged_scan``) reads an e4m3 copy of the index keys,
 half the bytes of bf16 ones, and leaves ranked lists of FP8 block keys.
