@@ -54,7 +54,7 @@ def paged_scan_kernel(
         NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
         BS: tl.constexpr, PAGES: tl.constexpr, KR: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, RANK: tl.constexpr, MASK_TAIL: tl.constexpr = False,
-        FP8: tl.constexpr = False, PDL: tl.constexpr = False):
+        FP8: tl.constexpr = False):
     """Chunk ``p`` of request ``b``: the key of block ``j`` of row ``(i, h)`` at
     ``CAND[b*Q + i, h, j]``; ``RANK``: then the chunk's ``KR`` best, ranked (``EMPTY``
     padded), at ``CAND[b*Q + i, h, p*PAGES :][:KR]``."""
@@ -111,8 +111,6 @@ def paged_scan_kernel(
             keys = tl.where(keys == best[:, None], EMPTY, keys)
         tl.debug_barrier()
         tl.store(lists[:, None] + offs_k[None, :], ranked, mask=rmask[:, None])
-    if PDL:     # the next kernel may launch now (it waits for this grid's end to read)
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -215,12 +213,10 @@ def candidates_width(max_pages: int, pages_per_program: int = None) -> int:
 def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int,
                max_pages: int, topk: int, block_size: int, index_scale: float,
                ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
-               index_stages: int = None, ki_scales=None,
-               pdl: bool = False) -> Tuple[int, int, int]:
+               index_stages: int = None, ki_scales=None) -> Tuple[int, int, int]:
     """Launch the scan into ``candidates [B*Q, Hi, >= max_pages rounded up to the chunk]``
     int64; returns the lists ``(ls, n_lists, kr)`` for the merge (``scan_chunks``).
-    Arguments as ``msa.ops.decode.triton.paged_decode``; ``pdl``: each program lets the
-    next kernel launch when it is done (programmatic dependent launch)."""
+    Arguments as ``msa.ops.decode.triton.paged_decode``."""
     b, nq, hi = batch, num_q, qi.shape[1]
     per, ls, n_lists, kr = scan_chunks(b * nq * hi, b, max_pages, topk, pages_per_program)
     chunks = triton.cdiv(max_pages, per)
@@ -236,7 +232,7 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
         BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
         UPCAST=upcast(qi.dtype), RANK=ls > 1, MASK_TAIL=mask_tail,
-        FP8=ki_scales is not None, PDL=pdl, num_warps=4,
+        FP8=ki_scales is not None, num_warps=4,
         num_stages=index_stages or (3 if ki_scales is None else 2))
     return ls, n_lists, kr
 

@@ -37,12 +37,8 @@ import triton.language as tl
 
 from .rescore import num_candidates, paged_rescore
 from .select import TARGET_PROGRAMS, merge_lists, paged_merge, paged_scan
-from ..triton_utils import (INTERPRETER, LN2, LOG2E, dequant_rows, next_pow2,
-                            online_softmax_step, precision, softmax_update, upcast)
-
-# Programmatic dependent launch from the scan to the attention kernel that merges its lists
-# (the attention's launch overlaps the scan's last programs; not in the interpreter).
-PDL = not INTERPRETER
+from ..triton_utils import (LN2, LOG2E, dequant_rows, next_pow2, online_softmax_step,
+                            precision, softmax_update, upcast)
 
 
 @triton.jit
@@ -119,7 +115,7 @@ def paged_decode_attn_kernel(
         NSPLIT: tl.constexpr, NS_PAD: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, MERGE: tl.constexpr = False, LS: tl.constexpr = 1,
         KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, FP8: tl.constexpr = False,
-        STAGES: tl.constexpr = 2, PDL: tl.constexpr = False):
+        STAGES: tl.constexpr = 2):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -135,8 +131,6 @@ def paged_decode_attn_kernel(
     offs_j = tl.arange(0, PER_PAD)
     jv = sp * PER_SPLIT + offs_j
     jmask = (offs_j < PER_SPLIT) & (jv < TOPK)
-    if PDL:         # launched before the previous kernel ended: wait for its writes
-        tl.extra.cuda.gdc_wait()
     if MERGE:       # the top-k row from the scan's ranked lists (msa.ops.decode.select)
         row = merge_lists(CAND + c * stride_cc + hs * stride_ch, n_lists, pos // BS, LS,
                           KR, NL_PAD, TOPK, TOPK_PAD)
@@ -270,7 +264,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                        block_size=block_size, index_scale=index_scale,
                        ki_strides=ki_strides, mask_tail=mask_tail,
                        pages_per_program=pages_per_program, index_stages=index_stages,
-                       ki_scales=ki_scales, pdl=PDL)
+                       ki_scales=ki_scales)
     if ki_exact is not None:
         lists = paged_rescore(candidates, lists, qi, ki_exact, ki_table, exact,
                               num_q=num_q, topk=topk, block_size=block_size,
@@ -319,5 +313,4 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
         NSPLIT=nsplit, NS_PAD=next_pow2(nsplit), PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
         NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2,
-        PDL=PDL and merge is not None, launch_pdl=PDL and merge is not None,
         num_warps=4 if merge is None else 8)
