@@ -15,9 +15,8 @@ one.
 ``merge_lists``: over ranked lists, the top ``K`` heads by a sorting network
 (``tl.topk``), then the top of the keys of those heads' lists (the best ``K-1`` keys lie
 there); over lists of one block, ``K-1`` rounds of a ``max``. ``paged_merge_kernel``
-writes the top-k rows;
-the decode attention kernel merges for itself when its blocks are split over programs
-(``msa.ops.decode.triton``).
+writes the top-k rows; the decode attention kernel merges for itself when its blocks are
+split over programs (``msa.ops.decode.triton``).
 """
 from __future__ import annotations
 
@@ -120,10 +119,9 @@ def top_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.cons
     ``n_lists`` lists ``LS`` apart from ``LISTS``: each of one key (``KR == 1``) or the
     ranked best ``KR`` of a chunk (list ``p`` holds blocks of chunk ``p``, ``p = id //
     LS``); the first ``K`` of them are exact when ``KR >= min(K, LS)``. The best ``K`` keys
-    lie in the lists
-    of the ``K`` largest heads (any other list's keys have that many distinct keys above
-    them), so two sorting networks (``tl.topk``) find them: over the heads, then over
-    those lists' keys."""
+    lie in the lists of the ``K`` largest heads (any other list's keys have that many
+    distinct keys above them), so two sorting networks (``tl.topk``) find them: over the
+    heads, then over those lists' keys."""
     NH: tl.constexpr = NL_PAD if NL_PAD > K_PAD else K_PAD
     offs_h = tl.arange(0, NH)
     top = tl.topk(tl.load(LISTS + offs_h * LS, mask=offs_h < n_lists, other=EMPTY), K_PAD)

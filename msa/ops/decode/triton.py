@@ -18,8 +18,8 @@ synchronisation and no allocation:
    ``topk_indices [Hi, B*Q, K]``.
 3. ``paged_decode_attn_kernel``: grid (query, KV head, split of the K selected blocks):
    with splits, each program (8 warps) merges its row from the lists itself (no launch
-   between the scan and the attention); the ``G`` query heads of the group are the MMA rows; the
-   split's selected blocks and their pages are loaded once, then each page is read (a
+   between the scan and the attention); the ``G`` query heads of the group are the MMA
+   rows; the split's selected blocks and their pages are loaded once, then each page is read (a
    predicated loop whose K/V loads Triton pipelines), online softmax; one split writes
    the output directly, more splits write partials that the last split of each
    (query, KV head) to finish merges by LSE.
@@ -44,7 +44,7 @@ from ..triton_utils import (LN2, LOG2E, dequant_rows, next_pow2, online_softmax_
 @triton.jit
 def combine_splits(PO, PL, OUT, LSE, pid, c, h, stride_ot, stride_oh, stride_lt,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                   NSPLIT: tl.constexpr, NS_PAD: tl.constexpr):
+                   NSPLIT: tl.constexpr):
     """Merge the ``NSPLIT`` partial outputs of (query row ``c``, KV head ``h``) by LSE
     (``pid = c * HKV + h``; read through L2: other programs wrote them). The split loop
     is unrolled so that its loads are issued together, and each split's LSEs are loaded
@@ -112,7 +112,7 @@ def paged_decode_attn_kernel(
         stride_sh, NQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
         G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
         TOPK_PAD: tl.constexpr, PER_SPLIT: tl.constexpr, PER_PAD: tl.constexpr,
-        NSPLIT: tl.constexpr, NS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+        NSPLIT: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, MERGE: tl.constexpr = False, LS: tl.constexpr = 1,
         KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, FP8: tl.constexpr = False,
         STAGES: tl.constexpr = 2):
@@ -190,7 +190,7 @@ def paged_decode_attn_kernel(
         if done == NSPLIT - 1:
             tl.store(DONE + pid, 0)                     # ready for the next step
             combine_splits(PO, PL, OUT, LSE, pid, c, h, stride_ot, stride_oh, stride_lt,
-                           G, G_PAD, D, NSPLIT, NS_PAD)
+                           G, G_PAD, D, NSPLIT)
 
 
 def decode_splits(rows: int, hkv: int, topk: int) -> Tuple[int, int]:
@@ -270,7 +270,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                               num_q=num_q, topk=topk, block_size=block_size,
                               index_scale=index_scale)
         candidates = exact
-    split = decode_splits(batch * num_q, num_kv_heads, topk_indices.shape[2])[0] > 1
+    split = decode_splits(batch * num_q, num_kv_heads, topk)[0] > 1
     if not split:       # many programs: one merge per row first, not one per program
         paged_merge(candidates, seq_lens, topk_indices, lists, num_q=num_q,
                     block_size=block_size)
@@ -310,7 +310,7 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
         page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
         NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size, TOPK=topk,
         TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
-        NSPLIT=nsplit, NS_PAD=next_pow2(nsplit), PRECISION=precision(q.dtype),
+        NSPLIT=nsplit, PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
         NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2,
         num_warps=4 if merge is None else 8)
