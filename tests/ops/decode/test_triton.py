@@ -182,6 +182,20 @@ def test_decoder_run_checks_inputs():
     assert torch.isfinite(out).all()
 
 
+def _select(qi, ki, table, lens, nq, topk, per, bs=64):
+    """``paged_select`` over the pages (candidates and rows poisoned first) and the
+    reference selection: ``(sel, ref)``."""
+    from msa.ops.decode.select import candidates_width, paged_select
+    rows, hi, mp = qi.shape[0], qi.shape[1], table.shape[1]
+    sel = torch.full((hi, rows, topk), -7, dtype=torch.int32, device=DEVICE)
+    paged_select(qi, ki, table, lens, batch=len(lens), num_q=nq, max_pages=mp,
+                 candidates=torch.full((rows, hi, candidates_width(mp)), 3, device=DEVICE),
+                 topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
+    ref = paged_indexer(qi, ki, table, lens, [nq] * len(lens), block_size=bs, topk=topk,
+                        softmax_scale=1.0)
+    return sel, ref
+
+
 @pytest.mark.parametrize("max_pages,lengths,nq,per,lists", [
     (700, (700 * 64, 36000, 16400), 2, None, 88),  # lists of 8, a short last chunk
     (512, (512 * 64, 1333), 1, 32, 16),            # lists of 16 (of 32 pages)
@@ -201,14 +215,9 @@ def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
     qi = torch.randint(-2, 3, (rows, hi, di), generator=g).float().to(DEVICE)
     table = torch.randperm(pages, generator=g).view(len(lengths), max_pages).int().to(DEVICE)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    sel = torch.full((hi, rows, topk), -7, dtype=torch.int32, device=DEVICE)
-    width = candidates_width(max_pages)
-    paged_select(qi, ki, table, lens, batch=len(lengths), num_q=nq, max_pages=max_pages,
-                 candidates=torch.full((rows, hi, width), 3, device=DEVICE),
-                 topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
-    ref = paged_indexer(qi, ki, table, lens, [nq] * len(lengths), block_size=bs, topk=topk,
-                        softmax_scale=1.0)
+    sel, ref = _select(qi, ki, table, lens, nq, topk, per, bs)
     assert torch.equal(sel, ref)
+    width = candidates_width(max_pages)
     with pytest.raises(ValueError, match="candidates must be int64"):     # a block-max buffer
         paged_select(qi, ki, table, lens, batch=len(lengths), num_q=nq, max_pages=max_pages,
                      candidates=torch.zeros((rows, hi, width), device=DEVICE),
@@ -218,11 +227,10 @@ def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
 @pytest.mark.parametrize("pattern,per", [("one_chunk", 8), ("one_chunk", 16),
                                          ("two_chunks", 8), ("distinct", 16)])
 def test_selection_merge_takes_runs_from_one_list(pattern, per):
-    """The merge of ranked lists, whose next keys are loaded a round ahead: a row whose top
-    blocks all lie in one chunk's list (the merge walks deep into one list), in two lists
-    that alternate, or distinct random maxima, equals the reference (lists of ``per``
-    blocks)."""
-    from msa.ops.decode.select import candidates_width, paged_select, scan_chunks
+    """The merge of ranked lists: a row whose top blocks all lie in one chunk's list (the
+    merge takes many keys of one list), in two lists that alternate, or distinct random
+    maxima, equals the reference (lists of ``per`` blocks)."""
+    from msa.ops.decode.select import scan_chunks
     bs, di, hi, topk, mp = 64, 64, 1, 16, 320
     assert scan_chunks(hi, 1, mp, topk, per)[1:] == (per, mp // per, min(per, 16))
     g = torch.Generator().manual_seed(7)
@@ -239,11 +247,7 @@ def test_selection_merge_takes_runs_from_one_list(pattern, per):
     table = torch.arange(mp, dtype=torch.int32).view(1, mp)
     lens = torch.tensor([mp * bs], dtype=torch.int32)
     ki, qi, table, lens = (x.to(DEVICE) for x in (ki, qi, table, lens))
-    sel = torch.full((hi, 1, topk), -7, dtype=torch.int32, device=DEVICE)
-    paged_select(qi, ki, table, lens, batch=1, num_q=1, max_pages=mp,
-                 candidates=torch.full((1, hi, candidates_width(mp)), 3, device=DEVICE),
-                 topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
-    ref = paged_indexer(qi, ki, table, lens, [1], block_size=bs, topk=topk, softmax_scale=1.0)
+    sel, ref = _select(qi, ki, table, lens, 1, topk, per, bs)
     assert torch.equal(sel, ref)
     if pattern == "one_chunk":
         assert sel[0, 0, :15].tolist() == list(range(95, 80, -1))
@@ -255,7 +259,7 @@ def test_selection_merge_of_ranked_lists_any_k(mp, per, topk):
     of their keys: fewer lists than ``k`` (6 lists, k 32), ``k`` 64 over lists of 8, and
     ``k`` below the list length; random block maxima with ties, rows equal the
     reference."""
-    from msa.ops.decode.select import candidates_width, paged_select, scan_chunks
+    from msa.ops.decode.select import scan_chunks
     bs, di, hi = 64, 64, 2
     assert scan_chunks(hi, 1, mp, topk, per)[1] == per
     g = torch.Generator().manual_seed(mp + topk)
@@ -263,9 +267,5 @@ def test_selection_merge_of_ranked_lists_any_k(mp, per, topk):
     qi = torch.randint(-3, 4, (1, hi, di), generator=g).float().to(DEVICE)
     table = torch.randperm(mp, generator=g).view(1, mp).int().to(DEVICE)
     lens = torch.tensor([mp * bs - 7], dtype=torch.int32, device=DEVICE)
-    sel = torch.full((hi, 1, topk), -7, dtype=torch.int32, device=DEVICE)
-    paged_select(qi, ki, table, lens, batch=1, num_q=1, max_pages=mp,
-                 candidates=torch.full((1, hi, candidates_width(mp)), 3, device=DEVICE),
-                 topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
-    ref = paged_indexer(qi, ki, table, lens, [1], block_size=bs, topk=topk, softmax_scale=1.0)
+    sel, ref = _select(qi, ki, table, lens, 1, topk, per, bs)
     assert torch.equal(sel, ref)
