@@ -28,9 +28,6 @@ class PagedDecoder:
         pages_per_program, index_stages: launch parameters of the index kernel (default:
             enough programs for about two waves; 3 pipeline stages over bf16 index keys, 2
             over e4m3 ones, the faster of 2-4 on an H200).
-        one_launch: with few query rows (the attention's blocks split over programs), scan
-            and attention in one launch (``msa.ops.decode.fused``); ``False``: two
-            launches.
 
     Buffers (views of the first ``B * Q`` rows are returned by ``run``): ``out
     [max_batch*Q, Hq, D]``, ``lse [max_batch*Q, Hq]`` fp32, ``topk_indices
@@ -39,7 +36,7 @@ class PagedDecoder:
 
     def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,
                  device, dtype=torch.bfloat16, pages_per_program: int = None,
-                 index_stages: int = None, one_launch: bool = True):
+                 index_stages: int = None):
         from ..ops.decode.rescore import exact_width
         from ..ops.decode.select import candidates_width
         from ..ops.decode.triton import partial_buffers
@@ -71,7 +68,6 @@ class PagedDecoder:
                                         c.head_dim, c.topk, self.device)
         self.batch, self.top_page = 0, -1
         self.pages_per_program, self.index_stages = pages_per_program, index_stages
-        self.one_launch = one_launch
 
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """Validate (may synchronise) and copy request metadata into the run buffers.
@@ -179,7 +175,7 @@ class PagedDecoder:
                      pages_per_program=self.pages_per_program,
                      index_stages=self.index_stages, k_scales=scales[0],
                      v_scales=scales[1], ki_scales=scales[2], ki_exact=ki_exact,
-                     exact=self.exact[:rows], one_launch=self.one_launch)
+                     exact=self.exact[:rows])
         return out, topk
 
     @staticmethod

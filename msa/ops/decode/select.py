@@ -48,29 +48,17 @@ def block_id(key):
 
 @triton.jit
 def paged_scan_kernel(
-        QI, KI, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale,
+        QI, KI, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, max_pages,
         stride_qt, stride_qh, stride_kp, stride_kt, stride_tb, stride_cc, stride_ch,
         NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
         BS: tl.constexpr, PAGES: tl.constexpr, KR: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, RANK: tl.constexpr, MASK_TAIL: tl.constexpr = False,
         FP8: tl.constexpr = False):
-    """``scan_chunk`` of program ``(request, chunk)``."""
-    scan_chunk(QI, KI, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, tl.program_id(0),
-               tl.program_id(1), stride_qt, stride_qh, stride_kp, stride_kt, stride_tb,
-               stride_cc, stride_ch, NQ, HI, ROWS, DI, BS, PAGES, KR, PRECISION, UPCAST,
-               RANK, MASK_TAIL, FP8)
-
-
-@triton.jit
-def scan_chunk(QI, KI, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, b, p,
-               stride_qt, stride_qh, stride_kp, stride_kt, stride_tb, stride_cc, stride_ch,
-               NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
-               BS: tl.constexpr, PAGES: tl.constexpr, KR: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr, RANK: tl.constexpr,
-               MASK_TAIL: tl.constexpr, FP8: tl.constexpr):
     """Chunk ``p`` of request ``b``: the key of block ``j`` of row ``(i, h)`` at
     ``CAND[b*Q + i, h, j]``; ``RANK``: then the chunk's ``KR`` best, ranked (``EMPTY``
     padded), at ``CAND[b*Q + i, h, p*PAGES :][:KR]``."""
+    b = tl.program_id(0)
+    p = tl.program_id(1)
     n = tl.load(SEQ_LENS + b)
     offs_r = tl.arange(0, ROWS)
     i = offs_r // HI
@@ -136,14 +124,13 @@ def top_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.cons
     heads, then over those lists' keys."""
     NH: tl.constexpr = NL_PAD if NL_PAD > K_PAD else K_PAD
     offs_h = tl.arange(0, NH)
-    top = tl.topk(tl.load(LISTS + offs_h * LS, mask=offs_h < n_lists, other=EMPTY,
-                          cache_modifier=".cg"), K_PAD)
+    top = tl.topk(tl.load(LISTS + offs_h * LS, mask=offs_h < n_lists, other=EMPTY), K_PAD)
     if KR > 1:
         live = top != EMPTY
         first = tl.where(live, block_id(top) // LS * LS, 0)
         offs_r = tl.arange(0, KR)
         keys = tl.load(LISTS + first[:, None] + offs_r[None, :], mask=live[:, None],
-                       other=EMPTY, cache_modifier=".cg")
+                       other=EMPTY)
         top = tl.topk(tl.reshape(keys, (K_PAD * KR,)), K_PAD)
     return top
 
@@ -152,15 +139,12 @@ def top_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.cons
 def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
                 NL_PAD: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
     """The top-k row ``[TOPK_PAD]`` int32 (``-1`` past ``TOPK``) from ``n_lists`` ranked
-    lists of ``KR`` keys, ``LS`` apart from ``LISTS``, and the local block ``local`` (the
-    lists are read through L2: other programs of the same launch may have written them,
-    ``msa.ops.decode.fused``)."""
+    lists of ``KR`` keys, ``LS`` apart from ``LISTS``, and the local block ``local``."""
     offs_k = tl.arange(0, TOPK_PAD)
     if KR == 1:         # lists of one key (a block each): k - 1 rounds of a max (faster
         # here than a sorting network over thousands of blocks)
         offs_l = tl.arange(0, NL_PAD)
-        key = tl.load(LISTS + offs_l * LS, mask=offs_l < n_lists, other=EMPTY,
-                      cache_modifier=".cg")
+        key = tl.load(LISTS + offs_l * LS, mask=offs_l < n_lists, other=EMPTY)
         ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
         for r in range(TOPK - 1):
             best = tl.max(key, 0)
@@ -224,13 +208,13 @@ def candidates_width(max_pages: int, pages_per_program: int = None) -> int:
     return -(-max_pages // per) * per
 
 
-def scan_launch(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int,
-                max_pages: int, topk: int, block_size: int, index_scale: float,
-                ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
-                ki_scales=None) -> Tuple[int, tuple, dict, Tuple[int, int, int]]:
-    """``(chunks, args, constexprs, lists)`` of the scan over ``chunks`` page chunks per
-    request (``scan_chunk``'s arguments but the program's ``b, p``), after checking
-    ``candidates``; ``lists = (ls, n_lists, kr)`` for the merge (``scan_chunks``)."""
+def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int,
+               max_pages: int, topk: int, block_size: int, index_scale: float,
+               ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
+               index_stages: int = None, ki_scales=None) -> Tuple[int, int, int]:
+    """Launch the scan into ``candidates [B*Q, Hi, >= max_pages rounded up to the chunk]``
+    int64; returns the lists ``(ls, n_lists, kr)`` for the merge (``scan_chunks``).
+    Arguments as ``msa.ops.decode.triton.paged_decode``."""
     b, nq, hi = batch, num_q, qi.shape[1]
     per, ls, n_lists, kr = scan_chunks(b * nq * hi, b, max_pages, topk, pages_per_program)
     chunks = triton.cdiv(max_pages, per)
@@ -239,37 +223,16 @@ def scan_launch(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: in
         raise ValueError(f"candidates must be int64 with a contiguous last dim of >= "
                          f"{chunks * per}, got {tuple(candidates.shape)} {candidates.dtype}")
     ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
-    args = (qi, ki, ki_scales, ki_table, seq_lens, candidates, index_scale,
-            qi.stride(0), qi.stride(1), ki_strides[0], ki_strides[1], ki_table.stride(0),
-            candidates.stride(0), candidates.stride(1))
-    consts = dict(NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
-                  BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
-                  UPCAST=upcast(qi.dtype), RANK=ls > 1, MASK_TAIL=mask_tail,
-                  FP8=ki_scales is not None)
-    return chunks, args, consts, (ls, n_lists, kr)
-
-
-def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int,
-               max_pages: int, topk: int, block_size: int, index_scale: float,
-               ki_strides=None, mask_tail: bool = False, pages_per_program: int = None,
-               index_stages: int = None, ki_scales=None) -> Tuple[int, int, int]:
-    """Launch the scan into ``candidates [B*Q, Hi, >= max_pages rounded up to the chunk]``
-    int64; returns the lists ``(ls, n_lists, kr)`` for the merge (``scan_chunks``).
-    Arguments as ``msa.ops.decode.triton.paged_decode``."""
-    chunks, args, consts, lists = scan_launch(
-        qi, ki, ki_table, seq_lens, candidates, batch=batch, num_q=num_q,
-        max_pages=max_pages, topk=topk, block_size=block_size, index_scale=index_scale,
-        ki_strides=ki_strides, mask_tail=mask_tail, pages_per_program=pages_per_program,
-        ki_scales=ki_scales)
-    paged_scan_kernel[(batch, chunks)](
-        *args, **consts, num_warps=4,
-        num_stages=index_stages or scan_stages(ki_scales is not None))
-    return lists
-
-
-def scan_stages(fp8: bool) -> int:
-    """The scan's default pipeline stages (the faster on an H200)."""
-    return 2 if fp8 else 3
+    paged_scan_kernel[(b, chunks)](
+        qi, ki, ki_scales, ki_table, seq_lens, candidates, index_scale, max_pages,
+        qi.stride(0), qi.stride(1), ki_strides[0], ki_strides[1],
+        ki_table.stride(0), candidates.stride(0), candidates.stride(1),
+        NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
+        BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
+        UPCAST=upcast(qi.dtype), RANK=ls > 1, MASK_TAIL=mask_tail,
+        FP8=ki_scales is not None, num_warps=4,
+        num_stages=index_stages or (3 if ki_scales is None else 2))
+    return ls, n_lists, kr
 
 
 def paged_select(qi, ki, ki_table, seq_lens, *, batch: int, num_q: int, max_pages: int,

@@ -40,9 +40,6 @@ from .select import TARGET_PROGRAMS, merge_lists, paged_merge, paged_scan
 from ..triton_utils import (LN2, LOG2E, dequant_rows, next_pow2, online_softmax_step,
                             precision, softmax_update, upcast)
 
-MERGE_WARPS = 8         # warps of the attention kernel when it merges the scan's lists
-COUNTERS = 3            # tickets, scans done, waits passed (msa.ops.decode.fused)
-
 
 @triton.jit
 def combine_splits(PO, PL, OUT, LSE, pid, c, h, stride_ot, stride_oh, stride_lt,
@@ -119,36 +116,9 @@ def paged_decode_attn_kernel(
         UPCAST: tl.constexpr, MERGE: tl.constexpr = False, LS: tl.constexpr = 1,
         KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, FP8: tl.constexpr = False,
         STAGES: tl.constexpr = 2):
-    """``attend_split`` of program ``(query row, KV head, split)``."""
-    attend_split(
-        Q, K, V, KS, VS, TOPK_INDICES, CAND, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, DONE,
-        scale_log2, n_lists, tl.program_id(0).to(tl.int64), tl.program_id(1),
-        tl.program_id(2), DONE, 0, 0, stride_qt, stride_qh, stride_kp, stride_kh,
-        stride_kt, stride_th, stride_tq, stride_cc, stride_ch, stride_tb, stride_ot,
-        stride_oh, stride_lt, stride_sp, stride_sh, NQ, HKV, HS, G, G_PAD, D, BS, TOPK,
-        TOPK_PAD, PER_SPLIT, PER_PAD, NSPLIT, PRECISION, UPCAST, MERGE, LS, KR, NL_PAD, FP8,
-        STAGES, False)
-
-
-@triton.jit
-def attend_split(
-        Q, K, V, KS, VS, TOPK_INDICES, CAND, PAGE_TABLE, SEQ_LENS, OUT, LSE, PO, PL, DONE,
-        scale_log2, n_lists, c, h, sp, READY, n_ready, n_waiting,
-        stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
-        stride_cc, stride_ch, stride_tb, stride_ot, stride_oh, stride_lt, stride_sp,
-        stride_sh, NQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
-        G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr,
-        TOPK_PAD: tl.constexpr, PER_SPLIT: tl.constexpr, PER_PAD: tl.constexpr,
-        NSPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        MERGE: tl.constexpr, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.constexpr,
-        FP8: tl.constexpr, STAGES: tl.constexpr, WAIT: tl.constexpr):
-    """Split ``sp`` of (query row ``c`` (int64), KV head ``h``): its selected blocks (the
-    row merged from the scan's lists first when ``MERGE``), online softmax over their
-    pages, then its output (one split) or its partial, the last split to finish merging
-    them (``combine_splits``). ``WAIT``: once its query is loaded, the program waits until
-    the count at ``READY`` reaches ``n_ready`` (the scan programs of the same launch,
-    ``msa.ops.decode.fused``); the last of the ``n_waiting`` programs to pass (counted at
-    ``READY + 1``) resets both counts."""
+    c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
     b = c // NQ
     pos = tl.load(SEQ_LENS + b) - NQ + (c % NQ)
     hs = h if HS > 1 else 0
@@ -161,14 +131,6 @@ def attend_split(
     offs_j = tl.arange(0, PER_PAD)
     jv = sp * PER_SPLIT + offs_j
     jmask = (offs_j < PER_SPLIT) & (jv < TOPK)
-    qt = tl.load(Q + c * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                 mask=gmask[:, None], other=0.0)
-    if WAIT:
-        while tl.atomic_add(READY, 0, sem="acquire") < n_ready:
-            pass
-        if tl.atomic_add(READY + 1, 1, sem="relaxed") == n_waiting - 1:
-            tl.store(READY, 0)
-            tl.store(READY + 1, 0)
     if MERGE:       # the top-k row from the scan's ranked lists (msa.ops.decode.select)
         row = merge_lists(CAND + c * stride_cc + hs * stride_ch, n_lists, pos // BS, LS,
                           KR, NL_PAD, TOPK, TOPK_PAD)
@@ -182,6 +144,8 @@ def attend_split(
                       other=-1)
     sel = tl.where(sel * BS <= pos, sel, -1)                    # -1: nothing to read
     pages = tl.load(PAGE_TABLE + b * stride_tb + sel, mask=sel >= 0, other=0)
+    qt = tl.load(Q + c * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                 mask=gmask[:, None], other=0.0)
     # FP8 pages with 16-bit queries: e4m3 tiles meet fp16 queries (see fp8_softmax_step)
     F16: tl.constexpr = FP8 and Q.dtype.element_ty != tl.float32
     if F16:
@@ -247,14 +211,13 @@ def partial_rows(max_batch: int, num_q: int, hkv: int, topk: int) -> int:
 def partial_buffers(max_batch: int, num_q: int, num_heads: int, num_kv_heads: int,
                     head_dim: int, topk: int, device) -> Tuple[torch.Tensor, ...]:
     """``(po, pl, done)``: the split partial outputs and LSEs (fp32) ``paged_attend`` needs
-    for any batch up to ``max_batch`` requests of ``num_q`` tokens, and int32 counts, zero:
-    of finished splits per (query, KV head) (the last split resets each), then the
-    ``COUNTERS`` of a one-launch step (``msa.ops.decode.fused``)."""
+    for any batch up to ``max_batch`` requests of ``num_q`` tokens, and the int32 count of
+    finished splits per (query, KV head), zero (the last split resets it)."""
     g_pad = max(16, next_pow2(num_heads // num_kv_heads))
     n = partial_rows(max_batch, num_q, num_kv_heads, topk)
     f32 = dict(dtype=torch.float32, device=device)
     return (torch.empty(n * g_pad * head_dim, **f32), torch.empty(n * g_pad, **f32),
-            torch.zeros(n + COUNTERS, dtype=torch.int32, device=device))
+            torch.zeros(n, dtype=torch.int32, device=device))
 
 
 def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: int,
@@ -263,8 +226,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                  kv_strides=None, ki_strides=None, ki_page_table=None,
                  mask_tail: bool = False, pages_per_program: int = None,
                  index_stages: int = None, k_scales=None, v_scales=None, ki_scales=None,
-                 scale_strides=None, ki_exact=None, exact=None,
-                 one_launch: bool = True) -> None:
+                 scale_strides=None, ki_exact=None, exact=None) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph): ``msa.ops.decode.select.paged_scan``,
     then ``paged_attend``, which merges the scan's ranked lists itself when its blocks are
@@ -295,18 +257,6 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     rank.
     """
     topk = topk_indices.shape[2]
-    split = decode_splits(batch * num_q, num_kv_heads, topk)[0] > 1
-    if split and one_launch and ki_exact is None:
-        from .fused import paged_decode_fused
-        return paged_decode_fused(
-            q, qi, k, v, ki, page_table, seq_lens, batch=batch, num_q=num_q,
-            max_pages=max_pages, num_kv_heads=num_kv_heads, candidates=candidates,
-            topk_indices=topk_indices, out=out, lse=lse, partials=partials,
-            block_size=block_size, scale=scale, index_scale=index_scale,
-            kv_strides=kv_strides, ki_strides=ki_strides, ki_page_table=ki_page_table,
-            mask_tail=mask_tail, pages_per_program=pages_per_program,
-            index_stages=index_stages, k_scales=k_scales, v_scales=v_scales,
-            ki_scales=ki_scales, scale_strides=scale_strides)
     ki_table = page_table if ki_page_table is None else ki_page_table
     lists = paged_scan(qi, ki, ki_table, seq_lens, candidates, batch=batch, num_q=num_q,
                        max_pages=max_pages,
@@ -320,6 +270,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                               num_q=num_q, topk=topk, block_size=block_size,
                               index_scale=index_scale)
         candidates = exact
+    split = decode_splits(batch * num_q, num_kv_heads, topk)[0] > 1
     if not split:       # many programs: one merge per row first, not one per program
         paged_merge(candidates, seq_lens, topk_indices, lists, num_q=num_q,
                     block_size=block_size)
@@ -340,21 +291,6 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     it resets). ``merge = (candidates, ls, n_lists, kr)``
     (``msa.ops.decode.select.paged_scan``): each program first merges its row from the
     scan's lists (one of them writes it to ``topk_indices``)."""
-    grid, args, consts = attend_launch(
-        q, k, v, topk_indices, page_table, seq_lens, batch=batch, num_q=num_q,
-        num_kv_heads=num_kv_heads, out=out, lse=lse, partials=partials,
-        block_size=block_size, scale=scale, kv_strides=kv_strides, k_scales=k_scales,
-        v_scales=v_scales, scale_strides=scale_strides, merge=merge)
-    paged_decode_attn_kernel[grid](*args, **consts,
-                                   num_warps=4 if merge is None else MERGE_WARPS)
-
-
-def attend_launch(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num_q: int,
-                  num_kv_heads: int, out, lse, partials, block_size: int, scale: float,
-                  kv_strides=None, k_scales=None, v_scales=None, scale_strides=None,
-                  merge=None) -> Tuple[Tuple[int, int, int], tuple, dict]:
-    """``(grid, args, constexprs)`` of ``paged_decode_attn_kernel`` (``paged_attend``'s
-    arguments)."""
     rows = batch * num_q
     hs, topk = topk_indices.shape[0], topk_indices.shape[2]
     hq, d = q.shape[1], q.shape[2]
@@ -367,14 +303,14 @@ def attend_launch(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, nu
     po, pl, done = partials
     cand, ls, n_lists, kr = merge or (topk_indices, 1, 1, 1)
     fp8 = k_scales is not None
-    args = (q, k, v, k_scales, v_scales, topk_indices, cand, page_table, seq_lens, out, lse,
-            po, pl, done, scale * LOG2E, n_lists, q.stride(0), q.stride(1), *kv_strides,
-            topk_indices.stride(0), topk_indices.stride(1), cand.stride(0), cand.stride(1),
-            page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-            *scale_strides)
-    consts = dict(NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size, TOPK=topk,
-                  TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
-                  NSPLIT=nsplit, PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype),
-                  MERGE=merge is not None, LS=ls, KR=kr, NL_PAD=next_pow2(n_lists), FP8=fp8,
-                  STAGES=3 if fp8 else 2)
-    return (rows, hkv, nsplit), args, consts
+    paged_decode_attn_kernel[(rows, hkv, nsplit)](
+        q, k, v, k_scales, v_scales, topk_indices, cand, page_table, seq_lens, out, lse, po,
+        pl, done, scale * LOG2E, n_lists, q.stride(0), q.stride(1), *kv_strides,
+        topk_indices.stride(0), topk_indices.stride(1), cand.stride(0), cand.stride(1),
+        page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
+        NQ=num_q, HKV=hkv, HS=hs, G=g, G_PAD=g_pad, D=d, BS=block_size, TOPK=topk,
+        TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
+        NSPLIT=nsplit, PRECISION=precision(q.dtype),
+        UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
+        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2,
+        num_warps=4 if merge is None else 8)

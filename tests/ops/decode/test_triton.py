@@ -91,39 +91,6 @@ def test_decoder_takes_scan_chunks_longer_than_16_pages():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("per", [None, 4])       # lists of one block; ranked lists of 4
-def test_one_launch_equals_two_launches(per):
-    """Scan and attention in one grid (``msa.ops.decode.fused``) give the two launches'
-    outputs bit for bit and the reference's top-k, over two steps, and leave every
-    counter at zero (the next step starts clean)."""
-    lengths, nq = (900, 300, 129), 2
-    k, v, ki, table = _cache(lengths, 40, seed=9)
-    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, index_head_dim=D,
-                    block_size=BS, topk=K)
-    g = torch.Generator().manual_seed(10)
-    q = torch.randn(len(lengths) * nq, HQ, D, generator=g).to(DEVICE)
-    qi = torch.randn(len(lengths) * nq, HKV, D, generator=g).to(DEVICE)
-    decs = [PagedDecoder(cfg, max_batch=3, num_q=nq, max_pages=table.shape[1], device=DEVICE,
-                         dtype=torch.float32, pages_per_program=per, one_launch=one)
-            for one in (True, False)]
-    q_lens = [nq] * len(lengths)
-    for step in (lengths, (500, 64, 2)):
-        lens = torch.tensor(step, dtype=torch.int32, device=DEVICE)
-        got = []
-        for dec in decs:
-            dec.out.fill_(float("nan"))
-            dec.lse.fill_(float("nan"))
-            dec.plan(table, lens)
-            out, topk = dec.run(q, qi, k, v, ki)
-            got.append((out.clone(), topk.clone(), dec.lse[:len(q)].clone()))
-            assert not dec.partials[2].any()
-        assert all(torch.equal(a, b) for a, b in zip(*got))
-        ref_topk = paged_indexer(qi, ki, table, lens, q_lens, block_size=BS, topk=K)
-        assert torch.equal(got[0][1], ref_topk)
-        torch.testing.assert_close(got[0][0], paged_attention(q, k, v, ref_topk, table, lens,
-                                                              q_lens), rtol=1e-5, atol=1e-5)
-
-
 def test_decoder_validates_plan():
     cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, index_head_dim=D,
                     block_size=BS, topk=K)
