@@ -26,8 +26,9 @@ class PagedDecoder:
         max_batch: most requests per step; num_q: query tokens per request (1..16);
         max_pages: page-table width (pages of the longest request); dtype of q/k/v.
         pages_per_program, index_stages: launch parameters of the index kernel (default:
-            enough programs for about two waves; 3 pipeline stages over bf16 index keys, 2
-            over e4m3 ones, the faster of 2-4 on an H200).
+            enough programs for about two waves; Triton's ``num_stages`` 3 over bf16 index
+            keys, 5 over e4m3 ones, the faster on an H200: with Triton 3.6 the scan's loop
+            keeps one page in flight at 2-4, two at 5-6, three at 7).
 
     Buffers (views of the first ``B * Q`` rows are returned by ``run``): ``out
     [max_batch*Q, Hq, D]``, ``lse [max_batch*Q, Hq]`` fp32, ``topk_indices

@@ -231,7 +231,7 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
         BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
         UPCAST=upcast(qi.dtype), RANK=ls > 1, MASK_TAIL=mask_tail,
         FP8=ki_scales is not None, num_warps=4,
-        num_stages=index_stages or (3 if ki_scales is None else 2))
+        num_stages=index_stages or (3 if ki_scales is None else 5))
     return ls, n_lists, kr
 
 
