@@ -40,19 +40,15 @@ HALF = gl.constexpr(64)  # keys per attention warpgroup
 
 
 @gluon.jit
-def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
+def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, v_smem, kv_bar, ready,
           empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_dt, stride_dh,
           stride_kt, stride_kh, stride_vt, stride_vh, G: gl.constexpr, D: gl.constexpr,
           BS: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
           WARPS: gl.constexpr):
-    """Loader: the block's K (also in two column halves) and V (``kv_bar``), then the Q
-    and dO rows of tile ``t`` into slot ``t % STAGES`` once both attention warpgroups
-    released it."""
+    """Loader: the block's K and V (``kv_bar``), then the Q and dO rows of tile ``t`` into
+    slot ``t % STAGES`` once both attention warpgroups released it."""
     load_rows(k_smem.index(0), K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
     load_rows(v_smem.index(0), V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
-    for c in gl.static_range(2):            # K again in column halves, for dQ = dS K
-        load_rows(kc_smem.index(c), K, krow, nk, h, c * HALF, stride_kt, stride_kh, BS, HALF,
-                  WARPS)
     mbarrier_arrive(kv_bar, increment_count=False)
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     for t in range(n_tiles):
@@ -68,7 +64,7 @@ def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar,
 
 
 @gluon.jit
-def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empty,
+def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empty,
            ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h, krow, t0,
            nk, e0, e1, q0, scale, scale_log2, stride_lt, W: gl.constexpr,
            HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
@@ -106,7 +102,7 @@ def _grads(q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, re
         v_w = v_smem.index(z).slice(W * HALF, HALF, dim=0)
         p_w = p_smem.index(W + z)                               # [M, 64 keys]
         ds_w = ds_smem.index(W + z)
-        kc = kc_smem.index(W + z)                               # [128 keys, 64 columns]
+        kc = k_smem.index(z).slice(W * HALF, HALF, dim=1)       # [128 keys, its 64 columns]
         e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
         qg = q0 + ql
         head = h * G + g
@@ -186,7 +182,6 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
     q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, M, D], layout)
     do_ring = gl.allocate_shared_memory(DO.dtype.element_ty, [STAGES, M, D], layout)
     k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [1, BS, D], layout)
-    kc_smem = gl.allocate_shared_memory(K.dtype.element_ty, [2, BS, HALF], layout)
     v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [1, BS, D], layout)
     p_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HALF], layout)
     ds_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HALF], layout)
@@ -198,15 +193,15 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
     mbarrier.init(ds_free, count=2)
     fence_async_shared()
     gl.warp_specialize([
-        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
+        (_grads, (q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
                   empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
                   pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 0, HKV, G,
                   D, BS, TOPK, BLOCK_Q, STAGES, DET, num_warps)),
-        (_grads, (q_ring, do_ring, k_smem, kc_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
+        (_grads, (q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
                   empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
                   pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 1, HKV, G,
                   D, BS, TOPK, BLOCK_Q, STAGES, DET, 4)),
-        (_load, (Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, kc_smem, v_smem, kv_bar, ready,
+        (_load, (Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, v_smem, kv_bar, ready,
                  empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_dt, stride_dh,
                  stride_kt, stride_kh, stride_vt, stride_vh, G, D, BS, BLOCK_Q, STAGES,
                  LOAD_WARPS))],
