@@ -94,7 +94,7 @@ def test_fp8_pages_meet_bf16_queries_in_fp16():
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("hi,per,nq", [(HKV, None, 2), (1, 8, 2), (HKV, 4, 1)])
+@pytest.mark.parametrize("hi,per,nq", [(HKV, None, 2), (1, 8, 1), (HKV, 4, 2)])
 def test_fp8_index_copy_rescored_like_the_reference(hi, per, nq):
     """``ki_fp8``: the scan reads an e4m3 copy of the index keys, its best ``topk - 1 +
     16`` blocks are scored again with the exact keys; equal to the reference rule
