@@ -231,6 +231,8 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
         BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
         UPCAST=upcast(qi.dtype), RANK=ls > 1, MASK_TAIL=mask_tail,
         FP8=ki_scales is not None, num_warps=4,
+        # Triton 3.6 keeps one page in flight at 2-4 stages, two at 5-6: two pay over
+        # e4m3 pages, not over bf16 ones (their 70 KB cost programs per SM)
         num_stages=index_stages or (3 if ki_scales is None else 5))
     return ls, n_lists, kr
 
