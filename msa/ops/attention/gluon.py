@@ -131,10 +131,10 @@ def loader(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, kro
            q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
            G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
            BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-           WITH_V: gl.constexpr = True):
+           WITH_V: gl.constexpr = True, DO=None, do_ring=None, stride_dt=0, stride_dh=0):
     """Loader: the block's K and V rows (``kv_bar``; K only without ``WITH_V``), then the
-    query rows of tile ``t`` into slot ``t % STAGES`` once the consumers released it
-    (``ready``/``empty``)."""
+    query rows of tile ``t`` into slot ``t % STAGES`` (with ``DO``: its rows of ``DO`` too,
+    into ``do_ring``) once the consumers released it (``ready``/``empty``)."""
     load_rows(k_smem, K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
     if WITH_V:
         load_rows(v_smem, V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
@@ -146,6 +146,10 @@ def loader(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, kro
         offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G,
                                   D, BLOCK_Q, WARPS)
         async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
+        if DO is not None:
+            offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_dt, stride_dh, G,
+                                      D, BLOCK_Q, WARPS)
+            async_copy_global_to_shared(do_ring.index(s), DO + offs, mask=mask)
         mbarrier_arrive(ready.index(s), increment_count=False)
 
 

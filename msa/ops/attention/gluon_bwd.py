@@ -26,40 +26,14 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
-    async_copy_global_to_shared, mbarrier_arrive)
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                warpgroup_mma, warpgroup_mma_wait)
 
-from .gluon import ROWS, load_rows, ring_barriers, tile_edges, tile_offsets, work_item
+from .gluon import ROWS, loader, ring_barriers, tile_edges, work_item
 
 STAGES = 2              # gathered (Q, dO) tiles in flight (32 KB each)
 LOAD_WARPS = 4
 HALF = gl.constexpr(64)  # keys per attention warpgroup
-
-
-@gluon.jit
-def _load(Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, v_smem, kv_bar, ready,
-          empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_dt, stride_dh,
-          stride_kt, stride_kh, stride_vt, stride_vh, G: gl.constexpr, D: gl.constexpr,
-          BS: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-          WARPS: gl.constexpr):
-    """Loader: the block's K and V (``kv_bar``), then the Q and dO rows of tile ``t`` into
-    slot ``t % STAGES`` once both attention warpgroups released it."""
-    load_rows(k_smem.index(0), K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
-    load_rows(v_smem.index(0), V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
-    mbarrier_arrive(kv_bar, increment_count=False)
-    n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
-    for t in range(n_tiles):
-        s = t % STAGES
-        mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G,
-                                  D, BLOCK_Q, WARPS)
-        async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
-        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_dt, stride_dh, G,
-                                  D, BLOCK_Q, WARPS)
-        async_copy_global_to_shared(do_ring.index(s), DO + offs, mask=mask)
-        mbarrier_arrive(ready.index(s), increment_count=False)
 
 
 @gluon.jit
@@ -200,10 +174,10 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
                   empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
                   pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 1, HKV, G,
                   D, BS, TOPK, BLOCK_Q, STAGES, DET, 4)),
-        (_load, (Q, K, V, DO, EDGE_Q, q_ring, do_ring, k_smem, v_smem, kv_bar, ready,
-                 empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_dt, stride_dh,
-                 stride_kt, stride_kh, stride_vt, stride_vh, G, D, BS, BLOCK_Q, STAGES,
-                 LOAD_WARPS))],
+        (loader, (Q, K, V, EDGE_Q, q_ring, k_smem.index(0), v_smem.index(0), kv_bar, ready,
+                  empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh,
+                  stride_vt, stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, True, DO,
+                  do_ring, stride_dt, stride_dh))],
         [4, LOAD_WARPS], [232, 40])
 
 
