@@ -182,38 +182,33 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
 
     (k8, ks), (v8, vs), (ki8, kis) = quantize_e4m3(k), quantize_e4m3(v), quantize_e4m3(ki)
     fp8, outs = {}, {}
-    for name, pages, scales, kv_b, ki_b in (
-            ("kv", (k8, v8, ki), (ks, vs, None), 1, 2),
-            ("kv_ki", (k8, v8, ki8), (ks, vs, kis), 1, 1)):
-        kw = dict(k_scales=scales[0], v_scales=scales[1], ki_scales=scales[2])
-        d = dict(msa_us=1e3 * graph_ms(lambda: dec.run(q, qi, *pages, **kw)),
-                 msa_us_per_layer=1e3 * graph_ms(lambda: dec.run(q, qi, *pages, **kw),
-                                                 layers=LAYERS))
-        o8, t8 = dec.run(q, qi, *pages, **kw)
+    # the re-scored case scans an e4m3 copy of the bf16 index keys, which then re-score
+    # its candidates: their pages join its floor
+    rescore_us = rows * cfg.index_heads * num_candidates(cfg.topk) * cfg.block_size * \
+        cfg.index_dim * 2 / bw * 1e6
+    for name, pages, kw, floor in (
+            ("kv", (k8, v8, ki), dict(k_scales=ks, v_scales=vs),
+             floor_us(cfg, B, T, distinct, 1, 2, bw)),
+            ("kv_ki", (k8, v8, ki8), dict(k_scales=ks, v_scales=vs, ki_scales=kis),
+             floor_us(cfg, B, T, distinct, 1, 1, bw)),
+            ("ki_rescored", (k, v, ki), dict(ki_fp8=(ki8, kis)),
+             floor_us(cfg, B, T, distinct, 2, 1, bw) + rescore_us)):
+        def step(pages=pages, kw=kw):
+            return dec.run(q, qi, *pages, **kw)
+        d = dict(msa_us=1e3 * graph_ms(step),
+                 msa_us_per_layer=1e3 * graph_ms(step, layers=LAYERS))
+        o8, t8 = step()
         outs[name] = o8.clone()
         d["topk_rows_equal_bf16"] = C.rows_equal(t8, topk)
         d["cosine_vs_bf16"] = C.cosine(o8, out)
-        d["floor_us"] = floor_us(cfg, B, T, distinct, kv_b, ki_b, bw)
+        d["floor_us"] = floor
         d["msa_vs_floor"] = d["msa_us"] / d["floor_us"]
         d["msa_per_layer_vs_floor"] = d["msa_us_per_layer"] / d["floor_us"]
-        if ki_b == 1:
-            d["select_us"] = 1e3 * graph_ms(select(ki8, kis))
-        else:
+        if name == "kv":
             d["attend_us"] = 1e3 * graph_ms(attend(k8, v8, ks, vs))
+        elif name == "kv_ki":
+            d["select_us"] = 1e3 * graph_ms(select(ki8, kis))
         fp8[name] = d
-    # an e4m3 copy of the index keys for the scan, the bf16 keys re-scoring its candidates
-    kw = dict(ki_fp8=(ki8, kis))
-    d = dict(msa_us=1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki, **kw)),
-             msa_us_per_layer=1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki, **kw),
-                                             layers=LAYERS))
-    o8, t8 = dec.run(q, qi, k, v, ki, **kw)
-    d["topk_rows_equal_bf16"] = C.rows_equal(t8, topk)
-    d["cosine_vs_bf16"] = C.cosine(o8, out)
-    d["floor_us"] = floor_us(cfg, B, T, distinct, 2, 1, bw) + rows * cfg.index_heads * \
-        num_candidates(cfg.topk) * cfg.block_size * cfg.index_dim * 2 / bw * 1e6
-    d["msa_vs_floor"] = d["msa_us"] / d["floor_us"]
-    d["msa_per_layer_vs_floor"] = d["msa_us_per_layer"] / d["floor_us"]
-    fp8["ki_rescored"] = d
     r["fp8"] = fp8
     del k8, v8, ki8
     if vllm is not None:
