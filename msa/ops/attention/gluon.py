@@ -113,15 +113,22 @@ def tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q: gl.constexpr):
 
 @gluon.jit
 def tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G: gl.constexpr,
-                 D: gl.constexpr, BLOCK_Q: gl.constexpr, WARPS: gl.constexpr):
+                 D: gl.constexpr, BLOCK_Q: gl.constexpr, WARPS: gl.constexpr,
+                 GP: gl.constexpr = 0):
     """Element offsets ``[ROWS, D]`` of tile ``t``'s gathered query rows (row ``r``: query
     ``r // G`` of edges ``e0 + t * BLOCK_Q ..``, head ``r % G`` of group ``h``) and their
-    row mask ``[ROWS, 1]``, for the loaders' ``cp.async``."""
+    row mask ``[ROWS, 1]``, for the loaders' ``cp.async``. ``GP > G``: ``GP`` rows per
+    query instead (rows of heads ``>= G`` masked)."""
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, ld)), 0)
     r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
-    g = r % G
-    e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, r // G, BLOCK_Q)
+    if GP == 0 or GP == G:
+        g = r % G
+        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, r // G, BLOCK_Q)
+    else:
+        g = r % GP
+        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, r // GP, BLOCK_Q)
+        emask = emask & (g < G)
     rows = gl.expand_dims((q0 + ql) * stride_qt + (h * G + g) * stride_qh, 1)
     return rows + cols, gl.expand_dims(emask, 1)
 
@@ -131,10 +138,12 @@ def loader(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, kro
            q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
            G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
            BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-           WITH_V: gl.constexpr = True, DO=None, do_ring=None, stride_dt=0, stride_dh=0):
+           WITH_V: gl.constexpr = True, DO=None, do_ring=None, stride_dt=0, stride_dh=0,
+           GP: gl.constexpr = 0):
     """Loader: the block's K and V rows (``kv_bar``; K only without ``WITH_V``), then the
     query rows of tile ``t`` into slot ``t % STAGES`` (with ``DO``: its rows of ``DO`` too,
-    into ``do_ring``) once the consumers released it (``ready``/``empty``)."""
+    into ``do_ring``) once the consumers released it (``ready``/``empty``). ``GP``: rows
+    per query (``tile_offsets``)."""
     load_rows(k_smem, K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
     if WITH_V:
         load_rows(v_smem, V, krow, nk, h, 0, stride_vt, stride_vh, BS, D, WARPS)
@@ -144,7 +153,7 @@ def loader(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, kro
         s = t % STAGES
         mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
         offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G,
-                                  D, BLOCK_Q, WARPS)
+                                  D, BLOCK_Q, WARPS, GP)
         async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
         if DO is not None:
             offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_dt, stride_dh, G,

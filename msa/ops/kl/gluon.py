@@ -7,7 +7,8 @@ x D x 128`` MMA and an exponential per score, the shape of the forward's ``S = Q
 This kernel computes it the way the Gluon forward (``msa.ops.attention.gluon``) does,
 whose loader it runs: the block's keys on chip, each tile's gathered query rows in a
 ring of shared-memory slots (``cp.async``), two warpgroups taking alternate 64-row tiles
-(``64 // G`` queries x the ``G`` heads) with ``S`` from wgmma. Each tile's head average
+(``64 // GP`` queries x ``GP`` rows: the ``G`` heads, padded to the power of two ``GP``
+so that each query's rows reduce as one axis) with ``S`` from wgmma. Each tile's head average
 leaves as fp32 rows ``PT [edge, 128]``; the student half (``indexer_kl_bwd_kernel`` with
 ``PT_IN``) reads them back. The ``tl.*`` kernel holding both halves needs 255 registers
 and spills at this shape. The split is faster, deterministic mode included; the teacher
@@ -15,7 +16,7 @@ is bound like the forward by gathering each edge's query rows (measurements:
 docs/benchmarks.md, docs/experiments.md).
 
 Applies to: Hopper, bf16 / fp16, head dim 128, blocks of 128, one KV head per index head,
-a power-of-two group of at most 64 heads (``supported``); the ``tl.*`` kernel elsewhere.
+a group of at most 64 heads (``supported``); the ``tl.*`` kernel elsewhere.
 """
 from __future__ import annotations
 
@@ -30,18 +31,18 @@ from ..attention.gluon import (LOAD_WARPS, ROWS, STAGES, block_smem, loader, rin
 
 @gluon.jit
 def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk, e0, e1,
-             q0, edge0, scale_log2, stride_tl, first, G: gl.constexpr, BS: gl.constexpr,
-             BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, STEP: gl.constexpr,
-             WARPS: gl.constexpr):
+             q0, edge0, scale_log2, stride_tl, first, G: gl.constexpr, GP: gl.constexpr,
+             BS: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
+             STEP: gl.constexpr, WARPS: gl.constexpr):
     """A warpgroup, tiles ``first, first + STEP, ...``: ``S = Q K^T`` (wgmma), ``p =
-    exp(scale S - lse)`` over the allowed keys, its mean over each query's ``G`` rows
-    (consecutive rows of one warp), stored at the query's edge row of ``PT`` (edge ``e`` at
-    row ``e - edge0``, the chunk's first edge)."""
+    exp(scale S - lse)`` over the allowed keys, its mean over each query's ``G`` heads
+    (``GP`` consecutive rows of one warp; padding rows hold ``p = 0``), stored at the
+    query's edge row of ``PT`` (edge ``e`` at row ``e - edge0``, the chunk's first edge)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BS, 16])
     r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
-    tok = r // G
-    g = r % G
+    tok = r // GP
+    g = r % GP
     offs_n = gl.arange(0, BS, layout=gl.SliceLayout(0, mma))
     key_ok = gl.expand_dims(offs_n < nk, 0)
     zero = gl.zeros([ROWS, BS], gl.float32, mma)
@@ -54,13 +55,13 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     for t in range(first, n_tiles, STEP):
         e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
         pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
-        lse = gl.load(TLSE + (q0 + ql) * stride_tl + h * G + g, mask=emask,
-                      other=float("inf"))
+        lse = gl.load(TLSE + (q0 + ql) * stride_tl + h * G + g, mask=emask & (g < G),
+                      other=float("inf"))                  # padding rows: p = 0
         lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634   # none: p = 0
         sc = tile_scores(q_ring, k_smem, ready, empty, t, zero, STAGES)
         allowed = (gl.expand_dims(t0 + offs_n, 0) <= gl.expand_dims(pos, 1)) & key_ok
         p = gl.where(allowed, gl.exp2(sc * scale_log2 - gl.expand_dims(lse, 1)), 0.0)
-        pt = gl.sum(gl.reshape(p, [BLOCK_Q, G, BS]), 1) * (1.0 / G)
+        pt = gl.sum(gl.reshape(p, [BLOCK_Q, GP, BS]), 1) * (1.0 / G)
         pt = gl.convert_layout(pt, st)
         se, smask, _ = tile_edges(EDGE_Q, e0, e1, t, st_tok, BLOCK_Q)
         gl.store(PT + gl.expand_dims((se - edge0).to(gl.int64), 1) * BS + st_n, pt,
@@ -72,9 +73,10 @@ def teacher_kernel(Q, K, PT, TLSE, POS, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM
                    ITEM_E0, ITEM_E1, q0, edge0, scale_log2, stride_qt, stride_qh, stride_kt,
                    stride_kh, stride_tl, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
                    BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   num_warps: gl.constexpr, GP: gl.constexpr):
     """One program per work item of the KL plan (index head = KV head ``h``, block, its
-    edges ``e0 .. e1``): ``PT [e - edge0, :]`` for each edge, in tiles of ``BLOCK_Q`` queries."""
+    edges ``e0 .. e1``): ``PT [e - edge0, :]`` for each edge, in tiles of ``BLOCK_Q``
+    queries of ``GP`` rows (``G`` heads, padded to a power of two)."""
     h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, gl.program_id(0))
     q_ring, k_smem, _ = block_smem(Q, K, K, STAGES, D, BS, WITH_V=False)
@@ -82,21 +84,21 @@ def teacher_kernel(Q, K, PT, TLSE, POS, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM
     fence_async_shared()
     gl.warp_specialize([
         (_teacher, (q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk,
-                    e0, e1, q0, edge0, scale_log2, stride_tl, 0, G, BS, BLOCK_Q, STAGES, 2,
-                    num_warps)),
+                    e0, e1, q0, edge0, scale_log2, stride_tl, 0, G, GP, BS, BLOCK_Q, STAGES,
+                    2, num_warps)),
         (_teacher, (q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk,
-                    e0, e1, q0, edge0, scale_log2, stride_tl, 1, G, BS, BLOCK_Q, STAGES, 2, 4)),
+                    e0, e1, q0, edge0, scale_log2, stride_tl, 1, G, GP, BS, BLOCK_Q, STAGES,
+                    2, 4)),
         (loader, (Q, K, K, EDGE_Q, q_ring, k_smem, k_smem, k_bar, ready, empty, h, krow, nk,
                  e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_kt, stride_kh,
-                 G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, False))],
+                 G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, False, None, None, 0, 0, GP))],
         [4, LOAD_WARPS], [192, 64])
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> bool:
     """Whether ``teacher_kernel`` runs these inputs (``q [total_q, Hq, D]``, ``k [total_k,
     Hkv, D]``, ``hi`` index heads): a Hopper GPU (sm_90), bf16 / fp16, head dim 128,
-    blocks of 128, ``Hkv == Hi``, a power-of-two group of at most 64 heads, rows 16-byte
-    aligned."""
+    blocks of 128, ``Hkv == Hi``, a group of at most 64 heads, rows 16-byte aligned."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
     g = q.shape[1] // k.shape[1]
@@ -104,7 +106,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> boo
                   and x.data_ptr() % 16 == 0 for x in (q, k))
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
             and q.shape[2] == 128 and block_size == 128 and k.shape[1] == hi
-            and g & (g - 1) == 0 and g <= ROWS.value and aligned)
+            and g <= ROWS.value and aligned)
 
 
 def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
@@ -115,12 +117,13 @@ def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
     if not supported(q, k, int(plan.num_heads), block_size):
         raise NotImplementedError(
             "the Gluon KL teacher runs on Hopper (sm_90) with bf16 / fp16, head dim 128, "
-            "blocks of 128, one KV head per index head, a power-of-two group and 16-byte "
-            "aligned rows; use kernel='triton'")
+            "blocks of 128, one KV head per index head, at most 64 heads per group and "
+            "16-byte aligned rows; use kernel='triton'")
     g = q.shape[1] // k.shape[1]
+    gp = 1 << (g - 1).bit_length()          # rows per query: the group, padded
     teacher_kernel[(plan.num_items,)](
         q, k, pt, teacher_lse, q_pos, plan.edge_q, plan.item_h, plan.item_krow,
         plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0, plan.edge0, scale_log2,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), teacher_lse.stride(0), G=g,
-        D=q.shape[2], BS=block_size, BLOCK_Q=ROWS.value // g, STAGES=STAGES,
-        LOAD_WARPS=LOAD_WARPS, num_warps=4)
+        D=q.shape[2], BS=block_size, BLOCK_Q=ROWS.value // gp, STAGES=STAGES,
+        LOAD_WARPS=LOAD_WARPS, num_warps=4, GP=gp)

@@ -271,9 +271,9 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
 def kl_kernel(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> str:
     """Which kernel computes the KL's teacher for these inputs (``q [total_q, Hq, D]``,
     ``k [total_k, Hkv, D]``, ``hi`` index heads): ``"gluon"`` (``msa.ops.kl.gluon``:
-    Hopper, bf16 / fp16, head dim 128, blocks of 128, ``Hkv == Hi``, a power-of-two group)
-    where it applies, else ``"triton"`` (``indexer_kl_bwd_kernel``, every GPU and the
-    interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel."""
+    Hopper, bf16 / fp16, head dim 128, blocks of 128, ``Hkv == Hi``, at most 64 heads per
+    group) where it applies, else ``"triton"`` (``indexer_kl_bwd_kernel``, every GPU and
+    the interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel."""
     return choose_kernel("MSA_KL_KERNEL", "msa.ops.kl.gluon", q, k, hi, block_size)
 
 

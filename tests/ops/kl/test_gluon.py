@@ -22,9 +22,11 @@ SIG = {"Q": "*bf16", "K": "*bf16", "PT": "*fp32", "TLSE": "*fp32", "POS": "*i32"
        "stride_kh": "i32", "stride_tl": "i32"}
 
 
-def test_teacher_compiles_for_sm90_to_gathers_and_wgmma():
-    const = dict(G=16, D=128, BS=128, BLOCK_Q=4, STAGES=kl_gluon.STAGES,
-                 LOAD_WARPS=kl_gluon.LOAD_WARPS, num_warps=4)
+@pytest.mark.parametrize("g,gp", [(16, 16), (6, 8)], ids=["G16", "G6-padded"])
+def test_teacher_compiles_for_sm90_to_gathers_and_wgmma(g, gp):
+    """A group of 6 takes 8 rows per query (8 queries per tile), its padding rows masked."""
+    const = dict(G=g, D=128, BS=128, BLOCK_Q=64 // gp, STAGES=kl_gluon.STAGES,
+                 LOAD_WARPS=kl_gluon.LOAD_WARPS, num_warps=4, GP=gp)
     ptx = gluon_ptx("msa.ops.kl.gluon", "teacher_kernel", SIG, const)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
@@ -96,6 +98,8 @@ def test_student_half_from_teacher_rows_matches_reference(q_lens, k_lens, hq, hk
     ((700, 1, 900), (4000, 1, 2500), 32, 8, None),            # G = 4, prefixes
     ((500, 300), (1500, 900), 16, 8, (0, 1)),                 # G = 2, fragments
     ((600,), (1800,), 4, 4, None),                            # G = 1
+    ((1500,), (3000,), 24, 4, None),                          # G = 6: 8 rows per query
+    ((900, 1), (900, 700), 21, 7, None),                      # G = 3, a one-token segment
 ])
 def test_gluon_teacher_kl_equals_triton_and_reference(q_lens, k_lens, hq, hkv, frag,
                                                       monkeypatch):
@@ -140,7 +144,10 @@ def test_indexer_kl_kernel_names_the_kl_that_runs(monkeypatch):
     batched = [x.view(3, 100, *x.shape[1:]) for x in (q, k, qi, ki)]
     assert msa.indexer_kl_kernel(*batched, backend="triton") == ("gluon" if hopper else "triton")
     six = torch.zeros(300, 24, 128, dtype=torch.bfloat16, device=DEVICE)      # G = 6
-    assert msa.indexer_kl_kernel(six, k, qi, ki, backend="triton") == "triton"
+    assert msa.indexer_kl_kernel(six, k, qi, ki, backend="triton") == \
+        ("gluon" if hopper else "triton")
+    wide = torch.zeros(300, 260, 128, dtype=torch.bfloat16, device=DEVICE)    # G = 65
+    assert msa.indexer_kl_kernel(wide, k, qi, ki, backend="triton") == "triton"
     monkeypatch.setenv("MSA_KL_KERNEL", "triton")
     assert msa.indexer_kl_kernel(q, k, qi, ki, backend="triton") == "triton"
     with pytest.raises(ValueError, match="block_size"):
