@@ -122,12 +122,10 @@ def tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G: gl.constexpr
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, ld)), 0)
     r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
-    if GP == 0 or GP == G:
-        g = r % G
-        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, r // G, BLOCK_Q)
-    else:
-        g = r % GP
-        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, r // GP, BLOCK_Q)
+    RP: gl.constexpr = G if GP == 0 else GP
+    g = r % RP
+    e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, r // RP, BLOCK_Q)
+    if RP != G:
         emask = emask & (g < G)
     rows = gl.expand_dims((q0 + ql) * stride_qt + (h * G + g) * stride_qh, 1)
     return rows + cols, gl.expand_dims(emask, 1)

@@ -27,6 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from ..attention.gluon import (LOAD_WARPS, ROWS, STAGES, block_smem, loader, ring_barriers,
                                tile_edges, tile_scores, work_item)
+from ..triton_utils import next_pow2
 
 
 @gluon.jit
@@ -120,7 +121,7 @@ def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
             "blocks of 128, one KV head per index head, at most 64 heads per group and "
             "16-byte aligned rows; use kernel='triton'")
     g = q.shape[1] // k.shape[1]
-    gp = 1 << (g - 1).bit_length()          # rows per query: the group, padded
+    gp = next_pow2(g)                       # rows per query: the group, padded
     teacher_kernel[(plan.num_items,)](
         q, k, pt, teacher_lse, q_pos, plan.edge_q, plan.item_h, plan.item_krow,
         plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0, plan.edge0, scale_log2,
