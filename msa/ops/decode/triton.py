@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention.forward import choose_kernel
 from .rescore import num_candidates, paged_rescore
 from .select import TARGET_PROGRAMS, merge_lists, paged_merge, paged_scan
 from ..triton_utils import (LN2, LOG2E, dequant_rows, next_pow2, online_softmax_step,
@@ -193,6 +194,18 @@ def paged_decode_attn_kernel(
                            G, G_PAD, D, NSPLIT)
 
 
+def attend_kernel(q, k, num_kv_heads: int, block_size: int, kv_strides, nsplit: int,
+                  merge: bool) -> str:
+    """The kernel of ``paged_attend``: ``"gluon"`` (``msa.ops.decode.gluon``: Hopper, e4m3
+    pages, 16-bit queries, one program per (query row, KV head): no split, no merge) where
+    it applies, else ``"triton"`` (``paged_decode_attn_kernel``). ``MSA_DECODE_KERNEL=triton``
+    in the environment keeps the Triton kernel everywhere."""
+    if nsplit > 1 or merge or k.dtype != torch.float8_e4m3fn:
+        return "triton"
+    return choose_kernel("MSA_DECODE_KERNEL", "msa.ops.decode.gluon", q, k, num_kv_heads,
+                         block_size, kv_strides)
+
+
 def decode_splits(rows: int, hkv: int, topk: int) -> Tuple[int, int]:
     """``(nsplit, per_split)``: the K selected blocks of each (query, KV head) split over
     enough programs for about two waves (``TARGET_PROGRAMS``)."""
@@ -303,6 +316,13 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     po, pl, done = partials
     cand, ls, n_lists, kr = merge or (topk_indices, 1, 1, 1)
     fp8 = k_scales is not None
+    if attend_kernel(q, k, num_kv_heads, block_size, kv_strides, nsplit,
+                     merge is not None) == "gluon":
+        from . import gluon
+        gluon.launch(q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse,
+                     rows=rows, num_q=num_q, num_kv_heads=hkv, scale_log2=scale * LOG2E,
+                     kv_strides=kv_strides, scale_strides=scale_strides)
+        return
     paged_decode_attn_kernel[(rows, hkv, nsplit)](
         q, k, v, k_scales, v_scales, topk_indices, cand, page_table, seq_lens, out, lse, po,
         pl, done, scale * LOG2E, n_lists, q.stride(0), q.stride(1), *kv_strides,

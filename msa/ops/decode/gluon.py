@@ -1,0 +1,274 @@
+"""Gluon FP8 paged decode attention for Hopper (sm_90): ``fp8_attn_kernel``.
+
+Same contract as ``msa.ops.decode.triton.paged_decode_attn_kernel`` over e4m3 K/V pages
+with fp32 row scales and 16-bit queries, when one program per (query row, KV head) walks
+all its selected blocks (no split, no merge: many rows, e.g. 128K x 64 requests x 8
+tokens). The ``tl.*`` kernel spends most of its instructions bringing the value tile to
+the MMA: it is the B operand of ``P V`` with the keys as its reduction dimension, the
+cache stores it token-major, so each of a thread's fp16 pairs needs bytes from two
+rows, which Triton loads one byte at a time (docs/experiments.md). Here:
+
+* each page's K and V (16 KB each) and their scales arrive by ``cp.async`` in a ring of
+  ``STAGES`` shared-memory slots (16-byte chunks swizzled by row);
+* each of the 4 warps owns a quarter of every block's keys and keeps its own online
+  softmax (a batched MMA: the warp is the batch dimension), so the loop has no
+  cross-warp step; the four are merged by LSE once at the end;
+* the head dimension is relabeled, a permutation of the columns (of Q and K for
+  ``S = Q K^T``, of V and the output for ``P V``), so that the bytes a thread needs for
+  its MMA fragments are contiguous in shared memory: 16-byte loads, then the e4m3 -> fp16
+  conversion in registers, and for V a repacking of fp16 halves within the thread.
+
+e4m3 values are exact in fp16: ``S`` is the fp16 MMA of the keys times the query rows
+scaled into fp16 by a power of two, times the key scales; the probabilities meet the
+value scales over their block maximum before the fp16 ``P V`` MMA (as the ``tl.*``
+kernel's ``fp8_softmax_step``).
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+WARPS = gl.constexpr(4)
+BS = gl.constexpr(128)          # keys per page (block)
+D = gl.constexpr(128)           # head dim
+ROWS = gl.constexpr(16)         # MMA rows: the group's query heads, padded
+KW = gl.constexpr(32)           # keys per warp
+
+
+def phys_k(d: int) -> int:
+    """Column of relabeled head-dim index ``d`` in ``S = Q K^T``: the 32 indices a thread
+    holds in its K fragments (bits 0, 3-6 of ``d``) become 32 consecutive columns."""
+    return (d & 1) | ((d >> 3) & 1) << 1 | ((d >> 4) & 7) << 2 | ((d >> 1) & 3) << 5
+
+
+def phys_v(d: int) -> int:
+    """Column of relabeled head-dim index ``d`` in ``P V`` and the output: the 16 a thread
+    holds in its V fragments (bits 3-6) become 16 consecutive columns."""
+    return (d & 7) << 4 | d >> 3
+
+
+def _slot_offset(row: int, col: int) -> int:
+    """Byte offset of (key ``row``, column ``col``) in a ring slot: 16-byte chunks
+    swizzled by the row (``SwizzledSharedLayout(16, 1, 8)``)."""
+    return row * D.value + (((col >> 4) ^ (row & 7)) << 4) + (col & 15)
+
+
+def _view(shape, coords_to_offset) -> gl.SharedLinearLayout:
+    """The shared linear layout of a slot seen as ``shape`` (offset bit -> coordinates),
+    from the map of coordinates to byte offsets (a bijection, linear over GF(2))."""
+    inv = {}
+    idx = [0] * len(shape)
+
+    def walk(dim):
+        if dim == len(shape):
+            inv[coords_to_offset(*idx)] = list(idx)
+            return
+        for i in range(shape[dim]):
+            idx[dim] = i
+            walk(dim + 1)
+    walk(0)
+    n = BS.value * D.value
+    assert sorted(inv) == list(range(n))
+    bases = [inv[1 << i] for i in range(n.bit_length() - 1)]
+    for off, coords in ((3, inv[3]), (n - 1, inv[n - 1])):       # spot checks of linearity
+        acc = [0] * len(shape)
+        for i in range(n.bit_length() - 1):
+            if off >> i & 1:
+                acc = [a ^ c for a, c in zip(acc, bases[i])]
+        assert acc == coords
+    return gl.SharedLinearLayout(bases)
+
+
+# a slot as the K^T fragments [warp, d, key] and the V fragments [warp, key, d]
+K_VIEW = gl.constexpr(_view([4, 128, 32], lambda w, k_d, k: _slot_offset(w * 32 + k, phys_k(k_d))))
+V_VIEW = gl.constexpr(_view([4, 32, 128], lambda w, k, v_d: _slot_offset(w * 32 + k, phys_v(v_d))))
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1],
+                                                    instr_shape=[1, 16, 8]))
+# V loaded 16 consecutive bytes per key per thread: the fragment layout with the
+# registers over the head dim first (the same threads own the same elements)
+V_LOAD = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 8], [0, 0, 16], [0, 0, 32], [0, 0, 64], [0, 1, 0], [0, 8, 0],
+               [0, 16, 0]],
+    lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+    warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 32, 128]))
+
+
+@gluon.jit
+def _phys_k(d):
+    return (d & 1) | ((d >> 3) & 1) << 1 | ((d >> 4) & 7) << 2 | ((d >> 1) & 3) << 5
+
+
+@gluon.jit
+def _phys_v(d):
+    return (d & 7) << 4 | d >> 3
+
+
+@gluon.jit
+def _pick(values, offs, j, other):
+    """``values[j]`` of a vector every thread holds whole."""
+    return gl.max(gl.where(offs == j, values, other), 0)
+
+
+@gluon.jit
+def _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, sel, pages, offs_j, jj, pos,
+           h, kv_off, rows, s_off, stride_kp, stride_kh, stride_sp, stride_sh,
+           STAGES: gl.constexpr):
+    """``cp.async`` of block ``jj``'s K/V page and scales into slot ``jj % STAGES``: its
+    keys past the query (and every key of no block) zero-filled."""
+    blk = _pick(sel, offs_j, jj, -1)
+    page = _pick(pages, offs_j, jj, 0).to(gl.int64)
+    s = jj % STAGES
+    live = (blk >= 0) & (blk * BS + rows <= pos)
+    base = page * stride_kp + h * stride_kh
+    async_copy.async_copy_global_to_shared(k_ring.index(s), K + base + kv_off,
+                                           mask=gl.expand_dims(live, 1))
+    async_copy.async_copy_global_to_shared(v_ring.index(s), V + base + kv_off,
+                                           mask=gl.expand_dims(live, 1))
+    sbase = page * stride_sp + h * stride_sh
+    slive = (blk >= 0) & (blk * BS + s_off <= pos)
+    async_copy.async_copy_global_to_shared(ks_ring.index(s), KS + sbase + s_off, mask=slive)
+    async_copy.async_copy_global_to_shared(vs_ring.index(s), VS + sbase + s_off, mask=slive)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def fp8_attn_kernel(
+        Q, K, V, KS, VS, TOPK_INDICES, PAGE_TABLE, SEQ_LENS, OUT, LSE, scale_log2,
+        stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
+        stride_tb, stride_ot, stride_oh, stride_lt, stride_sp, stride_sh,
+        NQ: gl.constexpr, HS: gl.constexpr, G: gl.constexpr, TOPK: gl.constexpr,
+        TOPK_PAD: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """Query row ``c = b * NQ + i``, KV head ``h``: ``OUT [c, h*G:(h+1)*G, :]`` and its
+    natural-log LSE over the ``TOPK`` selected blocks of ``TOPK_INDICES [hs, c, :]``."""
+    gl.static_assert(num_warps == WARPS)
+    c = gl.program_id(0).to(gl.int64)
+    h = gl.program_id(1)
+    b = c // NQ
+    pos = gl.load(SEQ_LENS + b) - NQ + (c % NQ)
+    hs = h if HS > 1 else 0
+    # the selected blocks and their pages, held whole by every thread
+    sel_l: gl.constexpr = gl.BlockedLayout([TOPK_PAD], [32], [WARPS], [0])
+    offs_j = gl.arange(0, TOPK_PAD, layout=sel_l)
+    sel = gl.load(TOPK_INDICES + hs * stride_th + c * stride_tq + offs_j, mask=offs_j < TOPK,
+                  other=-1)
+    sel = gl.where(sel * BS <= pos, sel, -1)
+    pages = gl.load(PAGE_TABLE + b * stride_tb + sel, mask=sel >= 0, other=0)
+
+    # the ring: pages as 128 rows of 128 bytes, 16-byte chunks swizzled by row
+    ring_l: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
+    k_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BS, D], ring_l)
+    v_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BS, D], ring_l)
+    sc_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    ks_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BS], sc_l)
+    vs_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BS], sc_l)
+    cp_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
+    rows = gl.arange(0, BS, layout=gl.SliceLayout(1, cp_l))
+    kv_off = gl.expand_dims(rows * stride_kt, 1) + \
+        gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, cp_l)), 0)
+    s_off = gl.arange(0, BS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+    for i in gl.static_range(STAGES - 1):
+        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, sel, pages, offs_j, i, pos, h,
+               kv_off, rows, s_off, stride_kp, stride_kh, stride_sp, stride_sh, STAGES)
+
+    # the query rows with relabeled columns, scaled into fp16 by a power of two per row
+    a_l: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
+    qd = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, a_l)))
+    qg = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, a_l)))
+    qw = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, a_l)))
+    q_ptr = Q + c * stride_qt + gl.expand_dims(gl.expand_dims((h * G + qg) * stride_qh, 0), 2) \
+        + gl.expand_dims(gl.expand_dims(_phys_k(qd), 0), 1) \
+        + gl.expand_dims(gl.expand_dims(qw * 0, 1), 2)
+    qf = gl.load(q_ptr, mask=gl.expand_dims(gl.expand_dims(qg < G, 0), 2),
+                 other=0.0).to(gl.float32)
+    amax = gl.max(gl.abs(qf), 2)
+    e = ((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    f = ((gl.minimum(gl.maximum(14 - e, -126), 127) + 127) << 23).to(gl.float32, bitcast=True)
+    f = gl.where(amax > 0, f, 1.0)
+    q16 = (qf * gl.expand_dims(f, 2)).to(gl.float16)
+    row_l: gl.constexpr = gl.SliceLayout(2, MMA)
+    q_scale = gl.convert_layout(scale_log2 / f, row_l)
+
+    key_l: gl.constexpr = gl.SliceLayout(1, MMA)              # [warp, key]
+    keys = gl.expand_dims(gl.arange(0, WARPS, layout=gl.SliceLayout(1, key_l)), 1) * KW + \
+        gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(0, key_l)), 0)
+    b_l: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
+    m_i = gl.full([WARPS, ROWS], float("-inf"), gl.float32, row_l)
+    l_i = gl.zeros([WARPS, ROWS], gl.float32, row_l)
+    r_i = gl.full([WARPS, ROWS], 1.0, gl.float32, row_l)     # acc is in units of r_i
+    acc = gl.zeros([WARPS, ROWS, D], gl.float32, MMA)
+    for jj in range(TOPK):
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()         # block jj landed for every thread; slot jj-1 is free
+        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, sel, pages, offs_j,
+               jj + STAGES - 1, pos, h, kv_off, rows, s_off, stride_kp, stride_kh,
+               stride_sp, stride_sh, STAGES)
+        s = jj % STAGES
+        blk = _pick(sel, offs_j, jj, -1)
+        kt = k_ring.index(s)._reinterpret(gl.float8e4nv, [WARPS, D, KW], K_VIEW).load(b_l)
+        ks = ks_ring.index(s).reshape([WARPS, KW]).load(key_l)
+        qk = mma_v2(q16, kt.to(gl.float16), gl.zeros([WARPS, ROWS, KW], gl.float32, MMA))
+        kmask = (blk >= 0) & (blk * BS + keys <= pos)
+        sc = qk * gl.expand_dims(q_scale, 2) * gl.expand_dims(ks, 1)
+        sc = gl.where(gl.expand_dims(kmask, 1), sc, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, 2))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(sc - gl.expand_dims(m_use, 2))
+        l_i = l_i * alpha + gl.sum(p, 2)
+        m_i = m_new
+        vs = vs_ring.index(s).reshape([WARPS, KW]).load(key_l)
+        v_max = gl.max(vs, 1)
+        v_max = gl.where(v_max > 0, v_max, 1.0)
+        pv = (p * gl.expand_dims(vs / gl.expand_dims(v_max, 1), 1)).to(gl.float16)
+        vt = v_ring.index(s)._reinterpret(gl.float8e4nv, [WARPS, KW, D], V_VIEW).load(V_LOAD)
+        vt = gl.convert_layout(vt.to(gl.float16), b_l)
+        v_row = gl.convert_layout(gl.expand_dims(v_max, 1), row_l)       # [warp, 1]
+        acc = mma_v2(gl.convert_layout(pv, a_l), vt,
+                     acc * gl.expand_dims(r_i * alpha / v_row, 2))
+        r_i = gl.zeros([WARPS, ROWS], gl.float32, row_l) + v_row
+    async_copy.wait_group(0)
+
+    # the four warps' softmaxes merged by LSE
+    m_all = gl.max(m_i, 0)
+    m_use = gl.where(m_all == float("-inf"), 0.0, m_all)
+    w = gl.exp2(m_i - gl.expand_dims(m_use, 0))
+    l_all = gl.sum(l_i * w, 0)
+    o_l: gl.constexpr = gl.SliceLayout(0, MMA)
+    o = gl.sum(acc * gl.expand_dims(w * r_i, 2), 0) / gl.expand_dims(
+        gl.convert_layout(gl.maximum(l_all, 1e-30), gl.SliceLayout(1, o_l)), 1)
+    og = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_l))
+    od = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
+    gl.store(OUT + c * stride_ot + gl.expand_dims((h * G + og) * stride_oh, 1)
+             + gl.expand_dims(_phys_v(od), 0), o.to(OUT.dtype.element_ty),
+             mask=gl.expand_dims(og < G, 1))
+    lse_g = gl.arange(0, ROWS, layout=gl.SliceLayout(0, row_l))
+    lse = gl.where(l_all > 0, (m_all + gl.log2(l_all)) * 0.6931471805599453, float("-inf"))
+    gl.store(LSE + c * stride_lt + h * G + lse_g, lse, mask=lse_g < G)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, num_kv_heads: int, block_size: int,
+              kv_strides) -> bool:
+    """Whether ``fp8_attn_kernel`` runs these pages: a Hopper GPU (sm_90), 16-bit queries,
+    e4m3 pages of 128 keys x head dim 128 with contiguous rows of 16-byte aligned pages,
+    a group of at most 16 query heads."""
+    if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return False
+    return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == torch.float8_e4m3fn
+            and q.shape[-1] == D and block_size == BS and q.shape[1] // num_kv_heads <= ROWS
+            and kv_strides[2] == D and all(s % 16 == 0 for s in kv_strides)
+            and k.data_ptr() % 16 == 0)
+
+
+def launch(q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, *,
+           rows: int, num_q: int, num_kv_heads: int, scale_log2: float, kv_strides,
+           scale_strides, stages: int = 3) -> None:
+    """``fp8_attn_kernel`` over grid (rows, KV heads) (``paged_attend``'s arguments)."""
+    topk = topk_indices.shape[2]
+    fp8_attn_kernel[(rows, num_kv_heads)](
+        q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, scale_log2,
+        q.stride(0), q.stride(1), *kv_strides, topk_indices.stride(0), topk_indices.stride(1),
+        page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
+        NQ=num_q, HS=topk_indices.shape[0], G=q.shape[1] // num_kv_heads, TOPK=topk,
+        TOPK_PAD=max(2, 1 << (topk - 1).bit_length()), STAGES=stages, num_warps=WARPS.value)

@@ -1,0 +1,146 @@
+"""The Gluon FP8 decode attention (msa.ops.decode.gluon): it compiles for Hopper on any
+machine (16-byte shared loads of the e4m3 tiles, no single-byte ones, no spills), its
+relabeled shared-memory views are the slot's bytes, and on a Hopper GPU it gives what the
+Triton kernel gives on the same e4m3 pages, and the fp64 reference on their dequantized
+values."""
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+from msa.ops.decode.triton import paged_attend, partial_buffers  # noqa: E402
+from msa.ops.quant import dequantize, quantize_e4m3  # noqa: E402
+from tests.helpers import gluon_ptx  # noqa: E402
+
+SIG = {"Q": "*bf16", "K": "*fp8e4nv", "V": "*fp8e4nv", "KS": "*fp32", "VS": "*fp32",
+       "TOPK_INDICES": "*i32", "PAGE_TABLE": "*i32", "SEQ_LENS": "*i32", "OUT": "*bf16",
+       "LSE": "*fp32", "scale_log2": "fp32", **{f"stride_{s}": "i32" for s in (
+           "qt", "qh", "kp", "kh", "kt", "th", "tq", "tb", "ot", "oh", "lt", "sp", "sh")}}
+
+
+def test_compiles_for_sm90_to_wide_shared_loads():
+    const = dict(NQ=8, HS=4, G=16, TOPK=16, TOPK_PAD=16, STAGES=3, num_warps=4)
+    ptx = gluon_ptx("msa.ops.decode.gluon", "fp8_attn_kernel", SIG, const)
+    assert ptx.count("cp.async.cg.shared.global") >= 16       # 16-byte K/V chunks
+    assert "ld.shared.v4.b32" in ptx and "ld.shared.u8" not in ptx and \
+        "ld.shared.b8" not in ptx
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+    assert "cvt.rn.f16x2.e4m3x2" in ptx and "ld.local" not in ptx
+
+
+def test_views_are_the_slot_bytes():
+    """Each relabeled view maps (warp, key, column) to the byte the ring slot holds there:
+    its key row, and the column ``phys_*`` of the relabeled index, swizzled by chunk."""
+    from msa.ops.decode import gluon as g
+
+    def offsets(layout):
+        """coordinates -> offset of a shared linear layout (offset bit i: basis i, XOR)"""
+        table = {}
+        for o in range(1 << len(layout.offset_bases)):
+            c = [0, 0, 0]
+            for i, basis in enumerate(layout.offset_bases):
+                if o >> i & 1:
+                    c = [a ^ b for a, b in zip(c, basis)]
+            table[tuple(c)] = o
+        return table
+
+    gen = torch.Generator().manual_seed(0)
+    for view, phys, (key_dim, col_dim) in ((g.K_VIEW.value, g.phys_k, (2, 1)),
+                                            (g.V_VIEW.value, g.phys_v, (1, 2))):
+        table = offsets(view)
+        assert len(table) == 128 * 128
+        for _ in range(256):
+            w, k, d = (int(torch.randint(0, n, (1,), generator=gen)) for n in (4, 32, 128))
+            coords = [w, 0, 0]
+            coords[key_dim], coords[col_dim] = k, d
+            row, col = w * 32 + k, phys(d)
+            assert table[tuple(coords)] == row * 128 + (((col >> 4) ^ (row & 7)) << 4) + \
+                (col & 15)
+    assert sorted(g.phys_k(d) for d in range(128)) == list(range(128))
+    assert sorted(g.phys_v(d) for d in range(128)) == list(range(128))
+
+
+def _case(nq, lengths, hq, hkv, topk, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bs, d = 128, 128
+    per = max(-(-n // bs) for n in lengths)
+    pages = len(lengths) * per + 3
+    k = torch.randn(pages, hkv, bs, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn(pages, hkv, bs, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    (k8, ks), (v8, vs) = quantize_e4m3(k), quantize_e4m3(v)
+    table = torch.randperm(pages, device="cuda", generator=g)[:len(lengths) * per]
+    table = table.view(len(lengths), per).to(torch.int32).contiguous()
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    rows = len(lengths) * nq
+    q = torch.randn(rows, hq, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    # a random selection of earlier blocks (distinct, -1 padded), the local block last
+    sel = torch.full((hkv, rows, topk), -1, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(seed)
+    for r in range(rows):
+        pos = lengths[r // nq] - nq + r % nq
+        local = pos // bs
+        for h in range(hkv):
+            earlier = torch.randperm(local, generator=gen)[:topk - 1].tolist()
+            sel[h, r, :len(earlier) + 1] = torch.tensor(earlier + [local], dtype=torch.int32)
+    return q, k8, ks, v8, vs, table, lens, sel.cuda()
+
+
+def _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv):
+    rows, hq, d = q.shape
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((rows, hq), float("nan"), device="cuda")
+    paged_attend(q, k8, v8, sel, table, lens, batch=len(lens), num_q=nq, num_kv_heads=hkv,
+                 out=out, lse=lse, partials=partial_buffers(len(lens), nq, hq, hkv, d,
+                                                            sel.shape[2], "cuda"),
+                 block_size=128, scale=d ** -0.5, k_scales=ks, v_scales=vs)
+    return out, lse
+
+
+def _reference(q, k, v, table, lens, sel, nq, pick):
+    """fp64 softmax over the selected blocks' visible keys of (row, KV head), rows ``pick``
+    (the others zero)."""
+    rows, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    out = torch.zeros(rows, hq, d, dtype=torch.float64)
+    lse = torch.zeros(rows, hq, dtype=torch.float64)
+    for r in pick.tolist():
+        b = r // nq
+        pos = int(lens[b]) - nq + r % nq
+        for h in range(hkv):
+            blocks = [int(x) for x in sel[h, r] if int(x) >= 0]
+            kk = torch.cat([k[int(table[b, j]), h] for j in blocks]).double()
+            vv = torch.cat([v[int(table[b, j]), h] for j in blocks]).double()
+            keep = torch.cat([torch.arange(j * 128, j * 128 + 128) for j in blocks]) <= pos
+            s = q[r, h * g:(h + 1) * g].double() @ kk[keep].T * d ** -0.5
+            lse[r, h * g:(h + 1) * g] = torch.logsumexp(s, 1)
+            out[r, h * g:(h + 1) * g] = torch.softmax(s, 1) @ vv[keep]
+    return out, lse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nq,lengths,hq,hkv,topk", [
+    (8, (5000, 2000, 129, 4000) * 5, 64, 4, 16),        # M3 group of 16, partial local blocks
+    (4, (3000, 1300) * 9, 64, 8, 16),                   # G = 8
+    (2, (2600, 700, 128) * 12, 24, 4, 7),               # G = 6, 7 blocks, a full local block
+    (1, (1000,) * 80, 32, 8, 16),                       # G = 4, fewer blocks than the top-k
+])
+def test_gluon_equals_triton_and_reference(nq, lengths, hq, hkv, topk, monkeypatch):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for Hopper")
+    q, k8, ks, v8, vs, table, lens, sel = _case(nq, lengths, hq, hkv, topk, seed=nq + hq)
+    assert len(lengths) * nq * hkv > 132            # one program per (row, KV head)
+    out, lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv)
+    monkeypatch.setenv("MSA_DECODE_KERNEL", "triton")
+    t_out, t_lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv)
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.float(), t_out.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, t_lse, rtol=1e-5, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), t_out.float().flatten(), 0)
+    assert cos > 0.99999
+    # the fp64 reference on the dequantized pages, for a few rows (every request's last)
+    pick = torch.arange(nq - 1, q.shape[0], nq)[::4]
+    r_out, r_lse = _reference(q.cpu(), dequantize(k8, ks).cpu(), dequantize(v8, vs).cpu(),
+                              table.cpu(), lens.cpu(), sel.cpu(), nq, pick)
+    torch.testing.assert_close(out[pick].double().cpu(), r_out[pick], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse[pick].double().cpu(), r_lse[pick], rtol=1e-4, atol=1e-4)
