@@ -106,20 +106,19 @@ def _phys_v(d):
 
 
 @gluon.jit
-def _pick(values, offs, j, other):
-    """``values[j]`` of a vector every thread holds whole."""
-    return gl.max(gl.where(offs == j, values, other), 0)
+def _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, j, pos, TOPK: gl.constexpr):
+    """Block ``j`` of the row's selection (``-1`` past the top-k or the query) and its
+    page (0 for no block)."""
+    blk = gl.load(TOPK_INDICES + sel_row + j, mask=j < TOPK, other=-1)
+    blk = gl.where(blk * BS <= pos, blk, -1)
+    return blk, gl.load(PAGE_TABLE + table_row + blk, mask=blk >= 0, other=0).to(gl.int64)
 
 
 @gluon.jit
-def _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, sel, pages, offs_j, jj, pos,
-           h, kv_off, rows, s_off, stride_kp, stride_kh, stride_sp, stride_sh,
-           STAGES: gl.constexpr):
-    """``cp.async`` of block ``jj``'s K/V page and scales into slot ``jj % STAGES``: its
-    keys past the query (and every key of no block) zero-filled."""
-    blk = _pick(sel, offs_j, jj, -1)
-    page = _pick(pages, offs_j, jj, 0).to(gl.int64)
-    s = jj % STAGES
+def _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, blk, page, s, pos, h, kv_off, rows,
+           s_off, stride_kp, stride_kh, stride_sp, stride_sh):
+    """``cp.async`` of block ``blk``'s K/V page and scales into ring slot ``s``: its keys
+    past the query (and every key of no block) zero-filled."""
     live = (blk >= 0) & (blk * BS + rows <= pos)
     base = page * stride_kp + h * stride_kh
     async_copy.async_copy_global_to_shared(k_ring.index(s), K + base + kv_off,
@@ -139,7 +138,7 @@ def fp8_attn_kernel(
         stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
         stride_tb, stride_ot, stride_oh, stride_lt, stride_sp, stride_sh,
         NQ: gl.constexpr, HS: gl.constexpr, G: gl.constexpr, TOPK: gl.constexpr,
-        TOPK_PAD: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        STAGES: gl.constexpr, num_warps: gl.constexpr):
     """Query row ``c = b * NQ + i``, KV head ``h``: ``OUT [c, h*G:(h+1)*G, :]`` and its
     natural-log LSE over the ``TOPK`` selected blocks of ``TOPK_INDICES [hs, c, :]``."""
     gl.static_assert(num_warps == WARPS)
@@ -148,14 +147,8 @@ def fp8_attn_kernel(
     b = c // NQ
     pos = gl.load(SEQ_LENS + b) - NQ + (c % NQ)
     hs = h if HS > 1 else 0
-    # the selected blocks and their pages, held whole by every thread
-    sel_l: gl.constexpr = gl.BlockedLayout([TOPK_PAD], [32], [WARPS], [0])
-    offs_j = gl.arange(0, TOPK_PAD, layout=sel_l)
-    sel = gl.load(TOPK_INDICES + hs * stride_th + c * stride_tq + offs_j, mask=offs_j < TOPK,
-                  other=-1)
-    sel = gl.where(sel * BS <= pos, sel, -1)
-    pages = gl.load(PAGE_TABLE + b * stride_tb + sel, mask=sel >= 0, other=0)
-
+    sel_row = hs * stride_th + c * stride_tq
+    table_row = b * stride_tb
     # the ring: pages as 128 rows of 128 bytes, 16-byte chunks swizzled by row
     ring_l: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
     k_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BS, D], ring_l)
@@ -169,8 +162,9 @@ def fp8_attn_kernel(
         gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, cp_l)), 0)
     s_off = gl.arange(0, BS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
     for i in gl.static_range(STAGES - 1):
-        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, sel, pages, offs_j, i, pos, h,
-               kv_off, rows, s_off, stride_kp, stride_kh, stride_sp, stride_sh, STAGES)
+        blk, page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, i, pos, TOPK)
+        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, blk, page, i, pos, h, kv_off,
+               rows, s_off, stride_kp, stride_kh, stride_sp, stride_sh)
 
     # the query rows with relabeled columns, scaled into fp16 by a power of two per row
     a_l: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
@@ -201,14 +195,17 @@ def fp8_attn_kernel(
     for jj in range(TOPK):
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()         # block jj landed for every thread; slot jj-1 is free
-        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, sel, pages, offs_j,
-               jj + STAGES - 1, pos, h, kv_off, rows, s_off, stride_kp, stride_kh,
-               stride_sp, stride_sh, STAGES)
         s = jj % STAGES
-        blk = _pick(sel, offs_j, jj, -1)
+        blk = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, jj, pos, TOPK)[0]
+        nxt, nxt_page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, jj + STAGES - 1,
+                               pos, TOPK)
         kt = k_ring.index(s)._reinterpret(gl.float8e4nv, [WARPS, D, KW], K_VIEW).load(b_l)
         ks = ks_ring.index(s).reshape([WARPS, KW]).load(key_l)
         qk = mma_v2(q16, kt.to(gl.float16), gl.zeros([WARPS, ROWS, KW], gl.float32, MMA))
+        # the next block's loads, issued once its ids have arrived (behind this block's S)
+        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, nxt, nxt_page,
+               (jj + STAGES - 1) % STAGES, pos, h, kv_off, rows, s_off, stride_kp, stride_kh,
+               stride_sp, stride_sh)
         kmask = (blk >= 0) & (blk * BS + keys <= pos)
         sc = qk * gl.expand_dims(q_scale, 2) * gl.expand_dims(ks, 1)
         sc = gl.where(gl.expand_dims(kmask, 1), sc, float("-inf"))
@@ -221,7 +218,7 @@ def fp8_attn_kernel(
         vs = vs_ring.index(s).reshape([WARPS, KW]).load(key_l)
         v_max = gl.max(vs, 1)
         v_max = gl.where(v_max > 0, v_max, 1.0)
-        pv = (p * gl.expand_dims(vs / gl.expand_dims(v_max, 1), 1)).to(gl.float16)
+        pv = (p * gl.expand_dims(vs * gl.expand_dims(1.0 / v_max, 1), 1)).to(gl.float16)
         vt = v_ring.index(s)._reinterpret(gl.float8e4nv, [WARPS, KW, D], V_VIEW).load(V_LOAD)
         vt = gl.convert_layout(vt.to(gl.float16), b_l)
         v_row = gl.convert_layout(gl.expand_dims(v_max, 1), row_l)       # [warp, 1]
@@ -263,12 +260,14 @@ def supported(q: torch.Tensor, k: torch.Tensor, num_kv_heads: int, block_size: i
 
 def launch(q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, *,
            rows: int, num_q: int, num_kv_heads: int, scale_log2: float, kv_strides,
-           scale_strides, stages: int = 3) -> None:
-    """``fp8_attn_kernel`` over grid (rows, KV heads) (``paged_attend``'s arguments)."""
+           scale_strides, stages: int = 2, maxnreg: int = 168) -> None:
+    """``fp8_attn_kernel`` over grid (rows, KV heads) (``paged_attend``'s arguments);
+    ``maxnreg=168`` with 2 stages: three programs per SM (no spills in the sm_90a build)."""
     topk = topk_indices.shape[2]
     fp8_attn_kernel[(rows, num_kv_heads)](
         q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, scale_log2,
         q.stride(0), q.stride(1), *kv_strides, topk_indices.stride(0), topk_indices.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
         NQ=num_q, HS=topk_indices.shape[0], G=q.shape[1] // num_kv_heads, TOPK=topk,
-        TOPK_PAD=max(2, 1 << (topk - 1).bit_length()), STAGES=stages, num_warps=WARPS.value)
+        STAGES=stages, num_warps=WARPS.value,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
