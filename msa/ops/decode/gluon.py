@@ -57,7 +57,7 @@ def _slot_offset(row: int, col: int) -> int:
 
 def _view(shape, coords_to_offset) -> gl.SharedLinearLayout:
     """The shared linear layout of a slot seen as ``shape`` (offset bit -> coordinates),
-    from the map of coordinates to byte offsets (a bijection, linear over GF(2))."""
+    from the map of coordinates to element offsets (a bijection, linear over GF(2))."""
     inv = {}
     idx = [0] * len(shape)
 
@@ -69,7 +69,9 @@ def _view(shape, coords_to_offset) -> gl.SharedLinearLayout:
             idx[dim] = i
             walk(dim + 1)
     walk(0)
-    n = BS.value * D.value
+    n = 1
+    for x in shape:
+        n *= x
     assert sorted(inv) == list(range(n))
     bases = [inv[1 << i] for i in range(n.bit_length() - 1)]
     for off, coords in ((3, inv[3]), (n - 1, inv[n - 1])):       # spot checks of linearity
@@ -84,6 +86,9 @@ def _view(shape, coords_to_offset) -> gl.SharedLinearLayout:
 # a slot as the K^T fragments [warp, d, key] and the V fragments [warp, key, d]
 K_VIEW = gl.constexpr(_view([4, 128, 32], lambda w, k_d, k: _slot_offset(w * 32 + k, phys_k(k_d))))
 V_VIEW = gl.constexpr(_view([4, 32, 128], lambda w, k, v_d: _slot_offset(w * 32 + k, phys_v(v_d))))
+# the query rows as stored [warp, row, d] (fp16) and as the MMA fragments read them
+Q_ROWS = gl.constexpr(_view([4, 16, 128], lambda w, r, q_d: (w * 16 + r) * 128 + q_d))
+Q_VIEW = gl.constexpr(_view([4, 16, 128], lambda w, r, q_d: (w * 16 + r) * 128 + phys_k(q_d)))
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1],
                                                     instr_shape=[1, 16, 8]))
 # V loaded 16 consecutive bytes per key per thread: the fragment layout with the
@@ -93,11 +98,6 @@ V_LOAD = gl.constexpr(gl.DistributedLinearLayout(
                [0, 16, 0]],
     lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
     warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 32, 128]))
-
-
-@gluon.jit
-def _phys_k(d):
-    return (d & 1) | ((d >> 3) & 1) << 1 | ((d >> 4) & 7) << 2 | ((d >> 1) & 3) << 5
 
 
 @gluon.jit
@@ -166,21 +166,27 @@ def fp8_attn_kernel(
         _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, blk, page, i, pos, h, kv_off,
                rows, s_off, stride_kp, stride_kh, stride_sp, stride_sh)
 
-    # the query rows with relabeled columns, scaled into fp16 by a power of two per row
-    a_l: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
-    qd = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, a_l)))
-    qg = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, a_l)))
-    qw = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, a_l)))
+    # the query rows: each warp loads its own copy in 16-byte pieces, scales it into fp16
+    # by a power of two per row and takes its MMA fragments (relabeled columns) through the
+    # ring slot that the first loads leave free
+    q_ld: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 2, 16], [WARPS, 1, 1], [2, 1, 0])
+    qw = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, q_ld)))
+    qg = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, q_ld)))
+    qd = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, q_ld)))
     q_ptr = Q + c * stride_qt + gl.expand_dims(gl.expand_dims((h * G + qg) * stride_qh, 0), 2) \
-        + gl.expand_dims(gl.expand_dims(_phys_k(qd), 0), 1) \
-        + gl.expand_dims(gl.expand_dims(qw * 0, 1), 2)
+        + gl.expand_dims(gl.expand_dims(qd, 0), 1) + gl.expand_dims(gl.expand_dims(qw * 0, 1), 2)
     qf = gl.load(q_ptr, mask=gl.expand_dims(gl.expand_dims(qg < G, 0), 2),
                  other=0.0).to(gl.float32)
     amax = gl.max(gl.abs(qf), 2)
     e = ((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127
     f = ((gl.minimum(gl.maximum(14 - e, -126), 127) + 127) << 23).to(gl.float32, bitcast=True)
     f = gl.where(amax > 0, f, 1.0)
-    q16 = (qf * gl.expand_dims(f, 2)).to(gl.float16)
+    q_slot = k_ring.index(STAGES - 1)
+    q_slot._reinterpret(gl.float16, [WARPS, ROWS, D], Q_ROWS).store(
+        (qf * gl.expand_dims(f, 2)).to(gl.float16))
+    gl.thread_barrier()
+    a_l: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
+    q16 = q_slot._reinterpret(gl.float16, [WARPS, ROWS, D], Q_VIEW).load(a_l)
     row_l: gl.constexpr = gl.SliceLayout(2, MMA)
     q_scale = gl.convert_layout(scale_log2 / f, row_l)
 
