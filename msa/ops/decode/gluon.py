@@ -8,8 +8,9 @@ the MMA: it is the B operand of ``P V`` with the keys as its reduction dimension
 cache stores it token-major, so each of a thread's fp16 pairs needs bytes from two
 rows, which Triton loads one byte at a time (docs/experiments.md). Here:
 
-* each page's K and V (16 KB each) and their scales arrive by ``cp.async`` in a ring of
-  ``STAGES`` shared-memory slots (16-byte chunks swizzled by row);
+* each page's K and V (16 KB each) and their scales arrive by ``cp.async`` in two
+  shared-memory slots (16-byte chunks swizzled by row), the next block's while this one
+  is computed; its block id and page are loaded an iteration before;
 * each of the 4 warps owns a quarter of every block's keys and keeps its own online
   softmax (a batched MMA: the warp is the batch dimension), so the loop has no
   cross-warp step; the four are merged by LSE once at the end;
@@ -138,7 +139,7 @@ def fp8_attn_kernel(
         stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
         stride_tb, stride_ot, stride_oh, stride_lt, stride_sp, stride_sh,
         NQ: gl.constexpr, HS: gl.constexpr, G: gl.constexpr, TOPK: gl.constexpr,
-        STAGES: gl.constexpr, num_warps: gl.constexpr):
+        num_warps: gl.constexpr):
     """Query row ``c = b * NQ + i``, KV head ``h``: ``OUT [c, h*G:(h+1)*G, :]`` and its
     natural-log LSE over the ``TOPK`` selected blocks of ``TOPK_INDICES [hs, c, :]``."""
     gl.static_assert(num_warps == WARPS)
@@ -151,24 +152,24 @@ def fp8_attn_kernel(
     table_row = b * stride_tb
     # the ring: pages as 128 rows of 128 bytes, 16-byte chunks swizzled by row
     ring_l: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
-    k_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BS, D], ring_l)
-    v_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BS, D], ring_l)
+    k_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, D], ring_l)
+    v_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, D], ring_l)
     sc_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-    ks_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BS], sc_l)
-    vs_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BS], sc_l)
+    ks_ring = gl.allocate_shared_memory(gl.float32, [2, BS], sc_l)
+    vs_ring = gl.allocate_shared_memory(gl.float32, [2, BS], sc_l)
     cp_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
     rows = gl.arange(0, BS, layout=gl.SliceLayout(1, cp_l))
     kv_off = gl.expand_dims(rows * stride_kt, 1) + \
         gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, cp_l)), 0)
     s_off = gl.arange(0, BS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-    for i in gl.static_range(STAGES - 1):
-        blk, page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, i, pos, TOPK)
-        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, blk, page, i, pos, h, kv_off,
-               rows, s_off, stride_kp, stride_kh, stride_sp, stride_sh)
+    blk, page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, 0, pos, TOPK)
+    _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, blk, page, 0, pos, h, kv_off, rows,
+           s_off, stride_kp, stride_kh, stride_sp, stride_sh)
+    nxt, nxt_page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, 1, pos, TOPK)
 
     # the query rows: each warp loads its own copy in 16-byte pieces, scales it into fp16
     # by a power of two per row and takes its MMA fragments (relabeled columns) through the
-    # ring slot that the first loads leave free
+    # ring slot that the first block leaves free
     q_ld: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 2, 16], [WARPS, 1, 1], [2, 1, 0])
     qw = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, q_ld)))
     qg = gl.arange(0, ROWS, layout=gl.SliceLayout(0, gl.SliceLayout(2, q_ld)))
@@ -181,7 +182,7 @@ def fp8_attn_kernel(
     e = ((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127
     f = ((gl.minimum(gl.maximum(14 - e, -126), 127) + 127) << 23).to(gl.float32, bitcast=True)
     f = gl.where(amax > 0, f, 1.0)
-    q_slot = k_ring.index(STAGES - 1)
+    q_slot = k_ring.index(1)
     q_slot._reinterpret(gl.float16, [WARPS, ROWS, D], Q_ROWS).store(
         (qf * gl.expand_dims(f, 2)).to(gl.float16))
     gl.thread_barrier()
@@ -199,19 +200,18 @@ def fp8_attn_kernel(
     r_i = gl.full([WARPS, ROWS], 1.0, gl.float32, row_l)     # acc is in units of r_i
     acc = gl.zeros([WARPS, ROWS, D], gl.float32, MMA)
     for jj in range(TOPK):
-        async_copy.wait_group(STAGES - 2)
-        gl.thread_barrier()         # block jj landed for every thread; slot jj-1 is free
-        s = jj % STAGES
-        blk = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, jj, pos, TOPK)[0]
-        nxt, nxt_page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, jj + STAGES - 1,
-                               pos, TOPK)
+        async_copy.wait_group(0)
+        gl.thread_barrier()         # block jj landed for every thread; the other slot is free
+        s = jj % 2
+        # the ids of the block after next, used in the next iteration (their latency hidden)
+        later, later_page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, jj + 2, pos,
+                                   TOPK)
         kt = k_ring.index(s)._reinterpret(gl.float8e4nv, [WARPS, D, KW], K_VIEW).load(b_l)
         ks = ks_ring.index(s).reshape([WARPS, KW]).load(key_l)
         qk = mma_v2(q16, kt.to(gl.float16), gl.zeros([WARPS, ROWS, KW], gl.float32, MMA))
-        # the next block's loads, issued once its ids have arrived (behind this block's S)
-        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, nxt, nxt_page,
-               (jj + STAGES - 1) % STAGES, pos, h, kv_off, rows, s_off, stride_kp, stride_kh,
-               stride_sp, stride_sh)
+        # the next block's loads into the other slot (behind this block's S)
+        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, nxt, nxt_page, 1 - s, pos, h,
+               kv_off, rows, s_off, stride_kp, stride_kh, stride_sp, stride_sh)
         kmask = (blk >= 0) & (blk * BS + keys <= pos)
         sc = qk * gl.expand_dims(q_scale, 2) * gl.expand_dims(ks, 1)
         sc = gl.where(gl.expand_dims(kmask, 1), sc, float("-inf"))
@@ -231,6 +231,7 @@ def fp8_attn_kernel(
         acc = mma_v2(gl.convert_layout(pv, a_l), vt,
                      acc * gl.expand_dims(r_i * alpha / v_row, 2))
         r_i = gl.zeros([WARPS, ROWS], gl.float32, row_l) + v_row
+        blk, nxt, nxt_page = nxt, later, later_page
     async_copy.wait_group(0)
 
     # the four warps' softmaxes merged by LSE
@@ -266,14 +267,13 @@ def supported(q: torch.Tensor, k: torch.Tensor, num_kv_heads: int, block_size: i
 
 def launch(q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, *,
            rows: int, num_q: int, num_kv_heads: int, scale_log2: float, kv_strides,
-           scale_strides, stages: int = 2, maxnreg: int = 168) -> None:
+           scale_strides, maxnreg: int = 168) -> None:
     """``fp8_attn_kernel`` over grid (rows, KV heads) (``paged_attend``'s arguments);
-    ``maxnreg=168`` with 2 stages: three programs per SM (no spills in the sm_90a build)."""
+    ``maxnreg=168``: three programs per SM (no spills in the sm_90a build)."""
     topk = topk_indices.shape[2]
     fp8_attn_kernel[(rows, num_kv_heads)](
         q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, scale_log2,
         q.stride(0), q.stride(1), *kv_strides, topk_indices.stride(0), topk_indices.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
         NQ=num_q, HS=topk_indices.shape[0], G=q.shape[1] // num_kv_heads, TOPK=topk,
-        STAGES=stages, num_warps=WARPS.value,
-        **({"maxnreg": maxnreg} if maxnreg else {}))
+        num_warps=WARPS.value, **({"maxnreg": maxnreg} if maxnreg else {}))

@@ -19,7 +19,7 @@ SIG = {"Q": "*bf16", "K": "*fp8e4nv", "V": "*fp8e4nv", "KS": "*fp32", "VS": "*fp
 
 
 def test_compiles_for_sm90_to_wide_shared_loads():
-    const = dict(NQ=8, HS=4, G=16, TOPK=16, STAGES=2, num_warps=4)
+    const = dict(NQ=8, HS=4, G=16, TOPK=16, num_warps=4)
     ptx = gluon_ptx("msa.ops.decode.gluon", "fp8_attn_kernel", SIG, const)
     assert ptx.count("cp.async.cg.shared.global") >= 16       # 16-byte K/V chunks
     assert "ld.shared.v4.b32" in ptx and "ld.shared.u8" not in ptx and \
