@@ -179,6 +179,19 @@ class PagedDecoder:
                      exact=self.exact[:rows])
         return out, topk
 
+    def attention_kernel(self, q, k_pages) -> str:
+        """The attention kernel ``run`` launches for these queries and K pages at the planned
+        batch: ``"gluon"`` (``msa.ops.decode.gluon``: Hopper, e4m3 pages, one program per
+        (query row, KV head)) or ``"triton"`` (``MSA_DECODE_KERNEL=triton`` keeps it)."""
+        from ..ops.decode.triton import attend_kernel, decode_splits
+        c = self.cfg
+        if self.batch == 0:
+            raise RuntimeError("call plan() before attention_kernel()")
+        nsplit = decode_splits(self.batch * self.num_q, c.num_kv_heads, c.topk)[0]
+        return attend_kernel(q, k_pages, c.num_kv_heads, c.block_size,
+                             (k_pages.stride(0), k_pages.stride(1), k_pages.stride(2)), nsplit,
+                             merge=nsplit > 1)
+
     @staticmethod
     def _check_fp8_copy(ki_pages, ki_fp8, ki_scales):
         """``ki_fp8 = (e4m3 pages, scales)`` beside 16-bit or fp32 ``ki_pages``."""

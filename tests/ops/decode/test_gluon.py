@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon")
 
-from msa.ops.decode.triton import paged_attend, partial_buffers  # noqa: E402
+from msa.ops.decode.triton import attend_kernel, paged_attend, partial_buffers  # noqa: E402
 from msa.ops.quant import dequantize, quantize_e4m3  # noqa: E402
 from tests.helpers import gluon_ptx  # noqa: E402
 
@@ -130,6 +130,8 @@ def test_gluon_equals_triton_and_reference(nq, lengths, hq, hkv, topk, monkeypat
         pytest.skip("the Gluon decode kernel is for Hopper")
     q, k8, ks, v8, vs, table, lens, sel = _case(nq, lengths, hq, hkv, topk, seed=nq + hq)
     assert len(lengths) * nq * hkv > 132            # one program per (row, KV head)
+    strides = (k8.stride(0), k8.stride(1), k8.stride(2))
+    assert attend_kernel(q, k8, hkv, 128, strides, 1, False) == "gluon"
     out, lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv)
     monkeypatch.setenv("MSA_DECODE_KERNEL", "triton")
     t_out, t_lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv)
