@@ -179,8 +179,8 @@ class PagedDecoder:
                      exact=self.exact[:rows])
         return out, topk
 
-    def attention_kernel(self, q, k_pages) -> str:
-        """The attention kernel ``run`` launches for these queries and K pages at the planned
+    def attention_kernel(self, q, k_pages, v_pages) -> str:
+        """The attention kernel ``run`` launches for these queries and pages at the planned
         batch: ``"gluon"`` (``msa.ops.decode.gluon``: Hopper, e4m3 pages, one program per
         (query row, KV head)) or ``"triton"`` (``MSA_DECODE_KERNEL=triton`` keeps it)."""
         from ..ops.decode.triton import attend_kernel, decode_splits
@@ -188,7 +188,7 @@ class PagedDecoder:
         if self.batch == 0:
             raise RuntimeError("call plan() before attention_kernel()")
         nsplit = decode_splits(self.batch * self.num_q, c.num_kv_heads, c.topk)[0]
-        return attend_kernel(q, k_pages, c.num_kv_heads, c.block_size,
+        return attend_kernel(q, k_pages, v_pages, c.num_kv_heads, c.block_size,
                              (k_pages.stride(0), k_pages.stride(1), k_pages.stride(2)), nsplit,
                              merge=nsplit > 1)
 

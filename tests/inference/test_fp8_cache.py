@@ -90,7 +90,7 @@ def test_fused_decoder_reads_fp8_pages():
     ks, vs, kis = fp8.scales(0)
     out, topk = dec.run(q, qi, *fp8.layer(0), k_scales=ks, v_scales=vs, ki_scales=kis)
     kp, vp, kip = fp8.layer(0)
-    assert dec.attention_kernel(q, kp) == "triton"      # head dim 64: no Gluon kernel
+    assert dec.attention_kernel(q, kp, vp) == "triton"      # head dim 64: no Gluon kernel
     want_topk = paged_indexer(qi, kip, table, lens, block_size=64, topk=3, ki_scales=kis)
     assert torch.equal(topk, want_topk)
     want = paged_attention(q, kp, vp, want_topk, table, lens, k_scales=ks, v_scales=vs)

@@ -105,6 +105,40 @@ def test_decode_selection_and_attention_equal_the_reference(nq):
     assert (out - ref).abs().max().item() < 1e-4
 
 
+def test_decode_reads_an_fp8_cache_with_per_token_head_scales():
+    """vLLM's e4m3 ``kv_cache`` with ``k_scale`` / ``v_scale [Hkv, tokens]``: the decode
+    attention equals the same op on the dequantized cache; scalar scales are refused by
+    name (the plugin hands them to vLLM)."""
+    from msa.ops.quant import dequantize, quantize_e4m3
+    k_lens, nq, hq, hkv, d, topk = [300, 520], 2, 4, 2, 64, 3
+    kv, ik, table, *_ = _world(k_lens, seed=4)
+    (k8, ks), (v8, vs) = quantize_e4m3(kv[..., :d]), quantize_e4m3(kv[..., d:])
+    kv8 = torch.cat([k8, v8], -1)
+    kvd = torch.cat([dequantize(k8, ks), dequantize(v8, vs)], -1)
+
+    def per_token(s):                                   # [P, Hkv, 128] -> [Hkv, P * 128]
+        return s.transpose(0, 1).reshape(hkv, -1).contiguous()
+    rows = nq * len(k_lens)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(rows, hq, d, generator=g).to(DEVICE)
+    qi = torch.randn(rows, hkv, 64, generator=g).to(DEVICE)
+    seq = torch.tensor(k_lens, dtype=torch.int32, device=DEVICE)
+    sel = ops.minimax_m3_index_decode(qi, ik, table, seq, max(k_lens), topk, 0, 1, hkv, nq,
+                                      nq).clone()
+    out = torch.full_like(q, float("nan"))
+    ops.minimax_m3_sparse_attn_decode(q, kv8, sel, table, seq, hkv, 0.125, out, nq,
+                                      k_scale=per_token(ks), v_scale=per_token(vs))
+    want = torch.full_like(q, float("nan"))
+    ops.minimax_m3_sparse_attn_decode(q, kvd, sel, table, seq, hkv, 0.125, want, nq)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for k_scale, v_scale in ((torch.ones(1), torch.ones(1)), (None, None),
+                             (per_token(ks)[:, :-1], per_token(vs)[:, :-1])):
+        with pytest.raises(NotImplementedError, match="k_scale"):
+            ops.minimax_m3_sparse_attn_decode(q, kv8, sel, table, seq, hkv, 0.125, out, nq,
+                                              k_scale=k_scale, v_scale=v_scale)
+
+
 def test_attention_takes_the_geometry_the_index_top_k_read(monkeypatch):
     """One host read of the lengths per layer step: the selection's writer hands them
     to the attention; other lengths with that selection are an error, another

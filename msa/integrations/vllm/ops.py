@@ -20,7 +20,9 @@ KV-outer kernel on the pages in place. Decode: ``minimax_m3_index_decode`` and
 buffers kept per shape (no allocation after the first call: CUDA-graph safe). Prefill
 reads the request lengths on the host once per call.
 
-What msa does not implement (FP8 ``k_scale``/``v_scale``, ``init_blocks != 0``,
+Decode reads an e4m3 KV cache with per-token/head ``k_scale`` / ``v_scale``
+``[Hkv, tokens]`` (msa's FP8 decode kernels). What msa does not implement (an FP8 KV
+cache in prefill, or in decode with scalar scales; ``init_blocks != 0``,
 ``local_blocks != 1``, a real score tensor passed to ``minimax_m3_index_topk``) runs
 vLLM's own function when the plugin installed these ops (``ORIGINALS``), and raises
 ``NotImplementedError`` naming the argument otherwise.
@@ -303,11 +305,12 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
                                   v_scale=None):
     """Decode attention of ``q [total_q, Hq, D]`` (``decode_query_len`` tokens per
     request) over ``topk_idx [Hkv, total_q, topk]`` -> written into ``output``."""
-    if k_scale is not None or v_scale is not None:
-        return _fallback("minimax_m3_sparse_attn_decode", "an FP8 KV cache (k_scale / "
-                         "v_scale)", q, kv_cache, topk_idx, block_table, seq_lens,
-                         num_kv_heads, sm_scale, output, decode_query_len, k_scale=k_scale,
-                         v_scale=v_scale)
+    scales = _decode_scales(kv_cache, k_scale, v_scale, num_kv_heads)
+    if scales is None:
+        return _fallback("minimax_m3_sparse_attn_decode", "an FP8 KV cache without "
+                         "per-token/head k_scale / v_scale [Hkv, tokens] (fp32, token stride "
+                         "1)", q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads,
+                         sm_scale, output, decode_query_len, k_scale=k_scale, v_scale=v_scale)
     from ...ops.decode.triton import paged_attend
     _check_attention(q, topk_idx, block_table, num_kv_heads)
     total_q, hq, d = q.shape
@@ -321,8 +324,30 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
     paged_attend(q, kv_cache, kv_cache[..., d:], topk_idx[:, :total_q], block_table,
                  seq_lens, batch=total_q // nq, num_q=nq, num_kv_heads=num_kv_heads,
                  out=output, lse=lse, partials=partials, block_size=BLOCK,
-                 scale=float(sm_scale), kv_strides=(page_stride, BLOCK * 2 * d, 2 * d))
+                 scale=float(sm_scale), kv_strides=(page_stride, BLOCK * 2 * d, 2 * d),
+                 **scales)
     return output
+
+
+def _decode_scales(kv_cache, k_scale, v_scale, num_kv_heads: int):
+    """``paged_attend``'s FP8 arguments from vLLM's: ``{}`` for a 16-bit cache without
+    scales; for an e4m3 cache, per-token/head scales ``[Hkv, >= pages * 128]`` fp32 (token
+    ``page * 128 + t``; token stride 1, one head stride for both) as ``k_scales``,
+    ``v_scales`` with their (page, head) strides. ``None`` for what msa does not read (a
+    scalar scale, an e4m3 cache without scales, other layouts)."""
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if k_scale is None and v_scale is None:
+        return None if fp8 else {}
+    if not fp8 or k_scale is None or v_scale is None:
+        return None
+    ok = (k_scale.dim() == 2 and k_scale.shape == v_scale.shape
+          and k_scale.shape[0] == num_kv_heads and k_scale.shape[1] >= kv_cache.shape[0] * BLOCK
+          and k_scale.dtype == v_scale.dtype == torch.float32
+          and k_scale.device == v_scale.device == kv_cache.device
+          and k_scale.stride(1) == v_scale.stride(1) == 1
+          and k_scale.stride(0) == v_scale.stride(0))
+    return dict(k_scales=k_scale, v_scales=v_scale, scale_strides=(BLOCK, k_scale.stride(0))) \
+        if ok else None
 
 
 OPS = {f.__name__: f for f in (minimax_m3_sparse_attn, minimax_m3_sparse_attn_decode,

@@ -252,17 +252,17 @@ def fp8_attn_kernel(
     gl.store(LSE + c * stride_lt + h * G + lse_g, lse, mask=lse_g < G)
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, num_kv_heads: int, block_size: int,
-              kv_strides) -> bool:
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: int,
+              block_size: int, kv_strides) -> bool:
     """Whether ``fp8_attn_kernel`` runs these pages: a Hopper GPU (sm_90), 16-bit queries,
-    e4m3 pages of 128 keys x head dim 128 with contiguous rows of 16-byte aligned pages,
-    a group of at most 16 query heads."""
+    e4m3 pages of 128 keys x head dim 128 (rows, heads and pages 16-byte aligned: vLLM's
+    K-then-V rows too), a group of at most 16 query heads."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == torch.float8_e4m3fn
             and q.shape[-1] == D and block_size == BS and q.shape[1] // num_kv_heads <= ROWS
-            and kv_strides[2] == D and all(s % 16 == 0 for s in kv_strides)
-            and k.data_ptr() % 16 == 0)
+            and v.dtype == k.dtype and all(s % 16 == 0 for s in kv_strides)
+            and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0)
 
 
 def launch(q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, *,

@@ -194,7 +194,7 @@ def paged_decode_attn_kernel(
                            G, G_PAD, D, NSPLIT)
 
 
-def attend_kernel(q, k, num_kv_heads: int, block_size: int, kv_strides, nsplit: int,
+def attend_kernel(q, k, v, num_kv_heads: int, block_size: int, kv_strides, nsplit: int,
                   merge: bool) -> str:
     """The kernel of ``paged_attend``: ``"gluon"`` (``msa.ops.decode.gluon``: Hopper, e4m3
     pages, 16-bit queries, one program per (query row, KV head): no split, no merge) where
@@ -202,7 +202,7 @@ def attend_kernel(q, k, num_kv_heads: int, block_size: int, kv_strides, nsplit: 
     in the environment keeps the Triton kernel everywhere."""
     if nsplit > 1 or merge or k.dtype != torch.float8_e4m3fn:
         return "triton"
-    return choose_kernel("MSA_DECODE_KERNEL", "msa.ops.decode.gluon", q, k, num_kv_heads,
+    return choose_kernel("MSA_DECODE_KERNEL", "msa.ops.decode.gluon", q, k, v, num_kv_heads,
                          block_size, kv_strides)
 
 
@@ -316,7 +316,7 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     po, pl, done = partials
     cand, ls, n_lists, kr = merge or (topk_indices, 1, 1, 1)
     fp8 = k_scales is not None
-    if attend_kernel(q, k, num_kv_heads, block_size, kv_strides, nsplit,
+    if attend_kernel(q, k, v, num_kv_heads, block_size, kv_strides, nsplit,
                      merge is not None) == "gluon":
         from . import gluon
         gluon.launch(q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse,

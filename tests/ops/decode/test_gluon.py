@@ -60,7 +60,7 @@ def test_views_are_the_slot_bytes():
     assert sorted(g.phys_v(d) for d in range(128)) == list(range(128))
 
 
-def _case(nq, lengths, hq, hkv, topk, seed):
+def _case(nq, lengths, hq, hkv, topk, seed, vllm_layout=False):
     g = torch.Generator(device="cuda").manual_seed(seed)
     bs, d = 128, 128
     per = max(-(-n // bs) for n in lengths)
@@ -68,6 +68,13 @@ def _case(nq, lengths, hq, hkv, topk, seed):
     k = torch.randn(pages, hkv, bs, d, device="cuda", generator=g, dtype=torch.bfloat16)
     v = torch.randn(pages, hkv, bs, d, device="cuda", generator=g, dtype=torch.bfloat16)
     (k8, ks), (v8, vs) = quantize_e4m3(k), quantize_e4m3(v)
+    kw = {}
+    if vllm_layout:     # K then V in each row, scales [Hkv, pages * 128] (msa.integrations.vllm)
+        kv8 = torch.cat([k8, v8], -1)
+        k8, v8 = kv8[..., :d], kv8[..., d:]
+        ks, vs = (x.transpose(0, 1).reshape(hkv, -1).contiguous() for x in (ks, vs))
+        kw = dict(kv_strides=(kv8.stride(0), kv8.stride(1), kv8.stride(2)),
+                  scale_strides=(bs, ks.stride(0)))
     table = torch.randperm(pages, device="cuda", generator=g)[:len(lengths) * per]
     table = table.view(len(lengths), per).to(torch.int32).contiguous()
     lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
@@ -82,17 +89,17 @@ def _case(nq, lengths, hq, hkv, topk, seed):
         for h in range(hkv):
             earlier = torch.randperm(local, generator=gen)[:topk - 1].tolist()
             sel[h, r, :len(earlier) + 1] = torch.tensor(earlier + [local], dtype=torch.int32)
-    return q, k8, ks, v8, vs, table, lens, sel.cuda()
+    return q, k8, ks, v8, vs, table, lens, sel.cuda(), kw
 
 
-def _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv):
+def _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv, **kw):
     rows, hq, d = q.shape
     out = torch.full_like(q, float("nan"))
     lse = torch.full((rows, hq), float("nan"), device="cuda")
     paged_attend(q, k8, v8, sel, table, lens, batch=len(lens), num_q=nq, num_kv_heads=hkv,
                  out=out, lse=lse, partials=partial_buffers(len(lens), nq, hq, hkv, d,
                                                             sel.shape[2], "cuda"),
-                 block_size=128, scale=d ** -0.5, k_scales=ks, v_scales=vs)
+                 block_size=128, scale=d ** -0.5, k_scales=ks, v_scales=vs, **kw)
     return out, lse
 
 
@@ -119,22 +126,25 @@ def _reference(q, k, v, table, lens, sel, nq, pick):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("nq,lengths,hq,hkv,topk", [
-    (8, (5000, 2000, 129, 4000) * 5, 64, 4, 16),        # M3 group of 16, partial local blocks
-    (4, (3000, 1300) * 9, 64, 8, 16),                   # G = 8
-    (2, (2600, 700, 128) * 12, 24, 4, 7),               # G = 6, 7 blocks, a full local block
-    (1, (1000,) * 80, 32, 8, 16),                       # G = 4, fewer blocks than the top-k
+@pytest.mark.parametrize("nq,lengths,hq,hkv,topk,vllm_layout", [
+    (8, (5000, 2000, 129, 4000) * 5, 64, 4, 16, False),  # M3 group of 16, partial blocks
+    (8, (5000, 2000, 129, 4000) * 5, 64, 4, 16, True),   # the same in vLLM's layout
+    (4, (3000, 1300) * 9, 64, 8, 16, False),             # G = 8
+    (2, (2600, 700, 128) * 12, 24, 4, 7, False),         # G = 6, 7 blocks, a full local block
+    (1, (1000,) * 80, 32, 8, 16, False),                 # G = 4, fewer blocks than the top-k
 ])
-def test_gluon_equals_triton_and_reference(nq, lengths, hq, hkv, topk, monkeypatch):
+def test_gluon_equals_triton_and_reference(nq, lengths, hq, hkv, topk, vllm_layout,
+                                           monkeypatch):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon decode kernel is for Hopper")
-    q, k8, ks, v8, vs, table, lens, sel = _case(nq, lengths, hq, hkv, topk, seed=nq + hq)
+    q, k8, ks, v8, vs, table, lens, sel, kw = _case(nq, lengths, hq, hkv, topk, nq + hq,
+                                                    vllm_layout)
     assert len(lengths) * nq * hkv > 132            # one program per (row, KV head)
-    strides = (k8.stride(0), k8.stride(1), k8.stride(2))
-    assert attend_kernel(q, k8, hkv, 128, strides, 1, False) == "gluon"
-    out, lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv)
+    strides = kw.get("kv_strides", (k8.stride(0), k8.stride(1), k8.stride(2)))
+    assert attend_kernel(q, k8, v8, hkv, 128, strides, 1, False) == "gluon"
+    out, lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv, **kw)
     monkeypatch.setenv("MSA_DECODE_KERNEL", "triton")
-    t_out, t_lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv)
+    t_out, t_lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv, **kw)
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out.float(), t_out.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse, t_lse, rtol=1e-5, atol=1e-5)
@@ -142,6 +152,9 @@ def test_gluon_equals_triton_and_reference(nq, lengths, hq, hkv, topk, monkeypat
     assert cos > 0.99999
     # the fp64 reference on the dequantized pages, for a few rows (every request's last)
     pick = torch.arange(nq - 1, q.shape[0], nq)[::4]
+    if vllm_layout:     # back to [P, Hkv, 128] scales for the dequantization
+        p, h = k8.shape[0], k8.shape[1]
+        ks, vs = (x.view(h, p, 128).transpose(0, 1) for x in (ks, vs))
     r_out, r_lse = _reference(q.cpu(), dequantize(k8, ks).cpu(), dequantize(v8, vs).cpu(),
                               table.cpu(), lens.cpu(), sel.cpu(), nq, pick)
     torch.testing.assert_close(out[pick].double().cpu(), r_out[pick], rtol=2e-2, atol=2e-2)
