@@ -84,14 +84,18 @@ def _view(shape, coords_to_offset) -> gl.SharedLinearLayout:
     return gl.SharedLinearLayout(bases)
 
 
+_W, _D, _KW, _R = WARPS.value, D.value, KW.value, ROWS.value
 # a slot as the K^T fragments [warp, d, key] and the V fragments [warp, key, d]
-K_VIEW = gl.constexpr(_view([4, 128, 32], lambda w, k_d, k: _slot_offset(w * 32 + k, phys_k(k_d))))
-V_VIEW = gl.constexpr(_view([4, 32, 128], lambda w, k, v_d: _slot_offset(w * 32 + k, phys_v(v_d))))
+K_VIEW = gl.constexpr(_view([_W, _D, _KW],
+                            lambda w, k_d, k: _slot_offset(w * _KW + k, phys_k(k_d))))
+V_VIEW = gl.constexpr(_view([_W, _KW, _D],
+                            lambda w, k, v_d: _slot_offset(w * _KW + k, phys_v(v_d))))
 # the query rows as stored [warp, row, d] (fp16) and as the MMA fragments read them
-Q_ROWS = gl.constexpr(_view([4, 16, 128], lambda w, r, q_d: (w * 16 + r) * 128 + q_d))
-Q_VIEW = gl.constexpr(_view([4, 16, 128], lambda w, r, q_d: (w * 16 + r) * 128 + phys_k(q_d)))
-MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1],
-                                                    instr_shape=[1, 16, 8]))
+Q_ROWS = gl.constexpr(_view([_W, _R, _D], lambda w, r, q_d: (w * _R + r) * _D + q_d))
+Q_VIEW = gl.constexpr(_view([_W, _R, _D], lambda w, r, q_d: (w * _R + r) * _D + phys_k(q_d)))
+# mma.sync tiles batched over the warps: warp w computes batch entry w
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_W, 1, 1],
+                                             instr_shape=[1, 16, 8]))
 # V loaded 16 consecutive bytes per key per thread: the fragment layout with the
 # registers over the head dim first (the same threads own the same elements)
 V_LOAD = gl.constexpr(gl.DistributedLinearLayout(
@@ -103,6 +107,7 @@ V_LOAD = gl.constexpr(gl.DistributedLinearLayout(
 
 @gluon.jit
 def _phys_v(d):
+    """``phys_v`` of a tensor of indices."""
     return (d & 7) << 4 | d >> 3
 
 
