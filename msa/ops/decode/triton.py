@@ -316,8 +316,8 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     po, pl, done = partials
     cand, ls, n_lists, kr = merge or (topk_indices, 1, 1, 1)
     fp8 = k_scales is not None
-    if attend_kernel(q, k, v, num_kv_heads, block_size, kv_strides, nsplit,
-                     merge is not None) == "gluon":
+    if fp8 and attend_kernel(q, k, v, num_kv_heads, block_size, kv_strides, nsplit,
+                             merge is not None) == "gluon":
         from . import gluon
         gluon.launch(q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse,
                      rows=rows, num_q=num_q, num_kv_heads=hkv, scale_log2=scale * LOG2E,
