@@ -146,7 +146,9 @@ def test_gluon_equals_triton_and_reference(nq, lengths, hq, hkv, topk, vllm_layo
     monkeypatch.setenv("MSA_DECODE_KERNEL", "triton")
     t_out, t_lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv, **kw)
     assert not out.isnan().any() and not lse.isnan().any()
-    torch.testing.assert_close(out.float(), t_out.float(), rtol=2e-2, atol=2e-2)
+    # bf16 outputs of two fp16-MMA kernels that sum in another order: a few bf16 ulps
+    # (largest difference 9.8e-4 at the M3 shape, decode_fp8_gluon_ab_h200_2026-12-04.json)
+    torch.testing.assert_close(out.float(), t_out.float(), rtol=1e-2, atol=3e-3)
     torch.testing.assert_close(lse, t_lse, rtol=1e-5, atol=1e-5)
     cos = torch.nn.functional.cosine_similarity(out.float().flatten(), t_out.float().flatten(), 0)
     assert cos > 0.99999
@@ -157,5 +159,5 @@ def test_gluon_equals_triton_and_reference(nq, lengths, hq, hkv, topk, vllm_layo
         ks, vs = (x.view(h, p, 128).transpose(0, 1) for x in (ks, vs))
     r_out, r_lse = _reference(q.cpu(), dequantize(k8, ks).cpu(), dequantize(v8, vs).cpu(),
                               table.cpu(), lens.cpu(), sel.cpu(), nq, pick)
-    torch.testing.assert_close(out[pick].double().cpu(), r_out[pick], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out[pick].double().cpu(), r_out[pick], rtol=1e-2, atol=3e-3)
     torch.testing.assert_close(lse[pick].double().cpu(), r_lse[pick], rtol=1e-4, atol=1e-4)
