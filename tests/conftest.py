@@ -91,6 +91,11 @@ SLOW = {
     "tests/ops/indexer/test_triton.py::test_triton_indexer_ranks_groups_of_tied_blocks[64]",
     "tests/ops/decode/test_triton.py::test_decoder_matches_reference[lengths2-16-2-True]",
     "tests/ops/decode/test_triton.py::test_split_topk_matches_reference[512-lengths1-1]",
+    "tests/ops/decode/test_triton.py::test_selection_merges_ranked_lists[32-lengths3-8-16-2]",
+    "tests/ops/decode/test_triton.py::"
+    "test_selection_merge_takes_runs_from_one_list[one_chunk-16-140]",
+    "tests/ops/decode/test_triton.py::"
+    "test_selection_merge_takes_runs_from_one_list[two_chunks-8-140]",
     "tests/api/test_cases.py::test_single_fragment_q65_k2304",
     "tests/api/test_cases.py::test_fragment_indices_and_temperature",
     "tests/api/test_cases.py::test_packed_varlen_33_segments",

@@ -1,22 +1,23 @@
 """Decode selection: an index-key scan writes one ranking key per (query row, index head,
-block), a merge of ranked lists of them gives the top-k (docs/semantics.md, "Selection":
-score desc, id asc, the local block last, then -1; NaN as the most negative finite value, -0 as +0).
+block), a merge of lists of them gives the top-k (docs/semantics.md, "Selection": score
+desc, id asc, the local block last, then -1; NaN as the most negative finite value, -0 as
++0).
 
 ``paged_scan_kernel``, grid (request, page chunk): each program scores its chunk's pages of
 index keys for all ``Q x Hi`` query rows of the request (one MMA per page) and stores, per
 row and block, an int64 key (``pack``): the block max in the high word (ordered as a signed
 integer), the complement of the block id in the low word, so one integer ``max`` ranks by
 score, then by the smaller id; blocks that may not be ranked (the local block, later ones)
-hold ``EMPTY``. With few query rows (``rank_in_scan``: one decode token at 1M tokens has
-8192 blocks per row) the program then ranks its chunk's keys in place, so that each chunk
-is a ranked list of its best ``min(K-1, chunk)``; with many rows every block is a list of
-one.
+hold ``EMPTY``. Each chunk is a list whose first key is its largest. With few query rows
+(``rank_in_scan``: one decode token at 1M tokens has 8192 blocks per row) the program
+ranks its chunk's keys in place, so that the list is its best ``min(K-1, chunk)`` in
+order; with many rows it only swaps the largest key to the front.
 
-``merge_lists``: over ranked lists, the top ``K`` heads by a sorting network
-(``tl.topk``), then the top of the keys of those heads' lists (the best ``K-1`` keys lie
-there); over lists of one block, ``K-1`` rounds of a ``max``. ``paged_merge_kernel``
-writes the top-k rows; the decode attention kernel merges for itself when its blocks are
-split over programs (``msa.ops.decode.triton``).
+``merge_lists``: the top ``K`` heads of the lists by a sorting network (``tl.topk``), then
+the top of the keys of those heads' lists (the best ``K-1`` keys lie there); over lists of
+one block, ``K-1`` rounds of a ``max``. ``paged_merge_kernel`` writes the top-k rows; the
+decode attention kernel merges for itself when its blocks are split over programs
+(``msa.ops.decode.triton``).
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ def paged_scan_kernel(
         UPCAST: tl.constexpr, RANK: tl.constexpr, MASK_TAIL: tl.constexpr = False,
         FP8: tl.constexpr = False):
     """Chunk ``p`` of request ``b``: the key of block ``j`` of row ``(i, h)`` at
-    ``CAND[b*Q + i, h, j]``; ``RANK``: then the chunk's ``KR`` best, ranked (``EMPTY``
-    padded), at ``CAND[b*Q + i, h, p*PAGES :][:KR]``."""
+    ``CAND[b*Q + i, h, j]``, the chunk's largest swapped to its first place; ``RANK``:
+    instead the chunk's ``KR`` best, ranked (``EMPTY`` padded), at
+    ``CAND[b*Q + i, h, p*PAGES :][:KR]``."""
     b = tl.program_id(0)
     p = tl.program_id(1)
     n = tl.load(SEQ_LENS + b)
@@ -79,6 +81,9 @@ def paged_scan_kernel(
         q8 = to_e4m3(tl.clamp(tl.math.div_rn(qf, qs[:, None]), -448.0, 448.0))
         row_scale = qs * scale              # max commutes with a positive row factor
     lists = CAND + qrow * stride_cc + h * stride_ch + p * PAGES       # [ROWS]: this chunk
+    best = tl.full((ROWS,), EMPTY, dtype=tl.int64)          # the chunk's largest key so far,
+    at = tl.zeros((ROWS,), dtype=tl.int32)                  # its place
+    first = best                                            # and the first key
     for jj in range(PAGES):
         j = p * PAGES + jj
         live = j * BS < n                   # pages past the end: no loads
@@ -98,7 +103,15 @@ def paged_scan_kernel(
         m = tl.max(s, 1) * row_scale        # earlier blocks only: every key visible
         key = tl.where((j < local) & (m != float("-inf")), pack(m, j), EMPTY)
         tl.store(lists + jj, key, mask=rmask)
-    if RANK:        # the chunk's keys back from global memory (this program's own stores)
+        if not RANK:
+            first = tl.where(jj == 0, key, first)
+            at = tl.where(key > best, jj, at)
+            best = tl.maximum(best, key)
+    if not RANK:        # the largest key first (over the loop's stores: after a barrier)
+        tl.debug_barrier()
+        tl.store(lists + at, first, mask=rmask)
+        tl.store(lists, best, mask=rmask)
+    else:        # the chunk's keys back from global memory (this program's own stores)
         tl.debug_barrier()
         offs_p = tl.arange(0, PAGES)
         keys = tl.load(lists[:, None] + offs_p[None, :], mask=rmask[:, None], other=EMPTY)
@@ -116,9 +129,10 @@ def paged_scan_kernel(
 def top_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.constexpr,
              K_PAD: tl.constexpr):
     """The ``K_PAD`` largest keys ``[K_PAD]`` int64 (descending, ``EMPTY`` padded) of
-    ``n_lists`` lists ``LS`` apart from ``LISTS``: each of one key (``KR == 1``) or the
-    ranked best ``KR`` of a chunk (list ``p`` holds blocks of chunk ``p``, ``p = id //
-    LS``); the first ``K`` of them are exact when ``KR >= min(K, LS)``. The best ``K`` keys
+    ``n_lists`` lists ``LS`` apart from ``LISTS``: each of one key (``KR == 1``), the
+    ranked best ``KR`` of a chunk or the whole chunk (``KR == LS``), its largest key first
+    (list ``p`` holds blocks of chunk ``p``, ``p = id // LS``); the first ``K`` of them
+    are exact when ``KR >= min(K, LS)``. The best ``K`` keys
     lie in the lists of the ``K`` largest heads (any other list's keys have that many
     distinct keys above them), so two sorting networks (``tl.topk``) find them: over the
     heads, then over those lists' keys."""
@@ -138,8 +152,8 @@ def top_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.cons
 @triton.jit
 def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
                 NL_PAD: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
-    """The top-k row ``[TOPK_PAD]`` int32 (``-1`` past ``TOPK``) from ``n_lists`` ranked
-    lists of ``KR`` keys, ``LS`` apart from ``LISTS``, and the local block ``local``."""
+    """The top-k row ``[TOPK_PAD]`` int32 (``-1`` past ``TOPK``) from ``n_lists`` lists of
+    ``KR`` keys (``top_keys``), ``LS`` apart from ``LISTS``, and the local block ``local``."""
     offs_k = tl.arange(0, TOPK_PAD)
     if KR == 1:         # lists of one key (a block each): k - 1 rounds of a max (faster
         # here than a sorting network over thousands of blocks)
@@ -183,8 +197,9 @@ def unpack(candidates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def rank_in_scan(rows: int) -> bool:
     """Whether the scan ranks its chunks: when ``rows`` (query rows x index heads) are
-    few, so that one merge program per row would walk thousands of blocks (the decode
-    attention then splits its blocks over programs too, ``decode_splits``)."""
+    few, so that the programs have time to spare and the lists can be short (the decode
+    attention then splits its blocks over programs and merges them itself,
+    ``decode_splits``); else each list is its whole chunk, the largest key first."""
     return rows * 2 <= TARGET_PROGRAMS
 
 
@@ -192,12 +207,12 @@ def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
                 pages_per_program: int = None) -> Tuple[int, int, int, int]:
     """``(pages, ls, n_lists, kr)``: pages per scan program (enough programs for about two
     waves; a power of two, at most 16), and the lists the merge reads per row: ``n_lists``
-    of ``kr`` keys, ``ls`` apart (the chunks when the scan ranks them, else the blocks)."""
+    of ``kr`` keys, ``ls`` apart (one per chunk: its ranked best when the scan ranks them,
+    else the whole chunk)."""
     per = pages_per_program or \
         max(1, min(16, next_pow2(-(-batch * max_pages // TARGET_PROGRAMS))))
-    if rank_in_scan(rows):
-        return per, per, triton.cdiv(max_pages, per), min(next_pow2(topk - 1), per)
-    return per, 1, max_pages, 1
+    kr = min(next_pow2(topk - 1), per) if rank_in_scan(rows) else per
+    return per, per, triton.cdiv(max_pages, per), kr
 
 
 def candidates_width(max_pages: int, pages_per_program: int = None) -> int:
@@ -229,7 +244,7 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
         ki_table.stride(0), candidates.stride(0), candidates.stride(1),
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
         BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
-        UPCAST=upcast(qi.dtype), RANK=ls > 1, MASK_TAIL=mask_tail,
+        UPCAST=upcast(qi.dtype), RANK=per > 1 and rank_in_scan(b * nq * hi), MASK_TAIL=mask_tail,
         FP8=ki_scales is not None, num_warps=4,
         # Triton 3.6 keeps one page in flight at 2-4 stages, two at 5-6: two pay over
         # e4m3 pages, not over bf16 ones (their 70 KB cost programs per SM)
@@ -262,4 +277,4 @@ def paged_merge(candidates, seq_lens, topk_indices, lists, *, num_q: int,
         candidates, seq_lens, topk_indices, n_lists, candidates.stride(0),
         candidates.stride(1), topk_indices.stride(0), topk_indices.stride(1),
         NQ=num_q, BS=block_size, LS=ls, KR=kr, NL_PAD=next_pow2(n_lists), TOPK=topk,
-        TOPK_PAD=next_pow2(topk), num_warps=8 if n_lists > 4096 else 4)
+        TOPK_PAD=next_pow2(topk), num_warps=2 if kr > 1 else 8 if n_lists > 4096 else 4)

@@ -199,12 +199,15 @@ def _select(qi, ki, table, lens, nq, topk, per, bs=64):
 @pytest.mark.parametrize("max_pages,lengths,nq,per,lists", [
     (700, (700 * 64, 36000, 16400), 2, None, 88),  # lists of 8, a short last chunk
     (512, (512 * 64, 1333), 1, 32, 16),            # lists of 16 (of 32 pages)
-    (40, (40 * 64,) * 6 + (1000, 65, 64), 8, None, 40),     # 144 rows: lists of one block
+    (40, (40 * 64,) * 6 + (1000, 65, 64), 8, None, 20),     # 144 rows: whole chunks of 2
+    (32, (32 * 64,) * 8 + (700,), 8, 16, 2),        # 144 rows: whole chunks of 16
+    (24, (24 * 64,) * 9 + (100,), 16, 1, 24),       # 320 rows: lists of one block
 ])
 def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
-    """Each scan program ranks its chunk's blocks (few rows) or leaves one key per block
-    (many rows); the merge takes the heads of the lists (``msa.ops.decode.select``); rows
-    equal the reference, ties (few distinct scores) included."""
+    """Each scan program ranks its chunk's blocks (few rows) or swaps its chunk's largest
+    key to the front (many rows); the merge takes the heads of the lists
+    (``msa.ops.decode.select``); rows equal the reference, ties (few distinct scores)
+    included."""
     from msa.ops.decode.select import candidates_width, paged_select, scan_chunks
     bs, di, hi, topk = 64, 64, 2, 16
     rows = len(lengths) * nq
@@ -224,14 +227,17 @@ def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
                      topk_indices=sel, block_size=bs, index_scale=1.0, pages_per_program=per)
 
 
-@pytest.mark.parametrize("pattern,per", [("one_chunk", 8), ("one_chunk", 16),
-                                         ("two_chunks", 8), ("distinct", 16)])
-def test_selection_merge_takes_runs_from_one_list(pattern, per):
-    """The merge of ranked lists: a row whose top blocks all lie in one chunk's list (the
-    merge takes many keys of one list), in two lists that alternate, or distinct random
-    maxima, equals the reference (lists of ``per`` blocks)."""
-    from msa.ops.decode.select import scan_chunks
-    bs, di, hi, topk, mp = 64, 64, 1, 16, 320
+@pytest.mark.parametrize("pattern,per,hi", [("one_chunk", 8, 1), ("one_chunk", 16, 1),
+                                            ("two_chunks", 8, 1), ("distinct", 16, 1),
+                                            ("one_chunk", 16, 140), ("two_chunks", 8, 140)])
+def test_selection_merge_takes_runs_from_one_list(pattern, per, hi):
+    """The merge of lists: a row whose top blocks all lie in one chunk's list (the merge
+    takes many keys of one list), in two lists that alternate, or distinct random maxima,
+    equals the reference (lists of ``per`` blocks: ranked for one row, whole chunks with
+    the largest first for 140 rows)."""
+    from msa.ops.decode.select import rank_in_scan, scan_chunks
+    bs, di, topk, mp = 64, 64, 16, 320
+    assert rank_in_scan(hi) == (hi == 1)
     assert scan_chunks(hi, 1, mp, topk, per)[1:] == (per, mp // per, min(per, 16))
     g = torch.Generator().manual_seed(7)
     score = torch.randperm(mp, generator=g).float()              # the block maxima
