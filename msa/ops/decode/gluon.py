@@ -8,9 +8,14 @@ the MMA: it is the B operand of ``P V`` with the keys as its reduction dimension
 cache stores it token-major, so each of a thread's fp16 pairs needs bytes from two
 rows, which Triton loads one byte at a time (docs/experiments.md). Here:
 
-* each page's K and V (16 KB each) and their scales arrive by ``cp.async`` in two
-  shared-memory slots (16-byte chunks swizzled by row), the next block's while this one
-  is computed; its block id and page are loaded an iteration before;
+* each page's K and V (16 KB each) arrive by TMA (one thread issues two copies, an
+  mbarrier per slot counts their bytes) and their scales by ``cp.async``, in two
+  shared-memory slots (16-byte chunks swizzled by row: TMA's 128-byte swizzle), the next
+  block's while this one is computed; its block id and page are loaded an iteration
+  before. TMA copies whole pages: the value rows past the query (of the query's own
+  block, or any rows for no block) are cleared in shared memory before use (a branch
+  taken for at most one block per row), since ``0 * NaN`` would reach the output; the
+  key rows past it are masked in the scores and their scales zero-filled;
 * each of the 4 warps owns a quarter of every block's keys and keeps its own online
   softmax (a batched MMA: the warp is the batch dimension), so the loop has no
   cross-warp step; the four are merged by LSE once at the end;
@@ -30,12 +35,16 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 WARPS = gl.constexpr(4)
 BS = gl.constexpr(128)          # keys per page (block)
 D = gl.constexpr(128)           # head dim
 ROWS = gl.constexpr(16)         # MMA rows: the group's query heads, padded
 KW = gl.constexpr(32)           # keys per warp
+# a ring slot / TMA box: a page's 128 rows of 128 bytes, 16-byte chunks swizzled by row
+PAGE_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2))
 
 
 def phys_k(d: int) -> int:
@@ -52,7 +61,7 @@ def phys_v(d: int) -> int:
 
 def _slot_offset(row: int, col: int) -> int:
     """Byte offset of (key ``row``, column ``col``) in a ring slot: 16-byte chunks
-    swizzled by the row (``SwizzledSharedLayout(16, 1, 8)``)."""
+    swizzled by the row (``PAGE_L``, TMA's 128-byte swizzle)."""
     return row * D.value + (((col >> 4) ^ (row & 7)) << 4) + (col & 15)
 
 
@@ -121,16 +130,15 @@ def _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, j, pos, TOPK: gl.conste
 
 
 @gluon.jit
-def _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, blk, page, s, pos, h, kv_off, rows,
-           s_off, stride_kp, stride_kh, stride_sp, stride_sh):
-    """``cp.async`` of block ``blk``'s K/V page and scales into ring slot ``s``: its keys
-    past the query (and every key of no block) zero-filled."""
-    live = (blk >= 0) & (blk * BS + rows <= pos)
-    base = page * stride_kp + h * stride_kh
-    async_copy.async_copy_global_to_shared(k_ring.index(s), K + base + kv_off,
-                                           mask=gl.expand_dims(live, 1))
-    async_copy.async_copy_global_to_shared(v_ring.index(s), V + base + kv_off,
-                                           mask=gl.expand_dims(live, 1))
+def _issue(K_DESC, V_DESC, KS, VS, k_ring, v_ring, ks_ring, vs_ring, bars, blk, page, s, pos,
+           h, s_off, rows_per_page, rows_per_head, stride_sp, stride_sh):
+    """Block ``blk``'s K/V page by TMA into ring slot ``s`` (page 0 for no block), its
+    scales by ``cp.async`` (zero past the query and for no block)."""
+    row = (page * rows_per_page + h * rows_per_head).to(gl.int32)
+    bar = bars.index(s)
+    mbarrier.expect(bar, 2 * BS * D)
+    tma.async_copy_global_to_shared(K_DESC, [row, 0], bar, k_ring.index(s))
+    tma.async_copy_global_to_shared(V_DESC, [row, 0], bar, v_ring.index(s))
     sbase = page * stride_sp + h * stride_sh
     slive = (blk >= 0) & (blk * BS + s_off <= pos)
     async_copy.async_copy_global_to_shared(ks_ring.index(s), KS + sbase + s_off, mask=slive)
@@ -140,13 +148,15 @@ def _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, blk, page, s, pos, h,
 
 @gluon.jit
 def fp8_attn_kernel(
-        Q, K, V, KS, VS, TOPK_INDICES, PAGE_TABLE, SEQ_LENS, OUT, LSE, scale_log2,
-        stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_th, stride_tq,
+        Q, K_DESC, V_DESC, KS, VS, TOPK_INDICES, PAGE_TABLE, SEQ_LENS, OUT, LSE, scale_log2,
+        rows_per_page, rows_per_head, stride_qt, stride_qh, stride_th, stride_tq,
         stride_tb, stride_ot, stride_oh, stride_lt, stride_sp, stride_sh,
         NQ: gl.constexpr, HS: gl.constexpr, G: gl.constexpr, TOPK: gl.constexpr,
         num_warps: gl.constexpr):
     """Query row ``c = b * NQ + i``, KV head ``h``: ``OUT [c, h*G:(h+1)*G, :]`` and its
-    natural-log LSE over the ``TOPK`` selected blocks of ``TOPK_INDICES [hs, c, :]``."""
+    natural-log LSE over the ``TOPK`` selected blocks of ``TOPK_INDICES [hs, c, :]``;
+    ``K_DESC, V_DESC``: TMA descriptors of the pages as rows of ``D`` bytes, token ``t``
+    of head ``h`` of page ``p`` at row ``p * rows_per_page + h * rows_per_head + t``."""
     gl.static_assert(num_warps == WARPS)
     c = gl.program_id(0).to(gl.int64)
     h = gl.program_id(1)
@@ -155,21 +165,20 @@ def fp8_attn_kernel(
     hs = h if HS > 1 else 0
     sel_row = hs * stride_th + c * stride_tq
     table_row = b * stride_tb
-    # the ring: pages as 128 rows of 128 bytes, 16-byte chunks swizzled by row
-    ring_l: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
-    k_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, D], ring_l)
-    v_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, D], ring_l)
+    k_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, D], PAGE_L)
+    v_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, D], PAGE_L)
+    bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(bars.index(0), count=1)
+    mbarrier.init(bars.index(1), count=1)
     sc_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     ks_ring = gl.allocate_shared_memory(gl.float32, [2, BS], sc_l)
     vs_ring = gl.allocate_shared_memory(gl.float32, [2, BS], sc_l)
-    cp_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
-    rows = gl.arange(0, BS, layout=gl.SliceLayout(1, cp_l))
-    kv_off = gl.expand_dims(rows * stride_kt, 1) + \
-        gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, cp_l)), 0)
     s_off = gl.arange(0, BS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+    clear_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
+    clear_rows = gl.arange(0, BS, layout=gl.SliceLayout(1, clear_l))
     blk, page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, 0, pos, TOPK)
-    _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, blk, page, 0, pos, h, kv_off, rows,
-           s_off, stride_kp, stride_kh, stride_sp, stride_sh)
+    _issue(K_DESC, V_DESC, KS, VS, k_ring, v_ring, ks_ring, vs_ring, bars, blk, page, 0, pos,
+           h, s_off, rows_per_page, rows_per_head, stride_sp, stride_sh)
     nxt, nxt_page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, 1, pos, TOPK)
 
     # the query rows: each warp loads its own copy in 16-byte pieces, scales it into fp16
@@ -205,9 +214,17 @@ def fp8_attn_kernel(
     r_i = gl.full([WARPS, ROWS], 1.0, gl.float32, row_l)     # acc is in units of r_i
     acc = gl.zeros([WARPS, ROWS, D], gl.float32, MMA)
     for jj in range(TOPK):
+        s = jj % 2
+        mbarrier.wait(bars.index(s), (jj // 2) & 1)
         async_copy.wait_group(0)
         gl.thread_barrier()         # block jj landed for every thread; the other slot is free
-        s = jj % 2
+        if (blk < 0) | (blk * BS + BS - 1 > pos):      # value rows past the query: cleared
+            v_slot = v_ring.index(s)
+            live = (blk >= 0) & (blk * BS + clear_rows <= pos)
+            v_slot.store(gl.where(gl.expand_dims(live, 1), v_slot.load(clear_l),
+                                  gl.zeros([BS, D], gl.float8e4nv, clear_l)))
+            gl.thread_barrier()
+        fence_async_shared()        # this thread's shared accesses before the next TMA
         # the ids of the block after next, used in the next iteration (their latency hidden)
         later, later_page = _block(TOPK_INDICES, PAGE_TABLE, sel_row, table_row, jj + 2, pos,
                                    TOPK)
@@ -215,8 +232,8 @@ def fp8_attn_kernel(
         ks = ks_ring.index(s).reshape([WARPS, KW]).load(key_l)
         qk = mma_v2(q16, kt.to(gl.float16), gl.zeros([WARPS, ROWS, KW], gl.float32, MMA))
         # the next block's loads into the other slot (behind this block's S)
-        _issue(K, V, KS, VS, k_ring, v_ring, ks_ring, vs_ring, nxt, nxt_page, 1 - s, pos, h,
-               kv_off, rows, s_off, stride_kp, stride_kh, stride_sp, stride_sh)
+        _issue(K_DESC, V_DESC, KS, VS, k_ring, v_ring, ks_ring, vs_ring, bars, nxt, nxt_page,
+               1 - s, pos, h, s_off, rows_per_page, rows_per_head, stride_sp, stride_sh)
         kmask = (blk >= 0) & (blk * BS + keys <= pos)
         sc = qk * gl.expand_dims(q_scale, 2) * gl.expand_dims(ks, 1)
         sc = gl.where(gl.expand_dims(kmask, 1), sc, float("-inf"))
@@ -237,7 +254,8 @@ def fp8_attn_kernel(
                      acc * gl.expand_dims(r_i * alpha / v_row, 2))
         r_i = gl.zeros([WARPS, ROWS], gl.float32, row_l) + v_row
         blk, nxt, nxt_page = nxt, later, later_page
-    async_copy.wait_group(0)
+    async_copy.wait_group(0)        # the copies issued for the block past the last
+    mbarrier.wait(bars.index(TOPK % 2), (TOPK // 2) & 1)
 
     # the four warps' softmaxes merged by LSE
     m_all = gl.max(m_i, 0)
@@ -260,25 +278,34 @@ def fp8_attn_kernel(
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: int,
               block_size: int, kv_strides) -> bool:
     """Whether ``fp8_attn_kernel`` runs these pages: a Hopper GPU (sm_90), 16-bit queries,
-    e4m3 pages of 128 keys x head dim 128 (rows, heads and pages 16-byte aligned: vLLM's
-    K-then-V rows too), a group of at most 16 query heads."""
+    e4m3 pages of 128 keys x head dim 128 whose rows are TMA rows (16-byte aligned, page
+    and head strides whole multiples of the row stride: vLLM's K-then-V rows too, fewer
+    than 2^31 rows), a group of at most 16 query heads."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
+    sp, sh, st = kv_strides
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == torch.float8_e4m3fn
             and q.shape[-1] == D and block_size == BS and q.shape[1] // num_kv_heads <= ROWS
-            and v.dtype == k.dtype and all(s % 16 == 0 for s in kv_strides)
+            and v.dtype == k.dtype and all(x % 16 == 0 for x in kv_strides)
+            and sp % st == 0 and sh % st == 0 and k.shape[0] * (sp // st) < 2 ** 31
             and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0)
 
 
 def launch(q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, *,
            rows: int, num_q: int, num_kv_heads: int, scale_log2: float, kv_strides,
            scale_strides, maxnreg: int = 168) -> None:
-    """``fp8_attn_kernel`` over grid (rows, KV heads) (``paged_attend``'s arguments);
-    ``maxnreg=168``: three programs per SM (no spills in the sm_90a build)."""
+    """``fp8_attn_kernel`` over grid (rows, KV heads) (``paged_attend``'s arguments; the
+    pages ``k, v`` as TMA descriptors over their rows); ``maxnreg=168``: three programs
+    per SM (no spills in the sm_90a build)."""
     topk = topk_indices.shape[2]
+    sp, sh, st = kv_strides
+    n_rows = k.shape[0] * (sp // st)
+    descs = [TensorDescriptor(x, [n_rows, D.value], [st, 1], [BS.value, D.value], PAGE_L.value)
+             for x in (k, v)]
     fp8_attn_kernel[(rows, num_kv_heads)](
-        q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse, scale_log2,
-        q.stride(0), q.stride(1), *kv_strides, topk_indices.stride(0), topk_indices.stride(1),
-        page_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), *scale_strides,
+        q, *descs, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse,
+        scale_log2, sp // st, sh // st, q.stride(0), q.stride(1), topk_indices.stride(0),
+        topk_indices.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
+        lse.stride(0), *scale_strides,
         NQ=num_q, HS=topk_indices.shape[0], G=q.shape[1] // num_kv_heads, TOPK=topk,
         num_warps=WARPS.value, **({"maxnreg": maxnreg} if maxnreg else {}))

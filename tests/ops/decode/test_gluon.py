@@ -1,8 +1,8 @@
 """The Gluon FP8 decode attention (msa.ops.decode.gluon): it compiles for Hopper on any
-machine (16-byte shared loads of the e4m3 tiles, no single-byte ones, no spills), its
-relabeled shared-memory views are the slot's bytes, and on a Hopper GPU it gives what the
-Triton kernel gives on the same e4m3 pages, and the fp64 reference on their dequantized
-values."""
+machine (pages by TMA, 16-byte shared loads of the e4m3 tiles, no single-byte ones, no
+spills), its relabeled shared-memory views are the slot's bytes, and on a Hopper GPU it
+gives what the Triton kernel gives on the same e4m3 pages, and the fp64 reference on
+their dequantized values, also when the rows past each query hold NaN bytes."""
 import pytest
 import torch
 
@@ -12,16 +12,20 @@ from msa.ops.decode.triton import attend_kernel, paged_attend, partial_buffers  
 from msa.ops.quant import dequantize, quantize_e4m3  # noqa: E402
 from tests.helpers import gluon_ptx  # noqa: E402
 
-SIG = {"Q": "*bf16", "K": "*fp8e4nv", "V": "*fp8e4nv", "KS": "*fp32", "VS": "*fp32",
-       "TOPK_INDICES": "*i32", "PAGE_TABLE": "*i32", "SEQ_LENS": "*i32", "OUT": "*bf16",
-       "LSE": "*fp32", "scale_log2": "fp32", **{f"stride_{s}": "i32" for s in (
-           "qt", "qh", "kp", "kh", "kt", "th", "tq", "tb", "ot", "oh", "lt", "sp", "sh")}}
+def _sig():
+    from msa.ops.decode import gluon as g
+    desc = f"tensordesc<fp8e4nv[128, 128],{g.PAGE_L.value!r}>"
+    return {"Q": "*bf16", "K_DESC": desc, "V_DESC": desc, "KS": "*fp32", "VS": "*fp32",
+            "TOPK_INDICES": "*i32", "PAGE_TABLE": "*i32", "SEQ_LENS": "*i32", "OUT": "*bf16",
+            "LSE": "*fp32", "scale_log2": "fp32", "rows_per_page": "i32",
+            "rows_per_head": "i32", **{f"stride_{s}": "i32" for s in (
+                "qt", "qh", "th", "tq", "tb", "ot", "oh", "lt", "sp", "sh")}}
 
 
 def test_compiles_for_sm90_to_wide_shared_loads():
     const = dict(NQ=8, HS=4, G=16, TOPK=16, num_warps=4)
-    ptx = gluon_ptx("msa.ops.decode.gluon", "fp8_attn_kernel", SIG, const)
-    assert ptx.count("cp.async.cg.shared.global") >= 16       # 16-byte K/V chunks
+    ptx = gluon_ptx("msa.ops.decode.gluon", "fp8_attn_kernel", _sig(), const)
+    assert ptx.count("cp.async.bulk.tensor.2d") == 4        # K and V pages by TMA, 2 sites
     assert "ld.shared.v4.b32" in ptx and "ld.shared.u8" not in ptx and \
         "ld.shared.b8" not in ptx
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
@@ -92,6 +96,21 @@ def _case(nq, lengths, hq, hkv, topk, seed, vllm_layout=False):
     return q, k8, ks, v8, vs, table, lens, sel.cuda(), kw
 
 
+def _poison_past_end(k8, ks, v8, vs, table, lens, vllm_layout):
+    """NaN in every K/V byte and scale past each request's last token (its last page):
+    no query sees those keys, so nothing may change."""
+    for b, n in enumerate(lens.tolist()):
+        if n % 128:
+            page = int(table[b, (n - 1) // 128])
+            for x in (k8, v8):
+                x.view(torch.uint8)[page, :, n % 128:] = 0x7F          # e4m3 NaN
+            for x in (ks, vs):
+                if vllm_layout:
+                    x[:, page * 128 + n % 128:(page + 1) * 128] = float("nan")
+                else:
+                    x[page, :, n % 128:] = float("nan")
+
+
 def _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv, **kw):
     rows, hq, d = q.shape
     out = torch.full_like(q, float("nan"))
@@ -143,6 +162,9 @@ def test_gluon_equals_triton_and_reference(nq, lengths, hq, hkv, topk, vllm_layo
     strides = kw.get("kv_strides", (k8.stride(0), k8.stride(1), k8.stride(2)))
     assert attend_kernel(q, k8, v8, hkv, 128, strides, 1, False) == "gluon"
     out, lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv, **kw)
+    _poison_past_end(k8, ks, v8, vs, table, lens, vllm_layout)
+    p_out, p_lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv, **kw)
+    assert torch.equal(p_out, out) and torch.equal(p_lse, lse)
     monkeypatch.setenv("MSA_DECODE_KERNEL", "triton")
     t_out, t_lse = _attend(q, k8, ks, v8, vs, table, lens, sel, nq, hkv, **kw)
     assert not out.isnan().any() and not lse.isnan().any()
