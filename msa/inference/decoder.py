@@ -105,12 +105,21 @@ class PagedDecoder:
 
     def _check(self, q, qi, k_pages, v_pages, ki_pages) -> None:
         """Shapes, dtypes and devices only (host metadata: no synchronisation)."""
-        c, rows = self.cfg, self.batch * self.num_q
-        want = {"q": (q, (rows, c.num_heads, c.head_dim)),
-                "qi": (qi, (rows, c.index_heads, c.index_dim)),
-                "k_pages": (k_pages, (None, c.num_kv_heads, c.block_size, c.head_dim)),
-                "v_pages": (v_pages, (None, c.num_kv_heads, c.block_size, c.head_dim)),
-                "ki_pages": (ki_pages, (None, c.block_size, c.index_dim))}
+        c = self.cfg
+        self._check_attention(q, k_pages, v_pages)
+        self._check_tensors({"qi": (qi, (self.batch * self.num_q, c.index_heads, c.index_dim)),
+                             "ki_pages": (ki_pages, (None, c.block_size, c.index_dim))})
+        if ki_pages.dtype not in (qi.dtype, E4M3):
+            raise TypeError(f"dtypes must match: qi/ki_pages {qi.dtype}/{ki_pages.dtype} "
+                            f"(index pages may be float8_e4m3fn with their scales)")
+        pages = min(k_pages.shape[0], v_pages.shape[0], ki_pages.shape[0])
+        if self.top_page >= pages:
+            raise IndexError(f"page_table refers to page {self.top_page}, the pools hold "
+                             f"{pages} pages")
+
+    def _check_tensors(self, want) -> None:
+        """``{name: (tensor, shape)}`` (``None``: any size): type, shape, device, a
+        contiguous last dim."""
         for name, (x, shape) in want.items():
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -122,20 +131,21 @@ class PagedDecoder:
                 raise ValueError(f"{name} is on {x.device}, the decoder on {self.device}")
             if x.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dim")
+
+    def _check_attention(self, q, k_pages, v_pages) -> None:
+        """The attention's inputs: shapes, devices, strides and dtypes."""
+        c, rows = self.cfg, self.batch * self.num_q
+        page = (None, c.num_kv_heads, c.block_size, c.head_dim)
+        self._check_tensors({"q": (q, (rows, c.num_heads, c.head_dim)),
+                             "k_pages": (k_pages, page), "v_pages": (v_pages, page)})
         if k_pages.stride() != v_pages.stride():       # the kernel walks both with k's
             raise ValueError(f"k_pages and v_pages must have the same strides, got "
                              f"{k_pages.stride()} and {v_pages.stride()}")
         kv = {k_pages.dtype, v_pages.dtype}
-        if q.dtype != self.out.dtype or (kv != {q.dtype} and kv != {E4M3}) or \
-                ki_pages.dtype not in (qi.dtype, E4M3):
+        if q.dtype != self.out.dtype or (kv != {q.dtype} and kv != {E4M3}):
             raise TypeError(f"dtypes must match: q/k_pages/v_pages/decoder "
-                            f"{q.dtype}/{k_pages.dtype}/{v_pages.dtype}/{self.out.dtype}, "
-                            f"qi/ki_pages {qi.dtype}/{ki_pages.dtype} (pages may be "
-                            f"float8_e4m3fn with their scales)")
-        pages = min(k_pages.shape[0], v_pages.shape[0], ki_pages.shape[0])
-        if self.top_page >= pages:
-            raise IndexError(f"page_table refers to page {self.top_page}, the pools hold "
-                             f"{pages} pages")
+                            f"{q.dtype}/{k_pages.dtype}/{v_pages.dtype}/{self.out.dtype} "
+                            f"(pages may be float8_e4m3fn with their scales)")
 
     def run(self, q, qi, k_pages, v_pages, ki_pages, *, k_scales=None, v_scales=None,
             ki_scales=None, ki_fp8=None):
@@ -187,6 +197,7 @@ class PagedDecoder:
         c = self.cfg
         if self.batch == 0:
             raise RuntimeError("call plan() before attention_kernel()")
+        self._check_attention(q, k_pages, v_pages)
         nsplit = decode_splits(self.batch * self.num_q, c.num_kv_heads, c.topk)[0]
         return attend_kernel(q, k_pages, v_pages, c.num_kv_heads, c.block_size,
                              (k_pages.stride(0), k_pages.stride(1), k_pages.stride(2)), nsplit,

@@ -180,6 +180,12 @@ def test_decoder_run_checks_inputs():
         dec.run(q, qi, k, v_other, ki)
     out, _ = dec.run(q, qi, k, v, ki)
     assert torch.isfinite(out).all()
+    # the kernel choice checks the attention's inputs as run does
+    assert dec.attention_kernel(q, k, v) == "triton"
+    with pytest.raises(ValueError, match="v_pages must be"):
+        dec.attention_kernel(q, k, v[..., :32])
+    with pytest.raises(TypeError, match="dtypes"):
+        dec.attention_kernel(q.double(), k, v)
 
 
 def _select(qi, ki, table, lens, nq, topk, per, bs=64):
