@@ -53,10 +53,14 @@ def phys_k(d: int) -> int:
     return (d & 1) | ((d >> 3) & 1) << 1 | ((d >> 4) & 7) << 2 | ((d >> 1) & 3) << 5
 
 
-def phys_v(d: int) -> int:
-    """Column of relabeled head-dim index ``d`` in ``P V`` and the output: the 16 a thread
-    holds in its V fragments (bits 3-6) become 16 consecutive columns."""
+def phys_v(d):
+    """Column of relabeled head-dim index ``d`` (an int, or a tensor inside the kernel as
+    ``_phys_v``) in ``P V`` and the output: the 16 a thread holds in its V fragments
+    (bits 3-6) become 16 consecutive columns."""
     return (d & 7) << 4 | d >> 3
+
+
+_phys_v = gluon.jit(phys_v)
 
 
 def _slot_offset(row: int, col: int) -> int:
@@ -112,12 +116,6 @@ V_LOAD = gl.constexpr(gl.DistributedLinearLayout(
                [0, 16, 0]],
     lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
     warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 32, 128]))
-
-
-@gluon.jit
-def _phys_v(d):
-    """``phys_v`` of a tensor of indices."""
-    return (d & 7) << 4 | d >> 3
 
 
 @gluon.jit
