@@ -11,7 +11,11 @@ rows and then each tile's query rows into a ring of shared-memory slots with ``c
 (each row from any token) and signals them with mbarriers; two attention warpgroups
 take alternate tiles and run ``S = Q K^T`` and ``O = P V`` as wgmma from shared memory
 (P from registers) with the softmax in between, so one warpgroup's softmax overlaps the
-other's MMAs, while the loads of the next tiles overlap both. The ``tl.*`` kernel cannot
+other's MMAs, while the loads of the next tiles overlap both. Where each query's ``G``
+rows start at a whole period of the 128-byte swizzle (``G`` a multiple of 8) the
+warpgroups hand each tile's partial rows to a storer warp through shared-memory slots,
+which stores them by TMA (one store of ``G`` rows per query), so that the stores leave
+the warpgroups' per-tile chain; otherwise they store the rows themselves. The ``tl.*`` kernel cannot
 be built this way (Triton 3.6 warp-specializes TMA loads only, and TMA cannot gather rows
 on Hopper).
 
@@ -26,11 +30,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
     async_copy_global_to_shared, mbarrier_arrive)
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                               warpgroup_mma)
+                                                               tma, warpgroup_mma)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 STAGES = 2              # gathered query tiles in flight (16 KB each)
 LOAD_WARPS = 4
 ROWS = gl.constexpr(64)  # MMA rows per tile: 64 // G queries x the G heads of the group
+OSLOTS = gl.constexpr(2)  # output tiles in flight to the storer, per attention warpgroup
+TILE_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                           rank=2))
 
 
 @gluon.jit
@@ -161,14 +169,16 @@ def loader(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, kro
 
 
 @gluon.jit
-def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, EDGE_SLOT, h,
-            t0, nk, e0, e1, q0, scale_log2, first, HKV: gl.constexpr, G: gl.constexpr,
-            D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
-            STAGES: gl.constexpr, STEP: gl.constexpr, WARPS: gl.constexpr):
+def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free, PO, PL,
+            POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, first,
+            HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+            TOPK: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
+            STEP: gl.constexpr, WARPS: gl.constexpr, TMA_OUT: gl.constexpr):
     """An attention warpgroup, tiles ``first, first + STEP, ...``: per tile ``S = Q K^T``
     (wgmma), the masked softmax of the tile's rows, ``O = P V`` (wgmma, P in registers),
-    the partials stored by row. With two such warpgroups one's softmax runs while the
-    other's MMAs do."""
+    the LSEs stored and the partial rows handed to the storer through ``o_smem`` slots
+    ``first * OSLOTS ..`` (``TMA_OUT``; ``o_ready`` / ``o_free``), else stored by row.
+    With two such warpgroups one's softmax runs while the other's MMAs do."""
     M: gl.constexpr = ROWS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BS, 16])
@@ -184,6 +194,7 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     mbarrier.wait(kv_bar, 0)
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
+    i = 0
     for t in range(first, n_tiles, STEP):
         e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
@@ -202,37 +213,94 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q, E
         lse = gl.where(den > 0, (m + gl.log2(den)) * 0.6931471805599453, float("-inf"))
         pidx = ((ql * HKV + h) * TOPK + slot) * G + g
         gl.store(PL + pidx, lse, mask=emask)
-        # rows leave in 16-byte pieces: the MMA layout would store 4 bytes per thread
-        o = gl.convert_layout(o.to(PO.dtype.element_ty), st)
-        pidx = gl.expand_dims(gl.convert_layout(pidx, gl.SliceLayout(1, st)), 1)
-        emask = gl.expand_dims(gl.convert_layout(emask, gl.SliceLayout(1, st)), 1)
-        gl.store(PO + pidx * D + st_d, o, mask=emask)
+        if TMA_OUT:
+            oslot = first * OSLOTS + i % OSLOTS
+            mbarrier.wait(o_free.index(oslot), ((i // OSLOTS) & 1) ^ 1)
+            o_smem.index(oslot).store(o.to(PO.dtype.element_ty))
+            fence_async_shared()            # the storer's TMA reads through the async proxy
+            mbarrier.arrive(o_ready.index(oslot), count=1)
+            i += 1
+        else:
+            # rows leave in 16-byte pieces: the MMA layout would store 4 bytes per thread
+            o = gl.convert_layout(o.to(PO.dtype.element_ty), st)
+            pidx = gl.expand_dims(gl.convert_layout(pidx, gl.SliceLayout(1, st)), 1)
+            emask = gl.expand_dims(gl.convert_layout(emask, gl.SliceLayout(1, st)), 1)
+            gl.store(PO + pidx * D + st_d, o, mask=emask)
 
 
 @gluon.jit
-def fwd_kernel(Q, K, V, PO, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
-               ITEM_E0, ITEM_E1, q0, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
-               stride_vt, stride_vh, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
-               BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
+def _storer(o_smem, o_ready, o_free, PO_DESC, EDGE_Q, EDGE_SLOT, h, e0, e1,
+            HKV: gl.constexpr, G: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr):
+    """Storer (one warp): tile ``t``'s partial rows, from the slot its warpgroup (``t %
+    2``) filled, one TMA store of ``G`` rows per query; the slot is freed once the stores
+    have read it."""
+    n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
+    for t in range(n_tiles):
+        i = t // 2
+        oslot = (t % 2) * OSLOTS + i % OSLOTS
+        mbarrier.wait(o_ready.index(oslot), (i // OSLOTS) & 1)
+        for j in gl.static_range(BLOCK_Q):
+            e = e0 + t * BLOCK_Q + j
+            if e < e1:
+                row = ((gl.load(EDGE_Q + e) * HKV + h) * TOPK + gl.load(EDGE_SLOT + e)) * G
+                tma.async_copy_shared_to_global(PO_DESC, [row, 0],
+                                                o_smem.index(oslot).slice(j * G, G))
+        tma.store_wait(0)
+        mbarrier.arrive(o_free.index(oslot), count=1)
+
+
+@gluon.jit
+def fwd_kernel(Q, K, V, PO, PO_DESC, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_T0,
+               ITEM_NK, ITEM_E0, ITEM_E1, q0, scale_log2, stride_qt, stride_qh, stride_kt,
+               stride_kh, stride_vt, stride_vh, HKV: gl.constexpr, G: gl.constexpr,
+               D: gl.constexpr, BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
                STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
     """One program per work item of the plan (``msa.ops.plan``): the item's KV block
-    in shared memory, its edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries."""
+    in shared memory, its edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries. With a
+    TMA descriptor ``PO_DESC`` of the partial rows (``G`` rows a box) a storer warp
+    stores them; without (``None``) the attention warpgroups do."""
     h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, gl.program_id(0))
     q_ring, k_smem, v_smem = block_smem(Q, K, V, STAGES, D, BS)
     kv_bar, ready, empty = ring_barriers(STAGES, LOAD_WARPS, 1)
+    TMA_OUT: gl.constexpr = PO_DESC is not None
+    if TMA_OUT:
+        o_smem = gl.allocate_shared_memory(PO.dtype.element_ty, [2 * OSLOTS, ROWS, D], TILE_L)
+        bar_l: gl.constexpr = mbarrier.MBarrierLayout()
+        o_ready = gl.allocate_shared_memory(gl.int64, [2 * OSLOTS, 1], bar_l)
+        o_free = gl.allocate_shared_memory(gl.int64, [2 * OSLOTS, 1], bar_l)
+        for i in gl.static_range(2 * OSLOTS):
+            mbarrier.init(o_ready.index(i), count=1)
+            mbarrier.init(o_free.index(i), count=1)
+    else:
+        o_smem, o_ready, o_free = q_ring, empty, empty          # unused
     fence_async_shared()
-    gl.warp_specialize([
-        (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
-                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0, HKV, G, D, BS,
-                   TOPK, BLOCK_Q, STAGES, 2, num_warps)),
-        (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, PO, PL, POS, EDGE_Q,
-                   EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1, HKV, G, D, BS,
-                   TOPK, BLOCK_Q, STAGES, 2, 4)),
-        (loader, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow, nk,
-                 e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                 G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
-        [4, LOAD_WARPS], [192, 64])
+    if TMA_OUT:
+        gl.warp_specialize([
+            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free,
+                       PO, PL, POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0,
+                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 2, num_warps, True)),
+            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free,
+                       PO, PL, POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1,
+                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 2, 4, True)),
+            (loader, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow,
+                      nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                      stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS)),
+            (_storer, (o_smem, o_ready, o_free, PO_DESC, EDGE_Q, EDGE_SLOT, h, e0, e1, HKV, G,
+                       TOPK, BLOCK_Q))],
+            [4, LOAD_WARPS, 1], [192, 64, 40])
+    else:
+        gl.warp_specialize([
+            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free,
+                       PO, PL, POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0,
+                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 2, num_warps, False)),
+            (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free,
+                       PO, PL, POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1,
+                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 2, 4, False)),
+            (loader, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow,
+                      nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                      stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
+            [4, LOAD_WARPS], [192, 64])
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
@@ -249,15 +317,24 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
             and g <= ROWS.value and aligned)
 
 
+def partial_rows_desc(po: torch.Tensor, g: int, d: int):
+    """A TMA descriptor of the partial outputs ``po`` as rows of ``d``, ``g`` rows a box,
+    where each query's ``g`` rows start at a whole period (8 rows) of the tile's 128-byte
+    swizzle (``g % 8 == 0``); else ``None`` (the attention warpgroups store by row)."""
+    if g % 8:
+        return None
+    rows = po.view(-1, d)
+    return TensorDescriptor(rows, list(rows.shape), [d, 1], [g, d], TILE_L.value)
+
+
 def launch(q, k, v, rows, plan, q0: int, po, pl, *, scale_log2: float, topk: int,
            block_size: int) -> None:
     """``fwd_kernel`` over one chunk's plan (``launch_partials``' arguments)."""
     hkv = int(plan.num_heads)
+    g, d = q.shape[1] // hkv, q.shape[2]
     fwd_kernel[(plan.num_items,)](
-        q, k, v, po, pl, rows.q_pos, plan.edge_q, plan.edge_slot, plan.item_h,
-        plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0,
-        scale_log2, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), HKV=hkv, G=q.shape[1] // hkv, D=q.shape[2], BS=block_size, TOPK=topk,
-        BLOCK_Q=ROWS.value // (q.shape[1] // hkv), STAGES=STAGES, LOAD_WARPS=LOAD_WARPS,
-        num_warps=4)
-
+        q, k, v, po, partial_rows_desc(po, g, d), pl, rows.q_pos, plan.edge_q,
+        plan.edge_slot, plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk,
+        plan.item_e0, plan.item_e1, q0, scale_log2, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), HKV=hkv, G=g, D=d, BS=block_size, TOPK=topk,
+        BLOCK_Q=ROWS.value // g, STAGES=STAGES, LOAD_WARPS=LOAD_WARPS, num_warps=4)

@@ -11,24 +11,35 @@ from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
 from tests.helpers import DEVICE, gluon_ptx, plan_of, random_topk  # noqa: E402
 from tests.helpers.brute import make_case, rel_err  # noqa: E402
 
-SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "PO": "*bf16", "PL": "*fp32", "POS": "*i32",
-       "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32",
-       "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32",
-       "q0": "i32", "scale_log2": "fp32", "stride_qt": "i32", "stride_qh": "i32",
-       "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32"}
+SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "PO": "*bf16", "PO_DESC": None, "PL": "*fp32",
+       "POS": "*i32", "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32",
+       "ITEM_KROW": "*i32", "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32",
+       "ITEM_E1": "*i32", "q0": "i32", "scale_log2": "fp32", "stride_qt": "i32",
+       "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32",
+       "stride_vh": "i32"}
 
 
-def test_compiles_for_sm90_to_gathers_and_wgmma():
-    """Compiled in a fresh process (``gluon_ptx``)."""
+@pytest.mark.parametrize("g", [16, 6])
+def test_compiles_for_sm90_to_gathers_and_wgmma(g):
+    """Compiled in a fresh process (``gluon_ptx``). G = 16: a storer warp stores each
+    query's 16 partial rows by TMA; G = 6 (rows off the swizzle's 8-row period): the
+    attention warpgroups store them in 16-byte pieces."""
     from msa.ops.attention import gluon as ga
-    const = dict(HKV=4, G=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=ga.STAGES,
+    const = dict(HKV=4, G=g, D=128, BS=128, TOPK=16, BLOCK_Q=64 // g, STAGES=ga.STAGES,
                  LOAD_WARPS=ga.LOAD_WARPS, num_warps=4)
-    ptx = gluon_ptx("msa.ops.attention.gluon", "fwd_kernel", SIG, const)
+    sig = dict(SIG, PO_DESC=f"tensordesc<bf16[{g}, 128],{ga.TILE_L.value!r}>")
+    if g % 8:
+        sig["PO_DESC"], const["PO_DESC"] = "constexpr", None
+    ptx = gluon_ptx("msa.ops.attention.gluon", "fwd_kernel", sig, const)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
-    assert "setmaxnreg" in ptx and "ld.local" not in ptx          # no spills
+    assert "setmaxnreg" in ptx
     assert ptx.count("wgmma.mma_async") == 32     # QK^T and PV of each attention warpgroup
-    assert "st.global.v4" in ptx                  # partial rows stored in 16-byte pieces
+    if g == 16:
+        assert "cp.async.bulk.tensor.2d.global.shared" in ptx and "st.global.v4" not in ptx
+        assert "ld.local" not in ptx                                      # no spills
+    else:
+        assert "cp.async.bulk.tensor" not in ptx and "st.global.v4" in ptx
 
 
 @pytest.mark.gpu
