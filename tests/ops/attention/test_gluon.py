@@ -45,6 +45,7 @@ def test_compiles_for_sm90_to_gathers_and_wgmma(g):
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_lens,k_lens,hq,hkv,hs", [
     ((3000,), (3000,), 64, 4, 4),                    # MiniMax-M3 group of 16
+    ((700, 1, 900), (4000, 1, 2500), 64, 4, 4),      # G = 16 (TMA stores), prefixes
     ((2000,), (2000,), 64, 8, 8),                    # G = 8
     ((700, 1, 900), (4000, 1, 2500), 32, 8, 8),      # G = 4, prefixes, a one-token segment
     ((1500,), (5000,), 24, 4, 1),                    # G = 6 (60-row tiles), shared selection
