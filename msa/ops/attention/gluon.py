@@ -15,9 +15,9 @@ other's MMAs, while the loads of the next tiles overlap both. Where each query's
 rows start at a whole period of the 128-byte swizzle (``G`` a multiple of 8) the
 warpgroups hand each tile's partial rows to a storer warp through shared-memory slots,
 which stores them by TMA (one store of ``G`` rows per query), so that the stores leave
-the warpgroups' per-tile chain; otherwise they store the rows themselves. The ``tl.*`` kernel cannot
-be built this way (Triton 3.6 warp-specializes TMA loads only, and TMA cannot gather rows
-on Hopper).
+the warpgroups' per-tile chain; otherwise they store the rows themselves. The ``tl.*``
+kernel cannot be built this way (Triton 3.6 warp-specializes TMA loads only, and TMA
+cannot gather rows on Hopper).
 
 Measurements against the Triton kernel, per group size, and the variants that were slower
 (one attention warpgroup, more ring slots): docs/benchmarks.md, docs/experiments.md.
