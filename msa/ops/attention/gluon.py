@@ -37,6 +37,7 @@ STAGES = 2              # gathered query tiles in flight (16 KB each)
 LOAD_WARPS = 4
 ROWS = gl.constexpr(64)  # MMA rows per tile: 64 // G queries x the G heads of the group
 OSLOTS = gl.constexpr(2)  # output tiles in flight to the storer, per attention warpgroup
+WARPGROUPS = gl.constexpr(2)  # attention warpgroups of the forward, taking tiles in turn
 TILE_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                            rank=2))
 
@@ -169,12 +170,20 @@ def loader(Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, kro
 
 
 @gluon.jit
+def _out_slot(t):
+    """Tile ``t``'s output slot (warpgroup ``t % WARPGROUPS`` owns slots ``OSLOTS`` apart
+    from the next's; its tiles take them in turn) and the slot's mbarrier phase."""
+    i = t // WARPGROUPS
+    return (t % WARPGROUPS) * OSLOTS + i % OSLOTS, (i // OSLOTS) & 1
+
+
+@gluon.jit
 def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free, PO, PL,
             POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, first,
             HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
             TOPK: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-            STEP: gl.constexpr, WARPS: gl.constexpr, TMA_OUT: gl.constexpr):
-    """An attention warpgroup, tiles ``first, first + STEP, ...``: per tile ``S = Q K^T``
+            WARPS: gl.constexpr, TMA_OUT: gl.constexpr):
+    """An attention warpgroup, tiles ``first, first + WARPGROUPS, ...``: per tile ``S = Q K^T``
     (wgmma), the masked softmax of the tile's rows, ``O = P V`` (wgmma, P in registers),
     the LSEs stored and the partial rows handed to the storer through ``o_smem`` slots
     ``first * OSLOTS ..`` (``TMA_OUT``; ``o_ready`` / ``o_free``), else stored by row.
@@ -194,8 +203,7 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_fre
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     mbarrier.wait(kv_bar, 0)
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
-    i = 0
-    for t in range(first, n_tiles, STEP):
+    for t in range(first, n_tiles, WARPGROUPS):
         e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
         pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
@@ -214,12 +222,11 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_fre
         pidx = ((ql * HKV + h) * TOPK + slot) * G + g
         gl.store(PL + pidx, lse, mask=emask)
         if TMA_OUT:
-            oslot = first * OSLOTS + i % OSLOTS
-            mbarrier.wait(o_free.index(oslot), ((i // OSLOTS) & 1) ^ 1)
+            oslot, phase = _out_slot(t)
+            mbarrier.wait(o_free.index(oslot), phase ^ 1)
             o_smem.index(oslot).store(o.to(PO.dtype.element_ty))
             fence_async_shared()            # the storer's TMA reads through the async proxy
             mbarrier.arrive(o_ready.index(oslot), count=1)
-            i += 1
         else:
             # rows leave in 16-byte pieces: the MMA layout would store 4 bytes per thread
             o = gl.convert_layout(o.to(PO.dtype.element_ty), st)
@@ -231,14 +238,13 @@ def _attend(q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_fre
 @gluon.jit
 def _storer(o_smem, o_ready, o_free, PO_DESC, EDGE_Q, EDGE_SLOT, h, e0, e1,
             HKV: gl.constexpr, G: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr):
-    """Storer (one warp): tile ``t``'s partial rows, from the slot its warpgroup (``t %
-    2``) filled, one TMA store of ``G`` rows per query; the slot is freed once the stores
-    have read it."""
+    """Storer (one warp): tile ``t``'s partial rows, from the slot its warpgroup filled
+    (``_out_slot``), one TMA store of ``G`` rows per query; the slot is freed once the
+    stores have read it."""
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     for t in range(n_tiles):
-        i = t // 2
-        oslot = (t % 2) * OSLOTS + i % OSLOTS
-        mbarrier.wait(o_ready.index(oslot), (i // OSLOTS) & 1)
+        oslot, phase = _out_slot(t)
+        mbarrier.wait(o_ready.index(oslot), phase)
         for j in gl.static_range(BLOCK_Q):
             e = e0 + t * BLOCK_Q + j
             if e < e1:
@@ -265,11 +271,12 @@ def fwd_kernel(Q, K, V, PO, PO_DESC, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KR
     kv_bar, ready, empty = ring_barriers(STAGES, LOAD_WARPS, 1)
     TMA_OUT: gl.constexpr = PO_DESC is not None
     if TMA_OUT:
-        o_smem = gl.allocate_shared_memory(PO.dtype.element_ty, [2 * OSLOTS, ROWS, D], TILE_L)
+        o_smem = gl.allocate_shared_memory(PO.dtype.element_ty, [WARPGROUPS * OSLOTS, ROWS, D],
+                                            TILE_L)
         bar_l: gl.constexpr = mbarrier.MBarrierLayout()
-        o_ready = gl.allocate_shared_memory(gl.int64, [2 * OSLOTS, 1], bar_l)
-        o_free = gl.allocate_shared_memory(gl.int64, [2 * OSLOTS, 1], bar_l)
-        for i in gl.static_range(2 * OSLOTS):
+        o_ready = gl.allocate_shared_memory(gl.int64, [WARPGROUPS * OSLOTS, 1], bar_l)
+        o_free = gl.allocate_shared_memory(gl.int64, [WARPGROUPS * OSLOTS, 1], bar_l)
+        for i in gl.static_range(WARPGROUPS * OSLOTS):
             mbarrier.init(o_ready.index(i), count=1)
             mbarrier.init(o_free.index(i), count=1)
     else:
@@ -279,10 +286,10 @@ def fwd_kernel(Q, K, V, PO, PO_DESC, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KR
         gl.warp_specialize([
             (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free,
                        PO, PL, POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0,
-                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 2, num_warps, True)),
+                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, num_warps, True)),
             (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free,
                        PO, PL, POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1,
-                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 2, 4, True)),
+                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 4, True)),
             (loader, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow,
                       nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                       stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS)),
@@ -293,10 +300,10 @@ def fwd_kernel(Q, K, V, PO, PO_DESC, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KR
         gl.warp_specialize([
             (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free,
                        PO, PL, POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 0,
-                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 2, num_warps, False)),
+                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, num_warps, False)),
             (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free,
                        PO, PL, POS, EDGE_Q, EDGE_SLOT, h, t0, nk, e0, e1, q0, scale_log2, 1,
-                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 2, 4, False)),
+                       HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, 4, False)),
             (loader, (Q, K, V, EDGE_Q, q_ring, k_smem, v_smem, kv_bar, ready, empty, h, krow,
                       nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                       stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS))],
