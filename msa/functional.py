@@ -445,13 +445,14 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     if mode == "sparse":
         chunk = P.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
                                  deterministic) if triton_kl else 0
+        items = P.item_queries(q.shape[-2] // k.shape[-2])    # one plan for the step
         index_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or
                                                       backend == "triton")
         if index_triton and cfg.index_precision == "fp8":
             C.check_fp8_device("index_precision='fp8'", qi)
         topk_indices, ilse = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
                                         iscale, 1.0, triton_kl, index_triton, chunk,
-                                        cfg.index_precision)
+                                        cfg.index_precision, items)
         out, lse = attention_fwd_op(qp, kp, vp, topk_indices, *lay.meta, bs, scale, use_triton,
                                     _backward_mode(use_triton, deterministic), True)
     else:
@@ -468,7 +469,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
         hi = qi.shape[-2]
         plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=hi,
                              max_chunk=P.kl_chunk(hi, qi.shape[-1], cfg.topk, deterministic,
-                                                 bs))
+                                                 bs), q_per_item=items)
         loss, dqi, dki = indexer_kl_bwd(
             qp.detach(), kp.detach(), lse.detach(), qip.detach(), kip.detach(), ilse, topk_indices,
             plan, scale=scale, index_scale=iscale, loss_coeff=cfg.kl_loss_coeff,

@@ -95,7 +95,7 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
     if F.forward_kernel(q, k, v, cfg.block_size) != "gluon":
         return d
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
-                        chunk=chunk)
+                        chunk=chunk, q_per_item=P.item_queries(cfg.num_heads // cfg.num_kv_heads))
 
     def run(kernel):
         return F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False,
@@ -192,8 +192,8 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
     chunk = P.forward_chunk(cfg.num_heads, cfg.head_dim, 2, K)
 
     def planning():
-        return P.build_plan(topk, seg, block_size=bs, heads=cfg.num_kv_heads,
-                            chunk=chunk).chunks
+        return P.build_plan(topk, seg, block_size=bs, heads=cfg.num_kv_heads, chunk=chunk,
+                            q_per_item=P.item_queries(cfg.num_heads // cfg.num_kv_heads)).chunks
     sparse = sparse_elements(T, cfg)
     r["e2e_ms"] = C.timed(e2e, reps)
     r["e2e_peak_mb"] = C.peak_bytes(e2e) / 2 ** 20

@@ -63,7 +63,8 @@ def backward_kernels(q, k, v, topk, dout, cfg, T: int, reps: int) -> dict:
     chunk = min(P.backward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk, 1),
                 P.forward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk))
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
-                        chunk=chunk)                       # one plan for both passes
+                        chunk=chunk,                       # one plan for both passes
+                        q_per_item=P.item_queries(cfg.num_heads // cfg.num_kv_heads))
     out, lse = F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False)
 
     def run(kernel):

@@ -390,7 +390,7 @@ def paged_attention_in_place(q, k_pages, v_pages, topk_indices, page_table, seq_
     arguments, checks and result as ``paged_attention``."""
     from ..ops.attention.forward import sparse_attn_fwd
     from ..ops.checks import check_topk_indices
-    from ..ops.plan import block_rows, build_plan, forward_chunk, paged_rows
+    from ..ops.plan import block_rows, build_plan, forward_chunk, item_queries, paged_rows
     from ..varlen import make_segments
     q_lens = q_lens or [q.shape[0] // page_table.shape[0]] * page_table.shape[0]
     check_page_scales(("k_scales", "v_scales"), (k_pages, v_pages), (k_scales, v_scales))
@@ -414,7 +414,8 @@ def paged_attention_in_place(q, k_pages, v_pages, topk_indices, page_table, seq_
     rows = paged_rows(block_rows(seg, bs, q.device), seg, page_table, hkv * bs)
     plan = build_plan(topk_indices, seg, block_size=bs, heads=hkv, rows=rows,
                       chunk=forward_chunk(q.shape[1], d, q.element_size(),
-                                          topk_indices.shape[-1]))
+                                          topk_indices.shape[-1]),
+                      q_per_item=item_queries(q.shape[1] // hkv))
     k, v = (_token_rows(x) for x in (k_pages, v_pages))
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     out, _ = sparse_attn_fwd(q, k, v, topk_indices, plan, scale=scale, query_major=False,

@@ -274,6 +274,17 @@ def build_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, he
                       weakref.ref(topk_indices), None if idx is topk_indices else idx)
 
 
+ITEM_ROWS = 4096   # (query, head) rows a work item holds: 64 tiles of 64 MMA rows
+
+
+def item_queries(group: int) -> int:
+    """``q_per_item`` for GQA groups of ``group`` query heads per KV head: items of
+    ``ITEM_ROWS`` rows (``group`` per query), at least 256 queries: 256 at the MiniMax-M3
+    group of 16, 512 at 8, 682 at 6, 1024 at 4, so that each item's key load and pipeline
+    fill are paid over as many tiles at every group (docs/benchmarks.md)."""
+    return max(256, ITEM_ROWS // max(1, group))
+
+
 # Per-chunk buffer budgets of the plan's consumers: the chunk of a shared plan is the
 # smallest of their limits, so every consumer can walk it.
 PARTIAL_BUDGET_BYTES = 6 << 30    # forward: partial outputs and LSEs

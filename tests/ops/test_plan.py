@@ -104,7 +104,8 @@ def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, 
     from tests.helpers import DEVICE
     builds, checks = [], []
     build = plan_mod.build_plan
-    monkeypatch.setattr(plan_mod, "build_plan", lambda *a, **k: builds.append(1) or build(*a, **k))
+    monkeypatch.setattr(plan_mod, "build_plan",
+                        lambda *a, **k: builds.append(k["q_per_item"]) or build(*a, **k))
     monkeypatch.setattr(custom_ops, "check_topk_indices", lambda *a, **k: checks.append(1))
     cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=3)
     if layout == "packed":
@@ -120,13 +121,20 @@ def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, 
                                  deterministic=deterministic, return_aux=True)
     out.sum().backward()
     assert all(t.grad is not None for t in x) and aux.kl_loss > 0
-    assert len(builds) == 1 and not checks
+    assert builds == [plan_mod.item_queries(2)] and not checks    # items sized for G = 2
     msa.msa_sparse_attention(*x[:3], aux.topk_indices, *meta, block_size=64,
                              backend="triton")
     assert not checks                        # still trusted when passed back in
     topk = aux.topk_indices.clone()
     msa.msa_sparse_attention(*x[:3], topk, *meta, block_size=64, backend="triton")
     assert len(checks) == 1                  # a copy is the user's: validated
+
+
+def test_item_queries_hold_the_same_rows_at_every_group():
+    """``q_per_item`` per GQA group: 4096 (query, head) rows, at least 256 queries."""
+    import msa.ops.plan as plan_mod
+    assert [plan_mod.item_queries(g) for g in (1, 4, 6, 8, 16, 64)] == \
+        [4096, 1024, 682, 512, 256, 256]
 
 
 def test_plan_is_remembered_with_its_tensor_only():

@@ -159,7 +159,7 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
                          prefix_lens, max_query_len, num_kv_heads, sm_scale, output,
                          k_scale=k_scale, v_scale=v_scale)
     from ...ops.attention.forward import sparse_attn_fwd
-    from ...ops.plan import block_rows, build_plan, forward_chunk, paged_rows
+    from ...ops.plan import block_rows, build_plan, forward_chunk, item_queries, paged_rows
     _check_attention(q, topk_idx, block_table, num_kv_heads)
     total_q, hq, d = q.shape
     _check_kv_cache(kv_cache, num_kv_heads, d)
@@ -170,7 +170,8 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
                       num_kv_heads * BLOCK)
     idx = _valid_first(topk_idx[:, :total_q], rows.q_pos)
     plan = build_plan(idx, seg, block_size=BLOCK, heads=num_kv_heads,
-                      chunk=forward_chunk(hq, d, q.element_size(), idx.shape[-1]), rows=rows)
+                      chunk=forward_chunk(hq, d, q.element_size(), idx.shape[-1]), rows=rows,
+                      q_per_item=item_queries(hq // num_kv_heads))
     k, v = _kv_views(kv_cache, num_kv_heads, d)
     sparse_attn_fwd(q, k, v, idx, plan, scale=float(sm_scale), out=output, query_major=False)
     return output
