@@ -19,8 +19,8 @@ to one slot per (query, KV head, top-k slot) in the dtype of q, summed by the Tr
 ``dq_sum_kernel``; ``dK``/``dV`` leave once per program by fp32 atomics, or
 (deterministic) into one slot per work item, as in the Triton backward.
 
-Measured on an H200 at 128K (docs/benchmarks.md): 1.17-1.25x the Triton backward at
-G = 4, 8, 16, 1.85x at G = 6 (both kernels packing 60 rows).
+Measured on an H200 at 128K (docs/benchmarks.md): 1.20-1.29x the Triton backward at
+G = 4, 8, 16, 1.89x at G = 6 (both kernels packing 60 rows).
 """
 from __future__ import annotations
 
