@@ -215,6 +215,18 @@ def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
     return per, per, triton.cdiv(max_pages, per), kr
 
 
+def scan_kernel(qi, ki, ki_strides, block_size: int, num_q: int) -> str:
+    """The kernel of ``paged_scan`` over e4m3 index keys: ``"gluon"``
+    (``msa.ops.decode.gluon_scan``: Hopper, at most 64 query rows per request) where it
+    applies, else ``"triton"`` (``paged_scan_kernel``); ``MSA_DECODE_KERNEL=triton`` in the
+    environment keeps the Triton kernel. 16-bit index keys always take the Triton kernel."""
+    if ki.dtype != torch.float8_e4m3fn:
+        return "triton"
+    from ..attention.forward import choose_kernel
+    return choose_kernel("MSA_DECODE_KERNEL", "msa.ops.decode.gluon_scan", qi, ki, ki_strides,
+                         block_size, num_q)
+
+
 def candidates_width(max_pages: int, pages_per_program: int = None) -> int:
     """Last dim of the candidates buffer ``[B*Q, Hi, width]`` int64 any batch needs
     (``max_pages`` rounded up to whole chunks: of the default at most 16 pages, or of
@@ -238,13 +250,21 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
         raise ValueError(f"candidates must be int64 with a contiguous last dim of >= "
                          f"{chunks * per}, got {tuple(candidates.shape)} {candidates.dtype}")
     ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
+    rank = per > 1 and rank_in_scan(b * nq * hi)
+    if ki_scales is not None and scan_kernel(qi, ki, ki_strides, block_size, nq) == "gluon":
+        from . import gluon_scan
+        gluon_scan.launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, grid=(b, chunks),
+                          num_q=nq, index_scale=index_scale, ki_strides=ki_strides,
+                          pages=per, kr=kr, rank=rank,
+                          **({"stages": index_stages} if index_stages else {}))
+        return ls, n_lists, kr
     paged_scan_kernel[(b, chunks)](
         qi, ki, ki_scales, ki_table, seq_lens, candidates, index_scale, max_pages,
         qi.stride(0), qi.stride(1), ki_strides[0], ki_strides[1],
         ki_table.stride(0), candidates.stride(0), candidates.stride(1),
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
         BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
-        UPCAST=upcast(qi.dtype), RANK=per > 1 and rank_in_scan(b * nq * hi), MASK_TAIL=mask_tail,
+        UPCAST=upcast(qi.dtype), RANK=rank, MASK_TAIL=mask_tail,
         FP8=ki_scales is not None, num_warps=4,
         # Triton 3.6 keeps one page in flight at 2-4 stages, two at 5-6: two pay over
         # e4m3 pages, not over bf16 ones (their 70 KB cost programs per SM)

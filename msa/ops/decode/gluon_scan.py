@@ -1,0 +1,247 @@
+"""Gluon FP8 decode index scan for Hopper (sm_90): ``fp8_scan_kernel``.
+
+Same contract as ``msa.ops.decode.select.paged_scan_kernel`` over e4m3 index-key pages
+with fp32 key scales (``FP8=True``): grid (request, page chunk), one int64 ``pack`` key
+per (query row, index head, block) into the chunk's list, the chunk's largest first, or
+its best ``KR`` ranked (``RANK``). The ``tl.*`` kernel's tile has ``Q x Hi`` rows (4 at
+one decode token), too few for Hopper's wgmma, so Triton lowers its e4m3 product to
+``mma.sync``, which sm_90 runs through fp16 MMAs after converting every key byte: the
+scan is bound by those instructions, not by its bytes (docs/experiments.md). Here:
+
+* the request's query rows are quantized (the ``tl.*`` kernel's rule) into one e4m3
+  wgmma operand of 64 rows in shared memory, so ``Q x Hi <= 64``;
+* each page of 128 keys arrives by TMA into a ring of ``STAGES`` slots (an mbarrier per
+  slot), ``STAGES - 1`` pages ahead of the one scored;
+* one e4m3 wgmma per page (``64 x 128 x 128``, fp32 accumulators), then the key scales,
+  the block max of each row and its ``pack`` key.
+
+Only the pages before the last query's own block are read: no row ranks a later block
+(the local one comes last, docs/semantics.md), so no page past a request's last token is
+read either.
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                               warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BS = gl.constexpr(128)          # keys per page (block)
+DI = gl.constexpr(128)          # index head dim
+MAX_ROWS = 64                   # query rows (Q x Hi) per request at most
+WARPS = gl.constexpr(4)
+STAGES = 3                      # ring slots: pages in flight per program (16 KB each)
+EMPTY = gl.constexpr(-9223372036854775808)      # int64 min: no block
+# a ring slot / TMA box / the query operand: rows of 128 bytes, 128-byte swizzle
+PAGE_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2))
+
+
+@gluon.jit
+def _pack(m, j):
+    """``msa.ops.decode.select.pack``: block max ``m`` (fp32; NaN as the most negative
+    finite value, -0 as +0) and block id ``j`` -> int64 key, larger = ranked first."""
+    m = gl.where(m != m, -3.4028234663852886e38, m)
+    m = gl.where(m == 0.0, 0.0, m)
+    bits = m.to(gl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(gl.int64) << 32) | (0x7FFFFFFF - j).to(gl.int64)
+
+
+@gluon.jit
+def _issue(k_desc, KIS, ring, ks_ring, bars, page, s, rows_per_page, live):
+    """Page ``page`` by TMA into slot ``s`` and its key scales by ``cp.async`` (when
+    ``live``); one ``cp.async`` group per call, empty or not, so that the group of the
+    page ``STAGES - 1`` calls back is complete after ``wait_group(STAGES - 1)``."""
+    if live:
+        mbarrier.expect(bars.index(s), BS * DI)
+        tma.async_copy_global_to_shared(k_desc, [page * rows_per_page, 0], bars.index(s),
+                                        ring.index(s))
+        offs = gl.arange(0, BS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+        async_copy.async_copy_global_to_shared(ks_ring.index(s), KIS + page.to(gl.int64) * BS
+                                               + offs)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _page(PAGE_TABLE, table_row, j, end):
+    """Page id of the request's page ``j`` (0 from ``end`` on: not read)."""
+    return gl.load(PAGE_TABLE + table_row + j, mask=j < end, other=0)
+
+
+@gluon.jit
+def _queries(QI, b, scale, stride_qt, stride_qh, NQ: gl.constexpr, HI: gl.constexpr,
+             R: gl.constexpr):
+    """The request's ``NQ x HI`` index query rows (row ``i * HI + h``) as e4m3 ``[R, DI]``
+    (zero past them), each divided by its scale ``amax / 448`` (as
+    ``msa.ops.quant.quantize_e4m3``), and ``scale`` times those scales ``[R]``."""
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    r = gl.arange(0, R, layout=gl.SliceLayout(1, ld))
+    d = gl.arange(0, DI, layout=gl.SliceLayout(0, ld))
+    row = (b * NQ + r // HI).to(gl.int64) * stride_qt + (r % HI) * stride_qh
+    qf = gl.load(QI + gl.expand_dims(row, 1) + gl.expand_dims(d, 0),
+                 mask=gl.expand_dims(r < NQ * HI, 1), other=0.0).to(gl.float32)
+    amax = gl.max(gl.abs(qf), 1)
+    qs = gl.where(amax > 0, gl.div_rn(amax, gl.full_like(amax, 448.0)), 1.0)
+    q8 = gl.div_rn(qf, gl.expand_dims(qs, 1) + gl.zeros_like(qf))
+    q8 = gl.minimum(gl.maximum(q8, -448.0), 448.0).to(gl.float8e4nv)
+    return q8, qs * scale
+
+
+@gluon.jit
+def _scores(page, q_smem, zero, KEYS_M: gl.constexpr):
+    """The page's e4m3 scores (asynchronous wgmma): ``S^T = K Q^T [BS, R]`` with the keys
+    as the MMA rows (``KEYS_M``), else ``S = Q K^T [R, BS]``."""
+    if KEYS_M:
+        acc = warpgroup_mma(page, q_smem.permute((1, 0)), zero, use_acc=False, is_async=True)
+    else:
+        acc = warpgroup_mma(q_smem, page.permute((1, 0)), zero, use_acc=False, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _block_max(acc, ks, KEYS_M: gl.constexpr):
+    """Each query row's max over the page's keys of ``_scores`` times the key scales."""
+    if KEYS_M:
+        m = gl.max(acc * gl.expand_dims(ks, 1), 0)
+    else:
+        m = gl.max(acc * gl.expand_dims(ks, 0), 1)
+    return m
+
+
+@gluon.jit
+def fp8_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per_page,
+                    stride_qt, stride_qh, stride_tb, stride_cc, stride_ch,
+                    NQ: gl.constexpr, HI: gl.constexpr, PAGES: gl.constexpr,
+                    KR: gl.constexpr, RANK: gl.constexpr, STAGES: gl.constexpr,
+                    R: gl.constexpr, num_warps: gl.constexpr):
+    """Chunk ``p`` of request ``b`` (``paged_scan_kernel``'s outputs at ``CAND``): pages
+    of index keys through ``k_desc`` (TMA rows of ``DI`` bytes, token ``t`` of page
+    ``P`` at row ``P * rows_per_page + t``), key scales ``KIS[P * BS + t]``; ``R`` query
+    rows (``rows_padded``)."""
+    gl.static_assert(num_warps == WARPS)
+    KEYS_M: gl.constexpr = R <= 16          # S^T [keys, rows], else S [rows, keys]
+    SM: gl.constexpr = BS if KEYS_M else R
+    SN: gl.constexpr = R if KEYS_M else BS
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, SN, 32])
+    ROW_L: gl.constexpr = gl.SliceLayout(0 if KEYS_M else 1, ACC)     # [R]: query rows
+    KEY_L: gl.constexpr = gl.SliceLayout(1 if KEYS_M else 0, ACC)     # [BS]: keys
+    b = gl.program_id(0)
+    p = gl.program_id(1)
+    n = gl.load(SEQ_LENS + b)
+    table_row = b.to(gl.int64) * stride_tb
+    j0 = p * PAGES
+    # the pages before the last query's block: every row ranks at most those
+    n_live = gl.minimum(gl.maximum((n - 1) // BS - j0, 0), PAGES)
+    ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BS, DI], PAGE_L)
+    ks_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BS],
+                                        gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    for i in gl.static_range(STAGES):
+        _issue(k_desc, KIS, ring, ks_ring, bars, _page(PAGE_TABLE, table_row, j0 + i, j0 + n_live),
+               i, rows_per_page, i < n_live)
+    # the ids of the next two pages to issue, loaded ahead (their latency hidden)
+    nxt = _page(PAGE_TABLE, table_row, j0 + STAGES, j0 + n_live)
+    later = _page(PAGE_TABLE, table_row, j0 + STAGES + 1, j0 + n_live)
+    q8, row_scale = _queries(QI, b, scale, stride_qt, stride_qh, NQ, HI, R)
+    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [R, DI], PAGE_L, q8)
+    fence_async_shared()
+
+    r = gl.arange(0, R, layout=ROW_L)
+    rmask = r < NQ * HI
+    local = (n - NQ + r // HI) // BS
+    lists = CAND + (b * NQ + r // HI).to(gl.int64) * stride_cc + (r % HI) * stride_ch + j0
+    row_scale = gl.convert_layout(row_scale, ROW_L)
+    zero = gl.zeros([SM, SN], gl.float32, ACC)
+    best = gl.full([R], EMPTY, gl.int64, ROW_L)         # the chunk's largest key so far,
+    at = gl.zeros([R], gl.int32, ROW_L)                 # its place
+    first = best                                        # and the first key
+    for jj in range(n_live):
+        s = jj % STAGES
+        mbarrier.wait(bars.index(s), (jj // STAGES) & 1)
+        acc = _scores(ring.index(s), q_smem, zero, KEYS_M)
+        async_copy.wait_group(STAGES - 1)               # this page's scales
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        gl.thread_barrier()             # every warp's wgmma read slot s, every scale landed
+        ks = ks_ring.index(s).load(KEY_L)
+        gl.thread_barrier()             # read by all before the slot's next copy
+        _issue(k_desc, KIS, ring, ks_ring, bars, nxt, s, rows_per_page,
+               jj + STAGES < n_live)
+        nxt = later
+        later = _page(PAGE_TABLE, table_row, j0 + jj + STAGES + 2, j0 + n_live)
+        m = _block_max(acc, ks, KEYS_M) * row_scale
+        key = gl.where((j0 + jj < local) & (m != float("-inf")), _pack(m, j0 + jj), EMPTY)
+        gl.store(lists + jj, key, mask=rmask)
+        if not RANK:
+            first = gl.where(jj == 0, key, first)
+            at = gl.where(key > best, jj, at)
+            best = gl.maximum(best, key)
+    async_copy.wait_group(0)
+
+    # the pages not read rank nothing; then the list's order (over this program's stores)
+    lst: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])
+    r2 = gl.arange(0, R, layout=gl.SliceLayout(1, lst))
+    rmask2 = gl.expand_dims(r2 < NQ * HI, 1)
+    lists2 = gl.expand_dims(CAND + (b * NQ + r2 // HI).to(gl.int64) * stride_cc +
+                            (r2 % HI) * stride_ch + j0, 1)
+    offs_p = gl.expand_dims(gl.arange(0, PAGES, layout=gl.SliceLayout(0, lst)), 0)
+    gl.store(lists2 + offs_p, gl.full([R, PAGES], EMPTY, gl.int64, lst),
+             mask=rmask2 & (offs_p >= n_live))
+    gl.thread_barrier()
+    if not RANK:        # the largest key first
+        gl.store(lists + at, first, mask=rmask)
+        gl.store(lists, best, mask=rmask)
+    else:               # the chunk's best KR keys, ranked
+        keys = gl.load(lists2 + offs_p, mask=rmask2, other=EMPTY)
+        offs_k = gl.expand_dims(gl.arange(0, KR, layout=gl.SliceLayout(0, lst)), 0)
+        ranked = gl.full([R, KR], EMPTY, gl.int64, lst)
+        for k in range(KR):             # keys are distinct: each round removes one
+            top = gl.expand_dims(gl.max(keys, 1), 1)
+            ranked = gl.where(offs_k == k, top, ranked)
+            keys = gl.where(keys == top, EMPTY, keys)
+        gl.thread_barrier()
+        gl.store(lists2 + offs_k, ranked, mask=rmask2)
+
+
+def rows_padded(rows: int) -> int:
+    """The kernel's query rows for a request's ``rows = Q x Hi``: 8 or 16 with the keys as
+    the wgmma's M dimension (a few values per thread, their max across threads), else 64
+    with the rows as M (the max within lane quads: cheaper for many rows, see
+    docs/experiments.md)."""
+    return 8 if rows <= 8 else 16 if rows <= 16 else 64
+
+
+def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
+              num_q: int) -> bool:
+    """Whether ``fp8_scan_kernel`` scans these pages: a Hopper GPU (sm_90), e4m3 index
+    keys of head dim 128 in pages of 128 whose rows are TMA rows (16-byte aligned, the
+    page stride a whole multiple of the row stride, fewer than 2^31 rows), at most 64
+    query rows per request (``num_q x Hi``)."""
+    if not (qi.is_cuda and torch.cuda.get_device_capability(qi.device) == (9, 0)):
+        return False
+    sp, st = ki_strides
+    return (ki.dtype == torch.float8_e4m3fn and qi.shape[-1] == DI and block_size == BS
+            and num_q * qi.shape[1] <= MAX_ROWS and st % 16 == 0 and sp % st == 0
+            and ki.shape[0] * (sp // st) < 2 ** 31 and ki.data_ptr() % 16 == 0)
+
+
+def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: int,
+           index_scale: float, ki_strides, pages: int, kr: int, rank: bool,
+           stages: int = STAGES) -> None:
+    """``fp8_scan_kernel`` over ``grid = (requests, chunks)`` of ``pages`` pages
+    (``msa.ops.decode.select.paged_scan``'s arguments; the pages as TMA rows)."""
+    sp, st = ki_strides
+    rows = rows_padded(num_q * qi.shape[1])
+    desc = TensorDescriptor(ki, [ki.shape[0] * (sp // st), DI.value], [st, 1],
+                            [BS.value, DI.value], PAGE_L.value)
+    fp8_scan_kernel[grid](
+        qi, desc, ki_scales, ki_table, seq_lens, candidates, index_scale, sp // st,
+        qi.stride(0), qi.stride(1), ki_table.stride(0), candidates.stride(0),
+        candidates.stride(1), NQ=num_q, HI=qi.shape[1], PAGES=pages, KR=kr, RANK=rank,
+        STAGES=stages, R=rows, num_warps=WARPS.value)

@@ -1,0 +1,142 @@
+"""The Gluon FP8 decode index scan (msa.ops.decode.gluon_scan): it compiles for Hopper on
+any machine (pages by TMA, one e4m3 wgmma per page in either orientation, no spills), and
+on a Hopper GPU its top-k rows are a top-k of the fp64 scores of the same e4m3 values
+(up to the tensor cores' rounding of near-equal block maxima), its block maxima are the
+Triton scan's, and bytes past each request's last token are never read."""
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+from msa.ops.decode.select import candidates_width, paged_select, scan_kernel, unpack  # noqa: E402
+from msa.ops.quant import dequantize, fake_quantize, quantize_e4m3  # noqa: E402
+from tests.helpers import gluon_ptx  # noqa: E402
+
+BS, DI, K = 128, 128, 16
+SCALE = DI ** -0.5
+# Hopper's e4m3 wgmma adds its products with less than fp32's precision: block maxima of
+# these N(0, 1) inputs (|score| < 8) moved by up to 5.4e-4 against fp32 sums
+# (docs/experiments.md), so near-equal maxima may swap; none may move by more than this
+ATOL = 2e-3
+
+
+def _sig():
+    from msa.ops.decode import gluon_scan as g
+    return {"QI": "*bf16", "k_desc": f"tensordesc<fp8e4nv[128, 128],{g.PAGE_L.value!r}>",
+            "KIS": "*fp32", "PAGE_TABLE": "*i32", "SEQ_LENS": "*i32", "CAND": "*i64",
+            "scale": "fp32", "rows_per_page": "i32",
+            **{f"stride_{s}": "i32" for s in ("qt", "qh", "tb", "cc", "ch")}}
+
+
+@pytest.mark.parametrize("nq,rows,rank,mma", [
+    (1, 8, True, "m64n8k32"),           # one token x 4 index heads: keys as the MMA rows
+    (4, 16, True, "m64n16k32"),
+    (8, 64, False, "m64n128k32"),       # 32 query rows: the rows as the MMA rows
+])
+def test_compiles_for_sm90(nq, rows, rank, mma):
+    const = dict(NQ=nq, HI=4, PAGES=16, KR=16, RANK=rank, STAGES=3, R=rows, num_warps=4)
+    ptx = gluon_ptx("msa.ops.decode.gluon_scan", "fp8_scan_kernel", _sig(), const)
+    assert f"wgmma.mma_async.sync.aligned.{mma}.f32.e4m3.e4m3" in ptx
+    assert "cp.async.bulk.tensor.2d" in ptx and "ld.local" not in ptx
+
+
+def _case(lengths, nq, hi, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    per = max(-(-n // BS) for n in lengths)
+    pages = len(lengths) * per + 5
+    ki8, kis = quantize_e4m3(torch.randn(pages, BS, DI, device="cuda", generator=g))
+    table = torch.randperm(pages, device="cuda", generator=g)[:len(lengths) * per]
+    table = table.view(len(lengths), per).to(torch.int32).contiguous()
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    qi = torch.randn(len(lengths) * nq, hi, DI, device="cuda", generator=g,
+                     dtype=torch.bfloat16)
+    return qi, ki8, kis, table, lens
+
+
+def _select(qi, ki8, kis, table, lens, nq, per):
+    rows, hi = qi.shape[0], qi.shape[1]
+    cand = torch.full((rows, hi, candidates_width(table.shape[1], per)), 7, dtype=torch.int64,
+                      device="cuda")
+    topk = torch.full((hi, rows, K), -7, dtype=torch.int32, device="cuda")
+    paged_select(qi, ki8, table, lens, batch=len(lens), num_q=nq, max_pages=table.shape[1],
+                 candidates=cand, topk_indices=topk, block_size=BS, index_scale=SCALE,
+                 ki_scales=kis, pages_per_program=per)
+    return cand, topk
+
+
+def _scores(qi, ki8, kis, table, lens, nq):
+    """fp64 block maxima ``[rows, hi, blocks]`` of the e4m3 queries (``fake_quantize``)
+    against the dequantized keys; ``-inf`` for blocks a row does not rank."""
+    keys = dequantize(ki8, kis).double()                        # [P, BS, DI]
+    q = fake_quantize(qi).double()
+    rows, hi = qi.shape[:2]
+    out = torch.full((rows, hi, table.shape[1]), float("-inf"), dtype=torch.float64,
+                     device="cuda")
+    for r in range(rows):
+        local = (int(lens[r // nq]) - nq + r % nq) // BS
+        kb = keys[table[r // nq, :local].long()]                # [local, BS, DI]
+        out[r, :, :local] = torch.einsum("hd,jtd->hjt", q[r], kb).amax(-1) * SCALE
+    return out
+
+
+def _assert_top_k(topk, scores, lens, nq):
+    """Each row: ``min(K - 1, local)`` distinct earlier blocks whose fp64 scores are a
+    top-k up to ``ATOL`` (none below the (K-1)-th best by more, none left out above it by
+    more), then the local block, then -1."""
+    hi, rows, _ = topk.shape
+    for r in range(rows):
+        local = (int(lens[r // nq]) - nq + r % nq) // BS
+        n = min(K - 1, local)
+        for h in range(hi):
+            row = topk[h, r].tolist()
+            assert row[n] == local and all(x == -1 for x in row[n + 1:]), row
+            picked = row[:n]
+            assert len(set(picked)) == n and all(0 <= x < local for x in picked), row
+            if n == 0:
+                continue
+            sc = scores[r, h, :local]
+            kth = sc.topk(n).values[-1]
+            rest = torch.ones(local, dtype=torch.bool, device=sc.device)
+            rest[picked] = False
+            assert sc[picked].min() >= kth - ATOL
+            assert not rest.any() or sc[rest].max() <= kth + ATOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths,nq,hi,per", [
+    ((3000, 2500, 1800), 2, 4, None),               # 8 rows: keys as the MMA rows
+    ((100, 129, 256, 257, 5000), 1, 4, None),       # no earlier block, chunks with no page
+    (tuple(range(1000, 9000, 200)), 8, 4, None),    # 32 rows: rows as the MMA rows, 16 pages
+    ((20000, 7000), 16, 4, None),                   # 64 rows, chunks ranked in the scan
+    ((9000, 300), 1, 8, None),                      # 8 index heads
+    ((9000, 4000, 1000), 3, 4, 4),                  # 12 of 16 rows, 4 pages per program
+    ((70000,), 1, 4, None),                         # one long request, chunks ranked
+])
+def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, monkeypatch):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode scan is for Hopper")
+    qi, ki8, kis, table, lens = _case(lengths, nq, hi, seed=nq * 100 + hi)
+    assert scan_kernel(qi, ki8, (ki8.stride(0), ki8.stride(1)), BS, nq) == "gluon"
+    cand, topk = _select(qi, ki8, kis, table, lens, nq, per)
+    _assert_top_k(topk, _scores(qi, ki8, kis, table, lens, nq), lens, nq)
+    # NaN bytes and scales in every key row past a request's last token: never read
+    poisoned, pkis = ki8.clone(), kis.clone()
+    for b, n in enumerate(lengths):
+        if n % BS:
+            page = int(table[b, (n - 1) // BS])
+            poisoned.view(torch.uint8)[page, n % BS:] = 0x7F            # e4m3 NaN
+            pkis[page, n % BS:] = float("nan")
+    p_cand, p_topk = _select(qi, poisoned, pkis, table, lens, nq, per)
+    assert torch.equal(p_cand, cand) and torch.equal(p_topk, topk)
+    # the Triton scan's block maxima, block by block
+    monkeypatch.setenv("MSA_DECODE_KERNEL", "triton")
+    t_cand, _ = _select(qi, ki8, kis, table, lens, nq, per)
+    (gm, gid), (tm, tid) = unpack(cand), unpack(t_cand)
+    rows = qi.shape[0]
+    dense = torch.full((2, rows, hi, table.shape[1] + 1), float("nan"), device="cuda")
+    for i, (m, ids) in enumerate(((gm, gid), (tm, tid))):
+        live = ids >= 0
+        r, h, _ = live.nonzero(as_tuple=True)
+        dense[i, r, h, ids[live]] = m[live]
+    assert torch.equal(dense[0].isnan(), dense[1].isnan())      # the same blocks keyed
+    torch.testing.assert_close(dense[0], dense[1], rtol=0, atol=ATOL, equal_nan=True)
