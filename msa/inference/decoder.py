@@ -203,6 +203,21 @@ class PagedDecoder:
                              (k_pages.stride(0), k_pages.stride(1), k_pages.stride(2)), nsplit,
                              merge=nsplit > 1)
 
+    def scan_kernel(self, qi, ki_pages) -> str:
+        """The index-scan kernel ``run`` launches over these index-key pages (with
+        ``ki_fp8``: over the copy's pages): ``"gluon"`` (``msa.ops.decode.gluon_scan``:
+        Hopper, e4m3 pages, at most 64 query rows per request) or ``"triton"``
+        (``MSA_DECODE_KERNEL=triton`` keeps it)."""
+        from ..ops.decode.select import scan_kernel
+        if self.batch == 0:
+            raise RuntimeError("call plan() before scan_kernel()")
+        c = self.cfg
+        self._check_tensors({"qi": (qi, (self.batch * self.num_q, c.index_heads,
+                                         c.index_dim)),
+                             "ki_pages": (ki_pages, (None, c.block_size, c.index_dim))})
+        return scan_kernel(qi, ki_pages, (ki_pages.stride(0), ki_pages.stride(1)),
+                           c.block_size, self.num_q)
+
     @staticmethod
     def _check_fp8_copy(ki_pages, ki_fp8, ki_scales):
         """``ki_fp8 = (e4m3 pages, scales)`` beside 16-bit or fp32 ``ki_pages``."""
