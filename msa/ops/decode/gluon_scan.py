@@ -5,19 +5,25 @@ with fp32 key scales (``FP8=True``): grid (request, page chunk), one int64 ``pac
 per (query row, index head, block) into the chunk's list, the chunk's largest first, or
 its best ``KR`` ranked (``RANK``). The ``tl.*`` kernel's tile has ``Q x Hi`` rows (4 at
 one decode token), too few for Hopper's wgmma, so Triton lowers its e4m3 product to
-``mma.sync``, which sm_90 runs through fp16 MMAs after converting every key byte: the
-scan is bound by those instructions, not by its bytes (docs/experiments.md). Here:
+``mma.sync``, which sm_90 runs through fp16 MMAs after converting every key byte (at 8
+decode tokens that scan takes 1.5x what reading its bytes takes, docs/experiments.md).
+Here:
 
 * the request's query rows are quantized (the ``tl.*`` kernel's rule) into one e4m3
-  wgmma operand of 64 rows in shared memory, so ``Q x Hi <= 64``;
+  wgmma operand in shared memory (``rows_padded``: 8, 16 or 64 rows; ``Q x Hi <= 64``);
 * each page of 128 keys arrives by TMA into a ring of ``STAGES`` slots (an mbarrier per
-  slot), ``STAGES - 1`` pages ahead of the one scored;
-* one e4m3 wgmma per page (``64 x 128 x 128``, fp32 accumulators), then the key scales,
-  the block max of each row and its ``pack`` key.
+  slot), its key scales by ``cp.async`` beside it, ``STAGES - 1`` pages ahead of the one
+  scored; page ids are loaded two pages before their copy is issued;
+* one e4m3 wgmma per page with fp32 accumulators: up to 16 query rows ``S^T = K Q^T``
+  (the keys as the MMA's rows, a few scores per thread; each row's max crosses lanes and
+  warps), else ``S = Q K^T`` (the max within lane quads), then the key scales, the block
+  max of each row and its ``pack`` key.
 
 Only the pages before the last query's own block are read: no row ranks a later block
 (the local one comes last, docs/semantics.md), so no page past a request's last token is
-read either.
+read either. Hopper's e4m3 tensor cores add the products with about 13 fractional bits,
+not fp32's 24 (as Triton's own e4m3 MMA does from 64 rows up): near-equal block maxima
+may rank either way (docs/semantics.md, tests/ops/decode/test_gluon_scan.py).
 """
 from __future__ import annotations
 
