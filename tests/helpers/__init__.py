@@ -54,24 +54,28 @@ def force_smallest_launch(monkeypatch, module):
     return force_launch(monkeypatch, module, lambda configs: configs[-1])
 
 
-def gluon_ptx(module: str, kernel: str, sig: dict, const: dict) -> str:
+def gluon_ptx(module: str, kernel: str, sig: dict, const):
     """PTX of Gluon ``module.kernel`` compiled for sm_90a (``compiled_ptx``) with argument
     types ``sig`` (name -> Triton type string) and constexprs ``const`` (``num_warps``
     included); pointers and ``stride*`` arguments are declared 16-divisible, as a
-    launch on aligned tensors specializes them (cp.async needs it)."""
-    return compiled_ptx(f"""
+    launch on aligned tensors specializes them (cp.async needs it). ``const`` a list of
+    such dicts: the list of their PTX, compiled in one process."""
+    consts = const if isinstance(const, list) else [const]
+    out = compiled_ptx(f"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from {module} import {kernel} as fn
-const = {const!r}
-sig = {{**{sig!r}, **{{k: "constexpr" for k in const}}}}
-aligned = [n for n in sig if sig[n].startswith("*") or n.startswith("stride")]
-attrs = {{(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}}
-src = GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-print(triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                     options={{"num_warps": const["num_warps"]}}).asm["ptx"])
-""")
+for const in {consts!r}:
+    sig = {{**{sig!r}, **{{k: "constexpr" for k in const}}}}
+    aligned = [n for n in sig if sig[n].startswith("*") or n.startswith("stride")]
+    attrs = {{(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    print(triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options={{"num_warps": const["num_warps"]}}).asm["ptx"])
+    print("=== end of kernel ===")
+""").split("=== end of kernel ===\n")[:-1]
+    return out if isinstance(const, list) else out[0]
 
 
 def compiled_ptx(program: str) -> str:

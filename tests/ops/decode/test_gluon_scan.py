@@ -28,16 +28,17 @@ def _sig():
             **{f"stride_{s}": "i32" for s in ("qt", "qh", "tb", "cc", "ch")}}
 
 
-@pytest.mark.parametrize("nq,rows,rank,mma", [
-    (1, 8, True, "m64n8k32"),           # one token x 4 index heads: keys as the MMA rows
-    (4, 16, True, "m64n16k32"),
-    (8, 64, False, "m64n128k32"),       # 32 query rows: the rows as the MMA rows
-])
-def test_compiles_for_sm90(nq, rows, rank, mma):
-    const = dict(NQ=nq, HI=4, PAGES=16, KR=16, RANK=rank, STAGES=3, R=rows, num_warps=4)
-    ptx = gluon_ptx("msa.ops.decode.gluon_scan", "fp8_scan_kernel", _sig(), const)
-    assert f"wgmma.mma_async.sync.aligned.{mma}.f32.e4m3.e4m3" in ptx
-    assert "cp.async.bulk.tensor.2d" in ptx and "ld.local" not in ptx
+def test_compiles_for_sm90():
+    """Both orientations: one token x 4 index heads (8 rows: the keys as the MMA rows), 4
+    tokens (16 rows), 8 tokens (32 rows, padded to 64: the rows as the MMA rows)."""
+    cases = [(1, 8, True, "m64n8k32"), (4, 16, True, "m64n16k32"), (8, 64, False, "m64n128k32")]
+    ptxs = gluon_ptx("msa.ops.decode.gluon_scan", "fp8_scan_kernel", _sig(), [
+        dict(NQ=nq, HI=4, PAGES=16, KR=16, RANK=rank, STAGES=3, R=rows, num_warps=4)
+        for nq, rows, rank, _ in cases])
+    assert len(ptxs) == len(cases)
+    for ptx, (_, _, _, mma) in zip(ptxs, cases):
+        assert f"wgmma.mma_async.sync.aligned.{mma}.f32.e4m3.e4m3" in ptx
+        assert "cp.async.bulk.tensor.2d" in ptx and "ld.local" not in ptx
 
 
 def _case(lengths, nq, hi, seed):
