@@ -273,6 +273,14 @@ def fp8_attn_kernel(
     gl.store(LSE + c * stride_lt + h * G + lse_g, lse, mask=lse_g < G)
 
 
+def tma_rows(x: torch.Tensor, row_stride: int) -> int:
+    """Rows of ``row_stride`` elements from ``x``'s first element to its last (the extent
+    a TMA descriptor of those rows may read), whatever view ``x`` is of them: a pool of
+    pages, or a cache ``[B, H, T, D]`` read through pages of ``T``'s blocks."""
+    last = sum((n - 1) * s for n, s in zip(x.shape, x.stride()))
+    return last // row_stride + 1
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: int,
               block_size: int, kv_strides) -> bool:
     """Whether ``fp8_attn_kernel`` runs these pages: a Hopper GPU (sm_90), 16-bit queries,
@@ -285,7 +293,8 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: i
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == torch.float8_e4m3fn
             and q.shape[-1] == D and block_size == BS and q.shape[1] // num_kv_heads <= ROWS
             and v.dtype == k.dtype and all(x % 16 == 0 for x in kv_strides)
-            and sp % st == 0 and sh % st == 0 and k.shape[0] * (sp // st) < 2 ** 31
+            and sp % st == 0 and sh % st == 0 and tma_rows(k, st) < 2 ** 31
+            and tma_rows(v, st) < 2 ** 31
             and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0)
 
 
@@ -297,9 +306,8 @@ def launch(q, k, v, k_scales, v_scales, topk_indices, page_table, seq_lens, out,
     per SM (no spills in the sm_90a build)."""
     topk = topk_indices.shape[2]
     sp, sh, st = kv_strides
-    n_rows = k.shape[0] * (sp // st)
-    descs = [TensorDescriptor(x, [n_rows, D.value], [st, 1], [BS.value, D.value], PAGE_L.value)
-             for x in (k, v)]
+    descs = [TensorDescriptor(x, [tma_rows(x, st), D.value], [st, 1], [BS.value, D.value],
+                              PAGE_L.value) for x in (k, v)]
     fp8_attn_kernel[(rows, num_kv_heads)](
         q, *descs, k_scales, v_scales, topk_indices, page_table, seq_lens, out, lse,
         scale_log2, sp // st, sh // st, q.stride(0), q.stride(1), topk_indices.stride(0),

@@ -35,6 +35,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .gluon import tma_rows
+
 BS = gl.constexpr(128)          # keys per page (block)
 DI = gl.constexpr(128)          # index head dim
 MAX_ROWS = 64                   # query rows (Q x Hi) per request at most
@@ -227,14 +229,15 @@ def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
               num_q: int) -> bool:
     """Whether ``fp8_scan_kernel`` scans these pages: a Hopper GPU (sm_90), e4m3 index
     keys of head dim 128 in pages of 128 whose rows are TMA rows (16-byte aligned, the
-    page stride a whole multiple of the row stride, fewer than 2^31 rows), at most 64
+    page stride a whole multiple of the row stride, fewer than 2^31 rows in ``ki``'s
+    extent, ``tma_rows``), at most 64
     query rows per request (``num_q x Hi``)."""
     if not (qi.is_cuda and torch.cuda.get_device_capability(qi.device) == (9, 0)):
         return False
     sp, st = ki_strides
     return (ki.dtype == torch.float8_e4m3fn and qi.shape[-1] == DI and block_size == BS
             and num_q * qi.shape[1] <= MAX_ROWS and st % 16 == 0 and sp % st == 0
-            and ki.shape[0] * (sp // st) < 2 ** 31 and ki.data_ptr() % 16 == 0)
+            and tma_rows(ki, st) < 2 ** 31 and ki.data_ptr() % 16 == 0)
 
 
 def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: int,
@@ -244,8 +247,8 @@ def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: in
     (``msa.ops.decode.select.paged_scan``'s arguments; the pages as TMA rows)."""
     sp, st = ki_strides
     rows = rows_padded(num_q * qi.shape[1])
-    desc = TensorDescriptor(ki, [ki.shape[0] * (sp // st), DI.value], [st, 1],
-                            [BS.value, DI.value], PAGE_L.value)
+    desc = TensorDescriptor(ki, [tma_rows(ki, st), DI.value], [st, 1], [BS.value, DI.value],
+                            PAGE_L.value)
     fp8_scan_kernel[grid](
         qi, desc, ki_scales, ki_table, seq_lens, candidates, index_scale, sp // st,
         qi.stride(0), qi.stride(1), ki_table.stride(0), candidates.stride(0),

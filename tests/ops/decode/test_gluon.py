@@ -183,3 +183,39 @@ def test_gluon_equals_triton_and_reference(nq, lengths, hq, hkv, topk, vllm_layo
                               table.cpu(), lens.cpu(), sel.cpu(), nq, pick)
     torch.testing.assert_close(out[pick].double().cpu(), r_out[pick], rtol=1e-2, atol=3e-3)
     torch.testing.assert_close(lse[pick].double().cpu(), r_lse[pick], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gluon_reads_a_cache_through_pages_of_its_rows(monkeypatch):
+    """The transformers decode layout: K/V ``[B, Hkv, Tk, D]`` of a static cache read
+    through pages of their blocks (``kv_strides = (BS * D, Tk * D, D)``, page ``b * Hkv *
+    NB + j``, scales ``[B, Hkv, Tk]``); the TMA rows span the whole cache (``tma_rows``):
+    what the Triton kernel gives on the same bytes."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for Hopper")
+    b, hkv, hq, nb, bs, d, topk = 40, 4, 64, 16, 128, 128, 16
+    tk = nb * bs
+    g = torch.Generator(device="cuda").manual_seed(9)
+    (k8, ks), (v8, vs) = (quantize_e4m3(torch.randn(b, hkv, tk, d, device="cuda", generator=g))
+                          for _ in range(2))
+    table = (torch.arange(b, device="cuda").view(-1, 1) * hkv * nb +
+             torch.arange(nb, device="cuda")).to(torch.int32).contiguous()
+    lengths = [int(x) for x in torch.randint(300, tk, (b,), generator=torch.Generator())]
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    q = torch.randn(b, hq, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    sel = torch.full((hkv, b, topk), -1, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(1)
+    for r, n in enumerate(lengths):
+        local = (n - 1) // bs
+        for h in range(hkv):
+            earlier = torch.randperm(local, generator=gen)[:topk - 1].tolist()
+            sel[h, r, :len(earlier) + 1] = torch.tensor(earlier + [local], dtype=torch.int32)
+    sel = sel.cuda()
+    kw = dict(kv_strides=(bs * d, tk * d, d), scale_strides=(bs, tk))
+    assert attend_kernel(q, k8, v8, hkv, bs, kw["kv_strides"], 1, False) == "gluon"
+    out, lse = _attend(q, k8, ks, v8, vs, table, lens, sel, 1, hkv, **kw)
+    monkeypatch.setenv("MSA_DECODE_KERNEL", "triton")
+    t_out, t_lse = _attend(q, k8, ks, v8, vs, table, lens, sel, 1, hkv, **kw)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), t_out.float(), rtol=1e-2, atol=3e-3)
+    torch.testing.assert_close(lse, t_lse, rtol=1e-5, atol=1e-5)

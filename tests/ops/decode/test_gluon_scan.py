@@ -148,3 +148,35 @@ def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, monkeypa
     assert torch.equal(keyed, ~dense[1, ..., :-1].isnan())      # the same blocks keyed
     diff = (dense[0, ..., :-1] - dense[1, ..., :-1]).abs().double()
     assert (diff[keyed] <= tol[keyed] + 1e-5).all()             # (+ fp32 sums' rounding)
+
+
+@pytest.mark.gpu
+def test_gluon_scan_reads_a_cache_through_pages_of_its_rows(monkeypatch):
+    """The transformers decode layout: index keys ``[B, Tk, 1, Di]`` (a view of a static
+    cache ``[B, 1, Tk, Di]``) read through pages of their blocks, ``ki_strides = (BS * Di,
+    Di)``, page ``b * NB + j``; the TMA rows span the whole cache (``tma_rows``), so the
+    rows equal those of the same bytes read as a pool of pages."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode scan is for Hopper")
+    b, nb, nq, hi = 3, 40, 2, 4
+    g = torch.Generator(device="cuda").manual_seed(5)
+    cache8, scales = quantize_e4m3(torch.randn(b, 1, nb * BS, DI, device="cuda", generator=g))
+    view = cache8.view(b, nb * BS, 1, DI)
+    table = (torch.arange(b, device="cuda").view(-1, 1) * nb +
+             torch.arange(nb, device="cuda")).to(torch.int32).contiguous()
+    lens = torch.tensor([nb * BS - 7, 3000, 4500], dtype=torch.int32, device="cuda")
+    qi = torch.randn(b * nq, hi, DI, device="cuda", generator=g, dtype=torch.bfloat16)
+    assert scan_kernel(qi, view, (BS * DI, DI), BS, nq) == "gluon"
+    outs = []
+    for keys, strides in ((view, (BS * DI, DI)), (cache8.view(b * nb, BS, DI), None)):
+        cand = torch.full((b * nq, hi, candidates_width(nb)), 7, dtype=torch.int64,
+                          device="cuda")
+        topk = torch.full((hi, b * nq, K), -7, dtype=torch.int32, device="cuda")
+        paged_select(qi, keys, table, lens, batch=b, num_q=nq, max_pages=nb, candidates=cand,
+                     topk_indices=topk, block_size=BS, index_scale=SCALE,
+                     ki_scales=scales.view(b * nb, BS), ki_strides=strides, mask_tail=True)
+        outs.append((cand, topk))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    scores, tol = _scores(qi, cache8.view(b * nb, BS, DI), scales.view(b * nb, BS), table,
+                          lens, nq)
+    _assert_top_k(outs[0][1], scores, tol, lens, nq)
