@@ -94,7 +94,8 @@ def _queries(QI, b, scale, stride_qt, stride_qh, NQ: gl.constexpr, HI: gl.conste
     amax = gl.max(gl.abs(qf), 1)
     qs = gl.where(amax > 0, gl.div_rn(amax, gl.full_like(amax, 448.0)), 1.0)
     q8 = gl.div_rn(qf, gl.expand_dims(qs, 1) + gl.zeros_like(qf))
-    q8 = gl.minimum(gl.maximum(q8, -448.0), 448.0).to(gl.float8e4nv)
+    q8 = gl.where(q8 != q8, q8, gl.minimum(gl.maximum(q8, -448.0), 448.0))   # NaN stays NaN
+    q8 = q8.to(gl.float8e4nv)
     return q8, qs * scale
 
 

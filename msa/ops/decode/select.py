@@ -78,7 +78,8 @@ def paged_scan_kernel(
         qf = qi.to(tl.float32)
         amax = tl.max(tl.abs(qf), 1)
         qs = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)      # IEEE, as torch
-        q8 = to_e4m3(tl.clamp(tl.math.div_rn(qf, qs[:, None]), -448.0, 448.0))
+        q8 = to_e4m3(tl.clamp(tl.math.div_rn(qf, qs[:, None]), -448.0, 448.0,
+                              propagate_nan=tl.PropagateNan.ALL))     # NaN stays NaN
         row_scale = qs * scale              # max commutes with a positive row factor
     lists = CAND + qrow * stride_cc + h * stride_ch + p * PAGES       # [ROWS]: this chunk
     best = tl.full((ROWS,), EMPTY, dtype=tl.int64)          # the chunk's largest key so far,
