@@ -100,6 +100,14 @@ def _queries(QI, b, scale, stride_qt, stride_qh, NQ: gl.constexpr, HI: gl.conste
 
 
 @gluon.jit
+def _row_lists(CAND, b, r, j0, stride_cc, stride_ch, NQ: gl.constexpr, HI: gl.constexpr):
+    """Query rows ``r`` (row ``i * HI + h`` of request ``b``): where their lists of this
+    chunk (page ``j0`` on) start in ``CAND``, and which rows are real."""
+    lists = CAND + (b * NQ + r // HI).to(gl.int64) * stride_cc + (r % HI) * stride_ch + j0
+    return lists, r < NQ * HI
+
+
+@gluon.jit
 def _scores(page, q_smem, zero, KEYS_M: gl.constexpr):
     """The page's e4m3 scores (asynchronous wgmma): ``S^T = K Q^T [BS, R]`` with the keys
     as the MMA rows (``KEYS_M``), else ``S = Q K^T [R, BS]``."""
@@ -163,9 +171,8 @@ def fp8_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per
     fence_async_shared()
 
     r = gl.arange(0, R, layout=ROW_L)
-    rmask = r < NQ * HI
+    lists, rmask = _row_lists(CAND, b, r, j0, stride_cc, stride_ch, NQ, HI)
     local = (n - NQ + r // HI) // BS
-    lists = CAND + (b * NQ + r // HI).to(gl.int64) * stride_cc + (r % HI) * stride_ch + j0
     row_scale = gl.convert_layout(row_scale, ROW_L)
     zero = gl.zeros([SM, SN], gl.float32, ACC)
     best = gl.full([R], EMPTY, gl.int64, ROW_L)         # the chunk's largest key so far,
@@ -195,10 +202,9 @@ def fp8_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per
 
     # the pages not read rank nothing; then the list's order (over this program's stores)
     lst: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])
-    r2 = gl.arange(0, R, layout=gl.SliceLayout(1, lst))
-    rmask2 = gl.expand_dims(r2 < NQ * HI, 1)
-    lists2 = gl.expand_dims(CAND + (b * NQ + r2 // HI).to(gl.int64) * stride_cc +
-                            (r2 % HI) * stride_ch + j0, 1)
+    lists2, rmask2 = _row_lists(CAND, b, gl.arange(0, R, layout=gl.SliceLayout(1, lst)), j0,
+                                stride_cc, stride_ch, NQ, HI)
+    lists2, rmask2 = gl.expand_dims(lists2, 1), gl.expand_dims(rmask2, 1)
     offs_p = gl.expand_dims(gl.arange(0, PAGES, layout=gl.SliceLayout(0, lst)), 0)
     gl.store(lists2 + offs_p, gl.full([R, PAGES], EMPTY, gl.int64, lst),
              mask=rmask2 & (offs_p >= n_live))
