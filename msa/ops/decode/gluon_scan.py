@@ -5,8 +5,8 @@ with fp32 key scales (``FP8=True``): grid (request, page chunk), one int64 ``pac
 per (query row, index head, block) into the chunk's list, the chunk's largest first, or
 its best ``KR`` ranked (``RANK``). The ``tl.*`` kernel's tile has ``Q x Hi`` rows (4 at
 one decode token), too few for Hopper's wgmma, so Triton lowers its e4m3 product to
-``mma.sync``, which sm_90 runs through fp16 MMAs after converting every key byte (at 8
-decode tokens that scan takes 1.5x what reading its bytes takes, docs/experiments.md).
+``mma.sync``, which sm_90 runs through fp16 MMAs after converting every key byte: with
+several decode tokens that scan takes longer than reading its bytes (docs/benchmarks.md).
 Here:
 
 * the request's query rows are quantized (the ``tl.*`` kernel's rule) into one e4m3
