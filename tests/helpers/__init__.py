@@ -59,15 +59,17 @@ def gluon_ptx(module: str, kernel: str, sig: dict, const):
     types ``sig`` (name -> Triton type string) and constexprs ``const`` (``num_warps``
     included); pointers and ``stride*`` arguments are declared 16-divisible, as a
     launch on aligned tensors specializes them (cp.async needs it). ``const`` a list of
-    such dicts: the list of their PTX, compiled in one process."""
+    such dicts (and ``sig`` one dict for all, or a list beside them): the list of their
+    PTX, compiled in one process."""
     consts = const if isinstance(const, list) else [const]
+    sigs = sig if isinstance(sig, list) else [sig] * len(consts)
     out = compiled_ptx(f"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from {module} import {kernel} as fn
-for const in {consts!r}:
-    sig = {{**{sig!r}, **{{k: "constexpr" for k in const}}}}
+for sig, const in zip({sigs!r}, {consts!r}):
+    sig = {{**sig, **{{k: "constexpr" for k in const}}}}
     aligned = [n for n in sig if sig[n].startswith("*") or n.startswith("stride")]
     attrs = {{(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)

@@ -1,29 +1,30 @@
-"""Gluon FP8 decode index scan for Hopper (sm_90): ``fp8_scan_kernel``.
+"""Gluon decode index scan for Hopper (sm_90): ``paged_scan_kernel``.
 
-Same contract as ``msa.ops.decode.select.paged_scan_kernel`` over e4m3 index-key pages
-with fp32 key scales (``FP8=True``): grid (request, page chunk), one int64 ``pack`` key
-per (query row, index head, block) into the chunk's list, the chunk's largest first, or
-its best ``KR`` ranked (``RANK``). The ``tl.*`` kernel's tile has ``Q x Hi`` rows (4 at
-one decode token), too few for Hopper's wgmma, so Triton lowers its e4m3 product to
-``mma.sync``, which sm_90 runs through fp16 MMAs after converting every key byte: with
-several decode tokens that scan takes longer than reading its bytes (docs/benchmarks.md).
-Here:
+Same contract as ``msa.ops.decode.select.paged_scan_kernel`` over index-key pages, e4m3
+with fp32 key scales (``FP8``) or 16-bit: grid (request, page chunk), one int64 ``pack``
+key per (query row, index head, block) into the chunk's list, the chunk's largest first,
+or its best ``KR`` ranked (``RANK``). The ``tl.*`` kernel's tile has ``Q x Hi`` rows (4
+at one decode token), too few for Hopper's wgmma, so Triton lowers its product to
+``mma.sync`` with the pages loaded by plain loads; over e4m3 keys sm_90 runs that through
+fp16 MMAs after converting every key byte, and with several decode tokens that scan takes
+longer than reading its bytes (docs/benchmarks.md). Here:
 
-* the request's query rows are quantized (the ``tl.*`` kernel's rule) into one e4m3
-  wgmma operand in shared memory (``rows_padded``: 8, 16 or 64 rows; ``Q x Hi <= 64``);
+* the request's query rows are one wgmma operand in shared memory (``rows_padded``: 8,
+  16 or 64 rows; ``Q x Hi <= 64``), over e4m3 keys quantized by the ``tl.*`` kernel's rule;
 * each page of 128 keys arrives by TMA into a ring of ``STAGES`` slots (an mbarrier per
-  slot), its key scales by ``cp.async`` beside it, ``STAGES - 1`` pages ahead of the one
+  slot), e4m3 key scales by ``cp.async`` beside it, ``STAGES - 1`` pages ahead of the one
   scored; page ids are loaded two pages before their copy is issued;
-* one e4m3 wgmma per page with fp32 accumulators: up to 16 query rows ``S^T = K Q^T``
+* one wgmma per page with fp32 accumulators: up to 16 query rows ``S^T = K Q^T``
   (the keys as the MMA's rows, a few scores per thread; each row's max crosses lanes and
-  warps), else ``S = Q K^T`` (the max within lane quads), then the key scales, the block
-  max of each row and its ``pack`` key.
+  warps), else ``S = Q K^T`` (the max within lane quads), then the key scales (e4m3),
+  the block max of each row and its ``pack`` key.
 
 Only the pages before the last query's own block are read: no row ranks a later block
 (the local one comes last, docs/semantics.md), so no page past a request's last token is
 read either. Hopper's e4m3 tensor cores add the products with about 13 fractional bits,
 not fp32's 24 (as Triton's own e4m3 MMA does from 64 rows up): near-equal block maxima
-may rank either way (docs/semantics.md, tests/ops/decode/test_gluon_scan.py).
+may rank either way (docs/semantics.md, tests/ops/decode/test_gluon_scan.py). Over
+16-bit keys the sums are fp32's, in the tensor cores' order.
 """
 from __future__ import annotations
 
@@ -41,10 +42,14 @@ BS = gl.constexpr(128)          # keys per page (block)
 DI = gl.constexpr(128)          # index head dim
 MAX_ROWS = 64                   # query rows (Q x Hi) per request at most
 WARPS = gl.constexpr(4)
-STAGES = 3                      # ring slots: pages in flight per program (16 KB each)
+STAGES = 3                      # ring slots: pages in flight per program (16 / 32 KB each)
 EMPTY = gl.constexpr(-9223372036854775808)      # int64 min: no block
-# a ring slot / TMA box / the query operand: rows of 128 bytes, 128-byte swizzle
-PAGE_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2))
+
+
+def page_layout(bits: int):
+    """A ring slot / TMA box / the query operand of ``bits``-bit values: 128-byte swizzle."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=2)
+
 
 
 @gluon.jit
@@ -59,18 +64,20 @@ def _pack(m, j):
 
 
 @gluon.jit
-def _issue(k_desc, KIS, ring, ks_ring, bars, page, s, rows_per_page, live):
-    """Page ``page`` by TMA into slot ``s`` and its key scales by ``cp.async`` (when
+def _issue(k_desc, KIS, ring, ks_ring, bars, page, s, rows_per_page, live, FP8: gl.constexpr):
+    """Page ``page`` by TMA into slot ``s`` and its e4m3 key scales by ``cp.async`` (when
     ``live``); one ``cp.async`` group per call, empty or not, so that the group of the
     page ``STAGES - 1`` calls back is complete after ``wait_group(STAGES - 1)``."""
     if live:
-        mbarrier.expect(bars.index(s), BS * DI)
+        mbarrier.expect(bars.index(s), BS * DI * k_desc.dtype.primitive_bitwidth // 8)
         tma.async_copy_global_to_shared(k_desc, [page * rows_per_page, 0], bars.index(s),
                                         ring.index(s))
-        offs = gl.arange(0, BS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-        async_copy.async_copy_global_to_shared(ks_ring.index(s), KIS + page.to(gl.int64) * BS
-                                               + offs)
-    async_copy.commit_group()
+        if FP8:
+            offs = gl.arange(0, BS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+            async_copy.async_copy_global_to_shared(ks_ring.index(s),
+                                                   KIS + page.to(gl.int64) * BS + offs)
+    if FP8:
+        async_copy.commit_group()
 
 
 @gluon.jit
@@ -81,22 +88,27 @@ def _page(PAGE_TABLE, table_row, j, end):
 
 @gluon.jit
 def _queries(QI, b, scale, stride_qt, stride_qh, NQ: gl.constexpr, HI: gl.constexpr,
-             R: gl.constexpr):
-    """The request's ``NQ x HI`` index query rows (row ``i * HI + h``) as e4m3 ``[R, DI]``
-    (zero past them), each divided by its scale ``amax / 448`` (as
-    ``msa.ops.quant.quantize_e4m3``), and ``scale`` times those scales ``[R]``."""
+             R: gl.constexpr, FP8: gl.constexpr):
+    """The request's ``NQ x HI`` index query rows (row ``i * HI + h``) ``[R, DI]`` (zero
+    past them) and their factors ``[R]``: as they are and ``scale``, or (``FP8``) as e4m3,
+    each divided by its scale ``amax / 448`` (as ``msa.ops.quant.quantize_e4m3``), and
+    ``scale`` times those scales."""
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     r = gl.arange(0, R, layout=gl.SliceLayout(1, ld))
     d = gl.arange(0, DI, layout=gl.SliceLayout(0, ld))
     row = (b * NQ + r // HI).to(gl.int64) * stride_qt + (r % HI) * stride_qh
-    qf = gl.load(QI + gl.expand_dims(row, 1) + gl.expand_dims(d, 0),
-                 mask=gl.expand_dims(r < NQ * HI, 1), other=0.0).to(gl.float32)
-    amax = gl.max(gl.abs(qf), 1)
-    qs = gl.where(amax > 0, gl.div_rn(amax, gl.full_like(amax, 448.0)), 1.0)
-    q8 = gl.div_rn(qf, gl.expand_dims(qs, 1) + gl.zeros_like(qf))
-    q8 = gl.where(q8 != q8, q8, gl.minimum(gl.maximum(q8, -448.0), 448.0))   # NaN stays NaN
-    q8 = q8.to(gl.float8e4nv)
-    return q8, qs * scale
+    q = gl.load(QI + gl.expand_dims(row, 1) + gl.expand_dims(d, 0),
+                mask=gl.expand_dims(r < NQ * HI, 1), other=0.0)
+    factor = gl.full([R], scale, gl.float32, gl.SliceLayout(1, ld))
+    if FP8:
+        qf = q.to(gl.float32)
+        amax = gl.max(gl.abs(qf), 1)
+        qs = gl.where(amax > 0, gl.div_rn(amax, gl.full_like(amax, 448.0)), 1.0)
+        q = gl.div_rn(qf, gl.expand_dims(qs, 1) + gl.zeros_like(qf))
+        q = gl.where(q != q, q, gl.minimum(gl.maximum(q, -448.0), 448.0))   # NaN stays NaN
+        q = q.to(gl.float8e4nv)
+        factor = qs * factor
+    return q, factor
 
 
 @gluon.jit
@@ -119,9 +131,11 @@ def _scores(page, q_smem, zero, KEYS_M: gl.constexpr):
 
 
 @gluon.jit
-def _block_max(acc, ks, KEYS_M: gl.constexpr):
-    """Each query row's max over the page's keys of ``_scores`` times the key scales."""
-    if KEYS_M:
+def _block_max(acc, ks, KEYS_M: gl.constexpr, FP8: gl.constexpr):
+    """Each query row's max over the page's keys of ``_scores`` (times the key scales)."""
+    if not FP8:
+        m = gl.max(acc, 0 if KEYS_M else 1)
+    elif KEYS_M:
         m = gl.max(acc * gl.expand_dims(ks, 1), 0)
     else:
         m = gl.max(acc * gl.expand_dims(ks, 0), 1)
@@ -129,21 +143,23 @@ def _block_max(acc, ks, KEYS_M: gl.constexpr):
 
 
 @gluon.jit
-def fp8_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per_page,
-                    stride_qt, stride_qh, stride_tb, stride_cc, stride_ch,
-                    NQ: gl.constexpr, HI: gl.constexpr, PAGES: gl.constexpr,
-                    KR: gl.constexpr, RANK: gl.constexpr, STAGES: gl.constexpr,
-                    R: gl.constexpr, num_warps: gl.constexpr):
+def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per_page,
+                      stride_qt, stride_qh, stride_tb, stride_cc, stride_ch,
+                      NQ: gl.constexpr, HI: gl.constexpr, PAGES: gl.constexpr,
+                      KR: gl.constexpr, RANK: gl.constexpr, STAGES: gl.constexpr,
+                      R: gl.constexpr, num_warps: gl.constexpr):
     """Chunk ``p`` of request ``b`` (``paged_scan_kernel``'s outputs at ``CAND``): pages
-    of index keys through ``k_desc`` (TMA rows of ``DI`` bytes, token ``t`` of page
-    ``P`` at row ``P * rows_per_page + t``), key scales ``KIS[P * BS + t]``; ``R`` query
-    rows (``rows_padded``)."""
+    of index keys through ``k_desc`` (TMA rows of ``DI`` values, token ``t`` of page
+    ``P`` at row ``P * rows_per_page + t``), e4m3 with key scales ``KIS[P * BS + t]`` or
+    16-bit (``KIS`` unused); ``R`` query rows (``rows_padded``)."""
     gl.static_assert(num_warps == WARPS)
+    FP8: gl.constexpr = k_desc.dtype == gl.float8e4nv
     KEYS_M: gl.constexpr = R <= 16          # S^T [keys, rows], else S [rows, keys]
     SM: gl.constexpr = BS if KEYS_M else R
     SN: gl.constexpr = R if KEYS_M else BS
-    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, SN, 32])
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1],
+        instr_shape=[16, SN, 256 // k_desc.dtype.primitive_bitwidth])
     ROW_L: gl.constexpr = gl.SliceLayout(0 if KEYS_M else 1, ACC)     # [R]: query rows
     KEY_L: gl.constexpr = gl.SliceLayout(1 if KEYS_M else 0, ACC)     # [BS]: keys
     b = gl.program_id(0)
@@ -153,7 +169,7 @@ def fp8_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per
     j0 = p * PAGES
     # the pages before the last query's block: every row ranks at most those
     n_live = gl.minimum(gl.maximum((n - 1) // BS - j0, 0), PAGES)
-    ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BS, DI], PAGE_L)
+    ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BS, DI], k_desc.layout)
     ks_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BS],
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -162,12 +178,13 @@ def fp8_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per
     fence_async_shared()
     for i in gl.static_range(STAGES):
         _issue(k_desc, KIS, ring, ks_ring, bars, _page(PAGE_TABLE, table_row, j0 + i, j0 + n_live),
-               i, rows_per_page, i < n_live)
+               i, rows_per_page, i < n_live, FP8)
     # the ids of the next two pages to issue, loaded ahead (their latency hidden)
     nxt = _page(PAGE_TABLE, table_row, j0 + STAGES, j0 + n_live)
     later = _page(PAGE_TABLE, table_row, j0 + STAGES + 1, j0 + n_live)
-    q8, row_scale = _queries(QI, b, scale, stride_qt, stride_qh, NQ, HI, R)
-    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [R, DI], PAGE_L, q8)
+    qv, row_scale = _queries(QI, b, scale, stride_qt, stride_qh, NQ, HI, R, FP8)
+    q_smem = gl.allocate_shared_memory(k_desc.dtype, [R, DI], k_desc.layout,
+                                       qv.to(k_desc.dtype))
     fence_async_shared()
 
     r = gl.arange(0, R, layout=ROW_L)
@@ -182,23 +199,28 @@ def fp8_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per
         s = jj % STAGES
         mbarrier.wait(bars.index(s), (jj // STAGES) & 1)
         acc = _scores(ring.index(s), q_smem, zero, KEYS_M)
-        async_copy.wait_group(STAGES - 1)               # this page's scales
+        if FP8:
+            async_copy.wait_group(STAGES - 1)           # this page's scales
         acc = warpgroup_mma_wait(0, deps=[acc])
         gl.thread_barrier()             # every warp's wgmma read slot s, every scale landed
-        ks = ks_ring.index(s).load(KEY_L)
+        if FP8:
+            ks = ks_ring.index(s).load(KEY_L)
+        else:
+            ks = gl.zeros([BS], gl.float32, KEY_L)
         gl.thread_barrier()             # read by all before the slot's next copy
         _issue(k_desc, KIS, ring, ks_ring, bars, nxt, s, rows_per_page,
-               jj + STAGES < n_live)
+               jj + STAGES < n_live, FP8)
         nxt = later
         later = _page(PAGE_TABLE, table_row, j0 + jj + STAGES + 2, j0 + n_live)
-        m = _block_max(acc, ks, KEYS_M) * row_scale
+        m = _block_max(acc, ks, KEYS_M, FP8) * row_scale
         key = gl.where((j0 + jj < local) & (m != float("-inf")), _pack(m, j0 + jj), EMPTY)
         gl.store(lists + jj, key, mask=rmask)
         if not RANK:
             first = gl.where(jj == 0, key, first)
             at = gl.where(key > best, jj, at)
             best = gl.maximum(best, key)
-    async_copy.wait_group(0)
+    if FP8:
+        async_copy.wait_group(0)
 
     # the pages not read rank nothing; then the list's order (over this program's stores)
     lst: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])
@@ -234,30 +256,34 @@ def rows_padded(rows: int) -> int:
 
 def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
               num_q: int) -> bool:
-    """Whether ``fp8_scan_kernel`` scans these pages: a Hopper GPU (sm_90), e4m3 index
-    keys of head dim 128 in pages of 128 whose rows are TMA rows (16-byte aligned, the
-    page stride a whole multiple of the row stride, fewer than 2^31 rows in ``ki``'s
-    extent, ``tma_rows``), at most 64
-    query rows per request (``num_q x Hi``)."""
+    """Whether ``paged_scan_kernel`` scans these pages: a Hopper GPU (sm_90), index keys of
+    head dim 128, e4m3 or of the queries' 16-bit dtype, in pages of 128 whose rows are TMA
+    rows (16-byte aligned, the page stride a whole multiple of the row stride, fewer than
+    2^31 rows in ``ki``'s extent, ``tma_rows``), at most 64 query rows per request
+    (``num_q x Hi``)."""
     if not (qi.is_cuda and torch.cuda.get_device_capability(qi.device) == (9, 0)):
         return False
     sp, st = ki_strides
-    return (ki.dtype == torch.float8_e4m3fn and qi.shape[-1] == DI and block_size == BS
-            and num_q * qi.shape[1] <= MAX_ROWS and st % 16 == 0 and sp % st == 0
-            and tma_rows(ki, st) < 2 ** 31 and ki.data_ptr() % 16 == 0)
+    dtype_ok = ki.dtype == torch.float8_e4m3fn or (
+        ki.dtype in (torch.bfloat16, torch.float16) and qi.dtype == ki.dtype)
+    return (dtype_ok and qi.shape[-1] == DI and block_size == BS
+            and num_q * qi.shape[1] <= MAX_ROWS and st * ki.element_size() % 16 == 0
+            and sp % st == 0 and tma_rows(ki, st) < 2 ** 31 and ki.data_ptr() % 16 == 0)
 
 
 def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: int,
            index_scale: float, ki_strides, pages: int, kr: int, rank: bool,
            stages: int = STAGES) -> None:
-    """``fp8_scan_kernel`` over ``grid = (requests, chunks)`` of ``pages`` pages
-    (``msa.ops.decode.select.paged_scan``'s arguments; the pages as TMA rows)."""
+    """``paged_scan_kernel`` over ``grid = (requests, chunks)`` of ``pages`` pages
+    (``msa.ops.decode.select.paged_scan``'s arguments; the pages as TMA rows; ``ki_scales``
+    for e4m3 keys, else ``None``)."""
     sp, st = ki_strides
     rows = rows_padded(num_q * qi.shape[1])
     desc = TensorDescriptor(ki, [tma_rows(ki, st), DI.value], [st, 1], [BS.value, DI.value],
-                            PAGE_L.value)
-    fp8_scan_kernel[grid](
-        qi, desc, ki_scales, ki_table, seq_lens, candidates, index_scale, sp // st,
+                            page_layout(8 * ki.element_size()))
+    paged_scan_kernel[grid](
+        qi, desc, ki_table if ki_scales is None else ki_scales, ki_table, seq_lens,
+        candidates, index_scale, sp // st,
         qi.stride(0), qi.stride(1), ki_table.stride(0), candidates.stride(0),
         candidates.stride(1), NQ=num_q, HI=qi.shape[1], PAGES=pages, KR=kr, RANK=rank,
         STAGES=stages, R=rows, num_warps=WARPS.value)

@@ -217,12 +217,10 @@ def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
 
 
 def scan_kernel(qi, ki, ki_strides, block_size: int, num_q: int) -> str:
-    """The kernel of ``paged_scan`` over e4m3 index keys: ``"gluon"``
-    (``msa.ops.decode.gluon_scan``: Hopper, at most 64 query rows per request) where it
-    applies, else ``"triton"`` (``paged_scan_kernel``); ``MSA_DECODE_KERNEL=triton`` in the
-    environment keeps the Triton kernel. 16-bit index keys always take the Triton kernel."""
-    if ki.dtype != torch.float8_e4m3fn:
-        return "triton"
+    """The kernel of ``paged_scan``: ``"gluon"`` (``msa.ops.decode.gluon_scan``: Hopper,
+    e4m3 or 16-bit index keys, at most 64 query rows per request) where it applies, else
+    ``"triton"`` (``paged_scan_kernel``); ``MSA_DECODE_KERNEL=triton`` in the environment
+    keeps the Triton kernel."""
     from ..attention.forward import choose_kernel
     return choose_kernel("MSA_DECODE_KERNEL", "msa.ops.decode.gluon_scan", qi, ki, ki_strides,
                          block_size, num_q)
@@ -252,7 +250,7 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
                          f"{chunks * per}, got {tuple(candidates.shape)} {candidates.dtype}")
     ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
     rank = per > 1 and rank_in_scan(b * nq * hi)
-    if ki_scales is not None and scan_kernel(qi, ki, ki_strides, block_size, nq) == "gluon":
+    if scan_kernel(qi, ki, ki_strides, block_size, nq) == "gluon":
         from . import gluon_scan
         gluon_scan.launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, grid=(b, chunks),
                           num_q=nq, index_scale=index_scale, ki_strides=ki_strides,

@@ -1,7 +1,7 @@
-"""The Gluon FP8 decode index scan (msa.ops.decode.gluon_scan): it compiles for Hopper on
-any machine (pages by TMA, one e4m3 wgmma per page in either orientation, no spills), and
-on a Hopper GPU its top-k rows are a top-k of the fp64 scores of the same e4m3 values
-(up to the tensor cores' rounding of near-equal block maxima), its block maxima are the
+"""The Gluon decode index scan (msa.ops.decode.gluon_scan): it compiles for Hopper on any
+machine (pages by TMA, one e4m3 or bf16 wgmma per page in either orientation, no spills),
+and on a Hopper GPU its top-k rows are a top-k of the fp64 scores of the same values (up
+to the tensor cores' rounding of near-equal block maxima), its block maxima are the
 Triton scan's, and bytes past each request's last token are never read."""
 import pytest
 import torch
@@ -17,60 +17,75 @@ SCALE = DI ** -0.5
 # Hopper's e4m3 wgmma adds its products with about 13 fractional bits, not fp32's 24: a
 # score may move by a few 2^-13 of the sum of its products' magnitudes (2^-11.6 at most
 # measured here), so near-equal block maxima may swap; none may move by more than
-ROUNDING = 2.0 ** -10       # x  scale * sum_d |q_d k_d|, the block's largest
+ROUNDING = {torch.float8_e4m3fn: 2.0 ** -10,    # x  scale * sum_d |q_d k_d|, the block's largest
+            # 16-bit keys: fp32 sums of 128 exact products, in any order, rounded or
+            # truncated at each add (128 x 2^-23)
+            torch.bfloat16: 2.0 ** -16}
 
 
-def _sig():
+def _sig(dtype: str):
     from msa.ops.decode import gluon_scan as g
-    return {"QI": "*bf16", "k_desc": f"tensordesc<fp8e4nv[128, 128],{g.PAGE_L.value!r}>",
+    layout = g.page_layout(8 if dtype == "fp8e4nv" else 16)
+    return {"QI": "*bf16", "k_desc": f"tensordesc<{dtype}[128, 128],{layout!r}>",
             "KIS": "*fp32", "PAGE_TABLE": "*i32", "SEQ_LENS": "*i32", "CAND": "*i64",
             "scale": "fp32", "rows_per_page": "i32",
             **{f"stride_{s}": "i32" for s in ("qt", "qh", "tb", "cc", "ch")}}
 
 
 def test_compiles_for_sm90():
-    """Both orientations: one token x 4 index heads (8 rows: the keys as the MMA rows), 4
-    tokens (16 rows), 8 tokens (32 rows, padded to 64: the rows as the MMA rows)."""
-    cases = [(1, 8, True, "m64n8k32"), (4, 16, True, "m64n16k32"), (8, 64, False, "m64n128k32")]
-    ptxs = gluon_ptx("msa.ops.decode.gluon_scan", "fp8_scan_kernel", _sig(), [
-        dict(NQ=nq, HI=4, PAGES=16, KR=16, RANK=rank, STAGES=3, R=rows, num_warps=4)
-        for nq, rows, rank, _ in cases])
+    """Both orientations over e4m3 and bf16 keys: one token x 4 index heads (8 rows: the
+    keys as the MMA rows), 4 tokens (16 rows), 8 tokens (32 rows, padded to 64: the rows as
+    the MMA rows)."""
+    cases = [(dtype, nq, rows, rank, f"{shape}k{k}.f32.{ab}.{ab}")
+             for dtype, k, ab in (("fp8e4nv", 32, "e4m3"), ("bf16", 16, "bf16"))
+             for nq, rows, rank, shape in ((1, 8, True, "m64n8"), (4, 16, True, "m64n16"),
+                                           (8, 64, False, "m64n128"))]
+    ptxs = gluon_ptx("msa.ops.decode.gluon_scan", "paged_scan_kernel",
+                     [_sig(dtype) for dtype, *_ in cases], [
+                         dict(NQ=nq, HI=4, PAGES=16, KR=16, RANK=rank, STAGES=3, R=rows,
+                              num_warps=4) for _, nq, rows, rank, _ in cases])
     assert len(ptxs) == len(cases)
-    for ptx, (_, _, _, mma) in zip(ptxs, cases):
-        assert f"wgmma.mma_async.sync.aligned.{mma}.f32.e4m3.e4m3" in ptx
+    for ptx, (*_, mma) in zip(ptxs, cases):
+        assert f"wgmma.mma_async.sync.aligned.{mma}" in ptx, mma
         assert "cp.async.bulk.tensor.2d" in ptx and "ld.local" not in ptx
 
 
-def _case(lengths, nq, hi, seed):
+def _case(lengths, nq, hi, seed, dtype):
+    """Queries, keys ``[pages, BS, DI]`` (e4m3 with their scales, or bf16 and ``None``),
+    a page table and the lengths."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     per = max(-(-n // BS) for n in lengths)
     pages = len(lengths) * per + 5
-    ki8, kis = quantize_e4m3(torch.randn(pages, BS, DI, device="cuda", generator=g))
+    ki = torch.randn(pages, BS, DI, device="cuda", generator=g)
+    ki, kis = quantize_e4m3(ki) if dtype == torch.float8_e4m3fn else (ki.to(dtype), None)
     table = torch.randperm(pages, device="cuda", generator=g)[:len(lengths) * per]
     table = table.view(len(lengths), per).to(torch.int32).contiguous()
     lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     qi = torch.randn(len(lengths) * nq, hi, DI, device="cuda", generator=g,
                      dtype=torch.bfloat16)
-    return qi, ki8, kis, table, lens
+    return qi, ki, kis, table, lens
 
 
-def _select(qi, ki8, kis, table, lens, nq, per):
+def _select(qi, ki, kis, table, lens, nq, per):
     rows, hi = qi.shape[0], qi.shape[1]
     cand = torch.full((rows, hi, candidates_width(table.shape[1], per)), 7, dtype=torch.int64,
                       device="cuda")
     topk = torch.full((hi, rows, K), -7, dtype=torch.int32, device="cuda")
-    paged_select(qi, ki8, table, lens, batch=len(lens), num_q=nq, max_pages=table.shape[1],
+    paged_select(qi, ki, table, lens, batch=len(lens), num_q=nq, max_pages=table.shape[1],
                  candidates=cand, topk_indices=topk, block_size=BS, index_scale=SCALE,
                  ki_scales=kis, pages_per_program=per)
     return cand, topk
 
 
-def _scores(qi, ki8, kis, table, lens, nq):
-    """fp64 block maxima ``[rows, hi, blocks]`` of the e4m3 queries (``fake_quantize``)
-    against the dequantized keys (``-inf`` for blocks a row does not rank), and how far the
-    tensor cores' rounding may move each (``ROUNDING``, zero for those blocks)."""
-    keys = dequantize(ki8, kis).double()                        # [P, BS, DI]
-    q = fake_quantize(qi).double()
+def _scores(qi, ki, kis, table, lens, nq):
+    """fp64 block maxima ``[rows, hi, blocks]`` of the queries (e4m3 keys: the queries'
+    ``fake_quantize``, the keys dequantized) against the keys (``-inf`` for blocks a row
+    does not rank), and how far the tensor cores' rounding may move each (``ROUNDING``,
+    zero for those blocks)."""
+    fp8 = kis is not None
+    keys = (dequantize(ki, kis) if fp8 else ki).double()          # [P, BS, DI]
+    q = (fake_quantize(qi) if fp8 else qi).double()
+    rounding = ROUNDING[ki.dtype]
     rows, hi = qi.shape[:2]
     out = torch.full((rows, hi, table.shape[1]), float("-inf"), dtype=torch.float64,
                      device="cuda")
@@ -80,7 +95,7 @@ def _scores(qi, ki8, kis, table, lens, nq):
         kb = keys[table[r // nq, :local].long()]                # [local, BS, DI]
         out[r, :, :local] = torch.einsum("hd,jtd->hjt", q[r], kb).amax(-1) * SCALE
         tol[r, :, :local] = torch.einsum("hd,jtd->hjt", q[r].abs(), kb.abs()).amax(-1) * \
-            SCALE * ROUNDING
+            SCALE * rounding
     return out, tol.nan_to_num(0.0)
 
 
@@ -111,6 +126,7 @@ def _assert_top_k(topk, scores, tol, lens, nq):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
 @pytest.mark.parametrize("lengths,nq,hi,per", [
     ((3000, 2500, 1800), 2, 4, None),               # 8 rows: keys as the MMA rows
     ((100, 129, 256, 257, 5000), 1, 4, None),       # no earlier block, chunks with no page
@@ -120,27 +136,30 @@ def _assert_top_k(topk, scores, tol, lens, nq):
     ((9000, 4000, 1000), 3, 4, 4),                  # 12 of 16 rows, 4 pages per program
     ((70000,), 1, 4, None),                         # one long request, chunks ranked
 ])
-def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, monkeypatch):
+def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, dtype, monkeypatch):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon decode scan is for Hopper")
-    qi, ki8, kis, table, lens = _case(lengths, nq, hi, seed=nq * 100 + hi)
+    qi, ki, kis, table, lens = _case(lengths, nq, hi, nq * 100 + hi, dtype)
     qi[-1, -1, 5] = float("nan")                    # a NaN query row (semantics: smallest ids)
-    assert scan_kernel(qi, ki8, (ki8.stride(0), ki8.stride(1)), BS, nq) == "gluon"
-    cand, topk = _select(qi, ki8, kis, table, lens, nq, per)
-    scores, tol = _scores(qi, ki8, kis, table, lens, nq)
+    assert scan_kernel(qi, ki, (ki.stride(0), ki.stride(1)), BS, nq) == "gluon"
+    cand, topk = _select(qi, ki, kis, table, lens, nq, per)
+    scores, tol = _scores(qi, ki, kis, table, lens, nq)
     _assert_top_k(topk, scores, tol, lens, nq)
-    # NaN bytes and scales in every key row past a request's last token: never read
-    poisoned, pkis = ki8.clone(), kis.clone()
+    # NaN bytes (and scales) in every key row past a request's last token: never read
+    poisoned, pkis = ki.clone(), None if kis is None else kis.clone()
     for b, n in enumerate(lengths):
         if n % BS:
             page = int(table[b, (n - 1) // BS])
-            poisoned.view(torch.uint8)[page, n % BS:] = 0x7F            # e4m3 NaN
-            pkis[page, n % BS:] = float("nan")
+            if pkis is None:
+                poisoned[page, n % BS:] = float("nan")
+            else:
+                poisoned.view(torch.uint8)[page, n % BS:] = 0x7F        # e4m3 NaN
+                pkis[page, n % BS:] = float("nan")
     p_cand, p_topk = _select(qi, poisoned, pkis, table, lens, nq, per)
     assert torch.equal(p_cand, cand) and torch.equal(p_topk, topk)
     # the Triton scan's block maxima, block by block
     monkeypatch.setenv("MSA_DECODE_KERNEL", "triton")
-    t_cand, _ = _select(qi, ki8, kis, table, lens, nq, per)
+    t_cand, _ = _select(qi, ki, kis, table, lens, nq, per)
     (gm, gid), (tm, tid) = unpack(cand), unpack(t_cand)
     rows = qi.shape[0]
     dense = torch.full((2, rows, hi, table.shape[1] + 1), float("nan"), device="cuda")
@@ -151,11 +170,15 @@ def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, monkeypa
     keyed = ~dense[0, ..., :-1].isnan()
     assert torch.equal(keyed, ~dense[1, ..., :-1].isnan())      # the same blocks keyed
     diff = (dense[0, ..., :-1] - dense[1, ..., :-1]).abs().double()
-    assert (diff[keyed] <= tol[keyed] + 1e-5).all()             # (+ fp32 sums' rounding)
+    # the Triton kernel sums e4m3 products exactly in fp32 (+ fp32's rounding), bf16 ones
+    # in fp32: both kernels' rounding
+    bound = tol if kis is not None else 2 * tol
+    assert (diff[keyed] <= bound[keyed] + 1e-5).all()
 
 
 @pytest.mark.gpu
-def test_gluon_scan_reads_a_cache_through_pages_of_its_rows(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_gluon_scan_reads_a_cache_through_pages_of_its_rows(dtype):
     """The transformers decode layout: index keys ``[B, Tk, 1, Di]`` (a view of a static
     cache ``[B, 1, Tk, Di]``) read through pages of their blocks, ``ki_strides = (BS * Di,
     Di)``, page ``b * NB + j``; the TMA rows span the whole cache (``tma_rows``), so the
@@ -164,23 +187,25 @@ def test_gluon_scan_reads_a_cache_through_pages_of_its_rows(monkeypatch):
         pytest.skip("the Gluon decode scan is for Hopper")
     b, nb, nq, hi = 3, 40, 2, 4
     g = torch.Generator(device="cuda").manual_seed(5)
-    cache8, scales = quantize_e4m3(torch.randn(b, 1, nb * BS, DI, device="cuda", generator=g))
-    view = cache8.view(b, nb * BS, 1, DI)
+    cache = torch.randn(b, 1, nb * BS, DI, device="cuda", generator=g)
+    cache, scales = quantize_e4m3(cache) if dtype == torch.float8_e4m3fn else \
+        (cache.to(dtype), None)
+    pool_scales = None if scales is None else scales.view(b * nb, BS)
+    view = cache.view(b, nb * BS, 1, DI)
     table = (torch.arange(b, device="cuda").view(-1, 1) * nb +
              torch.arange(nb, device="cuda")).to(torch.int32).contiguous()
     lens = torch.tensor([nb * BS - 7, 3000, 4500], dtype=torch.int32, device="cuda")
     qi = torch.randn(b * nq, hi, DI, device="cuda", generator=g, dtype=torch.bfloat16)
     assert scan_kernel(qi, view, (BS * DI, DI), BS, nq) == "gluon"
     outs = []
-    for keys, strides in ((view, (BS * DI, DI)), (cache8.view(b * nb, BS, DI), None)):
+    for keys, strides in ((view, (BS * DI, DI)), (cache.view(b * nb, BS, DI), None)):
         cand = torch.full((b * nq, hi, candidates_width(nb)), 7, dtype=torch.int64,
                           device="cuda")
         topk = torch.full((hi, b * nq, K), -7, dtype=torch.int32, device="cuda")
         paged_select(qi, keys, table, lens, batch=b, num_q=nq, max_pages=nb, candidates=cand,
                      topk_indices=topk, block_size=BS, index_scale=SCALE,
-                     ki_scales=scales.view(b * nb, BS), ki_strides=strides, mask_tail=True)
+                     ki_scales=pool_scales, ki_strides=strides, mask_tail=True)
         outs.append((cand, topk))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    scores, tol = _scores(qi, cache8.view(b * nb, BS, DI), scales.view(b * nb, BS), table,
-                          lens, nq)
+    scores, tol = _scores(qi, cache.view(b * nb, BS, DI), pool_scales, table, lens, nq)
     _assert_top_k(outs[0][1], scores, tol, lens, nq)
