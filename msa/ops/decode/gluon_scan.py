@@ -42,7 +42,9 @@ BS = gl.constexpr(128)          # keys per page (block)
 DI = gl.constexpr(128)          # index head dim
 MAX_ROWS = 64                   # query rows (Q x Hi) per request at most
 WARPS = gl.constexpr(4)
-STAGES = 3                      # ring slots: pages in flight per program (16 / 32 KB each)
+# ring slots (pages in flight per program) by key bytes: 3 e4m3 pages (48 KB), 2 bf16 ones
+# (64 KB: three programs per SM; faster than 3 or 4 slots, docs/experiments.md)
+STAGES = {1: 3, 2: 2}
 EMPTY = gl.constexpr(-9223372036854775808)      # int64 min: no block
 
 
@@ -273,10 +275,10 @@ def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
 
 def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: int,
            index_scale: float, ki_strides, pages: int, kr: int, rank: bool,
-           stages: int = STAGES) -> None:
+           stages: int = None) -> None:
     """``paged_scan_kernel`` over ``grid = (requests, chunks)`` of ``pages`` pages
     (``msa.ops.decode.select.paged_scan``'s arguments; the pages as TMA rows; ``ki_scales``
-    for e4m3 keys, else ``None``)."""
+    for e4m3 keys, else ``None``; ``stages`` ring slots, default ``STAGES``)."""
     sp, st = ki_strides
     rows = rows_padded(num_q * qi.shape[1])
     desc = TensorDescriptor(ki, [tma_rows(ki, st), DI.value], [st, 1], [BS.value, DI.value],
@@ -286,4 +288,4 @@ def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: in
         candidates, index_scale, sp // st,
         qi.stride(0), qi.stride(1), ki_table.stride(0), candidates.stride(0),
         candidates.stride(1), NQ=num_q, HI=qi.shape[1], PAGES=pages, KR=kr, RANK=rank,
-        STAGES=stages, R=rows, num_warps=WARPS.value)
+        STAGES=stages or STAGES[ki.element_size()], R=rows, num_warps=WARPS.value)

@@ -30,6 +30,7 @@ import triton.language as tl
 from ..triton_utils import dot, next_pow2, precision, rank_key, to_e4m3, upcast
 
 TARGET_PROGRAMS = 264           # about two waves on a 132-SM GPU
+MAX_PAGES = 32                  # pages per scan program at most (the Gluon scan's, ranked)
 EMPTY = tl.constexpr(-9223372036854775808)      # int64 min: no block
 
 
@@ -205,13 +206,17 @@ def rank_in_scan(rows: int) -> bool:
 
 
 def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
-                pages_per_program: int = None) -> Tuple[int, int, int, int]:
+                pages_per_program: int = None, kernel: str = "triton"
+                ) -> Tuple[int, int, int, int]:
     """``(pages, ls, n_lists, kr)``: pages per scan program (enough programs for about two
-    waves; a power of two, at most 16), and the lists the merge reads per row: ``n_lists``
-    of ``kr`` keys, ``ls`` apart (one per chunk: its ranked best when the scan ranks them,
-    else the whole chunk)."""
+    waves; a power of two, at most 16, or ``MAX_PAGES`` for the Gluon scan where it ranks
+    its chunks: over one long request, a wave of programs and half the lists to merge, a
+    microsecond faster at 1M x 1, docs/experiments.md), and the lists the merge reads per
+    row: ``n_lists`` of ``kr`` keys, ``ls`` apart (one per chunk: its ranked best when the
+    scan ranks them, else the whole chunk)."""
+    cap = MAX_PAGES if kernel == "gluon" and rank_in_scan(rows) else 16
     per = pages_per_program or \
-        max(1, min(16, next_pow2(-(-batch * max_pages // TARGET_PROGRAMS))))
+        max(1, min(cap, next_pow2(-(-batch * max_pages // TARGET_PROGRAMS))))
     kr = min(next_pow2(topk - 1), per) if rank_in_scan(rows) else per
     return per, per, triton.cdiv(max_pages, per), kr
 
@@ -228,9 +233,9 @@ def scan_kernel(qi, ki, ki_strides, block_size: int, num_q: int) -> str:
 
 def candidates_width(max_pages: int, pages_per_program: int = None) -> int:
     """Last dim of the candidates buffer ``[B*Q, Hi, width]`` int64 any batch needs
-    (``max_pages`` rounded up to whole chunks: of the default at most 16 pages, or of
-    ``pages_per_program``)."""
-    per = max(16, pages_per_program or 16)
+    (``max_pages`` rounded up to whole chunks: of the default at most ``MAX_PAGES`` pages,
+    or of ``pages_per_program``)."""
+    per = max(MAX_PAGES, pages_per_program or MAX_PAGES)
     return -(-max_pages // per) * per
 
 
@@ -242,20 +247,21 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
     int64; returns the lists ``(ls, n_lists, kr)`` for the merge (``scan_chunks``).
     Arguments as ``msa.ops.decode.triton.paged_decode``."""
     b, nq, hi = batch, num_q, qi.shape[1]
-    per, ls, n_lists, kr = scan_chunks(b * nq * hi, b, max_pages, topk, pages_per_program)
+    ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
+    kernel = scan_kernel(qi, ki, ki_strides, block_size, nq)
+    per, ls, n_lists, kr = scan_chunks(b * nq * hi, b, max_pages, topk, pages_per_program,
+                                       kernel)
     chunks = triton.cdiv(max_pages, per)
     if candidates.dtype != torch.int64 or candidates.shape[2] < chunks * per or \
             candidates.stride(2) != 1:
         raise ValueError(f"candidates must be int64 with a contiguous last dim of >= "
                          f"{chunks * per}, got {tuple(candidates.shape)} {candidates.dtype}")
-    ki_strides = ki_strides or (ki.stride(0), ki.stride(1))
     rank = per > 1 and rank_in_scan(b * nq * hi)
-    if scan_kernel(qi, ki, ki_strides, block_size, nq) == "gluon":
+    if kernel == "gluon":
         from . import gluon_scan
         gluon_scan.launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, grid=(b, chunks),
                           num_q=nq, index_scale=index_scale, ki_strides=ki_strides,
-                          pages=per, kr=kr, rank=rank,
-                          **({"stages": index_stages} if index_stages else {}))
+                          pages=per, kr=kr, rank=rank, stages=index_stages)
         return ls, n_lists, kr
     paged_scan_kernel[(b, chunks)](
         qi, ki, ki_scales, ki_table, seq_lens, candidates, index_scale, max_pages,
