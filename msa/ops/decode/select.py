@@ -210,11 +210,12 @@ def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
                 ) -> Tuple[int, int, int, int]:
     """``(pages, ls, n_lists, kr)``: pages per scan program (enough programs for about two
     waves; a power of two, at most 16, or ``MAX_PAGES`` for the Gluon scan where it ranks
-    its chunks: over one long request, a wave of programs and half the lists to merge, a
-    microsecond faster at 1M x 1, docs/experiments.md), and the lists the merge reads per
-    row: ``n_lists`` of ``kr`` keys, ``ls`` apart (one per chunk: its ranked best when the
-    scan ranks them, else the whole chunk)."""
-    cap = MAX_PAGES if kernel == "gluon" and rank_in_scan(rows) else 16
+    its chunks into lists shorter than that: over one long request, a wave of programs
+    and half the lists to merge, faster at 1M x 1, docs/experiments.md), and the lists the
+    merge reads per row: ``n_lists`` of ``kr`` keys, ``ls`` apart (one per chunk: its
+    ranked best when the scan ranks them, else the whole chunk)."""
+    long_chunks = kernel == "gluon" and rank_in_scan(rows) and next_pow2(topk - 1) < MAX_PAGES
+    cap = MAX_PAGES if long_chunks else 16
     per = pages_per_program or \
         max(1, min(cap, next_pow2(-(-batch * max_pages // TARGET_PROGRAMS))))
     kr = min(next_pow2(topk - 1), per) if rank_in_scan(rows) else per
