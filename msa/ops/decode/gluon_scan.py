@@ -11,9 +11,11 @@ longer than reading its bytes (docs/benchmarks.md). Here:
 
 * the request's query rows are one wgmma operand in shared memory (``rows_padded``: 8,
   16 or 64 rows; ``Q x Hi <= 64``), over e4m3 keys quantized by the ``tl.*`` kernel's rule;
-* each page of 128 keys arrives by TMA into a ring of ``STAGES`` slots (an mbarrier per
-  slot), e4m3 key scales by ``cp.async`` beside it, ``STAGES - 1`` pages ahead of the one
-  scored; page ids are loaded two pages before their copy is issued;
+* each page of 128 keys arrives by TMA into a ring of ``STAGES`` slots, e4m3 key scales
+  by ``cp.async`` beside it, ``STAGES - 1`` pages ahead of the one scored; one mbarrier
+  per slot tracks both (the copy's bytes and every thread's ``cp.async``), so one wait
+  and one barrier per page order the ring; page ids are loaded two pages before their
+  copy is issued;
 * one wgmma per page with fp32 accumulators: up to 16 query rows ``S^T = K Q^T``
   (the keys as the MMA's rows, a few scores per thread; each row's max crosses lanes and
   warps), else ``S = Q K^T`` (the max within lane quads), then the key scales (e4m3),
@@ -32,6 +34,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.ampere.async_copy import mbarrier_arrive
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -68,8 +71,8 @@ def _pack(m, j):
 @gluon.jit
 def _issue(k_desc, KIS, ring, ks_ring, bars, page, s, rows_per_page, live, FP8: gl.constexpr):
     """Page ``page`` by TMA into slot ``s`` and its e4m3 key scales by ``cp.async`` (when
-    ``live``); one ``cp.async`` group per call, empty or not, so that the group of the
-    page ``STAGES - 1`` calls back is complete after ``wait_group(STAGES - 1)``."""
+    ``live``), both arriving on the slot's mbarrier (its count: the copy's arrival and one
+    per thread)."""
     if live:
         mbarrier.expect(bars.index(s), BS * DI * k_desc.dtype.primitive_bitwidth // 8)
         tma.async_copy_global_to_shared(k_desc, [page * rows_per_page, 0], bars.index(s),
@@ -78,8 +81,7 @@ def _issue(k_desc, KIS, ring, ks_ring, bars, page, s, rows_per_page, live, FP8: 
             offs = gl.arange(0, BS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
             async_copy.async_copy_global_to_shared(ks_ring.index(s),
                                                    KIS + page.to(gl.int64) * BS + offs)
-    if FP8:
-        async_copy.commit_group()
+            mbarrier_arrive(bars.index(s), increment_count=False)
 
 
 @gluon.jit
@@ -175,8 +177,8 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     ks_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BS],
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(STAGES):       # the copy's arrival (+ each thread's cp.async)
+        mbarrier.init(bars.index(i), count=1 + (32 * WARPS if FP8 else 0))
     fence_async_shared()
     for i in gl.static_range(STAGES):
         _issue(k_desc, KIS, ring, ks_ring, bars, _page(PAGE_TABLE, table_row, j0 + i, j0 + n_live),
@@ -199,17 +201,14 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     first = best                                        # and the first key
     for jj in range(n_live):
         s = jj % STAGES
-        mbarrier.wait(bars.index(s), (jj // STAGES) & 1)
+        mbarrier.wait(bars.index(s), (jj // STAGES) & 1)      # the page and its scales
         acc = _scores(ring.index(s), q_smem, zero, KEYS_M)
-        if FP8:
-            async_copy.wait_group(STAGES - 1)           # this page's scales
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        gl.thread_barrier()             # every warp's wgmma read slot s, every scale landed
         if FP8:
             ks = ks_ring.index(s).load(KEY_L)
         else:
             ks = gl.zeros([BS], gl.float32, KEY_L)
-        gl.thread_barrier()             # read by all before the slot's next copy
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        gl.thread_barrier()             # every warp read slot s before its next copies
         _issue(k_desc, KIS, ring, ks_ring, bars, nxt, s, rows_per_page,
                jj + STAGES < n_live, FP8)
         nxt = later
@@ -221,8 +220,6 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
             first = gl.where(jj == 0, key, first)
             at = gl.where(key > best, jj, at)
             best = gl.maximum(best, key)
-    if FP8:
-        async_copy.wait_group(0)
 
     # the pages not read rank nothing; then the list's order (over this program's stores)
     lst: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])
