@@ -210,11 +210,13 @@ def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
                 ) -> Tuple[int, int, int, int]:
     """``(pages, ls, n_lists, kr)``: pages per scan program (enough programs for about two
     waves; a power of two, at most 16, or ``MAX_PAGES`` for the Gluon scan where it ranks
-    its chunks into lists shorter than that: over one long request, a wave of programs
-    and half the lists to merge, faster at 1M x 1, docs/experiments.md), and the lists the
-    merge reads per row: ``n_lists`` of ``kr`` keys, ``ls`` apart (one per chunk: its
-    ranked best when the scan ranks them, else the whole chunk)."""
-    long_chunks = kernel == "gluon" and rank_in_scan(rows) and next_pow2(topk - 1) < MAX_PAGES
+    its chunks into lists shorter than that and the pages then fill one wave of programs:
+    one long request, a wave instead of two and half the lists to merge, faster at 1M x 1
+    and slower over many requests, docs/experiments.md), and the lists the merge reads per
+    row: ``n_lists`` of ``kr`` keys, ``ls`` apart (one per chunk: its ranked best when the
+    scan ranks them, else the whole chunk)."""
+    long_chunks = (kernel == "gluon" and rank_in_scan(rows) and next_pow2(topk - 1) < MAX_PAGES
+                   and batch * max_pages <= MAX_PAGES * TARGET_PROGRAMS)
     cap = MAX_PAGES if long_chunks else 16
     per = pages_per_program or \
         max(1, min(cap, next_pow2(-(-batch * max_pages // TARGET_PROGRAMS))))

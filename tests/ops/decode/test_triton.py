@@ -290,8 +290,8 @@ def test_selection_merge_of_ranked_lists_any_k(mp, per, topk):
 def test_gluon_scan_takes_32_pages_a_program_only_where_it_ranks():
     """Pages per scan program: at most 16, or 32 for the Gluon scan where it ranks its
     chunks (one long request: 8192 pages at 1M) into lists shorter than that (not the 31
-    candidates of a re-scored scan), and the default candidates buffer holds whole chunks
-    of either."""
+    candidates of a re-scored scan) and the pages fill one wave of programs (not 16
+    requests at 128K), and the default candidates buffer holds whole chunks of either."""
     from msa.ops.decode.select import MAX_PAGES, candidates_width, rank_in_scan, scan_chunks
     assert rank_in_scan(4) and not rank_in_scan(64 * 8 * 4)
     assert scan_chunks(4, 1, 8192, 16, kernel="gluon")[:3] == (32, 32, 256)
@@ -299,4 +299,5 @@ def test_gluon_scan_takes_32_pages_a_program_only_where_it_ranks():
     assert scan_chunks(64 * 8 * 4, 64, 1024, 16, kernel="gluon")[0] == 16
     assert scan_chunks(4, 1, 8192, 16, pages_per_program=8, kernel="gluon")[0] == 8
     assert scan_chunks(4, 1, 8192, 32, kernel="gluon")[:4] == (16, 16, 512, 16)
+    assert scan_chunks(16 * 4, 16, 1024, 16, kernel="gluon")[:3] == (16, 16, 64)
     assert MAX_PAGES == 32 and candidates_width(8193) == 8224 and candidates_width(40, 64) == 64
