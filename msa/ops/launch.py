@@ -10,6 +10,7 @@ that says how much shared memory the smallest one needs and what to do instead.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Sequence
 
 import torch
@@ -17,6 +18,18 @@ from triton.runtime.errors import OutOfResources
 
 # (kernel name, device, fixed arguments, configurations) -> index of the first that fits
 _CHOICE: Dict[tuple, int] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def on_hopper(x: torch.Tensor) -> bool:
+    """Whether ``x`` lives on a Hopper GPU (sm_90), where the Gluon kernels run; the
+    capability is read once per device (a decode step asks on every call)."""
+    return x.is_cuda and _capability(x.device.index if x.device.index is not None
+                                     else torch.cuda.current_device()) == (9, 0)
 
 
 def _key(kernel, args, configs, fixed) -> tuple:

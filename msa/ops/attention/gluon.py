@@ -33,6 +33,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                tma, warpgroup_mma)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..launch import on_hopper
+
 STAGES = 2              # gathered query tiles in flight (16 KB each)
 LOAD_WARPS = 4
 ROWS = gl.constexpr(64)  # MMA rows per tile: 64 // G queries x the G heads of the group
@@ -314,7 +316,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
     """Whether ``fwd_kernel`` runs these inputs (``[..., T, H, D]``): a Hopper GPU (sm_90),
     bf16 / fp16, head dim 128, blocks of 128, a group of at most 64 heads, rows 16-byte
     aligned."""
-    if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+    if not on_hopper(q):
         return False
     g = q.shape[-2] // k.shape[-2]
     aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.stride(-3) % 8 == 0

@@ -38,6 +38,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..launch import on_hopper
+
 WARPS = gl.constexpr(4)
 BS = gl.constexpr(128)          # keys per page (block)
 D = gl.constexpr(128)           # head dim
@@ -287,7 +289,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: i
     e4m3 pages of 128 keys x head dim 128 whose rows are TMA rows (16-byte aligned, page
     and head strides whole multiples of the row stride: vLLM's K-then-V rows too, fewer
     than 2^31 rows), a group of at most 16 query heads."""
-    if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+    if not on_hopper(q):
         return False
     sp, sh, st = kv_strides
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == torch.float8_e4m3fn

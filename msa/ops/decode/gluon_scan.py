@@ -30,6 +30,8 @@ may rank either way (docs/semantics.md, tests/ops/decode/test_gluon_scan.py). Ov
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -39,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..launch import on_hopper
 from .gluon import tma_rows
 
 BS = gl.constexpr(128)          # keys per page (block)
@@ -51,6 +54,7 @@ STAGES = {1: 3, 2: 2}
 EMPTY = gl.constexpr(-9223372036854775808)      # int64 min: no block
 
 
+@functools.lru_cache(maxsize=None)
 def page_layout(bits: int):
     """A ring slot / TMA box / the query operand of ``bits``-bit values: 128-byte swizzle."""
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=2)
@@ -260,7 +264,7 @@ def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
     rows (16-byte aligned, the page stride a whole multiple of the row stride, fewer than
     2^31 rows in ``ki``'s extent, ``tma_rows``), at most 64 query rows per request
     (``num_q x Hi``)."""
-    if not (qi.is_cuda and torch.cuda.get_device_capability(qi.device) == (9, 0)):
+    if not on_hopper(qi):
         return False
     sp, st = ki_strides
     dtype_ok = ki.dtype == torch.float8_e4m3fn or (

@@ -25,6 +25,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
+from ..launch import on_hopper
 from ..attention.gluon import (LOAD_WARPS, ROWS, STAGES, block_smem, loader, ring_barriers,
                                tile_edges, tile_scores, work_item)
 from ..triton_utils import next_pow2
@@ -100,7 +101,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> boo
     """Whether ``teacher_kernel`` runs these inputs (``q [total_q, Hq, D]``, ``k [total_k,
     Hkv, D]``, ``hi`` index heads): a Hopper GPU (sm_90), bf16 / fp16, head dim 128,
     blocks of 128, ``Hkv == Hi``, a group of at most 64 heads, rows 16-byte aligned."""
-    if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+    if not on_hopper(q):
         return False
     g = q.shape[1] // k.shape[1]
     aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.stride(-3) % 8 == 0
