@@ -1,7 +1,7 @@
 """Gluon decode index scan for Hopper (sm_90): ``paged_scan_kernel``.
 
 Same contract as ``msa.ops.decode.select.paged_scan_kernel`` over index-key pages, e4m3
-with fp32 key scales (``FP8``) or 16-bit: grid (request, page chunk), one int64 ``pack``
+with fp32 key scales (``FP8``) or bf16: grid (request, page chunk), one int64 ``pack``
 key per (query row, index head, block) into the chunk's list, the chunk's largest first,
 or its best ``KR`` ranked (``RANK``). The ``tl.*`` kernel's tile has ``Q x Hi`` rows (4
 at one decode token), too few for Hopper's wgmma, so Triton lowers its product to
@@ -26,7 +26,7 @@ Only the pages before the last query's own block are read: no row ranks a later 
 read either. Hopper's e4m3 tensor cores add the products with about 13 fractional bits,
 not fp32's 24 (as Triton's own e4m3 MMA does from 64 rows up): near-equal block maxima
 may rank either way (docs/semantics.md, tests/ops/decode/test_gluon_scan.py). Over
-16-bit keys the sums are fp32's, in the tensor cores' order.
+bf16 keys the sums are fp32's, in the tensor cores' order.
 """
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ EMPTY = gl.constexpr(-9223372036854775808)      # int64 min: no block
 def page_layout(bits: int):
     """A ring slot / TMA box / the query operand of ``bits``-bit values: 128-byte swizzle."""
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=2)
-
 
 
 @gluon.jit
@@ -159,7 +158,7 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     """Chunk ``p`` of request ``b`` (``paged_scan_kernel``'s outputs at ``CAND``): pages
     of index keys through ``k_desc`` (TMA rows of ``DI`` values, token ``t`` of page
     ``P`` at row ``P * rows_per_page + t``), e4m3 with key scales ``KIS[P * BS + t]`` or
-    16-bit (``KIS`` unused); ``R`` query rows (``rows_padded``)."""
+    bf16 (``KIS`` unused); ``R`` query rows (``rows_padded``)."""
     gl.static_assert(num_warps == WARPS)
     FP8: gl.constexpr = k_desc.dtype == gl.float8e4nv
     KEYS_M: gl.constexpr = R <= 16          # S^T [keys, rows], else S [rows, keys]
@@ -260,7 +259,7 @@ def rows_padded(rows: int) -> int:
 def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
               num_q: int) -> bool:
     """Whether ``paged_scan_kernel`` scans these pages: a Hopper GPU (sm_90), index keys of
-    head dim 128, e4m3 or of the queries' 16-bit dtype, in pages of 128 whose rows are TMA
+    head dim 128, e4m3 or bf16 (with bf16 queries), in pages of 128 whose rows are TMA
     rows (16-byte aligned, the page stride a whole multiple of the row stride, fewer than
     2^31 rows in ``ki``'s extent, ``tma_rows``), at most 64 query rows per request
     (``num_q x Hi``)."""
@@ -268,7 +267,7 @@ def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
         return False
     sp, st = ki_strides
     dtype_ok = ki.dtype == torch.float8_e4m3fn or (
-        ki.dtype in (torch.bfloat16, torch.float16) and qi.dtype == ki.dtype)
+        ki.dtype == torch.bfloat16 and qi.dtype == ki.dtype)      # fp16 keys: the Triton scan
     return (dtype_ok and qi.shape[-1] == DI and block_size == BS
             and num_q * qi.shape[1] <= MAX_ROWS and st * ki.element_size() % 16 == 0
             and sp % st == 0 and tma_rows(ki, st) < 2 ** 31 and ki.data_ptr() % 16 == 0)
