@@ -284,6 +284,8 @@ def fwd_kernel(Q, K, V, PO, PO_DESC, PL, POS, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KR
     else:
         o_smem, o_ready, o_free = q_ring, empty, empty          # unused
     fence_async_shared()
+    # the two lists are spelled out: Triton 3.6 keeps the constexprs of a partition's
+    # arguments only in tuples written in the call (held in a variable, they become tensors)
     if TMA_OUT:
         gl.warp_specialize([
             (_attend, (q_ring, k_smem, v_smem, kv_bar, ready, empty, o_smem, o_ready, o_free,
