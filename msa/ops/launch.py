@@ -25,11 +25,13 @@ def _capability(index: int) -> tuple:
     return tuple(torch.cuda.get_device_capability(index))
 
 
-def on_hopper(x: torch.Tensor) -> bool:
-    """Whether ``x`` lives on a Hopper GPU (sm_90), where the Gluon kernels run; the
-    capability is read once per device (a decode step asks on every call)."""
-    return x.is_cuda and _capability(x.device.index if x.device.index is not None
-                                     else torch.cuda.current_device()) == (9, 0)
+def on_hopper(x) -> bool:
+    """Whether ``x`` (a tensor or a device) is on a Hopper GPU (sm_90), where the Gluon
+    kernels run; the capability is read once per device (a decode step asks on every
+    call)."""
+    device = x.device if isinstance(x, torch.Tensor) else torch.device(x)
+    return device.type == "cuda" and _capability(
+        device.index if device.index is not None else torch.cuda.current_device()) == (9, 0)
 
 
 def _key(kernel, args, configs, fixed) -> tuple:

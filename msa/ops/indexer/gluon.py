@@ -16,11 +16,12 @@ tokens on an H200, docs/fp8_index.md), so ``scan_topk`` runs it only when asked
 """
 from __future__ import annotations
 
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                warpgroup_mma, warpgroup_mma_wait)
+
+from ..launch import on_hopper
 
 STAGES = 3              # key blocks in flight (16 KB each)
 
@@ -176,9 +177,7 @@ def supported(device, hi: int, di: int, block_size: int) -> bool:
     """Whether the Gluon scan runs this shape on ``device``: a Hopper GPU (sm_90), ``hi``
     a power of two up to 16 (tiles of ``128 / hi`` queries), ``di = 128``, blocks of
     128."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0) \
-        and hi in (1, 2, 4, 8, 16) and di == 128 and block_size == 128
+    return on_hopper(device) and hi in (1, 2, 4, 8, 16) and di == 128 and block_size == 128
 
 
 def launch_fp8_scan(q8, k8, ks, tiles, out, *, scale: float, block_size: int, block_t: int,
