@@ -186,7 +186,7 @@ def test_decoder_run_checks_inputs():
         dec.attention_kernel(q, k, v[..., :32])
     with pytest.raises(TypeError, match="dtypes"):
         dec.attention_kernel(q.double(), k, v)
-    # and the index scan's (the Gluon scan: Hopper, e4m3 pages of 128 keys x 128)
+    # and the index scan's (the Gluon scan: Hopper, e4m3 or bf16 pages of 128 keys x 128)
     assert dec.scan_kernel(qi, ki) == "triton"
     with pytest.raises(ValueError, match="qi must be"):
         dec.scan_kernel(qi[:1], ki)
