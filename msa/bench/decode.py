@@ -9,6 +9,8 @@ key of the context, the distinct selected K/V pages) over the copy bandwidth mea
 the same run. msa's selection and output are checked against the reference first.
 Each step is timed twice: one graph per step (its launch included), and per layer in a
 graph of ``LAYERS`` steps (as a model's decode graph replays its layers; launch shared).
+Called eagerly, msa's step is also timed with its own graphs (``PagedDecoder``'s
+default) and with plain launches (``graphs=False``), beside vLLM's eager decode.
 
 FP8 pages (e4m3 rows with fp32 row scales, ``msa.ops.quant``) are timed beside bf16 in
 the same run: K/V in FP8 with bf16 index keys (the ``PagedKVCache`` default for FP8, and
@@ -22,6 +24,8 @@ Chunked prefill over the cache (8K new tokens over 128K): the chunk's attention 
 pages gathered first or read in place, bf16 and FP8 K/V (plain launches, peak memory).
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -49,6 +53,20 @@ def graph_ms(fn, reps: int = 50, layers: int = 1) -> float:
         for _ in range(layers):
             fn()
     return C.timed(graph.replay, reps=reps, warmup=3) / layers
+
+
+def eager_us(fn, calls: int = 200) -> float:
+    """Microseconds per call of ``fn`` called eagerly ``calls`` times in a row (after ten
+    warm-up calls), synchronised once at the end: the host's launch cost where it
+    exceeds the GPU's time."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def copy_bandwidth() -> float:
@@ -154,6 +172,12 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
     r = dict(context=T, batch=B, num_q=Q)
     r["msa_us"] = 1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki))
     r["msa_us_per_layer"] = 1e3 * graph_ms(lambda: dec.run(q, qi, k, v, ki), layers=LAYERS)
+    # called eagerly: the decoder's own graphs (the default) and plain launches
+    r["msa_eager_us"] = eager_us(lambda: dec.run(q, qi, k, v, ki))
+    launches = PagedDecoder(cfg, max_batch=B, num_q=Q, max_pages=table.shape[1],
+                            device="cuda", graphs=False)
+    launches.plan(table, lens)
+    r["msa_eager_launches_us"] = eager_us(lambda: launches.run(q, qi, k, v, ki))
     out, topk = (x.clone() for x in dec.run(q, qi, k, v, ki))
     # distinct (request, KV head, page) a step reads; one index head per KV head
     per = topk.view(cfg.index_heads, B, Q * cfg.topk).long()
@@ -216,6 +240,7 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
         v_out, v_topk = run()
         r["vllm_us"] = 1e3 * graph_ms(run)
         r["vllm_us_per_layer"] = 1e3 * graph_ms(run, layers=LAYERS)
+        r["vllm_eager_us"] = eager_us(run)
         r["vllm_topk_rows_equal"] = C.rows_equal(v_topk, topk)
         r["vllm_cosine"] = C.cosine(v_out, out)
         del run

@@ -5,17 +5,23 @@ run once per layer.
 synchronise) and copies it into preallocated device buffers; ``run()`` reads only those
 buffers, launches the fused kernels (``msa.ops.decode.triton.paged_decode``) and writes
 preallocated outputs: no host synchronisation and no allocation, so it can be captured
-in a CUDA graph once per batch size and replayed after each ``plan()``. One plan serves
-every layer of a step (the layers share the page table; ``msa.inference.PagedKVCache``
-does this for ``MSAttention`` stacks).
+in a CUDA graph once per batch size and replayed after each ``plan()``. Called eagerly on
+CUDA, ``run`` does that itself (``msa.inference.step_graphs``): from the second call with
+the same pages and batch it copies the query rows into static buffers and replays its
+launches from a graph, for a fraction of the launches' host time (docs/inference.md).
+One plan serves every layer of a step (the layers share
+the page table; ``msa.inference.PagedKVCache`` does this for ``MSAttention`` stacks).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ..config import MSAConfig
 from ..ops.checks import check_page_scales
 from ..ops.quant import E4M3
+from .step_graphs import StepGraphs, tensor_key
 
 
 class PagedDecoder:
@@ -29,6 +35,11 @@ class PagedDecoder:
             enough programs for about two waves; Triton's ``num_stages`` 3 over bf16 index
             keys, 5 over e4m3 ones, the faster on an H200: with Triton 3.6 the scan's loop
             keeps one page in flight at 2-4, two at 5-6, three at 7).
+        graphs: on CUDA, ``run`` called eagerly (not inside the caller's own CUDA graph
+            capture) replays its launches from a CUDA graph from the second call with the
+            same pages and batch on (``msa.inference.step_graphs``): the new query rows
+            are copied into static buffers first. ``False``: every call launches its
+            kernels.
 
     Buffers (views of the first ``B * Q`` rows are returned by ``run``): ``out
     [max_batch*Q, Hq, D]``, ``lse [max_batch*Q, Hq]`` fp32, ``topk_indices
@@ -37,7 +48,7 @@ class PagedDecoder:
 
     def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,
                  device, dtype=torch.bfloat16, pages_per_program: int = None,
-                 index_stages: int = None):
+                 index_stages: int = None, graphs: bool = True):
         from ..ops.decode.rescore import exact_width
         from ..ops.decode.select import candidates_width
         from ..ops.decode.triton import partial_buffers
@@ -69,6 +80,9 @@ class PagedDecoder:
                                         c.head_dim, c.topk, self.device)
         self.batch, self.top_page = 0, -1
         self.pages_per_program, self.index_stages = pages_per_program, index_stages
+        self.graphs = StepGraphs(self.device) if graphs and self.device.type == "cuda" \
+            else None
+        self._static = {}               # query rows copied in for the graphs, per dtype
 
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """Validate (may synchronise) and copy request metadata into the run buffers.
@@ -149,7 +163,8 @@ class PagedDecoder:
 
     def run(self, q, qi, k_pages, v_pages, ki_pages, *, k_scales=None, v_scales=None,
             ki_scales=None, ki_fp8=None):
-        """One decode step of one layer (no host synchronisation, no allocation).
+        """One decode step of one layer (no host synchronisation; no allocation but the
+        static query buffers of the decoder's graphs, on their first use).
 
         q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major), pages
         ``k_pages, v_pages [P, Hkv, page, D]``, ``ki_pages [P, page, Di]``; FP8 (e4m3)
@@ -163,8 +178,7 @@ class PagedDecoder:
         Returns views of the preallocated ``out [B*Q, Hq, D]`` and
         ``topk_indices [Hi, B*Q, K]`` (overwritten by the next ``run``).
         """
-        from ..ops.decode.triton import paged_decode
-        c, b, nq = self.cfg, self.batch, self.num_q
+        b = self.batch
         if b == 0:
             raise RuntimeError("call plan() before run()")
         self._check(q, qi, k_pages, v_pages, ki_pages)
@@ -176,18 +190,46 @@ class PagedDecoder:
             ki_exact, (ki_pages, kis) = ki_pages, self._check_fp8_copy(ki_pages, ki_fp8,
                                                                        ki_scales)
             scales = (k_scales, v_scales, kis)
+        rows = b * self.num_q
+        pages = (k_pages, v_pages, ki_pages, *scales, ki_exact)
+        if self.graphs is None or torch.cuda.is_current_stream_capturing():
+            self._launch(q, qi, *pages)
+        else:
+            sq, sqi = self._static_rows(q), self._static_rows(qi)
+            key = (b, q.dtype, qi.dtype, os.environ.get("MSA_DECODE_KERNEL"),
+                   *(tensor_key(x) for x in pages))
+            self.graphs.run(key, lambda: self._launch(sq, sqi, *pages))
+        return self.out[:rows], self.topk_indices[:, :rows]
+
+    def _static_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` copied into this decoder's buffer of its shape past the first dim and
+        dtype (the graphs read the query rows there)."""
+        key = (tuple(x.shape[1:]), x.dtype)
+        buf = self._static.get(key)
+        if buf is None:
+            rows = self.page_table.shape[0] * self.num_q
+            buf = self._static[key] = torch.empty(rows, *x.shape[1:], dtype=x.dtype,
+                                                  device=self.device)
+        buf = buf[:x.shape[0]]
+        buf.copy_(x)
+        return buf
+
+    def _launch(self, q, qi, k_pages, v_pages, ki_pages, k_scales, v_scales, ki_scales,
+                ki_exact) -> None:
+        """The step's kernels (``msa.ops.decode.triton.paged_decode``) into the buffers."""
+        from ..ops.decode.triton import paged_decode
+        c, b, nq = self.cfg, self.batch, self.num_q
         rows = b * nq
-        out, topk = self.out[:rows], self.topk_indices[:, :rows]
         paged_decode(q, qi, k_pages, v_pages, ki_pages, self.page_table, self.seq_lens,
                      batch=b, num_q=nq, max_pages=self.max_pages,
                      num_kv_heads=c.num_kv_heads, candidates=self.candidates[:rows],
-                     topk_indices=topk, out=out, lse=self.lse[:rows], partials=self.partials,
+                     topk_indices=self.topk_indices[:, :rows], out=self.out[:rows],
+                     lse=self.lse[:rows], partials=self.partials,
                      block_size=c.block_size, scale=c.scale, index_scale=c.index_scale,
                      pages_per_program=self.pages_per_program,
-                     index_stages=self.index_stages, k_scales=scales[0],
-                     v_scales=scales[1], ki_scales=scales[2], ki_exact=ki_exact,
+                     index_stages=self.index_stages, k_scales=k_scales,
+                     v_scales=v_scales, ki_scales=ki_scales, ki_exact=ki_exact,
                      exact=self.exact[:rows])
-        return out, topk
 
     def attention_kernel(self, q, k_pages, v_pages) -> str:
         """The attention kernel ``run`` launches for these queries and pages at the planned

@@ -140,6 +140,50 @@ def test_decoder_cuda_graph_replay_and_no_sync():
         assert torch.equal(topk, e_topk) and torch.equal(out, e_out)
 
 
+@pytest.mark.gpu
+def test_decoder_eager_graphs_equal_plain_launches():
+    """``run`` called eagerly replays its own graphs (msa.inference.step_graphs): the
+    results equal a decoder that launches every time, bitwise, with fresh queries each
+    call, after ``plan()`` with new lengths, for a smaller batch and for FP8 pages (new
+    graphs), with poisoned outputs before each call; inside the caller's own capture it
+    launches."""
+    from msa.ops.quant import quantize_e4m3
+    lengths = (900, 300, 129)
+    k, v, ki, table = _cache(lengths, 40, seed=4)
+    k, v, ki = (x.bfloat16() for x in (k, v, ki))
+    (k8, ks), (v8, vs), (ki8, kis) = quantize_e4m3(k), quantize_e4m3(v), quantize_e4m3(ki)
+    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, index_head_dim=D,
+                    block_size=BS, topk=K)
+    decs = [PagedDecoder(cfg, max_batch=3, num_q=2, max_pages=table.shape[1], device=DEVICE,
+                         graphs=graphs) for graphs in (True, False)]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    cases = [(lengths, (k, v, ki), {}), ((500, 64, 2), (k, v, ki), {}),
+             ((950, 250), (k, v, ki), {}),
+             ((950, 250), (k8, v8, ki8), dict(k_scales=ks, v_scales=vs, ki_scales=kis))]
+    for lens, pages, scales in cases:
+        for dec in decs:
+            dec.plan(table[:len(lens)], torch.tensor(lens, dtype=torch.int32, device=DEVICE))
+        for _ in range(3):
+            rows = 2 * len(lens)
+            q = torch.randn(rows, HQ, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+            qi = torch.randn(rows, HKV, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+            got = []
+            for dec in decs:
+                dec.out.fill_(float("nan"))
+                dec.topk_indices.fill_(-7)
+                got.append([x.clone() for x in dec.run(q, qi, *pages, **scales)])
+            assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+            assert not got[0][0].isnan().any()
+    assert decs[0].graphs.captured == 3 and decs[1].graphs is None
+    # the caller's own capture: launched inside it, no graph of the decoder's own
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = decs[0].run(q, qi, k, v, ki)
+    graph.replay()
+    assert torch.equal(out, decs[1].run(q, qi, k, v, ki)[0])
+    assert decs[0].graphs.captured == 3
+
+
 def test_decoder_ties_rank_smaller_block_first():
     lengths = (700, 400)
     k, v, ki, table = _cache(lengths, 24, seed=5)
