@@ -14,12 +14,18 @@ buffers first), allocate nothing and read nothing back to the host.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable, Hashable
 
 import torch
 
 _SEEN = object()        # a key met once: launched eagerly, not captured
+
+
+class CaptureFailed(RuntimeError):
+    """CUDA could not capture or instantiate the launches (not an error of the launches
+    themselves): the caller launches eagerly from then on."""
 
 
 def tensor_key(x) -> tuple:
@@ -40,19 +46,30 @@ class StepGraphs:
         self.device, self.capacity = device, capacity
         self.graphs: "OrderedDict[Hashable, object]" = OrderedDict()
         self.captured = 0               # graphs captured so far (for tests and inspection)
+        self.failed = None              # why a capture failed (then every call launches)
         self._pool = None
         self._stream = None
 
     def run(self, key: Hashable, launch: Callable[[], None]) -> None:
         """``launch()`` now, on the current stream: eagerly the first time ``key`` is met,
-        then from its graph (captured at the second time)."""
+        then from its graph (captured at the second time). Where CUDA fails to capture,
+        a warning says so and every call launches eagerly from then on."""
         g = self.graphs.get(key)
-        if g is None:
-            self._remember(key, _SEEN)
+        if g is None or self.failed is not None:
+            if self.failed is None:
+                self._remember(key, _SEEN)
             launch()
             return
         if g is _SEEN:
-            g = self._capture(launch)
+            try:
+                g = self._capture(launch)
+            except CaptureFailed as e:
+                self.failed, self.graphs = str(e), OrderedDict()
+                warnings.warn(f"msa: the decode step could not be captured in a CUDA graph "
+                              f"({e}); it launches its kernels on every call from now on",
+                              RuntimeWarning, stacklevel=3)
+                launch()
+                return
             self.graphs[key] = g
         self.graphs.move_to_end(key)
         g.replay()
@@ -70,8 +87,11 @@ class StepGraphs:
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
-            # thread_local: CUDA calls of other threads do not invalidate the capture
-            g.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                # thread_local: CUDA calls of other threads do not invalidate the capture
+                g.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            except RuntimeError as e:
+                raise CaptureFailed(str(e).splitlines()[0]) from e
             try:
                 launch()
             except BaseException:
@@ -80,7 +100,10 @@ class StepGraphs:
                 except RuntimeError:
                     pass
                 raise
-            g.capture_end()
+            try:
+                g.capture_end()
+            except RuntimeError as e:
+                raise CaptureFailed(str(e).splitlines()[0]) from e
         current.wait_stream(self._stream)
         self.captured += 1
         return g

@@ -1,10 +1,12 @@
 """msa.inference.step_graphs: a key's first call launches, its second captures a graph and
 replays it, later calls replay it; least recently used graphs go past the capacity; the
-key tells tensors apart by address, shape, strides and dtype. (The graphs themselves,
-against plain launches on a GPU: tests/ops/decode/test_triton.py.)"""
+key tells tensors apart by address, shape, strides and dtype; a capture CUDA refuses
+leaves plain launches (with a warning), an error of the launch itself is raised. (The
+graphs themselves, against plain launches on a GPU: tests/ops/decode/test_triton.py.)"""
+import pytest
 import torch
 
-from msa.inference.step_graphs import StepGraphs, tensor_key
+from msa.inference.step_graphs import CaptureFailed, StepGraphs, tensor_key
 
 
 class _Graph:
@@ -53,3 +55,30 @@ def test_tensor_key_tells_address_shape_strides_and_dtype_apart():
                                     x.to(torch.float64))}
     assert len(keys) == 6
     assert tensor_key(x) == tensor_key(x.view(4, 6)) and tensor_key(None) == ()
+
+
+def test_a_failed_capture_warns_once_and_leaves_plain_launches():
+    log = []
+    sg = StepGraphs(torch.device("cpu"))
+
+    def capture(launch):
+        raise CaptureFailed("operation not permitted when stream is capturing")
+    sg._capture = capture
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        for _ in range(2):
+            sg.run("a", lambda: log.append("launch"))
+    sg.run("a", lambda: log.append("launch"))
+    assert log == ["launch"] * 3 and sg.failed and not sg.graphs
+
+
+def test_an_error_of_the_launch_itself_is_raised_not_swallowed():
+    sg = StepGraphs(torch.device("cpu"))
+    sg._capture = lambda launch: launch()
+
+    def launch():
+        raise ValueError("q must be [2, 4, 64]")
+    with pytest.raises(ValueError, match="q must be"):
+        sg.run("a", launch)
+    with pytest.raises(ValueError, match="q must be"):
+        sg.run("a", launch)
+    assert sg.failed is None
