@@ -211,7 +211,8 @@ class PagedDecoder:
             buf = self._static[key] = torch.empty(rows, *x.shape[1:], dtype=x.dtype,
                                                   device=self.device)
         buf = buf[:x.shape[0]]
-        buf.copy_(x)
+        with torch.no_grad():           # rows that require grad leave no history here
+            buf.copy_(x)
         return buf
 
     def _launch(self, q, qi, k_pages, v_pages, ki_pages, k_scales, v_scales, ki_scales,

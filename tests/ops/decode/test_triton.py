@@ -165,7 +165,8 @@ def test_decoder_eager_graphs_equal_plain_launches():
             dec.plan(table[:len(lens)], torch.tensor(lens, dtype=torch.int32, device=DEVICE))
         for _ in range(3):
             rows = 2 * len(lens)
-            q = torch.randn(rows, HQ, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+            q = torch.randn(rows, HQ, D, device=DEVICE, dtype=torch.bfloat16, generator=g,
+                            requires_grad=bool(scales))     # FP8 case: rows with grad
             qi = torch.randn(rows, HKV, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
             got = []
             for dec in decs:
@@ -175,6 +176,7 @@ def test_decoder_eager_graphs_equal_plain_launches():
             assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
             assert not got[0][0].isnan().any()
     assert decs[0].graphs.captured == 3 and decs[1].graphs is None
+    assert not any(x.requires_grad for x in decs[0]._static.values())
     # the caller's own capture: launched inside it, no graph of the decoder's own
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
