@@ -9,8 +9,8 @@ in a CUDA graph once per batch size and replayed after each ``plan()``. Called e
 CUDA, ``run`` does that itself (``msa.inference.step_graphs``): from the second call with
 the same pages and batch it copies the query rows into static buffers and replays its
 launches from a graph, for a fraction of the launches' host time (docs/inference.md).
-One plan serves every layer of a step (the layers share
-the page table; ``msa.inference.PagedKVCache`` does this for ``MSAttention`` stacks).
+One plan serves every layer of a step (the layers share the page table;
+``msa.inference.PagedKVCache`` does this for ``MSAttention`` stacks).
 """
 from __future__ import annotations
 

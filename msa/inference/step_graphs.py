@@ -1,9 +1,9 @@
 """Eager decode steps replayed from CUDA graphs (``StepGraphs``).
 
-A decode step of one layer is a few kernel launches whose GPU time at small batches
-(tens of microseconds) is smaller than their host cost: Triton's launcher handles each
-kernel's thirty-odd arguments in Python (about 20-40 us a launch on the H200's host),
-so an eager decode loop waits on the host, not on the GPU (docs/inference.md).
+A decode step of one layer is a few kernel launches whose GPU time at small batches is
+smaller than their host cost: Triton's launcher handles each kernel's thirty-odd
+arguments in Python, so an eager decode loop waits on the host, not on the GPU
+(measured: docs/inference.md).
 ``StepGraphs`` keeps, per *key* (everything the launches' arguments are made of: tensor
 addresses, shapes, strides, dtypes, the batch), a CUDA graph of those launches: the
 first call of a key launches eagerly (the kernels compile then), the second captures
