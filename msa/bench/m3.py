@@ -129,6 +129,7 @@ def decode(T: int, steps: int, cache: str) -> dict:
     from transformers import DynamicCache, StaticCache
 
     from ..integrations.transformers import fp8_static_cache
+    from ..integrations.transformers.compat import cache_kwarg
     from ..ops.quant import E4M3
     model = build(LAYERS, "msa")
     attn = model.model.layers[1].self_attn
@@ -153,7 +154,8 @@ def decode(T: int, steps: int, cache: str) -> dict:
         times.append((start, end))
         return out
     with torch.no_grad():
-        out = model(ids, cache=kv, use_cache=True, logits_to_keep=1)
+        kw = {cache_kwarg(model): kv}
+        out = model(ids, use_cache=True, logits_to_keep=1, **kw)
         tok = out.logits[:, -1:].argmax(-1)
         attn.forward = timed_forward
         torch.cuda.synchronize()
@@ -162,7 +164,7 @@ def decode(T: int, steps: int, cache: str) -> dict:
         start.record()
         for i in range(steps):
             pos = torch.tensor([[T + i]], device="cuda")
-            out = model(tok, cache=kv, use_cache=True, position_ids=pos)
+            out = model(tok, use_cache=True, position_ids=pos, **kw)
             tok = out.logits[:, -1:].argmax(-1)
             tokens.append(tok)
         end.record()
@@ -219,6 +221,7 @@ def _layer_graph_us(model, dec, layer: int, reps: int = 100) -> dict:
     """One layer's attention module (projections, norms, RoPE, cache write, index branch,
     fused decode, output projection) for one token, replayed from a CUDA graph. Each
     replay writes one more cache slot past the real length (the length itself stays)."""
+    from ..integrations.transformers.compat import cache_kwarg
     attn = model.model.layers[layer].self_attn
     hidden = torch.randn(1, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     pos = dec.position.clone()
@@ -226,8 +229,8 @@ def _layer_graph_us(model, dec, layer: int, reps: int = 100) -> dict:
 
 
     def call():
-        return attn(hidden, position_embeddings=pe, attention_mask=None, cache=dec.cache,
-                    position_ids=pos)
+        return attn(hidden, position_embeddings=pe, attention_mask=None, position_ids=pos,
+                    **{cache_kwarg(attn): dec.cache})
     from .decode import graph_ms
     return dict(graph_us=1e3 * graph_ms(call, reps=reps), **_kernel_split_us(call))
 

@@ -7,6 +7,7 @@ transformers = pytest.importorskip("transformers")
 
 from msa.integrations.transformers import (enable_msa, fp8_dynamic_cache,  # noqa: E402
                                            msa_attention_forward)
+from msa.integrations.transformers.compat import cache_kwarg  # noqa: E402
 from msa.integrations.transformers.fp8_dynamic import FP8DynamicLayer  # noqa: E402
 from msa.ops.quant import E4M3, dequantize, fake_quantize  # noqa: E402
 
@@ -64,9 +65,10 @@ def test_generate_with_the_fp8_cache_attends_over_quantized_keys():
     ids = torch.randint(0, 200, (1, 900), generator=torch.Generator().manual_seed(1))
     fp8, plain = fp8_dynamic_cache(model), transformers.DynamicCache(config=model.config)
     with torch.no_grad():
-        out8 = model.generate(ids, max_new_tokens=6, do_sample=False, cache=fp8)
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, cache=plain)
-        logits8 = model(ids, cache=fp8_dynamic_cache(model)).logits
+        name = cache_kwarg(model)
+        out8 = model.generate(ids, max_new_tokens=6, do_sample=False, **{name: fp8})
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, **{name: plain})
+        logits8 = model(ids, **{name: fp8_dynamic_cache(model)}).logits
         logits = model(ids).logits
         transformers.AttentionInterface.register("msa_quantized_kv", _quantized_kv_attention)
         model.set_attn_implementation("msa_quantized_kv")

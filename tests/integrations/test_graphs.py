@@ -7,6 +7,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("transformers.models.minimax_m3_vl")
 
 from msa.integrations.transformers import GraphedDecoder  # noqa: E402
+from msa.integrations.transformers.compat import cache_kwarg  # noqa: E402
 from tests.integrations.test_minimax_m3 import _models  # noqa: E402
 
 
@@ -29,8 +30,8 @@ def test_fp8_cache_gives_the_tokens_of_generate_with_it():
     ids = torch.randint(3, 300, (2, 205), generator=torch.Generator().manual_seed(6))
     for index_dtype in (None, E4M3):
         with torch.no_grad():
-            want = model.generate(ids, max_new_tokens=12, do_sample=False,
-                                  cache=fp8_static_cache(model, 320, index_dtype))
+            want = model.generate(ids, max_new_tokens=12, do_sample=False, **{
+                cache_kwarg(model): fp8_static_cache(model, 320, index_dtype)})
         dec = GraphedDecoder(model, max_cache_len=300, batch_size=2, kv_dtype=E4M3,
                              index_dtype=index_dtype)
         assert dec.cache.layers[1].keys is None or dec.cache.layers[1].keys.dtype == E4M3

@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("transformers.models.minimax_m3_vl")
 
 from msa.integrations.transformers import enable_msa, fp8_static_cache  # noqa: E402
+from msa.integrations.transformers.compat import cache_kwarg  # noqa: E402
 from msa.integrations.transformers.minimax_m3 import IndexInputs, sparse_attention  # noqa: E402
 from msa.ops.quant import E4M3, dequantize, fake_quantize  # noqa: E402
 from tests.helpers import DEVICE  # noqa: E402
@@ -24,8 +25,8 @@ def test_sparse_layers_hold_e4m3_rows_of_what_a_bf16_cache_holds():
     fp8 = fp8_static_cache(model, 256)
     plain = StaticCache(config=model.config, max_cache_len=256)
     with torch.no_grad():
-        model(ids, cache=fp8)
-        model(ids, cache=plain)
+        model(ids, **{cache_kwarg(model): fp8})
+        model(ids, **{cache_kwarg(model): plain})
     assert type(fp8.layers[0]) is type(plain.layers[0])          # full attention: as is
     assert type(plain.layers[1]).__name__ == "MiniMaxM3VLSparseStaticCacheLayer"
     layer = fp8.layers[1]                          # first sparse layer: the same inputs
@@ -98,9 +99,9 @@ def test_fused_decoder_reads_the_fp8_cache_in_place(monkeypatch, index_dtype):
     ids = _prompt(300, seed=5).to(DEVICE)
     with torch.no_grad():
         want = ref.generate(ids, max_new_tokens=3, do_sample=False,
-                            cache=fp8_static_cache(ref, 384, index_dtype))
+                            **{cache_kwarg(ref): fp8_static_cache(ref, 384, index_dtype)})
         got = tri.generate(ids, max_new_tokens=3, do_sample=False,
-                           cache=fp8_static_cache(tri, 384, index_dtype))
+                           **{cache_kwarg(tri): fp8_static_cache(tri, 384, index_dtype)})
     assert torch.equal(got, want)
     assert len(calls) == 2 and all(c[0] is not None for c in calls)   # 2 steps, FP8 pages
     assert all((c[2] is None) == (index_dtype is None) for c in calls)

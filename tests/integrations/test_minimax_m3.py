@@ -7,6 +7,7 @@ transformers = pytest.importorskip("transformers")
 m3 = pytest.importorskip("transformers.models.minimax_m3_vl")
 
 from msa.integrations.transformers import enable_msa, indexer_kl_loss  # noqa: E402
+from msa.integrations.transformers.compat import cache_kwarg  # noqa: E402
 
 # id: (heads, kv heads, index heads, block, top-k, layer types)
 CONFIGS = {
@@ -206,6 +207,6 @@ def test_multimodal_model_switches_its_text_model_only():
     from msa.integrations.transformers import fp8_static_cache        # its text layers
     cache = fp8_static_cache(model, 512)
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=ids, cache=cache).logits).all()
+        assert torch.isfinite(model(input_ids=ids, **{cache_kwarg(model): cache}).logits).all()
     assert cache.layers[1].keys.dtype == torch.float8_e4m3fn
     assert int(cache.layers[1].get_seq_length()) == 500

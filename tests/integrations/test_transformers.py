@@ -142,3 +142,18 @@ def test_add_index_projections_rejects_bad_models():
     add_index_projections(model)
     with pytest.raises(ValueError, match="already has index projections"):
         add_index_projections(model)
+
+
+def test_cache_kwarg_reads_the_name_from_the_signature():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; a forward given the
+    other name ignores it (``**kwargs``), so the name comes from the signature."""
+    from msa.integrations.transformers.compat import cache_kwarg
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):
+            return input_ids
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return input_ids
+    assert cache_kwarg(New()) == "cache" and cache_kwarg(Old()) == "past_key_values"

@@ -13,8 +13,9 @@ Queries attend as the causal suffix of the cached keys, so prefill, chunked pref
 batches are packed into varlen sequences (``padding.py``). ``GraphedDecoder`` decodes
 with the whole step in one CUDA graph (``graphs.py``); ``fp8_static_cache`` holds a
 MiniMax-M3 model's sparse layers in e4m3 (``fp8_cache.py``), ``fp8_dynamic_cache`` a
-Llama-family model's K/V (``fp8_dynamic.py``). Docs: docs/minimax_m3.md,
-docs/integration.md.
+Llama-family model's K/V (``fp8_dynamic.py``). transformers 5.24 renamed the forward's
+cache argument ``past_key_values`` to ``cache``; ``compat.cache_kwarg`` reads which one a
+model takes. Docs: docs/minimax_m3.md, docs/integration.md.
 """
 from __future__ import annotations
 

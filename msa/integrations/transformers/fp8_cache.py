@@ -121,8 +121,9 @@ def fp8_static_cache(model, max_cache_len: int,
     """A ``StaticCache`` of ``max_cache_len`` slots for a MiniMax-M3 model switched to msa
     (``enable_msa``) whose sparse layers hold K/V in e4m3 (``index_dtype=torch.
     float8_e4m3fn``: the index keys too): ``model.generate(..., cache=cache)`` or
-    ``model(..., cache=cache)``. For batches above 1 ``max_cache_len`` must be a multiple
-    of the block size (as for any static cache the fused decoder reads)."""
+    ``model(..., cache=cache)`` (``past_key_values=cache`` before transformers 5.24,
+    ``compat.cache_kwarg``). For batches above 1 ``max_cache_len`` must be a multiple of
+    the block size (as for any static cache the fused decoder reads)."""
     from .minimax_m3 import is_minimax_m3, text_config
     if not is_minimax_m3(model):
         raise TypeError("fp8_static_cache is for MiniMax-M3 models (transformers' "

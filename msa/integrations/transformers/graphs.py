@@ -30,6 +30,7 @@ from typing import List, Optional
 
 import torch
 
+from .compat import cache_kwarg
 from .minimax_m3 import is_minimax_m3
 
 SYNC_FREE_EXPERTS = "batched_mm"
@@ -80,12 +81,13 @@ class GraphedDecoder:
         self.graph = None
         self.logits = None
         self._cfg = cfg
+        self._cache_kwarg = cache_kwarg(model)      # "cache" or "past_key_values"
 
     # -- the step -------------------------------------------------------------------
 
     def _forward(self, input_ids, position_ids) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, position_ids=position_ids, cache=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kwarg: self.cache})
         return out.logits[:, -1]
 
     def _lengths(self) -> List[torch.Tensor]:
