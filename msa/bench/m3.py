@@ -226,11 +226,11 @@ def _layer_graph_us(model, dec, layer: int, reps: int = 100) -> dict:
     hidden = torch.randn(1, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     pos = dec.position.clone()
     pe = model.model.rotary_emb(hidden, position_ids=pos)
-
+    kw = {cache_kwarg(attn): dec.cache}
 
     def call():
         return attn(hidden, position_embeddings=pe, attention_mask=None, position_ids=pos,
-                    **{cache_kwarg(attn): dec.cache})
+                    **kw)
     from .decode import graph_ms
     return dict(graph_us=1e3 * graph_ms(call, reps=reps), **_kernel_split_us(call))
 

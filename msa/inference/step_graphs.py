@@ -54,17 +54,20 @@ class StepGraphs:
         """``launch()`` now, on the current stream: eagerly the first time ``key`` is met,
         then from its graph (captured at the second time). Where CUDA fails to capture,
         a warning says so and every call launches eagerly from then on."""
+        if self.failed is not None:
+            launch()
+            return
         g = self.graphs.get(key)
-        if g is None or self.failed is not None:
-            if self.failed is None:
-                self._remember(key, _SEEN)
+        if g is None:
+            self._remember(key, _SEEN)
             launch()
             return
         if g is _SEEN:
             try:
                 g = self._capture(launch)
             except CaptureFailed as e:
-                self.failed, self.graphs = str(e), OrderedDict()
+                self.failed = str(e)
+                self.graphs.clear()
                 warnings.warn(f"msa: the decode step could not be captured in a CUDA graph "
                               f"({e}); it launches its kernels on every call from now on",
                               RuntimeWarning, stacklevel=3)
