@@ -252,19 +252,25 @@ def _select(qi, ki, table, lens, nq, topk, per, bs=64):
     return sel, ref
 
 
-@pytest.mark.parametrize("max_pages,lengths,nq,per,lists", [
-    (700, (700 * 64, 36000, 16400), 2, None, 88),  # lists of 8, a short last chunk
-    (512, (512 * 64, 1333), 1, 32, 16),            # lists of 16 (of 32 pages)
-    (40, (40 * 64,) * 6 + (1000, 65, 64), 8, None, 20),     # 144 rows: whole chunks of 2
-    (32, (32 * 64,) * 8 + (700,), 8, 16, 2),        # 144 rows: whole chunks of 16
-    (24, (24 * 64,) * 9 + (100,), 16, 1, 24),       # 320 rows: lists of one block
+@pytest.mark.parametrize("max_pages,lengths,nq,per,lists,target", [
+    (700, (700 * 64, 36000, 16400), 2, None, 88, None),    # lists of 8, a short last chunk
+    (512, (512 * 64, 1333), 1, 32, 16, None),              # lists of 16 (of 32 pages)
+    (40, (40 * 64,) * 6 + (1000, 65, 64), 8, None, 20, None),   # 144 rows: whole chunks of 2
+    (12, (12 * 64, 700, 65, 64), 8, None, 6, 24),   # the same over 48 pages, 24 programs
+    (32, (32 * 64,) * 8 + (700,), 8, 16, 2, None),         # 144 rows: whole chunks of 16
+    (24, (24 * 64,) * 9 + (100,), 16, 1, 24, None),        # 320 rows: lists of one block
 ])
-def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists):
+def test_selection_merges_ranked_lists(max_pages, lengths, nq, per, lists, target,
+                                       monkeypatch):
     """Each scan program ranks its chunk's blocks (few rows) or swaps its chunk's largest
     key to the front (many rows); the merge takes the heads of the lists
     (``msa.ops.decode.select``); rows equal the reference, ties (few distinct scores)
-    included."""
+    included. ``target``: programs the scan aims at instead of ``TARGET_PROGRAMS`` (the
+    same chunking over fewer pages, for the interpreter)."""
+    from msa.ops.decode import select
     from msa.ops.decode.select import candidates_width, paged_select, scan_chunks
+    if target:
+        monkeypatch.setattr(select, "TARGET_PROGRAMS", target)
     bs, di, hi, topk = 64, 64, 2, 16
     rows = len(lengths) * nq
     assert scan_chunks(rows * hi, len(lengths), max_pages, topk, per)[2] == lists
