@@ -2,8 +2,11 @@
 
 Same contract as ``msa.ops.decode.select.paged_scan_kernel`` over index-key pages, e4m3
 with fp32 key scales (``FP8``) or bf16: grid (request, page chunk), one int64 ``pack``
-key per (query row, index head, block) into the chunk's list, the chunk's largest first,
-or its best ``KR`` ranked (``RANK``). The ``tl.*`` kernel's tile has ``Q x Hi`` rows (4
+key per (query row, index head, block) into the chunk's list, the chunk's largest first;
+or (``RANK``) the chunk's best ``KR`` keys, the largest first and the rest in no order
+(all the merge, ``top_keys``, reads), kept in registers while the pages stream (each key
+takes the place of its row's least when above it), so the list is written once at the
+end with no pass over stored keys. The ``tl.*`` kernel's tile has ``Q x Hi`` rows (4
 at one decode token), too few for Hopper's wgmma, so Triton lowers its product to
 ``mma.sync`` with the pages loaded by plain loads; over e4m3 keys sm_90 runs that through
 fp16 MMAs after converting every key byte, and with several decode tokens that scan takes
@@ -21,7 +24,8 @@ longer than reading its bytes (docs/benchmarks.md). Here:
   warps), else ``S = Q K^T`` (the max within lane quads), then the key scales (e4m3),
   the block max of each row and its ``pack`` key.
 
-Only the pages before the last query's own block are read: no row ranks a later block
+The first page ids are loaded beside the request's length, not after it. Only the pages
+before the last query's own block are read: no row ranks a later block
 (the local one comes last, docs/semantics.md), so no page past a request's last token is
 read either. Hopper's e4m3 tensor cores add the products with about 13 fractional bits,
 not fp32's 24 (as Triton's own e4m3 MMA does from 64 rows up): near-equal block maxima
@@ -151,14 +155,15 @@ def _block_max(acc, ks, KEYS_M: gl.constexpr, FP8: gl.constexpr):
 
 @gluon.jit
 def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per_page,
-                      stride_qt, stride_qh, stride_tb, stride_cc, stride_ch,
+                      table_width, stride_qt, stride_qh, stride_tb, stride_cc, stride_ch,
                       NQ: gl.constexpr, HI: gl.constexpr, PAGES: gl.constexpr,
                       KR: gl.constexpr, RANK: gl.constexpr, STAGES: gl.constexpr,
                       R: gl.constexpr, num_warps: gl.constexpr):
     """Chunk ``p`` of request ``b`` (``paged_scan_kernel``'s outputs at ``CAND``): pages
     of index keys through ``k_desc`` (TMA rows of ``DI`` values, token ``t`` of page
     ``P`` at row ``P * rows_per_page + t``), e4m3 with key scales ``KIS[P * BS + t]`` or
-    bf16 (``KIS`` unused); ``R`` query rows (``rows_padded``)."""
+    bf16 (``KIS`` unused); ``R`` query rows (``rows_padded``); ``table_width``: page ids
+    per request in ``PAGE_TABLE``."""
     gl.static_assert(num_warps == WARPS)
     FP8: gl.constexpr = k_desc.dtype == gl.float8e4nv
     KEYS_M: gl.constexpr = R <= 16          # S^T [keys, rows], else S [rows, keys]
@@ -183,12 +188,13 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     for i in gl.static_range(STAGES):       # the copy's arrival (+ each thread's cp.async)
         mbarrier.init(bars.index(i), count=1 + (32 * WARPS if FP8 else 0))
     fence_async_shared()
+    # the first page ids are loaded beside the length (bounded by the table, not by it)
     for i in gl.static_range(STAGES):
-        _issue(k_desc, KIS, ring, ks_ring, bars, _page(PAGE_TABLE, table_row, j0 + i, j0 + n_live),
+        _issue(k_desc, KIS, ring, ks_ring, bars, _page(PAGE_TABLE, table_row, j0 + i, table_width),
                i, rows_per_page, i < n_live, FP8)
     # the ids of the next two pages to issue, loaded ahead (their latency hidden)
-    nxt = _page(PAGE_TABLE, table_row, j0 + STAGES, j0 + n_live)
-    later = _page(PAGE_TABLE, table_row, j0 + STAGES + 1, j0 + n_live)
+    nxt = _page(PAGE_TABLE, table_row, j0 + STAGES, table_width)
+    later = _page(PAGE_TABLE, table_row, j0 + STAGES + 1, table_width)
     qv, row_scale = _queries(QI, b, scale, stride_qt, stride_qh, NQ, HI, R, FP8)
     q_smem = gl.allocate_shared_memory(k_desc.dtype, [R, DI], k_desc.layout,
                                        qv.to(k_desc.dtype))
@@ -202,6 +208,11 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     best = gl.full([R], EMPTY, gl.int64, ROW_L)         # the chunk's largest key so far,
     at = gl.zeros([R], gl.int32, ROW_L)                 # its place
     first = best                                        # and the first key
+    # RANK: each row's best KR keys so far, in no order; the places not yet taken hold
+    # distinct values below every key (EMPTY + place), so one of them is the row's least
+    lst: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])
+    offs_k = gl.expand_dims(gl.arange(0, KR, layout=gl.SliceLayout(0, lst)), 0)
+    top = EMPTY + gl.zeros([R, KR], gl.int64, lst) + offs_k
     for jj in range(n_live):
         s = jj % STAGES
         mbarrier.wait(bars.index(s), (jj // STAGES) & 1)      # the page and its scales
@@ -218,34 +229,32 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
         later = _page(PAGE_TABLE, table_row, j0 + jj + STAGES + 2, j0 + n_live)
         m = _block_max(acc, ks, KEYS_M, FP8) * row_scale
         key = gl.where((j0 + jj < local) & (m != float("-inf")), _pack(m, j0 + jj), EMPTY)
-        gl.store(lists + jj, key, mask=rmask)
-        if not RANK:
+        if RANK:            # the key takes the place of its row's least, if above it
+            new = gl.expand_dims(gl.convert_layout(key, gl.SliceLayout(1, lst)), 1)
+            least = gl.expand_dims(gl.min(top, 1), 1)
+            top = gl.where((new > least) & (top == least), new, top)
+        else:
+            gl.store(lists + jj, key, mask=rmask)
             first = gl.where(jj == 0, key, first)
             at = gl.where(key > best, jj, at)
             best = gl.maximum(best, key)
 
-    # the pages not read rank nothing; then the list's order (over this program's stores)
-    lst: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])
     lists2, rmask2 = _row_lists(CAND, b, gl.arange(0, R, layout=gl.SliceLayout(1, lst)), j0,
                                 stride_cc, stride_ch, NQ, HI)
     lists2, rmask2 = gl.expand_dims(lists2, 1), gl.expand_dims(rmask2, 1)
-    offs_p = gl.expand_dims(gl.arange(0, PAGES, layout=gl.SliceLayout(0, lst)), 0)
-    gl.store(lists2 + offs_p, gl.full([R, PAGES], EMPTY, gl.int64, lst),
-             mask=rmask2 & (offs_p >= n_live))
-    gl.thread_barrier()
-    if not RANK:        # the largest key first
+    if not RANK:        # the pages not read rank nothing; the largest key first (over
+        offs_p = gl.expand_dims(gl.arange(0, PAGES, layout=gl.SliceLayout(0, lst)), 0)
+        gl.store(lists2 + offs_p, gl.full([R, PAGES], EMPTY, gl.int64, lst),   # the stores
+                 mask=rmask2 & (offs_p >= n_live))
+        gl.thread_barrier()
         gl.store(lists + at, first, mask=rmask)
         gl.store(lists, best, mask=rmask)
-    else:               # the chunk's best KR keys, ranked
-        keys = gl.load(lists2 + offs_p, mask=rmask2, other=EMPTY)
-        offs_k = gl.expand_dims(gl.arange(0, KR, layout=gl.SliceLayout(0, lst)), 0)
-        ranked = gl.full([R, KR], EMPTY, gl.int64, lst)
-        for k in range(KR):             # keys are distinct: each round removes one
-            top = gl.expand_dims(gl.max(keys, 1), 1)
-            ranked = gl.where(offs_k == k, top, ranked)
-            keys = gl.where(keys == top, EMPTY, keys)
-        gl.thread_barrier()
-        gl.store(lists2 + offs_k, ranked, mask=rmask2)
+    else:               # the chunk's best KR keys, the largest first (EMPTY padded)
+        top = gl.where(top < EMPTY + KR, EMPTY, top)
+        head = gl.expand_dims(gl.max(top, 1), 1)
+        first_k = gl.expand_dims(gl.max(gl.where(offs_k == 0, top, EMPTY), 1), 1)
+        top = gl.where(offs_k == 0, head, gl.where(top == head, first_k, top))
+        gl.store(lists2 + offs_k, top, mask=rmask2)
 
 
 def rows_padded(rows: int) -> int:
@@ -285,7 +294,7 @@ def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: in
                             page_layout(8 * ki.element_size()))
     paged_scan_kernel[grid](
         qi, desc, ki_table if ki_scales is None else ki_scales, ki_table, seq_lens,
-        candidates, index_scale, sp // st,
+        candidates, index_scale, sp // st, ki_table.shape[1],
         qi.stride(0), qi.stride(1), ki_table.stride(0), candidates.stride(0),
         candidates.stride(1), NQ=num_q, HI=qi.shape[1], PAGES=pages, KR=kr, RANK=rank,
         STAGES=stages or STAGES[ki.element_size()], R=rows, num_warps=WARPS.value)

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon")
 
-from msa.ops.decode.select import candidates_width, paged_select, scan_kernel, unpack  # noqa: E402
+from msa.ops.decode.select import (candidates_width, paged_select, rank_in_scan,  # noqa: E402
+                                   scan_chunks, scan_kernel, unpack)
 from msa.ops.quant import dequantize, fake_quantize, quantize_e4m3  # noqa: E402
 from tests.helpers import gluon_ptx  # noqa: E402
 
@@ -28,7 +29,7 @@ def _sig(dtype: str):
     layout = g.page_layout(8 if dtype == "fp8e4nv" else 16)
     return {"QI": "*bf16", "k_desc": f"tensordesc<{dtype}[128, 128],{layout!r}>",
             "KIS": "*fp32", "PAGE_TABLE": "*i32", "SEQ_LENS": "*i32", "CAND": "*i64",
-            "scale": "fp32", "rows_per_page": "i32",
+            "scale": "fp32", "rows_per_page": "i32", "table_width": "i32",
             **{f"stride_{s}": "i32" for s in ("qt", "qh", "tb", "cc", "ch")}}
 
 
@@ -125,6 +126,37 @@ def _assert_top_k(topk, scores, tol, lens, nq):
             assert not rest.any() or sc[rest].max() <= kth + atol
 
 
+def _assert_ranked_lists(cand, scores, tol, lens, nq, per):
+    """With few rows the scan leaves each chunk's best ``KR`` keys, the largest first:
+    each list (row, head, chunk) holds a top-``KR`` of the chunk's rankable blocks by
+    their fp64 scores (up to the rounding ``tol``), ``EMPTY`` past them, its head its
+    largest key."""
+    rows, hi = cand.shape[:2]
+    pages, ls, n_lists, kr = scan_chunks(rows * hi, len(lens), scores.shape[2], K, per,
+                                         "gluon")
+    m, ids = unpack(cand)
+    for r in range(rows):
+        local = (int(lens[r // nq]) - nq + r % nq) // BS
+        for h in range(hi):
+            for p in range(n_lists):
+                lo, hi_ = p * pages, min((p + 1) * pages, local)
+                n = max(0, min(kr, hi_ - lo))
+                got = ids[r, h, p * ls:p * ls + kr]
+                assert (got[n:] == -1).all() and (got[:n] >= lo).all() and \
+                    (got[:n] < hi_).all() and len(set(got[:n].tolist())) == n, got
+                if n == 0:
+                    continue
+                assert m[r, h, p * ls] == m[r, h, p * ls:p * ls + n].max()
+                sc, atol = scores[r, h, lo:hi_], tol[r, h, lo:hi_].max()
+                if sc.isnan().all():
+                    continue
+                kth = sc.topk(n).values[-1]
+                rest = torch.ones(hi_ - lo, dtype=torch.bool, device=sc.device)
+                rest[got[:n] - lo] = False
+                assert sc[got[:n] - lo].min() >= kth - atol
+                assert not rest.any() or sc[rest].max() <= kth + atol
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
 @pytest.mark.parametrize("lengths,nq,hi,per", [
@@ -145,6 +177,11 @@ def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, dtype, m
     cand, topk = _select(qi, ki, kis, table, lens, nq, per)
     scores, tol = _scores(qi, ki, kis, table, lens, nq)
     _assert_top_k(topk, scores, tol, lens, nq)
+    rows = qi.shape[0] * hi
+    rank = rank_in_scan(rows) and \
+        scan_chunks(rows, len(lengths), table.shape[1], K, per, "gluon")[0] > 1
+    if rank:
+        _assert_ranked_lists(cand, scores, tol, lens, nq, per)
     # NaN bytes (and scales) in every key row past a request's last token: never read
     poisoned, pkis = ki.clone(), None if kis is None else kis.clone()
     for b, n in enumerate(lengths):
@@ -168,7 +205,11 @@ def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, dtype, m
         r, h, _ = live.nonzero(as_tuple=True)
         dense[i, r, h, ids[live]] = m[live]
     keyed = ~dense[0, ..., :-1].isnan()
-    assert torch.equal(keyed, ~dense[1, ..., :-1].isnan())      # the same blocks keyed
+    t_keyed = ~dense[1, ..., :-1].isnan()
+    # every block the Gluon scan keys, the Triton scan keys; without ranking, the same
+    # blocks (ranked lists hold each chunk's best only, the Triton scan's also the keys
+    # of the chunk's later pages)
+    assert not (keyed & ~t_keyed).any() and (rank or torch.equal(keyed, t_keyed))
     diff = (dense[0, ..., :-1] - dense[1, ..., :-1]).abs().double()
     # the Triton kernel sums e4m3 products exactly in fp32 (+ fp32's rounding), bf16 ones
     # in fp32: both kernels' rounding
