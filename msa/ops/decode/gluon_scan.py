@@ -154,6 +154,39 @@ def _block_max(acc, ks, KEYS_M: gl.constexpr, FP8: gl.constexpr):
 
 
 @gluon.jit
+def _warp_maxima(acc, ks, dst, R: gl.constexpr, FP8: gl.constexpr):
+    """``S^T [BS, R]`` (the keys as the MMA rows: warp ``w`` holds keys ``64 t + 16 w +
+    i``) times the key scales: each warp's maxima over its own 32 keys, ``[WARPS, R]``
+    into shared memory ``dst`` (no step across warps)."""
+    if FP8:
+        acc = acc * gl.expand_dims(ks, 1)
+    dst.store(gl.max(gl.max(gl.reshape(acc, [2, WARPS, 16, R]), 2), 0))
+
+
+@gluon.jit
+def _chunk_lists(maxima, CAND, b, j0, n, n_live, row_scale, stride_cc, stride_ch,
+                 NQ: gl.constexpr, HI: gl.constexpr, R: gl.constexpr, PAGES: gl.constexpr):
+    """The chunk's list of every row from the warps' maxima ``[PAGES, WARPS, R]`` in shared
+    memory: the block maxima (across warps), their keys (``EMPTY`` for pages not read or
+    not ranked), the largest key swapped to the front, stored once."""
+    ml: gl.constexpr = gl.BlockedLayout([1, WARPS, 1], [1, 1, 32], [WARPS, 1, 1], [2, 1, 0])
+    kl: gl.constexpr = gl.SliceLayout(1, ml)                        # [PAGES, R]
+    m = gl.max(maxima.load(ml), 1) * gl.expand_dims(gl.convert_layout(
+        row_scale, gl.SliceLayout(0, kl)), 0)
+    p = gl.expand_dims(gl.arange(0, PAGES, layout=gl.SliceLayout(1, kl)), 1)
+    r = gl.arange(0, R, layout=gl.SliceLayout(0, kl))
+    lists, rmask = _row_lists(CAND, b, r, j0, stride_cc, stride_ch, NQ, HI)
+    local = gl.expand_dims((n - NQ + r // HI) // BS, 0)
+    key = gl.where((p < n_live) & (j0 + p < local) & (m != float("-inf")), _pack(m, j0 + p),
+                   EMPTY)
+    best = gl.expand_dims(gl.max(key, 0), 0)
+    at = gl.expand_dims(gl.min(gl.where(key == best, p, PAGES), 0), 0)
+    first = gl.expand_dims(gl.max(gl.where(p == 0, key, EMPTY), 0), 0)
+    key = gl.where(p == 0, best, gl.where(p == at, first, key))
+    gl.store(gl.expand_dims(lists, 0) + p, key, mask=gl.expand_dims(rmask, 0))
+
+
+@gluon.jit
 def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per_page,
                       table_width, stride_qt, stride_qh, stride_tb, stride_cc, stride_ch,
                       NQ: gl.constexpr, HI: gl.constexpr, PAGES: gl.constexpr,
@@ -166,7 +199,10 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     per request in ``PAGE_TABLE``."""
     gl.static_assert(num_warps == WARPS)
     FP8: gl.constexpr = k_desc.dtype == gl.float8e4nv
-    KEYS_M: gl.constexpr = R <= 16          # S^T [keys, rows], else S [rows, keys]
+    KEYS_M: gl.constexpr = R <= 32          # S^T [keys, rows], else S [rows, keys]
+    # 32 rows, whole chunks: the block maxima across warps, the keys and the list once
+    # per chunk, from each page's maxima per warp kept in shared memory
+    DEFER: gl.constexpr = R == 32 and not RANK
     SM: gl.constexpr = BS if KEYS_M else R
     SN: gl.constexpr = R if KEYS_M else BS
     ACC: gl.constexpr = gl.NVMMADistributedLayout(
@@ -199,6 +235,11 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     q_smem = gl.allocate_shared_memory(k_desc.dtype, [R, DI], k_desc.layout,
                                        qv.to(k_desc.dtype))
     fence_async_shared()
+    if DEFER:           # [PAGES, WARPS, R] row-major, seen whole and page by page
+        maxima = gl.allocate_shared_memory(gl.float32, [PAGES, WARPS, R],
+                                           gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
+        per_page = maxima._reinterpret(gl.float32, [PAGES, WARPS, R],
+                                       gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
 
     r = gl.arange(0, R, layout=ROW_L)
     lists, rmask = _row_lists(CAND, b, r, j0, stride_cc, stride_ch, NQ, HI)
@@ -227,22 +268,30 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
                jj + STAGES < n_live, FP8)
         nxt = later
         later = _page(PAGE_TABLE, table_row, j0 + jj + STAGES + 2, j0 + n_live)
-        m = _block_max(acc, ks, KEYS_M, FP8) * row_scale
-        key = gl.where((j0 + jj < local) & (m != float("-inf")), _pack(m, j0 + jj), EMPTY)
-        if RANK:            # the key takes the place of its row's least, if above it
-            new = gl.expand_dims(gl.convert_layout(key, gl.SliceLayout(1, lst)), 1)
-            least = gl.expand_dims(gl.min(top, 1), 1)
-            top = gl.where((new > least) & (top == least), new, top)
+        if DEFER:
+            _warp_maxima(acc, ks, per_page.index(jj), R, FP8)
         else:
-            gl.store(lists + jj, key, mask=rmask)
-            first = gl.where(jj == 0, key, first)
-            at = gl.where(key > best, jj, at)
-            best = gl.maximum(best, key)
+            m = _block_max(acc, ks, KEYS_M, FP8) * row_scale
+            key = gl.where((j0 + jj < local) & (m != float("-inf")), _pack(m, j0 + jj),
+                           EMPTY)
+            if RANK:            # the key takes the place of its row's least, if above it
+                new = gl.expand_dims(gl.convert_layout(key, gl.SliceLayout(1, lst)), 1)
+                least = gl.expand_dims(gl.min(top, 1), 1)
+                top = gl.where((new > least) & (top == least), new, top)
+            else:
+                gl.store(lists + jj, key, mask=rmask)
+                first = gl.where(jj == 0, key, first)
+                at = gl.where(key > best, jj, at)
+                best = gl.maximum(best, key)
 
     lists2, rmask2 = _row_lists(CAND, b, gl.arange(0, R, layout=gl.SliceLayout(1, lst)), j0,
                                 stride_cc, stride_ch, NQ, HI)
     lists2, rmask2 = gl.expand_dims(lists2, 1), gl.expand_dims(rmask2, 1)
-    if not RANK:        # the pages not read rank nothing; the largest key first (over
+    if DEFER:
+        gl.thread_barrier()             # every warp's maxima of every page
+        _chunk_lists(maxima, CAND, b, j0, n, n_live, row_scale, stride_cc, stride_ch, NQ,
+                     HI, R, PAGES)
+    elif not RANK:      # the pages not read rank nothing; the largest key first (over
         offs_p = gl.expand_dims(gl.arange(0, PAGES, layout=gl.SliceLayout(0, lst)), 0)
         gl.store(lists2 + offs_p, gl.full([R, PAGES], EMPTY, gl.int64, lst),   # the stores
                  mask=rmask2 & (offs_p >= n_live))
@@ -258,11 +307,12 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
 
 
 def rows_padded(rows: int) -> int:
-    """The kernel's query rows for a request's ``rows = Q x Hi``: 8 or 16 with the keys as
-    the wgmma's M dimension (a few values per thread, their max across threads), else 64
+    """The kernel's query rows for a request's ``rows = Q x Hi``: 8, 16 or 32 with the keys
+    as the wgmma's M dimension (a few values per thread, their max across threads; with 32
+    rows over whole chunks each warp's maxima per page, the rest once per chunk), else 64
     with the rows as M (the max within lane quads: cheaper for many rows, see
     docs/experiments.md)."""
-    return 8 if rows <= 8 else 16 if rows <= 16 else 64
+    return 8 if rows <= 8 else 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
 def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,

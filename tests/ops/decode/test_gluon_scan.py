@@ -35,12 +35,13 @@ def _sig(dtype: str):
 
 def test_compiles_for_sm90():
     """Both orientations over e4m3 and bf16 keys: one token x 4 index heads (8 rows: the
-    keys as the MMA rows), 4 tokens (16 rows), 8 tokens (32 rows, padded to 64: the rows as
-    the MMA rows)."""
+    keys as the MMA rows), 4 tokens (16 rows), 8 tokens (32 rows, whole chunks: each
+    warp's maxima per page), 16 tokens (64 rows: the rows as the MMA rows)."""
     cases = [(dtype, nq, rows, rank, f"{shape}k{k}.f32.{ab}.{ab}")
              for dtype, k, ab in (("fp8e4nv", 32, "e4m3"), ("bf16", 16, "bf16"))
              for nq, rows, rank, shape in ((1, 8, True, "m64n8"), (4, 16, True, "m64n16"),
-                                           (8, 64, False, "m64n128"))]
+                                           (8, 32, False, "m64n32"), (8, 32, True, "m64n32"),
+                                           (16, 64, False, "m64n128"))]
     ptxs = gluon_ptx("msa.ops.decode.gluon_scan", "paged_scan_kernel",
                      [_sig(dtype) for dtype, *_ in cases], [
                          dict(NQ=nq, HI=4, PAGES=16, KR=16, RANK=rank, STAGES=3, R=rows,
