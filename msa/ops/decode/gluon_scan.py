@@ -13,16 +13,20 @@ fp16 MMAs after converting every key byte, and with several decode tokens that s
 longer than reading its bytes (docs/benchmarks.md). Here:
 
 * the request's query rows are one wgmma operand in shared memory (``rows_padded``: 8,
-  16 or 64 rows; ``Q x Hi <= 64``), over e4m3 keys quantized by the ``tl.*`` kernel's rule;
+  16, 32 or 64 rows; ``Q x Hi <= 64``), over e4m3 keys quantized by the ``tl.*`` kernel's
+  rule;
 * each page of 128 keys arrives by TMA into a ring of ``STAGES`` slots, e4m3 key scales
   by ``cp.async`` beside it, ``STAGES - 1`` pages ahead of the one scored; one mbarrier
   per slot tracks both (the copy's bytes and every thread's ``cp.async``), so one wait
   and one barrier per page order the ring; page ids are loaded two pages before their
   copy is issued;
-* one wgmma per page with fp32 accumulators: up to 16 query rows ``S^T = K Q^T``
-  (the keys as the MMA's rows, a few scores per thread; each row's max crosses lanes and
-  warps), else ``S = Q K^T`` (the max within lane quads), then the key scales (e4m3),
-  the block max of each row and its ``pack`` key.
+* one wgmma per page with fp32 accumulators: up to 32 query rows ``S^T = K Q^T``
+  (the keys as the MMA's rows, a few scores per thread; each warp stores its maxima over
+  its own keys in shared memory before the page's barrier, and every row's block max is
+  the max of the four after it; over whole chunks of 32 rows, with no ranking, the
+  maxima of every page stay there and the keys and the list come once per chunk), else
+  ``S = Q K^T`` (64 rows: the max within lane quads); the key scales (e4m3) before the
+  max, then each row's ``pack`` key.
 
 The first page ids are loaded beside the request's length, not after it. Only the pages
 before the last query's own block are read: no row ranks a later block
@@ -142,15 +146,12 @@ def _scores(page, q_smem, zero, KEYS_M: gl.constexpr):
 
 
 @gluon.jit
-def _block_max(acc, ks, KEYS_M: gl.constexpr, FP8: gl.constexpr):
-    """Each query row's max over the page's keys of ``_scores`` (times the key scales)."""
-    if not FP8:
-        m = gl.max(acc, 0 if KEYS_M else 1)
-    elif KEYS_M:
-        m = gl.max(acc * gl.expand_dims(ks, 1), 0)
-    else:
-        m = gl.max(acc * gl.expand_dims(ks, 0), 1)
-    return m
+def _block_max(acc, ks, FP8: gl.constexpr):
+    """Each query row's max over the page's keys of ``S = Q K^T [R, BS]`` (the rows as the
+    MMA rows; times the key scales)."""
+    if FP8:
+        acc = acc * gl.expand_dims(ks, 0)
+    return gl.max(acc, 1)
 
 
 @gluon.jit
@@ -208,7 +209,9 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     ACC: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1],
         instr_shape=[16, SN, 256 // k_desc.dtype.primitive_bitwidth])
-    ROW_L: gl.constexpr = gl.SliceLayout(0 if KEYS_M else 1, ACC)     # [R]: query rows
+    # [WARPS, R]: each warp's maxima over its own keys, all four in every thread
+    WM: gl.constexpr = gl.BlockedLayout([WARPS, 1], [1, 32], [1, WARPS], [1, 0])
+    ROW_L: gl.constexpr = gl.SliceLayout(0, WM) if KEYS_M else gl.SliceLayout(1, ACC)  # [R]
     KEY_L: gl.constexpr = gl.SliceLayout(1 if KEYS_M else 0, ACC)     # [BS]: keys
     b = gl.program_id(0)
     p = gl.program_id(1)
@@ -235,10 +238,11 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     q_smem = gl.allocate_shared_memory(k_desc.dtype, [R, DI], k_desc.layout,
                                        qv.to(k_desc.dtype))
     fence_async_shared()
-    if DEFER:           # [PAGES, WARPS, R] row-major, seen whole and page by page
-        maxima = gl.allocate_shared_memory(gl.float32, [PAGES, WARPS, R],
+    if KEYS_M:          # the warps' maxima of every page (DEFER) or of the last two:
+        NM: gl.constexpr = PAGES if DEFER else 2    # [NM, WARPS, R] row-major, seen whole
+        maxima = gl.allocate_shared_memory(gl.float32, [NM, WARPS, R],     # and by page
                                            gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
-        per_page = maxima._reinterpret(gl.float32, [PAGES, WARPS, R],
+        per_page = maxima._reinterpret(gl.float32, [NM, WARPS, R],
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
 
     r = gl.arange(0, R, layout=ROW_L)
@@ -263,15 +267,22 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
         else:
             ks = gl.zeros([BS], gl.float32, KEY_L)
         acc = warpgroup_mma_wait(0, deps=[acc])
-        gl.thread_barrier()             # every warp read slot s before its next copies
+        if KEYS_M:
+            _warp_maxima(acc, ks, per_page.index(jj if DEFER else jj % 2), R, FP8)
+        # every warp read slot s before its next copies (and stored its maxima)
+        gl.thread_barrier()
         _issue(k_desc, KIS, ring, ks_ring, bars, nxt, s, rows_per_page,
                jj + STAGES < n_live, FP8)
         nxt = later
         later = _page(PAGE_TABLE, table_row, j0 + jj + STAGES + 2, j0 + n_live)
-        if DEFER:
-            _warp_maxima(acc, ks, per_page.index(jj), R, FP8)
-        else:
-            m = _block_max(acc, ks, KEYS_M, FP8) * row_scale
+        if not DEFER:
+            # the block maxima: over the four warps' (two buffers: a warp may store the next
+            # page's before every warp has read these), or within lane quads (rows as M)
+            if KEYS_M:
+                m = gl.max(per_page.index(jj % 2).load(WM), 0)
+            else:
+                m = _block_max(acc, ks, FP8)
+            m = m * row_scale
             key = gl.where((j0 + jj < local) & (m != float("-inf")), _pack(m, j0 + jj),
                            EMPTY)
             if RANK:            # the key takes the place of its row's least, if above it
