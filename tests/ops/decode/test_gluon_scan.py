@@ -163,8 +163,10 @@ def _assert_ranked_lists(cand, scores, tol, lens, nq, per):
 @pytest.mark.parametrize("lengths,nq,hi,per", [
     ((3000, 2500, 1800), 2, 4, None),               # 8 rows: keys as the MMA rows
     ((100, 129, 256, 257, 5000), 1, 4, None),       # no earlier block, chunks with no page
-    (tuple(range(1000, 9000, 200)), 8, 4, None),    # 32 rows: rows as the MMA rows, 16 pages
-    ((20000, 7000), 16, 4, None),                   # 64 rows, chunks ranked in the scan
+    (tuple(range(1000, 9000, 200)), 8, 4, None),    # 32 rows, whole chunks: warp maxima
+    (tuple(range(2000, 9000, 1000)), 6, 4, None),   # 24 of 32 rows, whole chunks
+    ((30000, 9000), 8, 4, None),                    # 32 rows, chunks ranked in the scan
+    ((20000, 7000), 16, 4, None),                   # 64 rows as the MMA rows, ranked
     ((9000, 300), 1, 8, None),                      # 8 index heads
     ((9000, 4000, 1000), 3, 4, 4),                  # 12 of 16 rows, 4 pages per program
     ((70000,), 1, 4, None),                         # one long request, chunks ranked
