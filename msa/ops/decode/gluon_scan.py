@@ -302,9 +302,10 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
         gl.thread_barrier()             # every warp's maxima of every page
         _chunk_lists(maxima, CAND, b, j0, n, n_live, row_scale, stride_cc, stride_ch, NQ,
                      HI, R, PAGES)
-    elif not RANK:      # the pages not read rank nothing; the largest key first (over
+    elif not RANK:
+        # the pages not read rank nothing; then the largest key first (after the stores)
         offs_p = gl.expand_dims(gl.arange(0, PAGES, layout=gl.SliceLayout(0, lst)), 0)
-        gl.store(lists2 + offs_p, gl.full([R, PAGES], EMPTY, gl.int64, lst),   # the stores
+        gl.store(lists2 + offs_p, gl.full([R, PAGES], EMPTY, gl.int64, lst),
                  mask=rmask2 & (offs_p >= n_live))
         gl.thread_barrier()
         gl.store(lists + at, first, mask=rmask)
