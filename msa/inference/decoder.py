@@ -43,7 +43,7 @@ class PagedDecoder:
 
     Buffers (views of the first ``B * Q`` rows are returned by ``run``): ``out
     [max_batch*Q, Hq, D]``, ``lse [max_batch*Q, Hq]`` fp32, ``topk_indices
-    [Hi, max_batch*Q, K]`` int32, the index scan's ranked lists and the split partials.
+    [Hi, max_batch*Q, K]`` int32, the index scan's lists and the split partials.
     """
 
     def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,

@@ -3,7 +3,7 @@ ki_fp8=...)``: the rule of ``index_precision="fp8"``, docs/semantics.md, "FP8 in
 scoring").
 
 The scan (``msa.ops.decode.select.paged_scan``) reads an e4m3 copy of the index keys,
-half the bytes of bf16 ones, and leaves ranked lists of FP8 block keys.
+half the bytes of bf16 ones, and leaves lists of FP8 block keys.
 ``paged_rescore_kernel``, grid (query row, index head, slice of the candidates): each
 program takes the row's ``topk - 1 + FP8_CANDIDATES`` best FP8 keys (``top_keys``),
 scores its slice of those blocks again with the exact index keys (one page each) and

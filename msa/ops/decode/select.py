@@ -11,7 +11,8 @@ score, then by the smaller id; blocks that may not be ranked (the local block, l
 hold ``EMPTY``. Each chunk is a list whose first key is its largest. With few query rows
 (``rank_in_scan``: one decode token at 1M tokens has 8192 blocks per row) the program
 ranks its chunk's keys in place, so that the list is its best ``min(K-1, chunk)`` in
-order; with many rows it only swaps the largest key to the front.
+order (the Gluon scan keeps them in no order past the largest, all the merge reads);
+with many rows it only swaps the largest key to the front.
 
 ``merge_lists``: the top ``K`` heads of the lists by a sorting network (``tl.topk``), then
 the top of the keys of those heads' lists (the best ``K-1`` keys lie there); over lists of
@@ -132,7 +133,7 @@ def top_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.cons
              K_PAD: tl.constexpr):
     """The ``K_PAD`` largest keys ``[K_PAD]`` int64 (descending, ``EMPTY`` padded) of
     ``n_lists`` lists ``LS`` apart from ``LISTS``: each of one key (``KR == 1``), the
-    ranked best ``KR`` of a chunk or the whole chunk (``KR == LS``), its largest key first
+    best ``KR`` of a chunk or the whole chunk (``KR == LS``), its largest key first
     (list ``p`` holds blocks of chunk ``p``, ``p = id // LS``); the first ``K`` of them
     are exact when ``KR >= min(K, LS)``. The best ``K`` keys
     lie in the lists of the ``K`` largest heads (any other list's keys have that many

@@ -132,7 +132,7 @@ def paged_decode_attn_kernel(
     offs_j = tl.arange(0, PER_PAD)
     jv = sp * PER_SPLIT + offs_j
     jmask = (offs_j < PER_SPLIT) & (jv < TOPK)
-    if MERGE:       # the top-k row from the scan's ranked lists (msa.ops.decode.select)
+    if MERGE:       # the top-k row from the scan's lists (msa.ops.decode.select)
         row = merge_lists(CAND + c * stride_cc + hs * stride_ch, n_lists, pos // BS, LS,
                           KR, NL_PAD, TOPK, TOPK_PAD)
         offs_k = tl.arange(0, TOPK_PAD)
@@ -242,7 +242,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                  scale_strides=None, ki_exact=None, exact=None) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph): ``msa.ops.decode.select.paged_scan``,
-    then ``paged_attend``, which merges the scan's ranked lists itself when its blocks are
+    then ``paged_attend``, which merges the scan's lists itself when its blocks are
     split over programs (else ``paged_merge`` runs first, one program per row).
 
     q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major); pages ``k, v [P, Hkv, page,
@@ -255,7 +255,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     ``mask_tail``: read no index-key row past a request's last token (when the last page
     may extend past the tensor; whole pages of a pool are read whole, which is faster).
     Writes candidates ``[B*Q, Hi, >= candidates_width(max_pages)]`` int64 (the scan's
-    ranked lists), topk_indices ``[Hi, B*Q, K]`` int32, out ``[B*Q, Hq, D]``, lse
+    lists), topk_indices ``[Hi, B*Q, K]`` int32, out ``[B*Q, Hq, D]``, lse
     ``[B*Q, Hq]`` fp32; partials: ``partial_buffers`` for at least this batch. FP8 pages
     (e4m3 ``k, v, ki``) come with their row scales: ``k_scales, v_scales [P, Hkv, page]``,
     ``ki_scales [P, page]`` fp32, contiguous (``msa.ops.quant``); e4m3 index keys are
