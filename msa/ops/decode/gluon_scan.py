@@ -165,6 +165,15 @@ def _warp_maxima(acc, ks, dst, R: gl.constexpr, FP8: gl.constexpr):
 
 
 @gluon.jit
+def _largest_first(keys, place, axis: gl.constexpr):
+    """``keys`` (distinct but for ``EMPTY``) with the largest along ``axis`` swapped into
+    ``place == 0``."""
+    head = gl.expand_dims(gl.max(keys, axis), axis)
+    first = gl.expand_dims(gl.max(gl.where(place == 0, keys, EMPTY), axis), axis)
+    return gl.where(place == 0, head, gl.where(keys == head, first, keys))
+
+
+@gluon.jit
 def _chunk_lists(maxima, CAND, b, j0, n, n_live, row_scale, stride_cc, stride_ch,
                  NQ: gl.constexpr, HI: gl.constexpr, R: gl.constexpr, PAGES: gl.constexpr):
     """The chunk's list of every row from the warps' maxima ``[PAGES, WARPS, R]`` in shared
@@ -180,11 +189,9 @@ def _chunk_lists(maxima, CAND, b, j0, n, n_live, row_scale, stride_cc, stride_ch
     local = gl.expand_dims((n - NQ + r // HI) // BS, 0)
     key = gl.where((p < n_live) & (j0 + p < local) & (m != float("-inf")), _pack(m, j0 + p),
                    EMPTY)
-    best = gl.expand_dims(gl.max(key, 0), 0)
-    at = gl.expand_dims(gl.min(gl.where(key == best, p, PAGES), 0), 0)
-    first = gl.expand_dims(gl.max(gl.where(p == 0, key, EMPTY), 0), 0)
-    key = gl.where(p == 0, best, gl.where(p == at, first, key))
-    gl.store(gl.expand_dims(lists, 0) + p, key, mask=gl.expand_dims(rmask, 0))
+    gl.store(gl.expand_dims(lists, 0) + p, _largest_first(key, p, 0),
+             mask=gl.expand_dims(rmask, 0))
+
 
 
 @gluon.jit
@@ -238,9 +245,11 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     q_smem = gl.allocate_shared_memory(k_desc.dtype, [R, DI], k_desc.layout,
                                        qv.to(k_desc.dtype))
     fence_async_shared()
-    if KEYS_M:          # the warps' maxima of every page (DEFER) or of the last two:
-        NM: gl.constexpr = PAGES if DEFER else 2    # [NM, WARPS, R] row-major, seen whole
-        maxima = gl.allocate_shared_memory(gl.float32, [NM, WARPS, R],     # and by page
+    if KEYS_M:
+        # the warps' maxima of every page (DEFER) or of the last two: [NM, WARPS, R]
+        # row-major, seen whole and page by page
+        NM: gl.constexpr = PAGES if DEFER else 2
+        maxima = gl.allocate_shared_memory(gl.float32, [NM, WARPS, R],
                                            gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
         per_page = maxima._reinterpret(gl.float32, [NM, WARPS, R],
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
@@ -311,10 +320,7 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
         gl.store(lists + at, first, mask=rmask)
         gl.store(lists, best, mask=rmask)
     else:               # the chunk's best KR keys, the largest first (EMPTY padded)
-        top = gl.where(top < EMPTY + KR, EMPTY, top)
-        head = gl.expand_dims(gl.max(top, 1), 1)
-        first_k = gl.expand_dims(gl.max(gl.where(offs_k == 0, top, EMPTY), 1), 1)
-        top = gl.where(offs_k == 0, head, gl.where(top == head, first_k, top))
+        top = _largest_first(gl.where(top < EMPTY + KR, EMPTY, top), offs_k, 1)
         gl.store(lists2 + offs_k, top, mask=rmask2)
 
 

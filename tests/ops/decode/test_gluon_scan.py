@@ -101,6 +101,17 @@ def _scores(qi, ki, kis, table, lens, nq):
     return out, tol.nan_to_num(0.0)
 
 
+def _assert_a_top_n(sc, picked, atol):
+    """``picked`` (distinct indices into the fp64 scores ``sc``) are a top-``n`` of them,
+    ``n = len(picked)``, up to ``atol``: none below the n-th best by more, none left out
+    above it by more."""
+    kth = sc.topk(len(picked)).values[-1]
+    rest = torch.ones(sc.numel(), dtype=torch.bool, device=sc.device)
+    rest[picked] = False
+    assert sc[picked].min() >= kth - atol
+    assert not rest.any() or sc[rest].max() <= kth + atol
+
+
 def _assert_top_k(topk, scores, tol, lens, nq):
     """Each row: ``min(K - 1, local)`` distinct earlier blocks whose fp64 scores are a
     top-k up to the row's rounding ``tol`` (none below the (K-1)-th best by more, none left
@@ -120,11 +131,7 @@ def _assert_top_k(topk, scores, tol, lens, nq):
             if sc.isnan().all():            # a NaN query: every block the most negative
                 assert picked == list(range(n)), row
                 continue
-            kth = sc.topk(n).values[-1]
-            rest = torch.ones(local, dtype=torch.bool, device=sc.device)
-            rest[picked] = False
-            assert sc[picked].min() >= kth - atol
-            assert not rest.any() or sc[rest].max() <= kth + atol
+            _assert_a_top_n(sc, torch.tensor(picked, device=sc.device), atol)
 
 
 def _assert_ranked_lists(cand, scores, tol, lens, nq, per):
@@ -151,11 +158,7 @@ def _assert_ranked_lists(cand, scores, tol, lens, nq, per):
                 sc, atol = scores[r, h, lo:hi_], tol[r, h, lo:hi_].max()
                 if sc.isnan().all():
                     continue
-                kth = sc.topk(n).values[-1]
-                rest = torch.ones(hi_ - lo, dtype=torch.bool, device=sc.device)
-                rest[got[:n] - lo] = False
-                assert sc[got[:n] - lo].min() >= kth - atol
-                assert not rest.any() or sc[rest].max() <= kth + atol
+                _assert_a_top_n(sc, got[:n] - lo, atol)
 
 
 @pytest.mark.gpu
