@@ -39,6 +39,10 @@ def add_parser(sub) -> None:
                    help="prefill: index scoring precisions timed in the same run, "
                         "comma-separated: input, fp8 (e4m3 scan + exact re-scoring of the "
                         "candidates); input is always timed (default input)")
+    p.add_argument("--selection", default="random", choices=("random", "structured"),
+                   help="prefill, training: index inputs: random (uniform selections, the "
+                        "default) or structured (local, shared by neighbouring queries, "
+                        "with a sink; msa.bench.selection)")
     p.add_argument("--parts", default="step,prefill,eager,decode", metavar="LIST",
                    help="m3: the parts to run after the check, comma-separated: step (a "
                         "sparse layer at 128K), prefill, eager (its memory limit), decode "

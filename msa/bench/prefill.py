@@ -1,6 +1,8 @@
 """``msa bench prefill``: indexer + sparse attention forward on one sequence.
 
-Per shape and length (bf16, batch 1, random inputs): msa end to end through the public
+Per shape and length (bf16, batch 1, random inputs; ``--selection structured``: index
+inputs whose selection is local, shared by neighbouring queries and has a sink,
+``msa.bench.selection``): msa end to end through the public
 API (``msa_indexer`` then ``msa_sparse_attention``), the indexer alone, the attention
 alone on that selection (planning included), planning alone; beside them, in the same
 run, the best dense causal kernel (SDPA cuDNN and flash, both tried; beyond
@@ -19,6 +21,7 @@ from ..ops import plan as P
 from ..ops.attention.naive import attention_forward_reference
 from ..varlen import Segments
 from . import common as C
+from .selection import inputs, selection_stats
 
 
 def sparse_elements(T: int, cfg) -> float:
@@ -26,16 +29,6 @@ def sparse_elements(T: int, cfg) -> float:
     pos = torch.arange(T, dtype=torch.float64)
     cap = (cfg.topk - 1) * cfg.block_size + pos % cfg.block_size + 1
     return torch.minimum(pos + 1, cap).sum().item()
-
-
-def inputs(T: int, cfg, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)
-    return (rnd(T, cfg.num_heads, cfg.head_dim), rnd(T, cfg.num_kv_heads, cfg.head_dim),
-            rnd(T, cfg.num_kv_heads, cfg.head_dim), rnd(T, cfg.index_heads, cfg.index_dim),
-            rnd(T, 1, cfg.index_dim))
 
 
 def fresh(topk: torch.Tensor) -> None:
@@ -167,7 +160,7 @@ def check(cfg, T: int = 4096) -> dict:
 
 
 def run_length(T: int, cfg, args, fla, vllm) -> dict:
-    q, k, v, qi, ki = inputs(T, cfg, seed=T)
+    q, k, v, qi, ki = inputs(T, cfg, seed=T, selection=args.selection)
     bs, K = cfg.block_size, cfg.topk
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
     reps = 10 if T <= 262144 else 3
@@ -177,6 +170,7 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
         return msa.msa_indexer(qi, ki, cu, cu, block_size=bs, topk=K,
                                index_precision=precision)
     topk = indexer()
+    r.update(selection_stats(topk, bs))
     flops = 2 * cfg.index_dim * cfg.index_heads * T * (T + 1) / 2
     if "fp8" in precisions(args):
         r["fp8"] = fp8_index(T, q, k, v, qi, ki, cu, cfg, topk, flops, reps, indexer)

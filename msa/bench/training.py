@@ -1,6 +1,7 @@
 """``msa bench training``: forward + backward.
 
-Per shape and length (bf16, batch 1, random inputs):
+Per shape and length (bf16, batch 1, random inputs, or ``--selection structured`` as
+``msa bench prefill``):
 
 * attention: ``msa_sparse_attention`` forward + backward on a fixed selection, next to
   dense causal SDPA forward + backward (cuDNN and flash, the best reported) and fla's
@@ -25,7 +26,8 @@ from ..ops import plan as P
 from ..ops.attention.naive import attention_backward_reference
 from ..varlen import Segments
 from . import common as C
-from .prefill import fla_call, fresh, inputs, sparse_elements
+from .prefill import fla_call, fresh, sparse_elements
+from .selection import inputs, selection_stats
 
 
 def _grads(fn, leaves, dout):
@@ -79,13 +81,15 @@ def backward_kernels(q, k, v, topk, dout, cfg, T: int, reps: int) -> dict:
 
 
 def run_length(T: int, cfg, args, fla) -> dict:
-    q, k, v, qi, ki = (x.requires_grad_(True) for x in inputs(T, cfg, seed=T))
+    q, k, v, qi, ki = (x.requires_grad_(True)
+                       for x in inputs(T, cfg, seed=T, selection=args.selection))
     bs = cfg.block_size
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
     reps = 5 if T <= 131072 else 3
     topk = msa.msa_indexer(qi.detach(), ki.detach(), cu, cu, block_size=bs, topk=cfg.topk)
     dout = torch.randn(T, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
     r = dict(T=T, backward_kernel=msa.attention_kernel(q, k, v, block_size=bs, backward=True))
+    r.update(selection_stats(topk, bs))
 
     def attention():
         fresh(topk)
