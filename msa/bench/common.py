@@ -99,6 +99,7 @@ def metadata(case: str) -> dict:
         commit = None
     return dict(case=case, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=version("triton"), transformers=version("transformers"),
+                fla_core=version("fla"),
                 cuda=torch.version.cuda, python=platform.python_version(), commit=commit,
                 date=datetime.date.today().isoformat(),
                 command="python -m msa " + " ".join(sys.argv[1:]))
