@@ -185,12 +185,17 @@ def _chunk_lists(maxima, CAND, b, j0, n, n_live, row_scale, stride_cc, stride_ch
         row_scale, gl.SliceLayout(0, kl)), 0)
     p = gl.expand_dims(gl.arange(0, PAGES, layout=gl.SliceLayout(1, kl)), 1)
     r = gl.arange(0, R, layout=gl.SliceLayout(0, kl))
-    lists, rmask = _row_lists(CAND, b, r, j0, stride_cc, stride_ch, NQ, HI)
     local = gl.expand_dims((n - NQ + r // HI) // BS, 0)
     key = gl.where((p < n_live) & (j0 + p < local) & (m != float("-inf")), _pack(m, j0 + p),
                    EMPTY)
-    gl.store(gl.expand_dims(lists, 0) + p, _largest_first(key, p, 0),
-             mask=gl.expand_dims(rmask, 0))
+    # stored with the lanes along the pages: each row's list in whole 32-byte sectors (with
+    # the lanes along the rows every store wrote 8 bytes of a sector)
+    sl: gl.constexpr = gl.BlockedLayout([2, 1], [8, 4], [1, WARPS], [0, 1])
+    key = gl.convert_layout(_largest_first(key, p, 0), sl)
+    p = gl.expand_dims(gl.arange(0, PAGES, layout=gl.SliceLayout(1, sl)), 1)
+    lists, rmask = _row_lists(CAND, b, gl.arange(0, R, layout=gl.SliceLayout(0, sl)), j0,
+                              stride_cc, stride_ch, NQ, HI)
+    gl.store(gl.expand_dims(lists, 0) + p, key, mask=gl.expand_dims(rmask, 0))
 
 
 
