@@ -42,7 +42,7 @@ def inputs(T: int, cfg, seed: int = 0, selection: str = "random", device="cuda")
                rnd(T, cfg.num_kv_heads, cfg.head_dim))
     if selection == "random":
         return q, k, v, rnd(T, cfg.index_heads, cfg.index_dim), rnd(T, 1, cfg.index_dim)
-    qi, ki = _structured_index(T, cfg.index_heads, cfg.index_dim, g)
+    qi, ki = _structured_index(T, cfg.index_heads, cfg.index_dim, cfg.block_size, g)
     return q, k, v, qi, ki
 
 
@@ -56,21 +56,21 @@ def _drift(T: int, heads: int, dim: int, window: int, g) -> torch.Tensor:
     return ((s[window:window + T] - s[:T]) / window ** 0.5).float()
 
 
-def _structured_index(T: int, hi: int, di: int, g):
+def _structured_index(T: int, hi: int, di: int, block_size: int, g):
     keys = _drift(T, 1, di, DRIFT_KEYS, g)
     ki = keys + torch.randn(T, 1, di, device=g.device, generator=g)
     sink = torch.randn(di, device=g.device, generator=g)
     sink = sink * (di ** 0.5 / sink.norm())
-    ki[:128] += SINK * sink
+    ki[:block_size] += SINK * sink
     qi = LOCAL * keys + _drift(T, hi, di, DRIFT_QUERIES, g) + SINK_QUERY * sink
     return qi.to(torch.bfloat16), ki.to(torch.bfloat16)
 
 
 def selection_stats(topk: torch.Tensor, block_size: int, near: int = 16) -> dict:
     """What a selection ``topk [Hs, T, K]`` (valid ids first, ``-1`` after) looks like:
-    the share of selected blocks within ``near`` blocks of the query's own, the share of
-    rows that select the first block, and the share of a query's blocks its next query
-    selects too (each over the rows with a full ``K`` blocks)."""
+    the share of the selected blocks that lie within ``near`` blocks of their query's own
+    (the own one included), and over the rows with ``K`` blocks the share that select the
+    first block and the share of a row's blocks the next query's row selects too."""
     hs, T, K = topk.shape
     own = (torch.arange(T, device=topk.device) // block_size).view(1, T, 1)
     full = (topk >= 0).all(-1)                                   # [Hs, T]
