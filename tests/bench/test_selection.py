@@ -23,21 +23,21 @@ def test_stats_of_a_known_selection():
 
 
 def test_structured_selection_is_local_shared_and_has_a_sink():
-    cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, num_index_heads=2,
+    cfg = msa.MSAConfig(num_heads=2, num_kv_heads=1, head_dim=64, num_index_heads=1,
                         index_head_dim=128, block_size=128, topk=16)
     T = 16384
     cu = torch.tensor([0, T], dtype=torch.int32)
     stats = {}
     for selection in ("random", "structured"):
         _, _, _, qi, ki = inputs(T, cfg, seed=0, selection=selection, device="cpu")
-        assert qi.shape == (T, 2, 128) and ki.shape == (T, 1, 128)
+        assert qi.shape == (T, 1, 128) and ki.shape == (T, 1, 128)
         topk = msa.msa_indexer(qi.float(), ki.float(), cu, cu, block_size=128, topk=16,
                                backend="reference")
         stats[selection] = selection_stats(topk, 128)
     r, s = stats["random"], stats["structured"]
     assert s["selection_near_share"] > r["selection_near_share"] + 0.2
-    assert s["selection_sink_share"] > 0.5 > r["selection_sink_share"] + 0.2
-    assert s["selection_next_query_share"] > 0.8 > r["selection_next_query_share"] + 0.3
+    assert s["selection_sink_share"] > max(0.5, 2 * r["selection_sink_share"])
+    assert s["selection_next_query_share"] > max(0.8, r["selection_next_query_share"] + 0.3)
 
 
 def test_unknown_selection_is_refused():
