@@ -17,15 +17,7 @@ import torch.distributed as dist
 import msa
 from ..distributed import context_parallel_msa, zigzag_shard
 from . import common as C
-
-
-def _inputs(T: int, cfg, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    shapes = ((cfg.num_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim),
-              (cfg.num_kv_heads, cfg.head_dim), (cfg.index_heads, cfg.index_dim),
-              (1, cfg.index_dim))
-    return [torch.randn(T, *s, device="cuda", generator=g, dtype=torch.bfloat16)
-            for s in shapes]
+from .selection import inputs
 
 
 def _gather(t, world):
@@ -39,7 +31,7 @@ def _gather(t, world):
 
 
 def check(cfg, T, world, rank) -> dict:
-    full = _inputs(T, cfg)
+    full = list(inputs(T, cfg))
     local = [zigzag_shard(x, world, rank).clone().requires_grad_(True) for x in full]
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
     out = context_parallel_msa(*local, config=cfg, cu_seqlens=cu)
@@ -66,7 +58,7 @@ def run(args) -> int:
     results = dict(meta=C.metadata("cp"), world=world, check=check(cfg, 16384, world, rank),
                    rows=[])
     for T in C.lengths(args, "256k,1m", "64k"):
-        full = _inputs(T, cfg, seed=T)
+        full = list(inputs(T, cfg, seed=T))
         local = [zigzag_shard(x, world, rank).clone().requires_grad_(True) for x in full]
         cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
         r = dict(T=T)
