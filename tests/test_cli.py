@@ -30,6 +30,8 @@ from msa.cli import build_parser  # noqa: E402
     (["passkey", "--trials", "0"], "must be >= 1"),
     (["passkey", "--modes", "msa,fp8"], "modes must be among dense, msa"),
     (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["bench", "decode", "--selection", "structured"], "--selection applies to prefill"),
+    (["bench", "prefill", "--selection", "local"], "invalid choice"),
 ])
 def test_bad_values_end_in_a_usage_error_not_a_traceback(argv, match, capsys):
     with pytest.raises(SystemExit) as e:

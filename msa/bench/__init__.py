@@ -64,6 +64,8 @@ def _precisions(text: str) -> str:
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.selection != "random" and args.case not in ("prefill", "training"):
+        parser.error(f"--selection applies to prefill and training, not {args.case}")
     import torch
     if not torch.cuda.is_available():
         parser.error("msa bench needs a CUDA GPU")
