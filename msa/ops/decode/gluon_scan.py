@@ -158,10 +158,11 @@ def _block_max(acc, ks, FP8: gl.constexpr):
 def _warp_maxima(acc, ks, dst, R: gl.constexpr, FP8: gl.constexpr):
     """``S^T [BS, R]`` (the keys as the MMA rows: warp ``w`` holds keys ``64 t + 16 w +
     i``) times the key scales: each warp's maxima over its own 32 keys, ``[WARPS, R]``
-    into shared memory ``dst`` (no step across warps)."""
+    into shared memory ``dst`` (no step across warps). The max over ``t`` (within each
+    thread) comes first, so that the shuffles across lanes carry half the values."""
     if FP8:
         acc = acc * gl.expand_dims(ks, 1)
-    dst.store(gl.max(gl.max(gl.reshape(acc, [2, WARPS, 16, R]), 2), 0))
+    dst.store(gl.max(gl.max(gl.reshape(acc, [2, WARPS, 16, R]), 0), 1))
 
 
 @gluon.jit
