@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 CASES = ("prefill", "training", "decode", "cp", "m3", "vllm")
+SELECTIONS = ("random", "structured")     # index inputs, msa.bench.selection
 
 
 def add_parser(sub) -> None:
@@ -39,7 +40,7 @@ def add_parser(sub) -> None:
                    help="prefill: index scoring precisions timed in the same run, "
                         "comma-separated: input, fp8 (e4m3 scan + exact re-scoring of the "
                         "candidates); input is always timed (default input)")
-    p.add_argument("--selection", default="random", choices=("random", "structured"),
+    p.add_argument("--selection", default="random", choices=SELECTIONS,
                    help="prefill, training: index inputs: random (uniform selections, the "
                         "default) or structured (local, shared by neighbouring queries, "
                         "with a sink; msa.bench.selection)")

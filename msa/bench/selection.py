@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-SELECTIONS = ("random", "structured")
+from . import SELECTIONS
+
 DRIFT_KEYS = 4096          # tokens over which the keys' shared component drifts
 DRIFT_QUERIES = 256        # tokens over which each query head's own component drifts
 LOCAL = 0.3                # share of the key drift a query holds
@@ -73,8 +74,8 @@ def selection_stats(topk: torch.Tensor, block_size: int, near: int = 16) -> dict
     first block and the share of a row's blocks the next query's row selects too."""
     hs, T, K = topk.shape
     own = (torch.arange(T, device=topk.device) // block_size).view(1, T, 1)
-    full = (topk >= 0).all(-1)                                   # [Hs, T]
     valid = topk >= 0
+    full = valid.all(-1)                                         # [Hs, T]
     near_share = ((own - topk <= near) & valid).sum() / valid.sum()
     sink = ((topk == 0).any(-1) & full).sum() / full.sum().clamp(min=1)
     a, b = torch.sort(topk[:, :-1], -1).values, torch.sort(topk[:, 1:], -1).values

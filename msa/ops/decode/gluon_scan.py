@@ -199,7 +199,6 @@ def _chunk_lists(maxima, CAND, b, j0, n, n_live, row_scale, stride_cc, stride_ch
     gl.store(gl.expand_dims(lists, 0) + p, key, mask=gl.expand_dims(rmask, 0))
 
 
-
 @gluon.jit
 def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_per_page,
                       table_width, stride_qt, stride_qh, stride_tb, stride_cc, stride_ch,
