@@ -264,7 +264,8 @@ def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
     """The forward kernel ``msa_sparse_attention`` runs for these inputs (its layouts and
     ``backend``): ``"reference"`` (PyTorch), ``"query_major"`` (Triton, for at most
     ``QUERY_MAJOR_MAX_QUERIES`` = 1024 queries), ``"gluon"`` (the warp-specialized Hopper
-    kernel, ``msa.ops.attention.gluon``) or ``"triton"`` (the Triton KV-outer kernel).
+    kernel, ``msa.ops.attention.gluon``), ``"triton"`` (the Triton KV-outer kernel) or
+    ``"union"`` (``msa.ops.attention.union``, where ``MSA_FORWARD_KERNEL=union``).
     ``backward=True``: the kernel of its backward, ``"reference"``, ``"gluon"``
     (``msa.ops.attention.gluon_bwd``) or ``"triton"``."""
     _check_ranks("q", q, "k", k)

@@ -9,8 +9,9 @@ run, the best dense causal kernel (SDPA cuDNN and flash, both tried; beyond
 ``--dense-max`` measured on one KV group and scaled by Hkv, recorded as such), fla's
 ``parallel_nsa`` on the same selection, and vLLM's MiniMax-M3 Triton prefill ops (index
 score + top-k + sparse attention on a paged copy of the same cache). Outputs are checked
-first: msa against the fp32 reference at 4K tokens, fla and vLLM against msa. On Hopper
-the Gluon attention forward is timed beside the Triton kernel on one plan.
+first: msa against the fp32 reference at 4K tokens, fla and vLLM against msa. The
+forward kernels (Triton KV-outer, union and, on Hopper, Gluon KV-outer) are timed on one
+plan.
 """
 from __future__ import annotations
 
@@ -80,22 +81,38 @@ def precisions(args) -> list:
 
 
 def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
-    """The forward kernel the public API runs (``msa.attention_kernel``) and, on Hopper,
-    the Gluon and the Triton KV-outer kernels timed on one plan (planning excluded) with
-    the cosine of their outputs."""
+    """The forward kernel the public API runs (``msa.attention_kernel``) and the kernels
+    timed on one plan (planning excluded), with the cosine of each output against the
+    Triton KV-outer kernel's: that kernel, the union kernel (``msa.ops.attention.union``;
+    its plan timed apart, and its union blocks per selected block) and, on Hopper, the
+    Gluon kernel."""
     from ..ops.attention import forward as F
+    from ..ops.attention.union import build_union_plan, tile_queries
     d = dict(forward_kernel=msa.attention_kernel(q, k, v, block_size=cfg.block_size))
-    if F.forward_kernel(q, k, v, cfg.block_size) != "gluon":
-        return d
+    group = cfg.num_heads // cfg.num_kv_heads
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
-                        chunk=chunk, q_per_item=P.item_queries(cfg.num_heads // cfg.num_kv_heads))
+                        chunk=chunk, q_per_item=P.item_queries(group))
 
     def run(kernel):
         return F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False,
                                  kernel=kernel)[0]
-    d["gluon_attention_cosine_vs_triton"] = C.cosine(run("gluon"), run("triton"))
-    for kernel in ("triton", "gluon"):
+    names = ["triton", "union"]
+    if F.forward_kernel(q, k, v, cfg.block_size) == "gluon":
+        names.append("gluon")
+    base = run("triton")
+    for kernel in names[1:]:
+        d[f"{kernel}_attention_cosine_vs_triton"] = C.cosine(run(kernel), base)
+    del base
+    for kernel in names:
         d[f"{kernel}_kernel_attention_ms"] = C.timed(lambda: run(kernel), reps)
+    idx = plan.indices(topk)
+    d["union_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, tile_queries(group)),
+                                 reps)
+    # blocks a tile walks per block one of its queries selected: 1 when the tile's
+    # queries select the same blocks, the tile's query count when they share none
+    walked = build_union_plan(idx, plan, tile_queries(group)).count.double().sum().item()
+    d["union_blocks_per_selected_block"] = \
+        walked * tile_queries(group) / max(1, int((idx >= 0).sum()))
     return d
 
 
@@ -148,12 +165,18 @@ def check(cfg, T: int = 4096) -> dict:
                               topk=cfg.topk, backend="reference")
     res = dict(T=T, out_rel_err_vs_fp32_reference=C.rel_diff(out, ref),
                topk_rows_equal_fp32_reference=C.rows_equal(topk, ref_idx))
+    from ..ops.attention.forward import sparse_attn_fwd
+    seg = Segments([0], [T], [0], [T], T, T)
+    plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads, chunk=T)
+    union = sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, kernel="union")[0]
+    res["union_out_rel_err_vs_fp32_reference"] = C.rel_diff(union, ref)
     fp8 = msa.msa_indexer(qi, ki, cu, cu, block_size=cfg.block_size, topk=cfg.topk,
                           index_precision="fp8")
     ref_fp8 = msa.msa_indexer(qi.float(), ki.float(), cu, cu, block_size=cfg.block_size,
                               topk=cfg.topk, backend="reference", index_precision="fp8")
     res["fp8_topk_rows_equal_fp32_reference"] = C.rows_equal(fp8, ref_fp8)
     res["passed"] = res["out_rel_err_vs_fp32_reference"] < 1e-2 and \
+        res["union_out_rel_err_vs_fp32_reference"] < 1e-2 and \
         res["topk_rows_equal_fp32_reference"] > 0.99 and \
         res["fp8_topk_rows_equal_fp32_reference"] > 0.99
     return res

@@ -231,6 +231,14 @@ class SparsePlan:
     _topk: Callable[[], Optional[torch.Tensor]] = field(repr=False)
     _converted: Optional[torch.Tensor] = field(default=None, repr=False)
     _chunks: Optional[list] = field(default=None, repr=False)
+    _derived: dict = field(default_factory=dict, repr=False)
+
+    def derived(self, key, build: Callable[[], object]):
+        """What ``build()`` makes from this plan's selection (e.g. the union plan of
+        ``msa.ops.attention.union``), made once per ``key``."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def indices(self, topk_indices: torch.Tensor) -> torch.Tensor:
         """``topk_indices`` as the kernels read it: ``[Hs, total_q, K]`` int32

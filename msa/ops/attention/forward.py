@@ -31,6 +31,7 @@ from ..plan import ITEM_FIELDS, BlockRows, Plan, SparsePlan, forward_chunk
 from ..triton_utils import (LN2, LOG2E, dequant_rows, dot, load_item, next_pow2,
                             online_softmax_step, precision, query_program, upcast)
 from .query_major import sparse_attn_fwd_query_major
+from .union import union_fwd
 
 # Few queries: the query-major kernel (no planning, no partials) is faster below this
 # many queries (measured crossover: docs/experiments.md).
@@ -205,23 +206,32 @@ def check_supported(dtype: torch.dtype, head_dim: int) -> None:
 
 def forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    block_size: int) -> str:
-    """The kernel that computes the KV-outer partials for these inputs: ``"gluon"`` (the
-    warp-specialized kernel of ``msa.ops.attention.gluon``: Hopper, bf16 / fp16, head dim
-    128, blocks of 128) where it applies, else ``"triton"`` (``sparse_attn_fwd_kernel``,
-    every GPU and the interpreter). ``MSA_FORWARD_KERNEL=triton`` in the environment keeps
-    the Triton kernel everywhere."""
+    """The kernel that computes the attention forward for these inputs past the few-query
+    case: ``"gluon"`` (the warp-specialized KV-outer kernel of
+    ``msa.ops.attention.gluon``: Hopper, bf16 / fp16, head dim 128, blocks of 128) where
+    it applies, else ``"triton"`` (``sparse_attn_fwd_kernel``, every GPU and the
+    interpreter). ``MSA_FORWARD_KERNEL`` in the environment: ``triton`` keeps the Triton
+    KV-outer kernel everywhere, ``union`` runs the query-outer kernel of
+    ``msa.ops.attention.union`` (for selections that consecutive queries share)."""
     if v is None:
         return "triton"
-    return choose_kernel("MSA_FORWARD_KERNEL", "msa.ops.attention.gluon", q, k, v, block_size)
+    return choose_kernel("MSA_FORWARD_KERNEL", "msa.ops.attention.gluon", q, k, v, block_size,
+                         others=("union",))
 
 
-def choose_kernel(switch: str, module: str, *args) -> str:
+def choose_kernel(switch: str, module: str, *args, others=()) -> str:
     """``"gluon"`` where the Gluon kernels of ``module`` (a dotted name) apply to these
-    inputs (``module.supported(*args)``) and the environment variable ``switch`` is not
-    ``triton``, else ``"triton"`` (the forward's, the backward's and the KL's choice
-    alike)."""
-    if os.environ.get(switch, "auto") == "triton":
-        return "triton"
+    inputs (``module.supported(*args)``) and the environment variable ``switch`` is
+    ``auto`` (or unset), else ``"triton"`` (the forward's, the backward's and the KL's
+    choice alike); ``switch`` may also name one of ``others``, returned as is. Raises
+    ``ValueError`` naming ``switch`` for any other value."""
+    value = os.environ.get(switch, "auto")
+    allowed = ("auto", "triton") + tuple(others)
+    if value not in allowed:
+        raise ValueError(f"{switch}={value!r} in the environment; expected one of "
+                         f"{', '.join(allowed)}")
+    if value != "auto":
+        return value
     try:
         gluon = importlib.import_module(module)
     except ImportError:                 # a Triton without Gluon
@@ -276,6 +286,8 @@ def launch_partials(q, k, v, rows: BlockRows, plan: Plan, q0: int, po, pl, *, sc
     g_pad = next_pow2(g)
     block_q = block_q or max(1, 64 // g_pad)
     vv = k if v is None else v
+    if kernel not in (None, "triton", "gluon"):
+        raise ValueError(f"kernel={kernel!r}: the KV-outer partials run 'triton' or 'gluon'")
     if kernel is None:
         plain = not (maxpool or shared_k_head or k_scales is not None)
         kernel = forward_kernel(q, k, v, block_size) if plain else "triton"
@@ -324,7 +336,9 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     topk_indices: torch.Tensor, plan: SparsePlan, *, scale: float,
                     out: torch.Tensor = None, lse: torch.Tensor = None,
                     query_major: bool = None, k_scales=None, v_scales=None, **launch):
-    """The KV-outer kernel and the combine over the chunks of ``plan``.
+    """The attention forward over the selection of ``plan``: the query-major kernel for
+    few queries, the union kernel where chosen (``forward_kernel``), else the KV-outer
+    kernel and the combine over the chunks of ``plan``.
 
     Args:
         q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``;
@@ -338,7 +352,9 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_scales, v_scales: e4m3 ``k, v`` read in place from pages (``launch_partials``;
             the KV-outer kernel only).
         launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel, or
-            ``kernel`` (``launch_partials``; default ``forward_kernel``'s choice).
+            ``kernel``: ``"triton"``, ``"gluon"`` (``launch_partials``) or ``"union"``
+            (``msa.ops.attention.union``, which takes no other launch options); default
+            ``forward_kernel``'s choice.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
     """
@@ -355,10 +371,14 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if total_q == 0:
         return out, lse
     idx = plan.indices(topk_indices)
-    if k_scales is None and launch.get("kernel") in (None, "triton") and \
-            use_query_major(total_q, query_major):
-        sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
-        return out, lse
+    kernel = launch.pop("kernel", None)
+    if k_scales is None:
+        if kernel in (None, "triton") and use_query_major(total_q, query_major):
+            sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
+            return out, lse
+        if (kernel or forward_kernel(q, k, v, plan.block_size)) == "union":
+            union_fwd(q, k, v, idx, plan, out, lse, scale=scale)
+            return out, lse
     plan.require(hkv, forward_chunk(hq, d, q.dtype.itemsize, topk), "forward")
     chunk = min(plan.chunk, total_q)
     po = torch.empty(chunk * hkv * topk * g * d, dtype=pdtype, device=q.device)
@@ -366,6 +386,6 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for q0, q1, p in plan.chunks:
         launch_partials(q, k, v, plan.rows, p, q0, po, pl, scale=scale, topk=topk,
                         block_size=plan.block_size, k_scales=k_scales, v_scales=v_scales,
-                        **launch)
+                        kernel=kernel, **launch)
         launch_combine(po, pl, idx, plan.rows, out, lse, q0, q1, hkv)
     return out, lse

@@ -1,0 +1,213 @@
+"""Triton query-outer sparse attention forward over each tile's union of selected blocks.
+
+A *tile* is up to ``QT`` consecutive queries of one segment x the ``G`` query heads of
+one KV head: ``QT * G`` MMA rows, 64 at most groups (``tile_queries``: 4 / 8 / 10 / 16
+queries at G = 16 / 8 / 6 / 4). ``union_plan_kernel`` (one program per tile and
+selection head) sorts the distinct blocks the tile's queries selected, the tile's
+*union* (at most ``QT * K`` blocks), and gives each query a bit mask over the union's
+positions (64 a word). ``union_fwd_kernel`` walks the union ``BN`` keys at a time with
+an online softmax, masking per row the blocks its query did not select and the keys
+after it, and writes the final output and LSE: no gathered rows, no partial outputs,
+no combine.
+
+Each block of the union costs the whole tile, so the kernel gains where consecutive
+queries share their selections (local blocks, sinks, slowly drifting topics) and loses
+where they do not (random selections: up to ``QT`` times the work). It runs where
+chosen: ``MSA_FORWARD_KERNEL=union`` in the environment or ``kernel="union"``
+(``msa.ops.attention.forward``); measured in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..launch import launch_fitting
+from ..plan import SparsePlan, query_tiles
+from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
+
+TILE_ROWS = 64          # MMA rows of a tile: QT queries x G heads
+NO_BLOCK = tl.constexpr(2 ** 62)    # sort key of an invalid entry (after every real one)
+
+
+def tile_queries(group: int) -> int:
+    """Queries per tile for GQA groups of ``group`` heads: as many as fill
+    ``TILE_ROWS`` rows, 1 to 16 (a tile's union holds up to ``16 * K`` blocks)."""
+    return max(1, min(16, TILE_ROWS // max(1, group)))
+
+
+@dataclass
+class UnionPlan:
+    """The unions of one selection's tiles (on the device; ``Hs``: selection heads).
+
+    qt: queries per tile; tile_q0, tile_n, tile_kbase, tile_off ``[tiles]`` int32: first
+    packed query, queries, packed row of the segment's key 0, position of the first query
+    (``msa.ops.plan.query_tiles``, tiles inside one segment, latest first);
+    blocks ``[Hs, tiles, qt * K]`` int32: the union, ascending (entries past
+    ``count`` unset); count ``[Hs, tiles]`` int32; bits ``[Hs, tiles, qt, NW]`` int64: bit
+    ``u % 64`` of word ``u // 64`` set iff the query selected the union's block ``u``.
+    """
+
+    qt: int
+    tile_q0: torch.Tensor
+    tile_n: torch.Tensor
+    tile_kbase: torch.Tensor
+    tile_off: torch.Tensor
+    blocks: torch.Tensor
+    count: torch.Tensor
+    bits: torch.Tensor
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_q0.numel()
+
+
+@triton.jit(do_not_specialize=["num_tiles"])
+def union_plan_kernel(TOPK, TQ0, TN, TOFF, U, NU, BITS, num_tiles, stride_th, stride_tq,
+                      QT: tl.constexpr, QP: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
+                      WP: tl.constexpr, NW: tl.constexpr, BS: tl.constexpr):
+    """One tile's union (grid: tiles, Hs; ``WP``, ``QP``: next powers of two of ``W =
+    QT * K`` and ``QT``). An entry counts when valid and not wholly after its query
+    (``0 <= id`` and ``id * BS <= pos``; ids are checked against the segment upstream)."""
+    tile = tl.program_id(0)
+    hs = tl.program_id(1)
+    q0 = tl.load(TQ0 + tile)
+    n = tl.load(TN + tile)
+    off = tl.load(TOFF + tile)
+    e = tl.arange(0, WP)
+    i = e // K
+    ok = (e < W) & (i < n)
+    x = tl.load(TOPK + hs * stride_th + (q0 + i).to(tl.int64) * stride_tq + e % K, mask=ok,
+                other=-1)
+    ok &= (x >= 0) & (x * BS <= off + i)
+    # sort (block, query) pairs: equal blocks adjacent; a block's first copy opens a place
+    srt = tl.sort(tl.where(ok, x.to(tl.int64) * 64 + i, NO_BLOCK))
+    blk = srt >> 6
+    live = srt != NO_BLOCK
+    first = live & ((e == 0) | (blk != tl.gather(blk, tl.maximum(e - 1, 0), 0)))
+    place = tl.cumsum(first.to(tl.int32), 0) - 1
+    row = hs * num_tiles + tile
+    tl.store(U + row.to(tl.int64) * W + place, blk.to(tl.int32), mask=first)
+    tl.store(NU + row, tl.sum(first.to(tl.int32), 0))
+    owner = (srt & 63).to(tl.int32)
+    qq = tl.arange(0, QP)
+    for w in tl.static_range(NW):
+        inw = live & (place >= 64 * w) & (place < 64 * (w + 1))
+        shift = tl.where(inw, place - 64 * w, 0).to(tl.int64)
+        bit = tl.where(inw, tl.full([WP], 1, tl.int64) << shift, 0)
+        # distinct places per query: the sum is the bitwise or
+        word = tl.sum(tl.where(owner[None, :] == qq[:, None], bit[None, :], 0), 1)
+        tl.store(BITS + ((row * QT + qq).to(tl.int64) * NW + w), word, mask=qq < QT)
+
+
+def build_union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int) -> UnionPlan:
+    """The ``UnionPlan`` of ``topk_indices [Hs, total_q, K]`` (int32 contiguous, as
+    ``plan.indices`` gives it) over ``plan``'s segments, ``qt`` queries per tile."""
+    hs, _, topk = topk_indices.shape
+    q0, n, kbase, off = query_tiles(plan.seg, qt, topk_indices.device)
+    tiles, w = q0.numel(), qt * topk
+    nw = -(-w // 64)
+    dev = topk_indices.device
+    blocks = torch.empty((hs, tiles, w), dtype=torch.int32, device=dev)
+    count = torch.empty((hs, tiles), dtype=torch.int32, device=dev)
+    bits = torch.empty((hs, tiles, qt, nw), dtype=torch.int64, device=dev)
+    if tiles:
+        union_plan_kernel[(tiles, hs)](
+            topk_indices, q0, n, off, blocks, count, bits, tiles, topk_indices.stride(0),
+            topk_indices.stride(1), QT=qt, QP=next_pow2(qt), K=topk, W=w, WP=next_pow2(w),
+            NW=nw, BS=plan.block_size, num_warps=4)
+    return UnionPlan(qt, q0, n, kbase, off, blocks, count, bits)
+
+
+def union_plan(topk_indices: torch.Tensor, plan: SparsePlan, group: int) -> UnionPlan:
+    """``plan``'s union plan for GQA groups of ``group`` heads, built once per plan."""
+    qt = tile_queries(group)
+    return plan.derived(("union", qt), lambda: build_union_plan(topk_indices, plan, qt))
+
+
+@triton.jit(do_not_specialize=["num_tiles"])
+def union_fwd_kernel(
+        Q, K, V, U, NU, BITS, TQ0, TN, TKBASE, TOFF, OUT, LSE, num_tiles, scale_log2,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_ot, stride_oh, stride_lt,
+        HS: tl.constexpr, G: tl.constexpr, QT: tl.constexpr, ROWS: tl.constexpr,
+        D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, W: tl.constexpr,
+        NW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile x one KV head (grid: tiles, Hkv): rows ``r = query * G + head``."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    urow = (h if HS > 1 else 0) * num_tiles + tile
+    q0 = tl.load(TQ0 + tile)
+    n = tl.load(TN + tile)
+    kbase = tl.load(TKBASE + tile).to(tl.int64)
+    off = tl.load(TOFF + tile)
+    r = tl.arange(0, ROWS)
+    i = r // G
+    head = h * G + r % G
+    rv = (r < QT * G) & (i < n)
+    qrow = (q0 + i).to(tl.int64)
+    pos = off + i
+    d = tl.arange(0, D)
+    qt = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                 mask=rv[:, None], other=0.0)
+    bits = BITS + (urow * QT + i).to(tl.int64) * NW
+    ublocks = U + urow.to(tl.int64) * W
+    last = off + n - 1
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    j = tl.arange(0, BN)
+    NH: tl.constexpr = BS // BN
+    for uu in range(0, tl.load(NU + urow) * NH):
+        u = uu // NH
+        kpos = tl.load(ublocks + u) * BS + (uu % NH) * BN + j
+        kmask = kpos <= last                    # inside the segment, at most the last query
+        rows = kbase + kpos
+        kt = tl.load(K + rows[:, None] * stride_kt + h * stride_kh + d[None, :],
+                     mask=kmask[:, None], other=0.0)
+        vt = tl.load(V + rows[:, None] * stride_vt + h * stride_vh + d[None, :],
+                     mask=kmask[:, None], other=0.0)
+        word = tl.load(bits + u // 64, mask=rv, other=0)
+        sel = ((word >> (u % 64).to(tl.int64)) & 1) != 0
+        allowed = sel[:, None] & (kpos[None, :] <= pos[:, None])
+        m_i, l_i, acc = online_softmax_step(qt, kt, vt, allowed, m_i, l_i, acc, scale_log2,
+                                            PRECISION, UPCAST, True)
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    tl.store(OUT + qrow[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=rv[:, None])
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf"))
+    tl.store(LSE + qrow * stride_lt + head, lse, mask=rv)
+
+
+def union_configs(d: int, block_size: int, itemsize: int):
+    """Launch configurations, preferred first: whole blocks unpipelined (the fastest
+    measured at D = 128, docs/benchmarks.md), then half and quarter blocks (for smaller
+    shared memory: head dim 256 or fp32)."""
+    warps = 8 if d > 128 or itemsize > 2 else 4
+    return [dict(BN=bn, num_stages=1, num_warps=warps)
+            for bn in (block_size, block_size // 2, block_size // 4) if bn >= 16]
+
+
+def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float) -> None:
+    """Write ``out [total_q, Hq, D]`` and ``lse [total_q, Hq]`` (fp32) from ``q [total_q,
+    Hq, D]``, ``k, v [total_k, Hkv, D]`` and ``topk_indices [Hs, total_q, K]`` (int32
+    contiguous) over ``plan``'s segments (its union plan is built on first use)."""
+    hq, d = q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    g = hq // hkv
+    up = union_plan(topk_indices, plan, g)
+    if not up.num_tiles:
+        return
+    w, nw = up.blocks.shape[2], up.bits.shape[3]
+    launch_fitting(
+        union_fwd_kernel, (up.num_tiles, hkv),
+        (q, k, v, up.blocks, up.count, up.bits, up.tile_q0, up.tile_n, up.tile_kbase,
+         up.tile_off, out, lse, up.num_tiles, scale * LOG2E, q.stride(0), q.stride(1),
+         k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+         lse.stride(0)),
+        union_configs(d, plan.block_size, q.dtype.itemsize),
+        HS=topk_indices.shape[0], G=g, QT=up.qt, ROWS=max(16, next_pow2(up.qt * g)), D=d,
+        BS=plan.block_size, W=w, NW=nw, PRECISION=precision(q.dtype),
+        UPCAST=upcast(q.dtype))

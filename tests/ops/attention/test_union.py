@@ -1,0 +1,155 @@
+"""Union forward (``msa.ops.attention.union``) vs the reference, and its plan vs a direct
+count (interpreter on CPU, real kernels on GPU)."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from tests.helpers import DEVICE, force_smallest_launch, plan_of, random_topk  # noqa: E402
+from tests.helpers.brute import make_case  # noqa: E402
+from tests.ops.attention.test_forward import CASES, _inputs, _poisoned  # noqa: E402
+from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
+from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
+from msa.ops.attention.union import build_union_plan, tile_queries  # noqa: E402
+
+
+def _check(c, topk, q, k, v, block, atol=1e-5, **kw):
+    out, lse = _poisoned(q)
+    scale = q.shape[-1] ** -0.5
+    sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], block, k.shape[1]), scale=scale,
+                    out=out, lse=lse, kernel="union", **kw)
+    ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
+                                               c["seg"], block_size=block, scale=scale)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.double(), ref_o, rtol=atol, atol=atol)
+    torch.testing.assert_close(lse.double(), ref_l, rtol=min(atol, 1e-3), atol=min(atol, 1e-3))
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "D256" not in n])
+def test_union_forward_matches_reference_fp32(name):
+    c, topk, (q, k, v) = _inputs(name, torch.float32)
+    _check(c, topk, q, k, v, CASES[name][6])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_union_forward_half_head_dim_256(dtype):
+    c, topk, (q, k, v) = _inputs("G8-D256-B128", dtype)
+    _check(c, topk, q, k, v, 128, atol=3e-2)
+
+
+def _shared_topk(seg, heads, k, block, seed):
+    """Selections consecutive queries share (a sink, the query's own block and a few
+    recent ones, one random block), as text gives them: unions far below ``QT * K``."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((heads, seg.total_q, k), -1, dtype=torch.int32)
+    for b in range(seg.num_segments):
+        for i in range(seg.q_len[b]):
+            own = (seg.k_len[b] - seg.q_len[b] + i) // block
+            ids = list(dict.fromkeys([0, own] + [max(0, own - j) for j in (1, 2)]))
+            ids.append(int(torch.randint(0, own + 1, (1,), generator=g)))
+            ids = list(dict.fromkeys(ids))[:k]
+            for h in range(heads):
+                out[h, seg.q_start[b] + i, torch.randperm(k, generator=g)[:len(ids)]] = \
+                    torch.tensor(ids, dtype=torch.int32)
+    return out
+
+
+@pytest.mark.parametrize("hq,hkv", [(16, 1), (8, 2), (6, 1), (4, 1)])
+def test_union_forward_shared_selections_every_group(hq, hkv):
+    """The GQA groups of issue-sized models (tiles of 4 / 8 / 10 / 16 queries) over
+    selections consecutive queries share, in two segments."""
+    c = make_case((45, 30), (700, 330), hq=hq, hkv=hkv, d=64, seed=hq)
+    topk = _shared_topk(c["seg"], hkv, 6, 64, seed=hq).to(DEVICE)
+    _check(c, topk, *(c[n].to(DEVICE) for n in "qkv"), 64)
+
+
+def test_union_forward_smallest_launch(monkeypatch):
+    """The last fallback (quarter blocks), for GPUs with less shared memory."""
+    import msa.ops.attention.union as union
+    used = force_smallest_launch(monkeypatch, union)
+    c, topk, (q, k, v) = _inputs("G2-varlen-chunked-B64", torch.float32)
+    _check(c, topk, q, k, v, 64)
+    assert used and used[0]["BN"] == 16
+
+
+def test_union_forward_empty_rows_give_zero_and_neg_inf():
+    c, _, (q, k, v) = _inputs("G2-varlen-chunked-B64", torch.float32)
+    topk = torch.full((2, q.shape[0], 3), -1, dtype=torch.int32, device=DEVICE)
+    topk[1, 5, 2] = 0
+    topk[0, 7, 0] = 3                      # after query 7 (position 6): nothing visible
+    out, lse = _poisoned(q)
+    sparse_attn_fwd(q, k, v, topk, plan_of(topk, c["seg"], 64, 2), scale=0.125, out=out,
+                    lse=lse, kernel="union")
+    mask = torch.ones_like(lse, dtype=torch.bool)
+    mask[5, 2:] = False
+    assert torch.isfinite(lse[5, 2:]).all()
+    assert torch.all(out[mask] == 0) and torch.all(torch.isneginf(lse[mask]))
+
+
+def _direct_plan(topk, seg, block, qt):
+    """Per (selection head, tile): the sorted union and each query's set of places, from
+    Python sets, tiles in ``query_tiles``'s order."""
+    from msa.ops.plan import query_tiles
+    q0, n, _, off = (x.tolist() for x in query_tiles(seg, qt, "cpu"))
+    out = []
+    for h in range(topk.shape[0]):
+        for t0, nt, o in zip(q0, n, off):
+            ids = [{b for b in topk[h, t0 + i].tolist() if b >= 0 and b * block <= o + i}
+                   for i in range(nt)]
+            union = sorted(set().union(*ids))
+            out.append((union, [sorted(union.index(b) for b in s) for s in ids]))
+    return out
+
+
+@pytest.mark.parametrize("group,shared", [(16, True), (6, False), (4, True), (1, False)])
+def test_union_plan_equals_direct_count(group, shared):
+    """Union, count and bits (several 64-bit words at K * QT > 64) against Python sets,
+    over random selections (with blocks after the query, dropped) and shared ones."""
+    c = make_case((37, 50), (900, 400), seed=group)
+    seg, k = c["seg"], 9
+    topk = (_shared_topk(seg, 2, k, 64, group) if shared else
+            random_topk(seg, 2, k, 64, seed=group)).to(DEVICE)
+    qt = tile_queries(group)
+    plan = plan_of(topk, seg, 64, 2)
+    up = build_union_plan(topk, plan, qt)
+    direct = _direct_plan(topk.cpu(), seg, 64, qt)
+    assert up.bits.shape[3] == -(-qt * k // 64)
+    blocks, count, bits = (x.cpu().flatten(0, 1) for x in (up.blocks, up.count, up.bits))
+    for row, (union, places) in enumerate(direct):
+        assert count[row] == len(union)
+        assert blocks[row, :len(union)].tolist() == union
+        for i in range(qt):
+            word_bits = [w * 64 + b for w, word in enumerate(bits[row, i].tolist())
+                         for b in range(64) if (word >> b) & 1]
+            assert word_bits == (places[i] if i < len(places) else [])
+    if shared:
+        assert count.float().mean() < 0.5 * qt * k
+
+
+def test_environment_chooses_the_union_kernel(monkeypatch):
+    import msa
+    c, topk, (q, k, v) = _inputs("G2-varlen-chunked-B64", torch.float32)
+    monkeypatch.setenv("MSA_FORWARD_KERNEL", "union")
+    many = torch.zeros(1025, 4, 64, device=DEVICE)
+    kk = torch.zeros(1025, 2, 64, device=DEVICE)
+    assert msa.attention_kernel(many, kk, kk, block_size=64, backend="triton") == "union"
+    args = (topk, c["cu_seqlens_q"].to(DEVICE), c["cu_seqlens_k"].to(DEVICE))
+    q.requires_grad_(True)
+    o_u = msa.msa_sparse_attention(q, k, v, *args, block_size=64, backend="triton")
+    o_r = msa.msa_sparse_attention(q, k, v, *args, block_size=64, backend="reference")
+    torch.testing.assert_close(o_u, o_r, rtol=1e-5, atol=1e-5)
+    g_u, = torch.autograd.grad(o_u.sum(), q)
+    g_r, = torch.autograd.grad(o_r.sum(), q)
+    torch.testing.assert_close(g_u, g_r, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("MSA_FORWARD_KERNEL", "unoin")
+    with pytest.raises(ValueError, match="MSA_FORWARD_KERNEL='unoin'"):
+        msa.attention_kernel(many, kk, kk, block_size=64, backend="triton")
+
+
+def test_partials_refuse_the_union_kernel():
+    from msa.ops.attention.forward import launch_partials
+    c, topk, (q, k, v) = _inputs("G2-varlen-chunked-B64", torch.float32)
+    plan = plan_of(topk, c["seg"], 64, 2)
+    with pytest.raises(ValueError, match="kernel='union'"):
+        launch_partials(q, k, v, plan.rows, plan.chunks[0][2], 0, None, None, scale=0.1,
+                        topk=3, block_size=64, kernel="union")
