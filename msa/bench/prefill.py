@@ -83,36 +83,45 @@ def precisions(args) -> list:
 def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
     """The forward kernel the public API runs (``msa.attention_kernel``) and the kernels
     timed on one plan (planning excluded), with the cosine of each output against the
-    Triton KV-outer kernel's: that kernel, the union kernel (``msa.ops.attention.union``;
-    its plan timed apart, and its union blocks per selected block) and, on Hopper, the
-    Gluon kernel."""
+    Triton KV-outer kernel's: that kernel, on Hopper the Gluon kernel, and the union
+    kernel (``msa.ops.attention.union``) with tiles of 64 and of 128 rows (each with its
+    plan timed apart and its union blocks per selected block)."""
     from ..ops.attention import forward as F
-    from ..ops.attention.union import build_union_plan, tile_queries
+    from ..ops.attention.union import build_union_plan, tile_queries, union_fwd
     d = dict(forward_kernel=msa.attention_kernel(q, k, v, block_size=cfg.block_size))
     group = cfg.num_heads // cfg.num_kv_heads
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
                         chunk=chunk, q_per_item=P.item_queries(group))
-
-    def run(kernel):
-        return F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False,
-                                 kernel=kernel)[0]
-    names = ["triton", "union"]
-    if F.forward_kernel(q, k, v, cfg.block_size) == "gluon":
-        names.append("gluon")
-    base = run("triton")
-    for kernel in names[1:]:
-        d[f"{kernel}_attention_cosine_vs_triton"] = C.cosine(run(kernel), base)
-    del base
-    for kernel in names:
-        d[f"{kernel}_kernel_attention_ms"] = C.timed(lambda: run(kernel), reps)
     idx = plan.indices(topk)
-    d["union_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, tile_queries(group)),
-                                 reps)
-    # blocks a tile walks per block one of its queries selected: 1 when the tile's
-    # queries select the same blocks, the tile's query count when they share none
-    walked = build_union_plan(idx, plan, tile_queries(group)).count.double().sum().item()
-    d["union_blocks_per_selected_block"] = \
-        walked * tile_queries(group) / max(1, int((idx >= 0).sum()))
+
+    def kv_outer(kernel):
+        return lambda: F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale,
+                                         query_major=False, kernel=kernel)[0]
+
+    def union(rows):
+        def run():
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+            union_fwd(q, k, v, idx, plan, out, lse, scale=cfg.scale, tile_rows=rows)
+            return out
+        return run
+    runs = dict(triton=kv_outer("triton"), union=union(64), union_128_rows=union(128))
+    if F.forward_kernel(q, k, v, cfg.block_size) == "gluon":
+        runs["gluon"] = kv_outer("gluon")
+    base = runs["triton"]()
+    for name, run in runs.items():
+        if name != "triton":
+            d[f"{name}_attention_cosine_vs_triton"] = C.cosine(run(), base)
+    del base
+    for name, run in runs.items():
+        d[f"{name}_kernel_attention_ms"] = C.timed(run, reps)
+    for rows, name in ((64, "union"), (128, "union_128_rows")):
+        qt = tile_queries(group, rows)
+        d[f"{name}_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, qt), reps)
+        # blocks a tile walks per block one of its queries selected: 1 when the tile's
+        # queries select the same blocks, the tile's query count when they share none
+        walked = build_union_plan(idx, plan, qt).count.double().sum().item()
+        d[f"{name}_blocks_per_selected_block"] = walked * qt / max(1, int((idx >= 0).sum()))
     return d
 
 

@@ -28,14 +28,14 @@ from ..launch import launch_fitting
 from ..plan import SparsePlan, query_tiles
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
-TILE_ROWS = 64          # MMA rows of a tile: QT queries x G heads
+TILE_ROWS = 64          # MMA rows of a tile by default: QT queries x G heads
 NO_BLOCK = tl.constexpr(2 ** 62)    # sort key of an invalid entry (after every real one)
 
 
-def tile_queries(group: int) -> int:
-    """Queries per tile for GQA groups of ``group`` heads: as many as fill
-    ``TILE_ROWS`` rows, 1 to 16 (a tile's union holds up to ``16 * K`` blocks)."""
-    return max(1, min(16, TILE_ROWS // max(1, group)))
+def tile_queries(group: int, rows: int = TILE_ROWS) -> int:
+    """Queries per tile for GQA groups of ``group`` heads: as many as fill ``rows`` MMA
+    rows, 1 to 32 (a tile's union holds up to ``32 * K`` blocks)."""
+    return max(1, min(32, rows // max(1, group)))
 
 
 @dataclass
@@ -117,13 +117,12 @@ def build_union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int) -> U
         union_plan_kernel[(tiles, hs)](
             topk_indices, q0, n, off, blocks, count, bits, tiles, topk_indices.stride(0),
             topk_indices.stride(1), QT=qt, QP=next_pow2(qt), K=topk, W=w, WP=next_pow2(w),
-            NW=nw, BS=plan.block_size, num_warps=4)
+            NW=nw, BS=plan.block_size, num_warps=4 if w <= 256 else 8)
     return UnionPlan(qt, q0, n, kbase, off, blocks, count, bits)
 
 
-def union_plan(topk_indices: torch.Tensor, plan: SparsePlan, group: int) -> UnionPlan:
-    """``plan``'s union plan for GQA groups of ``group`` heads, built once per plan."""
-    qt = tile_queries(group)
+def union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int) -> UnionPlan:
+    """``plan``'s union plan for tiles of ``qt`` queries, built once per plan."""
     return plan.derived(("union", qt), lambda: build_union_plan(topk_indices, plan, qt))
 
 
@@ -181,23 +180,27 @@ def union_fwd_kernel(
     tl.store(LSE + qrow * stride_lt + head, lse, mask=rv)
 
 
-def union_configs(d: int, block_size: int, itemsize: int):
-    """Launch configurations, preferred first: whole blocks unpipelined (the fastest
-    measured at D = 128, docs/benchmarks.md), then half and quarter blocks (for smaller
-    shared memory: head dim 256 or fp32)."""
-    warps = 8 if d > 128 or itemsize > 2 else 4
+def union_configs(rows: int, d: int, block_size: int, itemsize: int):
+    """Launch configurations for tiles of ``rows`` MMA rows, preferred first: whole
+    blocks unpipelined (the fastest measured at D = 128, docs/benchmarks.md), then half
+    and quarter blocks (for smaller shared memory: head dim 256 or fp32). A warp per 16
+    rows, twice that for head dim 256 or fp32 (the accumulator's registers)."""
+    warps = max(4, rows // 16) * (2 if d > 128 or itemsize > 2 else 1)
     return [dict(BN=bn, num_stages=1, num_warps=warps)
             for bn in (block_size, block_size // 2, block_size // 4) if bn >= 16]
 
 
-def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float) -> None:
+def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float,
+              tile_rows: int = TILE_ROWS) -> None:
     """Write ``out [total_q, Hq, D]`` and ``lse [total_q, Hq]`` (fp32) from ``q [total_q,
     Hq, D]``, ``k, v [total_k, Hkv, D]`` and ``topk_indices [Hs, total_q, K]`` (int32
-    contiguous) over ``plan``'s segments (its union plan is built on first use)."""
+    contiguous) over ``plan``'s segments (its union plan is built on first use), tiles of
+    ``tile_rows`` MMA rows (a power of two, at least 16)."""
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     g = hq // hkv
-    up = union_plan(topk_indices, plan, g)
+    up = union_plan(topk_indices, plan, tile_queries(g, tile_rows))
+    rows = max(16, next_pow2(up.qt * g))
     if not up.num_tiles:
         return
     w, nw = up.blocks.shape[2], up.bits.shape[3]
@@ -207,7 +210,7 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
          up.tile_off, out, lse, up.num_tiles, scale * LOG2E, q.stride(0), q.stride(1),
          k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
          lse.stride(0)),
-        union_configs(d, plan.block_size, q.dtype.itemsize),
-        HS=topk_indices.shape[0], G=g, QT=up.qt, ROWS=max(16, next_pow2(up.qt * g)), D=d,
+        union_configs(rows, d, plan.block_size, q.dtype.itemsize),
+        HS=topk_indices.shape[0], G=g, QT=up.qt, ROWS=rows, D=d,
         BS=plan.block_size, W=w, NW=nw, PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype))

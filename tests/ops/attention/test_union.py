@@ -63,6 +63,23 @@ def test_union_forward_shared_selections_every_group(hq, hkv):
     _check(c, topk, *(c[n].to(DEVICE) for n in "qkv"), 64)
 
 
+@pytest.mark.parametrize("rows", [16, 128])
+def test_union_forward_other_tile_sizes(rows):
+    """Tiles of 16 rows (4 queries at G = 4) and of 128 (32 queries, 8 warps, 3 mask
+    words)."""
+    from msa.ops.attention.union import union_fwd
+    c = make_case((45, 30), (700, 330), hq=4, hkv=1, d=64, seed=rows)
+    topk = _shared_topk(c["seg"], 1, 6, 64, seed=rows).to(DEVICE)
+    q, k, v = (c[n].to(DEVICE) for n in "qkv")
+    out, lse = _poisoned(q)
+    union_fwd(q, k, v, topk, plan_of(topk, c["seg"], 64, 1), out, lse, scale=0.125,
+              tile_rows=rows)
+    ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
+                                               c["seg"], block_size=64, scale=0.125)
+    torch.testing.assert_close(out.double(), ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)
+
+
 def test_union_forward_smallest_launch(monkeypatch):
     """The last fallback (quarter blocks), for GPUs with less shared memory."""
     import msa.ops.attention.union as union
