@@ -42,6 +42,8 @@ class BlockRows:
     q_pos, q_nblocks, q_rowbase, q_kbase: ``[total_q]`` int32/int64 position, blocks in
     the query's segment, first global block row of its segment, packed row of its key 0.
     row_krow, row_t0, row_nk: ``[total_rows]`` packed first key row, key offset, keys.
+    paged: whether ``row_krow`` points into pages (``paged_rows``) rather than at
+    ``q_kbase + t0``.
     """
 
     q_pos: torch.Tensor
@@ -53,6 +55,7 @@ class BlockRows:
     row_nk: torch.Tensor
     total_rows: int
     block_size: int
+    paged: bool = False
 
 
 def block_rows(seg: Segments, block_size: int, device) -> BlockRows:
@@ -88,7 +91,7 @@ def paged_rows(rows: BlockRows, seg: Segments, block_table: torch.Tensor,
     row_seg = torch.repeat_interleave(torch.arange(seg.num_segments, device=nb.device), nb,
                                       output_size=rows.total_rows)
     page = block_table[row_seg, rows.row_t0.long() // rows.block_size].long()
-    return dataclasses.replace(rows, row_krow=page * rows_per_page)
+    return dataclasses.replace(rows, row_krow=page * rows_per_page, paged=True)
 
 
 def query_tiles(seg: Segments, block_t: int, device):

@@ -8,7 +8,8 @@ selection head) sorts the distinct blocks the tile's queries selected, the tile'
 positions (64 a word). ``union_fwd_kernel`` walks the union ``BN`` keys at a time with
 an online softmax, masking per row the blocks its query did not select and the keys
 after it, and writes the final output and LSE: no gathered rows, no partial outputs,
-no combine.
+no combine. Key rows come from the plan's ``BlockRows``, so cached pages are read in
+place as well (bf16 / fp16 pages, ``paged_attention_in_place``).
 
 Each block of the union costs the whole tile, so the kernel gains where consecutive
 queries share their selections (local blocks, sinks, slowly drifting topics) and loses
@@ -44,7 +45,9 @@ class UnionPlan:
 
     qt: queries per tile; tile_q0, tile_n, tile_kbase, tile_off ``[tiles]`` int32: first
     packed query, queries, packed row of the segment's key 0, position of the first query
-    (``msa.ops.plan.query_tiles``, tiles inside one segment, latest first);
+    (``msa.ops.plan.query_tiles``, tiles inside one segment, latest first); tile_rowbase
+    ``[tiles]`` int64: the segment's first block row in ``BlockRows`` (over pages, block
+    ``b``'s keys start at ``row_krow[rowbase + b]``);
     blocks ``[Hs, tiles, qt * K]`` int32: the union, ascending (entries past
     ``count`` unset); count ``[Hs, tiles]`` int32; bits ``[Hs, tiles, qt, NW]`` int64: bit
     ``u % 64`` of word ``u // 64`` set iff the query selected the union's block ``u``.
@@ -55,6 +58,7 @@ class UnionPlan:
     tile_n: torch.Tensor
     tile_kbase: torch.Tensor
     tile_off: torch.Tensor
+    tile_rowbase: torch.Tensor
     blocks: torch.Tensor
     count: torch.Tensor
     bits: torch.Tensor
@@ -118,7 +122,8 @@ def build_union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int) -> U
             topk_indices, q0, n, off, blocks, count, bits, tiles, topk_indices.stride(0),
             topk_indices.stride(1), QT=qt, QP=next_pow2(qt), K=topk, W=w, WP=next_pow2(w),
             NW=nw, BS=plan.block_size, num_warps=4 if w <= 256 else 8)
-    return UnionPlan(qt, q0, n, kbase, off, blocks, count, bits)
+    rowbase = plan.rows.q_rowbase[q0.long()].contiguous()
+    return UnionPlan(qt, q0, n, kbase, off, rowbase, blocks, count, bits)
 
 
 def union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int) -> UnionPlan:
@@ -128,19 +133,24 @@ def union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int) -> UnionPl
 
 @triton.jit(do_not_specialize=["num_tiles"])
 def union_fwd_kernel(
-        Q, K, V, U, NU, BITS, TQ0, TN, TKBASE, TOFF, OUT, LSE, num_tiles, scale_log2,
+        Q, K, V, U, NU, BITS, TQ0, TN, TKBASE, TOFF, TROWBASE, ROW_KROW, OUT, LSE,
+        num_tiles, scale_log2,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_ot, stride_oh, stride_lt,
         HS: tl.constexpr, G: tl.constexpr, QT: tl.constexpr, ROWS: tl.constexpr,
         D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, W: tl.constexpr,
-        NW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One tile x one KV head (grid: tiles, Hkv): rows ``r = query * G + head``."""
+        NW: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr):
+    """One tile x one KV head (grid: tiles, Hkv): rows ``r = query * G + head``. Key rows
+    ``kbase + position``, or over pages (``PAGED``) ``ROW_KROW[rowbase + block] +
+    offset`` (one more dependent load per step)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     urow = (h if HS > 1 else 0) * num_tiles + tile
     q0 = tl.load(TQ0 + tile)
     n = tl.load(TN + tile)
     kbase = tl.load(TKBASE + tile).to(tl.int64)
+    krows = ROW_KROW + tl.load(TROWBASE + tile)
     off = tl.load(TOFF + tile)
     r = tl.arange(0, ROWS)
     i = r // G
@@ -161,9 +171,13 @@ def union_fwd_kernel(
     NH: tl.constexpr = BS // BN
     for uu in range(0, tl.load(NU + urow) * NH):
         u = uu // NH
-        kpos = tl.load(ublocks + u) * BS + (uu % NH) * BN + j
+        blk = tl.load(ublocks + u)
+        kpos = blk * BS + (uu % NH) * BN + j
         kmask = kpos <= last                    # inside the segment, at most the last query
-        rows = kbase + kpos
+        if PAGED:
+            rows = tl.load(krows + blk) + (uu % NH) * BN + j
+        else:
+            rows = kbase + kpos
         kt = tl.load(K + rows[:, None] * stride_kt + h * stride_kh + d[None, :],
                      mask=kmask[:, None], other=0.0)
         vt = tl.load(V + rows[:, None] * stride_vt + h * stride_vh + d[None, :],
@@ -207,10 +221,10 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
     launch_fitting(
         union_fwd_kernel, (up.num_tiles, hkv),
         (q, k, v, up.blocks, up.count, up.bits, up.tile_q0, up.tile_n, up.tile_kbase,
-         up.tile_off, out, lse, up.num_tiles, scale * LOG2E, q.stride(0), q.stride(1),
-         k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-         lse.stride(0)),
+         up.tile_off, up.tile_rowbase, plan.rows.row_krow, out, lse, up.num_tiles,
+         scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+         v.stride(1), out.stride(0), out.stride(1), lse.stride(0)),
         union_configs(rows, d, plan.block_size, q.dtype.itemsize),
-        HS=topk_indices.shape[0], G=g, QT=up.qt, ROWS=rows, D=d,
+        HS=topk_indices.shape[0], G=g, QT=up.qt, ROWS=rows, D=d, PAGED=plan.rows.paged,
         BS=plan.block_size, W=w, NW=nw, PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype))

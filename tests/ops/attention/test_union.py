@@ -170,3 +170,23 @@ def test_partials_refuse_the_union_kernel():
     with pytest.raises(ValueError, match="kernel='union'"):
         launch_partials(q, k, v, plan.rows, plan.chunks[0][2], 0, None, None, scale=0.1,
                         topk=3, block_size=64, kernel="union")
+
+
+@pytest.mark.parametrize("lengths,q_lens", [((150, 70), (40, 70)), ((300,), (37,))])
+def test_union_forward_reads_pages_in_place(monkeypatch, lengths, q_lens):
+    """Chunked prefill over cached pages (``paged_attention_in_place``): the union kernel
+    finds each block's page through the plan's rows."""
+    from msa.inference import paged_attention, paged_attention_in_place, paged_indexer
+    from tests.inference.test_fp8_cache import _caches
+    _, cache = _caches(list(lengths))
+    ids = list(range(len(lengths)))
+    table, lens = cache.page_table(ids), cache.seq_lens(ids)
+    g = torch.Generator().manual_seed(sum(q_lens))
+    q = torch.randn(sum(q_lens), 4, 64, generator=g).to(DEVICE)
+    qi = torch.randn(sum(q_lens), 2, 64, generator=g).to(DEVICE)
+    kp, vp, kip = cache.layer(0)
+    topk = paged_indexer(qi, kip, table, lens, list(q_lens), block_size=64, topk=3)
+    want = paged_attention(q, kp, vp, topk, table, lens, list(q_lens))
+    monkeypatch.setenv("MSA_FORWARD_KERNEL", "union")
+    got = paged_attention_in_place(q, kp, vp, topk, table, lens, list(q_lens))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
