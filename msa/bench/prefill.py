@@ -80,14 +80,21 @@ def precisions(args) -> list:
     return (getattr(args, "index_precision", None) or "input").split(",")
 
 
+# union kernel variants timed by ``kernels``: name -> (tile rows, keys by TMA)
+UNION_VARIANTS = dict(union=(64, False), union_128_rows=(128, False), union_tma=(64, True),
+                      union_tma_128_rows=(128, True))
+
+
 def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
     """The forward kernel the public API runs (``msa.attention_kernel``) and the kernels
     timed on one plan (planning excluded), with the cosine of each output against the
     Triton KV-outer kernel's: that kernel, on Hopper the Gluon kernel, and the union
-    kernel (``msa.ops.attention.union``) with tiles of 64 and of 128 rows (each with its
-    plan timed apart and its union blocks per selected block)."""
+    kernel (``msa.ops.attention.union``) in each of ``UNION_VARIANTS`` (TMA ones on
+    Hopper only; each tile size's plan timed apart, with its union blocks per selected
+    block)."""
     from ..ops.attention import forward as F
     from ..ops.attention.union import build_union_plan, tile_queries, union_fwd
+    from ..ops.launch import on_hopper
     d = dict(forward_kernel=msa.attention_kernel(q, k, v, block_size=cfg.block_size))
     group = cfg.num_heads // cfg.num_kv_heads
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
@@ -98,16 +105,19 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
         return lambda: F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale,
                                          query_major=False, kernel=kernel)[0]
 
-    def union(rows):
+    def union(rows, tma):
         def run():
             out = torch.empty_like(q)
             lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-            union_fwd(q, k, v, idx, plan, out, lse, scale=cfg.scale, tile_rows=rows)
+            union_fwd(q, k, v, idx, plan, out, lse, scale=cfg.scale, tile_rows=rows, tma=tma)
             return out
         return run
-    runs = dict(triton=kv_outer("triton"), union=union(64), union_128_rows=union(128))
+    runs = dict(triton=kv_outer("triton"))
     if F.forward_kernel(q, k, v, cfg.block_size) == "gluon":
         runs["gluon"] = kv_outer("gluon")
+    for name, (rows, tma) in UNION_VARIANTS.items():
+        if on_hopper(q) or not tma:
+            runs[name] = union(rows, tma)
     base = runs["triton"]()
     for name, run in runs.items():
         if name != "triton":
@@ -115,13 +125,15 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
     del base
     for name, run in runs.items():
         d[f"{name}_kernel_attention_ms"] = C.timed(run, reps)
-    for rows, name in ((64, "union"), (128, "union_128_rows")):
+    for rows in (64, 128):
         qt = tile_queries(group, rows)
-        d[f"{name}_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, qt), reps)
+        d[f"union_{rows}_rows_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, qt),
+                                                  reps)
         # blocks a tile walks per block one of its queries selected: 1 when the tile's
         # queries select the same blocks, the tile's query count when they share none
         walked = build_union_plan(idx, plan, qt).count.double().sum().item()
-        d[f"{name}_blocks_per_selected_block"] = walked * qt / max(1, int((idx >= 0).sum()))
+        d[f"union_{rows}_rows_blocks_per_selected_block"] = \
+            walked * qt / max(1, int((idx >= 0).sum()))
     return d
 
 

@@ -139,11 +139,15 @@ def union_fwd_kernel(
         stride_ot, stride_oh, stride_lt,
         HS: tl.constexpr, G: tl.constexpr, QT: tl.constexpr, ROWS: tl.constexpr,
         D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, W: tl.constexpr,
-        NW: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr,
+        NW: tl.constexpr, KEYS: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr):
-    """One tile x one KV head (grid: tiles, Hkv): rows ``r = query * G + head``. Key rows
-    ``kbase + position``, or over pages (``PAGED``) ``ROW_KROW[rowbase + block] +
-    offset`` (one more dependent load per step)."""
+    """One tile x one KV head (grid: tiles, Hkv): rows ``r = query * G + head``. ``KEYS``:
+    ``"rows"``, key rows ``kbase + position`` loaded by pointers (masked past the tile's
+    last query); ``"pages"``, rows ``ROW_KROW[rowbase + block] + offset`` (one more
+    dependent load per step); ``"tma"``, ``K, V`` are tensor descriptors over ``[total_k,
+    Hkv * D]`` rows of ``BN`` keys (TMA on Hopper: rows past the tile's last query are
+    loaded, their probabilities 0; an inf or NaN there, in another sequence's values,
+    would reach this tile's output)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     urow = (h if HS > 1 else 0) * num_tiles + tile
@@ -174,14 +178,19 @@ def union_fwd_kernel(
         blk = tl.load(ublocks + u)
         kpos = blk * BS + (uu % NH) * BN + j
         kmask = kpos <= last                    # inside the segment, at most the last query
-        if PAGED:
-            rows = tl.load(krows + blk) + (uu % NH) * BN + j
+        if KEYS == "tma":
+            at = (kbase + blk * BS + (uu % NH) * BN).to(tl.int32)
+            kt = K.load([at, h * D])
+            vt = V.load([at, h * D])
         else:
-            rows = kbase + kpos
-        kt = tl.load(K + rows[:, None] * stride_kt + h * stride_kh + d[None, :],
-                     mask=kmask[:, None], other=0.0)
-        vt = tl.load(V + rows[:, None] * stride_vt + h * stride_vh + d[None, :],
-                     mask=kmask[:, None], other=0.0)
+            if KEYS == "pages":
+                rows = tl.load(krows + blk) + (uu % NH) * BN + j
+            else:
+                rows = kbase + kpos
+            kt = tl.load(K + rows[:, None] * stride_kt + h * stride_kh + d[None, :],
+                         mask=kmask[:, None], other=0.0)
+            vt = tl.load(V + rows[:, None] * stride_vt + h * stride_vh + d[None, :],
+                         mask=kmask[:, None], other=0.0)
         word = tl.load(bits + u // 64, mask=rv, other=0)
         sel = ((word >> (u % 64).to(tl.int64)) & 1) != 0
         allowed = sel[:, None] & (kpos[None, :] <= pos[:, None])
@@ -194,22 +203,39 @@ def union_fwd_kernel(
     tl.store(LSE + qrow * stride_lt + head, lse, mask=rv)
 
 
-def union_configs(rows: int, d: int, block_size: int, itemsize: int):
+def union_configs(rows: int, d: int, block_size: int, itemsize: int, tma: bool = False):
     """Launch configurations for tiles of ``rows`` MMA rows, preferred first: whole
     blocks unpipelined (the fastest measured at D = 128, docs/benchmarks.md), then half
-    and quarter blocks (for smaller shared memory: head dim 256 or fp32). A warp per 16
+    and quarter blocks (for smaller shared memory: head dim 256 or fp32); by TMA (one
+    block size, the descriptors'), whole blocks in 2 stages, then 1. A warp per 16
     rows, twice that for head dim 256 or fp32 (the accumulator's registers)."""
     warps = max(4, rows // 16) * (2 if d > 128 or itemsize > 2 else 1)
+    if tma:
+        return [dict(BN=block_size, num_stages=s, num_warps=warps) for s in (2, 1)]
     return [dict(BN=bn, num_stages=1, num_warps=warps)
             for bn in (block_size, block_size // 2, block_size // 4) if bn >= 16]
 
 
+def _key_rows(x: torch.Tensor, block_n: int):
+    """A TMA descriptor over ``x [total_k, Hkv, D]`` as ``[total_k, Hkv * D]`` rows, boxes
+    of ``block_n`` keys x ``D``; ``None`` where TMA cannot read it (heads not adjacent,
+    rows not 16-byte aligned)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    t, h, d = x.shape
+    if x.stride(2) != 1 or x.stride(1) != d or (x.stride(0) * x.element_size()) % 16 or \
+            x.data_ptr() % 16 or t == 0:
+        return None
+    return TensorDescriptor(x, [t, h * d], [x.stride(0), 1], [block_n, d])
+
+
 def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float,
-              tile_rows: int = TILE_ROWS) -> None:
+              tile_rows: int = TILE_ROWS, tma: bool = False) -> None:
     """Write ``out [total_q, Hq, D]`` and ``lse [total_q, Hq]`` (fp32) from ``q [total_q,
     Hq, D]``, ``k, v [total_k, Hkv, D]`` and ``topk_indices [Hs, total_q, K]`` (int32
     contiguous) over ``plan``'s segments (its union plan is built on first use), tiles of
-    ``tile_rows`` MMA rows (a power of two, at least 16)."""
+    ``tile_rows`` MMA rows (a power of two, at least 16). ``tma``: keys and values by
+    TMA descriptors (``union_fwd_kernel``'s ``KEYS="tma"``; contiguous keys only, else
+    ``ValueError``)."""
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     g = hq // hkv
@@ -217,14 +243,21 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
     rows = max(16, next_pow2(up.qt * g))
     if not up.num_tiles:
         return
+    keys, kk, vv = ("pages" if plan.rows.paged else "rows"), k, v
+    if tma:
+        kk, vv = (None if plan.rows.paged else _key_rows(x, plan.block_size) for x in (k, v))
+        if kk is None or vv is None:
+            raise ValueError("tma=True reads contiguous (not paged) k, v [total_k, Hkv, D] "
+                             "whose heads are adjacent and rows 16-byte aligned")
+        keys = "tma"
     w, nw = up.blocks.shape[2], up.bits.shape[3]
     launch_fitting(
         union_fwd_kernel, (up.num_tiles, hkv),
-        (q, k, v, up.blocks, up.count, up.bits, up.tile_q0, up.tile_n, up.tile_kbase,
+        (q, kk, vv, up.blocks, up.count, up.bits, up.tile_q0, up.tile_n, up.tile_kbase,
          up.tile_off, up.tile_rowbase, plan.rows.row_krow, out, lse, up.num_tiles,
          scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
          v.stride(1), out.stride(0), out.stride(1), lse.stride(0)),
-        union_configs(rows, d, plan.block_size, q.dtype.itemsize),
-        HS=topk_indices.shape[0], G=g, QT=up.qt, ROWS=rows, D=d, PAGED=plan.rows.paged,
+        union_configs(rows, d, plan.block_size, q.dtype.itemsize, tma),
+        HS=topk_indices.shape[0], G=g, QT=up.qt, ROWS=rows, D=d, KEYS=keys,
         BS=plan.block_size, W=w, NW=nw, PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype))

@@ -81,6 +81,32 @@ def test_union_forward_other_tile_sizes(rows):
     torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["G2-varlen-chunked-B64", "fragments-shared", "G16-D128-B64"])
+def test_union_forward_by_tma_matches_reference(name):
+    """Keys and values by tensor descriptors (``tma=True``), packed segments included
+    (a box may reach into the next segment's rows: their probabilities are 0)."""
+    from msa.ops.attention.union import union_fwd
+    c, topk, (q, k, v) = _inputs(name, torch.float32)
+    block = CASES[name][6]
+    out, lse = _poisoned(q)
+    union_fwd(q, k, v, topk, plan_of(topk, c["seg"], block, k.shape[1]), out, lse,
+              scale=0.125, tma=True)
+    ref_o, ref_l = attention_forward_reference(q.double(), k.double(), v.double(), topk,
+                                               c["seg"], block_size=block, scale=0.125)
+    torch.testing.assert_close(out.double(), ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)
+
+
+def test_union_forward_by_tma_refuses_keys_it_cannot_read():
+    from msa.ops.attention.union import union_fwd
+    c, topk, (q, k, v) = _inputs("G2-varlen-chunked-B64", torch.float32)
+    plan = plan_of(topk, c["seg"], 64, 2)
+    out, lse = _poisoned(q)
+    strided = k.transpose(0, 1).contiguous().transpose(0, 1)          # heads not adjacent
+    with pytest.raises(ValueError, match="tma=True"):
+        union_fwd(q, strided, v, topk, plan, out, lse, scale=0.125, tma=True)
+
+
 def test_union_forward_smallest_launch(monkeypatch):
     """The last fallback (quarter blocks), for GPUs with less shared memory."""
     import msa.ops.attention.union as union
