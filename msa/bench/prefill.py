@@ -126,7 +126,7 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
     for name, run in runs.items():
         d[f"{name}_kernel_attention_ms"] = C.timed(run, reps)
     for rows in (64, 128):
-        qt = tile_queries(group, rows)
+        qt = tile_queries(group, cfg.topk, rows)
         d[f"union_{rows}_rows_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, qt),
                                                   reps)
         # blocks a tile walks per block one of its queries selected: 1 when the tile's

@@ -9,7 +9,8 @@ positions (64 a word). ``union_fwd_kernel`` walks the union ``BN`` keys at a tim
 an online softmax, masking per row the blocks its query did not select and the keys
 after it, and writes the final output and LSE: no gathered rows, no partial outputs,
 no combine. Key rows come from the plan's ``BlockRows``, so cached pages are read in
-place as well (bf16 / fp16 pages, ``paged_attention_in_place``).
+place as well (bf16 / fp16 pages, ``paged_attention_in_place``); contiguous keys may
+come by TMA instead (``union_fwd(..., tma=True)``: whole blocks in 2 stages).
 
 Each block of the union costs the whole tile, so the kernel gains where consecutive
 queries share their selections (local blocks, sinks, slowly drifting topics) and loses
@@ -30,13 +31,14 @@ from ..plan import SparsePlan, query_tiles
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
 TILE_ROWS = 64          # MMA rows of a tile by default: QT queries x G heads
+MAX_UNION = 1024        # entries a tile's plan sorts (QT * K)
 NO_BLOCK = tl.constexpr(2 ** 62)    # sort key of an invalid entry (after every real one)
 
 
-def tile_queries(group: int, rows: int = TILE_ROWS) -> int:
-    """Queries per tile for GQA groups of ``group`` heads: as many as fill ``rows`` MMA
-    rows, 1 to 32 (a tile's union holds up to ``32 * K`` blocks)."""
-    return max(1, min(32, rows // max(1, group)))
+def tile_queries(group: int, topk: int, rows: int = TILE_ROWS) -> int:
+    """Queries per tile for GQA groups of ``group`` heads and ``topk`` blocks a query: as
+    many as fill ``rows`` MMA rows, 1 to 32, at most ``MAX_UNION`` selected blocks."""
+    return max(1, min(32, rows // max(1, group), MAX_UNION // max(1, topk)))
 
 
 @dataclass
@@ -239,7 +241,7 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     g = hq // hkv
-    up = union_plan(topk_indices, plan, tile_queries(g, tile_rows))
+    up = union_plan(topk_indices, plan, tile_queries(g, topk_indices.shape[2], tile_rows))
     rows = max(16, next_pow2(up.qt * g))
     if not up.num_tiles:
         return

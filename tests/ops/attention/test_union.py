@@ -153,7 +153,7 @@ def test_union_plan_equals_direct_count(group, shared):
     seg, k = c["seg"], 9
     topk = (_shared_topk(seg, 2, k, 64, group) if shared else
             random_topk(seg, 2, k, 64, seed=group)).to(DEVICE)
-    qt = tile_queries(group)
+    qt = tile_queries(group, k)
     plan = plan_of(topk, seg, 64, 2)
     up = build_union_plan(topk, plan, qt)
     direct = _direct_plan(topk.cpu(), seg, 64, qt)
@@ -219,3 +219,9 @@ def test_union_forward_reads_pages_in_place(monkeypatch, lengths, q_lens):
     monkeypatch.setenv("MSA_FORWARD_KERNEL", "union")
     got = paged_attention_in_place(q, kp, vp, topk, table, lens, list(q_lens))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_queries_fill_the_rows_within_bounds():
+    assert [tile_queries(g, 16) for g in (16, 8, 6, 4, 1, 128)] == [4, 8, 10, 16, 32, 1]
+    assert tile_queries(16, 16, rows=128) == 8
+    assert tile_queries(1, 64) == 16 and tile_queries(2, 64, rows=128) == 16   # 1024 blocks
