@@ -247,6 +247,8 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
         return
     keys, kk, vv = ("pages" if plan.rows.paged else "rows"), k, v
     if tma:
+        if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+            raise ValueError("tma=True needs a GPU with TMA (Hopper, sm_90, or newer)")
         kk, vv = (None if plan.rows.paged else _key_rows(x, plan.block_size) for x in (k, v))
         if kk is None or vv is None:
             raise ValueError("tma=True reads contiguous (not paged) k, v [total_k, Hkv, D] "

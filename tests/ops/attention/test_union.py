@@ -6,7 +6,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from tests.helpers import DEVICE, force_smallest_launch, plan_of, random_topk  # noqa: E402
-from tests.helpers.brute import make_case  # noqa: E402
+from tests.helpers.brute import make_case, rel_err  # noqa: E402
 from tests.ops.attention.test_forward import (CASES, _inputs, _poisoned,  # noqa: E402
                                              public_api_matches_reference)
 from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
@@ -225,3 +225,45 @@ def test_tile_queries_fill_the_rows_within_bounds():
     assert [tile_queries(g, 16) for g in (16, 8, 6, 4, 1, 128)] == [4, 8, 10, 16, 32, 1]
     assert tile_queries(16, 16, rows=128) == 8
     assert tile_queries(1, 64) == 16 and tile_queries(2, 64, rows=128) == 16   # 1024 blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_lens,k_lens,hq,hkv,hs", [
+    ((3000,), (3000,), 64, 4, 4),                    # MiniMax-M3 group of 16
+    ((700, 1, 900), (4000, 1, 2500), 64, 8, 8),      # G = 8, prefixes, a one-token segment
+    ((1500,), (5000,), 24, 4, 1),                    # G = 6 (60-row tiles), shared selection
+    ((2000,), (2000,), 32, 8, 8),                    # G = 4
+])
+@pytest.mark.parametrize("shared", [False, True])
+def test_bf16_variants_equal_the_kv_outer_kernel(q_lens, k_lens, hq, hkv, hs, shared):
+    """bf16 at realistic shapes, random and shared selections: every variant (64- and
+    128-row tiles, pointers and, on Hopper, TMA) gives the Triton KV-outer kernel's
+    output on the same plan, and is bitwise repeatable."""
+    from msa.ops.attention.union import union_fwd
+    from msa.ops.launch import on_hopper
+    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=128, seed=sum(q_lens))
+    q, k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "qkv")
+    topk = (_shared_topk if shared else random_topk)(c["seg"], hs, 16, 128, seed=3).to(DEVICE)
+    topk[:, ::7] = -1                                # rows that select nothing
+    plan = plan_of(topk, c["seg"], 128, hkv)
+    want, want_lse = _poisoned(q)
+    sparse_attn_fwd(q, k, v, topk, plan, scale=0.088, out=want, lse=want_lse,
+                    query_major=False, kernel="triton")
+    for rows in (64, 128):
+        for tma in (False, True) if on_hopper(q) else (False,):
+            got = []
+            for _ in range(2):
+                out, lse = _poisoned(q)
+                union_fwd(q, k, v, plan.indices(topk), plan, out, lse, scale=0.088,
+                          tile_rows=rows, tma=tma)
+                got.append((out, lse))
+            (out, lse), (out2, lse2) = got
+            assert torch.equal(out, out2) and torch.equal(lse, lse2)
+            assert not out.isnan().any() and not lse.isnan().any()
+            cos = torch.nn.functional.cosine_similarity(out.float().flatten(),
+                                                        want.float().flatten(), 0)
+            assert cos > 0.99999, (rows, tma, cos)
+            assert rel_err(out, want.double()) < 1e-2, (rows, tma)
+            seen = want_lse.isfinite()
+            assert torch.equal(lse.isfinite(), seen)
+            torch.testing.assert_close(lse[seen], want_lse[seen], rtol=1e-3, atol=1e-3)
