@@ -353,8 +353,8 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             the KV-outer kernel only).
         launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel, or
             ``kernel``: ``"triton"``, ``"gluon"`` (``launch_partials``) or ``"union"``
-            (``msa.ops.attention.union``, which takes no other launch options); default
-            ``forward_kernel``'s choice.
+            (``msa.ops.attention.union``, whose launch options are ``tile_rows`` and
+            ``tma``); default ``forward_kernel``'s choice.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
     """
@@ -377,7 +377,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
             return out, lse
         if (kernel or forward_kernel(q, k, v, plan.block_size)) == "union":
-            union_fwd(q, k, v, idx, plan, out, lse, scale=scale)
+            union_fwd(q, k, v, idx, plan, out, lse, scale=scale, **launch)
             return out, lse
     plan.require(hkv, forward_chunk(hq, d, q.dtype.itemsize, topk), "forward")
     chunk = min(plan.chunk, total_q)

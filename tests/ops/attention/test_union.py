@@ -192,6 +192,13 @@ def test_environment_chooses_the_union_kernel(monkeypatch):
         msa.attention_kernel(many, kk, kk, block_size=64, backend="triton")
 
 
+def test_union_launch_options_pass_through_and_others_are_refused():
+    c, topk, (q, k, v) = _inputs("G2-varlen-chunked-B64", torch.float32)
+    _check(c, topk, q, k, v, 64, tile_rows=16)
+    with pytest.raises(TypeError, match="block_q"):
+        _check(c, topk, q, k, v, 64, block_q=4)
+
+
 def test_partials_refuse_the_union_kernel():
     from msa.ops.attention.forward import launch_partials
     c, topk, (q, k, v) = _inputs("G2-varlen-chunked-B64", torch.float32)
