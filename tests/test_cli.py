@@ -32,6 +32,8 @@ from msa.cli import build_parser  # noqa: E402
     (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
     (["bench", "decode", "--selection", "structured"], "--selection applies to prefill"),
     (["bench", "prefill", "--selection", "local"], "invalid choice"),
+    (["selections", "--sources", "random,text"], "--sources: choose from"),
+    (["selections", "--length", "512", "--probe", "1024"], "--probe must not exceed"),
 ])
 def test_bad_values_end_in_a_usage_error_not_a_traceback(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
@@ -65,3 +67,17 @@ def test_progress_in_a_log_file_has_no_carriage_returns(capsys):
             bar.update()
     err = capsys.readouterr().err
     assert "\r" not in err and err.count("\n") == 10 and "job: 50/50" in err
+
+
+def test_selections_describe_random_and_structured_inputs(tmp_path):
+    """``msa selections``: structured selections are local, shared and sunk, random ones
+    are not; the union forward's work per selected block follows (1 = all shared)."""
+    path = tmp_path / "sel.json"
+    assert main(["selections", "--length", "4096", "--probe", "256", "--json",
+                 str(path)]) == 0
+    rnd, st = json.loads(path.read_text())["rows"]
+    assert (rnd["source"], st["source"]) == ("random", "structured")
+    assert st["selection_next_query_share"] > 0.9 > 0.6 > rnd["selection_next_query_share"]
+    for g, qt in ((16, 4), (4, 16)):
+        key = f"union_blocks_per_selected_block_g{g}"
+        assert 1 <= st[key] < 1.3 < rnd[key] <= qt

@@ -93,7 +93,8 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
     Hopper only; each tile size's plan timed apart, with its union blocks per selected
     block)."""
     from ..ops.attention import forward as F
-    from ..ops.attention.union import build_union_plan, tile_queries, union_fwd
+    from ..ops.attention.union import build_union_plan, union_fwd
+    from ..ops.plan import tile_queries
     from ..ops.launch import on_hopper
     d = dict(forward_kernel=msa.attention_kernel(q, k, v, block_size=cfg.block_size))
     group = cfg.num_heads // cfg.num_kv_heads

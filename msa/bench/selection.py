@@ -67,13 +67,15 @@ def _structured_index(T: int, hi: int, di: int, block_size: int, g):
     return qi.to(torch.bfloat16), ki.to(torch.bfloat16)
 
 
-def selection_stats(topk: torch.Tensor, block_size: int, near: int = 16) -> dict:
-    """What a selection ``topk [Hs, T, K]`` (valid ids first, ``-1`` after) looks like:
-    the share of the selected blocks that lie within ``near`` blocks of their query's own
-    (the own one included), and over the rows with ``K`` blocks the share that select the
-    first block and the share of a row's blocks the next query's row selects too."""
+def selection_stats(topk: torch.Tensor, block_size: int, near: int = 16,
+                    first: int = 0) -> dict:
+    """What a selection ``topk [Hs, T, K]`` (valid ids first, ``-1`` after; row ``t`` the
+    query at position ``first + t``) looks like: the share of the selected blocks that lie
+    within ``near`` blocks of their query's own (the own one included), and over the rows
+    with ``K`` blocks the share that select the first block and the share of a row's
+    blocks the next query's row selects too."""
     hs, T, K = topk.shape
-    own = (torch.arange(T, device=topk.device) // block_size).view(1, T, 1)
+    own = ((first + torch.arange(T, device=topk.device)) // block_size).view(1, T, 1)
     valid = topk >= 0
     full = valid.all(-1)                                         # [Hs, T]
     near_share = ((own - topk <= near) & valid).sum() / valid.sum()
@@ -86,3 +88,17 @@ def selection_stats(topk: torch.Tensor, block_size: int, near: int = 16) -> dict
     shared = (common * both).sum() / (both.sum() * K).clamp(min=1)
     return dict(selection_near_share=near_share.item(), selection_sink_share=sink.item(),
                 selection_next_query_share=shared.item())
+
+
+def union_blocks_per_selected_block(topk: torch.Tensor, qt: int) -> float:
+    """The work of the union forward (``msa.ops.attention.union``) relative to the
+    selection, for tiles of ``qt`` consecutive rows of ``topk [Hs, T, K]``: the distinct
+    blocks of each tile summed, over the selected blocks, times ``qt``. 1 when a tile's
+    queries select the same blocks, ``qt`` when they share none (a partial last tile is
+    left out)."""
+    hs, T, K = topk.shape
+    n = T // qt * qt
+    x = torch.sort(topk[:, :n].reshape(hs, n // qt, qt * K), -1).values
+    new = torch.ones_like(x, dtype=torch.bool)
+    new[..., 1:] = x[..., 1:] != x[..., :-1]
+    return ((new & (x >= 0)).sum() * qt / (x >= 0).sum().clamp(min=1)).item()

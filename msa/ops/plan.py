@@ -116,6 +116,17 @@ def query_tiles(seg: Segments, block_t: int, device):
     return [x.clone() for x in tiles[:, order].to(torch.int32).unbind(0)]
 
 
+TILE_ROWS = 64          # MMA rows of a union-forward tile by default: queries x G heads
+MAX_UNION = 1024        # selected blocks a union-forward tile holds at most
+
+
+def tile_queries(group: int, topk: int, rows: int = TILE_ROWS) -> int:
+    """Queries per tile of the union forward (``msa.ops.attention.union``) for GQA
+    groups of ``group`` heads and ``topk`` blocks a query: as many as fill ``rows`` MMA
+    rows, 1 to 32, at most ``MAX_UNION`` selected blocks."""
+    return max(1, min(32, rows // max(1, group), MAX_UNION // max(1, topk)))
+
+
 # kernel parameters that receive a plan's item arrays (slices of one allocation: their
 # kernels must not specialise on pointer alignment, see ``plan_chunks``)
 ITEM_FIELDS = ("ITEM_H", "ITEM_KROW", "ITEM_T0", "ITEM_NK", "ITEM_E0", "ITEM_E1")

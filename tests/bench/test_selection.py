@@ -45,3 +45,12 @@ def test_unknown_selection_is_refused():
                         index_head_dim=64)
     with pytest.raises(ValueError, match="selection must be one of"):
         inputs(256, cfg, selection="local", device="cpu")
+
+
+def test_union_blocks_per_selected_block_counts_each_tile_once():
+    from msa.bench.selection import union_blocks_per_selected_block
+    same = torch.tensor([[[0, 3, -1], [3, 0, -1], [0, 3, -1], [-1, 3, 0]]])
+    assert union_blocks_per_selected_block(same, 4) == 1.0      # one union of 2 blocks
+    apart = torch.tensor([[[0, 1], [2, 3], [4, 5], [6, 7], [9, 9]]])
+    assert union_blocks_per_selected_block(apart, 2) == 2.0     # the 5th row: partial tile
+    assert union_blocks_per_selected_block(apart[:, :4], 1) == 1.0

@@ -27,18 +27,10 @@ import triton
 import triton.language as tl
 
 from ..launch import launch_fitting
-from ..plan import SparsePlan, query_tiles
+from ..plan import TILE_ROWS, SparsePlan, query_tiles, tile_queries
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
-TILE_ROWS = 64          # MMA rows of a tile by default: QT queries x G heads
-MAX_UNION = 1024        # entries a tile's plan sorts (QT * K)
 NO_BLOCK = tl.constexpr(2 ** 62)    # sort key of an invalid entry (after every real one)
-
-
-def tile_queries(group: int, topk: int, rows: int = TILE_ROWS) -> int:
-    """Queries per tile for GQA groups of ``group`` heads and ``topk`` blocks a query: as
-    many as fill ``rows`` MMA rows, 1 to 32, at most ``MAX_UNION`` selected blocks."""
-    return max(1, min(32, rows // max(1, group), MAX_UNION // max(1, topk)))
 
 
 @dataclass

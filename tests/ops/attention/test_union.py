@@ -11,7 +11,8 @@ from tests.ops.attention.test_forward import (CASES, _inputs, _poisoned,  # noqa
                                              public_api_matches_reference)
 from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
-from msa.ops.attention.union import build_union_plan, tile_queries  # noqa: E402
+from msa.ops.attention.union import build_union_plan  # noqa: E402
+from msa.ops.plan import tile_queries  # noqa: E402
 
 
 def _check(c, topk, q, k, v, block, atol=1e-5, **kw):
