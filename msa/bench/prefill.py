@@ -22,7 +22,7 @@ from ..ops import plan as P
 from ..ops.attention.naive import attention_forward_reference
 from ..varlen import Segments
 from . import common as C
-from .selection import inputs, selection_stats
+from .selection import inputs, selection_stats, union_blocks_per_selected_block
 
 
 def sparse_elements(T: int, cfg) -> float:
@@ -130,11 +130,8 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
         qt = tile_queries(group, cfg.topk, rows)
         d[f"union_{rows}_rows_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, qt),
                                                   reps)
-        # blocks a tile walks per block one of its queries selected: 1 when the tile's
-        # queries select the same blocks, the tile's query count when they share none
-        walked = build_union_plan(idx, plan, qt).count.double().sum().item()
         d[f"union_{rows}_rows_blocks_per_selected_block"] = \
-            walked * qt / max(1, int((idx >= 0).sum()))
+            union_blocks_per_selected_block(idx, qt)
     return d
 
 
