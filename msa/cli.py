@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         fp8_main(sources, args.length, args.probe, args.json, kernels=args.kernels)
         return 0
     if args.cmd == "selections":
-        from .eval.selections import SOURCES, main as selections_main
+        from .bench.selections import SOURCES, main as selections_main
         sources = [x for x in args.sources.split(",") if x]
         bad = [x for x in sources if x not in SOURCES]
         if bad or not sources:

@@ -1,6 +1,8 @@
 """``python -m msa bench prefill|training|decode|cp|m3|vllm``: GPU benchmarks with same-run
 baselines, one JSON (+ optional PNG) per run recording the GPU, versions, commit, date
-and command. Each case checks its outputs before it reports a time."""
+and command. Each case checks its outputs before it reports a time. ``python -m msa
+selections`` (``msa.bench.selections``, CPU) describes the selections the benchmarks'
+inputs give, beside a real model's."""
 from __future__ import annotations
 
 import argparse

@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import torch
 
-from ..bench.selection import inputs, selection_stats, union_blocks_per_selected_block
+from .selection import inputs, selection_stats, union_blocks_per_selected_block
 from ..config import MSAConfig
 from ..functional import msa_indexer
 from ..ops.plan import tile_queries
@@ -52,7 +52,7 @@ def synthetic_source(selection: str, T: int, probe: int) -> List[dict]:
 
 
 def smollm2_source(T: int, probe: int, block: int = 64, topk: int = 16) -> List[dict]:
-    from .passkey import load_model, run_with_probe, stdlib_text
+    from ..eval.passkey import load_model, run_with_probe, stdlib_text
     model, tok = load_model()
     ids = tok(stdlib_text(), return_tensors="pt").input_ids[:, :T]
     out: List[dict] = []
