@@ -230,6 +230,9 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
     ``tile_rows`` MMA rows (a power of two, at least 16). ``tma``: keys and values by
     TMA descriptors (``union_fwd_kernel``'s ``KEYS="tma"``; contiguous keys only, else
     ``ValueError``)."""
+    if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 16 or \
+            tile_rows & (tile_rows - 1):
+        raise ValueError(f"tile_rows must be a power of two >= 16, got {tile_rows!r}")
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     g = hq // hkv

@@ -198,6 +198,9 @@ def test_union_launch_options_pass_through_and_others_are_refused():
     _check(c, topk, q, k, v, 64, tile_rows=16)
     with pytest.raises(TypeError, match="block_q"):
         _check(c, topk, q, k, v, 64, block_q=4)
+    for bad in (96, 8, 64.0):
+        with pytest.raises(ValueError, match="tile_rows must be a power of two"):
+            _check(c, topk, q, k, v, 64, tile_rows=bad)
 
 
 def test_partials_refuse_the_union_kernel():
