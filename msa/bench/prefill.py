@@ -177,15 +177,14 @@ def check(cfg, T: int = 4096) -> dict:
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
     topk = msa.msa_indexer(qi, ki, cu, cu, block_size=cfg.block_size, topk=cfg.topk)
     out = msa.msa_sparse_attention(q, k, v, topk, cu, cu, block_size=cfg.block_size)
-    ref, _ = attention_forward_reference(q.float(), k.float(), v.float(), topk,
-                                         Segments([0], [T], [0], [T], T, T),
+    seg = Segments([0], [T], [0], [T], T, T)
+    ref, _ = attention_forward_reference(q.float(), k.float(), v.float(), topk, seg,
                                          block_size=cfg.block_size, scale=cfg.scale)
     ref_idx = msa.msa_indexer(qi.float(), ki.float(), cu, cu, block_size=cfg.block_size,
                               topk=cfg.topk, backend="reference")
     res = dict(T=T, out_rel_err_vs_fp32_reference=C.rel_diff(out, ref),
                topk_rows_equal_fp32_reference=C.rows_equal(topk, ref_idx))
     from ..ops.attention.forward import sparse_attn_fwd
-    seg = Segments([0], [T], [0], [T], T, T)
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads, chunk=T)
     union = sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, kernel="union")[0]
     res["union_out_rel_err_vs_fp32_reference"] = C.rel_diff(union, ref)
