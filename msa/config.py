@@ -98,13 +98,16 @@ class MSAConfig:
 
 
 INDEX_PRECISIONS = ("input", "fp8")
+# "int4": the decode scan of an int4 copy of the index keys (docs/semantics.md, "INT4 scan
+# copy"); msa_indexer applies it on its reference backend, as a model of that scan
+INDEX_RULES = INDEX_PRECISIONS + ("int4",)
 
 
-def check_index_precision(value) -> None:
+def check_index_precision(value, allowed=INDEX_PRECISIONS) -> None:
     """``"input"``: index scores in the inputs' precision; ``"fp8"``: blocks ranked by
-    e4m3 scores (docs/semantics.md, "FP8 index scoring")."""
-    if not isinstance(value, str) or value not in INDEX_PRECISIONS:
-        raise ValueError(f"index_precision must be one of {INDEX_PRECISIONS}, got {value!r}")
+    e4m3 scores (docs/semantics.md, "FP8 index scoring"); where ``allowed``, ``"int4"``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"index_precision must be one of {allowed}, got {value!r}")
 
 
 def _check_int(name: str, value) -> None:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .config import MAX_TOPK, MSAConfig, check_index_precision
+from .config import INDEX_RULES, MAX_TOPK, MSAConfig, check_index_precision
 from .ops import checks as C
 from .ops import plan as P
 from .ops.custom_ops import Backward, attention_fwd_op, indexer_op, segments
@@ -182,7 +182,9 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
             otherwise a NaN score ranks below every number.
         index_precision: ``"input"`` or ``"fp8"``: rank blocks by the scores of ``qi``,
             ``ki`` quantized to e4m3 (one scale per row; docs/semantics.md, "FP8 index
-            scoring"); the selected LSE keeps the inputs' precision.
+            scoring"); the selected LSE keeps the inputs' precision. ``"int4"`` (the
+            decode scan of an int4 copy of the keys, "INT4 scan copy"): reference backend
+            only.
     Returns:
         topk_indices ``[Hi, total_q, topk]`` (``[B, Hi, Tq, topk]``) int32: the
         ``min(topk-1, local)`` best earlier blocks (score desc, id asc), then the local
@@ -201,10 +203,13 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     C.check_scale("softmax_scale", softmax_scale)
     C.check_scale("lse_temperature", lse_temperature)
     C.check_flag("return_lse", return_lse)
-    check_index_precision(index_precision)
+    check_index_precision(index_precision, INDEX_RULES)
     if check_finite:
         C.check_finite(("qi", "ki"), (qi, ki))
     use_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or backend == "triton")
+    if use_triton and index_precision == "int4":
+        raise ValueError("index_precision='int4' (the decode scan's rule) runs on "
+                         "backend='reference' only; the prefill kernels take 'input' or 'fp8'")
     if use_triton and index_precision == "fp8":
         C.check_fp8_device("index_precision='fp8'", qi)
     topk_indices, lse = indexer_op(lay.pack(qi), lay.pack(ki), *lay.meta, block_size, topk,

@@ -14,11 +14,11 @@ default) and with plain launches (``graphs=False``), beside vLLM's eager decode.
 
 FP8 pages (e4m3 rows with fp32 row scales, ``msa.ops.quant``) are timed beside bf16 in
 the same run: K/V in FP8 with bf16 index keys (the ``PagedKVCache`` default for FP8, and
-vLLM's FP8 layout), K/V plus index keys in FP8, and bf16 pages whose index keys have an
-e4m3 copy for the scan (the bf16 keys re-score its candidates, ``ki_fp8``); each with its
-own floor (the re-scored candidate pages included), its selection and output compared
-with bf16's. The index scan and the attention are also
-timed alone (bf16 and FP8).
+vLLM's FP8 layout), K/V plus index keys in FP8, bf16 pages whose index keys have an e4m3
+or an int4 copy for the scan (the bf16 keys re-score its candidates, ``ki_scan``), and FP8
+K/V with an int4 copy; each with its own floor (the copy's bytes and the re-scored
+candidate pages included), its selection and output compared with bf16's. The index scan
+(with the top-k merge) and the attention are also timed alone (bf16, FP8 and int4).
 
 Chunked prefill over the cache (8K new tokens over 128K): the chunk's attention over
 pages gathered first or read in place, bf16 and FP8 K/V (plain launches, peak memory).
@@ -31,7 +31,7 @@ import torch
 
 from ..inference import PagedDecoder
 from ..ops.decode.naive import paged_decode_reference
-from ..ops.quant import dequantize, fake_quantize, quantize_e4m3
+from ..ops.quant import dequantize, fake_quantize, quantize_e4m3, quantize_int4
 from . import common as C
 
 LAYERS = 8      # decode steps per graph for the per-layer times (``graph_ms``)
@@ -151,13 +151,19 @@ def token_scales(s: torch.Tensor) -> torch.Tensor:
     return s.transpose(0, 1).reshape(s.shape[1], -1).contiguous()
 
 
-def floor_us(cfg, B: int, T: int, distinct: int, kv_bytes: int, ki_bytes: int,
-             bw: float) -> float:
-    """Bytes a step must read (every index key row of the context with its scale, the
-    distinct selected K/V pages with theirs) over the copy bandwidth."""
-    ki = B * T * (cfg.index_dim * ki_bytes + (4 if ki_bytes == 1 else 0))
-    kv = distinct * cfg.block_size * (cfg.head_dim * kv_bytes + (4 if kv_bytes == 1 else 0))
-    return (ki + 2 * kv) / bw * 1e6
+def row_bytes(dim: int, fmt: str) -> float:
+    """Bytes of one token row of ``dim`` values with its scales: ``"bf16"``, ``"e4m3"``
+    (an fp32 scale) or ``"int4"`` (an fp16 scale per 32 values)."""
+    return {"bf16": 2 * dim, "e4m3": dim + 4, "int4": dim / 2 + dim / 16}[fmt]
+
+
+def floor_us(cfg, B: int, T: int, distinct: int, kv: str, ki: str, bw: float) -> float:
+    """Bytes a step must read (every index key row of the context with its scales, in
+    format ``ki``; the distinct selected K/V pages with theirs, in ``kv``) over the copy
+    bandwidth."""
+    index = B * T * row_bytes(cfg.index_dim, ki)
+    pages = distinct * cfg.block_size * row_bytes(cfg.head_dim, kv)
+    return (index + 2 * pages) / bw * 1e6
 
 
 def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
@@ -183,7 +189,7 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
     per = topk.view(cfg.index_heads, B, Q * cfg.topk).long()
     distinct = sum(int(torch.unique(x[x >= 0]).numel()) for row in per for x in row) * \
         cfg.num_kv_heads // cfg.index_heads
-    r["floor_us"] = floor_us(cfg, B, T, distinct, 2, 2, bw)
+    r["floor_us"] = floor_us(cfg, B, T, distinct, "bf16", "bf16", bw)
     r["msa_vs_floor"] = r["msa_us"] / r["floor_us"]
     r["msa_per_layer_vs_floor"] = r["msa_us_per_layer"] / r["floor_us"]
     rows = B * Q
@@ -205,18 +211,25 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
     r["attend_us"] = 1e3 * graph_ms(attend(k, v))
 
     (k8, ks), (v8, vs), (ki8, kis) = quantize_e4m3(k), quantize_e4m3(v), quantize_e4m3(ki)
+    ki4 = quantize_int4(ki)
     fp8, outs = {}, {}
-    # the re-scored case scans an e4m3 copy of the bf16 index keys, which then re-score
-    # its candidates: their pages join its floor
-    rescore_us = rows * cfg.index_heads * num_candidates(cfg.topk) * cfg.block_size * \
-        cfg.index_dim * 2 / bw * 1e6
+
+    def rescore_us(copy):
+        """The re-scored cases scan a copy of the bf16 index keys, which then re-score its
+        candidates: their pages join the floor."""
+        return rows * cfg.index_heads * num_candidates(cfg.topk, copy.dtype) * \
+            cfg.block_size * row_bytes(cfg.index_dim, "bf16") / bw * 1e6
     for name, pages, kw, floor in (
             ("kv", (k8, v8, ki), dict(k_scales=ks, v_scales=vs),
-             floor_us(cfg, B, T, distinct, 1, 2, bw)),
+             floor_us(cfg, B, T, distinct, "e4m3", "bf16", bw)),
             ("kv_ki", (k8, v8, ki8), dict(k_scales=ks, v_scales=vs, ki_scales=kis),
-             floor_us(cfg, B, T, distinct, 1, 1, bw)),
-            ("ki_rescored", (k, v, ki), dict(ki_fp8=(ki8, kis)),
-             floor_us(cfg, B, T, distinct, 2, 1, bw) + rescore_us)):
+             floor_us(cfg, B, T, distinct, "e4m3", "e4m3", bw)),
+            ("ki_rescored", (k, v, ki), dict(ki_scan=(ki8, kis)),
+             floor_us(cfg, B, T, distinct, "bf16", "e4m3", bw) + rescore_us(ki8)),
+            ("ki_int4_rescored", (k, v, ki), dict(ki_scan=ki4),
+             floor_us(cfg, B, T, distinct, "bf16", "int4", bw) + rescore_us(ki4[0])),
+            ("kv_int4_rescored", (k8, v8, ki), dict(k_scales=ks, v_scales=vs, ki_scan=ki4),
+             floor_us(cfg, B, T, distinct, "e4m3", "int4", bw) + rescore_us(ki4[0]))):
         def step(pages=pages, kw=kw):
             return dec.run(q, qi, *pages, **kw)
         d = dict(msa_us=1e3 * graph_ms(step),
@@ -232,9 +245,11 @@ def run_case(cfg, T: int, B: int, Q: int, args, vllm, bw: float) -> dict:
             d["attend_us"] = 1e3 * graph_ms(attend(k8, v8, ks, vs))
         elif name == "kv_ki":
             d["select_us"] = 1e3 * graph_ms(select(ki8, kis))
+        elif name == "ki_int4_rescored":        # the int4 scan and its merge alone
+            d["select_us"] = 1e3 * graph_ms(select(*ki4))
         fp8[name] = d
     r["fp8"] = fp8
-    del k8, v8, ki8
+    del k8, v8, ki8, ki4
     if vllm is not None:
         run = vllm_decode(vllm, q, qi, k, v, ki, table, lens, cfg, Q)
         v_out, v_topk = run()

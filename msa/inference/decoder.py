@@ -19,7 +19,7 @@ import os
 import torch
 
 from ..config import MSAConfig
-from ..ops.checks import check_page_scales
+from ..ops.checks import check_int4_scales, check_page_scales
 from ..ops.quant import E4M3
 from .step_graphs import StepGraphs, tensor_key
 
@@ -162,7 +162,7 @@ class PagedDecoder:
                             f"(pages may be float8_e4m3fn with their scales)")
 
     def run(self, q, qi, k_pages, v_pages, ki_pages, *, k_scales=None, v_scales=None,
-            ki_scales=None, ki_fp8=None):
+            ki_scales=None, ki_scan=None):
         """One decode step of one layer (no host synchronisation; no allocation but the
         static query buffers of the decoder's graphs, on their first use).
 
@@ -170,11 +170,13 @@ class PagedDecoder:
         ``k_pages, v_pages [P, Hkv, page, D]``, ``ki_pages [P, page, Di]``; FP8 (e4m3)
         pages come with their row scales ``k_scales, v_scales [P, Hkv, page]``,
         ``ki_scales [P, page]`` fp32 (``msa.ops.quant``; K and V together, the index keys
-        on their own; queries stay bf16/fp16/fp32). ``ki_fp8 = (pages, scales)``: an e4m3
-        copy of 16-bit ``ki_pages`` (``msa.ops.quant.quantize_e4m3`` of each token) that
-        the index scan reads instead; ``ki_pages`` then score the scan's best
-        ``topk - 1 + FP8_CANDIDATES`` blocks again and those exact scores rank
-        (docs/semantics.md, "FP8 index scoring").
+        on their own; queries stay bf16/fp16/fp32). ``ki_scan = (pages, scales)``: a
+        low-precision copy of 16-bit or fp32 ``ki_pages`` that the index scan reads
+        instead, e4m3 (``msa.ops.quant.quantize_e4m3`` of each token: ``[P, page, Di]`` and
+        fp32 ``[P, page]``) or int4 (``quantize_int4``: ``[P, page, Di / 2]`` uint8 and
+        fp16 ``[P, page, Di / 32]``); ``ki_pages`` then score the scan's best ``topk - 1
+        + FP8_CANDIDATES`` (e4m3) or ``+ INT4_CANDIDATES`` (int4) blocks again and those
+        exact scores rank (docs/semantics.md, "FP8 index scoring", "INT4 scan copy").
         Returns views of the preallocated ``out [B*Q, Hq, D]`` and
         ``topk_indices [Hi, B*Q, K]`` (overwritten by the next ``run``).
         """
@@ -186,9 +188,9 @@ class PagedDecoder:
         check_page_scales(("k_scales", "v_scales", "ki_scales"),
                           (k_pages, v_pages, ki_pages), scales)
         ki_exact = None
-        if ki_fp8 is not None:
-            ki_exact, (ki_pages, kis) = ki_pages, self._check_fp8_copy(ki_pages, ki_fp8,
-                                                                       ki_scales)
+        if ki_scan is not None:
+            ki_exact, (ki_pages, kis) = ki_pages, self._check_scan_copy(ki_pages, ki_scan,
+                                                                        ki_scales)
             scales = (k_scales, v_scales, kis)
         rows = b * self.num_q
         pages = (k_pages, v_pages, ki_pages, *scales, ki_exact)
@@ -248,7 +250,7 @@ class PagedDecoder:
 
     def scan_kernel(self, qi, ki_pages) -> str:
         """The index-scan kernel ``run`` launches over these index-key pages (with
-        ``ki_fp8``: over the copy's pages): ``"gluon"`` (``msa.ops.decode.gluon_scan``:
+        ``ki_scan``: over the copy's pages): ``"gluon"`` (``msa.ops.decode.gluon_scan``:
         Hopper, e4m3 or bf16 pages, at most 64 query rows per request) or ``"triton"``
         (``MSA_DECODE_KERNEL=triton`` keeps it)."""
         from ..ops.decode.select import scan_kernel
@@ -262,22 +264,31 @@ class PagedDecoder:
                            c.block_size, self.num_q)
 
     @staticmethod
-    def _check_fp8_copy(ki_pages, ki_fp8, ki_scales):
-        """``ki_fp8 = (e4m3 pages, scales)`` beside 16-bit or fp32 ``ki_pages``."""
+    def _check_scan_copy(ki_pages, ki_scan, ki_scales):
+        """``ki_scan = (pages, scales)``, e4m3 or packed int4, beside 16-bit or fp32
+        ``ki_pages``."""
         if ki_pages.dtype == E4M3 or ki_scales is not None:
-            raise TypeError("ki_fp8 goes with 16-bit or fp32 ki_pages (their exact values) "
+            raise TypeError("ki_scan goes with 16-bit or fp32 ki_pages (their exact values) "
                             f"and no ki_scales, got ki_pages {ki_pages.dtype}")
-        if not isinstance(ki_fp8, (tuple, list)) or len(ki_fp8) != 2:
-            raise TypeError(f"ki_fp8 must be (pages, scales), got {type(ki_fp8).__name__}")
-        pages, scales = ki_fp8
-        if not isinstance(pages, torch.Tensor) or pages.dtype != E4M3 or \
-                pages.shape != ki_pages.shape or pages.stride() != ki_pages.stride() or \
-                pages.device != ki_pages.device:
+        if not isinstance(ki_scan, (tuple, list)) or len(ki_scan) != 2:
+            raise TypeError(f"ki_scan must be (pages, scales), got {type(ki_scan).__name__}")
+        pages, scales = ki_scan
+        di = ki_pages.shape[-1]
+        int4 = isinstance(pages, torch.Tensor) and pages.dtype == torch.uint8
+        shape = (*ki_pages.shape[:-1], di // 2 if int4 else di)
+        if not isinstance(pages, torch.Tensor) or pages.dtype not in (E4M3, torch.uint8) or \
+                pages.shape != shape or pages.stride(-1) != 1 or \
+                pages.device != ki_pages.device or \
+                (not int4 and pages.stride() != ki_pages.stride()):
             got = f"{tuple(pages.shape)} {pages.dtype}" \
                 if isinstance(pages, torch.Tensor) else type(pages).__name__
-            raise ValueError(f"ki_fp8's pages must be float8_e4m3fn like ki_pages "
-                             f"{tuple(ki_pages.shape)} (same strides and device), got {got}")
-        check_page_scales(("ki_fp8 scales",), (pages,), (scales,))
+            raise ValueError(f"ki_scan's pages must be float8_e4m3fn like ki_pages "
+                             f"{tuple(ki_pages.shape)} (same strides and device) or uint8 "
+                             f"packed int4 {list(shape[:-1]) + [di // 2]}, got {got}")
+        if int4:
+            check_int4_scales("ki_scan scales", pages, scales)
+        else:
+            check_page_scales(("ki_scan scales",), (pages,), (scales,))
         return pages, scales
 
 

@@ -27,7 +27,8 @@ from ..config import MSAConfig
 from ..functional import msa_indexer, msa_sparse_attention
 from ..ops.checks import check_page_scales
 from ..ops.decode.naive import gather_pages
-from ..ops.quant import E4M3, dequantize, fake_quantize, quantize_e4m3
+from ..ops.quant import (E4M3, INT4_GROUP, dequantize, fake_quantize, quantize_e4m3,
+                         quantize_int4)
 from ..varlen import cu_seqlens_from_lengths
 from .decoder import PagedDecoder
 
@@ -46,17 +47,18 @@ class PagedKVCache:
         index_dtype: of the index-key pages (default: ``dtype``, but bf16 when ``dtype``
             is FP8: e4m3 index keys change the selected set on half the rows,
             docs/inference.md); ``torch.float8_e4m3fn`` adds ``ki_scales``;
-        index_fp8_copy: also keep an e4m3 copy of the (16-bit or fp32) index keys
-            (``ki8_pages``, ``ki8_scales``, quantized on write): the decode scan reads it
-            and the index keys re-score its candidates, the rule of ``index_precision=
-            "fp8"`` (docs/semantics.md, "FP8 index scoring"); faster at long contexts
-            with few requests only (docs/inference.md);
+        scan_copy: ``"e4m3"`` or ``"int4"``: also keep a copy of the (16-bit or fp32)
+            index keys in that format (``scan_pages``, ``scan_scales``, quantized on
+            write from the stored keys; ``msa.ops.quant``): the decode scan reads it and
+            the index keys re-score its candidates (docs/semantics.md, "FP8 index
+            scoring", "INT4 scan copy"); faster at long contexts with few requests only
+            (docs/inference.md);
         config: the layers' ``MSAConfig`` (needed by ``attend``; ``for_model`` sets it).
     """
 
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  index_dim: int, *, num_layers: int = 1, dtype=torch.bfloat16,
-                 index_dtype=None, index_fp8_copy: bool = False, device="cpu",
+                 index_dtype=None, scan_copy: Optional[str] = None, device="cpu",
                  config: Optional[MSAConfig] = None):
         for name, x in (("num_pages", num_pages), ("page_size", page_size),
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
@@ -70,9 +72,12 @@ class PagedKVCache:
                     (x.itemsize == 1 and x != E4M3):
                 raise ValueError(f"{name} must be a floating type (float8_e4m3fn for FP8 "
                                  f"pages), got {x}")
-        if not isinstance(index_fp8_copy, bool) or (index_fp8_copy and index_dtype == E4M3):
-            raise ValueError(f"index_fp8_copy must be a bool, and False with e4m3 index "
-                             f"keys, got {index_fp8_copy!r} with index_dtype {index_dtype}")
+        if scan_copy not in (None, "e4m3", "int4") or (scan_copy and index_dtype == E4M3):
+            raise ValueError(f"scan_copy must be None, 'e4m3' or 'int4', and None with e4m3 "
+                             f"index keys, got {scan_copy!r} with index_dtype {index_dtype}")
+        if scan_copy == "int4" and index_dim % (2 * INT4_GROUP):
+            raise ValueError(f"scan_copy='int4' needs an index_dim that is a multiple of "
+                             f"{2 * INT4_GROUP}, got {index_dim}")
         self.page_size, self.num_layers = page_size, num_layers
         self.k_pages = torch.zeros(num_layers, num_pages, num_kv_heads, page_size, head_dim,
                                    dtype=dtype, device=device)
@@ -85,10 +90,13 @@ class PagedKVCache:
             self.v_scales = torch.ones_like(self.k_scales)
         if index_dtype == E4M3:
             self.ki_scales = torch.ones(self.ki_pages.shape[:-1], device=device)
-        self.ki8_pages = self.ki8_scales = None
-        if index_fp8_copy:
-            self.ki8_pages = torch.zeros_like(self.ki_pages, dtype=E4M3)
-            self.ki8_scales = torch.ones(self.ki_pages.shape[:-1], device=device)
+        self.scan_copy, self.scan_pages, self.scan_scales = scan_copy, None, None
+        if scan_copy == "e4m3":
+            self.scan_pages = torch.zeros_like(self.ki_pages, dtype=E4M3)
+            self.scan_scales = torch.ones(self.ki_pages.shape[:-1], device=device)
+        elif scan_copy == "int4":       # packed zeros, unit group scales
+            self.scan_pages, self.scan_scales = quantize_int4(
+                torch.zeros_like(self.ki_pages, dtype=torch.float32))
         self.free_pages: List[int] = list(range(num_pages))
         self.pages: Dict[int, List[int]] = {}
         self.lengths: Dict[int, int] = {}
@@ -99,13 +107,13 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, config: MSAConfig, *, num_layers: int, batch: int, num_pages: int,
-                  dtype=torch.bfloat16, index_fp8_copy: bool = False,
+                  dtype=torch.bfloat16, scan_copy: Optional[str] = None,
                   device="cpu") -> "PagedKVCache":
         """A cache for ``num_layers`` ``MSAttention`` layers of ``config`` and the requests
         ``0 .. batch-1`` (row ``b`` of the hidden states is request ``b``)."""
         cache = cls(num_pages, config.block_size, config.num_kv_heads, config.head_dim,
                     config.index_dim, num_layers=num_layers, dtype=dtype,
-                    index_fp8_copy=index_fp8_copy, device=device, config=config)
+                    scan_copy=scan_copy, device=device, config=config)
         for r in range(batch):
             cache.allocate(r)
         return cache
@@ -121,11 +129,11 @@ class PagedKVCache:
         return tuple(None if x is None else x[layer]
                      for x in (self.k_scales, self.v_scales, self.ki_scales))
 
-    def fp8_copy(self, layer: int):
-        """``(ki8_pages, ki8_scales)`` of one layer (views), or ``None`` without
-        ``index_fp8_copy``."""
-        return None if self.ki8_pages is None else (self.ki8_pages[layer],
-                                                    self.ki8_scales[layer])
+    def scan_layer(self, layer: int):
+        """``(scan_pages, scan_scales)`` of one layer (views; ``PagedDecoder.run``'s
+        ``ki_scan``), or ``None`` without ``scan_copy``."""
+        return None if self.scan_pages is None else (self.scan_pages[layer],
+                                                     self.scan_scales[layer])
 
     def allocate(self, request: int) -> None:
         if request in self.pages:
@@ -189,7 +197,7 @@ class PagedKVCache:
         page = torch.tensor(self.pages[request], dtype=torch.long)[pos // self.page_size]
         page, off = page.to(self.k_pages.device), (pos % self.page_size).to(self.k_pages.device)
         fp8 = [(n, x) for n, x, s in (("k", k, self.k_scales), ("v", v, self.v_scales),
-                                      ("ki", ki, self.ki_scales), ("ki", ki, self.ki8_scales))
+                                      ("ki", ki, self.ki_scales), ("ki", ki, self.scan_scales))
                if s is not None]
         for name, x in fp8:
             if not bool(torch.isfinite(x).all()):                # one synchronisation
@@ -205,10 +213,11 @@ class PagedKVCache:
         self.k_pages[layer, page, :, off] = k.to(self.k_pages.dtype)
         self.v_pages[layer, page, :, off] = v.to(self.v_pages.dtype)
         self.ki_pages[layer, page, off] = ki.to(self.ki_pages.dtype)
-        if self.ki8_pages is not None:      # the copy of the stored values
-            ki8, kis8 = quantize_e4m3(ki.to(self.ki_pages.dtype))
-            self.ki8_pages[layer, page, off] = ki8
-            self.ki8_scales[layer, page, off] = kis8
+        if self.scan_pages is not None:     # the copy of the stored values
+            quantize = quantize_e4m3 if self.scan_copy == "e4m3" else quantize_int4
+            x, xs = quantize(ki.to(self.ki_pages.dtype))
+            self.scan_pages[layer, page, off] = x
+            self.scan_scales[layer, page, off] = xs
         self._written[(layer, request)] = start + t
 
     def append(self, request: int, k: torch.Tensor, v: torch.Tensor, ki: torch.Tensor,
@@ -280,17 +289,25 @@ class PagedKVCache:
                 dec.plan(step.table, step.lens)                   # once per step
                 step.decoder = dec
             out, _ = step.decoder.run(qf, qif, kp, vp, kip, k_scales=ks, v_scales=vs,
-                                      ki_scales=kis, ki_fp8=self.fp8_copy(layer_idx))
+                                      ki_scales=kis, ki_scan=self.scan_layer(layer_idx))
             out = out.clone()
         else:
             q_lens = [t] * b
             topk = paged_indexer(qif, kip, step.table, step.lens, q_lens,
                                  block_size=c.block_size, topk=c.topk,
                                  softmax_scale=c.index_scale, ki_scales=kis,
-                                 index_precision="input" if self.ki8_pages is None else "fp8")
+                                 index_precision=self._scan_rule(q))
             out = paged_attention(qf, kp, vp, topk, step.table, step.lens, q_lens,
                                   softmax_scale=c.scale, k_scales=ks, v_scales=vs)
         return out.view(b, t, *q.shape[2:])
+
+    def _scan_rule(self, q) -> str:
+        """The selection rule of the unfused path: the scan copy's (``"fp8"``, ``"int4"``),
+        except that chunks on the GPU score an int4 copy's keys exactly (the prefill
+        kernels have no int4 scan)."""
+        if self.scan_copy == "e4m3":
+            return "fp8"
+        return "int4" if self.scan_copy == "int4" and not q.is_cuda else "input"
 
     def _decoder(self, c: MSAConfig, b: int, t: int, q) -> PagedDecoder:
         dec = self._decoders.get((b, t, q.dtype))
@@ -349,7 +366,8 @@ def paged_indexer(qi, ki_pages, page_table, seq_lens, q_lens: Optional[List[int]
     ``q_lens`` per request, default: equal split) over the paged index keys
     ``ki_pages [pages, page, Di]`` (FP8 pages: with ``ki_scales [pages, page]``, scored
     against the queries quantized to e4m3 the same way, docs/semantics.md);
-    ``index_precision`` as ``msa_indexer``'s."""
+    ``index_precision`` as ``msa_indexer``'s (``"int4"``, the rule of a decode scan over
+    an int4 copy, by its reference)."""
     q_lens = q_lens or [qi.shape[0] // page_table.shape[0]] * page_table.shape[0]
     check_page_scales(("ki_scales",), (ki_pages,), (ki_scales,))
     if ki_scales is not None:
@@ -360,7 +378,8 @@ def paged_indexer(qi, ki_pages, page_table, seq_lens, q_lens: Optional[List[int]
     cu_q = cu_seqlens_from_lengths(q_lens, device=qi.device)
     cu_k = cu_seqlens_from_lengths(lens, device=qi.device)
     return msa_indexer(qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
-                       softmax_scale=softmax_scale, index_precision=index_precision)
+                       softmax_scale=softmax_scale, index_precision=index_precision,
+                       backend="reference" if index_precision == "int4" else "auto")
 
 
 def paged_attention(q, k_pages, v_pages, topk_indices, page_table, seq_lens,

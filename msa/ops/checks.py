@@ -13,6 +13,7 @@ import torch
 
 from ..config import MAX_TOPK, MSAConfig, check_block_size, check_head_dim, check_topk
 from ..varlen import Segments, host_to_device
+from .quant import INT4_GROUP
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Triton kernels run on CPU tensors only in Triton's interpreter (tests)
@@ -122,6 +123,19 @@ def check_page_scales(names, pages, scales) -> None:
                 if isinstance(s, torch.Tensor) else type(s).__name__
             raise ValueError(f"{name} must be contiguous fp32 {list(p.shape[:-1])} on "
                              f"{p.device}, got {got}")
+
+
+def check_int4_scales(name: str, pages: torch.Tensor, scales) -> None:
+    """Packed int4 pages ``[..., Di / 2]`` uint8 come with their fp16 group scales
+    ``[..., Di / 32]``, contiguous, on the pages' device (``msa.ops.quant.quantize_int4``)."""
+    want = (*pages.shape[:-1], pages.shape[-1] * 2 // INT4_GROUP)
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float16 or \
+            not scales.is_contiguous() or tuple(scales.shape) != want or \
+            scales.device != pages.device:
+        got = f"{tuple(scales.shape)} {scales.dtype} on {scales.device}" \
+            if isinstance(scales, torch.Tensor) else type(scales).__name__
+        raise ValueError(f"{name} must be contiguous fp16 {list(want)} on {pages.device}, "
+                         f"got {got}")
 
 
 def use_triton(backend: str, x: torch.Tensor) -> bool:

@@ -138,21 +138,22 @@ def test_fp8_cache_rejects_non_finite_tokens_and_odd_dtypes():
         PagedKVCache(4, 64, 2, 64, 64, index_dtype=torch.int8)
 
 
-def test_index_fp8_copy_is_written_and_ranks_by_the_fp8_rule():
-    """``index_fp8_copy``: the e4m3 copy is ``quantize_e4m3`` of the stored index keys;
-    ``attend`` (reference path here, the fused decoder with ``ki_fp8`` on a GPU) selects by
-    the ``index_precision="fp8"`` rule; bad input named."""
-    from msa.ops.quant import quantize_e4m3
+@pytest.mark.parametrize("copy,rule", [("e4m3", "fp8"), ("int4", "int4")])
+def test_scan_copy_is_written_and_ranks_by_its_rule(copy, rule):
+    """``scan_copy``: the copy is ``quantize_e4m3`` / ``quantize_int4`` of the stored index
+    keys; ``attend`` (reference path here, the fused decoder with ``ki_scan`` on a GPU)
+    selects by the ``index_precision="fp8"`` / ``"int4"`` rule; bad input named."""
+    from msa.ops.quant import quantize_e4m3, quantize_int4
     lengths = [2500, 1300]
-    c = PagedKVCache(64, 64, 2, 64, 64, dtype=torch.float32, index_fp8_copy=True,
+    c = PagedKVCache(64, 64, 2, 64, 64, dtype=torch.float32, scan_copy=copy,
                      device=DEVICE, config=CFG)
     for r in range(len(lengths)):
         c.allocate(r)
     _fill(c, [n - 1 for n in lengths])
-    ki8, kis8 = c.fp8_copy(0)
-    want8, want_s = quantize_e4m3(c.ki_pages[0])
-    assert torch.equal(ki8.view(torch.uint8), want8.view(torch.uint8))
-    assert torch.equal(kis8, want_s)
+    pages, scales = c.scan_layer(0)
+    want_p, want_s = (quantize_e4m3 if copy == "e4m3" else quantize_int4)(c.ki_pages[0])
+    assert torch.equal(pages.view(torch.uint8), want_p.view(torch.uint8))
+    assert torch.equal(scales, want_s)
     g = torch.Generator().manual_seed(9)
     q, qi = torch.randn(2, 1, 4, 64, generator=g), torch.randn(2, 1, 2, 64, generator=g)
     k, v = torch.randn(2, 1, 2, 64, generator=g), torch.randn(2, 1, 2, 64, generator=g)
@@ -161,13 +162,15 @@ def test_index_fp8_copy_is_written_and_ranks_by_the_fp8_rule():
     out = c.attend(0, q, k, v, qi, ki)
     table, lens = c.page_table([0, 1]), c.seq_lens([0, 1])
     topk = paged_indexer(qi[:, 0], c.ki_pages[0], table, lens, block_size=64, topk=3,
-                         index_precision="fp8")
+                         index_precision=rule)
     want = paged_attention(q[:, 0], c.k_pages[0], c.v_pages[0], topk, table, lens)
     torch.testing.assert_close(out[:, 0], want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="index_fp8_copy"):
-        PagedKVCache(4, 64, 2, 64, 64, index_dtype=E4M3, index_fp8_copy=True)
-    with pytest.raises(ValueError, match="index_fp8_copy"):
-        PagedKVCache(4, 64, 2, 64, 64, index_fp8_copy="yes")
+    with pytest.raises(ValueError, match="scan_copy"):
+        PagedKVCache(4, 64, 2, 64, 64, index_dtype=E4M3, scan_copy=copy)
+    with pytest.raises(ValueError, match="scan_copy"):
+        PagedKVCache(4, 64, 2, 64, 64, scan_copy="yes")
+    with pytest.raises(ValueError, match="scan_copy='int4' needs an index_dim"):
+        PagedKVCache(4, 64, 2, 64, 96, scan_copy="int4")
     c.allocate(2)
     with pytest.raises(ValueError, match="ki holds NaN"):
         c.append(2, k[0], v[0], torch.full((1, 64), float("nan"), device=DEVICE))

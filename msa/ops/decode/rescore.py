@@ -1,11 +1,12 @@
-"""Exact re-scoring of an FP8 decode scan's candidates (``PagedDecoder.run(...,
-ki_fp8=...)``: the rule of ``index_precision="fp8"``, docs/semantics.md, "FP8 index
-scoring").
+"""Exact re-scoring of the candidates of a decode scan over a low-precision copy of the
+index keys (``PagedDecoder.run(..., ki_scan=...)``: docs/semantics.md, "FP8 index
+scoring" and "INT4 scan copy").
 
-The scan (``msa.ops.decode.select.paged_scan``) reads an e4m3 copy of the index keys,
-half the bytes of bf16 ones, and leaves lists of FP8 block keys.
-``paged_rescore_kernel``, grid (query row, index head, slice of the candidates): each
-program takes the row's ``topk - 1 + FP8_CANDIDATES`` best FP8 keys (``top_keys``),
+The scan (``msa.ops.decode.select.paged_scan``) reads a low-precision copy of the index
+keys, e4m3 (half the bytes of bf16 ones) or int4 (a quarter, with group scales), and
+leaves lists of its block keys. ``paged_rescore_kernel``, grid (query row, index head,
+slice of the candidates): each program takes the row's ``num_candidates`` best keys of
+the copy (``top_keys``: ``topk - 1 + FP8_CANDIDATES`` or ``+ INT4_CANDIDATES``),
 scores its slice of those blocks again with the exact index keys (one page each) and
 writes their exact ``pack`` keys; the top-k merge then ranks those keys as lists of one.
 The selection equals that of the exact keys whenever their ``topk - 1`` best blocks are
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import FP8_CANDIDATES
+from ..quant import FP8_CANDIDATES, INT4_CANDIDATES
 from ..triton_utils import dot, next_pow2, precision, upcast
 from .select import EMPTY, TARGET_PROGRAMS, block_id, pack, top_keys
 
@@ -59,26 +60,29 @@ def paged_rescore_kernel(
                  tl.where((blk >= 0) & (m != float("-inf")), pack(m, blk), EMPTY))
 
 
-def num_candidates(topk: int) -> int:
-    """Blocks an FP8 scan keeps per row for the exact re-scoring."""
-    return topk - 1 + FP8_CANDIDATES
+def num_candidates(topk: int, scan_dtype=torch.float8_e4m3fn) -> int:
+    """Blocks a scan of a low-precision copy of the index keys (e4m3, or packed int4 as
+    ``torch.uint8``) keeps per row for the exact re-scoring."""
+    return topk - 1 + (INT4_CANDIDATES if scan_dtype == torch.uint8 else FP8_CANDIDATES)
 
 
-def exact_width(topk: int) -> int:
-    """Last dim of the exact-keys buffer ``[B*Q, Hi, width]`` int64."""
-    return next_pow2(num_candidates(topk))
+def exact_width(topk: int, scan_dtype=torch.uint8) -> int:
+    """Last dim of the exact-keys buffer ``[B*Q, Hi, width]`` int64 (default: wide enough
+    for either copy)."""
+    return next_pow2(num_candidates(topk, scan_dtype))
 
 
 def paged_rescore(candidates, lists, qi, ki, page_table, exact, *, num_q: int, topk: int,
-                  block_size: int, index_scale: float) -> Tuple[int, int, int]:
-    """Re-score the FP8 scan's best ``num_candidates(topk)`` blocks of each row with the
-    exact index keys ``ki [P, page, Di]`` (the scan's page table) into ``exact [B*Q, Hi,
-    >= exact_width(topk)]`` int64; returns the lists ``(ls, n_lists, kr)`` of one exact key
-    each for the top-k merge (``msa.ops.decode.select.merge_lists``). ``lists``: the
-    scan's (``paged_scan`` with ``topk = num_candidates(topk) + 1``)."""
+                  block_size: int, index_scale: float, scan_dtype) -> Tuple[int, int, int]:
+    """Re-score the scan's best ``num_candidates(topk, scan_dtype)`` blocks of each row
+    with the exact index keys ``ki [P, page, Di]`` (the scan's page table) into ``exact
+    [B*Q, Hi, >= exact_width(topk, scan_dtype)]`` int64; returns the lists ``(ls, n_lists,
+    kr)`` of one exact key each for the top-k merge (``msa.ops.decode.select.merge_lists``).
+    ``lists``: the scan's (``paged_scan`` with ``topk = num_candidates(...) + 1``) over
+    a copy of dtype ``scan_dtype``."""
     ls, n_lists, kr = lists
     rows, hi = qi.shape[0], qi.shape[1]
-    nc, nc_pad = num_candidates(topk), exact_width(topk)
+    nc, nc_pad = num_candidates(topk, scan_dtype), exact_width(topk, scan_dtype)
     if exact.dtype != torch.int64 or exact.shape[2] < nc_pad or exact.stride(2) != 1:
         raise ValueError(f"exact must be int64 with a contiguous last dim of >= {nc_pad}, "
                          f"got {tuple(exact.shape)} {exact.dtype}")

@@ -50,17 +50,31 @@ def block_id(key):
 
 
 @triton.jit
+def _int8_rows(x):
+    """Rows ``x [R, D]`` as ``msa.ops.quant.quantize_int8``: int8 ``round(x / s)`` and
+    ``s = max|x| / 127`` fp32 (1 for a row of zeros); rounding half to even, as torch."""
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), 1)
+    s = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+    y = tl.math.div_rn(xf, s[:, None])
+    y = (y + 12582912.0) - 12582912.0       # 1.5 * 2^23: rounds |y| <= 127 half to even
+    return tl.clamp(y, -127.0, 127.0).to(tl.int8), s
+
+
+@triton.jit
 def paged_scan_kernel(
         QI, KI, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, max_pages,
         stride_qt, stride_qh, stride_kp, stride_kt, stride_tb, stride_cc, stride_ch,
         NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
         BS: tl.constexpr, PAGES: tl.constexpr, KR: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, RANK: tl.constexpr, MASK_TAIL: tl.constexpr = False,
-        FP8: tl.constexpr = False):
+        FP8: tl.constexpr = False, INT4: tl.constexpr = False):
     """Chunk ``p`` of request ``b``: the key of block ``j`` of row ``(i, h)`` at
     ``CAND[b*Q + i, h, j]``, the chunk's largest swapped to its first place; ``RANK``:
     instead the chunk's ``KR`` best, ranked (``EMPTY`` padded), at
-    ``CAND[b*Q + i, h, p*PAGES :][:KR]``."""
+    ``CAND[b*Q + i, h, p*PAGES :][:KR]``. ``FP8``: e4m3 keys with row scales ``KIS[page
+    * BS + n]``; ``INT4``: packed int4 keys (``DI / 2`` bytes a row) with group scales
+    ``KIS[(page * BS + n) * NG + g]`` fp16 (``msa.ops.quant.quantize_int4``)."""
     b = tl.program_id(0)
     p = tl.program_id(1)
     n = tl.load(SEQ_LENS + b)
@@ -83,6 +97,15 @@ def paged_scan_kernel(
         q8 = to_e4m3(tl.clamp(tl.math.div_rn(qf, qs[:, None]), -448.0, 448.0,
                               propagate_nan=tl.PropagateNan.ALL))     # NaN stays NaN
         row_scale = qs * scale              # max commutes with a positive row factor
+    if INT4:                # the queries as msa.ops.quant.quantize_int8, in groups
+        q8, qs = _int8_rows(qi)
+        row_scale = qs * scale
+        NG: tl.constexpr = DI // 32
+        q8 = tl.permute(tl.reshape(q8, (ROWS, NG, 32)), (1, 0, 2))      # [NG, ROWS, 32]
+        q_off = 8 * tl.sum(q8.to(tl.int32), 2)      # the keys' offset of 8, [NG, ROWS]
+        offs_g = tl.arange(0, NG)
+        offs_h = tl.arange(0, NG // 2)
+        offs_i = tl.arange(0, 32)
     lists = CAND + qrow * stride_cc + h * stride_ch + p * PAGES       # [ROWS]: this chunk
     best = tl.full((ROWS,), EMPTY, dtype=tl.int64)          # the chunk's largest key so far,
     at = tl.zeros((ROWS,), dtype=tl.int32)                  # its place
@@ -91,17 +114,28 @@ def paged_scan_kernel(
         j = p * PAGES + jj
         live = j * BS < n                   # pages past the end: no loads
         page = tl.load(PAGE_TABLE + b * stride_tb + j, mask=live, other=0).to(tl.int64)
-        kptr = KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :]
         if MASK_TAIL:                   # rows past the last token may lie past the tensor
             rows = live & (j * BS + offs_n < n)
-            ki = tl.load(kptr, mask=rows[:, None], other=0.0)
         else:                           # whole pages of a pool: read them whole
             rows = live
-            ki = tl.load(kptr, mask=live, other=0.0)
-        if FP8:                         # e4m3 x e4m3 products x the keys' row scales
+        if INT4:            # [NG, ROWS, BS] exact int32 products per group x group scales
+            w = tl.load(KI + page * stride_kp + offs_n[None, None, :] * stride_kt +
+                        offs_h[:, None, None] * 32 + offs_i[None, :, None],
+                        mask=(rows & (offs_n >= 0))[None, None, :], other=0x88)  # [NG/2, 32, BS]
+            u = tl.join((w & 15).to(tl.int8), (w >> 4).to(tl.int8))     # low dims, high dims
+            u = tl.reshape(tl.permute(u, (3, 0, 1, 2)), (NG, 32, BS))
+            ks = tl.load(KIS + (page * BS + offs_n[None, :]) * NG + offs_g[:, None],
+                         mask=(rows & (offs_n >= 0))[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(q8, u, out_dtype=tl.int32) - q_off[:, :, None]
+            s = tl.sum(acc.to(tl.float32) * ks[:, None, :], 0)
+        elif FP8:                       # e4m3 x e4m3 products x the keys' row scales
+            ki = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt +
+                         offs_d[None, :], mask=rows[:, None], other=0.0)
             s = dot(q8, tl.trans(ki), "tf32", False) * \
                 tl.load(KIS + page * BS + offs_n, mask=rows, other=0.0)[None, :]
         else:
+            ki = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt +
+                         offs_d[None, :], mask=rows[:, None], other=0.0)
             s = dot(qi, tl.trans(ki), PRECISION, UPCAST)
         m = tl.max(s, 1) * row_scale        # earlier blocks only: every key visible
         key = tl.where((j < local) & (m != float("-inf")), pack(m, j), EMPTY)
@@ -261,6 +295,7 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
         raise ValueError(f"candidates must be int64 with a contiguous last dim of >= "
                          f"{chunks * per}, got {tuple(candidates.shape)} {candidates.dtype}")
     rank = per > 1 and rank_in_scan(b * nq * hi)
+    int4 = ki.dtype == torch.uint8
     if kernel == "gluon":
         from . import gluon_scan
         gluon_scan.launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, grid=(b, chunks),
@@ -274,7 +309,7 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
         BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
         UPCAST=upcast(qi.dtype), RANK=rank, MASK_TAIL=mask_tail,
-        FP8=ki_scales is not None, num_warps=4,
+        FP8=ki_scales is not None and not int4, INT4=int4, num_warps=4,
         # Triton 3.6 keeps one page in flight at 2-4 stages, two at 5-6: two pay over
         # e4m3 pages, not over bf16 ones (their 70 KB cost programs per SM)
         num_stages=index_stages or (3 if ki_scales is None else 5))

@@ -8,8 +8,8 @@ synchronisation and no allocation:
 1. ``msa.ops.decode.select.paged_scan_kernel``: grid (request, page chunk). Each program
    reads its pages of index keys once through the page table and scores them for all
    ``Q x Hi`` query rows of the request with one MMA per page, writing one ranking key per
-   (row, block); with few rows it ranks its chunk's keys into a list. Over an e4m3 copy
-   of the index keys with the exact keys beside it (``ki_exact``), then
+   (row, block); with few rows it ranks its chunk's keys into a list. Over a low-precision
+   copy of the index keys (e4m3 or int4) with the exact keys beside it (``ki_exact``), then
    ``msa.ops.decode.rescore.paged_rescore_kernel`` scores the scan's best candidates
    again with the exact keys, and those keys are the lists below.
 2. When the attention below runs one program per (query, KV head): one program per row
@@ -264,16 +264,18 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     v_scales`` when they are other tensors addressed that way (their token stride is 1;
     the index-key scale of token ``n`` of page ``p`` is ``ki_scales.view(-1)[p * page +
     n]``). ``ki_exact [P, page, Di]`` (16-bit or fp32, the index keys' page table and
-    layout) with e4m3 ``ki`` and ``ki_scales``: the scan reads ``ki`` and its best
-    ``num_candidates(K)`` blocks per row are scored again with ``ki_exact`` into
-    ``exact [B*Q, Hi, >= exact_width(K)]`` int64 (``msa.ops.decode.rescore``), which then
-    rank.
+    layout) beside a copy ``ki`` that the scan reads instead, e4m3 with ``ki_scales [P,
+    page]`` or int4 (``msa.ops.quant.quantize_int4``: ``ki [P, page, Di / 2]`` uint8,
+    ``ki_scales [P, page, Di / 32]`` fp16; scored against int8 index queries quantized in
+    the kernel): its best ``num_candidates(K, ki.dtype)`` blocks per row are scored again
+    with ``ki_exact`` into ``exact [B*Q, Hi, >= exact_width(K)]`` int64
+    (``msa.ops.decode.rescore``), which then rank.
     """
     topk = topk_indices.shape[2]
     ki_table = page_table if ki_page_table is None else ki_page_table
     lists = paged_scan(qi, ki, ki_table, seq_lens, candidates, batch=batch, num_q=num_q,
                        max_pages=max_pages,
-                       topk=topk if ki_exact is None else num_candidates(topk) + 1,
+                       topk=topk if ki_exact is None else num_candidates(topk, ki.dtype) + 1,
                        block_size=block_size, index_scale=index_scale,
                        ki_strides=ki_strides, mask_tail=mask_tail,
                        pages_per_program=pages_per_program, index_stages=index_stages,
@@ -281,7 +283,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     if ki_exact is not None:
         lists = paged_rescore(candidates, lists, qi, ki_exact, ki_table, exact,
                               num_q=num_q, topk=topk, block_size=block_size,
-                              index_scale=index_scale)
+                              index_scale=index_scale, scan_dtype=ki.dtype)
         candidates = exact
     split = decode_splits(batch * num_q, num_kv_heads, topk)[0] > 1
     if not split:       # many programs: one merge per row first, not one per program

@@ -20,7 +20,8 @@ from typing import Tuple
 import torch
 
 from ...varlen import Segments
-from ..quant import FP8_CANDIDATES, fake_quantize
+from ..quant import (FP8_CANDIDATES, INT4_CANDIDATES, fake_quantize, fake_quantize_int4,
+                     fake_quantize_int8)
 from ..common import (CHUNK_BUDGET, chunk_size, compute_dtype, dense_keys, gather_keys,
                       group_logits, query_chunks)
 
@@ -103,7 +104,10 @@ def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, bloc
         index_precision: ``"fp8"``: the ``topk - 1 + FP8_CANDIDATES`` best blocks by the
             scores of ``qi``, ``ki`` quantized to e4m3 per row and dequantized
             (``msa.ops.quant``) are candidates; the best ``topk - 1`` of them by the
-            inputs' own scores are selected. The LSE is always that of the inputs.
+            inputs' own scores are selected. ``"int4"`` (the decode scan of an int4 copy,
+            ``PagedDecoder.run(..., ki_scan=...)``): the same with ``INT4_CANDIDATES``,
+            ``ki`` as ``quantize_int4`` and ``qi`` as ``quantize_int8`` store them. The
+            LSE is always that of the inputs.
     Returns:
         topk_indices ``[Hi, total_q, topk]`` int32 (segment-local block ids, local block
         last among the ``min(topk, local+1)`` valid entries, ``-1`` padding) and
@@ -114,7 +118,8 @@ def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, bloc
     # poisoned (-2 / NaN): every query row must be written by a chunk
     out_idx = torch.full((hi, total_q, topk), -2, dtype=torch.int32, device=qi.device)
     out_lse = torch.full((hi, total_q), float("nan"), dtype=dtype, device=qi.device)
-    fp8_ki = fake_quantize(ki) if index_precision == "fp8" else None
+    scan_ki = fake_quantize(ki) if index_precision == "fp8" else \
+        fake_quantize_int4(ki) if index_precision == "int4" else None
     pos_all = seg.positions(qi.device)
     nb_max = max((seg.num_blocks(b, block_size) for b in range(seg.num_segments)), default=1)
     chunk = chunk_size(hi * max(nb_max, block_size) * 4)
@@ -124,12 +129,15 @@ def indexer_reference(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, bloc
         nblocks = int(local.max()) + 1
         m, s = _block_stats(qi[s0:s1], ki, seg.k_base[b], pos, nblocks, block_size, scale,
                             lse_temperature, dtype)
-        if fp8_ki is None:
+        if scan_ki is None:
             sel = select_blocks(m, local, topk)                                # [C,Hi,K]
         else:
-            m8 = _block_stats(fake_quantize(qi[s0:s1]), fp8_ki, seg.k_base[b], pos, nblocks,
-                              block_size, scale, lse_temperature, dtype)[0]
-            sel = refine(m, select_blocks(m8, local, topk + FP8_CANDIDATES), local, topk)
+            fp8 = index_precision == "fp8"
+            q = (fake_quantize if fp8 else fake_quantize_int8)(qi[s0:s1])
+            m8 = _block_stats(q, scan_ki, seg.k_base[b], pos, nblocks, block_size, scale,
+                              lse_temperature, dtype)[0]
+            extra = FP8_CANDIDATES if fp8 else INT4_CANDIDATES
+            sel = refine(m, select_blocks(m8, local, topk + extra), local, topk)
         vals = m / lse_temperature + torch.log(s)
         picked = torch.gather(vals, 2, sel.clamp_min(0))
         picked = picked.masked_fill(sel < 0, float("-inf"))

@@ -96,7 +96,7 @@ def test_fp8_pages_meet_bf16_queries_in_fp16():
 
 @pytest.mark.parametrize("hi,per,nq", [(HKV, None, 2), (1, 8, 1), (HKV, 4, 2)])
 def test_fp8_index_copy_rescored_like_the_reference(hi, per, nq):
-    """``ki_fp8``: the scan reads an e4m3 copy of the index keys, its best ``topk - 1 +
+    """``ki_scan``: the scan reads an e4m3 copy of the index keys, its best ``topk - 1 +
     16`` blocks are scored again with the exact keys; equal to the reference rule
     (``index_precision="fp8"``), lists of one block and ranked lists of 8 and 4 pages;
     and the re-scoring changes rows of the FP8 selection (top 8 of 40 random blocks)."""
@@ -120,16 +120,16 @@ def test_fp8_index_copy_rescored_like_the_reference(hi, per, nq):
     dec.exact.fill_(5)
     dec.plan(table, lens)
     fp8_only = dec.run(q, qi, k, v, ki8, ki_scales=kis)[1].clone()
-    out, topk = dec.run(q, qi, k, v, ki, ki_fp8=(ki8, kis))
+    out, topk = dec.run(q, qi, k, v, ki, ki_scan=(ki8, kis))
     r_out, _, r_topk = paged_decode_reference(
         q, qi, k, v, ki, table, lens, num_q=nq, topk=n_sel, scale=cfg.scale,
         index_scale=cfg.index_scale, index_precision="fp8")
     assert torch.equal(topk, r_topk)
     torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
     assert not torch.equal(topk, fp8_only)
-    with pytest.raises(TypeError, match="ki_fp8 goes with"):
-        dec.run(q, qi, k, v, ki8, ki_scales=kis, ki_fp8=(ki8, kis))
-    with pytest.raises(ValueError, match="ki_fp8's pages"):
-        dec.run(q, qi, k, v, ki, ki_fp8=(ki8[:-1], kis[:-1]))
-    with pytest.raises(ValueError, match="ki_fp8 scales must be contiguous fp32"):
-        dec.run(q, qi, k, v, ki, ki_fp8=(ki8, kis.double()))
+    with pytest.raises(TypeError, match="ki_scan goes with"):
+        dec.run(q, qi, k, v, ki8, ki_scales=kis, ki_scan=(ki8, kis))
+    with pytest.raises(ValueError, match="ki_scan's pages"):
+        dec.run(q, qi, k, v, ki, ki_scan=(ki8[:-1], kis[:-1]))
+    with pytest.raises(ValueError, match="ki_scan scales must be contiguous fp32"):
+        dec.run(q, qi, k, v, ki, ki_scan=(ki8, kis.double()))

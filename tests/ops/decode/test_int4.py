@@ -1,0 +1,145 @@
+"""The decode scan over an int4 copy of the index keys (``PagedDecoder.run(...,
+ki_scan=...)`` with ``msa.ops.quant.quantize_int4`` pages): its block maxima against the
+quantized values in fp64, the re-scored selection against the reference rule
+(``index_precision="int4"``), the quantizer itself and bad input (Triton's interpreter on
+CPU)."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from msa import MSAConfig  # noqa: E402
+from msa.inference import PagedDecoder  # noqa: E402
+from msa.ops.decode import paged_decode_reference  # noqa: E402
+from msa.ops.decode.select import candidates_width, paged_scan, paged_select, unpack  # noqa: E402
+from msa.ops.quant import (fake_quantize_int4, fake_quantize_int8, quantize_int4,  # noqa: E402
+                           quantize_int8, unpack_int4)
+from tests.helpers import DEVICE  # noqa: E402
+from tests.ops.decode.test_triton import BS, D, HKV, HQ, _cache  # noqa: E402
+
+
+def test_int4_quantizer_round_trips_within_half_a_step():
+    """Group scales ``max|x| / 7`` in fp16, values -7..7 (stored + 8), dims ``j`` and
+    ``j + D/2`` in one byte; saturation past fp16's range; zero groups; int8 queries."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 128, generator=g, dtype=torch.float64)
+    x[0, 0, :32] = 0.0                              # a zero group: scale 1
+    x[1, 1, 40] = 1e7                               # past 7 x 65504: saturates
+    packed, scales = quantize_int4(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 3, 64)
+    assert scales.dtype == torch.float16 and scales.shape == (6, 3, 4)
+    assert scales[0, 0, 0] == 1 and scales[1, 1, 1] == 65504
+    u = unpack_int4(packed)
+    assert int(u.min()) >= -7 and int(u.max()) <= 7
+    assert torch.equal(u[..., 64:], (packed >> 4).to(torch.int8) - 8)
+    back = fake_quantize_int4(x)
+    step = scales.double().repeat_interleave(32, -1)
+    err = (back - x).abs()
+    ok = (err <= step / 2 * (1 + 1e-3)) | (x.abs() > 7 * 65504)
+    assert bool(ok.all())
+    assert back[1, 1, 40] == 7 * 65504
+    q8, qs = quantize_int8(x)
+    assert q8.dtype == torch.int8 and int(q8.abs().max()) == 127
+    assert (fake_quantize_int8(x) - x).abs().max() <= (qs.max() / 2) * (1 + 1e-6)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize_int4(torch.zeros(2, 96))
+
+
+@pytest.mark.parametrize("lengths,nq,per", [((700, 300), 2, 4), ((1000,), 1, None)])
+def test_int4_scan_block_maxima_equal_the_quantized_scores(lengths, nq, per):
+    """Every block key the scan lists: its id, and its max equal to the fp64 scores of the
+    int8 queries and int4 keys (products exact; fp32 group sums)."""
+    k, v, ki, table = _cache(lengths, 40, seed=31)
+    table = torch.where(table < 0, 0, table)
+    k4, ks = quantize_int4(ki)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(2)
+    rows, hi = len(lengths) * nq, HKV
+    qi = torch.randn(rows, hi, D, generator=g).to(DEVICE)
+    cand = torch.full((rows, hi, candidates_width(table.shape[1])), 7, dtype=torch.int64,
+                      device=DEVICE)
+    paged_scan(qi, k4, table, lens, cand, batch=len(lengths), num_q=nq,
+               max_pages=table.shape[1], topk=table.shape[1] + 1, block_size=BS,
+               index_scale=D ** -0.5, ki_scales=ks, pages_per_program=per)
+    got_m, got_id = unpack(cand.cpu())
+    kf, qf = fake_quantize_int4(ki.double()).cpu(), fake_quantize_int8(qi.double()).cpu()
+    seen = 0
+    for b, n in enumerate(lengths):
+        for i in range(nq):
+            r, pos = b * nq + i, n - nq + i
+            for h in range(hi):
+                for j in range(pos // BS):          # earlier blocks: all ranked
+                    want = (kf[int(table[b, j])] @ qf[r, h]).max() * D ** -0.5
+                    at = (got_id[r, h] == j).nonzero()
+                    assert at.numel() == 1, (r, h, j)
+                    assert abs(float(got_m[r, h, at[0, 0]]) - float(want)) <= \
+                        1e-5 * abs(float(want)) + 1e-6
+                    seen += 1
+    assert seen > 20
+
+
+@pytest.mark.parametrize("hi,nq", [(HKV, 1), (1, 2)])
+def test_int4_copy_rescored_like_the_reference(hi, nq):
+    """``ki_scan`` with an int4 copy: the scan's best ``topk - 1 + 48`` blocks scored again
+    with the exact keys equal the reference rule (``index_precision="int4"``) over 63-70
+    blocks, outputs poisoned first; the int4 scan's own top-k differs from the exact one
+    on some row (what the re-scoring is for)."""
+    n_sel = 3
+    lengths = (4400, 4000)
+    k, v, ki, table = _cache(lengths, 140, seed=23)
+    table = torch.where(table < 0, 0, table)
+    ki4 = quantize_int4(ki)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(6)
+    rows = len(lengths) * nq
+    q = torch.randn(rows, HQ, D, generator=g).to(DEVICE)
+    qi = torch.randn(rows, hi, D, generator=g).to(DEVICE)
+    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, num_index_heads=hi,
+                    index_head_dim=D, block_size=BS, topk=n_sel)
+    dec = PagedDecoder(cfg, max_batch=len(lengths), num_q=nq, max_pages=table.shape[1],
+                       device=DEVICE, dtype=torch.float32)
+    dec.exact.fill_(5)
+    dec.out.fill_(float("nan"))
+    dec.plan(table, lens)
+    out, topk = dec.run(q, qi, k, v, ki, ki_scan=ki4)
+    r_out, _, r_topk = paged_decode_reference(
+        q, qi, k, v, ki, table, lens, num_q=nq, topk=n_sel, scale=cfg.scale,
+        index_scale=cfg.index_scale, index_precision="int4")
+    assert torch.equal(topk, r_topk)
+    torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
+    exact = paged_decode_reference(q, qi, k, v, ki, table, lens, num_q=nq, topk=n_sel,
+                                   scale=cfg.scale, index_scale=cfg.index_scale)[2]
+    assert torch.equal(topk, exact)         # 48 more candidates hold the exact choice
+    scan_only = torch.full_like(topk, -7)
+    paged_select(qi, ki4[0], table, lens, batch=len(lengths), num_q=nq,
+                 max_pages=table.shape[1], candidates=dec.candidates[:rows],
+                 topk_indices=scan_only, block_size=BS, index_scale=cfg.index_scale,
+                 ki_scales=ki4[1])
+    assert not torch.equal(scan_only, exact)
+
+
+def test_int4_copy_bad_input_is_named():
+    lengths = (300,)
+    k, v, ki, table = _cache(lengths, 8, seed=3)
+    table = torch.where(table < 0, 0, table)
+    k4, ks = quantize_int4(ki)
+    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, num_index_heads=HKV,
+                    index_head_dim=D, block_size=BS, topk=3)
+    dec = PagedDecoder(cfg, max_batch=1, num_q=1, max_pages=table.shape[1], device=DEVICE,
+                       dtype=torch.float32)
+    dec.plan(table, torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
+    q = torch.randn(1, HQ, D, device=DEVICE)
+    qi = torch.randn(1, HKV, D, device=DEVICE)
+    with pytest.raises(ValueError, match="ki_scan's pages"):
+        dec.run(q, qi, k, v, ki, ki_scan=(k4[..., :16], ks))
+    with pytest.raises(ValueError, match="ki_scan scales must be contiguous fp16"):
+        dec.run(q, qi, k, v, ki, ki_scan=(k4, ks.float()))
+    with pytest.raises(ValueError, match="ki_scan scales must be contiguous fp16"):
+        dec.run(q, qi, k, v, ki, ki_scan=(k4, ks[..., :1]))
+    with pytest.raises(TypeError, match="ki_scan must be"):
+        dec.run(q, qi, k, v, ki, ki_scan=k4)
+    with pytest.raises(ValueError, match="runs on backend='reference' only"):
+        import msa
+        msa.msa_indexer(qi, ki.reshape(-1, 1, D), torch.tensor([0, 1]),
+                        torch.tensor([0, ki.shape[0] * BS]), index_precision="int4",
+                        backend="triton")
