@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
 
 
 SLOW = {
+    "tests/ops/decode/test_int4.py::test_int4_copy_rescored_like_the_reference[2-1]",
+    "tests/ops/decode/test_int4.py::test_int4_copy_rescored_like_the_reference[1-2]",
     "tests/ops/decode/test_fp8.py::test_fp8_index_copy_rescored_like_the_reference[2-None-2]",
     "tests/ops/decode/test_fp8.py::test_fp8_index_copy_rescored_like_the_reference[2-4-2]",
     "tests/ops/decode/test_fp8.py::test_fp8_index_copy_rescored_like_the_reference[1-8-1]",

@@ -13,6 +13,9 @@ head):
   block score of the best block only bf16 selected minus that of the best block only FP8
   selected, over the spread (std) of the row's bf16 block scores; the median and max over
   differing rows;
+* ``int4_rows_equal`` / ``int4_scan_only_equal``: the same for the decode scan over an
+  int4 copy of the keys (``index_precision="int4"``: int4 keys and int8 queries propose
+  ``topk - 1 + 64`` blocks, the bf16 scores choose) and for that scan's own top-k;
 * ``recall_bf16`` / ``recall_fp8`` (model sources): share of the dense attention mass of
   the main branch inside each selection.
 
@@ -32,7 +35,7 @@ import torch
 
 from ..config import MSAConfig
 from ..functional import msa_indexer
-from ..ops.quant import fake_quantize
+from ..ops.quant import fake_quantize, fake_quantize_int4, fake_quantize_int8
 from ..varlen import Segments
 from .niah import block_mass, mass_inside
 
@@ -65,6 +68,8 @@ def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int,
     sel16 = msa_indexer(bq, bk, cu_q, cu_k, **kw)
     sel8 = msa_indexer(bq, bk, cu_q, cu_k, index_precision="fp8", **kw)
     scan = msa_indexer(fake_quantize(bq), fake_quantize(bk), cu_q, cu_k, **kw)
+    sel4 = msa_indexer(bq, bk, cu_q, cu_k, index_precision="int4", **kw)
+    scan4 = msa_indexer(fake_quantize_int8(bq), fake_quantize_int4(bk), cu_q, cu_k, **kw)
     nb = -(-T // block)
 
     def sets(sel):                                       # [Hi, P, NB] membership
@@ -94,6 +99,8 @@ def compare(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int,
     gaps.sort()
     return dict(rows=differ.numel(), rows_equal=1 - differ.float().mean().item(),
                 scan_only_equal=1 - (sets(scan) != m16).any(-1).float().mean().item(),
+                int4_rows_equal=1 - (sets(sel4) != m16).any(-1).float().mean().item(),
+                int4_scan_only_equal=1 - (sets(scan4) != m16).any(-1).float().mean().item(),
                 bf16_vs_fp32=1 - (m16 != m32).any(-1).float().mean().item(),
                 gap_median=gaps[len(gaps) // 2] if gaps else 0.0,
                 gap_max=gaps[-1] if gaps else 0.0, **extra,
@@ -182,7 +189,8 @@ def main(sources: List[str], length: int, probe: int, json_path: Optional[str] =
             print(f"{r['source']:>8} layer {r.get('layer', '-'):>2} T {r['T']:>6} rows "
                   f"{r['rows']:>5} equal {r['rows_equal']:.4f} (scan alone "
                   f"{r['scan_only_equal']:.4f}, bf16 vs fp32 {r['bf16_vs_fp32']:.4f}) "
-                  f"gap median {r['gap_median']:.3f} max "
+                  f"int4 {r['int4_rows_equal']:.4f} (scan alone "
+                  f"{r['int4_scan_only_equal']:.4f}) gap median {r['gap_median']:.3f} max "
                   f"{r['gap_max']:.3f}" + (f" recall bf16 {r['recall_bf16']:.4f} fp8 "
                                            f"{r['recall_fp8']:.4f}" if "recall_fp8" in r
                                            else "")

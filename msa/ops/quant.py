@@ -17,9 +17,9 @@ import torch
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 FP8_CANDIDATES = 16     # extra blocks an FP8 index scan keeps for the exact re-scoring
-INT4_CANDIDATES = 48    # the same for a scan of the int4 copy (docs/semantics.md)
+INT4_CANDIDATES = 64    # the same for a scan of the int4 copy (docs/semantics.md)
 INT4_GROUP = 32         # key dims per int4 scale
-INT4_MAX = 7            # int4 values are -7..7, stored as 1..15 (offset 8)
+INT4_MAX = 7            # int4 values are -7..7 (two's-complement nibbles)
 FP16_MAX = 65504.0
 
 
@@ -56,10 +56,10 @@ def quantize_int4(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     uint8 and ``scales [..., D / INT4_GROUP]`` fp16.
 
     Group ``g`` (dims ``32 g .. 32 g + 31``) has the scale ``min(max|x_g| / 7, 65504)``
-    rounded to fp16 (1 for a group of zeros) and the values ``u = clamp(round(x / scale),
-    -7, 7) + 8`` (1..15; values past 7 scales saturate); byte ``j`` holds dim ``j`` in its
-    low nibble and dim ``j + D / 2`` in its high one. Non-finite inputs are the caller's
-    to reject (the caches do, by name)."""
+    rounded to fp16 (1 for a group of zeros) and the values ``clamp(round(x / scale), -7,
+    7)`` (values past 7 scales saturate), as two's-complement nibbles; byte ``j`` holds
+    dim ``j`` in its low nibble and dim ``j + D / 2`` in its high one. Non-finite inputs
+    are the caller's to reject (the caches do, by name)."""
     d = x.shape[-1]
     if d % (2 * INT4_GROUP):
         raise ValueError(f"int4 keys need a last dim that is a multiple of {2 * INT4_GROUP}, "
@@ -68,15 +68,15 @@ def quantize_int4(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     amax = xg.abs().amax(-1)
     scale = _div(amax, torch.full_like(amax, INT4_MAX)).clamp(max=FP16_MAX).half()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    u = torch.round(_div(xg, scale.float().unsqueeze(-1))).clamp(-INT4_MAX, INT4_MAX) + 8
-    u = u.reshape(x.shape).to(torch.uint8)
+    v = torch.round(_div(xg, scale.float().unsqueeze(-1))).clamp(-INT4_MAX, INT4_MAX)
+    u = (v.reshape(x.shape).to(torch.int8) & 15).to(torch.uint8)
     return u[..., :d // 2] | (u[..., d // 2:] << 4), scale
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """``packed [..., D / 2]`` uint8 -> the int4 values ``[..., D]`` int8 (-7..7)."""
     u = torch.cat([packed & 15, packed >> 4], -1).to(torch.int8)
-    return u - 8
+    return torch.where(u >= 8, u - 16, u)
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -59,13 +59,15 @@ WARPS = gl.constexpr(4)
 # ring slots (pages in flight per program) by key bytes: 3 e4m3 pages (48 KB), 2 bf16 ones
 # (64 KB: three programs per SM; faster than 3 or 4 slots, docs/experiments.md)
 STAGES = {1: 3, 2: 2}
+INT4_STAGES = 4                 # packed int4 pages: 8 KB a slot
 EMPTY = gl.constexpr(-9223372036854775808)      # int64 min: no block
 
 
 @functools.lru_cache(maxsize=None)
-def page_layout(bits: int):
-    """A ring slot / TMA box / the query operand of ``bits``-bit values: 128-byte swizzle."""
-    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=2)
+def page_layout(bits: int, swizzle: int = 128):
+    """A ring slot / TMA box / the query operand of ``bits``-bit values: 128-byte swizzle
+    (64 for packed int4 rows, 32 for an int4 scan's query groups)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=bits, rank=2)
 
 
 @gluon.jit
@@ -80,15 +82,17 @@ def _pack(m, j):
 
 
 @gluon.jit
-def _issue(k_desc, KIS, ring, ks_ring, bars, page, s, rows_per_page, live, FP8: gl.constexpr):
-    """Page ``page`` by TMA into slot ``s`` and its e4m3 key scales by ``cp.async`` (when
-    ``live``), both arriving on the slot's mbarrier (its count: the copy's arrival and one
-    per thread)."""
+def _issue(k_desc, KIS, ring, ks_ring, bars, page, s, rows_per_page, live,
+           SCALED: gl.constexpr, ROW_BYTES: gl.constexpr):
+    """Page ``page`` by TMA into slot ``s`` and its key scales by ``cp.async`` (when
+    ``live``; ``SCALED``: one fp32 per e4m3 key, or an int4 key's four fp16 as one int64),
+    both arriving on the slot's mbarrier (its count: the copy's arrival and one per
+    thread)."""
     if live:
-        mbarrier.expect(bars.index(s), BS * DI * k_desc.dtype.primitive_bitwidth // 8)
+        mbarrier.expect(bars.index(s), BS * ROW_BYTES)
         tma.async_copy_global_to_shared(k_desc, [page * rows_per_page, 0], bars.index(s),
                                         ring.index(s))
-        if FP8:
+        if SCALED:
             offs = gl.arange(0, BS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
             async_copy.async_copy_global_to_shared(ks_ring.index(s),
                                                    KIS + page.to(gl.int64) * BS + offs)
@@ -124,6 +128,78 @@ def _queries(QI, b, scale, stride_qt, stride_qh, NQ: gl.constexpr, HI: gl.conste
         q = q.to(gl.float8e4nv)
         factor = qs * factor
     return q, factor
+
+
+@gluon.jit
+def _int8_group(QI, row, live, qs, q_smem, g: gl.constexpr, ld: gl.constexpr):
+    """Group ``g``'s 32 dims of the query rows (``row`` offsets, ``live`` rows) as int8
+    ``round(q / qs)`` (half to even, as torch) into ``q_smem.index(g)``; returns 8 x each
+    row's sum of them ``[R]`` (the offset of keys read as ``x + 8``)."""
+    d = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, ld)), 0)
+    q = gl.load(QI + row + g * 32 + d, mask=live, other=0.0).to(gl.float32)
+    y = gl.div_rn(q, gl.expand_dims(qs, 1) + gl.zeros_like(q))
+    y = (y + 12582912.0) - 12582912.0       # 1.5 x 2^23: rounds |y| <= 127 half to even
+    q8 = gl.minimum(gl.maximum(y, -127.0), 127.0).to(gl.int8)
+    q_smem.index(g).store(q8)
+    return 8 * gl.sum(q8.to(gl.int32), 1)
+
+
+@gluon.jit
+def _int8_queries(QI, b, scale, q_smem, stride_qt, stride_qh, NQ: gl.constexpr,
+                  HI: gl.constexpr, R: gl.constexpr):
+    """Int4 keys: the request's query rows as int8 (``msa.ops.quant.quantize_int8``:
+    ``s = amax / 127``), group ``g``'s dims into ``q_smem.index(g)`` ``[R, 32]``; returns
+    the rows' factors ``scale * s`` ``[R]`` and the offsets of groups 0 and 1 (the low
+    nibbles, ``_int8_group``)."""
+    gl.static_assert(DI == 128)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    r = gl.arange(0, R, layout=gl.SliceLayout(1, ld))
+    row = gl.expand_dims((b * NQ + r // HI).to(gl.int64) * stride_qt + (r % HI) * stride_qh, 1)
+    live = gl.expand_dims(r < NQ * HI, 1)
+    d = gl.expand_dims(gl.arange(0, DI, layout=gl.SliceLayout(0, ld)), 0)
+    amax = gl.max(gl.abs(gl.load(QI + row + d, mask=live, other=0.0).to(gl.float32)), 1)
+    qs = gl.where(amax > 0, gl.div_rn(amax, gl.full_like(amax, 127.0)), 1.0)
+    o0 = _int8_group(QI, row, live, qs, q_smem, 0, ld)
+    o1 = _int8_group(QI, row, live, qs, q_smem, 1, ld)
+    _int8_group(QI, row, live, qs, q_smem, 2, ld)
+    _int8_group(QI, row, live, qs, q_smem, 3, ld)
+    return qs * scale, o0, o1
+
+
+@gluon.jit
+def _group_scale(ks, g: gl.constexpr):
+    """Group ``g``'s fp16 scale of each key from its four packed in an int64, as fp32."""
+    bits = ((ks >> (16 * g)) & 0xFFFF).to(gl.int16)
+    return bits.to(gl.float16, bitcast=True).to(gl.float32)
+
+
+@gluon.jit
+def _int4_scores(page, q_smem, ks, o0, o1, zero, DOT_A: gl.constexpr):
+    """``S^T = K Q^T [BS, R]`` fp32 of a page of packed int4 keys ``[BS, DI / 2]`` uint8
+    (byte ``j``: dim ``j`` low, dim ``j + 64`` high, two's-complement nibbles): per group
+    of 32 dims an int8 wgmma with the keys from registers (exact int32 sums), the low
+    nibbles read as ``x + 8`` (``(w ^ 8) & 15``; the rows' offsets ``o_g [R]`` taken off
+    after) and the high ones as ``16 x`` (``w & 0xF0``; a sixteenth of the scale), each
+    one operation per four bytes; times the keys' group scales (``ks [BS]`` int64: four
+    fp16)."""
+    front = page.slice(0, 32, dim=1).load(DOT_A)        # bytes 0-31: dims 0-31, 64-95
+    back = page.slice(32, 32, dim=1).load(DOT_A)        # bytes 32-63: dims 32-63, 96-127
+    # two groups in flight at a time: four int32 accumulators of 32 rows took 237 registers
+    a0 = warpgroup_mma(((front ^ 8) & 15).to(gl.int8, bitcast=True),
+                       q_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    a1 = warpgroup_mma(((back ^ 8) & 15).to(gl.int8, bitcast=True),
+                       q_smem.index(1).permute((1, 0)), zero, use_acc=False, is_async=True)
+    a0, a1 = warpgroup_mma_wait(0, deps=[a0, a1])
+    s = (a0 - gl.expand_dims(o0, 0)).to(gl.float32) * gl.expand_dims(_group_scale(ks, 0), 1)
+    s += (a1 - gl.expand_dims(o1, 0)).to(gl.float32) * gl.expand_dims(_group_scale(ks, 1), 1)
+    a2 = warpgroup_mma((front & 0xF0).to(gl.int8, bitcast=True),
+                       q_smem.index(2).permute((1, 0)), zero, use_acc=False, is_async=True)
+    a3 = warpgroup_mma((back & 0xF0).to(gl.int8, bitcast=True),
+                       q_smem.index(3).permute((1, 0)), zero, use_acc=False, is_async=True)
+    a2, a3 = warpgroup_mma_wait(0, deps=[a2, a3])
+    hi = a2.to(gl.float32) * gl.expand_dims(_group_scale(ks, 2), 1)
+    hi += a3.to(gl.float32) * gl.expand_dims(_group_scale(ks, 3), 1)
+    return s + hi * 0.0625
 
 
 @gluon.jit
@@ -212,7 +288,10 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     per request in ``PAGE_TABLE``."""
     gl.static_assert(num_warps == WARPS)
     FP8: gl.constexpr = k_desc.dtype == gl.float8e4nv
+    INT4: gl.constexpr = k_desc.dtype == gl.uint8       # packed, DI / 2 bytes a key
+    KW: gl.constexpr = DI // 2 if INT4 else DI          # a key's elements in the page
     KEYS_M: gl.constexpr = R <= 32          # S^T [keys, rows], else S [rows, keys]
+    gl.static_assert(R <= 32 or not INT4)
     # 32 rows, whole chunks: the block maxima across warps, the keys and the list once
     # per chunk, from each page's maxima per warp kept in shared memory
     DEFER: gl.constexpr = R == 32 and not RANK
@@ -232,23 +311,30 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     j0 = p * PAGES
     # the pages before the last query's block: every row ranks at most those
     n_live = gl.minimum(gl.maximum((n - 1) // BS - j0, 0), PAGES)
-    ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BS, DI], k_desc.layout)
-    ks_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BS],
+    ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BS, KW], k_desc.layout)
+    ks_ring = gl.allocate_shared_memory(gl.int64 if INT4 else gl.float32, [STAGES, BS],
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):       # the copy's arrival (+ each thread's cp.async)
-        mbarrier.init(bars.index(i), count=1 + (32 * WARPS if FP8 else 0))
+        mbarrier.init(bars.index(i), count=1 + (32 * WARPS if FP8 or INT4 else 0))
     fence_async_shared()
     # the first page ids are loaded beside the length (bounded by the table, not by it)
     for i in gl.static_range(STAGES):
-        _issue(k_desc, KIS, ring, ks_ring, bars, _page(PAGE_TABLE, table_row, j0 + i, table_width),
-               i, rows_per_page, i < n_live, FP8)
+        _issue(k_desc, KIS, ring, ks_ring, bars,
+               _page(PAGE_TABLE, table_row, j0 + i, table_width), i, rows_per_page,
+               i < n_live, FP8 or INT4, KW * k_desc.dtype.primitive_bitwidth // 8)
     # the ids of the next two pages to issue, loaded ahead (their latency hidden)
     nxt = _page(PAGE_TABLE, table_row, j0 + STAGES, table_width)
     later = _page(PAGE_TABLE, table_row, j0 + STAGES + 1, table_width)
-    qv, row_scale = _queries(QI, b, scale, stride_qt, stride_qh, NQ, HI, R, FP8)
-    q_smem = gl.allocate_shared_memory(k_desc.dtype, [R, DI], k_desc.layout,
-                                       qv.to(k_desc.dtype))
+    if INT4:        # four int8 groups of 32 dims, and their offsets
+        q_smem = gl.allocate_shared_memory(gl.int8, [DI // 32, R, 32],
+                                           gl.NVMMASharedLayout(32, 8, 2))
+        row_scale, o0, o1 = _int8_queries(QI, b, scale, q_smem, stride_qt, stride_qh, NQ,
+                                          HI, R)
+    else:
+        qv, row_scale = _queries(QI, b, scale, stride_qt, stride_qh, NQ, HI, R, FP8)
+        q_smem = gl.allocate_shared_memory(k_desc.dtype, [R, DI], k_desc.layout,
+                                           qv.to(k_desc.dtype))
     fence_async_shared()
     if KEYS_M:
         # the warps' maxima of every page (DEFER) or of the last two: [NM, WARPS, R]
@@ -263,7 +349,12 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     lists, rmask = _row_lists(CAND, b, r, j0, stride_cc, stride_ch, NQ, HI)
     local = (n - NQ + r // HI) // BS
     row_scale = gl.convert_layout(row_scale, ROW_L)
-    zero = gl.zeros([SM, SN], gl.float32, ACC)
+    zero = gl.zeros([SM, SN], gl.int32 if INT4 else gl.float32, ACC)
+    if INT4:
+        DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=4)
+        OFF_L: gl.constexpr = gl.SliceLayout(0, ACC)           # [R]: the rows of S^T
+        o0 = gl.convert_layout(o0, OFF_L)
+        o1 = gl.convert_layout(o1, OFF_L)
     best = gl.full([R], EMPTY, gl.int64, ROW_L)         # the chunk's largest key so far,
     at = gl.zeros([R], gl.int32, ROW_L)                 # its place
     first = best                                        # and the first key
@@ -275,18 +366,23 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     for jj in range(n_live):
         s = jj % STAGES
         mbarrier.wait(bars.index(s), (jj // STAGES) & 1)      # the page and its scales
-        acc = _scores(ring.index(s), q_smem, zero, KEYS_M)
-        if FP8:
-            ks = ks_ring.index(s).load(KEY_L)
-        else:
+        if INT4:            # scaled per group: the key scales are applied
+            acc = _int4_scores(ring.index(s), q_smem, ks_ring.index(s).load(KEY_L), o0, o1,
+                               zero, DOT_A)
             ks = gl.zeros([BS], gl.float32, KEY_L)
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        else:
+            acc = _scores(ring.index(s), q_smem, zero, KEYS_M)
+            if FP8:
+                ks = ks_ring.index(s).load(KEY_L)
+            else:
+                ks = gl.zeros([BS], gl.float32, KEY_L)
+            acc = warpgroup_mma_wait(0, deps=[acc])
         if KEYS_M:
             _warp_maxima(acc, ks, per_page.index(jj if DEFER else jj % 2), R, FP8)
         # every warp read slot s before its next copies (and stored its maxima)
         gl.thread_barrier()
         _issue(k_desc, KIS, ring, ks_ring, bars, nxt, s, rows_per_page,
-               jj + STAGES < n_live, FP8)
+               jj + STAGES < n_live, FP8 or INT4, KW * k_desc.dtype.primitive_bitwidth // 8)
         nxt = later
         later = _page(PAGE_TABLE, table_row, j0 + jj + STAGES + 2, j0 + n_live)
         if not DEFER:
@@ -348,10 +444,13 @@ def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
     if not on_hopper(qi):
         return False
     sp, st = ki_strides
-    dtype_ok = ki.dtype == torch.float8_e4m3fn or (
+    int4 = ki.dtype == torch.uint8
+    dtype_ok = ki.dtype == torch.float8_e4m3fn or int4 or (
         ki.dtype == torch.bfloat16 and qi.dtype == ki.dtype)      # fp16 keys: the Triton scan
     return (dtype_ok and qi.shape[-1] == DI and block_size == BS
-            and num_q * qi.shape[1] <= MAX_ROWS and st * ki.element_size() % 16 == 0
+            and ki.shape[-1] == (DI // 2 if int4 else DI)
+            and num_q * qi.shape[1] <= (32 if int4 else MAX_ROWS)
+            and st * ki.element_size() % 16 == 0
             and sp % st == 0 and tma_rows(ki, st) < 2 ** 31 and ki.data_ptr() % 16 == 0)
 
 
@@ -360,14 +459,20 @@ def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: in
            stages: int = None) -> None:
     """``paged_scan_kernel`` over ``grid = (requests, chunks)`` of ``pages`` pages
     (``msa.ops.decode.select.paged_scan``'s arguments; the pages as TMA rows; ``ki_scales``
-    for e4m3 keys, else ``None``; ``stages`` ring slots, default ``STAGES``)."""
+    for e4m3 or int4 keys, else ``None``; ``stages`` ring slots, default ``STAGES`` or
+    ``INT4_STAGES``)."""
     sp, st = ki_strides
     rows = rows_padded(num_q * qi.shape[1])
-    desc = TensorDescriptor(ki, [tma_rows(ki, st), DI.value], [st, 1], [BS.value, DI.value],
-                            page_layout(8 * ki.element_size()))
+    int4 = ki.dtype == torch.uint8
+    width = DI.value // 2 if int4 else DI.value
+    desc = TensorDescriptor(ki, [tma_rows(ki, st), width], [st, 1], [BS.value, width],
+                            page_layout(8, 64) if int4 else page_layout(8 * ki.element_size()))
+    if int4:            # a key's four fp16 group scales, one int64 to copy
+        ki_scales = ki_scales.view(torch.int64)
     paged_scan_kernel[grid](
         qi, desc, ki_table if ki_scales is None else ki_scales, ki_table, seq_lens,
         candidates, index_scale, sp // st, ki_table.shape[1],
         qi.stride(0), qi.stride(1), ki_table.stride(0), candidates.stride(0),
         candidates.stride(1), NQ=num_q, HI=qi.shape[1], PAGES=pages, KR=kr, RANK=rank,
-        STAGES=stages or STAGES[ki.element_size()], R=rows, num_warps=WARPS.value)
+        STAGES=stages or (INT4_STAGES if int4 else STAGES[ki.element_size()]), R=rows,
+        num_warps=WARPS.value)

@@ -102,8 +102,10 @@ def paged_scan_kernel(
         row_scale = qs * scale
         NG: tl.constexpr = DI // 32
         q8 = tl.permute(tl.reshape(q8, (ROWS, NG, 32)), (1, 0, 2))      # [NG, ROWS, 32]
-        q_off = 8 * tl.sum(q8.to(tl.int32), 2)      # the keys' offset of 8, [NG, ROWS]
         offs_g = tl.arange(0, NG)
+        low = offs_g < NG // 2          # groups in the low nibbles: read plus 8
+        q_off = tl.where(low[:, None], 8 * tl.sum(q8.to(tl.int32), 2), 0)     # [NG, ROWS]
+        k_mul = tl.where(low, 1.0, 0.0625)          # the high nibbles: read times 16
         offs_h = tl.arange(0, NG // 2)
         offs_i = tl.arange(0, 32)
     lists = CAND + qrow * stride_cc + h * stride_ch + p * PAGES       # [ROWS]: this chunk
@@ -121,11 +123,13 @@ def paged_scan_kernel(
         if INT4:            # [NG, ROWS, BS] exact int32 products per group x group scales
             w = tl.load(KI + page * stride_kp + offs_n[None, None, :] * stride_kt +
                         offs_h[:, None, None] * 32 + offs_i[None, :, None],
-                        mask=(rows & (offs_n >= 0))[None, None, :], other=0x88)  # [NG/2, 32, BS]
-            u = tl.join((w & 15).to(tl.int8), (w >> 4).to(tl.int8))     # low dims, high dims
+                        mask=(rows & (offs_n >= 0))[None, None, :], other=0)  # [NG/2, 32, BS]
+            # two's-complement nibbles: the low ones as x + 8, the high ones as 16 x
+            u = tl.join(((w ^ 8) & 15).to(tl.int8), (w & 0xF0).to(tl.int8, bitcast=True))
             u = tl.reshape(tl.permute(u, (3, 0, 1, 2)), (NG, 32, BS))
             ks = tl.load(KIS + (page * BS + offs_n[None, :]) * NG + offs_g[:, None],
-                         mask=(rows & (offs_n >= 0))[None, :], other=0.0).to(tl.float32)
+                         mask=(rows & (offs_n >= 0))[None, :], other=0.0).to(tl.float32) * \
+                k_mul[:, None]
             acc = tl.dot(q8, u, out_dtype=tl.int32) - q_off[:, :, None]
             s = tl.sum(acc.to(tl.float32) * ks[:, None, :], 0)
         elif FP8:                       # e4m3 x e4m3 products x the keys' row scales

@@ -10,7 +10,8 @@ pytest.importorskip("triton.experimental.gluon")
 
 from msa.ops.decode.select import (candidates_width, paged_select, rank_in_scan,  # noqa: E402
                                    scan_chunks, scan_kernel, unpack)
-from msa.ops.quant import dequantize, fake_quantize, quantize_e4m3  # noqa: E402
+from msa.ops.quant import (dequantize, dequantize_int4, fake_quantize,  # noqa: E402
+                           fake_quantize_int8, quantize_e4m3, quantize_int4)
 from tests.helpers import gluon_ptx  # noqa: E402
 
 BS, DI, K = 128, 128, 16
@@ -21,7 +22,10 @@ SCALE = DI ** -0.5
 ROUNDING = {torch.float8_e4m3fn: 2.0 ** -10,    # x  scale * sum_d |q_d k_d|, the block's largest
             # 16-bit keys: fp32 sums of 128 exact products, in any order, rounded or
             # truncated at each add (128 x 2^-23)
-            torch.bfloat16: 2.0 ** -16}
+            torch.bfloat16: 2.0 ** -16,
+            # int4 keys (uint8 pages): exact int32 sums per group of 32 dims, four of
+            # them scaled and added in fp32
+            torch.uint8: 2.0 ** -20}
 
 
 def _sig(dtype: str):
@@ -52,14 +56,31 @@ def test_compiles_for_sm90():
         assert "cp.async.bulk.tensor.2d" in ptx and "ld.local" not in ptx
 
 
+def test_int4_scan_compiles_for_sm90():
+    """Packed int4 keys: int8 wgmmas with the keys from registers (unpacked by one
+    operation per four bytes), one token (8 rows) and 8 tokens (32 rows, whole chunks)."""
+    from msa.ops.decode import gluon_scan as g
+    sig = {**_sig("bf16"), "KIS": "*i64",
+           "k_desc": f"tensordesc<u8[128, 64],{g.page_layout(8, 64)!r}>"}
+    cases = [(1, 8, True, "m64n8k32"), (8, 32, False, "m64n32k32")]
+    ptxs = gluon_ptx("msa.ops.decode.gluon_scan", "paged_scan_kernel", sig, [
+        dict(NQ=nq, HI=4, PAGES=16, KR=16, RANK=rank, STAGES=g.INT4_STAGES, R=rows,
+             num_warps=4) for nq, rows, rank, _ in cases])
+    for ptx, (*_, shape) in zip(ptxs, cases):
+        assert f"wgmma.mma_async.sync.aligned.{shape}.s32.s8.s8" in ptx, shape
+        assert "ldmatrix" in ptx and "shr.u16" not in ptx       # no byte-by-byte unpacking
+        assert "cp.async.bulk.tensor.2d" in ptx and "ld.local" not in ptx
+
+
 def _case(lengths, nq, hi, seed, dtype):
-    """Queries, keys ``[pages, BS, DI]`` (e4m3 with their scales, or bf16 and ``None``),
-    a page table and the lengths."""
+    """Queries, keys ``[pages, BS, DI]`` (e4m3 with their scales, int4 ``[pages, BS, DI /
+    2]`` uint8 with theirs, or bf16 and ``None``), a page table and the lengths."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     per = max(-(-n // BS) for n in lengths)
     pages = len(lengths) * per + 5
     ki = torch.randn(pages, BS, DI, device="cuda", generator=g)
-    ki, kis = quantize_e4m3(ki) if dtype == torch.float8_e4m3fn else (ki.to(dtype), None)
+    ki, kis = quantize_e4m3(ki) if dtype == torch.float8_e4m3fn else quantize_int4(ki) \
+        if dtype == torch.uint8 else (ki.to(dtype), None)
     table = torch.randperm(pages, device="cuda", generator=g)[:len(lengths) * per]
     table = table.view(len(lengths), per).to(torch.int32).contiguous()
     lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
@@ -81,12 +102,13 @@ def _select(qi, ki, kis, table, lens, nq, per):
 
 def _scores(qi, ki, kis, table, lens, nq):
     """fp64 block maxima ``[rows, hi, blocks]`` of the queries (e4m3 keys: the queries'
-    ``fake_quantize``, the keys dequantized) against the keys (``-inf`` for blocks a row
-    does not rank), and how far the tensor cores' rounding may move each (``ROUNDING``,
-    zero for those blocks)."""
-    fp8 = kis is not None
-    keys = (dequantize(ki, kis) if fp8 else ki).double()          # [P, BS, DI]
-    q = (fake_quantize(qi) if fp8 else qi).double()
+    ``fake_quantize``, the keys dequantized; int4 keys: int8 queries) against the keys
+    (``-inf`` for blocks a row does not rank), and how far the tensor cores' rounding may
+    move each (``ROUNDING``, zero for those blocks)."""
+    int4, fp8 = ki.dtype == torch.uint8, ki.dtype == torch.float8_e4m3fn
+    keys = (dequantize(ki, kis) if fp8 else dequantize_int4(ki, kis) if int4
+            else ki).double()                                   # [P, BS, DI]
+    q = (fake_quantize(qi) if fp8 else fake_quantize_int8(qi) if int4 else qi).double()
     rounding = ROUNDING[ki.dtype]
     rows, hi = qi.shape[:2]
     out = torch.full((rows, hi, table.shape[1]), float("-inf"), dtype=torch.float64,
@@ -162,7 +184,7 @@ def _assert_ranked_lists(cand, scores, tol, lens, nq, per):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("lengths,nq,hi,per", [
     ((3000, 2500, 1800), 2, 4, None),               # 8 rows: keys as the MMA rows
     ((100, 129, 256, 257, 5000), 1, 4, None),       # no earlier block, chunks with no page
@@ -177,6 +199,8 @@ def _assert_ranked_lists(cand, scores, tol, lens, nq, per):
 def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, dtype, monkeypatch):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon decode scan is for Hopper")
+    if dtype == torch.uint8 and nq * hi > 32:
+        pytest.skip("int4 keys: the Gluon scan takes at most 32 rows")
     qi, ki, kis, table, lens = _case(lengths, nq, hi, nq * 100 + hi, dtype)
     qi[-1, -1, 5] = float("nan")                    # a NaN query row (semantics: smallest ids)
     assert scan_kernel(qi, ki, (ki.stride(0), ki.stride(1)), BS, nq) == "gluon"
@@ -195,6 +219,9 @@ def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, dtype, m
             page = int(table[b, (n - 1) // BS])
             if pkis is None:
                 poisoned[page, n % BS:] = float("nan")
+            elif dtype == torch.uint8:                  # int4 has no NaN: large values
+                poisoned[page, n % BS:] = 0x77
+                pkis[page, n % BS:] = float("nan")
             else:
                 poisoned.view(torch.uint8)[page, n % BS:] = 0x7F        # e4m3 NaN
                 pkis[page, n % BS:] = float("nan")

@@ -19,8 +19,9 @@ from tests.ops.decode.test_triton import BS, D, HKV, HQ, _cache  # noqa: E402
 
 
 def test_int4_quantizer_round_trips_within_half_a_step():
-    """Group scales ``max|x| / 7`` in fp16, values -7..7 (stored + 8), dims ``j`` and
-    ``j + D/2`` in one byte; saturation past fp16's range; zero groups; int8 queries."""
+    """Group scales ``max|x| / 7`` in fp16, values -7..7 (two's-complement nibbles), dims
+    ``j`` and ``j + D/2`` in one byte; saturation past fp16's range; zero groups; int8
+    queries."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 3, 128, generator=g, dtype=torch.float64)
     x[0, 0, :32] = 0.0                              # a zero group: scale 1
@@ -31,7 +32,8 @@ def test_int4_quantizer_round_trips_within_half_a_step():
     assert scales[0, 0, 0] == 1 and scales[1, 1, 1] == 65504
     u = unpack_int4(packed)
     assert int(u.min()) >= -7 and int(u.max()) <= 7
-    assert torch.equal(u[..., 64:], (packed >> 4).to(torch.int8) - 8)
+    hi = (packed >> 4).to(torch.int8)                   # two's-complement nibbles
+    assert torch.equal(u[..., 64:], torch.where(hi >= 8, hi - 16, hi))
     back = fake_quantize_int4(x)
     step = scales.double().repeat_interleave(32, -1)
     err = (back - x).abs()
@@ -80,13 +82,13 @@ def test_int4_scan_block_maxima_equal_the_quantized_scores(lengths, nq, per):
 
 @pytest.mark.parametrize("hi,nq", [(HKV, 1), (1, 2)])
 def test_int4_copy_rescored_like_the_reference(hi, nq):
-    """``ki_scan`` with an int4 copy: the scan's best ``topk - 1 + 48`` blocks scored again
-    with the exact keys equal the reference rule (``index_precision="int4"``) over 63-70
+    """``ki_scan`` with an int4 copy: the scan's best ``topk - 1 + 64`` blocks scored again
+    with the exact keys equal the reference rule (``index_precision="int4"``) over 72-79
     blocks, outputs poisoned first; the int4 scan's own top-k differs from the exact one
     on some row (what the re-scoring is for)."""
     n_sel = 3
-    lengths = (4400, 4000)
-    k, v, ki, table = _cache(lengths, 140, seed=23)
+    lengths = (5000, 4600)
+    k, v, ki, table = _cache(lengths, 160, seed=23)
     table = torch.where(table < 0, 0, table)
     ki4 = quantize_int4(ki)
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
@@ -109,7 +111,7 @@ def test_int4_copy_rescored_like_the_reference(hi, nq):
     torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
     exact = paged_decode_reference(q, qi, k, v, ki, table, lens, num_q=nq, topk=n_sel,
                                    scale=cfg.scale, index_scale=cfg.index_scale)[2]
-    assert torch.equal(topk, exact)         # 48 more candidates hold the exact choice
+    assert torch.equal(topk, exact)         # 64 more candidates hold the exact choice
     scan_only = torch.full_like(topk, -7)
     paged_select(qi, ki4[0], table, lens, batch=len(lengths), num_q=nq,
                  max_pages=table.shape[1], candidates=dec.candidates[:rows],
@@ -143,3 +145,55 @@ def test_int4_copy_bad_input_is_named():
         msa.msa_indexer(qi, ki.reshape(-1, 1, D), torch.tensor([0, 1]),
                         torch.tensor([0, ki.shape[0] * BS]), index_precision="int4",
                         backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nq,kv", [(1, "bf16"), (8, "bf16"), (1, "e4m3"), (2, "e4m3")])
+def test_int4_copy_decodes_like_the_triton_scan_and_the_reference(nq, kv, monkeypatch):
+    """MiniMax-M3's index shape (4 index heads of 128, pages of 128) on a GPU: with an int4
+    copy the decoder's selection (the Gluon scan on Hopper) equals that of the Triton scan
+    and the reference rule, and its output the reference's over the same pages (bf16 or
+    e4m3 K/V)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from msa.inference import PagedKVCache
+    from msa.ops.decode.select import scan_kernel
+    cfg = MSAConfig(num_heads=16, num_kv_heads=4, head_dim=128, num_index_heads=4,
+                    index_head_dim=128, block_size=128, topk=16)
+    lengths = (40000, 9000, 300)
+    cache = PagedKVCache.for_model(cfg, num_layers=1, batch=len(lengths), num_pages=460,
+                                   dtype=torch.bfloat16 if kv == "bf16" else
+                                   torch.float8_e4m3fn, scan_copy="int4", device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for r, n in enumerate(lengths):
+        cache.append(r, *(torch.randn(n, *shape, device="cuda", generator=g)
+                          for shape in ((4, 128), (4, 128), (128,))))
+    reqs = list(range(len(lengths)))
+    table, lens = cache.page_table(reqs), cache.seq_lens(reqs)
+    rows = len(lengths) * nq
+    q = torch.randn(rows, 16, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    qi = torch.randn(rows, 4, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    (kp, vp, kip), (ks, vs, _) = cache.layer(0), cache.scales(0)
+    pages, scales = cache.scan_layer(0)
+    dec = PagedDecoder(cfg, max_batch=len(lengths), num_q=nq, max_pages=table.shape[1],
+                       device="cuda", graphs=False)
+    dec.plan(table, lens)
+    if torch.cuda.get_device_capability() == (9, 0) and nq * 4 <= 32:
+        assert scan_kernel(qi, pages, (pages.stride(0), pages.stride(1)), 128, nq) == "gluon"
+    dec.out.fill_(float("nan"))
+    out, topk = (x.clone() for x in dec.run(q, qi, kp, vp, kip, k_scales=ks, v_scales=vs,
+                                            ki_scan=(pages, scales)))
+    monkeypatch.setenv("MSA_DECODE_KERNEL", "triton")
+    t_out, t_topk = dec.run(q, qi, kp, vp, kip, k_scales=ks, v_scales=vs,
+                            ki_scan=(pages, scales))
+    assert torch.equal(topk, t_topk)
+    from msa.ops.quant import dequantize
+    kf = kp.float() if ks is None else dequantize(kp, ks)
+    vf = vp.float() if vs is None else dequantize(vp, vs)
+    r_out, _, r_topk = paged_decode_reference(
+        q.float(), qi.float(), kf, vf, kip.float(), table, lens, num_q=nq, topk=16,
+        scale=cfg.scale, index_scale=cfg.index_scale, index_precision="int4")
+    same = (topk.sort(-1).values == r_topk.sort(-1).values).all(-1)
+    assert same.float().mean() >= 0.98            # near-ties of bf16 inputs may swap
+    ok = same.all(0)                                    # rows whose every head agrees
+    torch.testing.assert_close(out.float()[ok], r_out[ok], rtol=2e-2, atol=2e-2)
