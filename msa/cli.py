@@ -136,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--preset", default="auto", choices=["auto", "m3", "small"],
                       help="m3: Hq=64 Hkv=4 D=128; small: Hq=8 Hkv=2 D=64 (auto: m3 on "
                            "CUDA, small on CPU)")
-    niah.add_argument("--index-precision", default="input", choices=["input", "fp8"],
-                      help="index scores in the inputs' precision or e4m3 (FP8 index "
-                           "scoring; default input)")
+    niah.add_argument("--index-precision", default="input", choices=["input", "fp8", "int4"],
+                      help="index scores in the inputs' precision, e4m3 (FP8 index "
+                           "scoring) or the decode scan of an int4 copy of the keys "
+                           "(reference; default input)")
     niah.add_argument("--fp8-cache", default="none", choices=["none", "kv", "all"],
                       help="the context as an FP8 cache holds it: K/V (kv) or K/V and index "
                            "keys (all) in e4m3 with row scales (default none)")

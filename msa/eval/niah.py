@@ -140,10 +140,13 @@ def as_fp8_cache(k, v, ki, qi, which: str):
 
 
 def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="cpu",
-             dtype=torch.float32, seed: int = 0, fp8_cache: str = "none") -> Cell:
+             dtype=torch.float32, seed: int = 0, fp8_cache: str = "none",
+             index_precision: str = None) -> Cell:
     """One (length, depth) cell; ``fp8_cache``: the context's K/V (``"kv"``) or K/V and
     index keys (``"all"``) as an FP8 cache holds them; the needle's value compared is the
-    unquantized one."""
+    unquantized one. ``index_precision``: the selection rule (default ``cfg``'s;
+    ``"int4"``, the decode scan of an int4 copy, by the reference)."""
+    rule = index_precision or cfg.index_precision
     t_start = time.perf_counter()
     needle = _needle_position(T, depth, probe, cfg.block_size)
     q, k, v0, qi, ki = make_haystack(T, cfg, needle, n_queries=probe, probe=probe,
@@ -153,7 +156,8 @@ def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="c
     cu_q, cu_k = torch.tensor([0, probe], **i32), torch.tensor([0, T], **i32)
     with torch.no_grad():
         topk = msa_indexer(qi, ki, cu_q, cu_k, block_size=cfg.block_size, topk=cfg.topk,
-                           softmax_scale=cfg.index_scale, index_precision=cfg.index_precision)
+                           softmax_scale=cfg.index_scale, index_precision=rule,
+                           backend="reference" if rule == "int4" else "auto")
         out = msa_sparse_attention(q, k, v, topk, cu_q, cu_k, block_size=cfg.block_size,
                                    softmax_scale=cfg.scale).float()
         seg = Segments([0], [probe], [0], [T], probe, T)
@@ -168,13 +172,14 @@ def run_cell(T: int, depth: float, cfg: MSAConfig, *, probe: int = 16, device="c
 
 def run_grid(lengths: Sequence[int], depths: Sequence[float], cfg: MSAConfig, *,
              device="cpu", dtype=torch.float32, progress=True,
-             fp8_cache: str = "none") -> List[Cell]:
+             fp8_cache: str = "none", index_precision: str = None) -> List[Cell]:
     cells = []
     with Progress(len(lengths) * len(depths), "niah", progress) as bar:
         for T in lengths:
             for d in depths:
                 cells.append(run_cell(T, d, cfg, device=device, dtype=dtype,
-                                      seed=int(T + 1000 * d), fp8_cache=fp8_cache))
+                                      seed=int(T + 1000 * d), fp8_cache=fp8_cache,
+                                      index_precision=index_precision))
                 bar.update()
     return cells
 
@@ -194,12 +199,13 @@ def main(lengths, depths, device="cpu", json_path=None, png_path=None, progress=
         require_matplotlib()
     dev = torch.device(device)
     use_m3 = preset == "m3" or (preset == "auto" and dev.type == "cuda")
-    cfg = MSAConfig(index_precision=index_precision) if use_m3 else MSAConfig(
+    layer_rule = "input" if index_precision == "int4" else index_precision   # decode only
+    cfg = MSAConfig(index_precision=layer_rule) if use_m3 else MSAConfig(
         num_heads=8, num_kv_heads=2, head_dim=64, block_size=128, topk=16,
-        index_precision=index_precision)
+        index_precision=layer_rule)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cells = run_grid(lengths, depths, cfg, device=dev, dtype=dtype, progress=progress,
-                     fp8_cache=fp8_cache)
+                     fp8_cache=fp8_cache, index_precision=index_precision)
     print(f"{'T':>9} {'depth':>6} {'selected':>8} {'recall':>7} {'max err':>9} {'cos':>6} "
           f"{'s':>6}")
     for c in cells:
@@ -207,6 +213,7 @@ def main(lengths, depths, device="cpu", json_path=None, png_path=None, progress=
               f"{c.max_err:9.2e} {c.cosine:6.3f} {c.seconds:6.1f}")
     if json_path:
         meta = dict(device=str(dev), preset="m3" if use_m3 else "cpu-small", fp8_cache=fp8_cache,
+                    index_precision=index_precision,
                     config=asdict(cfg), dtype=str(dtype), torch=torch.__version__,
                     date=time.strftime("%Y-%m-%d"))
         with open(json_path, "w") as f:

@@ -43,8 +43,8 @@ def paged_decode_reference(q, qi, k_pages, v_pages, ki_pages, page_table, seq_le
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out [B*Q, Hq, D], lse [B*Q, Hq], topk_indices [Hi, B*Q, K])`` of one decode
     step (shapes as ``paged_decode``; ``seq_lens`` and ``page_table`` hold the ``B``
-    requests of the step). ``index_precision="fp8"``: candidates by the e4m3 scores, then
-    the exact ones (``indexer_reference``; the decoder's ``ki_fp8``)."""
+    requests of the step). ``index_precision="fp8"`` / ``"int4"``: candidates by the e4m3
+    / int4 scores, then the exact ones (``indexer_reference``; the decoder's ``ki_scan``)."""
     lens = [int(n) for n in seq_lens.tolist()]
     seg = paged_segments(lens, [num_q] * len(lens))
     bs = k_pages.shape[-2]
