@@ -24,6 +24,9 @@ from ..quant import FP8_CANDIDATES, INT4_CANDIDATES
 from ..triton_utils import dot, next_pow2, precision, upcast
 from .select import EMPTY, TARGET_PROGRAMS, block_id, pack, top_keys
 
+RESCORE_PROGRAMS = 2 * TARGET_PROGRAMS      # candidate slots per program: rows x heads x
+# candidates over this, a power of two
+
 
 @triton.jit
 def paged_rescore_kernel(
@@ -86,12 +89,15 @@ def paged_rescore(candidates, lists, qi, ki, page_table, exact, *, num_q: int, t
     if exact.dtype != torch.int64 or exact.shape[2] < nc_pad or exact.stride(2) != 1:
         raise ValueError(f"exact must be int64 with a contiguous last dim of >= {nc_pad}, "
                          f"got {tuple(exact.shape)} {exact.dtype}")
-    per = max(1, min(nc_pad, next_pow2(rows * hi * nc_pad // (2 * TARGET_PROGRAMS))))
-    paged_rescore_kernel[(rows, hi, nc_pad // per)](
+    # candidates per program: one each while rows are few (each program merges its row's
+    # lists first: the latency of one merge and one page), more as rows grow
+    per = max(1, min(nc_pad, next_pow2(rows * hi * nc // RESCORE_PROGRAMS)))
+    spans = triton.cdiv(nc, per)
+    paged_rescore_kernel[(rows, hi, spans)](
         candidates, qi, ki, page_table, exact, index_scale, n_lists,
         candidates.stride(0), candidates.stride(1), qi.stride(0), qi.stride(1),
         ki.stride(0), ki.stride(1), page_table.stride(0), exact.stride(0), exact.stride(1),
         NQ=num_q, DI=qi.shape[-1], BS=block_size, LS=ls, KR=kr, NL_PAD=next_pow2(n_lists),
         NC=nc, NC_PAD=nc_pad, PER=per, PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype),
         num_warps=8 if n_lists > 4096 else 4)
-    return 1, nc_pad, 1
+    return 1, spans * per, 1        # slots past the candidates hold EMPTY
