@@ -1,7 +1,9 @@
 """Gluon decode index scan for Hopper (sm_90): ``paged_scan_kernel``.
 
 Same contract as ``msa.ops.decode.select.paged_scan_kernel`` over index-key pages, e4m3
-with fp32 key scales (``FP8``) or bf16: grid (request, page chunk), one int64 ``pack``
+with fp32 key scales (``FP8``), packed int4 with fp16 group scales (``INT4``: int8 wgmmas
+per group of 32 dims with the keys unpacked in registers, ``_int4_scores``; at most 32
+query rows) or bf16: grid (request, page chunk), one int64 ``pack``
 key per (query row, index head, block) into the chunk's list, the chunk's largest first;
 or (``RANK``) the chunk's best ``KR`` keys, the largest first and the rest in no order
 (all the merge, ``top_keys``, reads), kept in registers while the pages stream (each key
@@ -328,7 +330,8 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     later = _page(PAGE_TABLE, table_row, j0 + STAGES + 1, table_width)
     if INT4:        # four int8 groups of 32 dims, and their offsets
         q_smem = gl.allocate_shared_memory(gl.int8, [DI // 32, R, 32],
-                                           gl.NVMMASharedLayout(32, 8, 2))
+                                           gl.NVMMASharedLayout(swizzle_byte_width=32,
+                                                                element_bitwidth=8, rank=2))
         row_scale, o0, o1 = _int8_queries(QI, b, scale, q_smem, stride_qt, stride_qh, NQ,
                                           HI, R)
     else:
