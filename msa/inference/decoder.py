@@ -251,7 +251,8 @@ class PagedDecoder:
     def scan_kernel(self, qi, ki_pages) -> str:
         """The index-scan kernel ``run`` launches over these index-key pages (with
         ``ki_scan``: over the copy's pages): ``"gluon"`` (``msa.ops.decode.gluon_scan``:
-        Hopper, e4m3 or bf16 pages, at most 64 query rows per request) or ``"triton"``
+        Hopper, e4m3, int4 or bf16 pages, at most 64 query rows per request, 32 over int4
+        pages) or ``"triton"``
         (``MSA_DECODE_KERNEL=triton`` keeps it)."""
         from ..ops.decode.select import scan_kernel
         if self.batch == 0:

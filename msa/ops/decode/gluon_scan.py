@@ -440,10 +440,10 @@ def rows_padded(rows: int) -> int:
 def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
               num_q: int) -> bool:
     """Whether ``paged_scan_kernel`` scans these pages: a Hopper GPU (sm_90), index keys of
-    head dim 128, e4m3 or bf16 (with bf16 queries), in pages of 128 whose rows are TMA
-    rows (16-byte aligned, the page stride a whole multiple of the row stride, fewer than
-    2^31 rows in ``ki``'s extent, ``tma_rows``), at most 64 query rows per request
-    (``num_q x Hi``)."""
+    head dim 128, e4m3, packed int4 (uint8, 64 bytes a key) or bf16 (with bf16 queries),
+    in pages of 128 whose rows are TMA rows (16-byte aligned, the page stride a whole
+    multiple of the row stride, fewer than 2^31 rows in ``ki``'s extent, ``tma_rows``), at
+    most 64 query rows per request (``num_q x Hi``; 32 over int4 keys)."""
     if not on_hopper(qi):
         return False
     sp, st = ki_strides

@@ -265,7 +265,8 @@ def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
 
 def scan_kernel(qi, ki, ki_strides, block_size: int, num_q: int) -> str:
     """The kernel of ``paged_scan``: ``"gluon"`` (``msa.ops.decode.gluon_scan``: Hopper,
-    e4m3 or bf16 index keys, at most 64 query rows per request) where it applies, else
+    e4m3, int4 or bf16 index keys, at most 64 query rows per request, 32 over int4 keys)
+    where it applies, else
     ``"triton"`` (``paged_scan_kernel``); ``MSA_DECODE_KERNEL=triton`` in the environment
     keeps the Triton kernel."""
     from ..attention.forward import choose_kernel
