@@ -94,9 +94,12 @@ class PagedKVCache:
         if scan_copy == "e4m3":
             self.scan_pages = torch.zeros_like(self.ki_pages, dtype=E4M3)
             self.scan_scales = torch.ones(self.ki_pages.shape[:-1], device=device)
-        elif scan_copy == "int4":       # packed zeros, unit group scales
-            self.scan_pages, self.scan_scales = quantize_int4(
-                torch.zeros_like(self.ki_pages, dtype=torch.float32))
+        elif scan_copy == "int4":       # zeros (quantize_int4's layout), unit group scales
+            rows = self.ki_pages.shape[:-1]
+            self.scan_pages = torch.zeros(*rows, index_dim // 2, dtype=torch.uint8,
+                                          device=device)
+            self.scan_scales = torch.ones(*rows, index_dim // INT4_GROUP,
+                                          dtype=torch.float16, device=device)
         self.free_pages: List[int] = list(range(num_pages))
         self.pages: Dict[int, List[int]] = {}
         self.lengths: Dict[int, int] = {}
