@@ -27,11 +27,16 @@ def quantize_e4m3(x: torch.Tensor, bound: float = E4M3_MAX) -> Tuple[torch.Tenso
     """``x [..., D]`` -> ``x8 [..., D]`` e4m3 and ``scale [...]`` fp32; ``bound`` (at most
     448) is what a row's largest magnitude maps to (``scale = max|x| / bound``)."""
     xf = x.float()
-    amax = xf.abs().amax(-1)
-    # a tensor divisor: IEEE division on every device, as the kernels' div_rn (CUDA torch
-    # multiplies by the reciprocal of a Python number instead)
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, bound), torch.ones_like(amax))
+    scale = _row_scales(xf, bound)
     return (xf / scale.unsqueeze(-1)).clamp(-bound, bound).to(E4M3), scale
+
+
+def _row_scales(xf: torch.Tensor, bound: float) -> torch.Tensor:
+    """``max|x| / bound`` over the last dim of fp32 ``xf`` (1 for a row of zeros). The
+    divisor is a tensor: IEEE division on every device, as the kernels' div_rn (CUDA torch
+    multiplies by the reciprocal of a Python number instead)."""
+    amax = xf.abs().amax(-1)
+    return torch.where(amax > 0, amax / torch.full_like(amax, bound), torch.ones_like(amax))
 
 
 def dequantize(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,11 +49,6 @@ def fake_quantize(x: torch.Tensor) -> torch.Tensor:
     fp64)."""
     out = dequantize(*quantize_e4m3(x))
     return out.double() if x.dtype == torch.float64 else out
-
-
-def _div(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``x / d`` with a tensor divisor (IEEE division on every device, as the kernels')."""
-    return x / d
 
 
 def quantize_int4(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -65,10 +65,9 @@ def quantize_int4(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"int4 keys need a last dim that is a multiple of {2 * INT4_GROUP}, "
                          f"got {d}")
     xg = x.float().reshape(*x.shape[:-1], d // INT4_GROUP, INT4_GROUP)
-    amax = xg.abs().amax(-1)
-    scale = _div(amax, torch.full_like(amax, INT4_MAX)).clamp(max=FP16_MAX).half()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    v = torch.round(_div(xg, scale.float().unsqueeze(-1))).clamp(-INT4_MAX, INT4_MAX)
+    scale = _row_scales(xg, INT4_MAX).clamp(max=FP16_MAX).half()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))     # underflow in fp16
+    v = torch.round(xg / scale.float().unsqueeze(-1)).clamp(-INT4_MAX, INT4_MAX)
     u = (v.reshape(x.shape).to(torch.int8) & 15).to(torch.uint8)
     return u[..., :d // 2] | (u[..., d // 2:] << 4), scale
 
@@ -91,10 +90,8 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     ``scale [...]`` fp32 ``= max|x| / 127`` (1 for a row of zeros): the index queries of
     an int4 scan."""
     xf = x.float()
-    amax = xf.abs().amax(-1)
-    scale = torch.where(amax > 0, _div(amax, torch.full_like(amax, 127.0)),
-                        torch.ones_like(amax))
-    return torch.round(_div(xf, scale.unsqueeze(-1))).clamp(-127, 127).to(torch.int8), scale
+    scale = _row_scales(xf, 127.0)
+    return torch.round(xf / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale
 
 
 def fake_quantize_int4(x: torch.Tensor) -> torch.Tensor:

@@ -132,15 +132,14 @@ def paged_scan_kernel(
                 k_mul[:, None]
             acc = tl.dot(q8, u, out_dtype=tl.int32) - q_off[:, :, None]
             s = tl.sum(acc.to(tl.float32) * ks[:, None, :], 0)
-        elif FP8:                       # e4m3 x e4m3 products x the keys' row scales
-            ki = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt +
-                         offs_d[None, :], mask=rows[:, None], other=0.0)
-            s = dot(q8, tl.trans(ki), "tf32", False) * \
-                tl.load(KIS + page * BS + offs_n, mask=rows, other=0.0)[None, :]
         else:
             ki = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt +
                          offs_d[None, :], mask=rows[:, None], other=0.0)
-            s = dot(qi, tl.trans(ki), PRECISION, UPCAST)
+            if FP8:                     # e4m3 x e4m3 products x the keys' row scales
+                s = dot(q8, tl.trans(ki), "tf32", False) * \
+                    tl.load(KIS + page * BS + offs_n, mask=rows, other=0.0)[None, :]
+            else:
+                s = dot(qi, tl.trans(ki), PRECISION, UPCAST)
         m = tl.max(s, 1) * row_scale        # earlier blocks only: every key visible
         key = tl.where((j < local) & (m != float("-inf")), pack(m, j), EMPTY)
         tl.store(lists + jj, key, mask=rmask)
