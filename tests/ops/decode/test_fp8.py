@@ -94,6 +94,28 @@ def test_fp8_pages_meet_bf16_queries_in_fp16():
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
 
 
+def rescore_case(lengths, num_pages, seed, query_seed, hi, nq, n_sel, **decoder):
+    """A cache (``_cache``, unused page ids as 0), its lengths, fp32 queries ``q, qi`` and a
+    float32 ``PagedDecoder`` selecting ``n_sel`` blocks, planned, its exact-keys buffer
+    poisoned: ``(k, v, ki, table, lens, q, qi, cfg, dec)``."""
+    from msa import MSAConfig
+    from msa.inference import PagedDecoder
+    k, v, ki, table = _cache(lengths, num_pages, seed=seed)
+    table = torch.where(table < 0, 0, table)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(query_seed)
+    rows = len(lengths) * nq
+    q = torch.randn(rows, HQ, D, generator=g).to(DEVICE)
+    qi = torch.randn(rows, hi, D, generator=g).to(DEVICE)
+    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, num_index_heads=hi,
+                    index_head_dim=D, block_size=BS, topk=n_sel)
+    dec = PagedDecoder(cfg, max_batch=len(lengths), num_q=nq, max_pages=table.shape[1],
+                       device=DEVICE, dtype=torch.float32, **decoder)
+    dec.exact.fill_(5)
+    dec.plan(table, lens)
+    return k, v, ki, table, lens, q, qi, cfg, dec
+
+
 @pytest.mark.parametrize("hi,per,nq", [(HKV, None, 2), (1, 8, 1), (HKV, 4, 2)])
 def test_fp8_index_copy_rescored_like_the_reference(hi, per, nq):
     """``ki_scan``: the scan reads an e4m3 copy of the index keys, its best ``topk - 1 +
@@ -101,24 +123,11 @@ def test_fp8_index_copy_rescored_like_the_reference(hi, per, nq):
     (``index_precision="fp8"``), lists of one block and ranked lists of 8 and 4 pages;
     and the re-scoring changes rows of the FP8 selection (top 8 of 40 random blocks)."""
     n_sel = 8
-    from msa import MSAConfig
-    from msa.inference import PagedDecoder
     from msa.ops.decode import paged_decode_reference
     lengths = (2500, 1900, 700)
-    k, v, ki, table = _cache(lengths, 90, seed=21)
-    table = torch.where(table < 0, 0, table)
+    k, v, ki, table, lens, q, qi, cfg, dec = rescore_case(lengths, 90, 21, 4, hi, nq, n_sel,
+                                                          pages_per_program=per)
     ki8, kis = quantize_e4m3(ki)
-    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    g = torch.Generator().manual_seed(4)
-    rows = len(lengths) * nq
-    q = torch.randn(rows, HQ, D, generator=g).to(DEVICE)
-    qi = torch.randn(rows, hi, D, generator=g).to(DEVICE)
-    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, num_index_heads=hi,
-                    index_head_dim=D, block_size=BS, topk=n_sel)
-    dec = PagedDecoder(cfg, max_batch=len(lengths), num_q=nq, max_pages=table.shape[1],
-                       device=DEVICE, dtype=torch.float32, pages_per_program=per)
-    dec.exact.fill_(5)
-    dec.plan(table, lens)
     fp8_only = dec.run(q, qi, k, v, ki8, ki_scales=kis)[1].clone()
     out, topk = dec.run(q, qi, k, v, ki, ki_scan=(ki8, kis))
     r_out, _, r_topk = paged_decode_reference(

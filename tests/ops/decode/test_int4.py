@@ -15,6 +15,7 @@ from msa.ops.decode.select import candidates_width, paged_scan, paged_select, un
 from msa.ops.quant import (fake_quantize_int4, fake_quantize_int8, quantize_int4,  # noqa: E402
                            quantize_int8, unpack_int4)
 from tests.helpers import DEVICE  # noqa: E402
+from tests.ops.decode.test_fp8 import rescore_case  # noqa: E402
 from tests.ops.decode.test_triton import BS, D, HKV, HQ, _cache  # noqa: E402
 
 
@@ -88,21 +89,10 @@ def test_int4_copy_rescored_like_the_reference(hi, nq):
     on some row (what the re-scoring is for)."""
     n_sel = 3
     lengths = (5000, 4600)
-    k, v, ki, table = _cache(lengths, 160, seed=23)
-    table = torch.where(table < 0, 0, table)
+    k, v, ki, table, lens, q, qi, cfg, dec = rescore_case(lengths, 160, 23, 6, hi, nq, n_sel)
     ki4 = quantize_int4(ki)
-    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    g = torch.Generator().manual_seed(6)
     rows = len(lengths) * nq
-    q = torch.randn(rows, HQ, D, generator=g).to(DEVICE)
-    qi = torch.randn(rows, hi, D, generator=g).to(DEVICE)
-    cfg = MSAConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=D, num_index_heads=hi,
-                    index_head_dim=D, block_size=BS, topk=n_sel)
-    dec = PagedDecoder(cfg, max_batch=len(lengths), num_q=nq, max_pages=table.shape[1],
-                       device=DEVICE, dtype=torch.float32)
-    dec.exact.fill_(5)
     dec.out.fill_(float("nan"))
-    dec.plan(table, lens)
     out, topk = dec.run(q, qi, k, v, ki, ki_scan=ki4)
     r_out, _, r_topk = paged_decode_reference(
         q, qi, k, v, ki, table, lens, num_q=nq, topk=n_sel, scale=cfg.scale,
