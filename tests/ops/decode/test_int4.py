@@ -132,8 +132,8 @@ def test_int4_copy_bad_input_is_named():
         dec.run(q, qi, k, v, ki, ki_scan=k4)
     with pytest.raises(ValueError, match="runs on backend='reference' only"):
         import msa
-        msa.msa_indexer(qi, ki.reshape(-1, 1, D), torch.tensor([0, 1]),
-                        torch.tensor([0, ki.shape[0] * BS]), index_precision="int4",
+        msa.msa_indexer(qi, ki.reshape(-1, 1, D), torch.tensor([0, 1], device=DEVICE),
+                        torch.tensor([0, ki.shape[0] * BS], device=DEVICE), index_precision="int4",
                         backend="triton")
 
 
