@@ -10,13 +10,10 @@
 * ``rank_rows``: places of a row's entries by score desc, id asc (kept sets, candidates);
 * ``to_e4m3``: fp32 -> e4m3 rounded to nearest even, as ``torch`` converts;
 * ``dequant_rows``: e4m3 rows times their fp32 row scales (FP8 pages, ``msa.ops.quant``);
-* ``load_item`` / ``query_program``: a KV-outer work item, a per-(query, KV head) program;
-* ``pdl`` / ``wait_previous``: programmatic dependent launch of a kernel that reads the
-  previous kernel's output (Hopper and later).
+* ``load_item`` / ``query_program``: a KV-outer work item, a per-(query, KV head) program.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -27,28 +24,6 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)          # usable inside kernels
 INTERPRETED = tl.constexpr(INTERPRETER)
-USE_PDL = os.environ.get("MSA_PDL", "1") != "0"
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_device(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def pdl(x: torch.Tensor) -> bool:
-    """Whether a kernel over ``x``'s device launches as a programmatic dependent of the
-    kernel before it (sm_90 and later, ``MSA_PDL=0`` in the environment turns it off): it
-    is set up while that kernel finishes and waits for it in ``wait_previous``. Pass as
-    ``PDL=pdl(x), launch_pdl=pdl(x)``."""
-    return USE_PDL and not INTERPRETER and x.is_cuda and _pdl_device(x.device.index or 0)
-
-
-@triton.jit
-def wait_previous(PDL: tl.constexpr):
-    """Wait until the previous kernel finished and its writes are visible (``pdl``): the
-    first statement of a kernel launched so, which then reads any input safely."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
 
 
 def next_pow2(x: int) -> int:

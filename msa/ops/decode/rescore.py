@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..quant import FP8_CANDIDATES, INT4_CANDIDATES
-from ..triton_utils import dot, next_pow2, pdl, precision, upcast, wait_previous
+from ..triton_utils import dot, next_pow2, precision, upcast
 from .select import EMPTY, TARGET_PROGRAMS, block_id, pack, top_keys
 
 RESCORE_PROGRAMS = 2 * TARGET_PROGRAMS      # candidate slots per program: rows x heads x
@@ -35,22 +35,21 @@ def paged_rescore_kernel(
         stride_ec, stride_eh, NQ: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr,
         LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.constexpr, NC: tl.constexpr,
         NC_PAD: tl.constexpr, PER: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, PDL: tl.constexpr = False):
+        UPCAST: tl.constexpr):
     """Candidates ``p * PER ..`` of (query row ``c``, index head ``h``): the exact key of
     each at ``EXACT[c, h, slot]`` (``EMPTY`` for no block)."""
-    wait_previous(PDL)
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     p = tl.program_id(2)
     b = c // NQ
     offs_c = tl.arange(0, NC_PAD)
+    cand = top_keys(CAND + c * stride_cc + h * stride_ch, n_lists, LS, KR, NL_PAD, NC_PAD)
+    blocks = tl.where(offs_c < NC, block_id(cand), -1)
     offs_r = tl.arange(0, 16)           # the query row, padded to an MMA tile
     offs_n = tl.arange(0, BS)
     offs_d = tl.arange(0, DI)
     qi = tl.load(QI + c * stride_qt + h * stride_qh + offs_r[:, None] * 0 + offs_d[None, :],
                  mask=offs_r[:, None] == 0, other=0.0)
-    cand = top_keys(CAND + c * stride_cc + h * stride_ch, n_lists, LS, KR, NL_PAD, NC_PAD)
-    blocks = tl.where(offs_c < NC, block_id(cand), -1)
     for s in range(PER):
         slot = p * PER + s
         blk = tl.max(tl.where(offs_c == slot, blocks, -1), 0)
@@ -100,5 +99,5 @@ def paged_rescore(candidates, lists, qi, ki, page_table, exact, *, num_q: int, t
         ki.stride(0), ki.stride(1), page_table.stride(0), exact.stride(0), exact.stride(1),
         NQ=num_q, DI=qi.shape[-1], BS=block_size, LS=ls, KR=kr, NL_PAD=next_pow2(n_lists),
         NC=nc, NC_PAD=nc_pad, PER=per, PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype),
-        PDL=pdl(qi), launch_pdl=pdl(qi), num_warps=8 if n_lists > 4096 else 4)
+        num_warps=8 if n_lists > 4096 else 4)
     return 1, spans * per, 1        # slots past the candidates hold EMPTY

@@ -28,8 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import (dot, next_pow2, pdl, precision, rank_key, to_e4m3, upcast,
-                            wait_previous)
+from ..triton_utils import dot, next_pow2, precision, rank_key, to_e4m3, upcast
 
 TARGET_PROGRAMS = 264           # about two waves on a 132-SM GPU
 MAX_PAGES = 32                  # pages per scan program at most (the Gluon scan's, ranked)
@@ -215,9 +214,8 @@ def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
 def paged_merge_kernel(CAND, SEQ_LENS, TOPK_INDICES, n_lists, stride_cc, stride_ch,
                        stride_th, stride_tq, NQ: tl.constexpr, BS: tl.constexpr,
                        LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.constexpr,
-                       TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr = False):
+                       TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
     """The top-k row of (query row ``c``, index head ``h``)."""
-    wait_previous(PDL)
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     local = (tl.load(SEQ_LENS + c // NQ) - NQ + (c % NQ)) // BS
@@ -347,5 +345,4 @@ def paged_merge(candidates, seq_lens, topk_indices, lists, *, num_q: int,
         candidates, seq_lens, topk_indices, n_lists, candidates.stride(0),
         candidates.stride(1), topk_indices.stride(0), topk_indices.stride(1),
         NQ=num_q, BS=block_size, LS=ls, KR=kr, NL_PAD=next_pow2(n_lists), TOPK=topk,
-        TOPK_PAD=next_pow2(topk), PDL=pdl(candidates), launch_pdl=pdl(candidates),
-        num_warps=2 if kr > 1 else 8 if n_lists > 4096 else 4)
+        TOPK_PAD=next_pow2(topk), num_warps=2 if kr > 1 else 8 if n_lists > 4096 else 4)

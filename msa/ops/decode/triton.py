@@ -38,8 +38,8 @@ import triton.language as tl
 from ..attention.forward import choose_kernel
 from .rescore import num_candidates, paged_rescore
 from .select import TARGET_PROGRAMS, merge_lists, paged_merge, paged_scan
-from ..triton_utils import (LN2, LOG2E, dequant_rows, next_pow2, online_softmax_step, pdl,
-                            precision, softmax_update, upcast, wait_previous)
+from ..triton_utils import (LN2, LOG2E, dequant_rows, next_pow2, online_softmax_step,
+                            precision, softmax_update, upcast)
 
 
 @triton.jit
@@ -116,8 +116,7 @@ def paged_decode_attn_kernel(
         NSPLIT: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, MERGE: tl.constexpr = False, LS: tl.constexpr = 1,
         KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, FP8: tl.constexpr = False,
-        STAGES: tl.constexpr = 2, PDL: tl.constexpr = False):
-    wait_previous(PDL)
+        STAGES: tl.constexpr = 2):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -128,8 +127,6 @@ def paged_decode_attn_kernel(
     offs_n = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     gmask = offs_g < G
-    qt = tl.load(Q + c * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                 mask=gmask[:, None], other=0.0)
     # the split's selected blocks and their pages, loaded once: the loop then waits on no
     # dependent index loads, and it is predicated (no branch), so the K/V loads pipeline
     offs_j = tl.arange(0, PER_PAD)
@@ -148,6 +145,8 @@ def paged_decode_attn_kernel(
                       other=-1)
     sel = tl.where(sel * BS <= pos, sel, -1)                    # -1: nothing to read
     pages = tl.load(PAGE_TABLE + b * stride_tb + sel, mask=sel >= 0, other=0)
+    qt = tl.load(Q + c * stride_qt + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                 mask=gmask[:, None], other=0.0)
     # FP8 pages with 16-bit queries: e4m3 tiles meet fp16 queries (see fp8_softmax_step)
     F16: tl.constexpr = FP8 and Q.dtype.element_ty != tl.float32
     if F16:
@@ -335,5 +334,5 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
         TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
         NSPLIT=nsplit, PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
-        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2, PDL=pdl(q),
-        launch_pdl=pdl(q), num_warps=4 if merge is None else 8)
+        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2,
+        num_warps=4 if merge is None else 8)
