@@ -75,11 +75,14 @@ def _check_png(parser, args):
                      "pip install 'msa[bench]')")
 
 
-def _add_common(p, what: str):
+def _add_common(p, what: str, progress: bool = True):
+    """``--json`` and, for the tools with a progress bar, ``--no-progress``."""
     p.add_argument("--json", default=None, metavar="PATH",
                    help=f"write the {what} to this JSON file")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (in a log file it prints a line per tenth anyway)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (in a log file it prints a line per tenth "
+                            "anyway)")
 
 
 def _add_sources(p, names: str, default: str, probe: int, probe_help: str):
@@ -180,12 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     f8.add_argument("--kernels", action="store_true",
                     help="also the GPU kernels' FP8 selection (one call per index-key "
                          "head; on a CPU run with TRITON_INTERPRET=1)")
-    _add_common(f8, "rows")
+    _add_common(f8, "rows", progress=False)     # prints a line per source and layer
     se = sub.add_parser("selections", help="what selections look like and what they cost "
                         "the union forward: random, structured, SmolLM2 (CPU)")
     _add_sources(se, "random, structured, smollm2", "random,structured", 1024,
                  "last queries described")
-    _add_common(se, "rows")
+    _add_common(se, "rows", progress=False)
     from .bench import add_parser as add_bench
     add_bench(sub)
     return parser
