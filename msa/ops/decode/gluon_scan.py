@@ -150,17 +150,19 @@ def _int8_group(QI, row, live, qs, q_smem, g: gl.constexpr, ld: gl.constexpr):
 def _int8_queries(QI, b, scale, q_smem, stride_qt, stride_qh, NQ: gl.constexpr,
                   HI: gl.constexpr, R: gl.constexpr):
     """Int4 keys: the request's query rows as int8 (``msa.ops.quant.quantize_int8``:
-    ``s = amax / 127``), group ``g``'s dims into ``q_smem.index(g)`` ``[R, 32]``; returns
-    the rows' factors ``scale * s`` ``[R]`` and the offsets of groups 0 and 1 (the low
-    nibbles, ``_int8_group``)."""
+    ``s = amax / 127``, NaN for a row with a NaN or inf), group ``g``'s dims into
+    ``q_smem.index(g)`` ``[R, 32]``; returns the rows' factors ``scale * s`` ``[R]`` and
+    the offsets of groups 0 and 1 (the low nibbles, ``_int8_group``)."""
     gl.static_assert(DI == 128)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     r = gl.arange(0, R, layout=gl.SliceLayout(1, ld))
     row = gl.expand_dims((b * NQ + r // HI).to(gl.int64) * stride_qt + (r % HI) * stride_qh, 1)
     live = gl.expand_dims(r < NQ * HI, 1)
     d = gl.expand_dims(gl.arange(0, DI, layout=gl.SliceLayout(0, ld)), 0)
-    amax = gl.max(gl.abs(gl.load(QI + row + d, mask=live, other=0.0).to(gl.float32)), 1)
+    x = gl.load(QI + row + d, mask=live, other=0.0).to(gl.float32)
+    amax = gl.max(gl.abs(x), 1)
     qs = gl.where(amax > 0, gl.div_rn(amax, gl.full_like(amax, 127.0)), 1.0)
+    qs = gl.where(gl.sum(x * 0.0, 1) == 0.0, qs, float("nan"))   # a NaN or inf: all NaN
     o0 = _int8_group(QI, row, live, qs, q_smem, 0, ld)
     o1 = _int8_group(QI, row, live, qs, q_smem, 1, ld)
     _int8_group(QI, row, live, qs, q_smem, 2, ld)

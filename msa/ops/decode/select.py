@@ -52,10 +52,12 @@ def block_id(key):
 @triton.jit
 def _int8_rows(x):
     """Rows ``x [R, D]`` as ``msa.ops.quant.quantize_int8``: int8 ``round(x / s)`` and
-    ``s = max|x| / 127`` fp32 (1 for a row of zeros); rounding half to even, as torch."""
+    ``s = max|x| / 127`` fp32 (1 for a row of zeros, NaN for a row with a NaN or inf,
+    as torch's ``amax`` makes it: the GPU's max skips NaN); rounding half to even."""
     xf = x.to(tl.float32)
     amax = tl.max(tl.abs(xf), 1)
     s = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+    s = tl.where(tl.sum(xf * 0.0, 1) == 0.0, s, float("nan"))     # x * 0: NaN unless finite
     y = tl.math.div_rn(xf, s[:, None])
     y = (y + 12582912.0) - 12582912.0       # 1.5 * 2^23: rounds |y| <= 127 half to even
     return tl.clamp(y, -127.0, 127.0).to(tl.int8), s
