@@ -38,10 +38,9 @@ def candidate_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: t
     the best lists where few of those can be among the ``K``. Every one of the ``K``
     largest keys is at least the ``K``-th largest list head ``tau`` (those heads are
     ``K`` distinct keys), and the keys that reach ``tau`` are the ``m`` largest of all.
-    When ``m <= CAP`` they are gathered (list by list, in no order) and ranked by a
-    sorting network over ``CAP`` keys; ``[:m]`` is then exact and the rest ``EMPTY``.
-    Else the sort over the best lists' keys of ``top_keys``. Lists as ``top_keys`` (each
-    list's largest key first)."""
+    When ``m <= CAP`` they are gathered (list by list, in no order) and each is placed by
+    counting the gathered keys above it; ``[:m]`` is then exact and the rest ``EMPTY``.
+    Else ``top_keys``. Lists as ``top_keys`` (each list's largest key first)."""
     NH: tl.constexpr = NL_PAD if NL_PAD > K_PAD else K_PAD
     offs_h = tl.arange(0, NH)
     heads = tl.topk(tl.load(LISTS + offs_h * LS, mask=offs_h < n_lists, other=EMPTY), K_PAD)
@@ -55,16 +54,18 @@ def candidate_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: t
     m = tl.sum(lens, 0)
     if m <= CAP:
         ends = tl.cumsum(lens, 0)
-        # gathered slot s: the nth reaching key of list row(s) (lists ending by s, counted)
-        row = tl.minimum(tl.cumsum(tl.histogram(ends, CAP, mask=ends < CAP), 0), K_PAD - 1)
-        offs_s = tl.arange(0, CAP)
-        nth = offs_s - tl.gather(ends - lens, row, 0)
-        base = tl.gather(first, row, 0)
+        offs_s = tl.arange(0, CAP)                      # gathered slot s: list row(s) ...
+        past = ends[None, :] <= offs_s[:, None]         # [CAP, K_PAD]
+        row = tl.sum(past.to(tl.int32), 1)
+        nth = offs_s - tl.max(tl.where(past, ends[None, :], 0), 1)     # ... its nth key
+        base = tl.sum(tl.where(offs_k[None, :] == row[:, None], first[None, :], 0), 1)
         rk = tl.load(LISTS + base[:, None] + offs_r[None, :], mask=(offs_s < m)[:, None],
                      other=EMPTY)                       # [CAP, KR]: that list again
         reach = (rk >= tau) & (rk != EMPTY)
         at = tl.cumsum(reach.to(tl.int32), 1) - 1
-        top = tl.topk(tl.max(tl.where(reach & (at == nth[:, None]), rk, EMPTY), 1), K_PAD)
+        got = tl.max(tl.where(reach & (at == nth[:, None]), rk, EMPTY), 1)      # [CAP]
+        above = tl.sum((got[None, :] > got[:, None]).to(tl.int32), 1)   # distinct keys
+        top = tl.max(tl.where(above[None, :] == offs_k[:, None], got[None, :], EMPTY), 1)
     else:
         top = tl.topk(tl.reshape(keys, (K_PAD * KR,)), K_PAD)
     return top
