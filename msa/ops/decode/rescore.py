@@ -6,9 +6,7 @@ The scan (``msa.ops.decode.select.paged_scan``) reads a low-precision copy of th
 keys, e4m3 (half the bytes of bf16 ones) or int4 (a quarter, with group scales), and
 leaves lists of its block keys. ``paged_rescore_kernel``, grid (query row, index head,
 slice of the candidates): each program takes the row's ``num_candidates`` best keys of
-the copy (``candidate_keys``: ``topk - 1 + FP8_CANDIDATES`` or ``+ INT4_CANDIDATES``;
-the keys that reach the ``K``-th best list head, gathered and placed by counting, where
-a sorting network over the best lists' keys cost most of the kernel's time),
+the copy (``top_keys``: ``topk - 1 + FP8_CANDIDATES`` or ``+ INT4_CANDIDATES``),
 scores its slice of those blocks again with the exact index keys (one page each) and
 writes their exact ``pack`` keys; the top-k merge then ranks those keys as lists of one.
 The selection equals that of the exact keys whenever their ``topk - 1`` best blocks are
@@ -31,47 +29,6 @@ RESCORE_PROGRAMS = 2 * TARGET_PROGRAMS      # candidate slots per program: rows 
 
 
 @triton.jit
-def candidate_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.constexpr,
-                   K: tl.constexpr, K_PAD: tl.constexpr, CAP: tl.constexpr):
-    """The ``K`` largest keys of the scan's lists ``[K_PAD]`` int64, descending, as
-    ``top_keys`` gives them, without a sorting network over the ``K_PAD x KR`` keys of
-    the best lists where few of those can be among the ``K``. Every one of the ``K``
-    largest keys is at least the ``K``-th largest list head ``tau`` (those heads are
-    ``K`` distinct keys), and the keys that reach ``tau`` are the ``m`` largest of all.
-    When ``m <= CAP`` they are gathered (list by list, in no order) and each is placed by
-    counting the gathered keys above it; ``[:m]`` is then exact and the rest ``EMPTY``.
-    Else ``top_keys``. Lists as ``top_keys`` (each list's largest key first)."""
-    NH: tl.constexpr = NL_PAD if NL_PAD > K_PAD else K_PAD
-    offs_h = tl.arange(0, NH)
-    heads = tl.topk(tl.load(LISTS + offs_h * LS, mask=offs_h < n_lists, other=EMPTY), K_PAD)
-    offs_k = tl.arange(0, K_PAD)
-    tau = tl.max(tl.where(offs_k == K - 1, heads, EMPTY), 0)
-    live = heads != EMPTY
-    first = tl.where(live, block_id(heads) // LS * LS, 0)         # where each list starts
-    offs_r = tl.arange(0, KR)
-    keys = tl.load(LISTS + first[:, None] + offs_r[None, :], mask=live[:, None], other=EMPTY)
-    lens = tl.sum(((keys >= tau) & (keys != EMPTY)).to(tl.int32), 1)   # [K_PAD]
-    m = tl.sum(lens, 0)
-    if m <= CAP:
-        ends = tl.cumsum(lens, 0)
-        offs_s = tl.arange(0, CAP)                      # gathered slot s: list row(s) ...
-        past = ends[None, :] <= offs_s[:, None]         # [CAP, K_PAD]
-        row = tl.sum(past.to(tl.int32), 1)
-        nth = offs_s - tl.max(tl.where(past, ends[None, :], 0), 1)     # ... its nth key
-        base = tl.sum(tl.where(offs_k[None, :] == row[:, None], first[None, :], 0), 1)
-        rk = tl.load(LISTS + base[:, None] + offs_r[None, :], mask=(offs_s < m)[:, None],
-                     other=EMPTY)                       # [CAP, KR]: that list again
-        reach = (rk >= tau) & (rk != EMPTY)
-        at = tl.cumsum(reach.to(tl.int32), 1) - 1
-        got = tl.max(tl.where(reach & (at == nth[:, None]), rk, EMPTY), 1)      # [CAP]
-        above = tl.sum((got[None, :] > got[:, None]).to(tl.int32), 1)   # distinct keys
-        top = tl.max(tl.where(above[None, :] == offs_k[:, None], got[None, :], EMPTY), 1)
-    else:
-        top = tl.topk(tl.reshape(keys, (K_PAD * KR,)), K_PAD)
-    return top
-
-
-@triton.jit
 def paged_rescore_kernel(
         CAND, QI, KI, PAGE_TABLE, EXACT, scale, n_lists,
         stride_cc, stride_ch, stride_qt, stride_qh, stride_kp, stride_kt, stride_tb,
@@ -86,11 +43,7 @@ def paged_rescore_kernel(
     p = tl.program_id(2)
     b = c // NQ
     offs_c = tl.arange(0, NC_PAD)
-    if KR > 1:
-        cand = candidate_keys(CAND + c * stride_cc + h * stride_ch, n_lists, LS, KR, NL_PAD,
-                              NC, NC_PAD, 2 * NC_PAD)
-    else:
-        cand = top_keys(CAND + c * stride_cc + h * stride_ch, n_lists, LS, KR, NL_PAD, NC_PAD)
+    cand = top_keys(CAND + c * stride_cc + h * stride_ch, n_lists, LS, KR, NL_PAD, NC_PAD)
     blocks = tl.where(offs_c < NC, block_id(cand), -1)
     offs_r = tl.arange(0, 16)           # the query row, padded to an MMA tile
     offs_n = tl.arange(0, BS)
