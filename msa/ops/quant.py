@@ -87,11 +87,14 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``x [..., D]`` -> ``x8 [..., D]`` int8 (``round(x / scale)``, -127..127) and
-    ``scale [...]`` fp32 ``= max|x| / 127`` (1 for a row of zeros): the index queries of
-    an int4 scan."""
+    ``scale [...]`` fp32 ``= max|x| / 127`` (1 for a row of zeros; NaN for a row with a
+    NaN or inf, whose values are then 0, so that it dequantizes to NaN as e4m3 rows do):
+    the index queries of an int4 scan."""
     xf = x.float()
-    scale = _row_scales(xf, 127.0)
-    return torch.round(xf / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale
+    finite = xf.isfinite().all(-1)
+    scale = torch.where(finite, _row_scales(xf, 127.0), float("nan"))
+    x8 = torch.round(xf / scale.unsqueeze(-1)).clamp(-127, 127).nan_to_num(0.0)
+    return x8.to(torch.int8), scale
 
 
 def fake_quantize_int4(x: torch.Tensor) -> torch.Tensor:

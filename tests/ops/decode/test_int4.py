@@ -81,6 +81,31 @@ def test_int4_scan_block_maxima_equal_the_quantized_scores(lengths, nq, per):
     assert seen > 20
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int4_scan_scores_a_non_finite_query_row_nan(bad):
+    """A query row with a NaN or inf scores NaN on every block, as the reference's int8
+    rule gives it (the row scale ``amax / 127`` is NaN): its blocks rank as the most
+    negative, smallest id first; the other rows keep their scores."""
+    lengths = (300,)
+    k, v, ki, table = _cache(lengths, 40, seed=5)
+    k4, ks = quantize_int4(ki)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    qi = torch.randn(1, HKV, D, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    qi[0, 1, 7] = bad
+    assert fake_quantize_int8(qi.double()).isnan()[0, 1].all()
+    cand = torch.full((1, HKV, candidates_width(table.shape[1])), 7, dtype=torch.int64,
+                      device=DEVICE)
+    blocks = (lengths[0] - 1) // BS
+    paged_scan(qi, k4, table, lens, cand, batch=1, num_q=1, max_pages=table.shape[1],
+               topk=table.shape[1] + 1, block_size=BS, index_scale=D ** -0.5,
+               ki_scales=ks, pages_per_program=4)
+    m, ids = unpack(cand.cpu())
+    live = (ids >= 0) & (ids < table.shape[1])      # (past the lists: the buffer's fill)
+    assert sorted(ids[0, 1][live[0, 1]].tolist()) == list(range(blocks))
+    assert (m[0, 1][live[0, 1]] == -torch.finfo(torch.float32).max).all()
+    assert (m[0, 0][live[0, 0]] > -1e30).all() and m[0, 0][live[0, 0]].isfinite().all()
+
+
 @pytest.mark.parametrize("hi,nq", [(HKV, 1), (1, 2)])
 def test_int4_copy_rescored_like_the_reference(hi, nq):
     """``ki_scan`` with an int4 copy: the scan's best ``topk - 1 + 64`` blocks scored again
