@@ -52,8 +52,8 @@ def block_id(key):
 @triton.jit
 def _int8_rows(x):
     """Rows ``x [R, D]`` as ``msa.ops.quant.quantize_int8``: int8 ``round(x / s)`` and
-    ``s = max|x| / 127`` fp32 (1 for a row of zeros, NaN for a row with a NaN or inf,
-    as torch's ``amax`` makes it: the GPU's max skips NaN); rounding half to even."""
+    ``s = max|x| / 127`` fp32 (1 for a row of zeros; NaN for a row with a NaN or inf,
+    found by its sum, since the GPU's max skips NaN); rounding half to even."""
     xf = x.to(tl.float32)
     amax = tl.max(tl.abs(xf), 1)
     s = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
