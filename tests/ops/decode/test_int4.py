@@ -84,8 +84,8 @@ def test_int4_scan_block_maxima_equal_the_quantized_scores(lengths, nq, per):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_int4_scan_scores_a_non_finite_query_row_nan(bad):
     """A query row with a NaN or inf scores NaN on every block, as the reference's int8
-    rule gives it (the row scale ``amax / 127`` is NaN): its blocks rank as the most
-    negative, smallest id first; the other rows keep their scores."""
+    rule gives it (``quantize_int8`` makes that row's scale NaN): its blocks rank as the
+    most negative, smallest id first; the other rows keep their scores."""
     lengths = (300,)
     k, v, ki, table = _cache(lengths, 40, seed=5)
     k4, ks = quantize_int4(ki)
