@@ -80,18 +80,19 @@ def precisions(args) -> list:
     return (getattr(args, "index_precision", None) or "input").split(",")
 
 
-# union kernel variants timed by ``kernels``: name -> (tile rows, keys by TMA)
-UNION_VARIANTS = dict(union=(64, False), union_128_rows=(128, False), union_tma=(64, True),
-                      union_tma_128_rows=(128, True))
+# union kernel variants timed by ``kernels``: name -> ``union_fwd``'s launch options
+UNION_VARIANTS = dict(union={}, union_128_rows=dict(tile_rows=128),
+                      union_tma=dict(tma=True), union_tma_128_rows=dict(tile_rows=128, tma=True),
+                      union_gluon=dict(gluon=True))
 
 
 def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
     """The forward kernel the public API runs (``msa.attention_kernel``) and the kernels
     timed on one plan (planning excluded), with the cosine of each output against the
     Triton KV-outer kernel's: that kernel, on Hopper the Gluon kernel, and the union
-    kernel (``msa.ops.attention.union``) in each of ``UNION_VARIANTS`` (TMA ones on
-    Hopper only; each tile size's plan timed apart, with its union blocks per selected
-    block)."""
+    kernel (``msa.ops.attention.union``) in each of ``UNION_VARIANTS`` (TMA and Gluon
+    ones on Hopper only; each tile size's plan timed apart, with its union blocks per
+    selected block)."""
     from ..ops.attention import forward as F
     from ..ops.attention.union import build_union_plan, union_fwd
     from ..ops.plan import tile_queries
@@ -106,19 +107,19 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
         return lambda: F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale,
                                          query_major=False, kernel=kernel)[0]
 
-    def union(rows, tma):
+    def union(options):
         def run():
             out = torch.empty_like(q)
             lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-            union_fwd(q, k, v, idx, plan, out, lse, scale=cfg.scale, tile_rows=rows, tma=tma)
+            union_fwd(q, k, v, idx, plan, out, lse, scale=cfg.scale, **options)
             return out
         return run
     runs = dict(triton=kv_outer("triton"))
     if F.forward_kernel(q, k, v, cfg.block_size) == "gluon":
         runs["gluon"] = kv_outer("gluon")
-    for name, (rows, tma) in UNION_VARIANTS.items():
-        if on_hopper(q) or not tma:
-            runs[name] = union(rows, tma)
+    for name, options in UNION_VARIANTS.items():
+        if on_hopper(q) or not (options.get("tma") or options.get("gluon")):
+            runs[name] = union(options)
     base = runs["triton"]()
     for name, run in runs.items():
         if name != "triton":

@@ -353,8 +353,8 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             the KV-outer kernel only).
         launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel, or
             ``kernel``: ``"triton"``, ``"gluon"`` (``launch_partials``) or ``"union"``
-            (``msa.ops.attention.union``, whose launch options are ``tile_rows`` and
-            ``tma``); default ``forward_kernel``'s choice.
+            (``msa.ops.attention.union``, whose launch options are ``tile_rows``,
+            ``tma`` and ``gluon``); default ``forward_kernel``'s choice.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
     """

@@ -223,19 +223,24 @@ def _key_rows(x: torch.Tensor, block_n: int):
 
 
 def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float,
-              tile_rows: int = TILE_ROWS, tma: bool = False) -> None:
+              tile_rows: int = TILE_ROWS, tma: bool = False, gluon: bool = False) -> None:
     """Write ``out [total_q, Hq, D]`` and ``lse [total_q, Hq]`` (fp32) from ``q [total_q,
     Hq, D]``, ``k, v [total_k, Hkv, D]`` and ``topk_indices [Hs, total_q, K]`` (int32
     contiguous) over ``plan``'s segments (its union plan is built on first use), tiles of
     ``tile_rows`` MMA rows (a power of two, at least 16). ``tma``: keys and values by
     TMA descriptors (``union_fwd_kernel``'s ``KEYS="tma"``; contiguous keys only, else
-    ``ValueError``)."""
+    ``ValueError``). ``gluon``: the warp-specialized Gluon kernel
+    (``msa.ops.attention.gluon_union``: Hopper, bf16 / fp16, head dim 128, blocks of 128,
+    contiguous keys, else ``ValueError``), whose tiles are 128 rows and whose keys come
+    by TMA (``tile_rows`` and ``tma`` left at their defaults)."""
     if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 16 or \
             tile_rows & (tile_rows - 1):
         raise ValueError(f"tile_rows must be a power of two >= 16, got {tile_rows!r}")
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     g = hq // hkv
+    if gluon:
+        return _gluon_fwd(q, k, v, topk_indices, plan, out, lse, scale, tile_rows, tma)
     up = union_plan(topk_indices, plan, tile_queries(g, topk_indices.shape[2], tile_rows))
     rows = max(16, next_pow2(up.qt * g))
     if not up.num_tiles:
@@ -260,3 +265,22 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
         HS=topk_indices.shape[0], G=g, QT=up.qt, ROWS=rows, D=d, KEYS=keys,
         BS=plan.block_size, W=w, NW=nw, PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype))
+
+
+def _gluon_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, scale: float,
+               tile_rows: int, tma: bool) -> None:
+    """``union_fwd(..., gluon=True)``."""
+    from . import gluon_union
+    if tile_rows != TILE_ROWS or tma:
+        raise ValueError("gluon=True takes its own tiles (128 rows) and TMA keys: leave "
+                         f"tile_rows and tma at their defaults, got {tile_rows=}, {tma=}")
+    if not gluon_union.supported(q, k, v, plan.block_size, plan.rows.paged):
+        raise ValueError("gluon=True needs a Hopper GPU (sm_90), bf16 / fp16, head dim 128, "
+                         "blocks of 128 and contiguous (not paged) k, v [total_k, Hkv, D] "
+                         "whose heads are adjacent and rows 16-byte aligned")
+    g = q.shape[1] // k.shape[1]
+    up = union_plan(topk_indices, plan,
+                    tile_queries(g, topk_indices.shape[2], gluon_union.TILE_ROWS))
+    if up.num_tiles:
+        gluon_union.launch(q, k, v, up, out, lse, scale_log2=scale * LOG2E,
+                           block_size=plan.block_size, heads_sel=topk_indices.shape[0])
