@@ -265,12 +265,15 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
 
 
 def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
-                     backward: bool = False) -> str:
+                     backward: bool = False, topk_indices: Optional[torch.Tensor] = None) -> str:
     """The forward kernel ``msa_sparse_attention`` runs for these inputs (its layouts and
     ``backend``): ``"reference"`` (PyTorch), ``"query_major"`` (Triton, for at most
     ``QUERY_MAJOR_MAX_QUERIES`` = 1024 queries), ``"gluon"`` (the warp-specialized Hopper
     kernel, ``msa.ops.attention.gluon``), ``"triton"`` (the Triton KV-outer kernel) or
-    ``"union"`` (``msa.ops.attention.union``, where ``MSA_FORWARD_KERNEL=union``).
+    ``"union"`` (``msa.ops.attention.union``: where ``MSA_FORWARD_KERNEL=union``, and on
+    Hopper for a selection ``topk_indices`` (``msa_sparse_attention``'s layouts) whose
+    consecutive queries share their blocks enough, ``union.shared_enough``; without
+    ``topk_indices`` the answer is the kernel of a selection that is not shared).
     ``backward=True``: the kernel of its backward, ``"reference"``, ``"gluon"``
     (``msa.ops.attention.gluon_bwd``) or ``"triton"``."""
     _check_ranks("q", q, "k", k)
@@ -285,7 +288,16 @@ def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
     total_q = q.shape[0] if q.dim() == 3 else q.shape[0] * q.shape[1]
     if use_query_major(total_q):
         return "query_major"
-    return forward_kernel(q, k, v, block_size)
+    kernel = forward_kernel(q, k, v, block_size)
+    if kernel == "gluon" and topk_indices is not None:
+        from .ops.attention import gluon_union, union
+        packed = topk_indices if topk_indices.dim() == 3 else \
+            topk_indices.transpose(0, 1).flatten(1, 2)              # [B, Hs, Tq, K]
+        qp, kp, vp = (x if x.dim() == 3 else x.flatten(0, 1) for x in (q, k, v))
+        if gluon_union.supported(qp, kp, vp, block_size, False) and \
+                union.shared_enough(packed, q.shape[-2] // k.shape[-2]):
+            return "union"
+    return kernel
 
 
 def indexer_kl_kernel(q, k, qi, ki, *, block_size: int = 128, backend: str = "auto") -> str:

@@ -22,7 +22,8 @@ from ..ops import plan as P
 from ..ops.attention.naive import attention_forward_reference
 from ..varlen import Segments
 from . import common as C
-from .selection import inputs, selection_stats, union_blocks_per_selected_block
+from ..ops.plan import blocks_per_selected_block
+from .selection import inputs, selection_stats
 
 
 def sparse_elements(T: int, cfg) -> float:
@@ -129,10 +130,10 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
         d[f"{name}_kernel_attention_ms"] = C.timed(run, reps)
     for rows in (64, 128):
         qt = tile_queries(group, cfg.topk, rows)
-        d[f"union_{rows}_rows_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, qt),
+        d[f"union_{rows}_rows_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, qt, group),
                                                   reps)
         d[f"union_{rows}_rows_blocks_per_selected_block"] = \
-            union_blocks_per_selected_block(idx, qt)
+            blocks_per_selected_block(idx, qt)
     return d
 
 

@@ -88,17 +88,3 @@ def selection_stats(topk: torch.Tensor, block_size: int, near: int = 16,
     shared = (common * both).sum() / (both.sum() * K).clamp(min=1)
     return dict(selection_near_share=near_share.item(), selection_sink_share=sink.item(),
                 selection_next_query_share=shared.item())
-
-
-def union_blocks_per_selected_block(topk: torch.Tensor, qt: int) -> float:
-    """The work of the union forward (``msa.ops.attention.union``) relative to the
-    selection, for tiles of ``qt`` consecutive rows of ``topk [Hs, T, K]``: the distinct
-    blocks of each tile summed, over the selected blocks, times ``qt``. 1 when a tile's
-    queries select the same blocks, ``qt`` when they share none (a partial last tile is
-    left out)."""
-    hs, T, K = topk.shape
-    n = T // qt * qt
-    x = torch.sort(topk[:, :n].reshape(hs, n // qt, qt * K), -1).values
-    new = torch.ones_like(x, dtype=torch.bool)
-    new[..., 1:] = x[..., 1:] != x[..., :-1]
-    return ((new & (x >= 0)).sum() * qt / (x >= 0).sum().clamp(min=1)).item()

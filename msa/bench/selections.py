@@ -5,8 +5,8 @@ For the last ``probe`` queries of ``length`` tokens, per source (and layer): the
 of ``msa.bench.selection.selection_stats`` (blocks near the query, rows selecting the
 first block, blocks the next query selects too) and, for the union forward's tiles of
 64 rows at G = 16, 8, 6 and 4 (4, 8, 10 and 16 queries), the blocks a tile walks per
-block its queries selected (``union_blocks_per_selected_block``: 1 when a tile's
-queries share everything, the tile's query count when they share nothing).
+block its queries selected (``msa.ops.plan.blocks_per_selected_block``: 1 when a
+tile's queries share everything, the tile's query count when they share nothing).
 
 Sources: ``random`` and ``structured`` (``msa.bench.selection``'s index inputs at the
 MiniMax-M3 shape: 4 index heads, top-16 of blocks of 128) and ``smollm2`` (SmolLM2-135M
@@ -22,7 +22,8 @@ from typing import List, Optional
 
 import torch
 
-from .selection import inputs, selection_stats, union_blocks_per_selected_block
+from ..ops.plan import blocks_per_selected_block
+from .selection import inputs, selection_stats
 from ..config import MSAConfig
 from ..functional import msa_indexer
 from ..ops.plan import tile_queries
@@ -40,7 +41,7 @@ def describe(qi: torch.Tensor, ki: torch.Tensor, block: int, topk: int,
     d = dict(T=T, rows=p, **selection_stats(sel, block, first=T - p))
     for g in GROUPS:
         qt = tile_queries(g, topk)
-        d[f"union_blocks_per_selected_block_g{g}"] = union_blocks_per_selected_block(sel, qt)
+        d[f"union_blocks_per_selected_block_g{g}"] = blocks_per_selected_block(sel, qt)
     return d
 
 

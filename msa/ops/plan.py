@@ -127,6 +127,21 @@ def tile_queries(group: int, topk: int, rows: int = TILE_ROWS) -> int:
     return max(1, min(32, rows // max(1, group), MAX_UNION // max(1, topk)))
 
 
+def blocks_per_selected_block(topk: torch.Tensor, qt: int, every: int = 1) -> float:
+    """The work of the union forward (``msa.ops.attention.union``) relative to the
+    selection, for tiles of ``qt`` consecutive rows of ``topk [Hs, T, K]`` (every
+    ``every``-th tile: an estimate from a sample): the distinct blocks of each tile summed,
+    over the selected blocks, times ``qt``. 1 when a tile's queries select the same
+    blocks, ``qt`` when they share none (a partial last tile is left out)."""
+    hs, T, K = topk.shape
+    n = T // qt * qt
+    x = topk[:, :n].reshape(hs, n // qt, qt * K)[:, ::every]
+    x = torch.sort(x, -1).values
+    new = torch.ones_like(x, dtype=torch.bool)
+    new[..., 1:] = x[..., 1:] != x[..., :-1]
+    return ((new & (x >= 0)).sum() * qt / (x >= 0).sum().clamp(min=1)).item()
+
+
 # kernel parameters that receive a plan's item arrays (slices of one allocation: their
 # kernels must not specialise on pointer alignment, see ``plan_chunks``)
 ITEM_FIELDS = ("ITEM_H", "ITEM_KROW", "ITEM_T0", "ITEM_NK", "ITEM_E0", "ITEM_E1")

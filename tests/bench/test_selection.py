@@ -48,9 +48,12 @@ def test_unknown_selection_is_refused():
 
 
 def test_union_blocks_per_selected_block_counts_each_tile_once():
-    from msa.bench.selection import union_blocks_per_selected_block
+    from msa.ops.plan import blocks_per_selected_block
     same = torch.tensor([[[0, 3, -1], [3, 0, -1], [0, 3, -1], [-1, 3, 0]]])
-    assert union_blocks_per_selected_block(same, 4) == 1.0      # one union of 2 blocks
+    assert blocks_per_selected_block(same, 4) == 1.0      # one union of 2 blocks
     apart = torch.tensor([[[0, 1], [2, 3], [4, 5], [6, 7], [9, 9]]])
-    assert union_blocks_per_selected_block(apart, 2) == 2.0     # the 5th row: partial tile
-    assert union_blocks_per_selected_block(apart[:, :4], 1) == 1.0
+    assert blocks_per_selected_block(apart, 2) == 2.0     # the 5th row: partial tile
+    assert blocks_per_selected_block(apart[:, :4], 1) == 1.0
+    # a sample of every other tile: the first (shared, 1.0) and third (apart, 2.0)
+    mixed = torch.tensor([[[0, 1], [0, 1], [5, 6], [7, 8], [2, 3], [4, 9]]])
+    assert blocks_per_selected_block(mixed, 2, every=2) == 1.5

@@ -31,7 +31,7 @@ from ..plan import ITEM_FIELDS, BlockRows, Plan, SparsePlan, forward_chunk
 from ..triton_utils import (LN2, LOG2E, dequant_rows, dot, load_item, next_pow2,
                             online_softmax_step, precision, query_program, upcast)
 from .query_major import sparse_attn_fwd_query_major
-from .union import union_fwd
+from .union import prefers_union, union_fwd
 
 # Few queries: the query-major kernel (no planning, no partials) is faster below this
 # many queries (measured crossover: docs/experiments.md).
@@ -210,13 +210,28 @@ def forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     case: ``"gluon"`` (the warp-specialized KV-outer kernel of
     ``msa.ops.attention.gluon``: Hopper, bf16 / fp16, head dim 128, blocks of 128) where
     it applies, else ``"triton"`` (``sparse_attn_fwd_kernel``, every GPU and the
-    interpreter). ``MSA_FORWARD_KERNEL`` in the environment: ``triton`` keeps the Triton
-    KV-outer kernel everywhere, ``union`` runs the query-outer kernel of
-    ``msa.ops.attention.union`` (for selections that consecutive queries share)."""
+    interpreter); where it is ``"gluon"``, ``selection_kernel`` may take the union kernel
+    instead for a given selection. ``MSA_FORWARD_KERNEL`` in the environment: ``triton``
+    keeps the Triton KV-outer kernel everywhere, ``union`` runs the query-outer kernel of
+    ``msa.ops.attention.union`` (for selections that consecutive queries share)
+    everywhere."""
     if v is None:
         return "triton"
     return choose_kernel("MSA_FORWARD_KERNEL", "msa.ops.attention.gluon", q, k, v, block_size,
                          others=("union",))
+
+
+def selection_kernel(q, k, v, idx, plan, kernel: str = None, launch: dict = None) -> str:
+    """The forward kernel for this selection (``idx [Hs, total_q, K]`` int32 of ``plan``):
+    ``kernel`` where named, else ``forward_kernel``'s choice, except that where that is
+    the Gluon KV-outer kernel (no launch options given) and the selection's tiles are
+    shared enough (``msa.ops.attention.union.prefers_union``), ``"union"``."""
+    if kernel:
+        return kernel
+    chosen = forward_kernel(q, k, v, plan.block_size)
+    if chosen == "gluon" and not launch and prefers_union(q, k, v, idx, plan):
+        return "union"
+    return chosen
 
 
 def choose_kernel(switch: str, module: str, *args, others=()) -> str:
@@ -337,7 +352,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor = None, lse: torch.Tensor = None,
                     query_major: bool = None, k_scales=None, v_scales=None, **launch):
     """The attention forward over the selection of ``plan``: the query-major kernel for
-    few queries, the union kernel where chosen (``forward_kernel``), else the KV-outer
+    few queries, the union kernel where chosen (``selection_kernel``), else the KV-outer
     kernel and the combine over the chunks of ``plan``.
 
     Args:
@@ -354,7 +369,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         launch: ``block_q``, ``num_warps``, ``num_stages`` of the KV-outer kernel, or
             ``kernel``: ``"triton"``, ``"gluon"`` (``launch_partials``) or ``"union"``
             (``msa.ops.attention.union``, whose launch options are ``tile_rows``,
-            ``tma`` and ``gluon``); default ``forward_kernel``'s choice.
+            ``tma`` and ``gluon``); default ``selection_kernel``'s choice.
     Returns:
         out ``[total_q, Hq, D]`` (dtype of q), lse ``[total_q, Hq]`` fp32.
     """
@@ -376,7 +391,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if kernel in (None, "triton") and use_query_major(total_q, query_major):
             sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
             return out, lse
-        if (kernel or forward_kernel(q, k, v, plan.block_size)) == "union":
+        if selection_kernel(q, k, v, idx, plan, kernel, launch) == "union":
             union_fwd(q, k, v, idx, plan, out, lse, scale=scale, **launch)
             return out, lse
     plan.require(hkv, forward_chunk(hq, d, q.dtype.itemsize, topk), "forward")

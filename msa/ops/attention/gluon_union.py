@@ -8,11 +8,12 @@ keys, tiles of 128 MMA rows (``tile_queries(G, K, 128)`` queries x the ``G`` hea
 A loader warp brings each union block's keys and values by TMA into a ring of
 ``STAGES`` slots (one mbarrier for the keys, one for the values); two attention
 warpgroups own 64 rows each and both read every slot, so a block's bytes serve 128
-rows. ``PIPELINED`` overlaps each warpgroup's softmax with its own MMAs: the scores of
-block ``u`` are issued before ``P V`` of block ``u - 1`` (async wgmma), and the softmax
-of block ``u`` runs while ``P V`` of block ``u - 1`` does; without it each block's
-``S = Q K^T``, softmax and ``O += P V`` run in turn and only the two warpgroups overlap
-each other.
+rows; a warpgroup skips the blocks that none of its rows' queries selected. Each
+warpgroup runs a block's ``S = Q K^T`` (wgmma from shared memory), the masked online
+softmax and ``O += P V`` (wgmma, P from registers) in turn, and the two warpgroups
+overlap each other (one's softmax during the other's MMAs); issuing the next block's
+scores before the softmax (async wgmma, the FlashAttention-3 order) was slower
+(docs/experiments.md).
 
 Rows read by TMA past the tile's last query (the next segment's keys) are loaded and
 given probability 0, as in ``union_fwd_kernel``'s ``KEYS="tma"``: an inf or NaN in
@@ -24,8 +25,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                               tma, warpgroup_mma,
-                                                               warpgroup_mma_wait)
+                                                               tma, warpgroup_mma)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..launch import on_hopper
@@ -73,13 +73,14 @@ def _probabilities(s, u, m_i, l_i, ublocks, bits, rv, pos, offs_n, scale_log2,
 
 @gluon.jit
 def _attend(Q, OUT, LSE, q_smem, k_ring, v_ring, k_bar, v_bar, empty, ublocks, bits_base,
-            nu, q0, n, off, h, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh,
+            half_bits, nu, q0, n, off, h, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh,
             stride_lt, half, G: gl.constexpr, QT: gl.constexpr, D: gl.constexpr,
             BS: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
-            PIPELINED: gl.constexpr, WARPS: gl.constexpr):
+            WARPS: gl.constexpr):
     """An attention warpgroup: rows ``64 * half ..`` of the tile (row ``r``: query ``r //
     G``, head ``h * G + r % G``), their query rows into ``q_smem``, the union walked
-    slot by slot (``PIPELINED``: the module docstring), then the output and LSE."""
+    slot by slot (a block none of its rows' queries selected, by ``half_bits``, only
+    released), then the output and LSE."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BS, 16])
     st: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
@@ -104,35 +105,9 @@ def _attend(Q, OUT, LSE, q_smem, k_ring, v_ring, k_bar, v_bar, empty, ublocks, b
     l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, mma))
     acc = gl.zeros([HALF, D], gl.float32, mma)
     dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    if PIPELINED:
-        if nu > 0:
-            mbarrier.wait(k_bar.index(0), 0)
-            s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zero, use_acc=False)
-            p, m_i, l_i, alpha = _probabilities(s, 0, m_i, l_i, ublocks, bits, rv, pos,
-                                                offs_n, scale_log2, BS)
-            p = gl.convert_layout(p.to(Q.dtype.element_ty), dot_a)
-            for u in range(1, nu):
-                sp = (u - 1) % STAGES
-                slot = u % STAGES
-                mbarrier.wait(k_bar.index(slot), (u // STAGES) & 1)
-                sc = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero,
-                                   use_acc=False, is_async=True)
-                mbarrier.wait(v_bar.index(sp), ((u - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p, v_ring.index(sp), acc, is_async=True)
-                sc = warpgroup_mma_wait(1, deps=[sc])          # the scores; P V runs on
-                p, m_i, l_i, alpha = _probabilities(sc, u, m_i, l_i, ublocks, bits, rv, pos,
-                                                    offs_n, scale_log2, BS)
-                p = gl.convert_layout(p.to(Q.dtype.element_ty), dot_a)
-                acc = warpgroup_mma_wait(0, deps=[acc])
-                mbarrier.arrive(empty.index(sp), count=1)
-                acc = acc * gl.expand_dims(alpha, 1)
-            sp = (nu - 1) % STAGES
-            mbarrier.wait(v_bar.index(sp), ((nu - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p, v_ring.index(sp), acc)
-            mbarrier.arrive(empty.index(sp), count=1)
-    else:
-        for u in range(nu):
-            slot = u % STAGES
+    for u in range(nu):
+        slot = u % STAGES
+        if ((gl.load(half_bits + u // 64) >> (u % 64)) & 1) != 0:
             phase = (u // STAGES) & 1
             mbarrier.wait(k_bar.index(slot), phase)
             s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero, use_acc=False)
@@ -142,7 +117,7 @@ def _attend(Q, OUT, LSE, q_smem, k_ring, v_ring, k_bar, v_bar, empty, ublocks, b
             p = gl.convert_layout(p.to(Q.dtype.element_ty), dot_a)
             mbarrier.wait(v_bar.index(slot), phase)
             acc = warpgroup_mma(p, v_ring.index(slot), acc)
-            mbarrier.arrive(empty.index(slot), count=1)
+        mbarrier.arrive(empty.index(slot), count=1)
     lse = gl.where(l_i > 0, (m_i + gl.log2(l_i)) * 0.6931471805599453, float("-inf"))
     gl.store(LSE + (q0 + i).to(gl.int64) * stride_lt + h * G + r % G, lse, mask=rv)
     out = acc / gl.expand_dims(gl.maximum(l_i, 1e-30), 1)
@@ -153,11 +128,11 @@ def _attend(Q, OUT, LSE, q_smem, k_ring, v_ring, k_bar, v_bar, empty, ublocks, b
 
 
 @gluon.jit
-def union_kernel(Q, K_DESC, V_DESC, U, NU, BITS, TQ0, TN, TKBASE, TOFF, OUT, LSE, num_tiles,
+def union_kernel(Q, K_DESC, V_DESC, U, NU, BITS, HALVES, TQ0, TN, TKBASE, TOFF, OUT, LSE, num_tiles,
                  scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
                  HS: gl.constexpr, G: gl.constexpr, QT: gl.constexpr, D: gl.constexpr,
                  BS: gl.constexpr, W: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
-                 PIPELINED: gl.constexpr, num_warps: gl.constexpr):
+                 num_warps: gl.constexpr):
     """One tile x one KV head (grid: tiles, Hkv; ``msa.ops.attention.union.UnionPlan``'s
     arrays; ``K_DESC, V_DESC``: TMA descriptors over ``[total_k, Hkv * D]``, boxes of
     ``BS`` keys x ``D``)."""
@@ -171,6 +146,7 @@ def union_kernel(Q, K_DESC, V_DESC, U, NU, BITS, TQ0, TN, TKBASE, TOFF, OUT, LSE
     nu = gl.load(NU + urow)
     ublocks = U + urow.to(gl.int64) * W
     bits_base = BITS + urow.to(gl.int64) * QT * NW
+    halves = HALVES + urow.to(gl.int64) * 2 * NW
     q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, HALF, D], TILE_L)
     k_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BS, D], TILE_L)
     v_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BS, D], TILE_L)
@@ -185,11 +161,12 @@ def union_kernel(Q, K_DESC, V_DESC, U, NU, BITS, TQ0, TN, TKBASE, TOFF, OUT, LSE
     fence_async_shared()
     gl.warp_specialize([
         (_attend, (Q, OUT, LSE, q_smem.index(0), k_ring, v_ring, k_bar, v_bar, empty, ublocks,
-                   bits_base, nu, q0, n, off, h, scale_log2, stride_qt, stride_qh, stride_ot,
-                   stride_oh, stride_lt, 0, G, QT, D, BS, NW, STAGES, PIPELINED, num_warps)),
+                   bits_base, halves, nu, q0, n, off, h, scale_log2, stride_qt, stride_qh,
+                   stride_ot, stride_oh, stride_lt, 0, G, QT, D, BS, NW, STAGES, num_warps)),
         (_attend, (Q, OUT, LSE, q_smem.index(1), k_ring, v_ring, k_bar, v_bar, empty, ublocks,
-                   bits_base, nu, q0, n, off, h, scale_log2, stride_qt, stride_qh, stride_ot,
-                   stride_oh, stride_lt, 1, G, QT, D, BS, NW, STAGES, PIPELINED, 4)),
+                   bits_base, halves + NW, nu, q0, n, off, h, scale_log2, stride_qt,
+                   stride_qh, stride_ot, stride_oh, stride_lt, 1, G, QT, D, BS, NW, STAGES,
+                   4)),
         (_loader, (K_DESC, V_DESC, k_ring, v_ring, k_bar, v_bar, empty, ublocks, nu, kbase,
                    h, D, BS, STAGES))],
         [4, 1], [232, 24])
@@ -219,14 +196,13 @@ def key_rows(x: torch.Tensor, block_size: int) -> TensorDescriptor:
 
 
 def launch(q, k, v, up, out, lse, *, scale_log2: float, block_size: int, heads_sel: int,
-           stages: int = STAGES, pipelined: bool = True) -> None:
+           stages: int = STAGES) -> None:
     """``union_kernel`` over union plan ``up`` (tiles of ``TILE_ROWS`` rows) into ``out``
     and ``lse`` (``union_fwd``'s arguments)."""
     hkv = k.shape[1]
     union_kernel[(up.num_tiles, hkv)](
         q, key_rows(k, block_size), key_rows(v, block_size), up.blocks, up.count, up.bits,
-        up.tile_q0, up.tile_n, up.tile_kbase, up.tile_off, out, lse, up.num_tiles, scale_log2,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+        up.halves, up.tile_q0, up.tile_n, up.tile_kbase, up.tile_off, out, lse, up.num_tiles,
+        scale_log2, q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         HS=heads_sel, G=q.shape[1] // hkv, QT=up.qt, D=q.shape[2], BS=block_size,
-        W=up.blocks.shape[2], NW=up.bits.shape[3], STAGES=stages, PIPELINED=pipelined,
-        num_warps=4)
+        W=up.blocks.shape[2], NW=up.bits.shape[3], STAGES=stages, num_warps=4)

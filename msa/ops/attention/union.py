@@ -14,9 +14,11 @@ come by TMA instead (``union_fwd(..., tma=True)``: whole blocks in 2 stages).
 
 Each block of the union costs the whole tile, so the kernel gains where consecutive
 queries share their selections (local blocks, sinks, slowly drifting topics) and loses
-where they do not (random selections: up to ``QT`` times the work). It runs where
-chosen: ``MSA_FORWARD_KERNEL=union`` in the environment or ``kernel="union"``
-(``msa.ops.attention.forward``); measured in docs/benchmarks.md.
+where they do not (random selections: up to ``QT`` times the work). On Hopper the
+forward runs the Gluon form (``msa.ops.attention.gluon_union``) wherever a sample of
+the tiles walks at most ``MAX_WALK`` blocks per selected block (``prefers_union``);
+elsewhere it runs where chosen: ``MSA_FORWARD_KERNEL=union`` in the environment or
+``kernel="union"`` (``msa.ops.attention.forward``); measured in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ import triton
 import triton.language as tl
 
 from ..launch import launch_fitting
-from ..plan import TILE_ROWS, SparsePlan, query_tiles, tile_queries
+from ..plan import (TILE_ROWS, SparsePlan, blocks_per_selected_block, query_tiles,
+                    tile_queries)
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
-NO_BLOCK = tl.constexpr(2 ** 62)    # sort key of an invalid entry (after every real one)
+NO_BLOCK = tl.constexpr(2 ** 31 - 1)    # sort key of an invalid entry (after every real one)
 
 
 @dataclass
@@ -44,7 +47,10 @@ class UnionPlan:
     ``b``'s keys start at ``row_krow[rowbase + b]``);
     blocks ``[Hs, tiles, qt * K]`` int32: the union, ascending (entries past
     ``count`` unset); count ``[Hs, tiles]`` int32; bits ``[Hs, tiles, qt, NW]`` int64: bit
-    ``u % 64`` of word ``u // 64`` set iff the query selected the union's block ``u``.
+    ``u % 64`` of word ``u // 64`` set iff the query selected the union's block ``u``;
+    halves ``[Hs, tiles, 2, NW]`` int64: the same iff a query with a row among the tile's
+    MMA rows ``0 .. 63`` (``64 .. 127``) selected it (row ``query * G + head``; for tiles
+    of at most 128 rows).
     """
 
     qt: int
@@ -56,6 +62,7 @@ class UnionPlan:
     blocks: torch.Tensor
     count: torch.Tensor
     bits: torch.Tensor
+    halves: torch.Tensor
 
     @property
     def num_tiles(self) -> int:
@@ -63,11 +70,12 @@ class UnionPlan:
 
 
 @triton.jit(do_not_specialize=["num_tiles"])
-def union_plan_kernel(TOPK, TQ0, TN, TOFF, U, NU, BITS, num_tiles, stride_th, stride_tq,
-                      QT: tl.constexpr, QP: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
-                      WP: tl.constexpr, NW: tl.constexpr, BS: tl.constexpr):
-    """One tile's union (grid: tiles, Hs; ``WP``, ``QP``: next powers of two of ``W =
-    QT * K`` and ``QT``). An entry counts when valid and not wholly after its query
+def union_plan_kernel(TOPK, TQ0, TN, TOFF, U, NU, BITS, HALVES, num_tiles, stride_th,
+                      stride_tq, QT: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
+                      WP: tl.constexpr, NW: tl.constexpr, BS: tl.constexpr,
+                      G: tl.constexpr):
+    """One tile's union (grid: tiles, Hs; ``WP``: the next power of two of ``W = QT *
+    K``). An entry counts when valid and not wholly after its query
     (``0 <= id`` and ``id * BS <= pos``; ids are checked against the segment upstream)."""
     tile = tl.program_id(0)
     hs = tl.program_id(1)
@@ -80,29 +88,36 @@ def union_plan_kernel(TOPK, TQ0, TN, TOFF, U, NU, BITS, num_tiles, stride_th, st
     x = tl.load(TOPK + hs * stride_th + (q0 + i).to(tl.int64) * stride_tq + e % K, mask=ok,
                 other=-1)
     ok &= (x >= 0) & (x * BS <= off + i)
-    # sort (block, query) pairs: equal blocks adjacent; a block's first copy opens a place
-    srt = tl.sort(tl.where(ok, x.to(tl.int64) * 64 + i, NO_BLOCK))
+    # sort (block, query) pairs (block * 64 + query < 2^31 for blocks < 2^25): equal
+    # blocks adjacent; a block's first copy opens a place
+    srt = tl.sort(tl.where(ok, x * 64 + i, NO_BLOCK))
     blk = srt >> 6
     live = srt != NO_BLOCK
     first = live & ((e == 0) | (blk != tl.gather(blk, tl.maximum(e - 1, 0), 0)))
     place = tl.cumsum(first.to(tl.int32), 0) - 1
     row = hs * num_tiles + tile
-    tl.store(U + row.to(tl.int64) * W + place, blk.to(tl.int32), mask=first)
+    tl.store(U + row.to(tl.int64) * W + place, blk, mask=first)
     tl.store(NU + row, tl.sum(first.to(tl.int32), 0))
-    owner = (srt & 63).to(tl.int32)
-    qq = tl.arange(0, QP)
-    for w in tl.static_range(NW):
-        inw = live & (place >= 64 * w) & (place < 64 * (w + 1))
-        shift = tl.where(inw, place - 64 * w, 0).to(tl.int64)
-        bit = tl.where(inw, tl.full([WP], 1, tl.int64) << shift, 0)
-        # distinct places per query: the sum is the bitwise or
-        word = tl.sum(tl.where(owner[None, :] == qq[:, None], bit[None, :], 0), 1)
-        tl.store(BITS + ((row * QT + qq).to(tl.int64) * NW + w), word, mask=qq < QT)
+    # each live pair sets its query's bit of its block's place (pairs are distinct, the
+    # words zeroed by the caller)
+    owner = srt & 63
+    bit = tl.full([WP], 1, tl.int64) << (place % 64).to(tl.int64)
+    tl.atomic_or(BITS + (row * QT + owner).to(tl.int64) * NW + place // 64, bit, mask=live,
+                 sem="relaxed")
+    # the halves of the query's rows (a query may straddle the two)
+    lo = tl.minimum(owner * G // 64, 1)
+    hi = tl.minimum((owner * G + G - 1) // 64, 1)
+    tl.atomic_or(HALVES + (row * 2 + lo).to(tl.int64) * NW + place // 64, bit, mask=live,
+                 sem="relaxed")
+    tl.atomic_or(HALVES + (row * 2 + hi).to(tl.int64) * NW + place // 64, bit,
+                 mask=live & (hi != lo), sem="relaxed")
 
 
-def build_union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int) -> UnionPlan:
+def build_union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int,
+                     group: int) -> UnionPlan:
     """The ``UnionPlan`` of ``topk_indices [Hs, total_q, K]`` (int32 contiguous, as
-    ``plan.indices`` gives it) over ``plan``'s segments, ``qt`` queries per tile."""
+    ``plan.indices`` gives it) over ``plan``'s segments, ``qt`` queries per tile of
+    ``group`` heads each."""
     hs, _, topk = topk_indices.shape
     q0, n, kbase, off = query_tiles(plan.seg, qt, topk_indices.device)
     tiles, w = q0.numel(), qt * topk
@@ -110,19 +125,24 @@ def build_union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int) -> U
     dev = topk_indices.device
     blocks = torch.empty((hs, tiles, w), dtype=torch.int32, device=dev)
     count = torch.empty((hs, tiles), dtype=torch.int32, device=dev)
-    bits = torch.empty((hs, tiles, qt, nw), dtype=torch.int64, device=dev)
+    bits = torch.zeros((hs, tiles, qt, nw), dtype=torch.int64, device=dev)
+    halves = torch.zeros((hs, tiles, 2, nw), dtype=torch.int64, device=dev)
     if tiles:
         union_plan_kernel[(tiles, hs)](
-            topk_indices, q0, n, off, blocks, count, bits, tiles, topk_indices.stride(0),
-            topk_indices.stride(1), QT=qt, QP=next_pow2(qt), K=topk, W=w, WP=next_pow2(w),
-            NW=nw, BS=plan.block_size, num_warps=4 if w <= 256 else 8)
+            topk_indices, q0, n, off, blocks, count, bits, halves, tiles,
+            topk_indices.stride(0), topk_indices.stride(1), QT=qt, K=topk, W=w,
+            WP=next_pow2(w), NW=nw, BS=plan.block_size, G=group,
+            num_warps=4 if w <= 256 else 8)
     rowbase = plan.rows.q_rowbase[q0.long()].contiguous()
-    return UnionPlan(qt, q0, n, kbase, off, rowbase, blocks, count, bits)
+    return UnionPlan(qt, q0, n, kbase, off, rowbase, blocks, count, bits, halves)
 
 
-def union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int) -> UnionPlan:
-    """``plan``'s union plan for tiles of ``qt`` queries, built once per plan."""
-    return plan.derived(("union", qt), lambda: build_union_plan(topk_indices, plan, qt))
+def union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int,
+               group: int) -> UnionPlan:
+    """``plan``'s union plan for tiles of ``qt`` queries of ``group`` heads, built once
+    per plan."""
+    return plan.derived(("union", qt, group),
+                        lambda: build_union_plan(topk_indices, plan, qt, group))
 
 
 @triton.jit(do_not_specialize=["num_tiles"])
@@ -223,25 +243,30 @@ def _key_rows(x: torch.Tensor, block_n: int):
 
 
 def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float,
-              tile_rows: int = TILE_ROWS, tma: bool = False, gluon: bool = False) -> None:
+              tile_rows: int = None, tma: bool = False, gluon: bool = None) -> None:
     """Write ``out [total_q, Hq, D]`` and ``lse [total_q, Hq]`` (fp32) from ``q [total_q,
     Hq, D]``, ``k, v [total_k, Hkv, D]`` and ``topk_indices [Hs, total_q, K]`` (int32
-    contiguous) over ``plan``'s segments (its union plan is built on first use), tiles of
-    ``tile_rows`` MMA rows (a power of two, at least 16). ``tma``: keys and values by
-    TMA descriptors (``union_fwd_kernel``'s ``KEYS="tma"``; contiguous keys only, else
-    ``ValueError``). ``gluon``: the warp-specialized Gluon kernel
-    (``msa.ops.attention.gluon_union``: Hopper, bf16 / fp16, head dim 128, blocks of 128,
-    contiguous keys, else ``ValueError``), whose tiles are 128 rows and whose keys come
-    by TMA (``tile_rows`` and ``tma`` left at their defaults)."""
-    if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 16 or \
-            tile_rows & (tile_rows - 1):
+    contiguous) over ``plan``'s segments (its union plan is built on first use).
+
+    ``gluon``: the warp-specialized Gluon kernel (``msa.ops.attention.gluon_union``:
+    Hopper, bf16 / fp16, head dim 128, blocks of 128, contiguous keys, else
+    ``ValueError``; tiles of 128 rows, keys by TMA); default: where it applies and
+    neither ``tile_rows`` nor ``tma`` is given. Otherwise the Triton kernel with tiles
+    of ``tile_rows`` MMA rows (a power of two, at least 16; default ``TILE_ROWS``) and,
+    with ``tma``, keys and values by TMA descriptors (``union_fwd_kernel``'s
+    ``KEYS="tma"``; contiguous keys only, else ``ValueError``)."""
+    if tile_rows is not None and (isinstance(tile_rows, bool) or not isinstance(tile_rows, int)
+                                  or tile_rows < 16 or tile_rows & (tile_rows - 1)):
         raise ValueError(f"tile_rows must be a power of two >= 16, got {tile_rows!r}")
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     g = hq // hkv
+    if gluon is None:
+        gluon = tile_rows is None and not tma and gluon_applies(q, k, v, plan)
     if gluon:
         return _gluon_fwd(q, k, v, topk_indices, plan, out, lse, scale, tile_rows, tma)
-    up = union_plan(topk_indices, plan, tile_queries(g, topk_indices.shape[2], tile_rows))
+    tile_rows = TILE_ROWS if tile_rows is None else tile_rows
+    up = union_plan(topk_indices, plan, tile_queries(g, topk_indices.shape[2], tile_rows), g)
     rows = max(16, next_pow2(up.qt * g))
     if not up.num_tiles:
         return
@@ -267,20 +292,53 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
         UPCAST=upcast(q.dtype))
 
 
+def gluon_applies(q, k, v, plan: SparsePlan) -> bool:
+    """Whether the Gluon union kernel runs these inputs (``gluon_union.supported``)."""
+    try:
+        from . import gluon_union
+    except ImportError:                 # a Triton without Gluon
+        return False
+    return gluon_union.supported(q, k, v, plan.block_size, plan.rows.paged)
+
+
+# the Gluon union forward beats the Gluon KV-outer one where a tile of 128 rows walks at
+# most this many blocks per block its queries selected (docs/benchmarks.md)
+MAX_WALK = 2.0
+WALK_SAMPLE = 8         # the walk is estimated on every WALK_SAMPLE-th tile
+
+
+def prefers_union(q, k, v, topk_indices, plan: SparsePlan) -> bool:
+    """Whether the union forward runs these inputs faster than the KV-outer one: the Gluon
+    union kernel applies and the selection is ``shared_enough`` (decided once per
+    plan)."""
+    if not gluon_applies(q, k, v, plan):
+        return False
+    return plan.derived(("union_shared",), lambda: shared_enough(
+        topk_indices, q.shape[1] // k.shape[1]))
+
+
+def shared_enough(topk_indices: torch.Tensor, group: int) -> bool:
+    """Whether the Gluon union kernel's tiles (128 rows of ``group`` heads) of
+    ``topk_indices [Hs, total_q, K]`` walk at most ``MAX_WALK`` blocks per selected block,
+    estimated on every ``WALK_SAMPLE``-th tile (one host synchronisation)."""
+    qt = tile_queries(group, topk_indices.shape[2], 128)
+    return blocks_per_selected_block(topk_indices, qt, every=WALK_SAMPLE) <= MAX_WALK
+
+
 def _gluon_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, scale: float,
                tile_rows: int, tma: bool) -> None:
     """``union_fwd(..., gluon=True)``."""
-    from . import gluon_union
-    if tile_rows != TILE_ROWS or tma:
+    if tile_rows is not None or tma:
         raise ValueError("gluon=True takes its own tiles (128 rows) and TMA keys: leave "
-                         f"tile_rows and tma at their defaults, got {tile_rows=}, {tma=}")
-    if not gluon_union.supported(q, k, v, plan.block_size, plan.rows.paged):
+                         f"tile_rows and tma unset, got {tile_rows=}, {tma=}")
+    if not gluon_applies(q, k, v, plan):
         raise ValueError("gluon=True needs a Hopper GPU (sm_90), bf16 / fp16, head dim 128, "
                          "blocks of 128 and contiguous (not paged) k, v [total_k, Hkv, D] "
                          "whose heads are adjacent and rows 16-byte aligned")
+    from . import gluon_union
     g = q.shape[1] // k.shape[1]
     up = union_plan(topk_indices, plan,
-                    tile_queries(g, topk_indices.shape[2], gluon_union.TILE_ROWS))
+                    tile_queries(g, topk_indices.shape[2], gluon_union.TILE_ROWS), g)
     if up.num_tiles:
         gluon_union.launch(q, k, v, up, out, lse, scale_log2=scale * LOG2E,
                            block_size=plan.block_size, heads_sel=topk_indices.shape[0])

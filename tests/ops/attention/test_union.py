@@ -148,25 +148,36 @@ def _direct_plan(topk, seg, block, qt):
 
 @pytest.mark.parametrize("group,shared", [(16, True), (6, False), (4, True), (1, False)])
 def test_union_plan_equals_direct_count(group, shared):
-    """Union, count and bits (several 64-bit words at K * QT > 64) against Python sets,
-    over random selections (with blocks after the query, dropped) and shared ones."""
+    """Union, count, bits (several 64-bit words at K * QT > 64) and the halves' words
+    against Python sets, over random selections (with blocks after the query, dropped)
+    and shared ones, tiles of 64 and 128 rows."""
     c = make_case((37, 50), (900, 400), seed=group)
     seg, k = c["seg"], 9
     topk = (_shared_topk(seg, 2, k, 64, group) if shared else
             random_topk(seg, 2, k, 64, seed=group)).to(DEVICE)
-    qt = tile_queries(group, k)
     plan = plan_of(topk, seg, 64, 2)
-    up = build_union_plan(topk, plan, qt)
-    direct = _direct_plan(topk.cpu(), seg, 64, qt)
-    assert up.bits.shape[3] == -(-qt * k // 64)
-    blocks, count, bits = (x.cpu().flatten(0, 1) for x in (up.blocks, up.count, up.bits))
-    for row, (union, places) in enumerate(direct):
-        assert count[row] == len(union)
-        assert blocks[row, :len(union)].tolist() == union
-        for i in range(qt):
-            word_bits = [w * 64 + b for w, word in enumerate(bits[row, i].tolist())
-                         for b in range(64) if (word >> b) & 1]
-            assert word_bits == (places[i] if i < len(places) else [])
+    for rows in (64, 128):
+        qt = tile_queries(group, k, rows)
+        up = build_union_plan(topk, plan, qt, group)
+        direct = _direct_plan(topk.cpu(), seg, 64, qt)
+        assert up.bits.shape[3] == -(-qt * k // 64)
+        blocks, count, bits, halves = (x.cpu().flatten(0, 1) for x in
+                                       (up.blocks, up.count, up.bits, up.halves))
+        for row, (union, places) in enumerate(direct):
+            assert count[row] == len(union)
+            assert blocks[row, :len(union)].tolist() == union
+            half_places = [set(), set()]
+            for i in range(qt):
+                word_bits = [w * 64 + b for w, word in enumerate(bits[row, i].tolist())
+                             for b in range(64) if (word >> b) & 1]
+                mine = places[i] if i < len(places) else []
+                assert word_bits == mine
+                for h in {min(i * group // 64, 1), min((i * group + group - 1) // 64, 1)}:
+                    half_places[h].update(mine)
+            for h in (0, 1):
+                got = [w * 64 + b for w, word in enumerate(halves[row, h].tolist())
+                       for b in range(64) if (word >> b) & 1]
+                assert got == sorted(half_places[h])
     if shared:
         assert count.float().mean() < 0.5 * qt * k
 
@@ -278,3 +289,31 @@ def test_bf16_variants_equal_the_kv_outer_kernel(q_lens, k_lens, hq, hkv, hs, sh
             seen = want_lse.isfinite()
             assert torch.equal(lse.isfinite(), seen)
             torch.testing.assert_close(lse[seen], want_lse[seen], rtol=1e-3, atol=1e-3)
+
+
+def test_the_forward_takes_the_union_kernel_for_shared_selections(monkeypatch):
+    """Where the Gluon KV-outer kernel would run (Hopper; faked here), the forward takes
+    the union kernel for a selection consecutive queries share and keeps the KV-outer
+    one for a random selection or where launch options are given; ``attention_kernel``
+    says the same from the selection."""
+    import msa
+    from msa.ops.attention import forward as F
+    from msa.ops.attention import gluon_union, union
+    c = make_case((600,), (1400,), hq=16, hkv=1, d=64, seed=5)
+    q, k, v = (c[n].to(DEVICE) for n in "qkv")
+    shared = _shared_topk(c["seg"], 1, 8, 64, seed=5).to(DEVICE)
+    scattered = random_topk(c["seg"], 1, 8, 64, seed=5).to(DEVICE)
+    monkeypatch.setattr(F, "forward_kernel", lambda *a: "gluon")
+    monkeypatch.setattr(union, "gluon_applies", lambda *a: True)
+    monkeypatch.setattr(gluon_union, "supported", lambda *a: True)
+    plans = {name: plan_of(t, c["seg"], 64, 1) for name, t in
+             (("shared", shared), ("scattered", scattered))}
+    assert F.selection_kernel(q, k, v, shared, plans["shared"]) == "union"
+    assert F.selection_kernel(q, k, v, scattered, plans["scattered"]) == "gluon"
+    assert F.selection_kernel(q, k, v, shared, plans["shared"], None, {"block_q": 4}) == "gluon"
+    assert F.selection_kernel(q, k, v, shared, plans["shared"], "triton") == "triton"
+    monkeypatch.setattr("msa.ops.attention.forward.forward_kernel", lambda *a: "gluon")
+    monkeypatch.setattr("msa.ops.attention.forward.use_query_major", lambda *a: False)
+    assert msa.attention_kernel(q, k, v, topk_indices=shared, backend="triton") == "union"
+    assert msa.attention_kernel(q, k, v, topk_indices=scattered, backend="triton") == "gluon"
+    assert msa.attention_kernel(q, k, v, backend="triton") == "gluon"
