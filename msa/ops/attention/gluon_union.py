@@ -107,9 +107,11 @@ def _attend(Q, OUT, LSE, q_smem, k_ring, v_ring, k_bar, v_bar, empty, ublocks, b
     dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     for u in range(nu):
         slot = u % STAGES
+        phase = (u // STAGES) & 1
+        # every slot's barriers are waited on, skipped or not: a wait on a barrier two
+        # phases behind would pass at once
+        mbarrier.wait(k_bar.index(slot), phase)
         if ((gl.load(half_bits + u // 64) >> (u % 64)) & 1) != 0:
-            phase = (u // STAGES) & 1
-            mbarrier.wait(k_bar.index(slot), phase)
             s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero, use_acc=False)
             p, m_i, l_i, alpha = _probabilities(s, u, m_i, l_i, ublocks, bits, rv, pos,
                                                 offs_n, scale_log2, BS)
@@ -117,6 +119,8 @@ def _attend(Q, OUT, LSE, q_smem, k_ring, v_ring, k_bar, v_bar, empty, ublocks, b
             p = gl.convert_layout(p.to(Q.dtype.element_ty), dot_a)
             mbarrier.wait(v_bar.index(slot), phase)
             acc = warpgroup_mma(p, v_ring.index(slot), acc)
+        else:
+            mbarrier.wait(v_bar.index(slot), phase)
         mbarrier.arrive(empty.index(slot), count=1)
     lse = gl.where(l_i > 0, (m_i + gl.log2(l_i)) * 0.6931471805599453, float("-inf"))
     gl.store(LSE + (q0 + i).to(gl.int64) * stride_lt + h * G + r % G, lse, mask=rv)
