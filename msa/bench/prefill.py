@@ -82,7 +82,7 @@ def precisions(args) -> list:
 
 
 # union kernel variants timed by ``kernels``: name -> ``union_fwd``'s launch options
-UNION_VARIANTS = dict(union={}, union_128_rows=dict(tile_rows=128),
+UNION_VARIANTS = dict(union=dict(tile_rows=64), union_128_rows=dict(tile_rows=128),
                       union_tma=dict(tma=True), union_tma_128_rows=dict(tile_rows=128, tma=True),
                       union_gluon=dict(gluon=True))
 
@@ -98,7 +98,8 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
     from ..ops.attention.union import build_union_plan, union_fwd
     from ..ops.plan import tile_queries
     from ..ops.launch import on_hopper
-    d = dict(forward_kernel=msa.attention_kernel(q, k, v, block_size=cfg.block_size))
+    d = dict(forward_kernel=msa.attention_kernel(q, k, v, block_size=cfg.block_size,
+                                                 topk_indices=topk))
     group = cfg.num_heads // cfg.num_kv_heads
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
                         chunk=chunk, q_per_item=P.item_queries(group))

@@ -88,7 +88,8 @@ def run_length(T: int, cfg, args, fla) -> dict:
     reps = 5 if T <= 131072 else 3
     topk = msa.msa_indexer(qi.detach(), ki.detach(), cu, cu, block_size=bs, topk=cfg.topk)
     dout = torch.randn(T, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
-    r = dict(T=T, backward_kernel=msa.attention_kernel(q, k, v, block_size=bs, backward=True))
+    r = dict(T=T, forward_kernel=msa.attention_kernel(q, k, v, block_size=bs, topk_indices=topk),
+             backward_kernel=msa.attention_kernel(q, k, v, block_size=bs, backward=True))
     r.update(selection_stats(topk, bs))
 
     def attention():

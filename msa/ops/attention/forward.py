@@ -15,7 +15,9 @@ by LSE: ``lse = log sum_j exp(lse_j)``, ``out = sum_j exp(lse_j - lse) o_j``.
 Queries are processed in chunks so the partial buffer (``chunk x Hkv x K x G x D``)
 stays bounded whatever the sequence length. On Hopper the partials come from the
 warp-specialized Gluon kernel of ``msa.ops.attention.gluon`` instead where it applies
-(``forward_kernel`` says which runs).
+(``forward_kernel`` says which runs), and for a selection that neighbouring queries
+share, the query-outer union kernel of ``msa.ops.attention.gluon_union`` replaces the
+partials and the combine (``selection_kernel``).
 """
 from __future__ import annotations
 
