@@ -279,6 +279,12 @@ def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
     _check_ranks("q", q, "k", k)
     C.check_qkv(q, k, v)
     C.check_block_and_topk(block_size)
+    if topk_indices is not None and (
+            not isinstance(topk_indices, torch.Tensor) or topk_indices.dim() != q.dim()
+            or topk_indices.dtype not in (torch.int32, torch.int64)):
+        raise ValueError("topk_indices must be an int32/int64 tensor [Hs, total_q, K] "
+                         "(packed q) or [B, Hs, Tq, K] (batched q), got "
+                         f"{getattr(topk_indices, 'shape', type(topk_indices))}")
     if not C.use_triton(backend, q):
         return "reference"
     if backward:

@@ -217,3 +217,7 @@ def test_attention_kernel_names_the_forward_that_runs(monkeypatch):
         msa.attention_kernel(many, k, k, block_size=96)
     with pytest.raises(ValueError, match="q"):
         msa.attention_kernel(many[0], k, k)
+    for bad in (torch.zeros(1025, 16, dtype=torch.int32), torch.zeros(2, 1025, 16),
+                [[0]]):
+        with pytest.raises(ValueError, match="topk_indices must be"):
+            msa.attention_kernel(many, k, k, topk_indices=bad)
