@@ -15,9 +15,11 @@ overlap each other (one's softmax during the other's MMAs); issuing the next blo
 scores before the softmax (async wgmma, the FlashAttention-3 order) was slower
 (docs/experiments.md).
 
-Rows read by TMA past the tile's last query (the next segment's keys) are loaded and
-given probability 0, as in ``union_fwd_kernel``'s ``KEYS="tma"``: an inf or NaN in
-another sequence's values there would reach this tile's output.
+Rows read by TMA past the tile's last query are loaded and given probability 0; they
+are the segment's own later keys or zeros past the tensor: ``union.gluon_applies``
+runs the kernel only where no segment's last, partial block reaches the next segment's
+rows (``boxes_stay_in_segments``), whose values, were they inf or NaN, would reach this
+tile's output.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ Each block of the union costs the whole tile, so the kernel gains where consecut
 queries share their selections (local blocks, sinks, slowly drifting topics) and loses
 where they do not (random selections: up to ``QT`` times the work). On Hopper the
 forward runs the Gluon form (``msa.ops.attention.gluon_union``) wherever a sample of
-the tiles walks at most ``MAX_WALK`` blocks per selected block (``prefers_union``);
+the tiles walks at most ``MAX_WALK`` blocks per selected block and its boxes stay in
+their segments (``prefers_union``);
 elsewhere it runs where chosen: ``MSA_FORWARD_KERNEL=union`` in the environment or
 ``kernel="union"`` (``msa.ops.attention.forward``); measured in docs/benchmarks.md.
 """
@@ -293,12 +294,24 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
 
 
 def gluon_applies(q, k, v, plan: SparsePlan) -> bool:
-    """Whether the Gluon union kernel runs these inputs (``gluon_union.supported``)."""
+    """Whether the Gluon union kernel runs these inputs (``gluon_union.supported``) and
+    its boxes of whole blocks read only their own segment's keys
+    (``boxes_stay_in_segments``)."""
     try:
         from . import gluon_union
     except ImportError:                 # a Triton without Gluon
         return False
-    return gluon_union.supported(q, k, v, plan.block_size, plan.rows.paged)
+    return gluon_union.supported(q, k, v, plan.block_size, plan.rows.paged) and \
+        boxes_stay_in_segments(plan.seg, plan.block_size, k.shape[0])
+
+
+def boxes_stay_in_segments(seg, block_size: int, rows: int) -> bool:
+    """Whether loading whole blocks of ``block_size`` key rows (TMA boxes) never reads
+    another segment's keys out of ``rows`` packed key rows: every segment's keys end on
+    a whole block or at the last row (TMA fills rows past the tensor with zeros). Else a
+    segment's last, partial block would bring the next segment's first rows, whose
+    probabilities are 0 but whose values, were they inf or NaN, would reach this output."""
+    return all(n % block_size == 0 or base + n >= rows for base, n in zip(seg.k_base, seg.k_len))
 
 
 # the Gluon union forward beats the Gluon KV-outer one where a tile of 128 rows walks at
@@ -333,8 +346,9 @@ def _gluon_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, scale: float,
                          f"tile_rows and tma unset, got {tile_rows=}, {tma=}")
     if not gluon_applies(q, k, v, plan):
         raise ValueError("gluon=True needs a Hopper GPU (sm_90), bf16 / fp16, head dim 128, "
-                         "blocks of 128 and contiguous (not paged) k, v [total_k, Hkv, D] "
-                         "whose heads are adjacent and rows 16-byte aligned")
+                         "blocks of 128, contiguous (not paged) k, v [total_k, Hkv, D] "
+                         "whose heads are adjacent and rows 16-byte aligned, and segments "
+                         "whose keys end on a whole block or at the last row of k")
     from . import gluon_union
     g = q.shape[1] // k.shape[1]
     up = union_plan(topk_indices, plan,

@@ -35,6 +35,23 @@ def test_compiles_for_sm90_to_tma_loads_and_wgmma(g):
     assert "setmaxnreg" in ptx and "ld.local" not in ptx
 
 
+def test_boxes_stay_in_segments_only_where_segments_end_on_whole_blocks():
+    """The Gluon kernel's TMA boxes of whole blocks may read past a segment's keys only
+    into zeros past the tensor, never into the next segment."""
+    from msa.ops.attention.union import boxes_stay_in_segments
+    from msa.varlen import Segments
+
+    def seg(k_lens):
+        bases = [sum(k_lens[:i]) for i in range(len(k_lens))]
+        return Segments(bases, [1] * len(k_lens), bases, list(k_lens), len(k_lens),
+                        sum(k_lens))
+    assert boxes_stay_in_segments(seg([300]), 128, 300)            # the last: zero fill
+    assert boxes_stay_in_segments(seg([256, 128, 77]), 128, 461)
+    assert not boxes_stay_in_segments(seg([256, 129, 77]), 128, 462)
+    assert not boxes_stay_in_segments(seg([300]), 128, 400)        # rows after the keys
+    assert boxes_stay_in_segments(seg([]), 128, 0)
+
+
 def _case(q_lens, k_lens, hq, hkv, hs, shared, seed=3):
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=128, seed=sum(q_lens))
     q, k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "qkv")
@@ -60,9 +77,9 @@ def test_refuses_what_it_cannot_run():
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_lens,k_lens,hq,hkv,hs", [
     ((3000,), (3000,), 64, 4, 4),                    # MiniMax-M3 group of 16 (8 queries)
-    ((700, 1, 900), (4000, 1, 2500), 64, 8, 8),      # G = 8, prefixes, a one-token segment
+    ((700, 1, 900), (4096, 128, 2500), 64, 8, 8),    # G = 8, prefixes, a one-token segment
     ((1500,), (5000,), 24, 4, 1),                    # G = 6 (21 queries, 126 rows), Hs = 1
-    ((2000, 333), (2000, 2400), 32, 8, 8),           # G = 4 (32 queries, 8 mask words)
+    ((2000, 333), (2048, 2400), 32, 8, 8),           # G = 4 (32 queries, 8 mask words)
     ((900,), (900,), 256, 2, 2),                     # G = 128 (one query a tile)
 ])
 @pytest.mark.parametrize("shared", [False, True])
@@ -97,3 +114,20 @@ def test_matches_the_reference(q_lens, k_lens, hq, hkv, hs, shared):
     cos = torch.nn.functional.cosine_similarity(out.float().flatten(),
                                                 want.float().flatten(), 0)
     assert cos > 0.99999, cos
+
+
+@pytest.mark.gpu
+def test_a_segment_ending_inside_a_block_keeps_the_kv_outer_kernel():
+    """A packed batch whose first segment ends inside a block (a box would reach the
+    next segment's rows): the automatic choice keeps the KV-outer kernel and
+    ``gluon=True`` is refused by name."""
+    from msa.ops.attention import gluon_union
+    from msa.ops.attention.forward import selection_kernel
+    c, q, k, v, topk = _case((700, 900), (4000, 2500), 64, 4, 4, True)
+    plan = plan_of(topk, c["seg"], 128, 4)
+    if not gluon_union.supported(q, k, v, 128, plan.rows.paged):
+        pytest.skip("the Gluon union forward needs a Hopper GPU")
+    assert selection_kernel(q, k, v, plan.indices(topk), plan) == "gluon"
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device=DEVICE)
+    with pytest.raises(ValueError, match="whole block"):
+        union_fwd(q, k, v, plan.indices(topk), plan, out, lse, scale=0.1, gluon=True)
