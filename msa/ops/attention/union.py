@@ -322,20 +322,29 @@ WALK_SAMPLE = 8         # the walk is estimated on every WALK_SAMPLE-th tile
 
 def prefers_union(q, k, v, topk_indices, plan: SparsePlan) -> bool:
     """Whether the union forward runs these inputs faster than the KV-outer one: the Gluon
-    union kernel applies and the selection is ``shared_enough`` (decided once per
-    plan)."""
+    union kernel applies and the selection is ``shared_enough`` over ``plan``'s segments
+    (decided once per plan)."""
     if not gluon_applies(q, k, v, plan):
         return False
     return plan.derived(("union_shared",), lambda: shared_enough(
-        topk_indices, q.shape[1] // k.shape[1]))
+        topk_indices, q.shape[1] // k.shape[1], plan.seg.q_len))
 
 
-def shared_enough(topk_indices: torch.Tensor, group: int) -> bool:
+def shared_enough(topk_indices: torch.Tensor, group: int, q_lens=None) -> bool:
     """Whether the Gluon union kernel's tiles (128 rows of ``group`` heads) of
     ``topk_indices [Hs, total_q, K]`` walk at most ``MAX_WALK`` blocks per selected block,
-    estimated on every ``WALK_SAMPLE``-th tile (one host synchronisation)."""
+    estimated on every ``WALK_SAMPLE``-th tile (one host synchronisation) and divided by
+    the tiles' fill over segments of ``q_lens`` queries (tiles stay in their segment: a
+    segment of fewer queries than a tile leaves rows idle); default one segment."""
     qt = tile_queries(group, topk_indices.shape[2], 128)
-    return blocks_per_selected_block(topk_indices, qt, every=WALK_SAMPLE) <= MAX_WALK
+    total = topk_indices.shape[1]
+    q_lens = [total] if q_lens is None else q_lens
+    tiles = sum(-(-n // qt) for n in q_lens)
+    fill = total / max(1, tiles * qt)
+    if fill * MAX_WALK < 1:                   # even tiles sharing everything would lose
+        return False
+    walk = blocks_per_selected_block(topk_indices, qt, every=WALK_SAMPLE)
+    return walk <= MAX_WALK * fill
 
 
 def _gluon_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, scale: float,

@@ -317,3 +317,15 @@ def test_the_forward_takes_the_union_kernel_for_shared_selections(monkeypatch):
     assert msa.attention_kernel(q, k, v, topk_indices=shared, backend="triton") == "union"
     assert msa.attention_kernel(q, k, v, topk_indices=scattered, backend="triton") == "gluon"
     assert msa.attention_kernel(q, k, v, backend="triton") == "gluon"
+
+
+def test_short_segments_count_against_the_union_kernel():
+    """``shared_enough``: a selection every query shares passes over one segment, and
+    fails over segments of 2 queries (8-query tiles a quarter full at G = 16)."""
+    from msa.ops.attention.union import shared_enough
+    same = torch.zeros(1, 64, 4, dtype=torch.int32)
+    same[..., 1:] = torch.arange(1, 4, dtype=torch.int32)
+    assert shared_enough(same, 16)
+    assert shared_enough(same, 16, [64])
+    assert not shared_enough(same, 16, [2] * 32)
+    assert shared_enough(same, 16, [4] * 16)               # half full: walk 1 <= 2 * 0.5
