@@ -265,14 +265,16 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
 
 
 def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
-                     backward: bool = False, topk_indices: Optional[torch.Tensor] = None) -> str:
+                     backward: bool = False, topk_indices: Optional[torch.Tensor] = None,
+                     cu_seqlens_q=None, cu_seqlens_k=None) -> str:
     """The forward kernel ``msa_sparse_attention`` runs for these inputs (its layouts and
     ``backend``): ``"reference"`` (PyTorch), ``"query_major"`` (Triton, for at most
     ``QUERY_MAJOR_MAX_QUERIES`` = 1024 queries), ``"gluon"`` (the warp-specialized Hopper
     kernel, ``msa.ops.attention.gluon``), ``"triton"`` (the Triton KV-outer kernel) or
     ``"union"`` (``msa.ops.attention.union``: where ``MSA_FORWARD_KERNEL=union``, and on
-    Hopper for a selection ``topk_indices`` (``msa_sparse_attention``'s layouts) whose
-    consecutive queries share their blocks enough, ``union.shared_enough``; without
+    Hopper for a selection ``topk_indices`` (``msa_sparse_attention``'s layouts, with its
+    ``cu_seqlens_q`` / ``cu_seqlens_k`` for packed inputs: one sequence without them)
+    whose neighbouring queries share their blocks enough, ``union.suits``; without
     ``topk_indices`` the answer is the kernel of a selection that is not shared).
     ``backward=True``: the kernel of its backward, ``"reference"``, ``"gluon"``
     (``msa.ops.attention.gluon_bwd``) or ``"triton"``."""
@@ -296,12 +298,12 @@ def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
         return "query_major"
     kernel = forward_kernel(q, k, v, block_size)
     if kernel == "gluon" and topk_indices is not None:
-        from .ops.attention import gluon_union, union
-        packed = topk_indices if topk_indices.dim() == 3 else \
-            topk_indices.transpose(0, 1).flatten(1, 2)              # [B, Hs, Tq, K]
-        qp, kp, vp = (x if x.dim() == 3 else x.flatten(0, 1) for x in (q, k, v))
-        if gluon_union.supported(qp, kp, vp, block_size, False) and \
-                union.shared_enough(packed, q.shape[-2] // k.shape[-2]):
+        from .ops.attention import union
+        if q.dim() == 3 and cu_seqlens_q is None and cu_seqlens_k is None:
+            cu_seqlens_q, cu_seqlens_k = [0, q.shape[0]], [0, k.shape[0]]
+        lay = _layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, None, None, None)
+        if union.suits(lay.pack(q), lay.pack(k), lay.pack(v), lay.pack_heads(topk_indices),
+                       lay.seg, block_size):
             return "union"
     return kernel
 

@@ -294,6 +294,12 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
 
 
 def gluon_applies(q, k, v, plan: SparsePlan) -> bool:
+    """Whether the Gluon union kernel runs these inputs over ``plan``'s segments
+    (``applies``)."""
+    return applies(q, k, v, plan.seg, plan.block_size, plan.rows.paged)
+
+
+def applies(q, k, v, seg, block_size: int, paged: bool = False) -> bool:
     """Whether the Gluon union kernel runs these inputs (``gluon_union.supported``) and
     its boxes of whole blocks read only their own segment's keys
     (``boxes_stay_in_segments``)."""
@@ -301,8 +307,8 @@ def gluon_applies(q, k, v, plan: SparsePlan) -> bool:
         from . import gluon_union
     except ImportError:                 # a Triton without Gluon
         return False
-    return gluon_union.supported(q, k, v, plan.block_size, plan.rows.paged) and \
-        boxes_stay_in_segments(plan.seg, plan.block_size, k.shape[0])
+    return gluon_union.supported(q, k, v, block_size, paged) and \
+        boxes_stay_in_segments(seg, block_size, k.shape[0])
 
 
 def boxes_stay_in_segments(seg, block_size: int, rows: int) -> bool:
@@ -323,11 +329,19 @@ WALK_SAMPLE = 8         # the walk is estimated on every WALK_SAMPLE-th tile
 def prefers_union(q, k, v, topk_indices, plan: SparsePlan) -> bool:
     """Whether the union forward runs these inputs faster than the KV-outer one: the Gluon
     union kernel applies and the selection is ``shared_enough`` over ``plan``'s segments
-    (decided once per plan)."""
+    (decided once per plan and group)."""
     if not gluon_applies(q, k, v, plan):
         return False
-    return plan.derived(("union_shared",), lambda: shared_enough(
-        topk_indices, q.shape[1] // k.shape[1], plan.seg.q_len))
+    g = q.shape[1] // k.shape[1]
+    return plan.derived(("union_shared", g), lambda: shared_enough(
+        topk_indices, g, plan.seg.q_len))
+
+
+def suits(q, k, v, topk_indices, seg, block_size: int) -> bool:
+    """``prefers_union`` without a plan: ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv,
+    D]``, ``topk_indices [Hs, total_q, K]`` over segments ``seg`` (``msa.attention_kernel``)."""
+    return applies(q, k, v, seg, block_size) and \
+        shared_enough(topk_indices, q.shape[1] // k.shape[1], seg.q_len)
 
 
 def shared_enough(topk_indices: torch.Tensor, group: int, q_lens=None) -> bool:

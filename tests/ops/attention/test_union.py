@@ -317,6 +317,13 @@ def test_the_forward_takes_the_union_kernel_for_shared_selections(monkeypatch):
     assert msa.attention_kernel(q, k, v, topk_indices=shared, backend="triton") == "union"
     assert msa.attention_kernel(q, k, v, topk_indices=scattered, backend="triton") == "gluon"
     assert msa.attention_kernel(q, k, v, backend="triton") == "gluon"
+    # two sequences, the first ending inside a block: a box would reach the second's keys
+    assert msa.attention_kernel(q, k, v, topk_indices=shared, backend="triton",
+                                cu_seqlens_q=[0, 300, 600],
+                                cu_seqlens_k=[0, 700, 1400]) == "gluon"
+    assert msa.attention_kernel(q, k, v, topk_indices=shared, backend="triton",
+                                cu_seqlens_q=[0, 300, 600],
+                                cu_seqlens_k=[0, 768, 1400]) == "union"
 
 
 def test_short_segments_count_against_the_union_kernel():
