@@ -146,6 +146,19 @@ def _direct_plan(topk, seg, block, qt):
     return out
 
 
+def _set_bits(words):
+    """The set bits of 64-bit words (int64, bit 63 negative), word ``w``'s bit ``b`` as
+    ``64 w + b``, ascending."""
+    out = []
+    for w, word in enumerate(words):
+        x = word & (2 ** 64 - 1)
+        while x:
+            low = x & -x
+            out.append(64 * w + low.bit_length() - 1)
+            x ^= low
+    return out
+
+
 @pytest.mark.parametrize("group,shared", [(16, True), (6, False), (4, True), (1, False)])
 def test_union_plan_equals_direct_count(group, shared):
     """Union, count, bits (several 64-bit words at K * QT > 64) and the halves' words
@@ -156,28 +169,24 @@ def test_union_plan_equals_direct_count(group, shared):
     topk = (_shared_topk(seg, 2, k, 64, group) if shared else
             random_topk(seg, 2, k, 64, seed=group)).to(DEVICE)
     plan = plan_of(topk, seg, 64, 2)
-    for rows in (64, 128):
-        qt = tile_queries(group, k, rows)
+    for qt in sorted({tile_queries(group, k, rows) for rows in (64, 128)}):
         up = build_union_plan(topk, plan, qt, group)
         direct = _direct_plan(topk.cpu(), seg, 64, qt)
         assert up.bits.shape[3] == -(-qt * k // 64)
         blocks, count, bits, halves = (x.cpu().flatten(0, 1) for x in
                                        (up.blocks, up.count, up.bits, up.halves))
+        bits, halves = bits.tolist(), halves.tolist()
         for row, (union, places) in enumerate(direct):
             assert count[row] == len(union)
             assert blocks[row, :len(union)].tolist() == union
             half_places = [set(), set()]
             for i in range(qt):
-                word_bits = [w * 64 + b for w, word in enumerate(bits[row, i].tolist())
-                             for b in range(64) if (word >> b) & 1]
                 mine = places[i] if i < len(places) else []
-                assert word_bits == mine
+                assert _set_bits(bits[row][i]) == mine
                 for h in {min(i * group // 64, 1), min((i * group + group - 1) // 64, 1)}:
                     half_places[h].update(mine)
             for h in (0, 1):
-                got = [w * 64 + b for w, word in enumerate(halves[row, h].tolist())
-                       for b in range(64) if (word >> b) & 1]
-                assert got == sorted(half_places[h])
+                assert _set_bits(halves[row][h]) == sorted(half_places[h])
     if shared:
         assert count.float().mean() < 0.5 * qt * k
 
