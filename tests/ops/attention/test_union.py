@@ -159,34 +159,38 @@ def _set_bits(words):
     return out
 
 
-@pytest.mark.parametrize("group,shared", [(16, True), (6, False), (4, True), (1, False)])
-def test_union_plan_equals_direct_count(group, shared):
+@pytest.mark.parametrize("group,shared,rows", [
+    (16, True, 64), (6, False, 128), (4, True, 64), (1, False, 64),
+    pytest.param(16, True, 128, marks=pytest.mark.slow),
+    pytest.param(4, True, 128, marks=pytest.mark.slow),
+    pytest.param(6, False, 64, marks=pytest.mark.slow)])
+def test_union_plan_equals_direct_count(group, shared, rows):
     """Union, count, bits (several 64-bit words at K * QT > 64) and the halves' words
-    against Python sets, over random selections (with blocks after the query, dropped)
-    and shared ones, tiles of 64 and 128 rows."""
+    (at G = 6 and 128 rows, query 10 straddles the two) against Python sets, over random
+    selections (with blocks after the query, dropped) and shared ones."""
     c = make_case((37, 50), (900, 400), seed=group)
     seg, k = c["seg"], 9
     topk = (_shared_topk(seg, 2, k, 64, group) if shared else
             random_topk(seg, 2, k, 64, seed=group)).to(DEVICE)
     plan = plan_of(topk, seg, 64, 2)
-    for qt in sorted({tile_queries(group, k, rows) for rows in (64, 128)}):
-        up = build_union_plan(topk, plan, qt, group)
-        direct = _direct_plan(topk.cpu(), seg, 64, qt)
-        assert up.bits.shape[3] == -(-qt * k // 64)
-        blocks, count, bits, halves = (x.cpu().flatten(0, 1) for x in
-                                       (up.blocks, up.count, up.bits, up.halves))
-        bits, halves = bits.tolist(), halves.tolist()
-        for row, (union, places) in enumerate(direct):
-            assert count[row] == len(union)
-            assert blocks[row, :len(union)].tolist() == union
-            half_places = [set(), set()]
-            for i in range(qt):
-                mine = places[i] if i < len(places) else []
-                assert _set_bits(bits[row][i]) == mine
-                for h in {min(i * group // 64, 1), min((i * group + group - 1) // 64, 1)}:
-                    half_places[h].update(mine)
-            for h in (0, 1):
-                assert _set_bits(halves[row][h]) == sorted(half_places[h])
+    qt = tile_queries(group, k, rows)
+    up = build_union_plan(topk, plan, qt, group)
+    direct = _direct_plan(topk.cpu(), seg, 64, qt)
+    assert up.bits.shape[3] == -(-qt * k // 64)
+    blocks, count, bits, halves = (x.cpu().flatten(0, 1) for x in
+                                   (up.blocks, up.count, up.bits, up.halves))
+    bits, halves = bits.tolist(), halves.tolist()
+    for row, (union, places) in enumerate(direct):
+        assert count[row] == len(union)
+        assert blocks[row, :len(union)].tolist() == union
+        half_places = [set(), set()]
+        for i in range(qt):
+            mine = places[i] if i < len(places) else []
+            assert _set_bits(bits[row][i]) == mine
+            for h in {min(i * group // 64, 1), min((i * group + group - 1) // 64, 1)}:
+                half_places[h].update(mine)
+        for h in (0, 1):
+            assert _set_bits(halves[row][h]) == sorted(half_places[h])
     if shared:
         assert count.float().mean() < 0.5 * qt * k
 
