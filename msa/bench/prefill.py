@@ -22,7 +22,6 @@ from ..ops import plan as P
 from ..ops.attention.naive import attention_forward_reference
 from ..varlen import Segments
 from . import common as C
-from ..ops.plan import blocks_per_selected_block
 from .selection import inputs, selection_stats
 
 
@@ -134,7 +133,7 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
         d[f"union_{rows}_rows_plan_ms"] = C.timed(lambda: build_union_plan(idx, plan, qt, group),
                                                   reps)
         d[f"union_{rows}_rows_blocks_per_selected_block"] = \
-            blocks_per_selected_block(idx, qt)
+            P.blocks_per_selected_block(idx, qt)
     return d
 
 

@@ -22,11 +22,10 @@ from typing import List, Optional
 
 import torch
 
-from ..ops.plan import blocks_per_selected_block
 from .selection import inputs, selection_stats
 from ..config import MSAConfig
 from ..functional import msa_indexer
-from ..ops.plan import tile_queries
+from ..ops.plan import blocks_per_selected_block, tile_queries
 
 GROUPS = (16, 8, 6, 4)
 

@@ -31,9 +31,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..launch import on_hopper
+from .union import GLUON_TILE_ROWS as TILE_ROWS     # MMA rows per tile: 2 warpgroups of 64
 
 STAGES = 2              # union blocks in flight (64 KB each: keys and values)
-TILE_ROWS = 128         # MMA rows per tile: two warpgroups of 64
 HALF = gl.constexpr(64)
 TILE_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                            rank=2))

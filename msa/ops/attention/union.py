@@ -35,6 +35,7 @@ from ..plan import (TILE_ROWS, SparsePlan, blocks_per_selected_block, query_tile
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
 NO_BLOCK = tl.constexpr(2 ** 31 - 1)    # sort key of an invalid entry (after every real one)
+GLUON_TILE_ROWS = 128   # MMA rows of the Gluon kernel's tiles (``gluon_union``: 2 x 64)
 
 
 @dataclass
@@ -264,8 +265,10 @@ def union_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, *, scale: float
     g = hq // hkv
     if gluon is None:
         gluon = tile_rows is None and not tma and gluon_applies(q, k, v, plan)
+    elif gluon:
+        _check_gluon(q, k, v, plan, tile_rows, tma)
     if gluon:
-        return _gluon_fwd(q, k, v, topk_indices, plan, out, lse, scale, tile_rows, tma)
+        return _gluon_fwd(q, k, v, topk_indices, plan, out, lse, scale)
     tile_rows = TILE_ROWS if tile_rows is None else tile_rows
     up = union_plan(topk_indices, plan, tile_queries(g, topk_indices.shape[2], tile_rows), g)
     rows = max(16, next_pow2(up.qt * g))
@@ -350,7 +353,7 @@ def shared_enough(topk_indices: torch.Tensor, group: int, q_lens=None) -> bool:
     estimated on every ``WALK_SAMPLE``-th tile (one host synchronisation) and divided by
     the tiles' fill over segments of ``q_lens`` queries (tiles stay in their segment: a
     segment of fewer queries than a tile leaves rows idle); default one segment."""
-    qt = tile_queries(group, topk_indices.shape[2], 128)
+    qt = tile_queries(group, topk_indices.shape[2], GLUON_TILE_ROWS)
     total = topk_indices.shape[1]
     q_lens = [total] if q_lens is None else q_lens
     tiles = sum(-(-n // qt) for n in q_lens)
@@ -361,9 +364,8 @@ def shared_enough(topk_indices: torch.Tensor, group: int, q_lens=None) -> bool:
     return walk <= MAX_WALK * fill
 
 
-def _gluon_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, scale: float,
-               tile_rows: int, tma: bool) -> None:
-    """``union_fwd(..., gluon=True)``."""
+def _check_gluon(q, k, v, plan: SparsePlan, tile_rows, tma) -> None:
+    """``ValueError`` unless ``union_fwd(..., gluon=True)`` can run these inputs."""
     if tile_rows is not None or tma:
         raise ValueError("gluon=True takes its own tiles (128 rows) and TMA keys: leave "
                          f"tile_rows and tma unset, got {tile_rows=}, {tma=}")
@@ -372,10 +374,14 @@ def _gluon_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, scale: float,
                          "blocks of 128, contiguous (not paged) k, v [total_k, Hkv, D] "
                          "whose heads are adjacent and rows 16-byte aligned, and segments "
                          "whose keys end on a whole block or at the last row of k")
+
+
+def _gluon_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, scale: float) -> None:
+    """``union_fwd`` by the Gluon kernel (inputs it applies to)."""
     from . import gluon_union
     g = q.shape[1] // k.shape[1]
     up = union_plan(topk_indices, plan,
-                    tile_queries(g, topk_indices.shape[2], gluon_union.TILE_ROWS), g)
+                    tile_queries(g, topk_indices.shape[2], GLUON_TILE_ROWS), g)
     if up.num_tiles:
         gluon_union.launch(q, k, v, up, out, lse, scale_log2=scale * LOG2E,
                            block_size=plan.block_size, heads_sel=topk_indices.shape[0])
