@@ -117,6 +117,7 @@ def query_tiles(seg: Segments, block_t: int, device):
 
 
 TILE_ROWS = 64          # MMA rows of a union-forward tile by default: queries x G heads
+GLUON_TILE_ROWS = 128   # MMA rows of the Gluon union kernel's tiles (2 warpgroups of 64)
 MAX_UNION = 1024        # selected blocks a union-forward tile holds at most
 
 

@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..launch import on_hopper
-from .union import GLUON_TILE_ROWS as TILE_ROWS     # MMA rows per tile: 2 warpgroups of 64
+from ..plan import GLUON_TILE_ROWS as TILE_ROWS      # MMA rows per tile: 2 warpgroups of 64
 
 STAGES = 2              # union blocks in flight (64 KB each: keys and values)
 HALF = gl.constexpr(64)

@@ -30,12 +30,11 @@ import triton
 import triton.language as tl
 
 from ..launch import launch_fitting
-from ..plan import (TILE_ROWS, SparsePlan, blocks_per_selected_block, query_tiles,
-                    tile_queries)
+from ..plan import (GLUON_TILE_ROWS, TILE_ROWS, SparsePlan, blocks_per_selected_block,
+                    query_tiles, tile_queries)
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
 NO_BLOCK = tl.constexpr(2 ** 31 - 1)    # sort key of an invalid entry (after every real one)
-GLUON_TILE_ROWS = 128   # MMA rows of the Gluon kernel's tiles (``gluon_union``: 2 x 64)
 
 
 @dataclass
