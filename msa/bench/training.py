@@ -13,7 +13,10 @@ Per shape and length (bf16, batch 1, random inputs, or ``--selection structured`
   (``step_rest_ms``: the indexer KL forward and backward, planning, glue);
 * which backward kernel the attention ran (``backward_kernel``) and, on Hopper, the Gluon
   backward (``msa.ops.attention.gluon_bwd``, the default there) beside the Triton
-  backward on one plan.
+  backward on one plan;
+* which KL kernel the step ran (``kl_kernel``) and the indexer KL's kernels on one plan:
+  the automatic choice, the Triton kernel and the union teacher (``msa.ops.kl.union``,
+  its union plan timed apart), with the cosine of their results to the automatic one's.
 
 The Triton backward is checked against the fp32 reference at 4K tokens first.
 """
@@ -80,6 +83,46 @@ def backward_kernels(q, k, v, topk, dout, cfg, T: int, reps: int) -> dict:
     return d
 
 
+def kl_kernels(q, k, qi, ki, topk, cfg, T: int, reps: int) -> dict:
+    """The indexer KL (loss, dqi, dki) on one plan of ``topk``, planning excluded: the
+    automatic choice, ``"triton"`` and ``"union"``; their times and cosines to the
+    automatic choice's results; the union plan's build time."""
+    from ..ops.attention import forward as F
+    from ..ops.attention.union import build_union_plan
+    from ..ops.indexer.triton import selected_lse
+    from ..ops.kl import triton as KL
+    from ..ops.kl.union import teacher_queries
+    seg = Segments([0], [T], [0], [T], T, T)
+    hi, di = qi.shape[1], qi.shape[2]
+    plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=hi,
+                        chunk=P.training_chunk(q, cfg.topk, cfg.block_size, hi, di, False),
+                        q_per_item=P.item_queries(cfg.num_heads // cfg.num_kv_heads))
+    _, lse = F.sparse_attn_fwd(q, k, k, topk, plan, scale=cfg.scale, query_major=False)
+    ilse = selected_lse(qi, ki, topk, plan, scale=cfg.index_scale)
+
+    def run(kernel):
+        return KL.indexer_kl_bwd(q, k, lse, qi, ki, ilse, topk, plan, scale=cfg.scale,
+                                 index_scale=cfg.index_scale, loss_coeff=cfg.kl_loss_coeff,
+                                 kernel=kernel)
+    d = dict(kl_auto_kernel=KL.kl_kernel(q, k, hi, cfg.block_size))
+    base = run(None)
+    for kernel in ("triton", "union"):
+        try:
+            got = run(kernel)
+            d[f"kl_{kernel}_loss_rel_diff_vs_auto"] = abs(got[0] / base[0] - 1).item()
+            d[f"kl_{kernel}_cosine_dqi_dki_vs_auto"] = [C.cosine(x, y) for x, y in
+                                                        zip(got[1:], base[1:])]
+            d[f"kl_{kernel}_ms"] = C.timed(lambda: run(kernel), reps)
+        except ValueError as e:                     # the union teacher: Hkv != Hi
+            d[f"kl_{kernel}_error"] = str(e)
+    d["kl_auto_ms"] = C.timed(lambda: run(None), reps)
+    g = cfg.num_heads // cfg.num_kv_heads
+    qt = teacher_queries(g, cfg.topk, cfg.head_dim, q.element_size())
+    d["kl_union_plan_ms"] = C.timed(
+        lambda: build_union_plan(plan.indices(topk), plan, qt, g), reps)
+    return d
+
+
 def run_length(T: int, cfg, args, fla) -> dict:
     q, k, v, qi, ki = (x.requires_grad_(True)
                        for x in inputs(T, cfg, seed=T, selection=args.selection))
@@ -102,6 +145,8 @@ def run_length(T: int, cfg, args, fla) -> dict:
         r["attention_fwd_bwd_ms"] / 1e9
 
     r.update(backward_kernels(q.detach(), k.detach(), v.detach(), topk, dout, cfg, T, reps))
+    r["kl_kernel"] = msa.indexer_kl_kernel(q, k, qi, ki, block_size=bs)
+    r.update(kl_kernels(q.detach(), k.detach(), qi.detach(), ki.detach(), topk, cfg, T, reps))
 
     def step():
         out = msa.msa_attention(q, k, v, qi, ki, cu, cu, config=cfg)

@@ -49,7 +49,7 @@ def indexer_kl_bwd_kernel(
         HI: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False,
         K_ONCE: tl.constexpr = True, KI_ONCE: tl.constexpr = True, DZ_OUT: tl.constexpr = False,
-        PT_IN: tl.constexpr = False):
+        PT_IN: tl.constexpr = False, PT_SLOT: tl.constexpr = False):
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
     # every causal query of the block, no edge list). Edge query ids are relative to q0.
     # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
@@ -61,7 +61,8 @@ def indexer_kl_bwd_kernel(
     # DZ_OUT: store each edge's dz row (index dtype, as the dki product would round it) at
     # DZ[e - edge0] (the chunk's first edge) for kl_dki_kernel instead of summing dki here
     # PT_IN: the teacher's rows come from PT[e - edge0] (msa.ops.kl.gluon.teacher_kernel);
-    # only the student half runs here
+    # only the student half runs here. PT_SLOT: from PT[((q - q0) * HI + h) * TOPK + slot]
+    # instead (msa.ops.kl.union: by the edge's query and slot)
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -104,8 +105,13 @@ def indexer_kl_bwd_kernel(
         log_ps = z * iscale - ilse[:, None]
         ps = tl.where(allowed_r, tl.exp(log_ps), 0.0)                 # [BLOCK_T*R, BS]
         if PT_IN:
-            pt_r = tl.load(PT + (er - edge0).to(tl.int64)[:, None] * BS + offs_n[None, :],
-                           mask=rmask[:, None], other=0.0)
+            if PT_SLOT:
+                slot_r = tl.load(EDGE_SLOT + er, mask=rmask, other=0).to(tl.int64)
+                pt_row = ((qr - q0) * HI + h) * TOPK + slot_r
+            else:
+                pt_row = (er - edge0).to(tl.int64)
+            pt_r = tl.load(PT + pt_row[:, None] * BS + offs_n[None, :], mask=rmask[:, None],
+                           other=0.0)
         else:
             # teacher, accumulated over the KV heads and Q heads of index head h
             em = e + tok_m
@@ -211,7 +217,9 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     Smaller tiles are tried where the one asked for does not fit the GPU's shared memory
     (an A100 runs 128-row tiles), then the same with keys loaded per tile.
     ``kernel``: ``"gluon"`` computes the teacher with ``msa.ops.kl.gluon`` and the student
-    half here, ``"triton"`` both here; default ``kl_kernel``'s choice.
+    half here, ``"union"`` the teacher with ``msa.ops.kl.union`` (over the tiles' unions
+    of selected blocks: for selections that neighbouring queries share; ``Hkv == Hi``),
+    ``"triton"`` both here; default ``kl_kernel``'s choice.
     """
     total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
@@ -230,22 +238,33 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                   num_stages=num_stages)
         if kernel is None:
             kernel = kl_kernel(q, k, hi, block_size)
-        elif kernel not in ("triton", "gluon"):
-            raise ValueError(f"kernel must be None, 'triton' or 'gluon', got {kernel!r}")
+        elif kernel not in ("triton", "gluon", "union"):
+            raise ValueError(f"kernel must be None, 'triton', 'gluon' or 'union', got "
+                             f"{kernel!r}")
+        by_slot = kernel == "union"
+        kw.update(pt_slot=by_slot, topk=topk)
         for q0, q1, p in plan.chunks:
             if not p.num_items:
                 continue
+            # the teacher's rows (deterministic: no atomics), per edge or per (query, slot)
             pt = None
-            if kernel == "gluon":           # the teacher's rows (deterministic: no atomics)
+            if kernel == "gluon":
                 from . import gluon
                 pt = torch.empty(p.num_edges, block_size, dtype=torch.float32,
                                  device=q.device)
                 gluon.launch(q, k, teacher_lse, rows.q_pos, p, q0, pt,
                              scale_log2=scale * LOG2E, block_size=block_size)
+            elif by_slot:
+                from . import union
+                pt = torch.empty((q1 - q0) * hi * topk, block_size, dtype=torch.float32,
+                                 device=q.device)
+                union.launch(q, k, teacher_lse, plan.indices(topk_indices), plan, q0, q1, pt,
+                             scale=scale)
             if not deterministic:
                 dz = torch.empty(p.num_edges, block_size, dtype=qi.dtype, device=q.device)
                 launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
-                          p.edge_q, p, q0=q0, dz=dz, pt=pt, **kw)
+                          p.edge_q, p, q0=q0, dz=dz, pt=pt,
+                          edge_slot=p.edge_slot if by_slot else None, **kw)
                 kl_dki_kernel[(p.num_items,)](
                     dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk,
                     p.item_e0, p.item_e1, q0, p.edge0, index_scale, qi.stride(0),
@@ -260,8 +279,8 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                              device=q.device)
             losses = torch.zeros(p.num_items, dtype=torch.float32, device=q.device)
             launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, slots, pk, losses, rows.q_pos,
-                      p.edge_q, p, q0=q0, edge_slot=p.edge_slot, topk=topk,
-                      deterministic=True, pt=pt, **kw)
+                      p.edge_q, p, q0=q0, edge_slot=p.edge_slot, deterministic=True, pt=pt,
+                      **kw)
             dqi[q0:q1] += slots.view(q1 - q0, hi, topk, di).sum(2)
             sum_items(p, pk, None, dki.view(-1, 1, di), None, block_size, layers)
             loss += losses.sum()
@@ -273,8 +292,12 @@ def kl_kernel(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> str
     ``k [total_k, Hkv, D]``, ``hi`` index heads): ``"gluon"`` (``msa.ops.kl.gluon``:
     Hopper, bf16 / fp16, head dim 128, blocks of 128, ``Hkv == Hi``, at most 64 heads per
     group) where it applies, else ``"triton"`` (``indexer_kl_bwd_kernel``, every GPU and
-    the interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel."""
-    return choose_kernel("MSA_KL_KERNEL", "msa.ops.kl.gluon", q, k, hi, block_size)
+    the interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel,
+    ``MSA_KL_KERNEL=union`` runs the union teacher (``msa.ops.kl.union``) wherever it
+    applies (``Hkv == Hi``; elsewhere the Triton kernel)."""
+    chosen = choose_kernel("MSA_KL_KERNEL", "msa.ops.kl.gluon", q, k, hi, block_size,
+                           others=("union",))
+    return "triton" if chosen == "union" and k.shape[1] != hi else chosen
 
 
 def kl_buffers(q, k, qi, ki):
@@ -292,7 +315,7 @@ def kl_buffers(q, k, qi, ki):
 def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
               *, block_size, scale, index_scale, loss_coeff, block_t=None, num_warps=8,
               num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, topk=1,
-              dz=None, pt=None):
+              dz=None, pt=None, pt_slot=False):
     """One launch of ``indexer_kl_bwd_kernel`` over the work items ``items`` (``item_h,
     item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
     ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
@@ -302,7 +325,8 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     ``dz [chunk edges, block]`` (index dtype; edge ``e`` at row ``e - items.edge0``): the
     edges' dz rows are stored there and ``dki`` is left to ``kl_dki_kernel``. ``pt`` (the
     same rows, fp32): the teacher's rows, from ``msa.ops.kl.gluon``; only the student half
-    runs (16-token tiles, no replicas)."""
+    runs (16-token tiles, no replicas). ``pt_slot``: ``pt [chunk * Hi * topk, block]``
+    holds them by (query, head, slot) instead (``msa.ops.kl.union``; ``edge_slot`` given)."""
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
@@ -331,4 +355,4 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
          qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0)),
         configs, G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, HI=hi, TOPK=topk,
         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), DENSE=dense, DET=deterministic,
-        DZ_OUT=dz is not None, PT_IN=pt is not None, num_warps=num_warps)
+        DZ_OUT=dz is not None, PT_IN=pt is not None, PT_SLOT=pt_slot, num_warps=num_warps)

@@ -1,0 +1,138 @@
+"""The KL with the union teacher (msa.ops.kl.union) against the fp64 reference (interpreter
+on CPU, the real kernels on a GPU): random and shared selections, chunks that cut tiles,
+fragments, padded groups, deterministic mode; teacher rows left unwritten are NaN."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import msa.ops.kl.triton as kl_triton  # noqa: E402
+from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
+from msa.ops.indexer.triton import selected_lse  # noqa: E402
+from msa.ops.kl.naive import indexer_kl_reference  # noqa: E402
+from msa.ops.kl.union import teacher_queries  # noqa: E402
+from tests.helpers import DEVICE, plan_of, random_topk  # noqa: E402
+from tests.helpers.brute import make_case  # noqa: E402
+
+
+def shared_topk(seg, heads, k, block, seed):
+    """Neighbouring queries share most blocks: each query keeps its local block and draws
+    the rest from the first ``k + 2`` visible blocks (some empty)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((heads, seg.total_q, k), -1, dtype=torch.int32)
+    for b in range(seg.num_segments):
+        for i in range(seg.q_len[b]):
+            local = (seg.k_len[b] - seg.q_len[b] + i) // block
+            for h in range(heads):
+                pool = torch.randperm(min(local, k + 2), generator=g).tolist()
+                ids = ([local] + pool)[:k]
+                out[h, seg.q_start[b] + i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+    return out
+
+
+def _run(q_lens, k_lens, hq, hkv, *, frag=None, kk=3, block=64, shared=False, chunk=None,
+         det=False, dtype=torch.float32, d=64, seed=3, monkeypatch=None, kernel="union"):
+    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=d, hi=hkv, di=d, fragment_indices=frag,
+                  seed=seed, scale=0.7)
+    seg = c["seg"]
+    topk = (shared_topk(seg, hkv, kk, block, seed) if shared else
+            random_topk(seg, hkv, kk, block, seed=seed, future=False)).to(DEVICE)
+    q, k, v, qi, ki = (c[n].to(DEVICE, dtype) for n in ("q", "k", "v", "qi", "ki"))
+    _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=0.125)
+    ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, block, hkv), scale=0.125)
+    ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
+                               block_size=block, scale=0.125, index_scale=0.125,
+                               loss_coeff=0.3)
+    empty = torch.empty                      # every teacher row read was written first
+
+    def poisoned(*a, **kw):
+        x = empty(*a, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+    monkeypatch.setattr(kl_triton.torch, "empty", poisoned)
+    got = kl_triton.indexer_kl_bwd(q, k, tlse.float(), qi, ki, ilse, topk,
+                                   plan_of(topk, seg, block, hkv, chunk), scale=0.125,
+                                   index_scale=0.125, loss_coeff=0.3, kernel=kernel,
+                                   deterministic=det)
+    return got, ref
+
+
+CASES = {
+    # id: (q_lens, k_lens, hq, hkv, options)
+    "G2-fragments-one-token": ((33, 1, 50), (200, 64, 300), 4, 2, dict(frag=(0, 1, 1))),
+    "G16-shared": ((40,), (300,), 16, 1, dict(shared=True)),
+    "G6-padded-chunks-cut-tiles": ((45, 20), (300, 90), 12, 2, dict(chunk=17)),
+    "G1-prefix-shared-chunked": ((70,), (400,), 2, 2, dict(shared=True, chunk=29)),
+}
+
+
+@pytest.mark.parametrize("name,det", [
+    pytest.param(n, det, id=f"{n}-{'deterministic' if det else 'fast'}",
+                 marks=[pytest.mark.slow] if det and n.startswith(("G6", "G1")) else [])
+    for n in CASES for det in (False, True)])
+def test_union_teacher_kl_matches_reference(name, det, monkeypatch):
+    q_lens, k_lens, hq, hkv, opts = CASES[name]
+    (loss, dqi, dki), (rl, rq, rk) = _run(q_lens, k_lens, hq, hkv, det=det,
+                                          monkeypatch=monkeypatch, **opts)
+    for x in (loss, dqi, dki):
+        assert not x.isnan().any()
+    torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dqi.double(), rq, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
+    assert loss > 0
+
+
+def test_union_teacher_tiles_are_powers_of_two_rows():
+    """``GP`` rows per query (the group padded), ``QT`` a power of two: 128-row tiles of
+    the Gluon union forward's queries at G = 16 / 8 / 4, 64 for head dim 256 or fp32."""
+    assert [teacher_queries(g, 16, 128, 2) for g in (16, 8, 6, 4, 1)] == [8, 16, 16, 32, 32]
+    assert teacher_queries(16, 16, 256, 2) == teacher_queries(16, 16, 128, 4) == 4
+    assert teacher_queries(128, 16, 128, 2) == 1 and teacher_queries(4, 48, 128, 2) == 16
+
+
+def test_union_teacher_needs_one_kv_head_per_index_head(monkeypatch):
+    c = make_case((20,), (100,), hq=4, hkv=2, d=32, hi=1, di=32, seed=1)
+    seg = c["seg"]
+    topk = random_topk(seg, 1, 2, 32, seed=1, future=False).to(DEVICE)
+    q, k, qi, ki = (c[n].to(DEVICE) for n in ("q", "k", "qi", "ki"))
+    lse = torch.zeros(q.shape[:2], device=DEVICE)
+    with pytest.raises(ValueError, match="Hkv == Hi"):
+        kl_triton.indexer_kl_bwd(q, k, lse, qi, ki, lse[:, :1].T.contiguous(), topk,
+                                 plan_of(topk, seg, 32, 1), scale=0.125, index_scale=0.125,
+                                 kernel="union")
+    monkeypatch.setenv("MSA_KL_KERNEL", "union")
+    assert kl_triton.kl_kernel(q, k, 1, 32) == "triton"          # Hkv != Hi: not the union
+    assert kl_triton.kl_kernel(q, k, 2, 32) == "union"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_lens,k_lens,hq,hkv,shared", [
+    ((3000,), (3000,), 64, 4, True),                          # MiniMax-M3: G = 16
+    ((3000,), (3000,), 64, 4, False),
+    ((2000,), (2000,), 64, 8, True),                          # G = 8
+    ((1500,), (3000,), 24, 4, True),                          # G = 6: 8 rows per query
+    ((700, 1, 900), (4000, 1, 2500), 32, 8, False),           # G = 4, prefixes, one token
+])
+def test_union_teacher_kl_on_gpu_equals_triton_and_reference(q_lens, k_lens, hq, hkv, shared,
+                                                             monkeypatch):
+    """bf16, head dim 128, blocks of 128, 16 blocks a query: the union teacher's KL
+    against the automatic choice's (the Gluon teacher on Hopper) and the fp64 reference;
+    chunking changes nothing; deterministic mode is bitwise repeatable."""
+    if DEVICE != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    kw = dict(kk=16, block=128, shared=shared, dtype=torch.bfloat16, d=128, seed=sum(q_lens),
+              monkeypatch=monkeypatch)
+    (loss, dqi, dki), (rl, rq, rk) = _run(q_lens, k_lens, hq, hkv, **kw)
+    chunked, _ = _run(q_lens, k_lens, hq, hkv, chunk=333, **kw)
+    auto, _ = _run(q_lens, k_lens, hq, hkv, **{**kw, "kernel": None})
+    cos = torch.nn.functional.cosine_similarity
+    for x, y, r in zip((loss, dqi, dki), auto, (rl, rq, rk)):
+        assert not x.isnan().any()
+        assert cos(x.double().flatten(), y.double().flatten(), 0) > 0.99999
+        assert cos(x.double().flatten(), r.flatten(), 0) > 0.999
+    torch.testing.assert_close(loss.double(), rl, rtol=2e-2, atol=0)
+    for x, y in zip((loss, dqi, dki), chunked):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-6)
+    d1, _ = _run(q_lens, k_lens, hq, hkv, det=True, **kw)
+    d2, _ = _run(q_lens, k_lens, hq, hkv, det=True, **kw)
+    for x, y in zip(d1, d2):
+        assert torch.equal(x, y)
