@@ -111,7 +111,7 @@ def launch(q, k, teacher_lse, topk_indices, plan: SparsePlan, c0: int, c1: int, 
     g, d = q.shape[1] // k.shape[1], q.shape[2]
     gp = next_pow2(g)
     qt = teacher_queries(g, topk, d, q.dtype.itemsize)
-    up = union_plan(topk_indices, plan, qt, g)
+    up = union_plan(topk_indices, plan, qt, gp)         # halves by rows of the padded group
     if not up.num_tiles:
         return
     launch_fitting(
