@@ -15,8 +15,8 @@ Per shape and length (bf16, batch 1, random inputs, or ``--selection structured`
   backward (``msa.ops.attention.gluon_bwd``, the default there) beside the Triton
   backward on one plan;
 * which KL kernel the step ran (``kl_kernel``) and the indexer KL's kernels on one plan:
-  the automatic choice, the Triton kernel and the union teacher (``msa.ops.kl.union``,
-  its union plan timed apart), with the cosine of their results to the automatic one's.
+  the automatic choice, the Triton kernel and the union KL (``msa.ops.kl.union``, its
+  union plan timed apart), with the cosine of their results to the automatic one's.
 
 The Triton backward is checked against the fp32 reference at 4K tokens first.
 """
@@ -91,7 +91,8 @@ def kl_kernels(q, k, qi, ki, topk, cfg, T: int, reps: int) -> dict:
     from ..ops.attention.union import build_union_plan
     from ..ops.indexer.triton import selected_lse
     from ..ops.kl import triton as KL
-    from ..ops.kl.union import teacher_queries
+    from ..ops.kl.union import tile_shape
+    from ..ops.triton_utils import next_pow2
     seg = Segments([0], [T], [0], [T], T, T)
     hi, di = qi.shape[1], qi.shape[2]
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=hi,
@@ -113,13 +114,13 @@ def kl_kernels(q, k, qi, ki, topk, cfg, T: int, reps: int) -> dict:
             d[f"kl_{kernel}_cosine_dqi_dki_vs_auto"] = [C.cosine(x, y) for x, y in
                                                         zip(got[1:], base[1:])]
             d[f"kl_{kernel}_ms"] = C.timed(lambda: run(kernel), reps)
-        except ValueError as e:                     # the union teacher: Hkv != Hi
+        except ValueError as e:                     # the union KL: Hkv != Hi
             d[f"kl_{kernel}_error"] = str(e)
     d["kl_auto_ms"] = C.timed(lambda: run(None), reps)
     g = cfg.num_heads // cfg.num_kv_heads
-    qt = teacher_queries(g, cfg.topk, cfg.head_dim, q.element_size())
+    qt, _ = tile_shape(g, cfg.topk, max(cfg.head_dim, di), q.element_size())
     d["kl_union_plan_ms"] = C.timed(
-        lambda: build_union_plan(plan.indices(topk), plan, qt, g), reps)
+        lambda: build_union_plan(plan.indices(topk), plan, qt, next_pow2(g)), reps)
     return d
 
 

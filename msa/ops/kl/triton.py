@@ -49,7 +49,7 @@ def indexer_kl_bwd_kernel(
         HI: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, DENSE: tl.constexpr = False, DET: tl.constexpr = False,
         K_ONCE: tl.constexpr = True, KI_ONCE: tl.constexpr = True, DZ_OUT: tl.constexpr = False,
-        PT_IN: tl.constexpr = False, PT_SLOT: tl.constexpr = False):
+        PT_IN: tl.constexpr = False):
     # DENSE: an item's "edges" are the packed query rows e0..e1 themselves (dense warm-up:
     # every causal query of the block, no edge list). Edge query ids are relative to q0.
     # DET: no atomics: dqi into the slot buffer DQI[(q - q0), h, slot, :] (one edge per
@@ -61,8 +61,7 @@ def indexer_kl_bwd_kernel(
     # DZ_OUT: store each edge's dz row (index dtype, as the dki product would round it) at
     # DZ[e - edge0] (the chunk's first edge) for kl_dki_kernel instead of summing dki here
     # PT_IN: the teacher's rows come from PT[e - edge0] (msa.ops.kl.gluon.teacher_kernel);
-    # only the student half runs here. PT_SLOT: from PT[((q - q0) * HI + h) * TOPK + slot]
-    # instead (msa.ops.kl.union: by the edge's query and slot)
+    # only the student half runs here
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -105,13 +104,8 @@ def indexer_kl_bwd_kernel(
         log_ps = z * iscale - ilse[:, None]
         ps = tl.where(allowed_r, tl.exp(log_ps), 0.0)                 # [BLOCK_T*R, BS]
         if PT_IN:
-            if PT_SLOT:
-                slot_r = tl.load(EDGE_SLOT + er, mask=rmask, other=0).to(tl.int64)
-                pt_row = ((qr - q0) * HI + h) * TOPK + slot_r
-            else:
-                pt_row = (er - edge0).to(tl.int64)
-            pt_r = tl.load(PT + pt_row[:, None] * BS + offs_n[None, :], mask=rmask[:, None],
-                           other=0.0)
+            pt_r = tl.load(PT + (er - edge0).to(tl.int64)[:, None] * BS + offs_n[None, :],
+                           mask=rmask[:, None], other=0.0)
         else:
             # teacher, accumulated over the KV heads and Q heads of index head h
             em = e + tok_m
@@ -173,15 +167,20 @@ def indexer_kl_bwd_kernel(
 
 @triton.jit(do_not_specialize=["q0", "edge0"],
             do_not_specialize_on_alignment=ITEM_FIELDS)
-def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
-                  ITEM_E1, q0, edge0, iscale, stride_it, stride_ih, BS: tl.constexpr,
+def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
+                  ITEM_E0, ITEM_E1, q0, edge0, iscale, stride_it, stride_ih, BS: tl.constexpr,
                   DI: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  UPCAST: tl.constexpr, DZ_SLOT: tl.constexpr = False, HI: tl.constexpr = 1,
+                  TOPK: tl.constexpr = 1, DET: tl.constexpr = False):
     """``dki`` of one work item: ``index_scale * sum over its edges dz^T @ qi`` from the
     dz rows ``DZ [chunk edges, BS]`` (edge ``e`` at row ``e - edge0``) stored by
-    ``indexer_kl_bwd_kernel``, added to ``DKI [total_k, Di]`` (fp32 atomics)."""
+    ``indexer_kl_bwd_kernel``, added to ``DKI [total_k, Di]`` (fp32 atomics). ``DZ_SLOT``:
+    edge ``e``'s row is ``((query - q0) * HI + h) * TOPK + slot`` instead
+    (``msa.ops.kl.union``). ``DET``: stored at ``DKI [item, BS, Di]`` instead, for a sum
+    in a fixed order."""
+    pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
-                                        ITEM_E1, tl.program_id(0))
+                                        ITEM_E1, pid)
     offs_n = tl.arange(0, BS)
     offs_di = tl.arange(0, DI)
     offs_e = tl.arange(0, BLOCK_E)
@@ -190,13 +189,21 @@ def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM
         er = e + offs_e
         emask = er < e1
         qr = q0 + tl.load(EDGE_Q + er, mask=emask, other=0).to(tl.int64)
-        dz = tl.load(DZ + (er - edge0).to(tl.int64)[:, None] * BS + offs_n[None, :],
-                     mask=emask[:, None], other=0.0)
+        if DZ_SLOT:
+            slot = tl.load(EDGE_SLOT + er, mask=emask, other=0).to(tl.int64)
+            row = ((qr - q0) * HI + h) * TOPK + slot
+        else:
+            row = (er - edge0).to(tl.int64)
+        dz = tl.load(DZ + row[:, None] * BS + offs_n[None, :], mask=emask[:, None], other=0.0)
         qi = tl.load(QI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
                      mask=emask[:, None], other=0.0)
         acc += dot(tl.trans(dz), qi, PRECISION, UPCAST)
-    tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :], acc * iscale,
-                  mask=(offs_n < nk)[:, None], sem="relaxed")
+    if DET:
+        tl.store(DKI + (pid.to(tl.int64) * BS + offs_n)[:, None] * DI + offs_di[None, :],
+                 acc * iscale, mask=(offs_n < nk)[:, None])
+    else:
+        tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :], acc * iscale,
+                      mask=(offs_n < nk)[:, None], sem="relaxed")
 
 
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: SparsePlan,
@@ -217,9 +224,10 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     Smaller tiles are tried where the one asked for does not fit the GPU's shared memory
     (an A100 runs 128-row tiles), then the same with keys loaded per tile.
     ``kernel``: ``"gluon"`` computes the teacher with ``msa.ops.kl.gluon`` and the student
-    half here, ``"union"`` the teacher with ``msa.ops.kl.union`` (over the tiles' unions
-    of selected blocks: for selections that neighbouring queries share; ``Hkv == Hi``),
-    ``"triton"`` both here; default ``kl_kernel``'s choice.
+    half here, ``"triton"`` both here, ``"union"`` the loss and ``dqi`` in one pass over
+    the tiles' unions of selected blocks (``msa.ops.kl.union``: for selections that
+    neighbouring queries share; ``Hkv == Hi``) and ``dki`` from its dz rows here;
+    default ``kl_kernel``'s choice.
     """
     total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
@@ -241,37 +249,37 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
         elif kernel not in ("triton", "gluon", "union"):
             raise ValueError(f"kernel must be None, 'triton', 'gluon' or 'union', got "
                              f"{kernel!r}")
-        by_slot = kernel == "union"
-        kw.update(pt_slot=by_slot, topk=topk)
+        kw.update(topk=topk)
         for q0, q1, p in plan.chunks:
             if not p.num_items:
                 continue
-            # the teacher's rows (deterministic: no atomics), per edge or per (query, slot)
-            pt = None
+            if kernel == "union":           # the whole KL over the tiles' unions
+                from . import union
+                dz = torch.empty((q1 - q0) * hi * topk, block_size, dtype=qi.dtype,
+                                 device=q.device)
+                loss += union.launch(q, k, teacher_lse, qi, ki2, indexer_lse,
+                                     plan.indices(topk_indices), plan, q0, q1, dz, dqi,
+                                     scale=scale, index_scale=index_scale,
+                                     coeff=loss_coeff / (hi * total_q))
+                pk = torch.zeros((p.num_items, block_size, di), dtype=torch.float32,
+                                 device=q.device) if deterministic else dki
+                launch_dki(dz, qi, pk, p, q0, index_scale, by_slot=True, topk=topk,
+                           deterministic=deterministic)
+                if deterministic:
+                    sum_items(p, pk, None, dki.view(-1, 1, di), None, block_size, layers)
+                continue
+            pt = None                       # the teacher's rows (deterministic: no atomics)
             if kernel == "gluon":
                 from . import gluon
                 pt = torch.empty(p.num_edges, block_size, dtype=torch.float32,
                                  device=q.device)
                 gluon.launch(q, k, teacher_lse, rows.q_pos, p, q0, pt,
                              scale_log2=scale * LOG2E, block_size=block_size)
-            elif by_slot:
-                from . import union
-                pt = torch.empty((q1 - q0) * hi * topk, block_size, dtype=torch.float32,
-                                 device=q.device)
-                union.launch(q, k, teacher_lse, plan.indices(topk_indices), plan, q0, q1, pt,
-                             scale=scale)
             if not deterministic:
                 dz = torch.empty(p.num_edges, block_size, dtype=qi.dtype, device=q.device)
                 launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
-                          p.edge_q, p, q0=q0, dz=dz, pt=pt,
-                          edge_slot=p.edge_slot if by_slot else None, **kw)
-                kl_dki_kernel[(p.num_items,)](
-                    dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk,
-                    p.item_e0, p.item_e1, q0, p.edge0, index_scale, qi.stride(0),
-                    qi.stride(1),
-                    BS=block_size, DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype),
-                    UPCAST=upcast(qi.dtype), num_warps=4 if di <= 128 else 8,
-                    num_stages=3)                # <= 64 KB shared on sm_86 / sm_89
+                          p.edge_q, p, q0=q0, dz=dz, pt=pt, **kw)
+                launch_dki(dz, qi, dki, p, q0, index_scale)
                 continue
             slots = torch.zeros((q1 - q0) * hi * topk * di, dtype=torch.float32,
                                 device=q.device)
@@ -287,14 +295,29 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
 
 
+def launch_dki(dz, qi, dki, p, q0: int, index_scale: float, *, by_slot: bool = False,
+               topk: int = 1, deterministic: bool = False) -> None:
+    """``kl_dki_kernel`` over chunk plan ``p`` (queries from ``q0``): ``dz`` rows per edge
+    or, ``by_slot``, per (query, head, slot) of ``topk``; into ``dki [total_k, Di]`` by
+    atomics or, ``deterministic``, per item ``[num_items, BS, Di]``."""
+    di = qi.shape[2]
+    kl_dki_kernel[(p.num_items,)](
+        dz, qi, dki, p.edge_q, p.edge_slot, p.item_h, p.item_krow, p.item_t0, p.item_nk,
+        p.item_e0, p.item_e1, q0, p.edge0, index_scale, qi.stride(0), qi.stride(1),
+        BS=dz.shape[1], DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype),
+        UPCAST=upcast(qi.dtype), DZ_SLOT=by_slot, HI=qi.shape[1], TOPK=topk,
+        DET=deterministic, num_warps=4 if di <= 128 else 8,
+        num_stages=3)                # <= 64 KB shared on sm_86 / sm_89
+
+
 def kl_kernel(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> str:
     """Which kernel computes the KL's teacher for these inputs (``q [total_q, Hq, D]``,
     ``k [total_k, Hkv, D]``, ``hi`` index heads): ``"gluon"`` (``msa.ops.kl.gluon``:
     Hopper, bf16 / fp16, head dim 128, blocks of 128, ``Hkv == Hi``, at most 64 heads per
     group) where it applies, else ``"triton"`` (``indexer_kl_bwd_kernel``, every GPU and
     the interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel,
-    ``MSA_KL_KERNEL=union`` runs the union teacher (``msa.ops.kl.union``) wherever it
-    applies (``Hkv == Hi``; elsewhere the Triton kernel)."""
+    ``MSA_KL_KERNEL=union`` runs the union KL (``msa.ops.kl.union``) wherever it applies
+    (``Hkv == Hi``; elsewhere the Triton kernel)."""
     chosen = choose_kernel("MSA_KL_KERNEL", "msa.ops.kl.gluon", q, k, hi, block_size,
                            others=("union",))
     return "triton" if chosen == "union" and k.shape[1] != hi else chosen
@@ -315,7 +338,7 @@ def kl_buffers(q, k, qi, ki):
 def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, edge_q, items,
               *, block_size, scale, index_scale, loss_coeff, block_t=None, num_warps=8,
               num_stages=None, dense=False, deterministic=False, q0=0, edge_slot=None, topk=1,
-              dz=None, pt=None, pt_slot=False):
+              dz=None, pt=None):
     """One launch of ``indexer_kl_bwd_kernel`` over the work items ``items`` (``item_h,
     item_krow, item_t0, item_nk, item_e0, item_e1``, ``num_items``), accumulating into
     ``dqi [total_q, Hi, Di]``, ``dki [total_k, Di]`` and ``loss`` (fp32 atomics).
@@ -325,8 +348,7 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     ``dz [chunk edges, block]`` (index dtype; edge ``e`` at row ``e - items.edge0``): the
     edges' dz rows are stored there and ``dki`` is left to ``kl_dki_kernel``. ``pt`` (the
     same rows, fp32): the teacher's rows, from ``msa.ops.kl.gluon``; only the student half
-    runs (16-token tiles, no replicas). ``pt_slot``: ``pt [chunk * Hi * topk, block]``
-    holds them by (query, head, slot) instead (``msa.ops.kl.union``; ``edge_slot`` given)."""
+    runs (16-token tiles, no replicas)."""
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
@@ -355,4 +377,4 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
          qi.stride(0), qi.stride(1), ki2.stride(0), ilse.stride(0)),
         configs, G=g, G_PAD=g_pad, NKV=nkv, D=d, DI=di, BS=block_size, HI=hi, TOPK=topk,
         PRECISION=precision(q.dtype), UPCAST=upcast(q.dtype), DENSE=dense, DET=deterministic,
-        DZ_OUT=dz is not None, PT_IN=pt is not None, PT_SLOT=pt_slot, num_warps=num_warps)
+        DZ_OUT=dz is not None, PT_IN=pt is not None, num_warps=num_warps)

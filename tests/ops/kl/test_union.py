@@ -1,6 +1,6 @@
-"""The KL with the union teacher (msa.ops.kl.union) against the fp64 reference (interpreter
-on CPU, the real kernels on a GPU): random and shared selections, chunks that cut tiles,
-fragments, padded groups, deterministic mode; teacher rows left unwritten are NaN."""
+"""The union KL (msa.ops.kl.union) against the fp64 reference (interpreter on CPU, the real
+kernels on a GPU): random and shared selections, chunks that cut tiles, fragments, padded
+groups, replicated student rows, deterministic mode; dz rows left unwritten are NaN."""
 import pytest
 import torch
 
@@ -10,7 +10,7 @@ import msa.ops.kl.triton as kl_triton  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
 from msa.ops.indexer.triton import selected_lse  # noqa: E402
 from msa.ops.kl.naive import indexer_kl_reference  # noqa: E402
-from msa.ops.kl.union import teacher_queries  # noqa: E402
+from msa.ops.kl.union import tile_shape  # noqa: E402
 from tests.helpers import DEVICE, plan_of, random_topk  # noqa: E402
 from tests.helpers.brute import make_case  # noqa: E402
 
@@ -43,7 +43,7 @@ def _run(q_lens, k_lens, hq, hkv, *, frag=None, kk=3, block=64, shared=False, ch
     ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
                                block_size=block, scale=0.125, index_scale=0.125,
                                loss_coeff=0.3)
-    empty = torch.empty                      # every teacher row read was written first
+    empty = torch.empty                      # every dz row read was written first
 
     def poisoned(*a, **kw):
         x = empty(*a, **kw)
@@ -69,7 +69,7 @@ CASES = {
     pytest.param(n, det, id=f"{n}-{'deterministic' if det else 'fast'}",
                  marks=[pytest.mark.slow] if det and n.startswith(("G6", "G1")) else [])
     for n in CASES for det in (False, True)])
-def test_union_teacher_kl_matches_reference(name, det, monkeypatch):
+def test_union_kl_matches_reference(name, det, monkeypatch):
     q_lens, k_lens, hq, hkv, opts = CASES[name]
     (loss, dqi, dki), (rl, rq, rk) = _run(q_lens, k_lens, hq, hkv, det=det,
                                           monkeypatch=monkeypatch, **opts)
@@ -81,21 +81,23 @@ def test_union_teacher_kl_matches_reference(name, det, monkeypatch):
     assert loss > 0
 
 
-def test_union_teacher_tiles_are_powers_of_two_rows():
-    """``GP`` rows per query (the group padded), ``QT`` a power of two: 128-row tiles of
-    the Gluon union forward's queries at G = 16 / 8 / 4, 64 for head dim 256 or fp32."""
-    assert [teacher_queries(g, 16, 128, 2) for g in (16, 8, 6, 4, 1)] == [8, 16, 16, 32, 32]
-    assert teacher_queries(16, 16, 256, 2) == teacher_queries(16, 16, 128, 4) == 4
-    assert teacher_queries(128, 16, 128, 2) == 1 and teacher_queries(4, 48, 128, 2) == 16
+def test_union_kl_tiles_are_powers_of_two_rows():
+    """``GP`` teacher rows per query (the group padded), ``QT`` a power of two: 128-row
+    tiles of the Gluon union forward's queries at G = 16 / 8 / 4, 64 for head dim 256 or
+    fp32; each query's student row repeated to fill 16 rows."""
+    assert [tile_shape(g, 16, 128, 2) for g in (16, 8, 6, 4, 1)] == \
+        [(8, 2), (16, 1), (16, 1), (32, 1), (32, 1)]
+    assert tile_shape(16, 16, 256, 2) == tile_shape(16, 16, 128, 4) == (4, 4)
+    assert tile_shape(128, 16, 128, 2) == (1, 16) and tile_shape(4, 48, 128, 2) == (16, 1)
 
 
-def test_union_teacher_needs_one_kv_head_per_index_head(monkeypatch):
+def test_union_kl_needs_one_kv_head_per_index_head(monkeypatch):
     c = make_case((20,), (100,), hq=4, hkv=2, d=32, hi=1, di=32, seed=1)
     seg = c["seg"]
     topk = random_topk(seg, 1, 2, 32, seed=1, future=False).to(DEVICE)
     q, k, qi, ki = (c[n].to(DEVICE) for n in ("q", "k", "qi", "ki"))
     lse = torch.zeros(q.shape[:2], device=DEVICE)
-    with pytest.raises(ValueError, match="Hkv == Hi"):
+    with pytest.raises(ValueError, match="union KL needs one KV head per index head"):
         kl_triton.indexer_kl_bwd(q, k, lse, qi, ki, lse[:, :1].T.contiguous(), topk,
                                  plan_of(topk, seg, 32, 1), scale=0.125, index_scale=0.125,
                                  kernel="union")
@@ -112,10 +114,10 @@ def test_union_teacher_needs_one_kv_head_per_index_head(monkeypatch):
     ((1500,), (3000,), 24, 4, True),                          # G = 6: 8 rows per query
     ((700, 1, 900), (4000, 1, 2500), 32, 8, False),           # G = 4, prefixes, one token
 ])
-def test_union_teacher_kl_on_gpu_equals_triton_and_reference(q_lens, k_lens, hq, hkv, shared,
+def test_union_kl_on_gpu_equals_auto_and_reference(q_lens, k_lens, hq, hkv, shared,
                                                              monkeypatch):
-    """bf16, head dim 128, blocks of 128, 16 blocks a query: the union teacher's KL
-    against the automatic choice's (the Gluon teacher on Hopper) and the fp64 reference;
+    """bf16, head dim 128, blocks of 128, 16 blocks a query: the union KL against the
+    automatic choice's (the Gluon teacher on Hopper) and the fp64 reference;
     chunking changes nothing; deterministic mode is bitwise repeatable."""
     if DEVICE != "cuda":
         pytest.skip("needs a CUDA GPU")
