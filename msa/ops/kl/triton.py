@@ -305,7 +305,7 @@ def launch_dki(dz, qi, dki, p, q0: int, index_scale: float, *, by_slot: bool = F
         dz, qi, dki, p.edge_q, p.edge_slot, p.item_h, p.item_krow, p.item_t0, p.item_nk,
         p.item_e0, p.item_e1, q0, p.edge0, index_scale, qi.stride(0), qi.stride(1),
         BS=dz.shape[1], DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype),
-        UPCAST=upcast(qi.dtype), DZ_SLOT=by_slot, HI=qi.shape[1], TOPK=topk,
+        UPCAST=upcast(qi.dtype), DZ_SLOT=by_slot, HI=qi.shape[1] if by_slot else 1, TOPK=topk,
         DET=deterministic, num_warps=4 if di <= 128 else 8,
         num_stages=3)                # <= 64 KB shared on sm_86 / sm_89
 

@@ -26,6 +26,8 @@ per index head (``Hkv == Hi``), contiguous keys.
 """
 from __future__ import annotations
 
+import bisect
+
 import torch
 import triton
 import triton.language as tl
@@ -40,22 +42,27 @@ ROWS = 128          # teacher MMA rows of a tile (64 for head dim 256 or fp32: r
 
 @triton.jit(do_not_specialize=["num_tiles", "c0", "c1"])
 def union_kl_kernel(
-        Q, K, TLSE, QI, KI, ILSE, TOPK, DZ, DQI, LOSS, U, NU, TQ0, TN, TKBASE, TOFF,
-        num_tiles, c0, c1, scale_log2, iscale, coeff,
+        Q, K, TLSE, QI, KI, ILSE, TOPK, DZ, DQI, LOSS, U, NU, TQ0, TN, TKBASE, TOFF, ORDER,
+        SPAN, num_tiles, c0, c1, scale_log2, iscale, coeff,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_tl, stride_it, stride_ih,
         stride_kit, stride_lh, stride_th, stride_tq,
         G: tl.constexpr, GP: tl.constexpr, QT: tl.constexpr, R: tl.constexpr,
         D: tl.constexpr, DI: tl.constexpr, BS: tl.constexpr, W: tl.constexpr,
         HI: tl.constexpr, TOPK_K: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr):
-    """One tile x one index head (grid: tiles, Hi), the queries ``c0 .. c1`` of the chunk
-    only (a tile with none returns at once). Teacher rows ``head * QT + query`` (the head
+    """One tile x one index head (grid: at least the chunk's tiles, Hi): tile
+    ``ORDER[SPAN[0] + program]`` (tiles in query order, ``SPAN``: the first and the
+    next after those with queries in ``c0 .. c1``; programs past them return at once),
+    its queries in ``c0 .. c1`` only. Teacher rows ``head * QT + query`` (the head
     sum then reduces across warps: rows of a query side by side spill registers at
     groups of 8 or fewer), student rows ``query * R + replica``. Writes ``DQI [total_q,
     Hi, DI]`` (fp32) of its queries, ``DZ`` row ``((query - c0) * HI + h) * TOPK_K +
     slot`` of each selecting query, and its KL terms times ``coeff`` at ``LOSS [h *
     num_tiles + tile]``."""
-    tile = tl.program_id(0)
+    t = tl.load(SPAN) + tl.program_id(0)
+    if t >= tl.load(SPAN + 1):
+        return
+    tile = tl.load(ORDER + t)
     h = tl.program_id(1)
     q0 = tl.load(TQ0 + tile)
     n = tl.load(TN + tile)
@@ -140,6 +147,23 @@ def tile_shape(group: int, topk: int, d: int, itemsize: int):
     return qt, max(1, 16 // qt)
 
 
+def query_order(up):
+    """The union plan ``up``'s tiles in query order: ``(order, first query, end)``, the
+    latter two ascending (tiles of a segment are consecutive and do not overlap)."""
+    order = torch.argsort(up.tile_q0, stable=True)
+    q0s = up.tile_q0[order]
+    return order, q0s, q0s + up.tile_n[order]
+
+
+def chunk_tiles(seg, qt: int, c0: int, c1: int) -> int:
+    """At least the number of tiles of ``qt`` queries (tiles inside one segment,
+    ``msa.ops.plan.query_tiles``) that hold a query of ``c0 .. c1``: each segment that
+    reaches into the range adds at most one tile more than its queries there fill."""
+    starts = seg.q_start
+    first = max(0, bisect.bisect_right(starts, c0) - 1)
+    return -(-(c1 - c0) // qt) + 2 * (bisect.bisect_left(starts, c1) - first) + 1
+
+
 def launch(q, k, teacher_lse, qi, ki2, indexer_lse, topk_indices, plan: SparsePlan,
            c0: int, c1: int, dz, dqi, *, scale: float, index_scale: float,
            coeff: float) -> torch.Tensor:
@@ -154,6 +178,8 @@ def launch(q, k, teacher_lse, qi, ki2, indexer_lse, topk_indices, plan: SparsePl
     ``plan``'s segments (its union plan is built on first use and shared with the union
     forward where the tiles agree)."""
     hi, _, topk = topk_indices.shape
+    if c1 <= c0:
+        return torch.zeros((), dtype=torch.float32, device=q.device)
     if k.shape[1] != hi or plan.rows.paged:
         raise ValueError("the union KL needs one KV head per index head (Hkv == Hi) and "
                          f"contiguous keys, got Hkv={k.shape[1]}, Hi={hi}"
@@ -162,13 +188,16 @@ def launch(q, k, teacher_lse, qi, ki2, indexer_lse, topk_indices, plan: SparsePl
     gp = next_pow2(g)
     qt, r = tile_shape(g, topk, max(d, di), q.dtype.itemsize)
     up = union_plan(topk_indices, plan, qt, gp)         # halves by rows of the padded group
+    order, q0s, ends = plan.derived(("union_order", qt, gp), lambda: query_order(up))
+    span = torch.stack((torch.searchsorted(ends, c0, right=True),
+                        torch.searchsorted(q0s, c1)))
     losses = torch.zeros(hi * up.num_tiles, dtype=torch.float32, device=q.device)
     if up.num_tiles:
         launch_fitting(
-            union_kl_kernel, (up.num_tiles, hi),
+            union_kl_kernel, (chunk_tiles(plan.seg, qt, c0, c1), hi),
             (q, k, teacher_lse, qi, ki2, indexer_lse, topk_indices, dz, dqi, losses,
-             up.blocks, up.count, up.tile_q0, up.tile_n, up.tile_kbase, up.tile_off,
-             up.num_tiles, c0, c1, scale * LOG2E, index_scale, coeff, q.stride(0),
+             up.blocks, up.count, up.tile_q0, up.tile_n, up.tile_kbase, up.tile_off, order,
+             span, up.num_tiles, c0, c1, scale * LOG2E, index_scale, coeff, q.stride(0),
              q.stride(1), k.stride(0), k.stride(1), teacher_lse.stride(0), qi.stride(0),
              qi.stride(1), ki2.stride(0), indexer_lse.stride(0), topk_indices.stride(0),
              topk_indices.stride(1)),

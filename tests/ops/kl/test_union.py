@@ -7,10 +7,11 @@ import torch
 pytest.importorskip("triton")
 
 import msa.ops.kl.triton as kl_triton  # noqa: E402
+import msa.ops.kl.union as kl_union  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
 from msa.ops.indexer.triton import selected_lse  # noqa: E402
 from msa.ops.kl.naive import indexer_kl_reference  # noqa: E402
-from msa.ops.kl.union import tile_shape  # noqa: E402
+from msa.ops.kl.union import chunk_tiles, tile_shape  # noqa: E402
 from tests.helpers import DEVICE, plan_of, random_topk  # noqa: E402
 from tests.helpers.brute import make_case  # noqa: E402
 
@@ -164,3 +165,44 @@ def test_msa_attention_with_the_union_kl_trains_like_the_reference(monkeypatch):
     for a, b in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-6)
     assert grads["triton"][3].abs().sum() > 0                 # the KL reaches qi
+
+
+def test_each_chunk_launches_at_least_its_tiles():
+    """``chunk_tiles`` bounds the tiles (of ``msa.ops.plan.query_tiles``) that hold a
+    query of a chunk, over packed segments of random lengths (empty ones too)."""
+    from msa.ops.plan import query_tiles
+    from msa.varlen import Segments
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        lens = torch.randint(0, 40, (int(torch.randint(1, 6, (1,), generator=g)),),
+                             generator=g).tolist()
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        seg = Segments(starts, lens, starts, lens, sum(lens), sum(lens))
+        qt = [1, 4, 8, 16][trial % 4]
+        q0, n, _, _ = query_tiles(seg, qt, "cpu")
+        for c0 in range(0, seg.total_q, 7):
+            for c1 in (c0 + 1, c0 + 9, seg.total_q):
+                held = int(((q0 < c1) & (q0 + n > c0)).sum())
+                assert held <= chunk_tiles(seg, qt, c0, c1), (lens, qt, c0, c1)
+
+
+def test_union_kl_compiles_for_sm90_without_spills():
+    """bf16, head dim 128, 16 blocks a query, 8 warps, 2 stages (``ptxas -v``): no register
+    spills at G = 16 / 8 / 6 (head-major teacher rows; docs/experiments.md)."""
+    from tests.helpers import triton_sass_report
+    ptr = dict(Q="*bf16", K="*bf16", TLSE="*fp32", QI="*bf16", KI="*bf16", ILSE="*fp32",
+               TOPK="*i32", DZ="*bf16", DQI="*fp32", LOSS="*fp32", U="*i32", NU="*i32",
+               TQ0="*i32", TN="*i32", TKBASE="*i32", TOFF="*i32", ORDER="*i64", SPAN="*i64")
+    names = kl_union.union_kl_kernel.arg_names
+    sig = {n: ptr.get(n, "fp32" if n in ("scale_log2", "iscale", "coeff") else "i32")
+           for n in names[:names.index("G")]}
+    consts = []
+    for g in (16, 8, 6):
+        qt, r = tile_shape(g, 16, 128, 2)
+        gp = 128 // qt
+        consts.append(dict(G=g, GP=gp, QT=qt, R=r, D=128, DI=128, BS=128, W=qt * 16, HI=4,
+                           TOPK_K=16, KP=16, PRECISION="tf32", UPCAST=False,
+                           num_warps=max(4, qt * gp // 16), num_stages=2))
+    for g, (regs, spill) in zip((16, 8, 6), triton_sass_report(
+            "msa.ops.kl.union", "union_kl_kernel", sig, consts)):
+        assert spill == 0 and regs <= 255, (g, regs, spill)
