@@ -167,7 +167,7 @@ def indexer_kl_bwd_kernel(
 
 @triton.jit(do_not_specialize=["q0", "edge0"],
             do_not_specialize_on_alignment=ITEM_FIELDS)
-def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
+def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, EDGE_SLOT, POS, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
                   ITEM_E0, ITEM_E1, q0, edge0, iscale, stride_it, stride_ih, BS: tl.constexpr,
                   DI: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, DZ_SLOT: tl.constexpr = False, HI: tl.constexpr = 1,
@@ -176,8 +176,9 @@ def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_T0, IT
     dz rows ``DZ [chunk edges, BS]`` (edge ``e`` at row ``e - edge0``) stored by
     ``indexer_kl_bwd_kernel``, added to ``DKI [total_k, Di]`` (fp32 atomics). ``DZ_SLOT``:
     edge ``e``'s row is ``((query - q0) * HI + h) * TOPK + slot`` instead
-    (``msa.ops.kl.union``). ``DET``: stored at ``DKI [item, BS, Di]`` instead, for a sum
-    in a fixed order."""
+    (``msa.ops.kl.union``, which writes no row for a block wholly after its query: such
+    an edge, whose dz is 0, is skipped by the query's position ``POS``). ``DET``: stored
+    at ``DKI [item, BS, Di]`` instead, for a sum in a fixed order."""
     pid = tl.program_id(0)
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -192,6 +193,7 @@ def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, EDGE_SLOT, ITEM_H, ITEM_KROW, ITEM_T0, IT
         if DZ_SLOT:
             slot = tl.load(EDGE_SLOT + er, mask=emask, other=0).to(tl.int64)
             row = ((qr - q0) * HI + h) * TOPK + slot
+            emask &= tl.load(POS + qr, mask=emask, other=-1) >= t0
         else:
             row = (er - edge0).to(tl.int64)
         dz = tl.load(DZ + row[:, None] * BS + offs_n[None, :], mask=emask[:, None], other=0.0)
@@ -263,7 +265,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                                      coeff=loss_coeff / (hi * total_q))
                 pk = torch.zeros((p.num_items, block_size, di), dtype=torch.float32,
                                  device=q.device) if deterministic else dki
-                launch_dki(dz, qi, pk, p, q0, index_scale, by_slot=True, topk=topk,
+                launch_dki(dz, qi, pk, p, q0, index_scale, q_pos=rows.q_pos, topk=topk,
                            deterministic=deterministic)
                 if deterministic:
                     sum_items(p, pk, None, dki.view(-1, 1, di), None, block_size, layers)
@@ -295,19 +297,21 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
 
 
-def launch_dki(dz, qi, dki, p, q0: int, index_scale: float, *, by_slot: bool = False,
+def launch_dki(dz, qi, dki, p, q0: int, index_scale: float, *, q_pos=None,
                topk: int = 1, deterministic: bool = False) -> None:
     """``kl_dki_kernel`` over chunk plan ``p`` (queries from ``q0``): ``dz`` rows per edge
-    or, ``by_slot``, per (query, head, slot) of ``topk``; into ``dki [total_k, Di]`` by
-    atomics or, ``deterministic``, per item ``[num_items, BS, Di]``."""
+    or, given the queries' positions ``q_pos``, per (query, head, slot) of ``topk``; into
+    ``dki [total_k, Di]`` by atomics or, ``deterministic``, per item ``[num_items, BS,
+    Di]``."""
     di = qi.shape[2]
+    by_slot = q_pos is not None
     kl_dki_kernel[(p.num_items,)](
-        dz, qi, dki, p.edge_q, p.edge_slot, p.item_h, p.item_krow, p.item_t0, p.item_nk,
-        p.item_e0, p.item_e1, q0, p.edge0, index_scale, qi.stride(0), qi.stride(1),
-        BS=dz.shape[1], DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype),
-        UPCAST=upcast(qi.dtype), DZ_SLOT=by_slot, HI=qi.shape[1] if by_slot else 1, TOPK=topk,
-        DET=deterministic, num_warps=4 if di <= 128 else 8,
-        num_stages=3)                # <= 64 KB shared on sm_86 / sm_89
+        dz, qi, dki, p.edge_q, p.edge_slot, q_pos if by_slot else p.edge_q, p.item_h,
+        p.item_krow, p.item_t0, p.item_nk, p.item_e0, p.item_e1, q0, p.edge0, index_scale,
+        qi.stride(0), qi.stride(1), BS=dz.shape[1], DI=di, BLOCK_E=64,
+        PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype), DZ_SLOT=by_slot,
+        HI=qi.shape[1] if by_slot else 1, TOPK=topk, DET=deterministic,
+        num_warps=4 if di <= 128 else 8, num_stages=3)    # <= 64 KB shared on sm_86 / sm_89
 
 
 def kl_kernel(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> str:

@@ -32,12 +32,13 @@ def shared_topk(seg, heads, k, block, seed):
 
 
 def _run(q_lens, k_lens, hq, hkv, *, frag=None, kk=3, block=64, shared=False, chunk=None,
-         det=False, dtype=torch.float32, d=64, seed=3, monkeypatch=None, kernel="union"):
+         det=False, dtype=torch.float32, d=64, seed=3, monkeypatch=None, kernel="union",
+         future=False):
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=d, hi=hkv, di=d, fragment_indices=frag,
                   seed=seed, scale=0.7)
     seg = c["seg"]
     topk = (shared_topk(seg, hkv, kk, block, seed) if shared else
-            random_topk(seg, hkv, kk, block, seed=seed, future=False)).to(DEVICE)
+            random_topk(seg, hkv, kk, block, seed=seed, future=future)).to(DEVICE)
     q, k, v, qi, ki = (c[n].to(DEVICE, dtype) for n in ("q", "k", "v", "qi", "ki"))
     _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=0.125)
     ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, block, hkv), scale=0.125)
@@ -60,6 +61,7 @@ def _run(q_lens, k_lens, hq, hkv, *, frag=None, kk=3, block=64, shared=False, ch
 CASES = {
     # id: (q_lens, k_lens, hq, hkv, options)
     "G2-fragments-one-token": ((33, 1, 50), (200, 64, 300), 4, 2, dict(frag=(0, 1, 1))),
+    "G4-blocks-after-the-query": ((60,), (150,), 8, 2, dict(future=True, chunk=25)),
     "G16-shared": ((40,), (300,), 16, 1, dict(shared=True)),
     "G6-padded-chunks-cut-tiles": ((45, 20), (300, 90), 12, 2, dict(chunk=17)),
     "G1-prefix-shared-chunked": ((70,), (400,), 2, 2, dict(shared=True, chunk=29)),
@@ -68,7 +70,7 @@ CASES = {
 
 @pytest.mark.parametrize("name,det", [
     pytest.param(n, det, id=f"{n}-{'deterministic' if det else 'fast'}",
-                 marks=[pytest.mark.slow] if det and n.startswith(("G6", "G1")) else [])
+                 marks=[pytest.mark.slow] if det and n.startswith(("G6", "G1", "G4")) else [])
     for n in CASES for det in (False, True)])
 def test_union_kl_matches_reference(name, det, monkeypatch):
     q_lens, k_lens, hq, hkv, opts = CASES[name]
