@@ -110,22 +110,23 @@ def test_union_kl_needs_one_kv_head_per_index_head(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_lens,k_lens,hq,hkv,shared", [
-    ((3000,), (3000,), 64, 4, True),                          # MiniMax-M3: G = 16
-    ((3000,), (3000,), 64, 4, False),
-    ((2000,), (2000,), 64, 8, True),                          # G = 8
-    ((1500,), (3000,), 24, 4, True),                          # G = 6: 8 rows per query
-    ((700, 1, 900), (4000, 1, 2500), 32, 8, False),           # G = 4, prefixes, one token
+@pytest.mark.parametrize("q_lens,k_lens,hq,hkv,shared,frag", [
+    ((3000,), (3000,), 64, 4, True, None),                    # MiniMax-M3: G = 16
+    ((3000,), (3000,), 64, 4, False, None),
+    ((2000,), (2000,), 64, 8, True, None),                    # G = 8
+    ((1500,), (3000,), 24, 4, True, None),                    # G = 6: 8 rows per query
+    ((700, 1, 900), (4000, 1, 2500), 32, 8, False, None),     # G = 4, prefixes, one token
+    ((500, 300), (1500, 900), 64, 4, True, (0, 1)),           # fragments
 ])
-def test_union_kl_on_gpu_equals_auto_and_reference(q_lens, k_lens, hq, hkv, shared,
-                                                             monkeypatch):
+def test_union_kl_on_gpu_equals_auto_and_reference(q_lens, k_lens, hq, hkv, shared, frag,
+                                                   monkeypatch):
     """bf16, head dim 128, blocks of 128, 16 blocks a query: the union KL against the
     automatic choice's (the Gluon teacher on Hopper) and the fp64 reference;
     chunking changes nothing; deterministic mode is bitwise repeatable."""
     if DEVICE != "cuda":
         pytest.skip("needs a CUDA GPU")
     kw = dict(kk=16, block=128, shared=shared, dtype=torch.bfloat16, d=128, seed=sum(q_lens),
-              monkeypatch=monkeypatch)
+              monkeypatch=monkeypatch, frag=frag)
     (loss, dqi, dki), (rl, rq, rk) = _run(q_lens, k_lens, hq, hkv, **kw)
     chunked, _ = _run(q_lens, k_lens, hq, hkv, chunk=333, **kw)
     auto, _ = _run(q_lens, k_lens, hq, hkv, **{**kw, "kernel": None})
