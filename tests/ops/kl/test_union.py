@@ -145,16 +145,22 @@ def test_union_kl_on_gpu_equals_auto_and_reference(q_lens, k_lens, hq, hkv, shar
 
 
 def test_msa_attention_with_the_union_kl_trains_like_the_reference(monkeypatch):
-    """``MSA_KL_KERNEL=union``: the whole step (indexer, attention, KL) through the public
-    API, its gradients and KL loss against the reference backend's."""
+    """``MSA_KL_KERNEL=union`` (and the union forward, whose union plan the KL then
+    shares): the whole step (indexer, attention, KL) through the public API, its
+    gradients and KL loss against the reference backend's."""
     import msa
     cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=3,
                         kl_loss_coeff=0.5)
     c = make_case((90, 40), (90, 200), hq=4, hkv=2, hi=2, seed=6)
+    import msa.ops.attention.union as union_fwd
+    built, build = [], union_fwd.build_union_plan
+    monkeypatch.setattr(union_fwd, "build_union_plan",
+                        lambda *a: built.append(a[2:]) or build(*a))
     grads = {}
     for backend in ("triton", "reference"):
         if backend == "triton":
             monkeypatch.setenv("MSA_KL_KERNEL", "union")
+            monkeypatch.setenv("MSA_FORWARD_KERNEL", "union")
         leaves = [c[n].to(DEVICE).clone().requires_grad_(True)
                   for n in ("q", "k", "v", "qi", "ki")]
         assert msa.indexer_kl_kernel(*leaves[:2], *leaves[3:], backend=backend) == \
@@ -165,9 +171,11 @@ def test_msa_attention_with_the_union_kl_trains_like_the_reference(monkeypatch):
         out.backward(torch.ones_like(out))
         grads[backend] = [x.grad for x in leaves] + [aux.kl_loss]
         monkeypatch.delenv("MSA_KL_KERNEL", raising=False)
+        monkeypatch.delenv("MSA_FORWARD_KERNEL", raising=False)
     for a, b in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-6)
     assert grads["triton"][3].abs().sum() > 0                 # the KL reaches qi
+    assert built == [(32, 2)]            # one union plan (32 queries of 2 heads) for both
 
 
 def test_each_chunk_launches_at_least_its_tiles():
