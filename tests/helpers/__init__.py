@@ -27,6 +27,51 @@ def random_topk(seg, heads, k, block, seed=0, p_empty=0.2, future=True):
     return out
 
 
+def shared_topk(seg, heads, k, block, seed):
+    """Selections consecutive queries share (a sink, the query's own block and a few
+    recent ones, one random block), as text gives them: unions far below ``QT * K``."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((heads, seg.total_q, k), -1, dtype=torch.int32)
+    for b in range(seg.num_segments):
+        for i in range(seg.q_len[b]):
+            own = (seg.k_len[b] - seg.q_len[b] + i) // block
+            ids = list(dict.fromkeys([0, own] + [max(0, own - j) for j in (1, 2)]))
+            ids.append(int(torch.randint(0, own + 1, (1,), generator=g)))
+            ids = list(dict.fromkeys(ids))[:k]
+            for h in range(heads):
+                out[h, seg.q_start[b] + i, torch.randperm(k, generator=g)[:len(ids)]] = \
+                    torch.tensor(ids, dtype=torch.int32)
+    return out
+
+
+def kl_case(q_lens, k_lens, hq, hkv, frag=None, kk=3, block=64, dtype=torch.float32, seed=5,
+            d=64, select=None):
+    """An indexer-KL case with ``Hi == Hkv``: ``(run, ref)``, ``run(kernel, chunk=None,
+    det=False)`` calling ``msa.ops.kl.triton.indexer_kl_bwd`` on a fresh plan and ``ref``
+    the fp64 reference's ``(loss, dqi, dki)``. ``select(seg, heads, k, block, seed)``
+    gives the selection (default: random, no block after its query)."""
+    from msa.ops.attention.naive import attention_forward_reference
+    from msa.ops.indexer.triton import selected_lse
+    from msa.ops.kl.naive import indexer_kl_reference
+    from msa.ops.kl.triton import indexer_kl_bwd
+    from tests.helpers.brute import make_case
+    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=d, hi=hkv, di=d, fragment_indices=frag,
+                  seed=seed, scale=0.7)
+    seg = c["seg"]
+    select = select or (lambda *a, seed: random_topk(*a, seed=seed, future=False))
+    topk = select(seg, hkv, kk, block, seed=seed).to(DEVICE)
+    q, k, v, qi, ki = (c[n].to(DEVICE, dtype) for n in ("q", "k", "v", "qi", "ki"))
+    _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=0.125)
+    ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, block, hkv), scale=0.125)
+    ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
+                               block_size=block, scale=0.125, index_scale=0.125,
+                               loss_coeff=0.3)
+    run = lambda kernel, chunk=None, det=False: indexer_kl_bwd(  # noqa: E731
+        q, k, tlse, qi, ki, ilse, topk, plan_of(topk, seg, block, hkv, chunk), scale=0.125,
+        index_scale=0.125, loss_coeff=0.3, kernel=kernel, deterministic=det)
+    return run, ref
+
+
 def plan_of(topk, seg, block, heads, chunk=None, q_per_item=256):
     """A fresh ``SparsePlan`` of ``topk`` (chunks of ``chunk`` queries, default all)."""
     from msa.ops.plan import build_plan

@@ -9,9 +9,8 @@ pytest.importorskip("triton.experimental.gluon")
 from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
 from msa.ops.attention.union import union_fwd  # noqa: E402
-from tests.helpers import DEVICE, gluon_ptx, plan_of, random_topk  # noqa: E402
+from tests.helpers import DEVICE, gluon_ptx, plan_of, random_topk, shared_topk  # noqa: E402
 from tests.helpers.brute import make_case, rel_err  # noqa: E402
-from tests.ops.attention.test_union import _shared_topk  # noqa: E402
 
 
 @pytest.mark.parametrize("g", [16, 6])
@@ -55,7 +54,7 @@ def test_boxes_stay_in_segments_only_where_segments_end_on_whole_blocks():
 def _case(q_lens, k_lens, hq, hkv, hs, shared, seed=3):
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=128, seed=sum(q_lens))
     q, k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "qkv")
-    topk = (_shared_topk if shared else random_topk)(c["seg"], hs, 16, 128, seed=seed)
+    topk = (shared_topk if shared else random_topk)(c["seg"], hs, 16, 128, seed=seed)
     topk = topk.to(DEVICE)
     topk[:, ::7] = -1                                # rows that select nothing
     return c, q, k, v, topk

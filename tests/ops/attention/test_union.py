@@ -5,7 +5,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from tests.helpers import DEVICE, force_smallest_launch, plan_of, random_topk  # noqa: E402
+from tests.helpers import (DEVICE, force_smallest_launch, plan_of, random_topk,  # noqa: E402
+                           shared_topk)
 from tests.helpers.brute import make_case, rel_err  # noqa: E402
 from tests.ops.attention.test_forward import (CASES, _inputs, _poisoned,  # noqa: E402
                                              public_api_matches_reference)
@@ -39,29 +40,12 @@ def test_union_forward_half_head_dim_256(dtype):
     _check(c, topk, q, k, v, 128, atol=3e-2)
 
 
-def _shared_topk(seg, heads, k, block, seed):
-    """Selections consecutive queries share (a sink, the query's own block and a few
-    recent ones, one random block), as text gives them: unions far below ``QT * K``."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.full((heads, seg.total_q, k), -1, dtype=torch.int32)
-    for b in range(seg.num_segments):
-        for i in range(seg.q_len[b]):
-            own = (seg.k_len[b] - seg.q_len[b] + i) // block
-            ids = list(dict.fromkeys([0, own] + [max(0, own - j) for j in (1, 2)]))
-            ids.append(int(torch.randint(0, own + 1, (1,), generator=g)))
-            ids = list(dict.fromkeys(ids))[:k]
-            for h in range(heads):
-                out[h, seg.q_start[b] + i, torch.randperm(k, generator=g)[:len(ids)]] = \
-                    torch.tensor(ids, dtype=torch.int32)
-    return out
-
-
 @pytest.mark.parametrize("hq,hkv", [(16, 1), (8, 2), (6, 1), (4, 1)])
 def test_union_forward_shared_selections_every_group(hq, hkv):
     """The GQA groups of issue-sized models (tiles of 4 / 8 / 10 / 16 queries) over
     selections consecutive queries share, in two segments."""
     c = make_case((45, 30), (700, 330), hq=hq, hkv=hkv, d=64, seed=hq)
-    topk = _shared_topk(c["seg"], hkv, 6, 64, seed=hq).to(DEVICE)
+    topk = shared_topk(c["seg"], hkv, 6, 64, seed=hq).to(DEVICE)
     _check(c, topk, *(c[n].to(DEVICE) for n in "qkv"), 64)
 
 
@@ -71,7 +55,7 @@ def test_union_forward_other_tile_sizes(rows):
     words)."""
     from msa.ops.attention.union import union_fwd
     c = make_case((45, 30), (700, 330), hq=4, hkv=1, d=64, seed=rows)
-    topk = _shared_topk(c["seg"], 1, 6, 64, seed=rows).to(DEVICE)
+    topk = shared_topk(c["seg"], 1, 6, 64, seed=rows).to(DEVICE)
     q, k, v = (c[n].to(DEVICE) for n in "qkv")
     out, lse = _poisoned(q)
     union_fwd(q, k, v, topk, plan_of(topk, c["seg"], 64, 1), out, lse, scale=0.125,
@@ -170,7 +154,7 @@ def test_union_plan_equals_direct_count(group, shared, rows):
     selections (with blocks after the query, dropped) and shared ones."""
     c = make_case((37, 50), (900, 400), seed=group)
     seg, k = c["seg"], 9
-    topk = (_shared_topk(seg, 2, k, 64, group) if shared else
+    topk = (shared_topk(seg, 2, k, 64, group) if shared else
             random_topk(seg, 2, k, 64, seed=group)).to(DEVICE)
     plan = plan_of(topk, seg, 64, 2)
     qt = tile_queries(group, k, rows)
@@ -278,7 +262,7 @@ def test_bf16_variants_equal_the_kv_outer_kernel(q_lens, k_lens, hq, hkv, hs, sh
     from msa.ops.launch import on_hopper
     c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=128, seed=sum(q_lens))
     q, k, v = (c[x].to(DEVICE, torch.bfloat16) for x in "qkv")
-    topk = (_shared_topk if shared else random_topk)(c["seg"], hs, 16, 128, seed=3).to(DEVICE)
+    topk = (shared_topk if shared else random_topk)(c["seg"], hs, 16, 128, seed=3).to(DEVICE)
     topk[:, ::7] = -1                                # rows that select nothing
     plan = plan_of(topk, c["seg"], 128, hkv)
     want, want_lse = _poisoned(q)
@@ -314,7 +298,7 @@ def test_the_forward_takes_the_union_kernel_for_shared_selections(monkeypatch):
     from msa.ops.attention import gluon_union, union
     c = make_case((600,), (1400,), hq=16, hkv=1, d=64, seed=5)
     q, k, v = (c[n].to(DEVICE) for n in "qkv")
-    shared = _shared_topk(c["seg"], 1, 8, 64, seed=5).to(DEVICE)
+    shared = shared_topk(c["seg"], 1, 8, 64, seed=5).to(DEVICE)
     scattered = random_topk(c["seg"], 1, 8, 64, seed=5).to(DEVICE)
     monkeypatch.setattr(F, "forward_kernel", lambda *a: "gluon")
     monkeypatch.setattr(union, "gluon_applies", lambda *a: True)

@@ -9,11 +9,7 @@ pytest.importorskip("triton.experimental.gluon")
 
 import msa.ops.kl.gluon as kl_gluon  # noqa: E402
 import msa.ops.kl.triton as kl_triton  # noqa: E402
-from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
-from msa.ops.indexer.triton import selected_lse  # noqa: E402
-from msa.ops.kl.naive import indexer_kl_reference  # noqa: E402
-from tests.helpers import DEVICE, gluon_ptx, plan_of, random_topk  # noqa: E402
-from tests.helpers.brute import make_case  # noqa: E402
+from tests.helpers import DEVICE, gluon_ptx, kl_case  # noqa: E402
 
 SIG = {"Q": "*bf16", "K": "*bf16", "PT": "*fp32", "TLSE": "*fp32", "POS": "*i32",
        "EDGE_Q": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32", "ITEM_T0": "*i32",
@@ -54,24 +50,6 @@ def torch_teacher(q, k, teacher_lse, q_pos, plan, q0, pt, *, scale_log2, block_s
         pt[e0 - plan.edge0:e1 - plan.edge0, :nk] = torch.where(visible, p.mean(1), 0.0).to(pt.dtype)
 
 
-def _case(q_lens, k_lens, hq, hkv, frag=None, kk=3, block=64, dtype=torch.float32, seed=5,
-          d=64):
-    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=d, hi=hkv, di=d, fragment_indices=frag,
-                  seed=seed, scale=0.7)
-    seg = c["seg"]
-    topk = random_topk(seg, hkv, kk, block, seed=seed, future=False).to(DEVICE)
-    q, k, v, qi, ki = (c[n].to(DEVICE, dtype) for n in ("q", "k", "v", "qi", "ki"))
-    _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=0.125)
-    ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, block, hkv), scale=0.125)
-    ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
-                               block_size=block, scale=0.125, index_scale=0.125,
-                               loss_coeff=0.3)
-    run = lambda kernel, chunk=None, det=False: kl_triton.indexer_kl_bwd(  # noqa: E731
-        q, k, tlse, qi, ki, ilse, topk, plan_of(topk, seg, block, hkv, chunk), scale=0.125,
-        index_scale=0.125, loss_coeff=0.3, kernel=kernel, deterministic=det)
-    return run, ref
-
-
 @pytest.mark.parametrize("det", [False, True], ids=["fast", "deterministic"])
 @pytest.mark.parametrize("q_lens,k_lens,hq,hkv,frag", [
     ((33, 1, 50), (200, 64, 300), 4, 2, (0, 1, 1)),          # fragments, one-token segment
@@ -83,7 +61,7 @@ def test_student_half_from_teacher_rows_matches_reference(q_lens, k_lens, hq, hk
     buffer first: a row it read unwritten would poison the result), chunked."""
     monkeypatch.setattr(kl_gluon, "launch", lambda *a, **kw: torch_teacher(
         *a[:6], a[6].fill_(float("nan")), **kw))
-    run, (rl, rq, rk) = _case(q_lens, k_lens, hq, hkv, frag)
+    run, (rl, rq, rk) = kl_case(q_lens, k_lens, hq, hkv, frag)
     loss, dqi, dki = run("gluon", chunk=17, det=det)
     torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(dqi.double(), rq, rtol=1e-4, atol=1e-8)
@@ -103,7 +81,7 @@ def test_student_half_from_teacher_rows_matches_reference(q_lens, k_lens, hq, hk
 ])
 def test_gluon_teacher_kl_equals_triton_and_reference(q_lens, k_lens, hq, hkv, frag,
                                                       monkeypatch):
-    run, (rl, rq, rk) = _case(q_lens, k_lens, hq, hkv, frag, kk=16, block=128,
+    run, (rl, rq, rk) = kl_case(q_lens, k_lens, hq, hkv, frag, kk=16, block=128,
                               dtype=torch.bfloat16, seed=sum(q_lens), d=128)
     q = torch.empty(1, hq, 128, device=DEVICE, dtype=torch.bfloat16)
     if not kl_gluon.supported(q, q[:, :hkv], hkv, 128):
@@ -163,7 +141,7 @@ def test_indexer_kl_kernel_names_the_kl_that_runs(monkeypatch):
 
 
 def test_gluon_teacher_where_it_cannot_run_says_so():
-    run, _ = _case((40,), (300,), 16, 1)
+    run, _ = kl_case((40,), (300,), 16, 1)
     with pytest.raises(ValueError, match="kernel must be"):
         run("cuda")
     if DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0):

@@ -8,54 +8,24 @@ pytest.importorskip("triton")
 
 import msa.ops.kl.triton as kl_triton  # noqa: E402
 import msa.ops.kl.union as kl_union  # noqa: E402
-from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
-from msa.ops.indexer.triton import selected_lse  # noqa: E402
-from msa.ops.kl.naive import indexer_kl_reference  # noqa: E402
 from msa.ops.kl.union import chunk_tiles, tile_shape  # noqa: E402
-from tests.helpers import DEVICE, plan_of, random_topk  # noqa: E402
+from tests.helpers import DEVICE, kl_case, plan_of, random_topk, shared_topk  # noqa: E402
 from tests.helpers.brute import make_case  # noqa: E402
-
-
-def shared_topk(seg, heads, k, block, seed):
-    """Neighbouring queries share most blocks: each query keeps its local block and draws
-    the rest from the first ``k + 2`` visible blocks (some empty)."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.full((heads, seg.total_q, k), -1, dtype=torch.int32)
-    for b in range(seg.num_segments):
-        for i in range(seg.q_len[b]):
-            local = (seg.k_len[b] - seg.q_len[b] + i) // block
-            for h in range(heads):
-                pool = torch.randperm(min(local, k + 2), generator=g).tolist()
-                ids = ([local] + pool)[:k]
-                out[h, seg.q_start[b] + i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
-    return out
 
 
 def _run(q_lens, k_lens, hq, hkv, *, frag=None, kk=3, block=64, shared=False, chunk=None,
          det=False, dtype=torch.float32, d=64, seed=3, monkeypatch=None, kernel="union",
          future=False):
-    c = make_case(q_lens, k_lens, hq=hq, hkv=hkv, d=d, hi=hkv, di=d, fragment_indices=frag,
-                  seed=seed, scale=0.7)
-    seg = c["seg"]
-    topk = (shared_topk(seg, hkv, kk, block, seed) if shared else
-            random_topk(seg, hkv, kk, block, seed=seed, future=future)).to(DEVICE)
-    q, k, v, qi, ki = (c[n].to(DEVICE, dtype) for n in ("q", "k", "v", "qi", "ki"))
-    _, tlse = attention_forward_reference(q, k, v, topk, seg, block_size=block, scale=0.125)
-    ilse = selected_lse(qi, ki, topk, plan_of(topk, seg, block, hkv), scale=0.125)
-    ref = indexer_kl_reference(q.double(), k.double(), qi.double(), ki.double(), seg, topk,
-                               block_size=block, scale=0.125, index_scale=0.125,
-                               loss_coeff=0.3)
+    select = shared_topk if shared else \
+        (lambda *a, seed: random_topk(*a, seed=seed, future=future))
+    run, ref = kl_case(q_lens, k_lens, hq, hkv, frag, kk, block, dtype, seed, d, select)
     empty = torch.empty                      # every dz row read was written first
 
     def poisoned(*a, **kw):
         x = empty(*a, **kw)
         return x.fill_(float("nan")) if x.is_floating_point() else x
     monkeypatch.setattr(kl_triton.torch, "empty", poisoned)
-    got = kl_triton.indexer_kl_bwd(q, k, tlse.float(), qi, ki, ilse, topk,
-                                   plan_of(topk, seg, block, hkv, chunk), scale=0.125,
-                                   index_scale=0.125, loss_coeff=0.3, kernel=kernel,
-                                   deterministic=det)
-    return got, ref
+    return run(kernel, chunk, det), ref
 
 
 CASES = {
