@@ -313,10 +313,10 @@ def indexer_kl_kernel(q, k, qi, ki, *, block_size: int = 128, backend: str = "au
     these inputs (their layouts and ``backend``): ``"reference"``
     (PyTorch; also for index keys with more than one head), ``"gluon"`` (the teacher in the
     Hopper kernel of ``msa.ops.kl.gluon``, the student half in Triton), ``"triton"``
-    (``msa.ops.kl.triton``) or ``"union"`` (the teacher over each tile's union of selected
-    blocks, ``msa.ops.kl.union``). ``MSA_KL_KERNEL=triton`` in the environment keeps the
-    Triton kernel on Hopper; ``MSA_KL_KERNEL=union`` runs the union teacher where there is
-    one KV head per index head."""
+    (``msa.ops.kl.triton``) or ``"union"`` (the KL in one pass over each tile's union of
+    selected blocks, ``msa.ops.kl.union``). ``MSA_KL_KERNEL=triton`` in the environment
+    keeps the Triton kernel on Hopper; ``MSA_KL_KERNEL=union`` runs the union KL where
+    there is one KV head per index head."""
     _check_ranks("q", q, "k", k)
     C.check_qkv(q, k, k)                # q / k heads, head dims and dtypes (v plays k)
     C.check_float_tensor("qi", qi, q.dim(), q.device)

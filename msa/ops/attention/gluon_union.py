@@ -41,20 +41,17 @@ TILE_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwi
 
 @gluon.jit
 def union_loader(K_DESC, V_DESC, k_ring, v_ring, k_bar, v_bar, empty, ublocks, nu, kbase, h,
-                 D: gl.constexpr, BS: gl.constexpr, STAGES: gl.constexpr,
-                 WITH_V: gl.constexpr):
-    """Loader (one warp): block ``u`` of the union, keys (and, ``WITH_V``, values) by TMA
-    into slot ``u % STAGES`` once both warpgroups released it."""
+                 D: gl.constexpr, BS: gl.constexpr, STAGES: gl.constexpr):
+    """Loader (one warp): block ``u`` of the union, keys and values by TMA into slot
+    ``u % STAGES`` once both warpgroups released it."""
     for u in range(nu):
         s = u % STAGES
         mbarrier.wait(empty.index(s), ((u // STAGES) & 1) ^ 1)
         row = (kbase + gl.load(ublocks + u) * BS).to(gl.int32)
         mbarrier.expect(k_bar.index(s), BS * D * 2)
         tma.async_copy_global_to_shared(K_DESC, [row, h * D], k_bar.index(s), k_ring.index(s))
-        if WITH_V:
-            mbarrier.expect(v_bar.index(s), BS * D * 2)
-            tma.async_copy_global_to_shared(V_DESC, [row, h * D], v_bar.index(s),
-                                            v_ring.index(s))
+        mbarrier.expect(v_bar.index(s), BS * D * 2)
+        tma.async_copy_global_to_shared(V_DESC, [row, h * D], v_bar.index(s), v_ring.index(s))
 
 
 @gluon.jit
@@ -177,7 +174,7 @@ def union_kernel(Q, K_DESC, V_DESC, U, NU, BITS, HALVES, TQ0, TN, TKBASE, TOFF, 
                    stride_qh, stride_ot, stride_oh, stride_lt, 1, G, QT, D, BS, NW, STAGES,
                    4)),
         (union_loader, (K_DESC, V_DESC, k_ring, v_ring, k_bar, v_bar, empty, ublocks, nu,
-                        kbase, h, D, BS, STAGES, True))],
+                        kbase, h, D, BS, STAGES))],
         [4, 1], [232, 24])
 
 
