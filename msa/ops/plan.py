@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -58,8 +59,39 @@ class BlockRows:
     paged: bool = False
 
 
+# device geometry of recent segment layouts: every layer of a model (and the indexer,
+# the attention and their backward) derives the same from the same segments
+GEOMETRY_CACHE_SIZE = 8
+_GEOMETRY: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def geometry(kind: str, seg: Segments, param: int, device, build: Callable[[], object]):
+    """``build()`` (tensors on ``device`` derived from ``seg`` and ``param`` alone, never
+    modified by their users), remembered for the ``GEOMETRY_CACHE_SIZE`` layouts used
+    last. Built afresh, and not remembered, while a CUDA graph is being captured: its
+    kernels would not have run, and the graph must own the memory it reads."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return build()
+    key = (kind, param, str(device), tuple(seg.q_start), tuple(seg.q_len),
+           tuple(seg.k_base), tuple(seg.k_len))
+    hit = _GEOMETRY.get(key)
+    if hit is None:
+        hit = _GEOMETRY[key] = build()
+        while len(_GEOMETRY) > GEOMETRY_CACHE_SIZE:
+            _GEOMETRY.popitem(last=False)
+    _GEOMETRY.move_to_end(key)
+    return hit
+
+
 def block_rows(seg: Segments, block_size: int, device) -> BlockRows:
-    """Built on ``device`` from the per-segment numbers (one pinned copy, no host sync)."""
+    """``seg``'s ``BlockRows`` on ``device`` (built from the per-segment numbers with one
+    pinned copy and no host sync; remembered per layout, ``geometry``)."""
+    return geometry("rows", seg, block_size, device,
+                    lambda: _build_rows(seg, block_size, device))
+
+
+def _build_rows(seg: Segments, block_size: int, device) -> BlockRows:
     nseg = seg.num_segments
     nb = [seg.num_blocks(b, block_size) for b in range(nseg)]
     rowbase = [0]
@@ -96,12 +128,17 @@ def paged_rows(rows: BlockRows, seg: Segments, block_table: torch.Tensor,
 
 def query_tiles(seg: Segments, block_t: int, device):
     """Query tiles that stay inside one segment, heaviest (latest) first: ``q0, n, kbase,
-    off`` ``[tiles]`` int32 (built on ``device``, no host sync)."""
+    off`` ``[tiles]`` int32 (built on ``device``, no host sync; remembered per layout,
+    ``geometry``)."""
+    return geometry("tiles", seg, block_t, device, lambda: _build_tiles(seg, block_t, device))
+
+
+def _build_tiles(seg: Segments, block_t: int, device):
     nseg = seg.num_segments
     ntiles = [-(-ql // block_t) for ql in seg.q_len]
     total = sum(ntiles)
     if not total:
-        return [torch.zeros(0, dtype=torch.int32, device=device) for _ in range(4)]
+        return tuple(torch.zeros(0, dtype=torch.int32, device=device) for _ in range(4))
     first = list(itertools.accumulate([0] + ntiles[:-1]))
     per = host_to_device([seg.q_start, seg.q_len, seg.k_base, seg.k_len, ntiles, first],
                          device)
@@ -113,7 +150,7 @@ def query_tiles(seg: Segments, block_t: int, device):
                          k_base[sid], off))
     order = torch.argsort(-off, stable=True)
     # own copies: row views at odd offsets would compile unaligned kernel variants
-    return [x.clone() for x in tiles[:, order].to(torch.int32).unbind(0)]
+    return tuple(x.clone() for x in tiles[:, order].to(torch.int32).unbind(0))
 
 
 TILE_ROWS = 64          # MMA rows of a union-forward tile by default: queries x G heads

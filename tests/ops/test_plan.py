@@ -72,6 +72,54 @@ def test_block_rows_geometry():
         assert got.tolist() == want
 
 
+def test_geometry_is_built_once_per_layout(monkeypatch):
+    """``block_rows`` and ``query_tiles`` of a layout seen before return what was built
+    then (equal segments, another object: every layer of a model); another layout, block
+    size or tile, and the least recently used past ``GEOMETRY_CACHE_SIZE``, build anew."""
+    from msa.ops import plan as P
+    from msa.varlen import Segments
+    monkeypatch.setattr(P, "_GEOMETRY", type(P._GEOMETRY)())
+    built = []
+    real = P._build_rows
+    monkeypatch.setattr(P, "_build_rows", lambda *a: built.append(a[1]) or real(*a))
+
+    def seg(n):
+        return Segments([0, n], [n, 7], [0, n], [n, 9], n + 7, n + 9)
+    r = block_rows(seg(40), 16, "cpu")
+    assert block_rows(seg(40), 16, "cpu") is r and built == [16]
+    assert block_rows(seg(41), 16, "cpu") is not r and block_rows(seg(40), 32, "cpu") is not r
+    assert P.query_tiles(seg(40), 4, "cpu") is P.query_tiles(seg(40), 4, "cpu")
+    assert P.query_tiles(seg(40), 4, "cpu") is not P.query_tiles(seg(40), 8, "cpu")
+    for n in range(P.GEOMETRY_CACHE_SIZE):
+        block_rows(seg(100 + n), 16, "cpu")
+    assert len(P._GEOMETRY) == P.GEOMETRY_CACHE_SIZE
+    built.clear()
+    assert block_rows(seg(40), 16, "cpu") is not r and built == [16]
+    assert block_rows(seg(100 + P.GEOMETRY_CACHE_SIZE - 1), 16, "cpu") is not None and \
+        built == [16]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA graphs")
+def test_geometry_is_not_remembered_while_a_graph_is_captured(monkeypatch):
+    """Inside a capture ``block_rows`` builds its own tensors (the graph's memory, written
+    on replay) and leaves the cache as it was; replayed, they hold the geometry."""
+    from msa.ops import plan as P
+    from msa.varlen import Segments
+    monkeypatch.setattr(P, "_GEOMETRY", type(P._GEOMETRY)())
+    seg = Segments([0], [300], [0], [300], 300, 300)
+    eager = block_rows(seg, 64, "cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            captured = block_rows(seg, 64, "cuda")
+    assert captured is not eager and list(P._GEOMETRY.values()) == [eager]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert captured.q_pos.tolist() == eager.q_pos.tolist() == list(range(300))
+
+
 def test_segments_cache_follows_tensor_identity_and_version():
     import torch
     from msa.varlen import cached_segments
