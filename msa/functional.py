@@ -312,11 +312,9 @@ def indexer_kl_kernel(q, k, qi, ki, *, block_size: int = 128, backend: str = "au
     """The kernel that computes the indexer KL of ``msa_attention`` in sparse mode for
     these inputs (their layouts and ``backend``): ``"reference"``
     (PyTorch; also for index keys with more than one head), ``"gluon"`` (the teacher in the
-    Hopper kernel of ``msa.ops.kl.gluon``, the student half in Triton), ``"triton"``
-    (``msa.ops.kl.triton``) or ``"union"`` (the KL in one pass over each tile's union of
-    selected blocks, ``msa.ops.kl.union``). ``MSA_KL_KERNEL=triton`` in the environment
-    keeps the Triton kernel on Hopper; ``MSA_KL_KERNEL=union`` runs the union KL where
-    there is one KV head per index head."""
+    Hopper kernel of ``msa.ops.kl.gluon``, the student half in Triton) or ``"triton"``
+    (``msa.ops.kl.triton``). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton
+    kernel on Hopper."""
     _check_ranks("q", q, "k", k)
     C.check_qkv(q, k, k)                # q / k heads, head dims and dtypes (v plays k)
     C.check_float_tensor("qi", qi, q.dim(), q.device)

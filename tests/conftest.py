@@ -130,13 +130,9 @@ SLOW = {
     "tests/ops/attention/test_union.py::test_union_forward_matches_reference_fp32[K64-B64]",
     "tests/ops/attention/test_union.py::"
     "test_union_forward_by_tma_matches_reference[G2-varlen-chunked-B64]",
-    "tests/ops/kl/test_union.py::"
-    "test_msa_attention_with_the_union_kl_trains_like_the_reference",
-    "tests/ops/kl/test_union.py::test_union_kl_matches_reference[G1-prefix-shared-chunked-fast]",
     "tests/ops/attention/test_union.py::test_union_plan_equals_direct_count[1-False-64]",
     "tests/ops/attention/test_union.py::test_union_plan_equals_direct_count[4-True-64]",
     "tests/integrations/test_minimax_m3.py::test_left_padded_batch_equals_rows_alone",
-    "tests/ops/kl/test_union.py::test_union_kl_compiles_for_sm90_without_spills",
 }
 
 

@@ -15,8 +15,8 @@ Per shape and length (bf16, batch 1, random inputs, or ``--selection structured`
   backward (``msa.ops.attention.gluon_bwd``, the default there) beside the Triton
   backward on one plan;
 * which KL kernel the step ran (``kl_kernel``) and the indexer KL's kernels on one plan:
-  the automatic choice, the Triton kernel and the union KL (``msa.ops.kl.union``, its
-  union plan timed apart), with the cosine of their results to the automatic one's.
+  the automatic choice and the Triton kernel, with the cosine of the Triton kernel's
+  results to the automatic one's.
 
 The Triton backward is checked against the fp32 reference at 4K tokens first.
 """
@@ -85,14 +85,11 @@ def backward_kernels(q, k, v, topk, dout, cfg, T: int, reps: int) -> dict:
 
 def kl_kernels(q, k, qi, ki, topk, cfg, T: int, reps: int) -> dict:
     """The indexer KL (loss, dqi, dki) on one plan of ``topk``, planning excluded: the
-    automatic choice, ``"triton"`` and ``"union"``; their times and cosines to the
-    automatic choice's results; the union plan's build time."""
+    automatic choice and ``"triton"``; their times and the Triton kernel's cosines to the
+    automatic choice's results."""
     from ..ops.attention import forward as F
-    from ..ops.attention.union import build_union_plan
     from ..ops.indexer.triton import selected_lse
     from ..ops.kl import triton as KL
-    from ..ops.kl.union import tile_shape
-    from ..ops.triton_utils import next_pow2
     seg = Segments([0], [T], [0], [T], T, T)
     hi, di = qi.shape[1], qi.shape[2]
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=hi,
@@ -107,20 +104,11 @@ def kl_kernels(q, k, qi, ki, topk, cfg, T: int, reps: int) -> dict:
                                  kernel=kernel)
     d = dict(kl_auto_kernel=KL.kl_kernel(q, k, hi, cfg.block_size))
     base = run(None)
-    for kernel in ("triton", "union"):
-        try:
-            got = run(kernel)
-            d[f"kl_{kernel}_loss_rel_diff_vs_auto"] = abs(got[0] / base[0] - 1).item()
-            d[f"kl_{kernel}_cosine_dqi_dki_vs_auto"] = [C.cosine(x, y) for x, y in
-                                                        zip(got[1:], base[1:])]
-            d[f"kl_{kernel}_ms"] = C.timed(lambda: run(kernel), reps)
-        except ValueError as e:                     # the union KL: Hkv != Hi
-            d[f"kl_{kernel}_error"] = str(e)
+    got = run("triton")
+    d["kl_triton_loss_rel_diff_vs_auto"] = abs(got[0] / base[0] - 1).item()
+    d["kl_triton_cosine_dqi_dki_vs_auto"] = [C.cosine(x, y) for x, y in zip(got[1:], base[1:])]
+    d["kl_triton_ms"] = C.timed(lambda: run("triton"), reps)
     d["kl_auto_ms"] = C.timed(lambda: run(None), reps)
-    g = cfg.num_heads // cfg.num_kv_heads
-    qt, _ = tile_shape(g, cfg.topk, max(cfg.head_dim, di), q.element_size())
-    d["kl_union_plan_ms"] = C.timed(
-        lambda: build_union_plan(plan.indices(topk), plan, qt, next_pow2(g)), reps)
     return d
 
 

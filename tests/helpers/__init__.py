@@ -125,36 +125,6 @@ for sig, const in zip({sigs!r}, {consts!r}):
     return out if isinstance(const, list) else out[0]
 
 
-def triton_sass_report(module: str, kernel: str, sig: dict, consts: list) -> list:
-    """``ptxas -v`` of Triton kernel ``module.kernel`` (``tl.*``) compiled for sm_90a with
-    argument types ``sig`` and, per entry of ``consts``, its constexprs plus
-    ``num_warps`` / ``num_stages`` (pointers and ``stride*`` arguments 16-divisible):
-    ``[(registers, spill bytes stored)]``, one process for all."""
-    import re
-    out = compiled_ptx(f"""
-import os, subprocess, tempfile, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from {module} import {kernel} as fn
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-for const in {consts!r}:
-    opts = {{k: const.pop(k) for k in ("num_warps", "num_stages")}}
-    sig = {{**{sig!r}, **{{k: "constexpr" for k in const}}}}
-    aligned = [n for n in sig if sig[n].startswith("*") or n.startswith("stride")]
-    attrs = {{(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}}
-    ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                         target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        open(d + "/k.ptx", "w").write(ptx)
-        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", d + "/k.ptx", "-o", d + "/k.o"],
-                             capture_output=True, text=True, check=True)
-    print(run.stderr.replace("\\n", " "))
-    print("=== end of kernel ===")
-""").split("=== end of kernel ===\n")[:-1]
-    return [(int(re.search(r"Used (\d+) registers", r).group(1)),
-             int(re.search(r"(\d+) bytes spill stores", r).group(1))) for r in out]
-
-
 def compiled_ptx(program: str) -> str:
     """The stdout of ``program`` (Python that prints a kernel's PTX) run in a fresh process
     without ``TRITON_INTERPRET``: the suite runs Triton's interpreter, whose helpers cannot

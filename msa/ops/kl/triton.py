@@ -167,21 +167,15 @@ def indexer_kl_bwd_kernel(
 
 @triton.jit(do_not_specialize=["q0", "edge0"],
             do_not_specialize_on_alignment=ITEM_FIELDS)
-def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, EDGE_SLOT, POS, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK,
-                  ITEM_E0, ITEM_E1, q0, edge0, iscale, stride_it, stride_ih, BS: tl.constexpr,
+def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                  ITEM_E1, q0, edge0, iscale, stride_it, stride_ih, BS: tl.constexpr,
                   DI: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, DZ_SLOT: tl.constexpr = False, HI: tl.constexpr = 1,
-                  TOPK: tl.constexpr = 1, DET: tl.constexpr = False):
+                  UPCAST: tl.constexpr):
     """``dki`` of one work item: ``index_scale * sum over its edges dz^T @ qi`` from the
     dz rows ``DZ [chunk edges, BS]`` (edge ``e`` at row ``e - edge0``) stored by
-    ``indexer_kl_bwd_kernel``, added to ``DKI [total_k, Di]`` (fp32 atomics). ``DZ_SLOT``:
-    edge ``e``'s row is ``((query - q0) * HI + h) * TOPK + slot`` instead
-    (``msa.ops.kl.union``, which writes no row for a block wholly after its query: such
-    an edge, whose dz is 0, is skipped by the query's position ``POS``). ``DET``: stored
-    at ``DKI [item, BS, Di]`` instead, for a sum in a fixed order."""
-    pid = tl.program_id(0)
+    ``indexer_kl_bwd_kernel``, added to ``DKI [total_k, Di]`` (fp32 atomics)."""
     h, krow, t0, nk, e0, e1 = load_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
-                                        ITEM_E1, pid)
+                                        ITEM_E1, tl.program_id(0))
     offs_n = tl.arange(0, BS)
     offs_di = tl.arange(0, DI)
     offs_e = tl.arange(0, BLOCK_E)
@@ -190,22 +184,13 @@ def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, EDGE_SLOT, POS, ITEM_H, ITEM_KROW, ITEM_T
         er = e + offs_e
         emask = er < e1
         qr = q0 + tl.load(EDGE_Q + er, mask=emask, other=0).to(tl.int64)
-        if DZ_SLOT:
-            slot = tl.load(EDGE_SLOT + er, mask=emask, other=0).to(tl.int64)
-            row = ((qr - q0) * HI + h) * TOPK + slot
-            emask &= tl.load(POS + qr, mask=emask, other=-1) >= t0
-        else:
-            row = (er - edge0).to(tl.int64)
-        dz = tl.load(DZ + row[:, None] * BS + offs_n[None, :], mask=emask[:, None], other=0.0)
+        dz = tl.load(DZ + (er - edge0).to(tl.int64)[:, None] * BS + offs_n[None, :],
+                     mask=emask[:, None], other=0.0)
         qi = tl.load(QI + qr[:, None] * stride_it + h * stride_ih + offs_di[None, :],
                      mask=emask[:, None], other=0.0)
         acc += dot(tl.trans(dz), qi, PRECISION, UPCAST)
-    if DET:
-        tl.store(DKI + (pid.to(tl.int64) * BS + offs_n)[:, None] * DI + offs_di[None, :],
-                 acc * iscale, mask=(offs_n < nk)[:, None])
-    else:
-        tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :], acc * iscale,
-                      mask=(offs_n < nk)[:, None], sem="relaxed")
+    tl.atomic_add(DKI + (krow + offs_n)[:, None] * DI + offs_di[None, :], acc * iscale,
+                  mask=(offs_n < nk)[:, None], sem="relaxed")
 
 
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: SparsePlan,
@@ -226,10 +211,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     Smaller tiles are tried where the one asked for does not fit the GPU's shared memory
     (an A100 runs 128-row tiles), then the same with keys loaded per tile.
     ``kernel``: ``"gluon"`` computes the teacher with ``msa.ops.kl.gluon`` and the student
-    half here, ``"triton"`` both here, ``"union"`` the loss and ``dqi`` in one pass over
-    the tiles' unions of selected blocks (``msa.ops.kl.union``: for selections that
-    neighbouring queries share; ``Hkv == Hi``) and ``dki`` from its dz rows here;
-    default ``kl_kernel``'s choice.
+    half here, ``"triton"`` both here; default ``kl_kernel``'s choice.
     """
     total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
@@ -248,27 +230,11 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                   num_stages=num_stages)
         if kernel is None:
             kernel = kl_kernel(q, k, hi, block_size)
-        elif kernel not in ("triton", "gluon", "union"):
-            raise ValueError(f"kernel must be None, 'triton', 'gluon' or 'union', got "
-                             f"{kernel!r}")
+        elif kernel not in ("triton", "gluon"):
+            raise ValueError(f"kernel must be None, 'triton' or 'gluon', got {kernel!r}")
         kw.update(topk=topk)
         for q0, q1, p in plan.chunks:
             if not p.num_items:
-                continue
-            if kernel == "union":           # the whole KL over the tiles' unions
-                from . import union
-                dz = torch.empty((q1 - q0) * hi * topk, block_size, dtype=qi.dtype,
-                                 device=q.device)
-                loss += union.launch(q, k, teacher_lse, qi, ki2, indexer_lse,
-                                     plan.indices(topk_indices), plan, q0, q1, dz, dqi,
-                                     scale=scale, index_scale=index_scale,
-                                     coeff=loss_coeff / (hi * total_q))
-                pk = torch.zeros((p.num_items, block_size, di), dtype=torch.float32,
-                                 device=q.device) if deterministic else dki
-                launch_dki(dz, qi, pk, p, q0, index_scale, q_pos=rows.q_pos, topk=topk,
-                           deterministic=deterministic)
-                if deterministic:
-                    sum_items(p, pk, None, dki.view(-1, 1, di), None, block_size, layers)
                 continue
             pt = None                       # the teacher's rows (deterministic: no atomics)
             if kernel == "gluon":
@@ -297,20 +263,14 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
 
 
-def launch_dki(dz, qi, dki, p, q0: int, index_scale: float, *, q_pos=None,
-               topk: int = 1, deterministic: bool = False) -> None:
-    """``kl_dki_kernel`` over chunk plan ``p`` (queries from ``q0``): ``dz`` rows per edge
-    or, given the queries' positions ``q_pos``, per (query, head, slot) of ``topk``; into
-    ``dki [total_k, Di]`` by atomics or, ``deterministic``, per item ``[num_items, BS,
-    Di]``."""
+def launch_dki(dz, qi, dki, p, q0: int, index_scale: float) -> None:
+    """``kl_dki_kernel`` over chunk plan ``p`` (queries from ``q0``, one ``dz`` row per
+    edge) into ``dki [total_k, Di]``."""
     di = qi.shape[2]
-    by_slot = q_pos is not None
     kl_dki_kernel[(p.num_items,)](
-        dz, qi, dki, p.edge_q, p.edge_slot, q_pos if by_slot else p.edge_q, p.item_h,
-        p.item_krow, p.item_t0, p.item_nk, p.item_e0, p.item_e1, q0, p.edge0, index_scale,
-        qi.stride(0), qi.stride(1), BS=dz.shape[1], DI=di, BLOCK_E=64,
-        PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype), DZ_SLOT=by_slot,
-        HI=qi.shape[1] if by_slot else 1, TOPK=topk, DET=deterministic,
+        dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk, p.item_e0,
+        p.item_e1, q0, p.edge0, index_scale, qi.stride(0), qi.stride(1), BS=dz.shape[1],
+        DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype),
         num_warps=4 if di <= 128 else 8, num_stages=3)    # <= 64 KB shared on sm_86 / sm_89
 
 
@@ -319,12 +279,8 @@ def kl_kernel(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> str
     ``k [total_k, Hkv, D]``, ``hi`` index heads): ``"gluon"`` (``msa.ops.kl.gluon``:
     Hopper, bf16 / fp16, head dim 128, blocks of 128, ``Hkv == Hi``, at most 64 heads per
     group) where it applies, else ``"triton"`` (``indexer_kl_bwd_kernel``, every GPU and
-    the interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel,
-    ``MSA_KL_KERNEL=union`` runs the union KL (``msa.ops.kl.union``) wherever it applies
-    (``Hkv == Hi``; elsewhere the Triton kernel)."""
-    chosen = choose_kernel("MSA_KL_KERNEL", "msa.ops.kl.gluon", q, k, hi, block_size,
-                           others=("union",))
-    return "triton" if chosen == "union" and k.shape[1] != hi else chosen
+    the interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel."""
+    return choose_kernel("MSA_KL_KERNEL", "msa.ops.kl.gluon", q, k, hi, block_size)
 
 
 def kl_buffers(q, k, qi, ki):
