@@ -175,9 +175,10 @@ def blocks_per_selected_block(topk: torch.Tensor, qt: int, every: int = 1) -> fl
     n = T // qt * qt
     x = topk[:, :n].reshape(hs, n // qt, qt * K)[:, ::every]
     x = torch.sort(x, -1).values
-    new = torch.ones_like(x, dtype=torch.bool)
-    new[..., 1:] = x[..., 1:] != x[..., :-1]
-    return ((new & (x >= 0)).sum() * qt / (x >= 0).sum().clamp(min=1)).item()
+    # empty ids (-1) sort first: a valid id is new where the sorted row changes, or first
+    distinct = (x[..., 1:] != x[..., :-1]).sum() + (x[..., 0] >= 0).sum()
+    distinct, selected = torch.stack((distinct, (x >= 0).sum())).tolist()
+    return distinct * qt / max(selected, 1)
 
 
 # kernel parameters that receive a plan's item arrays (slices of one allocation: their

@@ -57,3 +57,4 @@ def test_union_blocks_per_selected_block_counts_each_tile_once():
     # a sample of every other tile: the first (shared, 1.0) and third (apart, 2.0)
     mixed = torch.tensor([[[0, 1], [0, 1], [5, 6], [7, 8], [2, 3], [4, 9]]])
     assert blocks_per_selected_block(mixed, 2, every=2) == 1.5
+    assert blocks_per_selected_block(torch.full((2, 4, 3), -1), 2) == 0.0   # none selected
