@@ -68,8 +68,10 @@ _GEOMETRY: "OrderedDict[tuple, object]" = OrderedDict()
 def geometry(kind: str, seg: Segments, param: int, device, build: Callable[[], object]):
     """``build()`` (tensors on ``device`` derived from ``seg`` and ``param`` alone, never
     modified by their users), remembered for the ``GEOMETRY_CACHE_SIZE`` layouts used
-    last. Built afresh, and not remembered, while a CUDA graph is being captured: its
-    kernels would not have run, and the graph must own the memory it reads."""
+    last (built outside inference mode, so that a layout first seen under
+    ``torch.inference_mode`` serves training too). Built afresh, and not remembered, while
+    a CUDA graph is being captured: its kernels would not have run, and the graph must
+    own the memory it reads."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return build()
@@ -77,7 +79,8 @@ def geometry(kind: str, seg: Segments, param: int, device, build: Callable[[], o
            tuple(seg.k_base), tuple(seg.k_len))
     hit = _GEOMETRY.get(key)
     if hit is None:
-        hit = _GEOMETRY[key] = build()
+        with torch.inference_mode(False):    # plain tensors, usable outside inference too
+            hit = _GEOMETRY[key] = build()
         while len(_GEOMETRY) > GEOMETRY_CACHE_SIZE:
             _GEOMETRY.popitem(last=False)
     _GEOMETRY.move_to_end(key)

@@ -97,6 +97,9 @@ def test_geometry_is_built_once_per_layout(monkeypatch):
     assert block_rows(seg(40), 16, "cpu") is not r and built == [16]
     assert block_rows(seg(100 + P.GEOMETRY_CACHE_SIZE - 1), 16, "cpu") is not None and \
         built == [16]
+    with torch.inference_mode():                   # first seen under inference mode
+        first = block_rows(seg(7), 16, "cpu")
+    assert not first.q_pos.is_inference() and block_rows(seg(7), 16, "cpu") is first
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA graphs")
