@@ -232,12 +232,11 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
             kernel = kl_kernel(q, k, hi, block_size)
         elif kernel not in ("triton", "gluon"):
             raise ValueError(f"kernel must be None, 'triton' or 'gluon', got {kernel!r}")
-        kw.update(topk=topk)
         for q0, q1, p in plan.chunks:
             if not p.num_items:
                 continue
-            pt = None                       # the teacher's rows (deterministic: no atomics)
-            if kernel == "gluon":
+            pt = None
+            if kernel == "gluon":           # the teacher's rows (deterministic: no atomics)
                 from . import gluon
                 pt = torch.empty(p.num_edges, block_size, dtype=torch.float32,
                                  device=q.device)
@@ -255,8 +254,8 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                              device=q.device)
             losses = torch.zeros(p.num_items, dtype=torch.float32, device=q.device)
             launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, slots, pk, losses, rows.q_pos,
-                      p.edge_q, p, q0=q0, edge_slot=p.edge_slot, deterministic=True, pt=pt,
-                      **kw)
+                      p.edge_q, p, q0=q0, edge_slot=p.edge_slot, topk=topk,
+                      deterministic=True, pt=pt, **kw)
             dqi[q0:q1] += slots.view(q1 - q0, hi, topk, di).sum(2)
             sum_items(p, pk, None, dki.view(-1, 1, di), None, block_size, layers)
             loss += losses.sum()
