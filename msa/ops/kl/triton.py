@@ -246,7 +246,13 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                 dz = torch.empty(p.num_edges, block_size, dtype=qi.dtype, device=q.device)
                 launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
                           p.edge_q, p, q0=q0, dz=dz, pt=pt, **kw)
-                launch_dki(dz, qi, dki, p, q0, index_scale)
+                kl_dki_kernel[(p.num_items,)](
+                    dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk,
+                    p.item_e0, p.item_e1, q0, p.edge0, index_scale, qi.stride(0),
+                    qi.stride(1),
+                    BS=block_size, DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype),
+                    UPCAST=upcast(qi.dtype), num_warps=4 if di <= 128 else 8,
+                    num_stages=3)                # <= 64 KB shared on sm_86 / sm_89
                 continue
             slots = torch.zeros((q1 - q0) * hi * topk * di, dtype=torch.float32,
                                 device=q.device)
@@ -260,17 +266,6 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
             sum_items(p, pk, None, dki.view(-1, 1, di), None, block_size, layers)
             loss += losses.sum()
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
-
-
-def launch_dki(dz, qi, dki, p, q0: int, index_scale: float) -> None:
-    """``kl_dki_kernel`` over chunk plan ``p`` (queries from ``q0``, one ``dz`` row per
-    edge) into ``dki [total_k, Di]``."""
-    di = qi.shape[2]
-    kl_dki_kernel[(p.num_items,)](
-        dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk, p.item_e0,
-        p.item_e1, q0, p.edge0, index_scale, qi.stride(0), qi.stride(1), BS=dz.shape[1],
-        DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype),
-        num_warps=4 if di <= 128 else 8, num_stages=3)    # <= 64 KB shared on sm_86 / sm_89
 
 
 def kl_kernel(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> str:
