@@ -169,18 +169,21 @@ def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, 
              for t, h in ((40, 4), (150, 2), (150, 2), (40, 2), (150, 1))]
         meta = ()
     monkeypatch.setattr(plan_mod, "_GEOMETRY", type(plan_mod._GEOMETRY)())
+    served, geometry = [], plan_mod.geometry      # (its builder, what each call was given)
+    monkeypatch.setattr(plan_mod, "geometry",
+                        lambda *a: served.append((a[-1], geometry(*a))) or served[-1][1])
     out, aux = msa.msa_attention(*x, *meta, config=cfg, backend="triton",
                                  deterministic=deterministic, return_aux=True)
     out.sum().backward()
     assert all(t.grad is not None for t in x) and aux.kl_loss > 0
     assert builds == [plan_mod.item_queries(2)] and not checks    # items sized for G = 2
-    # the remembered geometry is read, never written: equal to a fresh build after a step
-    assert plan_mod._GEOMETRY
-    for key, got in plan_mod._GEOMETRY.items():
-        seg = plan_mod.Segments(*map(list, key[3:]), sum(key[4]), sum(key[6]))
-        want = (plan_mod._build_rows if key[0] == "rows" else plan_mod._build_tiles)(
-            seg, key[1], key[2])
-        for a, b in zip(*(vars(x).values() if key[0] == "rows" else x for x in (got, want))):
+    # the remembered geometry is read, never written: after the step, what every call was
+    # given equals a fresh build
+    assert served
+    for rebuild, got in served:
+        want = rebuild()
+        for a, b in zip(*(vars(x).values() if isinstance(x, plan_mod.BlockRows) else x
+                          for x in (got, want))):
             assert (a == b).all() if isinstance(a, torch.Tensor) else a == b
     msa.msa_sparse_attention(*x[:3], aux.topk_indices, *meta, block_size=64,
                              backend="triton")
