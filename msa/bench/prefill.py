@@ -4,7 +4,8 @@ Per shape and length (bf16, batch 1, random inputs; ``--selection structured``: 
 inputs whose selection is local, shared by neighbouring queries and has a sink,
 ``msa.bench.selection``): msa end to end through the public
 API (``msa_indexer`` then ``msa_sparse_attention``), the indexer alone, the attention
-alone on that selection (planning included), planning alone; beside them, in the same
+alone on that selection (planning included), planning alone (what the API plans for the
+kernel it chooses: the union plan, or the KV-outer chunks); beside them, in the same
 run, the best dense causal kernel (SDPA cuDNN and flash, both tried; beyond
 ``--dense-max`` measured on one KV group and scaled by Hkv, recorded as such), fla's
 ``parallel_nsa`` on the same selection, and vLLM's MiniMax-M3 Triton prefill ops (index
@@ -229,8 +230,16 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
     chunk = P.forward_chunk(cfg.num_heads, cfg.head_dim, 2, K)
 
     def planning():
-        return P.build_plan(topk, seg, block_size=bs, heads=cfg.num_kv_heads, chunk=chunk,
-                            q_per_item=P.item_queries(cfg.num_heads // cfg.num_kv_heads)).chunks
+        """What the public API plans before its kernel runs: the plan, the kernel's choice
+        and that kernel's work list (the union plan, or the KV-outer chunks)."""
+        from ..ops.attention import forward as F, union as U
+        group = cfg.num_heads // cfg.num_kv_heads
+        plan = P.build_plan(topk, seg, block_size=bs, heads=cfg.num_kv_heads, chunk=chunk,
+                            q_per_item=P.item_queries(group))
+        idx = plan.indices(topk)
+        if F.selection_kernel(q, k, v, idx, plan) == "union":       # the Gluon union kernel
+            return U.union_plan(idx, plan, P.tile_queries(group, K, P.GLUON_TILE_ROWS), group)
+        return plan.chunks
     sparse = sparse_elements(T, cfg)
     r["e2e_ms"] = C.timed(e2e, reps)
     r["e2e_peak_mb"] = C.peak_bytes(e2e) / 2 ** 20
