@@ -35,12 +35,16 @@ def lengths(args, default: str, quick: str) -> List[int]:
 def over_shapes(args, results: dict, check: Callable, run_length: Callable, default: str,
                 quick: str) -> None:
     """For each ``--shape``: ``check(cfg)``, then (when it passed) ``run_length(T, cfg,
-    name)`` per length; rows printed and stored in ``results["shapes"][name]``."""
+    name)`` per length; rows printed and stored in ``results["shapes"][name]``, and the
+    results so far written to their JSON file after each (a run stopped part-way keeps
+    the rows it finished)."""
     for name in args.shape.split(","):
         cfg = shape_config(name)
         ok = check(cfg)
         print(f"[{name}] check at 4K: {ok}")
         rows = []
+        results["shapes"][name] = dict(config=cfg.__dict__, check=ok, rows=rows)
+        dump(results, args)
         if ok["passed"]:
             for T in lengths(args, default, quick):
                 r = run_length(T, cfg, name)
@@ -48,8 +52,8 @@ def over_shapes(args, results: dict, check: Callable, run_length: Callable, defa
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in r.items() if not isinstance(v, dict)), flush=True)
                 rows.append(r)
+                dump(results, args)
                 torch.cuda.empty_cache()
-        results["shapes"][name] = dict(config=cfg.__dict__, check=ok, rows=rows)
 
 
 def timed(fn: Callable, reps: int = 20, warmup: int = 3) -> float:
@@ -105,11 +109,19 @@ def metadata(case: str) -> dict:
                 command="python -m msa " + " ".join(sys.argv[1:]))
 
 
-def write(results: dict, args, case: str) -> str:
-    gpu = results["meta"]["gpu"].lower().replace("nvidia ", "").split()[0]
-    path = args.json or f"bench_{case}_{gpu}_{results['meta']['date']}.json"
+def dump(results: dict, args) -> str:
+    """Write ``results`` to ``--json`` (default ``bench_<case>_<gpu>_<date>.json``)."""
+    meta = results["meta"]
+    gpu = meta["gpu"].lower().replace("nvidia ", "").split()[0]
+    path = args.json or f"bench_{meta['case']}_{gpu}_{meta['date']}.json"
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
+    return path
+
+
+def write(results: dict, args) -> str:
+    """``dump`` the finished results (and plot them with ``--png``)."""
+    path = dump(results, args)
     print(f"wrote {path}")
     if getattr(args, "png", None):
         from .plots import plot

@@ -88,6 +88,6 @@ def run(args) -> int:
         full = local = None
         torch.cuda.empty_cache()
     if rank == 0:
-        C.write(results, args, "cp")
+        C.write(results, args)
     dist.destroy_process_group()
     return 0

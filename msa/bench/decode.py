@@ -351,6 +351,6 @@ def run(args) -> int:
         T, new = (32 * 1024, 2048) if args.quick else (128 * 1024, 8192)
         results["chunked_prefill"] = chunked_prefill(cfg, T, new)
         print("chunked prefill:", results["chunked_prefill"], flush=True)
-    C.write(results, args, "decode")
+    C.write(results, args)
     return 0
 

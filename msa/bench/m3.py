@@ -282,7 +282,7 @@ def run(args) -> int:
     results["check"] = ok
     print("check:", ok, flush=True)
     if not ok["passed"]:
-        C.write(results, args, "m3")
+        C.write(results, args)
         return 1
     parts = set(args.parts.split(","))
     unknown = parts - {"step", "prefill", "eager", "decode"}
@@ -319,5 +319,5 @@ def run(args) -> int:
         results["paged_decoder"] = paged_decoder_us(T)
         print("decode:", results["decode"], results["graphed_decode"],
               results["paged_decoder"], flush=True)
-    C.write(results, args, "m3")
+    C.write(results, args)
     return 0

@@ -294,5 +294,5 @@ def run(args) -> int:
                   lambda T, cfg, name: run_length(T, cfg, args, fla if name == "m3" else None,
                                                   vllm),
                   "64k,128k,256k,512k,1m", "16k,64k")
-    C.write(results, args, "prefill")
+    C.write(results, args)
     return 0

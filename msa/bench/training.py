@@ -179,5 +179,5 @@ def run(args) -> int:
     C.over_shapes(args, results, check,
                   lambda T, cfg, name: run_length(T, cfg, args, fla if name == "m3" else None),
                   "64k,128k", "16k")
-    C.write(results, args, "training")
+    C.write(results, args)
     return 0

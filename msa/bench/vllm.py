@@ -155,7 +155,7 @@ def run(args) -> int:
                    mixed=None, decode=[])
     print("check:", results["check"], flush=True)
     if not results["check"]["passed"]:
-        C.write(results, args, "vllm")
+        C.write(results, args)
         return 1
     for T in C.lengths(args, "16k,64k,128k,256k,512k,1m", "16k"):
         kv, ik, table = paged(cfg, [T], seed=T)
@@ -195,5 +195,5 @@ def run(args) -> int:
         results["decode"].append(r)
         del kv, ik, table
         torch.cuda.empty_cache()
-    C.write(results, args, "vllm")
+    C.write(results, args)
     return 0

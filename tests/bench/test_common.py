@@ -1,0 +1,34 @@
+"""``msa.bench.common.over_shapes`` writes the results after every row, so a run stopped
+part-way (a time limit, an error) keeps the rows it finished; CPU, stand-in runs."""
+import argparse
+import json
+
+import pytest
+
+from msa.bench import common as C
+
+
+def test_a_run_stopped_part_way_keeps_the_rows_it_finished(tmp_path):
+    path = tmp_path / "out.json"
+    args = argparse.Namespace(shape="m3,g8", lengths="1k,2k", quick=False, json=str(path))
+    results = dict(meta=dict(case="training", gpu="NVIDIA Test GPU", date="2026-12-05"),
+                   shapes={})
+
+    def run_length(T, cfg, name):
+        if name == "g8" and T == 2048:
+            raise RuntimeError("stopped")
+        return dict(T=T, ms=float(T))
+    with pytest.raises(RuntimeError, match="stopped"):
+        C.over_shapes(args, results, lambda cfg: dict(passed=True), run_length, "", "")
+    saved = json.loads(path.read_text())
+    assert [r["T"] for r in saved["shapes"]["m3"]["rows"]] == [1024, 2048]
+    assert [r["T"] for r in saved["shapes"]["g8"]["rows"]] == [1024]
+    assert saved["shapes"]["g8"]["config"]["num_kv_heads"] == 8
+
+
+def test_write_names_the_file_after_case_gpu_and_date(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(json=None, png=None)
+    results = dict(meta=dict(case="prefill", gpu="NVIDIA H200", date="2026-12-05"), shapes={})
+    assert C.write(results, args) == "bench_prefill_h200_2026-12-05.json"
+    assert json.loads((tmp_path / "bench_prefill_h200_2026-12-05.json").read_text()) == results
