@@ -238,7 +238,7 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
                             q_per_item=P.item_queries(group))
         idx = plan.indices(topk)
         if F.selection_kernel(q, k, v, idx, plan) == "union":       # the Gluon union kernel
-            return U.union_plan(idx, plan, P.tile_queries(group, K, P.GLUON_TILE_ROWS), group)
+            return U.gluon_union_plan(idx, plan, group)
         return plan.chunks
     sparse = sparse_elements(T, cfg)
     r["e2e_ms"] = C.timed(e2e, reps)

@@ -146,6 +146,12 @@ def union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int,
                         lambda: build_union_plan(topk_indices, plan, qt, group))
 
 
+def gluon_union_plan(topk_indices: torch.Tensor, plan: SparsePlan, group: int) -> UnionPlan:
+    """``union_plan`` for the Gluon union kernel's tiles (``GLUON_TILE_ROWS`` rows)."""
+    return union_plan(topk_indices, plan,
+                      tile_queries(group, topk_indices.shape[2], GLUON_TILE_ROWS), group)
+
+
 @triton.jit(do_not_specialize=["num_tiles"])
 def union_fwd_kernel(
         Q, K, V, U, NU, BITS, TQ0, TN, TKBASE, TOFF, TROWBASE, ROW_KROW, OUT, LSE,
@@ -379,8 +385,7 @@ def _gluon_fwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, scale: float) 
     """``union_fwd`` by the Gluon kernel (inputs it applies to)."""
     from . import gluon_union
     g = q.shape[1] // k.shape[1]
-    up = union_plan(topk_indices, plan,
-                    tile_queries(g, topk_indices.shape[2], GLUON_TILE_ROWS), g)
+    up = gluon_union_plan(topk_indices, plan, g)
     if up.num_tiles:
         gluon_union.launch(q, k, v, up, out, lse, scale_log2=scale * LOG2E,
                            block_size=plan.block_size, heads_sel=topk_indices.shape[0])
