@@ -11,6 +11,8 @@ Per shape and length (bf16, batch 1, random inputs, or ``--selection structured`
   consumer and the top-k validated (what the step did before plans were shared); the
   indexer forward alone (top-k and selected LSE), and the step less it and the attention
   (``step_rest_ms``: the indexer KL forward and backward, planning, glue);
+* every timed backward (msa's and the baselines') starts with the inputs' ``.grad``
+  released, as a model's activations have no gradient summed across steps;
 * which backward kernel the attention ran (``backward_kernel``) and, on Hopper, the Gluon
   backward (``msa.ops.attention.gluon_bwd``, the default there) beside the Triton
   backward on one plan;
@@ -34,8 +36,7 @@ from .selection import inputs, selection_stats
 
 
 def _grads(fn, leaves, dout):
-    for x in leaves:
-        x.grad = None
+    released(*leaves)
     out = fn()
     out.backward(dout)
     return [x.grad for x in leaves]
@@ -112,6 +113,14 @@ def kl_kernels(q, k, qi, ki, topk, cfg, T: int, reps: int) -> dict:
     return d
 
 
+def released(*leaves) -> None:
+    """Drop the leaves' gradients before a timed backward: in a model q, k, v and the
+    index inputs are activations, whose gradients are not summed from step to step (a
+    leaf's ``.grad`` would add one more read and write of every gradient)."""
+    for x in leaves:
+        x.grad = None
+
+
 def run_length(T: int, cfg, args, fla) -> dict:
     q, k, v, qi, ki = (x.requires_grad_(True)
                        for x in inputs(T, cfg, seed=T, selection=args.selection))
@@ -126,6 +135,7 @@ def run_length(T: int, cfg, args, fla) -> dict:
 
     def attention():
         fresh(topk)
+        released(q, k, v)
         out = msa.msa_sparse_attention(q, k, v, topk, cu, cu, block_size=bs)
         out.backward(dout)
     r["attention_fwd_bwd_ms"] = C.timed(attention, reps)
@@ -138,6 +148,7 @@ def run_length(T: int, cfg, args, fla) -> dict:
     r.update(kl_kernels(q.detach(), k.detach(), qi.detach(), ki.detach(), topk, cfg, T, reps))
 
     def step():
+        released(q, k, v, qi, ki)
         out = msa.msa_attention(q, k, v, qi, ki, cu, cu, config=cfg)
         out.backward(dout)
     r["step_ms"] = C.timed(step, reps)
@@ -158,6 +169,7 @@ def run_length(T: int, cfg, args, fla) -> dict:
 
         def dense(b):
             def fn():
+                released(qd, kd, vd)
                 C.dense_causal(qd, kd, vd, b).backward(dd)
             return fn
         r["dense_fwd_bwd"] = C.best_dense(dense, reps=3)
@@ -167,7 +179,11 @@ def run_length(T: int, cfg, args, fla) -> dict:
     if fla is not None and T <= args.fla_max:
         qf, kf, vf = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
         call = fla_call(fla, qf, kf, vf, topk, cfg)
-        r["fla_fwd_bwd_ms"] = C.timed(lambda: call().backward(dout), reps)
+
+        def fla_step():
+            released(qf, kf, vf)
+            call().backward(dout)
+        r["fla_fwd_bwd_ms"] = C.timed(fla_step, reps)
         r["attention_speedup_vs_fla"] = r["fla_fwd_bwd_ms"] / r["attention_fwd_bwd_ms"]
     return r
 
