@@ -39,21 +39,27 @@ def test_triton_indexer_matches_reference(name):
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["varlen-tiny-segments-K4", "fragments-spec-3.1-K6"])
-def test_selected_lse_over_query_chunks(name):
-    """A plan of many query chunks (7 queries each) gives the reference's LSE: each chunk's
-    partials land at its own queries' rows of the one buffer."""
+def check_selected_lse(name, chunk=None):
+    """``selected_lse`` of case ``name`` on the reference's selection, over a plan of
+    ``chunk`` queries per chunk (default all), against the reference's LSE."""
     q_lens, k_lens, frag, hi, block, kk = CASES[name]
     c = make_case(q_lens, k_lens, hi=hi, fragment_indices=frag, seed=zlib.crc32(name.encode()))
     qi, ki = c["qi"].to(DEVICE), c["ki"].to(DEVICE)
     ref_idx, ref_lse = indexer_reference(qi.double(), ki.double(), c["seg"], block_size=block,
                                          topk=kk, scale=0.125)
     idx = ref_idx.to(DEVICE)
-    plan = plan_of(idx, c["seg"], block, hi, chunk=7)
-    assert len(plan.chunks) > 3
+    plan = plan_of(idx, c["seg"], block, hi, chunk=chunk)
     lse = selected_lse(qi, ki, idx, plan, scale=0.125)
     assert not torch.isnan(lse).any()
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    return plan
+
+
+@pytest.mark.parametrize("name", ["varlen-tiny-segments-K4", "fragments-spec-3.1-K6"])
+def test_selected_lse_over_query_chunks(name):
+    """A plan of many query chunks (7 queries each) gives the reference's LSE: each chunk's
+    partials land at its own queries' rows."""
+    assert len(check_selected_lse(name, chunk=7).chunks) > 3
 
 
 @pytest.mark.parametrize("name", ["chunked-prefill-B128-K16", "fragments-spec-3.1-K6"])
@@ -62,15 +68,7 @@ def test_selected_lse_smallest_launch(monkeypatch, name):
     half blocks, no V)."""
     import msa.ops.attention.forward as fwd
     force_smallest_launch(monkeypatch, fwd)
-    q_lens, k_lens, frag, hi, block, kk = CASES[name]
-    c = make_case(q_lens, k_lens, hi=hi, fragment_indices=frag, seed=zlib.crc32(name.encode()))
-    qi, ki = c["qi"].to(DEVICE), c["ki"].to(DEVICE)
-    ref_idx, ref_lse = indexer_reference(qi.double(), ki.double(), c["seg"], block_size=block,
-                                         topk=kk, scale=0.125)
-    idx = ref_idx.to(DEVICE)
-    lse = selected_lse(qi, ki, idx, plan_of(idx, c["seg"], block, hi), scale=0.125)
-    assert not torch.isnan(lse).any()
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    check_selected_lse(name)
 
 
 def test_triton_indexer_zero_ties_and_temperature():
