@@ -11,9 +11,9 @@ ring of shared-memory slots (``cp.async``), two warpgroups taking alternate 64-r
 so that each query's rows reduce as one axis) with ``S`` from wgmma. Each tile's head average
 leaves as fp32 rows ``PT [edge, 128]``; the student half (``indexer_kl_bwd_kernel`` with
 ``PT_IN``) reads them back. The ``tl.*`` kernel holding both halves needs 255 registers
-and spills at this shape. The split is faster, deterministic mode included; the teacher
-is bound like the forward by gathering each edge's query rows (measurements:
-docs/benchmarks.md, docs/experiments.md).
+and spills at this shape. The split is faster, deterministic mode included. A teacher in
+the union form, which gathers no query rows, wrote the same rows no faster: the
+gathers do not bound this one (measurements: docs/benchmarks.md, docs/experiments.md).
 
 Applies to: Hopper, bf16 / fp16, head dim 128, blocks of 128, one KV head per index head,
 a group of at most 64 heads (``supported``); the ``tl.*`` kernel elsewhere.
