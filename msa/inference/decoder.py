@@ -49,7 +49,6 @@ class PagedDecoder:
     def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,
                  device, dtype=torch.bfloat16, pages_per_program: int = None,
                  index_stages: int = None, graphs: bool = True):
-        from ..ops.decode.rescore import exact_width
         from ..ops.decode.select import candidates_width
         from ..ops.decode.triton import partial_buffers
         if not isinstance(num_q, int) or not 1 <= num_q <= 16:
@@ -74,8 +73,7 @@ class PagedDecoder:
         self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(rows, c.num_heads, **f32)
         self.topk_indices = torch.empty(c.index_heads, rows, c.topk, **i32)
-        self.exact = torch.empty(rows, c.index_heads, exact_width(c.topk),
-                                 dtype=torch.int64, device=self.device)
+        self.exact = torch.empty_like(self.candidates)      # lists of re-scored keys
         self.partials = partial_buffers(max_batch, num_q, c.num_heads, c.num_kv_heads,
                                         c.head_dim, c.topk, self.device)
         self.batch, self.top_page = 0, -1

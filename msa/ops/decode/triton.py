@@ -10,8 +10,8 @@ synchronisation and no allocation:
    ``Q x Hi`` query rows of the request with one MMA per page, writing one ranking key per
    (row, block); with few rows it ranks its chunk's keys into a list. Over a low-precision
    copy of the index keys (e4m3 or int4) with the exact keys beside it (``ki_exact``), then
-   ``msa.ops.decode.rescore.paged_rescore_kernel`` scores the scan's best candidates
-   again with the exact keys, and those keys are the lists below.
+   ``msa.ops.decode.rescore.paged_rescore_kernel`` scores the scan's candidates again
+   with the exact keys, and lists of those keys are the lists below.
 2. When the attention below runs one program per (query, KV head): one program per row
    merges the lists into the top-k (``paged_merge_kernel``, the reference rule: score
    desc, id asc, local block last, ``-1`` padding) -> head-major
@@ -267,9 +267,9 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     layout) beside a copy ``ki`` that the scan reads instead, e4m3 with ``ki_scales [P,
     page]`` or int4 (``msa.ops.quant.quantize_int4``: ``ki [P, page, Di / 2]`` uint8,
     ``ki_scales [P, page, Di / 32]`` fp16; scored against int8 index queries quantized in
-    the kernel): its best ``num_candidates(K, ki.dtype)`` blocks per row are scored again
-    with ``ki_exact`` into ``exact [B*Q, Hi, >= exact_width(K)]`` int64
-    (``msa.ops.decode.rescore``), which then rank.
+    the kernel): its candidates per row (at least its best ``num_candidates(K,
+    ki.dtype)`` blocks) are scored again with ``ki_exact`` into ``exact`` (int64, the
+    layout of ``candidates``; ``msa.ops.decode.rescore``), which then rank.
     """
     topk = topk_indices.shape[2]
     ki_table = page_table if ki_page_table is None else ki_page_table
