@@ -59,9 +59,10 @@ def paged_rescore_kernel(
         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Lists ``p, p + P, ..`` (``RUN`` of them, ``P`` programs on axis 2) of (query row
     ``c``, index head ``h``): the exact keys of each list's candidates, ranked, at
-    ``EXACT[c, h, list * LS :][:KR_OUT]`` (``EMPTY`` padded). A key is a candidate when fewer than ``NC`` of the first ``TOP`` keys of
-    every list exceed it (``TOP``: ``compared_keys``). The run's keys are loaded and
-    compared at once, their pages looked up at once; then one page per candidate."""
+    ``EXACT[c, h, list * LS :][:KR_OUT]`` (``EMPTY`` padded). A key is a candidate when
+    fewer than ``NC`` of the first ``TOP`` keys of every list exceed it (``TOP``:
+    ``compared_keys``). The run's keys are loaded and compared at once, their pages
+    looked up at once; then one page per candidate."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     p = tl.program_id(2)
