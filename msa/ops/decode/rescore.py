@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..quant import FP8_CANDIDATES, INT4_CANDIDATES
 from ..triton_utils import dot, next_pow2, precision, upcast
-from .select import EMPTY, TARGET_PROGRAMS, block_id, pack
+from .select import EMPTY, TARGET_PROGRAMS, block_id, pack, ranked_keys
 
 PROGRAMS = TARGET_PROGRAMS          # runs of lists per program beyond that many programs
 COMPARED = 1024         # keys each candidate is compared with at most
@@ -127,7 +127,7 @@ def paged_rescore(candidates, lists, qi, ki, page_table, exact, *, num_q: int, t
             exact.shape[2] < n_lists * ls or exact.stride(2) != 1:
         raise ValueError(f"exact must be int64 [{rows}, {hi}, >= {n_lists * ls}] with a "
                          f"contiguous last dim, got {tuple(exact.shape)} {exact.dtype}")
-    kr_out = min(next_pow2(topk - 1), ls)       # what the merge reads of each list
+    kr_out = ranked_keys(topk, ls)      # the exact keys are ranked lists
     top = compared_keys(n_lists, kr)
     run = min(max(1, RUN_KEYS // kr), next_pow2(n_lists),
               next_pow2(-(-rows * hi * n_lists // PROGRAMS)))

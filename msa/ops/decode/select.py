@@ -255,13 +255,20 @@ def scan_chunks(rows: int, batch: int, max_pages: int, topk: int,
     and slower over many requests, docs/experiments.md), and the lists the merge reads per
     row: ``n_lists`` of ``kr`` keys, ``ls`` apart (one per chunk: its ranked best when the
     scan ranks them, else the whole chunk)."""
-    long_chunks = (kernel == "gluon" and rank_in_scan(rows) and next_pow2(topk - 1) < MAX_PAGES
-                   and batch * max_pages <= MAX_PAGES * TARGET_PROGRAMS)
+    long_chunks = (kernel == "gluon" and rank_in_scan(rows) and
+                   ranked_keys(topk, MAX_PAGES) < MAX_PAGES and
+                   batch * max_pages <= MAX_PAGES * TARGET_PROGRAMS)
     cap = MAX_PAGES if long_chunks else 16
     per = pages_per_program or \
         max(1, min(cap, next_pow2(-(-batch * max_pages // TARGET_PROGRAMS))))
-    kr = min(next_pow2(topk - 1), per) if rank_in_scan(rows) else per
+    kr = ranked_keys(topk, per) if rank_in_scan(rows) else per
     return per, per, triton.cdiv(max_pages, per), kr
+
+
+def ranked_keys(topk: int, chunk: int) -> int:
+    """Keys of a ranked list of a chunk of ``chunk`` blocks, enough for the top-k merge
+    (``top_keys``): the chunk's best ``topk - 1``, a power of two, or the whole chunk."""
+    return min(next_pow2(topk - 1), chunk)
 
 
 def scan_kernel(qi, ki, ki_strides, block_size: int, num_q: int) -> str:

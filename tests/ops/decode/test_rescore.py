@@ -76,8 +76,8 @@ def test_rescore_scores_the_listed_keys_few_compared_keys_exceed(per, ranked, cl
                           block_size=BS, index_scale=scale, scan_dtype=ki8.dtype)
     ls, n_lists, kr_out = out
     assert (ls, n_lists, kr_out) == (lists[0], lists[1], min(R.next_pow2(K - 1), ls))
-    want, kept, best = _expected(cand.cpu(), lists, qi.cpu(), ki.cpu(), table.cpu(), nc, kr_out,
-                           scale)
+    want, kept, best = _expected(cand.cpu(), lists, qi.cpu(), ki.cpu(), table.cpu(), nc,
+                                 kr_out, scale)
     sizes = []
     for (c, h, lst), w in want.items():
         sizes.append(len(w))
