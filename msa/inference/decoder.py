@@ -43,7 +43,8 @@ class PagedDecoder:
 
     Buffers (views of the first ``B * Q`` rows are returned by ``run``): ``out
     [max_batch*Q, Hq, D]``, ``lse [max_batch*Q, Hq]`` fp32, ``topk_indices
-    [Hi, max_batch*Q, K]`` int32, the index scan's lists and the split partials.
+    [Hi, max_batch*Q, K]`` int32, the index scan's lists, the re-scoring's buffers and the
+    split partials.
     """
 
     def __init__(self, config: MSAConfig, *, max_batch: int, num_q: int, max_pages: int,
@@ -73,7 +74,8 @@ class PagedDecoder:
         self.out = torch.empty(rows, c.num_heads, c.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(rows, c.num_heads, **f32)
         self.topk_indices = torch.empty(c.index_heads, rows, c.topk, **i32)
-        self.exact = torch.empty_like(self.candidates)      # lists of re-scored keys
+        self.exact = torch.empty_like(self.candidates)      # re-scored candidates' keys
+        self.rescored = torch.zeros(rows, c.index_heads, 2, **i32)    # their counts
         self.partials = partial_buffers(max_batch, num_q, c.num_heads, c.num_kv_heads,
                                         c.head_dim, c.topk, self.device)
         self.batch, self.top_page = 0, -1
@@ -230,7 +232,7 @@ class PagedDecoder:
                      pages_per_program=self.pages_per_program,
                      index_stages=self.index_stages, k_scales=k_scales,
                      v_scales=v_scales, ki_scales=ki_scales, ki_exact=ki_exact,
-                     exact=self.exact[:rows])
+                     exact=self.exact[:rows], counts=self.rescored)
 
     def attention_kernel(self, q, k_pages, v_pages) -> str:
         """The attention kernel ``run`` launches for these queries and pages at the planned

@@ -18,6 +18,7 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 FP8_CANDIDATES = 16     # extra blocks an FP8 index scan keeps for the exact re-scoring
 INT4_CANDIDATES = 64    # the same for a scan of the int4 copy (docs/semantics.md)
+QUANT_CHUNK = 1 << 26   # elements quantize_e4m3 takes through fp32 at a time
 INT4_GROUP = 32         # key dims per int4 scale
 INT4_MAX = 7            # int4 values are -7..7 (two's-complement nibbles)
 FP16_MAX = 65504.0
@@ -25,7 +26,22 @@ FP16_MAX = 65504.0
 
 def quantize_e4m3(x: torch.Tensor, bound: float = E4M3_MAX) -> Tuple[torch.Tensor, torch.Tensor]:
     """``x [..., D]`` -> ``x8 [..., D]`` e4m3 and ``scale [...]`` fp32; ``bound`` (at most
-    448) is what a row's largest magnitude maps to (``scale = max|x| / bound``)."""
+    448) is what a row's largest magnitude maps to (``scale = max|x| / bound``). Rows
+    go through fp32 ``QUANT_CHUNK`` elements at a time (a cache of many GB needs no fp32
+    copy of itself)."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    step = max(1, QUANT_CHUNK // max(d, 1))
+    if rows.shape[0] <= step:
+        x8, scale = _quantize_rows(rows, bound)
+    else:
+        parts = [_quantize_rows(rows[i:i + step], bound) for i in range(0, rows.shape[0], step)]
+        x8, scale = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return x8.view(x.shape), scale.view(x.shape[:-1])
+
+
+def _quantize_rows(x: torch.Tensor, bound: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_e4m3`` of rows ``x [N, D]``."""
     xf = x.float()
     scale = _row_scales(xf, bound)
     return (xf / scale.unsqueeze(-1)).clamp(-bound, bound).to(E4M3), scale

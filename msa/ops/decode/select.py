@@ -193,14 +193,18 @@ def top_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.cons
 
 @triton.jit
 def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
-                NL_PAD: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+                NL_PAD: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                CACHE: tl.constexpr = ""):
     """The top-k row ``[TOPK_PAD]`` int32 (``-1`` past ``TOPK``) from ``n_lists`` lists of
-    ``KR`` keys (``top_keys``), ``LS`` apart from ``LISTS``, and the local block ``local``."""
+    ``KR`` keys (``top_keys``), ``LS`` apart from ``LISTS``, and the local block ``local``
+    (``CACHE``: the loads' cache modifier for lists of one key, ``".cg"`` where other
+    programs of the grid wrote them)."""
     offs_k = tl.arange(0, TOPK_PAD)
     if KR == 1:         # lists of one key (a block each): k - 1 rounds of a max (faster
         # here than a sorting network over thousands of blocks)
         offs_l = tl.arange(0, NL_PAD)
-        key = tl.load(LISTS + offs_l * LS, mask=offs_l < n_lists, other=EMPTY)
+        key = tl.load(LISTS + offs_l * LS, mask=offs_l < n_lists, other=EMPTY,
+                      cache_modifier=CACHE)
         ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
         for r in range(TOPK - 1):
             best = tl.max(key, 0)

@@ -10,8 +10,9 @@ synchronisation and no allocation:
    ``Q x Hi`` query rows of the request with one MMA per page, writing one ranking key per
    (row, block); with few rows it ranks its chunk's keys into a list. Over a low-precision
    copy of the index keys (e4m3 or int4) with the exact keys beside it (``ki_exact``), then
-   ``msa.ops.decode.rescore.paged_rescore_kernel`` scores the scan's candidates again
-   with the exact keys, and lists of those keys are the lists below.
+   ``msa.ops.decode.rescore`` finds the scan's candidates, scores them again with the
+   exact keys (one page per program) and merges those keys into the top-k rows; step 2
+   is then skipped and the attention reads the rows.
 2. When the attention below runs one program per (query, KV head): one program per row
    merges the lists into the top-k (``paged_merge_kernel``, the reference rule: score
    desc, id asc, local block last, ``-1`` padding) -> head-major
@@ -239,7 +240,7 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                  kv_strides=None, ki_strides=None, ki_page_table=None,
                  mask_tail: bool = False, pages_per_program: int = None,
                  index_stages: int = None, k_scales=None, v_scales=None, ki_scales=None,
-                 scale_strides=None, ki_exact=None, exact=None) -> None:
+                 scale_strides=None, ki_exact=None, exact=None, counts=None) -> None:
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph): ``msa.ops.decode.select.paged_scan``,
     then ``paged_attend``, which merges the scan's lists itself when its blocks are
@@ -269,7 +270,8 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     ``ki_scales [P, page, Di / 32]`` fp16; scored against int8 index queries quantized in
     the kernel): its candidates per row (at least its best ``num_candidates(K,
     ki.dtype)`` blocks) are scored again with ``ki_exact`` into ``exact`` (int64, the
-    layout of ``candidates``; ``msa.ops.decode.rescore``), which then rank.
+    layout of ``candidates``), whose keys then give the top-k rows; ``counts``: int32
+    ``[>= B*Q, Hi, 2]``, zero before the first step (``msa.ops.decode.rescore``).
     """
     topk = topk_indices.shape[2]
     ki_table = page_table if ki_page_table is None else ki_page_table
@@ -280,13 +282,13 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                        ki_strides=ki_strides, mask_tail=mask_tail,
                        pages_per_program=pages_per_program, index_stages=index_stages,
                        ki_scales=ki_scales)
-    if ki_exact is not None:
-        lists = paged_rescore(candidates, lists, qi, ki_exact, ki_table, exact,
-                              num_q=num_q, topk=topk, block_size=block_size,
-                              index_scale=index_scale, scan_dtype=ki.dtype)
-        candidates = exact
     split = decode_splits(batch * num_q, num_kv_heads, topk)[0] > 1
-    if not split:       # many programs: one merge per row first, not one per program
+    if ki_exact is not None:        # the top-k rows from the exact keys of the candidates
+        paged_rescore(candidates, lists, qi, ki_exact, ki_table, seq_lens, exact, counts,
+                      topk_indices, num_q=num_q, block_size=block_size,
+                      index_scale=index_scale, scan_dtype=ki.dtype)
+        split = False
+    elif not split:     # many programs: one merge per row first, not one per program
         paged_merge(candidates, seq_lens, topk_indices, lists, num_q=num_q,
                     block_size=block_size)
     paged_attend(q, k, v, topk_indices, page_table, seq_lens, batch=batch, num_q=num_q,

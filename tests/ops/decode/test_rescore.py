@@ -1,7 +1,8 @@
 """The decode re-scoring (``msa.ops.decode.rescore``) against its rule in Python: the
 candidates of a row are the scan's listed keys that fewer than ``num_candidates`` of the
-compared keys (every listed key, or the lists' heads) exceed, and each list comes back
-as its candidates' exact keys, ranked (Triton's interpreter on CPU)."""
+compared keys (every listed key, or the lists' heads) exceed; each is scored again with
+the exact index keys, and those keys give the top-k row (score desc, id asc, the local
+block last, ``-1`` padding; Triton's interpreter on CPU)."""
 import pytest
 import torch
 
@@ -15,42 +16,50 @@ from tests.ops.decode.test_triton import BS, D, HKV, K, _cache  # noqa: E402
 EMPTY = torch.iinfo(torch.int64).min
 
 
-def _expected(cand, lists, qi, ki, table, nc, kr_out, scale):
-    """Per (row, head, list): the candidates' block ids and exact scores, ranked (score
-    desc, id asc), all of them; per (row, head): the candidates' ids and the
+def _expected(cand, lists, qi, ki, table, nc, scale):
+    """Per (row, head): the candidates' block ids with their exact scores (fp64), and the
     copy's ``nc`` best listed blocks."""
     ls, n_lists, kr = lists
-    want, kept, best = {}, {}, {}
+    want, best = {}, {}
     for c in range(cand.shape[0]):
         for h in range(cand.shape[1]):
             row = cand[c, h, :n_lists * ls].view(n_lists, ls)[:, :kr]
             compared = row[:, :R.compared_keys(n_lists, kr)].reshape(-1)
             listed = row[row != EMPTY]
             best[c, h] = set(S.unpack(listed.sort(descending=True)[0][:nc])[1].tolist())
-            for lst in range(n_lists):
-                keys = row[lst][row[lst] != EMPTY]
-                keep = keys[(compared[None, :] > keys[:, None]).sum(1) < nc]
-                ids = S.unpack(keep)[1]
-                kept.setdefault((c, h), set()).update(ids.tolist())
-                pages = ki[table[c, ids].long()].double()                 # [n, page, Di]
-                score = ((pages @ qi[c, h].double()).amax(1) * scale).tolist()
-                want[c, h, lst] = sorted(zip(score, ids.tolist()),
-                                         key=lambda x: (-x[0], x[1]))
-    return want, kept, best
+            keep = listed[(compared[None, :] > listed[:, None]).sum(1) < nc]
+            ids = S.unpack(keep)[1]
+            pages = ki[table[c, ids].long()].double()                 # [n, page, Di]
+            score = (pages @ qi[c, h].double()).amax(1) * scale
+            want[c, h] = dict(zip(ids.tolist(), score.tolist()))
+    return want, best
 
 
-@pytest.mark.parametrize("per,ranked,cluster,heads", [
-    (4, True, False, False), (4, False, False, True), (16, True, True, True),
-    (2, False, True, False), (8, True, False, True)])
-def test_rescore_scores_the_listed_keys_few_compared_keys_exceed(per, ranked, cluster, heads,
-                                                                 monkeypatch):
+def _top_row(keys, local):
+    """The top-k row of exact keys (int64 ``pack`` keys) and the local block."""
+    ranked = S.unpack(keys.sort(descending=True)[0][:K - 1])[1].tolist()
+    ranked += [-1] * (K - 1 - len(ranked))
+    n = min(local, K - 1)
+    return ranked[:n] + [local] + [-1] * (K - 1 - n)
+
+
+@pytest.mark.parametrize("per,ranked,cluster,heads,small,programs", [
+    (4, True, False, False, 128, 264), (4, False, False, True, 4, 264),
+    (16, True, True, True, 128, 1), (2, False, True, False, 128, 1),
+    (8, True, False, True, 16, 264)])
+def test_rescore_ranks_the_listed_keys_few_compared_keys_exceed(per, ranked, cluster, heads,
+                                                                small, programs, monkeypatch):
     """Ranked lists (the scan's best of each chunk) and unranked ones (whole chunks, the
-    largest first); ``cluster``: one chunk's keys scaled up, so that its list holds more
-    candidates than the merge reads of it (or a whole list of them); ``heads``: the
-    lists' heads compared (a bound of 8 compared keys), else every listed key. Outputs
-    poisoned first; with 4 extra candidates instead of 16, so that some listed keys are
-    left out."""
+    largest first); ``cluster``: one chunk's keys scaled up, so that its list holds many
+    candidates; ``heads``: the lists' heads compared (a bound of 8 compared keys), else
+    every listed key; ``small``: the final merge's small tile (4: rows with more
+    candidates take the large one; 16: some rows fit it, some do not);
+    ``programs``: 1 gives each program several pages.
+    Outputs poisoned first; with 4 extra candidates instead of 16, so that some listed
+    keys are left out; run twice (the counts of finished programs reset)."""
     monkeypatch.setattr(R, "FP8_CANDIDATES", 4)
+    monkeypatch.setattr(R, "SMALL", small)
+    monkeypatch.setattr(R, "PROGRAMS", programs)
     if heads:
         monkeypatch.setattr(R, "COMPARED", 8)
     if not ranked:
@@ -66,31 +75,48 @@ def test_rescore_scores_the_listed_keys_few_compared_keys_exceed(per, ranked, cl
     nc, scale = R.num_candidates(K), D ** -0.5
     width = S.candidates_width(table.shape[1], per)
     cand = torch.full((len(lengths), HKV, width), 7, dtype=torch.int64, device=DEVICE)
-    exact = torch.full_like(cand, 5)
     ki8, kis = quantize_e4m3(ki)
     lists = S.paged_scan(qi, ki8, table, lens, cand, batch=len(lengths), num_q=1,
                          max_pages=table.shape[1], topk=nc + 1, block_size=BS,
                          index_scale=scale, pages_per_program=per, ki_scales=kis)
     assert (lists[2] < per) == (per == 16)            # lists of the best 8 of a chunk
-    out = R.paged_rescore(cand, lists, qi, ki, table, exact, num_q=1, topk=K,
-                          block_size=BS, index_scale=scale, scan_dtype=ki8.dtype)
-    ls, n_lists, kr_out = out
-    assert (ls, n_lists, kr_out) == (lists[0], lists[1], min(R.next_pow2(K - 1), ls))
-    want, kept, best = _expected(cand.cpu(), lists, qi.cpu(), ki.cpu(), table.cpu(), nc,
-                                 kr_out, scale)
-    sizes = []
-    for (c, h, lst), w in want.items():
-        sizes.append(len(w))
-        w = w[:kr_out]
-        got = exact[c, h, lst * ls:][:kr_out].cpu()
-        score, ids = S.unpack(got)
-        assert ids.tolist() == [i for _, i in w] + [-1] * (kr_out - len(w)), (c, h, lst)
-        torch.testing.assert_close(score[:len(w)], torch.tensor([s for s, _ in w]),
-                                   rtol=1e-5, atol=1e-6)
-    for key, ids in best.items():               # the copy's best blocks are candidates
-        assert len(ids) == nc and ids <= kept[key]
-        assert heads or ids == kept[key]        # and only they, all keys compared
-    n_kept = sum(len(x) for x in kept.values())
+    want, best = _expected(cand.cpu(), lists, qi.cpu(), ki.cpu(), table.cpu(), nc, scale)
+    counts = torch.zeros(len(lengths), HKV, 2, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):
+        exact = torch.full_like(cand, 5)
+        topk = torch.full((HKV, len(lengths), K), -7, dtype=torch.int32, device=DEVICE)
+        R.paged_rescore(cand, lists, qi, ki, table, lens, exact, counts, topk, num_q=1,
+                        block_size=BS, index_scale=scale, scan_dtype=ki8.dtype)
+        assert (counts[..., 1] == 0).all()              # the last program reset them
+        for (c, h), w in want.items():
+            n = int(counts[c, h, 0])
+            keys = exact[c, h, :n].cpu()
+            score, ids = S.unpack(keys)
+            assert n == len(w) and sorted(ids.tolist()) == sorted(w), (c, h)
+            torch.testing.assert_close(score, torch.tensor([w[i] for i in ids.tolist()],
+                                                           dtype=torch.float32),
+                                       rtol=1e-5, atol=1e-6)
+            local = (lengths[c] - 1) // BS
+            assert topk[h, c].tolist() == _top_row(keys, local), (c, h)
+            assert best[c, h] <= set(w) and len(best[c, h]) == nc
+            assert heads or best[c, h] == set(w)    # only they, every key compared
+    n_kept = sum(len(w) for w in want.values())
     assert n_kept < (cand.cpu() != EMPTY).sum()     # some listed keys are left out
     assert (n_kept > nc * len(best)) == heads       # more than the best: heads compared
-    assert max(sizes) >= (min(kr_out + 1, ls) if cluster else 2)
+    if small < 128:             # rows past the small tile (and, at 16, rows within it)
+        assert counts[..., 0].max() > small >= (counts[..., 0].min() if small == 16 else 0)
+
+
+def test_rescore_names_bad_buffers():
+    """Buffers of the wrong dtype or shape name the argument."""
+    cand = torch.zeros(1, HKV, 64, dtype=torch.int64)
+    qi = torch.zeros(1, HKV, D)
+    topk = torch.zeros(HKV, 1, K, dtype=torch.int32)
+    args = (cand, (4, 16, 4), qi, torch.zeros(16, BS, D), torch.zeros(1, 64, dtype=torch.int32),
+            torch.ones(1, dtype=torch.int32))
+    kw = dict(num_q=1, block_size=BS, index_scale=1.0, scan_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="exact must be int64"):
+        R.paged_rescore(*args, cand.int(), torch.zeros(1, HKV, 2, dtype=torch.int32), topk, **kw)
+    with pytest.raises(ValueError, match="counts must be int32"):
+        R.paged_rescore(*args, cand.clone(), torch.zeros(1, HKV, 3, dtype=torch.int32), topk,
+                        **kw)
