@@ -134,11 +134,11 @@ def rescore_pages_kernel(
         tl.store(count + 1, 0)                                  # ready for the next step
         local = (tl.load(SEQ_LENS + b) - NQ + (c % NQ)) // BS
         if MAXC_PAD <= SMALL:
-            top = merge_lists(row, n, local, 1, 1, MAXC_PAD, TOPK, TOPK_PAD, ".cg")
+            top = merge_lists(row, n, local, 1, 1, MAXC_PAD, TOPK, TOPK_PAD, True)
         elif n <= SMALL:
-            top = merge_lists(row, n, local, 1, 1, SMALL, TOPK, TOPK_PAD, ".cg")
+            top = merge_lists(row, n, local, 1, 1, SMALL, TOPK, TOPK_PAD, True)
         else:
-            top = merge_lists(row, n, local, 1, 1, MAXC_PAD, TOPK, TOPK_PAD, ".cg")
+            top = merge_lists(row, n, local, 1, 1, MAXC_PAD, TOPK, TOPK_PAD, True)
         offs_k = tl.arange(0, TOPK_PAD)
         tl.store(TOPK_INDICES + h * stride_th + c * stride_tq + offs_k, top,
                  mask=offs_k < TOPK)

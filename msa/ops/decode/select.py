@@ -194,17 +194,17 @@ def top_keys(LISTS, n_lists, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.cons
 @triton.jit
 def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
                 NL_PAD: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                CACHE: tl.constexpr = ""):
+                CG: tl.constexpr):
     """The top-k row ``[TOPK_PAD]`` int32 (``-1`` past ``TOPK``) from ``n_lists`` lists of
     ``KR`` keys (``top_keys``), ``LS`` apart from ``LISTS``, and the local block ``local``
-    (``CACHE``: the loads' cache modifier for lists of one key, ``".cg"`` where other
-    programs of the grid wrote them)."""
+    (``CG``: lists of one key loaded past L1, where other programs of the grid wrote
+    them)."""
     offs_k = tl.arange(0, TOPK_PAD)
     if KR == 1:         # lists of one key (a block each): k - 1 rounds of a max (faster
         # here than a sorting network over thousands of blocks)
         offs_l = tl.arange(0, NL_PAD)
         key = tl.load(LISTS + offs_l * LS, mask=offs_l < n_lists, other=EMPTY,
-                      cache_modifier=CACHE)
+                      cache_modifier=".cg" if CG else "")
         ranked = tl.full((TOPK_PAD,), -1, dtype=tl.int32)
         for r in range(TOPK - 1):
             best = tl.max(key, 0)
@@ -226,7 +226,7 @@ def paged_merge_kernel(CAND, SEQ_LENS, TOPK_INDICES, n_lists, stride_cc, stride_
     h = tl.program_id(1)
     local = (tl.load(SEQ_LENS + c // NQ) - NQ + (c % NQ)) // BS
     row = merge_lists(CAND + c * stride_cc + h * stride_ch, n_lists, local, LS, KR, NL_PAD,
-                      TOPK, TOPK_PAD)
+                      TOPK, TOPK_PAD, False)
     offs_k = tl.arange(0, TOPK_PAD)
     tl.store(TOPK_INDICES + h * stride_th + c * stride_tq + offs_k, row, mask=offs_k < TOPK)
 

@@ -135,7 +135,7 @@ def paged_decode_attn_kernel(
     jmask = (offs_j < PER_SPLIT) & (jv < TOPK)
     if MERGE:       # the top-k row from the scan's lists (msa.ops.decode.select)
         row = merge_lists(CAND + c * stride_cc + hs * stride_ch, n_lists, pos // BS, LS,
-                          KR, NL_PAD, TOPK, TOPK_PAD)
+                          KR, NL_PAD, TOPK, TOPK_PAD, False)
         offs_k = tl.arange(0, TOPK_PAD)
         tl.store(TOPK_INDICES + hs * stride_th + c * stride_tq + offs_k, row,
                  mask=(offs_k < TOPK) & (sp == 0) & (h == hs))       # one writer per row
