@@ -9,8 +9,10 @@ step's critical path. On Hopper and newer, a kernel launched with PDL (Triton's
 visible) before it reads or writes anything. Here a kernel launched that way waits
 first and reads nothing before: a kernel before it that is not ours may release it
 early as well. Only kernels that follow one of the step's own kernels are launched
-with PDL; the step's first kernel (the scan) only releases. ``MSA_PDL=0`` in the
-environment turns it off.
+with PDL; the step's first kernel (the scan) only releases.
+
+Off unless ``MSA_PDL=1`` is in the environment: the kernels compile with it for sm_90
+(tests/ops/test_pdl.py), but it has not yet run or been timed on a GPU.
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ def _capable(index: int) -> bool:
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """Whether kernels over ``x`` use PDL: a CUDA tensor on sm_90 or newer (not in
-    Triton's interpreter) and ``MSA_PDL`` not ``0``."""
-    return x.is_cuda and os.environ.get("MSA_PDL", "1") != "0" and _capable(
+    """Whether kernels over ``x`` use PDL: ``MSA_PDL=1`` and a CUDA tensor on sm_90 or
+    newer (so not in Triton's interpreter)."""
+    return os.environ.get("MSA_PDL") == "1" and x.is_cuda and _capable(
         x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 

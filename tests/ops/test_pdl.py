@@ -46,7 +46,10 @@ for fn, const in CASES:
 """
 
 
-def test_pdl_is_off_on_the_cpu():
+def test_pdl_is_off_on_the_cpu_and_unless_asked_for(monkeypatch):
+    monkeypatch.delenv("MSA_PDL", raising=False)
+    assert not pdl.enabled(torch.zeros(1))
+    monkeypatch.setenv("MSA_PDL", "1")
     assert not pdl.enabled(torch.zeros(1))
     assert pdl.launch(False) == {} and pdl.launch(True) == {"launch_pdl": True}
 

@@ -25,7 +25,9 @@ synchronisation and no allocation:
    the output directly, more splits write partials that the last split of each
    (query, KV head) to finish merges by LSE.
 
-The plan/run lifecycle around it (validation, preallocated buffers, CUDA graphs) is
+With ``MSA_PDL=1`` on sm_90 and newer each kernel after the scan is launched as a
+programmatic dependent of the one before it (``msa.ops.pdl``, not yet timed). The
+plan/run lifecycle around it (validation, preallocated buffers, CUDA graphs) is
 ``msa.inference.PagedDecoder``.
 """
 from __future__ import annotations
