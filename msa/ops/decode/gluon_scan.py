@@ -73,14 +73,6 @@ def page_layout(bits: int, swizzle: int = 128):
 
 
 @gluon.jit
-def _release_next(RELEASE: gl.constexpr):
-    """``msa.ops.pdl.release_next``: the next kernel may launch (it waits for this one)."""
-    if RELEASE:
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _pack(m, j):
     """``msa.ops.decode.select.pack``: block max ``m`` (fp32; NaN as the most negative
     finite value, -0 as +0) and block id ``j`` -> int64 key, larger = ranked first."""
@@ -292,16 +284,13 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
                       table_width, stride_qt, stride_qh, stride_tb, stride_cc, stride_ch,
                       NQ: gl.constexpr, HI: gl.constexpr, PAGES: gl.constexpr,
                       KR: gl.constexpr, RANK: gl.constexpr, STAGES: gl.constexpr,
-                      R: gl.constexpr, num_warps: gl.constexpr,
-                      RELEASE: gl.constexpr = False):
+                      R: gl.constexpr, num_warps: gl.constexpr):
     """Chunk ``p`` of request ``b`` (``paged_scan_kernel``'s outputs at ``CAND``): pages
     of index keys through ``k_desc`` (TMA rows of ``DI`` values, token ``t`` of page
     ``P`` at row ``P * rows_per_page + t``), e4m3 with key scales ``KIS[P * BS + t]`` or
     bf16 (``KIS`` unused); ``R`` query rows (``rows_padded``); ``table_width``: page ids
-    per request in ``PAGE_TABLE``; ``RELEASE``: the next kernel may launch at once
-    (``msa.ops.pdl``)."""
+    per request in ``PAGE_TABLE``."""
     gl.static_assert(num_warps == WARPS)
-    _release_next(RELEASE)
     FP8: gl.constexpr = k_desc.dtype == gl.float8e4nv
     INT4: gl.constexpr = k_desc.dtype == gl.uint8       # packed, DI / 2 bytes a key
     KW: gl.constexpr = DI // 2 if INT4 else DI          # a key's elements in the page
@@ -472,11 +461,11 @@ def supported(qi: torch.Tensor, ki: torch.Tensor, ki_strides, block_size: int,
 
 def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: int,
            index_scale: float, ki_strides, pages: int, kr: int, rank: bool,
-           stages: int = None, release: bool = False) -> None:
+           stages: int = None) -> None:
     """``paged_scan_kernel`` over ``grid = (requests, chunks)`` of ``pages`` pages
     (``msa.ops.decode.select.paged_scan``'s arguments; the pages as TMA rows; ``ki_scales``
     for e4m3 or int4 keys, else ``None``; ``stages`` ring slots, default ``STAGES`` or
-    ``INT4_STAGES``; ``release``: the next kernel may launch at once, ``msa.ops.pdl``)."""
+    ``INT4_STAGES``)."""
     sp, st = ki_strides
     rows = rows_padded(num_q * qi.shape[1])
     int4 = ki.dtype == torch.uint8
@@ -491,4 +480,4 @@ def launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, *, grid, num_q: in
         qi.stride(0), qi.stride(1), ki_table.stride(0), candidates.stride(0),
         candidates.stride(1), NQ=num_q, HI=qi.shape[1], PAGES=pages, KR=kr, RANK=rank,
         STAGES=stages or (INT4_STAGES if int4 else STAGES[ki.element_size()]), R=rows,
-        num_warps=WARPS.value, RELEASE=release)
+        num_warps=WARPS.value)

@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import pdl
 from ..quant import FP8_CANDIDATES, INT4_CANDIDATES
 from ..triton_utils import dot, next_pow2, precision, upcast
 from .select import EMPTY, TARGET_PROGRAMS, block_id, merge_lists, pack
@@ -60,17 +59,13 @@ def _block_max(KI, qi, page, stride_kp, stride_kt, DI: tl.constexpr, BS: tl.cons
 def rescore_candidates_kernel(
         CAND, EXACT, COUNTS, n_lists, stride_cc, stride_ch, stride_ec, stride_eh,
         stride_nc, stride_nh, LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.constexpr,
-        TOP: tl.constexpr, NC: tl.constexpr, NC_PAD: tl.constexpr, MAXC: tl.constexpr,
-        MAXC_PAD: tl.constexpr, PDL: tl.constexpr):
+        TOP: tl.constexpr, NC: tl.constexpr, NC_PAD: tl.constexpr):
     """The candidates of (query row ``c``, index head ``h``), their scan keys in list
-    order at ``EXACT[c, h, :n]`` (``EMPTY`` after them up to ``MAXC``, the most there
-    may be) and their number ``n`` at ``COUNTS[c, h, 0]``: the
+    order at ``EXACT[c, h, :n]`` and their number ``n`` at ``COUNTS[c, h, 0]``: the
     listed keys at least as large as the ``NC``-th largest compared key (the first
     ``TOP`` keys of every list: all ``KR``, or the heads), the keys that fewer than ``NC``
     compared keys exceed. With every key compared they are the ``NC`` best; with the
-    heads compared they lie in the lists of the ``NC`` best heads. ``PDL``: launched as
-    ``msa.ops.pdl`` describes."""
-    pdl.wait_previous(PDL)
+    heads compared they lie in the lists of the ``NC`` best heads."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     lists = CAND + c * stride_cc + h * stride_ch
@@ -82,7 +77,7 @@ def rescore_candidates_kernel(
     offs_k = tl.arange(0, NC_PAD)
     if TOP == KR:                       # every listed key compared: the best NC
         keep = (offs_k < NC) & (top != EMPTY)
-        tl.store(out + offs_k, tl.where(keep, top, EMPTY), mask=offs_k < MAXC)
+        tl.store(out + offs_k, top, mask=keep)
         n = tl.sum(keep.to(tl.int32), 0)
     else:                               # the heads: the lists of the best NC of them
         theta = tl.max(tl.where(offs_k == NC - 1, top, EMPTY), 0)
@@ -95,9 +90,6 @@ def rescore_candidates_kernel(
         nth = tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(out + nth, keys, mask=keep)
         n = tl.sum(keep.to(tl.int32), 0)
-        offs_e = tl.arange(0, MAXC_PAD)
-        tl.store(out + offs_e, tl.full((MAXC_PAD,), EMPTY, tl.int64),
-                 mask=(offs_e >= n) & (offs_e < MAXC))
     tl.store(COUNTS + c * stride_nc + h * stride_nh, n)
 
 
@@ -106,15 +98,14 @@ def rescore_pages_kernel(
         EXACT, COUNTS, QI, KI, PAGE_TABLE, SEQ_LENS, TOPK_INDICES, scale,
         stride_ec, stride_eh, stride_nc, stride_nh, stride_qt, stride_qh, stride_kp,
         stride_kt, stride_tb, stride_th, stride_tq, NQ: tl.constexpr, DI: tl.constexpr,
-        BS: tl.constexpr, SLOTS: tl.constexpr, MAXC: tl.constexpr, MAXC_PAD: tl.constexpr,
+        BS: tl.constexpr, SLOTS: tl.constexpr, MAXC_PAD: tl.constexpr,
         SMALL: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Candidates ``g, g + G, ..`` (``G`` programs on axis 2) of (query row ``c``, index
     head ``h``): each scored again over its page of exact index keys, its key replaced
     in place by the exact one; the last program of the row to finish merges the exact
     keys into the top-k row (``merge_lists``) at ``TOPK_INDICES[h, c]`` and resets the
-    row's count of finished programs (``COUNTS[c, h, 1]``). ``PDL`` as above."""
-    pdl.wait_previous(PDL)
+    row's count of finished programs (``COUNTS[c, h, 1]``)."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     g = tl.program_id(2)
@@ -122,11 +113,11 @@ def rescore_pages_kernel(
     b = c // NQ
     row = EXACT + c * stride_ec + h * stride_eh
     count = COUNTS + c * stride_nc + h * stride_nh
+    n = tl.load(count)
     offs_s = tl.arange(0, SLOTS)
     slot = g + offs_s * n_prog
-    key = tl.load(row + slot, mask=slot < MAXC, other=EMPTY)    # EMPTY past the last
-    live = key != EMPTY
-    blk = block_id(key)
+    live = slot < n
+    blk = block_id(tl.load(row + slot, mask=live, other=EMPTY))
     page = tl.load(PAGE_TABLE + b * stride_tb + blk, mask=live, other=0)
     offs_r = tl.arange(0, 16)
     qi = tl.load(QI + c * stride_qt + h * stride_qh + offs_r[:, None] * 0 +
@@ -141,7 +132,6 @@ def rescore_pages_kernel(
     done = tl.atomic_add(count + 1, 1, sem="acq_rel")         # ... then released
     if done == n_prog - 1:                  # the last: all exact keys are in place
         tl.store(count + 1, 0)                                  # ready for the next step
-        n = tl.load(count)
         local = (tl.load(SEQ_LENS + b) - NQ + (c % NQ)) // BS
         if MAXC_PAD <= SMALL:
             top = merge_lists(row, n, local, 1, 1, MAXC_PAD, TOPK, TOPK_PAD, True)
@@ -205,20 +195,17 @@ def paged_rescore(candidates, lists, qi, ki, page_table, seq_lens, exact, counts
             tuple(counts.shape[1:]) != (hi, 2) or counts.stride(2) != 1:
         raise ValueError(f"counts must be int32 [>= {rows}, {hi}, 2] with a contiguous "
                          f"last dim, got {tuple(counts.shape)} {counts.dtype}")
-    on = pdl.enabled(qi)
     rescore_candidates_kernel[(rows, hi)](
         candidates, exact, counts, n_lists, candidates.stride(0), candidates.stride(1),
         exact.stride(0), exact.stride(1), counts.stride(0), counts.stride(1), LS=ls, KR=kr,
         NL_PAD=next_pow2(n_lists), TOP=compared_keys(n_lists, kr), NC=nc,
-        NC_PAD=next_pow2(nc), MAXC=maxc, MAXC_PAD=next_pow2(maxc), PDL=on, num_warps=4,
-        **pdl.launch(on))
+        NC_PAD=next_pow2(nc), num_warps=4)
     split = rescore_programs(rows * hi, nc)
     rescore_pages_kernel[(rows, hi, split)](
         exact, counts, qi, ki, page_table, seq_lens, topk_indices, index_scale,
         exact.stride(0), exact.stride(1), counts.stride(0), counts.stride(1), qi.stride(0),
         qi.stride(1), ki.stride(0), ki.stride(1), page_table.stride(0),
         topk_indices.stride(0), topk_indices.stride(1), NQ=num_q, DI=qi.shape[-1],
-        BS=block_size, SLOTS=next_pow2(-(-maxc // split)), MAXC=maxc,
-        MAXC_PAD=next_pow2(maxc),
+        BS=block_size, SLOTS=next_pow2(-(-maxc // split)), MAXC_PAD=next_pow2(maxc),
         SMALL=SMALL, TOPK=topk, TOPK_PAD=next_pow2(topk), PRECISION=precision(qi.dtype),
-        UPCAST=upcast(qi.dtype), PDL=on, num_warps=4, **pdl.launch(on))
+        UPCAST=upcast(qi.dtype), num_warps=4)

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import pdl
 from ..triton_utils import dot, next_pow2, precision, rank_key, to_e4m3, upcast
 
 TARGET_PROGRAMS = 264           # about two waves on a 132-SM GPU
@@ -71,15 +70,13 @@ def paged_scan_kernel(
         NQ: tl.constexpr, HI: tl.constexpr, ROWS: tl.constexpr, DI: tl.constexpr,
         BS: tl.constexpr, PAGES: tl.constexpr, KR: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, RANK: tl.constexpr, MASK_TAIL: tl.constexpr = False,
-        FP8: tl.constexpr = False, INT4: tl.constexpr = False, PDL: tl.constexpr = False):
+        FP8: tl.constexpr = False, INT4: tl.constexpr = False):
     """Chunk ``p`` of request ``b``: the key of block ``j`` of row ``(i, h)`` at
     ``CAND[b*Q + i, h, j]``, the chunk's largest swapped to its first place; ``RANK``:
     instead the chunk's ``KR`` best, ranked (``EMPTY`` padded), at
     ``CAND[b*Q + i, h, p*PAGES :][:KR]``. ``FP8``: e4m3 keys with row scales ``KIS[page
     * BS + n]``; ``INT4``: packed int4 keys (``DI / 2`` bytes a row) with group scales
-    ``KIS[(page * BS + n) * NG + g]`` fp16 (``msa.ops.quant.quantize_int4``). ``PDL``:
-    the next kernel may launch at once (``msa.ops.pdl``)."""
-    pdl.release_next(PDL)
+    ``KIS[(page * BS + n) * NG + g]`` fp16 (``msa.ops.quant.quantize_int4``)."""
     b = tl.program_id(0)
     p = tl.program_id(1)
     n = tl.load(SEQ_LENS + b)
@@ -223,10 +220,8 @@ def merge_lists(LISTS, n_lists, local, LS: tl.constexpr, KR: tl.constexpr,
 def paged_merge_kernel(CAND, SEQ_LENS, TOPK_INDICES, n_lists, stride_cc, stride_ch,
                        stride_th, stride_tq, NQ: tl.constexpr, BS: tl.constexpr,
                        LS: tl.constexpr, KR: tl.constexpr, NL_PAD: tl.constexpr,
-                       TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr):
-    """The top-k row of (query row ``c``, index head ``h``) (``PDL``: launched as
-    ``msa.ops.pdl`` describes)."""
-    pdl.wait_previous(PDL)
+                       TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """The top-k row of (query row ``c``, index head ``h``)."""
     c = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     local = (tl.load(SEQ_LENS + c // NQ) - NQ + (c % NQ)) // BS
@@ -322,8 +317,7 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
         from . import gluon_scan
         gluon_scan.launch(qi, ki, ki_scales, ki_table, seq_lens, candidates, grid=(b, chunks),
                           num_q=nq, index_scale=index_scale, ki_strides=ki_strides,
-                          pages=per, kr=kr, rank=rank, stages=index_stages,
-                          release=pdl.enabled(qi))
+                          pages=per, kr=kr, rank=rank, stages=index_stages)
         return ls, n_lists, kr
     paged_scan_kernel[(b, chunks)](
         qi, ki, ki_scales, ki_table, seq_lens, candidates, index_scale, max_pages,
@@ -332,7 +326,7 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
         NQ=nq, HI=hi, ROWS=max(16, next_pow2(nq * hi)), DI=qi.shape[-1],
         BS=block_size, PAGES=per, KR=kr, PRECISION=precision(qi.dtype),
         UPCAST=upcast(qi.dtype), RANK=rank, MASK_TAIL=mask_tail,
-        FP8=ki_scales is not None and not int4, INT4=int4, PDL=pdl.enabled(qi), num_warps=4,
+        FP8=ki_scales is not None and not int4, INT4=int4, num_warps=4,
         # Triton 3.6 keeps one page in flight at 2-4 stages, two at 5-6: two pay over
         # e4m3 pages, not over bf16 ones (their 70 KB cost programs per SM)
         num_stages=index_stages or (3 if ki_scales is None else 5))
@@ -360,10 +354,8 @@ def paged_merge(candidates, seq_lens, topk_indices, lists, *, num_q: int,
     """``topk_indices [Hi, rows, K]`` from the scan's ``lists = (ls, n_lists, kr)``."""
     ls, n_lists, kr = lists
     hi, rows, topk = topk_indices.shape
-    on = pdl.enabled(candidates)
     paged_merge_kernel[(rows, hi)](
         candidates, seq_lens, topk_indices, n_lists, candidates.stride(0),
         candidates.stride(1), topk_indices.stride(0), topk_indices.stride(1),
         NQ=num_q, BS=block_size, LS=ls, KR=kr, NL_PAD=next_pow2(n_lists), TOPK=topk,
-        TOPK_PAD=next_pow2(topk), PDL=on,
-        num_warps=2 if kr > 1 else 8 if n_lists > 4096 else 4, **pdl.launch(on))
+        TOPK_PAD=next_pow2(topk), num_warps=2 if kr > 1 else 8 if n_lists > 4096 else 4)

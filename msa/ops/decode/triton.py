@@ -25,9 +25,7 @@ synchronisation and no allocation:
    the output directly, more splits write partials that the last split of each
    (query, KV head) to finish merges by LSE.
 
-With ``MSA_PDL=1`` on sm_90 and newer each kernel after the scan is launched as a
-programmatic dependent of the one before it (``msa.ops.pdl``, not yet timed). The
-plan/run lifecycle around it (validation, preallocated buffers, CUDA graphs) is
+The plan/run lifecycle around it (validation, preallocated buffers, CUDA graphs) is
 ``msa.inference.PagedDecoder``.
 """
 from __future__ import annotations
@@ -38,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import pdl
 from ..attention.forward import choose_kernel
 from .rescore import num_candidates, paged_rescore
 from .select import TARGET_PROGRAMS, merge_lists, paged_merge, paged_scan
@@ -120,8 +117,7 @@ def paged_decode_attn_kernel(
         NSPLIT: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, MERGE: tl.constexpr = False, LS: tl.constexpr = 1,
         KR: tl.constexpr = 1, NL_PAD: tl.constexpr = 1, FP8: tl.constexpr = False,
-        STAGES: tl.constexpr = 2, PDL: tl.constexpr = False):
-    pdl.wait_previous(PDL)          # launched after a kernel of the step (msa.ops.pdl)
+        STAGES: tl.constexpr = 2):
     c = tl.program_id(0).to(tl.int64)            # query row b * NQ + i
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -324,7 +320,6 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
     po, pl, done = partials
     cand, ls, n_lists, kr = merge or (topk_indices, 1, 1, 1)
     fp8 = k_scales is not None
-    on = pdl.enabled(q)
     if fp8 and attend_kernel(q, k, v, num_kv_heads, block_size, kv_strides, nsplit,
                              merge is not None) == "gluon":
         from . import gluon
@@ -341,5 +336,5 @@ def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num
         TOPK_PAD=next_pow2(topk), PER_SPLIT=per_split, PER_PAD=next_pow2(per_split),
         NSPLIT=nsplit, PRECISION=precision(q.dtype),
         UPCAST=upcast(q.dtype), MERGE=merge is not None, LS=ls, KR=kr,
-        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2, PDL=on,
-        num_warps=4 if merge is None else 8, **pdl.launch(on))
+        NL_PAD=next_pow2(n_lists), FP8=fp8, STAGES=3 if fp8 else 2,
+        num_warps=4 if merge is None else 8)
