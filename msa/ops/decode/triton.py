@@ -273,6 +273,9 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     layout of ``candidates``), whose keys then give the top-k rows; ``counts``: int32
     ``[>= B*Q, Hi, 2]``, zero before the first step (``msa.ops.decode.rescore``).
     """
+    if ki_exact is not None and (exact is None or counts is None):
+        raise ValueError("ki_exact (a scan copy re-scored) needs the exact and counts "
+                         "buffers (msa.ops.decode.rescore.paged_rescore)")
     topk = topk_indices.shape[2]
     ki_table = page_table if ki_page_table is None else ki_page_table
     lists = paged_scan(qi, ki, ki_table, seq_lens, candidates, batch=batch, num_q=num_q,

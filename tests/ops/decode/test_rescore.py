@@ -120,3 +120,13 @@ def test_rescore_names_bad_buffers():
     with pytest.raises(ValueError, match="counts must be int32"):
         R.paged_rescore(*args, cand.clone(), torch.zeros(1, HKV, 3, dtype=torch.int32), topk,
                         **kw)
+
+
+def test_decode_with_a_scan_copy_names_missing_buffers():
+    """``paged_decode`` with ``ki_exact`` and no re-scoring buffers names them."""
+    from msa.ops.decode.triton import paged_decode
+    x = torch.zeros(1)
+    with pytest.raises(ValueError, match="needs the exact and counts"):
+        paged_decode(x, x, x, x, x, x, x, batch=1, num_q=1, max_pages=1, num_kv_heads=1,
+                     candidates=x, topk_indices=x, out=x, lse=x, partials=None,
+                     block_size=BS, scale=1.0, index_scale=1.0, ki_exact=x, exact=x)
