@@ -244,7 +244,8 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
     """One decode step of one layer into preallocated buffers (no host synchronisation,
     no allocation: capturable in a CUDA graph): ``msa.ops.decode.select.paged_scan``,
     then ``paged_attend``, which merges the scan's lists itself when its blocks are
-    split over programs (else ``paged_merge`` runs first, one program per row).
+    split over programs (else ``paged_merge`` runs first, one program per row; over a
+    re-scored scan copy the re-scoring writes the top-k rows instead).
 
     q ``[B*Q, Hq, D]``, qi ``[B*Q, Hi, Di]`` (request-major); pages ``k, v [P, Hkv, page,
     D]`` (``Hkv = num_kv_heads``), ``ki [P, page, Di]`` read through
@@ -285,20 +286,22 @@ def paged_decode(q, qi, k, v, ki, page_table, seq_lens, *, batch: int, num_q: in
                        ki_strides=ki_strides, mask_tail=mask_tail,
                        pages_per_program=pages_per_program, index_stages=index_stages,
                        ki_scales=ki_scales)
-    split = decode_splits(batch * num_q, num_kv_heads, topk)[0] > 1
+    # split attention programs merge the lists themselves (no launch between), unless the
+    # re-scoring wrote the top-k rows
+    merge_in_attention = decode_splits(batch * num_q, num_kv_heads, topk)[0] > 1
     if ki_exact is not None:        # the top-k rows from the exact keys of the candidates
         paged_rescore(candidates, lists, qi, ki_exact, ki_table, seq_lens, exact, counts,
                       topk_indices, num_q=num_q, block_size=block_size,
                       index_scale=index_scale, scan_dtype=ki.dtype)
-        split = False
-    elif not split:     # many programs: one merge per row first, not one per program
+        merge_in_attention = False
+    elif not merge_in_attention:    # many programs: one merge per row first
         paged_merge(candidates, seq_lens, topk_indices, lists, num_q=num_q,
                     block_size=block_size)
     paged_attend(q, k, v, topk_indices, page_table, seq_lens, batch=batch, num_q=num_q,
                  num_kv_heads=num_kv_heads, out=out, lse=lse, partials=partials,
                  block_size=block_size, scale=scale, kv_strides=kv_strides,
                  k_scales=k_scales, v_scales=v_scales, scale_strides=scale_strides,
-                 merge=(candidates, *lists) if split else None)
+                 merge=(candidates, *lists) if merge_in_attention else None)
 
 
 def paged_attend(q, k, v, topk_indices, page_table, seq_lens, *, batch: int, num_q: int,
