@@ -130,3 +130,24 @@ def test_decode_with_a_scan_copy_names_missing_buffers():
         paged_decode(x, x, x, x, x, x, x, batch=1, num_q=1, max_pages=1, num_kv_heads=1,
                      candidates=x, topk_indices=x, out=x, lse=x, partials=None,
                      block_size=BS, scale=1.0, index_scale=1.0, ki_exact=x, exact=x)
+
+
+def test_rescored_decode_of_requests_with_few_or_no_earlier_blocks():
+    """Requests whose only block is their own (no candidate), with one earlier block, or
+    fewer earlier blocks than ``topk``, beside a long one: the decoder over an e4m3 copy
+    equals the reference rule, twice in a row (the finished-program counts reset)."""
+    from msa.ops.decode import paged_decode_reference
+    from tests.ops.decode.test_fp8 import rescore_case
+    lengths = (40, 100, 300, 3000)
+    k, v, ki, table, lens, q, qi, cfg, dec = rescore_case(lengths, 60, 5, 6, HKV, 1, 8)
+    ki8, kis = quantize_e4m3(ki)
+    r_out, _, r_topk = paged_decode_reference(
+        q, qi, k, v, ki, table, lens, num_q=1, topk=8, scale=cfg.scale,
+        index_scale=cfg.index_scale, index_precision="fp8")
+    for _ in range(2):
+        dec.topk_indices.fill_(-7)
+        out, topk = dec.run(q, qi, k, v, ki, ki_scan=(ki8, kis))
+        assert torch.equal(topk, r_topk)
+        torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
+    assert (dec.rescored[:len(lengths), :, 0] == 0).any()      # a row with no candidate
+    assert (dec.rescored[..., 1] == 0).all()
