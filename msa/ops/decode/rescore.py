@@ -166,10 +166,11 @@ def max_candidates(n_lists: int, kr: int, nc: int) -> int:
     return min(nc, n_lists) * kr
 
 
-def rescore_programs(rows: int, nc: int) -> int:
-    """Programs per (query row, index head) that score the candidates' pages: one page
-    each where the rows are few (about two waves of ``PROGRAMS``), at least ``MIN_SPLIT``."""
-    return max(MIN_SPLIT, min(next_pow2(nc), -(-2 * PROGRAMS // rows)))
+def rescore_programs(row_heads: int, nc: int) -> int:
+    """Programs per (query row, index head) that score the candidates' pages, given
+    ``row_heads`` such pairs: one page each where they are few (about two waves of
+    ``PROGRAMS``), at least ``MIN_SPLIT``."""
+    return max(MIN_SPLIT, min(next_pow2(nc), -(-2 * PROGRAMS // row_heads)))
 
 
 def paged_rescore(candidates, lists, qi, ki, page_table, seq_lens, exact, counts,
