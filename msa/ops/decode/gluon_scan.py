@@ -25,8 +25,8 @@ longer than reading its bytes (docs/benchmarks.md). Here:
 * one wgmma per page with fp32 accumulators: up to 32 query rows ``S^T = K Q^T``
   (the keys as the MMA's rows, a few scores per thread; each warp stores its maxima over
   its own keys in shared memory before the page's barrier, and every row's block max is
-  the max of the four after it; over whole chunks of 32 rows, with no ranking, the
-  maxima of every page stay there and the keys and the list come once per chunk), else
+  the max of the four after it; over whole chunks (no ranking), the maxima of every page
+  stay there and the keys and the list come once per chunk), else
   ``S = Q K^T`` (64 rows: the max within lane quads); the key scales (e4m3) before the
   max, then each row's ``pack`` key.
 
@@ -296,9 +296,9 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
     KW: gl.constexpr = DI // 2 if INT4 else DI          # a key's elements in the page
     KEYS_M: gl.constexpr = R <= 32          # S^T [keys, rows], else S [rows, keys]
     gl.static_assert(R <= 32 or not INT4)
-    # 32 rows, whole chunks: the block maxima across warps, the keys and the list once
-    # per chunk, from each page's maxima per warp kept in shared memory
-    DEFER: gl.constexpr = R == 32 and not RANK
+    # whole chunks: the block maxima across warps, the keys and the list once per chunk,
+    # from each page's maxima per warp kept in shared memory
+    DEFER: gl.constexpr = KEYS_M and not RANK
     SM: gl.constexpr = BS if KEYS_M else R
     SN: gl.constexpr = R if KEYS_M else BS
     ACC: gl.constexpr = gl.NVMMADistributedLayout(
@@ -432,8 +432,8 @@ def paged_scan_kernel(QI, k_desc, KIS, PAGE_TABLE, SEQ_LENS, CAND, scale, rows_p
 
 def rows_padded(rows: int) -> int:
     """The kernel's query rows for a request's ``rows = Q x Hi``: 8, 16 or 32 with the keys
-    as the wgmma's M dimension (a few values per thread, their max across threads; with 32
-    rows over whole chunks each warp's maxima per page, the rest once per chunk), else 64
+    as the wgmma's M dimension (a few values per thread, their max across threads; over
+    whole chunks each warp's maxima per page, the rest once per chunk), else 64
     with the rows as M (the max within lane quads: cheaper for many rows, see
     docs/experiments.md)."""
     return 8 if rows <= 8 else 16 if rows <= 16 else 32 if rows <= 32 else 64

@@ -311,7 +311,7 @@ def paged_scan(qi, ki, ki_table, seq_lens, candidates, *, batch: int, num_q: int
             candidates.stride(2) != 1:
         raise ValueError(f"candidates must be int64 with a contiguous last dim of >= "
                          f"{chunks * per}, got {tuple(candidates.shape)} {candidates.dtype}")
-    rank = per > 1 and rank_in_scan(b * nq * hi)
+    rank = kr < per         # a ranked list as long as its chunk would keep every key
     int4 = ki.dtype == torch.uint8
     if kernel == "gluon":
         from . import gluon_scan

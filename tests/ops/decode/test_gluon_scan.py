@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon")
 
-from msa.ops.decode.select import (candidates_width, paged_select, rank_in_scan,  # noqa: E402
-                                   scan_chunks, scan_kernel, unpack)
+from msa.ops.decode.select import (candidates_width, paged_select, scan_chunks,  # noqa: E402
+                                   scan_kernel, unpack)
 from msa.ops.quant import (dequantize, dequantize_int4, fake_quantize,  # noqa: E402
                            fake_quantize_int8, quantize_e4m3, quantize_int4)
 from tests.helpers import gluon_ptx  # noqa: E402
@@ -39,11 +39,13 @@ def _sig(dtype: str):
 
 def test_compiles_for_sm90():
     """Both orientations over e4m3 and bf16 keys: one token x 4 index heads (8 rows: the
-    keys as the MMA rows), 4 tokens (16 rows), 8 tokens (32 rows, whole chunks: each
-    warp's maxima per page), 16 tokens (64 rows: the rows as the MMA rows)."""
+    keys as the MMA rows; ranked lists, or whole chunks: each warp's maxima per page), 4
+    tokens (16 rows), 8 tokens (32 rows), 16 tokens (64 rows: the rows as the MMA
+    rows)."""
     cases = [(dtype, nq, rows, rank, f"{shape}k{k}.f32.{ab}.{ab}")
              for dtype, k, ab in (("fp8e4nv", 32, "e4m3"), ("bf16", 16, "bf16"))
-             for nq, rows, rank, shape in ((1, 8, True, "m64n8"), (4, 16, True, "m64n16"),
+             for nq, rows, rank, shape in ((1, 8, True, "m64n8"), (1, 8, False, "m64n8"),
+                                           (4, 16, True, "m64n16"),
                                            (8, 32, False, "m64n32"), (8, 32, True, "m64n32"),
                                            (16, 64, False, "m64n128"))]
     ptxs = gluon_ptx("msa.ops.decode.gluon_scan", "paged_scan_kernel",
@@ -58,11 +60,12 @@ def test_compiles_for_sm90():
 
 def test_int4_scan_compiles_for_sm90():
     """Packed int4 keys: int8 wgmmas with the keys from registers (unpacked by one
-    operation per four bytes), one token (8 rows) and 8 tokens (32 rows, whole chunks)."""
+    operation per four bytes), one token (8 rows; ranked lists or whole chunks) and 8
+    tokens (32 rows, whole chunks)."""
     from msa.ops.decode import gluon_scan as g
     sig = {**_sig("bf16"), "KIS": "*i64",
            "k_desc": f"tensordesc<u8[128, 64],{g.page_layout(8, 64)!r}>"}
-    cases = [(1, 8, True, "m64n8k32"), (8, 32, False, "m64n32k32")]
+    cases = [(1, 8, True, "m64n8k32"), (1, 8, False, "m64n8k32"), (8, 32, False, "m64n32k32")]
     ptxs = gluon_ptx("msa.ops.decode.gluon_scan", "paged_scan_kernel", sig, [
         dict(NQ=nq, HI=4, PAGES=16, KR=16, RANK=rank, STAGES=g.INT4_STAGES, R=rows,
              num_warps=4) for nq, rows, rank, _ in cases])
@@ -208,8 +211,8 @@ def test_gluon_scan_is_a_top_k_and_matches_triton(lengths, nq, hi, per, dtype, m
     scores, tol = _scores(qi, ki, kis, table, lens, nq)
     _assert_top_k(topk, scores, tol, lens, nq)
     rows = qi.shape[0] * hi
-    rank = rank_in_scan(rows) and \
-        scan_chunks(rows, len(lengths), table.shape[1], K, per, "gluon")[0] > 1
+    chunk, _, _, kr = scan_chunks(rows, len(lengths), table.shape[1], K, per, "gluon")
+    rank = kr < chunk
     if rank:
         _assert_ranked_lists(cand, scores, tol, lens, nq, per)
     # NaN bytes (and scales) in every key row past a request's last token: never read
