@@ -10,9 +10,10 @@ integer), the complement of the block id in the low word, so one integer ``max``
 score, then by the smaller id; blocks that may not be ranked (the local block, later ones)
 hold ``EMPTY``. Each chunk is a list whose first key is its largest. With few query rows
 (``rank_in_scan``: one decode token at 1M tokens has 8192 blocks per row) the program
-ranks its chunk's keys in place, so that the list is its best ``min(K-1, chunk)`` in
-order (the Gluon scan keeps them in no order past the largest, all the merge reads);
-with many rows it only swaps the largest key to the front.
+ranks its chunk's keys in place, so that the list is its best ``ranked_keys(K, chunk)``
+in order (the Gluon scan keeps them in no order past the largest, all the merge reads),
+where those are fewer than the chunk's blocks; else (many rows, or short chunks) it only
+swaps the largest key to the front.
 
 ``merge_lists``: the top ``K`` heads of the lists by a sorting network (``tl.topk``), then
 the top of the keys of those heads' lists (the best ``K-1`` keys lie there); over lists of
