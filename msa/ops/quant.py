@@ -32,11 +32,10 @@ def quantize_e4m3(x: torch.Tensor, bound: float = E4M3_MAX) -> Tuple[torch.Tenso
     d = x.shape[-1]
     rows = x.reshape(-1, d)
     step = max(1, QUANT_CHUNK // max(d, 1))
-    if rows.shape[0] <= step:
-        x8, scale = _quantize_rows(rows, bound)
-    else:
-        parts = [_quantize_rows(rows[i:i + step], bound) for i in range(0, rows.shape[0], step)]
-        x8, scale = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    x8 = torch.empty(rows.shape, dtype=E4M3, device=x.device)
+    scale = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    for i in range(0, rows.shape[0], step):     # written in place: no second copy to join
+        x8[i:i + step], scale[i:i + step] = _quantize_rows(rows[i:i + step], bound)
     return x8.view(x.shape), scale.view(x.shape[:-1])
 
 
