@@ -20,14 +20,17 @@ a group of at most 64 heads (``supported``); the ``tl.*`` kernel elsewhere.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
+                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ..launch import on_hopper
 from ..attention.gluon import (LOAD_WARPS, ROWS, STAGES, block_smem, loader, ring_barriers,
-                               tile_edges, tile_scores, work_item)
+                               tile_edges, work_item)
 from ..triton_utils import next_pow2
 
 
@@ -36,21 +39,27 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
              q0, edge0, scale_log2, stride_tl, first, G: gl.constexpr, GP: gl.constexpr,
              BS: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
              STEP: gl.constexpr, WARPS: gl.constexpr):
-    """A warpgroup, tiles ``first, first + STEP, ...``: ``S = Q K^T`` (wgmma), ``p =
-    exp(scale S - lse)`` over the allowed keys, its mean over each query's ``G`` heads
-    (``GP`` consecutive rows of one warp; padding rows hold ``p = 0``), stored at the
-    query's edge row of ``PT`` (edge ``e`` at row ``e - edge0``, the chunk's first edge)."""
+    """A warpgroup, tiles ``first, first + STEP, ...``: ``S^T = K Q^T`` (wgmma; each half
+    of the block's keys as the MMA's 64 rows, the tile's query rows as its columns), ``p =
+    exp(scale S - lse) / G`` over the allowed keys (``/ G`` in the exponent), summed over
+    each query's ``G`` heads
+    (``GP`` consecutive columns: two in each thread per 8, the rest within a lane quad;
+    padding columns hold ``p = 0``), stored at the query's edge row of ``PT`` (edge ``e``
+    at row ``e - edge0``, the chunk's first edge). Tiles whose queries all see the whole
+    block skip the mask."""
+    HALF: gl.constexpr = BS // 2
+    LOG2_G: gl.constexpr = math.log2(G)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                  instr_shape=[16, BS, 16])
-    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
-    tok = r // GP
-    g = r % GP
-    offs_n = gl.arange(0, BS, layout=gl.SliceLayout(0, mma))
-    key_ok = gl.expand_dims(offs_n < nk, 0)
-    zero = gl.zeros([ROWS, BS], gl.float32, mma)
-    st: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])
-    st_tok = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(1, st))
-    st_n = gl.expand_dims(gl.arange(0, BS, layout=gl.SliceLayout(0, st)), 0)
+                                                  instr_shape=[16, ROWS, 16])
+    c = gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))     # the tile's query rows
+    tok = c // GP
+    g = c % GP
+    key = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(1, mma)), 1)
+    zero = gl.zeros([HALF, ROWS], gl.float32, mma)
+    # a warp stores one query's 64 consecutive floats of each half
+    st: gl.constexpr = gl.BlockedLayout([2, 1], [32, 1], [1, WARPS], [0, 1])
+    st_tok = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, st))
+    st_n = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(1, st)), 1)
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     mbarrier.wait(k_bar, 0)
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
@@ -59,15 +68,41 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
         pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
         lse = gl.load(TLSE + (q0 + ql) * stride_tl + h * G + g, mask=emask & (g < G),
                       other=float("inf"))                  # padding rows: p = 0
-        lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634   # none: p = 0
-        sc = tile_scores(q_ring, k_smem, ready, empty, t, zero, STAGES)
-        allowed = (gl.expand_dims(t0 + offs_n, 0) <= gl.expand_dims(pos, 1)) & key_ok
-        p = gl.where(allowed, gl.exp2(sc * scale_log2 - gl.expand_dims(lse, 1)), 0.0)
-        pt = gl.sum(gl.reshape(p, [BLOCK_Q, GP, BS]), 1) * (1.0 / G)
-        pt = gl.convert_layout(pt, st)
+        # log2 units, less log2(G): the exponentials are already divided by G
+        lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634 \
+            + LOG2_G                                                # none: p = 0
+        lse = gl.expand_dims(lse, 0)
+        whole = (nk == BS) & (t0 + BS - 1 <= gl.min(gl.where(emask, pos, t0 + BS), 0))
+        s = t % STAGES
+        mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+        fence_async_shared()
+        q_t = q_ring.index(s).permute((1, 0))
+        lo = warpgroup_mma(k_smem.slice(0, HALF), q_t, zero, use_acc=False, is_async=True)
+        hi = warpgroup_mma(k_smem.slice(HALF, HALF), q_t, zero, use_acc=False, is_async=True)
+        lo, hi = warpgroup_mma_wait(0, deps=[lo, hi])
+        mbarrier.arrive(empty.index(s), count=1)
         se, smask, _ = tile_edges(EDGE_Q, e0, e1, t, st_tok, BLOCK_Q)
-        gl.store(PT + gl.expand_dims((se - edge0).to(gl.int64), 1) * BS + st_n, pt,
-                 mask=gl.expand_dims(smask, 1))
+        rows = PT + gl.expand_dims((se - edge0).to(gl.int64), 0) * BS + st_n
+        smask = gl.expand_dims(smask, 0)
+        _head_means(lo, lse, whole, key, pos, t0, nk, scale_log2, rows, smask, G, GP,
+                    BLOCK_Q, HALF, st)
+        _head_means(hi, lse, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF, smask,
+                    G, GP, BLOCK_Q, HALF, st)
+
+
+@gluon.jit
+def _head_means(sc, lse, whole, key, pos, t0, nk, scale_log2, rows, smask, G: gl.constexpr,
+                GP: gl.constexpr, BLOCK_Q: gl.constexpr, HALF: gl.constexpr,
+                st: gl.constexpr):
+    """Half a block's teacher rows: ``sc [HALF keys, ROWS]`` -> ``p``, the mean over each
+    query's heads, stored at ``rows [HALF, BLOCK_Q]`` (layout ``st``)."""
+    if whole:
+        p = gl.exp2(sc * scale_log2 - lse)
+    else:
+        allowed = ((t0 + key) <= gl.expand_dims(pos, 0)) & (key < nk)
+        p = gl.where(allowed, gl.exp2(sc * scale_log2 - lse), 0.0)
+    pt = gl.sum(gl.reshape(p, [HALF, BLOCK_Q, GP]), 2)
+    gl.store(rows, gl.convert_layout(pt, st), mask=smask)
 
 
 @gluon.jit
