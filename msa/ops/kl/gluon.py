@@ -48,7 +48,6 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     at row ``e - edge0``, the chunk's first edge). Tiles whose queries all see the whole
     block skip the mask."""
     HALF: gl.constexpr = BS // 2
-    LOG2_G: gl.constexpr = math.log2(G)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, ROWS, 16])
     c = gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma))     # the tile's query rows
@@ -63,15 +62,13 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
     mbarrier.wait(k_bar, 0)
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
+    # each tile's queries' positions and LSEs are loaded one tile ahead: their two
+    # dependent loads (the edge's query, then its rows) would otherwise wait in the chain
+    pos, lse, emask = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, first, tok, g, h, stride_tl,
+                                 G, BLOCK_Q)
     for t in range(first, n_tiles, STEP):
-        e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
-        pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
-        lse = gl.load(TLSE + (q0 + ql) * stride_tl + h * G + g, mask=emask & (g < G),
-                      other=float("inf"))                  # padding rows: p = 0
-        # log2 units, less log2(G): the exponentials are already divided by G
-        lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634 \
-            + LOG2_G                                                # none: p = 0
-        lse = gl.expand_dims(lse, 0)
+        pos_n, lse_n, emask_n = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, t + STEP, tok, g, h,
+                                           stride_tl, G, BLOCK_Q)
         whole = (nk == BS) & (t0 + BS - 1 <= gl.min(gl.where(emask, pos, t0 + BS), 0))
         s = t % STAGES
         mbarrier.wait(ready.index(s), (t // STAGES) & 1)
@@ -81,13 +78,31 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
         hi = warpgroup_mma(k_smem.slice(HALF, HALF), q_t, zero, use_acc=False, is_async=True)
         lo, hi = warpgroup_mma_wait(0, deps=[lo, hi])
         mbarrier.arrive(empty.index(s), count=1)
-        se, smask, _ = tile_edges(EDGE_Q, e0, e1, t, st_tok, BLOCK_Q)
+        se = e0 + t * BLOCK_Q + st_tok
         rows = PT + gl.expand_dims((se - edge0).to(gl.int64), 0) * BS + st_n
-        smask = gl.expand_dims(smask, 0)
-        _head_means(lo, lse, whole, key, pos, t0, nk, scale_log2, rows, smask, G, GP,
+        smask = gl.expand_dims(se < e1, 0)
+        lse2 = gl.expand_dims(lse, 0)
+        _head_means(lo, lse2, whole, key, pos, t0, nk, scale_log2, rows, smask, G, GP,
                     BLOCK_Q, HALF, st)
-        _head_means(hi, lse, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF, smask,
+        _head_means(hi, lse2, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF, smask,
                     G, GP, BLOCK_Q, HALF, st)
+        pos, lse, emask = pos_n, lse_n, emask_n
+
+
+@gluon.jit
+def _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, t, tok, g, h, stride_tl, G: gl.constexpr,
+               BLOCK_Q: gl.constexpr):
+    """Tile ``t``'s columns (query ``tok``, head ``g``): the query's position (``-1`` off
+    the tile), its LSE in log2 units less ``log2(G)`` (the exponentials come divided by
+    ``G``; ``+inf`` for padding heads, rows off the tile and queries that see no key: ``p
+    = 0``), the column mask."""
+    e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
+    pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
+    lse = gl.load(TLSE + (q0 + ql) * stride_tl + h * G + g, mask=emask & (g < G),
+                  other=float("inf"))
+    lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634 \
+        + math.log2(G)
+    return pos, lse, emask
 
 
 @gluon.jit
