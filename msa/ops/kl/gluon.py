@@ -6,14 +6,19 @@ query heads of KV head ``h`` (docs/semantics.md, "Indexer KL"): a ``(tokens x G 
 x D x 128`` MMA and an exponential per score, the shape of the forward's ``S = Q K^T``.
 This kernel computes it the way the Gluon forward (``msa.ops.attention.gluon``) does,
 whose loader it runs: the block's keys on chip, each tile's gathered query rows in a
-ring of shared-memory slots (``cp.async``), two warpgroups taking alternate 64-row tiles
-(``64 // GP`` queries x ``GP`` rows: the ``G`` heads, padded to the power of two ``GP``
-so that each query's rows reduce as one axis) with ``S`` from wgmma. Each tile's head average
-leaves as fp32 rows ``PT [edge, 128]``; the student half (``indexer_kl_bwd_kernel`` with
-``PT_IN``) reads them back. The ``tl.*`` kernel holding both halves needs 255 registers
-and spills at this shape. The split is faster, deterministic mode included. A teacher in
-the union form, which gathers no query rows, wrote the same rows no faster: the
-gathers do not bound this one (measurements: docs/benchmarks.md, docs/experiments.md).
+ring of ``STAGES`` shared-memory slots (``cp.async``), two warpgroups taking alternate
+64-row tiles (``64 // GP`` queries x ``GP`` rows: the ``G`` heads, padded to the power of
+two ``GP``). The scores come transposed, ``S^T = K Q^T`` (each half of the block's keys
+as the wgmma's 64 rows, the tile's query rows as its columns), so that a query's ``GP``
+heads are neighbouring columns and their sum stays mostly within a thread (two columns in
+every eight, then a lane quad) instead of crossing every lane of a warp. Each tile's
+queries' positions and LSEs are loaded a tile ahead, and a tile whose queries all see
+the whole block skips the mask. Each tile's head average leaves as fp32 rows ``PT [edge,
+128]``; the student half (``indexer_kl_bwd_kernel`` with ``PT_IN``) reads them back. The
+``tl.*`` kernel holding both halves needs 255 registers and spills at this shape. The
+split is faster, deterministic mode included. A teacher in the union form, which gathers
+no query rows, wrote the same rows no faster (measurements: docs/benchmarks.md,
+docs/experiments.md).
 
 Applies to: Hopper, bf16 / fp16, head dim 128, blocks of 128, one KV head per index head,
 a group of at most 64 heads (``supported``); the ``tl.*`` kernel elsewhere.
@@ -29,9 +34,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma, warpgroup_mma_wait)
 
 from ..launch import on_hopper
-from ..attention.gluon import (LOAD_WARPS, ROWS, STAGES, block_smem, loader, ring_barriers,
-                               tile_edges, work_item)
+from ..attention.gluon import (LOAD_WARPS, ROWS, block_smem, loader, ring_barriers, tile_edges,
+                               work_item)
 from ..triton_utils import next_pow2
+
+STAGES = 4      # gathered query tiles in flight: one program per SM leaves the room
 
 
 @gluon.jit
@@ -64,12 +71,16 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     fence_async_shared()            # cp.async wrote through the generic proxy; wgmma reads
     # each tile's queries' positions and LSEs are loaded one tile ahead: their two
     # dependent loads (the edge's query, then its rows) would otherwise wait in the chain
-    pos, lse, emask = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, first, tok, g, h, stride_tl,
-                                 G, BLOCK_Q)
+    # (not with one head per query: 16 queries per thread would spill at 168 registers)
+    AHEAD: gl.constexpr = 1 if G > 1 else 0
+    pos, lse = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, first, tok, g, h, stride_tl, G,
+                          BLOCK_Q)
     for t in range(first, n_tiles, STEP):
-        pos_n, lse_n, emask_n = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, t + STEP, tok, g, h,
-                                           stride_tl, G, BLOCK_Q)
-        whole = (nk == BS) & (t0 + BS - 1 <= gl.min(gl.where(emask, pos, t0 + BS), 0))
+        pos_n, lse_n = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, t + STEP * AHEAD, tok, g, h,
+                                  stride_tl, G, BLOCK_Q)
+        if AHEAD == 0:
+            pos, lse = pos_n, lse_n
+        whole = (nk == BS) & (t0 + BS - 1 <= gl.min(pos, 0))
         s = t % STAGES
         mbarrier.wait(ready.index(s), (t // STAGES) & 1)
         fence_async_shared()
@@ -86,23 +97,23 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
                     BLOCK_Q, HALF, st)
         _head_means(hi, lse2, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF, smask,
                     G, GP, BLOCK_Q, HALF, st)
-        pos, lse, emask = pos_n, lse_n, emask_n
+        pos, lse = pos_n, lse_n
 
 
 @gluon.jit
 def _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, t, tok, g, h, stride_tl, G: gl.constexpr,
                BLOCK_Q: gl.constexpr):
-    """Tile ``t``'s columns (query ``tok``, head ``g``): the query's position (``-1`` off
-    the tile), its LSE in log2 units less ``log2(G)`` (the exponentials come divided by
-    ``G``; ``+inf`` for padding heads, rows off the tile and queries that see no key: ``p
-    = 0``), the column mask."""
+    """Tile ``t``'s columns (query ``tok``, head ``g``): the query's position (``2^30`` off
+    the tile: such a column masks nothing), its LSE in log2 units less ``log2(G)`` (the
+    exponentials come divided by ``G``; ``+inf`` for padding heads, columns off the tile
+    and queries that see no key: ``p = 0``)."""
     e, emask, ql = tile_edges(EDGE_Q, e0, e1, t, tok, BLOCK_Q)
-    pos = gl.load(POS + q0 + ql, mask=emask, other=-1)
+    pos = gl.load(POS + q0 + ql, mask=emask, other=1 << 30)
     lse = gl.load(TLSE + (q0 + ql) * stride_tl + h * G + g, mask=emask & (g < G),
                   other=float("inf"))
     lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634 \
         + math.log2(G)
-    return pos, lse, emask
+    return pos, lse
 
 
 @gluon.jit

@@ -18,9 +18,10 @@ SIG = {"Q": "*bf16", "K": "*bf16", "PT": "*fp32", "TLSE": "*fp32", "POS": "*i32"
        "stride_kh": "i32", "stride_tl": "i32"}
 
 
-@pytest.mark.parametrize("g,gp", [(16, 16), (6, 8)], ids=["G16", "G6-padded"])
+@pytest.mark.parametrize("g,gp", [(16, 16), (6, 8), (1, 1)], ids=["G16", "G6-padded", "G1"])
 def test_teacher_compiles_for_sm90_to_gathers_and_wgmma(g, gp):
-    """A group of 6 takes 8 rows per query (8 queries per tile), its padding rows masked."""
+    """A group of 6 takes 8 rows per query (8 queries per tile), its padding rows masked;
+    one head per query (64 queries per tile) loads no tile ahead, which would spill."""
     const = dict(G=g, D=128, BS=128, BLOCK_Q=64 // gp, STAGES=kl_gluon.STAGES,
                  LOAD_WARPS=kl_gluon.LOAD_WARPS, num_warps=4, GP=gp)
     ptx = gluon_ptx("msa.ops.kl.gluon", "teacher_kernel", SIG, const)
