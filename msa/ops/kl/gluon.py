@@ -49,11 +49,10 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     """A warpgroup, tiles ``first, first + STEP, ...``: ``S^T = K Q^T`` (wgmma; each half
     of the block's keys as the MMA's 64 rows, the tile's query rows as its columns), ``p =
     exp(scale S - lse) / G`` over the allowed keys (``/ G`` in the exponent), summed over
-    each query's ``G`` heads
-    (``GP`` consecutive columns: two in each thread per 8, the rest within a lane quad;
-    padding columns hold ``p = 0``), stored at the query's edge row of ``PT`` (edge ``e``
-    at row ``e - edge0``, the chunk's first edge). Tiles whose queries all see the whole
-    block skip the mask."""
+    each query's ``G`` heads (``GP`` consecutive columns: two in each thread per 8, the
+    rest within a lane quad; padding columns hold ``p = 0``), stored at the query's edge
+    row of ``PT`` (edge ``e`` at row ``e - edge0``, the chunk's first edge). Tiles whose
+    queries all see the whole block skip the mask."""
     HALF: gl.constexpr = BS // 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, ROWS, 16])
