@@ -22,7 +22,8 @@ rows, which Triton loads one byte at a time (docs/experiments.md). Here:
 * the head dimension is relabeled, a permutation of the columns (of Q and K for
   ``S = Q K^T``, of V and the output for ``P V``), so that the bytes a thread needs for
   its MMA fragments are contiguous in shared memory: 16-byte loads, then the e4m3 -> fp16
-  conversion in registers, and for V a repacking of fp16 halves within the thread.
+  conversion in registers, and for V a repacking of fp16 halves within the thread; the
+  output leaves in the cache's column order, 16 consecutive columns a thread.
 
 e4m3 values are exact in fp16: ``S`` is the fp16 MMA of the keys times the query rows
 scaled into fp16 by a power of two, times the key scales; the probabilities meet the
@@ -265,11 +266,17 @@ def fp8_attn_kernel(
     o_l: gl.constexpr = gl.SliceLayout(0, MMA)
     o = gl.sum(acc * gl.expand_dims(w * r_i, 2), 0) / gl.expand_dims(
         gl.convert_layout(gl.maximum(l_all, 1e-30), gl.SliceLayout(1, o_l)), 1)
-    og = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_l))
-    od = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
-    gl.store(OUT + c * stride_ot + gl.expand_dims((h * G + og) * stride_oh, 1)
-             + gl.expand_dims(_phys_v(od), 0), o.to(OUT.dtype.element_ty),
-             mask=gl.expand_dims(og < G, 1))
+    # stored 16 consecutive output columns a thread (relabeled index d = 8 a + b lands in
+    # column 16 b + a), not one 2-byte store per element
+    st_l: gl.constexpr = gl.BlockedLayout([1, 16, 1], [4, 1, 8], [WARPS, 1, 1], [1, 2, 0])
+    o = gl.convert_layout(gl.reshape(o.to(OUT.dtype.element_ty), [ROWS, 16, 8]), st_l)
+    og = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(2, st_l)))
+    oa = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, st_l)))
+    ob = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, st_l)))
+    og3 = gl.expand_dims(gl.expand_dims(og, 1), 2)
+    gl.store(OUT + c * stride_ot + (h * G + og3) * stride_oh + gl.expand_dims(
+        gl.expand_dims(oa, 0), 2) + gl.expand_dims(gl.expand_dims(ob * 16, 0), 1), o,
+        mask=og3 < G)
     lse_g = gl.arange(0, ROWS, layout=gl.SliceLayout(0, row_l))
     lse = gl.where(l_all > 0, (m_all + gl.log2(l_all)) * 0.6931471805599453, float("-inf"))
     gl.store(LSE + c * stride_lt + h * G + lse_g, lse, mask=lse_g < G)

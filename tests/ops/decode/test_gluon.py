@@ -1,6 +1,6 @@
 """The Gluon FP8 decode attention (msa.ops.decode.gluon): it compiles for Hopper on any
 machine (pages by TMA, 16-byte shared loads of the e4m3 tiles, no single-byte ones, no
-spills), its relabeled shared-memory views are the slot's bytes, and on a Hopper GPU it
+spills, 16-byte output stores), its relabeled shared-memory views are the slot's bytes, and on a Hopper GPU it
 gives what the Triton kernel gives on the same e4m3 pages, and the fp64 reference on
 their dequantized values, also when the rows past each query hold NaN bytes."""
 import pytest
@@ -30,6 +30,8 @@ def test_compiles_for_sm90_to_wide_shared_loads():
         "ld.shared.b8" not in ptx
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
     assert "cvt.rn.f16x2.e4m3x2" in ptx and "ld.local" not in ptx
+    # the output in 16-byte stores (no 2-byte store per element): 32 bytes a thread
+    assert ptx.count("st.global.v4.b32") == 2 and "st.global.b16" not in ptx
 
 
 def test_views_are_the_slot_bytes():
