@@ -1,8 +1,9 @@
 """The Gluon FP8 decode attention (msa.ops.decode.gluon): it compiles for Hopper on any
 machine (pages by TMA, 16-byte shared loads of the e4m3 tiles, no single-byte ones, no
-spills, 16-byte output stores), its relabeled shared-memory views are the slot's bytes, and on a Hopper GPU it
-gives what the Triton kernel gives on the same e4m3 pages, and the fp64 reference on
-their dequantized values, also when the rows past each query hold NaN bytes."""
+spills, 16-byte output stores), its relabeled shared-memory views are the slot's bytes,
+and on a Hopper GPU it gives what the Triton kernel gives on the same e4m3 pages, and
+the fp64 reference on their dequantized values, also when the rows past each query hold
+NaN bytes."""
 import pytest
 import torch
 
