@@ -56,14 +56,11 @@ def phys_k(d: int) -> int:
     return (d & 1) | ((d >> 3) & 1) << 1 | ((d >> 4) & 7) << 2 | ((d >> 1) & 3) << 5
 
 
-def phys_v(d):
-    """Column of relabeled head-dim index ``d`` (an int, or a tensor inside the kernel as
-    ``_phys_v``) in ``P V`` and the output: the 16 a thread holds in its V fragments
-    (bits 3-6) become 16 consecutive columns."""
+def phys_v(d: int) -> int:
+    """Column of relabeled head-dim index ``d`` in ``P V`` and the output: the 16 a thread
+    holds in its V fragments (bits 3-6) become 16 consecutive columns (the kernel's output
+    store writes ``d = 8 a + b`` at ``16 b + a``, this map, as sums it can vectorize)."""
     return (d & 7) << 4 | d >> 3
-
-
-_phys_v = gluon.jit(phys_v)
 
 
 def _slot_offset(row: int, col: int) -> int:
@@ -267,7 +264,7 @@ def fp8_attn_kernel(
     o = gl.sum(acc * gl.expand_dims(w * r_i, 2), 0) / gl.expand_dims(
         gl.convert_layout(gl.maximum(l_all, 1e-30), gl.SliceLayout(1, o_l)), 1)
     # stored 16 consecutive output columns a thread (relabeled index d = 8 a + b lands in
-    # column 16 b + a), not one 2-byte store per element
+    # column phys_v(d) = 16 b + a), not one 2-byte store per element
     st_l: gl.constexpr = gl.BlockedLayout([1, 16, 1], [4, 1, 8], [WARPS, 1, 1], [1, 2, 0])
     o = gl.convert_layout(gl.reshape(o.to(OUT.dtype.element_ty), [ROWS, 16, 8]), st_l)
     og = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(2, st_l)))
