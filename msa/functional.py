@@ -476,11 +476,19 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
                                                       backend == "triton")
         if index_triton and cfg.index_precision == "fp8":
             C.check_fp8_device("index_precision='fp8'", qi)
-        topk_indices, ilse = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
-                                        iscale, 1.0, triton_kl, index_triton, chunk,
-                                        cfg.index_precision, items)
+        topk_indices, _ = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
+                                     iscale, 1.0, False, index_triton, chunk,
+                                     cfg.index_precision, items)
+        if triton_kl:       # the step's plan, chunks made (its host sync) behind the top-k
+            step_plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=qi.shape[-2],
+                                      max_chunk=chunk, q_per_item=items)
+            step_plan.chunks
         out, lse = attention_fwd_op(qp, kp, vp, topk_indices, *lay.meta, bs, scale, use_triton,
                                     _backward_mode(use_triton, deterministic), True)
+        if triton_kl:       # launched behind the attention forward, which hides its host time
+            from .ops.indexer.triton import selected_lse
+            ilse = selected_lse(qip.detach(), kip.detach(), topk_indices, step_plan,
+                                scale=iscale)
     else:
         out = dense_attention(qp, kp, vp, lay.seg, scale=scale)
     kl = None
