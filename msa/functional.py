@@ -214,7 +214,7 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
         C.check_fp8_device("index_precision='fp8'", qi)
     topk_indices, lse = indexer_op(lay.pack(qi), lay.pack(ki), *lay.meta, block_size, topk,
                                    _scale(softmax_scale, qi.shape[-1]),
-                                   float(lse_temperature), return_lse, use_triton, 0,
+                                   float(lse_temperature), return_lse, use_triton,
                                    index_precision)
     topk_indices = lay.unpack_heads(topk_indices)
     return (topk_indices, lay.unpack_heads(lse)) if return_lse else topk_indices
@@ -469,17 +469,16 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     qp, kp, vp, qip, kip = (lay.pack(x) for x in (q, k, v, qi, ki))
     topk_indices = lse = ilse = None
     if mode == "sparse":
-        chunk = P.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
-                                 deterministic) if triton_kl else 0
         items = P.item_queries(q.shape[-2] // k.shape[-2])    # one plan for the step
         index_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or
                                                       backend == "triton")
         if index_triton and cfg.index_precision == "fp8":
             C.check_fp8_device("index_precision='fp8'", qi)
         topk_indices, _ = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
-                                     iscale, 1.0, False, index_triton, chunk,
-                                     cfg.index_precision, items)
-        if triton_kl:       # the step's plan, chunks made (its host sync) behind the top-k
+                                     iscale, 1.0, False, index_triton, cfg.index_precision)
+        if triton_kl:       # the step's plan; its chunks (one host sync) made behind the top-k
+            chunk = P.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
+                                     deterministic)
             step_plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=qi.shape[-2],
                                       max_chunk=chunk, q_per_item=items)
             step_plan.chunks

@@ -62,14 +62,12 @@ def attention_plan(topk_indices: Tensor, seg: Segments, q: Tensor, k: Tensor,
 def indexer_op(qi: Tensor, ki: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
                frag: Optional[Tensor], max_q: Optional[int], max_k: Optional[int], batch: int,
                seqlen_q: int, seqlen_k: int, block_size: int, topk: int, scale: float,
-               temperature: float, return_lse: bool, use_triton: bool, plan_chunk: int,
-               index_precision: str = "input", plan_items: int = 256
-               ) -> Tuple[Tensor, Tensor]:
+               temperature: float, return_lse: bool, use_triton: bool,
+               index_precision: str = "input") -> Tuple[Tensor, Tensor]:
     """Packed ``qi [total_q, Hi, Di]``, ``ki [total_k, Hki, Di]`` -> top-k
-    ``[Hi, total_q, topk]`` int32 and LSE ``[Hi, total_q]`` (``[0]`` unless requested).
-    ``plan_chunk``: queries per chunk of the plan the Triton LSE pass makes (0: its own
-    limit; ``msa_attention`` passes the limit of a whole training step so that one plan
-    serves it; ``plan_items``: its ``q_per_item``, likewise). ``index_precision="fp8"``:
+    ``[Hi, total_q, topk]`` int32 and LSE ``[Hi, total_q]`` (``[0]`` unless requested;
+    the Triton LSE pass plans the selection with its own chunk limit; ``msa_attention``
+    runs that pass itself, on the plan of its whole step). ``index_precision="fp8"``:
     blocks ranked by e4m3 scores (the LSE keeps the inputs' precision). The top-k is
     marked trusted (not validated again downstream)."""
     seg = segments(qi.shape[0], ki.shape[0], cu_q, cu_k, frag, max_q, max_k, batch,
@@ -82,8 +80,7 @@ def indexer_op(qi: Tensor, ki: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Te
         if return_lse:
             hi = qi.shape[1]
             plan = P.sparse_plan(topk_indices, seg, block_size=block_size, heads=hi,
-                                 max_chunk=plan_chunk or P.lse_chunk(hi, topk),
-                                 q_per_item=plan_items)
+                                 max_chunk=P.lse_chunk(hi, topk))
             lse = selected_lse(qi, ki, topk_indices, plan, scale=scale, temperature=temperature)
     else:
         topk_indices, lse = indexer_reference(qi, ki, seg, block_size=block_size, topk=topk,
@@ -97,8 +94,7 @@ def indexer_op(qi: Tensor, ki: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Te
 
 @indexer_op.register_fake
 def _(qi, ki, cu_q, cu_k, frag, max_q, max_k, batch, seqlen_q, seqlen_k, block_size, topk,
-      scale, temperature, return_lse, use_triton, plan_chunk, index_precision="input",
-      plan_items=256):
+      scale, temperature, return_lse, use_triton, index_precision="input"):
     topk_indices = qi.new_empty((qi.shape[1], qi.shape[0], topk), dtype=torch.int32)
     shape = (qi.shape[1], qi.shape[0]) if return_lse else (0,)
     return topk_indices, qi.new_empty(shape, dtype=_lse_dtype(qi))
