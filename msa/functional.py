@@ -469,18 +469,19 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     qp, kp, vp, qip, kip = (lay.pack(x) for x in (q, k, v, qi, ki))
     topk_indices = lse = ilse = None
     if mode == "sparse":
-        items = P.item_queries(q.shape[-2] // k.shape[-2])    # one plan for the step
         index_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or
                                                       backend == "triton")
         if index_triton and cfg.index_precision == "fp8":
             C.check_fp8_device("index_precision='fp8'", qi)
         topk_indices, _ = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
                                      iscale, 1.0, False, index_triton, cfg.index_precision)
-        if triton_kl:       # the step's plan; its chunks (one host sync) made behind the top-k
+        if triton_kl:       # one plan for the step (the attention ops find it when Hkv = Hi);
+            # its chunks (the one host sync) made behind the top-k
             chunk = P.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
                                      deterministic)
             step_plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=qi.shape[-2],
-                                      max_chunk=chunk, q_per_item=items)
+                                      max_chunk=chunk,
+                                      q_per_item=P.item_queries(q.shape[-2] // k.shape[-2]))
             step_plan.chunks
         out, lse = attention_fwd_op(qp, kp, vp, topk_indices, *lay.meta, bs, scale, use_triton,
                                     _backward_mode(use_triton, deterministic), True)
@@ -499,13 +500,9 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
         kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
     elif triton_kl:
         from .ops.kl.triton import indexer_kl_bwd
-        hi = qi.shape[-2]
-        plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=hi,
-                             max_chunk=P.kl_chunk(hi, qi.shape[-1], cfg.topk, deterministic,
-                                                 bs), q_per_item=items)
         loss, dqi, dki = indexer_kl_bwd(
             qp.detach(), kp.detach(), lse.detach(), qip.detach(), kip.detach(), ilse, topk_indices,
-            plan, scale=scale, index_scale=iscale, loss_coeff=cfg.kl_loss_coeff,
+            step_plan, scale=scale, index_scale=iscale, loss_coeff=cfg.kl_loss_coeff,
             deterministic=deterministic)
         kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
     elif wants_kl:
