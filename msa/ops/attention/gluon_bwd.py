@@ -14,7 +14,8 @@ the row statistics ``lse``, ``delta`` and positions stay two values per thread):
     dV_w += P^T dO,  dK_w += dS^T Q   (P and dS through shared memory, read transposed)
     dQ[:, cols_w] = dS_0 K_0[:, cols_w] + dS_1 K_1[:, cols_w]   (both warpgroups' dS)
 
-The MMAs are issued asynchronously: S with dP, then dV, dK and dQ together. ``dQ`` goes
+The MMAs are issued asynchronously: S with dP; P's exponentials run under dP, dV under
+dS, then dK and dQ. ``dQ`` goes
 to one slot per (query, KV head, top-k slot) in the dtype of q, summed by the Triton
 ``dq_sum_kernel``; ``dK``/``dV`` leave once per program by fp32 atomics, or
 (deterministic) into one slot per work item, as in the Triton backward.
@@ -46,7 +47,8 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empt
     """Attention warpgroup ``W``: keys ``W * 64 ..`` of the block for ``S, dP, dK, dV``
     and columns ``W * 64 ..`` of ``dQ`` (over all 128 keys: it reads both warpgroups' dS
     from shared memory, ``ds_ready`` / ``ds_free``), every tile. The MMAs run
-    asynchronously: ``S`` with ``dP``, then ``dV``, ``dK`` and ``dQ`` together."""
+    asynchronously: ``S`` with ``dP``, ``P`` computed under ``dP``, ``dV`` issued before
+    ``dS`` is computed, then ``dK`` and ``dQ``."""
     M: gl.constexpr = ROWS
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, HALF, 16])
@@ -90,20 +92,23 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empt
         do_s = do_ring.index(s)
         sc = warpgroup_mma(q_s, k_w.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp = warpgroup_mma(do_s, v_w.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        sc, dp = warpgroup_mma_wait(0, deps=[sc, dp])
+        sc = warpgroup_mma_wait(1, deps=[sc])                # P's exponentials under dP
         allowed = (gl.expand_dims(t0 + key, 0) <= gl.expand_dims(pos, 1)) & \
             gl.expand_dims(key < nk, 0)
         p = gl.where(allowed, gl.exp2(sc * scale_log2 - gl.expand_dims(lse, 1)), 0.0)
+        p_w.store(p.to(p_w.dtype))      # read by this warpgroup's last dV only: waited
+        fence_async_shared()
+        gl.thread_barrier()
+        # dV += P^T dO (P read transposed as the A operand), under dS
+        dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=[dp])
         ds = p * (dp - gl.expand_dims(delta, 1))
         mbarrier.wait(ds_free, (t & 1) ^ 1)                  # both read the last tile's dS
-        p_w.store(p.to(p_w.dtype))
         ds_w.store(ds.to(ds_w.dtype))
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(ds_ready, count=1)
-        # dV += P^T dO, dK += dS^T Q: P and dS read transposed as the A operand
-        dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
-        dk = warpgroup_mma(ds_w.permute((1, 0)), q_s, dk, is_async=True)
+        dk = warpgroup_mma(ds_w.permute((1, 0)), q_s, dk, is_async=True)   # dK += dS^T Q
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
         sidx = ((ql * HKV + h) * TOPK + slot) * G + g
         sidx = gl.expand_dims(gl.convert_layout(sidx, gl.SliceLayout(1, st_h)), 1)

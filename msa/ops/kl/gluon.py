@@ -86,14 +86,15 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
         q_t = q_ring.index(s).permute((1, 0))
         lo = warpgroup_mma(k_smem.slice(0, HALF), q_t, zero, use_acc=False, is_async=True)
         hi = warpgroup_mma(k_smem.slice(HALF, HALF), q_t, zero, use_acc=False, is_async=True)
-        lo, hi = warpgroup_mma_wait(0, deps=[lo, hi])
-        mbarrier.arrive(empty.index(s), count=1)
+        lo = warpgroup_mma_wait(1, deps=[lo])           # the first half under the second
         se = e0 + t * BLOCK_Q + st_tok
         rows = PT + gl.expand_dims((se - edge0).to(gl.int64), 0) * BS + st_n
         smask = gl.expand_dims(se < e1, 0)
         lse2 = gl.expand_dims(lse, 0)
         _head_means(lo, lse2, whole, key, pos, t0, nk, scale_log2, rows, smask, G, GP,
                     BLOCK_Q, HALF, st)
+        hi = warpgroup_mma_wait(0, deps=[hi])
+        mbarrier.arrive(empty.index(s), count=1)
         _head_means(hi, lse2, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF, smask,
                     G, GP, BLOCK_Q, HALF, st)
         pos, lse = pos_n, lse_n
