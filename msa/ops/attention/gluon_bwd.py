@@ -14,8 +14,9 @@ the row statistics ``lse``, ``delta`` and positions stay two values per thread):
     dV_w += P^T dO,  dK_w += dS^T Q   (P and dS through shared memory, read transposed)
     dQ[:, cols_w] = dS_0 K_0[:, cols_w] + dS_1 K_1[:, cols_w]   (both warpgroups' dS)
 
-The MMAs are issued asynchronously: S with dP; P's exponentials run under dP, dV under
-dS, then dK and dQ. ``dQ`` goes
+The MMAs are issued asynchronously: S with dP, then dV, dK and dQ. With ``EARLY_DV`` (groups
+of 8 heads or more) P's exponentials run under dP and dV under dS; with fewer heads
+that order spills more and was slower (docs/experiments.md). ``dQ`` goes
 to one slot per (query, KV head, top-k slot) in the dtype of q, summed by the Triton
 ``dq_sum_kernel``; ``dK``/``dV`` leave once per program by fp32 atomics, or
 (deterministic) into one slot per work item, as in the Triton backward.
@@ -35,6 +36,7 @@ from .gluon import ROWS, loader, ring_barriers, tile_edges, work_item
 STAGES = 2              # gathered (Q, dO) tiles in flight (32 KB each)
 LOAD_WARPS = 4
 HALF = gl.constexpr(64)  # keys per attention warpgroup
+EARLY_DV_GROUP = 8      # smallest group issuing dV before dS
 
 
 @gluon.jit
@@ -43,12 +45,13 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empt
            nk, e0, e1, q0, scale, scale_log2, stride_lt, W: gl.constexpr,
            HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
            BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
-           STAGES: gl.constexpr, DET: gl.constexpr, WARPS: gl.constexpr):
+           STAGES: gl.constexpr, DET: gl.constexpr, EARLY_DV: gl.constexpr,
+           WARPS: gl.constexpr):
     """Attention warpgroup ``W``: keys ``W * 64 ..`` of the block for ``S, dP, dK, dV``
     and columns ``W * 64 ..`` of ``dQ`` (over all 128 keys: it reads both warpgroups' dS
     from shared memory, ``ds_ready`` / ``ds_free``), every tile. The MMAs run
-    asynchronously: ``S`` with ``dP``, ``P`` computed under ``dP``, ``dV`` issued before
-    ``dS`` is computed, then ``dK`` and ``dQ``."""
+    asynchronously: ``S`` with ``dP``, then ``dV``, ``dK`` and ``dQ`` (``EARLY_DV``: ``P``
+    computed under ``dP``, ``dV`` issued before ``dS`` is computed)."""
     M: gl.constexpr = ROWS
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, HALF, 16])
@@ -92,23 +95,31 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empt
         do_s = do_ring.index(s)
         sc = warpgroup_mma(q_s, k_w.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp = warpgroup_mma(do_s, v_w.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        sc = warpgroup_mma_wait(1, deps=[sc])                # P's exponentials under dP
+        if EARLY_DV:
+            sc = warpgroup_mma_wait(1, deps=[sc])            # P's exponentials under dP
+        else:
+            sc, dp = warpgroup_mma_wait(0, deps=[sc, dp])
         allowed = (gl.expand_dims(t0 + key, 0) <= gl.expand_dims(pos, 1)) & \
             gl.expand_dims(key < nk, 0)
         p = gl.where(allowed, gl.exp2(sc * scale_log2 - gl.expand_dims(lse, 1)), 0.0)
-        p_w.store(p.to(p_w.dtype))      # read by this warpgroup's last dV only: waited
-        fence_async_shared()
-        gl.thread_barrier()
-        # dV += P^T dO (P read transposed as the A operand), under dS
-        dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
-        dp = warpgroup_mma_wait(1, deps=[dp])
+        # dV += P^T dO, dK += dS^T Q: P and dS read transposed as the A operand
+        if EARLY_DV:        # dV under dS (P's slot: only this warpgroup's last dV read it)
+            p_w.store(p.to(p_w.dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
+            dp = warpgroup_mma_wait(1, deps=[dp])
         ds = p * (dp - gl.expand_dims(delta, 1))
         mbarrier.wait(ds_free, (t & 1) ^ 1)                  # both read the last tile's dS
+        if not EARLY_DV:
+            p_w.store(p.to(p_w.dtype))
         ds_w.store(ds.to(ds_w.dtype))
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(ds_ready, count=1)
-        dk = warpgroup_mma(ds_w.permute((1, 0)), q_s, dk, is_async=True)   # dK += dS^T Q
+        if not EARLY_DV:
+            dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
+        dk = warpgroup_mma(ds_w.permute((1, 0)), q_s, dk, is_async=True)
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
         sidx = ((ql * HKV + h) * TOPK + slot) * G + g
         sidx = gl.expand_dims(gl.convert_layout(sidx, gl.SliceLayout(1, st_h)), 1)
@@ -145,8 +156,8 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
                stride_qt, stride_qh, stride_dt, stride_dh, stride_kt, stride_kh, stride_vt,
                stride_vh, stride_lt, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
                BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
-               STAGES: gl.constexpr, DET: gl.constexpr, LOAD_WARPS: gl.constexpr,
-               num_warps: gl.constexpr):
+               STAGES: gl.constexpr, DET: gl.constexpr, EARLY_DV: gl.constexpr,
+               LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
     """One program per work item of the plan: its block's K and V in shared memory, its
     edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries. ``Q, DO``: ``[total_q, Hq, D]``;
     ``LSE, DELTA``: ``[total_q, Hq]`` fp32; ``DQ``: slots; ``DK, DV``: fp32
@@ -174,11 +185,11 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
         (_grads, (q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
                   empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
                   pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 0, HKV, G,
-                  D, BS, TOPK, BLOCK_Q, STAGES, DET, num_warps)),
+                  D, BS, TOPK, BLOCK_Q, STAGES, DET, EARLY_DV, num_warps)),
         (_grads, (q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
                   empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
                   pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 1, HKV, G,
-                  D, BS, TOPK, BLOCK_Q, STAGES, DET, 4)),
+                  D, BS, TOPK, BLOCK_Q, STAGES, DET, EARLY_DV, 4)),
         (loader, (Q, K, V, EDGE_Q, q_ring, k_smem.index(0), v_smem.index(0), kv_bar, ready,
                   empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh,
                   stride_vt, stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, True, DO,
@@ -191,11 +202,11 @@ def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, sca
     """``bwd_kernel`` over one chunk's plan (``sparse_attn_bwd``'s buffers: ``dk, dv`` the
     fp32 gradients or, ``deterministic``, the per-item slots)."""
     hkv = int(plan.num_heads)
+    g = q.shape[1] // hkv
     bwd_kernel[(plan.num_items,)](
         q, k, v, dout, lse, delta, slots, dk, dv, rows.q_pos, plan.edge_q, plan.edge_slot,
         plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1,
         q0, scale, scale_log2, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), lse.stride(0), HKV=hkv,
-        G=q.shape[1] // hkv, D=q.shape[2], BS=block_size, TOPK=topk,
-        BLOCK_Q=ROWS.value // (q.shape[1] // hkv), STAGES=STAGES, DET=deterministic,
-        LOAD_WARPS=LOAD_WARPS, num_warps=4)
+        G=g, D=q.shape[2], BS=block_size, TOPK=topk, BLOCK_Q=ROWS.value // g, STAGES=STAGES,
+        DET=deterministic, EARLY_DV=g >= EARLY_DV_GROUP, LOAD_WARPS=LOAD_WARPS, num_warps=4)
