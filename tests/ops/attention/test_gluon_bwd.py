@@ -22,15 +22,18 @@ SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32",
        "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32", "stride_lt": "i32"}
 
 
+@pytest.mark.parametrize("early_dv", [False, True], ids=["dv_after_ds", "early_dv"])
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
-def test_compiles_for_sm90(det):
+def test_compiles_for_sm90(det, early_dv):
     """Compiled in a fresh process (``gluon_ptx``). Per attention warpgroup and tile:
     S and dP, 8 + 8 m64n64k16 (K = D); dQ in two column halves, 2 x 4 m64n64k16 (K = 64
-    keys); dV and dK, 4 + 4 m64n128k16 (K = 64 query rows)."""
+    keys); dV and dK, 4 + 4 m64n128k16 (K = 64 query rows). ``EARLY_DV`` waits for S
+    alone, then for dP with dV in flight (two waits leaving one wgmma group)."""
     from msa.ops.attention import gluon_bwd as gb
     const = dict(HKV=4, G=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=gb.STAGES,
-                 DET=det, LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
+                 DET=det, EARLY_DV=early_dv, LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
     ptx = gluon_ptx("msa.ops.attention.gluon_bwd", "bwd_kernel", SIG, const)
+    assert ptx.count("wgmma.wait_group.sync.aligned 1;") == (2 * 2 if early_dv else 0)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == 2 * 24
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 2 * 8
