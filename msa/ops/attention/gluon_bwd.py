@@ -14,10 +14,10 @@ the row statistics ``lse``, ``delta`` and positions stay two values per thread):
     dV_w += P^T dO,  dK_w += dS^T Q   (P and dS through shared memory, read transposed)
     dQ[:, cols_w] = dS_0 K_0[:, cols_w] + dS_1 K_1[:, cols_w]   (both warpgroups' dS)
 
-The MMAs are issued asynchronously: S with dP, then dV, dK and dQ. With ``EARLY_DV`` (groups
-of 8 heads or more) P's exponentials run under dP and dV under dS; with fewer heads
-that order spills more and was slower (docs/experiments.md). ``dQ`` goes
-to one slot per (query, KV head, top-k slot) in the dtype of q, summed by the Triton
+The MMAs are issued asynchronously: S with dP, then dV, dK and dQ. With ``EARLY_DV``
+(groups of 8 heads or more) P's exponentials run under dP and dV under dS; with fewer
+heads that order spills more and was slower (docs/experiments.md). ``dQ`` goes to one
+slot per (query, KV head, top-k slot) in the dtype of q, summed by the Triton
 ``dq_sum_kernel``; ``dK``/``dV`` leave once per program by fp32 atomics, or
 (deterministic) into one slot per work item, as in the Triton backward.
 
