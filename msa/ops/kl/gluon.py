@@ -12,10 +12,10 @@ two ``GP``). The scores come transposed, ``S^T = K Q^T`` (each half of the block
 as the wgmma's 64 rows, the tile's query rows as its columns), so that a query's ``GP``
 heads are neighbouring columns and their sum stays mostly within a thread (two columns in
 every eight, then a lane quad) instead of crossing every lane of a warp. Each tile's
-queries' positions and LSEs are loaded a tile ahead, a tile whose queries all see
-the whole block skips the mask, and the first half's exponentials run under the second
-half's wgmma. Each tile's head average leaves as fp32 rows ``PT [edge,
-128]``; the student half (``indexer_kl_bwd_kernel`` with ``PT_IN``) reads them back. The
+queries' positions and LSEs are loaded a tile ahead, a tile whose queries all see the
+whole block skips the mask, and the first half's exponentials run under the second
+half's wgmma. Each tile's head average leaves as fp32 rows ``PT [edge, 128]``; the
+student half (``indexer_kl_bwd_kernel`` with ``PT_IN``) reads them back. The
 ``tl.*`` kernel holding both halves needs 255 registers and spills at this shape. The
 split is faster, deterministic mode included. A teacher in the union form, which gathers
 no query rows, wrote the same rows no faster (measurements: docs/benchmarks.md,
