@@ -34,6 +34,8 @@ def _worker(rank, world, init_file, mode, result_dir, docs):
         out.backward(dout)
         torch.save([out.detach()] + [x.grad for x in local],
                    os.path.join(result_dir, f"r{rank}.pt"))
+        dist.barrier()      # no rank tears its connections down while the other's last
+                            # transfer is in flight (gloo aborts the process then)
     finally:
         dist.destroy_process_group()
 
