@@ -89,5 +89,6 @@ def run(args) -> int:
         torch.cuda.empty_cache()
     if rank == 0:
         C.write(results, args)
+    dist.barrier()                  # no rank tears down while another's last transfer runs
     dist.destroy_process_group()
     return 0
