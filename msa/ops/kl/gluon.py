@@ -31,12 +31,14 @@ import math
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere.async_copy import (
+    async_copy_global_to_shared, mbarrier_arrive)
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                warpgroup_mma, warpgroup_mma_wait)
 
 from ..launch import on_hopper
-from ..attention.gluon import (LOAD_WARPS, ROWS, block_smem, loader, ring_barriers, tile_edges,
-                               work_item)
+from ..attention.gluon import (LOAD_WARPS, ROWS, TILE_L, block_smem, load_rows, loader,
+                               ring_barriers, tile_edges, tile_offsets, work_item)
 from ..triton_utils import next_pow2
 
 STAGES = 4      # gathered query tiles in flight: one program per SM leaves the room
@@ -46,14 +48,19 @@ STAGES = 4      # gathered query tiles in flight: one program per SM leaves the 
 def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, nk, e0, e1,
              q0, edge0, scale_log2, stride_tl, first, G: gl.constexpr, GP: gl.constexpr,
              BS: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-             STEP: gl.constexpr, WARPS: gl.constexpr):
+             STEP: gl.constexpr, WARPS: gl.constexpr, qi_ring=None, ki_smem=None, pt_w=None,
+             dz_w=None, ILSE=None, DQI=None, DZ=None, LOSS=None, iscale=1.0, coeff=1.0,
+             stride_lh=0, STUDENT: gl.constexpr = False, NS: gl.constexpr = 8,
+             HI: gl.constexpr = 1, DI: gl.constexpr = 128):
     """A warpgroup, tiles ``first, first + STEP, ...``: ``S^T = K Q^T`` (wgmma; each half
     of the block's keys as the MMA's 64 rows, the tile's query rows as its columns), ``p =
     exp(scale S - lse) / G`` over the allowed keys (``/ G`` in the exponent), summed over
     each query's ``G`` heads (``GP`` consecutive columns: two in each thread per 8, the
     rest within a lane quad; padding columns hold ``p = 0``), stored at the query's edge
     row of ``PT`` (edge ``e`` at row ``e - edge0``, the chunk's first edge). Tiles whose
-    queries all see the whole block skip the mask."""
+    queries all see the whole block skip the mask. ``STUDENT``: the rows go to this
+    warpgroup's ``pt_w`` instead, and ``_student`` runs the student half on them (``NS``
+    student columns: the tile's queries, padded to 8)."""
     HALF: gl.constexpr = BS // 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, ROWS, 16])
@@ -75,30 +82,75 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     AHEAD: gl.constexpr = 1 if G > 1 else 0
     pos, lse = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, first, tok, g, h, stride_tl, G,
                           BLOCK_Q)
+    if STUDENT:
+        z_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, NS, 16])
+        zero_z = gl.zeros([HALF, NS], gl.float32, z_l)
+        loss = gl.zeros([HALF, NS], gl.float32, z_l)
+        sc_ = gl.arange(0, NS, layout=gl.SliceLayout(0, z_l))        # the student's columns
+        spos, silse, sq, sok = _student_cols(EDGE_Q, POS, ILSE, e0, e1, q0, first, sc_, h,
+                                             stride_lh, BLOCK_Q)
     for t in range(first, n_tiles, STEP):
         pos_n, lse_n = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, t + STEP * AHEAD, tok, g, h,
                                   stride_tl, G, BLOCK_Q)
         if AHEAD == 0:
             pos, lse = pos_n, lse_n
+        if STUDENT:
+            spos_n, silse_n, sq_n, sok_n = _student_cols(EDGE_Q, POS, ILSE, e0, e1, q0,
+                                                         t + STEP * AHEAD, sc_, h, stride_lh,
+                                                         BLOCK_Q)
+            if AHEAD == 0:
+                spos, silse, sq, sok = spos_n, silse_n, sq_n, sok_n
         whole = (nk == BS) & (t0 + BS - 1 <= gl.min(pos, 0))
         s = t % STAGES
         mbarrier.wait(ready.index(s), (t // STAGES) & 1)
         fence_async_shared()
         q_t = q_ring.index(s).permute((1, 0))
-        lo = warpgroup_mma(k_smem.slice(0, HALF), q_t, zero, use_acc=False, is_async=True)
-        hi = warpgroup_mma(k_smem.slice(HALF, HALF), q_t, zero, use_acc=False, is_async=True)
-        lo = warpgroup_mma_wait(1, deps=[lo])           # the first half under the second
+        if STUDENT:
+            # views offset by a zero the compiler cannot prove (as in the backward): made
+            # before the loop, their wgmma descriptors stay live and spill
+            z = t // n_tiles
+            k_t = k_smem.index(z)
+        else:
+            k_t = k_smem
+        lo = warpgroup_mma(k_t.slice(0, HALF), q_t, zero, use_acc=False, is_async=True)
+        hi = warpgroup_mma(k_t.slice(HALF, HALF), q_t, zero, use_acc=False, is_async=True)
         se = e0 + t * BLOCK_Q + st_tok
         rows = PT + gl.expand_dims((se - edge0).to(gl.int64), 0) * BS + st_n
         smask = gl.expand_dims(se < e1, 0)
         lse2 = gl.expand_dims(lse, 0)
-        _head_means(lo, lse2, whole, key, pos, t0, nk, scale_log2, rows, smask, G, GP,
-                    BLOCK_Q, HALF, st)
-        hi = warpgroup_mma_wait(0, deps=[hi])
-        mbarrier.arrive(empty.index(s), count=1)
-        _head_means(hi, lse2, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF, smask,
-                    G, GP, BLOCK_Q, HALF, st)
+        if STUDENT:     # z^T = KI qi^T, each half of the block's index keys as the MMA rows
+            ki_t = ki_smem.index(z)
+            dz_t = dz_w.index(first + z)
+            qi_t = qi_ring.index(s).permute((1, 0))
+            zl = warpgroup_mma(ki_t.slice(0, HALF), qi_t, zero_z, use_acc=False,
+                               is_async=True)
+            zh = warpgroup_mma(ki_t.slice(HALF, HALF), qi_t, zero_z, use_acc=False,
+                               is_async=True)
+            lo = warpgroup_mma_wait(3, deps=[lo])       # the first half under the rest
+            pt = _head_means(lo, lse2, whole, key, pos, t0, nk, scale_log2, rows, smask, G,
+                             GP, BLOCK_Q, HALF, st, True)
+            pt_w.slice(0, HALF).slice(0, BLOCK_Q, dim=1).store(pt)
+            hi, zl, zh = warpgroup_mma_wait(0, deps=[hi, zl, zh])
+            mbarrier.arrive(empty.index(s), count=1)
+            pt = _head_means(hi, lse2, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF,
+                             smask, G, GP, BLOCK_Q, HALF, st, True)
+            pt_w.slice(HALF, HALF).slice(0, BLOCK_Q, dim=1).store(pt)
+            loss = _student(zl, zh, pt_w, dz_t, ki_t, DZ, DQI, loss, spos, silse, sq, sok,
+                            e0 + t * BLOCK_Q, e1, edge0, t0, nk, h, iscale, coeff, HI, DI, BS,
+                            NS, BLOCK_Q, WARPS)
+            spos, silse, sq, sok = spos_n, silse_n, sq_n, sok_n
+        else:
+            lo = warpgroup_mma_wait(1, deps=[lo])       # the first half under the second
+            _head_means(lo, lse2, whole, key, pos, t0, nk, scale_log2, rows, smask, G, GP,
+                        BLOCK_Q, HALF, st)
+            hi = warpgroup_mma_wait(0, deps=[hi])
+            mbarrier.arrive(empty.index(s), count=1)
+            _head_means(hi, lse2, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF,
+                        smask, G, GP, BLOCK_Q, HALF, st)
         pos, lse = pos_n, lse_n
+    if STUDENT:
+        gl.atomic_add(LOSS, gl.sum(gl.sum(loss, 1), 0) * coeff, sem="relaxed")
 
 
 @gluon.jit
@@ -120,16 +172,120 @@ def _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, t, tok, g, h, stride_tl, G: gl.con
 @gluon.jit
 def _head_means(sc, lse, whole, key, pos, t0, nk, scale_log2, rows, smask, G: gl.constexpr,
                 GP: gl.constexpr, BLOCK_Q: gl.constexpr, HALF: gl.constexpr,
-                st: gl.constexpr):
+                st: gl.constexpr, KEEP: gl.constexpr = False):
     """Half a block's teacher rows: ``sc [HALF keys, ROWS]`` -> ``p``, the mean over each
-    query's heads, stored at ``rows [HALF, BLOCK_Q]`` (layout ``st``)."""
+    query's heads, stored at ``rows [HALF, BLOCK_Q]`` (layout ``st``), or returned
+    (``KEEP``)."""
     if whole:
         p = gl.exp2(sc * scale_log2 - lse)
     else:
         allowed = ((t0 + key) <= gl.expand_dims(pos, 0)) & (key < nk)
         p = gl.where(allowed, gl.exp2(sc * scale_log2 - lse), 0.0)
     pt = gl.sum(gl.reshape(p, [HALF, BLOCK_Q, GP]), 2)
-    gl.store(rows, gl.convert_layout(pt, st), mask=smask)
+    if not KEEP:
+        gl.store(rows, gl.convert_layout(pt, st), mask=smask)
+    return pt
+
+
+@gluon.jit
+def _student_cols(EDGE_Q, POS, ILSE, e0, e1, q0, t, c, h, stride_lh, BLOCK_Q: gl.constexpr):
+    """Tile ``t``'s student columns ``c`` (its queries, then padding): each query's
+    position (``-1`` off the tile: such a column sees no key), its selected index LSE
+    (``+inf`` where it sees no key), global row (int64) and whether it is on the tile."""
+    e, ok, ql = tile_edges(EDGE_Q, e0, e1, t, c, BLOCK_Q)
+    qg = q0 + ql
+    pos = gl.load(POS + qg, mask=ok, other=-1)
+    ilse = gl.load(ILSE + h * stride_lh + qg, mask=ok, other=float("inf"))
+    return pos, gl.where(ilse == float("-inf"), float("inf"), ilse), qg, ok
+
+
+@gluon.jit
+def _student(zl, zh, pt_w, dz_w, ki_smem, DZ, DQI, loss, spos, silse, sq, sok, et, e1, edge0,
+             t0, nk, h, iscale, coeff, HI: gl.constexpr, DI: gl.constexpr, BS: gl.constexpr,
+             NS: gl.constexpr, BLOCK_Q: gl.constexpr, WARPS: gl.constexpr):
+    """The student half of a tile (edges ``et ..``), from its index scores ``zl, zh [HALF
+    keys, NS]`` (``z^T = KI qi^T``) and the teacher rows this warpgroup left in ``pt_w [BS,
+    NS]``: ``dz = coeff (p_student - p_teacher)`` (to ``dz_w [NS, BS]`` in the index dtype,
+    then to the edges' ``DZ`` rows for the ``dki`` pass), ``dqi^T = iscale KI^T dz`` (wgmma,
+    fp32 atomics into ``DQI [total_q, HI, DI]``) and the loss terms ``p_t (log p_t - log
+    p_s)`` summed into ``loss``, the Triton kernel's ``PT_IN`` half."""
+    HALF: gl.constexpr = BS // 2
+    z_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, NS, 16])
+    gl.thread_barrier()                         # every thread's teacher rows are in pt_w
+    key = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(1, z_l)), 1)
+    pos = gl.expand_dims(spos, 0)
+    ilse = gl.expand_dims(silse, 0)
+    loss = _student_half(zl, pt_w.slice(0, HALF), dz_w.slice(0, HALF, dim=1), loss, key,
+                         pos, ilse, t0, nk, iscale, coeff, z_l)
+    loss = _student_half(zh, pt_w.slice(HALF, HALF), dz_w.slice(HALF, HALF, dim=1), loss,
+                         key + HALF, pos, ilse, t0, nk, iscale, coeff, z_l)
+    fence_async_shared()                        # generic stores, then wgmma reads
+    gl.thread_barrier()
+    zero = gl.zeros([HALF, NS], gl.float32, z_l)
+    dz_t = dz_w.permute((1, 0))                                     # [BS keys, NS]
+    da = warpgroup_mma(ki_smem.slice(0, HALF, dim=1).permute((1, 0)), dz_t, zero,
+                       use_acc=False, is_async=True)               # index dims 0 .. HALF
+    db = warpgroup_mma(ki_smem.slice(HALF, HALF, dim=1).permute((1, 0)), dz_t, zero,
+                       use_acc=False, is_async=True)
+    # the edges' dz rows (contiguous, keys fastest) while the MMAs run
+    st: gl.constexpr = gl.BlockedLayout([1, 8], [NS // WARPS, 32 * WARPS // NS], [WARPS, 1],
+                                        [1, 0])
+    c = gl.arange(0, NS, layout=gl.SliceLayout(1, st))
+    e = et + c
+    n = gl.expand_dims(gl.arange(0, BS, layout=gl.SliceLayout(0, st)), 0)
+    gl.store(DZ + gl.expand_dims((e - edge0).to(gl.int64), 1) * BS + n, dz_w.load(st),
+             mask=gl.expand_dims((c < BLOCK_Q) & (e < e1), 1))
+    da, db = warpgroup_mma_wait(0, deps=[da, db])
+    d = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(1, z_l)), 1)
+    row = DQI + gl.expand_dims(sq * (HI * DI) + h * DI, 0) + d
+    ok = gl.expand_dims(sok, 0)
+    gl.atomic_add(row, da * iscale, mask=ok, sem="relaxed")
+    gl.atomic_add(row + HALF, db * iscale, mask=ok, sem="relaxed")
+    return loss
+
+
+@gluon.jit
+def _student_half(z, pt_s, dz_s, loss, key, pos, ilse, t0, nk, iscale, coeff, z_l: gl.constexpr):
+    """Half a block's keys (``key [HALF, 1]``) of ``_student``: the teacher rows from
+    ``pt_s [HALF, NS]``, ``dz`` into ``dz_s [NS, HALF]``; returns ``loss`` plus the terms."""
+    allowed = ((t0 + key) <= pos) & (key < nk)          # padding columns have pos -1
+    pt = gl.where(allowed, pt_s.load(z_l), 0.0)
+    lps = z * iscale - ilse                             # log of the student's probability
+    ps = gl.where(allowed, gl.exp2(lps * 1.4426950408889634), 0.0)
+    loss += gl.where(pt > 0, pt * (gl.log(gl.where(pt > 0, pt, 1.0)) - lps), 0.0)
+    dz_s.store(gl.permute((coeff * (ps - pt)).to(dz_s.dtype), (1, 0)))
+    return loss
+
+
+@gluon.jit
+def _kl_loader(Q, K, QI, KI, EDGE_Q, q_ring, k_smem, qi_ring, ki_smem, k_bar, ready, empty, h,
+               krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_it,
+               stride_ih, stride_kit, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
+               DI: gl.constexpr, BS: gl.constexpr, BLOCK_Q: gl.constexpr, NS: gl.constexpr,
+               STAGES: gl.constexpr, WARPS: gl.constexpr):
+    """The fused kernel's loader: the block's keys and index keys (``k_bar``), then per
+    tile its ``GP`` query rows per query (``tile_offsets``) and its ``NS`` index-query rows
+    (head ``h``; rows past the tile's queries zero) into ring slot ``t % STAGES``."""
+    load_rows(k_smem, K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
+    load_rows(ki_smem, KI, krow, nk, 0, 0, stride_kit, 0, BS, DI, WARPS)
+    mbarrier_arrive(k_bar, increment_count=False)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [NS // WARPS, 32 * WARPS // NS], [WARPS, 1],
+                                        [1, 0])
+    cols = gl.expand_dims(gl.arange(0, DI, layout=gl.SliceLayout(0, ld)), 0)
+    r = gl.arange(0, NS, layout=gl.SliceLayout(1, ld))
+    n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
+    for t in range(n_tiles):
+        s = t % STAGES
+        mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
+        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G, D,
+                                  BLOCK_Q, WARPS, GP)
+        async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
+        _, ok, ql = tile_edges(EDGE_Q, e0, e1, t, r, BLOCK_Q)
+        rows = gl.expand_dims((q0 + ql) * stride_it + h * stride_ih, 1)
+        async_copy_global_to_shared(qi_ring.index(s), QI + rows + cols,
+                                    mask=gl.expand_dims(ok, 1))
+        mbarrier_arrive(ready.index(s), increment_count=False)
 
 
 @gluon.jit
@@ -156,7 +312,47 @@ def teacher_kernel(Q, K, PT, TLSE, POS, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM
         (loader, (Q, K, K, EDGE_Q, q_ring, k_smem, k_smem, k_bar, ready, empty, h, krow, nk,
                  e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_kt, stride_kh,
                  G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, False, None, None, 0, 0, GP))],
-        [4, LOAD_WARPS], [192, 64])
+        [4, LOAD_WARPS], [200, 72])
+
+
+@gluon.jit
+def kl_kernel(Q, K, QI, KI, TLSE, ILSE, DQI, DZ, LOSS, POS, EDGE_Q, ITEM_H, ITEM_KROW,
+              ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, edge0, scale_log2, iscale, coeff,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_tl, stride_it, stride_ih,
+              stride_kit, stride_lh, G: gl.constexpr, D: gl.constexpr, DI: gl.constexpr,
+              BS: gl.constexpr, BLOCK_Q: gl.constexpr, NS: gl.constexpr, HI: gl.constexpr,
+              STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr,
+              GP: gl.constexpr):
+    """Teacher and student in one program per work item of the KL plan: ``teacher_kernel``
+    with ``_student`` after each tile (its rows stay on chip): ``dqi`` (fp32 atomics into
+    ``DQI``), the edges' ``dz`` rows (``DZ [e - edge0, :]``, for ``kl_dki_kernel``) and the
+    loss (``LOSS``, fp32 atomic). ``QI [total_q, HI, DI]``, ``KI [total_k, DI]``, ``ILSE
+    [HI, total_q]`` (the indexer's selected LSE)."""
+    h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
+                                        ITEM_E1, gl.program_id(0))
+    q_ring = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, ROWS, D], TILE_L)
+    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [1, BS, D], TILE_L)
+    qi_ring = gl.allocate_shared_memory(QI.dtype.element_ty, [STAGES, NS, DI], TILE_L)
+    ki_smem = gl.allocate_shared_memory(KI.dtype.element_ty, [1, BS, DI], TILE_L)
+    scratch: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    pt_s = gl.allocate_shared_memory(gl.float32, [2, BS, NS], scratch)     # per warpgroup
+    dz_s = gl.allocate_shared_memory(QI.dtype.element_ty, [2, NS, BS], TILE_L)
+    k_bar, ready, empty = ring_barriers(STAGES, LOAD_WARPS, 1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_teacher, (q_ring, k_smem, k_bar, ready, empty, DZ, TLSE, POS, EDGE_Q, h, t0, nk,
+                    e0, e1, q0, edge0, scale_log2, stride_tl, 0, G, GP, BS, BLOCK_Q, STAGES,
+                    2, num_warps, qi_ring, ki_smem, pt_s.index(0), dz_s, ILSE, DQI,
+                    DZ, LOSS, iscale, coeff, stride_lh, True, NS, HI, DI)),
+        (_teacher, (q_ring, k_smem, k_bar, ready, empty, DZ, TLSE, POS, EDGE_Q, h, t0, nk,
+                    e0, e1, q0, edge0, scale_log2, stride_tl, 1, G, GP, BS, BLOCK_Q, STAGES,
+                    2, 4, qi_ring, ki_smem, pt_s.index(1), dz_s, ILSE, DQI, DZ,
+                    LOSS, iscale, coeff, stride_lh, True, NS, HI, DI)),
+        (_kl_loader, (Q, K, QI, KI, EDGE_Q, q_ring, k_smem.index(0), qi_ring, ki_smem.index(0),
+                      k_bar, ready, empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt,
+                      stride_kh, stride_it, stride_ih, stride_kit, G, GP, D, DI, BS, BLOCK_Q,
+                      NS, STAGES, LOAD_WARPS))],
+        [4, LOAD_WARPS], [200, 72])
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> bool:
@@ -190,4 +386,35 @@ def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
         plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1, q0, plan.edge0, scale_log2,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), teacher_lse.stride(0), G=g,
         D=q.shape[2], BS=block_size, BLOCK_Q=ROWS.value // gp, STAGES=STAGES,
+        LOAD_WARPS=LOAD_WARPS, num_warps=4, GP=gp)
+
+
+def fuses(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki2: torch.Tensor) -> bool:
+    """Whether ``kl_kernel`` (teacher and student in one kernel) runs these inputs, where
+    ``supported`` holds: index queries and keys of q's dtype, index head dim 128, rows
+    16-byte aligned, and at least 4 rows per query (``G`` >= 3: at most 16 queries a
+    tile, whose student columns fit the registers)."""
+    aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.data_ptr() % 16 == 0
+                  for x in (qi, ki2)) and qi.stride(0) % 8 == 0
+    return (qi.dtype == q.dtype and ki2.dtype == q.dtype and qi.shape[2] == 128
+            and next_pow2(q.shape[1] // k.shape[1]) >= 4 and aligned)
+
+
+def launch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, q_pos, plan, q0: int, dqi, dz, loss,
+              *, scale_log2: float, index_scale: float, coeff: float, block_size: int) -> None:
+    """``kl_kernel`` over one chunk's plan: adds the chunk's ``dqi`` into ``dqi [total_q,
+    Hi, 128]`` and its loss terms (times ``coeff``) into ``loss`` (fp32, atomics), and
+    writes its edges' ``dz`` rows into ``dz [plan.num_edges, block_size]`` (qi's dtype).
+    ``qi [total_q, Hi, 128]``, ``ki2 [total_k, 128]``, ``teacher_lse [total_q, Hq]`` and
+    ``indexer_lse [Hi, total_q]`` fp32. Needs ``supported`` and ``fuses``."""
+    g = q.shape[1] // k.shape[1]
+    gp = next_pow2(g)
+    block_q = ROWS.value // gp
+    kl_kernel[(plan.num_items,)](
+        q, k, qi, ki2, teacher_lse, indexer_lse, dqi, dz, loss, q_pos, plan.edge_q,
+        plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1,
+        q0, plan.edge0, scale_log2, index_scale, coeff, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), teacher_lse.stride(0), qi.stride(0), qi.stride(1),
+        ki2.stride(0), indexer_lse.stride(0), G=g, D=q.shape[2], DI=qi.shape[2],
+        BS=block_size, BLOCK_Q=block_q, NS=max(8, block_q), HI=qi.shape[1], STAGES=STAGES,
         LOAD_WARPS=LOAD_WARPS, num_warps=4, GP=gp)

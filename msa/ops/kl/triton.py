@@ -196,7 +196,7 @@ def kl_dki_kernel(DZ, QI, DKI, EDGE_Q, ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM
 def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: SparsePlan,
                    *, scale: float, index_scale: float, loss_coeff: float = 1.0,
                    deterministic: bool = False, block_t: int = None, num_warps: int = 8,
-                   num_stages: int = None, kernel: str = None):
+                   num_stages: int = None, kernel: str = None, fused: bool = True):
     """KL loss and gradients ``(loss, dqi, dki)`` (docs/semantics.md, "Indexer KL"; fp32
     ``dz``); the gradients have the dtypes of qi / ki.
 
@@ -210,8 +210,10 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     (``launch_kl``; the defaults are the fastest of the sweeps in docs/experiments.md).
     Smaller tiles are tried where the one asked for does not fit the GPU's shared memory
     (an A100 runs 128-row tiles), then the same with keys loaded per tile.
-    ``kernel``: ``"gluon"`` computes the teacher with ``msa.ops.kl.gluon`` and the student
-    half here, ``"triton"`` both here; default ``kl_kernel``'s choice.
+    ``kernel``: ``"gluon"`` computes the teacher with ``msa.ops.kl.gluon`` (``fused``, and
+    not ``deterministic``: the student half too, in the same kernel, where
+    ``msa.ops.kl.gluon.fuses``; else the student half here), ``"triton"`` both here;
+    default ``kl_kernel``'s choice.
     """
     total_q = q.shape[0]
     hi, di = qi.shape[1], qi.shape[2]
@@ -232,20 +234,29 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
             kernel = kl_kernel(q, k, hi, block_size)
         elif kernel not in ("triton", "gluon"):
             raise ValueError(f"kernel must be None, 'triton' or 'gluon', got {kernel!r}")
+        if kernel == "gluon":
+            from . import gluon
+            fused = not deterministic and fused and gluon.fuses(q, k, qi, ki2)
         for q0, q1, p in plan.chunks:
             if not p.num_items:
                 continue
+            if not deterministic:
+                dz = torch.empty(p.num_edges, block_size, dtype=qi.dtype, device=q.device)
             pt = None
-            if kernel == "gluon":           # the teacher's rows (deterministic: no atomics)
-                from . import gluon
+            if kernel == "gluon" and fused:     # teacher and student in one kernel
+                gluon.launch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, rows.q_pos, p, q0,
+                                dqi, dz, loss, scale_log2=scale * LOG2E,
+                                index_scale=index_scale, coeff=loss_coeff / (hi * total_q),
+                                block_size=block_size)
+            elif kernel == "gluon":         # the teacher's rows (deterministic: no atomics)
                 pt = torch.empty(p.num_edges, block_size, dtype=torch.float32,
                                  device=q.device)
                 gluon.launch(q, k, teacher_lse, rows.q_pos, p, q0, pt,
                              scale_log2=scale * LOG2E, block_size=block_size)
             if not deterministic:
-                dz = torch.empty(p.num_edges, block_size, dtype=qi.dtype, device=q.device)
-                launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, rows.q_pos,
-                          p.edge_q, p, q0=q0, dz=dz, pt=pt, **kw)
+                if not (kernel == "gluon" and fused):
+                    launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss,
+                              rows.q_pos, p.edge_q, p, q0=q0, dz=dz, pt=pt, **kw)
                 kl_dki_kernel[(p.num_items,)](
                     dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk,
                     p.item_e0, p.item_e1, q0, p.edge0, index_scale, qi.stride(0),

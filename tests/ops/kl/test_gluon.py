@@ -31,6 +31,32 @@ def test_teacher_compiles_for_sm90_to_gathers_and_wgmma(g, gp):
     assert "setmaxnreg" in ptx and "ld.local" not in ptx          # no spills
 
 
+FUSED_SIG = {"Q": "*bf16", "K": "*bf16", "QI": "*bf16", "KI": "*bf16", "TLSE": "*fp32",
+             "ILSE": "*fp32", "DQI": "*fp32", "DZ": "*bf16", "LOSS": "*fp32", "POS": "*i32",
+             "EDGE_Q": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32", "ITEM_T0": "*i32",
+             "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32", "q0": "i32",
+             "edge0": "i32", "scale_log2": "fp32", "iscale": "fp32", "coeff": "fp32",
+             "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32",
+             "stride_tl": "i32", "stride_it": "i32", "stride_ih": "i32", "stride_kit": "i32",
+             "stride_lh": "i32"}
+
+
+def test_fused_kl_compiles_for_sm90_to_student_wgmma_and_atomics():
+    """Teacher and student in one kernel: per tile the teacher's ``S^T`` (n64), the
+    student's ``z^T = KI qi^T`` and ``dqi^T = KI^T dz`` (n8: 4 or 8 queries padded to 8;
+    n16 at 16 queries), ``dqi`` by fp32 atomics; no local memory in the PTX."""
+    consts = [dict(G=g, D=128, DI=128, BS=128, BLOCK_Q=64 // gp, NS=max(8, 64 // gp), HI=4,
+                   STAGES=kl_gluon.STAGES, LOAD_WARPS=kl_gluon.LOAD_WARPS, num_warps=4, GP=gp)
+              for g, gp in ((16, 16), (6, 8), (4, 4))]
+    for c, ptx in zip(consts, gluon_ptx("msa.ops.kl.gluon", "kl_kernel", FUSED_SIG, consts)):
+        n = c["NS"]
+        assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ptx
+        assert f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16" in ptx
+        assert ptx.count("wgmma.mma_async") == 96     # 2 warpgroups x (S, z, dqi: 16 each)
+        assert "atom.global.gpu.relaxed.add.f32" in ptx
+        assert "setmaxnreg" in ptx and "ld.local" not in ptx
+
+
 def torch_teacher(q, k, teacher_lse, q_pos, plan, q0, pt, *, scale_log2, block_size):
     """``kl_gluon.launch``'s contract in torch (fp64): each edge's teacher row (edge ``e``
     of the chunk at row ``e - plan.edge0``)."""
