@@ -369,16 +369,20 @@ def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> boo
             and g <= ROWS.value and aligned)
 
 
+def _require(q, k, hi: int, block_size: int) -> None:
+    if not supported(q, k, hi, block_size):
+        raise NotImplementedError(
+            "the Gluon KL teacher runs on Hopper (sm_90) with bf16 / fp16, head dim 128, "
+            "blocks of 128, one KV head per index head, at most 64 heads per group and "
+            "16-byte aligned rows; use kernel='triton'")
+
+
 def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
            block_size: int) -> None:
     """``teacher_kernel`` over one chunk's plan into ``pt [plan.num_edges, block_size]``
     (fp32); ``teacher_lse [total_q, Hq]`` fp32. Raises ``NotImplementedError`` where the
     kernel does not apply (``supported``)."""
-    if not supported(q, k, int(plan.num_heads), block_size):
-        raise NotImplementedError(
-            "the Gluon KL teacher runs on Hopper (sm_90) with bf16 / fp16, head dim 128, "
-            "blocks of 128, one KV head per index head, at most 64 heads per group and "
-            "16-byte aligned rows; use kernel='triton'")
+    _require(q, k, int(plan.num_heads), block_size)
     g = q.shape[1] // k.shape[1]
     gp = next_pow2(g)                       # rows per query: the group, padded
     teacher_kernel[(plan.num_items,)](
@@ -406,7 +410,12 @@ def launch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, q_pos, plan, q0: int, dqi
     Hi, 128]`` and its loss terms (times ``coeff``) into ``loss`` (fp32, atomics), and
     writes its edges' ``dz`` rows into ``dz [plan.num_edges, block_size]`` (qi's dtype).
     ``qi [total_q, Hi, 128]``, ``ki2 [total_k, 128]``, ``teacher_lse [total_q, Hq]`` and
-    ``indexer_lse [Hi, total_q]`` fp32. Needs ``supported`` and ``fuses``."""
+    ``indexer_lse [Hi, total_q]`` fp32. Needs ``fuses``; raises ``NotImplementedError``
+    where ``supported`` does not hold."""
+    _require(q, k, int(plan.num_heads), block_size)
+    if not fuses(q, k, qi, ki2):
+        raise NotImplementedError("the fused Gluon KL needs index queries and keys of q's "
+                                  "dtype, index head dim 128 and groups of 3 or more heads")
     g = q.shape[1] // k.shape[1]
     gp = next_pow2(g)
     block_q = ROWS.value // gp

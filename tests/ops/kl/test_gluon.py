@@ -96,6 +96,57 @@ def test_student_half_from_teacher_rows_matches_reference(q_lens, k_lens, hq, hk
     assert loss > 0
 
 
+def torch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, q_pos, plan, q0, dqi, dz, loss, *,
+             scale_log2, index_scale, coeff, block_size):
+    """``kl_gluon.launch_kl``'s contract in torch (fp64): the teacher rows, then per edge
+    ``dz = coeff (p_student - p_teacher)`` into its row of ``dz``, ``index_scale dz @ ki``
+    added to ``dqi`` and the loss terms (times ``coeff``) to ``loss``."""
+    pt = torch.empty(plan.num_edges, block_size, dtype=torch.float64, device=q.device)
+    torch_teacher(q, k, teacher_lse, q_pos, plan, q0, pt, scale_log2=scale_log2,
+                  block_size=block_size)
+    dz.zero_()
+    for i in range(plan.num_items):
+        h, krow, t0, nk, e0, e1 = (int(x[i]) for x in (
+            plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
+            plan.item_e1))
+        qs = q0 + plan.edge_q[e0:e1].long()
+        keys = ki2[krow:krow + nk].double()
+        lps = index_scale * qi[qs, h].double() @ keys.T - indexer_lse[h, qs].double()[:, None]
+        visible = t0 + torch.arange(nk, device=q.device) <= q_pos[qs, None].long()
+        ps = torch.where(visible, lps.exp(), 0.0)
+        p_t = pt[e0 - plan.edge0:e1 - plan.edge0, :nk]
+        loss += coeff * torch.where(p_t > 0, p_t * (p_t.clamp_min(1e-300).log() - lps),
+                                    0.0).sum().to(loss.dtype)
+        d = (coeff * (ps - p_t)).to(dz.dtype)
+        dz[e0 - plan.edge0:e1 - plan.edge0, :nk] = d
+        dqi[qs, h] += (index_scale * d.double() @ keys).to(dqi.dtype)
+
+
+@pytest.mark.parametrize("q_lens,k_lens,hq,hkv,frag", [
+    ((33, 1, 50), (200, 64, 300), 8, 2, (0, 1, 1)),          # fragments, one-token segment
+    ((40,), (300,), 16, 1, None),                             # a group of 16
+])
+def test_fused_path_matches_reference(q_lens, k_lens, hq, hkv, frag, monkeypatch):
+    """The orchestration of the fused kernel (``launch_kl`` in torch here, the ``dz``
+    buffer NaN-filled first): its ``dqi``, loss and ``dz`` rows, then the ``dki`` pass,
+    chunked, equal the reference; deterministic mode keeps the split path."""
+    fused = []
+    monkeypatch.setattr(kl_gluon, "fuses", lambda *a: True)
+    monkeypatch.setattr(kl_gluon, "launch_kl", lambda *a, **kw: fused.append(1) or torch_kl(
+        *a[:10], a[10].fill_(float("nan")), *a[11:], **kw))
+    monkeypatch.setattr(kl_gluon, "launch", lambda *a, **kw: torch_teacher(
+        *a[:6], a[6].fill_(float("nan")), **kw))
+    run, (rl, rq, rk) = kl_case(q_lens, k_lens, hq, hkv, frag)
+    loss, dqi, dki = run("gluon", chunk=17)
+    assert fused
+    torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dqi.double(), rq, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
+    fused.clear()
+    run("gluon", chunk=17, det=True)
+    assert not fused
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_lens,k_lens,hq,hkv,frag", [
     ((3000,), (3000,), 64, 4, None),                          # MiniMax-M3: G = 16
