@@ -396,12 +396,16 @@ def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
 def fuses(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki2: torch.Tensor) -> bool:
     """Whether ``kl_kernel`` (teacher and student in one kernel) runs these inputs, where
     ``supported`` holds: index queries and keys of q's dtype, index head dim 128, rows
-    16-byte aligned, and at least 4 rows per query (``G`` >= 3: at most 16 queries a
-    tile, whose student columns fit the registers)."""
+    16-byte aligned, and 4 or 8 rows per query (``G`` from 3 to 8: 8 or 16 queries a
+    tile). With fewer rows per query the student's columns would not fit the registers;
+    with 16 (G > 8) a tile holds 4 queries, and the student's chain per tile (two
+    barriers, shared-memory round trips, a wgmma wait, atomics) cost more than the
+    separate Triton student: at the MiniMax-M3 shape the KL took 28.1-28.5 against
+    24.9-25.8 ms (docs/experiments.md)."""
     aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.data_ptr() % 16 == 0
                   for x in (qi, ki2)) and qi.stride(0) % 8 == 0
     return (qi.dtype == q.dtype and ki2.dtype == q.dtype and qi.shape[2] == 128
-            and next_pow2(q.shape[1] // k.shape[1]) >= 4 and aligned)
+            and 4 <= next_pow2(q.shape[1] // k.shape[1]) <= 8 and aligned)
 
 
 def launch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, q_pos, plan, q0: int, dqi, dz, loss,
