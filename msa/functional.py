@@ -311,8 +311,9 @@ def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
 def indexer_kl_kernel(q, k, qi, ki, *, block_size: int = 128, backend: str = "auto") -> str:
     """The kernel that computes the indexer KL of ``msa_attention`` in sparse mode for
     these inputs (their layouts and ``backend``): ``"reference"``
-    (PyTorch; also for index keys with more than one head), ``"gluon"`` (the teacher in the
-    Hopper kernel of ``msa.ops.kl.gluon``, the student half in Triton) or ``"triton"``
+    (PyTorch; also for index keys with more than one head), ``"gluon"`` (the teacher in a
+    Hopper kernel of ``msa.ops.kl.gluon``; the student half in Triton, or in the same
+    kernel for groups of 3 to 8 heads outside deterministic mode) or ``"triton"``
     (``msa.ops.kl.triton``). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton
     kernel on Hopper."""
     _check_ranks("q", q, "k", k)

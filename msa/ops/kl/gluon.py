@@ -1,4 +1,5 @@
-"""Gluon teacher of the indexer KL for Hopper (sm_90): ``teacher_kernel``.
+"""Gluon kernels of the indexer KL for Hopper (sm_90): ``teacher_kernel`` and
+``kl_kernel``.
 
 The KL's costly half is the teacher: per edge (query, index head ``h``, selected block)
 the main attention's probabilities over the block's 128 keys, averaged over the ``G``
@@ -14,12 +15,20 @@ heads are neighbouring columns and their sum stays mostly within a thread (two c
 every eight, then a lane quad) instead of crossing every lane of a warp. Each tile's
 queries' positions and LSEs are loaded a tile ahead, a tile whose queries all see the
 whole block skips the mask, and the first half's exponentials run under the second
-half's wgmma. Each tile's head average leaves as fp32 rows ``PT [edge, 128]``; the
-student half (``indexer_kl_bwd_kernel`` with ``PT_IN``) reads them back. The
-``tl.*`` kernel holding both halves needs 255 registers and spills at this shape. The
-split is faster, deterministic mode included. A teacher in the union form, which gathers
-no query rows, wrote the same rows no faster (measurements: docs/benchmarks.md,
-docs/experiments.md).
+half's wgmma.
+
+``teacher_kernel``: each tile's head average leaves as fp32 rows ``PT [edge, 128]``; the
+student half (``indexer_kl_bwd_kernel`` with ``PT_IN``) reads them back. ``kl_kernel``
+(groups of 3 to 8 heads, not deterministic; ``fuses``) keeps them on chip and runs the
+student half after each tile in the same warpgroup: the block's index keys on chip, the
+tile's index-query rows gathered into a second ring by the loader, ``z^T = KI qi^T`` and
+``dqi^T = KI^T dz`` as wgmma with the tile's queries as the N columns (8 or 16), the
+teacher rows and ``dz`` through shared memory, ``dqi`` by fp32 atomics, the edges' ``dz``
+rows stored for the ``dki`` pass. The ``tl.*`` kernel holding both halves needs 255
+registers and spills at the MiniMax-M3 shape, where the split is faster, as it is with
+4 queries a tile in ``kl_kernel``; with 8 or 16 queries a tile the fused kernel is
+(measurements: docs/benchmarks.md, docs/experiments.md). A teacher in the union form,
+which gathers no query rows, wrote the same rows no faster.
 
 Applies to: Hopper, bf16 / fp16, head dim 128, blocks of 128, one KV head per index head,
 a group of at most 64 heads (``supported``); the ``tl.*`` kernel elsewhere.
