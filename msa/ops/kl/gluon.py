@@ -68,8 +68,10 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     rest within a lane quad; padding columns hold ``p = 0``), stored at the query's edge
     row of ``PT`` (edge ``e`` at row ``e - edge0``, the chunk's first edge). Tiles whose
     queries all see the whole block skip the mask. ``STUDENT``: the rows go to this
-    warpgroup's ``pt_w`` instead, and ``_student`` runs the student half on them (``NS``
-    student columns: the tile's queries, padded to 8)."""
+    warpgroup's ``pt_w [BS, NS]`` instead, and ``_student`` runs the student half on them
+    (``NS`` student columns: the tile's queries, padded to 8; ``k_smem`` and ``ki_smem``
+    are then ``[1, BS, 128]`` and ``dz_w [2, NS, BS]``, whose slot ``first`` is this
+    warpgroup's)."""
     HALF: gl.constexpr = BS // 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, ROWS, 16])
