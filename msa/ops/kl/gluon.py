@@ -60,7 +60,7 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
              STEP: gl.constexpr, WARPS: gl.constexpr, qi_ring=None, ki_smem=None, pt_w=None,
              dz_w=None, ILSE=None, DQI=None, DZ=None, LOSS=None, iscale=1.0, coeff=1.0,
              stride_lh=0, STUDENT: gl.constexpr = False, NS: gl.constexpr = 8,
-             HI: gl.constexpr = 1, DI: gl.constexpr = 128):
+             HI: gl.constexpr = 1, DI: gl.constexpr = 128, PAIR: gl.constexpr = 1):
     """A warpgroup, tiles ``first, first + STEP, ...``: ``S^T = K Q^T`` (wgmma; each half
     of the block's keys as the MMA's 64 rows, the tile's query rows as its columns), ``p =
     exp(scale S - lse) / G`` over the allowed keys (``/ G`` in the exponent), summed over
@@ -93,6 +93,10 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     AHEAD: gl.constexpr = 1 if G > 1 else 0
     pos, lse = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, first, tok, g, h, stride_tl, G,
                           BLOCK_Q)
+    # STUDENT: the student runs once per PAIR tiles (their queries side by side as its
+    # columns, the first tile's ring slot holding their index-query rows)
+    n_units = (n_tiles + PAIR - 1) // PAIR
+    n_tiles = n_units * PAIR        # the loader fills a last odd tile with masked rows
     if STUDENT:
         z_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                       instr_shape=[16, NS, 16])
@@ -100,66 +104,74 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
         loss = gl.zeros([HALF, NS], gl.float32, z_l)
         sc_ = gl.arange(0, NS, layout=gl.SliceLayout(0, z_l))        # the student's columns
         spos, silse, sq, sok = _student_cols(EDGE_Q, POS, ILSE, e0, e1, q0, first, sc_, h,
-                                             stride_lh, BLOCK_Q)
-    for t in range(first, n_tiles, STEP):
-        pos_n, lse_n = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, t + STEP * AHEAD, tok, g, h,
-                                  stride_tl, G, BLOCK_Q)
-        if AHEAD == 0:
-            pos, lse = pos_n, lse_n
+                                             stride_lh, BLOCK_Q * PAIR)
+    for u in range(first, n_units, STEP):
         if STUDENT:
             spos_n, silse_n, sq_n, sok_n = _student_cols(EDGE_Q, POS, ILSE, e0, e1, q0,
-                                                         t + STEP * AHEAD, sc_, h, stride_lh,
-                                                         BLOCK_Q)
+                                                         u + STEP * AHEAD, sc_, h, stride_lh,
+                                                         BLOCK_Q * PAIR)
             if AHEAD == 0:
                 spos, silse, sq, sok = spos_n, silse_n, sq_n, sok_n
-        whole = (nk == BS) & (t0 + BS - 1 <= gl.min(pos, 0))
-        s = t % STAGES
-        mbarrier.wait(ready.index(s), (t // STAGES) & 1)
-        fence_async_shared()
-        q_t = q_ring.index(s).permute((1, 0))
+        for j in gl.static_range(PAIR):
+            t = u * PAIR + j
+            if j + 1 < PAIR:
+                t_next = t + 1
+            else:
+                t_next = (u + STEP) * PAIR
+            pos_n, lse_n = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, t + AHEAD * (t_next - t),
+                                      tok, g, h, stride_tl, G, BLOCK_Q)
+            if AHEAD == 0:
+                pos, lse = pos_n, lse_n
+            whole = (nk == BS) & (t0 + BS - 1 <= gl.min(pos, 0))
+            s = t % STAGES
+            mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+            fence_async_shared()
+            q_t = q_ring.index(s).permute((1, 0))
+            if STUDENT:
+                # views offset by a zero the compiler cannot prove (as in the backward):
+                # made before the loop, their wgmma descriptors stay live and spill
+                z = t // n_tiles
+                k_t = k_smem.index(z)
+            else:
+                k_t = k_smem
+            lo = warpgroup_mma(k_t.slice(0, HALF), q_t, zero, use_acc=False, is_async=True)
+            hi = warpgroup_mma(k_t.slice(HALF, HALF), q_t, zero, use_acc=False,
+                               is_async=True)
+            se = e0 + t * BLOCK_Q + st_tok
+            rows = PT + gl.expand_dims((se - edge0).to(gl.int64), 0) * BS + st_n
+            smask = gl.expand_dims(se < e1, 0)
+            lse2 = gl.expand_dims(lse, 0)
+            if STUDENT and j == 0:   # z^T = KI qi^T, each half of the index keys as MMA rows
+                ki_t = ki_smem.index(z)
+                dz_t = dz_w.index(first + z)
+                qi_t = qi_ring.index(s).permute((1, 0))
+                zl = warpgroup_mma(ki_t.slice(0, HALF), qi_t, zero_z, use_acc=False,
+                                   is_async=True)
+                zh = warpgroup_mma(ki_t.slice(HALF, HALF), qi_t, zero_z, use_acc=False,
+                                   is_async=True)
+                lo = warpgroup_mma_wait(3, deps=[lo])       # the first half under the rest
+                pt = _head_means(lo, lse2, whole, key, pos, t0, nk, scale_log2, rows, smask,
+                                 G, GP, BLOCK_Q, HALF, st, True)
+                pt_w.slice(0, HALF).slice(0, BLOCK_Q, dim=1).store(pt)
+                hi, zl, zh = warpgroup_mma_wait(0, deps=[hi, zl, zh])
+            else:
+                lo = warpgroup_mma_wait(1, deps=[lo])       # the first half under the second
+                pt = _head_means(lo, lse2, whole, key, pos, t0, nk, scale_log2, rows, smask,
+                                 G, GP, BLOCK_Q, HALF, st, STUDENT)
+                if STUDENT:
+                    pt_w.slice(0, HALF).slice(j * BLOCK_Q, BLOCK_Q, dim=1).store(pt)
+                hi = warpgroup_mma_wait(0, deps=[hi])
+            mbarrier.arrive(empty.index(s), count=1)
+            pt = _head_means(hi, lse2, whole, key + HALF, pos, t0, nk, scale_log2,
+                             rows + HALF, smask, G, GP, BLOCK_Q, HALF, st, STUDENT)
+            if STUDENT:
+                pt_w.slice(HALF, HALF).slice(j * BLOCK_Q, BLOCK_Q, dim=1).store(pt)
+            pos, lse = pos_n, lse_n
         if STUDENT:
-            # views offset by a zero the compiler cannot prove (as in the backward): made
-            # before the loop, their wgmma descriptors stay live and spill
-            z = t // n_tiles
-            k_t = k_smem.index(z)
-        else:
-            k_t = k_smem
-        lo = warpgroup_mma(k_t.slice(0, HALF), q_t, zero, use_acc=False, is_async=True)
-        hi = warpgroup_mma(k_t.slice(HALF, HALF), q_t, zero, use_acc=False, is_async=True)
-        se = e0 + t * BLOCK_Q + st_tok
-        rows = PT + gl.expand_dims((se - edge0).to(gl.int64), 0) * BS + st_n
-        smask = gl.expand_dims(se < e1, 0)
-        lse2 = gl.expand_dims(lse, 0)
-        if STUDENT:     # z^T = KI qi^T, each half of the block's index keys as the MMA rows
-            ki_t = ki_smem.index(z)
-            dz_t = dz_w.index(first + z)
-            qi_t = qi_ring.index(s).permute((1, 0))
-            zl = warpgroup_mma(ki_t.slice(0, HALF), qi_t, zero_z, use_acc=False,
-                               is_async=True)
-            zh = warpgroup_mma(ki_t.slice(HALF, HALF), qi_t, zero_z, use_acc=False,
-                               is_async=True)
-            lo = warpgroup_mma_wait(3, deps=[lo])       # the first half under the rest
-            pt = _head_means(lo, lse2, whole, key, pos, t0, nk, scale_log2, rows, smask, G,
-                             GP, BLOCK_Q, HALF, st, True)
-            pt_w.slice(0, HALF).slice(0, BLOCK_Q, dim=1).store(pt)
-            hi, zl, zh = warpgroup_mma_wait(0, deps=[hi, zl, zh])
-            mbarrier.arrive(empty.index(s), count=1)
-            pt = _head_means(hi, lse2, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF,
-                             smask, G, GP, BLOCK_Q, HALF, st, True)
-            pt_w.slice(HALF, HALF).slice(0, BLOCK_Q, dim=1).store(pt)
             loss = _student(zl, zh, pt_w, dz_t, ki_t, DZ, DQI, loss, spos, silse, sq, sok,
-                            e0 + t * BLOCK_Q, e1, edge0, t0, nk, h, iscale, coeff, HI, DI, BS,
-                            NS, BLOCK_Q, WARPS)
+                            e0 + u * BLOCK_Q * PAIR, e1, edge0, t0, nk, h, iscale, coeff, HI,
+                            DI, BS, NS, BLOCK_Q * PAIR, WARPS)
             spos, silse, sq, sok = spos_n, silse_n, sq_n, sok_n
-        else:
-            lo = warpgroup_mma_wait(1, deps=[lo])       # the first half under the second
-            _head_means(lo, lse2, whole, key, pos, t0, nk, scale_log2, rows, smask, G, GP,
-                        BLOCK_Q, HALF, st)
-            hi = warpgroup_mma_wait(0, deps=[hi])
-            mbarrier.arrive(empty.index(s), count=1)
-            _head_means(hi, lse2, whole, key + HALF, pos, t0, nk, scale_log2, rows + HALF,
-                        smask, G, GP, BLOCK_Q, HALF, st)
-        pos, lse = pos_n, lse_n
     if STUDENT:
         gl.atomic_add(LOSS, gl.sum(gl.sum(loss, 1), 0) * coeff, sem="relaxed")
 
@@ -274,10 +286,11 @@ def _kl_loader(Q, K, QI, KI, EDGE_Q, q_ring, k_smem, qi_ring, ki_smem, k_bar, re
                krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_it,
                stride_ih, stride_kit, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
                DI: gl.constexpr, BS: gl.constexpr, BLOCK_Q: gl.constexpr, NS: gl.constexpr,
-               STAGES: gl.constexpr, WARPS: gl.constexpr):
+               STAGES: gl.constexpr, WARPS: gl.constexpr, PAIR: gl.constexpr):
     """The fused kernel's loader: the block's keys and index keys (``k_bar``), then per
-    tile its ``GP`` query rows per query (``tile_offsets``) and its ``NS`` index-query rows
-    (head ``h``; rows past the tile's queries zero) into ring slot ``t % STAGES``."""
+    tile its ``GP`` query rows per query (``tile_offsets``) into ring slot ``t % STAGES``,
+    and with the first tile of every ``PAIR`` the ``NS`` index-query rows of their queries
+    (head ``h``; rows past them zero). A last odd tile of a pair comes masked (zeros)."""
     load_rows(k_smem, K, krow, nk, h, 0, stride_kt, stride_kh, BS, D, WARPS)
     load_rows(ki_smem, KI, krow, nk, 0, 0, stride_kit, 0, BS, DI, WARPS)
     mbarrier_arrive(k_bar, increment_count=False)
@@ -285,18 +298,21 @@ def _kl_loader(Q, K, QI, KI, EDGE_Q, q_ring, k_smem, qi_ring, ki_smem, k_bar, re
                                         [1, 0])
     cols = gl.expand_dims(gl.arange(0, DI, layout=gl.SliceLayout(0, ld)), 0)
     r = gl.arange(0, NS, layout=gl.SliceLayout(1, ld))
-    n_tiles = (e1 - e0 + BLOCK_Q - 1) // BLOCK_Q
-    for t in range(n_tiles):
-        s = t % STAGES
-        mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-        offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G, D,
-                                  BLOCK_Q, WARPS, GP)
-        async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
-        _, ok, ql = tile_edges(EDGE_Q, e0, e1, t, r, BLOCK_Q)
-        rows = gl.expand_dims((q0 + ql) * stride_it + h * stride_ih, 1)
-        async_copy_global_to_shared(qi_ring.index(s), QI + rows + cols,
-                                    mask=gl.expand_dims(ok, 1))
-        mbarrier_arrive(ready.index(s), increment_count=False)
+    n_units = (e1 - e0 + BLOCK_Q * PAIR - 1) // (BLOCK_Q * PAIR)
+    for u in range(n_units):
+        for j in gl.static_range(PAIR):
+            t = u * PAIR + j
+            s = t % STAGES
+            mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
+            offs, mask = tile_offsets(EDGE_Q, e0, e1, q0, t, h, stride_qt, stride_qh, G, D,
+                                      BLOCK_Q, WARPS, GP)
+            async_copy_global_to_shared(q_ring.index(s), Q + offs, mask=mask)
+            if j == 0:
+                _, ok, ql = tile_edges(EDGE_Q, e0, e1, u, r, BLOCK_Q * PAIR)
+                rows = gl.expand_dims((q0 + ql) * stride_it + h * stride_ih, 1)
+                async_copy_global_to_shared(qi_ring.index(s), QI + rows + cols,
+                                            mask=gl.expand_dims(ok, 1))
+            mbarrier_arrive(ready.index(s), increment_count=False)
 
 
 @gluon.jit
@@ -333,7 +349,8 @@ def kl_kernel(Q, K, QI, KI, TLSE, ILSE, DQI, DZ, LOSS, POS, EDGE_Q, ITEM_H, ITEM
               stride_kit, stride_lh, G: gl.constexpr, D: gl.constexpr, DI: gl.constexpr,
               BS: gl.constexpr, BLOCK_Q: gl.constexpr, NS: gl.constexpr, HI: gl.constexpr,
               STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr,
-              GP: gl.constexpr):
+              GP: gl.constexpr, PAIR: gl.constexpr = 1, REGS: gl.constexpr = 200,
+              LOAD_REGS: gl.constexpr = 72):
     """Teacher and student in one program per work item of the KL plan: ``teacher_kernel``
     with ``_student`` after each tile (its rows stay on chip): ``dqi`` (fp32 atomics into
     ``DQI``), the edges' ``dz`` rows (``DZ [e - edge0, :]``, for ``kl_dki_kernel``) and the
@@ -354,16 +371,16 @@ def kl_kernel(Q, K, QI, KI, TLSE, ILSE, DQI, DZ, LOSS, POS, EDGE_Q, ITEM_H, ITEM
         (_teacher, (q_ring, k_smem, k_bar, ready, empty, DZ, TLSE, POS, EDGE_Q, h, t0, nk,
                     e0, e1, q0, edge0, scale_log2, stride_tl, 0, G, GP, BS, BLOCK_Q, STAGES,
                     2, num_warps, qi_ring, ki_smem, pt_s.index(0), dz_s, ILSE, DQI,
-                    DZ, LOSS, iscale, coeff, stride_lh, True, NS, HI, DI)),
+                    DZ, LOSS, iscale, coeff, stride_lh, True, NS, HI, DI, PAIR)),
         (_teacher, (q_ring, k_smem, k_bar, ready, empty, DZ, TLSE, POS, EDGE_Q, h, t0, nk,
                     e0, e1, q0, edge0, scale_log2, stride_tl, 1, G, GP, BS, BLOCK_Q, STAGES,
                     2, 4, qi_ring, ki_smem, pt_s.index(1), dz_s, ILSE, DQI, DZ,
-                    LOSS, iscale, coeff, stride_lh, True, NS, HI, DI)),
+                    LOSS, iscale, coeff, stride_lh, True, NS, HI, DI, PAIR)),
         (_kl_loader, (Q, K, QI, KI, EDGE_Q, q_ring, k_smem.index(0), qi_ring, ki_smem.index(0),
                       k_bar, ready, empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt,
                       stride_kh, stride_it, stride_ih, stride_kit, G, GP, D, DI, BS, BLOCK_Q,
-                      NS, STAGES, LOAD_WARPS))],
-        [4, LOAD_WARPS], [200, 72])
+                      NS, STAGES, LOAD_WARPS, PAIR))],
+        [4, LOAD_WARPS], [REGS, LOAD_REGS])
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> bool:
@@ -416,7 +433,7 @@ def fuses(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki2: torch.Tensor)
     aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.data_ptr() % 16 == 0
                   for x in (qi, ki2)) and qi.stride(0) % 8 == 0
     return (qi.dtype == q.dtype and ki2.dtype == q.dtype and qi.shape[2] == 128
-            and 4 <= next_pow2(q.shape[1] // k.shape[1]) <= 8 and aligned)
+            and 4 <= next_pow2(q.shape[1] // k.shape[1]) <= 16 and aligned)
 
 
 def launch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, q_pos, plan, q0: int, dqi, dz, loss,
@@ -434,11 +451,13 @@ def launch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, q_pos, plan, q0: int, dqi
     g = q.shape[1] // k.shape[1]
     gp = next_pow2(g)
     block_q = ROWS.value // gp
+    pair = max(1, 8 // block_q)             # the student's columns: 8 or 16 queries
     kl_kernel[(plan.num_items,)](
         q, k, qi, ki2, teacher_lse, indexer_lse, dqi, dz, loss, q_pos, plan.edge_q,
         plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1,
         q0, plan.edge0, scale_log2, index_scale, coeff, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), teacher_lse.stride(0), qi.stride(0), qi.stride(1),
         ki2.stride(0), indexer_lse.stride(0), G=g, D=q.shape[2], DI=qi.shape[2],
-        BS=block_size, BLOCK_Q=block_q, NS=max(8, block_q), HI=qi.shape[1], STAGES=STAGES,
-        LOAD_WARPS=LOAD_WARPS, num_warps=4, GP=gp)
+        BS=block_size, BLOCK_Q=block_q, NS=block_q * pair, HI=qi.shape[1], STAGES=STAGES,
+        LOAD_WARPS=LOAD_WARPS, num_warps=4, GP=gp, PAIR=pair,
+        REGS=216 if pair > 1 else 200, LOAD_REGS=56 if pair > 1 else 72)   # the fewest spills
