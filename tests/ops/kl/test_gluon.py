@@ -42,17 +42,20 @@ FUSED_SIG = {"Q": "*bf16", "K": "*bf16", "QI": "*bf16", "KI": "*bf16", "TLSE": "
 
 
 def test_fused_kl_compiles_for_sm90_to_student_wgmma_and_atomics():
-    """Teacher and student in one kernel: per tile the teacher's ``S^T`` (n64), the
-    student's ``z^T = KI qi^T`` and ``dqi^T = KI^T dz`` (n8: 4 or 8 queries padded to 8;
-    n16 at 16 queries), ``dqi`` by fp32 atomics; no local memory in the PTX."""
-    consts = [dict(G=g, D=128, DI=128, BS=128, BLOCK_Q=64 // gp, NS=max(8, 64 // gp), HI=4,
-                   STAGES=kl_gluon.STAGES, LOAD_WARPS=kl_gluon.LOAD_WARPS, num_warps=4, GP=gp)
-              for g, gp in ((16, 16), (6, 8), (4, 4))]
+    """Teacher and student in one kernel: per tile the teacher's ``S^T`` (n64), per 8 or
+    16 queries the student's ``z^T = KI qi^T`` and ``dqi^T = KI^T dz`` (n8; n16 at 16
+    queries a tile; at 4 queries a tile, G = 16, once per two tiles), ``dqi`` by fp32
+    atomics; no local memory in the PTX."""
+    consts = [dict(G=g, D=128, DI=128, BS=128, BLOCK_Q=64 // gp, NS=64 // gp * pair, HI=4,
+                   STAGES=kl_gluon.STAGES, LOAD_WARPS=kl_gluon.LOAD_WARPS, num_warps=4, GP=gp,
+                   PAIR=pair, REGS=216 if pair > 1 else 200, LOAD_REGS=56 if pair > 1 else 72)
+              for g, gp, pair in ((16, 16, 2), (6, 8, 1), (4, 4, 1))]
     for c, ptx in zip(consts, gluon_ptx("msa.ops.kl.gluon", "kl_kernel", FUSED_SIG, consts)):
         n = c["NS"]
         assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ptx
         assert f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16" in ptx
-        assert ptx.count("wgmma.mma_async") == 96     # 2 warpgroups x (S, z, dqi: 16 each)
+        # 2 warpgroups x (S per tile, z and dqi per PAIR tiles: 16 instructions each)
+        assert ptx.count("wgmma.mma_async") == 2 * 16 * (c["PAIR"] + 2)
         assert "atom.global.gpu.relaxed.add.f32" in ptx
         assert "setmaxnreg" in ptx and "ld.local" not in ptx
 
