@@ -91,8 +91,8 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
     # dependent loads (the edge's query, then its rows) would otherwise wait in the chain
     # (not with one head per query: 16 queries per thread would spill at 168 registers)
     AHEAD: gl.constexpr = 1 if G > 1 else 0
-    pos, lse = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, first, tok, g, h, stride_tl, G,
-                          BLOCK_Q)
+    pos, lse = _tile_rows(EDGE_Q, POS, TLSE, e0, e1, q0, first * PAIR, tok, g, h, stride_tl,
+                          G, BLOCK_Q)
     # STUDENT: the student runs once per PAIR tiles (their queries side by side as its
     # columns, the first tile's ring slot holding their index-query rows)
     n_units = (n_tiles + PAIR - 1) // PAIR
