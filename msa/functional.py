@@ -313,7 +313,7 @@ def indexer_kl_kernel(q, k, qi, ki, *, block_size: int = 128, backend: str = "au
     these inputs (their layouts and ``backend``): ``"reference"``
     (PyTorch; also for index keys with more than one head), ``"gluon"`` (the teacher in a
     Hopper kernel of ``msa.ops.kl.gluon``; the student half in Triton, or in the same
-    kernel for groups of 3 to 8 heads outside deterministic mode) or ``"triton"``
+    kernel for groups of 3 to 16 heads outside deterministic mode) or ``"triton"``
     (``msa.ops.kl.triton``). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton
     kernel on Hopper."""
     _check_ranks("q", q, "k", k)

@@ -19,16 +19,15 @@ half's wgmma.
 
 ``teacher_kernel``: each tile's head average leaves as fp32 rows ``PT [edge, 128]``; the
 student half (``indexer_kl_bwd_kernel`` with ``PT_IN``) reads them back. ``kl_kernel``
-(groups of 3 to 8 heads, not deterministic; ``fuses``) keeps them on chip and runs the
-student half after each tile in the same warpgroup: the block's index keys on chip, the
-tile's index-query rows gathered into a second ring by the loader, ``z^T = KI qi^T`` and
-``dqi^T = KI^T dz`` as wgmma with the tile's queries as the N columns (8 or 16), the
-teacher rows and ``dz`` through shared memory, ``dqi`` by fp32 atomics, the edges' ``dz``
-rows stored for the ``dki`` pass. The ``tl.*`` kernel holding both halves needs 255
-registers and spills at the MiniMax-M3 shape, where the split is faster, as it is with
-4 queries a tile in ``kl_kernel``; with 8 or 16 queries a tile the fused kernel is
-(measurements: docs/benchmarks.md, docs/experiments.md). A teacher in the union form,
-which gathers no query rows, wrote the same rows no faster.
+(groups of 3 to 16 heads, not deterministic; ``fuses``) keeps them on chip and runs the
+student half after each tile (each two tiles at 4 queries a tile) in the same
+warpgroup: the block's index keys on chip, the index-query rows gathered into a second
+ring by the loader, ``z^T = KI qi^T`` and ``dqi^T = KI^T dz`` as wgmma with the queries as
+the N columns (8 or 16), the teacher rows and ``dz`` through shared memory, ``dqi`` by
+fp32 atomics, the edges' ``dz`` rows stored for the ``dki`` pass. The ``tl.*`` kernel
+holding both halves needs 255 registers and spills at the MiniMax-M3 shape; ``kl_kernel``
+is faster than the split (measurements: docs/benchmarks.md, docs/experiments.md). A
+teacher in the union form, which gathers no query rows, wrote the same rows no faster.
 
 Applies to: Hopper, bf16 / fp16, head dim 128, blocks of 128, one KV head per index head,
 a group of at most 64 heads (``supported``); the ``tl.*`` kernel elsewhere.
@@ -424,12 +423,12 @@ def launch(q, k, teacher_lse, q_pos, plan, q0: int, pt, *, scale_log2: float,
 def fuses(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki2: torch.Tensor) -> bool:
     """Whether ``kl_kernel`` (teacher and student in one kernel) runs these inputs, where
     ``supported`` holds: index queries and keys of q's dtype, index head dim 128, rows
-    16-byte aligned, and 4 or 8 rows per query (``G`` from 3 to 8: 8 or 16 queries a
-    tile). With fewer rows per query the student's columns would not fit the registers;
-    with 16 (G > 8) a tile holds 4 queries, and the student's chain per tile (two
-    barriers, shared-memory round trips, a wgmma wait, atomics) cost more than the
-    separate Triton student: at the MiniMax-M3 shape the KL took 28.1-28.5 against
-    24.9-25.8 ms (docs/experiments.md)."""
+    16-byte aligned, and 4 to 16 rows per query (``G`` from 3 to 16: 16, 8 or 4 queries a
+    tile). At 4 queries a tile the student runs once per two tiles: once per tile, its
+    chain (two barriers, shared-memory round trips, a wgmma wait, atomics) made the KL at
+    the MiniMax-M3 shape slower than the separate Triton student (docs/experiments.md).
+    With fewer rows per query (32 or 64 queries a tile) its columns would not fit the
+    registers."""
     aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.data_ptr() % 16 == 0
                   for x in (qi, ki2)) and qi.stride(0) % 8 == 0
     return (qi.dtype == q.dtype and ki2.dtype == q.dtype and qi.shape[2] == 128

@@ -19,8 +19,8 @@ GEMMs need 16 MMA rows, so each token's row is replicated ``R`` times with weigh
 reduction over each token's consecutive rows.
 On Hopper (``kl_kernel``) the teacher rows come from the Gluon kernel of
 ``msa.ops.kl.gluon`` instead (``PT_IN``: one fp32 row per edge) and this kernel runs the
-student half only, faster at the MiniMax-M3 shape (docs/experiments.md); with groups of 3
-to 8 heads (not deterministic) the Gluon ``kl_kernel`` runs both halves.
+student half only, faster than this kernel doing both (docs/experiments.md); with groups
+of 3 to 16 heads (not deterministic) the Gluon ``kl_kernel`` runs both halves.
 The LSEs are trusted (attention forward LSE and the indexer's selected LSE over the same
 selection).
 """
