@@ -237,14 +237,15 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
             raise ValueError(f"kernel must be None, 'triton' or 'gluon', got {kernel!r}")
         if kernel == "gluon":
             from . import gluon
-            fused = not deterministic and fused and gluon.fuses(q, k, qi, ki2)
+        one_kernel = (kernel == "gluon" and fused and not deterministic
+                      and gluon.fuses(q, k, qi, ki2))
         for q0, q1, p in plan.chunks:
             if not p.num_items:
                 continue
             if not deterministic:
                 dz = torch.empty(p.num_edges, block_size, dtype=qi.dtype, device=q.device)
             pt = None
-            if kernel == "gluon" and fused:     # teacher and student in one kernel
+            if one_kernel:                  # teacher and student in one kernel
                 gluon.launch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, rows.q_pos, p, q0,
                                 dqi, dz, loss, scale_log2=scale * LOG2E,
                                 index_scale=index_scale, coeff=loss_coeff / (hi * total_q),
@@ -255,7 +256,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                 gluon.launch(q, k, teacher_lse, rows.q_pos, p, q0, pt,
                              scale_log2=scale * LOG2E, block_size=block_size)
             if not deterministic:
-                if not (kernel == "gluon" and fused):
+                if not one_kernel:
                     launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss,
                               rows.q_pos, p.edge_q, p, q0=q0, dz=dz, pt=pt, **kw)
                 kl_dki_kernel[(p.num_items,)](
