@@ -102,12 +102,12 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
         loss = gl.zeros([HALF, NS], gl.float32, z_l)
         sc_ = gl.arange(0, NS, layout=gl.SliceLayout(0, z_l))        # the student's columns
         spos, silse, sq, sok = student_cols(EDGE_Q, POS, ILSE, e0, e1, q0, first, sc_, h,
-                                             stride_lh, BLOCK_Q * PAIR)
+                                            stride_lh, BLOCK_Q * PAIR)
     for u in range(first, n_units, STEP):
         if STUDENT:
             spos_n, silse_n, sq_n, sok_n = student_cols(EDGE_Q, POS, ILSE, e0, e1, q0,
-                                                         u + STEP * AHEAD, sc_, h, stride_lh,
-                                                         BLOCK_Q * PAIR)
+                                                        u + STEP * AHEAD, sc_, h, stride_lh,
+                                                        BLOCK_Q * PAIR)
             if AHEAD == 0:
                 spos, silse, sq, sok = spos_n, silse_n, sq_n, sok_n
         for j in gl.static_range(PAIR):
@@ -167,8 +167,8 @@ def _teacher(q_ring, k_smem, k_bar, ready, empty, PT, TLSE, POS, EDGE_Q, h, t0, 
             pos, lse = pos_n, lse_n
         if STUDENT:
             loss = student(zl, zh, pt_w, dz_t, ki_t, DZ, DQI, loss, spos, silse, sq, sok,
-                            e0 + u * BLOCK_Q * PAIR, e1, edge0, t0, nk, h, iscale, coeff, HI,
-                            DI, BS, NS, BLOCK_Q * PAIR, WARPS)
+                           e0 + u * BLOCK_Q * PAIR, e1, edge0, t0, nk, h, iscale, coeff, HI,
+                           DI, BS, NS, BLOCK_Q * PAIR, WARPS)
             spos, silse, sq, sok = spos_n, silse_n, sq_n, sok_n
     if STUDENT:
         gl.atomic_add(LOSS, gl.sum(gl.sum(loss, 1), 0) * coeff, sem="relaxed")
@@ -270,9 +270,9 @@ def kl_kernel(Q, K, QI, KI, TLSE, ILSE, DQI, DZ, LOSS, POS, EDGE_Q, ITEM_H, ITEM
                     2, 4, qi_ring, ki_smem, pt_s.index(1), dz_s, ILSE, DQI, DZ,
                     LOSS, iscale, coeff, stride_lh, True, NS, HI, DI, PAIR)),
         (kl_loader, (Q, K, QI, KI, EDGE_Q, q_ring, k_smem.index(0), qi_ring, ki_smem.index(0),
-                      k_bar, ready, empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt,
-                      stride_kh, stride_it, stride_ih, stride_kit, G, GP, D, DI, BS, BLOCK_Q,
-                      NS, STAGES, LOAD_WARPS, PAIR))],
+                     k_bar, ready, empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh,
+                     stride_kt, stride_kh, stride_it, stride_ih, stride_kit, G, GP, D, DI, BS,
+                     BLOCK_Q, NS, STAGES, LOAD_WARPS, PAIR))],
         [4, LOAD_WARPS], [REGS, LOAD_REGS])
 
 

@@ -32,8 +32,8 @@ def student_cols(EDGE_Q, POS, ILSE, e0, e1, q0, t, c, h, stride_lh, BLOCK_Q: gl.
 
 @gluon.jit
 def student(zl, zh, pt_w, dz_w, ki_smem, DZ, DQI, loss, spos, silse, sq, sok, et, e1, edge0,
-             t0, nk, h, iscale, coeff, HI: gl.constexpr, DI: gl.constexpr, BS: gl.constexpr,
-             NS: gl.constexpr, BLOCK_Q: gl.constexpr, WARPS: gl.constexpr):
+            t0, nk, h, iscale, coeff, HI: gl.constexpr, DI: gl.constexpr, BS: gl.constexpr,
+            NS: gl.constexpr, BLOCK_Q: gl.constexpr, WARPS: gl.constexpr):
     """The student half of a tile (edges ``et ..``), from its index scores ``zl, zh [HALF
     keys, NS]`` (``z^T = KI qi^T``) and the teacher rows this warpgroup left in ``pt_w [BS,
     NS]``: ``dz = coeff (p_student - p_teacher)`` (to ``dz_w [NS, BS]`` in the index dtype,
@@ -91,10 +91,10 @@ def _student_half(z, pt_s, dz_s, loss, key, pos, ilse, t0, nk, iscale, coeff, z_
 
 @gluon.jit
 def kl_loader(Q, K, QI, KI, EDGE_Q, q_ring, k_smem, qi_ring, ki_smem, k_bar, ready, empty, h,
-               krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_it,
-               stride_ih, stride_kit, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
-               DI: gl.constexpr, BS: gl.constexpr, BLOCK_Q: gl.constexpr, NS: gl.constexpr,
-               STAGES: gl.constexpr, WARPS: gl.constexpr, PAIR: gl.constexpr):
+              krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh, stride_it,
+              stride_ih, stride_kit, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
+              DI: gl.constexpr, BS: gl.constexpr, BLOCK_Q: gl.constexpr, NS: gl.constexpr,
+              STAGES: gl.constexpr, WARPS: gl.constexpr, PAIR: gl.constexpr):
     """The fused kernel's loader: the block's keys and index keys (``k_bar``), then per
     tile its ``GP`` query rows per query (``tile_offsets``) into ring slot ``t % STAGES``,
     and with the first tile of every ``PAIR`` the ``NS`` index-query rows of their queries
