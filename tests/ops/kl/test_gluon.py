@@ -60,17 +60,23 @@ def test_fused_kl_compiles_for_sm90_to_student_wgmma_and_atomics():
         assert "setmaxnreg" in ptx and "ld.local" not in ptx
 
 
+def plan_items(plan, q0):
+    """Each work item of ``plan``: ``(h, krow, t0, nk, e0, e1, queries)`` (the queries of
+    its edges, from ``q0``)."""
+    for i in range(plan.num_items):
+        h, krow, t0, nk, e0, e1 = (int(x[i]) for x in (
+            plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
+            plan.item_e1))
+        yield h, krow, t0, nk, e0, e1, q0 + plan.edge_q[e0:e1].long()
+
+
 def torch_teacher(q, k, teacher_lse, q_pos, plan, q0, pt, *, scale_log2, block_size):
     """``kl_gluon.launch``'s contract in torch (fp64): each edge's teacher row (edge ``e``
     of the chunk at row ``e - plan.edge0``)."""
     g = q.shape[1] // k.shape[1]
     scale = scale_log2 / kl_triton.LOG2E
     pt.zero_()
-    for i in range(plan.num_items):
-        h, krow, t0, nk, e0, e1 = (int(x[i]) for x in (
-            plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
-            plan.item_e1))
-        qs = q0 + plan.edge_q[e0:e1].long()
+    for h, krow, t0, nk, e0, e1, qs in plan_items(plan, q0):
         heads = slice(h * g, (h + 1) * g)
         s = scale * torch.einsum("ngd,kd->ngk", q[qs, heads].double(),
                                  k[krow:krow + nk, h].double())
@@ -108,11 +114,7 @@ def torch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, q_pos, plan, q0, dqi, dz, 
     torch_teacher(q, k, teacher_lse, q_pos, plan, q0, pt, scale_log2=scale_log2,
                   block_size=block_size)
     dz.zero_()
-    for i in range(plan.num_items):
-        h, krow, t0, nk, e0, e1 = (int(x[i]) for x in (
-            plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0,
-            plan.item_e1))
-        qs = q0 + plan.edge_q[e0:e1].long()
+    for h, krow, t0, nk, e0, e1, qs in plan_items(plan, q0):
         keys = ki2[krow:krow + nk].double()
         lps = index_scale * qi[qs, h].double() @ keys.T - indexer_lse[h, qs].double()[:, None]
         visible = t0 + torch.arange(nk, device=q.device) <= q_pos[qs, None].long()
