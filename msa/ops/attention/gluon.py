@@ -321,11 +321,17 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
     if not on_hopper(q):
         return False
     g = q.shape[-2] // k.shape[-2]
-    aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.stride(-3) % 8 == 0
-                  and x.data_ptr() % 16 == 0 for x in (q, k, v))
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
             and v.dtype == q.dtype and q.shape[-1] == 128 and block_size == 128
-            and g <= ROWS.value and aligned)
+            and g <= ROWS.value and rows_aligned(q, k, v))
+
+
+def rows_aligned(*xs: torch.Tensor) -> bool:
+    """Whether each tensor's rows can be gathered by 16-byte ``cp.async``: unit last
+    stride, its two strides before that (those it has) multiples of 8 elements, and a
+    16-byte aligned base."""
+    return all(x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[-3:-1])
+               and x.data_ptr() % 16 == 0 for x in xs)
 
 
 def partial_rows_desc(po: torch.Tensor, g: int, d: int):

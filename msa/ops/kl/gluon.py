@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from ..launch import on_hopper
 from ..attention.gluon import (LOAD_WARPS, ROWS, TILE_L, block_smem, loader, ring_barriers,
-                               tile_edges, work_item)
+                               rows_aligned, tile_edges, work_item)
 from .gluon_student import kl_loader, student, student_cols
 from ..triton_utils import next_pow2
 
@@ -283,11 +283,9 @@ def supported(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> boo
     if not on_hopper(q):
         return False
     g = q.shape[1] // k.shape[1]
-    aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.stride(-3) % 8 == 0
-                  and x.data_ptr() % 16 == 0 for x in (q, k))
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
             and q.shape[2] == 128 and block_size == 128 and k.shape[1] == hi
-            and g <= ROWS.value and aligned)
+            and g <= ROWS.value and rows_aligned(q, k))
 
 
 def _require(q, k, hi: int, block_size: int) -> None:
@@ -323,10 +321,8 @@ def fuses(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki2: torch.Tensor)
     the MiniMax-M3 shape slower than the separate Triton student (docs/experiments.md).
     With fewer rows per query (32 or 64 queries a tile) its columns would not fit the
     registers."""
-    aligned = all(x.stride(-1) == 1 and x.stride(-2) % 8 == 0 and x.data_ptr() % 16 == 0
-                  for x in (qi, ki2)) and qi.stride(0) % 8 == 0
     return (qi.dtype == q.dtype and ki2.dtype == q.dtype and qi.shape[2] == 128
-            and 4 <= next_pow2(q.shape[1] // k.shape[1]) <= 16 and aligned)
+            and 4 <= next_pow2(q.shape[1] // k.shape[1]) <= 16 and rows_aligned(qi, ki2))
 
 
 def launch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, q_pos, plan, q0: int, dqi, dz, loss,
@@ -340,7 +336,8 @@ def launch_kl(q, k, qi, ki2, teacher_lse, indexer_lse, q_pos, plan, q0: int, dqi
     _require(q, k, int(plan.num_heads), block_size)
     if not fuses(q, k, qi, ki2):
         raise NotImplementedError("the fused Gluon KL needs index queries and keys of q's "
-                                  "dtype, index head dim 128 and groups of 3 or more heads")
+                                  "dtype, index head dim 128, 16-byte aligned rows and "
+                                  "groups of 3 to 16 heads")
     g = q.shape[1] // k.shape[1]
     gp = next_pow2(g)
     block_q = ROWS.value // gp
