@@ -21,6 +21,14 @@ slot per (query, KV head, top-k slot) in the dtype of q, summed by the Triton
 ``dq_sum_kernel``; ``dK``/``dV`` leave once per program by fp32 atomics, or
 (deterministic) into one slot per work item, as in the Triton backward.
 
+With ``TEACHER`` (``launch(..., teacher_rows=pt)``) the kernel also writes the indexer
+KL's teacher rows (docs/semantics.md, "Indexer KL"): one more wgmma ``P^T E`` per tile,
+``E [64 rows, NPT]`` a constant in shared memory with a one where a row is one of the
+query's heads, gives each query's head sum over the warpgroup's 64 keys, stored as fp32
+``PT [edge - edge0, key] = mean over the G heads of P`` (``P`` rounded to the inputs'
+dtype, as it reaches ``dV``). The KL's student then runs on these rows
+(``msa.ops.kl.deferred``) and no kernel recomputes ``P`` for the KL.
+
 Measured on an H200 at 128K (docs/benchmarks.md): 1.20-1.29x the Triton backward at
 G = 4, 8, 16, 1.89x at G = 6 (both kernels packing 60 rows).
 """
@@ -31,32 +39,59 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                warpgroup_mma, warpgroup_mma_wait)
 
+from ..triton_utils import next_pow2
 from .gluon import ROWS, loader, ring_barriers, tile_edges, work_item
 
 STAGES = 2              # gathered (Q, dO) tiles in flight (32 KB each)
 LOAD_WARPS = 4
 HALF = gl.constexpr(64)  # keys per attention warpgroup
 EARLY_DV_GROUP = 8      # smallest group issuing dV before dS
+TEACHER_GROUPS = (4, 64)  # groups whose tiles write the KL's teacher rows (teaches)
+
+
+def teaches(g: int) -> bool:
+    """Whether ``bwd_kernel`` writes the KL's teacher rows for groups of ``g`` heads
+    (below 4 the rows' accumulator, 64 // g queries wide, would hold more registers than
+    the warpgroups have spare)."""
+    return TEACHER_GROUPS[0] <= g <= TEACHER_GROUPS[1]
 
 
 @gluon.jit
-def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empty,
-           ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, pid, h, krow, t0,
-           nk, e0, e1, q0, scale, scale_log2, stride_lt, W: gl.constexpr,
+def _store_teacher(pt, PT, edge0, e0, e1, t, W: gl.constexpr, G: gl.constexpr,
+                   BS: gl.constexpr, BLOCK_Q: gl.constexpr, NPT: gl.constexpr,
+                   pt_l: gl.constexpr):
+    """Tile ``t``'s teacher rows: ``pt [64 keys, NPT queries]`` (head sums) / G to
+    ``PT [(e - edge0), W * 64 + key]`` for the tile's edges ``e``."""
+    n = gl.arange(0, NPT, layout=gl.SliceLayout(0, pt_l))
+    key = W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, pt_l))
+    e = e0 + t * BLOCK_Q + n
+    off = gl.expand_dims((e - edge0).to(gl.int64) * BS, 0) + gl.expand_dims(key, 1)
+    mask = gl.expand_dims(key < BS, 1) & gl.expand_dims((n < BLOCK_Q) & (e < e1), 0)
+    gl.store(PT + off, pt * (1.0 / G), mask=mask)
+
+
+@gluon.jit
+def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, ready, empty,
+           ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q, EDGE_SLOT, pid, h,
+           krow, t0, nk, e0, e1, q0, edge0, scale, scale_log2, stride_lt, W: gl.constexpr,
            HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
            BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
            STAGES: gl.constexpr, DET: gl.constexpr, EARLY_DV: gl.constexpr,
-           WARPS: gl.constexpr):
+           TEACHER: gl.constexpr, NPT: gl.constexpr, WARPS: gl.constexpr):
     """Attention warpgroup ``W``: keys ``W * 64 ..`` of the block for ``S, dP, dK, dV``
     and columns ``W * 64 ..`` of ``dQ`` (over all 128 keys: it reads both warpgroups' dS
     from shared memory, ``ds_ready`` / ``ds_free``), every tile. The MMAs run
     asynchronously: ``S`` with ``dP``, then ``dV``, ``dK`` and ``dQ`` (``EARLY_DV``: ``P``
-    computed under ``dP``, ``dV`` issued before ``dS`` is computed)."""
+    computed under ``dP``, ``dV`` issued before ``dS`` is computed). ``TEACHER``: the
+    rows' ``P^T E`` is issued before ``dV`` and waited with ``dP`` (``EARLY_DV``) or with
+    the tile's last wait."""
     M: gl.constexpr = ROWS
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, HALF, 16])
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, D, 16])
+    pt_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                   instr_shape=[16, NPT, 16])
     st: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     st_h: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
     rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
@@ -107,8 +142,16 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empt
             p_w.store(p.to(p_w.dtype))
             fence_async_shared()
             gl.thread_barrier()
+            if TEACHER:
+                pt = warpgroup_mma(p_w.permute((1, 0)), e_smem.permute((1, 0)),
+                                   gl.zeros([HALF, NPT], gl.float32, pt_l), use_acc=False,
+                                   is_async=True)
             dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
-            dp = warpgroup_mma_wait(1, deps=[dp])
+            if TEACHER:
+                dp, pt = warpgroup_mma_wait(1, deps=[dp, pt])
+                _store_teacher(pt, PT, edge0, e0, e1, t, W, G, BS, BLOCK_Q, NPT, pt_l)
+            else:
+                dp = warpgroup_mma_wait(1, deps=[dp])
         ds = p * (dp - gl.expand_dims(delta, 1))
         mbarrier.wait(ds_free, (t & 1) ^ 1)                  # both read the last tile's dS
         if not EARLY_DV:
@@ -118,6 +161,10 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empt
         gl.thread_barrier()
         mbarrier.arrive(ds_ready, count=1)
         if not EARLY_DV:
+            if TEACHER:
+                pt = warpgroup_mma(p_w.permute((1, 0)), e_smem.permute((1, 0)),
+                                   gl.zeros([HALF, NPT], gl.float32, pt_l), use_acc=False,
+                                   is_async=True)
             dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
         dk = warpgroup_mma(ds_w.permute((1, 0)), q_s, dk, is_async=True)
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
@@ -129,11 +176,16 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empt
         dq = warpgroup_mma(ds_smem.index(z), kc.slice(0, HALF, dim=0), zero_s, use_acc=False,
                            is_async=True)
         dq = warpgroup_mma(ds_smem.index(1 + z), kc.slice(HALF, HALF, dim=0), dq, is_async=True)
-        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
+        if TEACHER and not EARLY_DV:
+            dv, dk, dq, pt = warpgroup_mma_wait(0, deps=[dv, dk, dq, pt])
+        else:
+            dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
         mbarrier.arrive(empty.index(s), count=1)             # Q and dO of slot s are read
         mbarrier.arrive(ds_free, count=1)
         dq = gl.convert_layout((dq * scale).to(DQ.dtype.element_ty), st_h)
         gl.store(DQ + sidx * D + W * HALF + st_c, dq, mask=smask)
+        if TEACHER and not EARLY_DV:
+            _store_teacher(pt, PT, edge0, e0, e1, t, W, G, BS, BLOCK_Q, NPT, pt_l)
     krl: gl.constexpr = gl.SliceLayout(1, st)
     st_d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, st)), 0)
     n = W * HALF + gl.arange(0, HALF, layout=krl)
@@ -151,17 +203,20 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready, empt
 
 
 @gluon.jit
-def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM_H,
-               ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, scale, scale_log2,
+def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q, EDGE_SLOT, ITEM_H,
+               ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0, ITEM_E1, q0, edge0, scale, scale_log2,
                stride_qt, stride_qh, stride_dt, stride_dh, stride_kt, stride_kh, stride_vt,
                stride_vh, stride_lt, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
                BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
                STAGES: gl.constexpr, DET: gl.constexpr, EARLY_DV: gl.constexpr,
-               LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
+               TEACHER: gl.constexpr, NPT: gl.constexpr, LOAD_WARPS: gl.constexpr,
+               num_warps: gl.constexpr):
     """One program per work item of the plan: its block's K and V in shared memory, its
     edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries. ``Q, DO``: ``[total_q, Hq, D]``;
     ``LSE, DELTA``: ``[total_q, Hq]`` fp32; ``DQ``: slots; ``DK, DV``: fp32
-    ``[total_k, Hkv, D]`` (atomics) or ``[items, BS, D]`` (``DET``)."""
+    ``[total_k, Hkv, D]`` (atomics) or ``[items, BS, D]`` (``DET``). ``TEACHER``: the
+    KL's teacher rows to ``PT [chunk edges, BS]`` fp32 (edge ``e`` at row ``e - edge0``;
+    ``NPT``: the tile's queries padded to 8 or more, a power of two)."""
     pid = gl.program_id(0)
     h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
                                         ITEM_E1, pid)
@@ -180,16 +235,28 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
     ds_free = gl.allocate_shared_memory(gl.int64, [1], bar_l)
     mbarrier.init(ds_ready, count=2)
     mbarrier.init(ds_free, count=2)
+    if TEACHER:         # E^T [NPT queries, 64 rows]: one where row // G is the query
+        e_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [NPT, M], layout)
+        e_bl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        en = gl.arange(0, NPT, layout=gl.SliceLayout(1, e_bl))
+        er = gl.arange(0, M, layout=gl.SliceLayout(0, e_bl))
+        one = gl.expand_dims(en, 1) == gl.expand_dims(er // G, 0)
+        e_smem.store(gl.where(one, 1.0, 0.0).to(Q.dtype.element_ty))
+        gl.thread_barrier()
+    else:
+        e_smem = p_smem
     fence_async_shared()
     gl.warp_specialize([
-        (_grads, (q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
-                  empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
-                  pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 0, HKV, G,
-                  D, BS, TOPK, BLOCK_Q, STAGES, DET, EARLY_DV, num_warps)),
-        (_grads, (q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, kv_bar, ready,
-                  empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT,
-                  pid, h, krow, t0, nk, e0, e1, q0, scale, scale_log2, stride_lt, 1, HKV, G,
-                  D, BS, TOPK, BLOCK_Q, STAGES, DET, EARLY_DV, 4)),
+        (_grads, (q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, ready,
+                  empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q,
+                  EDGE_SLOT, pid, h, krow, t0, nk, e0, e1, q0, edge0, scale, scale_log2,
+                  stride_lt, 0, HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, DET, EARLY_DV, TEACHER,
+                  NPT, num_warps)),
+        (_grads, (q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, ready,
+                  empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q,
+                  EDGE_SLOT, pid, h, krow, t0, nk, e0, e1, q0, edge0, scale, scale_log2,
+                  stride_lt, 1, HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, DET, EARLY_DV, TEACHER,
+                  NPT, 4)),
         (loader, (Q, K, V, EDGE_Q, q_ring, k_smem.index(0), v_smem.index(0), kv_bar, ready,
                   empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh,
                   stride_vt, stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, True, DO,
@@ -198,15 +265,23 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, POS, EDGE_Q, EDGE_SLOT, ITEM
 
 
 def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, scale: float,
-           scale_log2: float, topk: int, block_size: int, deterministic: bool) -> None:
+           scale_log2: float, topk: int, block_size: int, deterministic: bool,
+           teacher_rows=None) -> None:
     """``bwd_kernel`` over one chunk's plan (``sparse_attn_bwd``'s buffers: ``dk, dv`` the
-    fp32 gradients or, ``deterministic``, the per-item slots)."""
+    fp32 gradients or, ``deterministic``, the per-item slots). ``teacher_rows``: fp32
+    ``[plan.num_edges, block_size]``, filled with the KL's teacher rows (``teaches``)."""
     hkv = int(plan.num_heads)
     g = q.shape[1] // hkv
+    if teacher_rows is not None and not teaches(g):
+        raise ValueError(f"the backward writes teacher rows for groups of {TEACHER_GROUPS[0]} "
+                         f"to {TEACHER_GROUPS[1]} heads, got {g}")
     bwd_kernel[(plan.num_items,)](
-        q, k, v, dout, lse, delta, slots, dk, dv, rows.q_pos, plan.edge_q, plan.edge_slot,
-        plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk, plan.item_e0, plan.item_e1,
-        q0, scale, scale_log2, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), lse.stride(0), HKV=hkv,
-        G=g, D=q.shape[2], BS=block_size, TOPK=topk, BLOCK_Q=ROWS.value // g, STAGES=STAGES,
-        DET=deterministic, EARLY_DV=g >= EARLY_DV_GROUP, LOAD_WARPS=LOAD_WARPS, num_warps=4)
+        q, k, v, dout, lse, delta, slots, dk, dv,
+        lse if teacher_rows is None else teacher_rows, rows.q_pos, plan.edge_q,
+        plan.edge_slot, plan.item_h, plan.item_krow, plan.item_t0, plan.item_nk,
+        plan.item_e0, plan.item_e1, q0, plan.edge0, scale, scale_log2, q.stride(0),
+        q.stride(1), dout.stride(0), dout.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), lse.stride(0), HKV=hkv, G=g, D=q.shape[2], BS=block_size, TOPK=topk,
+        BLOCK_Q=ROWS.value // g, STAGES=STAGES, DET=deterministic,
+        EARLY_DV=g >= EARLY_DV_GROUP, TEACHER=teacher_rows is not None,
+        NPT=max(8, next_pow2(ROWS.value // g)), LOAD_WARPS=LOAD_WARPS, num_warps=4)

@@ -14,10 +14,11 @@ from tests.helpers import DEVICE, gluon_ptx, plan_of, random_topk  # noqa: E402
 from tests.helpers.brute import make_case, rel_err  # noqa: E402
 
 SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32",
-       "DELTA": "*fp32", "DQ": "*bf16", "DK": "*fp32", "DV": "*fp32", "POS": "*i32",
+       "DELTA": "*fp32", "DQ": "*bf16", "DK": "*fp32", "DV": "*fp32", "PT": "*fp32",
+       "POS": "*i32",
        "EDGE_Q": "*i32", "EDGE_SLOT": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32",
        "ITEM_T0": "*i32", "ITEM_NK": "*i32", "ITEM_E0": "*i32", "ITEM_E1": "*i32",
-       "q0": "i32", "scale": "fp32", "scale_log2": "fp32", "stride_qt": "i32",
+       "q0": "i32", "edge0": "i32", "scale": "fp32", "scale_log2": "fp32", "stride_qt": "i32",
        "stride_qh": "i32", "stride_dt": "i32", "stride_dh": "i32", "stride_kt": "i32",
        "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32", "stride_lt": "i32"}
 
@@ -31,7 +32,8 @@ def test_compiles_for_sm90(det, early_dv):
     alone, then for dP with dV in flight (two waits leaving one wgmma group)."""
     from msa.ops.attention import gluon_bwd as gb
     const = dict(HKV=4, G=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=gb.STAGES,
-                 DET=det, EARLY_DV=early_dv, LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
+                 DET=det, EARLY_DV=early_dv, TEACHER=False, NPT=8, LOAD_WARPS=gb.LOAD_WARPS,
+                 num_warps=4)
     ptx = gluon_ptx("msa.ops.attention.gluon_bwd", "bwd_kernel", SIG, const)
     assert ptx.count("wgmma.wait_group.sync.aligned 1;") == (2 * 2 if early_dv else 0)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
@@ -40,6 +42,25 @@ def test_compiles_for_sm90(det, early_dv):
     assert "setmaxnreg" in ptx
     atomics = ptx.count("atom.global.gpu.relaxed.add")
     assert (atomics == 0) if det else (atomics > 0)       # dK, dV: slots or atomics
+
+
+@pytest.mark.parametrize("g", [16, 8, 6, 4])
+def test_teacher_rows_compile_for_sm90(g):
+    """``TEACHER``: per attention warpgroup and tile one more K = 64 wgmma, ``P^T E``, of
+    N = the tile's queries padded (m64n8k16 for G >= 8, m64n16k16 for G = 4, 6: four
+    each), and one fp32 store per value held (64 x N over 128 threads); the rest as
+    without rows."""
+    from msa.ops.attention import gluon_bwd as gb
+    npt = max(8, 1 << (64 // g - 1).bit_length())
+    const = dict(HKV=4, G=g, D=128, BS=128, TOPK=16, BLOCK_Q=64 // g, STAGES=gb.STAGES,
+                 DET=False, EARLY_DV=g >= gb.EARLY_DV_GROUP, TEACHER=True, NPT=npt,
+                 LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
+    ptx = gluon_ptx("msa.ops.attention.gluon_bwd", "bwd_kernel", SIG, const)
+    assert ptx.count(f"wgmma.mma_async.sync.aligned.m64n{npt}k16.f32.bf16.bf16") == 2 * 4
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == 2 * 24
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 2 * 8
+    assert ptx.count("st.global.b32") == 2 * (64 * npt // 128)
+    assert gb.teaches(g) and not gb.teaches(3)
 
 
 @pytest.mark.gpu
