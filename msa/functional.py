@@ -308,26 +308,34 @@ def attention_kernel(q, k, v, *, block_size: int = 128, backend: str = "auto",
     return kernel
 
 
-def indexer_kl_kernel(q, k, qi, ki, *, block_size: int = 128, backend: str = "auto") -> str:
+def indexer_kl_kernel(q, k, qi, ki, *, block_size: int = 128, backend: str = "auto",
+                      deterministic: bool = False) -> str:
     """The kernel that computes the indexer KL of ``msa_attention`` in sparse mode for
-    these inputs (their layouts and ``backend``): ``"reference"``
-    (PyTorch; also for index keys with more than one head), ``"gluon"`` (the teacher in a
-    Hopper kernel of ``msa.ops.kl.gluon``; the student half in Triton, or in the same
-    kernel for groups of 3 to 16 heads outside deterministic mode) or ``"triton"``
+    these inputs (their layouts, ``backend`` and ``deterministic``): ``"reference"``
+    (PyTorch; also for index keys with more than one head), ``"attention_backward"`` (the
+    Gluon attention backward writes the teacher rows and the Triton student half runs on
+    them, ``msa.ops.kl.deferred``: Hopper, q or k trained, one KV head per index head,
+    groups of 4 to 64 heads, not deterministic), ``"gluon"`` (the teacher in a Hopper
+    kernel of ``msa.ops.kl.gluon``; the student half in Triton, or in the same kernel for
+    groups of 3 to 16 heads outside deterministic mode) or ``"triton"``
     (``msa.ops.kl.triton``). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton
-    kernel on Hopper."""
+    kernel on Hopper, in the forward."""
     _check_ranks("q", q, "k", k)
     C.check_qkv(q, k, k)                # q / k heads, head dims and dtypes (v plays k)
     C.check_float_tensor("qi", qi, q.dim(), q.device)
     C.check_float_tensor("ki", ki, q.dim(), q.device)
     C.check_index(qi, ki, q, k)
     C.check_block_and_topk(block_size)
+    C.check_flag("deterministic", deterministic)
     triton = C.use_triton(backend, q) and C.use_triton(backend, qi)      # checks backend
     if ki.shape[-2] != 1 or not triton:
         return "reference"
+    from .ops.kl.deferred import kl_in_backward
     from .ops.kl.triton import kl_kernel
-    flat = [x if x.dim() == 3 else x.flatten(0, 1) for x in (q, k)]
-    return kl_kernel(*flat, qi.shape[-2], block_size)
+    flat = [x if x.dim() == 3 else x.flatten(0, 1) for x in (q, k, qi)]
+    if kl_in_backward(flat[0], flat[1], flat[1], flat[2], block_size, deterministic):
+        return "attention_backward"
+    return kl_kernel(*flat[:2], qi.shape[-2], block_size)
 
 
 def _backward_mode(use_triton: bool, deterministic: bool) -> Backward:
@@ -382,19 +390,31 @@ def msa_indexer_kl(q, k, qi, ki, topk_indices=None, cu_seqlens_q=None, cu_seqlen
                            loss_coeff=float(loss_coeff))
 
 
-@dataclass
 class MSAAux:
     """Side results of ``msa_attention``.
 
     topk_indices: ``[Hi, total_q, K]`` / ``[B, Hi, Tq, K]`` (None in dense mode);
     lse: attention LSE shaped ``[total_q, Hq]`` / ``[B, Tq, Hq]`` (None in dense mode;
     differentiable like ``msa_sparse_attention``'s);
-    kl_loss: detached scalar indexer KL (None when the indexer is not trained).
+    kl_loss: detached scalar indexer KL (None when the indexer is not trained). Where the
+    KL is computed in the attention backward (``indexer_kl_kernel`` gives
+    ``"attention_backward"``), its value is known after the backward; read before, it is
+    computed then (the backward reuses its gradients). ``kl`` holds it for a later read
+    (``msa.ops.kl.deferred.kl_value``).
     """
 
-    topk_indices: Optional[torch.Tensor]
-    lse: Optional[torch.Tensor]
-    kl_loss: Optional[torch.Tensor]
+    def __init__(self, topk_indices: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+                 kl=None):
+        self.topk_indices, self.lse, self.kl = topk_indices, lse, kl
+
+    @property
+    def kl_loss(self) -> Optional[torch.Tensor]:
+        from .ops.kl.deferred import kl_value
+        return kl_value(self.kl)
+
+    def __repr__(self) -> str:
+        return (f"MSAAux(topk_indices={self.topk_indices!r}, lse={self.lse!r}, "
+                f"kl_loss={self.kl!r})")
 
 
 class _InjectLossGrad(torch.autograd.Function):
@@ -468,7 +488,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
     triton_kl = wants_kl and ki.shape[-2] == 1 and use_triton and C.use_triton(backend, qi)
     bs, scale, iscale = cfg.block_size, cfg.scale, cfg.index_scale
     qp, kp, vp, qip, kip = (lay.pack(x) for x in (q, k, v, qi, ki))
-    topk_indices = lse = ilse = None
+    topk_indices = lse = ilse = deferred = None
     if mode == "sparse":
         index_triton = C.use_triton(backend, qi) and (ki.shape[-2] == 1 or
                                                       backend == "triton")
@@ -484,12 +504,24 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
                                       max_chunk=chunk,
                                       q_per_item=P.item_queries(q.shape[-2] // k.shape[-2]))
             step_plan.chunks
-        out, lse = attention_fwd_op(qp, kp, vp, topk_indices, *lay.meta, bs, scale, use_triton,
-                                    _backward_mode(use_triton, deterministic), True)
+            from .ops.kl.deferred import DeferredKL, kl_in_backward
+            if kl_in_backward(qp, kp, vp, qip, bs, deterministic):   # the KL's teacher rows
+                deferred = DeferredKL(qp.detach(), kp.detach(), qip.detach(), kip.detach(),
+                                      topk_indices, step_plan, scale=scale, index_scale=iscale,
+                                      loss_coeff=cfg.kl_loss_coeff)
+        if deferred is not None:                    # come from the attention backward
+            from .ops.kl.deferred import AttentionWithKL
+            out, lse = AttentionWithKL.apply(qp, kp, vp, qip, kip, deferred, lay.meta, scale)
+        else:
+            out, lse = attention_fwd_op(qp, kp, vp, topk_indices, *lay.meta, bs, scale,
+                                        use_triton, _backward_mode(use_triton, deterministic),
+                                        True)
         if triton_kl:       # launched behind the attention forward, which hides its host time
             from .ops.indexer.triton import selected_lse
             ilse = selected_lse(qip.detach(), kip.detach(), topk_indices, step_plan,
                                 scale=iscale)
+            if deferred is not None:
+                deferred.indexer_lse = ilse
     else:
         out = dense_attention(qp, kp, vp, lay.seg, scale=scale)
     kl = None
@@ -499,14 +531,14 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
             qp.detach(), kp.detach(), qip.detach(), kip.detach(), lay.seg, block_size=bs,
             scale=scale, index_scale=iscale, loss_coeff=cfg.kl_loss_coeff)
         kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
-    elif triton_kl:
+    elif triton_kl and deferred is None:
         from .ops.kl.triton import indexer_kl_bwd
         loss, dqi, dki = indexer_kl_bwd(
             qp.detach(), kp.detach(), lse.detach(), qip.detach(), kip.detach(), ilse, topk_indices,
             step_plan, scale=scale, index_scale=iscale, loss_coeff=cfg.kl_loss_coeff,
             deterministic=deterministic)
         kl = LossWithGrads.apply(loss, qi, ki, dqi.view(qi.shape), dki.view(ki.shape))
-    elif wants_kl:
+    elif wants_kl and deferred is None:
         kl = indexer_kl_loss(qp.detach(), kp.detach(), qip, kip, lay.seg, topk_indices,
                              block_size=bs, scale=scale, index_scale=iscale,
                              loss_coeff=cfg.kl_loss_coeff)
@@ -517,4 +549,4 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
         return out
     aux_topk = None if topk_indices is None else lay.unpack_heads(topk_indices)
     aux_lse = None if lse is None else lay.unpack(lse)
-    return out, MSAAux(aux_topk, aux_lse, None if kl is None else kl.detach())
+    return out, MSAAux(aux_topk, aux_lse, deferred if kl is None else kl.detach())

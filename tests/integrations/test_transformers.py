@@ -77,7 +77,7 @@ def test_left_padded_batch_equals_rows_alone():
 
 
 def test_index_projections_start_as_self_indexing_and_train_by_kl():
-    from msa.integrations.transformers import add_index_projections, attention_modules
+    from msa.integrations.transformers import add_index_projections, indexer_kl_loss
     _, self_idx = _models()
     _, trained = _models()
     add_index_projections(trained)
@@ -101,7 +101,7 @@ def test_index_projections_start_as_self_indexing_and_train_by_kl():
     kls = []
     for _ in range(6):
         logits = trained(ids[:, :400]).logits
-        kls.append(sum(m.msa_last_kl for m in attention_modules(trained)).item())
+        kls.append(indexer_kl_loss(trained).item())
         opt.zero_grad()
         logits.sum().mul(0).backward()               # only the attached KL has gradient
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in index_params)

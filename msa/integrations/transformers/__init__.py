@@ -110,6 +110,7 @@ def indexer_kl_loss(model):
     """Sum over the layers of the indexer KL of the last forward (detached; ``None`` if
     no layer computed one). Its gradient already reached the index projections with the
     output's backward: add it to a logged loss, not to the one you back-propagate."""
-    values = [m.msa_last_kl for m in model.modules()
+    from ...ops.kl.deferred import kl_value
+    values = [kl_value(m.msa_last_kl) for m in model.modules()
               if getattr(m, "msa_last_kl", None) is not None]
     return sum(values) if values else None

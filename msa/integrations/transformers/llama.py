@@ -48,7 +48,7 @@ def self_indexed_attention(module, q, k, v, scaling, packing: Packing = None):
         out, aux = msa_attention(q, k, v, qi, ki, **varlen, config=config, return_aux=True,
                                  mode=getattr(cfg_src, "msa_mode", "sparse"),
                                  backend=getattr(cfg_src, "msa_backend", "auto"))
-        module.msa_last_kl = aux.kl_loss
+        module.msa_last_kl = aux.kl
     else:
         qi = q.reshape(*q.shape[:-2], hkv, hq // hkv, d).mean(-2)        # self-indexing
         out = msa_attention(q, k, v, qi, k, **varlen, config=config, train_indexer=False,
@@ -101,7 +101,7 @@ def add_index_projections(model):
     rows (RoPE is linear and shared by the heads, so its output equals the mean of the
     rotated group queries); ``msa_index_k`` copies ``k_proj``. Their parameters are the
     only ones the indexer KL loss trains; freeze the rest for a KL warm-up of a pretrained
-    model. ``module.msa_last_kl`` holds the layer's last KL value.
+    model. ``module.msa_last_kl`` holds the layer's last KL (read it with ``indexer_kl_loss``).
     """
     modules = attention_modules(model)
     if not modules:

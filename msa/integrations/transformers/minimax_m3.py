@@ -135,11 +135,11 @@ def sparse_attention(module, query, key, value, inputs: IndexInputs, mask, scali
                                  pack(qi, p.q_index), pack(ki, p.k_index), p.cu_seqlens_q,
                                  p.cu_seqlens_k, p.max_q, p.max_k, config=config, mode=mode,
                                  train_indexer=train, return_aux=True, backend=backend)
-        module.msa_last_kl = aux.kl_loss
+        module.msa_last_kl = aux.kl
         return unpack(out, p.q_index, b, tq)
     out, aux = msa_attention(q, k, v, qi, ki, config=config, mode=mode, train_indexer=train,
                              return_aux=True, backend=backend)
-    module.msa_last_kl = aux.kl_loss
+    module.msa_last_kl = aux.kl
     return out
 
 

@@ -198,7 +198,8 @@ def backward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                     dlse: Optional[torch.Tensor] = None, *, scale: float,
                     deterministic: bool = False, block_n: int = None, block_q: int = None,
-                    num_warps: int = 8, num_stages: int = None, kernel: str = "auto"):
+                    num_warps: int = 8, num_stages: int = None, kernel: str = "auto",
+                    kl_rows=None):
     """Gradients ``(dq, dk, dv)`` (dtypes of q, k, v) of the sparse attention.
 
     q, dout, out: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``; lse ``[total_q, Hq]``
@@ -217,6 +218,10 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
     ``block_n`` splits the block), ``"gluon"`` (the warp-specialized Hopper kernel of
     ``msa.ops.attention.gluon_bwd``: bf16 / fp16, head dim 128, blocks of 128) or
     ``"triton"``.
+
+    ``kl_rows(q0, q1, chunk_plan, pt)``: called after each chunk's kernel with the indexer
+    KL's teacher rows ``pt [chunk edges, block]`` fp32 that the Gluon kernel wrote
+    (``msa.ops.kl.deferred``; Gluon kernel, not deterministic, ``gluon_bwd.teaches``).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     if kernel not in ("auto", "triton", "gluon"):
@@ -236,6 +241,11 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
     hkv = k.shape[1]
     hs, _, topk = topk_indices.shape
     check_supported(q.dtype, d)
+    if kl_rows is not None:
+        from .gluon_bwd import teaches
+        if kernel != "gluon" or deterministic or not teaches(hq // hkv):
+            raise ValueError("kl_rows needs the Gluon backward, not deterministic, with a "
+                             f"group of 4 to 64 heads (kernel {kernel!r}, group {hq // hkv})")
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
@@ -270,11 +280,15 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                     pv = torch.zeros_like(pk)
                 if kernel == "gluon":
                     from . import gluon_bwd
+                    pt = None if kl_rows is None else torch.empty(
+                        p.num_edges, block_size, dtype=torch.float32, device=q.device)
                     gluon_bwd.launch(q, k, v, dout, lse, delta, slots,
                                      *((pk, pv) if deterministic else (dk, dv)), rows, p, q0,
                                      scale=scale, scale_log2=scale * LOG2E, topk=topk,
                                      block_size=block_size,
-                                     deterministic=deterministic)
+                                     deterministic=deterministic, teacher_rows=pt)
+                    if kl_rows is not None:
+                        kl_rows(q0, q1, p, pt)
                 else:
                     launch_fitting(
                         sparse_attn_bwd_kernel, (p.num_items, nsub),

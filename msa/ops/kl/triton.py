@@ -259,13 +259,7 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
                 if not one_kernel:
                     launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss,
                               rows.q_pos, p.edge_q, p, q0=q0, dz=dz, pt=pt, **kw)
-                kl_dki_kernel[(p.num_items,)](
-                    dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk,
-                    p.item_e0, p.item_e1, q0, p.edge0, index_scale, qi.stride(0),
-                    qi.stride(1),
-                    BS=block_size, DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype),
-                    UPCAST=upcast(qi.dtype), num_warps=4 if di <= 128 else 8,
-                    num_stages=3)                # <= 64 KB shared on sm_86 / sm_89
+                dki_pass(dz, qi, dki, p, q0, index_scale)
                 continue
             slots = torch.zeros((q1 - q0) * hi * topk * di, dtype=torch.float32,
                                 device=q.device)
@@ -281,13 +275,31 @@ def indexer_kl_bwd(q, k, teacher_lse, qi, ki, indexer_lse, topk_indices, plan: S
     return loss, dqi.to(qi.dtype), dki.view(ki.shape).to(ki.dtype)
 
 
+def dki_pass(dz, qi, dki, p, q0: int, index_scale: float) -> None:
+    """``kl_dki_kernel`` over one chunk's plan ``p``: ``dki += index_scale * dz^T @ qi``
+    from its dz rows ``dz [p.num_edges, block]``."""
+    di = qi.shape[2]
+    kl_dki_kernel[(p.num_items,)](
+        dz, qi, dki, p.edge_q, p.item_h, p.item_krow, p.item_t0, p.item_nk, p.item_e0,
+        p.item_e1, q0, p.edge0, index_scale, qi.stride(0), qi.stride(1), BS=dz.shape[1],
+        DI=di, BLOCK_E=64, PRECISION=precision(qi.dtype), UPCAST=upcast(qi.dtype),
+        num_warps=4 if di <= 128 else 8, num_stages=3)   # <= 64 KB shared on sm_86 / sm_89
+
+
 def kl_kernel(q: torch.Tensor, k: torch.Tensor, hi: int, block_size: int) -> str:
     """Which kernel computes the KL's teacher for these inputs (``q [total_q, Hq, D]``,
     ``k [total_k, Hkv, D]``, ``hi`` index heads): ``"gluon"`` (``msa.ops.kl.gluon``:
     Hopper, bf16 / fp16, head dim 128, blocks of 128, ``Hkv == Hi``, at most 64 heads per
     group) where it applies, else ``"triton"`` (``indexer_kl_bwd_kernel``, every GPU and
-    the interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel."""
-    return choose_kernel("MSA_KL_KERNEL", "msa.ops.kl.gluon", q, k, hi, block_size)
+    the interpreter). ``MSA_KL_KERNEL=triton`` in the environment keeps the Triton kernel;
+    ``MSA_KL_KERNEL=forward`` chooses as ``auto`` does and keeps the KL in
+    ``msa_attention``'s forward (``msa.ops.kl.deferred.kl_in_backward``)."""
+    kernel = choose_kernel("MSA_KL_KERNEL", "msa.ops.kl.gluon", q, k, hi, block_size,
+                           others=("forward",))
+    if kernel == "forward":
+        from . import gluon
+        return "gluon" if gluon.supported(q, k, hi, block_size) else "triton"
+    return kernel
 
 
 def kl_buffers(q, k, qi, ki):
