@@ -16,13 +16,17 @@ Per shape and length (bf16, batch 1, random inputs, or ``--selection structured`
 * which backward kernel the attention ran (``backward_kernel``) and, on Hopper, the Gluon
   backward (``msa.ops.attention.gluon_bwd``, the default there) beside the Triton
   backward on one plan;
-* which KL kernel the step ran (``kl_kernel``) and the indexer KL's kernels on one plan:
+* which KL kernel the step ran (``kl_kernel``; where it is ``"attention_backward"``, the
+  step with the KL in the forward too, ``MSA_KL_KERNEL=forward``) and the indexer KL's
+  kernels on one plan:
   the automatic choice and the Triton kernel, with the cosine of the Triton kernel's
   results to the automatic one's.
 
 The Triton backward is checked against the fp32 reference at 4K tokens first.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -159,6 +163,13 @@ def run_length(T: int, cfg, args, fla) -> dict:
     r["indexer_ms"] = C.timed(indexer, reps)
     r["step_rest_ms"] = r["step_ms"] - r["indexer_ms"] - r["attention_fwd_bwd_ms"]
     r["step_peak_mb"] = C.peak_bytes(step) / 2 ** 20
+    if r["kl_kernel"] == "attention_backward":     # the KL in the forward, same run
+        os.environ["MSA_KL_KERNEL"] = "forward"
+        try:
+            r["step_kl_in_forward_ms"] = C.timed(step, reps)
+            r["step_kl_in_forward_peak_mb"] = C.peak_bytes(step) / 2 ** 20
+        finally:
+            del os.environ["MSA_KL_KERNEL"]
     with P.sharing_disabled():
         r["step_ms_plan_per_consumer"] = C.timed(step, reps)
     r["step_saved_ms"] = r["step_ms_plan_per_consumer"] - r["step_ms"]
