@@ -119,7 +119,7 @@ class AttentionWithKL(torch.autograd.Function):
     def forward(ctx, q, k, v, qi, ki, kl: DeferredKL, meta: tuple, scale: float):
         out, lse = attention_fwd_op(q, k, v, kl.topk_indices, *meta, kl.plan.block_size,
                                     scale, True, Backward.TRITON, True)
-        kl.lse = lse
+        kl.lse = lse.detach()           # not the output itself: no cycle through ctx
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kl, ctx.scale = kl, scale
         ctx.set_materialize_grads(False)
