@@ -29,12 +29,14 @@ def kl_in_backward(q, k, v, qi, block_size: int, deterministic: bool) -> bool:
     Di]``): q, k or v trained, one KV head per index head, the Gluon backward and the Gluon
     KL chosen (Hopper; ``MSA_BACKWARD_KERNEL`` / ``MSA_KL_KERNEL=triton`` keep the Triton
     kernels and the KL in the forward; ``MSA_KL_KERNEL=forward`` the Gluon KL in the
-    forward), a group the rows serve (``gluon_bwd.teaches``), not ``deterministic``."""
+    forward), a group the rows serve (``gluon_bwd.teaches``), not ``deterministic``, not
+    under ``torch.compile``."""
     from ..attention.backward import backward_kernel
     from ..attention.gluon_bwd import teaches
     from .triton import kl_kernel
     hkv = k.shape[1]
     return (not deterministic and os.environ.get("MSA_KL_KERNEL") != "forward"
+            and not torch.compiler.is_compiling()          # a Python object rides along
             and (q.requires_grad or k.requires_grad or v.requires_grad)
             and qi.shape[1] == hkv and teaches(q.shape[1] // hkv)
             and backward_kernel(q, k, v, block_size) == "gluon"
