@@ -192,7 +192,9 @@ def test_gluon_teacher_kl_equals_triton_and_reference(q_lens, k_lens, hq, hkv, f
 
 def test_indexer_kl_kernel_names_the_kl_that_runs(monkeypatch):
     """``msa.indexer_kl_kernel``: the reference without Triton's backend or with one index
-    key head per index head, the Gluon teacher on Hopper where it applies, else Triton."""
+    key head per index head, the Gluon teacher on Hopper where it applies, else Triton;
+    with q / k trained on Hopper the attention backward's rows (not deterministic, not
+    under ``MSA_KL_KERNEL=forward``)."""
     import msa
     q = torch.zeros(300, 64, 128, dtype=torch.bfloat16, device=DEVICE)
     k = torch.zeros(300, 4, 128, dtype=torch.bfloat16, device=DEVICE)
@@ -209,6 +211,13 @@ def test_indexer_kl_kernel_names_the_kl_that_runs(monkeypatch):
         ("gluon" if hopper else "triton")
     wide = torch.zeros(300, 260, 128, dtype=torch.bfloat16, device=DEVICE)    # G = 65
     assert msa.indexer_kl_kernel(wide, k, qi, ki, backend="triton") == "triton"
+    trained = [x.detach().requires_grad_(True) for x in (q, k, qi, ki)]
+    assert msa.indexer_kl_kernel(*trained, backend="triton") == \
+        ("attention_backward" if hopper else "triton")       # msa.ops.kl.deferred
+    assert msa.indexer_kl_kernel(*trained, backend="triton", deterministic=True) == \
+        ("gluon" if hopper else "triton")
+    monkeypatch.setenv("MSA_KL_KERNEL", "forward")           # the KL kept in the forward
+    assert msa.indexer_kl_kernel(*trained, backend="triton") == ("gluon" if hopper else "triton")
     monkeypatch.setenv("MSA_KL_KERNEL", "triton")
     assert msa.indexer_kl_kernel(q, k, qi, ki, backend="triton") == "triton"
     with pytest.raises(ValueError, match="block_size"):
