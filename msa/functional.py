@@ -504,13 +504,12 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
                                       max_chunk=chunk,
                                       q_per_item=P.item_queries(q.shape[-2] // k.shape[-2]))
             step_plan.chunks
-            from .ops.kl.deferred import DeferredKL, kl_in_backward
+            from .ops.kl.deferred import AttentionWithKL, DeferredKL, kl_in_backward
             if kl_in_backward(qp, kp, vp, qip, bs, deterministic):   # the KL's teacher rows
                 deferred = DeferredKL(qp.detach(), kp.detach(), qip.detach(), kip.detach(),
                                       topk_indices, step_plan, scale=scale, index_scale=iscale,
                                       loss_coeff=cfg.kl_loss_coeff)
         if deferred is not None:                    # come from the attention backward
-            from .ops.kl.deferred import AttentionWithKL
             out, lse = AttentionWithKL.apply(qp, kp, vp, qip, kip, deferred, lay.meta, scale)
         else:
             out, lse = attention_fwd_op(qp, kp, vp, topk_indices, *lay.meta, bs, scale,

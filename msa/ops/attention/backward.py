@@ -242,10 +242,11 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
     hs, _, topk = topk_indices.shape
     check_supported(q.dtype, d)
     if kl_rows is not None:
-        from .gluon_bwd import teaches
+        from .gluon_bwd import TEACHER_GROUPS, teaches
         if kernel != "gluon" or deterministic or not teaches(hq // hkv):
             raise ValueError("kl_rows needs the Gluon backward, not deterministic, with a "
-                             f"group of 4 to 64 heads (kernel {kernel!r}, group {hq // hkv})")
+                             f"group of {TEACHER_GROUPS[0]} to {TEACHER_GROUPS[1]} heads "
+                             f"(kernel {kernel!r}, group {hq // hkv})")
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)

@@ -71,6 +71,14 @@ def _store_teacher(pt, PT, edge0, e0, e1, t, W: gl.constexpr, G: gl.constexpr,
 
 
 @gluon.jit
+def _teacher_mma(p_w, e_smem, NPT: gl.constexpr, pt_l: gl.constexpr):
+    """Issue ``P^T E`` (asynchronous): the tile's head sums ``[64 keys, NPT queries]`` from
+    the warpgroup's ``P [64 rows, 64 keys]`` in shared memory."""
+    return warpgroup_mma(p_w.permute((1, 0)), e_smem.permute((1, 0)),
+                         gl.zeros([HALF, NPT], gl.float32, pt_l), use_acc=False, is_async=True)
+
+
+@gluon.jit
 def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, ready, empty,
            ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q, EDGE_SLOT, pid, h,
            krow, t0, nk, e0, e1, q0, edge0, scale, scale_log2, stride_lt, W: gl.constexpr,
@@ -143,9 +151,7 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, rea
             fence_async_shared()
             gl.thread_barrier()
             if TEACHER:
-                pt = warpgroup_mma(p_w.permute((1, 0)), e_smem.permute((1, 0)),
-                                   gl.zeros([HALF, NPT], gl.float32, pt_l), use_acc=False,
-                                   is_async=True)
+                pt = _teacher_mma(p_w, e_smem, NPT, pt_l)
             dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
             if TEACHER:
                 dp, pt = warpgroup_mma_wait(1, deps=[dp, pt])
@@ -162,9 +168,7 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, rea
         mbarrier.arrive(ds_ready, count=1)
         if not EARLY_DV:
             if TEACHER:
-                pt = warpgroup_mma(p_w.permute((1, 0)), e_smem.permute((1, 0)),
-                                   gl.zeros([HALF, NPT], gl.float32, pt_l), use_acc=False,
-                                   is_async=True)
+                pt = _teacher_mma(p_w, e_smem, NPT, pt_l)
             dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
         dk = warpgroup_mma(ds_w.permute((1, 0)), q_s, dk, is_async=True)
         slot = gl.load(EDGE_SLOT + e, mask=emask, other=0)
