@@ -282,7 +282,8 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                 if kernel == "gluon":
                     from . import gluon_bwd
                     pt = None if kl_rows is None else torch.empty(
-                        p.num_edges, block_size, dtype=torch.float32, device=q.device)
+                        p.num_edges, block_size, dtype=gluon_bwd.TEACHER_DTYPE,
+                        device=q.device)
                     gluon_bwd.launch(q, k, v, dout, lse, delta, slots,
                                      *((pk, pv) if deterministic else (dk, dv)), rows, p, q0,
                                      scale=scale, scale_log2=scale * LOG2E, topk=topk,

@@ -104,12 +104,24 @@ GROUPS = [((3000,), (3000,), 64, 4),                # MiniMax-M3: G = 16
           ((1500,), (3000,), 24, 4)]                # G = 6 (60-row tiles)
 
 
+ROW_VARIANTS = {"fp32": (torch.float32, False), "fp32_late": (torch.float32, True),
+                "bf16": (torch.bfloat16, False)}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ROW_VARIANTS)
 @pytest.mark.parametrize("q_lens,k_lens,hq,hkv", GROUPS)
-def test_backward_rows_equal_the_teacher(q_lens, k_lens, hq, hkv, monkeypatch):
-    """The Gluon backward's rows (NaN-filled buffers) against the fp64 teacher, chunked;
-    the gradients it returns are those of the backward without rows (``dq`` bitwise)."""
+def test_backward_rows_equal_the_teacher(q_lens, k_lens, hq, hkv, variant, monkeypatch):
+    """The Gluon backward's rows (NaN-filled buffers) against the fp64 teacher, chunked,
+    in each dtype and wait order of ``gluon_bwd`` (``TEACHER_DTYPE``, ``TEACHER_LATE``): to
+    ``2^-8`` (``P`` rounded to bf16 before the head mean, and bf16 rows rounded once more,
+    ``2^-9`` each); the gradients it returns are those of the backward without rows (``dq``
+    bitwise)."""
+    from msa.ops.attention import gluon_bwd
     from msa.ops.attention.naive import attention_forward_reference
+    dtype, late = ROW_VARIANTS[variant]
+    monkeypatch.setattr(gluon_bwd, "TEACHER_DTYPE", dtype)
+    monkeypatch.setattr(gluon_bwd, "TEACHER_LATE", late)
     c = hopper_case(q_lens, k_lens, hq, hkv)
     q, k, v, seg = c["q"], c["k"], c["v"], c["seg"]
     topk = random_topk(seg, hkv, 16, 128, seed=3).to(DEVICE)
@@ -125,7 +137,7 @@ def test_backward_rows_equal_the_teacher(q_lens, k_lens, hq, hkv, monkeypatch):
         ref = torch.empty(pt.shape, dtype=torch.float64, device=DEVICE)
         torch_teacher(q, k, lse, plan.rows.q_pos, p, q0, ref, scale_log2=scale * LOG2E,
                       block_size=128)
-        assert not pt.isnan().any()
+        assert not pt.isnan().any() and pt.dtype == dtype
         torch.testing.assert_close(pt.double(), ref, rtol=2 ** -8, atol=1e-6)
         seen.append(p.num_edges)
     nan_empty(B, monkeypatch)
