@@ -24,10 +24,13 @@ slot per (query, KV head, top-k slot) in the dtype of q, summed by the Triton
 With ``TEACHER`` (``launch(..., teacher_rows=pt)``) the kernel also writes the indexer
 KL's teacher rows (docs/semantics.md, "Indexer KL"): one more wgmma ``P^T E`` per tile,
 ``E [64 rows, NPT]`` a constant in shared memory with a one where a row is one of the
-query's heads, gives each query's head sum over the warpgroup's 64 keys, stored as fp32
+query's heads, gives each query's head sum over the warpgroup's 64 keys, stored as
 ``PT [edge - edge0, key] = mean over the G heads of P`` (``P`` rounded to the inputs'
 dtype, as it reaches ``dV``). The KL's student then runs on these rows
-(``msa.ops.kl.deferred``) and no kernel recomputes ``P`` for the KL.
+(``msa.ops.kl.deferred``) and no kernel recomputes ``P`` for the KL. Two switches,
+untimed (docs/experiments.md): ``TEACHER_DTYPE`` (the rows' dtype, fp32; bf16 halves
+their bytes) and ``TEACHER_LATE`` (groups of 8 or more: the rows' MMA waited with the
+tile's last wait instead of with ``dP``).
 
 Measured on an H200 at 128K (docs/benchmarks.md): 1.20-1.29x the Triton backward at
 G = 4, 8, 16, 1.89x at G = 6 (both kernels packing 60 rows).
@@ -225,7 +228,7 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q, EDGE_SLOT, 
     edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries. ``Q, DO``: ``[total_q, Hq, D]``;
     ``LSE, DELTA``: ``[total_q, Hq]`` fp32; ``DQ``: slots; ``DK, DV``: fp32
     ``[total_k, Hkv, D]`` (atomics) or ``[items, BS, D]`` (``DET``). ``TEACHER``: the
-    KL's teacher rows to ``PT [chunk edges, BS]`` fp32 (edge ``e`` at row ``e - edge0``;
+    KL's teacher rows to ``PT [chunk edges, BS]`` fp32 or bf16 (edge ``e`` at row ``e - edge0``;
     ``NPT``: the tile's queries padded to 8 or more, a power of two)."""
     pid = gl.program_id(0)
     h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
@@ -278,7 +281,7 @@ def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, sca
            scale_log2: float, topk: int, block_size: int, deterministic: bool,
            teacher_rows=None) -> None:
     """``bwd_kernel`` over one chunk's plan (``sparse_attn_bwd``'s buffers: ``dk, dv`` the
-    fp32 gradients or, ``deterministic``, the per-item slots). ``teacher_rows``: fp32
+    fp32 gradients or, ``deterministic``, the per-item slots). ``teacher_rows``: fp32 or bf16
     ``[plan.num_edges, block_size]``, filled with the KL's teacher rows (``teaches``)."""
     hkv = int(plan.num_heads)
     g = q.shape[1] // hkv

@@ -24,10 +24,11 @@ def nan_empty(module, monkeypatch):
     monkeypatch.setattr(module.torch, "empty", filled)
 
 
-def rows_in_torch(monkeypatch):
+def rows_in_torch(monkeypatch, dtype=torch.float32, rounded=False):
     """``kl_in_backward`` holds and the attention backward's rows come from torch: the
     Triton backward runs, then each chunk's rows (``torch_teacher`` from the saved LSE,
-    into a NaN-filled buffer) go to ``kl_rows``."""
+    into a NaN-filled buffer) go to ``kl_rows`` in ``dtype`` (``rounded``: fp32 rows
+    holding the bf16-rounded values)."""
     real = B.sparse_attn_bwd
     calls = []
 
@@ -39,7 +40,9 @@ def rows_in_torch(monkeypatch):
                 pt = torch.full((p.num_edges, plan.block_size), float("nan"), device=q.device)
                 torch_teacher(q, k, lse, plan.rows.q_pos, p, q0, pt,
                               scale_log2=scale * LOG2E, block_size=plan.block_size)
-                kl_rows(q0, q1, p, pt)
+                if rounded:
+                    pt = pt.to(torch.bfloat16).float()
+                kl_rows(q0, q1, p, pt.to(dtype))
         return grads
     monkeypatch.setattr(deferred, "sparse_attn_bwd", bwd)
     monkeypatch.setattr(deferred, "kl_in_backward", lambda *a: True)
@@ -75,6 +78,21 @@ def test_kl_in_backward_equals_the_kl_of_the_forward(monkeypatch, read_first):
         assert not a.isnan().any(), name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     assert got[0] > 0
+
+
+def test_bf16_rows_are_read_as_the_fp32_rows_of_their_values(monkeypatch):
+    """The student on bf16 rows (``gluon_bwd.TEACHER_DTYPE``) computes what it computes
+    on fp32 rows holding the same values: it reads them as fp32."""
+    cfg = msa.MSAConfig(num_heads=4, num_kv_heads=1, head_dim=64, num_index_heads=1,
+                        index_head_dim=64, block_size=64, topk=2, kl_loss_coeff=0.5)
+    c = make_case((40, 30), (100, 130), hq=4, hkv=1, hi=1, seed=5)
+    rows_in_torch(monkeypatch, rounded=True)
+    want = step(c, cfg)
+    rows_in_torch(monkeypatch, dtype=torch.bfloat16)
+    got = step(c, cfg)
+    for name, a, b in zip(("loss", "dq", "dk", "dv", "dqi", "dki"), got, want):
+        assert not a.isnan().any(), name
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_kl_rows_need_the_gluon_backward():
