@@ -33,8 +33,7 @@ def test_compiles_for_sm90(det, early_dv):
     from msa.ops.attention import gluon_bwd as gb
     const = dict(HKV=4, G=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=gb.STAGES,
                  DET=det, EARLY_DV=early_dv, TEACHER=False, PT_LATE=False, NPT=8,
-                 LOAD_WARPS=gb.LOAD_WARPS,
-                 num_warps=4)
+                 LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
     ptx = gluon_ptx("msa.ops.attention.gluon_bwd", "bwd_kernel", SIG, const)
     assert ptx.count("wgmma.wait_group.sync.aligned 1;") == (2 * 2 if early_dv else 0)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
