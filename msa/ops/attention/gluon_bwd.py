@@ -30,10 +30,8 @@ dtype, as it reaches ``dV``). The KL's student then runs on these rows
 (``msa.ops.kl.deferred``) and no kernel recomputes ``P`` for the KL. Two switches,
 untimed (docs/experiments.md): ``TEACHER_DTYPE`` (the rows' dtype, fp32; bf16 halves
 their bytes) and ``TEACHER_LATE`` (groups of 8 or more: the rows' MMA waited with the
-tile's last wait instead of with ``dP``).
-
-Measured on an H200 at 128K (docs/benchmarks.md): 1.20-1.29x the Triton backward at
-G = 4, 8, 16, 1.89x at G = 6 (both kernels packing 60 rows).
+tile's last wait instead of with ``dP``). Its times against the Triton backward are in
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
