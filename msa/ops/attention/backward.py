@@ -220,9 +220,8 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
     ``"triton"``.
 
     ``kl_rows(q0, q1, chunk_plan, pt)``: called after each chunk's kernel with the indexer
-    KL's teacher rows ``pt [chunk edges, block]`` (``gluon_bwd.TEACHER_DTYPE``) that the
-    Gluon kernel wrote (``msa.ops.kl.deferred``; Gluon kernel, not deterministic,
-    ``gluon_bwd.teaches``).
+    KL's teacher rows ``pt [chunk edges, block]`` fp32 that the Gluon kernel wrote
+    (``msa.ops.kl.deferred``; Gluon kernel, not deterministic, ``gluon_bwd.teaches``).
     """
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     if kernel not in ("auto", "triton", "gluon"):
@@ -283,8 +282,7 @@ def sparse_attn_bwd(q, k, v, topk_indices, plan: SparsePlan, out, lse, dout,
                 if kernel == "gluon":
                     from . import gluon_bwd
                     pt = None if kl_rows is None else torch.empty(
-                        p.num_edges, block_size, dtype=gluon_bwd.TEACHER_DTYPE,
-                        device=q.device)
+                        p.num_edges, block_size, dtype=torch.float32, device=q.device)
                     gluon_bwd.launch(q, k, v, dout, lse, delta, slots,
                                      *((pk, pv) if deterministic else (dk, dv)), rows, p, q0,
                                      scale=scale, scale_log2=scale * LOG2E, topk=topk,

@@ -27,15 +27,13 @@ KL's teacher rows (docs/semantics.md, "Indexer KL"): one more wgmma ``P^T E`` pe
 query's heads, gives each query's head sum over the warpgroup's 64 keys, stored as
 ``PT [edge - edge0, key] = mean over the G heads of P`` (``P`` rounded to the inputs'
 dtype, as it reaches ``dV``). The KL's student then runs on these rows
-(``msa.ops.kl.deferred``) and no kernel recomputes ``P`` for the KL. Two switches,
-untimed (docs/experiments.md): ``TEACHER_DTYPE`` (the rows' dtype, fp32; bf16 halves
-their bytes) and ``TEACHER_LATE`` (groups of 8 or more: the rows' MMA waited with the
-tile's last wait instead of with ``dP``). Its times against the Triton backward are in
+(``msa.ops.kl.deferred``) and no kernel recomputes ``P`` for the KL. The rows' MMA is
+waited with the tile's last wait and the rows stored after ``dQ``, out of the path from
+``dP`` to ``dS`` (docs/experiments.md). Its times against the Triton backward are in
 docs/benchmarks.md.
 """
 from __future__ import annotations
 
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
@@ -49,8 +47,6 @@ LOAD_WARPS = 4
 HALF = gl.constexpr(64)  # keys per attention warpgroup
 EARLY_DV_GROUP = 8      # smallest group issuing dV before dS
 TEACHER_GROUPS = (4, 64)  # groups whose tiles write the KL's teacher rows (teaches)
-TEACHER_DTYPE = torch.float32  # the rows' dtype (bf16 halves their bytes)
-TEACHER_LATE = False    # EARLY_DV: wait the rows' MMA with the tile's last wait, not dP's
 
 
 def teaches(g: int) -> bool:
@@ -71,7 +67,7 @@ def _store_teacher(pt, PT, edge0, e0, e1, t, W: gl.constexpr, G: gl.constexpr,
     e = e0 + t * BLOCK_Q + n
     off = gl.expand_dims((e - edge0).to(gl.int64) * BS, 0) + gl.expand_dims(key, 1)
     mask = gl.expand_dims(key < BS, 1) & gl.expand_dims((n < BLOCK_Q) & (e < e1), 0)
-    gl.store(PT + off, (pt * (1.0 / G)).to(PT.dtype.element_ty), mask=mask)
+    gl.store(PT + off, pt * (1.0 / G), mask=mask)
 
 
 @gluon.jit
@@ -89,15 +85,13 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, rea
            HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
            BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
            STAGES: gl.constexpr, DET: gl.constexpr, EARLY_DV: gl.constexpr,
-           TEACHER: gl.constexpr, PT_LATE: gl.constexpr, NPT: gl.constexpr,
-           WARPS: gl.constexpr):
+           TEACHER: gl.constexpr, NPT: gl.constexpr, WARPS: gl.constexpr):
     """Attention warpgroup ``W``: keys ``W * 64 ..`` of the block for ``S, dP, dK, dV``
     and columns ``W * 64 ..`` of ``dQ`` (over all 128 keys: it reads both warpgroups' dS
     from shared memory, ``ds_ready`` / ``ds_free``), every tile. The MMAs run
     asynchronously: ``S`` with ``dP``, then ``dV``, ``dK`` and ``dQ`` (``EARLY_DV``: ``P``
     computed under ``dP``, ``dV`` issued before ``dS`` is computed). ``TEACHER``: the
-    rows' ``P^T E`` is issued before ``dV`` and waited with ``dP`` (``EARLY_DV``) or with
-    the tile's last wait (``PT_LATE``)."""
+    rows' ``P^T E`` is issued before ``dV`` and waited with the tile's last wait."""
     M: gl.constexpr = ROWS
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, HALF, 16])
@@ -158,10 +152,7 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, rea
             if TEACHER:
                 pt = _teacher_mma(p_w, e_smem, NPT, pt_l)
             dv = warpgroup_mma(p_w.permute((1, 0)), do_s, dv, is_async=True)
-            if TEACHER and not PT_LATE:
-                dp, pt = warpgroup_mma_wait(1, deps=[dp, pt])
-                _store_teacher(pt, PT, edge0, e0, e1, t, W, G, BS, BLOCK_Q, NPT, pt_l)
-            elif TEACHER:
+            if TEACHER:
                 dp = warpgroup_mma_wait(2, deps=[dp])       # P^T E and dV in flight
             else:
                 dp = warpgroup_mma_wait(1, deps=[dp])
@@ -187,7 +178,7 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, rea
         dq = warpgroup_mma(ds_smem.index(z), kc.slice(0, HALF, dim=0), zero_s, use_acc=False,
                            is_async=True)
         dq = warpgroup_mma(ds_smem.index(1 + z), kc.slice(HALF, HALF, dim=0), dq, is_async=True)
-        if PT_LATE:
+        if TEACHER:
             dv, dk, dq, pt = warpgroup_mma_wait(0, deps=[dv, dk, dq, pt])
         else:
             dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
@@ -195,7 +186,7 @@ def _grads(q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, rea
         mbarrier.arrive(ds_free, count=1)
         dq = gl.convert_layout((dq * scale).to(DQ.dtype.element_ty), st_h)
         gl.store(DQ + sidx * D + W * HALF + st_c, dq, mask=smask)
-        if PT_LATE:
+        if TEACHER:
             _store_teacher(pt, PT, edge0, e0, e1, t, W, G, BS, BLOCK_Q, NPT, pt_l)
     krl: gl.constexpr = gl.SliceLayout(1, st)
     st_d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, st)), 0)
@@ -220,13 +211,13 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q, EDGE_SLOT, 
                stride_vh, stride_lt, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
                BS: gl.constexpr, TOPK: gl.constexpr, BLOCK_Q: gl.constexpr,
                STAGES: gl.constexpr, DET: gl.constexpr, EARLY_DV: gl.constexpr,
-               TEACHER: gl.constexpr, PT_LATE: gl.constexpr, NPT: gl.constexpr,
-               LOAD_WARPS: gl.constexpr, num_warps: gl.constexpr):
+               TEACHER: gl.constexpr, NPT: gl.constexpr, LOAD_WARPS: gl.constexpr,
+               num_warps: gl.constexpr):
     """One program per work item of the plan: its block's K and V in shared memory, its
     edges ``e0 .. e1`` in tiles of ``BLOCK_Q`` queries. ``Q, DO``: ``[total_q, Hq, D]``;
     ``LSE, DELTA``: ``[total_q, Hq]`` fp32; ``DQ``: slots; ``DK, DV``: fp32
     ``[total_k, Hkv, D]`` (atomics) or ``[items, BS, D]`` (``DET``). ``TEACHER``: the
-    KL's teacher rows to ``PT [chunk edges, BS]`` fp32 or bf16 (edge ``e`` at row ``e - edge0``;
+    KL's teacher rows to ``PT [chunk edges, BS]`` fp32 (edge ``e`` at row ``e - edge0``;
     ``NPT``: the tile's queries padded to 8 or more, a power of two)."""
     pid = gl.program_id(0)
     h, krow, t0, nk, e0, e1 = work_item(ITEM_H, ITEM_KROW, ITEM_T0, ITEM_NK, ITEM_E0,
@@ -262,12 +253,12 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q, EDGE_SLOT, 
                   empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q,
                   EDGE_SLOT, pid, h, krow, t0, nk, e0, e1, q0, edge0, scale, scale_log2,
                   stride_lt, 0, HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, DET, EARLY_DV, TEACHER,
-                  PT_LATE, NPT, num_warps)),
+                  NPT, num_warps)),
         (_grads, (q_ring, do_ring, k_smem, v_smem, p_smem, ds_smem, e_smem, kv_bar, ready,
                   empty, ds_ready, ds_free, LSE, DELTA, DQ, DK, DV, PT, POS, EDGE_Q,
                   EDGE_SLOT, pid, h, krow, t0, nk, e0, e1, q0, edge0, scale, scale_log2,
                   stride_lt, 1, HKV, G, D, BS, TOPK, BLOCK_Q, STAGES, DET, EARLY_DV, TEACHER,
-                  PT_LATE, NPT, 4)),
+                  NPT, 4)),
         (loader, (Q, K, V, EDGE_Q, q_ring, k_smem.index(0), v_smem.index(0), kv_bar, ready,
                   empty, h, krow, nk, e0, e1, q0, stride_qt, stride_qh, stride_kt, stride_kh,
                   stride_vt, stride_vh, G, D, BS, BLOCK_Q, STAGES, LOAD_WARPS, True, DO,
@@ -279,7 +270,7 @@ def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, sca
            scale_log2: float, topk: int, block_size: int, deterministic: bool,
            teacher_rows=None) -> None:
     """``bwd_kernel`` over one chunk's plan (``sparse_attn_bwd``'s buffers: ``dk, dv`` the
-    fp32 gradients or, ``deterministic``, the per-item slots). ``teacher_rows``: fp32 or bf16
+    fp32 gradients or, ``deterministic``, the per-item slots). ``teacher_rows``: fp32
     ``[plan.num_edges, block_size]``, filled with the KL's teacher rows (``teaches``)."""
     hkv = int(plan.num_heads)
     g = q.shape[1] // hkv
@@ -295,5 +286,4 @@ def launch(q, k, v, dout, lse, delta, slots, dk, dv, rows, plan, q0: int, *, sca
         v.stride(1), lse.stride(0), HKV=hkv, G=g, D=q.shape[2], BS=block_size, TOPK=topk,
         BLOCK_Q=ROWS.value // g, STAGES=STAGES, DET=deterministic,
         EARLY_DV=g >= EARLY_DV_GROUP, TEACHER=teacher_rows is not None,
-        PT_LATE=teacher_rows is not None and (g < EARLY_DV_GROUP or TEACHER_LATE),
         NPT=max(8, next_pow2(ROWS.value // g)), LOAD_WARPS=LOAD_WARPS, num_warps=4)

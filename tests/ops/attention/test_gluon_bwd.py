@@ -32,8 +32,8 @@ def test_compiles_for_sm90(det, early_dv):
     alone, then for dP with dV in flight (two waits leaving one wgmma group)."""
     from msa.ops.attention import gluon_bwd as gb
     const = dict(HKV=4, G=16, D=128, BS=128, TOPK=16, BLOCK_Q=4, STAGES=gb.STAGES,
-                 DET=det, EARLY_DV=early_dv, TEACHER=False, PT_LATE=False, NPT=8,
-                 LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
+                 DET=det, EARLY_DV=early_dv, TEACHER=False, NPT=8, LOAD_WARPS=gb.LOAD_WARPS,
+                 num_warps=4)
     ptx = gluon_ptx("msa.ops.attention.gluon_bwd", "bwd_kernel", SIG, const)
     assert ptx.count("wgmma.wait_group.sync.aligned 1;") == (2 * 2 if early_dv else 0)
     assert "cp.async.cg.shared.global" in ptx and "cp.async.mbarrier.arrive" in ptx
@@ -44,29 +44,25 @@ def test_compiles_for_sm90(det, early_dv):
     assert (atomics == 0) if det else (atomics > 0)       # dK, dV: slots or atomics
 
 
-@pytest.mark.parametrize("g,late,rows", [(16, False, "fp32"), (8, False, "fp32"),
-                                         (6, True, "fp32"), (4, True, "fp32"),
-                                         (16, True, "fp32"), (16, False, "bf16")])
-def test_teacher_rows_compile_for_sm90(g, late, rows):
+@pytest.mark.parametrize("g", [16, 8, 6, 4])
+def test_teacher_rows_compile_for_sm90(g):
     """``TEACHER``: per attention warpgroup and tile one more K = 64 wgmma, ``P^T E``, of
     N = the tile's queries padded (m64n8k16 for G >= 8, m64n16k16 for G = 4, 6: four
-    each), and one store per value held (64 x N over 128 threads, in the rows' dtype);
-    the rest as without rows. ``PT_LATE`` with ``EARLY_DV``: dP waited with two groups
-    (the rows' and dV) in flight."""
+    each), and one fp32 store per value held (64 x N over 128 threads); the rest as
+    without rows. With ``EARLY_DV`` dP is waited with two groups in flight (the rows' and
+    dV): the rows' MMA is waited with the tile's last wait."""
     from msa.ops.attention import gluon_bwd as gb
     npt = max(8, 1 << (64 // g - 1).bit_length())
     early_dv = g >= gb.EARLY_DV_GROUP
     const = dict(HKV=4, G=g, D=128, BS=128, TOPK=16, BLOCK_Q=64 // g, STAGES=gb.STAGES,
-                 DET=False, EARLY_DV=early_dv, TEACHER=True, PT_LATE=late, NPT=npt,
+                 DET=False, EARLY_DV=early_dv, TEACHER=True, NPT=npt,
                  LOAD_WARPS=gb.LOAD_WARPS, num_warps=4)
-    ptx = gluon_ptx("msa.ops.attention.gluon_bwd", "bwd_kernel", {**SIG, "PT": f"*{rows}"},
-                    const)
+    ptx = gluon_ptx("msa.ops.attention.gluon_bwd", "bwd_kernel", SIG, const)
     assert ptx.count(f"wgmma.mma_async.sync.aligned.m64n{npt}k16.f32.bf16.bf16") == 2 * 4
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == 2 * 24
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 2 * 8
-    assert ptx.count("st.global.b32" if rows == "fp32" else "st.global.b16") == \
-        2 * (64 * npt // 128)
-    assert ptx.count("wgmma.wait_group.sync.aligned 2;") == (2 if early_dv and late else 0)
+    assert ptx.count("st.global.b32") == 2 * (64 * npt // 128)
+    assert ptx.count("wgmma.wait_group.sync.aligned 2;") == (2 if early_dv else 0)
     assert gb.teaches(g) and not gb.teaches(3)
 
 

@@ -24,11 +24,10 @@ def nan_empty(module, monkeypatch):
     monkeypatch.setattr(module.torch, "empty", filled)
 
 
-def rows_in_torch(monkeypatch, dtype=torch.float32, rounded=False):
+def rows_in_torch(monkeypatch):
     """``kl_in_backward`` holds and the attention backward's rows come from torch: the
     Triton backward runs, then each chunk's rows (``torch_teacher`` from the saved LSE,
-    into a NaN-filled buffer) go to ``kl_rows`` in ``dtype`` (``rounded``: fp32 rows
-    holding the bf16-rounded values)."""
+    into a NaN-filled buffer) go to ``kl_rows``."""
     real = B.sparse_attn_bwd
     calls = []
 
@@ -40,9 +39,7 @@ def rows_in_torch(monkeypatch, dtype=torch.float32, rounded=False):
                 pt = torch.full((p.num_edges, plan.block_size), float("nan"), device=q.device)
                 torch_teacher(q, k, lse, plan.rows.q_pos, p, q0, pt,
                               scale_log2=scale * LOG2E, block_size=plan.block_size)
-                if rounded:
-                    pt = pt.to(torch.bfloat16).float()
-                kl_rows(q0, q1, p, pt.to(dtype))
+                kl_rows(q0, q1, p, pt)
         return grads
     monkeypatch.setattr(deferred, "sparse_attn_bwd", bwd)
     monkeypatch.setattr(deferred, "kl_in_backward", lambda *a: True)
@@ -80,21 +77,6 @@ def test_kl_in_backward_equals_the_kl_of_the_forward(monkeypatch, read_first):
     assert got[0] > 0
 
 
-def test_bf16_rows_are_read_as_the_fp32_rows_of_their_values(monkeypatch):
-    """The student on bf16 rows (``gluon_bwd.TEACHER_DTYPE``) computes what it computes
-    on fp32 rows holding the same values: it reads them as fp32."""
-    cfg = msa.MSAConfig(num_heads=4, num_kv_heads=1, head_dim=64, num_index_heads=1,
-                        index_head_dim=64, block_size=64, topk=2, kl_loss_coeff=0.5)
-    c = make_case((40, 30), (100, 130), hq=4, hkv=1, hi=1, seed=5)
-    rows_in_torch(monkeypatch, rounded=True)
-    want = step(c, cfg)
-    rows_in_torch(monkeypatch, dtype=torch.bfloat16)
-    got = step(c, cfg)
-    for name, a, b in zip(("loss", "dq", "dk", "dv", "dqi", "dki"), got, want):
-        assert not a.isnan().any(), name
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
-
-
 def test_kl_rows_need_the_gluon_backward():
     c = make_case((100,), (100,), hq=4, hkv=2, d=64, seed=1)
     q, k, v = (c[x].to(DEVICE) for x in "qkv")
@@ -122,24 +104,12 @@ GROUPS = [((3000,), (3000,), 64, 4),                # MiniMax-M3: G = 16
           ((1500,), (3000,), 24, 4)]                # G = 6 (60-row tiles)
 
 
-ROW_VARIANTS = {"fp32": (torch.float32, False), "fp32_late": (torch.float32, True),
-                "bf16": (torch.bfloat16, False)}
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ROW_VARIANTS)
 @pytest.mark.parametrize("q_lens,k_lens,hq,hkv", GROUPS)
-def test_backward_rows_equal_the_teacher(q_lens, k_lens, hq, hkv, variant, monkeypatch):
-    """The Gluon backward's rows (NaN-filled buffers) against the fp64 teacher, chunked,
-    in each dtype and wait order of ``gluon_bwd`` (``TEACHER_DTYPE``, ``TEACHER_LATE``): to
-    ``2^-8`` (``P`` rounded to bf16 before the head mean, and bf16 rows rounded once more,
-    ``2^-9`` each); the gradients it returns are those of the backward without rows (``dq``
-    bitwise)."""
-    from msa.ops.attention import gluon_bwd
+def test_backward_rows_equal_the_teacher(q_lens, k_lens, hq, hkv, monkeypatch):
+    """The Gluon backward's rows (NaN-filled buffers) against the fp64 teacher, chunked;
+    the gradients it returns are those of the backward without rows (``dq`` bitwise)."""
     from msa.ops.attention.naive import attention_forward_reference
-    dtype, late = ROW_VARIANTS[variant]
-    monkeypatch.setattr(gluon_bwd, "TEACHER_DTYPE", dtype)
-    monkeypatch.setattr(gluon_bwd, "TEACHER_LATE", late)
     c = hopper_case(q_lens, k_lens, hq, hkv)
     q, k, v, seg = c["q"], c["k"], c["v"], c["seg"]
     topk = random_topk(seg, hkv, 16, 128, seed=3).to(DEVICE)
@@ -155,7 +125,7 @@ def test_backward_rows_equal_the_teacher(q_lens, k_lens, hq, hkv, variant, monke
         ref = torch.empty(pt.shape, dtype=torch.float64, device=DEVICE)
         torch_teacher(q, k, lse, plan.rows.q_pos, p, q0, ref, scale_log2=scale * LOG2E,
                       block_size=128)
-        assert not pt.isnan().any() and pt.dtype == dtype
+        assert not pt.isnan().any()
         torch.testing.assert_close(pt.double(), ref, rtol=2 ** -8, atol=1e-6)
         seen.append(p.num_edges)
     nan_empty(B, monkeypatch)
