@@ -326,8 +326,8 @@ def launch_kl(q, k, teacher_lse, qi, ki2, indexer_lse, dqi, dki, loss, q_pos, ed
     from ``q0``, ``dki`` per item ``[num_items, block, Di]``, ``loss`` per item.
     ``dz [chunk edges, block]`` (index dtype; edge ``e`` at row ``e - items.edge0``): the
     edges' dz rows are stored there and ``dki`` is left to ``kl_dki_kernel``. ``pt`` (the
-    same rows, fp32): the teacher's rows, from ``msa.ops.kl.gluon``; only the student half
-    runs (16-token tiles, no replicas)."""
+    same rows, fp32): the teacher's rows, from ``msa.ops.kl.gluon`` or the attention
+    backward; only the student half runs (16-token tiles, no replicas)."""
     total_q, hq, d = q.shape
     hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
     tlse, ilse = teacher_lse.float().contiguous(), indexer_lse.float().contiguous()
