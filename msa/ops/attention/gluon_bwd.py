@@ -24,7 +24,7 @@ slot per (query, KV head, top-k slot) in the dtype of q, summed by the Triton
 With ``TEACHER`` (``launch(..., teacher_rows=pt)``) the kernel also writes the indexer
 KL's teacher rows (docs/semantics.md, "Indexer KL"): one more wgmma ``P^T E`` per tile,
 ``E [64 rows, NPT]`` a constant in shared memory with a one where a row is one of the
-query's heads, gives each query's head sum over the warpgroup's 64 keys, stored as
+query's heads, gives each query's head sum over the warpgroup's 64 keys, stored as fp32
 ``PT [edge - edge0, key] = mean over the G heads of P`` (``P`` rounded to the inputs'
 dtype, as it reaches ``dV``). The KL's student then runs on these rows
 (``msa.ops.kl.deferred``) and no kernel recomputes ``P`` for the KL. The rows' MMA is
