@@ -242,6 +242,7 @@ def test_workspace_scale_rejects_what_is_not_a_positive_number(monkeypatch, raw)
         P.forward_chunk(64, 128, 2, 16)
 
 
+@pytest.mark.slow
 def test_a_small_workspace_trains_as_the_default(monkeypatch):
     """A training step planned in chunks of 6 queries (a tiny ``MSA_WORKSPACE_SCALE``)
     gives the loss and the five gradients of the default's single chunk."""
