@@ -23,7 +23,8 @@ before ``dS K`` (as every flash-style backward does): both are relative to the b
 Against fp32 atomics into a ``[total_q, Hq, D]`` accumulator it
 halves the reduce traffic (16 x 512 B of read-modify-write per query row -> 16 x 256 B
 written and read once) and needs no zero-filled fp32 copy of dQ; queries are processed
-in chunks so the slot buffer stays under ``SLOT_BUDGET_BYTES``.
+in chunks so the slot buffer stays under ``SLOT_BUDGET_BYTES`` (times ``workspace_scale()``,
+``msa.ops.plan``).
 
 Two reductions of ``dK``/``dV``:
 
