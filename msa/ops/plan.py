@@ -364,7 +364,7 @@ def item_queries(group: int) -> int:
     group of 16, 512 at 8, 682 at 6, 1024 at 4, so that each item's key load and pipeline
     fill are paid over as many tiles at every group (docs/benchmarks.md); times
     ``workspace_scale()``."""
-    return max(256, int(ITEM_ROWS * workspace_scale()) // max(1, group))
+    return max(256, _scaled(ITEM_ROWS) // max(1, group))
 
 
 # Per-chunk buffer budgets of the plan's consumers (times ``workspace_scale()``): the
@@ -393,13 +393,13 @@ def workspace_scale() -> float:
     return value
 
 
-def _budget(nbytes: int) -> int:
-    return int(nbytes * workspace_scale())
+def _scaled(n: int) -> int:
+    return int(n * workspace_scale())
 
 
 def forward_chunk(hq: int, d: int, itemsize: int, topk: int) -> int:
     """Queries per chunk of the forward: ``Hq * K`` partial rows of ``D`` values + LSE."""
-    return max(1, _budget(PARTIAL_BUDGET_BYTES) // (hq * topk * (d * itemsize + 4)))
+    return max(1, _scaled(PARTIAL_BUDGET_BYTES) // (hq * topk * (d * itemsize + 4)))
 
 
 def backward_block_n(d: int, block_size: int) -> int:
@@ -410,7 +410,7 @@ def backward_block_n(d: int, block_size: int) -> int:
 def backward_chunk(hq: int, d: int, itemsize: int, topk: int, nsub: int) -> int:
     """Queries per chunk of the backward: one dQ slot row of ``D`` per (query head, slot,
     key sub-block)."""
-    return max(1, _budget(SLOT_BUDGET_BYTES) // (hq * topk * nsub * d * itemsize))
+    return max(1, _scaled(SLOT_BUDGET_BYTES) // (hq * topk * nsub * d * itemsize))
 
 
 def kl_chunk(hi: int, di: int, topk: int, deterministic: bool, block_size: int) -> int:
@@ -418,15 +418,15 @@ def kl_chunk(hi: int, di: int, topk: int, deterministic: bool, block_size: int) 
     (``block_size`` values per (query, index head, slot): dz in the index dtype, the
     teacher in fp32, budgeted at 6 bytes) and, deterministic, fp32 ``dqi`` slots per
     (index head, slot)."""
-    rows = max(1, _budget(DZ_BUDGET_BYTES) // (hi * topk * block_size * 6))
+    rows = max(1, _scaled(DZ_BUDGET_BYTES) // (hi * topk * block_size * 6))
     if deterministic:
-        return min(rows, max(1, _budget(SLOT_BUDGET_BYTES) // (hi * topk * di * 4)))
+        return min(rows, max(1, _scaled(SLOT_BUDGET_BYTES) // (hi * topk * di * 4)))
     return rows
 
 
 def lse_chunk(hi: int, topk: int) -> int:
     """Queries per chunk of the selected-LSE pass (fp32 partial LSEs)."""
-    return max(1, _budget(LSE_BUDGET_BYTES) // (hi * topk * 4))
+    return max(1, _scaled(LSE_BUDGET_BYTES) // (hi * topk * 4))
 
 
 def attention_chunk(q: torch.Tensor, topk: int, block_size: int) -> int:
