@@ -141,11 +141,8 @@ SLOW = {
     "tests/ops/attention/test_union.py::test_union_plan_equals_direct_count[1-False-64]",
     "tests/ops/attention/test_union.py::test_union_plan_equals_direct_count[4-True-64]",
     "tests/integrations/test_minimax_m3.py::test_left_padded_batch_equals_rows_alone",
-    # 4-11 s each on a slow 2-core machine; the parametrized ones keep sibling cases in the
-    # default run (the KL's bitwise repeat and the structured-selection check have none)
+    # 4-11 s each on a slow 2-core machine; each keeps sibling cases in the default run
     "tests/test_distributed.py::test_two_ranks_equal_single_process[dense]",
-    "tests/ops/kl/test_triton.py::test_deterministic_kl_is_bitwise_repeatable",
-    "tests/bench/test_selection.py::test_structured_selection_is_local_shared_and_has_a_sink",
     "tests/ops/attention/test_union.py::test_union_forward_by_tma_matches_reference[fragments-shared]",
     "tests/ops/attention/test_union.py::test_union_plan_equals_direct_count[16-True-64]",
     "tests/ops/attention/test_union.py::test_union_forward_matches_reference_fp32[G2-varlen-chunked-B64]",
