@@ -28,6 +28,9 @@ from . import two_pass
 from ..triton_utils import dot, next_pow2, precision, rank_key, rank_rows, upcast
 
 FP8_SCAN = "two_pass"       # the FP8 scan of ``scan_topk`` where the two-pass one applies
+# warps of the one-pass scan in the inputs' precision: 8 were 4-8% faster than 4 at every
+# shape on an H100, equal rows (docs/experiments.md); the FP8 scans keep 4
+SCAN_WARPS = 8
 
 
 @triton.jit(do_not_specialize=["stride_oh"])
@@ -83,7 +86,7 @@ def indexer_topk_kernel(
 
 def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_size: int,
                  topk: int, scale: float, index_precision: str = "input", block_t: int = None,
-                 num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                 num_warps: int = None, num_stages: int = 2) -> torch.Tensor:
     """Top-k rows ``[Hi, total_q, topk]`` int32 (same contract as the reference).
 
     ``index_precision="fp8"``: the scan scores e4m3 copies of ``qi`` and ``ki`` (one
@@ -100,7 +103,7 @@ def indexer_topk(qi: torch.Tensor, ki: torch.Tensor, seg: Segments, *, block_siz
 
 
 def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, fp8: bool,
-              block_t: int = None, num_warps: int = 4, num_stages: int = 2,
+              block_t: int = None, num_warps: int = None, num_stages: int = 2,
               kernel: str = None) -> torch.Tensor:
     """The scan's rows ``[Hi, total_q, topk]``. Kernels: ``"one_pass"``
     (``indexer_topk_kernel``, the default in the inputs' precision; with ``fp8`` on
@@ -122,6 +125,7 @@ def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, f
         raise ValueError(f"kernel={kernel!r}: expected 'one_pass', 'two_pass' or 'gluon'")
     if kernel != "one_pass" and not fp8:
         raise NotImplementedError(f"kernel={kernel!r} is an FP8 scan")
+    num_warps = num_warps or (4 if fp8 else SCAN_WARPS)
     if kernel == "two_pass" and topk > 1:
         if not two_pass.supported(seg, block_size):
             raise NotImplementedError("the two-pass scan numbers blocks below 65535")
