@@ -111,7 +111,8 @@ def scan_topk(qi, ki, seg: Segments, block_size: int, topk: int, scale: float, f
     only: block maxima from fp16 sums, then the selection,
     ``msa.ops.indexer.two_pass``), ``"gluon"`` (FP8 only: the one-pass scan
     warp-specialized, ``msa.ops.indexer.gluon``, Hopper only); by default ``FP8_SCAN``
-    for ``fp8``."""
+    for ``fp8``. ``num_warps``: by default ``SCAN_WARPS`` in the inputs' precision, 4 for
+    ``fp8``."""
     total_q, hi, di = qi.shape
     check_supported(qi.dtype, di)
     qi = qi if qi.stride(-1) == 1 else qi.contiguous()
