@@ -25,7 +25,6 @@ from .config import INDEX_RULES, MAX_TOPK, MSAConfig, check_index_precision
 from .ops import checks as C
 from .ops import plan as P
 from .ops.custom_ops import Backward, attention_fwd_op, indexer_op, segments
-from .ops.attention.forward import choose_forward
 from .ops.dense import dense_attention
 from .ops.kl import LossWithGrads, indexer_kl_loss
 from .varlen import Segments
@@ -497,21 +496,19 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
             C.check_fp8_device("index_precision='fp8'", qi)
         topk_indices, _ = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
                                      iscale, 1.0, False, index_triton, cfg.index_precision)
-        if triton_kl:       # one plan for the step (the attention ops find it when Hkv = Hi)
+        if triton_kl:       # one plan for the step (the attention ops find it when Hkv = Hi);
+            # its chunks (the one host sync) made behind the top-k
             chunk = P.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
                                      deterministic)
             step_plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=qi.shape[-2],
                                       max_chunk=chunk,
                                       q_per_item=P.item_queries(q.shape[-2] // k.shape[-2]))
+            step_plan.chunks
             from .ops.kl.deferred import AttentionWithKL, DeferredKL, kl_in_backward
             if kl_in_backward(qp, kp, vp, qip, bs, deterministic):   # the KL's teacher rows
                 deferred = DeferredKL(qp.detach(), kp.detach(), qip.detach(), kip.detach(),
                                       topk_indices, step_plan, scale=scale, index_scale=iscale,
                                       loss_coeff=cfg.kl_loss_coeff)
-            # the host waits behind the top-k: for the forward's kernel choice, then for
-            # the plan's chunks, so that no host work sits between them and the forward
-            choose_forward(qp, kp, vp, topk_indices, step_plan)
-            step_plan.chunks
         if deferred is not None:                    # come from the attention backward
             out, lse = AttentionWithKL.apply(qp, kp, vp, qip, kip, deferred, lay.meta, scale)
         else:

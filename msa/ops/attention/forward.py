@@ -344,17 +344,6 @@ def launch_combine(po, pl, topk_indices, rows: BlockRows, out, lse, q0: int, q1:
         TOPK_PAD=next_pow2(topk), num_warps=4)
 
 
-def choose_forward(q, k, v, topk_indices, plan: SparsePlan) -> str:
-    """``sparse_attn_fwd``'s kernel for this selection (shapes as there), chosen now:
-    ``"query_major"``, ``"union"``, ``"gluon"`` or ``"triton"``. The union choice's walk
-    sample waits for the GPU once and is kept with ``plan``, so a caller about to wait
-    for ``plan.chunks`` calls this first: both waits then fall behind the kernels already
-    queued (the top-k), not between the plan and the forward."""
-    if use_query_major(q.shape[0]):
-        return "query_major"
-    return selection_kernel(q, k, v, plan.indices(topk_indices), plan)
-
-
 def use_query_major(total_q: int, query_major: bool = None) -> bool:
     """The few-query kernel runs for ``total_q <= QUERY_MAJOR_MAX_QUERIES`` unless forced."""
     return query_major if query_major is not None else total_q <= QUERY_MAJOR_MAX_QUERIES

@@ -323,29 +323,6 @@ def test_the_forward_takes_the_union_kernel_for_shared_selections(monkeypatch):
                                 cu_seqlens_k=[0, 768, 1400]) == "union"
 
 
-def test_choose_forward_decides_once_per_plan(monkeypatch):
-    """``choose_forward`` gives the forward's kernel for a selection (few queries: the
-    query-major kernel) and keeps the union choice with the plan: the forward's own
-    choice on that plan samples the selection no more."""
-    from msa.ops.attention import forward as F
-    from msa.ops.attention import gluon_union, union
-    c = make_case((600,), (1400,), hq=16, hkv=1, d=64, seed=6)
-    q, k, v = (c[n].to(DEVICE) for n in "qkv")
-    shared = shared_topk(c["seg"], 1, 8, 64, seed=6).to(DEVICE)
-    plan = plan_of(shared, c["seg"], 64, 1)
-    assert F.choose_forward(q, k, v, shared, plan) == "query_major"
-    monkeypatch.setattr(F, "use_query_major", lambda *a: False)
-    monkeypatch.setattr(F, "forward_kernel", lambda *a: "gluon")
-    monkeypatch.setattr(union, "gluon_applies", lambda *a: True)
-    monkeypatch.setattr(gluon_union, "supported", lambda *a: True)
-    assert F.choose_forward(q, k, v, shared, plan) == "union"
-
-    def sampled_again(*a):
-        raise AssertionError("the selection was sampled a second time")
-    monkeypatch.setattr(union, "shared_enough", sampled_again)
-    assert F.selection_kernel(q, k, v, plan.indices(shared), plan) == "union"
-
-
 def test_short_segments_count_against_the_union_kernel():
     """``shared_enough``: a selection every query shares passes over one segment, and
     fails over segments of 2 queries (8-query tiles a quarter full at G = 16)."""
