@@ -10,7 +10,9 @@ Per shape and length (bf16, batch 1, random inputs, or ``--selection structured`
   with the one shared ``SparsePlan`` and, in the same run, with a plan made by every
   consumer and the top-k validated (what the step did before plans were shared); the
   indexer forward alone (top-k and selected LSE), and the step less it and the attention
-  (``step_rest_ms``: the indexer KL forward and backward, planning, glue);
+  (``step_rest_ms``: the indexer KL forward and backward, planning, glue); one profiled
+  step (``step_timeline``, ``msa.bench.timeline``): its kernels by device time and where
+  the GPU idled;
 * every timed backward (msa's and the baselines') starts with the inputs' ``.grad``
   released, as a model's activations have no gradient summed across steps;
 * which backward kernel the attention ran (``backward_kernel``) and, on Hopper, the Gluon
@@ -37,6 +39,7 @@ from ..varlen import Segments
 from . import common as C
 from .prefill import fla_call, fresh, sparse_elements
 from .selection import inputs, selection_stats
+from .timeline import gpu_timeline
 
 
 def _grads(fn, leaves, dout):
@@ -156,6 +159,7 @@ def run_length(T: int, cfg, args, fla) -> dict:
         out = msa.msa_attention(q, k, v, qi, ki, cu, cu, config=cfg)
         out.backward(dout)
     r["step_ms"] = C.timed(step, reps)
+    r["step_timeline"] = gpu_timeline(step)
 
     def indexer():                    # the step's index branch: top-k and selected LSE
         msa.msa_indexer(qi.detach(), ki.detach(), cu, cu, block_size=bs, topk=cfg.topk,
