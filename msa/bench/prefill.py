@@ -4,8 +4,10 @@ Per shape and length (bf16, batch 1, random inputs; ``--selection structured``: 
 inputs whose selection is local, shared by neighbouring queries and has a sink,
 ``msa.bench.selection``): msa end to end through the public
 API (``msa_indexer`` then ``msa_sparse_attention``), the indexer alone, the attention
-alone on that selection (planning included), planning alone (what the API plans for the
-kernel it chooses: the union plan, or the KV-outer chunks); beside them, in the same
+alone on that selection (planning included) and one profiled call of it
+(``attention_timeline``, ``msa.bench.timeline``: kernels by device time, where the GPU
+idled), planning alone (what the API plans for the kernel it chooses: the union plan, or
+the KV-outer chunks); beside them, in the same
 run, the best dense causal kernel (SDPA cuDNN and flash, both tried; beyond
 ``--dense-max`` measured on one KV group and scaled by Hkv, recorded as such), fla's
 ``parallel_nsa`` on the same selection, and vLLM's MiniMax-M3 Triton prefill ops (index
@@ -24,6 +26,7 @@ from ..ops.attention.naive import attention_forward_reference
 from ..varlen import Segments
 from . import common as C
 from .selection import inputs, selection_stats
+from .timeline import gpu_timeline
 
 
 def sparse_elements(T: int, cfg) -> float:
@@ -247,6 +250,7 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
     r["indexer_tflops"] = flops / r["indexer_ms"] / 1e9
     r["attention_ms"] = C.timed(attention, reps)
     r["attention_tflops"] = 4 * cfg.head_dim * cfg.num_heads * sparse / r["attention_ms"] / 1e9
+    r["attention_timeline"] = gpu_timeline(attention)
     r["planning_ms"] = C.timed(planning, reps)
     r.update(kernels(q, k, v, topk, seg, cfg, chunk, reps))
     out = attention()
