@@ -14,6 +14,7 @@ import torch
 
 from ..lengths import parse_lengths
 from ..config import MSAConfig
+from .timeline import describe
 
 # name -> (Hq, Hkv): the MiniMax-M3 shape and smaller GQA groups (D 128, index 4 x 128
 # or Hkv x 128, block 128, top-16)
@@ -51,6 +52,9 @@ def over_shapes(args, results: dict, check: Callable, run_length: Callable, defa
                 print(f"[{name}] T={T}: " + ", ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in r.items() if not isinstance(v, dict)), flush=True)
+                for k, v in r.items():
+                    if isinstance(v, dict) and "kernels_ms" in v:     # a GPU timeline
+                        print(f"[{name}] T={T} {k}: {describe(v)}", flush=True)
                 rows.append(r)
                 dump(results, args)
                 torch.cuda.empty_cache()

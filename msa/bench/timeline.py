@@ -65,3 +65,10 @@ def gpu_timeline(fn: Callable, **kw) -> dict:
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     return summarize(events, **kw)
+
+
+def describe(summary: dict, kernels: int = 5) -> str:
+    """One line of a ``summarize`` result: the GPU's busy and idle milliseconds, then its
+    ``kernels`` largest kernels by total time."""
+    top = ", ".join(f"{n} {t:.1f}" for n, t in list(summary["kernels_ms"].items())[:kernels])
+    return f"busy {summary['busy_ms']:.1f} ms, idle {summary['idle_ms']:.1f} ms; {top}"

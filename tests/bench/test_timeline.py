@@ -2,7 +2,7 @@
 longest idle gaps of a device timeline (CPU, synthetic chrome-trace events)."""
 import pytest
 
-from msa.bench.timeline import summarize
+from msa.bench.timeline import describe, summarize
 
 
 def ev(name, ts, dur, cat="kernel"):
@@ -37,3 +37,8 @@ def test_limits_and_an_empty_timeline():
     assert summarize([ev("x", 0, 1, "cpu_op")]) == dict(span_ms=0.0, busy_ms=0.0,
                                                         idle_ms=0.0, kernels_ms={},
                                                         idle_gaps=[])
+
+
+def test_describe_gives_busy_idle_and_the_largest_kernels():
+    s = summarize([ev("bwd", 0, 3000), ev("fwd", 3500, 1000), ev("sum", 4500, 250)])
+    assert describe(s, kernels=2) == "busy 4.2 ms, idle 0.5 ms; bwd 3.0, fwd 1.0"
