@@ -21,13 +21,13 @@ DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 def summarize(events: Iterable[dict], kernels: int = 12, gaps: int = 5,
               name_chars: int = 60) -> dict:
-    """Summary of device ``events`` (chrome-trace dicts with ``name``, ``ts`` and ``dur``
-    in microseconds; events of other categories are left out where ``cat`` is given):
-    ``span_ms``, ``busy_ms``, ``idle_ms``, ``kernels_ms`` (the ``kernels`` names of
-    largest total time, names cut to ``name_chars``) and ``idle_gaps`` (the ``gaps``
-    longest, longest first: ``ms``, the last event to end before it, ``after``, and the
-    event that ends it, ``before``)."""
-    evs = sorted((e for e in events if e.get("cat", "kernel") in DEVICE_EVENTS),
+    """Summary of the device events among ``events`` (chrome-trace dicts; those whose
+    ``cat`` is one of ``DEVICE_EVENTS``, with ``name``, ``ts`` and ``dur`` in
+    microseconds): ``span_ms``, ``busy_ms``, ``idle_ms``, ``kernels_ms`` (the ``kernels``
+    names of largest total time, names cut to ``name_chars``) and ``idle_gaps`` (the
+    ``gaps`` longest, longest first: ``ms``, the last event to end before it, ``after``,
+    and the event that ends it, ``before``)."""
+    evs = sorted((e for e in events if e.get("cat") in DEVICE_EVENTS),
                  key=lambda e: e["ts"])
     if not evs:
         return dict(span_ms=0.0, busy_ms=0.0, idle_ms=0.0, kernels_ms={}, idle_gaps=[])

@@ -16,6 +16,7 @@ def test_overlaps_count_once_and_gaps_name_their_neighbours():
         ev("b", 50, 100),            # 50-150, overlaps a (two streams)
         ev("c", 60, 20),             # inside b: changes neither the end nor the gap names
         ev("host", 155, 5, "cpu_op"),   # not a device event
+        dict(name="process_name", ph="M", args={}),    # metadata: no cat, ts or dur
         ev("a", 400, 50),            # idle 150-400
         ev("d", 460, 40),            # idle 450-460
     ]
