@@ -1,8 +1,10 @@
 """``msa.bench.timeline.summarize``: busy and idle time, kernels by total time and the
-longest idle gaps of a device timeline (CPU, synthetic chrome-trace events)."""
+longest idle gaps of a device timeline (CPU, synthetic chrome-trace events); on a GPU,
+``gpu_timeline`` of a real call."""
 import pytest
+import torch
 
-from msa.bench.timeline import describe, summarize
+from msa.bench.timeline import describe, gpu_timeline, summarize
 
 
 def ev(name, ts, dur, cat="kernel"):
@@ -43,3 +45,18 @@ def test_limits_and_an_empty_timeline():
 def test_describe_gives_busy_idle_and_the_largest_kernels():
     s = summarize([ev("bwd", 0, 3000), ev("fwd", 3500, 1000), ev("sum", 4500, 250)])
     assert describe(s, kernels=2) == "busy 4.2 ms, idle 0.5 ms; bwd 3.0, fwd 1.0"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="profiles CUDA kernels")
+def test_gpu_timeline_of_a_call_with_a_host_wait():
+    a = torch.randn(2048, 2048, device="cuda")
+
+    def call():
+        b = a @ a
+        b.sum().item()                 # the host waits; the next kernel comes after it
+        (b @ a).relu_()
+    s = gpu_timeline(call)
+    assert s["kernels_ms"] and all(t > 0 for t in s["kernels_ms"].values())
+    assert 0 < s["busy_ms"] <= s["span_ms"] + 1e-9
+    assert s["idle_ms"] == pytest.approx(s["span_ms"] - s["busy_ms"])
+    assert s["idle_gaps"] and s["idle_gaps"][0]["ms"] > 0
