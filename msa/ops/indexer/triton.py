@@ -28,8 +28,8 @@ from . import two_pass
 from ..triton_utils import dot, next_pow2, precision, rank_key, rank_rows, upcast
 
 FP8_SCAN = "two_pass"       # the FP8 scan of ``scan_topk`` where the two-pass one applies
-# warps of the one-pass scan in the inputs' precision: 8 were 4-8% faster than 4 at every
-# shape on an H100, equal rows (docs/experiments.md); the FP8 scans keep 4
+# warps of the one-pass scan in the inputs' precision: 8 were faster than 4 at every shape
+# timed, with equal rows (docs/experiments.md, session 50); the FP8 scans keep 4
 SCAN_WARPS = 8
 
 
