@@ -37,6 +37,8 @@ import torch
 
 from ..varlen import Segments, host_to_device, query_positions
 
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"   # Triton kernels on the CPU
+
 
 @dataclass
 class BlockRows:
@@ -217,8 +219,53 @@ def plan_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, c
 
     topk_indices: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per
     chunk; edge query indices are relative to the chunk start ``c0``. One sort and one host
-    synchronisation serve all chunks.
+    synchronisation serve all chunks. Built by the Triton kernels of
+    ``msa.ops.plan_triton`` on a GPU (and in Triton's interpreter), else by
+    ``plan_by_torch``: the same plan.
     """
+    nq, kk = q1 - q0, topk_indices.shape[2]
+    nkeys = -(-nq // chunk) * hkv * rows.total_rows
+    if nkeys == 0:                                          # no queries (or no key rows)
+        return []
+    entries = hkv * nq * kk
+    fused = _planning_kernels()
+    if fused is None or not (topk_indices.is_cuda or INTERPRETER) or \
+            not fused.applies(entries, nkeys, nkeys + entries // q_per_item + 1):
+        return plan_by_torch(topk_indices, rows, q0, q1, chunk, hkv, q_per_item)
+    fields, items, edges = fused.planned_chunks(topk_indices, rows, q0, q1, chunk, hkv,
+                                                q_per_item)
+    return _chunk_plans(fields, items, edges, q0, q1, chunk, hkv)
+
+
+def _planning_kernels():
+    try:
+        from . import plan_triton
+    except ImportError:                 # no Triton: the torch ops plan
+        return None
+    return plan_triton
+
+
+def _chunk_plans(fields, items: List[int], edges: List[int], q0: int, q1: int, chunk: int,
+                 hkv: int) -> List[Tuple[int, int, Plan]]:
+    """``(c0, c1, plan)`` per chunk from a planning group's arrays ``fields`` (``edge_q,
+    edge_slot`` and the item fields of every chunk, chunk-major) and the chunks' item and
+    edge counts."""
+    edge_q, edge_slot, *item_fields = fields
+    plans, i0, edge0 = [], 0, 0
+    for c, (n, ne) in enumerate(zip(items, edges)):
+        # views: the kernels read item fields as scalars and do not specialise their
+        # pointers on alignment, so slices at odd offsets compile no new variants
+        item = [x[i0:i0 + n] for x in item_fields]
+        c0 = q0 + c * chunk
+        plans.append((c0, min(q1, c0 + chunk), Plan(edge_q, edge_slot, *item, hkv, edge0,
+                                                     ne)))
+        i0, edge0 = i0 + n, edge0 + ne
+    return plans
+
+
+def plan_by_torch(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
+                  hkv: int, q_per_item: int) -> List[Tuple[int, int, Plan]]:
+    """``plan_chunks`` by torch ops (any device; int64 keys where int32 cannot hold them)."""
     t = topk_indices[:, q0:q1].long()
     hs, nq, kk = t.shape
     nrow = rows.total_rows
@@ -267,16 +314,8 @@ def plan_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, c
     e0, e1 = e0.to(torch.int32), e1.to(torch.int32)
     edges = counts.view(-1, hkv * nrow).sum(1)
     per_chunk_host, edges_host = torch.stack((per_chunk, edges)).tolist()   # the one sync
-    plans, i0, edge0 = [], 0, 0
-    for c, (n, ne) in enumerate(zip(per_chunk_host, edges_host)):
-        # views: the kernels read item fields as scalars and do not specialise their
-        # pointers on alignment, so slices at odd offsets compile no new variants
-        item = [x[i0:i0 + n] for x in (head, krow, t0, nk, e0, e1)]
-        c0 = q0 + c * chunk
-        plans.append((c0, min(q1, c0 + chunk), Plan(edge_q, edge_slot, *item, hkv, edge0,
-                                                     ne)))
-        i0, edge0 = i0 + n, edge0 + ne
-    return plans
+    return _chunk_plans([edge_q, edge_slot, head, krow, t0, nk, e0, e1], per_chunk_host,
+                        edges_host, q0, q1, chunk, hkv)
 
 
 PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)

@@ -140,3 +140,13 @@ def compiled_ptx(program: str) -> str:
                          text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
+
+
+def nan_empty(module, monkeypatch):
+    """``module.torch.empty`` NaN-fills float buffers: a row read unwritten poisons."""
+    empty = torch.empty
+
+    def filled(*a, **kw):
+        x = empty(*a, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+    monkeypatch.setattr(module.torch, "empty", filled)

@@ -269,3 +269,31 @@ def test_a_small_workspace_trains_as_the_default(monkeypatch):
     for name, a, b in zip(("loss", "dq", "dk", "dv", "dqi", "dki"), got, want):
         assert not a.isnan().any(), name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("hs,chunk,qpi,K", [(2, 1000, 4, 4), (1, 13, 3, 4), (2, 7, 256, 3),
+                                            (1, 64, 2, 16)])
+def test_planning_kernels_build_the_torch_plan(hs, chunk, qpi, K):
+    """The Triton planning kernels (``msa.ops.plan_triton``) give bitwise the plan of the
+    torch ops: every chunk's range, edges and items, over fragments, empty segments,
+    empty (-1) and out-of-range ids."""
+    from msa.ops.plan import plan_by_torch
+    from msa.ops import plan_triton
+    c = make_case((33, 0, 1, 50), (200, 64, 65, 300), hq=4, hkv=2,
+                  fragment_indices=(0, 1, 1, 3), seed=6)
+    seg = c["seg"]
+    topk = random_topk(seg, hs, K, 64, seed=7)
+    topk[0, ::5, -1] = 99                              # past every segment's blocks
+    rows = block_rows(seg, 64, "cpu")
+    nq, nkeys = seg.total_q, -(-seg.total_q // chunk) * 2 * rows.total_rows
+    assert plan_triton.applies(2 * nq * K, nkeys, nkeys + 2 * nq * K // qpi + 1)
+    for q0, q1 in ((0, seg.total_q), (10, 60)):
+        want = plan_by_torch(topk, rows, q0, q1, chunk, 2, qpi)
+        got = plan_chunks(topk, rows, q0, q1, chunk, 2, qpi)
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+        for (_, _, g), (_, _, w) in zip(got, want):
+            assert (g.num_heads, g.edge0, g.num_edges) == (w.num_heads, w.edge0, w.num_edges)
+            for name in ("edge_q", "edge_slot", "item_h", "item_krow", "item_t0", "item_nk",
+                         "item_e0", "item_e1"):
+                a, b = getattr(g, name), getattr(w, name)
+                assert a.dtype == b.dtype and torch.equal(a, b), name

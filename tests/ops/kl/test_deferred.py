@@ -9,19 +9,9 @@ import msa
 import msa.ops.attention.backward as B
 import msa.ops.kl.deferred as deferred
 from msa.ops.kl.triton import LOG2E
-from tests.helpers import DEVICE, plan_of, random_topk
+from tests.helpers import DEVICE, nan_empty, plan_of, random_topk
 from tests.helpers.brute import make_case
 from tests.ops.kl.test_gluon import torch_teacher
-
-
-def nan_empty(module, monkeypatch):
-    """``module.torch.empty`` NaN-fills float buffers: a row read unwritten poisons."""
-    empty = torch.empty
-
-    def filled(*a, **kw):
-        x = empty(*a, **kw)
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-    monkeypatch.setattr(module.torch, "empty", filled)
 
 
 def rows_in_torch(monkeypatch):

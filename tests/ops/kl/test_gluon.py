@@ -9,7 +9,7 @@ pytest.importorskip("triton.experimental.gluon")
 
 import msa.ops.kl.gluon as kl_gluon  # noqa: E402
 import msa.ops.kl.triton as kl_triton  # noqa: E402
-from tests.helpers import DEVICE, gluon_ptx, kl_case  # noqa: E402
+from tests.helpers import DEVICE, gluon_ptx, kl_case, nan_empty  # noqa: E402
 
 SIG = {"Q": "*bf16", "K": "*bf16", "PT": "*fp32", "TLSE": "*fp32", "POS": "*i32",
        "EDGE_Q": "*i32", "ITEM_H": "*i32", "ITEM_KROW": "*i32", "ITEM_T0": "*i32",
@@ -170,9 +170,7 @@ def test_gluon_teacher_kl_equals_triton_and_reference(q_lens, k_lens, hq, hkv, f
     if not kl_gluon.supported(q, q[:, :hkv], hkv, 128):
         pytest.skip("the Gluon teacher needs a Hopper GPU")
     assert kl_triton.kl_kernel(q, q[:, :hkv], hkv, 128) == "gluon"     # head dim 128 cases
-    empty = torch.empty                          # every pt row written before it is read
-    monkeypatch.setattr(kl_triton.torch, "empty",
-                        lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    nan_empty(kl_triton, monkeypatch)            # every pt row written before it is read
     a, b, b2 = run("triton"), run("gluon"), run("gluon", chunk=1000)
     for x, y, r in zip(b, a, (rl, rq, rk)):
         assert not x.isnan().any()

@@ -6,7 +6,7 @@ pytest.importorskip("triton")
 
 import msa  # noqa: E402
 from tests.helpers.brute import make_case  # noqa: E402
-from tests.helpers import DEVICE, force_launch, plan_of, random_topk  # noqa: E402
+from tests.helpers import DEVICE, force_launch, nan_empty, plan_of, random_topk  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
 from msa.ops.indexer.triton import selected_lse  # noqa: E402
 from msa.ops.kl.naive import indexer_kl_reference  # noqa: E402
@@ -71,9 +71,7 @@ def test_dki_pass_reads_only_the_dz_rows_it_wrote(monkeypatch):
     """The dz buffer between the KL kernel and the dki pass starts as NaN: any row the
     first kernel did not write (an edge, a replica) would poison dki."""
     import msa.ops.kl.triton as kl_triton
-    empty = torch.empty
-    monkeypatch.setattr(kl_triton.torch, "empty",
-                        lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    nan_empty(kl_triton, monkeypatch)
     (loss, dqi, dki), (rl, rq, rk), _, _ = _run("Hi=Hkv-fragments-split")
     torch.testing.assert_close(dki.double(), rk, rtol=1e-4, atol=1e-8)
     used = force_launch(monkeypatch, kl_triton, lambda configs: configs[-1])
