@@ -178,6 +178,16 @@ def blocks_per_selected_block(topk: torch.Tensor, qt: int, every: int = 1) -> fl
     ``every``-th tile: an estimate from a sample): the distinct blocks of each tile summed,
     over the selected blocks, times ``qt``. 1 when a tile's queries select the same
     blocks, ``qt`` when they share none (a partial last tile is left out)."""
+    fused = _planning_kernels()
+    if fused is not None and (topk.is_cuda or INTERPRETER) and topk.stride(2) == 1:
+        distinct, selected = fused.walk_counts(topk, qt, every)
+    else:
+        distinct, selected = walk_by_torch(topk, qt, every)
+    return distinct * qt / max(selected, 1)
+
+
+def walk_by_torch(topk: torch.Tensor, qt: int, every: int) -> Tuple[int, int]:
+    """``msa.ops.plan_triton.walk_counts`` by torch ops (any device)."""
     hs, T, K = topk.shape
     n = T // qt * qt
     x = topk[:, :n].reshape(hs, n // qt, qt * K)[:, ::every]
@@ -185,7 +195,7 @@ def blocks_per_selected_block(topk: torch.Tensor, qt: int, every: int = 1) -> fl
     # empty ids (-1) sort first: a valid id is new where the sorted row changes, or first
     distinct = (x[..., 1:] != x[..., :-1]).sum() + (x[..., 0] >= 0).sum()
     distinct, selected = torch.stack((distinct, (x >= 0).sum())).tolist()
-    return distinct * qt / max(selected, 1)
+    return distinct, selected
 
 
 # kernel parameters that receive a plan's item arrays (slices of one allocation: their

@@ -17,6 +17,9 @@ arithmetic runs as
 
 The plan is bitwise the one of ``plan_by_torch`` (the same stable sorts of the same keys;
 tests/ops/test_plan.py). Indices are int32: ``applies`` says whether they fit.
+
+``walk_counts`` is ``blocks_per_selected_block``'s sample (distinct and selected blocks
+of every ``every``-th tile) in one kernel instead of a dozen torch ops.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import List, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .triton_utils import next_pow2
 
 BLOCK = 1024
 INT32_MAX = 2 ** 31 - 1
@@ -130,6 +135,37 @@ def gather_kernel(ORDER, IKEY, IE0, IE1, ROW_KROW, ROW_T0, ROW_NK, H, KROW, T0, 
     tl.store(NK + j, tl.load(ROW_NK + row, mask=m, other=0), mask=m)
     tl.store(E0 + j, tl.load(IE0 + o, mask=m, other=0), mask=m)
     tl.store(E1 + j, tl.load(IE1 + o, mask=m, other=0), mask=m)
+
+
+@triton.jit
+def walk_kernel(TOPK, TOTALS, stride_h, stride_q, qt, every, K: tl.constexpr,
+                WP: tl.constexpr):
+    """Sampled tile ``tile * every`` of head ``h`` (grid: sampled tiles, heads): its
+    distinct valid ids and its valid ids, added to ``TOTALS[0]`` and ``TOTALS[1]``."""
+    tile = tl.program_id(0).to(tl.int64) * every
+    h = tl.program_id(1).to(tl.int64)
+    e = tl.arange(0, WP)
+    ok = e < qt * K
+    x = tl.load(TOPK + h * stride_h + (tile * qt + e // K) * stride_q + e % K, mask=ok,
+                other=-1)
+    x = tl.sort(x)
+    new = (x >= 0) & ((e == 0) | (x != tl.gather(x, tl.maximum(e - 1, 0), 0)))
+    tl.atomic_add(TOTALS, tl.sum(new.to(tl.int64), 0), sem="relaxed")
+    tl.atomic_add(TOTALS + 1, tl.sum((x >= 0).to(tl.int64), 0), sem="relaxed")
+
+
+def walk_counts(topk: torch.Tensor, qt: int, every: int) -> Tuple[int, int]:
+    """Distinct and selected valid ids over the tiles ``0, every, 2 * every, ...`` of
+    ``qt`` consecutive rows of ``topk [Hs, T, K]`` (whole tiles only; one host
+    synchronisation)."""
+    hs, T, K = topk.shape
+    tiles = -(-(T // qt) // every)
+    totals = torch.zeros(2, dtype=torch.int64, device=topk.device)
+    if tiles and hs and K:
+        walk_kernel[(tiles, hs)](topk, totals, topk.stride(0), topk.stride(1), qt, every,
+                                 K=K, WP=next_pow2(qt * K))
+    distinct, selected = totals.tolist()
+    return distinct, selected
 
 
 def _grid(n: int) -> tuple:
