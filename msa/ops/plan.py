@@ -178,8 +178,8 @@ def blocks_per_selected_block(topk: torch.Tensor, qt: int, every: int = 1) -> fl
     ``every``-th tile: an estimate from a sample): the distinct blocks of each tile summed,
     over the selected blocks, times ``qt``. 1 when a tile's queries select the same
     blocks, ``qt`` when they share none (a partial last tile is left out)."""
-    fused = _planning_kernels()
-    if fused is not None and (topk.is_cuda or INTERPRETER) and topk.stride(2) == 1:
+    fused = _planning_kernels() if topk.is_cuda else None    # (tested in the interpreter)
+    if fused is not None and topk.stride(2) == 1:
         distinct, selected = fused.walk_counts(topk, qt, every)
     else:
         distinct, selected = walk_by_torch(topk, qt, every)

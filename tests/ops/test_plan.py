@@ -299,17 +299,18 @@ def test_planning_kernels_build_the_torch_plan(hs, chunk, qpi, K):
                 assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("qt,every,K", [(8, 8, 16), (3, 1, 5), (21, 2, 16), (1, 3, 4)])
-def test_walk_kernel_counts_as_the_torch_ops(qt, every, K):
-    """The walk sample's kernel (``msa.ops.plan_triton.walk_counts``): the distinct and
-    the selected ids of every ``every``-th whole tile, as ``walk_by_torch`` counts them,
-    on selections with repeats across a tile's queries and empty (-1) ids."""
+@pytest.mark.parametrize("qt,every,K,hs,T", [(8, 8, 16, 2, 100), (3, 1, 5, 1, 7),
+                                             (5, 2, 6, 3, 64), (1, 3, 4, 2, 10)])
+def test_walk_kernel_counts_as_the_torch_ops(qt, every, K, hs, T):
+    """The walk sample's kernel (``msa.ops.plan_triton.walk_counts``, on CUDA tensors):
+    the distinct and the selected ids of every ``every``-th whole tile, as
+    ``walk_by_torch`` counts them, on selections with repeats across a tile's queries and
+    empty (-1) ids."""
     from msa.ops.plan import walk_by_torch
     from msa.ops.plan_triton import walk_counts
     g = torch.Generator().manual_seed(qt * 100 + K)
-    for hs, T in ((2, 100), (1, 7), (3, 64)):
-        topk = torch.randint(-1, 9, (hs, T, K), generator=g, dtype=torch.int32)
-        want = walk_by_torch(topk, qt, every)
-        assert walk_counts(topk, qt, every) == want
-        assert walk_counts(topk.long(), qt, every) == want
+    topk = torch.randint(-1, 9, (hs, T, K), generator=g, dtype=torch.int32)
+    want = walk_by_torch(topk, qt, every)
+    assert walk_counts(topk, qt, every) == want
+    assert walk_counts(topk.long(), qt, every) == want
     assert walk_counts(torch.full((2, 4, 3), -1), 2, 1) == (0, 0)
