@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.helpers.brute import make_case
-from tests.helpers import random_topk
+from tests.helpers import DEVICE, random_topk
 from msa.ops.plan import block_rows, plan_chunks
 
 
@@ -284,7 +284,8 @@ def test_planning_kernels_build_the_torch_plan(hs, chunk, qpi, K):
     seg = c["seg"]
     topk = random_topk(seg, hs, K, 64, seed=7)
     topk[0, ::5, -1] = 99                              # past every segment's blocks
-    rows = block_rows(seg, 64, "cpu")
+    topk = topk.to(DEVICE)
+    rows = block_rows(seg, 64, DEVICE)
     nq, nkeys = seg.total_q, -(-seg.total_q // chunk) * 2 * rows.total_rows
     assert plan_triton.applies(2 * nq * K, nkeys, nkeys + 2 * nq * K // qpi + 1)
     for q0, q1 in ((0, seg.total_q), (10, 60)):
@@ -309,8 +310,8 @@ def test_walk_kernel_counts_as_the_torch_ops(qt, every, K, hs, T):
     from msa.ops.plan import walk_by_torch
     from msa.ops.plan_triton import walk_counts
     g = torch.Generator().manual_seed(qt * 100 + K)
-    topk = torch.randint(-1, 9, (hs, T, K), generator=g, dtype=torch.int32)
+    topk = torch.randint(-1, 9, (hs, T, K), generator=g, dtype=torch.int32).to(DEVICE)
     want = walk_by_torch(topk, qt, every)
     assert walk_counts(topk, qt, every) == want
     assert walk_counts(topk.long(), qt, every) == want
-    assert walk_counts(torch.full((2, 4, 3), -1), 2, 1) == (0, 0)
+    assert walk_counts(torch.full((2, 4, 3), -1, device=DEVICE), 2, 1) == (0, 0)
