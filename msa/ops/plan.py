@@ -15,7 +15,8 @@ device:
 A KV block row is (segment ``b``, level ``L``), numbered segment-major. An entry is valid
 iff ``0 <= L < ceil(k_len_b / block)``; selected blocks after the query are kept here and
 masked causally in the kernel. One host synchronisation (the item count per chunk) sizes
-the work lists; ``plan_chunks`` plans many query chunks with one sort.
+the work lists; ``plan_chunks`` plans many query chunks with one sort (on a GPU in the
+Triton kernels of ``msa.ops.plan_triton``, else by torch ops: ``plan_by_torch``).
 
 ``SparsePlan`` bundles all of it for one selection and is made once: the indexer's
 selected-LSE pass, the attention forward and backward and the indexer-KL backward of a
