@@ -179,7 +179,9 @@ def blocks_per_selected_block(topk: torch.Tensor, qt: int, every: int = 1) -> fl
     ``every``-th tile: an estimate from a sample): the distinct blocks of each tile summed,
     over the selected blocks, times ``qt``. 1 when a tile's queries select the same
     blocks, ``qt`` when they share none (a partial last tile is left out)."""
-    fused = _planning_kernels() if topk.is_cuda else None    # (tested in the interpreter)
+    # the kernel on CUDA tensors only: in the interpreter a sample of thousands of tiles
+    # takes minutes (its test runs it there on a few)
+    fused = _planning_kernels() if topk.is_cuda else None
     if fused is not None and topk.stride(2) == 1:
         distinct, selected = fused.walk_counts(topk, qt, every)
     else:
