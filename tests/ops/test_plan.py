@@ -315,3 +315,24 @@ def test_walk_kernel_counts_as_the_torch_ops(qt, every, K, hs, T):
     assert walk_counts(topk, qt, every) == want
     assert walk_counts(topk.long(), qt, every) == want
     assert walk_counts(torch.full((2, 4, 3), -1, device=DEVICE), 2, 1) == (0, 0)
+
+
+def test_plan_chunks_falls_back_to_the_torch_ops(monkeypatch):
+    """Without Triton, or where int32 indices cannot hold the plan, ``plan_chunks`` plans
+    by torch ops; with the kernels it does not call them."""
+    from msa.ops import plan as P
+    from msa.ops import plan_triton
+    c = make_case((40,), (200,), hq=4, hkv=2, seed=8)
+    topk = random_topk(c["seg"], 2, 3, 64, seed=9).to(DEVICE)
+    rows = block_rows(c["seg"], 64, DEVICE)
+    calls = []
+    real = P.plan_by_torch
+    monkeypatch.setattr(P, "plan_by_torch", lambda *a: calls.append(1) or real(*a))
+    P.plan_chunks(topk, rows, 0, 40, 16, 2, 4)
+    assert calls == []
+    assert not plan_triton.applies(2 ** 31, 10, 10) and plan_triton.applies(10, 10, 10)
+    monkeypatch.setattr(plan_triton, "applies", lambda *a: False)
+    P.plan_chunks(topk, rows, 0, 40, 16, 2, 4)
+    monkeypatch.setattr(P, "_planning_kernels", lambda: None)
+    P.plan_chunks(topk, rows, 0, 40, 16, 2, 4)
+    assert calls == [1, 1]
