@@ -182,7 +182,7 @@ def blocks_per_selected_block(topk: torch.Tensor, qt: int, every: int = 1) -> fl
     # the kernel on CUDA tensors only: in the interpreter a sample of thousands of tiles
     # takes minutes (its test runs it there on a few)
     fused = _planning_kernels() if topk.is_cuda else None
-    if fused is not None and topk.stride(2) == 1:
+    if fused is not None:
         distinct, selected = fused.walk_counts(topk, qt, every)
     else:
         distinct, selected = walk_by_torch(topk, qt, every)
@@ -236,17 +236,11 @@ def plan_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, c
     ``msa.ops.plan_triton`` on a GPU (and in Triton's interpreter), else by
     ``plan_by_torch``: the same plan.
     """
-    nq, kk = q1 - q0, topk_indices.shape[2]
-    nkeys = -(-nq // chunk) * hkv * rows.total_rows
-    if nkeys == 0:                                          # no queries (or no key rows)
-        return []
-    entries = hkv * nq * kk
+    args = (topk_indices, rows, q0, q1, chunk, hkv, q_per_item)
     fused = _planning_kernels()
-    if fused is None or not (topk_indices.is_cuda or INTERPRETER) or \
-            not fused.applies(entries, nkeys, nkeys + entries // q_per_item + 1):
-        return plan_by_torch(topk_indices, rows, q0, q1, chunk, hkv, q_per_item)
-    fields, items, edges = fused.planned_chunks(topk_indices, rows, q0, q1, chunk, hkv,
-                                                q_per_item)
+    if fused is None or not (topk_indices.is_cuda or INTERPRETER) or not fused.applies(*args):
+        return plan_by_torch(*args)         # also every empty plan (no queries, no rows)
+    fields, items, edges = fused.planned_chunks(*args)
     return _chunk_plans(fields, items, edges, q0, q1, chunk, hkv)
 
 

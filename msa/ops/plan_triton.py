@@ -16,7 +16,7 @@ arithmetic runs as
 6. ``torch.argsort`` (stable), and ``gather_kernel``: the items' fields in that order.
 
 The plan is bitwise the one of ``plan_by_torch`` (the same stable sorts of the same keys;
-tests/ops/test_plan.py). Indices are int32: ``applies`` says whether they fit.
+tests/ops/test_plan.py). Indices are int32: ``applies`` says whether they hold the plan.
 
 ``walk_counts`` is ``blocks_per_selected_block``'s sample (distinct and selected blocks
 of every ``every``-th tile) in one kernel instead of a dozen torch ops.
@@ -35,10 +35,22 @@ BLOCK = 1024
 INT32_MAX = 2 ** 31 - 1
 
 
-def applies(entries: int, nkeys: int, bound: int) -> bool:
-    """Whether the kernels' int32 keys and edge and item indices hold ``entries`` (KV
-    heads x queries x slots), ``nkeys`` keys and ``bound`` item slots."""
-    return 0 < entries < INT32_MAX and nkeys < INT32_MAX and bound < INT32_MAX
+def _sizes(nq: int, kk: int, chunk: int, hkv: int, nrow: int, q_per_item: int):
+    """``(nchunks, nkeys, entries, bound)`` of a planning group of ``nq`` queries: chunks,
+    sort keys, (KV head, query, slot) entries and item slots (an upper bound of the items,
+    ``sum ceil(edges / q) <= entries / q + keys``, as ``plan_by_torch`` sizes them)."""
+    nchunks = -(-nq // chunk)
+    nkeys, entries = nchunks * hkv * nrow, hkv * nq * kk
+    return nchunks, nkeys, entries, nkeys + entries // q_per_item + 1
+
+
+def applies(topk_indices: torch.Tensor, rows, q0: int, q1: int, chunk: int, hkv: int,
+            q_per_item: int) -> bool:
+    """Whether ``planned_chunks`` plans these arguments: some entries and keys, and int32
+    keys, edge and item indices that hold them."""
+    _, nkeys, entries, bound = _sizes(q1 - q0, topk_indices.shape[2], chunk, hkv,
+                                      rows.total_rows, q_per_item)
+    return 0 < entries < INT32_MAX and 0 < nkeys < INT32_MAX and bound < INT32_MAX
 
 
 @triton.jit
@@ -138,7 +150,7 @@ def gather_kernel(ORDER, IKEY, IE0, IE1, ROW_KROW, ROW_T0, ROW_NK, H, KROW, T0, 
 
 
 @triton.jit
-def walk_kernel(TOPK, TOTALS, stride_h, stride_q, qt, every, K: tl.constexpr,
+def walk_kernel(TOPK, TOTALS, stride_h, stride_q, stride_s, qt, every, K: tl.constexpr,
                 WP: tl.constexpr):
     """Sampled tile ``tile * every`` of head ``h`` (grid: sampled tiles, heads): its
     distinct valid ids and its valid ids, added to ``TOTALS[0]`` and ``TOTALS[1]``."""
@@ -146,8 +158,8 @@ def walk_kernel(TOPK, TOTALS, stride_h, stride_q, qt, every, K: tl.constexpr,
     h = tl.program_id(1).to(tl.int64)
     e = tl.arange(0, WP)
     ok = e < qt * K
-    x = tl.load(TOPK + h * stride_h + (tile * qt + e // K) * stride_q + e % K, mask=ok,
-                other=-1)
+    x = tl.load(TOPK + h * stride_h + (tile * qt + e // K) * stride_q + (e % K) * stride_s,
+                mask=ok, other=-1)
     x = tl.sort(x)
     new = (x >= 0) & ((e == 0) | (x != tl.gather(x, tl.maximum(e - 1, 0), 0)))
     tl.atomic_add(TOTALS, tl.sum(new.to(tl.int64), 0), sem="relaxed")
@@ -162,8 +174,8 @@ def walk_counts(topk: torch.Tensor, qt: int, every: int) -> Tuple[int, int]:
     tiles = -(-(T // qt) // every)
     totals = torch.zeros(2, dtype=torch.int64, device=topk.device)
     if tiles and hs and K:
-        walk_kernel[(tiles, hs)](topk, totals, topk.stride(0), topk.stride(1), qt, every,
-                                 K=K, WP=next_pow2(qt * K))
+        walk_kernel[(tiles, hs)](topk, totals, *topk.stride(), qt, every, K=K,
+                                 WP=next_pow2(qt * K))
     distinct, selected = totals.tolist()
     return distinct, selected
 
@@ -180,9 +192,7 @@ def planned_chunks(topk_indices: torch.Tensor, rows, q0: int, q1: int, chunk: in
     after) and ``items``, ``edges`` the counts per chunk (the one host synchronisation)."""
     hs, _, kk = topk_indices.shape
     nq, nrow, dev = q1 - q0, rows.total_rows, topk_indices.device
-    nchunks = -(-nq // chunk)
-    nkeys, entries = nchunks * hkv * nrow, hkv * nq * kk
-    bound = nkeys + entries // q_per_item + 1
+    nchunks, nkeys, entries, bound = _sizes(nq, kk, chunk, hkv, nrow, q_per_item)
     key = torch.empty(entries, dtype=torch.int32, device=dev)
     keys_kernel[_grid(entries)](
         topk_indices, rows.q_nblocks, rows.q_rowbase, key, q0, nq, kk,

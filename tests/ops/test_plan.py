@@ -286,9 +286,8 @@ def test_planning_kernels_build_the_torch_plan(hs, chunk, qpi, K):
     topk[0, ::5, -1] = 99                              # past every segment's blocks
     topk = topk.to(DEVICE)
     rows = block_rows(seg, 64, DEVICE)
-    nq, nkeys = seg.total_q, -(-seg.total_q // chunk) * 2 * rows.total_rows
-    assert plan_triton.applies(2 * nq * K, nkeys, nkeys + 2 * nq * K // qpi + 1)
     for q0, q1 in ((0, seg.total_q), (10, 60)):
+        assert plan_triton.applies(topk, rows, q0, q1, chunk, 2, qpi)
         want = plan_by_torch(topk, rows, q0, q1, chunk, 2, qpi)
         got = plan_chunks(topk, rows, q0, q1, chunk, 2, qpi)
         assert [g[:2] for g in got] == [w[:2] for w in want]
@@ -314,6 +313,7 @@ def test_walk_kernel_counts_as_the_torch_ops(qt, every, K, hs, T):
     want = walk_by_torch(topk, qt, every)
     assert walk_counts(topk, qt, every) == want
     assert walk_counts(topk.long(), qt, every) == want
+    assert walk_counts(topk.mT.contiguous().mT, qt, every) == want     # slots strided
     assert walk_counts(torch.full((2, 4, 3), -1, device=DEVICE), 2, 1) == (0, 0)
 
 
@@ -330,8 +330,9 @@ def test_plan_chunks_falls_back_to_the_torch_ops(monkeypatch):
     monkeypatch.setattr(P, "plan_by_torch", lambda *a: calls.append(1) or real(*a))
     P.plan_chunks(topk, rows, 0, 40, 16, 2, 4)
     assert calls == []
-    assert not plan_triton.applies(2 ** 31, 10, 10) and plan_triton.applies(10, 10, 10)
-    monkeypatch.setattr(plan_triton, "applies", lambda *a: False)
+    assert not plan_triton.applies(topk, rows, 5, 5, 16, 2, 4)          # no queries
+    monkeypatch.setattr(plan_triton, "INT32_MAX", 2 * 40 * 3)          # entries too many
+    assert not plan_triton.applies(topk, rows, 0, 40, 16, 2, 4)
     P.plan_chunks(topk, rows, 0, 40, 16, 2, 4)
     monkeypatch.setattr(P, "_planning_kernels", lambda: None)
     P.plan_chunks(topk, rows, 0, 40, 16, 2, 4)
