@@ -142,11 +142,14 @@ def compiled_ptx(program: str) -> str:
     return run.stdout
 
 
-def nan_empty(module, monkeypatch):
-    """``module.torch.empty`` NaN-fills float buffers: a row read unwritten poisons."""
+def nan_empty(module, monkeypatch, ints=None):
+    """``module.torch.empty`` NaN-fills float buffers (and integer ones with ``ints``
+    where given): a row read or returned unwritten poisons."""
     empty = torch.empty
 
     def filled(*a, **kw):
         x = empty(*a, **kw)
-        return x.fill_(float("nan")) if x.is_floating_point() else x
+        if x.is_floating_point():
+            return x.fill_(float("nan"))
+        return x if ints is None or x.dtype == torch.bool else x.fill_(ints)
     monkeypatch.setattr(module.torch, "empty", filled)

@@ -5,13 +5,14 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from tests.helpers import (DEVICE, force_smallest_launch, plan_of, random_topk,  # noqa: E402
-                           shared_topk)
+from tests.helpers import (DEVICE, force_smallest_launch, nan_empty, plan_of,  # noqa: E402
+                           random_topk, shared_topk)
 from tests.helpers.brute import make_case, rel_err  # noqa: E402
 from tests.ops.attention.test_forward import (CASES, _inputs, _poisoned,  # noqa: E402
                                              public_api_matches_reference)
 from msa.ops.attention.forward import sparse_attn_fwd  # noqa: E402
 from msa.ops.attention.naive import attention_forward_reference  # noqa: E402
+from msa.ops.attention import union as union_module  # noqa: E402
 from msa.ops.attention.union import build_union_plan  # noqa: E402
 from msa.ops.plan import tile_queries  # noqa: E402
 
@@ -148,16 +149,18 @@ def _set_bits(words):
     pytest.param(16, True, 128, marks=pytest.mark.slow),
     pytest.param(4, True, 128, marks=pytest.mark.slow),
     pytest.param(6, False, 64, marks=pytest.mark.slow)])
-def test_union_plan_equals_direct_count(group, shared, rows):
+def test_union_plan_equals_direct_count(group, shared, rows, monkeypatch):
     """Union, count, bits (several 64-bit words at K * QT > 64) and the halves' words
     (at G = 6 and 128 rows, query 10 straddles the two) against Python sets, over random
-    selections (with blocks after the query, dropped) and shared ones."""
+    selections (with blocks after the query, dropped) and shared ones; the buffers
+    poisoned (-1) before the kernel writes every word."""
     c = make_case((37, 50), (900, 400), seed=group)
     seg, k = c["seg"], 9
     topk = (shared_topk(seg, 2, k, 64, group) if shared else
             random_topk(seg, 2, k, 64, seed=group)).to(DEVICE)
     plan = plan_of(topk, seg, 64, 2)
     qt = tile_queries(group, k, rows)
+    nan_empty(union_module, monkeypatch, ints=-1)
     up = build_union_plan(topk, plan, qt, group)
     direct = _direct_plan(topk.cpu(), seg, 64, qt)
     assert up.bits.shape[3] == -(-qt * k // 64)
