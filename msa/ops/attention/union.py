@@ -34,7 +34,7 @@ from ..plan import (GLUON_TILE_ROWS, TILE_ROWS, SparsePlan, blocks_per_selected_
                     query_tiles, tile_queries)
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
-DEAD = tl.constexpr(2 ** 30)           # sort keys of invalid entries start here
+NO_BLOCK = tl.constexpr(2 ** 31 - 1)    # sort key of an invalid entry (after every real one)
 
 
 @dataclass
@@ -70,22 +70,14 @@ class UnionPlan:
         return self.tile_q0.numel()
 
 
-@triton.jit
-def _or(a, b):
-    return a | b
-
-
 @triton.jit(do_not_specialize=["num_tiles"])
 def union_plan_kernel(TOPK, TQ0, TN, TOFF, U, NU, BITS, HALVES, num_tiles, stride_th,
                       stride_tq, QT: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
-                      WP: tl.constexpr, NW: tl.constexpr, QTP: tl.constexpr,
-                      KP: tl.constexpr, NWP: tl.constexpr, BS: tl.constexpr,
+                      WP: tl.constexpr, NW: tl.constexpr, BS: tl.constexpr,
                       G: tl.constexpr):
-    """One tile's union (grid: tiles, Hs; ``WP``, ``QTP``, ``KP``, ``NWP``: the next
-    powers of two of ``W = QT * K``, ``QT``, ``K``, ``NW``). An entry counts when valid
-    and not wholly after its query (``0 <= id`` and ``id * BS <= pos``; ids are checked
-    against the segment upstream).
-    Every word of ``BITS`` and ``HALVES`` is written (no atomics, no zeroed buffers)."""
+    """One tile's union (grid: tiles, Hs; ``WP``: the next power of two of ``W = QT *
+    K``). An entry counts when valid and not wholly after its query
+    (``0 <= id`` and ``id * BS <= pos``; ids are checked against the segment upstream)."""
     tile = tl.program_id(0)
     hs = tl.program_id(1)
     q0 = tl.load(TQ0 + tile)
@@ -97,42 +89,29 @@ def union_plan_kernel(TOPK, TQ0, TN, TOFF, U, NU, BITS, HALVES, num_tiles, strid
     x = tl.load(TOPK + hs * stride_th + (q0 + i).to(tl.int64) * stride_tq + e % K, mask=ok,
                 other=-1)
     ok &= (x >= 0) & (x * BS <= off + i)
-    # sort (block, query) pairs (block * 64 + query < 2^30: positions are int32, so
-    # blocks < 2^24): equal blocks adjacent, a block's first copy opens a place; a dead
-    # entry keeps its index past DEAD (its query is e // K)
-    srt = tl.sort(tl.where(ok, x * 64 + i, DEAD + e))
-    live = srt < DEAD
+    # sort (block, query) pairs (block * 64 + query < 2^31 for blocks < 2^25): equal
+    # blocks adjacent; a block's first copy opens a place
+    srt = tl.sort(tl.where(ok, x * 64 + i, NO_BLOCK))
     blk = srt >> 6
+    live = srt != NO_BLOCK
     first = live & ((e == 0) | (blk != tl.gather(blk, tl.maximum(e - 1, 0), 0)))
     place = tl.cumsum(first.to(tl.int32), 0) - 1
     row = hs * num_tiles + tile
     tl.store(U + row.to(tl.int64) * W + place, blk, mask=first)
     tl.store(NU + row, tl.sum(first.to(tl.int32), 0))
-    # sort again by (query, place): query i's K entries come next to each other, and
-    # row i of a [QTP, KP] gather of them gives its words by or-reductions (no atomics)
-    owner = tl.where(live, srt & 63, (srt - DEAD) // K)
-    srt2 = tl.sort(owner * 65536 + tl.where(live, place, 65535))
-    f = tl.arange(0, QTP * KP)
-    src = (f // KP) * K + f % KP
-    got = (f % KP < K) & (f // KP < QT)
-    p = tl.gather(srt2, tl.where(got, src, 0), 0) & 65535
-    p = tl.reshape(tl.where(got, p, 65535), [QTP, KP])
-    bit = tl.where(p != 65535, tl.full([QTP, KP], 1, tl.int64) << (p % 64).to(tl.int64), 0)
-    q = tl.arange(0, QTP)
-    c = tl.arange(0, NWP)
-    words = tl.zeros([QTP, NWP], dtype=tl.int64)
-    for w in tl.static_range(NW):
-        word = tl.reduce(tl.where(p // 64 == w, bit, 0), 1, _or)
-        words = tl.where(c[None, :] == w, word[:, None], words)
-    tl.store(BITS + (row * QT + q[:, None]).to(tl.int64) * NW + c[None, :], words,
-             mask=(q[:, None] < QT) & (c[None, :] < NW))
+    # each live pair sets its query's bit of its block's place (pairs are distinct, the
+    # words zeroed by the caller)
+    owner = srt & 63
+    bit = tl.full([WP], 1, tl.int64) << (place % 64).to(tl.int64)
+    tl.atomic_or(BITS + (row * QT + owner).to(tl.int64) * NW + place // 64, bit, mask=live,
+                 sem="relaxed")
     # the halves of the query's rows (a query may straddle the two)
-    lo = tl.minimum(q * G // 64, 1)
-    hi = tl.minimum((q * G + G - 1) // 64, 1)
-    for h in tl.static_range(2):
-        mine = (q < QT) & ((lo == h) | (hi == h))
-        half = tl.reduce(tl.where(mine[:, None], words, 0), 0, _or)
-        tl.store(HALVES + (row * 2 + h).to(tl.int64) * NW + c, half, mask=c < NW)
+    lo = tl.minimum(owner * G // 64, 1)
+    hi = tl.minimum((owner * G + G - 1) // 64, 1)
+    tl.atomic_or(HALVES + (row * 2 + lo).to(tl.int64) * NW + place // 64, bit, mask=live,
+                 sem="relaxed")
+    tl.atomic_or(HALVES + (row * 2 + hi).to(tl.int64) * NW + place // 64, bit,
+                 mask=live & (hi != lo), sem="relaxed")
 
 
 def build_union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int,
@@ -147,14 +126,13 @@ def build_union_plan(topk_indices: torch.Tensor, plan: SparsePlan, qt: int,
     dev = topk_indices.device
     blocks = torch.empty((hs, tiles, w), dtype=torch.int32, device=dev)
     count = torch.empty((hs, tiles), dtype=torch.int32, device=dev)
-    bits = torch.empty((hs, tiles, qt, nw), dtype=torch.int64, device=dev)
-    halves = torch.empty((hs, tiles, 2, nw), dtype=torch.int64, device=dev)
+    bits = torch.zeros((hs, tiles, qt, nw), dtype=torch.int64, device=dev)
+    halves = torch.zeros((hs, tiles, 2, nw), dtype=torch.int64, device=dev)
     if tiles:
         union_plan_kernel[(tiles, hs)](
             topk_indices, q0, n, off, blocks, count, bits, halves, tiles,
             topk_indices.stride(0), topk_indices.stride(1), QT=qt, K=topk, W=w,
-            WP=next_pow2(w), NW=nw, QTP=next_pow2(qt), KP=next_pow2(topk),
-            NWP=next_pow2(nw), BS=plan.block_size, G=group,
+            WP=next_pow2(w), NW=nw, BS=plan.block_size, G=group,
             num_warps=4 if w <= 256 else 8)
     rowbase = plan.rows.q_rowbase[q0.long()].contiguous()
     return UnionPlan(qt, q0, n, kbase, off, rowbase, blocks, count, bits, halves)
