@@ -80,6 +80,32 @@ def timed(fn: Callable, reps: int = 20, warmup: int = 3) -> float:
     return times[len(times) // 2]
 
 
+def timed_behind_sleep(fn: Callable, reps: int = 20, warmup: int = 3,
+                       sleep_cycles: int = 50_000_000) -> float:
+    """Median milliseconds of ``fn()``'s GPU work with the host ahead: each call is queued
+    behind a ``torch.cuda._sleep`` kernel (``sleep_cycles``, some tens of milliseconds)
+    and timed from the sleep's end to ``fn``'s last work. Up to ``fn``'s first host
+    synchronisation the host's time is hidden, so ``timed(fn)`` minus this is the time the
+    host paced the GPU there (the checks and launches before and between its first
+    kernels); after such a synchronisation the two are alike."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        torch.cuda._sleep(sleep_cycles)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if sum(times) > 10_000 and i >= 2:
+            break
+    times.sort()
+    return times[len(times) // 2]
+
+
 def peak_bytes(fn: Callable) -> int:
     """Peak CUDA memory allocated above the level before ``fn()``."""
     torch.cuda.synchronize()

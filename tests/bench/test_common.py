@@ -1,9 +1,12 @@
-"""``msa.bench.common.over_shapes`` writes the results after every row, so a run stopped
-part-way (a time limit, an error) keeps the rows it finished; CPU, stand-in runs."""
+"""``msa.bench.common``: ``over_shapes`` writes the results after every row, so a run
+stopped part-way (a time limit, an error) keeps the rows it finished (CPU, stand-in runs);
+on a GPU, ``timed_behind_sleep`` hides the host's lead."""
 import argparse
 import json
+import time
 
 import pytest
+import torch
 
 from msa.bench import common as C
 
@@ -32,3 +35,16 @@ def test_write_names_the_file_after_case_gpu_and_date(tmp_path, monkeypatch):
     results = dict(meta=dict(case="prefill", gpu="NVIDIA H200", date="2026-12-05"), shapes={})
     assert C.write(results, args) == "bench_prefill_h200_2026-12-05.json"
     assert json.loads((tmp_path / "bench_prefill_h200_2026-12-05.json").read_text()) == results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA kernels")
+def test_behind_a_sleep_the_host_lead_is_hidden():
+    """A call whose host waits 10 ms before its one kernel: ``timed`` counts the wait,
+    ``timed_behind_sleep`` (the host ahead of the GPU) only the kernel."""
+    a = torch.randn(1024, 1024, device="cuda")
+
+    def call():
+        time.sleep(0.01)
+        a.mul_(1.0)
+    assert C.timed(call, reps=5) > 9
+    assert C.timed_behind_sleep(call, reps=5) < 3
