@@ -80,20 +80,26 @@ def timed(fn: Callable, reps: int = 20, warmup: int = 3) -> float:
     return times[len(times) // 2]
 
 
-def timed_behind_sleep(fn: Callable, reps: int = 20, warmup: int = 3,
-                       sleep_cycles: int = 50_000_000) -> float:
+def timed_behind_work(fn: Callable, reps: int = 20, warmup: int = 3,
+                      work_ms: float = 20.0) -> float:
     """Median milliseconds of ``fn()``'s GPU work with the host ahead: each call is queued
-    behind a ``torch.cuda._sleep`` kernel (``sleep_cycles``, some tens of milliseconds)
-    and timed from the sleep's end to ``fn``'s last work. Up to ``fn``'s first host
-    synchronisation the host's time is hidden, so ``timed(fn)`` minus this is the time the
-    host paced the GPU there (the checks and launches before and between its first
-    kernels); after such a synchronisation the two are alike."""
+    behind about ``work_ms`` of bf16 matrix products (work, not a sleep kernel, so that
+    the GPU's clocks and power stay as under back-to-back calls) and timed from that
+    work's end to ``fn``'s last work. Up to ``fn``'s first host synchronisation the
+    host's time is hidden, so ``timed(fn)`` minus this is the time the host paced the GPU
+    there (the checks and launches before and between its first kernels); after such a
+    synchronisation the two are alike."""
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    one = timed(lambda: torch.mm(x, x, out=y), reps=5)
+    n = max(1, round(work_ms / one))
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for i in range(reps):
-        torch.cuda._sleep(sleep_cycles)
+        for _ in range(n):
+            torch.mm(x, x, out=y)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -12,8 +12,8 @@ Per shape and length (bf16, batch 1, random inputs, or ``--selection structured`
   indexer forward alone (top-k and selected LSE), and the step less it and the attention
   (``step_rest_ms``: the indexer KL forward and backward, planning, glue); one profiled
   step (``step_timeline``, ``msa.bench.timeline``): its kernels by device time and where
-  the GPU idled; the step queued behind a sleep kernel (``step_behind_sleep_ms``,
-  ``msa.bench.common.timed_behind_sleep``): ``step_ms`` less it is the time the host
+  the GPU idled; the step queued behind other GPU work (``step_behind_work_ms``,
+  ``msa.bench.common.timed_behind_work``): ``step_ms`` less it is the time the host
   paced the GPU before the step's first host synchronisation;
 * every timed backward (msa's and the baselines') starts with the inputs' ``.grad``
   released, as a model's activations have no gradient summed across steps;
@@ -161,7 +161,7 @@ def run_length(T: int, cfg, args, fla) -> dict:
         out = msa.msa_attention(q, k, v, qi, ki, cu, cu, config=cfg)
         out.backward(dout)
     r["step_ms"] = C.timed(step, reps)
-    r["step_behind_sleep_ms"] = C.timed_behind_sleep(step, reps)
+    r["step_behind_work_ms"] = C.timed_behind_work(step, reps)
     r["step_timeline"] = gpu_timeline(step)
 
     def indexer():                    # the step's index branch: top-k and selected LSE
