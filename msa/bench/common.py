@@ -60,14 +60,18 @@ def over_shapes(args, results: dict, check: Callable, run_length: Callable, defa
                 torch.cuda.empty_cache()
 
 
-def timed(fn: Callable, reps: int = 20, warmup: int = 3) -> float:
+def timed(fn: Callable, reps: int = 20, warmup: int = 3,
+          before: Optional[Callable] = None) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` CUDA-event-timed calls (after
-    ``warmup`` calls; fewer repetitions when one call takes over a second)."""
+    ``warmup`` calls; fewer repetitions when one call takes over a second); ``before()``,
+    where given, queued before each timed call, outside its time."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for i in range(reps):
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -91,25 +95,12 @@ def timed_behind_work(fn: Callable, reps: int = 20, warmup: int = 3,
     synchronisation the two are alike."""
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    one = timed(lambda: torch.mm(x, x, out=y), reps=5)
-    n = max(1, round(work_ms / one))
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
+    n = max(1, round(work_ms / timed(lambda: torch.mm(x, x, out=y), reps=5)))
+
+    def work():
         for _ in range(n):
             torch.mm(x, x, out=y)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-        if sum(times) > 10_000 and i >= 2:
-            break
-    times.sort()
-    return times[len(times) // 2]
+    return timed(fn, reps, warmup, before=work)
 
 
 def peak_bytes(fn: Callable) -> int:
