@@ -153,7 +153,7 @@ def test_union_plan_equals_direct_count(group, shared, rows, monkeypatch):
     """Union, count, bits (several 64-bit words at K * QT > 64) and the halves' words
     (at G = 6 and 128 rows, query 10 straddles the two) against Python sets, over random
     selections (with blocks after the query, dropped) and shared ones; the buffers
-    poisoned (-1) before the kernel writes every word."""
+    ``build_union_plan`` leaves to the kernel (the union, the count) start as -1."""
     c = make_case((37, 50), (900, 400), seed=group)
     seg, k = c["seg"], 9
     topk = (shared_topk(seg, 2, k, 64, group) if shared else
