@@ -496,14 +496,15 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
             C.check_fp8_device("index_precision='fp8'", qi)
         topk_indices, _ = indexer_op(qip.detach(), kip.detach(), *lay.meta, bs, cfg.topk,
                                      iscale, 1.0, False, index_triton, cfg.index_precision)
-        if triton_kl:       # one plan for the step (the attention ops find it when Hkv = Hi);
-            # its chunks (the one host sync) made behind the top-k
+        if triton_kl:       # one plan for the step (the attention ops find it when Hkv = Hi),
+            # queued behind the top-k; the host reads its counts (the one host sync) when
+            # the forward needs them, after setting the forward up
             chunk = P.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
                                      deterministic)
             step_plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=qi.shape[-2],
                                       max_chunk=chunk,
                                       q_per_item=P.item_queries(q.shape[-2] // k.shape[-2]))
-            step_plan.chunks
+            step_plan.queue()
             from .ops.kl.deferred import AttentionWithKL, DeferredKL, kl_in_backward
             if kl_in_backward(qp, kp, vp, qip, bs, deterministic):   # the KL's teacher rows
                 deferred = DeferredKL(qp.detach(), kp.detach(), qip.detach(), kip.detach(),

@@ -178,26 +178,42 @@ def blocks_per_selected_block(topk: torch.Tensor, qt: int, every: int = 1) -> fl
     selection, for tiles of ``qt`` consecutive rows of ``topk [Hs, T, K]`` (every
     ``every``-th tile: an estimate from a sample): the distinct blocks of each tile summed,
     over the selected blocks, times ``qt``. 1 when a tile's queries select the same
-    blocks, ``qt`` when they share none (a partial last tile is left out)."""
+    blocks, ``qt`` when they share none (a partial last tile is left out). One host
+    synchronisation (``walk_totals`` and ``walk_ratio`` without it)."""
+    return walk_ratio(walk_totals(topk, qt, every).tolist(), qt)
+
+
+def walk_ratio(totals: List[int], qt: int) -> float:
+    """``blocks_per_selected_block`` from ``walk_totals``' counts read to the host."""
+    distinct, selected = totals
+    return distinct * qt / max(selected, 1)
+
+
+def walk_totals(topk: torch.Tensor, qt: int, every: int) -> torch.Tensor:
+    """``[2]`` int64 on ``topk``'s device, queued without a host synchronisation: the
+    distinct and the selected valid ids over the tiles ``0, every, 2 * every, ...`` of
+    ``qt`` consecutive rows of ``topk [Hs, T, K]`` (whole tiles only)."""
     # the kernel on CUDA tensors only: in the interpreter a sample of thousands of tiles
     # takes minutes (its test runs it there on a few)
     fused = _planning_kernels() if topk.is_cuda else None
     if fused is not None:
-        distinct, selected = fused.walk_counts(topk, qt, every)
-    else:
-        distinct, selected = walk_by_torch(topk, qt, every)
-    return distinct * qt / max(selected, 1)
+        return fused.walk_totals(topk, qt, every)
+    return _walk_totals_by_torch(topk, qt, every)
 
 
-def walk_by_torch(topk: torch.Tensor, qt: int, every: int) -> Tuple[int, int]:
-    """``msa.ops.plan_triton.walk_counts`` by torch ops (any device)."""
+def _walk_totals_by_torch(topk: torch.Tensor, qt: int, every: int) -> torch.Tensor:
     hs, T, K = topk.shape
     n = T // qt * qt
     x = topk[:, :n].reshape(hs, n // qt, qt * K)[:, ::every]
     x = torch.sort(x, -1).values
     # empty ids (-1) sort first: a valid id is new where the sorted row changes, or first
     distinct = (x[..., 1:] != x[..., :-1]).sum() + (x[..., 0] >= 0).sum()
-    distinct, selected = torch.stack((distinct, (x >= 0).sum())).tolist()
+    return torch.stack((distinct, (x >= 0).sum()))
+
+
+def walk_by_torch(topk: torch.Tensor, qt: int, every: int) -> Tuple[int, int]:
+    """``walk_totals``' counts by torch ops (any device), read to the host."""
+    distinct, selected = _walk_totals_by_torch(topk, qt, every).tolist()
     return distinct, selected
 
 
@@ -232,16 +248,43 @@ def plan_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, c
 
     topk_indices: ``[Hs, total_q, K]`` (Hs 1 or ``hkv``). Returns ``(c0, c1, plan)`` per
     chunk; edge query indices are relative to the chunk start ``c0``. One sort and one host
-    synchronisation serve all chunks. Built by the Triton kernels of
-    ``msa.ops.plan_triton`` on a GPU (and in Triton's interpreter), else by
-    ``plan_by_torch``: the same plan.
+    synchronisation serve all chunks (``queue_chunks``, then ``QueuedChunks.plans``).
     """
+    queued = queue_chunks(topk_indices, rows, q0, q1, chunk, hkv, q_per_item)
+    return [] if queued is None else queued.plans(queued.ends.tolist())
+
+
+@dataclass(eq=False)
+class QueuedChunks:
+    """A planning group's arrays on the device, before the host has read its counts:
+    ``fields`` (``edge_q, edge_slot`` and the item fields of every chunk, chunk-major) and
+    ``ends [2, nchunks]`` (the running item and edge counts at each chunk's end), for the
+    queries ``[q0, q1)`` in chunks of ``chunk``, ``hkv`` heads."""
+    fields: list
+    ends: torch.Tensor
+    q0: int
+    q1: int
+    chunk: int
+    hkv: int
+
+    def plans(self, ends: List[List[int]]) -> List[Tuple[int, int, Plan]]:
+        """``(c0, c1, plan)`` per chunk, given ``ends`` read to the host."""
+        items, edges = ([b - a for a, b in zip([0] + c[:-1], c)] for c in ends)
+        return _chunk_plans(self.fields, items, edges, self.q0, self.q1, self.chunk, self.hkv)
+
+
+def queue_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
+                 hkv: int, q_per_item: int) -> Optional[QueuedChunks]:
+    """``plan_chunks``' work queued on the device, without a host synchronisation
+    (``None``: no queries or no key rows). Built by the Triton kernels of
+    ``msa.ops.plan_triton`` on a GPU (and in Triton's interpreter), else by
+    ``queue_by_torch``: the same plan."""
     args = (topk_indices, rows, q0, q1, chunk, hkv, q_per_item)
     fused = _planning_kernels()
     if fused is None or not (topk_indices.is_cuda or INTERPRETER) or not fused.applies(*args):
-        return plan_by_torch(*args)         # also every empty plan (no queries, no rows)
-    fields, items, edges = fused.planned_chunks(*args)
-    return _chunk_plans(fields, items, edges, q0, q1, chunk, hkv)
+        return queue_by_torch(*args)        # also every empty plan (no queries, no rows)
+    fields, ends = fused.planned_chunks(*args)
+    return QueuedChunks(fields, ends, q0, q1, chunk, hkv)
 
 
 def _planning_kernels():
@@ -273,6 +316,13 @@ def _chunk_plans(fields, items: List[int], edges: List[int], q0: int, q1: int, c
 def plan_by_torch(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
                   hkv: int, q_per_item: int) -> List[Tuple[int, int, Plan]]:
     """``plan_chunks`` by torch ops (any device; int64 keys where int32 cannot hold them)."""
+    queued = queue_by_torch(topk_indices, rows, q0, q1, chunk, hkv, q_per_item)
+    return [] if queued is None else queued.plans(queued.ends.tolist())
+
+
+def queue_by_torch(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
+                   hkv: int, q_per_item: int) -> Optional[QueuedChunks]:
+    """``queue_chunks`` by torch ops."""
     t = topk_indices[:, q0:q1].long()
     hs, nq, kk = t.shape
     nrow = rows.total_rows
@@ -282,7 +332,7 @@ def plan_by_torch(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int,
     heads = torch.arange(hkv, device=t.device).view(-1, 1, 1)
     nkeys = -(-nq // chunk) * hkv * nrow
     if nkeys == 0:                                          # no queries (or no key rows)
-        return []
+        return None
     key = (cid * hkv + heads) * nrow + rows.q_rowbase[q0:q1].view(1, -1, 1) + t
     key = torch.where(valid, key, torch.full_like(key, nkeys)).expand(hkv, nq, kk)
     if nkeys < 2 ** 31 - 1:
@@ -300,7 +350,7 @@ def plan_by_torch(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int,
     nsplit = (counts + q_per_item - 1) // q_per_item
     per_chunk = nsplit.view(-1, hkv * nrow).sum(1)
     # items are built for an upper bound of their count (sum ceil(c / q) <= E / q + keys),
-    # so that the only host sync comes after every planning kernel is queued
+    # so that the counts are read by the host after every planning kernel is queued
     bound = nkeys + key.numel() // q_per_item + 1
     last = torch.cumsum(nsplit, 0)                            # one past each key's items
     idx = torch.arange(bound, device=t.device)
@@ -320,9 +370,9 @@ def plan_by_torch(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int,
     krow, t0, nk = rows.row_krow[row], rows.row_t0[row], rows.row_nk[row]
     e0, e1 = e0.to(torch.int32), e1.to(torch.int32)
     edges = counts.view(-1, hkv * nrow).sum(1)
-    per_chunk_host, edges_host = torch.stack((per_chunk, edges)).tolist()   # the one sync
-    return _chunk_plans([edge_q, edge_slot, head, krow, t0, nk, e0, e1], per_chunk_host,
-                        edges_host, q0, q1, chunk, hkv)
+    ends = torch.cumsum(torch.stack((per_chunk, edges)), 1)
+    return QueuedChunks([edge_q, edge_slot, head, krow, t0, nk, e0, e1], ends, q0, q1, chunk,
+                        hkv)
 
 
 PLAN_GROUP_QUERIES = 1 << 18      # queries planned by one sort (bounds planning memory)
@@ -335,10 +385,16 @@ class SparsePlan:
     seg: segment geometry; block_size; heads: KV heads the work items serve (the
     selection's ``Hs`` is ``heads`` or 1); rows: ``BlockRows``; chunk: queries per chunk;
     q_per_item; ``chunks``: ``[(q0, q1, Plan)]`` covering all queries, built on first use
-    (one sort and one host synchronisation per ``PLAN_GROUP_QUERIES`` queries; the
-    few-query kernels read only ``rows``). The plan refers to its selection weakly (it is
-    remembered *with* the tensor, which must stay free to die); ``indices(topk)`` is the
-    int32 contiguous form the kernels read.
+    (one sort per ``PLAN_GROUP_QUERIES`` queries; the few-query kernels read only
+    ``rows``). The plan refers to its selection weakly (it is remembered *with* the
+    tensor, which must stay free to die); ``indices(topk)`` is the int32 contiguous form
+    the kernels read.
+
+    Host synchronisations: ``queue()`` queues the planning kernels without one; the host
+    reads their counts, and every count asked for by ``read`` until then, in one
+    synchronisation when the chunks or such a count are first needed. A training step
+    queues its plan behind the top-k and the forward's choice of kernel (``read``: the
+    union walk's sample) settles both at once, after the host's setup of the forward.
     """
 
     seg: Segments
@@ -351,6 +407,9 @@ class SparsePlan:
     _converted: Optional[torch.Tensor] = field(default=None, repr=False)
     _chunks: Optional[list] = field(default=None, repr=False)
     _derived: dict = field(default_factory=dict, repr=False)
+    _queued: Optional[list] = field(default=None, repr=False)      # QueuedChunks per group
+    _pending: dict = field(default_factory=dict, repr=False)       # key -> device counts
+    _counts: dict = field(default_factory=dict, repr=False)        # key -> host counts
 
     def derived(self, key, build: Callable[[], object]):
         """What ``build()`` makes from this plan's selection (e.g. the union plan of
@@ -375,16 +434,53 @@ class SparsePlan:
     @property
     def chunks(self) -> List[Tuple[int, int, Plan]]:
         if self._chunks is None:
-            idx = self._converted if self._converted is not None else self._topk()
-            if idx is None:
-                raise RuntimeError("the selection of this plan no longer exists")
-            total_q, out, c = self.seg.total_q, [], self.chunk
-            group = max(c, PLAN_GROUP_QUERIES // c * c)
-            for s0 in range(0, total_q, group):
-                out += plan_chunks(idx, self.rows, s0, min(total_q, s0 + group), c,
-                                   self.heads, self.q_per_item)
-            self._chunks = out
+            self.queue()
+            self._settle()
         return self._chunks
+
+    def queue(self) -> None:
+        """Queue the planning kernels of every planning group, with no host
+        synchronisation (``chunks`` reads their counts)."""
+        if self._chunks is not None or self._queued is not None:
+            return
+        idx = self._converted if self._converted is not None else self._topk()
+        if idx is None:
+            raise RuntimeError("the selection of this plan no longer exists")
+        total_q, c = self.seg.total_q, self.chunk
+        group = max(c, PLAN_GROUP_QUERIES // c * c)
+        queued = (queue_chunks(idx, self.rows, s0, min(total_q, s0 + group), c, self.heads,
+                               self.q_per_item) for s0 in range(0, total_q, group))
+        self._queued = [x for x in queued if x is not None]
+
+    def read(self, key, make: Callable[[], torch.Tensor]) -> List[int]:
+        """The host's copy of ``make()`` (integer counts on the device, queued once per
+        ``key``), read in the same host synchronisation as the planning kernels' counts
+        when those are queued and not yet read."""
+        if key not in self._counts:
+            if key not in self._pending:
+                self._pending[key] = make().reshape(-1)
+            self._settle()
+        return self._counts[key]
+
+    def _settle(self) -> None:
+        """One host synchronisation: the queued planning groups' counts (building
+        ``chunks``) and the pending counts of ``read``."""
+        groups = self._queued if self._chunks is None else None
+        parts = [g.ends.reshape(-1) for g in groups or ()] + list(self._pending.values())
+        flat = torch.cat([x.to(torch.int64) for x in parts]).tolist() if parts else []
+        at = 0
+        if groups is not None:
+            self._chunks = []
+            for g in groups:
+                n = g.ends.numel()
+                ends = flat[at:at + n]
+                self._chunks += g.plans([ends[:n // 2], ends[n // 2:]])
+                at += n
+            self._queued = None
+        for key, x in self._pending.items():
+            self._counts[key] = flat[at:at + x.numel()]
+            at += x.numel()
+        self._pending = {}
 
 
 def build_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, heads: int,

@@ -18,12 +18,12 @@ arithmetic runs as
 The plan is bitwise the one of ``plan_by_torch`` (the same stable sorts of the same keys;
 tests/ops/test_plan.py). Indices are int32: ``applies`` says whether they hold the plan.
 
-``walk_counts`` is ``blocks_per_selected_block``'s sample (distinct and selected blocks
+``walk_totals`` is ``blocks_per_selected_block``'s sample (distinct and selected blocks
 of every ``every``-th tile) in one kernel instead of a dozen torch ops.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import triton
@@ -166,17 +166,22 @@ def walk_kernel(TOPK, TOTALS, stride_h, stride_q, stride_s, qt, every, K: tl.con
     tl.atomic_add(TOTALS + 1, tl.sum((x >= 0).to(tl.int64), 0), sem="relaxed")
 
 
-def walk_counts(topk: torch.Tensor, qt: int, every: int) -> Tuple[int, int]:
-    """Distinct and selected valid ids over the tiles ``0, every, 2 * every, ...`` of
-    ``qt`` consecutive rows of ``topk [Hs, T, K]`` (whole tiles only; one host
-    synchronisation)."""
+def walk_totals(topk: torch.Tensor, qt: int, every: int) -> torch.Tensor:
+    """``[2]`` int64: the distinct and the selected valid ids over the tiles ``0, every,
+    2 * every, ...`` of ``qt`` consecutive rows of ``topk [Hs, T, K]`` (whole tiles only),
+    queued without a host synchronisation (``msa.ops.plan.walk_totals``)."""
     hs, T, K = topk.shape
     tiles = -(-(T // qt) // every)
     totals = torch.zeros(2, dtype=torch.int64, device=topk.device)
     if tiles and hs and K:
         walk_kernel[(tiles, hs)](topk, totals, *topk.stride(), qt, every, K=K,
                                  WP=next_pow2(qt * K))
-    distinct, selected = totals.tolist()
+    return totals
+
+
+def walk_counts(topk: torch.Tensor, qt: int, every: int) -> Tuple[int, int]:
+    """``walk_totals`` read to the host (one host synchronisation)."""
+    distinct, selected = walk_totals(topk, qt, every).tolist()
     return distinct, selected
 
 
@@ -185,11 +190,12 @@ def _grid(n: int) -> tuple:
 
 
 def planned_chunks(topk_indices: torch.Tensor, rows, q0: int, q1: int, chunk: int,
-                   hkv: int, q_per_item: int) -> Tuple[list, List[int], List[int]]:
+                   hkv: int, q_per_item: int) -> Tuple[list, torch.Tensor]:
     """``plan_chunks``' arrays for queries ``[q0, q1)`` (arguments as there; ``applies``
-    holds): ``(fields, items, edges)``, where ``fields`` are ``edge_q, edge_slot`` [E]
-    and the items' ``h, krow, t0, nk, e0, e1`` (chunk-major, largest first, spare slots
-    after) and ``items``, ``edges`` the counts per chunk (the one host synchronisation)."""
+    holds), queued without a host synchronisation: ``(fields, ends)``, where ``fields``
+    are ``edge_q, edge_slot`` [E] and the items' ``h, krow, t0, nk, e0, e1``
+    (chunk-major, largest first, spare slots after) and ``ends [2, nchunks]`` the running
+    item and edge counts at each chunk's end (``msa.ops.plan.QueuedChunks``)."""
     hs, _, kk = topk_indices.shape
     nq, nrow, dev = q1 - q0, rows.total_rows, topk_indices.device
     nchunks, nkeys, entries, bound = _sizes(nq, kk, chunk, hkv, nrow, q_per_item)
@@ -217,6 +223,4 @@ def planned_chunks(topk_indices: torch.Tensor, rows, q0: int, q1: int, chunk: in
     gather_kernel[_grid(bound)](order, slots[0], slots[1], slots[2], rows.row_krow,
                                rows.row_t0, rows.row_nk, h, krow, t0, nk, e0, e1, nrow, hkv,
                                bound, BLOCK=BLOCK)
-    ends = last[:, hkv * nrow - 1::hkv * nrow].tolist()        # the one sync
-    items, edges = ([b - a for a, b in zip([0] + c[:-1], c)] for c in ends)
-    return [edge_q, edge_slot, h, krow, t0, nk, e0, e1], items, edges
+    return [edge_q, edge_slot, h, krow, t0, nk, e0, e1], last[:, hkv * nrow - 1::hkv * nrow]

@@ -193,6 +193,42 @@ def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, 
     assert len(checks) == 1                  # a copy is the user's: validated
 
 
+def test_queued_plan_and_counts_reach_the_host_in_one_synchronisation(monkeypatch):
+    """``SparsePlan.queue`` reads nothing to the host; the first ``read`` then reads the
+    planning groups' counts and its own in one ``tolist`` (the chunks: ``plan_chunks``'),
+    a count is made once per key, and one asked for after the chunks are built costs its
+    own read. Planning groups of 32 queries: three groups, one read."""
+    import msa.ops.plan as plan_mod
+    monkeypatch.setattr(plan_mod, "PLAN_GROUP_QUERIES", 32)
+    c = make_case((40, 45), (200, 130), hq=4, hkv=2, seed=11)
+    seg = c["seg"]
+    topk = random_topk(seg, 2, 3, 64, seed=12).to(DEVICE)
+    rows = block_rows(seg, 64, DEVICE)
+    plan = plan_mod.build_plan(topk, seg, block_size=64, heads=2, chunk=8, q_per_item=3)
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or tolist(t))
+    plan.queue()
+    assert reads == []
+    made = []
+
+    def make():
+        made.append(1)
+        return torch.tensor([[7], [-2]], device=DEVICE)
+    assert plan.read("k", make) == [7, -2] and len(reads) == 1
+    assert plan.read("k", make) == [7, -2] and len(reads) == 1 and made == [1]
+    got = plan.chunks
+    assert len(reads) == 1
+    want = [p for s0 in (0, 32, 64) for p in plan_chunks(topk, rows, s0, min(85, s0 + 32), 8,
+                                                          2, 3)]
+    assert [g[:2] for g in got] == [w[:2] for w in want] and len(got) == 11
+    for (_, _, g), (_, _, w) in zip(got, want):
+        assert (g.num_edges, g.num_items) == (w.num_edges, w.num_items)
+        assert torch.equal(g.item_e1 - g.item_e0, w.item_e1 - w.item_e0)
+    n = len(reads)
+    assert plan.read("later", lambda: torch.tensor([5], device=DEVICE)) == [5]
+    assert len(reads) == n + 1
+
+
 def test_item_queries_hold_the_same_rows_at_every_group():
     """``q_per_item`` per GQA group: 4096 (query, head) rows, at least 256 queries."""
     import msa.ops.plan as plan_mod
@@ -257,13 +293,13 @@ def test_a_small_workspace_trains_as_the_default(monkeypatch):
     monkeypatch.setenv("MSA_WORKSPACE_SCALE", "5e-6")
     assert P.kl_chunk(1, 64, 2, False, 64) == 6
     planned = []
-    real = P.plan_chunks
+    real = P.queue_chunks
 
-    def plan_chunks(*args):
-        plans = real(*args)
-        planned.append(len(plans))
-        return plans
-    monkeypatch.setattr(P, "plan_chunks", plan_chunks)
+    def queue_chunks(*args):
+        queued = real(*args)
+        planned.append(queued.ends.shape[1])
+        return queued
+    monkeypatch.setattr(P, "queue_chunks", queue_chunks)
     got = step(c, cfg)
     assert planned and all(n == 12 for n in planned)      # 70 queries in chunks of 6
     for name, a, b in zip(("loss", "dq", "dk", "dv", "dqi", "dki"), got, want):
@@ -326,8 +362,8 @@ def test_plan_chunks_falls_back_to_the_torch_ops(monkeypatch):
     topk = random_topk(c["seg"], 2, 3, 64, seed=9).to(DEVICE)
     rows = block_rows(c["seg"], 64, DEVICE)
     calls = []
-    real = P.plan_by_torch
-    monkeypatch.setattr(P, "plan_by_torch", lambda *a: calls.append(1) or real(*a))
+    real = P.queue_by_torch
+    monkeypatch.setattr(P, "queue_by_torch", lambda *a: calls.append(1) or real(*a))
     P.plan_chunks(topk, rows, 0, 40, 16, 2, 4)
     assert calls == []
     assert not plan_triton.applies(topk, rows, 5, 5, 16, 2, 4)          # no queries

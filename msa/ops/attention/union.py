@@ -24,14 +24,15 @@ elsewhere it runs where chosen: ``MSA_FORWARD_KERNEL=union`` in the environment 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ..launch import launch_fitting
-from ..plan import (GLUON_TILE_ROWS, TILE_ROWS, SparsePlan, blocks_per_selected_block,
-                    query_tiles, tile_queries)
+from ..plan import (GLUON_TILE_ROWS, TILE_ROWS, SparsePlan, query_tiles, tile_queries,
+                    walk_ratio, walk_totals)
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
 NO_BLOCK = tl.constexpr(2 ** 31 - 1)    # sort key of an invalid entry (after every real one)
@@ -342,7 +343,7 @@ def prefers_union(q, k, v, topk_indices, plan: SparsePlan) -> bool:
         return False
     g = q.shape[1] // k.shape[1]
     return plan.derived(("union_shared", g), lambda: shared_enough(
-        topk_indices, g, plan.seg.q_len))
+        topk_indices, g, plan.seg.q_len, plan))
 
 
 def suits(q, k, v, topk_indices, seg, block_size: int) -> bool:
@@ -352,12 +353,15 @@ def suits(q, k, v, topk_indices, seg, block_size: int) -> bool:
         shared_enough(topk_indices, q.shape[1] // k.shape[1], seg.q_len)
 
 
-def shared_enough(topk_indices: torch.Tensor, group: int, q_lens=None) -> bool:
+def shared_enough(topk_indices: torch.Tensor, group: int, q_lens=None,
+                  plan: Optional[SparsePlan] = None) -> bool:
     """Whether the Gluon union kernel's tiles (128 rows of ``group`` heads) of
     ``topk_indices [Hs, total_q, K]`` walk at most ``MAX_WALK`` blocks per selected block,
-    estimated on every ``WALK_SAMPLE``-th tile (one host synchronisation) and divided by
-    the tiles' fill over segments of ``q_lens`` queries (tiles stay in their segment: a
-    segment of fewer queries than a tile leaves rows idle); default one segment."""
+    estimated on every ``WALK_SAMPLE``-th tile and divided by the tiles' fill over
+    segments of ``q_lens`` queries (tiles stay in their segment: a segment of fewer
+    queries than a tile leaves rows idle); default one segment. The sample's counts
+    reach the host in one host synchronisation, ``plan``'s (``SparsePlan.read``: with its
+    queued planning kernels' counts) where given."""
     qt = tile_queries(group, topk_indices.shape[2], GLUON_TILE_ROWS)
     total = topk_indices.shape[1]
     q_lens = [total] if q_lens is None else q_lens
@@ -365,8 +369,10 @@ def shared_enough(topk_indices: torch.Tensor, group: int, q_lens=None) -> bool:
     fill = total / max(1, tiles * qt)
     if fill * MAX_WALK < 1:                   # even tiles sharing everything would lose
         return False
-    walk = blocks_per_selected_block(topk_indices, qt, every=WALK_SAMPLE)
-    return walk <= MAX_WALK * fill
+    def sample():
+        return walk_totals(topk_indices, qt, WALK_SAMPLE)
+    totals = sample().tolist() if plan is None else plan.read(("walk", qt, WALK_SAMPLE), sample)
+    return walk_ratio(totals, qt) <= MAX_WALK * fill
 
 
 def _check_gluon(q, k, v, plan: SparsePlan, tile_rows, tma) -> None:

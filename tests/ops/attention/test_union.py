@@ -336,3 +336,32 @@ def test_short_segments_count_against_the_union_kernel():
     assert shared_enough(same, 16, [64])
     assert not shared_enough(same, 16, [2] * 32)
     assert shared_enough(same, 16, [4] * 16)               # half full: walk 1 <= 2 * 0.5
+
+
+def test_the_walk_sample_is_read_with_the_queued_plan(monkeypatch):
+    """``shared_enough`` given the selection's plan reads its sample through
+    ``SparsePlan.read``: with the plan's planning kernels queued, the walk and the
+    chunks reach the host in one read, and the choice is the one made without a plan."""
+    from msa.ops import plan as P
+    from msa.ops.attention.union import WALK_SAMPLE, shared_enough
+    from tests.helpers.brute import make_case
+    c = make_case((64,), (64 * 24,), hq=16, hkv=1, seed=3)
+    seg = c["seg"]
+    for apart in (False, True):
+        topk = torch.zeros(1, 64, 4, dtype=torch.int32)
+        topk[..., 1:] = torch.arange(1, 4, dtype=torch.int32)
+        if apart:                 # two slots apart within a tile: a walk of 4.5
+            topk[0, :, 1] = torch.arange(64, dtype=torch.int32) % 8 + 4
+            topk[0, :, 2] = torch.arange(64, dtype=torch.int32) % 8 + 12
+        want = shared_enough(topk, 16)
+        assert want != apart
+        plan = P.build_plan(topk, seg, block_size=64, heads=1, chunk=16)
+        plan.queue()
+        reads, tolist = [], torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist",
+                            lambda t: reads.append(t.numel()) or tolist(t))
+        assert shared_enough(topk, 16, plan=plan) == want
+        assert len(reads) == 1 and len(plan.chunks) == 4 and len(reads) == 1
+        assert plan._counts[("walk", 8, WALK_SAMPLE)] == list(
+            P.walk_by_torch(topk, 8, WALK_SAMPLE))
+        monkeypatch.undo()
