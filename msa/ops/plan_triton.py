@@ -179,12 +179,6 @@ def walk_totals(topk: torch.Tensor, qt: int, every: int) -> torch.Tensor:
     return totals
 
 
-def walk_counts(topk: torch.Tensor, qt: int, every: int) -> Tuple[int, int]:
-    """``walk_totals`` read to the host (one host synchronisation)."""
-    distinct, selected = walk_totals(topk, qt, every).tolist()
-    return distinct, selected
-
-
 def _grid(n: int) -> tuple:
     return (triton.cdiv(n, BLOCK),)
 

@@ -338,12 +338,15 @@ def test_planning_kernels_build_the_torch_plan(hs, chunk, qpi, K):
 @pytest.mark.parametrize("qt,every,K,hs,T", [(8, 8, 16, 2, 100), (3, 1, 5, 1, 7),
                                              (5, 2, 6, 3, 64), (1, 3, 4, 2, 10)])
 def test_walk_kernel_counts_as_the_torch_ops(qt, every, K, hs, T):
-    """The walk sample's kernel (``msa.ops.plan_triton.walk_counts``, on CUDA tensors):
+    """The walk sample's kernel (``msa.ops.plan_triton.walk_totals``, on CUDA tensors):
     the distinct and the selected ids of every ``every``-th whole tile, as
     ``walk_by_torch`` counts them, on selections with repeats across a tile's queries and
     empty (-1) ids."""
     from msa.ops.plan import walk_by_torch
-    from msa.ops.plan_triton import walk_counts
+    from msa.ops.plan_triton import walk_totals
+
+    def walk_counts(*args):
+        return tuple(walk_totals(*args).tolist())
     g = torch.Generator().manual_seed(qt * 100 + K)
     topk = torch.randint(-1, 9, (hs, T, K), generator=g, dtype=torch.int32).to(DEVICE)
     want = walk_by_torch(topk, qt, every)
