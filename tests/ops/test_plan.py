@@ -146,8 +146,8 @@ def test_segments_cache_follows_tensor_identity_and_version():
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, deterministic):
     """msa_attention with the Triton backend: the selected-LSE pass, the forward, the
-    indexer KL and the backward share one SparsePlan, and the library's own top-k is
-    never validated."""
+    indexer KL and the backward share one SparsePlan, queued and read by the host once,
+    and the library's own top-k is never validated."""
     pytest.importorskip("triton")
     import msa
     import msa.ops.custom_ops as custom_ops
@@ -158,6 +158,9 @@ def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, 
     monkeypatch.setattr(plan_mod, "build_plan",
                         lambda *a, **k: builds.append(k["q_per_item"]) or build(*a, **k))
     monkeypatch.setattr(custom_ops, "check_topk_indices", lambda *a, **k: checks.append(1))
+    settled, settle = [], plan_mod.SparsePlan._settle
+    monkeypatch.setattr(plan_mod.SparsePlan, "_settle",
+                        lambda self: settled.append(self._queued is not None) or settle(self))
     cfg = msa.MSAConfig(num_heads=4, num_kv_heads=2, head_dim=64, block_size=64, topk=3)
     if layout == "packed":
         c = make_case((20, 45), (150, 200), hq=4, hkv=2, hi=2, seed=9)
@@ -177,6 +180,7 @@ def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, 
     out.sum().backward()
     assert all(t.grad is not None for t in x) and aux.kl_loss > 0
     assert builds == [plan_mod.item_queries(2)] and not checks    # items sized for G = 2
+    assert settled == [True]           # the plan queued, its counts read by the host once
     # the remembered geometry is read, never written: after the step, what every call was
     # given equals a fresh build
     assert served
