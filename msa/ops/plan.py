@@ -211,12 +211,6 @@ def _walk_totals_by_torch(topk: torch.Tensor, qt: int, every: int) -> torch.Tens
     return torch.stack((distinct, (x >= 0).sum()))
 
 
-def walk_by_torch(topk: torch.Tensor, qt: int, every: int) -> Tuple[int, int]:
-    """``walk_totals``' counts by torch ops (any device), read to the host."""
-    distinct, selected = _walk_totals_by_torch(topk, qt, every).tolist()
-    return distinct, selected
-
-
 # kernel parameters that receive a plan's item arrays (slices of one allocation: their
 # kernels must not specialise on pointer alignment, see ``plan_chunks``)
 ITEM_FIELDS = ("ITEM_H", "ITEM_KROW", "ITEM_T0", "ITEM_NK", "ITEM_E0", "ITEM_E1")
@@ -250,8 +244,7 @@ def plan_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, c
     chunk; edge query indices are relative to the chunk start ``c0``. One sort and one host
     synchronisation serve all chunks (``queue_chunks``, then ``QueuedChunks.plans``).
     """
-    queued = queue_chunks(topk_indices, rows, q0, q1, chunk, hkv, q_per_item)
-    return [] if queued is None else queued.plans(queued.ends.tolist())
+    return _plans_now(queue_chunks(topk_indices, rows, q0, q1, chunk, hkv, q_per_item))
 
 
 @dataclass(eq=False)
@@ -267,10 +260,17 @@ class QueuedChunks:
     chunk: int
     hkv: int
 
-    def plans(self, ends: List[List[int]]) -> List[Tuple[int, int, Plan]]:
-        """``(c0, c1, plan)`` per chunk, given ``ends`` read to the host."""
-        items, edges = ([b - a for a, b in zip([0] + c[:-1], c)] for c in ends)
+    def plans(self, ends: List[int]) -> List[Tuple[int, int, Plan]]:
+        """``(c0, c1, plan)`` per chunk, given ``ends`` read to the host (flattened: the
+        item counts' ends, then the edge counts')."""
+        n = len(ends) // 2
+        items, edges = ([b - a for a, b in zip([0] + c[:-1], c)] for c in (ends[:n], ends[n:]))
         return _chunk_plans(self.fields, items, edges, self.q0, self.q1, self.chunk, self.hkv)
+
+
+def _plans_now(queued: Optional[QueuedChunks]) -> List[Tuple[int, int, Plan]]:
+    """``queued``'s plans, its counts read to the host now (one host synchronisation)."""
+    return [] if queued is None else queued.plans(queued.ends.reshape(-1).tolist())
 
 
 def queue_chunks(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
@@ -316,8 +316,7 @@ def _chunk_plans(fields, items: List[int], edges: List[int], q0: int, q1: int, c
 def plan_by_torch(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
                   hkv: int, q_per_item: int) -> List[Tuple[int, int, Plan]]:
     """``plan_chunks`` by torch ops (any device; int64 keys where int32 cannot hold them)."""
-    queued = queue_by_torch(topk_indices, rows, q0, q1, chunk, hkv, q_per_item)
-    return [] if queued is None else queued.plans(queued.ends.tolist())
+    return _plans_now(queue_by_torch(topk_indices, rows, q0, q1, chunk, hkv, q_per_item))
 
 
 def queue_by_torch(topk_indices: torch.Tensor, rows: BlockRows, q0: int, q1: int, chunk: int,
@@ -465,17 +464,15 @@ class SparsePlan:
     def _settle(self) -> None:
         """One host synchronisation: the queued planning groups' counts (building
         ``chunks``) and the pending counts of ``read``."""
-        groups = self._queued if self._chunks is None else None
+        groups = self._queued             # set only while queued and not yet read
         parts = [g.ends.reshape(-1) for g in groups or ()] + list(self._pending.values())
         flat = torch.cat([x.to(torch.int64) for x in parts]).tolist() if parts else []
         at = 0
         if groups is not None:
             self._chunks = []
             for g in groups:
-                n = g.ends.numel()
-                ends = flat[at:at + n]
-                self._chunks += g.plans([ends[:n // 2], ends[n // 2:]])
-                at += n
+                self._chunks += g.plans(flat[at:at + g.ends.numel()])
+                at += g.ends.numel()
             self._queued = None
         for key, x in self._pending.items():
             self._counts[key] = flat[at:at + x.numel()]

@@ -344,16 +344,16 @@ def test_planning_kernels_build_the_torch_plan(hs, chunk, qpi, K):
 def test_walk_kernel_counts_as_the_torch_ops(qt, every, K, hs, T):
     """The walk sample's kernel (``msa.ops.plan_triton.walk_totals``, on CUDA tensors):
     the distinct and the selected ids of every ``every``-th whole tile, as
-    ``walk_by_torch`` counts them, on selections with repeats across a tile's queries and
-    empty (-1) ids."""
-    from msa.ops.plan import walk_by_torch
+    ``msa.ops.plan.walk_totals``' torch ops count them (on the CPU), on selections with
+    repeats across a tile's queries and empty (-1) ids."""
+    from msa.ops import plan as P
     from msa.ops.plan_triton import walk_totals
 
     def walk_counts(*args):
         return tuple(walk_totals(*args).tolist())
     g = torch.Generator().manual_seed(qt * 100 + K)
     topk = torch.randint(-1, 9, (hs, T, K), generator=g, dtype=torch.int32).to(DEVICE)
-    want = walk_by_torch(topk, qt, every)
+    want = tuple(P.walk_totals(topk.cpu(), qt, every).tolist())
     assert walk_counts(topk, qt, every) == want
     assert walk_counts(topk.long(), qt, every) == want
     assert walk_counts(topk.mT.contiguous().mT, qt, every) == want     # slots strided

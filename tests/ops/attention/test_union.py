@@ -363,5 +363,5 @@ def test_the_walk_sample_is_read_with_the_queued_plan(monkeypatch):
         assert shared_enough(topk, 16, plan=plan) == want
         assert len(reads) == 1 and len(plan.chunks) == 4 and len(reads) == 1
         assert plan._counts[("walk", 8, WALK_SAMPLE)] == list(
-            P.walk_by_torch(topk, 8, WALK_SAMPLE))
+            P.walk_totals(topk, 8, WALK_SAMPLE).tolist())
         monkeypatch.undo()
