@@ -24,6 +24,7 @@ import torch
 from .config import INDEX_RULES, MAX_TOPK, MSAConfig, check_index_precision
 from .ops import checks as C
 from .ops import plan as P
+from .ops import workspace as W
 from .ops.custom_ops import Backward, attention_fwd_op, indexer_op, segments
 from .ops.dense import dense_attention
 from .ops.kl import LossWithGrads, indexer_kl_loss
@@ -499,11 +500,11 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
         if triton_kl:       # one plan for the step (the attention ops find it when Hkv = Hi),
             # queued behind the top-k; the host reads its counts (the one host sync) when
             # the forward needs them, after setting the forward up
-            chunk = P.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
+            chunk = W.training_chunk(qp, cfg.topk, bs, qi.shape[-2], qi.shape[-1],
                                      deterministic)
             step_plan = P.sparse_plan(topk_indices, lay.seg, block_size=bs, heads=qi.shape[-2],
                                       max_chunk=chunk,
-                                      q_per_item=P.item_queries(q.shape[-2] // k.shape[-2]))
+                                      q_per_item=W.item_queries(q.shape[-2] // k.shape[-2]))
             step_plan.queue()
             from .ops.kl.deferred import AttentionWithKL, DeferredKL, kl_in_backward
             if kl_in_backward(qp, kp, vp, qip, bs, deterministic):   # the KL's teacher rows

@@ -24,6 +24,7 @@ import torch
 
 import msa
 from ..ops import plan as P
+from ..ops import workspace as W
 from ..ops.attention.naive import attention_forward_reference
 from ..varlen import Segments
 from . import common as C
@@ -107,7 +108,7 @@ def kernels(q, k, v, topk, seg, cfg, chunk: int, reps: int) -> dict:
                                                  topk_indices=topk))
     group = cfg.num_heads // cfg.num_kv_heads
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
-                        chunk=chunk, q_per_item=P.item_queries(group))
+                        chunk=chunk, q_per_item=W.item_queries(group))
     idx = plan.indices(topk)
 
     def kv_outer(kernel):
@@ -232,7 +233,7 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
         return msa.msa_sparse_attention(q, k, v, indexer(), cu, cu, block_size=bs)
 
     seg = Segments([0], [T], [0], [T], T, T)
-    chunk = P.forward_chunk(cfg.num_heads, cfg.head_dim, 2, K)
+    chunk = W.forward_chunk(cfg.num_heads, cfg.head_dim, 2, K)
 
     def planning():
         """What the public API plans before its kernel runs: the plan, the kernel's choice
@@ -240,7 +241,7 @@ def run_length(T: int, cfg, args, fla, vllm) -> dict:
         from ..ops.attention import forward as F, union as U
         group = cfg.num_heads // cfg.num_kv_heads
         plan = P.build_plan(topk, seg, block_size=bs, heads=cfg.num_kv_heads, chunk=chunk,
-                            q_per_item=P.item_queries(group))
+                            q_per_item=W.item_queries(group))
         idx = plan.indices(topk)
         if F.selection_kernel(q, k, v, idx, plan) == "union":       # the Gluon union kernel
             return U.gluon_union_plan(idx, plan, group)

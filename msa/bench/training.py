@@ -36,6 +36,7 @@ import torch
 
 import msa
 from ..ops import plan as P
+from ..ops import workspace as W
 from ..ops.attention.naive import attention_backward_reference
 from ..varlen import Segments
 from . import common as C
@@ -75,11 +76,11 @@ def backward_kernels(q, k, v, topk, dout, cfg, T: int, reps: int) -> dict:
     if B.backward_kernel(q, k, v, cfg.block_size) != "gluon":
         return {}
     seg = Segments([0], [T], [0], [T], T, T)
-    chunk = min(P.backward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk, 1),
-                P.forward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk))
+    chunk = min(W.backward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk, 1),
+                W.forward_chunk(cfg.num_heads, cfg.head_dim, 2, cfg.topk))
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=cfg.num_kv_heads,
                         chunk=chunk,                       # one plan for both passes
-                        q_per_item=P.item_queries(cfg.num_heads // cfg.num_kv_heads))
+                        q_per_item=W.item_queries(cfg.num_heads // cfg.num_kv_heads))
     out, lse = F.sparse_attn_fwd(q, k, v, topk, plan, scale=cfg.scale, query_major=False)
 
     def run(kernel):
@@ -103,8 +104,8 @@ def kl_kernels(q, k, qi, ki, topk, cfg, T: int, reps: int) -> dict:
     seg = Segments([0], [T], [0], [T], T, T)
     hi, di = qi.shape[1], qi.shape[2]
     plan = P.build_plan(topk, seg, block_size=cfg.block_size, heads=hi,
-                        chunk=P.training_chunk(q, cfg.topk, cfg.block_size, hi, di, False),
-                        q_per_item=P.item_queries(cfg.num_heads // cfg.num_kv_heads))
+                        chunk=W.training_chunk(q, cfg.topk, cfg.block_size, hi, di, False),
+                        q_per_item=W.item_queries(cfg.num_heads // cfg.num_kv_heads))
     _, lse = F.sparse_attn_fwd(q, k, k, topk, plan, scale=cfg.scale, query_major=False)
     ilse = selected_lse(qi, ki, topk, plan, scale=cfg.index_scale)
 

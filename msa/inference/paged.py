@@ -412,7 +412,9 @@ def paged_attention_in_place(q, k_pages, v_pages, topk_indices, page_table, seq_
     arguments, checks and result as ``paged_attention``."""
     from ..ops.attention.forward import sparse_attn_fwd
     from ..ops.checks import check_topk_indices
-    from ..ops.plan import block_rows, build_plan, forward_chunk, item_queries, paged_rows
+    from ..ops.geometry import block_rows, paged_rows
+    from ..ops.plan import build_plan
+    from ..ops.workspace import forward_chunk, item_queries
     from ..varlen import make_segments
     q_lens = q_lens or [q.shape[0] // page_table.shape[0]] * page_table.shape[0]
     check_page_scales(("k_scales", "v_scales"), (k_pages, v_pages), (k_scales, v_scales))

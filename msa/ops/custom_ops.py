@@ -20,6 +20,7 @@ import torch
 
 from ..varlen import Segments, cached_segments
 from . import plan as P
+from . import workspace as W
 from .attention.naive import attention_backward_reference, attention_forward_reference
 from .checks import check_topk_indices
 from .indexer.naive import indexer_reference
@@ -54,8 +55,8 @@ def attention_plan(topk_indices: Tensor, seg: Segments, q: Tensor, k: Tensor,
                    block_size: int) -> "P.SparsePlan":
     """The selection's plan for the attention forward and backward (``heads=Hkv``)."""
     return P.sparse_plan(topk_indices, seg, block_size=block_size, heads=k.shape[1],
-                         max_chunk=P.attention_chunk(q, topk_indices.shape[2], block_size),
-                         q_per_item=P.item_queries(q.shape[1] // k.shape[1]))
+                         max_chunk=W.attention_chunk(q, topk_indices.shape[2], block_size),
+                         q_per_item=W.item_queries(q.shape[1] // k.shape[1]))
 
 
 @torch.library.custom_op("msa::indexer", mutates_args=())
@@ -80,7 +81,7 @@ def indexer_op(qi: Tensor, ki: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Te
         if return_lse:
             hi = qi.shape[1]
             plan = P.sparse_plan(topk_indices, seg, block_size=block_size, heads=hi,
-                                 max_chunk=P.lse_chunk(hi, topk))
+                                 max_chunk=W.lse_chunk(hi, topk))
             lse = selected_lse(qi, ki, topk_indices, plan, scale=scale, temperature=temperature)
     else:
         topk_indices, lse = indexer_reference(qi, ki, seg, block_size=block_size, topk=topk,

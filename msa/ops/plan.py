@@ -12,7 +12,7 @@ device:
   first key), ``item_t0`` (key offset of that row in its segment), ``item_nk`` (keys
   present, < block on a partial tail), ``item_e0, item_e1`` (edge range).
 
-A KV block row is (segment ``b``, level ``L``), numbered segment-major. An entry is valid
+A KV block row is (segment ``b``, level ``L``, ``msa.ops.geometry``). An entry is valid
 iff ``0 <= L < ceil(k_len_b / block)``; selected blocks after the query are kept here and
 masked causally in the kernel. One host synchronisation (the item count per chunk) sizes
 the work lists; ``plan_chunks`` plans many query chunks with one sort (on a GPU in the
@@ -20,145 +20,23 @@ Triton kernels of ``msa.ops.plan_triton``, else by torch ops: ``plan_by_torch``)
 
 ``SparsePlan`` bundles all of it for one selection and is made once: the indexer's
 selected-LSE pass, the attention forward and backward and the indexer-KL backward of a
-training step share it (``sparse_plan`` finds it again from the top-k tensor).
+training step share it (``sparse_plan`` finds it again from the top-k tensor); its
+chunk and item sizes come from ``msa.ops.workspace``.
 """
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import math
 import os
 import weakref
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..varlen import Segments, host_to_device, query_positions
+from ..varlen import Segments
+from .geometry import BlockRows, block_rows
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"   # Triton kernels on the CPU
-
-
-@dataclass
-class BlockRows:
-    """Per-query and per-row geometry of a segment layout, on the device.
-
-    q_pos, q_nblocks, q_rowbase, q_kbase: ``[total_q]`` int32/int64 position, blocks in
-    the query's segment, first global block row of its segment, packed row of its key 0.
-    row_krow, row_t0, row_nk: ``[total_rows]`` packed first key row, key offset, keys.
-    paged: whether ``row_krow`` points into pages (``paged_rows``) rather than at
-    ``q_kbase + t0``.
-    """
-
-    q_pos: torch.Tensor
-    q_nblocks: torch.Tensor
-    q_rowbase: torch.Tensor
-    q_kbase: torch.Tensor
-    row_krow: torch.Tensor
-    row_t0: torch.Tensor
-    row_nk: torch.Tensor
-    total_rows: int
-    block_size: int
-    paged: bool = False
-
-
-# device geometry of recent segment layouts: every layer of a model (and the indexer,
-# the attention and their backward) derives the same from the same segments
-GEOMETRY_CACHE_SIZE = 8
-_GEOMETRY: "OrderedDict[tuple, object]" = OrderedDict()
-
-
-def geometry(kind: str, seg: Segments, param: int, device, build: Callable[[], object]):
-    """``build()`` (tensors on ``device`` derived from ``seg`` and ``param`` alone, never
-    modified by their users), remembered for the ``GEOMETRY_CACHE_SIZE`` layouts used
-    last (built outside inference mode, so that a layout first seen under
-    ``torch.inference_mode`` serves training too). Built afresh, and not remembered, while
-    a CUDA graph is being captured: its kernels would not have run, and the graph must
-    own the memory it reads."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return build()
-    key = (kind, param, str(device), tuple(seg.q_start), tuple(seg.q_len),
-           tuple(seg.k_base), tuple(seg.k_len))
-    hit = _GEOMETRY.get(key)
-    if hit is None:
-        with torch.inference_mode(False):    # plain tensors, usable outside inference too
-            hit = _GEOMETRY[key] = build()
-        while len(_GEOMETRY) > GEOMETRY_CACHE_SIZE:
-            _GEOMETRY.popitem(last=False)
-    _GEOMETRY.move_to_end(key)
-    return hit
-
-
-def block_rows(seg: Segments, block_size: int, device) -> BlockRows:
-    """``seg``'s ``BlockRows`` on ``device`` (built from the per-segment numbers with one
-    pinned copy and no host sync; remembered per layout, ``geometry``)."""
-    return geometry("rows", seg, block_size, device,
-                    lambda: _build_rows(seg, block_size, device))
-
-
-def _build_rows(seg: Segments, block_size: int, device) -> BlockRows:
-    nseg = seg.num_segments
-    nb = [seg.num_blocks(b, block_size) for b in range(nseg)]
-    rowbase = [0]
-    for n in nb:
-        rowbase.append(rowbase[-1] + n)
-    nrows = rowbase[-1]
-    per = host_to_device([nb, rowbase[:-1], seg.q_start, seg.q_len, seg.k_base, seg.k_len],
-                         device) if nseg else torch.zeros((6, 0), dtype=torch.int64,
-                                                          device=device)
-    nb_t, rb_t, qs_t, ql_t, kb_t, kl_t = per.unbind(0)
-    ids = torch.arange(nseg, device=device)
-    q_seg = torch.repeat_interleave(ids, ql_t, output_size=seg.total_q)
-    q_pos = query_positions(q_seg, qs_t, ql_t, kl_t)
-    row_seg = torch.repeat_interleave(ids, nb_t, output_size=nrows)
-    t0 = (torch.arange(nrows, device=device) - rb_t[row_seg]) * block_size
-    krow = kb_t[row_seg] + t0
-    nk = torch.clamp(kl_t[row_seg] - t0, max=block_size)
-    return BlockRows(q_pos.to(torch.int32), nb_t[q_seg], rb_t[q_seg], kb_t[q_seg], krow,
-                     t0.to(torch.int32), nk.to(torch.int32), nrows, block_size)
-
-
-def paged_rows(rows: BlockRows, seg: Segments, block_table: torch.Tensor,
-               rows_per_page: int) -> BlockRows:
-    """``rows`` whose keys live in pages: block ``j`` of segment ``b`` is page
-    ``block_table[b, j]``, its first key row ``page * rows_per_page`` (in units of the
-    key tensor's token stride; one page per block). The query geometry is unchanged."""
-    nb = host_to_device([[seg.num_blocks(b, rows.block_size)
-                          for b in range(seg.num_segments)]], block_table.device)[0]
-    row_seg = torch.repeat_interleave(torch.arange(seg.num_segments, device=nb.device), nb,
-                                      output_size=rows.total_rows)
-    page = block_table[row_seg, rows.row_t0.long() // rows.block_size].long()
-    return dataclasses.replace(rows, row_krow=page * rows_per_page, paged=True)
-
-
-def query_tiles(seg: Segments, block_t: int, device):
-    """Query tiles that stay inside one segment, heaviest (latest) first: ``q0, n, kbase,
-    off`` ``[tiles]`` int32 (built on ``device``, no host sync; remembered per layout,
-    ``geometry``)."""
-    return geometry("tiles", seg, block_t, device, lambda: _build_tiles(seg, block_t, device))
-
-
-def _build_tiles(seg: Segments, block_t: int, device):
-    nseg = seg.num_segments
-    ntiles = [-(-ql // block_t) for ql in seg.q_len]
-    total = sum(ntiles)
-    if not total:
-        return tuple(torch.zeros(0, dtype=torch.int32, device=device) for _ in range(4))
-    first = list(itertools.accumulate([0] + ntiles[:-1]))
-    per = host_to_device([seg.q_start, seg.q_len, seg.k_base, seg.k_len, ntiles, first],
-                         device)
-    q_start, q_len, k_base, k_len, nt, first_t = per.unbind(0)
-    sid = torch.repeat_interleave(torch.arange(nseg, device=device), nt, output_size=total)
-    t = (torch.arange(total, device=device) - first_t[sid]) * block_t
-    off = (k_len - q_len)[sid] + t
-    tiles = torch.stack((q_start[sid] + t, torch.clamp(q_len[sid] - t, max=block_t),
-                         k_base[sid], off))
-    order = torch.argsort(-off, stable=True)
-    # own copies: row views at odd offsets would compile unaligned kernel variants
-    return tuple(x.clone() for x in tiles[:, order].to(torch.int32).unbind(0))
 
 
 TILE_ROWS = 64          # MMA rows of a union-forward tile by default: queries x G heads
@@ -492,96 +370,6 @@ def build_plan(topk_indices: torch.Tensor, seg: Segments, *, block_size: int, he
     rows = rows if rows is not None else block_rows(seg, block_size, topk_indices.device)
     return SparsePlan(seg, block_size, heads, rows, max(1, chunk), q_per_item,
                       weakref.ref(topk_indices), None if idx is topk_indices else idx)
-
-
-ITEM_ROWS = 4096   # (query, head) rows a work item holds: 64 tiles of 64 MMA rows
-
-
-def item_queries(group: int) -> int:
-    """``q_per_item`` for GQA groups of ``group`` query heads per KV head: items of
-    ``ITEM_ROWS`` rows (``group`` per query), at least 256 queries: 256 at the MiniMax-M3
-    group of 16, 512 at 8, 682 at 6, 1024 at 4, so that each item's key load and pipeline
-    fill are paid over as many tiles at every group (docs/benchmarks.md); times
-    ``workspace_scale()``."""
-    return max(256, _scaled(ITEM_ROWS) // max(1, group))
-
-
-# Per-chunk buffer budgets of the plan's consumers (times ``workspace_scale()``): the
-# chunk of a shared plan is the smallest of their limits, so every consumer can walk it.
-PARTIAL_BUDGET_BYTES = 6 << 30    # forward: partial outputs and LSEs
-SLOT_BUDGET_BYTES = 4 << 30       # backward dQ slots; deterministic KL dqi slots
-LSE_BUDGET_BYTES = 1 << 30        # selected-LSE pass: partial LSEs
-DZ_BUDGET_BYTES = 1 << 30         # indexer KL: its dz and teacher rows, one per edge
-
-
-def workspace_scale() -> float:
-    """``MSA_WORKSPACE_SCALE`` from the environment (default 1): a positive factor on the
-    per-chunk buffer budgets above and on ``ITEM_ROWS``. Larger chunks give each KV block
-    more of its queries per launch, so the KV-outer programs run longer and pay their
-    block load and pipeline fill fewer times, for buffers that grow by the same factor
-    (docs/benchmarks.md, "Workspace")."""
-    raw = os.environ.get("MSA_WORKSPACE_SCALE")
-    if raw is None:
-        return 1.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"MSA_WORKSPACE_SCALE must be a positive number, got {raw!r}")
-    return value
-
-
-def _scaled(n: int) -> int:
-    return int(n * workspace_scale())
-
-
-def forward_chunk(hq: int, d: int, itemsize: int, topk: int) -> int:
-    """Queries per chunk of the forward: ``Hq * K`` partial rows of ``D`` values + LSE."""
-    return max(1, _scaled(PARTIAL_BUDGET_BYTES) // (hq * topk * (d * itemsize + 4)))
-
-
-def backward_block_n(d: int, block_size: int) -> int:
-    """Keys per backward program: the whole block for D <= 128, 64 for D = 256."""
-    return min(block_size, 128 if d <= 128 else 64)
-
-
-def backward_chunk(hq: int, d: int, itemsize: int, topk: int, nsub: int) -> int:
-    """Queries per chunk of the backward: one dQ slot row of ``D`` per (query head, slot,
-    key sub-block)."""
-    return max(1, _scaled(SLOT_BUDGET_BYTES) // (hq * topk * nsub * d * itemsize))
-
-
-def kl_chunk(hi: int, di: int, topk: int, deterministic: bool, block_size: int) -> int:
-    """Queries per chunk of the indexer-KL backward: its dz rows and teacher rows
-    (``block_size`` values per (query, index head, slot): dz in the index dtype, the
-    teacher in fp32, budgeted at 6 bytes) and, deterministic, fp32 ``dqi`` slots per
-    (index head, slot)."""
-    rows = max(1, _scaled(DZ_BUDGET_BYTES) // (hi * topk * block_size * 6))
-    if deterministic:
-        return min(rows, max(1, _scaled(SLOT_BUDGET_BYTES) // (hi * topk * di * 4)))
-    return rows
-
-
-def lse_chunk(hi: int, topk: int) -> int:
-    """Queries per chunk of the selected-LSE pass (fp32 partial LSEs)."""
-    return max(1, _scaled(LSE_BUDGET_BYTES) // (hi * topk * 4))
-
-
-def attention_chunk(q: torch.Tensor, topk: int, block_size: int) -> int:
-    """The chunk a plan needs to serve the attention forward and backward
-    (``q [total_q, Hq, D]``)."""
-    hq, d, isz = q.shape[1], q.shape[2], q.dtype.itemsize
-    nsub = -(-block_size // backward_block_n(d, block_size))
-    return min(forward_chunk(hq, d, isz, topk), backward_chunk(hq, d, isz, topk, nsub))
-
-
-def training_chunk(q: torch.Tensor, topk: int, block_size: int, hi: int, di: int,
-                   deterministic: bool) -> int:
-    """The chunk one plan needs to serve a whole training step: selected LSE, forward,
-    indexer KL and backward (``q [total_q, Hq, D]``)."""
-    return min(attention_chunk(q, topk, block_size),
-               kl_chunk(hi, di, topk, deterministic, block_size), lse_chunk(hi, topk))
 
 
 # top-k tensor id -> (weak reference, version, trusted, plans); an entry lives as long as

@@ -4,7 +4,8 @@ import torch
 
 from tests.helpers.brute import make_case
 from tests.helpers import DEVICE, random_topk
-from msa.ops.plan import block_rows, plan_chunks
+from msa.ops.geometry import block_rows
+from msa.ops.plan import plan_chunks
 
 
 @pytest.mark.parametrize("hs,chunk,qpi", [(2, 1000, 4), (1, 13, 3), (2, 7, 256)])
@@ -48,81 +49,6 @@ def test_plan_edges_and_items(hs, chunk, qpi):
     assert plan_chunks(topk, rows, 5, 5, chunk, 2, qpi) == []       # empty query range
 
 
-def test_block_rows_geometry():
-    """Per-query and per-row arrays built on the device match the segment arithmetic."""
-    c = make_case((33, 0, 1, 50), (200, 64, 65, 300), hq=4, hkv=2,
-                  fragment_indices=(0, 1, 1, 3), seed=5)
-    seg = c["seg"]
-    rows = block_rows(seg, 64, "cpu")
-    pos, nblk, rowbase, kbase, krow, t0, nk = [], [], [], [], [], [], []
-    base = 0
-    for b in range(seg.num_segments):
-        nb = seg.num_blocks(b, 64)
-        for i in range(seg.q_len[b]):
-            pos.append(seg.k_len[b] - seg.q_len[b] + i)
-            nblk.append(nb), rowbase.append(base), kbase.append(seg.k_base[b])
-        for L in range(nb):
-            krow.append(seg.k_base[b] + 64 * L), t0.append(64 * L)
-            nk.append(min(64, seg.k_len[b] - 64 * L))
-        base += nb
-    assert rows.total_rows == base == len(krow)
-    for got, want in [(rows.q_pos, pos), (rows.q_nblocks, nblk), (rows.q_rowbase, rowbase),
-                      (rows.q_kbase, kbase), (rows.row_krow, krow), (rows.row_t0, t0),
-                      (rows.row_nk, nk)]:
-        assert got.tolist() == want
-
-
-def test_geometry_is_built_once_per_layout(monkeypatch):
-    """``block_rows`` and ``query_tiles`` of a layout seen before return what was built
-    then (equal segments, another object: every layer of a model); another layout, block
-    size or tile, and the least recently used past ``GEOMETRY_CACHE_SIZE``, build anew."""
-    from msa.ops import plan as P
-    from msa.varlen import Segments
-    monkeypatch.setattr(P, "_GEOMETRY", type(P._GEOMETRY)())
-    built = []
-    real = P._build_rows
-    monkeypatch.setattr(P, "_build_rows", lambda *a: built.append(a[1]) or real(*a))
-
-    def seg(n):
-        return Segments([0, n], [n, 7], [0, n], [n, 9], n + 7, n + 9)
-    r = block_rows(seg(40), 16, "cpu")
-    assert block_rows(seg(40), 16, "cpu") is r and built == [16]
-    assert block_rows(seg(41), 16, "cpu") is not r and block_rows(seg(40), 32, "cpu") is not r
-    assert P.query_tiles(seg(40), 4, "cpu") is P.query_tiles(seg(40), 4, "cpu")
-    assert P.query_tiles(seg(40), 4, "cpu") is not P.query_tiles(seg(40), 8, "cpu")
-    for n in range(P.GEOMETRY_CACHE_SIZE):
-        block_rows(seg(100 + n), 16, "cpu")
-    assert len(P._GEOMETRY) == P.GEOMETRY_CACHE_SIZE
-    built.clear()
-    assert block_rows(seg(40), 16, "cpu") is not r and built == [16]
-    assert block_rows(seg(100 + P.GEOMETRY_CACHE_SIZE - 1), 16, "cpu") is not None and \
-        built == [16]
-    with torch.inference_mode():                   # first seen under inference mode
-        first = block_rows(seg(7), 16, "cpu")
-    assert not first.q_pos.is_inference() and block_rows(seg(7), 16, "cpu") is first
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA graphs")
-def test_geometry_is_not_remembered_while_a_graph_is_captured(monkeypatch):
-    """Inside a capture ``block_rows`` builds its own tensors (the graph's memory, written
-    on replay) and leaves the cache as it was; replayed, they hold the geometry."""
-    from msa.ops import plan as P
-    from msa.varlen import Segments
-    monkeypatch.setattr(P, "_GEOMETRY", type(P._GEOMETRY)())
-    seg = Segments([0], [300], [0], [300], 300, 300)
-    eager = block_rows(seg, 64, "cuda")
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph):
-            captured = block_rows(seg, 64, "cuda")
-    assert captured is not eager and list(P._GEOMETRY.values()) == [eager]
-    graph.replay()
-    torch.cuda.synchronize()
-    assert captured.q_pos.tolist() == eager.q_pos.tolist() == list(range(300))
-
-
 def test_segments_cache_follows_tensor_identity_and_version():
     import torch
     from msa.varlen import cached_segments
@@ -151,7 +77,9 @@ def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, 
     pytest.importorskip("triton")
     import msa
     import msa.ops.custom_ops as custom_ops
+    import msa.ops.geometry as geo_mod
     import msa.ops.plan as plan_mod
+    from msa.ops.workspace import item_queries
     from tests.helpers import DEVICE
     builds, checks = [], []
     build = plan_mod.build_plan
@@ -171,22 +99,22 @@ def test_one_plan_and_no_topk_validation_per_training_step(monkeypatch, layout, 
         x = [torch.randn(2, t, h, 64, generator=g).to(DEVICE).requires_grad_(True)
              for t, h in ((40, 4), (150, 2), (150, 2), (40, 2), (150, 1))]
         meta = ()
-    monkeypatch.setattr(plan_mod, "_GEOMETRY", type(plan_mod._GEOMETRY)())
-    served, geometry = [], plan_mod.geometry      # (its builder, what each call was given)
-    monkeypatch.setattr(plan_mod, "geometry",
+    monkeypatch.setattr(geo_mod, "_GEOMETRY", type(geo_mod._GEOMETRY)())
+    served, geometry = [], geo_mod.geometry       # (its builder, what each call was given)
+    monkeypatch.setattr(geo_mod, "geometry",
                         lambda *a: served.append((a[-1], geometry(*a))) or served[-1][1])
     out, aux = msa.msa_attention(*x, *meta, config=cfg, backend="triton",
                                  deterministic=deterministic, return_aux=True)
     out.sum().backward()
     assert all(t.grad is not None for t in x) and aux.kl_loss > 0
-    assert builds == [plan_mod.item_queries(2)] and not checks    # items sized for G = 2
+    assert builds == [item_queries(2)] and not checks    # items sized for G = 2
     assert settled == [True]           # the plan queued, its counts read by the host once
     # the remembered geometry is read, never written: after the step, what every call was
     # given equals a fresh build
     assert served
     for rebuild, got in served:
         want = rebuild()
-        for a, b in zip(*(vars(x).values() if isinstance(x, plan_mod.BlockRows) else x
+        for a, b in zip(*(vars(x).values() if isinstance(x, geo_mod.BlockRows) else x
                           for x in (got, want))):
             assert (a == b).all() if isinstance(a, torch.Tensor) else a == b
     msa.msa_sparse_attention(*x[:3], aux.topk_indices, *meta, block_size=64,
@@ -233,13 +161,6 @@ def test_queued_plan_and_counts_reach_the_host_in_one_synchronisation(monkeypatc
     assert len(reads) == n + 1
 
 
-def test_item_queries_hold_the_same_rows_at_every_group():
-    """``q_per_item`` per GQA group: 4096 (query, head) rows, at least 256 queries."""
-    import msa.ops.plan as plan_mod
-    assert [plan_mod.item_queries(g) for g in (1, 4, 6, 8, 16, 64)] == \
-        [4096, 1024, 682, 512, 256, 256]
-
-
 def test_plan_is_remembered_with_its_tensor_only():
     import gc
 
@@ -256,59 +177,6 @@ def test_plan_is_remembered_with_its_tensor_only():
     del topk, p1, p2
     gc.collect()
     assert len(plan_mod._REGISTRY) == n - 1  # the entry died with its tensor
-
-
-def test_workspace_scale_multiplies_the_chunks_and_the_items(monkeypatch):
-    """``MSA_WORKSPACE_SCALE`` multiplies every per-chunk budget and ``ITEM_ROWS``."""
-    from msa.ops import plan as P
-
-    def sizes():
-        return (P.forward_chunk(64, 128, 2, 16), P.backward_chunk(64, 128, 2, 16, 1),
-                P.kl_chunk(4, 128, 16, False, 128), P.kl_chunk(4, 128, 16, True, 128),
-                P.lse_chunk(4, 16), P.item_queries(16))
-    monkeypatch.delenv("MSA_WORKSPACE_SCALE", raising=False)
-    base = sizes()
-    assert base[-1] == 256
-    monkeypatch.setenv("MSA_WORKSPACE_SCALE", "2")
-    for b, s in zip(base, sizes()):
-        assert s in (2 * b, 2 * b + 1)
-
-
-@pytest.mark.parametrize("raw", ["0", "-1", "nan", "inf", "two", ""])
-def test_workspace_scale_rejects_what_is_not_a_positive_number(monkeypatch, raw):
-    from msa.ops import plan as P
-    monkeypatch.setenv("MSA_WORKSPACE_SCALE", raw)
-    with pytest.raises(ValueError, match="MSA_WORKSPACE_SCALE must be a positive number"):
-        P.forward_chunk(64, 128, 2, 16)
-
-
-@pytest.mark.slow
-def test_a_small_workspace_trains_as_the_default(monkeypatch):
-    """A training step planned in chunks of 6 queries (a tiny ``MSA_WORKSPACE_SCALE``)
-    gives the loss and the five gradients of the default's single chunk."""
-    import msa
-    from msa.ops import plan as P
-    from tests.ops.kl.test_deferred import step
-    cfg = msa.MSAConfig(num_heads=4, num_kv_heads=1, head_dim=64, num_index_heads=1,
-                        index_head_dim=64, block_size=64, topk=2, kl_loss_coeff=0.5)
-    c = make_case((40, 30), (100, 130), hq=4, hkv=1, hi=1, seed=5)
-    monkeypatch.delenv("MSA_WORKSPACE_SCALE", raising=False)
-    want = step(c, cfg)
-    monkeypatch.setenv("MSA_WORKSPACE_SCALE", "5e-6")
-    assert P.kl_chunk(1, 64, 2, False, 64) == 6
-    planned = []
-    real = P.queue_chunks
-
-    def queue_chunks(*args):
-        queued = real(*args)
-        planned.append(queued.ends.shape[1])
-        return queued
-    monkeypatch.setattr(P, "queue_chunks", queue_chunks)
-    got = step(c, cfg)
-    assert planned and all(n == 12 for n in planned)      # 70 queries in chunks of 6
-    for name, a, b in zip(("loss", "dq", "dk", "dv", "dqi", "dki"), got, want):
-        assert not a.isnan().any(), name
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("hs,chunk,qpi,K", [(2, 1000, 4, 4), (1, 13, 3, 4), (2, 7, 256, 3),

@@ -159,7 +159,9 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
                          prefix_lens, max_query_len, num_kv_heads, sm_scale, output,
                          k_scale=k_scale, v_scale=v_scale)
     from ...ops.attention.forward import sparse_attn_fwd
-    from ...ops.plan import block_rows, build_plan, forward_chunk, item_queries, paged_rows
+    from ...ops.geometry import block_rows, paged_rows
+    from ...ops.plan import build_plan
+    from ...ops.workspace import forward_chunk, item_queries
     _check_attention(q, topk_idx, block_table, num_kv_heads)
     total_q, hq, d = q.shape
     _check_kv_cache(kv_cache, num_kv_heads, d)

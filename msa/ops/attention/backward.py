@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from ..launch import launch_fitting, smaller_tiles
-from ..plan import ITEM_FIELDS, SparsePlan, backward_block_n, backward_chunk
+from ..plan import ITEM_FIELDS, SparsePlan
+from ..workspace import backward_block_n, backward_chunk
 from ..reduce import base_layers, sum_items
 from ..triton_utils import (LOG2E, dot, load_item, next_pow2, precision, query_program,
                             upcast)

@@ -29,7 +29,9 @@ import triton
 import triton.language as tl
 
 from ..launch import launch_fitting, smaller_tiles
-from ..plan import ITEM_FIELDS, BlockRows, Plan, SparsePlan, forward_chunk
+from ..geometry import BlockRows
+from ..plan import ITEM_FIELDS, Plan, SparsePlan
+from ..workspace import forward_chunk
 from ..triton_utils import (LN2, LOG2E, dequant_rows, dot, load_item, next_pow2,
                             online_softmax_step, precision, query_program, upcast)
 from .query_major import sparse_attn_fwd_query_major

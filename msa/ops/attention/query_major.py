@@ -60,7 +60,7 @@ def sparse_attn_qmajor_kernel(
 def sparse_attn_fwd_query_major(q, k, v, topk_indices, rows, out, lse, *, scale: float) -> None:
     """Write ``out [total_q, Hq, D]`` and ``lse [total_q, Hq]`` (see module docstring).
 
-    ``rows``: ``msa.ops.plan.block_rows`` of the layout; topk_indices ``[Hs, total_q, K]``
+    ``rows``: ``msa.ops.geometry.block_rows`` of the layout; topk_indices ``[Hs, total_q, K]``
     int32;
     the block size is ``rows``'s.
     """

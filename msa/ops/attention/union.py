@@ -31,8 +31,9 @@ import triton
 import triton.language as tl
 
 from ..launch import launch_fitting
-from ..plan import (GLUON_TILE_ROWS, TILE_ROWS, SparsePlan, query_tiles, tile_queries,
-                    walk_ratio, walk_totals)
+from ..geometry import query_tiles
+from ..plan import (GLUON_TILE_ROWS, TILE_ROWS, SparsePlan, tile_queries, walk_ratio,
+                    walk_totals)
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 
 NO_BLOCK = tl.constexpr(2 ** 31 - 1)    # sort key of an invalid entry (after every real one)
@@ -44,7 +45,7 @@ class UnionPlan:
 
     qt: queries per tile; tile_q0, tile_n, tile_kbase, tile_off ``[tiles]`` int32: first
     packed query, queries, packed row of the segment's key 0, position of the first query
-    (``msa.ops.plan.query_tiles``, tiles inside one segment, latest first); tile_rowbase
+    (``msa.ops.geometry.query_tiles``, tiles inside one segment, latest first); tile_rowbase
     ``[tiles]`` int64: the segment's first block row in ``BlockRows`` (over pages, block
     ``b``'s keys start at ``row_krow[rowbase + b]``);
     blocks ``[Hs, tiles, qt * K]`` int32: the union, ascending (entries past

@@ -182,7 +182,7 @@ def supported(device, hi: int, di: int, block_size: int) -> bool:
 
 def launch_fp8_scan(q8, k8, ks, tiles, out, *, scale: float, block_size: int, block_t: int,
                     kr: int, topk: int) -> None:
-    """``fp8_scan_kernel`` over ``tiles`` (``msa.ops.plan.query_tiles`` of ``block_t``
+    """``fp8_scan_kernel`` over ``tiles`` (``msa.ops.geometry.query_tiles`` of ``block_t``
     queries): ``q8 [total_q, Hi, Di]`` and ``k8 [total_k, Di]`` e4m3 contiguous, ``ks
     [total_k]`` fp32, ``out [Hi, total_q, topk]`` int32 pre-filled with -1; ``kr`` kept
     slots per row (a power of two >= ``topk - 1``)."""

@@ -22,7 +22,9 @@ import triton.language as tl
 
 from ...varlen import Segments
 from ..attention.forward import check_supported, launch_partials
-from ..plan import SparsePlan, build_plan, lse_chunk, query_tiles
+from ..geometry import query_tiles
+from ..plan import SparsePlan, build_plan
+from ..workspace import lse_chunk
 from ..quant import FP8_CANDIDATES, quantize_e4m3
 from . import two_pass
 from ..triton_utils import dot, next_pow2, precision, rank_key, rank_rows, upcast

@@ -7,7 +7,7 @@ blocks in registers while it scores; that bookkeeping, not the MMA, bounds it
 * ``key_blocks``: the index keys quantized with one scale per key block (each block of
   every segment; blocks start at the segment's key base), laid out in whole blocks.
 * ``block_max_kernel``: one program per query tile (``BLOCK_T`` queries x ``Hi`` index
-  heads = ``ROWS`` rows, ``msa.ops.plan.query_tiles``); per earlier key block one e4m3
+  heads = ``ROWS`` rows, ``msa.ops.geometry.query_tiles``); per earlier key block one e4m3
   MMA accumulating in fp16, the max over the block's keys times the block's scale (fp16;
   rounding is monotone, so this is the max of the keys' scaled scores), stored to
   ``MAXB [block, row]`` (a chunk of tiles at a time, so the buffer is bounded). The
@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ...varlen import Segments, host_to_device
-from ..plan import query_tiles
+from ..geometry import query_tiles
 from ..quant import E4M3, quantize_e4m3
 
 MIN_KEY = tl.constexpr(-2 ** 31)        # no block (past the row's local block, padding)

@@ -19,7 +19,8 @@ import torch
 
 from ..attention.backward import sparse_attn_bwd
 from ..custom_ops import Backward, attention_fwd_op
-from ..plan import SparsePlan, kl_chunk
+from ..plan import SparsePlan
+from ..workspace import kl_chunk
 from .triton import dki_pass, indexer_kl_bwd, kl_buffers, launch_kl
 
 

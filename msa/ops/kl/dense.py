@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ...varlen import Segments
 from ..launch import launch_fitting
-from ..plan import Plan, query_tiles
+from ..geometry import query_tiles
+from ..plan import Plan
 from ..triton_utils import LN2, LOG2E, next_pow2, online_softmax_step, precision, upcast
 from .triton import kl_buffers, launch_kl
 

@@ -32,7 +32,8 @@ import triton.language as tl
 
 from ..attention.forward import check_supported, choose_kernel
 from ..launch import launch_fitting, smaller_tiles
-from ..plan import ITEM_FIELDS, SparsePlan, kl_chunk
+from ..plan import ITEM_FIELDS, SparsePlan
+from ..workspace import kl_chunk
 from ..reduce import base_layers, sum_items
 from ..triton_utils import LOG2E, dot, load_item, next_pow2, precision, upcast
 

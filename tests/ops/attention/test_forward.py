@@ -170,7 +170,8 @@ def test_forward_items_of_every_tile_count(q_per_item):
     Partials go to NaN-poisoned buffers: a tile left out, or rows written to slots not
     selected, show there."""
     from msa.ops.attention.forward import launch_combine, launch_partials
-    from msa.ops.plan import block_rows, plan_chunks
+    from msa.ops.geometry import block_rows
+    from msa.ops.plan import plan_chunks
     c = make_case((30,), (300,), hq=16, hkv=1, d=64, seed=5)
     topk = random_topk(c["seg"], 1, 3, 64, seed=5).to(DEVICE).int()
     q, k, v = (c[n].to(DEVICE) for n in "qkv")

@@ -119,7 +119,7 @@ def test_union_forward_empty_rows_give_zero_and_neg_inf():
 def _direct_plan(topk, seg, block, qt):
     """Per (selection head, tile): the sorted union and each query's set of places, from
     Python sets, tiles in ``query_tiles``'s order."""
-    from msa.ops.plan import query_tiles
+    from msa.ops.geometry import query_tiles
     q0, n, _, off = (x.tolist() for x in query_tiles(seg, qt, "cpu"))
     out = []
     for h in range(topk.shape[0]):

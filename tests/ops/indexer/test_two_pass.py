@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msa.ops.indexer.naive import rank_scores
-from msa.ops.plan import query_tiles
+from msa.ops.geometry import query_tiles
 from msa.varlen import cu_seqlens_from_lengths, make_segments
 from tests.helpers import DEVICE
 
