@@ -395,7 +395,8 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if kernel in (None, "triton") and use_query_major(total_q, query_major):
             sparse_attn_fwd_query_major(q, k, v, idx, plan.rows, out, lse, scale=scale)
             return out, lse
-        if selection_kernel(q, k, v, idx, plan, kernel, launch) == "union":
+        kernel = selection_kernel(q, k, v, idx, plan, kernel, launch)
+        if kernel == "union":
             union_fwd(q, k, v, idx, plan, out, lse, scale=scale, **launch)
             return out, lse
     plan.require(hkv, forward_chunk(hq, d, q.dtype.itemsize, topk), "forward")

@@ -222,3 +222,14 @@ def test_attention_kernel_names_the_forward_that_runs(monkeypatch):
                 [[0]]):
         with pytest.raises(ValueError, match="topk_indices must be"):
             msa.attention_kernel(many, k, k, topk_indices=bad)
+
+
+def test_forward_kernel_is_chosen_once_per_call(monkeypatch):
+    """Over a plan of several chunks the KV-outer forward chooses its kernel once
+    (``selection_kernel``) and its chunks' launches take that choice; the output still
+    matches the reference (case "G2-varlen-chunked-B64": chunks of 40 of 84 queries)."""
+    import msa.ops.attention.forward as fwd
+    chosen, real = [], fwd.forward_kernel
+    monkeypatch.setattr(fwd, "forward_kernel", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    _check_fp32("G2-varlen-chunked-B64")
+    assert len(chosen) == 1
