@@ -5,7 +5,7 @@ import torch
 
 import msa
 from msa.inference import PagedKVCache, paged_attention, paged_indexer
-from msa.inference.paged import token_major
+from msa.inference.paged_ops import token_major
 
 HQ, HKV, D, BS = 4, 2, 64, 64
 
