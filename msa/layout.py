@@ -122,6 +122,9 @@ def check_ranks(q_name, q, k_name, k) -> None:
 
 def call_layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             fragment_indices) -> CallLayout:
+    """The layout of a call whose query-like input is ``q`` and key-like input ``k``
+    (named ``q_name``, ``k_name`` in errors): batched when ``q`` is 4-D (no varlen
+    arguments allowed), else packed with both ``cu_seqlens``, validated now (read once)."""
     check_ranks(q_name, q, k_name, k)
     if q.dim() == 4:
         if cu_seqlens_q is not None or cu_seqlens_k is not None or fragment_indices is not None:
