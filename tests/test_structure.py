@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "msa"
 LAYERS = [
     ("msa.config", "msa.varlen", "msa.lengths", "msa._meter"),
     ("msa.ops",),
-    ("msa.functional",),
+    ("msa.functional", "msa.layout"),
     ("msa.nn", "msa.inference", "msa.distributed", "msa.integrations", "msa.eval",
      "msa.demo"),
     ("msa.bench", "msa.cli", "msa.__main__"),
