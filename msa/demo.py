@@ -124,6 +124,10 @@ def main(lengths, device: str = "cpu", depth: float = 0.37, dtype: str = "auto",
         print(f"{T:>8} {str(r.needle_selected):>8} {str(r.retrieved):>9} {r.cosine:6.3f} "
               f"{r.max_err_vs_dense:12.2e} {r.msa_seconds:8.2f} {r.dense_seconds:8.2f} "
               f"{r.msa_peak_mb:8.0f} {r.dense_peak_mb:9.0f}", flush=True)
+    if dev.type == "cpu":
+        print("On the CPU msa runs its exact PyTorch reference, written to be checked, not to "
+              "be fast;\nthe GPU kernels' times against dense attention are in "
+              "docs/benchmarks.md.")
     if json_path:
         import json
         with open(json_path, "w") as f:
