@@ -66,8 +66,8 @@ def msa_indexer(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     needs one shared index-key head) or ``"auto"`` (Triton for CUDA tensors with one
     index-key head).
     """
-    lay = call_layout("qi", qi, "ki", ki, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  fragment_indices)
+    lay = call_layout("qi", qi, "ki", ki, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k, fragment_indices)
     C.check_index(qi, ki)
     C.check_block_and_topk(block_size, topk)
     C.check_scale("softmax_scale", softmax_scale)
@@ -116,7 +116,7 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     in a fixed order (bitwise repeatable, slower); the default adds them with fp32 atomics.
     """
     lay = call_layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  fragment_indices)
+                      fragment_indices)
     C.check_qkv(q, k, v)
     use_triton = C.use_triton(backend, q)
     C.check_block_and_topk(block_size)
@@ -236,7 +236,7 @@ def msa_indexer_kl(q, k, qi, ki, topk_indices=None, cu_seqlens_q=None, cu_seqlen
         scalar fp32 loss.
     """
     lay = call_layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  fragment_indices)
+                      fragment_indices)
     C.check_float_tensor("qi", qi, q.dim(), q.device)
     C.check_float_tensor("ki", ki, q.dim(), q.device)
     C.check_heads("q", q.shape[-2], "k", k.shape[-2])
@@ -339,7 +339,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, max_seq
         raise ValueError("deterministic=True covers mode='sparse' only (the dense warm-up "
                          "KL kernel accumulates with fp32 atomics)")
     lay = call_layout("q", q, "k", k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  fragment_indices)
+                      fragment_indices)
     C.check_qkv(q, k, v)
     C.check_float_tensor("qi", qi, q.dim(), q.device)
     C.check_float_tensor("ki", ki, q.dim(), q.device)

@@ -121,7 +121,7 @@ def check_ranks(q_name, q, k_name, k) -> None:
 
 
 def call_layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            fragment_indices) -> CallLayout:
+                fragment_indices) -> CallLayout:
     """The layout of a call whose query-like input is ``q`` and key-like input ``k``
     (named ``q_name``, ``k_name`` in errors): batched when ``q`` is 4-D (no varlen
     arguments allowed), else packed with both ``cu_seqlens``, validated now (read once)."""
@@ -142,10 +142,10 @@ def call_layout(q_name, q, k_name, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     check_max_seqlen("max_seqlen_q", max_seqlen_q)
     check_max_seqlen("max_seqlen_k", max_seqlen_k)
     lay = CallLayout(q.shape[0], k.shape[0], q.device,
-                  int_vector("cu_seqlens_q", cu_seqlens_q, q.device),
-                  int_vector("cu_seqlens_k", cu_seqlens_k, q.device),
-                  int_vector("fragment_indices", fragment_indices, q.device),
-                  max_seqlen_q, max_seqlen_k)
+                     int_vector("cu_seqlens_q", cu_seqlens_q, q.device),
+                     int_vector("cu_seqlens_k", cu_seqlens_k, q.device),
+                     int_vector("fragment_indices", fragment_indices, q.device),
+                     max_seqlen_q, max_seqlen_k)
     if not torch.compiler.is_compiling():     # traced: the ops validate it
         lay.seg                               # validate the metadata now (read once)
     return lay
