@@ -32,6 +32,9 @@ from msa.cli import build_parser  # noqa: E402
     (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
     (["bench", "decode", "--selection", "structured"], "--selection applies to prefill"),
     (["bench", "prefill", "--selection", "local"], "invalid choice"),
+    (["bench", "prefill", "--shape", "m3,g5"], "unknown shape 'g5'"),
+    (["bench", "training", "--baselines", "dense,flaa"], "unknown baseline 'flaa'"),
+    (["bench", "decode", "--lengths", "128q"], "not a length"),
     (["selections", "--sources", "random,text"], "--sources: choose from"),
     (["selections", "--length", "512", "--probe", "1024"], "--probe must not exceed"),
 ])

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import argparse
 
+from ..lengths import parse_lengths
+
 CASES = ("prefill", "training", "decode", "cp", "m3", "vllm")
 SELECTIONS = ("random", "structured")     # index inputs, msa.bench.selection
+BASELINES = ("dense", "fla", "vllm")
+# name -> (Hq, Hkv): the MiniMax-M3 shape and smaller GQA groups (D 128, index Hkv x 128,
+# block 128, top-16)
+SHAPES = {"m3": (64, 4), "g8": (64, 8), "g6": (24, 4), "g4": (32, 8)}
 
 
 def add_parser(sub) -> None:
@@ -18,16 +24,16 @@ def add_parser(sub) -> None:
                         "backward step; decode: paged decode with CUDA graphs; cp: context "
                         "parallel (torchrun); m3: MiniMax-M3 layers in transformers; vllm: msa's "
                         "vLLM drop-ins against vLLM's ops (--vllm-ops)")
-    p.add_argument("--lengths", default=None, metavar="LIST",
+    p.add_argument("--lengths", default=None, metavar="LIST", type=_lengths,
                    help="comma-separated context lengths, e.g. 64k,128k,1m (default per "
                         "case)")
-    p.add_argument("--shape", default="m3", metavar="NAME",
+    p.add_argument("--shape", default="m3", metavar="NAME", type=_shapes,
                    help="attention shape: m3 (Hq 64 / Hkv 4, D 128), g8 (64/8), g6 (24/4), "
                         "g4 (32/8); comma-separated for several (default m3)")
-    p.add_argument("--baselines", default="all", metavar="LIST",
+    p.add_argument("--baselines", default="all", metavar="LIST", type=_baselines,
                    help="comma-separated baselines to time beside msa: dense, fla, vllm "
-                        "(those not installed are skipped and recorded as such; default "
-                        "all)")
+                        "(those not installed are skipped and recorded as such), all, or "
+                        "none (default all)")
     p.add_argument("--dense-max", type=int, default=262144, metavar="T",
                    help="longest context the dense baseline runs on all heads; beyond it "
                         "one KV group is timed and scaled (default 262144)")
@@ -59,10 +65,23 @@ def add_parser(sub) -> None:
                    help="short lengths and few repetitions (a smoke run)")
 
 
-def _precisions(text: str) -> str:
-    bad = [x for x in text.split(",") if x not in ("input", "fp8")]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown precision {bad[0]!r} (input, fp8)")
+def _among(what: str, allowed):
+    """An argparse type: a comma-separated list of ``allowed`` names, kept as text."""
+    def check(text: str) -> str:
+        bad = [x for x in text.split(",") if x not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad[0]!r} ({', '.join(allowed)})")
+        return text
+    return check
+
+
+_precisions = _among("precision", ("input", "fp8"))
+_shapes = _among("shape", tuple(SHAPES))
+_baselines = _among("baseline", BASELINES + ("all", "none"))
+
+
+def _lengths(text: str) -> str:
+    parse_lengths(text)                 # raises argparse.ArgumentTypeError
     return text
 
 

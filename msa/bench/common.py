@@ -14,11 +14,8 @@ import torch
 
 from ..lengths import parse_lengths
 from ..config import MSAConfig
+from . import SHAPES
 from .timeline import describe
-
-# name -> (Hq, Hkv): the MiniMax-M3 shape and smaller GQA groups (D 128, index 4 x 128
-# or Hkv x 128, block 128, top-16)
-SHAPES = {"m3": (64, 4), "g8": (64, 8), "g6": (24, 4), "g4": (32, 8)}
 
 
 def shape_config(name: str) -> MSAConfig:
