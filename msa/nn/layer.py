@@ -47,6 +47,14 @@ class KVCache:
         while len(self.layers) <= layer_idx:
             self.layers.append(None)
         old = self.layers[layer_idx]
+        if old is not None:
+            for name, a, b in zip(("k", "v", "ki"), old, (k, v, ki)):
+                if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+                    raise ValueError(
+                        f"KVCache layer {layer_idx} holds {name} of batch {a.shape[0]} and "
+                        f"heads x dim {tuple(a.shape[2:])}; the new tokens' {name} has "
+                        f"batch {b.shape[0]} and {tuple(b.shape[2:])} (one cache per "
+                        f"batch of sequences)")
         new = (k, v, ki) if old is None else tuple(torch.cat([a, b], 1)
                                                    for a, b in zip(old, (k, v, ki)))
         self.layers[layer_idx] = new
@@ -109,6 +117,11 @@ class MSAttention(nn.Module):
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden:
             raise ValueError(f"hidden_states must be [B, T, hidden={hidden}], got "
                              f"{tuple(hidden_states.shape)}")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+        if cache is not None and not isinstance(cache, (KVCache, PagedKVCache)):
+            raise TypeError(f"cache must be a KVCache or a msa.inference.PagedKVCache, got "
+                            f"{type(cache).__name__}")
         c = self.config
         b, t, _ = hidden_states.shape
         past = cache.length(self.layer_idx) if cache is not None else 0

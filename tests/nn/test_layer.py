@@ -87,6 +87,19 @@ def test_layer_rejects_bad_arguments():
         _layer()(torch.randn(10, 96, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"hidden_states must be \[B, T, hidden=96\]"):
         _layer()(torch.randn(2, 10, 64, dtype=torch.float64))
+    with pytest.raises(TypeError, match="hidden_states must be floating point"):
+        _layer()(torch.ones(2, 10, 96, dtype=torch.long))
+    with pytest.raises(TypeError, match="cache must be a KVCache"):
+        _layer()(torch.randn(2, 10, 96, dtype=torch.float64), cache={})
+
+
+def test_contiguous_cache_rejects_another_batch():
+    layer, cache = _layer().eval(), KVCache()
+    with torch.no_grad():
+        layer(torch.randn(2, 10, 96, dtype=torch.float64), cache=cache)
+        with pytest.raises(ValueError, match="KVCache layer 0 holds k of batch 2"):
+            layer(torch.randn(3, 1, 96, dtype=torch.float64), cache=cache)
+        assert cache.length(0) == 10                    # the failed step appended nothing
 
 
 def test_paged_cache_matches_contiguous_cache():
