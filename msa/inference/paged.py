@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..config import MSAConfig
+from ..config import SUPPORTED_BLOCK_SIZES, MSAConfig
 from ..ops.quant import E4M3, INT4_GROUP, quantize_e4m3, quantize_int4
 from .decoder import PagedDecoder
 from .paged_ops import paged_attention, paged_indexer
@@ -56,6 +56,9 @@ class PagedKVCache:
                         ("index_dim", index_dim), ("num_layers", num_layers)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {x!r}")
+        if page_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"page_size must be an MSA block size {SUPPORTED_BLOCK_SIZES} "
+                             f"(a page is one block), got {page_size}")
         if index_dtype is None:               # FP8 K/V keep bf16 index keys by default
             index_dtype = torch.bfloat16 if dtype == E4M3 else dtype
         for name, x in (("dtype", dtype), ("index_dtype", index_dtype)):
@@ -134,9 +137,13 @@ class PagedKVCache:
             raise ValueError(f"request {request} already exists")
         self.pages[request], self.lengths[request] = [], 0
 
+    def _check_requests(self, requests) -> None:
+        for r in requests:
+            if r not in self.pages:
+                raise KeyError(f"unknown request {r}: it was never allocated or is freed")
+
     def free(self, request: int) -> None:
-        if request not in self.pages:
-            raise KeyError(f"unknown request {request}: it was never allocated or is freed")
+        self._check_requests((request,))
         self.free_pages.extend(self.pages.pop(request))
         del self.lengths[request]
         for key in [key for key in self._written if key[1] == request]:
@@ -237,6 +244,7 @@ class PagedKVCache:
 
     def page_table(self, requests) -> torch.Tensor:
         """``[B, max_pages]`` int32 physical pages (``-1`` past the end)."""
+        self._check_requests(requests)
         width = max(1, max(len(self.pages[r]) for r in requests))
         table = torch.full((len(requests), width), -1, dtype=torch.int32)
         for i, r in enumerate(requests):
@@ -244,6 +252,7 @@ class PagedKVCache:
         return table.to(self.k_pages.device)
 
     def seq_lens(self, requests) -> torch.Tensor:
+        self._check_requests(requests)
         return torch.tensor([self.lengths[r] for r in requests], dtype=torch.int32,
                             device=self.k_pages.device)
 

@@ -67,6 +67,10 @@ def paged_indexer(qi, ki_pages, page_table, seq_lens, q_lens: Optional[List[int]
     ``index_precision`` as ``msa_indexer``'s (``"int4"``, the rule of a decode scan over
     an int4 copy, by its reference)."""
     q_lens = q_lens or [qi.shape[0] // page_table.shape[0]] * page_table.shape[0]
+    if ki_pages.dim() != 3 or ki_pages.shape[1] != block_size:
+        raise ValueError(f"ki_pages must be [pages, page={block_size}, Di] (a page is one "
+                         f"block of block_size keys: the top-k ids are logical page ids), "
+                         f"got {tuple(ki_pages.shape)}")
     check_page_scales(("ki_scales",), (ki_pages,), (ki_scales,))
     if ki_scales is not None:
         qi = fake_quantize(qi).to(qi.dtype)

@@ -80,6 +80,14 @@ def test_paged_errors():
         cache.append(5, *_seq(1, 0))
     with pytest.raises(KeyError, match="unknown request 5"):
         cache.free(5)
+    with pytest.raises(KeyError, match="unknown request 7"):
+        cache.page_table([0, 7])
+    with pytest.raises(ValueError, match="page_size must be an MSA block size"):
+        PagedKVCache(2, 100, HKV, D, 64)
+    ki_pages = cache.ki_pages[0]
+    with pytest.raises(ValueError, match=r"ki_pages must be \[pages, page=128, Di\]"):
+        paged_indexer(torch.randn(1, HKV, 64), ki_pages, cache.page_table([0]),
+                      torch.tensor([1], dtype=torch.int32), [1], block_size=128, topk=2)
     table = torch.tensor([[0, 7]], dtype=torch.int32)
     with pytest.raises(IndexError, match="page_table"):
         paged_attention(torch.randn(1, HQ, D), cache.k_pages[0], cache.v_pages[0],
