@@ -97,6 +97,8 @@ def test_fp8_index_scoring_reaches_the_indexer(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="index_precision"):
         _models("G4-B64", index_precision="fp9")
+    with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
+        enable_msa(torch.nn.Linear(2, 2))
 
 
 def test_left_padded_batch_equals_rows_alone():

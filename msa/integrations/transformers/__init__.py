@@ -65,6 +65,9 @@ def enable_msa(model, *, block_size: Optional[int] = None, topk: Optional[int] =
     with exact re-scoring of the candidates (docs/fp8_index.md); the fused decode step
     scores in the inputs' precision.
     """
+    if not hasattr(getattr(model, "config", None), "to_dict"):
+        raise TypeError(f"model must be a transformers PreTrainedModel (with a config), got "
+                        f"{type(model).__name__}")
     if mode not in ("sparse", "dense"):
         raise ValueError(f"mode must be 'sparse' or 'dense', got {mode!r}")
     if not isinstance(train_indexer, bool):
