@@ -35,6 +35,7 @@ from msa.cli import build_parser  # noqa: E402
     (["bench", "prefill", "--shape", "m3,g5"], "unknown shape 'g5'"),
     (["bench", "training", "--baselines", "dense,flaa"], "unknown baseline 'flaa'"),
     (["bench", "decode", "--lengths", "128q"], "not a length"),
+    (["bench", "prefill", "--dense-max", "0"], "--dense-max: must be a whole number >= 1"),
     (["selections", "--sources", "random,text"], "--sources: choose from"),
     (["selections", "--length", "512", "--probe", "1024"], "--probe must not exceed"),
 ])

@@ -34,12 +34,12 @@ def add_parser(sub) -> None:
                    help="comma-separated baselines to time beside msa: dense, fla, vllm "
                         "(those not installed are skipped and recorded as such), all, or "
                         "none (default all)")
-    p.add_argument("--dense-max", type=int, default=262144, metavar="T",
+    p.add_argument("--dense-max", type=_positive, default=262144, metavar="T",
                    help="longest context the dense baseline runs on all heads; beyond it "
                         "one KV group is timed and scaled (default 262144)")
-    p.add_argument("--fla-max", type=int, default=262144, metavar="T",
+    p.add_argument("--fla-max", type=_positive, default=262144, metavar="T",
                    help="longest context fla is timed at (default 262144)")
-    p.add_argument("--vllm-max", type=int, default=1 << 20, metavar="T",
+    p.add_argument("--vllm-max", type=_positive, default=1 << 20, metavar="T",
                    help="longest context vLLM's ops are timed at (default 1048576)")
     p.add_argument("--vllm-ops", default=None, metavar="DIR",
                    help="folder holding vLLM's MiniMax-M3 op files (sparse_attn.py, "
@@ -78,6 +78,16 @@ def _among(what: str, allowed):
 _precisions = _among("precision", ("input", "fp8"))
 _shapes = _among("shape", tuple(SHAPES))
 _baselines = _among("baseline", BASELINES + ("all", "none"))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 def _lengths(text: str) -> str:
