@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 
 from .lengths import parse_lengths
@@ -69,10 +70,17 @@ def _device(parser, name):
     return device
 
 
-def _check_png(parser, args):
+def _check_outputs(parser, args):
+    """Fail before computing: ``--png`` needs matplotlib, and ``--json`` / ``--png`` a
+    folder that exists."""
     if getattr(args, "png", None) and importlib.util.find_spec("matplotlib") is None:
         parser.error("--png needs matplotlib: pip install matplotlib (or "
                      "pip install 'msa[bench]')")
+    for flag in ("json", "png"):
+        path = getattr(args, flag, None)
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            parser.error(f"--{flag}: the folder {folder!r} does not exist")
 
 
 def _add_common(p, what: str, progress: bool = True):
@@ -197,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_png(parser, args)
+    _check_outputs(parser, args)
     if args.cmd == "bench":
         from .bench import main as bench_main
         return bench_main(args, parser)

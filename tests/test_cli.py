@@ -38,6 +38,8 @@ from msa.cli import build_parser  # noqa: E402
     (["bench", "prefill", "--dense-max", "0"], "--dense-max: must be a whole number >= 1"),
     (["selections", "--sources", "random,text"], "--sources: choose from"),
     (["selections", "--length", "512", "--probe", "1024"], "--probe must not exceed"),
+    (["demo", "--json", "/no/such/folder/demo.json"], "--json: the folder '/no/such/folder'"),
+    (["bench", "prefill", "--json", "/no/such/folder/b.json"], "--json: the folder"),
 ])
 def test_bad_values_end_in_a_usage_error_not_a_traceback(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
