@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .config import MSAConfig
 from .functional import msa_attention
+from .ops.checks import check_config
 
 
 def zigzag_chunks(world: int, rank: int) -> List[int]:
@@ -111,6 +112,7 @@ def context_parallel_msa(q, k, v, qi, ki, *, config: MSAConfig, group=None,
     Returns:
         the local output ``[n, Hq, D]`` (and ``MSAAux`` with ``return_aux``).
     """
+    config = check_config(config)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n = q.shape[0]
     if n % 2 or any(t.shape[0] != n for t in (k, v, qi, ki)):

@@ -82,6 +82,8 @@ def test_bad_document_boundaries_are_rejected():
             context_parallel_msa(*local, config=CFG, cu_seqlens=torch.tensor([0, 300, 200, 512]))
         with pytest.raises(ValueError, match="cu_seqlens"):
             context_parallel_msa(*local, config=CFG, cu_seqlens=torch.tensor([0, 500]))
+        with pytest.raises(TypeError, match="config must be an msa.MSAConfig"):
+            context_parallel_msa(*local, config=CFG.__dict__)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -19,7 +19,7 @@ import os
 import torch
 
 from ..config import MSAConfig
-from ..ops.checks import check_int4_scales, check_page_scales
+from ..ops.checks import check_config, check_int4_scales, check_page_scales
 from ..ops.quant import E4M3
 from .step_graphs import StepGraphs, tensor_key
 
@@ -52,6 +52,7 @@ class PagedDecoder:
                  index_stages: int = None, graphs: bool = True):
         from ..ops.decode.select import candidates_width
         from ..ops.decode.triton import partial_buffers
+        config = check_config(config)
         if not isinstance(num_q, int) or not 1 <= num_q <= 16:
             raise ValueError(f"num_q must be an int in [1, 16], got {num_q!r}")
         if not isinstance(max_batch, int) or not isinstance(max_pages, int) or \

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import SUPPORTED_BLOCK_SIZES, MSAConfig
+from ..ops.checks import check_config
 from ..ops.quant import E4M3, INT4_GROUP, quantize_e4m3, quantize_int4
 from .decoder import PagedDecoder
 from .paged_ops import paged_attention, paged_indexer
@@ -97,7 +98,7 @@ class PagedKVCache:
         self.free_pages: List[int] = list(range(num_pages))
         self.pages: Dict[int, List[int]] = {}
         self.lengths: Dict[int, int] = {}
-        self.config = config
+        self.config = None if config is None else check_config(config)
         self._written: Dict[tuple, int] = {}          # (layer, request) -> tokens written
         self._step = _Step()
         self._decoders: Dict[tuple, PagedDecoder] = {}
@@ -108,6 +109,7 @@ class PagedKVCache:
                   device="cpu") -> "PagedKVCache":
         """A cache for ``num_layers`` ``MSAttention`` layers of ``config`` and the requests
         ``0 .. batch-1`` (row ``b`` of the hidden states is request ``b``)."""
+        config = check_config(config)
         cache = cls(num_pages, config.block_size, config.num_kv_heads, config.head_dim,
                     config.index_dim, num_layers=num_layers, dtype=dtype,
                     scan_copy=scan_copy, device=device, config=config)

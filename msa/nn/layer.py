@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import MSAConfig
 from ..functional import msa_attention
+from ..ops.checks import check_config
 from ..inference.paged import PagedKVCache
 from .rope import apply_rope, rope_cos_sin
 
@@ -90,7 +91,7 @@ class MSAttention(nn.Module):
                  rope_theta: float = 10000.0, qk_norm: bool = False, bias: bool = False,
                  layer_idx: int = 0):
         super().__init__()
-        c = config
+        c = check_config(config)
         self.config, self.layer_idx, self.rope_theta = c, layer_idx, rope_theta
         self.rotary_dim = c.head_dim if rotary_dim is None else rotary_dim
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= c.head_dim:

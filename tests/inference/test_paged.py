@@ -82,6 +82,8 @@ def test_paged_errors():
         cache.free(5)
     with pytest.raises(KeyError, match="unknown request 7"):
         cache.page_table([0, 7])
+    with pytest.raises(TypeError, match="config must be an msa.MSAConfig"):
+        PagedKVCache.for_model({}, num_layers=1, batch=1, num_pages=2)
     with pytest.raises(ValueError, match="page_size must be an MSA block size"):
         PagedKVCache(2, 100, HKV, D, 64)
     ki_pages = cache.ki_pages[0]

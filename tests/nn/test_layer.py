@@ -89,6 +89,8 @@ def test_layer_rejects_bad_arguments():
         _layer()(torch.randn(2, 10, 64, dtype=torch.float64))
     with pytest.raises(TypeError, match="hidden_states must be floating point"):
         _layer()(torch.ones(2, 10, 96, dtype=torch.long))
+    with pytest.raises(TypeError, match="config must be an msa.MSAConfig"):
+        MSAttention(96, CFG.__dict__)
     with pytest.raises(TypeError, match="cache must be a KVCache"):
         _layer()(torch.randn(2, 10, 96, dtype=torch.float64), cache={})
 

@@ -109,6 +109,8 @@ def test_decoder_validates_plan():
         dec.run(*[None] * 5)
     with pytest.raises(ValueError, match="num_q"):
         PagedDecoder(cfg, max_batch=2, num_q=17, max_pages=4, device=DEVICE)
+    with pytest.raises(TypeError, match="config must be an msa.MSAConfig"):
+        PagedDecoder(cfg.__dict__, max_batch=2, num_q=2, max_pages=4, device=DEVICE)
 
 
 @pytest.mark.gpu
