@@ -16,6 +16,7 @@ cached sequence (chunked prefill, decode, multi-token decode).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional, Union
 
 import torch
@@ -141,6 +142,10 @@ class MSAttention(nn.Module):
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             qi, ki = self._rope(qi, cos, sin), self._rope(ki, cos, sin)
         if isinstance(cache, PagedKVCache):
+            if cache.config is not None and \
+                    replace(cache.config, kl_loss_coeff=c.kl_loss_coeff) != c:
+                raise ValueError(f"the PagedKVCache was made for {cache.config}, this layer "
+                                 f"has {c}: the cache would attend with its own config")
             out, aux = cache.attend(self.layer_idx, q, k, v, qi, ki), None
         else:
             if cache is not None:

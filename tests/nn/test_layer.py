@@ -95,6 +95,20 @@ def test_layer_rejects_bad_arguments():
         _layer()(torch.randn(2, 10, 96, dtype=torch.float64), cache={})
 
 
+def test_paged_cache_of_another_config_is_rejected():
+    from dataclasses import replace
+    from msa.inference import PagedKVCache
+    cache = PagedKVCache.for_model(replace(CFG, topk=CFG.topk + 1), num_layers=1, batch=1,
+                                   num_pages=8, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(ValueError, match="PagedKVCache was made for"):
+        _layer().eval()(torch.randn(1, 10, 96, dtype=torch.float64), cache=cache)
+    cache = PagedKVCache.for_model(replace(CFG, kl_loss_coeff=0.5), num_layers=1, batch=1,
+                                   num_pages=8, dtype=torch.float64)
+    with torch.no_grad():                               # the KL weight is training's only
+        assert _layer().eval()(torch.randn(1, 10, 96, dtype=torch.float64),
+                               cache=cache).shape == (1, 10, 96)
+
+
 def test_contiguous_cache_rejects_another_batch():
     layer, cache = _layer().eval(), KVCache()
     with torch.no_grad():
