@@ -120,9 +120,9 @@ def check_head_dim(name: str, d: int) -> None:
         raise ValueError(f"{name} must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
 
 
-def check_block_size(block_size: int) -> None:
+def check_block_size(block_size: int, name: str = "block_size") -> None:
     if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+        raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
 
 
 def check_topk(topk: int) -> None:

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..config import SUPPORTED_BLOCK_SIZES, MSAConfig
+from ..config import MSAConfig, check_block_size
 from ..ops.checks import check_config
 from ..ops.quant import E4M3, INT4_GROUP, quantize_e4m3, quantize_int4
 from .decoder import PagedDecoder
@@ -57,9 +57,7 @@ class PagedKVCache:
                         ("index_dim", index_dim), ("num_layers", num_layers)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {x!r}")
-        if page_size not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"page_size must be an MSA block size {SUPPORTED_BLOCK_SIZES} "
-                             f"(a page is one block), got {page_size}")
+        check_block_size(page_size, "page_size")           # a page is one block
         if index_dtype is None:               # FP8 K/V keep bf16 index keys by default
             index_dtype = torch.bfloat16 if dtype == E4M3 else dtype
         for name, x in (("dtype", dtype), ("index_dtype", index_dtype)):

@@ -84,7 +84,7 @@ def test_paged_errors():
         cache.page_table([0, 7])
     with pytest.raises(TypeError, match="config must be an msa.MSAConfig"):
         PagedKVCache.for_model({}, num_layers=1, batch=1, num_pages=2)
-    with pytest.raises(ValueError, match="page_size must be an MSA block size"):
+    with pytest.raises(ValueError, match=r"page_size must be one of \(64, 128\), got 100"):
         PagedKVCache(2, 100, HKV, D, 64)
     ki_pages = cache.ki_pages[0]
     with pytest.raises(ValueError, match=r"ki_pages must be \[pages, page=128, Di\]"):
