@@ -16,7 +16,6 @@ cached sequence (chunked prefill, decode, multi-token decode).
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import List, Optional, Union
 
 import torch
@@ -24,8 +23,8 @@ from torch import nn
 
 from ..config import MSAConfig
 from ..functional import msa_attention
-from ..ops.checks import check_config
 from ..inference.paged import PagedKVCache
+from ..ops.checks import check_config
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -142,8 +141,8 @@ class MSAttention(nn.Module):
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             qi, ki = self._rope(qi, cos, sin), self._rope(ki, cos, sin)
         if isinstance(cache, PagedKVCache):
-            if cache.config is not None and \
-                    replace(cache.config, kl_loss_coeff=c.kl_loss_coeff) != c:
+            if cache.config is not None and cache.config is not c and \
+                    {**vars(cache.config), "kl_loss_coeff": c.kl_loss_coeff} != vars(c):
                 raise ValueError(f"the PagedKVCache was made for {cache.config}, this layer "
                                  f"has {c}: the cache would attend with its own config")
             out, aux = cache.attend(self.layer_idx, q, k, v, qi, ki), None
