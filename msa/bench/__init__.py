@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                         "backward step; decode: paged decode with CUDA graphs; cp: context "
                         "parallel (torchrun); m3: MiniMax-M3 layers in transformers; vllm: msa's "
                         "vLLM drop-ins against vLLM's ops (--vllm-ops)")
-    p.add_argument("--lengths", default=None, metavar="LIST", type=_lengths,
+    p.add_argument("--lengths", default=None, metavar="LIST", type=parse_lengths,
                    help="comma-separated context lengths, e.g. 64k,128k,1m (default per "
                         "case)")
     p.add_argument("--shape", default="m3", metavar="NAME", type=_shapes,
@@ -88,11 +88,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return value
-
-
-def _lengths(text: str) -> str:
-    parse_lengths(text)                 # raises argparse.ArgumentTypeError
-    return text
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -27,7 +27,7 @@ def shape_config(name: str) -> MSAConfig:
 
 
 def lengths(args, default: str, quick: str) -> List[int]:
-    return parse_lengths(args.lengths or (quick if args.quick else default))
+    return args.lengths or parse_lengths(quick if args.quick else default)
 
 
 def over_shapes(args, results: dict, check: Callable, run_length: Callable, default: str,

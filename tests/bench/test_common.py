@@ -13,7 +13,8 @@ from msa.bench import common as C
 
 def test_a_run_stopped_part_way_keeps_the_rows_it_finished(tmp_path):
     path = tmp_path / "out.json"
-    args = argparse.Namespace(shape="m3,g8", lengths="1k,2k", quick=False, json=str(path))
+    args = argparse.Namespace(shape="m3,g8", lengths=[1024, 2048], quick=False,   # parsed
+                              json=str(path))
     results = dict(meta=dict(case="training", gpu="NVIDIA Test GPU", date="2026-12-05"),
                    shapes={})
 
