@@ -125,8 +125,9 @@ def msa_sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     C.check_flag("deterministic", deterministic)
     if check_finite:
         C.check_finite(("q", "k", "v"), (q, k, v))
-    packed = lay.pack_heads(topk_indices)
-    C.check_topk_tensor(packed, lay.total_q, (1, k.shape[-2]), q.device)
+    heads = (1, k.shape[-2])
+    packed = lay.pack_heads(topk_indices, heads)
+    C.check_topk_tensor(packed, lay.total_q, heads, q.device)
     out, lse = attention_fwd_op(lay.pack(q), lay.pack(k), lay.pack(v), packed, *lay.meta,
                                 block_size, _scale(softmax_scale, q.shape[-1]), use_triton,
                                 _backward_mode(use_triton, deterministic), False)
@@ -251,7 +252,7 @@ def msa_indexer_kl(q, k, qi, ki, topk_indices=None, cu_seqlens_q=None, cu_seqlen
         C.check_finite(("q", "k", "qi", "ki"), (q, k, qi, ki))
     packed = None
     if topk_indices is not None:
-        packed = lay.pack_heads(topk_indices)
+        packed = lay.pack_heads(topk_indices, (qi.shape[-2],))
         C.check_topk_indices(packed, lay.seg, (qi.shape[-2],), block_size, q.device)
     return indexer_kl_loss(lay.pack(q), lay.pack(k), lay.pack(qi), lay.pack(ki), lay.seg,
                            packed, block_size=block_size,

@@ -56,16 +56,19 @@ class CallLayout:
         """``[total_q, ...]`` -> ``[B, Tq, ...]``."""
         return x if self.batch < 0 else x.reshape(self.batch, self.seqlen_q, *x.shape[1:])
 
-    def pack_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, H, Tq, K]`` -> ``[H, total_q, K]``."""
+    def pack_heads(self, x: torch.Tensor, heads=None) -> torch.Tensor:
+        """``[B, H, Tq, K]`` -> ``[H, total_q, K]``; ``heads``: the allowed ``H`` (any if
+        None)."""
         if self.batch < 0:
             return x
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != self.batch or \
-                x.shape[2] != self.seqlen_q or not 1 <= x.shape[3] <= MAX_TOPK:
+                x.shape[2] != self.seqlen_q or not 1 <= x.shape[3] <= MAX_TOPK or \
+                (heads is not None and x.shape[1] not in heads):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            among = "" if heads is None else f"H in {sorted(set(heads))}, "
             raise ValueError(f"topk_indices must have shape [B={self.batch}, H, "
-                             f"Tq={self.seqlen_q}, K] with 1 <= K <= {MAX_TOPK} in the batched "
-                             f"layout, got {shape}")
+                             f"Tq={self.seqlen_q}, K] with {among}1 <= K <= {MAX_TOPK} in the "
+                             f"batched layout, got {shape}")
         h, kk = x.shape[1], x.shape[3]
         base = None if torch.compiler.is_compiling() else x._base
         # the batched view of a packed top-k (an aux output passed back in): no copy back

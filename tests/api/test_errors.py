@@ -275,8 +275,19 @@ def test_cu_seqlens_as_lists_and_numpy_are_accepted():
 def test_batched_topk_with_no_slots_is_rejected_clearly():
     q, k = torch.randn(2, 8, 4, 64), torch.randn(2, 8, 2, 64)
     with pytest.raises(ValueError, match=r"topk_indices must have shape \[B=2, H, Tq=8, K\] "
-                                         r"with 1 <= K <= 64"):
+                                         r"with H in \[1, 2\], 1 <= K <= 64"):
         msa.msa_sparse_attention(q, k, k, torch.zeros(2, 2, 8, 0, dtype=torch.int32))
+
+
+def test_batched_topk_heads_named_in_the_callers_layout():
+    """Three selection heads for 2 KV heads: the message gives the batched shape passed."""
+    q, k = torch.randn(2, 8, 4, 64), torch.randn(2, 8, 2, 64)
+    with pytest.raises(ValueError, match=r"with H in \[1, 2\], .* got \(2, 3, 8, 1\)"):
+        msa.msa_sparse_attention(q, k, k, torch.zeros(2, 3, 8, 1, dtype=torch.int32))
+    qi, ki = torch.randn(2, 8, 2, 64), torch.randn(2, 8, 1, 64)
+    with pytest.raises(ValueError, match=r"with H in \[2\], .* got \(2, 1, 8, 1\)"):
+        msa.msa_indexer_kl(q, k, qi, ki, topk_indices=torch.zeros(2, 1, 8, 1, dtype=torch.int32),
+                           block_size=64)
 
 
 def test_backend_triton_on_cpu_tensors_says_so(monkeypatch):
