@@ -199,12 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(se, "rows", progress=False)
     from .bench import add_parser as add_bench
     add_bench(sub)
+    for command in sub.choices.values():   # checks after parsing speak as the command
+        command.set_defaults(command_parser=command)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    parser = args.command_parser          # usage errors as "msa <command>: error: ..."
     _check_outputs(parser, args)
     if args.cmd == "bench":
         from .bench import main as bench_main

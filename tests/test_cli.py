@@ -42,10 +42,13 @@ from msa.cli import build_parser  # noqa: E402
     (["bench", "prefill", "--json", "/no/such/folder/b.json"], "--json: the folder"),
 ])
 def test_bad_values_end_in_a_usage_error_not_a_traceback(argv, match, capsys):
+    """... given by the command's own parser (its usage line), checked after parsing or not."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    assert pytest.importorskip("re").search(match, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert pytest.importorskip("re").search(match, err)
+    assert f"usage: msa {argv[0]} " in err and f"msa {argv[0]}: error: " in err
 
 
 def test_png_without_matplotlib_fails_before_computing(monkeypatch, capsys):

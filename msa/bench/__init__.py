@@ -95,7 +95,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--selection applies to prefill and training, not {args.case}")
     import torch
     if not torch.cuda.is_available():
-        parser.error("msa bench needs a CUDA GPU")
+        parser.error("the benchmarks need a CUDA GPU")
     from importlib import import_module
     mod = import_module(f".{args.case}", __name__)
     return mod.run(args)
