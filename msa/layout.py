@@ -56,7 +56,7 @@ class CallLayout:
         """``[total_q, ...]`` -> ``[B, Tq, ...]``."""
         return x if self.batch < 0 else x.reshape(self.batch, self.seqlen_q, *x.shape[1:])
 
-    def pack_heads(self, x: torch.Tensor, heads=None) -> torch.Tensor:
+    def pack_heads(self, x: torch.Tensor, heads: Optional[tuple] = None) -> torch.Tensor:
         """``[B, H, Tq, K]`` -> ``[H, total_q, K]``; ``heads``: the allowed ``H`` (any if
         None)."""
         if self.batch < 0:
