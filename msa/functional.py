@@ -252,8 +252,9 @@ def msa_indexer_kl(q, k, qi, ki, topk_indices=None, cu_seqlens_q=None, cu_seqlen
         C.check_finite(("q", "k", "qi", "ki"), (q, k, qi, ki))
     packed = None
     if topk_indices is not None:
-        packed = lay.pack_heads(topk_indices, (qi.shape[-2],))
-        C.check_topk_indices(packed, lay.seg, (qi.shape[-2],), block_size, q.device)
+        heads = (qi.shape[-2],)
+        packed = lay.pack_heads(topk_indices, heads)
+        C.check_topk_indices(packed, lay.seg, heads, block_size, q.device)
     return indexer_kl_loss(lay.pack(q), lay.pack(k), lay.pack(qi), lay.pack(ki), lay.seg,
                            packed, block_size=block_size,
                            scale=_scale(softmax_scale, q.shape[-1]),

@@ -42,7 +42,8 @@ from msa.cli import build_parser  # noqa: E402
     (["bench", "prefill", "--json", "/no/such/folder/b.json"], "--json: the folder"),
 ])
 def test_bad_values_end_in_a_usage_error_not_a_traceback(argv, match, capsys):
-    """... given by the command's own parser (its usage line), checked after parsing or not."""
+    """The usage error comes from the command's own parser (its usage line and prefix),
+    whether the value is checked while parsing or after."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
